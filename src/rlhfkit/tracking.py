@@ -1,0 +1,74 @@
+"""Metrics: one JSON object per logged step in ``metrics.jsonl``, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.data.io import append_jsonl, atomic_write_text
+
+
+class MetricsLogger:
+    """Append-only metrics log for one run (main process only; others pass ``enabled=False``).
+
+    ``metrics.jsonl`` gets ``{"step": int, "time": float, **metrics}`` per call.
+    TensorBoard event files go to ``OUTPUT_DIR/tensorboard``.
+    """
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop entries past ``step`` (a resumed run re-logs them), rewriting atomically."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # JSON has no NaN/inf
+            record[key] = value
+        append_jsonl(self.path, record)
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """All entries of ``OUTPUT_DIR/metrics.jsonl``."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
