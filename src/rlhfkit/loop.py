@@ -111,6 +111,13 @@ def make_accelerator(precision: str, grad_accum: int = 1):
         raise ValueError(f"precision must be one of bf16, fp16, fp32; got '{precision}'")
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    from accelerate.state import AcceleratorState
+
+    # AcceleratorState is a process-wide singleton that refuses a different
+    # mixed_precision once set, so a second run in the same process (a pipeline,
+    # a notebook, tests) with another precision would fail. Forget it; the
+    # PartialState (process group, device) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed[precision], gradient_accumulation_steps=grad_accum)
 
 

@@ -1,0 +1,324 @@
+"""The math of RLHF, as pure torch functions: tensors in, tensors out.
+
+Nothing here imports a trainer, a model class or a distributed engine, so every
+function can be tested against a hand computation. Shape conventions:
+
+* ``B`` sequences, ``T`` response positions. A ``mask`` of shape (B, T) is True on
+  real response tokens (False on padding and prompt). Response tokens of a row
+  are contiguous and start at position 0 of the response tensor.
+* Sequence log-probabilities ("logps") are *sums* over response tokens, shape (B,).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- masked statistics
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` where ``mask`` is True."""
+    x = torch.where(mask, x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over True entries of ``mask`` (0 where a row has none)."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the True entries of ``x`` (Bessel-corrected by default, as in TRL)."""
+    mean = masked_mean(x, mask)
+    sq = masked_sum((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased:
+        if n < 2:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        return sq / (n - 1)
+    return sq / n.clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to unit variance over the masked entries; zero-mean if ``shift_mean``.
+
+    ``(x - mean) / sqrt(var + eps)``, with ``mean`` added back when
+    ``shift_mean=False`` (used to rescale rewards without moving their mean).
+    Statistics use masked entries only; unmasked entries are returned as 0.
+    Shape: ``x``, ``mask``: any matching shape.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+def gather_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each token under ``softmax(logits / temperature)``.
+
+    Shapes: ``logits`` (B, T, V), ``tokens`` (B, T) -> (B, T). Computed in fp32 as
+    ``logit[token] - logsumexp(logits)`` without materialising the full
+    log-softmax. Dividing by the sampling temperature makes these the log-probs
+    of the distribution the tokens were actually sampled from.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position. Shape: (..., V) -> (...)."""
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected - margin)``.
+
+    Ouyang et al. 2022 (InstructGPT), eq. 1; the optional margin is Llama 2's
+    margin ranking loss (Touvron et al. 2023, eq. 2). Shapes: (B,) -> (B,).
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def preference_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    target: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry with soft targets: cross-entropy of ``P(chosen > rejected) = sigmoid(d)``.
+
+    ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))`` with ``d = r_c - r_r - margin``;
+    ``target`` p is 1 for a plain preference (equals :func:`bradley_terry_loss`) and
+    0.5 for a tie. Shapes: (B,) -> (B,).
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -(target * F.logsigmoid(diff) + (1 - target) * F.logsigmoid(-diff))
+
+
+# ----------------------------------------------------------------------------- direct preference optimisation
+
+DPOLossType = Literal["sigmoid", "ipo", "hinge"]
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO and relatives. Returns ``(losses, chosen_rewards, rejected_rewards)``, each (B,).
+
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``:
+
+    * ``sigmoid``: ``-log sigmoid(beta h)`` — Rafailov et al. 2023, eq. 7. With
+      ``label_smoothing`` eps it is conservative DPO (Mitchell 2023):
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+    * ``ipo``: ``(h - 1 / (2 beta))^2`` — Azar et al. 2023, eq. 17 (beta is tau).
+    * ``hinge``: ``max(0, 1 - beta h)`` — SLiC-HF, Zhao et al. 2023, eq. 1 (beta = 1/delta).
+
+    Log-probs are sums over response tokens, the paper's definition of
+    ``log pi(y|x)``. (The seed example averaged them; averaging makes the implicit
+    reward length-normalised, which is SimPO's choice — see :func:`simpo_loss`.)
+    Implicit rewards are ``beta (log pi - log ref)``, detached.
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss_type '{loss_type}' (sigmoid, ipo, hinge)")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with target margin.
+
+    ``-log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)``; label
+    smoothing as in :func:`dpo_loss`. Returns ``(losses, chosen_rewards,
+    rejected_rewards)`` with rewards ``beta log pi(y) / |y|``. Shapes: (B,).
+    """
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths
+    logits = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ----------------------------------------------------------------------------- KL estimators
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from tokens sampled from pi_theta.
+
+    Schulman, "Approximating KL Divergence" (2020). With ``log r = ref_logps - logps``:
+
+    * ``k1 = -log r = logps - ref_logps`` — unbiased, high variance, can be negative;
+    * ``k2 = (log r)^2 / 2`` — biased, low variance, >= 0;
+    * ``k3 = (r - 1) - log r`` — unbiased, low variance, >= 0.
+
+    Shapes: (B, T) -> (B, T).
+    """
+    log_ratio = ref_logps - logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}' (k1, k2, k3)")
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``A_t = delta_t + gamma lam A_{t+1}``,
+    where the value after the last response token is 0: the episode ends there.
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``; both
+    are 0 where ``mask`` is False. Shapes: ``rewards``, ``values``, ``mask`` (B, T).
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    values = torch.where(mask, values, torch.zeros_like(values))
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        adv = torch.where(mask[:, t], adv, torch.zeros_like(adv))
+        advantages[:, t] = adv
+        # Positions past the end of a response have mask False, so the value and
+        # advantage carried back into the last real token are 0.
+        next_adv, next_value = adv, values[:, t]
+    return advantages, advantages + values
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Reward-to-go ``G_t = sum_{k>=t} gamma^(k-t) r_k`` within each response (REINFORCE).
+
+    Shapes: (B, T) -> (B, T); 0 where ``mask`` is False.
+    """
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+    return advantages
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, eq. 5; Kool et al. 2019).
+
+    ``A_i = s_i - mean_{j != i} s_j`` within each group of ``group_size`` samples of
+    the same prompt. Shape: (N * group_size,) ordered group by group -> same.
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs group_size >= 2")
+    grouped = scores.view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath, eq. 3 with outcome rewards).
+
+    ``A_i = (s_i - mean(group)) / (std(group) + eps)``; ``scale=False`` skips the
+    division (Dr. GRPO, Liu et al. 2025, which argues the std term biases toward
+    easy/hard prompts). ``std`` is Bessel-corrected, as in TRL. Shape: (N * G,) -> same.
+    """
+    grouped = scores.view(-1, group_size)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a per-token loss.
+
+    ``loss_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))`` with
+    ``rho_t = exp(logps - old_logps)``. Returns ``(losses, clipped)``: per-token
+    losses and a bool tensor True where the clipped term was the active one.
+    The caller reduces with a mask (e.g. :func:`masked_mean`). Shapes: (B, T).
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (as in OpenAI baselines' PPO2 and Ziegler et al. 2019), per token.
+
+    ``0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)``. Returns
+    ``(losses, clipped)``, clipped True where the clipped error was larger. Shapes: (B, T).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    err = (values - returns) ** 2
+    err_clipped = (values_clipped - returns) ** 2
+    return 0.5 * torch.maximum(err, err_clipped), err_clipped > err
+
+
+def approx_kl(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_old || pi_theta), for early stopping (as in cleanrl)."""
+    log_ratio = logps - old_logps
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var[targets - predictions] / Var[targets]`` over masked entries (nan if Var[targets] = 0)."""
+    var_targets = masked_var(targets, mask)
+    if var_targets == 0:
+        return torch.tensor(math.nan)
+    return 1 - masked_var(targets - predictions, mask) / var_targets
