@@ -1,6 +1,8 @@
 """Command-line interface: thin wrappers over the Python API.
 
     rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
+    rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
+    rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
     rlhfkit demo [key=value ...]                -> rlhfkit.demo.run(DemoConfig)
     rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
@@ -25,10 +27,12 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _stages():
-    from rlhfkit import demo, sft
+    from rlhfkit import demo, dpo, reward, sft
 
     return {
         "sft": (sft.SFTConfig, sft.train),
+        "reward": (reward.RewardConfig, reward.train),
+        "dpo": (dpo.DPOConfig, dpo.train),
         "demo": (demo.DemoConfig, demo.run),
     }
 
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("sft", "supervised fine-tuning"),
+        ("reward", "train a reward model on preference data"),
+        ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("demo", "the end-to-end demo on the embedded SmolLM2-135M"),
     ]:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; "
@@ -99,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
-    p.add_argument("stage", choices=["sft", "demo"])
+    p.add_argument("stage", choices=["sft", "reward", "dpo", "demo"])
     return parser
 
 

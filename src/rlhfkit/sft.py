@@ -19,9 +19,9 @@ import yaml
 
 from rlhfkit import models
 from rlhfkit.config import to_dict
-from rlhfkit.data.io import atomic_write_text
+from rlhfkit.data.io import atomic_write_text, split_holdout
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.loop import FitResult, TrainOptions, epoch_order, fit
+from rlhfkit.loop import FitResult, TrainOptions, fit
 
 
 @dataclass
@@ -75,16 +75,6 @@ def sft_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, l
 def demo_data_path(name: str) -> Path:
     """Path of a shipped demo file (``sft.jsonl``, ``prompts_train.jsonl``, ...)."""
     return Path(__file__).parent / "assets" / "demo" / name
-
-
-def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic train / held-out split (at least one held-out item if fraction > 0)."""
-    if fraction <= 0:
-        return items, []
-    order = epoch_order(len(items), seed, epoch=-1)
-    n_eval = max(1, int(round(fraction * len(items))))
-    held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def train(config: SFTConfig) -> FitResult:

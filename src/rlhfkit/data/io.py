@@ -146,3 +146,16 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train / held-out split (at least one held-out item if fraction > 0)."""
+    if fraction <= 0:
+        return items, []
+    import random
+
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(fraction * len(items))))
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

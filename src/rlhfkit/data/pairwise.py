@@ -1,0 +1,150 @@
+"""Tokenising labelled comparisons into (chosen, rejected) pairs for reward models and DPO.
+
+Each :class:`~rlhfkit.data.records.Comparison` expands to its implied pairs
+(:meth:`Comparison.pairs`). A pair is tokenised as two sequences sharing the
+prompt, each ``prompt + response`` rendered exactly as SFT renders a
+conversation (:func:`rlhfkit.data.sft.tokenize_conversation`), so the response
+tokens (content + end-of-turn marker) carry labels and everything else is
+``IGNORE_INDEX``.
+
+A collated batch stacks chosen rows first, then rejected rows — ``(2B, T)`` —
+so one forward pass scores both (the "concatenated forward" of TRL's DPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.data.records import Comparison
+from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
+
+
+def prompt_messages(prompt) -> list[tuple[str, str]]:
+    """A prompt (string or message list) as (role, content) turns."""
+    if isinstance(prompt, str):
+        return [("user", prompt)]
+    return [(m["role"], m["content"]) for m in prompt]
+
+
+def tokenize_response(tokenizer, prompt, response: str, *, chat_template: bool = True) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` for one prompt + response; labels mark response tokens."""
+    conv = Conversation(tuple(prompt_messages(prompt)) + (("assistant", response),), source="<comparison>")
+    return tokenize_conversation(tokenizer, conv, chat_template=chat_template)
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    ties_skipped: int = 0
+
+
+def tokenize_pairs(
+    tokenizer,
+    comparisons: list[Comparison],
+    *,
+    max_length: int,
+    chat_template: bool = True,
+    keep_ties: bool = True,
+) -> tuple[list[dict], PairStats]:
+    """Expand comparisons to pairs and tokenise them.
+
+    Over-long sequences keep their first ``max_length`` tokens (the response is
+    cut, never the prompt start); a pair whose chosen or rejected response would
+    lose every token is dropped. Each example holds ``chosen_input_ids``,
+    ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``, ``target``
+    (P(chosen > rejected): 1.0, or 0.5 for a tie) and ``margin`` (from
+    ``meta["margin"]`` when present, else 0).
+    """
+    stats = PairStats()
+    out: list[dict] = []
+    for comp in comparisons:
+        if comp.tie and not keep_ties:
+            stats.ties_skipped += 1
+            continue
+        cache: dict[int, tuple[list[int], list[int]]] = {}
+        for better, worse, target in comp.pairs():
+            seqs = []
+            for idx in (better, worse):
+                if idx not in cache:
+                    cache[idx] = tokenize_response(tokenizer, comp.prompt, comp.responses[idx], chat_template=chat_template)
+                seqs.append(cache[idx])
+            truncated = any(len(ids) > max_length for ids, _ in seqs)
+            seqs = [(ids[:max_length], labels[:max_length]) for ids, labels in seqs]
+            if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in seqs):
+                stats.dropped += 1
+                continue
+            stats.truncated += int(truncated)
+            (c_ids, c_labels), (r_ids, r_labels) = seqs
+            out.append(
+                {
+                    "chosen_input_ids": c_ids,
+                    "chosen_labels": c_labels,
+                    "rejected_input_ids": r_ids,
+                    "rejected_labels": r_labels,
+                    "target": target,
+                    "margin": float(comp.meta.get("margin", 0.0)) if isinstance(comp.meta, dict) else 0.0,
+                }
+            )
+            stats.pairs += 1
+    return out, stats
+
+
+def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack chosen then rejected, right-padded.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels``: (2B, T), rows ``[:B]``
+    chosen and ``[B:]`` rejected; ``target``, ``margin``: (B,); ``index``: (B,)
+    positions of the examples in the batch list (for per-pair caches).
+    """
+    seqs = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
+    seqs += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+    batch = collate_sft(seqs, pad_token_id)
+    batch["target"] = torch.tensor([e["target"] for e in examples], dtype=torch.float32)
+    batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    if "ref_chosen_logps" in examples[0]:
+        batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+
+def load_pair_splits(
+    tokenizer,
+    data: str,
+    *,
+    eval_data: str,
+    eval_fraction: float,
+    seed: int,
+    max_length: int,
+    chat_template: bool,
+    keep_ties: bool,
+    stage: str,
+) -> tuple[list[dict], list[dict]]:
+    """Read comparisons (any supported format), split off a held-out set, tokenise both.
+
+    The split is by comparison (all pairs of a K-way ranking stay on one side).
+    Prints what was kept, truncated, dropped and skipped.
+    """
+    from rlhfkit.data.preferences import load_comparisons
+    from rlhfkit.data.io import split_holdout
+
+    comparisons = load_comparisons(data)
+    if eval_data:
+        train_c, eval_c = comparisons, load_comparisons(eval_data)
+    else:
+        train_c, eval_c = split_holdout(comparisons, eval_fraction, seed)
+    kwargs = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
+    train, stats = tokenize_pairs(tokenizer, train_c, **kwargs)
+    held, held_stats = tokenize_pairs(tokenizer, eval_c, **kwargs)
+    print(
+        f"{stage} data: {stats.pairs} train pairs from {len(train_c)} comparisons ({stats.truncated} truncated, "
+        f"{stats.dropped} dropped over max_length={max_length}, {stats.ties_skipped} ties skipped); "
+        f"{held_stats.pairs} held-out pairs"
+    )
+    if not train:
+        raise ValueError(f"{data}: no training pairs left")
+    return train, held

@@ -1,0 +1,243 @@
+"""Direct preference optimisation: ``rlhfkit dpo CONFIG.yaml`` / :func:`train`.
+
+1. Read comparisons (any format of :mod:`rlhfkit.data.preferences`), expand them
+   to (chosen, rejected) pairs and tokenise.
+2. Compute the reference log-probs ``log ref(y|x)`` of every pair once, before
+   training, and cache them on disk next to the dataset. The cache key hashes
+   the data file, the reference weights, the tokenizer and the tokenisation
+   settings, so any change recomputes it. The reference model is then not held
+   in memory during training (with the default reference = the starting model,
+   it never is a second copy at all).
+3. Train with the shared loop: one concatenated forward pass over chosen and
+   rejected, :func:`rlhfkit.losses.dpo_loss` (sigmoid / ipo / hinge, label
+   smoothing) or :func:`rlhfkit.losses.simpo_loss`, plus an optional NLL term on
+   the chosen responses (RPO, Pang et al. 2024).
+
+Departures from TRL: ties are skipped (DPO has no tie target); log-probs are
+sums over response tokens (the paper's definition).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from rlhfkit import models
+from rlhfkit.config import to_dict
+from rlhfkit.data.io import atomic_write_text
+from rlhfkit.data.pairwise import collate_pairs, load_pair_splits
+from rlhfkit.forward import sequence_logps
+from rlhfkit.loop import FitResult, TrainOptions, fit
+from rlhfkit.losses import dpo_loss, simpo_loss
+
+
+@dataclass
+class DPOConfig(models.ModelOptions, TrainOptions):
+    """Config of the DPO stage."""
+
+    data: str = ""
+    """Preference data: seed, TRL, hh-rlhf, ranking or rlhfkit format (.json, .jsonl, .parquet)."""
+    eval_data: str = ""
+    """Optional held-out preference file; if empty, `eval_fraction` of `data` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of comparisons held out when `eval_data` is empty (0 disables eval)."""
+    ref_model: str = ""
+    """Reference model spec; empty: the starting `model` (with LoRA: the base, adapters off)."""
+    beta: float = 0.1
+    """KL-regularisation strength (beta in DPO; tau in IPO; 1/delta in SLiC; beta in SimPO)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    """DPO (sigmoid), IPO, SLiC hinge, or the reference-free SimPO."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate (conservative DPO); 0 disables."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+    rpo_alpha: float = 0.0
+    """Weight of the per-token NLL of chosen responses added to the loss (RPO); 0 disables."""
+    max_length: int = 512
+    """Maximum tokens of prompt + response; longer responses are cut."""
+    chat_template: bool = True
+    """Render prompts and responses with the chat template (as SFT does)."""
+    ref_cache: bool = True
+    """Cache reference log-probs on disk next to the data (falls back to output_dir if not writable)."""
+    lr: float = 5e-6
+    """Peak learning rate (DPO wants a small one)."""
+    output_dir: str = "runs/dpo"
+    """Where the final model, checkpoints and metrics go."""
+
+
+class DPOTask:
+    """The loop's :class:`~rlhfkit.loop.Task` for DPO and its relatives. Items are pairs."""
+
+    def __init__(self, config: DPOConfig):
+        self.config = config
+
+    def num_items(self, batch) -> int:
+        return int(batch["target"].shape[0])
+
+    def num_tokens(self, batch) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def loss(self, model, batch):
+        c = self.config
+        n = batch["target"].shape[0]
+        logps, n_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        chosen_logps, rejected_logps = logps[:n], logps[n:]
+        if c.loss_type == "simpo":
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen_logps, rejected_logps, n_tokens[:n], n_tokens[n:],
+                beta=c.beta, gamma=c.simpo_gamma, label_smoothing=c.label_smoothing,
+            )
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen_logps, rejected_logps, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+                beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
+            )
+        if c.rpo_alpha > 0:
+            losses = losses + c.rpo_alpha * (-chosen_logps / n_tokens[:n].clamp(min=1))
+        stats = {
+            "accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+            "margin": (chosen_rewards - rejected_rewards).sum(),
+            "rewards_chosen": chosen_rewards.sum(),
+            "rewards_rejected": rejected_rewards.sum(),
+            "logps_chosen": chosen_logps.detach().sum(),
+            "logps_rejected": rejected_logps.detach().sum(),
+        }
+        return losses.sum(), stats
+
+
+def _hash_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_model(model) -> str:
+    """Content hash of a model's weights (names, dtypes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _hash_tokenizer(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256((text + str(tokenizer.chat_template)).encode()).hexdigest()
+
+
+def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
+    """Where the reference log-probs for this (data, reference, tokenizer, settings) live."""
+    key = {
+        "data": _hash_file(config.data),
+        "eval_data": _hash_file(config.eval_data) if config.eval_data else "",
+        "model": _hash_model(ref_model),
+        "tokenizer": _hash_tokenizer(tokenizer),
+        "max_length": config.max_length,
+        "chat_template": config.chat_template,
+        "precision": config.precision,
+        "eval_fraction": config.eval_fraction,
+        "seed": config.seed,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    data = Path(config.data)
+    directory = data.parent / ".rlhfkit-cache"
+    try:
+        directory.mkdir(exist_ok=True)
+        probe = directory / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        directory = Path(config.output_dir) / ".rlhfkit-cache"
+        directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{data.name}.ref-{digest}.safetensors"
+
+
+@torch.no_grad()
+def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precision: str, batch_size: int = 8) -> torch.Tensor:
+    """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    out = []
+    with models.adapters_disabled(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate_pairs(chunk, pad_token_id)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logps, _ = sequence_logps(
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+                )
+            n = len(chunk)
+            out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
+    model.train()
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], held: list[dict]) -> None:
+    """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair (from cache when valid)."""
+    from accelerate import PartialState
+    from safetensors.torch import load_file, save_file
+
+    if config.loss_type == "simpo":
+        return  # reference-free
+    ref = policy if not config.ref_model else models.load_causal_lm(config.ref_model)
+    examples = train + held
+    path = ref_cache_path(config, ref, tokenizer) if config.ref_cache else None
+    state = PartialState()
+    if path is not None and path.exists():
+        ref_logps = load_file(str(path))["ref_logps"]
+        print(f"dpo: reference log-probs loaded from cache {path}")
+    else:
+        ref_logps = compute_ref_logps(ref, examples, tokenizer.pad_token_id, precision=config.precision, batch_size=config.batch_size)
+        if path is not None and state.is_main_process:
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"ref_logps": ref_logps}, str(tmp))
+            tmp.replace(path)
+            print(f"dpo: reference log-probs cached at {path}")
+    state.wait_for_everyone()
+    if ref_logps.shape[0] != len(examples):
+        raise RuntimeError(f"reference cache {path} has {ref_logps.shape[0]} rows, expected {len(examples)}")
+    for example, (chosen, rejected) in zip(examples, ref_logps.tolist()):
+        example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+    if ref is not policy:
+        del ref
+
+
+def train(config: DPOConfig) -> FitResult:
+    """Train ``config.model`` with DPO (or IPO / SLiC / SimPO) on ``config.data``."""
+    if not config.data:
+        raise ValueError("dpo: `data` (a preference file) is required")
+    tokenizer = models.load_tokenizer(config.model)
+    train_set, eval_set = load_pair_splits(
+        tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
+        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+    )
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": "dpo", **to_dict(config)}, sort_keys=False))
+
+    model = models.load_causal_lm(config.model)
+    attach_reference(config, model, tokenizer, train_set, eval_set)
+    model = models.prepare_for_training(model, config)
+    pad_id = tokenizer.pad_token_id
+    return fit(
+        config,
+        model=model,
+        task=DPOTask(config),
+        train_set=train_set,
+        eval_set=eval_set,
+        collate=lambda examples: collate_pairs(examples, pad_id),
+        precision=config.precision,
+        save_model=lambda m, d, sd: models.save_pretrained(m, tokenizer, d, state_dict=sd),
+        run_info={"stage": "dpo", "data": config.data},
+    )
