@@ -1,6 +1,8 @@
 """Command-line interface: thin wrappers over the Python API.
 
     rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
+    rlhfkit sample CONFIG.yaml [key=value ...]  -> rlhfkit.sample.run(SampleConfig)
+    rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
     rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
     rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
@@ -27,10 +29,12 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _stages():
-    from rlhfkit import demo, dpo, reward, sft
+    from rlhfkit import demo, dpo, label, reward, sample, sft
 
     return {
         "sft": (sft.SFTConfig, sft.train),
+        "sample": (sample.SampleConfig, sample.run),
+        "label": (label.LabelConfig, label.run),
         "reward": (reward.RewardConfig, reward.train),
         "dpo": (dpo.DPOConfig, dpo.train),
         "demo": (demo.DemoConfig, demo.run),
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("sft", "supervised fine-tuning"),
+        ("sample", "sample responses to label (two per prompt by default)"),
+        ("label", "label samples: simulated annotator, AI judge, or a human at the terminal"),
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("demo", "the end-to-end demo on the embedded SmolLM2-135M"),
@@ -105,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
-    p.add_argument("stage", choices=["sft", "reward", "dpo", "demo"])
+    p.add_argument("stage", choices=sorted(_stages()))
     return parser
 
 

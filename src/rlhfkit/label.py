@@ -1,0 +1,127 @@
+"""Labelling samples: ``rlhfkit label CONFIG.yaml`` / :func:`run`.
+
+One interface, three feedback sources, one output record
+(:class:`~rlhfkit.data.records.Comparison`, saved in rlhfkit's JSONL form):
+
+* ``simulated`` — a score function turned into Bradley-Terry choices
+  (:class:`rlhfkit.feedback.simulated.SimulatedAnnotator`); the stand-in for humans;
+* ``judge`` — an AI judge (RLAIF), a local model or any OpenAI-compatible endpoint,
+  each pair judged in both orders (:class:`rlhfkit.feedback.judge.AIJudge`);
+* ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`).
+
+Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
+``responses``). Labelling is resumable: items already in the output (by
+``meta.item_index``) are skipped, and the output is rewritten atomically after
+every chunk, so a crash loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from rlhfkit.data.io import read_rows
+from rlhfkit.data.preferences import load_comparisons, save_comparisons
+from rlhfkit.data.records import Comparison
+
+
+@dataclass
+class LabelConfig:
+    """Config of the labelling stage."""
+
+    samples: str = "runs/samples.jsonl"
+    """Samples to label: JSONL records with `prompt` and `responses` (from `rlhfkit sample`)."""
+    output: str = "runs/labels.jsonl"
+    """Where the labels go (rlhfkit comparison JSONL)."""
+    source: Literal["simulated", "judge", "human"] = "simulated"
+    """Feedback source."""
+    scorer: str = "demo"
+    """Simulated: score function (`sentiment`, `length`, `banned`, `rubric`/`demo`, or `module:function`)."""
+    temperature: float = 1.0
+    """Simulated: Bradley-Terry temperature (0: always the higher score)."""
+    flip_rate: float = 0.0
+    """Simulated: probability of flipping each choice (label noise)."""
+    tie_threshold: float = 0.0
+    """Simulated: score differences at or below this are ties."""
+    judge_model: str = ""
+    """Judge: a local model spec (used when `judge_url` is empty)."""
+    judge_url: str = ""
+    """Judge: base URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."""
+    judge_name: str = "default"
+    """Judge: the `model` field sent to the endpoint."""
+    rubric: str = ""
+    """Judge: rubric or constitution text (empty: the built-in polite/positive/concise rubric)."""
+    concurrency: int = 4
+    """Judge: HTTP requests in flight."""
+    annotator: str = "human"
+    """Human: annotator name recorded in each label."""
+    chunk_size: int = 64
+    """Items labelled between atomic saves."""
+    seed: int = 0
+    """Seed of the simulated annotator."""
+
+
+def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
+    """(prompt, responses) items from a samples file."""
+    items = []
+    for row in read_rows(path):
+        if "prompt" not in row.data:
+            raise row.error("prompt", "missing")
+        responses = row.data.get("responses")
+        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            raise row.error("responses", "expected a list of at least 2 strings")
+        items.append((row.data["prompt"], responses))
+    return items
+
+
+def _labeller(config: LabelConfig):
+    if config.source == "simulated":
+        from rlhfkit.feedback.simulated import SimulatedAnnotator
+
+        return SimulatedAnnotator(
+            config.scorer, temperature=config.temperature, flip_rate=config.flip_rate,
+            seed=config.seed, tie_threshold=config.tie_threshold, name=config.scorer.replace(":", "."),
+        )
+    if config.source == "judge":
+        from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
+
+        if config.judge_url:
+            client = HTTPChatClient(config.judge_url, model=config.judge_name)
+            concurrency = config.concurrency
+        elif config.judge_model:
+            client, concurrency = LocalChatClient(config.judge_model), 1
+        else:
+            raise ValueError("label: source=judge needs judge_url or judge_model")
+        return AIJudge(client, rubric=config.rubric or DEFAULT_RUBRIC, concurrency=concurrency, name=config.judge_name)
+    raise ValueError(f"unknown label source '{config.source}'")
+
+
+def run(config: LabelConfig) -> list[Comparison]:
+    """Label every item of ``config.samples``; returns all labels in the output."""
+    items = load_items(config.samples)
+    output = Path(config.output)
+    if config.source == "human":
+        from rlhfkit.feedback.terminal import annotate
+
+        return annotate(items, output, annotator=config.annotator)
+
+    labels = load_comparisons(output) if output.exists() else []
+    done = {c.meta.get("item_index") for c in labels}
+    todo = [i for i in range(len(items)) if i not in done]
+    labeller = _labeller(config)
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="pair", desc=f"label ({config.source})")
+    for start in range(0, len(todo), config.chunk_size):
+        chunk = todo[start : start + config.chunk_size]
+        new = labeller.label_many([items[i] for i in chunk])
+        for index, comparison in zip(chunk, new):
+            comparison.meta["item_index"] = index
+        labels.extend(new)
+        save_comparisons(output, labels)
+        bar.update(len(chunk))
+    bar.close()
+    ties = sum(c.tie for c in labels)
+    print(f"label: {len(labels)} labels in {output} ({ties} ties)")
+    return labels

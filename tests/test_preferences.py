@@ -1,0 +1,440 @@
+"""Preference-data formats: detection, exact parses, round trips, and error messages.
+
+Every expected Comparison below is written out by hand from the input record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rlhfkit.data.io import DataError
+from rlhfkit.data.preferences import (
+    comparison_from_dict,
+    comparison_to_dict,
+    load_comparisons,
+    save_comparisons,
+)
+from rlhfkit.data.records import Comparison
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_parquet(path, records):
+    """A Parquet file as another tool (e.g. a Hub dataset) would write it: native nested types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Inputs, one list per format, and what they must parse to
+# ---------------------------------------------------------------------------
+
+SEED = [
+    {"prompt": "2+2?", "response_a": "4", "response_b": "5", "preferred": "a", "reason": "correct"},
+    {"prompt": "Capital of France?", "response_a": "Lyon", "response_b": "Paris", "preferred": "b"},
+    {"prompt": "Say hi", "response_a": "hi", "response_b": "hello", "preferred": "tie", "source": "human:alice",
+     "meta": {"seconds": 4.5}},
+]
+SEED_EXPECTED = [
+    Comparison("2+2?", ["4", "5"], [0, 1], tie=False, reason="correct", source="dataset"),
+    Comparison("Capital of France?", ["Lyon", "Paris"], [1, 0], tie=False, reason="", source="dataset"),
+    Comparison("Say hi", ["hi", "hello"], [0, 1], tie=True, reason="", source="human:alice", meta={"seconds": 4.5}),
+]
+
+TRL_STRINGS = [
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green.", "prompt_id": "x1"},
+    {"prompt": "Water is", "chosen": " wet.", "rejected": " dry.", "source": "judge:tiny"},
+]
+TRL_STRINGS_EXPECTED = [
+    Comparison("The sky is", [" blue.", " green."], [0, 1], source="dataset"),
+    Comparison("Water is", [" wet.", " dry."], [0, 1], source="judge:tiny"),
+]
+
+TRL_CHAT = [
+    {"prompt": [user("What color is the sky?")],
+     "chosen": [assistant("It is blue.")], "rejected": [assistant("It is green.")]},
+    # UltraFeedback-binarized layout: the prompt is repeated inside chosen/rejected.
+    {"prompt": [system("Be brief."), user("Hi")],
+     "chosen": [system("Be brief."), user("Hi"), assistant("Hello!")],
+     "rejected": [system("Be brief."), user("Hi"), assistant("Go away.")], "score_chosen": 9.0},
+    # Earlier turns present but empty.
+    {"prompt": [user("2+2?")], "chosen": [user(""), assistant("4")], "rejected": [assistant("5")]},
+]
+TRL_CHAT_EXPECTED = [
+    Comparison([user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], source="dataset"),
+    Comparison([system("Be brief."), user("Hi")], ["Hello!", "Go away."], [0, 1], source="dataset"),
+    Comparison([user("2+2?")], ["4", "5"], [0, 1], source="dataset"),
+]
+
+TRL_IMPLICIT = [
+    {"chosen": [user("What color is the sky?"), assistant("It is blue.")],
+     "rejected": [user("What color is the sky?"), assistant("It is green.")]},
+    {"chosen": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Bye!")],
+     "rejected": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Wait, stay.")]},
+]
+TRL_IMPLICIT_EXPECTED = [
+    Comparison([user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], source="dataset"),
+    Comparison([system("Be terse."), user("Hi"), assistant("Hello"), user("Bye")], ["Bye!", "Wait, stay."], [0, 1],
+               source="dataset"),
+]
+
+HH = [
+    {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: "
+               "Why did the chicken cross the road?",
+     "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: No.\n"},
+]
+HH_EXPECTED = [
+    Comparison(
+        [user("Hi there"), assistant("Hello! How can I help?"), user("Tell me a joke.")],
+        ["Why did the chicken cross the road?", "No."],
+        [0, 1],
+        source="dataset",
+    ),
+]
+
+RANKINGS = [
+    {"prompt": "Name a prime.", "responses": ["4", "7", "2"], "ranking": [1, 2, 0], "reason": "7 and 2 are prime"},
+    {"prompt": "Name a color.", "ranked": ["red", "blue", "sock"]},
+]
+RANKINGS_EXPECTED = [
+    Comparison("Name a prime.", ["4", "7", "2"], [1, 2, 0], reason="7 and 2 are prime", source="dataset"),
+    Comparison("Name a color.", ["red", "blue", "sock"], [0, 1, 2], source="dataset"),
+]
+
+RLHFKIT = [
+    {"prompt": [user("Hi")], "responses": ["Hello", "Hey"], "ranking": [1, 0], "tie": False, "reason": "warmer",
+     "source": "", "meta": {"order": [1, 0], "temperature": 0.7}},
+    {"prompt": [user("Yes?")], "responses": ["Yes", "Yep"], "ranking": [0, 1], "tie": True, "reason": "",
+     "source": "simulated:rubric", "meta": {}},
+]
+RLHFKIT_EXPECTED = [
+    Comparison([user("Hi")], ["Hello", "Hey"], [1, 0], tie=False, reason="warmer", source="",
+               meta={"order": [1, 0], "temperature": 0.7}),
+    Comparison([user("Yes?")], ["Yes", "Yep"], [0, 1], tie=True, reason="", source="simulated:rubric"),
+]
+
+# (name, records, expected, the save format that reproduces them)
+FORMATS = [
+    ("seed", SEED, SEED_EXPECTED, "seed"),
+    ("trl_strings", TRL_STRINGS, TRL_STRINGS_EXPECTED, "trl"),
+    ("trl_chat", TRL_CHAT, TRL_CHAT_EXPECTED, "trl"),
+    ("trl_implicit", TRL_IMPLICIT, TRL_IMPLICIT_EXPECTED, "trl"),
+    ("hh", HH, HH_EXPECTED, "trl"),
+    ("rankings", RANKINGS, RANKINGS_EXPECTED, "rlhfkit"),
+    ("rlhfkit", RLHFKIT, RLHFKIT_EXPECTED, "rlhfkit"),
+]
+FORMAT_IDS = [f[0] for f in FORMATS]
+
+
+@pytest.mark.parametrize("name, records, expected, _", FORMATS, ids=FORMAT_IDS)
+def test_each_format_parses_to_the_expected_comparisons(tmp_path, name, records, expected, _):
+    assert load_comparisons(write_jsonl(tmp_path / f"{name}.jsonl", records)) == expected
+
+
+@pytest.mark.parametrize("name, records, expected, _", FORMATS, ids=FORMAT_IDS)
+def test_each_format_parses_from_a_json_list(tmp_path, name, records, expected, _):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    assert load_comparisons(path) == expected
+
+
+def test_hh_two_turn_conversation_prompt_and_responses(tmp_path):
+    (comparison,) = load_comparisons(write_jsonl(tmp_path / "hh.jsonl", HH))
+    assert comparison.prompt == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke."},
+    ]
+    assert comparison.chosen == "Why did the chicken cross the road?"
+    assert comparison.rejected == "No."
+    assert comparison.pairs() == [(0, 1, 1.0)]
+
+
+def test_hh_transcript_without_leading_blank_lines(tmp_path):
+    record = {"chosen": "Human: Hi\n\nAssistant: Hello", "rejected": "Human: Hi\n\nAssistant: Bye"}
+    assert load_comparisons(write_jsonl(tmp_path / "hh.jsonl", [record])) == [
+        Comparison([user("Hi")], ["Hello", "Bye"], [0, 1], source="dataset")
+    ]
+
+
+def test_implicit_prompt_identical_conversations_keep_the_last_turn_as_response(tmp_path):
+    """The shared prefix never swallows the final turn, even when nothing differs."""
+    record = {"chosen": [user("Hi"), assistant("Hello")], "rejected": [user("Hi"), assistant("Hello")]}
+    assert load_comparisons(write_jsonl(tmp_path / "same.jsonl", [record])) == [
+        Comparison([user("Hi")], ["Hello", "Hello"], [0, 1], source="dataset")
+    ]
+
+
+def test_parquet_from_another_tool_with_native_nested_types(tmp_path):
+    """Hub-style Parquet: message lists as list<struct>, a missing field as null."""
+    records = [
+        {"prompt": [user("What color is the sky?")], "chosen": [assistant("It is blue.")],
+         "rejected": [assistant("It is green.")], "reason": "accurate"},
+        {"prompt": [user("Hi")], "chosen": [assistant("Hello")], "rejected": [assistant("Go away")], "reason": None},
+    ]
+    assert load_comparisons(write_parquet(tmp_path / "trl.parquet", records)) == [
+        Comparison([user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], reason="accurate",
+                   source="dataset"),
+        Comparison([user("Hi")], ["Hello", "Go away"], [0, 1], source="dataset"),
+    ]
+
+
+def test_one_file_may_mix_formats(tmp_path):
+    records = [SEED[1], TRL_STRINGS[0], HH[0], RANKINGS[0], RLHFKIT[1]]
+    expected = [SEED_EXPECTED[1], TRL_STRINGS_EXPECTED[0], HH_EXPECTED[0], RANKINGS_EXPECTED[0], RLHFKIT_EXPECTED[1]]
+    assert load_comparisons(write_jsonl(tmp_path / "mixed.jsonl", records)) == expected
+
+
+# ---------------------------------------------------------------------------
+# Ties and rankings
+# ---------------------------------------------------------------------------
+
+
+def test_tie_gives_one_half_probability_pair(tmp_path):
+    (_, _, tie) = load_comparisons(write_jsonl(tmp_path / "seed.jsonl", SEED))
+    assert tie.tie and tie.pairs() == [(0, 1, 0.5)]
+
+
+def test_three_way_ranking_expands_to_three_ordered_pairs(tmp_path):
+    (prime, color) = load_comparisons(write_jsonl(tmp_path / "r.jsonl", RANKINGS))
+    # ranking [1, 2, 0]: "7" > "2" > "4".
+    assert prime.pairs() == [(1, 2, 1.0), (1, 0, 1.0), (2, 0, 1.0)]
+    assert (prime.chosen, prime.rejected) == ("7", "4")
+    assert color.pairs() == [(0, 1, 1.0), (0, 2, 1.0), (1, 2, 1.0)]
+
+
+def test_trl_save_expands_rankings_to_all_pairs(tmp_path):
+    path = tmp_path / "out.jsonl"
+    save_comparisons(path, [RANKINGS_EXPECTED[0]], "trl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("7", "2"), ("7", "4"), ("2", "4")]
+    assert all(r["prompt"] == "Name a prime." and r["reason"] == "7 and 2 are prime" for r in rows)
+    assert load_comparisons(path) == [
+        Comparison("Name a prime.", [c, r], [0, 1], reason="7 and 2 are prime", source="dataset")
+        for c, r in [("7", "2"), ("7", "4"), ("2", "4")]
+    ]
+
+
+def test_trl_save_rejects_ties_unless_skipped(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="comparison 2 is a tie"):
+        save_comparisons(path, SEED_EXPECTED, "trl")
+    assert not path.exists()
+    save_comparisons(path, SEED_EXPECTED, "trl", skip_ties=True)
+    assert load_comparisons(path) == [
+        Comparison("2+2?", ["4", "5"], [0, 1], reason="correct", source="dataset"),
+        Comparison("Capital of France?", ["Paris", "Lyon"], [0, 1], source="dataset"),
+    ]
+
+
+def test_seed_save_rejects_more_than_two_responses(tmp_path):
+    with pytest.raises(ValueError, match="comparison 1 ranks 3 responses"):
+        save_comparisons(tmp_path / "out.jsonl", [SEED_EXPECTED[0], RANKINGS_EXPECTED[0]], "seed")
+
+
+def test_unknown_save_format(tmp_path):
+    with pytest.raises(ValueError, match="unknown format 'hh'"):
+        save_comparisons(tmp_path / "out.jsonl", SEED_EXPECTED, "hh")
+
+
+# ---------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("name, records, expected, save_format", FORMATS, ids=FORMAT_IDS)
+def test_round_trip_in_the_same_format(tmp_path, suffix, name, records, expected, save_format):
+    loaded = load_comparisons(write_jsonl(tmp_path / f"{name}.jsonl", records))
+    out = tmp_path / f"out{suffix}"
+    save_comparisons(out, loaded, save_format)
+    assert load_comparisons(out) == loaded == expected
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("name, records, expected, _", FORMATS, ids=FORMAT_IDS)
+def test_round_trip_through_rlhfkit_format(tmp_path, suffix, name, records, expected, _):
+    out = tmp_path / f"out{suffix}"
+    save_comparisons(out, load_comparisons(write_jsonl(tmp_path / f"{name}.jsonl", records)))
+    assert load_comparisons(out) == expected
+
+
+def test_rlhfkit_format_keeps_every_field(tmp_path):
+    path = tmp_path / "out.jsonl"
+    save_comparisons(path, RLHFKIT_EXPECTED)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first == {"prompt": [user("Hi")], "responses": ["Hello", "Hey"], "ranking": [1, 0], "tie": False,
+                     "reason": "warmer", "source": "", "meta": {"order": [1, 0], "temperature": 0.7}}
+
+
+def test_seed_save_writes_the_seed_fields(tmp_path):
+    path = tmp_path / "out.jsonl"
+    save_comparisons(path, SEED_EXPECTED, "seed")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[1] == {"prompt": "Capital of France?", "response_a": "Lyon", "response_b": "Paris",
+                       "preferred": "b", "reason": "", "source": "dataset"}
+    assert rows[2]["preferred"] == "tie" and rows[2]["meta"] == {"seconds": 4.5}
+
+
+def test_trl_save_of_chat_prompt_is_conversational(tmp_path):
+    path = tmp_path / "out.jsonl"
+    save_comparisons(path, TRL_IMPLICIT_EXPECTED[:1], "trl")
+    assert json.loads(path.read_text()) == {
+        "prompt": [user("What color is the sky?")], "chosen": [assistant("It is blue.")],
+        "rejected": [assistant("It is green.")], "reason": "", "source": "dataset",
+    }
+
+
+def test_empty_list_round_trips(tmp_path):
+    for suffix in (".jsonl", ".json", ".parquet"):
+        save_comparisons(tmp_path / f"empty{suffix}", [])
+        assert load_comparisons(tmp_path / f"empty{suffix}") == []
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "out.parquet"
+    save_comparisons(path, SEED_EXPECTED)
+    with pytest.raises(ValueError, match="is a tie"):
+        save_comparisons(path, SEED_EXPECTED, "trl")
+    assert load_comparisons(path) == SEED_EXPECTED  # the failed save left the old file alone
+    assert os.listdir(tmp_path) == ["out.parquet"]
+
+
+def test_parquet_cannot_mix_string_and_chat_prompts(tmp_path):
+    with pytest.raises(ValueError, match="field 'prompt'.*save as .jsonl"):
+        save_comparisons(tmp_path / "out.parquet", [SEED_EXPECTED[0], RLHFKIT_EXPECTED[0]])
+    assert os.listdir(tmp_path) == []
+
+
+def test_dict_helpers_round_trip():
+    for comparison in SEED_EXPECTED + RANKINGS_EXPECTED + RLHFKIT_EXPECTED:
+        assert comparison_from_dict(comparison_to_dict(comparison)) == comparison
+    with pytest.raises(DataError, match=r"^<dict>: field 'preferred': missing$"):
+        comparison_from_dict({"prompt": "p", "response_a": "a", "response_b": "b"})
+
+
+# ---------------------------------------------------------------------------
+# Errors: file, line and field in every message
+# ---------------------------------------------------------------------------
+
+GOOD = SEED[0]
+BAD = [
+    # (record, field, part of the problem)
+    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "c"}, "preferred",
+     "preferred must be 'a', 'b' or 'tie', got 'c'"),
+    ({"prompt": "p", "response_a": "a", "response_b": "b"}, "preferred", "missing"),
+    ({"prompt": "p", "response_a": "a", "preferred": "a"}, "response_b", "missing"),
+    ({"prompt": "p", "response_a": "  ", "response_b": "b", "preferred": "a"}, "response_a", "empty"),
+    ({"prompt": "p", "response_a": 3, "response_b": "b", "preferred": "a"}, "response_a", "expected a string, got int"),
+    ({"response_a": "a", "response_b": "b", "preferred": "a"}, "prompt", "missing"),
+    ({"prompt": 7, "chosen": "a", "rejected": "b"}, "prompt", "expected a string or a list of messages"),
+    ({"prompt": [user("q"), assistant("a")], "chosen": "x", "rejected": "y"}, "prompt[1].role",
+     "must end with a user turn"),
+    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "x", "rejected": "y"}, "prompt[0].role",
+     "expected one of system, user, assistant"),
+    ({"prompt": "p", "rejected": "b"}, "chosen", "missing"),
+    ({"prompt": "p", "chosen": 1.5, "rejected": "b"}, "chosen", "expected a string or a list of messages"),
+    ({"prompt": "p", "chosen": [user("other"), assistant("a")], "rejected": [assistant("b")]}, "chosen",
+     "neither empty nor a copy of the prompt"),
+    ({"prompt": "p", "chosen": [assistant("a")], "rejected": [user("b")]}, "rejected[0].role",
+     "must be an assistant turn"),
+    ({"prompt": "p", "chosen": [assistant("")], "rejected": [assistant("b")]}, "chosen[0].content",
+     "empty assistant turn"),
+    ({"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}, "rejected",
+     "no common prefix"),
+    ({"chosen": [user("q"), assistant("a"), user("q2"), assistant("x")],
+      "rejected": [user("q"), assistant("a"), user("q3"), assistant("y")]}, "rejected", "must end with a user turn"),
+    ({"chosen": [user("q"), assistant("a")], "rejected": "b"}, "rejected", "expected a list of messages"),
+    ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen",
+     "without an 'Assistant:' turn"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hey\n\nAssistant: yo"}, "rejected",
+     "differ from those in 'chosen'"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok", "rejected": "\n\nHuman: hi\n\nAssistant: yo"},
+     "chosen", "must end with the 'Assistant:' turn"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen",
+     "empty response"),
+    ({"chosen": "hello\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}, "chosen",
+     "text before its first 'Human:' turn"),
+    ({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}, "chosen", "no prompt turns"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}, "ranking",
+     "ranking [0, 0, 1] is not a permutation of 0..2"),
+    ({"prompt": "p", "responses": ["a", "b"]}, "ranking", "missing"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [True, False]}, "ranking", "integer indices"),
+    ({"prompt": "p", "ranking": [0, 1]}, "responses", "missing"),
+    ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "responses", "at least 2"),
+    ({"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}, "responses[1]", "empty response"),
+    ({"prompt": "p", "responses": ["a", 2], "ranking": [0, 1]}, "responses[1]", "expected a string"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2], "tie": True}, "tie",
+     "only defined for 2 responses"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "tie": "yes"}, "tie", "expected true or false"),
+    ({"prompt": "p", "ranked": "a"}, "ranked", "at least 2"),
+    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a"}, "chosen",
+     "different preference format than field 'responses'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True}, "chosen",
+     "different preference format than field 'tie'"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "meta": "x"}, "meta", "expected an object"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "reason": 5}, "reason", "expected a string"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "source": None}, "source", "expected a string"),
+]
+
+
+@pytest.mark.parametrize("record, field, problem", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_bad_record_names_file_line_and_field(tmp_path, record, field, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, record])
+    with pytest.raises(DataError) as info:
+        load_comparisons(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: field '{field}': ")
+    assert problem in message
+    assert (info.value.line, info.value.field) == (3, field)
+
+
+def test_unrecognised_record(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, {"prompt": "p", "answer": "a"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: unrecognised preference record"):
+        load_comparisons(path)
+
+
+def test_json_list_error_reports_the_line_of_the_record(tmp_path):
+    path = tmp_path / "bad.json"
+    bad = {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "x"}
+    # line 1 "[", lines 2-3 good records, line 4 the bad one.
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [GOOD, GOOD, bad]) + "\n]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.json:4: field 'preferred': preferred must be"):
+        load_comparisons(path)
+
+
+def test_parquet_error_reports_the_row_number(tmp_path):
+    records = [dict(GOOD), dict(GOOD), dict(GOOD, preferred="x")]
+    path = write_parquet(tmp_path / "bad.parquet", records)
+    with pytest.raises(DataError, match=r"bad\.parquet:3: field 'preferred': preferred must be 'a', 'b' or 'tie'"):
+        load_comparisons(path)
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match="nope.parquet: file not found"):
+        load_comparisons(tmp_path / "nope.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+        load_comparisons(tmp_path / "junk.parquet")
