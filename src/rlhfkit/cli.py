@@ -6,6 +6,8 @@
     rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
     rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
+    rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
+    rlhfkit annotate SAMPLES OUTPUT             -> rlhfkit.feedback.terminal.annotate
     rlhfkit demo [key=value ...]                -> rlhfkit.demo.run(DemoConfig)
     rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
 """
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p = sub.add_parser("annotate", help="label samples by hand in the terminal (a/b/tie, undo, resume)")
+    p.add_argument("samples", help="samples JSONL (from `rlhfkit sample`)")
+    p.add_argument("output", help="labels JSONL (saved after every answer; re-run to resume)")
+    p.add_argument("--annotator", default="human")
+    sub.add_parser("serve", help="OpenAI-compatible chat server for a model (rlhfkit serve MODEL --port P)", add_help=False)
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
     p.add_argument("stage", choices=sorted(_stages()))
     return parser
@@ -120,10 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.data.io import DataError
     from rlhfkit.models import ModelLoadError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # its own parser: rlhfkit serve MODEL [--host --port --backend]
+        from rlhfkit.serve import main_serve
+
+        return main_serve(argv[1:])
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "chat":
             return _chat(ns)
+        if ns.command == "annotate":
+            from rlhfkit.feedback.terminal import main_annotate
+
+            main_annotate(ns.samples, ns.output, ns.annotator)
+            return 0
         if ns.command == "config":
             return _show_config(ns.stage)
         return _run_stage(ns.command, ns.args)

@@ -1,0 +1,386 @@
+"""An OpenAI-compatible chat server: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+    rlhfkit serve MODEL [--host 127.0.0.1] [--port 8000] [--backend module:function]
+    python -m rlhfkit.serve MODEL ...
+
+It puts a local policy (or a scripted function) behind the API that every LLM
+tool already speaks, so the AI judge (:mod:`rlhfkit.feedback.judge`), evaluation
+harnesses and chat UIs can use it unchanged. Two backends:
+
+* **a causal LM** from a model spec (``smollm2-135m``, ``tiny``, a ``.gguf`` file
+  or a model directory), generating with :class:`rlhfkit.rollout.HFGenerator`.
+  One model serves one request at a time (a lock serialises ``generate``).
+* **a Python function** ``backend="module:function"``, called as
+  ``fn(messages: list[dict]) -> str`` and imported with the working directory on
+  ``sys.path``. It turns a rule-based judge (or a test's scripted judge) into a
+  server. Its calls run concurrently in the server's thread pool. If it raises
+  ``fastapi.HTTPException`` the client gets that status; any other exception is an
+  HTTP 500 carrying the exception text. ``MODEL`` is then only the name reported
+  by ``/v1/models``.
+
+Departures from the OpenAI API, on purpose: the request's ``model`` field is not
+checked (one server serves one model, and clients that send ``"default"`` or any
+other name still work); no streaming, tools, logprobs or stop strings. ``usage``
+is approximate: the model backend re-tokenises the decoded reply (HFGenerator
+returns text), so ``completion_tokens`` and hence ``finish_reason: "length"`` can
+be off by a few tokens; a scripted backend counts whitespace-separated words.
+Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``, and an
+invalid request is a 400 (not FastAPI's 422), as with OpenAI.
+
+The server binds to 127.0.0.1 by default: it has no authentication, so expose
+it beyond the machine only behind something that has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Union
+
+from pydantic import BaseModel, Field
+
+Messages = list[dict[str, str]]
+
+DEFAULT_MAX_TOKENS = 256
+"""Completion length when a request gives no ``max_tokens``."""
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Completion:
+    """One or more generated replies to a message list, with usage counts."""
+
+    texts: list[str]
+    prompt_tokens: int
+    completion_tokens: list[int]
+    """Per reply; a reply that used all of ``max_tokens`` is reported with finish_reason ``length``."""
+
+
+class ChatBackend(Protocol):
+    """What the server needs from a backend."""
+
+    def chat(self, messages: Messages, *, n: int, temperature: float, max_tokens: int) -> Completion:
+        """``n`` replies to ``messages``."""
+
+
+class FunctionBackend:
+    """A Python callable ``fn(messages) -> str`` as a backend (scripted or rule-based judges).
+
+    ``temperature`` and ``max_tokens`` are not passed on (the function decides its
+    own reply); ``n`` replies are ``n`` calls. Usage counts are word counts.
+    """
+
+    def __init__(self, fn: Callable[[Messages], str]):
+        self.fn = fn
+
+    def chat(self, messages: Messages, *, n: int, temperature: float, max_tokens: int) -> Completion:
+        texts = [str(self.fn(messages)) for _ in range(n)]
+        prompt_words = sum(len(m.get("content", "").split()) for m in messages)
+        return Completion(texts, prompt_words, [len(t.split()) for t in texts])
+
+
+class LocalChatModel:
+    """A transformers causal LM that answers chat messages: load once, generate under a lock.
+
+    Shared by the server's model backend and :class:`rlhfkit.feedback.judge.LocalChatClient`.
+    ``generate`` is serialised because one model instance is not safe to call
+    from several threads, and batching unrelated requests is not worth it here.
+    The model goes to CUDA when available (``device="auto"``), else CPU.
+    """
+
+    def __init__(self, model_spec: str, *, precision: str = "bf16", device: str = "auto"):
+        import torch
+
+        from rlhfkit import models
+        from rlhfkit.rollout import HFGenerator
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_spec = model_spec
+        self.tokenizer = models.load_tokenizer(model_spec)
+        model = models.load_causal_lm(model_spec).to(device)
+        self.generator = HFGenerator(model, self.tokenizer, precision=precision)
+        self._lock = threading.Lock()
+
+    def chat(self, messages: Messages, *, n: int = 1, temperature: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS) -> Completion:
+        """``n`` replies (``temperature`` 0 = greedy, so all ``n`` are then identical)."""
+        from rlhfkit.rollout import GenerationOptions, render_prompt
+
+        options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature)
+        with self._lock:
+            texts = self.generator.generate([messages] * n, options)
+        tok = self.tokenizer
+        prompt_tokens = len(tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"])
+        # Re-tokenising the decoded text approximates the generated count (EOS is not counted).
+        completion_tokens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return Completion(texts, prompt_tokens, completion_tokens)
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import ``"module:function"`` with the working directory on ``sys.path``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"backend must look like 'module:function', got '{spec}'")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import backend module '{module_name}' (searched the working directory {cwd}): {e}") from e
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"backend module '{module_name}' has no attribute '{attr}'")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"backend '{spec}' is not callable")
+    return fn
+
+
+def make_backend(model: str, backend: str = "", *, precision: str = "bf16") -> ChatBackend:
+    """A function backend if ``backend`` is ``"module:function"``, else the causal LM ``model``."""
+    if backend:
+        return FunctionBackend(load_function(backend))
+    return LocalChatModel(model, precision=precision)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    """Text, or OpenAI's list of content parts (only the text parts are used)."""
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request that we honour; others are ignored.
+
+    Defined at module level: FastAPI resolves the endpoint's (string) annotations
+    in module globals, so a class local to :func:`create_app` would not be found.
+    """
+
+    model: str = ""
+    """Not checked: one server serves one model."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """OpenAI's default 1.0; 0 is greedy."""
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    """OpenAI's newer name for ``max_tokens``; either works (default :data:`DEFAULT_MAX_TOKENS`)."""
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    """Only ``False`` is supported."""
+
+
+def _message_text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of OpenAI's content-part list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text") == "text")
+
+
+def create_app(backend: ChatBackend, model_name: str):
+    """The FastAPI app serving ``backend`` under the name ``model_name``."""
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="rlhfkit serve", description=f"OpenAI-compatible chat API for '{model_name}'")
+    created = int(time.time())
+
+    def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+        body = {"error": {"message": message, "type": kind, "code": status}}
+        return JSONResponse(status_code=status, content=body, headers=headers)
+
+    # Starlette's class, so unknown routes (404) and methods (405) get the same shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
+        return error(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rlhfkit"}]}
+
+    # A plain `def` endpoint: FastAPI runs it in a worker thread, so a slow
+    # function backend does not block the event loop and requests overlap.
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatRequest) -> dict:
+        if request.stream:
+            raise HTTPException(400, "streaming is not supported by rlhfkit serve")
+        messages = [{"role": m.role, "content": _message_text(m.content)} for m in request.messages]
+        max_tokens = request.max_tokens or request.max_completion_tokens or DEFAULT_MAX_TOKENS
+        try:
+            out = backend.chat(messages, n=request.n, temperature=request.temperature, max_tokens=max_tokens)
+        except StarletteHTTPException:  # the backend chose the status (fastapi's class is a subclass)
+            raise
+        except Exception as e:  # the client gets the reason instead of a bare 500
+            raise HTTPException(500, f"backend error: {type(e).__name__}: {e}") from e
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length" if used >= max_tokens else "stop",
+            }
+            for i, (text, used) in enumerate(zip(out.texts, out.completion_tokens))
+        ]
+        completion_tokens = sum(out.completion_tokens)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": out.prompt_tokens + completion_tokens,
+            },
+        }
+
+    return app
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket; binding it ourselves lets ``port=0`` pick a free port we can report."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    # Listening now (uvicorn listens again, harmlessly) queues clients that connect
+    # before the event loop starts, instead of refusing them.
+    sock.listen(2048)
+    return sock
+
+
+def _uvicorn_server(app, *, log_level: str):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "", *, precision: str = "bf16") -> None:
+    """Serve ``model`` (or the function ``backend``) until interrupted.
+
+    ``port=0`` picks a free port; the address is printed to stderr as
+    ``rlhfkit serve: listening on http://HOST:PORT/v1`` once the socket is bound.
+    """
+    app = create_app(make_backend(model, backend, precision=precision), model)
+    sock = _bind(host, port)
+    print(f"rlhfkit serve: listening on http://{_url_host(host)}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    _uvicorn_server(app, log_level="info").run(sockets=[sock])
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class ServerThread:
+    """A server running in a background thread of this process (tests, notebooks).
+
+    Use :func:`start_in_thread` or :func:`running_server`; ``base_url`` is
+    ``http://HOST:PORT/v1`` and :meth:`stop` shuts the server down.
+    """
+
+    def __init__(self, app, host: str, port: int, *, log_level: str = "warning"):
+        self._sock = _bind(host, port)
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self.base_url = f"http://{_url_host(host)}:{self.port}/v1"
+        self._server = _uvicorn_server(app, log_level=log_level)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="rlhfkit-serve")
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"server on {self.base_url} exited during startup")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server on {self.base_url} did not start within {timeout:g} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
+
+
+def start_in_thread(
+    model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", *, precision: str = "bf16", log_level: str = "warning"
+) -> ServerThread:
+    """Start :func:`serve`'s server in a daemon thread (``port=0``: a free port) and wait until it accepts requests."""
+    app = create_app(make_backend(model, backend, precision=precision), model)
+    return ServerThread(app, host, port, log_level=log_level).start()
+
+
+@contextmanager
+def running_server(model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", **kwargs: Any) -> Iterator[ServerThread]:
+    """``with running_server("tiny") as server: ... server.base_url ...`` - stopped on exit."""
+    server = start_in_thread(model, host, port, backend, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser(prog: str = "rlhfkit serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a model (or a Python function) with an OpenAI-compatible chat API.")
+    parser.add_argument("model", help="model spec (smollm2-135m, tiny, a .gguf file, a model directory); with --backend, just the served name")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; the server has no auth)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the address is printed to stderr)")
+    parser.add_argument("--backend", default="", metavar="MODULE:FUNCTION", help="serve fn(messages) -> str instead of a model (imported from the working directory)")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute precision of the model backend")
+    return parser
+
+
+def main_serve(argv: list[str] | None = None, *, prog: str = "rlhfkit serve") -> int:
+    """``rlhfkit serve MODEL [--host H --port P --backend module:function]``; returns an exit code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser(prog).parse_args(argv)
+    try:
+        serve(ns.model, ns.host, ns.port, ns.backend, precision=ns.precision)
+    except (ValueError, OSError) as e:  # ValueError includes models.ModelLoadError
+        print(f"rlhfkit serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_serve(prog="python -m rlhfkit.serve"))
