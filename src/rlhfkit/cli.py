@@ -5,6 +5,7 @@
     rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
     rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
     rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
+    rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
     rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
     rlhfkit annotate SAMPLES OUTPUT             -> rlhfkit.feedback.terminal.annotate
@@ -31,7 +32,7 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _stages():
-    from rlhfkit import demo, dpo, label, reward, sample, sft
+    from rlhfkit import demo, dpo, label, reward, rl, sample, sft
 
     return {
         "sft": (sft.SFTConfig, sft.train),
@@ -39,6 +40,9 @@ def _stages():
         "label": (label.LabelConfig, label.run),
         "reward": (reward.RewardConfig, reward.train),
         "dpo": (dpo.DPOConfig, dpo.train),
+        "ppo": (rl.RLConfig, rl.train),
+        "grpo": (rl.GRPOConfig, rl.train),
+        "rloo": (rl.RLOOConfig, rl.train),
         "demo": (demo.DemoConfig, demo.run),
     }
 
@@ -100,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("label", "label samples: simulated annotator, AI judge, or a human at the terminal"),
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
+        ("ppo", "PPO with a KL penalty to the frozen reference (algorithm=reinforce for plain REINFORCE)"),
+        ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
+        ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),
         ("demo", "the end-to-end demo on the embedded SmolLM2-135M"),
     ]:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; "

@@ -47,13 +47,9 @@ class ModelLoadError(ValueError):
 
 
 @dataclass
-class ModelOptions:
-    """Model fields shared by every stage config."""
+class AdapterOptions:
+    """How a loaded model is trained: LoRA and gradient checkpointing."""
 
-    model: str = TINY
-    """Model spec: `smollm2-135m`, `tiny`, a `.gguf` file or a transformers model directory."""
-    precision: str = "bf16"
-    """Compute precision: `bf16` (autocast, fp32 master weights; fast on AMX CPUs and GPUs), `fp16` (CUDA only) or `fp32`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
     lora_r: int = 0
@@ -64,6 +60,16 @@ class ModelOptions:
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that get LoRA adapters."""
+
+
+@dataclass
+class ModelOptions(AdapterOptions):
+    """Model fields shared by every stage config that trains one model."""
+
+    model: str = TINY
+    """Model spec: `smollm2-135m`, `tiny`, a `.gguf` file or a transformers model directory."""
+    precision: str = "bf16"
+    """Compute precision: `bf16` (autocast, fp32 master weights; fast on AMX CPUs and GPUs), `fp16` (CUDA only) or `fp32`."""
 
 
 def cache_dir() -> Path:
@@ -225,7 +231,7 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
 
 
-def prepare_for_training(model, options: ModelOptions):
+def prepare_for_training(model, options: AdapterOptions):
     """Apply gradient checkpointing and LoRA (peft) as the options ask."""
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,14 +1,24 @@
-"""Generation from a policy.
+"""Generation from a policy: text for ``rlhfkit chat``/``sample``, typed rollouts for RL.
 
-:class:`HFGenerator` wraps transformers ``generate`` (batched, KV cache, left
-padding). It is the engine behind ``rlhfkit chat`` and, later, behind rollouts;
-a vLLM engine can implement the same ``generate`` method.
+An *engine* turns prompt token ids into response token ids. :class:`HFEngine`
+wraps transformers ``generate`` (batched, KV cache, left padding); a vLLM engine
+implements the same :class:`RolloutEngine` protocol (``generate`` +
+``load_weights``) for GPUs. :func:`make_rollout` then builds a :class:`Rollout`
+record, the one structure every RL trainer consumes.
+
+Sequence layout of a rollout (B sequences):
+
+    [ pad pad q q q q | r r r EOS pad pad ]
+      query (B, P), left-padded   response (B, R), right-padded after EOS
+
+Position ids count real tokens only (``cumsum(attention_mask) - 1``), so left
+padding does not shift positions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union
 
 import torch
 
@@ -39,40 +49,168 @@ def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool = True) -> s
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-class HFGenerator:
-    """Batched sampling with transformers ``generate`` under the training precision."""
+def encode_prompts(tokenizer, prompts: list[Prompt], *, chat_template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, shapes (B, P); mask True on real tokens."""
+    texts = [render_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = True
+    return ids, mask
 
-    def __init__(self, model, tokenizer, *, precision: str = "bf16", chat_template: bool = True):
-        self.model, self.tokenizer = model, tokenizer
-        self.precision, self.chat_template = precision, chat_template
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (0 on left padding). Shape (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of real response tokens (up to and including the first EOS), and whether EOS came.
+
+    Shapes: (B, R) -> ``mask`` (B, R) bool, ``has_eos`` (B,) bool.
+    """
+    is_eos = response_ids == eos_token_id
+    # Tokens strictly after the first EOS are padding.
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return ~after_eos, is_eos.any(-1)
+
+
+class RolloutEngine(Protocol):
+    """What produces response tokens; HF ``generate`` here, vLLM on GPUs."""
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
+        """Response token ids (B, R), right-padded with EOS/pad after the first EOS."""
+
+    def load_weights(self, model) -> None:
+        """Refresh the engine's weights from the trained policy."""
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class HFEngine:
+    """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
+
+    ``precision`` is the autocast used while decoding. On CPU, fp32 decoding is
+    often faster than bf16 autocast: decode matmuls have a tiny M dimension that
+    AMX does not speed up, and autocast re-casts every weight at every step.
+    """
+
+    def __init__(self, model, tokenizer, *, precision: str = "fp32"):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+
+    def load_weights(self, model) -> None:
+        self.model = model
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], options: GenerationOptions) -> list[str]:
-        """One completion per prompt (text after the prompt, special tokens removed)."""
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         tok = self.tokenizer
-        texts = [render_prompt(tok, p, chat_template=self.chat_template) for p in prompts]
-        side = tok.padding_side
-        tok.padding_side = "left"  # generation appends on the right
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
         sample = options.temperature > 0
         kwargs = dict(
-            max_new_tokens=options.max_new_tokens,
-            do_sample=sample,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            max_new_tokens=options.max_new_tokens, do_sample=sample,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )
         if sample:
             kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
         was_training = self.model.training
         self.model.eval()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = self.model.generate(**enc, **kwargs)
+        with _autocast(device, self.precision):
+            out = self.model.generate(
+                input_ids=query_ids.to(device), attention_mask=query_mask.long().to(device), **kwargs
+            )
         self.model.train(was_training)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        return tok.batch_decode(new_tokens, skip_special_tokens=True)
+        response = out[:, query_ids.shape[1]:]
+        # Anything after the first EOS becomes EOS/pad so masks are exact.
+        mask, _ = response_mask_from_ids(response, tok.eos_token_id)
+        return torch.where(mask, response, torch.full_like(response, tok.pad_token_id)).cpu()
+
+
+class HFGenerator:
+    """Text in, text out: batched sampling for ``rlhfkit chat`` and ``rlhfkit sample``."""
+
+    def __init__(self, model, tokenizer, *, precision: str = "fp32", chat_template: bool = True):
+        self.engine = HFEngine(model, tokenizer, precision=precision)
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def generate(self, prompts: list[Prompt], options: GenerationOptions) -> list[str]:
+        """One completion per prompt (text after the prompt, special tokens removed)."""
+        ids, mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template)
+        response = self.engine.generate(ids, mask, options)
+        return self.tokenizer.batch_decode(response, skip_special_tokens=True)
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and everything RL needs about them.
+
+    ``B`` sequences (prompts x samples per prompt, grouped: the samples of prompt
+    ``i`` are rows ``i*k .. i*k+k-1``), ``P`` prompt width, ``R`` response width.
+    """
+
+    prompts: list[Prompt]
+    """(B,) the prompt of each row."""
+    responses: list[str]
+    """(B,) decoded response text (special tokens removed)."""
+    query_ids: torch.Tensor
+    """(B, P) prompt ids, left-padded."""
+    query_mask: torch.Tensor
+    """(B, P) True on real prompt tokens."""
+    response_ids: torch.Tensor
+    """(B, R) response ids, right-padded after the first EOS."""
+    response_mask: torch.Tensor
+    """(B, R) True on response tokens up to and including the first EOS."""
+    has_eos: torch.Tensor
+    """(B,) True if the response ended with EOS (False: truncated at max_new_tokens)."""
+    temperature: float
+    """Sampling temperature; log-probs are of softmax(logits / temperature)."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + R) prompt and response."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + R) True on real tokens."""
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) response lengths in tokens (EOS included)."""
+        return self.response_mask.sum(-1)
+
+    def select(self, rows: list[int] | torch.Tensor) -> "Rollout":
+        """The sub-batch of the given rows."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        idx = rows.tolist()
+        return Rollout(
+            prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
+            query_ids=self.query_ids[rows], query_mask=self.query_mask[rows],
+            response_ids=self.response_ids[rows], response_mask=self.response_mask[rows],
+            has_eos=self.has_eos[rows], temperature=self.temperature,
+        )
+
+
+def make_rollout(engine: RolloutEngine, tokenizer, prompts: list[Prompt], options: GenerationOptions,
+                 *, samples_per_prompt: int = 1, chat_template: bool = True) -> Rollout:
+    """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt)."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    query_ids, query_mask = encode_prompts(tokenizer, repeated, chat_template=chat_template)
+    response_ids = engine.generate(query_ids, query_mask, options)
+    if response_ids.shape[1] == 0:  # nothing generated at all: keep one (masked) column
+        response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, dtype=torch.long)
+        response_mask, has_eos = torch.zeros_like(response_ids, dtype=torch.bool), torch.zeros(len(repeated), dtype=torch.bool)
+    else:
+        response_mask, has_eos = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(torch.where(response_mask, response_ids, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(
+        prompts=repeated, responses=[t.strip() for t in texts], query_ids=query_ids, query_mask=query_mask,
+        response_ids=response_ids, response_mask=response_mask, has_eos=has_eos,
+        temperature=options.temperature if options.temperature > 0 else 1.0,
+    )

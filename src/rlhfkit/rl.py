@@ -1,0 +1,533 @@
+"""Online RL against a reward: PPO, GRPO, RLOO and REINFORCE in one readable loop.
+
+``rlhfkit ppo|grpo|rloo CONFIG.yaml`` / :func:`train`. Each step:
+
+1. **Rollout.** Take ``batch_size`` prompts, sample ``samples_per_prompt``
+   responses each (:func:`rlhfkit.rollout.make_rollout`; KV cache, temperature,
+   top-p, stop at EOS).
+2. **Score.** ``score = reward(prompt, response)`` from a reward model, a
+   ``module:function`` or a simulated-annotator scorer; minus
+   ``missing_eos_penalty`` for truncated responses; optional batch
+   normalisation and clipping.
+3. **Evaluate the rollout** without gradients: log-probs under the sampling
+   policy (logits / temperature), the frozen reference, and values (PPO).
+4. **Advantages** — the only place the algorithms differ:
+   * ``ppo``: per-token rewards ``r_t = -beta KL_t`` plus the score at the last
+     token (Ziegler et al. 2019, eq. 2), GAE (Schulman et al. 2016), whitened;
+   * ``reinforce``: the same rewards, discounted reward-to-go minus the batch
+     mean (Williams 1992; the seed's REINFORCE with discounting);
+   * ``rloo``: sequence reward ``score - beta sum_t KL_t``, leave-one-out
+     baseline over the group (Ahmadian et al. 2024);
+   * ``grpo``: group-normalised scores (Shao et al. 2024); the KL enters the
+     loss as ``beta * k3`` per token instead of the reward (their eq. 3).
+5. **Optimise.** ``ppo_epochs`` passes over the rollout in ``num_minibatches``
+   minibatches (each ``grad_accum`` micro-batches): clipped surrogate
+   (Schulman et al. 2017), clipped value loss, token-mean over the global
+   minibatch. Stop the epochs early when approx-KL exceeds ``target_kl_stop``.
+6. **Adapt beta** (adaptive controller, Ziegler et al. 2019) and log.
+
+Departures from TRL: the old log-probs are not recomputed when there is a
+single epoch and minibatch (they equal the current ones, as in TRL's GRPO);
+the reference model is kept in bf16 when training in bf16 (it is frozen, and
+a bf16 copy skips autocast's per-call weight casts).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from rlhfkit import models
+from rlhfkit.config import to_dict
+from rlhfkit.data.io import append_jsonl, atomic_write_text
+from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, shard_indices
+from rlhfkit.losses import (
+    approx_kl,
+    discounted_returns,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+    whiten,
+)
+from rlhfkit.optim import build_optimizer, build_scheduler
+from rlhfkit.policy import ActorCritic, load_critic, response_logps
+from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.tracking import MetricsLogger
+
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
+
+
+@dataclass
+class RLConfig(models.AdapterOptions, TrainOptions):
+    """Config of the online RL stage. ``batch_size`` is prompts per step per process."""
+
+    algorithm: Algorithm = "ppo"
+    """ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out) or reinforce (discounted returns)."""
+    policy: str = models.TINY
+    """Policy model spec (usually the SFT output directory). The reference is its frozen copy."""
+    reward_model: str = "demo"
+    """Reward: a reward-model directory, `module:function`, or a built-in scorer (sentiment, length, banned, demo)."""
+    prompts: str = ""
+    """JSONL/JSON with a `prompt` field (string or chat-message list). Empty: the shipped demo prompts."""
+    precision: str = "bf16"
+    """Training precision (bf16 autocast with fp32 master weights, fp16 on CUDA, or fp32)."""
+    generation_precision: str = "auto"
+    """Decoding precision: auto (fp32 on CPU, where bf16 autocast slows small-batch decoding; else `precision`), bf16, fp32."""
+    samples_per_prompt: int = 1
+    """Responses per prompt (the group size k for grpo/rloo; >= 2 there)."""
+    max_new_tokens: int = 64
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs use logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses that hit max_new_tokens without EOS."""
+    score_norm: bool = False
+    """Whiten scores over the batch before use."""
+    score_clip: float = 0.0
+    """Clip scores to [-c, c] (0 disables)."""
+    kl_coef: float = 0.05
+    """beta: weight of the KL penalty to the reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward (ppo, rloo, reinforce). grpo's loss term always uses k3."""
+    adaptive_kl: bool = False
+    """Adapt beta toward `target_kl` (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence-level KL for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive controller."""
+    gamma: float = 1.0
+    """Discount factor (ppo GAE, reinforce)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (ppo, reinforce)."""
+    ppo_epochs: int = 1
+    """Optimisation passes over each rollout batch."""
+    num_minibatches: int = 1
+    """Minibatches (optimizer steps) per pass."""
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon."""
+    value: Literal["head", "critic"] = "head"
+    """ppo's value function: a head on the policy trunk, or a separate critic model."""
+    critic_init: str = ""
+    """Critic initialisation (value=critic): a spec or reward-model dir; empty: the reward model if it is a dir, else the policy."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient."""
+    value_clip_eps: float = 0.2
+    """Value clip epsilon."""
+    target_kl_stop: float = 0.0
+    """Stop the epoch loop when mean approx-KL exceeds this (0 disables)."""
+    ptx_data: str = ""
+    """PPO-ptx: SFT data (prompt/completion or messages) mixed into the loss; empty disables."""
+    ptx_coef: float = 0.0
+    """PPO-ptx coefficient of the SFT loss."""
+    log_samples: int = 2
+    """Completions written to samples.jsonl per logged step."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps in linear warmup."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    """Learning-rate schedule after warmup."""
+    max_steps: int = 20
+    """RL steps (rollout + optimisation); -1: num_epochs passes over the prompts."""
+    batch_size: int = 8
+    """Prompts per step per process."""
+    output_dir: str = "runs/rl"
+    """Where the policy, checkpoints, metrics.jsonl and samples.jsonl go."""
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO defaults: groups of 4, KL (k3) in the loss, no critic."""
+
+    algorithm: Algorithm = "grpo"
+    samples_per_prompt: int = 4
+    kl_coef: float = 0.04
+    """beta of the k3 KL term in the loss (DeepSeekMath's 0.04)."""
+    output_dir: str = "runs/grpo"
+
+
+@dataclass
+class RLOOConfig(RLConfig):
+    """RLOO defaults: groups of 4, KL (k1) in the sequence reward, no critic."""
+
+    algorithm: Algorithm = "rloo"
+    samples_per_prompt: int = 4
+    output_dir: str = "runs/rloo"
+
+
+class AdaptiveKLController:
+    """beta_{t+1} = beta_t (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon) — Ziegler et al. 2019, eq. 3."""
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+
+@dataclass
+class Scored:
+    """A rollout with everything the update needs. Shapes: (B, R) unless noted."""
+
+    rollout: Rollout
+    old_logps: torch.Tensor | None
+    """Log-probs under the sampling policy (None: taken from the first update forward)."""
+    ref_logps: torch.Tensor
+    values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    scores: torch.Tensor
+    """(B,) scores after penalties/normalisation."""
+    kl: torch.Tensor
+    """Per-token KL estimate used in the reward (masked)."""
+
+
+def _micro_batches(n: int, parts: int) -> list[list[int]]:
+    size = math.ceil(n / parts)
+    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+
+
+def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False):
+    sub = rollout.select(rows)
+    input_ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
+    response_ids = sub.response_ids.to(device)
+    logps, logits, values = response_logps(model, input_ids, mask, response_ids, temperature=rollout.temperature)
+    entropy = entropy_from_logits(logits.detach() / rollout.temperature) if with_entropy else None
+    return logps, values, entropy
+
+
+class RLTrainer:
+    """State of one RL run; :meth:`step` is steps 1-6 of the module docstring."""
+
+    def __init__(self, config: RLConfig):
+        from rlhfkit.rewards import load_reward
+        from rlhfkit.sample import load_prompts
+        from rlhfkit.sft import demo_data_path
+
+        c = self.config = config
+        if c.algorithm in ("grpo", "rloo") and c.samples_per_prompt < 2:
+            raise ValueError(f"{c.algorithm} needs samples_per_prompt >= 2 (got {c.samples_per_prompt})")
+        self.prompts = load_prompts(c.prompts or demo_data_path("prompts_train.jsonl"))
+        self.acc = make_accelerator(c.precision, c.grad_accum)
+        from accelerate.utils import set_seed
+
+        set_seed(c.seed)
+        self.tokenizer = models.load_tokenizer(c.policy)
+        self.reward_fn = load_reward(c.reward_model, precision=c.precision)
+        policy = models.load_causal_lm(c.policy)
+        # The frozen reference: with LoRA, the base with adapters disabled (no copy);
+        # otherwise a copy, in bf16 when training in bf16.
+        self.ref = None
+        if c.lora_r == 0:
+            ref_dtype = torch.bfloat16 if c.precision == "bf16" else torch.float32
+            self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False).to(self.acc.device)
+        policy = models.prepare_for_training(policy, c)
+        critic = None
+        value = c.value if c.algorithm == "ppo" else "none"
+        if value == "critic":
+            init = c.critic_init or (c.reward_model if Path(c.reward_model).is_dir() else c.policy)
+            critic = load_critic(init, vocab_size=policy.config.vocab_size)
+        model = ActorCritic(policy, value=value, critic=critic)
+
+        self.P = self.acc.num_processes
+        self.steps_per_epoch = max(1, len(self.prompts) // (c.batch_size * self.P))
+        self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_epochs * self.steps_per_epoch))
+        optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
+        self.scheduler = build_scheduler(optimizer, warmup_steps=int(c.warmup_ratio * self.total_steps),
+                                         total_steps=self.total_steps, schedule=c.lr_schedule, min_lr_ratio=c.min_lr_ratio)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.acc.register_for_checkpointing(self.scheduler)
+        gen_precision = c.generation_precision
+        if gen_precision == "auto":
+            gen_precision = "fp32" if self.acc.device.type == "cpu" else c.precision
+        self.engine = HFEngine(self.acc.unwrap_model(self.model).policy, self.tokenizer, precision=gen_precision)
+        self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon)
+        self.ptx = self._load_ptx() if c.ptx_data and c.ptx_coef > 0 else None
+        self.step_count = 0
+
+    def _load_ptx(self):
+        from rlhfkit.data.sft import load_sft_file, tokenize_sft
+
+        examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data), max_length=512)
+        return examples
+
+    # ---------------------------------------------------------------- 1-4: rollout, score, advantages
+    @torch.no_grad()
+    def rollout_and_score(self, prompts: list) -> tuple[Scored, dict[str, float]]:
+        c, device = self.config, self.acc.device
+        t0 = time.perf_counter()
+        options = GenerationOptions(c.max_new_tokens, c.temperature, c.top_p)
+        rollout = make_rollout(self.engine, self.tokenizer, prompts, options, samples_per_prompt=c.samples_per_prompt)
+        gen_time = time.perf_counter() - t0
+        mask = rollout.response_mask
+        B = mask.shape[0]
+
+        raw = torch.tensor(self.reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
+        scores = raw - c.missing_eos_penalty * (~rollout.has_eos).float()
+        if c.score_norm:
+            scores = whiten(scores, torch.ones_like(scores, dtype=torch.bool))
+        if c.score_clip > 0:
+            scores = scores.clamp(-c.score_clip, c.score_clip)
+
+        t1 = time.perf_counter()
+        need_old = not (c.algorithm == "grpo" and c.ppo_epochs == 1 and c.num_minibatches == 1)
+        old_logps, values, ref_logps, entropy = [], [], [], []
+        self.model.eval()
+        for rows in _micro_batches(B, c.grad_accum * c.num_minibatches):
+            with self.acc.autocast():
+                if need_old:
+                    lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True)
+                    old_logps.append(lp.float().cpu())
+                    entropy.append(ent.cpu())
+                    if v is not None:
+                        values.append(v.cpu())
+                ref_model = self.ref if self.ref is not None else self.acc.unwrap_model(self.model).policy
+                with models.adapters_disabled(ref_model):
+                    lp_ref, _, _ = _forward(ref_model, rollout, rows, device)
+                ref_logps.append(lp_ref.float().cpu())
+        self.model.train()
+        ref_logps_t = torch.cat(ref_logps)
+        old_logps_t = torch.cat(old_logps) if old_logps else None
+        values_t = torch.cat(values) if values else None
+        fwd_time = time.perf_counter() - t1
+
+        # KL to the reference, per token, on the sampled tokens.
+        beta = self.kl_ctl.value
+        if old_logps_t is not None:
+            kl = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, c.kl_estimator), 0.0)
+            kl_k1 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k1"), 0.0)
+            kl_k3 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k3"), 0.0)
+        else:
+            kl = kl_k1 = kl_k3 = None  # grpo fast path: measured in the update
+
+        returns = None
+        if c.algorithm in ("ppo", "reinforce"):
+            token_rewards = -beta * kl
+            last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # the last response token
+            token_rewards = token_rewards + last.float() * scores[:, None]
+            if c.algorithm == "ppo":
+                advantages, returns = gae(token_rewards, values_t, mask, c.gamma, c.lam)
+            else:
+                advantages = discounted_returns(token_rewards, mask, c.gamma)
+                advantages = torch.where(mask, advantages - masked_mean(advantages, mask), 0.0)
+            if c.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        elif c.algorithm == "rloo":
+            seq_reward = scores - beta * kl.sum(-1)
+            advantages = rloo_advantages(seq_reward, c.samples_per_prompt)[:, None].expand_as(mask).clone()
+        else:  # grpo
+            advantages = grpo_advantages(scores, c.samples_per_prompt)[:, None].expand_as(mask).clone()
+        advantages = torch.where(mask, advantages, 0.0)
+
+        lengths = rollout.lengths.float()
+        stats = {
+            "score": raw.mean().item(),
+            "score_used": scores.mean().item(),
+            "response_length": lengths.mean().item(),
+            "eos_rate": rollout.has_eos.float().mean().item(),
+            "kl_coef": beta,
+            "gen_tokens_per_s": lengths.sum().item() / max(gen_time, 1e-9),
+            "time_generate": gen_time,
+            "time_score_forward": fwd_time,
+        }
+        if kl_k1 is not None:
+            stats.update(kl=kl_k1.sum(-1).mean().item(), kl_k3=kl_k3.sum(-1).mean().item(),
+                         reward=(scores - beta * kl.sum(-1)).mean().item())
+        if entropy:
+            stats["entropy"] = masked_mean(torch.cat(entropy), mask).item()
+        scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl)
+        return scored, stats
+
+    # ---------------------------------------------------------------- 5: optimise
+    def update(self, scored: Scored) -> dict[str, float]:
+        c, acc, device = self.config, self.acc, self.acc.device
+        rollout, B = scored.rollout, scored.rollout.response_mask.shape[0]
+        sums: dict[str, float] = {}
+        counts = {"tokens": 0.0, "seqs": 0.0}
+        t0 = time.perf_counter()
+        train_tokens = 0
+        stopped_early = False
+        generator = torch.Generator().manual_seed(c.seed * 7919 + self.step_count)
+        epochs_done = 0
+        for _epoch in range(c.ppo_epochs):
+            order = torch.randperm(B, generator=generator).tolist() if c.ppo_epochs > 1 or c.num_minibatches > 1 else list(range(B))
+            epoch_kl, epoch_tokens = 0.0, 0.0
+            for mb in _micro_batches(B, c.num_minibatches):
+                mb_rows = [order[i] for i in mb]
+                local_tokens = float(rollout.response_mask[mb_rows].sum())
+                global_tokens = max(1.0, _reduce_sum(acc, {"t": local_tokens})["t"])
+                scale = c.grad_accum * self.P / global_tokens
+                for part in _micro_batches(len(mb_rows), c.grad_accum):
+                    rows = [mb_rows[i] for i in part]
+                    mask = rollout.response_mask[rows].to(device)
+                    with acc.accumulate(self.model):
+                        with acc.autocast():
+                            logps, values, entropy = _forward(self.model, rollout, rows, device, with_entropy=True)
+                        logps = logps.float()
+                        old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
+                        adv = scored.advantages[rows].to(device)
+                        pg_losses, clipped = ppo_policy_loss(logps, old, adv, c.clip_eps)
+                        loss_tokens = pg_losses
+                        ref = scored.ref_logps[rows].to(device)
+                        k3 = kl_penalty(logps, ref, "k3")
+                        if c.algorithm == "grpo" and self.kl_ctl.value > 0:
+                            loss_tokens = loss_tokens + self.kl_ctl.value * k3
+                        if values is not None:
+                            v_losses, v_clipped = ppo_value_loss(values, scored.values[rows].to(device),
+                                                                 scored.returns[rows].to(device), c.value_clip_eps)
+                            loss_tokens = loss_tokens + c.vf_coef * v_losses
+                        loss = torch.where(mask, loss_tokens, 0.0).sum() * scale
+                        if self.ptx is not None:
+                            loss = loss + c.ptx_coef * self._ptx_loss(rows)
+                        acc.backward(loss)
+                        if acc.sync_gradients and c.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        n_tok = float(mask.sum())
+                        kl_old = float(torch.where(mask, approx_kl(logps.detach(), old), 0.0).sum())
+                        add = {
+                            "policy_loss": float(torch.where(mask, pg_losses, 0.0).sum()),
+                            "clipfrac": float((clipped & mask).sum()),
+                            "approx_kl": kl_old,
+                            "entropy_update": float(torch.where(mask, entropy, 0.0).sum()),
+                            "kl_k3_update": float(torch.where(mask, k3, 0.0).sum()),
+                            "kl_k1_update": float(torch.where(mask, logps.detach() - ref, 0.0).sum()),
+                        }
+                        if values is not None:
+                            add["value_loss"] = float(torch.where(mask, v_losses, 0.0).sum())
+                            add["value_clipfrac"] = float((v_clipped & mask).sum())
+                        for k, v in add.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        counts["tokens"] += n_tok
+                        counts["seqs"] += len(rows)
+                        train_tokens += int(rollout.attention_mask[rows].sum())
+                        epoch_kl += kl_old
+                        epoch_tokens += n_tok
+            epochs_done += 1
+            if c.target_kl_stop > 0:
+                totals = _reduce_sum(acc, {"kl": epoch_kl, "n": epoch_tokens})
+                if totals["kl"] / max(1.0, totals["n"]) > c.target_kl_stop:
+                    stopped_early = True
+                    break
+        self.scheduler.step()
+        sums = _reduce_sum(acc, {**sums, **{f"_{k}": v for k, v in counts.items()}})
+        tokens = max(1.0, sums.pop("_tokens"))
+        sums.pop("_seqs")
+        stats = {k: v / tokens for k, v in sums.items()}
+        # Per-sequence KL measured in the update, in the units of `kl` (sum over tokens).
+        mean_len = float(rollout.response_mask.sum(-1).float().mean())
+        stats["kl_update_seq"] = stats.pop("kl_k1_update") * mean_len
+        stats["kl_k3_update_seq"] = stats.pop("kl_k3_update") * mean_len
+        stats["epochs_done"] = epochs_done
+        stats["early_stopped"] = float(stopped_early)
+        stats["train_tokens_per_s"] = train_tokens * self.P / max(time.perf_counter() - t0, 1e-9)
+        stats["time_update"] = time.perf_counter() - t0
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        if scored.values is not None and scored.returns is not None:
+            stats["explained_variance"] = float(explained_variance(scored.values, scored.returns, rollout.response_mask))
+        return stats
+
+    def _ptx_loss(self, rows: list[int]) -> torch.Tensor:
+        """PPO-ptx (Ouyang et al. 2022, eq. 2): mean NLL of a demonstration batch."""
+        from rlhfkit.data.sft import collate_sft
+        from rlhfkit.sft import sft_loss_sum
+
+        g = torch.Generator().manual_seed(self.config.seed + self.step_count * 131 + rows[0])
+        idx = torch.randint(len(self.ptx), (len(rows),), generator=g).tolist()
+        batch = collate_sft([self.ptx[i] for i in idx], self.tokenizer.pad_token_id)
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        policy = self.acc.unwrap_model(self.model).policy
+        with self.acc.autocast():
+            total = sft_loss_sum(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return total / max(1, int((batch["labels"][:, 1:] != -100).sum()))
+
+    def prompts_for_step(self, step: int) -> list:
+        c = self.config
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.prompts), c.seed, epoch)
+        return [self.prompts[i] for i in shard_indices(order, within, c.batch_size, self.P, self.acc.process_index)]
+
+
+def train(config: RLConfig) -> RLTrainer:
+    """Run online RL; returns the trainer (its ``model`` holds the trained policy)."""
+    c = config
+    out = Path(c.output_dir)
+    trainer = RLTrainer(c)
+    acc = trainer.acc
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": c.algorithm, **to_dict(c)}, sort_keys=False))
+    checkpointer = Checkpointer(acc, out, keep=c.keep_checkpoints)
+    resume_from = checkpointer.resume_path(c.resume)
+    if resume_from is not None:
+        saved = checkpointer.load(resume_from)
+        trainer.step_count = saved["step"]
+        trainer.kl_ctl.value = saved["kl_coef"]
+        print(f"resumed from {resume_from} at step {trainer.step_count}")
+    logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=c.tensorboard)
+    logger.truncate_after(trainer.step_count)
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, unit="step", dynamic_ncols=True,
+               disable=not (c.progress and acc.is_main_process), desc=f"{c.algorithm}")
+    while trainer.step_count < trainer.total_steps:
+        t0 = time.perf_counter()
+        scored, roll_stats = trainer.rollout_and_score(trainer.prompts_for_step(trainer.step_count))
+        upd_stats = trainer.update(scored)
+        trainer.step_count += 1
+        if roll_stats.get("kl") is None:  # grpo fast path: the KL of the sampling policy, measured in the update
+            roll_stats["kl"] = upd_stats["kl_update_seq"]
+            roll_stats["kl_k3"] = upd_stats["kl_k3_update_seq"]
+            roll_stats["reward"] = roll_stats["score_used"]
+            roll_stats["entropy"] = upd_stats["entropy_update"]
+        if c.adaptive_kl:
+            trainer.kl_ctl.update(roll_stats["kl"], len(scored.rollout.responses) * trainer.P)
+        metrics = {**roll_stats, **upd_stats, "time_step": time.perf_counter() - t0}
+        if trainer.step_count % c.log_every == 0 or trainer.step_count == trainer.total_steps:
+            logger.log(trainer.step_count, metrics)
+            if acc.is_main_process and c.log_samples > 0:
+                for i in range(min(c.log_samples, len(scored.rollout.responses))):
+                    append_jsonl(out / "samples.jsonl", {"step": trainer.step_count, "prompt": scored.rollout.prompts[i],
+                                                         "response": scored.rollout.responses[i], "score": float(scored.scores[i])})
+                logger.log_text(trainer.step_count, "sample", scored.rollout.responses[0])
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}", s_step=f"{metrics['time_step']:.1f}")
+        if c.save_every > 0 and trainer.step_count % c.save_every == 0:
+            checkpointer.save(trainer.step_count, {"step": trainer.step_count, "kl_coef": trainer.kl_ctl.value,
+                                                   "total_steps": trainer.total_steps, "config": to_dict(c)})
+    bar.close()
+    logger.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(trainer.model)
+        models.save_pretrained(unwrapped.policy, trainer.tokenizer, out)
+        if unwrapped.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
+        if unwrapped.critic is not None:
+            unwrapped.critic.save_pretrained(out / "critic")
+        atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "kl_coef": trainer.kl_ctl.value}))
+    acc.wait_for_everyone()
+    return trainer
+
