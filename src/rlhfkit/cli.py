@@ -9,7 +9,10 @@
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
     rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
     rlhfkit annotate SAMPLES OUTPUT             -> rlhfkit.feedback.terminal.annotate
-    rlhfkit demo [key=value ...]                -> rlhfkit.demo.run(DemoConfig)
+    rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
+    rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
+    rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
+    rlhfkit demo [key=value ...] [--from STAGE] -> rlhfkit.pipeline.run(demo_config(...))
     rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
 """
 
@@ -31,29 +34,50 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def _stages():
-    from rlhfkit import demo, dpo, label, reward, rl, sample, sft
+# command -> (module, config class, function); modules are imported only when used.
+STAGES = {
+    "sft": ("sft", "SFTConfig", "train"),
+    "sample": ("sample", "SampleConfig", "run"),
+    "label": ("label", "LabelConfig", "run"),
+    "reward": ("reward", "RewardConfig", "train"),
+    "dpo": ("dpo", "DPOConfig", "train"),
+    "ppo": ("rl", "RLConfig", "train"),
+    "grpo": ("rl", "GRPOConfig", "train"),
+    "rloo": ("rl", "RLOOConfig", "train"),
+    "eval": ("evaluate", "EvalConfig", "run"),
+    "elo": ("elo", "EloConfig", "run"),
+    "report": ("report", "ReportConfig", "run"),
+    "run": ("pipeline", "PipelineConfig", "run"),
+    "demo": ("pipeline", "PipelineConfig", "run"),
+}
 
-    return {
-        "sft": (sft.SFTConfig, sft.train),
-        "sample": (sample.SampleConfig, sample.run),
-        "label": (label.LabelConfig, label.run),
-        "reward": (reward.RewardConfig, reward.train),
-        "dpo": (dpo.DPOConfig, dpo.train),
-        "ppo": (rl.RLConfig, rl.train),
-        "grpo": (rl.GRPOConfig, rl.train),
-        "rloo": (rl.RLOOConfig, rl.train),
-        "demo": (demo.DemoConfig, demo.run),
-    }
+
+def _stage(name: str):
+    import importlib
+
+    module_name, config_name, fn_name = STAGES[name]
+    module = importlib.import_module(f"rlhfkit.{module_name}")
+    return getattr(module, config_name), getattr(module, fn_name)
 
 
-def _run_stage(name: str, args: list[str]) -> int:
-    from rlhfkit.config import load_config
+def _run_stage(name: str, args: list[str], from_stage: str | None = None) -> int:
+    from rlhfkit.config import ConfigError, load_config, parse_overrides
 
-    config_cls, fn = _stages()[name]
+    if name == "demo":
+        from rlhfkit import pipeline
+
+        path, overrides = _split_config_args(args)
+        if path is not None:
+            raise ConfigError(f"demo takes only key=value overrides, got '{path}'")
+        pipeline.run(pipeline.demo_config(**parse_overrides(overrides)), from_stage=from_stage)
+        return 0
+    config_cls, fn = _stage(name)
     path, overrides = _split_config_args(args)
     config = load_config(config_cls, path, overrides)
-    fn(config)
+    if name == "run":
+        fn(config, from_stage=from_stage)
+    else:
+        fn(config)
     return 0
 
 
@@ -87,7 +111,7 @@ def _chat(ns: argparse.Namespace) -> int:
 def _show_config(stage: str) -> int:
     from rlhfkit.config import field_docs
 
-    config_cls, _ = _stages()[stage]
+    config_cls, _ = _stage(stage)
     docs = field_docs(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -107,11 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("ppo", "PPO with a KL penalty to the frozen reference (algorithm=reinforce for plain REINFORCE)"),
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),
-        ("demo", "the end-to-end demo on the embedded SmolLM2-135M"),
+        ("eval", "evaluate a policy against a baseline (win rate, gold score, KL, best-of-n, Elo)"),
+        ("elo", "Elo / Bradley-Terry ratings of models from labelled comparisons"),
+        ("report", "write report.html for a pipeline run directory (run_dir=DIR)"),
+        ("run", "the pipeline: sft -> sample -> label -> reward -> rl/dpo -> eval -> report"),
+        ("demo", "the end-to-end demo pipeline on the embedded SmolLM2-135M (README's main command)"),
     ]:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; "
                            f"`rlhfkit config {name}` lists the keys.")
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
+        if name in ("run", "demo"):
+            p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
     p = sub.add_parser("chat", help="generate from a model (smoke check)")
     p.add_argument("model", help="model spec: smollm2-135m, tiny, a .gguf file or a model directory")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); otherwise read stdin")
@@ -125,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotator", default="human")
     sub.add_parser("serve", help="OpenAI-compatible chat server for a model (rlhfkit serve MODEL --port P)", add_help=False)
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
-    p.add_argument("stage", choices=sorted(_stages()))
+    p.add_argument("stage", choices=sorted(STAGES))
     return parser
 
 
@@ -133,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import ConfigError
     from rlhfkit.data.io import DataError
     from rlhfkit.models import ModelLoadError
+    from rlhfkit.pipeline import StageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # its own parser: rlhfkit serve MODEL [--host --port --backend]
@@ -150,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "config":
             return _show_config(ns.stage)
-        return _run_stage(ns.command, ns.args)
+        return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"rlhfkit {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"rlhfkit {ns.command}: {e}", file=sys.stderr)
+        print("rlhfkit: outputs of the earlier stages are intact; fix the problem and run again to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rlhfkit {ns.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130

@@ -125,6 +125,34 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
+def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"rl.lr": 1e-5}`` -> ``{"rl": {"lr": 1e-5}}`` (for configs with per-section dicts)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            section = out.setdefault(head, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"key '{key}': '{head}' is not a section")
+            section.update(nest_dotted({rest: value}))
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overlay ``overrides`` on ``base``, merging (not replacing) dict-valued sections."""
+    merged = dict(base)
+    for key, value in nest_dotted(overrides).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read ``cls`` from a YAML file (optional) and apply ``key=value`` overrides."""
     values: dict[str, Any] = {}
@@ -141,13 +169,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping of keys to values")
         values.update(loaded or {})
         source = str(path)
-    cli = parse_overrides(overrides or [])
-    # Check overrides separately so an error says it came from the command line.
-    for key in cli:
-        if key not in {f.name for f in dataclasses.fields(cls)}:
+    cli = nest_dotted(parse_overrides(overrides or []))
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in cli:  # an unknown override is reported as coming from the command line
+        if key not in known:
             from_dict(cls, {key: cli[key]}, source="command line")
-    values.update(cli)
-    return from_dict(cls, values, source=source)
+    return from_dict(cls, merge_sections(values, cli), source=source)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

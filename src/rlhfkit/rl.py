@@ -138,6 +138,9 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     """PPO-ptx: SFT data (prompt/completion or messages) mixed into the loss; empty disables."""
     ptx_coef: float = 0.0
     """PPO-ptx coefficient of the SFT loss."""
+    gold: str = ""
+    """Optional gold scorer (built-in, `module:function` or reward-model dir) logged as `gold_score` on the
+    same samples, to detect over-optimisation of the reward; it never affects training."""
     log_samples: int = 2
     """Completions written to samples.jsonl per logged step."""
     lr: float = 1e-6
@@ -234,6 +237,7 @@ class RLTrainer:
         set_seed(c.seed)
         self.tokenizer = models.load_tokenizer(c.policy)
         self.reward_fn = load_reward(c.reward_model, precision=c.precision)
+        self.gold_fn = load_reward(c.gold, precision=c.precision) if c.gold else None
         policy = models.load_causal_lm(c.policy)
         # The frozen reference: with LoRA, the base with adapters disabled (no copy);
         # otherwise a copy, in bf16 when training in bf16.
@@ -340,7 +344,13 @@ class RLTrainer:
         advantages = torch.where(mask, advantages, 0.0)
 
         lengths = rollout.lengths.float()
+        if self.gold_fn is not None:
+            gold = self.gold_fn(rollout.prompts, rollout.responses)
+            stats_gold = {"gold_score": sum(gold) / len(gold)}
+        else:
+            stats_gold = {}
         stats = {
+            **stats_gold,
             "score": raw.mean().item(),
             "score_used": scores.mean().item(),
             "response_length": lengths.mean().item(),
