@@ -118,7 +118,17 @@ def make_accelerator(precision: str, grad_accum: int = 1):
     # a notebook, tests) with another precision would fail. Forget it; the
     # PartialState (process group, device) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed[precision], gradient_accumulation_steps=grad_accum)
+    accelerator = Accelerator(mixed_precision=mixed[precision], gradient_accumulation_steps=grad_accum)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        # accelerate only joins CPU processes into a gloo group when asked to, so
+        # `accelerate launch --multi_gpu` on a machine without GPUs would otherwise
+        # train independent copies that overwrite each other's output_dir.
+        raise RuntimeError(
+            f"launched as one of {world_size} processes, but accelerate set up a single-process run; "
+            "on a machine without GPUs set ACCELERATE_USE_CPU=true so the processes train together (gloo)"
+        )
+    return accelerator
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:

@@ -1,0 +1,46 @@
+"""Plain helpers shared by the tests (fixtures live in ``conftest.py``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Eight short, distinct question/answer pairs: small enough to memorise in seconds.
+QA_PAIRS = [
+    ("Capital of France?", "Paris."),
+    ("Two plus two?", "Four."),
+    ("Colour of the sky?", "Blue."),
+    ("Opposite of hot?", "Cold."),
+    ("Largest planet?", "Jupiter."),
+    ("Author of Hamlet?", "Shakespeare."),
+    ("Boiling point of water?", "100 degrees Celsius."),
+    ("Say hello.", "Hello there!"),
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def train_entries(output_dir: str | Path) -> list[dict]:
+    """Training entries of ``OUTPUT_DIR/metrics.jsonl`` (those with a ``loss``)."""
+    return [r for r in read_jsonl(Path(output_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def saved_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The final model's tensors as written to ``OUTPUT_DIR/model.safetensors``."""
+    return load_file(str(Path(output_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"largest weight difference {worst:.3g} > {atol:g}"

@@ -1,0 +1,73 @@
+"""Learning-rate schedule and optimizer groups, against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.optim import build_optimizer, build_scheduler, lr_lambda
+
+# warmup 4 of 20 steps: warmup multipliers (step + 1) / 4; then cosine over the
+# remaining 16 steps, progress = (step - 4) / 16, from 1 down to min_lr_ratio.
+# cos(pi/4) = 0.70710678, cos(3 pi/4) = -0.70710678.
+COSINE_MIN_0_1 = {
+    0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0,
+    4: 1.0,                                   # progress 0
+    8: 0.1 + 0.9 * 0.5 * (1 + 0.70710678),    # progress 1/4 -> 0.86819805
+    12: 0.55,                                 # progress 1/2 -> 0.1 + 0.9 * 0.5
+    16: 0.1 + 0.9 * 0.5 * (1 - 0.70710678),   # progress 3/4 -> 0.23180195
+    20: 0.1,                                  # progress 1
+    25: 0.1,                                  # past the end: stays at the floor
+}
+
+
+@pytest.mark.parametrize("step, expected", sorted(COSINE_MIN_0_1.items()))
+def test_warmup_then_cosine(step, expected):
+    got = lr_lambda(step, warmup_steps=4, total_steps=20, schedule="cosine", min_lr_ratio=0.1)
+    assert got == pytest.approx(expected, abs=1e-8)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 1.0), (5, 0.5), (10, 0.0)])
+def test_cosine_without_warmup(step, expected):
+    assert lr_lambda(step, warmup_steps=0, total_steps=10, schedule="cosine", min_lr_ratio=0.0) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.5), (1, 1.0), (2, 1.0), (6, 0.6), (10, 0.2)])
+def test_warmup_then_linear(step, expected):
+    # warmup 2, then linear over 8 steps from 1 to 0.2: 1 - 0.8 * (step - 2) / 8
+    got = lr_lambda(step, warmup_steps=2, total_steps=10, schedule="linear", min_lr_ratio=0.2)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_constant_after_warmup():
+    values = [lr_lambda(s, warmup_steps=2, total_steps=6, schedule="constant", min_lr_ratio=0.0) for s in range(6)]
+    assert values == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_lambda(5, warmup_steps=0, total_steps=10, schedule="step", min_lr_ratio=0.0)
+
+
+def test_scheduler_applies_lambda_to_optimizer_lr():
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([param], lr=0.2)
+    scheduler = build_scheduler(optimizer, warmup_steps=4, total_steps=20, schedule="cosine", min_lr_ratio=0.1)
+    seen = []
+    for _ in range(13):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    for step in (0, 1, 2, 3, 4, 8, 12):
+        assert seen[step] == pytest.approx(0.2 * COSINE_MIN_0_1[step], abs=1e-9)
+    assert math.isclose(seen[12], 0.11)
+
+
+def test_no_weight_decay_on_vectors():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
