@@ -119,9 +119,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            out[key] = raw
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 leaves "1e-5" a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
     return out
 
 
