@@ -169,3 +169,29 @@ def test_real_pipeline_on_tiny_model(tmp_path):
         assert isinstance(results[key], float)
     assert (run / "report.html").is_file()
     assert (run / "rl" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_iterated_dpo_keeps_every_round(tmp_path):
+    from rlhfkit import iterated
+
+    cfg = iterated.IteratedDPOConfig(
+        model="tiny", rounds=2, prompts_per_round=4, output_dir=str(tmp_path / "it"), reference="refresh",
+        sample={"max_new_tokens": 6, "batch_size": 4, "progress": False},
+        dpo={"max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "progress": False, "ref_cache": False},
+    )
+    dirs = iterated.run(cfg)
+    assert [d.name for d in dirs] == ["model", "model"]
+    for k in range(2):
+        round_dir = tmp_path / "it" / f"round-{k}"
+        assert len((round_dir / "samples.jsonl").read_text().splitlines()) == 4
+        assert len((round_dir / "labels.jsonl").read_text().splitlines()) == 4
+        assert (round_dir / "model" / "config.json").is_file()
+    # Round 1 sampled from round 0's model; its DPO reference was that model too ("refresh").
+    import yaml
+
+    round1 = yaml.safe_load((tmp_path / "it" / "round-1" / "model" / "config.yaml").read_text())
+    assert round1["model"] == str(tmp_path / "it" / "round-0" / "model")
+    assert round1["ref_model"] == ""
+    # A second call finds both rounds done.
+    assert iterated.run(cfg) == dirs
