@@ -143,6 +143,8 @@ def dpo_loss(
     * ``ipo``: ``(h - 1 / (2 beta))^2`` — Azar et al. 2023, eq. 17 (beta is tau).
     * ``hinge``: ``max(0, 1 - beta h)`` — SLiC-HF, Zhao et al. 2023, eq. 1 (beta = 1/delta).
 
+    ``label_smoothing`` applies to ``sigmoid`` only (IPO and hinge have no label-noise form).
+
     Log-probs are sums over response tokens, the paper's definition of
     ``log pi(y|x)``. (The seed example averaged them; averaging makes the implicit
     reward length-normalised, which is SimPO's choice — see :func:`simpo_loss`.)

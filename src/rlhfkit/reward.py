@@ -11,7 +11,7 @@ loads the result and gives the same raw scores.
    (:func:`rlhfkit.losses.preference_loss`); one forward over chosen + rejected.
 3. After training, a gain and bias are fitted so the normalisation samples (by
    default every response in the training data — in the pipeline, samples of the
-   SFT model) score mean 0, std 1. They are stored in ``config.json`` as
+   SFT model) score mean 0, std 1 at the training precision. They are stored in ``config.json`` as
    ``rlhfkit_reward_gain`` / ``rlhfkit_reward_bias``; :class:`RewardModel` applies
    them (``normalised = gain * raw + bias``), raw transformers outputs do not.
 """
@@ -56,8 +56,8 @@ class RewardConfig(models.ModelOptions, TrainOptions):
     normalize: bool = True
     """Fit a gain and bias so the normalisation samples score mean 0, std 1."""
     norm_data: str = ""
-    """JSONL of {prompt, response} samples (e.g. from `rlhfkit sample`) for normalisation;
-    empty: every response in the training data."""
+    """JSONL of {prompt, response} samples for normalisation; empty: every response in `data`
+    (held-out comparisons included; in the pipeline these are all samples of the SFT model)."""
     lr: float = 1e-5
     """Peak learning rate."""
     output_dir: str = "runs/reward"

@@ -97,8 +97,8 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
     """Stack chosen then rejected, right-padded.
 
     Returns ``input_ids``, ``attention_mask``, ``labels``: (2B, T), rows ``[:B]``
-    chosen and ``[B:]`` rejected; ``target``, ``margin``: (B,); ``index``: (B,)
-    positions of the examples in the batch list (for per-pair caches).
+    chosen and ``[B:]`` rejected; ``target``, ``margin``: (B,); and, when the
+    examples carry them (DPO), ``ref_chosen_logps``, ``ref_rejected_logps``: (B,).
     """
     seqs = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
     seqs += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]

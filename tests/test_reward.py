@@ -1,0 +1,294 @@
+"""Reward model: Bradley-Terry losses by hand, pair expansion and tie targets,
+an end-to-end run on the tiny model, and the saved directory (transformers
+loading, last-token scoring, normalisation).
+
+Expected numbers are written out as arithmetic on literals. Runs are fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit import models
+from rlhfkit.data.pairwise import collate_pairs, load_pair_splits, tokenize_pairs, tokenize_response
+from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.records import Comparison
+from rlhfkit.losses import bradley_terry_loss, preference_loss
+from rlhfkit.reward import RewardConfig, RewardModel, RewardTask, _reward_tokenizer, load_reward_backbone, raw_scores, train
+from tests.helpers import read_jsonl, write_jsonl
+
+# ----------------------------------------------------------------------------- losses by hand
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    rejected = torch.tensor([1.0, 1.5], dtype=torch.float64)
+    # d = r_c - r_r = [1, -1]; -log sigmoid(d) = log(1 + e^{-d})
+    losses = bradley_terry_loss(chosen, rejected)
+    assert losses.shape == (2,)
+    assert losses.tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(1))], rel=1e-12)
+    # A scalar margin 0.5: d = [0.5, -1.5]
+    assert bradley_terry_loss(chosen, rejected, 0.5).tolist() == pytest.approx(
+        [math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1.5))], rel=1e-12
+    )
+    # A per-pair margin [0.5, -1]: d = [0.5, 0]
+    margin = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    assert bradley_terry_loss(chosen, rejected, margin).tolist() == pytest.approx(
+        [math.log(1 + math.exp(-0.5)), math.log(2)], rel=1e-12
+    )
+
+
+def test_preference_loss_by_hand():
+    chosen = torch.tensor([2.0, 0.5, 0.0], dtype=torch.float64)
+    rejected = torch.tensor([1.0, 1.5, 3.0], dtype=torch.float64)
+    target = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    # d = [1, -1, -3]
+    losses = preference_loss(chosen, rejected, target)
+    assert losses.shape == (3,)
+    assert losses.tolist() == pytest.approx([
+        math.log(1 + math.exp(-1)),                                           # p = 1: Bradley-Terry
+        -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),  # tie
+        math.log(1 + math.exp(-3)),                                           # p = 0: -log sigmoid(-d)
+    ], rel=1e-12)
+    # With margin 0.5: d = [0.5, -1.5, -3.5]
+    with_margin = preference_loss(chosen, rejected, target, margin=0.5)
+    assert with_margin.tolist() == pytest.approx([
+        math.log(1 + math.exp(-0.5)),
+        -(0.5 * math.log(1 / (1 + math.exp(1.5))) + 0.5 * math.log(1 / (1 + math.exp(-1.5)))),
+        math.log(1 + math.exp(-3.5)),
+    ], rel=1e-12)
+    # Target 1 is exactly Bradley-Terry.
+    ones = torch.ones(3, dtype=torch.float64)
+    assert torch.equal(preference_loss(chosen, rejected, ones, margin=0.5), bradley_terry_loss(chosen, rejected, 0.5))
+
+
+def test_tie_loss_pulls_scores_together():
+    # d(loss)/dd = sigmoid(d) - p: for a tie at d = 1 that is 1/(1 + e^-1) - 0.5 > 0,
+    # so the gradient pushes the chosen score down; at d = 0 the tie loss is minimal (ln 2).
+    chosen = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    losses = preference_loss(chosen, rejected, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    losses.sum().backward()
+    assert chosen.grad.tolist() == pytest.approx([1 / (1 + math.exp(-1)) - 0.5, 0.0], abs=1e-12)
+    assert losses[1].item() == pytest.approx(math.log(2), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- pairs and targets
+
+
+def test_rankings_expand_to_all_pairs_and_ties_get_half(tokenizer):
+    ranking = Comparison("Greet me.", ["Go away.", "Hello, lovely to see you!", "Hi.", "Hello."], [1, 3, 2, 0])
+    tie = Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True)
+    pair = Comparison("Two plus two?", ["Four.", "Five."], [0, 1], meta={"margin": 2.0})
+    pairs, stats = tokenize_pairs(tokenizer, [ranking, tie, pair], max_length=64, keep_ties=True)
+    assert stats.pairs == len(pairs) == 4 * 3 // 2 + 1 + 1
+    assert stats.ties_skipped == 0
+
+    def ids(comp, index):
+        return tokenize_response(tokenizer, comp.prompt, comp.responses[index])[0]
+
+    # Every ordered pair of the ranking, better first: (1>3) (1>2) (1>0) (3>2) (3>0) (2>0).
+    expected = [(1, 3), (1, 2), (1, 0), (3, 2), (3, 0), (2, 0)]
+    for example, (better, worse) in zip(pairs[:6], expected):
+        assert example["chosen_input_ids"] == ids(ranking, better)
+        assert example["rejected_input_ids"] == ids(ranking, worse)
+        assert example["target"] == 1.0
+    assert pairs[6]["target"] == 0.5
+    assert pairs[7]["target"] == 1.0 and pairs[7]["margin"] == 2.0
+    assert [p["margin"] for p in pairs[:7]] == [0.0] * 7
+
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 * len(pairs)
+    assert batch["target"].tolist() == [1.0] * 6 + [0.5, 1.0]
+
+
+def test_reward_task_uses_tie_target_and_margins(tmp_path):
+    reward_tokenizer = _reward_tokenizer(models.TINY)
+    records = [
+        {"prompt": "Say hi.", "response_a": "Hi!", "response_b": "Hello there, friend!", "preferred": "tie"},
+        {"prompt": "Two plus two?", "response_a": "Four.", "response_b": "Five, I think.", "preferred": "a",
+         "meta": {"margin": 1.5}},
+    ]
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    pairs, _ = load_pair_splits(
+        reward_tokenizer, str(data), eval_data="", eval_fraction=0.0, seed=0, max_length=64,
+        chat_template=True, keep_ties=True, stage="reward",
+    )
+    batch = collate_pairs(pairs, reward_tokenizer.pad_token_id)
+    model = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="normal").eval()
+    with torch.no_grad():
+        loss_sum, stats = RewardTask(margin=0.25).loss(model, batch)
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    chosen, rejected = scores[:2].tolist(), scores[2:].tolist()
+    d0 = chosen[0] - rejected[0] - 0.25            # tie: config margin only
+    d1 = chosen[1] - rejected[1] - (0.25 + 1.5)    # config margin + the record's meta.margin
+
+    def log_sigmoid(x):
+        return -math.log(1 + math.exp(-x))
+
+    expected = -(0.5 * log_sigmoid(d0) + 0.5 * log_sigmoid(-d0)) - log_sigmoid(d1)
+    assert loss_sum.item() == pytest.approx(expected, rel=1e-5)
+    # A tie counts as half right; the strict pair as right iff chosen scores higher.
+    assert stats["accuracy"].item() == 0.5 + float(chosen[1] > rejected[1])
+
+
+def test_zero_head_scores_zero_before_training():
+    tokenizer = _reward_tokenizer(models.TINY)
+    prompts = ["Hi.", "Tell me a long story about a dragon."]
+    responses = ["Hello!", "Once upon a time a dragon lived by the sea."]
+    zero = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="zero")
+    assert raw_scores(zero, tokenizer, prompts, responses, precision="fp32").tolist() == [0.0, 0.0]
+    normal = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal")
+    assert (raw_scores(normal, tokenizer, prompts, responses, precision="fp32") != 0).all()
+
+
+def test_score_read_at_last_token_even_when_it_is_eos():
+    # Without the chat template a response ends with EOS; the reward tokenizer must
+    # not pad with EOS, or transformers would read such a sequence one token early.
+    tokenizer = _reward_tokenizer(models.TINY)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal").eval()
+    prompts, responses = ["Hi."], ["Hello!"]
+    ids, _ = tokenize_response(tokenizer, prompts[0], responses[0], chat_template=False)
+    assert ids[-1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        at_last_token = model.score(hidden).item()
+    batched = raw_scores(model, tokenizer, prompts + ["Tell me a long story about a dragon, please."],
+                         responses + ["Once upon a time a dragon lived by the sea."], chat_template=False, precision="fp32")
+    assert batched[0].item() == pytest.approx(at_last_token, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- end-to-end
+
+POLITE = ["Thank you for asking! The answer is {}", "Happy to help: {}", "Great question, the answer is {}", "Of course! It is {}"]
+RUDE = ["Ugh, {} Obviously. Go away.", "{} Stop bothering me.", "Whatever. {} Leave me alone.", "Dumb question. {}"]
+TRAIN_QUESTIONS = [
+    ("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
+    ("Opposite of hot?", "Cold."), ("Largest planet?", "Jupiter."), ("Author of Hamlet?", "Shakespeare."),
+    ("Boiling point of water?", "100 degrees."), ("Say hello.", "Hello there!"), ("Capital of Italy?", "Rome."),
+    ("Three times three?", "Nine."), ("Colour of grass?", "Green."), ("Opposite of up?", "Down."),
+    ("Smallest planet?", "Mercury."), ("Author of Faust?", "Goethe."), ("Freezing point of water?", "Zero degrees."),
+    ("Say goodbye.", "Goodbye!"), ("Capital of Spain?", "Madrid."), ("Ten minus four?", "Six."),
+    ("Colour of snow?", "White."), ("Opposite of wet?", "Dry."), ("Red planet?", "Mars."), ("Author of Emma?", "Austen."),
+]
+# Held out: new questions and answers, the same kinds of polite and rude replies.
+EVAL_QUESTIONS = [
+    ("Fastest land animal?", "The cheetah."), ("Say thanks.", "Thanks!"), ("Capital of Japan?", "Tokyo."),
+    ("Five plus one?", "Six."), ("Colour of coal?", "Black."), ("Opposite of big?", "Small."),
+    ("Ringed planet?", "Saturn."), ("Author of Ulysses?", "Joyce."), ("Largest ocean?", "The Pacific."),
+    ("Say yes.", "Yes!"),
+]
+
+
+def polite_rude_records(questions, offset: int) -> list[dict]:
+    """Seed-format comparisons, polite preferred; which of a/b is polite alternates."""
+    records = []
+    for i, (question, answer) in enumerate(questions):
+        polite, rude = POLITE[(i + offset) % 4].format(answer), RUDE[(3 * i + offset) % 4].format(answer)
+        if i % 2:
+            records.append({"prompt": question, "response_a": rude, "response_b": polite, "preferred": "b"})
+        else:
+            records.append({"prompt": question, "response_a": polite, "response_b": rude, "preferred": "a"})
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> RewardConfig:
+    """A reward model trained for 25 steps on polite-over-rude comparisons (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("reward")
+    config = RewardConfig(
+        model=models.TINY,
+        data=str(write_jsonl(root / "train.jsonl", polite_rude_records(TRAIN_QUESTIONS, 0))),
+        eval_data=str(write_jsonl(root / "eval.jsonl", polite_rude_records(EVAL_QUESTIONS, 1))),
+        output_dir=str(root / "out"),
+        max_length=64,
+        precision="fp32",
+        progress=False,
+        tensorboard=False,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        max_steps=25,
+        batch_size=8,
+        eval_every=10,
+        head_init="zero",
+    )
+    train(config)
+    return config
+
+
+def test_reward_model_learns_and_generalises(trained):
+    entries = read_jsonl(Path(trained.output_dir) / "metrics.jsonl")
+    steps = [e for e in entries if "loss" in e]
+    evals = [e for e in entries if "eval_accuracy" in e]
+    assert [e["step"] for e in steps] == list(range(1, 26))
+    for entry in steps:
+        assert {"step", "loss", "accuracy"} <= entry.keys()
+    # The zero head scores everything 0 at step 1: loss ln 2, no pair ranked right.
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["accuracy"] == 0.0
+    assert steps[-1]["loss"] < 0.5 * math.log(2)
+    assert [e["step"] for e in evals] == [10, 20, 25]
+    for entry in evals:
+        assert {"step", "eval_loss", "eval_accuracy"} <= entry.keys()
+    assert evals[-1]["eval_accuracy"] >= 0.9, evals[-1]
+    assert evals[-1]["eval_loss"] < math.log(2)
+
+
+SAMPLE_PROMPTS = ["Capital of Peru?", "Please write me a long poem about the moon and the sea.", "Hi."]
+SAMPLE_RESPONSES = ["Lima, happy to help!", "The moon rose over the quiet sea, silver and slow, and the waves sang.", "Go away."]
+
+
+def test_saved_dir_loads_in_transformers_with_the_same_scores(trained):
+    from transformers import AutoModelForSequenceClassification
+
+    out = Path(trained.output_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.num_labels == 1
+    reward = RewardModel(out, precision="fp32")
+    batched = reward.raw(SAMPLE_PROMPTS, SAMPLE_RESPONSES)
+    assert batched.shape == (3,)
+    for i, (prompt, response) in enumerate(zip(SAMPLE_PROMPTS, SAMPLE_RESPONSES)):
+        ids, _ = tokenize_response(reward.tokenizer, prompt, response)
+        with torch.no_grad():
+            alone = hf(input_ids=torch.tensor([ids])).logits
+            # By hand: the score head applied to the final hidden state of the last token.
+            hidden = hf.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            by_hand = hf.score(hidden).item()
+        assert alone.shape == (1, 1)
+        assert batched[i].item() == pytest.approx(alone.item(), abs=1e-5)
+        assert batched[i].item() == pytest.approx(by_hand, abs=1e-5)
+        # Padding does not move the score: the same text scored alone.
+        assert reward.raw([prompt], [response])[0].item() == pytest.approx(batched[i].item(), abs=1e-5)
+    assert len(set(round(x, 4) for x in batched.tolist())) == 3  # a trained head, not a constant
+
+
+def test_normalised_scores_have_mean_zero_std_one(trained):
+    out = Path(trained.output_dir)
+    saved = json.loads((out / "config.json").read_text())
+    gain, bias = saved["rlhfkit_reward_gain"], saved["rlhfkit_reward_bias"]
+    prompts, responses = [], []
+    for comp in load_comparisons(trained.data):
+        for response in comp.responses:
+            prompts.append(comp.prompt)
+            responses.append(response)
+    assert len(responses) == 2 * len(TRAIN_QUESTIONS)
+    reward = RewardModel(out, precision="fp32")
+    scores = reward(prompts, responses)
+    assert statistics.fmean(scores) == pytest.approx(0.0, abs=1e-4)
+    assert statistics.stdev(scores) == pytest.approx(1.0, abs=1e-4)
+    # Normalised = gain * raw + bias; raw transformers outputs are not normalised.
+    raw = reward.raw(prompts, responses).tolist()
+    assert scores == pytest.approx([gain * r + bias for r in raw], abs=1e-5)
+    assert statistics.stdev(raw) != pytest.approx(1.0, abs=1e-2)
+    # Polite replies (chosen) outscore rude ones on the training prompts.
+    comps = load_comparisons(trained.data)
+    chosen = reward([c.prompt for c in comps], [c.chosen for c in comps])
+    rejected = reward([c.prompt for c in comps], [c.rejected for c in comps])
+    assert all(c > r for c, r in zip(chosen, rejected))
