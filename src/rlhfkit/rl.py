@@ -206,8 +206,16 @@ class Scored:
 
 
 def _micro_batches(n: int, parts: int) -> list[list[int]]:
-    size = math.ceil(n / parts)
-    return [list(range(i, min(n, i + size))) for i in range(0, n, size)]
+    """``range(n)`` in ``min(n, parts)`` contiguous chunks whose sizes differ by at most one.
+
+    Exactly ``parts`` chunks when ``n >= parts``: accelerate steps the optimizer
+    every ``grad_accum``-th micro-batch, so a minibatch cut into fewer pieces
+    (ceil-sized chunks: 6 rows in 4 parts gave 3) silently skipped its step.
+    """
+    parts = max(1, min(n, parts))
+    size, extra = divmod(n, parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
 
 
 def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False):
@@ -230,6 +238,12 @@ class RLTrainer:
         c = self.config = config
         if c.algorithm in ("grpo", "rloo") and c.samples_per_prompt < 2:
             raise ValueError(f"{c.algorithm} needs samples_per_prompt >= 2 (got {c.samples_per_prompt})")
+        rows_per_minibatch = c.batch_size * c.samples_per_prompt // c.num_minibatches
+        if rows_per_minibatch < c.grad_accum:
+            raise ValueError(
+                f"a minibatch of {rows_per_minibatch} responses (batch_size x samples_per_prompt / num_minibatches) "
+                f"cannot be split into grad_accum={c.grad_accum} micro-batches"
+            )
         self.prompts = load_prompts(c.prompts or demo_data_path("prompts_train.jsonl"))
         self.acc = make_accelerator(c.precision, c.grad_accum)
         from accelerate.utils import set_seed

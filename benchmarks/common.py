@@ -1,0 +1,497 @@
+"""Shared plumbing of the rlhfkit-vs-TRL benchmarks (dpo.py, reward.py, online_rl.py).
+
+Each benchmark script is both a driver and a worker:
+
+* the driver (``python benchmarks/X.py [flags]``) resolves the model, writes the
+  data, then runs every *side* (a library + settings) in a fresh subprocess via
+  :func:`spawn`, always with the same environment (:data:`BENCH_ENV`: the
+  Makefile's glibc malloc settings, offline hub, same torch/OpenMP thread count);
+* the worker (``X.py --worker SIDE --settings FILE --result FILE``, started by
+  :func:`spawn` only) reads the JSON settings, runs one side, and writes a JSON
+  result; :func:`worker_main` adds the thread count, environment and peak RSS.
+
+Timing conventions (as in ``benchmarks/sft.py``): a step ends when the library
+says so — TRL: ``TrainerCallback.on_step_end`` (:func:`trl_step_timer`);
+rlhfkit: the moment its loop writes the step to ``metrics.jsonl``
+(:func:`stamp_rlhfkit_steps`). The first ``warmup`` steps are excluded: the
+measured window runs from the end of step ``warmup`` to the end of the last step
+(:func:`window`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Same process environment for every side (see the Makefile): keep freed memory
+# around instead of returning it to the OS every step; never touch the network.
+# Identical to benchmarks/sft.py's BENCH_ENV.
+BENCH_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "WANDB_DISABLED": "true",
+}
+SEED = 0
+
+
+# ---------------------------------------------------------------- model and data (driver)
+
+
+def _convert_gguf_fallback() -> Path:
+    """Dequantise SmolLM2's GGUF into a benchmark-private cache dir (same as benchmarks/sft.py).
+
+    Only used when ``rlhfkit.models.resolve`` itself fails.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhfkit import models
+
+    gguf = models.smollm2_gguf_path()
+    stat = gguf.stat()
+    out = models.cache_dir() / "benchmarks" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert.", dir=out.parent))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def model_dir(spec: str) -> tuple[Path, str]:
+    """``(transformers model directory, note)`` for an rlhfkit model spec; both sides load this directory."""
+    from rlhfkit import models
+
+    try:
+        return models.resolve(spec), ""
+    except Exception as e:  # noqa: BLE001 - reported, then worked around for the known spec only
+        if spec != models.SMOLLM2:
+            raise
+        note = f"rlhfkit.models.resolve({spec!r}) failed ({type(e).__name__}: {str(e)[:120]}); used the benchmark's own GGUF conversion"
+        return _convert_gguf_fallback(), note
+
+
+def demo_path(name: str) -> Path:
+    from rlhfkit.sft import demo_data_path
+
+    return Path(demo_data_path(name))
+
+
+_CURT = [
+    "Look it up yourself.",
+    "Not my problem, figure it out.",
+    "Whatever. Google it.",
+    "That's a dumb question.",
+    "No idea, stop asking.",
+    "Ugh, this is obvious.",
+]
+
+
+def write_preference_file(path: Path, n_pairs: int = 128, seed: int = SEED) -> str:
+    """Write ``n_pairs`` preference pairs built from the shipped SFT demo set, TRL conversational format.
+
+    Each record is ``{"prompt": [user turn], "chosen": [assistant turn], "rejected": [assistant turn]}``
+    (rlhfkit reads the same file: its "TRL pairs" format). Chosen is the demo
+    completion; rejected is a deliberately worse reply: for even records a curt,
+    rude rewrite (a rude brush-off plus the completion's first few words), for odd
+    records the completion of a different prompt (off-topic). Deterministic.
+    Returns a description.
+    """
+    rows = [json.loads(line) for line in demo_path("sft.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if isinstance(r.get("prompt"), str) and isinstance(r.get("completion"), str)]
+    if len(rows) < 2:
+        raise SystemExit("the shipped sft.jsonl demo set has too few prompt/completion records")
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(rows)), min(n_pairs, len(rows)))
+    with path.open("w", encoding="utf-8") as f:
+        for k, i in enumerate(picked):
+            prompt, chosen = rows[i]["prompt"], rows[i]["completion"]
+            if k % 2 == 0:
+                words = chosen.split()
+                rejected = f"{rng.choice(_CURT)} {' '.join(words[: rng.randint(4, 9)])}..."
+            else:
+                j = rng.choice([x for x in range(len(rows)) if rows[x]["completion"] != chosen])
+                rejected = rows[j]["completion"]
+            f.write(json.dumps({
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }) + "\n")
+    return f"{len(picked)} pairs from {demo_path('sft.jsonl').name} (chosen = demo completion; rejected = curt/rude rewrite or another prompt's completion)"
+
+
+def load_pair_examples(s: dict, tokenizer, *, keep_ties: bool):
+    """rlhfkit's view of a preference file: (raw JSON records, indices of the kept records, tokenized pairs).
+
+    Tokenises one comparison at a time with rlhfkit's own ``tokenize_pairs`` so it
+    is known which records survive (with ``eval_fraction=0`` rlhfkit trains on
+    exactly these pairs, in this order). Every record here is a single pair.
+    """
+    from rlhfkit.data.pairwise import tokenize_pairs
+    from rlhfkit.data.preferences import load_comparisons
+
+    raw = [json.loads(line) for line in Path(s["data"]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept, examples = [], []
+    for i, comp in enumerate(load_comparisons(s["data"])):
+        ex, _ = tokenize_pairs(tokenizer, [comp], max_length=s["max_length"], chat_template=True, keep_ties=keep_ties)
+        if len(ex) > 1:
+            raise SystemExit(f"record {i} expands to {len(ex)} pairs; the benchmark expects one pair per record")
+        if ex:
+            kept.append(i)
+            examples.append(ex[0])
+    return raw, kept, examples
+
+
+def pair_tokens(example: dict) -> int:
+    """Non-padding tokens of one tokenized pair (chosen row + rejected row)."""
+    return len(example["chosen_input_ids"]) + len(example["rejected_input_ids"])
+
+
+def value_str(x: Any) -> str:
+    """Enums (TRL's SchedulerType, OptimizerNames) as their plain value."""
+    return str(getattr(x, "value", x))
+
+
+# ---------------------------------------------------------------- batch layout
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """rlhfkit's loop drops the last partial batch of each epoch (one process, grad_accum 1)."""
+    return n // batch_size
+
+
+def step_indices(n: int, steps: int, batch_size: int, seed: int = SEED) -> list[list[int]]:
+    """Example indices of each optimizer step exactly as rlhfkit.loop.fit (and rlhfkit.rl prompts_for_step) draw them."""
+    from rlhfkit.loop import epoch_order, shard_indices
+
+    spe = steps_per_epoch(n, batch_size)
+    if spe == 0:
+        raise SystemExit(f"{n} examples are fewer than one batch of {batch_size}")
+    out = []
+    for step in range(steps):
+        epoch, within = divmod(step, spe)
+        out.append(shard_indices(epoch_order(n, seed, epoch), within, batch_size, 1, 0))
+    return out
+
+
+def epoch_layout(n: int, steps: int, batch_size: int, seed: int = SEED) -> list[int]:
+    """Indices of whole epochs in rlhfkit's order (each cut to full batches), enough epochs for ``steps``.
+
+    A TRL dataset laid out in this order and read with a sequential sampler gives
+    step ``k`` exactly the examples rlhfkit's step ``k`` trains; unlike laying out
+    only the trained rows, every example of the data set is in it once per epoch
+    (so a reference-log-prob precompute covers the same examples as rlhfkit's).
+    """
+    from rlhfkit.loop import epoch_order
+
+    spe = steps_per_epoch(n, batch_size)
+    epochs = -(-steps // spe)
+    out: list[int] = []
+    for e in range(epochs):
+        out += epoch_order(n, seed, e)[: spe * batch_size]
+    return out
+
+
+# ---------------------------------------------------------------- settings shared by both libraries
+
+
+def no_checkpointing_kwargs(config_cls) -> dict[str, bool]:
+    """Turn activation (gradient) checkpointing off in a TRL config.
+
+    TRL configs default ``gradient_checkpointing=True``; transformers 5.x renamed it
+    ``activation_checkpointing`` (the old name is an alias). Set whichever exist.
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: False for k in ("activation_checkpointing", "gradient_checkpointing") if k in names}
+
+
+def trl_train_kwargs(config_cls, s: dict, *, out_dir: str, batch_size: int, lr: float, schedule: str) -> dict[str, Any]:
+    """TrainingArguments fields every TRL side sets the same way (matching rlhfkit's settings)."""
+    import torch
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = dict(
+        **no_checkpointing_kwargs(config_cls),
+        output_dir=out_dir,
+        max_steps=s["steps"],
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        bf16=True,  # bf16 autocast, fp32 master weights (the model is loaded in fp32)
+        fp16=False,
+        use_cpu=not torch.cuda.is_available(),
+        learning_rate=lr,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        lr_scheduler_type=schedule,
+        warmup_steps=0,
+        dataloader_num_workers=0,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=SEED,
+    )
+    if "train_sampling_strategy" in names:
+        kwargs["train_sampling_strategy"] = "sequential"  # datasets are laid out in rlhfkit's order
+    return kwargs
+
+
+def rlhfkit_train_kwargs(s: dict, *, out_dir: str, batch_size: int, lr: float, schedule: str) -> dict[str, Any]:
+    """rlhfkit TrainOptions fields every rlhfkit side sets the same way (matching TRL's)."""
+    return dict(
+        output_dir=out_dir,
+        seed=SEED,
+        max_steps=s["steps"],
+        batch_size=batch_size,
+        grad_accum=1,
+        lr=lr,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_eps=1e-8,
+        warmup_ratio=0.0,
+        lr_schedule=schedule,
+        max_grad_norm=1.0,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        resume="never",
+        progress=False,
+        tensorboard=False,  # the TRL side reports to nothing either
+        gradient_checkpointing=False,
+    )
+
+
+def trl_optimizer_name(trainer) -> str:
+    opt = trainer.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return f"{type(inner).__name__} ({value_str(trainer.args.optim)})"
+
+
+def check_no_checkpointing(trainer) -> None:
+    if getattr(trainer.model, "is_gradient_checkpointing", False):
+        raise SystemExit("TRL enabled gradient checkpointing although it was set off")
+
+
+# ---------------------------------------------------------------- timing helpers (workers)
+
+
+def trl_step_timer(on_step: Callable[[], Any] | None = None):
+    """A TrainerCallback recording ``perf_counter`` / ``process_time`` at every ``on_step_end``.
+
+    Returns ``(callback, times, cpu_times, extras)``; ``extras`` collects ``on_step()``'s value per step.
+    """
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+    cpu_times: list[float] = []
+    extras: list[Any] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            times.append(time.perf_counter())
+            cpu_times.append(time.process_time())
+            if on_step is not None:
+                extras.append(on_step())
+
+    return StepTimer(), times, cpu_times, extras
+
+
+def stamp_rlhfkit_steps(key: str) -> dict[int, tuple[float, float]]:
+    """Note ``(perf_counter, process_time)`` whenever rlhfkit logs a step whose metrics contain ``key``.
+
+    Wraps ``MetricsLogger.log`` (the moment the loop writes the step to
+    metrics.jsonl); the wrapped method is called unchanged.
+    """
+    from rlhfkit.tracking import MetricsLogger
+
+    stamps: dict[int, tuple[float, float]] = {}
+    original = MetricsLogger.log
+
+    def log(self, step, metrics):
+        if key in metrics:
+            stamps[step] = (time.perf_counter(), time.process_time())
+        return original(self, step, metrics)
+
+    MetricsLogger.log = log
+    return stamps
+
+
+def timed(owner, name: str, records: list[float]) -> None:
+    """Replace ``owner.name`` (a function or method) by a wrapper appending each call's wall time to ``records``."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            records.append(time.perf_counter() - t0)
+
+    wrapper.__wrapped__ = original
+    setattr(owner, name, wrapper)
+
+
+def window(times: list[float], warmup: int) -> float:
+    """Seconds between the end of step ``warmup`` and the end of the last step."""
+    return times[-1] - times[warmup - 1]
+
+
+def step_durations(times: list[float]) -> list[float]:
+    """Duration of steps 2..N (step 1 has no start stamp)."""
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss; KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# ---------------------------------------------------------------- worker launching
+
+
+def worker_main(workers: dict[str, Callable[[dict], dict]]) -> None:
+    """Entry point of a worker process: ``--worker SIDE --settings FILE --result FILE``."""
+    import argparse
+
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=sorted(workers))
+    p.add_argument("--settings", required=True)
+    p.add_argument("--result", required=True)
+    args = p.parse_args()
+    settings = json.loads(Path(args.settings).read_text())
+    torch.set_num_threads(settings["threads"])
+    torch.manual_seed(SEED)
+    result = workers[args.worker](settings)
+    result["side"] = args.worker
+    result["threads"] = torch.get_num_threads()
+    result["env"] = {k: os.environ.get(k) for k in (*BENCH_ENV, "OMP_NUM_THREADS")}
+    result["peak_rss_mb"] = peak_rss_mb()
+    Path(args.result).write_text(json.dumps(result))
+
+
+def spawn(script: str, side: str, settings: dict, tmp: Path, tag: str, *, verbose: bool = False) -> dict:
+    """Run one side in a fresh subprocess with :data:`BENCH_ENV`; return its result dict (plus ``wall``)."""
+    run_dir = tmp / f"{side}-{tag}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**settings, "out_dir": str(run_dir / "out"), "run_dir": str(run_dir)}
+    settings_file = run_dir / "settings.json"
+    settings_file.write_text(json.dumps(settings))
+    result = run_dir / "result.json"
+    log = run_dir / "worker.log"
+    cmd = [sys.executable, os.path.abspath(script), "--worker", side, "--settings", str(settings_file), "--result", str(result)]
+    env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(settings["threads"])}
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        out = None if verbose else f
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if not verbose else None)
+    if proc.returncode != 0 or not result.is_file():
+        if not verbose and log.exists():
+            sys.stdout.write(log.read_text()[-20000:])
+        raise SystemExit(f"{side} worker failed (exit {proc.returncode}); log above")
+    out_dict = json.loads(result.read_text())
+    out_dict["wall"] = time.perf_counter() - t0
+    return out_dict
+
+
+def is_worker_invocation(argv: list[str] | None = None) -> bool:
+    return "--worker" in (sys.argv if argv is None else argv)
+
+
+def add_common_args(p, *, steps: int, warmup: int) -> None:
+    import torch
+
+    p.add_argument("--model", default="smollm2-135m", help="rlhfkit model spec, resolved to one local directory both sides load (default smollm2-135m)")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run, warm-up included (default {steps})")
+    p.add_argument("--warmup-steps", type=int, default=warmup, help=f"leading steps excluded from the rate (default {warmup})")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads, same for every side")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the side order; the median is reported")
+    p.add_argument("--verbose", action="store_true", help="show the workers' output")
+
+
+def check_load() -> None:
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before start; other processes share the CPU and will skew timings")
+
+
+def side_order(sides: list[str], run: int) -> list[str]:
+    return list(sides) if run % 2 == 0 else list(reversed(sides))
+
+
+def print_table(headers: list[str], rows: list[list[Any]], *, left: int = 1) -> None:
+    """A plain aligned table: the first ``left`` columns left-aligned, the rest right-aligned."""
+    cells = [list(headers)] + [[c if isinstance(c, str) else f"{c}" for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for k, row in enumerate(cells):
+        print("  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(row)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_settings(sides: dict[str, dict]) -> None:
+    """Print the settings each side read back from its own config, one row per setting.
+
+    ``sides`` maps a side name to its result; ``result["settings"]`` holds values
+    that must match (a row where they differ is marked ``DIFFERS``), and
+    ``result["implementation"]`` free-text notes on how each library does a thing
+    (printed as is, expected to differ).
+    """
+    names = list(sides)
+    keys = list(next(iter(sides.values()))["settings"])
+    rows = []
+    for key in keys:
+        values = [str(sides[n]["settings"].get(key, "?")) for n in names]
+        rows.append([key, *values, "" if len(set(values)) == 1 else "DIFFERS"])
+    headers = ["setting", *names, ""]
+    if not any(row[-1] for row in rows):
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
+    print("settings (read back from each side's config):")
+    print_table(headers, rows, left=len(headers))
+    impl_keys = list(next(iter(sides.values())).get("implementation", {}))
+    if impl_keys:
+        print("implementation (library-specific, not a setting):")
+        for key in impl_keys:
+            for n in names:
+                print(f"  {key} [{n}]: {sides[n].get('implementation', {}).get(key, '?')}")
+
+
+def median_run(runs: list[dict], value: Callable[[dict], float]) -> dict:
+    """The run whose value is closest to the median over ``runs`` (for the columns that are not medians themselves)."""
+    import statistics
+
+    mid = statistics.median(value(r) for r in runs)
+    return min(runs, key=lambda r: abs(value(r) - mid))

@@ -1,0 +1,519 @@
+"""Online RL step time: rlhfkit GRPO and PPO vs TRL's GRPOTrainer and RLOOTrainer, same prompts and settings.
+
+    python benchmarks/online_rl.py [--steps 6] [--warmup-steps 1] [--prompts-per-step 16] [--group-size 2]
+                                   [--max-new-tokens 64] [--beta 0.04] [--lr 1e-6] [--model smollm2-135m]
+                                   [--sides trl-grpo,rlhfkit-grpo,trl-rloo,rlhfkit-ppo] [--repeats 1]
+
+What is run. Each side trains SmolLM2-135M-Instruct (``rlhfkit.models.resolve
+("smollm2-135m")``, one local directory all sides load; fp32 master weights,
+bf16 autocast for training, no gradient checkpointing — TRL defaults it on, it
+is set off) for ``--steps`` RL steps (default 6: 1 warm-up + 5 measured). One
+step = sample ``--group-size`` (2) completions for each of ``--prompts-per-step``
+(16) prompts (32 completions; temperature 1.0, top-p 1.0, no top-k, at most
+``--max-new-tokens`` (64) new tokens, stop at EOS), score them, forward the
+frozen reference (and, where the algorithm needs them, the sampling policy's
+log-probs and values), then exactly ONE optimizer step on all 32 completions
+(TRL ``num_iterations=1``, ``steps_per_generation=1``, ``gradient_accumulation_steps=1``;
+rlhfkit ``ppo_epochs=1``, ``num_minibatches=1``, ``grad_accum=1``). AdamW lr 1e-6,
+constant schedule, no warm-up, no weight decay, grad-norm clip 1.0, clip epsilon
+0.2. The KL coefficient beta is the same on every side (``--beta``, default 0.04,
+rlhfkit GRPO's default; note TRL GRPO's own default is beta=0, which would skip
+the reference model altogether, and TRL RLOO's is 0.05).
+
+Sides (each a fresh subprocess with identical environment, see common.py):
+
+* ``rlhfkit-grpo``: ``rlhfkit.rl.train(GRPOConfig)`` — group-normalised scores,
+  k3 KL in the loss, token-mean loss (= TRL ``loss_type="dapo"``).
+* ``trl-grpo``: ``GRPOTrainer``, ``loss_type="dapo"``, ``scale_rewards="group"``.
+* ``rlhfkit-ppo``: ``rlhfkit.rl.train(RLConfig(algorithm="ppo", value="head"))``
+  — value head on the policy trunk, GAE, k1 KL in the reward.
+* ``trl-rloo``: ``RLOOTrainer`` (TRL has no PPO trainer any more) — leave-one-out
+  baseline, k1 KL in the sequence reward.
+* ``rlhfkit-rloo`` (optional, via ``--sides``): ``rlhfkit.rl.train(RLOOConfig)``,
+  the like-for-like counterpart of ``trl-rloo``.
+
+Prompts: ``src/rlhfkit/assets/demo/prompts_train.jsonl``, rendered as one user
+turn with the chat template on every side. The TRL dataset is laid out in the
+order rlhfkit draws prompts (``shuffle_dataset=False``), so step ``k`` uses the
+same 16 prompts everywhere. Reward: rlhfkit's built-in demo rubric
+(``rlhfkit.feedback.scorers.DEMO_RUBRIC``); rlhfkit sides use it by name
+(``reward_model="demo"``), TRL sides through :func:`demo_rubric`, a wrapper with
+TRL's ``reward_funcs`` signature. Generation precision: TRL decodes under the
+training autocast (bf16) — rlhfkit is set to the same (``generation_precision=
+"bf16"``) unless ``--rlhfkit-generation-precision`` says otherwise (rlhfkit's
+own CPU default, ``auto``, decodes in fp32); the autocast actually active while
+decoding is recorded on every side and printed.
+
+How it is measured. Seconds/step = wall clock from the end of the warm-up
+step(s) to the end of the last step, divided by the measured steps (TRL:
+``on_step_end`` callback; rlhfkit: the moment its loop logs the step). Its split,
+measured the same way on every side by wrapping (not changing) methods:
+
+* generate: wall time of ``model.generate`` (``GenerationMixin.generate``
+  wrapped; one call per step on every side), which also records the number of
+  decode steps and the autocast active inside the model;
+* score + fwd: the rest of the rollout phase (TRL ``_generate_and_score_completions``,
+  rlhfkit ``RLTrainer.rollout_and_score``, each wrapped) minus generate:
+  reward, reference / old-policy / value forwards, advantages;
+* update + other: step wall time minus the rollout phase: loss forward,
+  backward, optimizer step, logging.
+
+The libraries' own timings are printed as a cross-check (rlhfkit's
+``time_generate`` / ``time_score_forward`` / ``time_update`` / ``time_step`` from
+metrics.jsonl; TRL's ``profiling`` timings of ``transformers.generate`` and
+``_prepare_inputs``, captured by hooking ``ProfilingContext._log_metrics``, and
+its ``step_time`` metric). Sampling is random, so sides can generate different
+lengths: compare the decode-step and completion-length columns before reading
+much into small differences. Peak RSS is each worker's
+``getrusage(RUSAGE_SELF).ru_maxrss``. The last line is ``ratio: R`` = TRL GRPO
+seconds/step / rlhfkit GRPO seconds/step; above 1 means rlhfkit is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+ALL_SIDES = ("trl-grpo", "rlhfkit-grpo", "trl-rloo", "rlhfkit-ppo", "rlhfkit-rloo")
+DEFAULT_SIDES = ("trl-grpo", "rlhfkit-grpo", "trl-rloo", "rlhfkit-ppo")
+
+
+def demo_rubric(prompts, completions, **kwargs) -> list[float]:
+    """rlhfkit's demo rubric with TRL's reward-function signature.
+
+    TRL passes conversational prompts (message lists) and completions (a list
+    with one assistant message each); rlhfkit's reward sees the last user turn
+    and the stripped response text, so this does exactly what
+    ``rlhfkit.rewards.load_reward("demo")`` does.
+    """
+    from rlhfkit.feedback.scorers import DEMO_RUBRIC
+    from rlhfkit.feedback.simulated import prompt_text
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return DEMO_RUBRIC([prompt_text(p) for p in prompts], [t.strip() for t in texts])
+
+
+# ---------------------------------------------------------------- shared by workers
+
+
+def load_prompts(s: dict) -> list:
+    from rlhfkit.sample import load_prompts as rlhfkit_load_prompts
+
+    return rlhfkit_load_prompts(s["prompts"])
+
+
+def instrument_generate(records: list[dict]) -> None:
+    """Wrap ``GenerationMixin.generate``: per call, wall time, batch, decode steps, and the autocast in force.
+
+    The autocast is read by a forward pre-hook on the first decoder layer, i.e.
+    inside the model's forward, where an accelerate-patched forward (TRL) or an
+    outer ``torch.autocast`` (rlhfkit) would be active.
+    """
+    import torch
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        device = self.device.type
+        seen: dict = {}
+
+        def hook(module, hook_args, hook_kwargs):
+            if "autocast" not in seen:
+                seen["autocast"] = str(torch.get_autocast_dtype(device)).replace("torch.", "") if torch.is_autocast_enabled(device) else "none"
+                handle.remove()  # one look is enough; no hook on the remaining decode steps
+
+        layer = self.get_decoder().layers[0]
+        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+        t0 = time.perf_counter()
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+        seconds = time.perf_counter() - t0
+        sequences = out if torch.is_tensor(out) else out.sequences
+        records.append({
+            "seconds": seconds,
+            "batch": int(sequences.shape[0]),
+            "decode_steps": int(sequences.shape[1] - (input_ids.shape[1] if input_ids is not None else 0)),
+            "autocast": seen.get("autocast", "?"),
+            "weights": str(next(self.parameters()).dtype).replace("torch.", ""),
+        })
+        return out
+
+    GenerationMixin.generate = generate
+
+
+def record_rollouts(owner, name: str, durations: list[float], step_prompts: list[list[str]], prompts_of) -> None:
+    """Wrap the rollout method ``owner.name``: its wall time per call, and the prompt texts it was given.
+
+    ``prompts_of(args)`` extracts the (distinct, in order) prompts of one call;
+    they are compared across sides to check every side trained on the same prompts.
+    """
+    from rlhfkit.feedback.simulated import prompt_text
+
+    original = getattr(owner, name)
+
+    def wrapper(self, *args, **kwargs):
+        step_prompts.append([prompt_text(p) for p in prompts_of(args, kwargs)])
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            durations.append(time.perf_counter() - t0)
+
+    setattr(owner, name, wrapper)
+
+
+def per_step(s: dict, times: list[float], cpu_times: list[float], gens: list[dict], rollouts: list[float]) -> dict:
+    """Window totals and the per-step split over the measured steps."""
+    n, w = s["steps"], s["warmup_steps"]
+    if len(times) != n or len(gens) != n or len(rollouts) != n:
+        raise SystemExit(f"expected {n} steps, generate calls and rollouts; got {len(times)}, {len(gens)}, {len(rollouts)}")
+    walls = [times[i] - times[i - 1] for i in range(w, n)]
+    gen = [gens[i]["seconds"] for i in range(w, n)]
+    roll = [rollouts[i] for i in range(w, n)]
+    return {
+        "seconds": common.window(times, w),
+        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
+        "step_times": common.step_durations(times),
+        "generate": statistics.fmean(gen),
+        "score_fwd": statistics.fmean(r - g for r, g in zip(roll, gen)),
+        "update": statistics.fmean(x - r for x, r in zip(walls, roll)),
+        "decode_steps": statistics.fmean(gens[i]["decode_steps"] for i in range(w, n)),
+        "gen_batch": gens[-1]["batch"],
+        "gen_autocast": sorted({g["autocast"] for g in gens}),
+        "gen_weights": sorted({g["weights"] for g in gens}),
+    }
+
+
+def window_mean(values: list[float], s: dict) -> float:
+    return statistics.fmean(values[s["warmup_steps"] :])
+
+
+# ---------------------------------------------------------------- workers
+
+
+def worker_trl(s: dict, algorithm: str) -> dict:
+    import datasets
+    import torch
+    import transformers
+    import trl
+    from transformers import AutoModelForCausalLM
+    from trl.extras import profiling
+
+    from rlhfkit import models
+
+    if algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+    P, G = s["prompts_per_step"], s["group_size"]
+    prompts = load_prompts(s)
+    steps = common.step_indices(len(prompts), s["steps"], P)
+    rows = []
+    for idx in steps:
+        for i in idx:
+            p = prompts[i]
+            rows.append({"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p})
+    dataset = datasets.Dataset.from_list(rows)
+
+    tokenizer = models.load_tokenizer(s["model_dir"], padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
+    extra = dict(loss_type="dapo", scale_rewards="group") if algorithm == "grpo" else dict(normalize_advantages=False)
+    config = Config(
+        **common.trl_train_kwargs(Config, s, out_dir=s["out_dir"], batch_size=P * G, lr=s["lr"], schedule="constant"),
+        num_generations=G,
+        max_completion_length=s["max_new_tokens"],
+        temperature=s["temperature"],
+        top_p=1.0,
+        top_k=0,
+        beta=s["beta"],
+        num_iterations=1,
+        steps_per_generation=1,
+        epsilon=0.2,
+        shuffle_dataset=False,  # the dataset is already in rlhfkit's prompt order
+        mask_truncated_completions=False,
+        log_completions=False,
+        **extra,
+    )
+
+    gens: list[dict] = []
+    rollouts: list[float] = []
+    step_prompts: list[list[str]] = []
+    prof: list[tuple[str, int, float]] = []
+    instrument_generate(gens)
+    # The generation batch holds each prompt num_generations times in a row.
+    record_rollouts(Trainer, "_generate_and_score_completions", rollouts, step_prompts,
+                    lambda a, kw: [x["prompt"] for x in (a[0] if a else kw["inputs"])][::G])
+    original_log = profiling.ProfilingContext._log_metrics
+
+    def log_metrics(self, duration):
+        prof.append((self.name, self.step, duration))
+        return original_log(self, duration)
+
+    profiling.ProfilingContext._log_metrics = log_metrics
+
+    callback, times, cpu_times, _ = common.trl_step_timer()
+    trainer = Trainer(model=model, reward_funcs=[demo_rubric], args=config, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[callback])
+    common.check_no_checkpointing(trainer)
+    trainer.train()
+
+    out = per_step(s, times, cpu_times, gens, rollouts)
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    n, w = s["steps"], s["warmup_steps"]
+
+    def prof_mean(suffix: str):
+        per = [sum(d for name, step, d in prof if name.endswith(suffix) and step == k) for k in range(w, n)]
+        return statistics.fmean(per) if any(per) else None
+
+    ref = getattr(trainer, "ref_model", None)
+    ref_desc = "none (beta=0)" if ref is None else f"{str(next(ref.parameters()).dtype).replace('torch.', '')} weights under the training autocast"
+    out.update({
+        "step_prompts": step_prompts,
+        "mean_length": window_mean([h["completions/mean_length"] for h in logs], s) if len(logs) == n else None,
+        "reward": window_mean([h["reward"] for h in logs], s) if len(logs) == n and "reward" in logs[0] else None,
+        "lib_timing": {
+            "generate (profiling)": prof_mean(".transformers.generate"),
+            "_prepare_inputs (profiling)": prof_mean("._prepare_inputs"),
+            "step_time (metric)": window_mean([h["step_time"] for h in logs], s) if len(logs) == n and "step_time" in logs[0] else None,
+        },
+        "settings": {
+            "prompts per step": config.generation_batch_size // config.num_generations,
+            "completions per prompt": config.num_generations,
+            "completions per optimizer step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
+            "max new tokens": config.max_completion_length,
+            "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/{config.top_k or 0}",
+            "beta (KL coef)": config.beta,
+            "update passes per rollout": f"{config.num_iterations} x {config.steps_per_generation} minibatch",
+            "clip epsilon": config.epsilon,
+            "learning rate": config.learning_rate,
+            "lr schedule": common.value_str(config.lr_scheduler_type),
+            "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
+            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
+            "training autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
+            "generation autocast (measured)": "/".join(out["gen_autocast"]),
+            "master weights": str(model.dtype).replace("torch.", ""),
+            "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
+        },
+        "implementation": {
+            "algorithm": ("GRPO, loss_type=dapo (token mean), scale_rewards=group, k3 KL in loss"
+                          if algorithm == "grpo" else "RLOO, leave-one-out baseline, k1 KL in sequence reward"),
+            "reference model": ref_desc,
+            "reward": "demo_rubric (DEMO_RUBRIC wrapped for reward_funcs)",
+            "optimizer": common.trl_optimizer_name(trainer),
+            "version": f"trl {trl.__version__}, transformers {transformers.__version__}",
+        },
+    })
+    return out
+
+
+def worker_rlhfkit(s: dict, algorithm: str) -> dict:
+    import rlhfkit
+    from rlhfkit.rl import GRPOConfig, RLConfig, RLOOConfig, RLTrainer, train
+    from rlhfkit.tracking import read_metrics
+
+    P, G = s["prompts_per_step"], s["group_size"]
+    gens: list[dict] = []
+    rollouts: list[float] = []
+    step_prompts: list[list[str]] = []
+    instrument_generate(gens)
+    record_rollouts(RLTrainer, "rollout_and_score", rollouts, step_prompts, lambda a, kw: a[0] if a else kw["prompts"])
+    stamps = common.stamp_rlhfkit_steps("time_step")
+
+    cls = {"grpo": GRPOConfig, "ppo": RLConfig, "rloo": RLOOConfig}[algorithm]
+    extra = {"value": "head", "algorithm": "ppo"} if algorithm == "ppo" else {}
+    config = cls(
+        **common.rlhfkit_train_kwargs(s, out_dir=s["out_dir"], batch_size=P, lr=s["lr"], schedule="constant"),
+        policy=s["model_dir"],
+        reward_model="demo",
+        prompts=s["prompts"],
+        precision="bf16",
+        generation_precision=s["generation_precision"],
+        samples_per_prompt=G,
+        max_new_tokens=s["max_new_tokens"],
+        temperature=s["temperature"],
+        top_p=1.0,
+        kl_coef=s["beta"],
+        adaptive_kl=False,
+        ppo_epochs=1,
+        num_minibatches=1,
+        clip_eps=0.2,
+        missing_eos_penalty=0.0,
+        score_norm=False,
+        score_clip=0.0,
+        log_samples=0,
+        **extra,
+    )
+    trainer = train(config)
+    metrics = [m for m in read_metrics(s["out_dir"]) if "time_step" in m]
+    if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:
+        raise SystemExit(f"rlhfkit logged {len(metrics)} steps, expected {s['steps']}")
+    times = [stamps[m["step"]][0] for m in metrics]
+    cpu_times = [stamps[m["step"]][1] for m in metrics]
+    out = per_step(s, times, cpu_times, gens, rollouts)
+    col = lambda key: window_mean([m[key] for m in metrics], s) if all(key in m for m in metrics) else None  # noqa: E731
+    policy = trainer.acc.unwrap_model(trainer.model).policy
+    ref = trainer.ref
+    out.update({
+        "step_prompts": step_prompts,
+        "mean_length": col("response_length"),
+        "reward": col("score"),
+        "lib_timing": {
+            "time_generate": col("time_generate"),
+            "time_score_forward": col("time_score_forward"),
+            "time_update": col("time_update"),
+            "time_step": col("time_step"),
+        },
+        "settings": {
+            "prompts per step": config.batch_size,
+            "completions per prompt": config.samples_per_prompt,
+            "completions per optimizer step": config.batch_size * config.samples_per_prompt // config.num_minibatches,
+            "max new tokens": config.max_new_tokens,
+            "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/0",
+            "beta (KL coef)": config.kl_coef,
+            "update passes per rollout": f"{config.ppo_epochs} x {config.num_minibatches} minibatch",
+            "clip epsilon": config.clip_eps,
+            "learning rate": config.lr,
+            "lr schedule": config.lr_schedule,
+            "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
+            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
+            "training autocast": config.precision if config.precision != "fp32" else "none",
+            "generation autocast (measured)": "/".join(out["gen_autocast"]),
+            "master weights": str(next(policy.parameters()).dtype).replace("torch.", ""),
+            "grad checkpointing": bool(config.gradient_checkpointing),
+        },
+        "implementation": {
+            "algorithm": {
+                "grpo": "GRPO, token-mean loss, group-normalised scores, k3 KL in loss",
+                "ppo": f"PPO, value head on the policy trunk, GAE (gamma {config.gamma}, lambda {config.lam}), k1 KL in reward",
+                "rloo": "RLOO, leave-one-out baseline, k1 KL in sequence reward",
+            }[algorithm],
+            "reference model": "none (LoRA base)" if ref is None else f"{str(next(ref.parameters()).dtype).replace('torch.', '')} weights (frozen copy)",
+            "reward": "reward_model='demo' (DEMO_RUBRIC)",
+            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
+            "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
+        },
+    })
+    return out
+
+
+WORKERS = {
+    "trl-grpo": lambda s: worker_trl(s, "grpo"),
+    "trl-rloo": lambda s: worker_trl(s, "rloo"),
+    "rlhfkit-grpo": lambda s: worker_rlhfkit(s, "grpo"),
+    "rlhfkit-ppo": lambda s: worker_rlhfkit(s, "ppo"),
+    "rlhfkit-rloo": lambda s: worker_rlhfkit(s, "rloo"),
+}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, steps=6, warmup=1)
+    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step (default 16)")
+    p.add_argument("--group-size", type=int, default=2, help="completions per prompt (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="max completion tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient, same on every side (default 0.04)")
+    p.add_argument("--lr", type=float, default=1e-6, help="learning rate, constant (default 1e-6)")
+    p.add_argument("--rlhfkit-generation-precision", default="bf16", choices=["bf16", "fp32", "auto"],
+                   help="rlhfkit decoding autocast (default bf16, as TRL decodes; rlhfkit's own default 'auto' is fp32 on CPU)")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help=f"comma-separated sides to run, from {', '.join(ALL_SIDES)} (default: {','.join(DEFAULT_SIDES)})")
+    args = p.parse_args(argv)
+    if not 1 <= args.warmup_steps < args.steps:
+        p.error("need 1 <= --warmup-steps < --steps")
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if unknown := [x for x in sides if x not in ALL_SIDES]:
+        p.error(f"unknown sides {unknown}; choose from {', '.join(ALL_SIDES)}")
+    if not {"trl-grpo", "rlhfkit-grpo"} <= set(sides):
+        p.error("--sides must include trl-grpo and rlhfkit-grpo (the headline ratio)")
+    if args.group_size < 2:
+        p.error("--group-size must be >= 2 (GRPO/RLOO need groups)")
+
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-rl-") as tmp_name:
+        tmp = Path(tmp_name)
+        prompts = common.demo_path("prompts_train.jsonl")
+        model_path, model_note = common.model_dir(args.model)
+        print(f"model: {args.model} -> {model_path}")
+        if model_note:
+            print(f"note: {model_note}")
+        print(
+            f"prompts: {prompts}; {args.prompts_per_step} prompts x {args.group_size} completions per step, "
+            f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, beta {args.beta}, lr {args.lr}, "
+            f"{args.steps} steps (first {args.warmup_steps} excluded), {args.threads} threads"
+        )
+        common.check_load()
+        settings = {
+            "model_dir": str(model_path), "prompts": str(prompts), "steps": args.steps, "warmup_steps": args.warmup_steps,
+            "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "beta": args.beta, "lr": args.lr, "threads": args.threads,
+            "generation_precision": args.rlhfkit_generation_precision,
+        }
+        results: dict[str, list[dict]] = {s: [] for s in sides}
+        for run in range(args.repeats):
+            for side in common.side_order(sides, run):
+                r = common.spawn(__file__, side, settings, tmp, str(run), verbose=args.verbose)
+                results[side].append(r)
+                print(
+                    f"  run {run + 1} {side:12s}: {r['seconds'] / (args.steps - args.warmup_steps):6.2f} s/step "
+                    f"(generate {r['generate']:.2f}, score+fwd {r['score_fwd']:.2f}, update+other {r['update']:.2f}), "
+                    f"cpu use {r['cpu_seconds'] / r['seconds'] / args.threads:4.0%} of {args.threads} threads, "
+                    f"step times {' '.join(f'{t:.2f}' for t in r['step_times'])} s ({r['wall']:.0f} s wall)",
+                    flush=True,
+                )
+
+    print()
+    common.print_settings({side: results[side][0] for side in sides})
+    reference = results["rlhfkit-grpo"][0]["step_prompts"]
+    for side in sides:
+        for r in results[side]:
+            if r["step_prompts"] != reference:
+                print(f"WARNING: {side} did not see the same prompts per step as rlhfkit-grpo")
+    if all(r["step_prompts"] == reference for side in sides for r in results[side]):
+        print(f"checked: every side got the same {args.prompts_per_step} prompts at each of the {args.steps} steps")
+    print(f"note: TRL GRPOTrainer's own default beta is 0.0 (no reference model at all); here beta={args.beta} on every side")
+    measured = args.steps - args.warmup_steps
+    sps = {s: statistics.median(r["seconds"] / measured for r in results[s]) for s in sides}
+    print()
+    rows = []
+    fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
+    for side in sides:
+        r = common.median_run(results[side], lambda x: x["seconds"])
+        rows.append([
+            side, f"{sps[side]:.2f}", fmt(r["generate"]), fmt(r["score_fwd"]), fmt(r["update"]),
+            f"{r['cpu_seconds'] / r['seconds'] / args.threads:.0%}", f"{r['decode_steps']:.1f}", fmt(r["mean_length"], ".1f"),
+            fmt(r["reward"], ".3f"), f"{r['peak_rss_mb']:.0f}",
+        ])
+    common.print_table(["side", "s/step", "generate", "score+fwd", "update+other", "cpu", "decode steps",
+                        "mean len", "reward", "peak RSS MB"], rows)
+    print("library-logged timings (mean over the measured steps, seconds):")
+    for side in sides:
+        r = common.median_run(results[side], lambda x: x["seconds"])
+        print(f"  {side}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r["lib_timing"].items()))
+    print()
+    pairs = [("trl-grpo", "rlhfkit-grpo"), ("trl-rloo", "rlhfkit-ppo"), ("trl-rloo", "rlhfkit-rloo")]
+    for theirs, ours in pairs:
+        if theirs in sps and ours in sps:
+            print(f"{theirs} / {ours} seconds per step: {sps[theirs] / sps[ours]:.2f}")
+    print(f"ratio: {sps['trl-grpo'] / sps['rlhfkit-grpo']:.2f}")
+
+
+if __name__ == "__main__":
+    if common.is_worker_invocation():
+        common.worker_main(WORKERS)
+    else:
+        main()
