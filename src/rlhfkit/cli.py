@@ -8,7 +8,8 @@
     rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
     rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
     rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
-    rlhfkit annotate SAMPLES OUTPUT             -> rlhfkit.feedback.terminal.annotate
+    rlhfkit annotate serve|add-annotator|status|export|terminal ...
+                                                -> rlhfkit.feedback.web (browser) / feedback.terminal
     rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
     rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
     rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
@@ -151,10 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
-    p = sub.add_parser("annotate", help="label samples by hand in the terminal (a/b/tie, undo, resume)")
-    p.add_argument("samples", help="samples JSONL (from `rlhfkit sample`)")
-    p.add_argument("output", help="labels JSONL (saved after every answer; re-run to resume)")
-    p.add_argument("--annotator", default="human")
+    sub.add_parser("annotate", help="label pairs by hand: web app (serve, add-annotator, status, export) or terminal",
+                   add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible chat server for a model (rlhfkit serve MODEL --port P)", add_help=False)
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
     p.add_argument("stage", choices=sorted(STAGES))
@@ -172,15 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.serve import main_serve
 
         return main_serve(argv[1:])
+    if argv[:1] == ["annotate"]:  # its own parser: rlhfkit annotate serve|add-annotator|status|export|terminal
+        from rlhfkit.feedback.web.cli import main as main_annotate
+
+        return main_annotate(argv[1:])
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "chat":
             return _chat(ns)
-        if ns.command == "annotate":
-            from rlhfkit.feedback.terminal import main_annotate
-
-            main_annotate(ns.samples, ns.output, ns.annotator)
-            return 0
         if ns.command == "config":
             return _show_config(ns.stage)
         return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))

@@ -1,13 +1,16 @@
 """Labelling samples: ``rlhfkit label CONFIG.yaml`` / :func:`run`.
 
-One interface, three feedback sources, one output record
+One interface, four feedback sources, one output record
 (:class:`~rlhfkit.data.records.Comparison`, saved in rlhfkit's JSONL form):
 
 * ``simulated`` — a score function turned into Bradley-Terry choices
   (:class:`rlhfkit.feedback.simulated.SimulatedAnnotator`); the stand-in for humans;
 * ``judge`` — an AI judge (RLAIF), a local model or any OpenAI-compatible endpoint,
   each pair judged in both orders (:class:`rlhfkit.feedback.judge.AIJudge`);
-* ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`).
+* ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`);
+* ``human-web`` — a team in the browser (:func:`rlhfkit.feedback.web.admin.label_from_web`):
+  the pairs go into ``web_db``, the stage waits until each has ``overlap`` votes,
+  then writes the majority labels.
 
 Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
 ``responses``). Labelling is resumable: items already in the output (by
@@ -36,7 +39,7 @@ class LabelConfig:
     """Samples to label: JSONL records with `prompt` and `responses` (from `rlhfkit sample`)."""
     output: str = "runs/labels.jsonl"
     """Where the labels go (rlhfkit comparison JSONL)."""
-    source: Literal["simulated", "judge", "human"] = "simulated"
+    source: Literal["simulated", "judge", "human", "human-web"] = "simulated"
     """Feedback source."""
     scorer: str = "demo"
     """Simulated: score function (`sentiment`, `length`, `banned`, `rubric`/`demo`, or `module:function`)."""
@@ -58,6 +61,20 @@ class LabelConfig:
     """Judge: HTTP requests in flight."""
     annotator: str = "human"
     """Human: annotator name recorded in each label."""
+    web_db: str = "runs/annotations.sqlite"
+    """Human-web: the annotation database. Keep it outside the pipeline's label directory, which a rerun clears."""
+    overlap: int = 1
+    """Human-web: votes wanted per pair, from different annotators."""
+    web_serve: bool = True
+    """Human-web: serve the app from this process while waiting (false: a separate `rlhfkit annotate serve` uses web_db)."""
+    web_host: str = "127.0.0.1"
+    """Human-web: interface the app binds to."""
+    web_port: int = 8765
+    """Human-web: port of the app (0: a free one, printed)."""
+    wait_timeout: float = 0.0
+    """Human-web: give up (the stage fails, the labels stay in web_db) after this many seconds; 0 waits forever."""
+    poll_seconds: float = 5.0
+    """Human-web: how often to check whether every pair has its votes."""
     chunk_size: int = 64
     """Items labelled between atomic saves."""
     seed: int = 0
@@ -107,6 +124,10 @@ def run(config: LabelConfig) -> list[Comparison]:
         from rlhfkit.feedback.terminal import annotate
 
         return annotate(items, output, annotator=config.annotator)
+    if config.source == "human-web":
+        from rlhfkit.feedback.web.admin import label_from_web
+
+        return label_from_web(config)
 
     labels = load_comparisons(output) if output.exists() else []
     done = {c.meta.get("item_index") for c in labels}

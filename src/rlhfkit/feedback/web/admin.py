@@ -1,0 +1,311 @@
+"""Loading pairs, status (throughput and agreement), export, and waiting for labels.
+
+* :func:`read_pairs` reads what annotators will label: the output of ``rlhfkit
+  sample`` (``prompt`` + ``responses`` with exactly two entries) or seed-format
+  pairs (``prompt``, ``response_a``, ``response_b``; a ``preferred`` already
+  there is ignored, the pair is labelled afresh).
+* :func:`status` / ``rlhfkit annotate status``: labels per annotator, throughput
+  and inter-annotator agreement (Fleiss' kappa over pairs with ``overlap`` votes,
+  Cohen's kappa for each two annotators who share pairs).
+* :func:`export` / ``rlhfkit annotate export``: one
+  :class:`~rlhfkit.data.records.Comparison` per pair, the majority vote. A pair
+  whose top vote is shared (one A and one B, say) is exported as a **tie** with
+  ``meta.majority == "split"``, so a disagreement trains as P = 0.5 rather than
+  a coin flip, and every pair carries its votes, each annotator's choice, reason
+  and A/B order in ``meta``. TRL has no ties: ``--format trl`` leaves ties and
+  splits out and says how many.
+* :func:`label_from_web`: the pipeline's ``label`` stage with ``source: human-web``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Sequence
+
+from rlhfkit.data.io import DataError, Row, read_rows
+from rlhfkit.data.preferences import comparison_from_dict, save_comparisons
+from rlhfkit.data.records import Comparison
+from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
+from rlhfkit.feedback.web.store import VOTES, AnnotationStore, PairItem, StoredLabel
+
+if TYPE_CHECKING:
+    from rlhfkit.label import LabelConfig
+
+SESSION_GAP_SECONDS = 600.0
+"""Gaps between one annotator's labels longer than this are breaks, not labelling time."""
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def read_pairs(path: str | Path) -> tuple[list[PairItem], int]:
+    """The pairs in ``path`` and how many records were left out for an empty response.
+
+    Prompts are validated and normalised exactly as the preference loaders will
+    read the exported labels (:func:`rlhfkit.data.preferences.comparison_from_dict`),
+    so every label collected can be trained on. Problems are DataErrors naming
+    file, line and field. A record with an empty response (a sample that stopped
+    at once) cannot be a training pair and is left out, as the terminal annotator does.
+    """
+    items, empty = [], 0
+    for index, row in enumerate(read_rows(path)):
+        responses = _pair_responses(row)
+        if any(not r.strip() for r in responses):
+            empty += 1
+            continue
+        parsed = comparison_from_dict({"prompt": row.data.get("prompt"), "responses": responses, "ranking": [0, 1]},
+                                      path=row.path, line=row.line)
+        items.append(PairItem(index, parsed.prompt, (parsed.responses[0], parsed.responses[1])))
+    if not items:
+        raise DataError(path, None, None, "no pairs to label")
+    return items, empty
+
+
+def _pair_responses(row: Row) -> list[str]:
+    if "response_a" in row.data or "response_b" in row.data:
+        return [row.get_str("response_a", allow_empty=True), row.get_str("response_b", allow_empty=True)]
+    if "responses" not in row.data:
+        raise row.error("responses", "missing: expected `responses` (rlhfkit sample output) or `response_a` + `response_b`")
+    responses = row.data["responses"]
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise row.error("responses", "expected a list of response strings")
+    if len(responses) != 2:
+        raise row.error("responses", f"the web annotator compares pairs; got {len(responses)} responses "
+                                     "(sample with two temperatures)")
+    return responses
+
+
+# ----------------------------------------------------------------------------- majority vote
+
+
+def majority(votes: Sequence[str]) -> str:
+    """``a``, ``b`` or ``tie`` when one has the most votes; ``split`` when the top count is shared."""
+    counts = Counter(votes)
+    top = max(counts.values())
+    winners = [choice for choice in VOTES if counts[choice] == top]
+    return winners[0] if len(winners) == 1 else "split"
+
+
+def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Comparison]:
+    """One majority-vote Comparison per pair with at least ``min_votes`` votes, in pair order.
+
+    ``meta``: ``item_index``, ``votes`` (``{"a", "b", "tie"}`` counts), ``majority``
+    (``a | b | tie | split``), ``agreement`` (share of votes for the majority; for a
+    split, the shared top share), ``skips``, and ``labels``: each vote's
+    annotator, choice (canonical), reason and ``shown`` order (``"ab"``, or
+    ``"ba"`` when the annotator saw response B on the left).
+    """
+    by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
+    for label in store.labels():
+        by_pair[label.item_index].append(label)
+    out = []
+    for pair in store.pairs():
+        labels = by_pair.get(pair.item_index, [])
+        votes = [label for label in labels if label.choice != "skip"]
+        if len(votes) < max(min_votes, 1):
+            continue
+        result = majority([v.choice for v in votes])
+        counts = Counter(v.choice for v in votes)
+        names = [v.annotator for v in votes]
+        reasons = [f"{v.annotator}: {v.reason}" for v in votes if v.reason]
+        meta = {
+            "item_index": pair.item_index,
+            "votes": {choice: counts[choice] for choice in VOTES},
+            "majority": result,
+            "agreement": max(counts.values()) / len(votes),
+            "skips": len(labels) - len(votes),
+            "labels": [{"annotator": v.annotator, "choice": v.choice, "reason": v.reason,
+                        "shown": "ba" if v.flipped else "ab"} for v in votes],
+        }
+        out.append(Comparison(
+            prompt=pair.prompt,
+            responses=list(pair.responses),
+            ranking=[1, 0] if result == "b" else [0, 1],
+            tie=result in ("tie", "split"),
+            reason=" | ".join(reasons),
+            source="human-web:" + ",".join(names),
+            meta=meta,
+        ))
+    return out
+
+
+@dataclass
+class ExportConfig:
+    """``rlhfkit annotate export --db DB --format F OUTPUT``."""
+
+    db: str
+    """The annotation database."""
+    output: str
+    """Where to write (``.jsonl``, ``.json`` or ``.parquet``)."""
+    format: Literal["jsonl", "trl", "seed"] = "jsonl"
+    """``jsonl``: rlhfkit comparison records (every field; what the trainers read);
+    ``seed``: prompt/response_a/response_b/preferred (a split is ``tie``);
+    ``trl``: prompt/chosen/rejected, ties and splits left out."""
+    min_votes: int = 1
+    """Export pairs with at least this many votes (set it to the overlap for complete pairs only)."""
+
+
+def export(config: ExportConfig) -> tuple[int, int]:
+    """Write the majority labels; returns ``(records written, ties left out)`` (the latter only for TRL)."""
+    store = AnnotationStore(config.db, create=False)
+    try:
+        labels = comparisons(store, min_votes=config.min_votes)
+    finally:
+        store.close()
+    left_out = sum(c.tie for c in labels) if config.format == "trl" else 0
+    save_format = "rlhfkit" if config.format == "jsonl" else config.format
+    save_comparisons(config.output, labels, save_format, skip_ties=config.format == "trl")
+    return len(labels) - left_out, left_out
+
+
+# ----------------------------------------------------------------------------- status
+
+
+@dataclass
+class AnnotatorStatus:
+    name: str
+    votes: int
+    skips: int
+    last_hour: int
+    """Labels (votes and skips) in the last hour."""
+    seconds_per_label: float
+    """Median time between consecutive labels, breaks over 10 minutes left out; nan with < 2 labels."""
+
+
+@dataclass
+class Status:
+    """What ``rlhfkit annotate status`` prints."""
+
+    pairs: int
+    complete: int
+    """Pairs with at least ``overlap`` votes."""
+    overlap: int
+    votes: int
+    annotators: list[AnnotatorStatus]
+    fleiss: float
+    """Fleiss' kappa over pairs with ``overlap`` (>= 2) votes, the first ``overlap`` of each; nan if none."""
+    fleiss_pairs: int
+    cohen: list[tuple[str, str, float, int]] = field(default_factory=list)
+    """``(annotator, annotator, kappa, shared pairs)`` for every two annotators who voted on the same pairs."""
+
+
+def status(db: str | Path, *, now: float | None = None) -> Status:
+    """Progress, throughput and agreement of the annotation database ``db``."""
+    now = time.time() if now is None else now
+    store = AnnotationStore(db, create=False)
+    try:
+        overlap, labels, names = store.overlap, store.labels(), store.annotators()
+        pairs, complete = store.vote_counts()
+    finally:
+        store.close()
+    votes_by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
+    by_annotator: dict[str, list[StoredLabel]] = defaultdict(list)
+    for label in labels:
+        by_annotator[label.annotator].append(label)
+        if label.choice != "skip":
+            votes_by_pair[label.item_index].append(label)
+
+    people = []
+    for name in names:
+        mine = by_annotator.get(name, [])
+        gaps = [b.created - a.created for a, b in zip(mine, mine[1:]) if b.created - a.created <= SESSION_GAP_SECONDS]
+        people.append(AnnotatorStatus(
+            name=name,
+            votes=sum(label.choice != "skip" for label in mine),
+            skips=sum(label.choice == "skip" for label in mine),
+            last_hour=sum(label.created > now - 3600 for label in mine),
+            seconds_per_label=statistics.median(gaps) if gaps else math.nan,
+        ))
+
+    full = [votes[:overlap] for votes in votes_by_pair.values() if overlap >= 2 and len(votes) >= overlap]
+    fleiss = fleiss_kappa(category_counts([[v.choice for v in votes] for votes in full], VOTES)) if full else math.nan
+
+    cohen = []
+    choice_of = {(label.annotator, label.item_index): label.choice for label in labels if label.choice != "skip"}
+    for first, second in combinations(names, 2):
+        shared = sorted({i for (n, i) in choice_of if n == first} & {i for (n, i) in choice_of if n == second})
+        if shared:
+            kappa = cohen_kappa([choice_of[first, i] for i in shared], [choice_of[second, i] for i in shared])
+            cohen.append((first, second, kappa, len(shared)))
+    return Status(pairs, complete, overlap, sum(p.votes for p in people), people, fleiss, len(full), cohen)
+
+
+def format_status(s: Status) -> str:
+    def num(x: float, spec: str = ".3f") -> str:
+        return "n/a" if math.isnan(x) else format(x, spec)
+
+    lines = [f"pairs: {s.complete}/{s.pairs} complete ({s.overlap} vote(s) each); {s.votes} votes in all"]
+    lines.append(f"{'annotator':<20} {'votes':>6} {'skips':>6} {'last hour':>10} {'s/label':>8}")
+    for a in s.annotators:
+        lines.append(f"{a.name:<20} {a.votes:>6} {a.skips:>6} {a.last_hour:>10} {num(a.seconds_per_label, '.1f'):>8}")
+    lines.append(f"Fleiss' kappa: {num(s.fleiss)} over {s.fleiss_pairs} pair(s) with {s.overlap} votes")
+    for first, second, kappa, shared in s.cohen:
+        lines.append(f"Cohen's kappa {first} / {second}: {num(kappa)} over {shared} shared pair(s)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the pipeline's label stage
+
+
+def wait_for_labels(store: AnnotationStore, *, timeout: float = 0.0, poll_seconds: float = 5.0,
+                    progress: bool = True) -> None:
+    """Block until every pair has ``overlap`` votes; ``timeout`` > 0 raises TimeoutError after that many seconds."""
+    from tqdm.auto import tqdm
+
+    total, complete = store.vote_counts()
+    deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+    bar = tqdm(total=total, initial=complete, unit="pair", desc="label (human-web)", disable=not progress)
+    try:
+        while complete < total:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{complete}/{total} pairs have their {store.overlap} vote(s) after {timeout:g} s; "
+                                   "the labels so far are kept in the database, run the stage again to keep waiting")
+            time.sleep(poll_seconds)
+            total, complete = store.vote_counts()
+            bar.total = total
+            bar.update(complete - bar.n)
+    finally:
+        bar.close()
+
+
+def label_from_web(config: "LabelConfig") -> list[Comparison]:
+    """``source: human-web``: collect labels with the web app, then write them as the stage's output.
+
+    Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
+    optionally serves the app in this process (``config.web_serve``), waits until
+    every pair has ``config.overlap`` votes, and saves the majority labels to
+    ``config.output`` in rlhfkit's comparison JSONL.
+    """
+    from rlhfkit.feedback.web.app import create_app
+    from rlhfkit.serve import ServerThread
+
+    items, empty = read_pairs(config.samples)
+    store = AnnotationStore(config.web_db)
+    try:
+        store.configure(overlap=config.overlap)
+        added = store.add_pairs(items)
+        note = f" ({empty} with an empty response left out)" if empty else ""
+        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {config.overlap} vote(s) each")
+        server = None
+        if config.web_serve:
+            server = ServerThread(create_app(store), config.web_host, config.web_port).start()
+            print(f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
+                  f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`", file=sys.stderr, flush=True)
+        try:
+            wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
+        finally:
+            if server is not None:
+                server.stop()
+        labels = comparisons(store)
+    finally:
+        store.close()
+    save_comparisons(config.output, labels)
+    print(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
+    return labels

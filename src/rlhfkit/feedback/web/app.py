@@ -1,0 +1,272 @@
+"""The annotation web app (FastAPI) and ``rlhfkit annotate serve``.
+
+Routes:
+
+* ``GET /`` - the annotator page (``static/annotate.html``); ``GET /static/annotate.js``
+  and ``/static/annotate.css``. Only these three files exist: names are looked
+  up in a fixed table, never joined to a filesystem path, so there is nothing
+  to traverse.
+* ``POST /api/next`` - the caller's current pair (leased to them) and progress.
+* ``POST /api/label`` ``{"pair_id", "choice": "a"|"b"|"tie"|"skip", "reason"}`` -
+  store a label (``a`` = the response shown on the left) and get the next pair.
+  Answered only after the label's transaction is committed.
+* ``POST /api/undo`` - delete the caller's last label and get that pair back.
+
+Security:
+
+* every ``/api`` call needs ``Authorization: Bearer TOKEN`` (401 without a known
+  token); a token acts only on its own annotator's leases and labels (403/409);
+* writes from another origin are refused (403): a browser's ``Sec-Fetch-Site``
+  must be ``same-origin`` (or ``none``) and an ``Origin`` header must equal this
+  server's own origin. Clients that send neither (curl, scripts) are not browsers
+  and need the token anyway;
+* request bodies over ``max_body_bytes`` (64 KiB) are refused (413) before they
+  reach the app, whether or not they declare a Content-Length;
+* the page is served with a Content-Security-Policy allowing only its own
+  script and style, and its script inserts model text with ``textContent`` only;
+  ``Referrer-Policy: no-referrer`` keeps the token (in the page URL) from leaking.
+
+The server binds to 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from rlhfkit.feedback.web.store import Annotator, AnnotationStore, Assignment, StoreError, to_shown
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_REASON_CHARS = 2000
+
+# name -> (file in static/, content type). The only files the app serves.
+STATIC_FILES = {
+    "annotate.js": ("annotate.js", "text/javascript; charset=utf-8"),
+    "annotate.css": ("annotate.css", "text/css; charset=utf-8"),
+}
+PAGE = ("annotate.html", "text/html; charset=utf-8")
+
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+COMMON_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+
+
+class LabelRequest(BaseModel):
+    """Body of ``POST /api/label`` (module level: FastAPI resolves annotations in module globals)."""
+
+    pair_id: int
+    choice: Literal["a", "b", "tie", "skip"]
+    """As shown: ``a`` is the response on the left."""
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+
+# ----------------------------------------------------------------------------- request guard
+
+
+def cross_origin_problem(headers: dict[str, str], scheme: str) -> Optional[str]:
+    """Why a state-changing request looks cross-origin, or None if it does not."""
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return f"cross-origin write refused (Sec-Fetch-Site: {site})"
+    origin = headers.get("origin")
+    if origin is not None and origin != f"{scheme}://{headers.get('host', '')}":
+        return f"cross-origin write refused (Origin: {origin})"
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware: cross-origin writes (403), body size (413), security headers on every response."""
+
+    def __init__(self, app: Any, *, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in COMMON_HEADERS.items() if k.encode() not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send_with_headers)
+            return
+        problem = cross_origin_problem(headers, scope.get("scheme", "http"))
+        if problem:
+            await _reject(send_with_headers, 403, problem)
+            return
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
+            return
+        # Read the whole (small) body first, counting, so a chunked upload cannot exceed the limit either.
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send_with_headers)
+
+
+async def _reject(send: Any, status: int, detail: str) -> None:
+    import json
+
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def _static(name: str) -> bytes:
+    return resources.files("rlhfkit.feedback.web").joinpath("static", name).read_bytes()
+
+
+def _assignment_json(assignment: Optional[Assignment]) -> Optional[dict]:
+    if assignment is None:
+        return None
+    # The A/B order stays server-side: the page sends what it showed, the store maps it back.
+    return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "a": assignment.left, "b": assignment.right}
+
+
+def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app over ``store`` (wrapped in :class:`RequestGuard`)."""
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi.responses import JSONResponse, Response
+
+    app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    files = {name: (_static(file), kind) for name, (file, kind) in STATIC_FILES.items()}
+    page = _static(PAGE[0])
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    def annotator(authorization: Optional[str] = Header(default=None)) -> Annotator:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "missing token: send Authorization: Bearer TOKEN", headers={"WWW-Authenticate": "Bearer"})
+        found = store.annotator_for_token(token.strip())
+        if found is None:
+            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def reply(who: Annotator, assignment: Optional[Assignment], **extra: Any) -> dict:
+        return {"annotator": who.name, "assignment": _assignment_json(assignment),
+                "progress": asdict(store.progress(who.id)), **extra}
+
+    @app.get("/")
+    def annotate_page() -> Response:
+        return Response(page, media_type=PAGE[1], headers={"content-security-policy": PAGE_CSP})
+
+    @app.get("/static/{name}")
+    def static_file(name: str) -> Response:
+        if name not in files:
+            raise HTTPException(404, "not found")
+        content, kind = files[name]
+        return Response(content, media_type=kind)
+
+    # Plain `def` endpoints run in the thread pool; the store serialises writes itself.
+    @app.post("/api/next")
+    def next_pair(who: Annotator = Depends(annotator)) -> dict:
+        return reply(who, store.next_assignment(who.id))
+
+    @app.post("/api/label")
+    def label(request: LabelRequest, who: Annotator = Depends(annotator)) -> dict:
+        label_id, duplicate, assignment = store.submit(who.id, request.pair_id, request.choice, request.reason.strip())
+        return reply(who, assignment, label_id=label_id, duplicate=duplicate)
+
+    @app.post("/api/undo")
+    def undo(who: Annotator = Depends(annotator)) -> dict:
+        undone, assignment = store.undo(who.id)
+        shown = to_shown(undone.choice, flipped=undone.flipped)
+        return reply(who, assignment, undone={"pair_id": undone.pair_id, "choice": shown, "reason": undone.reason})
+
+    return RequestGuard(app, max_body_bytes=max_body_bytes)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+@dataclass
+class ServeConfig:
+    """``rlhfkit annotate serve --db DB [--pairs PAIRS.jsonl] [--host --port --overlap --lease-seconds]``."""
+
+    db: str
+    """The annotation database (SQLite; created if missing). The single source of truth."""
+    pairs: str = ""
+    """Pairs to add first: `rlhfkit sample` output or seed pairs (JSON/JSONL). Empty: serve what the db holds."""
+    host: str = "127.0.0.1"
+    """Interface to bind; the default serves this machine only."""
+    port: int = 8765
+    """Port (0 picks a free one; the address is printed to stderr)."""
+    overlap: Optional[int] = None
+    """Votes wanted per pair, from different annotators (k). None: keep the db's value (1 for a new db)."""
+    lease_seconds: Optional[float] = None
+    """How long a shown pair stays reserved for its annotator. None: keep the db's value (600 for a new db)."""
+
+
+def prepare(config: ServeConfig) -> AnnotationStore:
+    """Open the database, store the settings and load the pairs; prints a summary to stderr."""
+    from rlhfkit.feedback.web.admin import read_pairs
+
+    items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
+    store = AnnotationStore(config.db)
+    store.configure(overlap=config.overlap, lease_seconds=config.lease_seconds)
+    added = store.add_pairs(items)
+    total, complete = store.vote_counts()
+    note = f" ({empty} left out: empty response)" if empty else ""
+    print(f"rlhfkit annotate: {config.db}: {total} pairs ({added} new{note}), {complete} complete, "
+          f"{store.overlap} vote(s) each, annotators: {', '.join(store.annotators()) or 'none yet'}",
+          file=sys.stderr, flush=True)
+    return store
+
+
+def serve(config: ServeConfig) -> None:
+    """Serve the annotation app until interrupted (``rlhfkit annotate serve``).
+
+    Prints ``rlhfkit annotate: listening on http://HOST:PORT/`` to stderr once
+    the socket is bound; annotators open ``http://HOST:PORT/#token=TOKEN``.
+    """
+    from rlhfkit.serve import _bind, _url_host, _uvicorn_server
+
+    store = prepare(config)
+    try:
+        sock = _bind(config.host, config.port)
+        url = f"http://{_url_host(config.host)}:{sock.getsockname()[1]}/"
+        print(f"rlhfkit annotate: listening on {url} ; annotators open {url}#token=TOKEN "
+              f"(tokens from `rlhfkit annotate add-annotator NAME --db {config.db}`)", file=sys.stderr, flush=True)
+        _uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
+    finally:
+        store.close()

@@ -1,0 +1,109 @@
+"""``rlhfkit annotate``: label pairs by hand, in the browser or at the terminal.
+
+    rlhfkit annotate serve --pairs PAIRS.jsonl --db labels.sqlite [--host H --port P --overlap K --lease-seconds S]
+    rlhfkit annotate add-annotator NAME --db labels.sqlite [--new-token]   (prints the token)
+    rlhfkit annotate status --db labels.sqlite
+    rlhfkit annotate export --db labels.sqlite --format jsonl|trl|seed OUTPUT [--min-votes N]
+    rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME]
+    rlhfkit annotate SAMPLES OUTPUT [--annotator NAME]                      (the same, older spelling)
+
+Each subcommand wraps one Python function; see :mod:`rlhfkit.feedback.web`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = ("serve", "add-annotator", "status", "export", "terminal")
+
+
+def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Label response pairs by hand: a web app for a team, or the terminal.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the annotation web app (FastAPI + SQLite)")
+    p.add_argument("--db", required=True, help="annotation database (SQLite; created if missing)")
+    p.add_argument("--pairs", default="", help="pairs to add: `rlhfkit sample` output or seed pairs (JSON/JSONL)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; the address is printed)")
+    p.add_argument("--overlap", type=int, default=None, help="votes per pair from different annotators (default: the db's, 1 for a new db)")
+    p.add_argument("--lease-seconds", type=float, default=None, help="how long a shown pair stays reserved (default: the db's, 600 for a new db)")
+
+    p = sub.add_parser("add-annotator", help="register an annotator and print their token")
+    p.add_argument("name")
+    p.add_argument("--db", required=True)
+    p.add_argument("--new-token", action="store_true", help="give an existing annotator a new token (the old one stops working)")
+
+    p = sub.add_parser("status", help="labels per annotator, throughput, agreement (Cohen's / Fleiss' kappa)")
+    p.add_argument("--db", required=True)
+
+    p = sub.add_parser("export", help="write the majority label of each pair")
+    p.add_argument("output", help="output file (.jsonl, .json or .parquet)")
+    p.add_argument("--db", required=True)
+    p.add_argument("--format", default="jsonl", choices=["jsonl", "trl", "seed"])
+    p.add_argument("--min-votes", type=int, default=1, help="only pairs with at least this many votes (default 1)")
+
+    p = sub.add_parser("terminal", help="label samples by hand in the terminal (a/b/tie, undo, resume)")
+    p.add_argument("samples", help="samples JSONL (from `rlhfkit sample`)")
+    p.add_argument("output", help="labels JSONL (saved after every answer; re-run to resume)")
+    p.add_argument("--annotator", default="human")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str = "rlhfkit annotate") -> int:
+    """Run ``rlhfkit annotate ...``; returns the exit code (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["terminal", *argv]  # `rlhfkit annotate SAMPLES OUTPUT`, the spelling before the web app
+    ns = build_parser(prog).parse_args(argv)
+    from rlhfkit.data.io import DataError
+
+    try:
+        return _run(ns)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"{prog} {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(ns: argparse.Namespace) -> int:
+    if ns.command == "terminal":
+        from rlhfkit.feedback.terminal import main_annotate
+
+        main_annotate(ns.samples, ns.output, ns.annotator)
+        return 0
+    if ns.command == "serve":
+        from rlhfkit.feedback.web.app import ServeConfig, serve
+
+        serve(ServeConfig(db=ns.db, pairs=ns.pairs, host=ns.host, port=ns.port, overlap=ns.overlap,
+                          lease_seconds=ns.lease_seconds))
+        return 0
+    if ns.command == "add-annotator":
+        from rlhfkit.feedback.web.store import AnnotationStore
+
+        store = AnnotationStore(ns.db)
+        try:
+            token = store.add_annotator(ns.name, replace_token=ns.new_token)
+        finally:
+            store.close()
+        print(token)
+        print(f"{ns.name}: open http://HOST:PORT/#token={token} on the server started with "
+              f"`rlhfkit annotate serve --db {ns.db}` (the token is shown only now)", file=sys.stderr)
+        return 0
+    if ns.command == "status":
+        from rlhfkit.feedback.web.admin import format_status, status
+
+        print(format_status(status(ns.db)))
+        return 0
+    from rlhfkit.feedback.web.admin import ExportConfig, export
+
+    written, left_out = export(ExportConfig(db=ns.db, output=ns.output, format=ns.format, min_votes=ns.min_votes))
+    note = f"; {left_out} ties/splits left out (TRL has no ties)" if left_out else ""
+    print(f"rlhfkit annotate export: {written} records in {ns.output} ({ns.format}){note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m rlhfkit.feedback.web.cli"))

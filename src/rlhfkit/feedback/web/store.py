@@ -1,0 +1,468 @@
+"""The SQLite store behind the web annotation app: pairs, annotators, leases and labels.
+
+The database file is the single source of truth; the server keeps no state of
+its own, so it can be killed at any moment and restarted on the same file.
+
+* WAL journal with ``synchronous=FULL``: a label's transaction is on disk (the
+  WAL fsynced) when :meth:`AnnotationStore.submit` returns, and the app answers
+  only after that, so an acknowledged label survives a crash of the process or
+  of the machine. Readers (``rlhfkit annotate status``/``export``, the pipeline
+  waiting for labels) never block the server.
+* Every write is one ``BEGIN IMMEDIATE`` transaction under a lock; a submit also
+  leases the annotator's next pair in the same transaction (one fsync per label).
+
+Tables (``choice`` values are always in the **canonical** order of the pairs
+file: ``a`` = its ``responses[0]`` / ``response_a``):
+
+* ``pairs``: ``item_index`` (0-based record number in the pairs file), the prompt
+  (JSON), ``response_a``, ``response_b`` and ``n_votes``, the number of labels
+  other than skips, kept in step by submit and undo;
+* ``annotators``: name and the SHA-256 of their token (the token itself is shown
+  once, by :meth:`add_annotator`, and never stored);
+* ``leases``: the pair an annotator is looking at, whether it is shown swapped
+  (``flipped``: canonical B on the left) and when the lease expires;
+* ``labels``: one row per (pair, annotator): ``a | b | tie | skip``, the order it
+  was shown in, the reason and the time.
+
+Assignment rules (:meth:`next_assignment`):
+
+* a pair gets at most ``overlap`` votes from different annotators, counting
+  unexpired leases as votes on the way; once a lease expires (a closed tab) the
+  slot is free for someone else;
+* an annotator never gets a pair they labelled or skipped (until they undo it);
+* an annotator holds at most one lease; reopening the page shows the same pair
+  in the same order, even after the lease expired if the slot is still free;
+* a label that arrives late (the lease expired and the slot was given to someone
+  else meanwhile) is still kept: human work is never thrown away, so a pair can
+  end with more than ``overlap`` votes;
+* a skip does not count as a vote; the pair goes to someone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+from rlhfkit.data.records import Prompt
+
+Choice = Literal["a", "b", "tie", "skip"]
+CHOICES: tuple[str, ...] = ("a", "b", "tie", "skip")
+VOTES: tuple[str, ...] = ("a", "b", "tie")
+"""The choices that count as a vote on a pair (everything but skip)."""
+
+SCHEMA_VERSION = "1"
+DEFAULT_OVERLAP = 1
+DEFAULT_LEASE_SECONDS = 600.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY,
+    item_index INTEGER NOT NULL UNIQUE,
+    prompt TEXT NOT NULL,
+    response_a TEXT NOT NULL,
+    response_b TEXT NOT NULL,
+    n_votes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS annotators (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    flipped INTEGER NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (pair_id, annotator_id)
+);
+CREATE INDEX IF NOT EXISTS leases_by_annotator ON leases(annotator_id);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
+    flipped INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (pair_id, annotator_id)
+);
+CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels(annotator_id, id);
+"""
+
+
+class StoreError(Exception):
+    """A request the store refuses; ``status`` is the HTTP status the app answers with."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One pair to label, in canonical order."""
+
+    item_index: int
+    """0-based position of the record in the pairs file (``meta.item_index`` of the exported label)."""
+    prompt: Prompt
+    responses: tuple[str, str]
+    """``(response_a, response_b)``."""
+
+
+@dataclass(frozen=True)
+class Annotator:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A pair leased to one annotator, in the order that annotator sees it."""
+
+    pair_id: int
+    item_index: int
+    prompt: Prompt
+    left: str
+    """Shown as "A": canonical ``response_b`` when ``flipped``, else ``response_a``."""
+    right: str
+    flipped: bool
+    expires: float
+
+
+@dataclass(frozen=True)
+class StoredLabel:
+    """A row of ``labels`` with its pair's item index and the annotator's name."""
+
+    id: int
+    pair_id: int
+    item_index: int
+    annotator: str
+    choice: str
+    """Canonical: ``a`` means the pair file's ``response_a`` is better."""
+    flipped: bool
+    """The annotator saw ``response_b`` on the left."""
+    reason: str
+    created: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What one annotator's page shows."""
+
+    labelled: int
+    """Votes (a / b / tie) this annotator has given."""
+    skipped: int
+    remaining: int
+    """Pairs still short of ``overlap`` votes that this annotator has not labelled or skipped."""
+    pairs_total: int
+    pairs_complete: int
+    """Pairs with at least ``overlap`` votes."""
+    overlap: int
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def to_canonical(shown_choice: str, *, flipped: bool) -> str:
+    """A choice made on the page (``a`` = the left response) in the pairs file's order."""
+    if flipped and shown_choice in ("a", "b"):
+        return "b" if shown_choice == "a" else "a"
+    return shown_choice
+
+
+def to_shown(canonical_choice: str, *, flipped: bool) -> str:
+    """The inverse of :func:`to_canonical` (swapping is its own inverse)."""
+    return to_canonical(canonical_choice, flipped=flipped)
+
+
+class AnnotationStore:
+    """One open annotation database; safe to share between threads.
+
+    Args:
+        path: the SQLite file.
+        create: create the file and its tables if missing; with False a missing
+            file is a FileNotFoundError (status and export must not invent an empty database).
+        clock: time source (seconds); tests pass a fake one to expire leases.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such annotation database (create it with `rlhfkit annotate serve`)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._write() as db:
+            # Statement by statement: executescript() would COMMIT the transaction first.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            version = db.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
+            if version is None:
+                db.execute("INSERT INTO settings VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif version[0] != SCHEMA_VERSION:
+                raise ValueError(f"{self.path}: annotation schema {version[0]}, this rlhfkit reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (and, with synchronous=FULL, fsynced) on exit."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- settings ------------------------------------------------------------
+
+    def configure(self, *, overlap: int | None = None, lease_seconds: float | None = None) -> None:
+        """Store the overlap ``k`` and the lease length; the server, status and export all read them from here."""
+        if overlap is not None and overlap < 1:
+            raise ValueError(f"overlap must be at least 1, got {overlap}")
+        if lease_seconds is not None and lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        with self._write() as db:
+            for key, value in (("overlap", overlap), ("lease_seconds", lease_seconds)):
+                if value is not None:
+                    db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
+
+    def _setting(self, db: sqlite3.Connection, key: str, default: float) -> float:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return float(row[0]) if row else default
+
+    @property
+    def overlap(self) -> int:
+        """How many different annotators should vote on each pair (``k``)."""
+        with self._lock:
+            return int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
+
+    @property
+    def lease_seconds(self) -> float:
+        with self._lock:
+            return self._setting(self._db, "lease_seconds", DEFAULT_LEASE_SECONDS)
+
+    # -- pairs and annotators --------------------------------------------------
+
+    def add_pairs(self, items: Sequence[PairItem]) -> int:
+        """Add pairs not in the database yet (by ``item_index``); returns how many were new.
+
+        Loading the same file again is a no-op, and a file that grew adds its new
+        records; an ``item_index`` already stored with other text is a ValueError
+        (labels would silently refer to the wrong pair).
+        """
+        added = 0
+        with self._write() as db:
+            for item in items:
+                prompt_json = json.dumps(item.prompt, ensure_ascii=False)
+                row = db.execute("SELECT prompt, response_a, response_b FROM pairs WHERE item_index = ?",
+                                 (item.item_index,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO pairs (item_index, prompt, response_a, response_b) VALUES (?, ?, ?, ?)",
+                               (item.item_index, prompt_json, *item.responses))
+                    added += 1
+                elif (json.loads(row[0]), (row[1], row[2])) != (item.prompt, tuple(item.responses)):
+                    raise ValueError(
+                        f"{self.path}: item {item.item_index} is already stored with a different prompt or responses; "
+                        "is this database from another pairs file? Use a new --db for new pairs."
+                    )
+        return added
+
+    def add_annotator(self, name: str, *, replace_token: bool = False) -> str:
+        """Register ``name`` and return its new token (shown once; only its hash is stored).
+
+        ``replace_token=True`` gives an existing annotator a new token (the old one
+        stops working); their labels stay theirs.
+        """
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"annotator name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        token = secrets.token_urlsafe(24)
+        with self._write() as db:
+            exists = db.execute("SELECT id FROM annotators WHERE name = ?", (name,)).fetchone()
+            if exists and not replace_token:
+                raise ValueError(f"annotator {name!r} already exists (pass replace_token / --new-token for a new token)")
+            if exists:
+                db.execute("UPDATE annotators SET token_sha256 = ? WHERE id = ?", (token_hash(token), exists[0]))
+            else:
+                db.execute("INSERT INTO annotators (name, token_sha256, created) VALUES (?, ?, ?)",
+                           (name, token_hash(token), self._clock()))
+        return token
+
+    def annotator_for_token(self, token: str) -> Annotator | None:
+        rows = self._read("SELECT id, name FROM annotators WHERE token_sha256 = ?", (token_hash(token),))
+        return Annotator(*rows[0]) if rows else None
+
+    def annotators(self) -> list[str]:
+        return [name for (name,) in self._read("SELECT name FROM annotators ORDER BY id")]
+
+    # -- the annotator's loop: next, submit, undo ------------------------------
+
+    def next_assignment(self, annotator_id: int) -> Assignment | None:
+        """The pair this annotator should label now (leased to them), or None when there is none left."""
+        with self._write() as db:
+            return self._next(db, annotator_id)
+
+    def submit(self, annotator_id: int, pair_id: int, shown_choice: str, reason: str = "") -> tuple[int, bool, Assignment | None]:
+        """Record a label; returns ``(label id, was already recorded, next assignment)``.
+
+        ``shown_choice`` is what the annotator pressed (``a`` = the left response).
+        Sending the same label again (a retry after a lost response) is
+        acknowledged without a second row; a different label for a pair this
+        annotator already labelled is a 409 (undo first). Labelling a pair not
+        leased to this annotator is a 403.
+        """
+        if shown_choice not in CHOICES:
+            raise StoreError(422, f"choice must be one of {', '.join(CHOICES)}, got {shown_choice!r}")
+        now = self._clock()
+        with self._write() as db:
+            done = db.execute("SELECT id, choice, flipped, reason FROM labels WHERE pair_id = ? AND annotator_id = ?",
+                              (pair_id, annotator_id)).fetchone()
+            if done is not None:
+                label_id, choice, flipped, old_reason = done
+                if (choice, old_reason) == (to_canonical(shown_choice, flipped=bool(flipped)), reason):
+                    return label_id, True, self._next(db, annotator_id)
+                raise StoreError(409, f"pair {pair_id} already has your label; undo it first to change it")
+            lease = db.execute("SELECT flipped FROM leases WHERE pair_id = ? AND annotator_id = ?",
+                               (pair_id, annotator_id)).fetchone()
+            if lease is None:
+                raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
+            choice = to_canonical(shown_choice, flipped=bool(lease[0]))
+            cursor = db.execute(
+                "INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (pair_id, annotator_id, choice, lease[0], reason, now),
+            )
+            db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
+            if choice != "skip":
+                db.execute("UPDATE pairs SET n_votes = n_votes + 1 WHERE id = ?", (pair_id,))
+            return int(cursor.lastrowid), False, self._next(db, annotator_id)
+
+    def undo(self, annotator_id: int) -> tuple[StoredLabel, Assignment]:
+        """Delete this annotator's most recent label and lease its pair back to them (same order).
+
+        Returns the removed label (so the page can show the choice and reason
+        again) and the assignment to show. The pair that was on screen goes back
+        to the pool. Only the caller's own labels can be undone: there is no way
+        to name another annotator's label. Nothing to undo is a 409.
+        """
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(
+                f"{_LABEL_SELECT} WHERE l.annotator_id = ? ORDER BY l.id DESC LIMIT 1", (annotator_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(409, "nothing to undo")
+            label = StoredLabel(*row[:3], row[3], row[4], bool(row[5]), *row[6:])
+            db.execute("DELETE FROM leases WHERE annotator_id = ?", (annotator_id,))
+            db.execute("DELETE FROM labels WHERE id = ?", (label.id,))
+            if label.choice != "skip":
+                db.execute("UPDATE pairs SET n_votes = n_votes - 1 WHERE id = ?", (label.pair_id,))
+            db.execute("INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
+                       (label.pair_id, annotator_id, int(label.flipped), now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS)))
+            assignment = self._next(db, annotator_id)
+        assert assignment is not None and assignment.pair_id == label.pair_id
+        return label, assignment
+
+    def _next(self, db: sqlite3.Connection, annotator_id: int) -> Assignment | None:
+        now = self._clock()
+        overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
+        expires = now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS)
+        held = db.execute("SELECT pair_id, flipped, expires FROM leases WHERE annotator_id = ? ORDER BY pair_id LIMIT 1",
+                          (annotator_id,)).fetchone()
+        if held is not None:
+            pair_id, flipped, held_until = held
+            if held_until > now or self._free_slots(db, pair_id, now) > 0:
+                db.execute("UPDATE leases SET expires = ? WHERE pair_id = ? AND annotator_id = ?",
+                           (expires, pair_id, annotator_id))
+                return self._assignment(db, pair_id, bool(flipped), expires)
+            # Expired, and the slot went to someone else meanwhile.
+            db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
+        # Lowest id first, so pairs are completed (and usable) in file order.
+        row = db.execute(
+            """SELECT p.id FROM pairs p
+               WHERE p.n_votes < :k
+                 AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
+                 AND p.n_votes + (SELECT COUNT(*) FROM leases s WHERE s.pair_id = p.id AND s.expires > :now) < :k
+               ORDER BY p.id LIMIT 1""",
+            {"k": overlap, "me": annotator_id, "now": now},
+        ).fetchone()
+        if row is None:
+            return None
+        flipped = secrets.randbelow(2) == 1  # A/B order drawn per (annotator, pair), then fixed
+        db.execute("INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
+                   (row[0], annotator_id, int(flipped), expires))
+        return self._assignment(db, row[0], flipped, expires)
+
+    def _free_slots(self, db: sqlite3.Connection, pair_id: int, now: float) -> int:
+        overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
+        (votes,) = db.execute("SELECT n_votes FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        (leased,) = db.execute("SELECT COUNT(*) FROM leases WHERE pair_id = ? AND expires > ?", (pair_id, now)).fetchone()
+        return overlap - votes - leased
+
+    def _assignment(self, db: sqlite3.Connection, pair_id: int, flipped: bool, expires: float) -> Assignment:
+        item_index, prompt, response_a, response_b = db.execute(
+            "SELECT item_index, prompt, response_a, response_b FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        left, right = (response_b, response_a) if flipped else (response_a, response_b)
+        return Assignment(pair_id, item_index, json.loads(prompt), left, right, flipped, expires)
+
+    def progress(self, annotator_id: int) -> Progress:
+        with self._lock:
+            db = self._db
+            overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
+            labelled, skipped = db.execute(
+                "SELECT COALESCE(SUM(choice != 'skip'), 0), COALESCE(SUM(choice = 'skip'), 0) FROM labels WHERE annotator_id = ?",
+                (annotator_id,)).fetchone()
+            total, complete = db.execute("SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs", (overlap,)).fetchone()
+            (remaining,) = db.execute(
+                """SELECT COUNT(*) FROM pairs p WHERE p.n_votes < ?
+                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)""",
+                (overlap, annotator_id)).fetchone()
+        return Progress(labelled, skipped, remaining, total, complete, overlap)
+
+    # -- reading everything (status, export) -----------------------------------
+
+    def pairs(self) -> list[PairItem]:
+        rows = self._read("SELECT item_index, prompt, response_a, response_b FROM pairs ORDER BY item_index")
+        return [PairItem(index, json.loads(prompt), (a, b)) for index, prompt, a, b in rows]
+
+    def labels(self) -> list[StoredLabel]:
+        """Every label (skips included), oldest first."""
+        return [StoredLabel(*r[:5], bool(r[5]), *r[6:]) for r in self._read(f"{_LABEL_SELECT} ORDER BY l.id")]
+
+    def vote_counts(self) -> tuple[int, int]:
+        """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
+        with self._lock:
+            overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
+            total, complete = self._db.execute("SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs",
+                                               (overlap,)).fetchone()
+        return total, complete
+
+
+_LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created
+                   FROM labels l JOIN pairs p ON p.id = l.pair_id JOIN annotators a ON a.id = l.annotator_id"""
