@@ -21,6 +21,22 @@ QA_PAIRS = [
 ]
 
 
+# Browser tests drive Debian's chromium with Playwright (Playwright's own browser
+# download cannot work offline); .ci/run installs it.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def require_chromium() -> None:
+    """Skip the calling test unless Debian's chromium and Playwright are installed."""
+    import pytest
+
+    if not CHROMIUM.exists():
+        pytest.skip("browser check needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api", reason="browser check needs playwright (pip install playwright)")
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

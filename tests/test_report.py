@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.report import ReportConfig, detect_overoptimisation, run, trend
-from tests.helpers import write_jsonl
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
 
 SCRIPT_PAYLOAD = "<script>alert(1)</script>"
 IMG_PAYLOAD = '<img src=x onerror=alert(1)>'
@@ -214,11 +214,6 @@ def test_empty_or_corrupt_run_still_reports(tmp_path):
 
 # ---------------------------------------------------------------- in a real browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
 def render_in_chromium(html_path: Path, screenshot: Path) -> dict:
     """Open ``html_path`` in headless Chromium; return console errors, requests and image sizes."""
     from playwright.sync_api import sync_playwright
@@ -240,9 +235,7 @@ def render_in_chromium(html_path: Path, screenshot: Path) -> dict:
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip("browser check needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
-    pytest.importorskip("playwright.sync_api", reason="browser check needs playwright (pip install playwright)")
+    require_chromium()
     html_path = run(ReportConfig(run_dir=str(make_run(tmp_path / "run"))))
     screenshot = tmp_path / "report.png"
     result = render_in_chromium(html_path, screenshot)
