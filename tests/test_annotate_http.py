@@ -215,3 +215,43 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
         restarted.stop()
     final = audit(db, {**acked, **after.acked}, overlap)
     assert final.lost == [] and final.duplicates == 0 and final.over_overlap == 0
+
+
+# ----------------------------------------------------------------------------- the label stage serving the app
+
+
+def test_label_stage_serves_the_app_until_every_pair_is_labelled(tmp_path):
+    import socket
+
+    from rlhfkit.data.preferences import load_comparisons
+    from rlhfkit.label import LabelConfig
+    from rlhfkit.label import run as run_label
+
+    with socket.socket() as probe:  # a free port for the stage's server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = tmp_path / "web.sqlite"
+    tokens = add_annotators(db, 1)
+    config = LabelConfig(samples=str(make_pairs(tmp_path / "samples.jsonl", 3)), output=str(tmp_path / "labels.jsonl"),
+                         source="human-web", web_db=str(db), web_port=port, poll_seconds=0.02, wait_timeout=60)
+    stage = threading.Thread(target=run_label, args=(config,))
+    stage.start()
+    client = Client(f"http://127.0.0.1:{port}", tokens["annotator00"])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            status, data = client.post("/api/next")
+            break
+        except OSError:
+            assert stage.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+    for _ in range(3):
+        assert status == 200 and data["assignment"] is not None
+        status, data = client.post("/api/label", {"pair_id": data["assignment"]["pair_id"], "choice": "tie"})
+    assert status == 200 and data["assignment"] is None
+    stage.join(30)
+    assert not stage.is_alive()
+    assert [(c.meta["item_index"], c.tie) for c in load_comparisons(config.output)] == [(0, True), (1, True), (2, True)]
+    client.close()
+    with pytest.raises(OSError):  # the stage stopped its server
+        Client(f"http://127.0.0.1:{port}", tokens["annotator00"]).post("/api/next")
