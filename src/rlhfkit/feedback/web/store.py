@@ -102,6 +102,11 @@ CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels(annotator_id, id);
 """
 
 
+_LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created
+                   FROM labels l JOIN pairs p ON p.id = l.pair_id JOIN annotators a ON a.id = l.annotator_id"""
+"""Columns of :class:`StoredLabel`, in order."""
+
+
 class StoreError(Exception):
     """A request the store refuses; ``status`` is the HTTP status the app answers with."""
 
@@ -170,6 +175,11 @@ class Progress:
     pairs_complete: int
     """Pairs with at least ``overlap`` votes."""
     overlap: int
+
+
+def _stored_label(row: tuple) -> StoredLabel:
+    label_id, pair_id, item_index, name, choice, flipped, reason, created = row
+    return StoredLabel(label_id, pair_id, item_index, name, choice, bool(flipped), reason, created)
 
 
 def token_hash(token: str) -> str:
@@ -378,7 +388,7 @@ class AnnotationStore:
             ).fetchone()
             if row is None:
                 raise StoreError(409, "nothing to undo")
-            label = StoredLabel(*row[:3], row[3], row[4], bool(row[5]), *row[6:])
+            label = _stored_label(row)
             db.execute("DELETE FROM leases WHERE annotator_id = ?", (annotator_id,))
             db.execute("DELETE FROM labels WHERE id = ?", (label.id,))
             if label.choice != "skip":
@@ -453,7 +463,7 @@ class AnnotationStore:
 
     def labels(self) -> list[StoredLabel]:
         """Every label (skips included), oldest first."""
-        return [StoredLabel(*r[:5], bool(r[5]), *r[6:]) for r in self._read(f"{_LABEL_SELECT} ORDER BY l.id")]
+        return [_stored_label(row) for row in self._read(f"{_LABEL_SELECT} ORDER BY l.id")]
 
     def vote_counts(self) -> tuple[int, int]:
         """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
@@ -463,6 +473,3 @@ class AnnotationStore:
                                                (overlap,)).fetchone()
         return total, complete
 
-
-_LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created
-                   FROM labels l JOIN pairs p ON p.id = l.pair_id JOIN annotators a ON a.id = l.annotator_id"""
