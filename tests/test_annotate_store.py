@@ -5,7 +5,6 @@ the `rlhfkit annotate` CLI, and the label stage with source human-web."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import sqlite3
 import sys

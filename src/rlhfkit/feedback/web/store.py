@@ -50,12 +50,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from rlhfkit.data.records import Prompt
 
-Choice = Literal["a", "b", "tie", "skip"]
 CHOICES: tuple[str, ...] = ("a", "b", "tie", "skip")
+"""What an annotator can answer; stored in canonical order (``a`` = the file's ``response_a``)."""
 VOTES: tuple[str, ...] = ("a", "b", "tie")
 """The choices that count as a vote on a pair (everything but skip)."""
 
