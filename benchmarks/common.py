@@ -1,4 +1,4 @@
-"""Shared plumbing of the rlhfkit-vs-TRL benchmarks (dpo.py, reward.py, online_rl.py).
+"""Shared plumbing of the rlhfkit-vs-TRL benchmarks (sft.py, dpo.py, reward.py, online_rl.py).
 
 Each benchmark script is both a driver and a worker:
 
@@ -10,31 +10,31 @@ Each benchmark script is both a driver and a worker:
   :func:`spawn` only) reads the JSON settings, runs one side, and writes a JSON
   result; :func:`worker_main` adds the thread count, environment and peak RSS.
 
-Timing conventions (as in ``benchmarks/sft.py``): a step ends when the library
-says so — TRL: ``TrainerCallback.on_step_end`` (:func:`trl_step_timer`);
-rlhfkit: the moment its loop writes the step to ``metrics.jsonl``
-(:func:`stamp_rlhfkit_steps`). The first ``warmup`` steps are excluded: the
-measured window runs from the end of step ``warmup`` to the end of the last step
-(:func:`window`).
+Timing conventions: a step ends when the library says so — TRL:
+``TrainerCallback.on_step_end`` (:func:`trl_step_timer`); rlhfkit: the moment
+its loop writes the step to ``metrics.jsonl`` (:func:`stamp_rlhfkit_steps`).
+The first ``warmup`` steps are excluded: the measured window runs from the end
+of step ``warmup`` to the end of the last step (:func:`window`, :func:`measured`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 # Same process environment for every side (see the Makefile): keep freed memory
 # around instead of returning it to the OS every step; never touch the network.
-# Identical to benchmarks/sft.py's BENCH_ENV.
 BENCH_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
@@ -53,9 +53,10 @@ SEED = 0
 
 
 def _convert_gguf_fallback() -> Path:
-    """Dequantise SmolLM2's GGUF into a benchmark-private cache dir (same as benchmarks/sft.py).
+    """Dequantise SmolLM2's GGUF into a benchmark-private cache dir.
 
-    Only used when ``rlhfkit.models.resolve`` itself fails.
+    Only used when ``rlhfkit.models.resolve`` itself fails (transformers 5.x keeps
+    an ``hf_quantizer`` on GGUF-loaded models, which ``save_pretrained`` refuses).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,7 +74,7 @@ def _convert_gguf_fallback() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # the weights are dequantised fp32 tensors already
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
@@ -95,6 +96,15 @@ def model_dir(spec: str) -> tuple[Path, str]:
             raise
         note = f"rlhfkit.models.resolve({spec!r}) failed ({type(e).__name__}: {str(e)[:120]}); used the benchmark's own GGUF conversion"
         return _convert_gguf_fallback(), note
+
+
+def resolve_model(spec: str) -> Path:
+    """:func:`model_dir`, printing where the spec resolved to (and why, where the fallback was used)."""
+    path, note = model_dir(spec)
+    print(f"model: {spec} -> {path}")
+    if note:
+        print(f"note: {note}")
+    return path
 
 
 def demo_path(name: str) -> Path:
@@ -178,16 +188,26 @@ def value_str(x: Any) -> str:
     return str(getattr(x, "value", x))
 
 
+def dtype_name(dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).replace("torch.", "")
+
+
 # ---------------------------------------------------------------- batch layout
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    """rlhfkit's loop drops the last partial batch of each epoch (one process, grad_accum 1)."""
+    """rlhfkit's loop drops the last partial batch of each epoch (one process)."""
     return n // batch_size
 
 
 def step_indices(n: int, steps: int, batch_size: int, seed: int = SEED) -> list[list[int]]:
-    """Example indices of each optimizer step exactly as rlhfkit.loop.fit (and rlhfkit.rl prompts_for_step) draw them."""
+    """Example indices of each optimizer step exactly as rlhfkit.loop.fit (and rlhfkit.rl prompts_for_step) draw them.
+
+    ``batch_size`` is examples per optimizer step: with one process the loop's
+    ``grad_accum`` micro-batches of a step are consecutive slices of the epoch
+    order, so ``batch_size x grad_accum`` gives the same indices.
+    """
     from rlhfkit.loop import epoch_order, shard_indices
 
     spe = steps_per_epoch(n, batch_size)
@@ -231,27 +251,43 @@ def no_checkpointing_kwargs(config_cls) -> dict[str, bool]:
     return {k: False for k in ("activation_checkpointing", "gradient_checkpointing") if k in names}
 
 
-def trl_train_kwargs(config_cls, s: dict, *, out_dir: str, batch_size: int, lr: float, schedule: str) -> dict[str, Any]:
+def _shared_train_settings(
+    s: dict, *, out_dir: str, batch_size: int, grad_accum: int, lr: float, schedule: str
+) -> list[tuple[str, str, Any]]:
+    """The training settings both libraries get: ``(rlhfkit TrainOptions field, TRL TrainingArguments field, value)``.
+
+    AdamW, no weight decay, grad-norm clip 1.0; the warm-up (none) is set per
+    library, as their fields differ in kind (a ratio and a step count).
+    """
+    return [
+        ("output_dir", "output_dir", out_dir),
+        ("seed", "seed", SEED),
+        ("max_steps", "max_steps", s["steps"]),
+        ("batch_size", "per_device_train_batch_size", batch_size),
+        ("grad_accum", "gradient_accumulation_steps", grad_accum),
+        ("lr", "learning_rate", lr),
+        ("lr_schedule", "lr_scheduler_type", schedule),
+        ("weight_decay", "weight_decay", 0.0),
+        ("adam_beta1", "adam_beta1", 0.9),
+        ("adam_beta2", "adam_beta2", 0.999),
+        ("adam_eps", "adam_epsilon", 1e-8),
+        ("max_grad_norm", "max_grad_norm", 1.0),
+    ]
+
+
+def trl_train_kwargs(
+    config_cls, s: dict, *, out_dir: str, batch_size: int, grad_accum: int = 1, lr: float, schedule: str
+) -> dict[str, Any]:
     """TrainingArguments fields every TRL side sets the same way (matching rlhfkit's settings)."""
     import torch
 
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    kwargs = dict(
-        **no_checkpointing_kwargs(config_cls),
-        output_dir=out_dir,
-        max_steps=s["steps"],
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=1,
+    kwargs = {theirs: value for _, theirs, value in _shared_train_settings(
+        s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule)}
+    kwargs.update(
+        no_checkpointing_kwargs(config_cls),
         bf16=True,  # bf16 autocast, fp32 master weights (the model is loaded in fp32)
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
-        learning_rate=lr,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        lr_scheduler_type=schedule,
         warmup_steps=0,
         dataloader_num_workers=0,
         report_to="none",
@@ -259,29 +295,20 @@ def trl_train_kwargs(config_cls, s: dict, *, out_dir: str, batch_size: int, lr: 
         eval_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
-        seed=SEED,
     )
-    if "train_sampling_strategy" in names:
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(config_cls)}:
         kwargs["train_sampling_strategy"] = "sequential"  # datasets are laid out in rlhfkit's order
     return kwargs
 
 
-def rlhfkit_train_kwargs(s: dict, *, out_dir: str, batch_size: int, lr: float, schedule: str) -> dict[str, Any]:
+def rlhfkit_train_kwargs(
+    s: dict, *, out_dir: str, batch_size: int, grad_accum: int = 1, lr: float, schedule: str
+) -> dict[str, Any]:
     """rlhfkit TrainOptions fields every rlhfkit side sets the same way (matching TRL's)."""
-    return dict(
-        output_dir=out_dir,
-        seed=SEED,
-        max_steps=s["steps"],
-        batch_size=batch_size,
-        grad_accum=1,
-        lr=lr,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_eps=1e-8,
+    kwargs = {ours: value for ours, _, value in _shared_train_settings(
+        s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule)}
+    kwargs.update(
         warmup_ratio=0.0,
-        lr_schedule=schedule,
-        max_grad_norm=1.0,
         eval_every=0,
         log_every=1,
         save_every=0,
@@ -290,6 +317,42 @@ def rlhfkit_train_kwargs(s: dict, *, out_dir: str, batch_size: int, lr: float, s
         tensorboard=False,  # the TRL side reports to nothing either
         gradient_checkpointing=False,
     )
+    return kwargs
+
+
+def trl_training_settings(config, model) -> dict[str, Any]:
+    """Optimizer, precision and dropout rows of a TRL side's ``settings``, read back from its config.
+
+    The same rows, in the same order, as :func:`rlhfkit_training_settings`.
+    """
+    return {
+        "learning rate": config.learning_rate,
+        "lr schedule": value_str(config.lr_scheduler_type),
+        "warmup steps": config.warmup_steps,
+        "weight decay": config.weight_decay,
+        "grad clip": config.max_grad_norm,
+        "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
+        "autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
+        "master weights": dtype_name(model.dtype),
+        "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
+        "dropout": 0.0 if config.disable_dropout else getattr(model.config, "attention_dropout", "?"),
+    }
+
+
+def rlhfkit_training_settings(config, model) -> dict[str, Any]:
+    """Optimizer, precision and dropout rows of an rlhfkit side's ``settings`` (see :func:`trl_training_settings`)."""
+    return {
+        "learning rate": config.lr,
+        "lr schedule": config.lr_schedule,
+        "warmup steps": int(config.warmup_ratio * config.max_steps),
+        "weight decay": config.weight_decay,
+        "grad clip": config.max_grad_norm,
+        "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
+        "autocast": config.precision if config.precision != "fp32" else "none",
+        "master weights": dtype_name(model.dtype),
+        "grad checkpointing": bool(config.gradient_checkpointing),
+        "dropout": getattr(model.config, "attention_dropout", "?"),  # rlhfkit leaves the model's dropout as is
+    }
 
 
 def trl_optimizer_name(trainer) -> str:
@@ -299,7 +362,11 @@ def trl_optimizer_name(trainer) -> str:
 
 
 def check_no_checkpointing(trainer) -> None:
-    if getattr(trainer.model, "is_gradient_checkpointing", False):
+    # transformers 5.x renamed is_gradient_checkpointing (now a deprecated alias) to is_activation_checkpointing.
+    model = trainer.model
+    if getattr(model, "is_activation_checkpointing", None) or (
+        not hasattr(model, "is_activation_checkpointing") and getattr(model, "is_gradient_checkpointing", False)
+    ):
         raise SystemExit("TRL enabled gradient checkpointing although it was set off")
 
 
@@ -327,6 +394,22 @@ def trl_step_timer(on_step: Callable[[], Any] | None = None):
     return StepTimer(), times, cpu_times, extras
 
 
+def trl_token_trainer(trainer_cls, n_rows: int, dropped: str, **kwargs):
+    """``trainer_cls(**kwargs)`` with a :func:`trl_step_timer` that also reads the trainer's running token count.
+
+    Stops if TRL turned gradient checkpointing on, or kept fewer than ``n_rows``
+    rows of the data set (``dropped`` ends that message). Returns
+    ``(trainer, times, cpu_times, tokens_cum)``, the lists filled as it trains.
+    """
+    holder = {}
+    callback, times, cpu_times, tokens_cum = trl_step_timer(lambda: int(holder["trainer"]._total_train_tokens))
+    trainer = holder["trainer"] = trainer_cls(**kwargs, callbacks=[callback])
+    check_no_checkpointing(trainer)
+    if len(trainer.train_dataset) != n_rows:
+        raise SystemExit(f"TRL kept {len(trainer.train_dataset)} of {n_rows} {dropped}")
+    return trainer, times, cpu_times, tokens_cum
+
+
 def stamp_rlhfkit_steps(key: str) -> dict[int, tuple[float, float]]:
     """Note ``(perf_counter, process_time)`` whenever rlhfkit logs a step whose metrics contain ``key``.
 
@@ -347,6 +430,21 @@ def stamp_rlhfkit_steps(key: str) -> dict[int, tuple[float, float]]:
     return stamps
 
 
+def rlhfkit_steps(s: dict, stamps: dict[int, tuple[float, float]], key: str) -> tuple[list[dict], list[float], list[float]]:
+    """``(metrics, times, cpu_times)`` of the steps rlhfkit logged with ``key``, after training.
+
+    ``metrics`` are those rows of ``s["out_dir"]/metrics.jsonl``; the times are
+    the :func:`stamp_rlhfkit_steps` stamps of each. Stops unless there are
+    exactly ``s["steps"]`` of them, every one stamped.
+    """
+    from rlhfkit.tracking import read_metrics
+
+    metrics = [m for m in read_metrics(s["out_dir"]) if key in m]
+    if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:
+        raise SystemExit(f"rlhfkit logged {len(metrics)} steps, expected {s['steps']}")
+    return metrics, [stamps[m["step"]][0] for m in metrics], [stamps[m["step"]][1] for m in metrics]
+
+
 def timed(owner, name: str, records: list[float]) -> None:
     """Replace ``owner.name`` (a function or method) by a wrapper appending each call's wall time to ``records``."""
     original = getattr(owner, name)
@@ -362,14 +460,35 @@ def timed(owner, name: str, records: list[float]) -> None:
     setattr(owner, name, wrapper)
 
 
-def window(times: list[float], warmup: int) -> float:
-    """Seconds between the end of step ``warmup`` and the end of the last step."""
-    return times[-1] - times[warmup - 1]
+def window(cumulative: list[float], warmup: int) -> float:
+    """Growth of a running reading taken every step (a clock, a token count) over the measured window.
+
+    The window runs from the end of step ``warmup`` to the end of the last step.
+    """
+    return cumulative[-1] - cumulative[warmup - 1]
 
 
 def step_durations(times: list[float]) -> list[float]:
     """Duration of steps 2..N (step 1 has no start stamp)."""
     return [b - a for a, b in zip(times, times[1:])]
+
+
+def measured(warmup: int, times: list[float], cpu_times: list[float],
+             tokens_cum: list[int] | None = None, expected: list[int] | None = None) -> dict[str, Any]:
+    """Result fields of the measured window, from readings taken at the end of every step.
+
+    ``seconds`` / ``cpu_seconds``: wall / CPU time of the window (:func:`window`);
+    ``step_times``: :func:`step_durations`. With ``tokens_cum`` (the library's
+    running count of non-padding tokens) also ``tokens`` (trained in the window),
+    ``tokens_check`` (the same from the tokenized data, ``expected`` tokens per
+    step) and ``step_tokens`` (per step, as the library counted them).
+    """
+    out = {"seconds": window(times, warmup), "cpu_seconds": window(cpu_times, warmup), "step_times": step_durations(times)}
+    if tokens_cum is not None:
+        out["tokens"] = window(tokens_cum, warmup)
+        out["tokens_check"] = sum(expected[warmup:])
+        out["step_tokens"] = [b - a for a, b in zip([0, *tokens_cum], tokens_cum)]
+    return out
 
 
 def peak_rss_mb() -> float:
@@ -383,8 +502,6 @@ def peak_rss_mb() -> float:
 
 def worker_main(workers: dict[str, Callable[[dict], dict]]) -> None:
     """Entry point of a worker process: ``--worker SIDE --settings FILE --result FILE``."""
-    import argparse
-
     import torch
 
     p = argparse.ArgumentParser()
@@ -431,6 +548,21 @@ def is_worker_invocation(argv: list[str] | None = None) -> bool:
     return "--worker" in (sys.argv if argv is None else argv)
 
 
+def run_script(workers: dict[str, Callable[[dict], dict]], main: Callable[[], None]) -> None:
+    """A benchmark script's ``__main__``: a worker when :func:`spawn` started it, else the driver ``main``."""
+    if is_worker_invocation():
+        worker_main(workers)
+    else:
+        main()
+
+
+def make_parser(doc: str, *, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """A driver's argument parser: the first paragraph of ``doc`` as description, :func:`add_common_args` added."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, steps=steps, warmup=warmup)
+    return p
+
+
 def add_common_args(p, *, steps: int, warmup: int) -> None:
     import torch
 
@@ -442,14 +574,100 @@ def add_common_args(p, *, steps: int, warmup: int) -> None:
     p.add_argument("--verbose", action="store_true", help="show the workers' output")
 
 
+def add_pair_args(p) -> None:
+    """The data and batch flags of the preference-pair benchmarks (dpo.py, reward.py)."""
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="max tokens of prompt + response (default 512)")
+    p.add_argument("--pairs", type=int, default=128, help="preference pairs to build from the demo set (default 128)")
+
+
+def parse_args(p, argv):
+    """``p.parse_args(argv)``, checking the warm-up leaves steps to measure."""
+    args = p.parse_args(argv)
+    if not 1 <= args.warmup_steps < args.steps:
+        p.error("need 1 <= --warmup-steps < --steps")
+    return args
+
+
+def start(args, what: str, **settings) -> dict:
+    """The driver's set-up: resolve ``args.model`` (printed), print ``what`` is run, warn if the machine is busy.
+
+    Returns the settings every worker gets: ``settings`` plus the model
+    directory, the step counts and the thread count.
+    """
+    model_path = resolve_model(args.model)
+    print(what)
+    check_load()
+    return {
+        "model_dir": str(model_path), "steps": args.steps, "warmup_steps": args.warmup_steps, "threads": args.threads,
+        **settings,
+    }
+
+
+def start_pairs(args, tmp: Path, what: str, **settings) -> dict:
+    """:func:`start` for a preference-pair benchmark: writes ``args.pairs`` pairs to ``tmp``; ``what`` ends the description."""
+    data = tmp / "pairs.jsonl"
+    data_note = write_preference_file(data, args.pairs)
+    return start(
+        args,
+        f"data: {data_note}; batch {args.batch_size} pairs, max_length {args.max_length}, {args.steps} steps "
+        f"(first {args.warmup_steps} excluded), {what}, {args.threads} threads",
+        data=str(data), batch_size=args.batch_size, max_length=args.max_length, **settings,
+    )
+
+
 def check_load() -> None:
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.1f} before start; other processes share the CPU and will skew timings")
 
 
-def side_order(sides: list[str], run: int) -> list[str]:
+def side_order(sides: Sequence[str], run: int) -> list[str]:
     return list(sides) if run % 2 == 0 else list(reversed(sides))
+
+
+def cpu_use(result: dict, threads: int) -> float:
+    """Share of ``threads`` a run kept busy in its window; well under 1 means something else had the CPU."""
+    return result["cpu_seconds"] / result["seconds"] / threads
+
+
+def run_sides(script: str, sides: Sequence[str], settings: dict, tmp: Path, args, *, width: int,
+              rates: Callable[[dict], str], after: Callable[[dict], str] = lambda r: "") -> dict[str, list[dict]]:
+    """Run every side ``args.repeats`` times (:func:`spawn`, alternating the order); the results per side.
+
+    Prints a line per run: the side (padded to ``width``), ``rates(result)``,
+    the CPU use and the step times, ``after(result)``, and the run's wall time.
+    """
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    for run in range(args.repeats):
+        for side in side_order(sides, run):
+            r = spawn(script, side, settings, tmp, str(run), verbose=args.verbose)
+            results[side].append(r)
+            print(
+                f"  run {run + 1} {side:{width}s}: {rates(r)}, "
+                f"cpu use {cpu_use(r, args.threads):4.0%} of {args.threads} threads, "
+                f"step times {' '.join(f'{t:.2f}' for t in r['step_times'])} s{after(r)} ({r['wall']:.0f} s wall)",
+                flush=True,
+            )
+    return results
+
+
+def pair_rates(r: dict) -> str:
+    """A run's pairs/s and tokens/s, for :func:`run_sides`."""
+    return f"{r['pairs'] / r['seconds']:6.2f} pairs/s, {r['tokens'] / r['seconds']:7.1f} tok/s"
+
+
+def check_token_counts(results: dict[str, list[dict]]) -> None:
+    """Warn where a run's token count disagrees with its tokenized data; note where rlhfkit's and TRL's per-step counts differ."""
+    for side, runs in results.items():
+        for r in runs:
+            if r["tokens"] != r["tokens_check"]:
+                print(f"WARNING: {side} counted {r['tokens']} tokens in the window, its tokenized data says {r['tokens_check']}")
+    ours, theirs = results["rlhfkit"][0]["step_tokens"], results["trl"][0]["step_tokens"]
+    if ours != theirs:
+        diff = sum(abs(a - b) for a, b in zip(ours, theirs))
+        print(f"note: per-step token counts differ by {diff} tokens in total (tokenisation of the chat template): "
+              f"rlhfkit {ours} vs trl {theirs}")
 
 
 def print_table(headers: list[str], rows: list[list[Any]], *, left: int = 1) -> None:
@@ -491,7 +709,32 @@ def print_settings(sides: dict[str, dict]) -> None:
 
 def median_run(runs: list[dict], value: Callable[[dict], float]) -> dict:
     """The run whose value is closest to the median over ``runs`` (for the columns that are not medians themselves)."""
-    import statistics
-
     mid = statistics.median(value(r) for r in runs)
     return min(runs, key=lambda r: abs(value(r) - mid))
+
+
+def print_pair_table(
+    results: dict[str, list[dict]], args, extra: dict[str, Callable[[dict], str]] | None = None
+) -> dict[str, float]:
+    """Print the results table of a preference-pair benchmark; return each side's median pairs/s.
+
+    Rates are medians over the runs; the other columns come from the median run.
+    ``extra`` adds columns: header -> value of the median run.
+    """
+    extra = extra or {}
+
+    def pair_rate(r: dict) -> float:
+        return r["pairs"] / r["seconds"]
+
+    rate = {side: statistics.median(pair_rate(r) for r in runs) for side, runs in results.items()}
+    rows = []
+    for side, runs in results.items():
+        r = median_run(runs, pair_rate)
+        tok_rate = statistics.median(x["tokens"] / x["seconds"] for x in runs)
+        rows.append([
+            side, f"{rate[side]:.2f}", f"{tok_rate:.1f}", f"{args.batch_size / rate[side]:.3f}",
+            f"{cpu_use(r, args.threads):.0%}", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
+            f"{r['peak_rss_mb']:.0f}", *(column(r) for column in extra.values()),
+        ])
+    print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "loss@1", "loss@end", "peak RSS MB", *extra], rows)
+    return rate

@@ -44,9 +44,7 @@ not in the window. The last line is ``ratio: R`` = rlhfkit pairs/s / TRL
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -100,16 +98,13 @@ def worker_trl(s: dict, precompute: bool) -> dict:
     common.timed(DPOTrainer, "_precompute_ref_logps", precompute_s)
     common.timed(dpo_trainer_mod, "hash_module", hash_s)
 
-    holder = {}
-    callback, times, cpu_times, tokens_cum = common.trl_step_timer(lambda: int(holder["trainer"]._total_train_tokens))
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    trainer, times, cpu_times, tokens_cum = common.trl_token_trainer(
+        DPOTrainer, len(rows), "pairs; batches would not match rlhfkit's (raise --max-length)",
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+    )
     init_s = time.perf_counter() - t0
-    holder["trainer"] = trainer
-    common.check_no_checkpointing(trainer)
     prepared = trainer.train_dataset
-    if len(prepared) != len(rows):
-        raise SystemExit(f"TRL kept {len(prepared)} of {len(rows)} pairs; batches would not match rlhfkit's (raise --max-length)")
     lengths = [
         min(len(p) + len(c), L) + min(len(p) + len(r), L)
         for p, c, r in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])
@@ -121,13 +116,8 @@ def worker_trl(s: dict, precompute: bool) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ref = "precomputed before training (precompute_ref_log_probs=True)" if precompute else "frozen fp32 copy, forward every step"
     return {
-        "seconds": common.window(times, w),
-        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
-        "step_times": common.step_durations(times),
+        **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
-        "tokens": tokens_cum[-1] - tokens_cum[w - 1],
-        "tokens_check": sum(expected[w:]),
-        "step_tokens": [b - a for a, b in zip([0] + tokens_cum, tokens_cum)],
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "ref_precompute_s": sum(precompute_s) if precompute else None,
@@ -140,16 +130,7 @@ def worker_trl(s: dict, precompute: bool) -> dict:
             "loss": "+".join(config.loss_type),
             "beta": config.beta,
             "label smoothing": config.label_smoothing,
-            "learning rate": config.learning_rate,
-            "lr schedule": common.value_str(config.lr_scheduler_type),
-            "warmup steps": config.warmup_steps,
-            "weight decay": config.weight_decay,
-            "grad clip": config.max_grad_norm,
-            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
-            "autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
-            "master weights": str(model.dtype).replace("torch.", ""),
-            "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
-            "dropout": 0.0 if config.disable_dropout else getattr(model.config, "attention_dropout", "?"),
+            **common.trl_training_settings(config, model),
         },
         "implementation": {
             "reference": ref,
@@ -164,7 +145,6 @@ def worker_rlhfkit(s: dict) -> dict:
     import rlhfkit.dpo as dpo_mod
     from rlhfkit import models
     from rlhfkit.dpo import DPOConfig, train
-    from rlhfkit.tracking import read_metrics
 
     B = s["batch_size"]
     # A private copy of the data: rlhfkit caches reference log-probs next to the data
@@ -197,22 +177,12 @@ def worker_rlhfkit(s: dict) -> dict:
         ref_cache=True,
     )
     result = train(config)
-    metrics = [m for m in read_metrics(s["out_dir"]) if "tokens_seen" in m]
-    if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:
-        raise SystemExit(f"rlhfkit logged {len(metrics)} steps, expected {s['steps']}")
-    times = [stamps[m["step"]][0] for m in metrics]
-    cpu_times = [stamps[m["step"]][1] for m in metrics]
+    metrics, times, cpu_times = common.rlhfkit_steps(s, stamps, "tokens_seen")
     tokens_cum = [int(m["tokens_seen"]) for m in metrics]
     w = s["warmup_steps"]
-    model = result.model
     return {
-        "seconds": common.window(times, w),
-        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
-        "step_times": common.step_durations(times),
+        **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
-        "tokens": tokens_cum[-1] - tokens_cum[w - 1],
-        "tokens_check": sum(expected[w:]),
-        "step_tokens": [b - a for a, b in zip([0] + tokens_cum, tokens_cum)],
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),
         "ref_precompute_s": sum(compute_s),
@@ -224,16 +194,7 @@ def worker_rlhfkit(s: dict) -> dict:
             "loss": config.loss_type,
             "beta": config.beta,
             "label smoothing": config.label_smoothing,
-            "learning rate": config.lr,
-            "lr schedule": config.lr_schedule,
-            "warmup steps": int(config.warmup_ratio * config.max_steps),
-            "weight decay": config.weight_decay,
-            "grad clip": config.max_grad_norm,
-            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
-            "autocast": config.precision if config.precision != "fp32" else "none",
-            "master weights": str(model.dtype).replace("torch.", ""),
-            "grad checkpointing": bool(config.gradient_checkpointing),
-            "dropout": getattr(model.config, "attention_dropout", "?"),  # rlhfkit leaves the model's dropout as is
+            **common.rlhfkit_training_settings(config, result.model),
         },
         "implementation": {
             "reference": "log-probs precomputed once before training (compute_ref_logps, ref_cache=True)",
@@ -254,78 +215,32 @@ WORKERS = {
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, steps=12, warmup=2)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default 8)")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens of prompt + response (default 512)")
-    p.add_argument("--pairs", type=int, default=128, help="preference pairs to build from the demo set (default 128)")
+    p = common.make_parser(__doc__, steps=12, warmup=2)
+    common.add_pair_args(p)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
     p.add_argument("--no-trl-precompute", action="store_true", help="skip the TRL precompute_ref_log_probs=True side")
-    args = p.parse_args(argv)
-    if not 1 <= args.warmup_steps < args.steps:
-        p.error("need 1 <= --warmup-steps < --steps")
+    args = common.parse_args(p, argv)
     sides = [s for s in SIDES if not (args.no_trl_precompute and s == "trl-precompute")]
+
+    def precompute_note(r: dict) -> str:
+        return f", ref precompute {r['ref_precompute_s']:.1f} s" if r.get("ref_precompute_s") is not None else ""
+
+    def precompute_column(r: dict) -> str:
+        if r.get("ref_precompute_s") is None:
+            return "-"
+        return f"{r['ref_precompute_s']:.1f} s / {r['ref_precompute_pairs']} pairs (+{r['ref_hash_s']:.1f} s hash/cache)"
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-dpo-") as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "pairs.jsonl"
-        data_note = common.write_preference_file(data, args.pairs)
-        model_path, model_note = common.model_dir(args.model)
-        print(f"model: {args.model} -> {model_path}")
-        if model_note:
-            print(f"note: {model_note}")
-        print(
-            f"data: {data_note}; batch {args.batch_size} pairs, max_length {args.max_length}, {args.steps} steps "
-            f"(first {args.warmup_steps} excluded), beta {args.beta}, lr {args.lr}, {args.threads} threads"
-        )
-        common.check_load()
-        settings = {
-            "model_dir": str(model_path), "data": str(data), "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "batch_size": args.batch_size, "max_length": args.max_length, "beta": args.beta, "lr": args.lr,
-            "threads": args.threads,
-        }
-        results: dict[str, list[dict]] = {s: [] for s in sides}
-        for run in range(args.repeats):
-            for side in common.side_order(sides, run):
-                r = common.spawn(__file__, side, settings, tmp, str(run), verbose=args.verbose)
-                results[side].append(r)
-                extra = f", ref precompute {r['ref_precompute_s']:.1f} s" if r.get("ref_precompute_s") is not None else ""
-                print(
-                    f"  run {run + 1} {side:15s}: {r['pairs'] / r['seconds']:6.2f} pairs/s, {r['tokens'] / r['seconds']:7.1f} tok/s, "
-                    f"cpu use {r['cpu_seconds'] / r['seconds'] / args.threads:4.0%} of {args.threads} threads, "
-                    f"step times {' '.join(f'{t:.2f}' for t in r['step_times'])} s{extra} ({r['wall']:.0f} s wall)",
-                    flush=True,
-                )
+        settings = common.start_pairs(args, tmp, f"beta {args.beta}, lr {args.lr}", beta=args.beta, lr=args.lr)
+        results = common.run_sides(__file__, sides, settings, tmp, args, width=15, rates=common.pair_rates, after=precompute_note)
 
-    ours, theirs = results["rlhfkit"][0], results["trl"][0]
     print()
     common.print_settings({side: results[side][0] for side in sides})
-    for side in sides:
-        for r in results[side]:
-            if r["tokens"] != r["tokens_check"]:
-                print(f"WARNING: {side} counted {r['tokens']} tokens in the window, its tokenized data says {r['tokens_check']}")
-    if ours["step_tokens"] != theirs["step_tokens"]:
-        diff = sum(abs(a - b) for a, b in zip(ours["step_tokens"], theirs["step_tokens"]))
-        print(f"note: per-step token counts differ by {diff} tokens in total (tokenisation of the chat template): "
-              f"rlhfkit {ours['step_tokens']} vs trl {theirs['step_tokens']}")
-
-    B = args.batch_size
-    rate = {s: statistics.median(r["pairs"] / r["seconds"] for r in results[s]) for s in sides}
+    common.check_token_counts(results)
     print()
-    rows = []
-    for side in sides:
-        r = common.median_run(results[side], lambda x: x["pairs"] / x["seconds"])
-        tok_rate = statistics.median(x["tokens"] / x["seconds"] for x in results[side])
-        pre = "-"
-        if r.get("ref_precompute_s") is not None:
-            pre = f"{r['ref_precompute_s']:.1f} s / {r['ref_precompute_pairs']} pairs (+{r['ref_hash_s']:.1f} s hash/cache)"
-        rows.append([
-            side, f"{rate[side]:.2f}", f"{tok_rate:.1f}", f"{B / rate[side]:.3f}",
-            f"{r['cpu_seconds'] / r['seconds'] / args.threads:.0%}", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
-            f"{r['peak_rss_mb']:.0f}", pre,
-        ])
-    common.print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "loss@1", "loss@end", "peak RSS MB", "one-off reference precompute"], rows)
+    rate = common.print_pair_table(results, args, {"one-off reference precompute": precompute_column})
     print()
     print(f"rlhfkit / TRL default (reference forward every step): {rate['rlhfkit'] / rate['trl']:.2f}")
     if "trl-precompute" in rate:
@@ -334,7 +249,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if common.is_worker_invocation():
-        common.worker_main(WORKERS)
-    else:
-        main()
+    common.run_script(WORKERS, main)

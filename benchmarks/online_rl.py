@@ -71,7 +71,6 @@ seconds/step / rlhfkit GRPO seconds/step; above 1 means rlhfkit is faster.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -143,7 +142,7 @@ def instrument_generate(records: list[dict]) -> None:
             "batch": int(sequences.shape[0]),
             "decode_steps": int(sequences.shape[1] - (input_ids.shape[1] if input_ids is not None else 0)),
             "autocast": seen.get("autocast", "?"),
-            "weights": str(next(self.parameters()).dtype).replace("torch.", ""),
+            "weights": common.dtype_name(next(self.parameters()).dtype),
         })
         return out
 
@@ -180,9 +179,7 @@ def per_step(s: dict, times: list[float], cpu_times: list[float], gens: list[dic
     gen = [gens[i]["seconds"] for i in range(w, n)]
     roll = [rollouts[i] for i in range(w, n)]
     return {
-        "seconds": common.window(times, w),
-        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
-        "step_times": common.step_durations(times),
+        **common.measured(w, times, cpu_times),
         "generate": statistics.fmean(gen),
         "score_fwd": statistics.fmean(r - g for r, g in zip(roll, gen)),
         "update": statistics.fmean(x - r for x, r in zip(walls, roll)),
@@ -278,7 +275,7 @@ def worker_trl(s: dict, algorithm: str) -> dict:
         return statistics.fmean(per) if any(per) else None
 
     ref = getattr(trainer, "ref_model", None)
-    ref_desc = "none (beta=0)" if ref is None else f"{str(next(ref.parameters()).dtype).replace('torch.', '')} weights under the training autocast"
+    ref_desc = "none (beta=0)" if ref is None else f"{common.dtype_name(next(ref.parameters()).dtype)} weights under the training autocast"
     out.update({
         "step_prompts": step_prompts,
         "mean_length": window_mean([h["completions/mean_length"] for h in logs], s) if len(logs) == n else None,
@@ -303,7 +300,7 @@ def worker_trl(s: dict, algorithm: str) -> dict:
             "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
             "training autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
             "generation autocast (measured)": "/".join(out["gen_autocast"]),
-            "master weights": str(model.dtype).replace("torch.", ""),
+            "master weights": common.dtype_name(model.dtype),
             "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
         },
         "implementation": {
@@ -321,7 +318,6 @@ def worker_trl(s: dict, algorithm: str) -> dict:
 def worker_rlhfkit(s: dict, algorithm: str) -> dict:
     import rlhfkit
     from rlhfkit.rl import GRPOConfig, RLConfig, RLOOConfig, RLTrainer, train
-    from rlhfkit.tracking import read_metrics
 
     P, G = s["prompts_per_step"], s["group_size"]
     gens: list[dict] = []
@@ -356,11 +352,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
         **extra,
     )
     trainer = train(config)
-    metrics = [m for m in read_metrics(s["out_dir"]) if "time_step" in m]
-    if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:
-        raise SystemExit(f"rlhfkit logged {len(metrics)} steps, expected {s['steps']}")
-    times = [stamps[m["step"]][0] for m in metrics]
-    cpu_times = [stamps[m["step"]][1] for m in metrics]
+    metrics, times, cpu_times = common.rlhfkit_steps(s, stamps, "time_step")
     out = per_step(s, times, cpu_times, gens, rollouts)
     col = lambda key: window_mean([m[key] for m in metrics], s) if all(key in m for m in metrics) else None  # noqa: E731
     policy = trainer.acc.unwrap_model(trainer.model).policy
@@ -390,7 +382,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
             "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
             "training autocast": config.precision if config.precision != "fp32" else "none",
             "generation autocast (measured)": "/".join(out["gen_autocast"]),
-            "master weights": str(next(policy.parameters()).dtype).replace("torch.", ""),
+            "master weights": common.dtype_name(next(policy.parameters()).dtype),
             "grad checkpointing": bool(config.gradient_checkpointing),
         },
         "implementation": {
@@ -399,7 +391,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
                 "ppo": f"PPO, value head on the policy trunk, GAE (gamma {config.gamma}, lambda {config.lam}), k1 KL in reward",
                 "rloo": "RLOO, leave-one-out baseline, k1 KL in sequence reward",
             }[algorithm],
-            "reference model": "none (LoRA base)" if ref is None else f"{str(next(ref.parameters()).dtype).replace('torch.', '')} weights (frozen copy)",
+            "reference model": "none (LoRA base)" if ref is None else f"{common.dtype_name(next(ref.parameters()).dtype)} weights (frozen copy)",
             "reward": "reward_model='demo' (DEMO_RUBRIC)",
             "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
@@ -421,8 +413,7 @@ WORKERS = {
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, steps=6, warmup=1)
+    p = common.make_parser(__doc__, steps=6, warmup=1)
     p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step (default 16)")
     p.add_argument("--group-size", type=int, default=2, help="completions per prompt (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="max completion tokens (default 64)")
@@ -433,9 +424,7 @@ def main(argv=None) -> None:
                    help="rlhfkit decoding autocast (default bf16, as TRL decodes; rlhfkit's own default 'auto' is fp32 on CPU)")
     p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
                    help=f"comma-separated sides to run, from {', '.join(ALL_SIDES)} (default: {','.join(DEFAULT_SIDES)})")
-    args = p.parse_args(argv)
-    if not 1 <= args.warmup_steps < args.steps:
-        p.error("need 1 <= --warmup-steps < --steps")
+    args = common.parse_args(p, argv)
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
     if unknown := [x for x in sides if x not in ALL_SIDES]:
         p.error(f"unknown sides {unknown}; choose from {', '.join(ALL_SIDES)}")
@@ -447,34 +436,21 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-rl-") as tmp_name:
         tmp = Path(tmp_name)
         prompts = common.demo_path("prompts_train.jsonl")
-        model_path, model_note = common.model_dir(args.model)
-        print(f"model: {args.model} -> {model_path}")
-        if model_note:
-            print(f"note: {model_note}")
-        print(
+        settings = common.start(
+            args,
             f"prompts: {prompts}; {args.prompts_per_step} prompts x {args.group_size} completions per step, "
             f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}, beta {args.beta}, lr {args.lr}, "
-            f"{args.steps} steps (first {args.warmup_steps} excluded), {args.threads} threads"
+            f"{args.steps} steps (first {args.warmup_steps} excluded), {args.threads} threads",
+            prompts=str(prompts), prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, lr=args.lr,
+            generation_precision=args.rlhfkit_generation_precision,
         )
-        common.check_load()
-        settings = {
-            "model_dir": str(model_path), "prompts": str(prompts), "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "prompts_per_step": args.prompts_per_step, "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature, "beta": args.beta, "lr": args.lr, "threads": args.threads,
-            "generation_precision": args.rlhfkit_generation_precision,
-        }
-        results: dict[str, list[dict]] = {s: [] for s in sides}
-        for run in range(args.repeats):
-            for side in common.side_order(sides, run):
-                r = common.spawn(__file__, side, settings, tmp, str(run), verbose=args.verbose)
-                results[side].append(r)
-                print(
-                    f"  run {run + 1} {side:12s}: {r['seconds'] / (args.steps - args.warmup_steps):6.2f} s/step "
-                    f"(generate {r['generate']:.2f}, score+fwd {r['score_fwd']:.2f}, update+other {r['update']:.2f}), "
-                    f"cpu use {r['cpu_seconds'] / r['seconds'] / args.threads:4.0%} of {args.threads} threads, "
-                    f"step times {' '.join(f'{t:.2f}' for t in r['step_times'])} s ({r['wall']:.0f} s wall)",
-                    flush=True,
-                )
+        measured = args.steps - args.warmup_steps
+        results = common.run_sides(
+            __file__, sides, settings, tmp, args, width=12,
+            rates=lambda r: (f"{r['seconds'] / measured:6.2f} s/step (generate {r['generate']:.2f}, "
+                             f"score+fwd {r['score_fwd']:.2f}, update+other {r['update']:.2f})"),
+        )
 
     print()
     common.print_settings({side: results[side][0] for side in sides})
@@ -486,7 +462,6 @@ def main(argv=None) -> None:
     if all(r["step_prompts"] == reference for side in sides for r in results[side]):
         print(f"checked: every side got the same {args.prompts_per_step} prompts at each of the {args.steps} steps")
     print(f"note: TRL GRPOTrainer's own default beta is 0.0 (no reference model at all); here beta={args.beta} on every side")
-    measured = args.steps - args.warmup_steps
     sps = {s: statistics.median(r["seconds"] / measured for r in results[s]) for s in sides}
     print()
     rows = []
@@ -495,7 +470,7 @@ def main(argv=None) -> None:
         r = common.median_run(results[side], lambda x: x["seconds"])
         rows.append([
             side, f"{sps[side]:.2f}", fmt(r["generate"]), fmt(r["score_fwd"]), fmt(r["update"]),
-            f"{r['cpu_seconds'] / r['seconds'] / args.threads:.0%}", f"{r['decode_steps']:.1f}", fmt(r["mean_length"], ".1f"),
+            f"{common.cpu_use(r, args.threads):.0%}", f"{r['decode_steps']:.1f}", fmt(r["mean_length"], ".1f"),
             fmt(r["reward"], ".3f"), f"{r['peak_rss_mb']:.0f}",
         ])
     common.print_table(["side", "s/step", "generate", "score+fwd", "update+other", "cpu", "decode steps",
@@ -513,7 +488,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if common.is_worker_invocation():
-        common.worker_main(WORKERS)
-    else:
-        main()
+    common.run_script(WORKERS, main)

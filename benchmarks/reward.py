@@ -40,8 +40,6 @@ pairs/s; above 1 means rlhfkit is faster.
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -56,21 +54,13 @@ def reward_tokenizer(model_dir: str):
     return _reward_tokenizer(model_dir)
 
 
-def settings_of(*, batch, max_length, lr, schedule, warmup, wd, clip, betas, autocast, model, ckpt, dropout, loss) -> dict:
+def settings_of(model, *, batch: int, max_length: int, loss: str, training: dict) -> dict:
+    """A side's ``settings``: the reward-model rows around the shared ``training`` rows."""
     return {
         "pairs per step": batch,
         "max length": max_length,
         "loss": loss,
-        "learning rate": lr,
-        "lr schedule": schedule,
-        "warmup steps": warmup,
-        "weight decay": wd,
-        "grad clip": clip,
-        "adam betas / eps": betas,
-        "autocast": autocast,
-        "master weights": str(model.dtype).replace("torch.", ""),
-        "grad checkpointing": bool(ckpt),
-        "dropout": dropout,
+        **training,
         "pad token id": model.config.pad_token_id,
         "score head": f"{type(model).__name__} num_labels={model.config.num_labels}",
     }
@@ -106,14 +96,11 @@ def worker_trl(s: dict) -> dict:
         disable_dropout=True,  # TRL's default; SmolLM2 has no dropout anyway
         center_rewards_coefficient=None,
     )
-    holder = {}
-    callback, times, cpu_times, tokens_cum = common.trl_step_timer(lambda: int(holder["trainer"]._total_train_tokens))
-    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
-    holder["trainer"] = trainer
-    common.check_no_checkpointing(trainer)
+    trainer, times, cpu_times, tokens_cum = common.trl_token_trainer(
+        RewardTrainer, len(rows), "pairs (it drops pairs over max_length); raise --max-length",
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+    )
     prepared = trainer.train_dataset
-    if len(prepared) != len(rows):
-        raise SystemExit(f"TRL kept {len(prepared)} of {len(rows)} pairs (it drops pairs over max_length); raise --max-length")
     lengths = [len(c) + len(r) for c, r in zip(prepared["chosen_ids"], prepared["rejected_ids"])]
     expected = [sum(lengths[k * B : (k + 1) * B]) for k in range(s["steps"])]
 
@@ -121,24 +108,14 @@ def worker_trl(s: dict) -> dict:
     w = s["warmup_steps"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "seconds": common.window(times, w),
-        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
-        "step_times": common.step_durations(times),
+        **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
-        "tokens": tokens_cum[-1] - tokens_cum[w - 1],
-        "tokens_check": sum(expected[w:]),
-        "step_tokens": [b - a for a, b in zip([0] + tokens_cum, tokens_cum)],
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "settings": settings_of(
-            batch=config.per_device_train_batch_size * config.gradient_accumulation_steps, max_length=config.max_length,
-            lr=config.learning_rate, schedule=common.value_str(config.lr_scheduler_type), warmup=config.warmup_steps,
-            wd=config.weight_decay, clip=config.max_grad_norm,
-            betas=f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
-            autocast="bf16" if config.bf16 else ("fp16" if config.fp16 else "none"), model=model,
-            ckpt=getattr(config, "activation_checkpointing", config.gradient_checkpointing),
-            dropout=0.0 if config.disable_dropout else getattr(model.config, "attention_dropout", "?"),
+            model, batch=config.per_device_train_batch_size * config.gradient_accumulation_steps, max_length=config.max_length,
             loss="bradley-terry, margin 0" if config.center_rewards_coefficient is None else "bradley-terry + centering",
+            training=common.trl_training_settings(config, model),
         ),
         "implementation": {
             "optimizer": common.trl_optimizer_name(trainer),
@@ -151,7 +128,6 @@ def worker_trl(s: dict) -> dict:
 def worker_rlhfkit(s: dict) -> dict:
     import rlhfkit
     from rlhfkit.reward import RewardConfig, train
-    from rlhfkit.tracking import read_metrics
 
     B = s["batch_size"]
     _, kept, examples = common.load_pair_examples(s, reward_tokenizer(s["model_dir"]), keep_ties=True)
@@ -172,31 +148,18 @@ def worker_rlhfkit(s: dict) -> dict:
         normalize=False,  # after the timed steps anyway; TRL has no counterpart
     )
     result = train(config)
-    metrics = [m for m in read_metrics(s["out_dir"]) if "tokens_seen" in m]
-    if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:
-        raise SystemExit(f"rlhfkit logged {len(metrics)} steps, expected {s['steps']}")
-    times = [stamps[m["step"]][0] for m in metrics]
-    cpu_times = [stamps[m["step"]][1] for m in metrics]
+    metrics, times, cpu_times = common.rlhfkit_steps(s, stamps, "tokens_seen")
     tokens_cum = [int(m["tokens_seen"]) for m in metrics]
     w = s["warmup_steps"]
     model = result.model
     return {
-        "seconds": common.window(times, w),
-        "cpu_seconds": cpu_times[-1] - cpu_times[w - 1],
-        "step_times": common.step_durations(times),
+        **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
-        "tokens": tokens_cum[-1] - tokens_cum[w - 1],
-        "tokens_check": sum(expected[w:]),
-        "step_tokens": [b - a for a, b in zip([0] + tokens_cum, tokens_cum)],
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),
         "settings": settings_of(
-            batch=config.batch_size * config.grad_accum, max_length=config.max_length, lr=config.lr,
-            schedule=config.lr_schedule, warmup=int(config.warmup_ratio * config.max_steps), wd=config.weight_decay,
-            clip=config.max_grad_norm, betas=f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
-            autocast=config.precision if config.precision != "fp32" else "none", model=model,
-            ckpt=config.gradient_checkpointing, dropout=getattr(model.config, "attention_dropout", "?"),
-            loss=f"bradley-terry, margin {config.margin:g}",
+            model, batch=config.batch_size * config.grad_accum, max_length=config.max_length,
+            loss=f"bradley-terry, margin {config.margin:g}", training=common.rlhfkit_training_settings(config, model),
         ),
         "implementation": {
             "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
@@ -213,76 +176,24 @@ WORKERS = {"trl": worker_trl, "rlhfkit": worker_rlhfkit}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, steps=12, warmup=2)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step (default 8)")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens of prompt + response (default 512)")
-    p.add_argument("--pairs", type=int, default=128, help="preference pairs to build from the demo set (default 128)")
+    p = common.make_parser(__doc__, steps=12, warmup=2)
+    common.add_pair_args(p)
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
-    args = p.parse_args(argv)
-    if not 1 <= args.warmup_steps < args.steps:
-        p.error("need 1 <= --warmup-steps < --steps")
+    args = common.parse_args(p, argv)
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-reward-") as tmp_name:
         tmp = Path(tmp_name)
-        data = tmp / "pairs.jsonl"
-        data_note = common.write_preference_file(data, args.pairs)
-        model_path, model_note = common.model_dir(args.model)
-        print(f"model: {args.model} -> {model_path}")
-        if model_note:
-            print(f"note: {model_note}")
-        print(
-            f"data: {data_note}; batch {args.batch_size} pairs, max_length {args.max_length}, {args.steps} steps "
-            f"(first {args.warmup_steps} excluded), lr {args.lr}, {args.threads} threads"
-        )
-        common.check_load()
-        settings = {
-            "model_dir": str(model_path), "data": str(data), "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr, "threads": args.threads,
-        }
-        results: dict[str, list[dict]] = {s: [] for s in SIDES}
-        for run in range(args.repeats):
-            for side in common.side_order(SIDES, run):
-                r = common.spawn(__file__, side, settings, tmp, str(run), verbose=args.verbose)
-                results[side].append(r)
-                print(
-                    f"  run {run + 1} {side:8s}: {r['pairs'] / r['seconds']:6.2f} pairs/s, {r['tokens'] / r['seconds']:7.1f} tok/s, "
-                    f"cpu use {r['cpu_seconds'] / r['seconds'] / args.threads:4.0%} of {args.threads} threads, "
-                    f"step times {' '.join(f'{t:.2f}' for t in r['step_times'])} s ({r['wall']:.0f} s wall)",
-                    flush=True,
-                )
+        settings = common.start_pairs(args, tmp, f"lr {args.lr}", lr=args.lr)
+        results = common.run_sides(__file__, SIDES, settings, tmp, args, width=8, rates=common.pair_rates)
 
     print()
     common.print_settings({side: results[side][0] for side in SIDES})
-    for side in SIDES:
-        for r in results[side]:
-            if r["tokens"] != r["tokens_check"]:
-                print(f"WARNING: {side} counted {r['tokens']} tokens in the window, its tokenized data says {r['tokens_check']}")
-    ours, theirs = results["rlhfkit"][0], results["trl"][0]
-    if ours["step_tokens"] != theirs["step_tokens"]:
-        diff = sum(abs(a - b) for a, b in zip(ours["step_tokens"], theirs["step_tokens"]))
-        print(f"note: per-step token counts differ by {diff} tokens in total (tokenisation of the chat template): "
-              f"rlhfkit {ours['step_tokens']} vs trl {theirs['step_tokens']}")
-
-    B = args.batch_size
-    rate = {s: statistics.median(r["pairs"] / r["seconds"] for r in results[s]) for s in SIDES}
+    common.check_token_counts(results)
     print()
-    rows = []
-    for side in SIDES:
-        r = common.median_run(results[side], lambda x: x["pairs"] / x["seconds"])
-        tok_rate = statistics.median(x["tokens"] / x["seconds"] for x in results[side])
-        rows.append([
-            side, f"{rate[side]:.2f}", f"{tok_rate:.1f}", f"{B / rate[side]:.3f}",
-            f"{r['cpu_seconds'] / r['seconds'] / args.threads:.0%}", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
-            f"{r['peak_rss_mb']:.0f}",
-        ])
-    common.print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "loss@1", "loss@end", "peak RSS MB"], rows)
+    rate = common.print_pair_table(results, args)
     print()
     print(f"ratio: {rate['rlhfkit'] / rate['trl']:.2f}")
 
 
 if __name__ == "__main__":
-    if common.is_worker_invocation():
-        common.worker_main(WORKERS)
-    else:
-        main()
+    common.run_script(WORKERS, main)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 
 class DataError(ValueError):
@@ -118,14 +119,20 @@ def _json_rows(path: Path, text: str) -> Iterator[Row]:
         raise DataError(path, line_of(pos), None, "invalid JSON: expected ',' or ']' between list items")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+@contextmanager
+def atomic_open(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """Write ``path`` atomically through the yielded file (UTF-8 text, or bytes with ``binary=True``).
+
+    The file is a temp file in the same directory: fsynced and ``os.replace``d
+    over ``path`` when the block ends normally, deleted (``path`` untouched) when
+    it raises.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -133,6 +140,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

@@ -36,13 +36,11 @@ and field.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from rlhfkit.data.io import DataError, Row, atomic_write_text, read_rows, write_jsonl
+from rlhfkit.data.io import DataError, Row, atomic_open, atomic_write_text, read_rows, write_jsonl
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.data.sft import parse_messages
 
@@ -457,15 +455,5 @@ def _write_parquet(path: Path, records: list[dict[str, Any]]) -> None:
                 "(e.g. all prompts strings or all message lists) -- save as .jsonl instead"
             ) from None
     table = pa.table(arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, binary=True) as f:
+        pq.write_table(table, f)
