@@ -51,8 +51,9 @@ class RewardConfig(models.ModelOptions, TrainOptions):
     margin: float = 0.0
     """Constant margin in the Bradley-Terry loss (Llama 2's margin ranking loss); a record's
     `meta.margin` is added to it."""
-    head_init: Literal["zero", "normal"] = "zero"
-    """Score-head initialisation: zeros (the seed design) or N(0, 1/(hidden+1))."""
+    head_init: Literal["zero", "normal"] = "normal"
+    """Score-head initialisation: N(0, 1/(hidden+1)) or zeros (the seed design). With zeros the
+    backbone gets no gradient until the head has moved, which at small learning rates is slow."""
     normalize: bool = True
     """Fit a gain and bias so the normalisation samples score mean 0, std 1."""
     norm_data: str = ""
@@ -111,7 +112,15 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
             torch.manual_seed(0)
             model = AutoModelForSequenceClassification.from_config(models.tiny_config(num_labels=1), dtype=torch.float32)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(models.resolve(spec), num_labels=1, dtype=torch.float32)
+        from transformers.utils import logging as hf_logging
+
+        # The score head is new by design; transformers' load report would flag it as missing.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(models.resolve(spec), num_labels=1, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
     head = model.get_submodule("score")
     with torch.random.fork_rng(devices=[]):
