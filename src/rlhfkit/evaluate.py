@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from rlhfkit import models
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.records import Comparison
@@ -78,17 +80,22 @@ class EvalConfig:
     """Bootstrap resamples for the Elo intervals."""
     output: str = "runs/eval/eval.json"
     """Where the results go."""
+    progress: bool = True
+    """Show progress bars while sampling."""
 
 
-def _sample(spec: str, prompts: list, config: EvalConfig, *, n: int = 1, seed_offset: int = 0) -> tuple[Rollout, object, object]:
+def _sample(spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0) -> tuple[Rollout, object, object]:
     tokenizer = models.load_tokenizer(spec)
     model = models.load_causal_lm(spec).eval()
     engine = HFEngine(model, tokenizer, precision=config.generation_precision)
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []
+    bar = tqdm(total=len(prompts) * n, unit="response", desc=f"eval: {desc}", disable=not config.progress)
     for start in range(0, len(prompts), config.batch_size):
         torch.manual_seed(config.seed * 1_000_003 + start + seed_offset)
         parts.append(make_rollout(engine, tokenizer, prompts[start : start + config.batch_size], options, samples_per_prompt=n))
+        bar.update(len(parts[-1].responses))
+    bar.close()
     return _concat(parts, tokenizer.pad_token_id), model, tokenizer
 
 
@@ -159,8 +166,8 @@ def run(config: EvalConfig) -> dict:
         prompts = prompts[: config.max_prompts]
     gold = load_reward(config.gold, precision=config.precision)
 
-    base_roll, base_model, _ = _sample(config.baseline, prompts, config)
-    pol_roll, pol_model, _ = _sample(config.policy, prompts, config, seed_offset=1)
+    base_roll, base_model, _ = _sample(config.baseline, prompts, config, "baseline")
+    pol_roll, pol_model, _ = _sample(config.policy, prompts, config, "policy", seed_offset=1)
     base_scores = gold(base_roll.prompts, base_roll.responses)
     pol_scores = gold(pol_roll.prompts, pol_roll.responses)
     reference = base_model if not config.reference else models.load_causal_lm(config.reference).eval()
@@ -186,7 +193,7 @@ def run(config: EvalConfig) -> dict:
 
     if config.best_of_n > 1:
         n = config.best_of_n
-        bon_roll, _, _ = _sample(config.baseline, prompts, config, n=n, seed_offset=2)
+        bon_roll, _, _ = _sample(config.baseline, prompts, config, f"best-of-{n}", n=n, seed_offset=2)
         proxy = load_reward(config.proxy, precision=config.precision) if config.proxy else gold
         proxy_scores = torch.tensor(proxy(bon_roll.prompts, bon_roll.responses)).view(-1, n)
         best = proxy_scores.argmax(-1)
@@ -201,7 +208,7 @@ def run(config: EvalConfig) -> dict:
             "win_rate_vs_baseline": win_rate(bon_gold, base_scores),
         }
     for i, spec in enumerate(config.extra_policies):
-        roll, _, _ = _sample(spec, prompts, config, seed_offset=10 + i)
+        roll, _, _ = _sample(spec, prompts, config, Path(spec).name or spec, seed_offset=10 + i)
         players[Path(spec).name or spec] = (roll.responses, gold(roll.prompts, roll.responses))
 
     # Elo / Bradley-Terry over every pair of players, one match per prompt.
