@@ -198,7 +198,7 @@ def worker_rlhfkit(s: dict) -> dict:
         },
         "implementation": {
             "reference": "log-probs precomputed once before training (compute_ref_logps, ref_cache=True)",
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
+            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
         },
     }

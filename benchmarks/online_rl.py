@@ -393,7 +393,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
             }[algorithm],
             "reference model": "none (LoRA base)" if ref is None else f"{common.dtype_name(next(ref.parameters()).dtype)} weights (frozen copy)",
             "reward": "reward_model='demo' (DEMO_RUBRIC)",
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
+            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
         },
     })

@@ -162,7 +162,7 @@ def worker_rlhfkit(s: dict) -> dict:
             loss=f"bradley-terry, margin {config.margin:g}", training=common.rlhfkit_training_settings(config, model),
         ),
         "implementation": {
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
+            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
             "too long pairs": "truncated",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
         },

@@ -174,7 +174,7 @@ def worker_rlhfkit(s: dict) -> dict:
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "jsonl_seconds": metrics[-1]["time"] - metrics[w - 1]["time"],
         "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
-        "optimizer": "AdamW (rlhfkit.optim.build_optimizer, foreach=True)",
+        "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
         "target_tokens": targets,
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),

@@ -60,7 +60,10 @@ class ActorCritic(nn.Module):
         if value == "head":
             hidden = _base(policy).config.hidden_size
             self.value_head = nn.Linear(hidden, 1)
-            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            # Zero: the first values are 0, a neutral baseline (explained variance 0), where a
+            # random head's values are noise of the size of the final hidden state's RMS.
+            # Its gradient (V - R) * h is not zero, so it learns from the first update.
+            nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         elif value == "critic":
             if critic is None:

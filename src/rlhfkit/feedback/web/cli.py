@@ -1,12 +1,13 @@
 """``rlhfkit annotate``: label pairs by hand, in the browser or at the terminal.
 
-    rlhfkit annotate serve --pairs PAIRS.jsonl --db labels.sqlite [--host H --port P --overlap K --lease-seconds S]
-    rlhfkit annotate add-annotator NAME --db labels.sqlite [--new-token]   (prints the token)
-    rlhfkit annotate status --db labels.sqlite
-    rlhfkit annotate export --db labels.sqlite --format jsonl|trl|seed OUTPUT [--min-votes N]
+    rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--host H --port P --overlap K --lease-seconds S]
+    rlhfkit annotate add-annotator NAME [--db DB] [--new-token]   (prints the token)
+    rlhfkit annotate status [--db DB]
+    rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT [--min-votes N]
     rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME]
     rlhfkit annotate SAMPLES OUTPUT [--annotator NAME]                      (the same, older spelling)
 
+DB defaults to ``runs/annotations.sqlite``, the label stage's ``web_db``.
 Each subcommand wraps one Python function; see :mod:`rlhfkit.feedback.web`.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+DEFAULT_DB = "runs/annotations.sqlite"  # the label stage's `web_db` default
 COMMANDS = ("serve", "add-annotator", "status", "export", "terminal")
 
 
@@ -23,7 +25,7 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the annotation web app (FastAPI + SQLite)")
-    p.add_argument("--db", required=True, help="annotation database (SQLite; created if missing)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (SQLite; created if missing; default {DEFAULT_DB})")
     p.add_argument("--pairs", default="", help="pairs to add: `rlhfkit sample` output or seed pairs (JSON/JSONL)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; the address is printed)")
@@ -32,15 +34,15 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
 
     p = sub.add_parser("add-annotator", help="register an annotator and print their token")
     p.add_argument("name")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
     p.add_argument("--new-token", action="store_true", help="give an existing annotator a new token (the old one stops working)")
 
     p = sub.add_parser("status", help="labels per annotator, throughput, agreement (Cohen's / Fleiss' kappa)")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
 
     p = sub.add_parser("export", help="write the majority label of each pair")
     p.add_argument("output", help="output file (.jsonl, .json or .parquet)")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "trl", "seed"])
     p.add_argument("--min-votes", type=int, default=1, help="only pairs with at least this many votes (default 1)")
 
