@@ -159,12 +159,13 @@ def test_real_pipeline_on_tiny_model(tmp_path):
         sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
         rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
-        eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20},
+        eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
     )
     status = pipeline.run(cfg)
     assert all(v == "ran" for v in status.values())
     run = tmp_path / "run"
-    results = json.loads((run / "eval" / "eval.json").read_text())
+    results = json.loads((run / "eval.json").read_text())  # the interface: DIR/eval.json
+    assert results == json.loads((run / "eval" / "eval.json").read_text())
     for key in ("win_rate", "gold_score_policy", "gold_score_baseline", "kl"):
         assert isinstance(results[key], float)
     assert (run / "report.html").is_file()

@@ -128,7 +128,10 @@ def _marker(stage: Stage) -> Path:
 
 
 def _publish_eval(stage: Stage, out: Path) -> None:
-    atomic_write_text(out / "eval.json", Path(stage.config.output).read_text())
+    """Copy the eval stage's ``eval.json`` next to ``report.html`` (where users look first)."""
+    results = Path(stage.config.output)
+    if results.is_file():
+        atomic_write_text(out / "eval.json", results.read_text())
 
 
 def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, str]:
