@@ -190,7 +190,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # the simulated labels informative (median P(preferred) ~0.9) instead of near-coin flips.
         "label": {"temperature": 0.05},
         "reward": {"num_epochs": 2, "lr": 3e-5, "batch_size": 8, "eval_every": 10},
-        "rl": {"num_epochs": 2, "lr": 2e-5, "beta": 0.1, "batch_size": 8, "eval_every": 10},
+        "rl": {"num_epochs": 2, "lr": 3e-5, "beta": 0.1, "batch_size": 8, "eval_every": 10},
         "eval": {"max_new_tokens": 64, "best_of_n": 4, "batch_size": 32},
     }
     return from_dict(PipelineConfig, merge_sections(base, overrides), source="demo")
