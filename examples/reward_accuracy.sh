@@ -14,7 +14,8 @@ SFT=${1:-runs/demo/sft}
 OUT=${2:-runs/reward_accuracy}
 SCORER=${3:-length}
 RLHFKIT=${RLHFKIT:-rlhfkit}
-DEMO=$(python -c 'from rlhfkit.sft import demo_data_path; print(demo_data_path(""))')
+PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
+DEMO=$("$PYTHON" -c 'from rlhfkit.sft import demo_data_path; print(demo_data_path(""))')
 mkdir -p "$OUT"
 
 for split in train eval; do
@@ -23,7 +24,7 @@ for split in train eval; do
   "$RLHFKIT" label samples="$OUT/samples_$split.jsonl" output="$OUT/labels_$split.jsonl" \
     scorer="$SCORER" temperature=0
 done
-python - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" <<'EOF'
 import sys
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
@@ -40,7 +41,7 @@ print(f"held-out: {len(pairs)} strict pairs")
 EOF
 "$RLHFKIT" reward model="$SFT" data="$OUT/labels_train.jsonl" eval_data="$OUT/heldout_pairs.jsonl" \
   output_dir="$OUT/reward" num_epochs=1 lr=3e-5 batch_size=8 eval_every=1000
-python - "$OUT" <<'EOF'
+"$PYTHON" - "$OUT" <<'EOF'
 import json, sys
 evals = [json.loads(l) for l in open(f"{sys.argv[1]}/reward/metrics.jsonl") if "eval_accuracy" in l]
 print(f"held-out accuracy: {evals[-1]['eval_accuracy']:.4f} (step {evals[-1]['step']})")

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from rlhfkit import models
@@ -208,8 +207,9 @@ def run(config: EvalConfig) -> dict:
             "win_rate_vs_baseline": win_rate(bon_gold, base_scores),
         }
     for i, spec in enumerate(config.extra_policies):
-        roll, _, _ = _sample(spec, prompts, config, Path(spec).name or spec, seed_offset=10 + i)
-        players[Path(spec).name or spec] = (roll.responses, gold(roll.prompts, roll.responses))
+        name = Path(spec).name or spec
+        roll, _, _ = _sample(spec, prompts, config, name, seed_offset=10 + i)
+        players[name] = (roll.responses, gold(roll.prompts, roll.responses))
 
     # Elo / Bradley-Terry over every pair of players, one match per prompt.
     names = list(players)

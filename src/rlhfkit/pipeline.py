@@ -134,6 +134,22 @@ def _publish_eval(stage: Stage, out: Path) -> None:
         atomic_write_text(out / "eval.json", results.read_text())
 
 
+def _run_stage(stage: Stage, digest: str, start: float) -> None:
+    """Run one stage from a clean directory; on success, record its hash in the marker."""
+    # A stale or partial output must not leak into the new run (trainers resume from checkpoints).
+    if stage.directory.exists():
+        shutil.rmtree(stage.directory)
+    stage.directory.mkdir(parents=True)
+    print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
+    t0 = time.time()
+    try:
+        stage.run(stage.config)
+    except Exception as e:  # noqa: BLE001 - re-raised with the stage name
+        raise StageError(stage.name, e) from e
+    atomic_write_text(_marker(stage), json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1),
+                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
 def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, str]:
     """Run (or resume) the pipeline. Returns ``{stage: "ran" | "skipped"}``."""
     if from_stage is not None and from_stage not in STAGES:
@@ -154,23 +170,10 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
         recorded = json.loads(marker.read_text())["hash"] if marker.exists() else None
         if not forced and recorded == digest and stage.name != "report":
             print(f"pipeline: {stage.name}: up to date, skipped")
-            if stage.name == "eval" and not (out / "eval.json").exists():
-                _publish_eval(stage, out)
             status[stage.name] = "skipped"
-            continue
-        # A stale or partial output must not leak into the new run (trainers resume from checkpoints).
-        if stage.directory.exists():
-            shutil.rmtree(stage.directory)
-        stage.directory.mkdir(parents=True)
-        print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
-        t0 = time.time()
-        try:
-            stage.run(stage.config)
-        except Exception as e:  # noqa: BLE001 - re-raised with the stage name
-            raise StageError(stage.name, e) from e
-        atomic_write_text(marker, json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1),
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        status[stage.name] = "ran"
+        else:
+            _run_stage(stage, digest, start)
+            status[stage.name] = "ran"
         if stage.name == "eval":  # the headline numbers also sit next to report.html
             _publish_eval(stage, out)
     print(f"pipeline: done in {time.time() - start:.0f}s -> {out / 'report.html'}")
