@@ -220,7 +220,7 @@ def test_sequence_logps_matches_slow_reference(tokenizer):
     assert (batch["attention_mask"][0] == 0).any() and (batch["attention_mask"][1] == 1).all()
     model = models.build_tiny(seed=1).eval()
     with torch.no_grad():
-        logps, n_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, n_tokens = sequence_logps(model, batch)
     want_logps, want_counts = reference_sequence_logps(model, batch)
     assert logps.shape == n_tokens.shape == (2,)
     assert logps.dtype == torch.float32
@@ -433,8 +433,8 @@ def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     result.model.eval()
     with torch.no_grad():
-        want, _ = sequence_logps(result.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        got, _ = sequence_logps(loaded, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        want, _ = sequence_logps(result.model, batch)
+        got, _ = sequence_logps(loaded, batch)
     assert torch.allclose(got, want, atol=1e-4)
 
 

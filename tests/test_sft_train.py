@@ -38,7 +38,7 @@ def test_sft_loss_sum_matches_reference(tokenizer, qa_file):
     assert (batch["attention_mask"] == 0).any()  # padding is exercised
     model = models.build_tiny(seed=1).eval()
     with torch.no_grad():
-        got = sft_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        got = sft_loss_sum(model, batch)
         want = reference_loss_sum(model, batch)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     n_targets = sum(sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in examples)
@@ -166,6 +166,8 @@ def test_output_dir_loads_with_transformers_and_logs_metrics(qa_file, tmp_path, 
     ids = encode(loaded_tok)
     assert torch.equal(ids, encode(tokenizer))
     trained = result.model.eval()
+    # The saved config keeps transformers' default kernel; compare on the same one.
+    loaded.set_attn_implementation(trained.config._attn_implementation)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, trained(ids).logits)
 

@@ -28,11 +28,10 @@ from typing import Literal
 import torch
 import yaml
 
-from rlhfkit import models
+from rlhfkit import forward, models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import collate_pairs, load_pair_splits
-from rlhfkit.forward import sequence_logps
+from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
 from rlhfkit.loop import FitResult, TrainOptions, fit
 from rlhfkit.losses import dpo_loss, simpo_loss
 
@@ -81,16 +80,16 @@ class DPOTask:
         return int(batch["target"].shape[0])
 
     def num_tokens(self, batch) -> int:
-        return int(batch["attention_mask"].sum())
+        return forward.num_tokens(batch)
 
     def loss(self, model, batch):
         c = self.config
-        n = batch["target"].shape[0]
-        logps, n_tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        chosen_logps, rejected_logps = logps[:n], logps[n:]
+        logps, n_tokens = forward.sequence_logps(model, batch)
+        chosen_logps, rejected_logps = chosen_rejected(batch, logps)
+        chosen_tokens, rejected_tokens = chosen_rejected(batch, n_tokens)
         if c.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_loss(
-                chosen_logps, rejected_logps, n_tokens[:n], n_tokens[n:],
+                chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
                 beta=c.beta, gamma=c.simpo_gamma, label_smoothing=c.label_smoothing,
             )
         else:
@@ -99,7 +98,7 @@ class DPOTask:
                 beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
             )
         if c.rpo_alpha > 0:
-            losses = losses + c.rpo_alpha * (-chosen_logps / n_tokens[:n].clamp(min=1))
+            losses = losses + c.rpo_alpha * (-chosen_logps / chosen_tokens.clamp(min=1))
         stats = {
             "accuracy": (chosen_rewards > rejected_rewards).float().sum(),
             "margin": (chosen_rewards - rejected_rewards).sum(),
@@ -163,7 +162,8 @@ def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
 
 
 @torch.no_grad()
-def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precision: str, batch_size: int = 8) -> torch.Tensor:
+def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precision: str, batch_size: int = 8,
+                      packed: bool = True) -> torch.Tensor:
     """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
     model.eval()
     device = next(model.parameters()).device
@@ -172,13 +172,11 @@ def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precisi
     with models.adapters_disabled(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = collate_pairs(chunk, pad_token_id)
+            batch = collate_pairs(chunk, pad_token_id, packed=packed)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logps, _ = sequence_logps(
-                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
-                )
-            n = len(chunk)
-            out.append(torch.stack([logps[:n], logps[n:]], dim=1).float().cpu())
+                logps, _ = forward.sequence_logps(model, batch)
+            out.append(torch.stack(chosen_rejected(batch, logps), dim=1).float().cpu())
     model.train()
     return torch.cat(out) if out else torch.zeros(0, 2)
 
@@ -191,6 +189,8 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
     if config.loss_type == "simpo":
         return  # reference-free
     ref = policy if not config.ref_model else models.load_causal_lm(config.ref_model)
+    if config.packing:
+        models.set_attention(ref)
     examples = train + held
     path = ref_cache_path(config, ref, tokenizer) if config.ref_cache else None
     state = PartialState()
@@ -198,7 +198,8 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         ref_logps = load_file(str(path))["ref_logps"]
         print(f"dpo: reference log-probs loaded from cache {path}")
     else:
-        ref_logps = compute_ref_logps(ref, examples, tokenizer.pad_token_id, precision=config.precision, batch_size=config.batch_size)
+        ref_logps = compute_ref_logps(ref, examples, tokenizer.pad_token_id, precision=config.precision,
+                                      batch_size=config.batch_size, packed=config.packing)
         if path is not None and state.is_main_process:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"ref_logps": ref_logps}, str(tmp))
@@ -236,7 +237,7 @@ def train(config: DPOConfig) -> FitResult:
         task=DPOTask(config),
         train_set=train_set,
         eval_set=eval_set,
-        collate=lambda examples: collate_pairs(examples, pad_id),
+        collate=lambda examples: collate_pairs(examples, pad_id, packed=config.packing),
         precision=config.precision,
         save_model=lambda m, d, sd: models.save_pretrained(m, tokenizer, d, state_dict=sd),
         run_info={"stage": "dpo", "data": config.data},

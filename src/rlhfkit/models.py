@@ -60,6 +60,11 @@ class AdapterOptions:
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that get LoRA adapters."""
+    attn_implementation: str = "auto"
+    """Attention kernel: `auto` is rlhfkit's (`rlhfkit.packing`): packed batches (no padding, shared prompts run
+    once) and, on padded batches, eager attention on CPU (1.3-2.5x faster than sdpa's fused kernel there up to
+    ~1k tokens, fwd+bwd bf16) and sdpa on GPUs. Any transformers name (`sdpa`, `eager`, `flash_attention_2`)
+    also works with `packing=false`."""
 
 
 @dataclass
@@ -231,8 +236,23 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
 
 
+def set_attention(model, name: str = "auto") -> None:
+    """Switch ``model`` to the attention kernel ``name`` (see :attr:`AdapterOptions.attn_implementation`)."""
+    from rlhfkit import packing  # registers the kernel with transformers
+
+    impl = packing.ATTENTION if name == "auto" else name
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+
+
 def prepare_for_training(model, options: AdapterOptions):
-    """Apply gradient checkpointing and LoRA (peft) as the options ask."""
+    """Choose the attention kernel; apply gradient checkpointing and LoRA (peft) as the options ask."""
+    if getattr(options, "packing", False) and options.attn_implementation != "auto":
+        raise ValueError(
+            f"packing=true needs attn_implementation=auto (rlhfkit's packed kernel), not {options.attn_implementation!r}; "
+            "set packing=false to use another kernel"
+        )
+    set_attention(model, options.attn_implementation)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -25,10 +25,10 @@ from typing import Literal
 import torch
 import yaml
 
-from rlhfkit import models
+from rlhfkit import forward, models, packing
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import collate_pairs, load_pair_splits, tokenize_response
+from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits, tokenize_response
 from rlhfkit.data.sft import collate_sft
 from rlhfkit.loop import FitResult, TrainOptions, fit
 from rlhfkit.losses import preference_loss
@@ -75,19 +75,40 @@ class RewardTask:
         return int(batch["target"].shape[0])
 
     def num_tokens(self, batch) -> int:
-        return int(batch["attention_mask"].sum())
+        return forward.num_tokens(batch)
 
     def loss(self, model, batch):
-        n = batch["target"].shape[0]
-        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        rewards = rewards.squeeze(-1).float()
-        chosen, rejected = rewards[:n], rewards[n:]
+        rewards = sequence_scores(model, batch)
+        chosen, rejected = chosen_rejected(batch, rewards)
         target = batch["target"]
         losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
         # A tie counts as half right; a strict preference as right when chosen scores higher.
         correct = torch.where(target > 0.5, (chosen > rejected).float(), torch.full_like(target, 0.5))
         stats = {"accuracy": correct.sum(), "margin": (chosen - rejected).detach().sum()}
         return losses.sum(), stats
+
+
+def _score_head(model) -> torch.nn.Module:
+    """The ``score`` linear layer of a (possibly DDP/peft-wrapped) ``*ForSequenceClassification``."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "score":
+            return module
+    raise ValueError("reward model has no `score` head")
+
+
+def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar score of each sequence of a padded or packed batch, read at its last token. Shape: (N,).
+
+    Packed: the model's own pooling expects one sequence per row, so the score head's
+    per-position output is captured (a forward hook; the forward still runs through
+    the wrapped model, so DDP syncs gradients) and read at each sequence's last token.
+    """
+    if packing.is_packed(batch):
+        with packing.capture_output(_score_head(model)) as outputs:
+            model(**packing.model_inputs(batch))
+        return outputs[-1][0, :, 0][packing.last_positions(batch)].float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return logits.squeeze(-1).float()
 
 
 def _reward_tokenizer(spec: str):
@@ -246,7 +267,7 @@ def train(config: RewardConfig) -> FitResult:
         task=RewardTask(config.margin),
         train_set=train_set,
         eval_set=eval_set,
-        collate=lambda examples: collate_pairs(examples, pad_id),
+        collate=lambda examples: collate_pairs(examples, pad_id, packed=config.packing),
         precision=config.precision,
         save_model=save,
         run_info={"stage": "reward", "data": config.data},

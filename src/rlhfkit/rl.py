@@ -487,7 +487,7 @@ class RLTrainer:
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         policy = self.acc.unwrap_model(self.model).policy
         with self.acc.autocast():
-            total = sft_loss_sum(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            total = sft_loss_sum(policy, batch)
         return total / max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
     def prompts_for_step(self, step: int) -> list:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rlhfkit import models
+from rlhfkit import forward, models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text, split_holdout
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
@@ -51,25 +51,20 @@ class SFTTask:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        return forward.num_tokens(batch)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return sft_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"]), {}
+        return sft_loss_sum(model, batch), {}
 
 
-def sft_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens.
+def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of a padded or packed batch.
 
-    Shapes: ``input_ids``, ``attention_mask``, ``labels``: (B, T); labels hold
-    ``IGNORE_INDEX`` where no loss is taken. Position ``t`` predicts ``labels[t+1]``.
+    ``batch["labels"]``: (N, T), ``IGNORE_INDEX`` where no loss is taken;
+    position ``t`` predicts ``labels[t+1]`` (see :func:`rlhfkit.forward.target_logits`).
     """
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX  # (B, T-1): True where position t predicts a target
-    positions = mask.any(dim=0).nonzero().squeeze(-1)  # union over the batch
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions, use_cache=False)
-    logits = out.logits  # (B, K, V) at `positions`
-    mask = mask[:, positions]
-    return F.cross_entropy(logits[mask].float(), targets[:, positions][mask], reduction="sum")
+    logits, targets, _ = forward.target_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def demo_data_path(name: str) -> Path:
@@ -117,7 +112,7 @@ def train(config: SFTConfig) -> FitResult:
         task=SFTTask(),
         train_set=train_set,
         eval_set=eval_set,
-        collate=lambda examples: collate_sft(examples, pad_id),
+        collate=lambda examples: collate_sft(examples, pad_id, packed=config.packing),
         precision=config.precision,
         save_model=save,
         run_info={"stage": "sft", "data": data_path},

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit import packing
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
 
@@ -93,16 +94,25 @@ def tokenize_pairs(
     return out, stats
 
 
-def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Stack chosen then rejected, right-padded.
+def collate_pairs(examples: list[dict], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences of a batch of pairs, right-padded or packed.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels``: (2B, T), rows ``[:B]``
-    chosen and ``[B:]`` rejected; ``target``, ``margin``: (B,); and, when the
-    examples carry them (DPO), ``ref_chosen_logps``, ``ref_rejected_logps``: (B,).
+    Padded: ``input_ids``, ``attention_mask``, ``labels``: (2B, T), rows ``[:B]``
+    chosen and ``[B:]`` rejected. Packed (:mod:`rlhfkit.packing`): each pair is a
+    group, so its prompt runs once; sequences alternate chosen, rejected. Both:
+    ``target``, ``margin``: (B,); and, when the examples carry them (DPO),
+    ``ref_chosen_logps``, ``ref_rejected_logps``: (B,). :func:`chosen_rejected`
+    splits per-sequence values either way.
     """
-    seqs = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
-    seqs += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
-    batch = collate_sft(seqs, pad_token_id)
+    if packed:
+        batch = packing.pack(
+            [[e["chosen_input_ids"], e["rejected_input_ids"]] for e in examples],
+            labels=[[e["chosen_labels"], e["rejected_labels"]] for e in examples],
+        )
+    else:
+        seqs = [{"input_ids": e["chosen_input_ids"], "labels": e["chosen_labels"]} for e in examples]
+        seqs += [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+        batch = collate_sft(seqs, pad_token_id)
     batch["target"] = torch.tensor([e["target"] for e in examples], dtype=torch.float32)
     batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
     if "ref_chosen_logps" in examples[0]:
@@ -110,6 +120,13 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
     return batch
 
+
+def chosen_rejected(batch: dict[str, torch.Tensor], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-sequence ``values`` (2B, ...) of a :func:`collate_pairs` batch into (chosen (B,), rejected (B,))."""
+    if packing.is_packed(batch):  # chosen, rejected alternate
+        return values[0::2], values[1::2]
+    n = batch["target"].shape[0]
+    return values[:n], values[n:]
 
 
 def load_pair_splits(

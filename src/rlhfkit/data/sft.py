@@ -182,12 +182,16 @@ def tokenize_sft(
     return examples, stats
 
 
-def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch.
+def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad a batch, or pack it (``packed=True``: one row, no padding; see :mod:`rlhfkit.packing`).
 
-    Returns ``input_ids`` (B, T), ``attention_mask`` (B, T) with True on real
+    Padded: ``input_ids`` (B, T), ``attention_mask`` (B, T) with True on real
     tokens, and ``labels`` (B, T) with ``IGNORE_INDEX`` on non-target and padding.
     """
+    if packed:
+        from rlhfkit import packing  # packing imports this module
+
+        return packing.pack([[e["input_ids"]] for e in examples], labels=[[e["labels"]] for e in examples])
     length = max(len(e["input_ids"]) for e in examples)
     batch = len(examples)
     input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)

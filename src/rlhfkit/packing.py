@@ -1,0 +1,255 @@
+"""Packed batches: no padding, and a prompt shared by several responses computed once.
+
+A padded batch of ``N`` rows costs ``N x max_len`` tokens of compute. On the
+shipped demo data that is 10% padding for SFT and, for preference pairs (chosen
+and rejected rows padded to the longest of ``2B``), 22% padding plus a prompt
+that is 48% of every row and is run twice. A packed batch lays the tokens end
+to end in one row of length ``L`` and runs each shared prompt once: the same
+pairs cost ~0.6 of the padded compute.
+
+Layout. A batch is a list of *groups*; a group is sequences that share their
+first ``p`` tokens (the longest common prefix, capped so every sequence keeps
+at least one token of its own). The row holds, for each group, the prefix once
+and then each sequence's own tokens::
+
+    row:       [ prefix | own tokens of seq 1 | own tokens of seq 2 ] [ next group ...
+    positions:   0..p-1    p..p+n1-1            p..p+n2-1               0..
+
+Position ids restart per group and each sequence's own tokens continue from
+``p``, so rotary embeddings see every sequence exactly as if it ran alone.
+
+Attention (:func:`packed_attention`, registered with transformers as
+``attn_implementation="rlhfkit"``). Each group becomes one item of a small
+batch of ``S`` groups x ``M`` slots (``M`` = the longest group); inside a group
+a prefix token attends causally to the prefix, and a token of sequence ``j``
+attends to the whole prefix and causally to sequence ``j``'s own tokens, never
+to a sibling's. That is the attention each sequence would get alone, so logits
+equal the padded forward's (tested). Without a packed layout (generation,
+padded eval batches) the kernel is plain eager attention on CPU and sdpa on
+CUDA.
+
+Batch tensors (built by :func:`pack`; the loop moves them to the device):
+
+* ``input_ids``, ``position_ids``: (1, L).
+* ``seg_index``: (S, M) row position of each slot of each group (0 on unused slots).
+* ``seg_mask``: (S, 1, M, M) bool, True where slot ``i`` may attend to slot ``j``.
+* ``unpack``: (L,) flat slot index ``s * M + m`` of each row position.
+* ``seq_index``: (N, T) row position of token ``t`` of sequence ``n`` (0 past its end);
+  sequences are numbered group by group, in the order given.
+* ``seq_len``: (N,) tokens in each sequence.
+* ``labels``: (N, T) target token or ``IGNORE_INDEX``, per sequence (when given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.data.sft import IGNORE_INDEX
+
+ATTENTION = "rlhfkit"
+LAYOUT_KEYS = ("seg_index", "seg_mask", "unpack")
+
+
+class Layout(NamedTuple):
+    """What :func:`packed_attention` needs; passed through the model as ``rlhfkit_layout``."""
+
+    seg_index: torch.Tensor  # (S, M)
+    seg_mask: torch.Tensor  # (S, 1, M, M) bool
+    unpack: torch.Tensor  # (L,)
+
+
+def shared_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
+    """Longest common prefix of ``sequences``, leaving every sequence at least one own token."""
+    if len(sequences) < 2:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    n = 0
+    first = sequences[0]
+    while n < limit and all(s[n] == first[n] for s in sequences[1:]):
+        n += 1
+    return n
+
+
+def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Sequence[int]]] | None = None) -> dict[str, torch.Tensor]:
+    """Pack groups of token sequences (each group shares its common prefix) into one row.
+
+    ``groups[g][j]`` is the token list of sequence ``j`` of group ``g``; ``labels``,
+    if given, has the same nesting and lengths. Returns the tensors described in the
+    module docstring.
+    """
+    row: list[int] = []
+    positions: list[int] = []
+    seq_rows: list[list[int]] = []  # row position of each token of each sequence
+    seg_rows: list[list[int]] = []  # row positions of each group's slots, in slot order
+    seg_block: list[list[int]] = []  # 0: prefix, j+1: own tokens of sequence j
+    seg_pos: list[list[int]] = []
+    for group in groups:
+        if not group or any(len(s) == 0 for s in group):
+            raise ValueError("pack: every group needs at least one non-empty sequence")
+        p = shared_prefix_len(group)
+        start = len(row)
+        row.extend(group[0][:p])
+        positions.extend(range(p))
+        rows, block, pos = list(range(start, start + p)), [0] * p, list(range(p))
+        for j, seq in enumerate(group):
+            own_start = len(row)
+            own = len(seq) - p
+            row.extend(seq[p:])
+            positions.extend(range(p, len(seq)))
+            seq_rows.append(list(range(start, start + p)) + list(range(own_start, own_start + own)))
+            rows += range(own_start, own_start + own)
+            block += [j + 1] * own
+            pos += range(p, len(seq))
+        seg_rows.append(rows)
+        seg_block.append(block)
+        seg_pos.append(pos)
+
+    n_seg, width = len(seg_rows), max(len(r) for r in seg_rows)
+    seg_index = torch.zeros(n_seg, width, dtype=torch.long)
+    block = torch.full((n_seg, width), -1, dtype=torch.long)  # -1: unused slot
+    pos = torch.zeros(n_seg, width, dtype=torch.long)
+    unpack = torch.empty(len(row), dtype=torch.long)
+    for s, (rows, blk, ps) in enumerate(zip(seg_rows, seg_block, seg_pos)):
+        n = len(rows)
+        seg_index[s, :n] = torch.tensor(rows)
+        block[s, :n] = torch.tensor(blk)
+        pos[s, :n] = torch.tensor(ps)
+        unpack[seg_index[s, :n]] = s * width + torch.arange(n)
+    # Slot i sees slot j when j is in the prefix or in i's own sequence, and not later.
+    # An unused slot (block -1) sees only unused slots, so no softmax row is empty.
+    same = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])
+    seg_mask = (same & (pos[:, None, :] <= pos[:, :, None]))[:, None]
+
+    n_seq, longest = len(seq_rows), max(len(r) for r in seq_rows)
+    seq_index = torch.zeros(n_seq, longest, dtype=torch.long)
+    seq_len = torch.tensor([len(r) for r in seq_rows], dtype=torch.long)
+    for n, rows in enumerate(seq_rows):
+        seq_index[n, : len(rows)] = torch.tensor(rows)
+    batch = {
+        "input_ids": torch.tensor([row], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "seg_index": seg_index,
+        "seg_mask": seg_mask,
+        "unpack": unpack,
+        "seq_index": seq_index,
+        "seq_len": seq_len,
+    }
+    if labels is not None:
+        label_rows = torch.full((n_seq, longest), IGNORE_INDEX, dtype=torch.long)
+        flat = [seq for group in labels for seq in group]
+        for n, lab in enumerate(flat):
+            if len(lab) != int(seq_len[n]):
+                raise ValueError(f"pack: labels of sequence {n} have {len(lab)} entries for {int(seq_len[n])} tokens")
+            label_rows[n, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        batch["labels"] = label_rows
+    return batch
+
+
+def is_packed(batch: dict) -> bool:
+    return "seg_index" in batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments for a transformers model whose attention is :data:`ATTENTION`."""
+    layout = Layout(*(batch[k] for k in LAYOUT_KEYS))
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "rlhfkit_layout": layout, "use_cache": False}
+
+
+def num_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of all sequences, a shared prefix counted once per sequence (as a padded batch counts them)."""
+    return int(batch["seq_len"].sum())
+
+
+def last_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) row position of the last token of each sequence."""
+    return batch["seq_index"].gather(1, (batch["seq_len"] - 1).unsqueeze(1)).squeeze(1)
+
+
+def target_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each labelled token is predicted: ``(row positions (K,), target tokens (K,), sequence (K,))``.
+
+    Token ``t`` of a sequence is predicted by the logits at its token ``t - 1``; a
+    shared prefix's last position can predict a different token for each sequence,
+    so it may appear more than once.
+    """
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    owner = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)
+    return batch["seq_index"][:, :-1][mask], targets[mask], owner[mask]
+
+
+@contextlib.contextmanager
+def capture_output(module: torch.nn.Module):
+    """Collect ``module``'s forward outputs (with their autograd graph) while the block runs."""
+    outputs: list = []
+    handle = module.register_forward_hook(lambda _m, _inputs, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * groups, T, D), each kv head repeated for its query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0):
+    """Plain attention: ``softmax(q k^T * scaling + mask) v`` with an additive mask; (B, T, H, D) out."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlhfkit_layout: Layout | None = None, **kwargs):
+    """transformers attention kernel for packed batches (see the module docstring).
+
+    Shapes: ``query`` (1, H, L, D), ``key``/``value`` (1, H_kv, L, D) -> output (1, L, H, D).
+    Without ``rlhfkit_layout``: eager attention on CPU (faster than sdpa's kernel
+    for short sequences there), sdpa elsewhere.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if rlhfkit_layout is None:
+        if query.is_cuda:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    seg_index, seg_mask, unpack = rlhfkit_layout
+    n_seg, width = seg_index.shape
+    heads, dim = query.shape[1], query.shape[-1]
+
+    def by_group(x: torch.Tensor) -> torch.Tensor:  # (1, h, L, D) -> (S, h, M, D)
+        return x[0][:, seg_index].transpose(0, 1)
+
+    groups = heads // key.shape[1]
+    q, k, v = by_group(query), _repeat_kv(by_group(key), groups), _repeat_kv(by_group(value), groups)
+    weights = torch.matmul(q, k.transpose(2, 3)) * scaling
+    weights = weights.masked_fill(~seg_mask, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, v)  # (S, H, M, D)
+    out = out.transpose(1, 2).reshape(n_seg * width, heads, dim).index_select(0, unpack)
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION, packed_attention)
+    # Padded batches (generation, eval) still need transformers' causal + padding mask.
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+_register()
