@@ -1,0 +1,158 @@
+"""Packed batches: the layout by hand, and every packed forward against each sequence run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit import models, packing
+from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, tokenize_response
+from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
+from rlhfkit.forward import sequence_logps
+from rlhfkit.reward import load_reward_backbone, sequence_scores
+from rlhfkit.sft import sft_loss_sum
+
+
+def test_layout_by_hand():
+    # Group 0: two sequences sharing [1, 2]; group 1: one sequence.
+    b = packing.pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert b["seq_len"].tolist() == [4, 3, 2]
+    assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 0, 0]]
+    assert packing.last_positions(b).tolist() == [3, 4, 6]
+    assert b["seg_index"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 0, 0]]
+    assert b["unpack"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    T, F = True, False
+    group0 = [
+        [T, F, F, F, F],  # prefix token 0
+        [T, T, F, F, F],  # prefix token 1
+        [T, T, T, F, F],  # seq 0, own token 0: prefix + itself
+        [T, T, T, T, F],  # seq 0, own token 1
+        [T, T, F, F, T],  # seq 1, own token 0: prefix + itself, not seq 0's tokens
+    ]
+    group1 = [
+        [T, F, F, F, F],
+        [T, T, F, F, F],
+        [F, F, T, T, T],  # unused slots see only unused slots (no empty softmax row)
+        [F, F, T, T, T],
+        [F, F, T, T, T],
+    ]
+    assert b["seg_mask"][:, 0].tolist() == [group0, group1]
+
+
+def test_shared_prefix_leaves_every_sequence_a_token():
+    assert packing.shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
+    assert packing.shared_prefix_len([[1, 2, 3], [1, 2]]) == 1
+    assert packing.shared_prefix_len([[4, 2], [1, 2]]) == 0
+    assert packing.shared_prefix_len([[1, 2, 3]]) == 0
+    with pytest.raises(ValueError, match="non-empty"):
+        packing.pack([[[1, 2], []]])
+
+
+def _random_groups(seed: int) -> list[list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(5, 1000, (n,), generator=g).tolist()
+
+    prompt = tokens(7)
+    return [[prompt + tokens(5), prompt + tokens(9)], [tokens(11)], [tokens(3) + [9, 9], tokens(3)]]
+
+
+def test_packed_logits_equal_each_sequence_alone():
+    model = models.build_tiny(seed=2).eval()
+    alone = models.build_tiny(seed=2).eval()  # transformers' default kernel
+    models.set_attention(model)
+    groups = _random_groups(0)
+    batch = packing.pack(groups)
+    with torch.no_grad():
+        logits = model(**packing.model_inputs(batch)).logits[0]
+        for n, seq in enumerate(s for group in groups for s in group):
+            want = alone(input_ids=torch.tensor([seq])).logits[0]
+            got = logits[batch["seq_index"][n, : len(seq)]]
+            assert torch.allclose(got, want, atol=1e-5), (n, (got - want).abs().max())
+
+
+def test_kernel_on_padded_batches_equals_sdpa():
+    # Generation and padded eval go through the same kernel without a layout.
+    model = models.build_tiny(seed=2).eval()
+    sdpa = models.build_tiny(seed=2).eval()
+    models.set_attention(model)
+    ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.no_grad():
+        got, want = model(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got[0, :6], want[0, :6], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+
+
+def _pairs(tokenizer) -> list[dict]:
+    out = []
+    for prompt, chosen, rejected in [
+        ("Name a colour.", "Blue.", "I would rather not say anything about colours at all."),
+        ("What is two plus two? Answer briefly please.", "Four.", "Five, I think."),
+        ("Hi.", "Hello! How can I help you today?", "Go away."),
+    ]:
+        (c_ids, c_lab), (r_ids, r_lab) = (tokenize_response(tokenizer, prompt, x) for x in (chosen, rejected))
+        out.append({"chosen_input_ids": c_ids, "chosen_labels": c_lab, "rejected_input_ids": r_ids,
+                    "rejected_labels": r_lab, "target": 1.0, "margin": 0.0})
+    return out
+
+
+def test_pair_batch_shares_the_prompt_and_counts_every_token(tokenizer):
+    pairs = _pairs(tokenizer)
+    padded, packed = collate_pairs(pairs, tokenizer.pad_token_id), collate_pairs(pairs, tokenizer.pad_token_id, packed=True)
+    real = int(padded["attention_mask"].sum())
+    assert packing.num_tokens(packed) == real
+    prompt_tokens = sum(packing.shared_prefix_len([p["chosen_input_ids"], p["rejected_input_ids"]]) for p in pairs)
+    assert prompt_tokens > 20  # the chat template's prompt part
+    assert packed["input_ids"].shape == (1, real - prompt_tokens)
+
+
+def test_packed_pair_logps_and_scores_equal_padded(tokenizer):
+    pairs = _pairs(tokenizer)
+    padded, packed = collate_pairs(pairs, tokenizer.pad_token_id), collate_pairs(pairs, tokenizer.pad_token_id, packed=True)
+    policy = models.build_tiny(seed=4).eval()
+    models.set_attention(policy)
+    rm = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal", seed=1).eval()
+    models.set_attention(rm)
+    with torch.no_grad():
+        for fn in (lambda b: sequence_logps(policy, b)[0], lambda b: sequence_logps(policy, b)[1].float(),
+                   lambda b: sequence_scores(rm, b)):
+            want, got = chosen_rejected(padded, fn(padded)), chosen_rejected(packed, fn(packed))
+            for w, g in zip(want, got):
+                assert w.shape == (3,) and torch.allclose(g, w, atol=1e-4), (g, w)
+
+
+def test_packed_sft_loss_and_gradients_equal_padded(tokenizer):
+    seqs = []
+    for prompt, response in [("Hi.", "Hello!"), ("Tell me about dragons in one sentence.", "Dragons are large, winged, fire-breathing reptiles of legend.")]:
+        ids, labels = tokenize_response(tokenizer, prompt, response)
+        seqs.append({"input_ids": ids, "labels": labels})
+    padded, packed = collate_sft(seqs, tokenizer.pad_token_id), collate_sft(seqs, tokenizer.pad_token_id, packed=True)
+    assert (padded["attention_mask"] == 0).any()
+    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((padded["labels"] != IGNORE_INDEX).sum())
+    grads = []
+    for batch in (padded, packed):
+        model = models.build_tiny(seed=5)
+        models.set_attention(model)
+        loss = sft_loss_sum(model, batch)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grad_a), (loss_b, grad_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-4)
+    for name in grad_a:
+        assert torch.allclose(grad_a[name], grad_b[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_packing_needs_the_rlhfkit_kernel():
+    from rlhfkit.sft import SFTConfig
+
+    config = SFTConfig(model=models.TINY, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="packing=true needs attn_implementation=auto"):
+        models.prepare_for_training(models.build_tiny(), config)
+    config.packing = False
+    model = models.prepare_for_training(models.build_tiny(), config)
+    assert model.config._attn_implementation == "sdpa"
