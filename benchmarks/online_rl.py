@@ -41,7 +41,7 @@ same 16 prompts everywhere. Reward: rlhfkit's built-in demo rubric
 TRL's ``reward_funcs`` signature. Generation precision: TRL decodes under the
 training autocast (bf16) — rlhfkit is set to the same (``generation_precision=
 "bf16"``) unless ``--rlhfkit-generation-precision`` says otherwise (rlhfkit's
-own CPU default, ``auto``, decodes in fp32); the autocast actually active while
+own default, ``auto``, follows the training precision); the autocast actually active while
 decoding is recorded on every side and printed.
 
 How it is measured. Seconds/step = wall clock from the end of the warm-up

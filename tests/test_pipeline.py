@@ -179,6 +179,7 @@ def test_iterated_dpo_keeps_every_round(tmp_path):
     cfg = iterated.IteratedDPOConfig(
         model="tiny", rounds=2, prompts_per_round=4, output_dir=str(tmp_path / "it"), reference="refresh",
         sample={"max_new_tokens": 6, "batch_size": 4, "progress": False},
+        label={"scorer": "tests.helpers:characters"},
         dpo={"max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "progress": False, "ref_cache": False},
     )
     dirs = iterated.run(cfg)

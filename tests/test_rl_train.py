@@ -241,7 +241,10 @@ def test_grad_accum_gives_the_same_update(rl_dir):
     initial = models.build_tiny().state_dict()
     assert any(not torch.equal(weights[4][k], initial[k]) for k in initial)  # the optimizer did step
     worst = max((weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1])
-    assert worst <= 1e-6, f"grad_accum=4 differs from one batch by {worst:.3g}"
+    # 1% of one step (lr 1e-3). Adam moves every coordinate by ~lr whatever its gradient's size,
+    # so on coordinates with near-zero gradients, float summation order alone shows up at ~5e-6;
+    # the skipped step this guards against differs by the whole step, ~1e-3.
+    assert worst <= 1e-5, f"grad_accum=4 differs from one batch by {worst:.3g}"
 
 
 def test_too_few_responses_for_grad_accum_is_an_error(rl_dir):

@@ -73,8 +73,8 @@ class EvalConfig:
     """Sampling seed."""
     precision: str = "bf16"
     """Precision of the KL forward passes."""
-    generation_precision: str = "fp32"
-    """Decoding precision (fp32 is faster for small-batch decoding on CPU)."""
+    generation_precision: str = "bf16"
+    """Decoding precision: bf16 (autocast) or fp32."""
     bootstrap: int = 200
     """Bootstrap resamples for the Elo intervals."""
     output: str = "runs/eval/eval.json"

@@ -71,9 +71,6 @@ class TrainOptions:
     """Learning-rate decay after warmup."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak (cosine and linear)."""
-    packing: bool = True
-    """Packed batches (SFT, reward model, DPO): no padding, and a prompt shared by chosen and rejected runs
-    once (`rlhfkit.packing`); needs `attn_implementation: auto`. false: right-padded batches."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     eval_every: int = 0

@@ -75,6 +75,9 @@ class ModelOptions(AdapterOptions):
     """Model spec: `smollm2-135m`, `tiny`, a `.gguf` file or a transformers model directory."""
     precision: str = "bf16"
     """Compute precision: `bf16` (autocast, fp32 master weights; fast on AMX CPUs and GPUs), `fp16` (CUDA only) or `fp32`."""
+    packing: bool = True
+    """Packed batches: no padding, and a prompt shared by chosen and rejected runs once (`rlhfkit.packing`);
+    needs `attn_implementation: auto`. false: right-padded batches."""
 
 
 def cache_dir() -> Path:

@@ -215,12 +215,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     Shapes: ``query`` (1, H, L, D), ``key``/``value`` (1, H_kv, L, D) -> output (1, L, H, D).
     Without ``rlhfkit_layout``: eager attention on CPU (faster than sdpa's kernel
-    for short sequences there), sdpa elsewhere.
+    for training-length sequences there), sdpa for one-token decode steps (fp32
+    decoding of SmolLM2, 32 x 64 tokens: 12.7 s vs 15.6 s eager) and on GPUs.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if rlhfkit_layout is None:
-        if query.is_cuda:
+        if query.is_cuda or query.shape[2] == 1:  # GPUs, and one-token decode steps on CPU
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

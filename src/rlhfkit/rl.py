@@ -89,7 +89,8 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     precision: str = "bf16"
     """Training precision (bf16 autocast with fp32 master weights, fp16 on CUDA, or fp32)."""
     generation_precision: str = "auto"
-    """Decoding precision: auto (fp32 on CPU, where bf16 autocast slows small-batch decoding; else `precision`), bf16, fp32."""
+    """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes SmolLM2 (32 x 64 tokens) in
+    6.4 s vs 11.9 s fp32 on a 2-core avx512-bf16 CPU."""
     samples_per_prompt: int = 1
     """Responses per prompt (the group size k for grpo/rloo; >= 2 there)."""
     max_new_tokens: int = 64
@@ -280,7 +281,7 @@ class RLTrainer:
         self.acc.register_for_checkpointing(self.scheduler)
         gen_precision = c.generation_precision
         if gen_precision == "auto":
-            gen_precision = "fp32" if self.acc.device.type == "cpu" else c.precision
+            gen_precision = c.precision
         self.engine = HFEngine(self.acc.unwrap_model(self.model).policy, self.tokenizer, precision=gen_precision)
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon)
         self.ptx = self._load_ptx() if c.ptx_data and c.ptx_coef > 0 else None

@@ -93,6 +93,42 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+class InverseCDFSampler:
+    """Samples the next token from ``softmax(logits / temperature)`` (optionally top-p), as a logits processor.
+
+    Returns logits that are 0 at the sampled token and -inf elsewhere, so
+    ``generate``'s greedy step picks it. Why not ``do_sample=True``: its
+    ``torch.multinomial`` draws an exponential variate for every vocabulary entry
+    of every row, single-threaded on CPU: 33 ms of each ~140 ms decode step for
+    32 x 49k (SmolLM2). Inverse-CDF sampling needs one uniform per row and a
+    cumulative sum: ``token = min{i : cdf_i > u * cdf_V}``, u ~ U[0, 1), which
+    draws token i with probability p_i (tokens with p_i = 0 never: ``cdf`` does not
+    grow there and the search takes the first index strictly above ``u``).
+    Uses torch's global RNG, like ``do_sample``.
+    """
+
+    def __init__(self, temperature: float, top_p: float = 1.0):
+        if temperature <= 0:
+            raise ValueError("InverseCDFSampler needs temperature > 0 (use greedy decoding for 0)")
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        order = None
+        if self.top_p < 1.0:
+            # Nucleus (Holtzman et al. 2020): the smallest set of most likely tokens with mass >= top_p.
+            probs, order = probs.sort(dim=-1, descending=True)
+            before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+            probs = torch.where(before < self.top_p, probs, 0.0)
+        cdf = probs.double().cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)
+        if order is not None:
+            token = order.gather(1, token)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
+
+
 class HFEngine:
     """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
 
@@ -109,15 +145,15 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
         tok = self.tokenizer
         device = next(self.model.parameters()).device
-        sample = options.temperature > 0
-        kwargs = dict(
-            max_new_tokens=options.max_new_tokens, do_sample=sample,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-        if sample:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
+        kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        # Greedy decoding of the logits our sampler leaves: exactly its sampled token.
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if options.temperature > 0:
+            kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
         was_training = self.model.training
         self.model.eval()
         with _autocast(device, self.precision):

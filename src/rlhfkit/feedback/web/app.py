@@ -83,6 +83,23 @@ def cross_origin_problem(headers: dict[str, str], scheme: str) -> Optional[str]:
     return None
 
 
+async def _drain(receive: Any, limit: int) -> None:
+    """Read and drop up to ``limit`` bytes of a refused request body.
+
+    Closing a socket with unread data in its receive buffer makes the kernel send
+    a TCP reset, which can reach the client before the 413 and hide it (seen as
+    ``ConnectionResetError``). Bodies larger than ``limit`` are cut off anyway.
+    """
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class RequestGuard:
     """ASGI middleware: cross-origin writes (403), body size (413), security headers on every response."""
 
@@ -111,6 +128,7 @@ class RequestGuard:
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _drain(receive, 4 * self.max_body_bytes)
             await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
             return
         # Read the whole (small) body first, counting, so a chunked upload cannot exceed the limit either.
@@ -122,6 +140,8 @@ class RequestGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
+                if more:
+                    await _drain(receive, 4 * self.max_body_bytes)
                 await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
                 return
         replayed = False
