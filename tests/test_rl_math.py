@@ -40,7 +40,7 @@ from rlhfkit.losses import (
     rloo_advantages,
     whiten,
 )
-from rlhfkit.policy import ActorCritic, load_critic, response_logps
+from rlhfkit.policy import ActorCritic, load_critic, packed_response_logps, packed_rollout, response_logps
 from rlhfkit.rl import AdaptiveKLController
 from rlhfkit.rollout import position_ids_from_mask, response_mask_from_ids
 
@@ -612,6 +612,53 @@ def test_left_padding_changes_no_logp_or_value(value):
             assert batch_values is None and values is None
         else:
             torch.testing.assert_close(batch_values[i, :n], values[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["none", "head", "critic"])
+def test_packed_rollout_equals_each_row_alone(value):
+    """Rows 0-2 share a query (a GRPO group), row 3 has its own; row 2's response ends early
+    (masked tail); rows 0 and 1 share their first response tokens (but row 2 does not)."""
+    policy = models.build_tiny(seed=3)
+    models.set_attention(policy)
+    critic = load_critic(models.TINY, vocab_size=policy.config.vocab_size) if value == "critic" else None
+    if critic is not None:
+        models.set_attention(critic)
+    torch.manual_seed(0)
+    model = ActorCritic(policy, value=value, critic=critic).eval()
+    g = torch.Generator().manual_seed(1)
+    query, other = torch.randint(3, 5000, (6,), generator=g), torch.randint(3, 5000, (3,), generator=g)
+    common = torch.randint(3, 5000, (2,), generator=g)
+    rows = [(query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
+            (query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
+            (query, torch.randint(3, 5000, (2,), generator=g)),
+            (other, torch.randint(3, 5000, (5,), generator=g))]
+    P, R, pad = 6, 5, policy.config.pad_token_id
+    query_ids, query_mask = torch.full((4, P), pad), torch.zeros((4, P), dtype=torch.bool)
+    response_ids, response_mask = torch.full((4, R), pad), torch.zeros((4, R), dtype=torch.bool)
+    for i, (q, r) in enumerate(rows):
+        query_ids[i, P - len(q):], query_mask[i, P - len(q):] = q, True
+        response_ids[i, :len(r)], response_mask[i, :len(r)] = r, True
+
+    batch, positions, _, _ = packed_rollout(query_ids, query_mask, response_ids, response_mask)
+    assert batch["input_ids"].shape[1] == 6 + 5 + 5 + 2 + 3 + 5  # the group's query once
+    assert positions.shape == (int(response_mask.sum()),)
+    with torch.no_grad():
+        logps, values, entropy = packed_response_logps(model, query_ids, query_mask, response_ids, response_mask,
+                                                       temperature=0.7, with_entropy=True)
+        ref_logps, ref_values, _ = packed_response_logps(policy, query_ids, query_mask, response_ids, response_mask,
+                                                         temperature=0.7)
+    assert ref_values is None and (values is None) == (value == "none")
+    assert (logps[~response_mask] == 0).all() and (entropy[~response_mask] == 0).all()
+    for i, (q, r) in enumerate(rows):
+        alone = torch.cat([q, r])[None]
+        with torch.no_grad():
+            want, logits, want_values = response_logps(model, alone, torch.ones_like(alone, dtype=torch.bool), r[None], temperature=0.7)
+        n = len(r)
+        torch.testing.assert_close(logps[i, :n], want[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ref_logps[i, :n], want[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(entropy[i, :n], entropy_from_logits(logits[0] / 0.7), atol=1e-5, rtol=0)
+        if value != "none":
+            torch.testing.assert_close(values[i, :n], want_values[0], atol=1e-5, rtol=0)
 
 
 def test_response_logps_of_plain_lm_equals_actor_critic():

@@ -60,6 +60,9 @@ class AdapterOptions:
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that get LoRA adapters."""
+    packing: bool = True
+    """Packed batches (`rlhfkit.packing`): no padding, and a prompt shared by several sequences (chosen and
+    rejected; an RL group's samples) runs once. Needs `attn_implementation: auto`. false: padded batches."""
     attn_implementation: str = "auto"
     """Attention kernel: `auto` is rlhfkit's (`rlhfkit.packing`): packed batches (no padding, shared prompts run
     once) and, on padded batches, eager attention on CPU (1.3-2.5x faster than sdpa's fused kernel there up to
@@ -75,9 +78,6 @@ class ModelOptions(AdapterOptions):
     """Model spec: `smollm2-135m`, `tiny`, a `.gguf` file or a transformers model directory."""
     precision: str = "bf16"
     """Compute precision: `bf16` (autocast, fp32 master weights; fast on AMX CPUs and GPUs), `fp16` (CUDA only) or `fp32`."""
-    packing: bool = True
-    """Packed batches: no padding, and a prompt shared by chosen and rejected runs once (`rlhfkit.packing`);
-    needs `attn_implementation: auto`. false: right-padded batches."""
 
 
 def cache_dir() -> Path:

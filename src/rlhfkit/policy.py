@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhfkit import models
-from rlhfkit.losses import gather_logps
+from rlhfkit import models, packing
+from rlhfkit.losses import entropy_from_logits, gather_logps
 from rlhfkit.rollout import position_ids_from_mask
 
 
@@ -72,26 +72,93 @@ class ActorCritic(nn.Module):
         elif value != "none":
             raise ValueError(f"value must be none, head or critic; got '{value}'")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int):
-        """``(logits (B, R, V), values (B, R) or None)`` for the last ``R = n_response`` tokens.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n_response: int = 0, *,
+                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, rlhfkit_layout=None):
+        """Logits that predict each response token, and the value of the state before it.
 
-        Position ``P - 1 + j`` (the token before response token ``j``) predicts it,
-        so the kept hidden states are ``[-(R + 1):-1]``.
+        Padded (``positions`` None): ``input_ids``/``attention_mask`` (B, P + R) ->
+        ``(logits (B, R, V), values (B, R) or None)`` for the last ``R = n_response``
+        tokens; position ``P - 1 + j`` predicts response token ``j``, so the kept
+        hidden states are ``[-(R + 1):-1]``.
+        Packed (:func:`packed_rollout`): ``input_ids`` (1, L) with ``position_ids`` and
+        ``rlhfkit_layout``; ``positions`` (K,) -> ``(logits (K, V), values (K,) or None)``.
         """
-        position_ids = position_ids_from_mask(attention_mask)
+        if positions is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if rlhfkit_layout is not None:
+            inputs["rlhfkit_layout"] = rlhfkit_layout
+
+        def keep(x: torch.Tensor) -> torch.Tensor:
+            return x[:, -(n_response + 1) : -1] if positions is None else x[0, positions]
+
         base = _base(self.policy)
-        hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        states = hidden[:, -(n_response + 1) : -1]
+        states = keep(base.get_decoder()(**inputs).last_hidden_state)
         logits = base.get_output_embeddings()(states)
         values = None
         if self.value_head is not None:
             values = self.value_head(states).squeeze(-1).float()
         elif self.critic is not None:
-            out = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-            values = out.logits[:, -(n_response + 1) : -1, 0].float()
+            values = keep(self.critic(**inputs).logits[..., 0]).float()
         return logits, values
+
+
+def packed_rollout(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack rollout rows (:mod:`rlhfkit.packing`): rows with the same query form a group, so the
+    prompt, and any common start of all the group's responses, runs once; no padding.
+
+    Shapes: ``query_ids``/``query_mask`` (B, P) left-padded, ``response_ids``/``response_mask``
+    (B, R). Returns ``(batch, positions (K,), rows (K,), cols (K,))``: response token
+    ``cols[k]`` of row ``rows[k]`` is predicted at row position ``positions[k]``, for the
+    K tokens where ``response_mask`` is True.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    sequences = []
+    for b in range(query_ids.shape[0]):
+        query = query_ids[b][query_mask[b]].tolist()
+        n = int(response_mask[b].sum())
+        sequences.append((len(query), n, query + response_ids[b, :n].tolist()))
+        groups.setdefault(tuple(query), []).append(b)
+    order = [b for rows in groups.values() for b in rows]  # sequence number -> row
+    batch = packing.pack([[sequences[b][2] for b in rows] for rows in groups.values()])
+    positions, rows, cols = [], [], []
+    for seq, b in enumerate(order):
+        q, n, _ = sequences[b]
+        positions.append(batch["seq_index"][seq, q - 1 : q - 1 + n])  # token q-1+j predicts response token j
+        rows += [b] * n
+        cols += range(n)
+    return batch, torch.cat(positions), torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids, response_mask, *, temperature: float = 1.0,
+                          with_entropy: bool = False, device=None):
+    """:func:`response_logps` from one packed forward (see :func:`packed_rollout`).
+
+    Returns ``(logps (B, R), values (B, R) or None, entropy (B, R) or None)``, 0 where
+    ``response_mask`` is False. ``model`` is an :class:`ActorCritic` or a causal LM
+    whose attention is rlhfkit's kernel.
+    """
+    batch, positions, rows, cols = packed_rollout(query_ids, query_mask, response_ids, response_mask)
+    device = device if device is not None else positions.device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    positions, rows, cols = positions.to(device), rows.to(device), cols.to(device)
+    targets = response_ids.to(device)[rows, cols]
+    if isinstance(model, ActorCritic) or isinstance(getattr(model, "module", None), ActorCritic):
+        layout = packing.model_inputs(inputs)
+        logits, values = model(layout["input_ids"], None, 0, positions=positions, position_ids=layout["position_ids"],
+                               rlhfkit_layout=layout["rlhfkit_layout"])
+    else:
+        logits = model(**packing.model_inputs(inputs), logits_to_keep=positions).logits[0]
+        values = None
+    shape = response_ids.shape
+
+    def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R)
+        return torch.zeros(shape, dtype=per_token.dtype, device=device).index_put((rows, cols), per_token)
+
+    logps = unpack(gather_logps(logits, targets, temperature))
+    entropy = unpack(entropy_from_logits(logits.detach() / temperature)) if with_entropy else None
+    return logps, (unpack(values) if values is not None else None), entropy
 
 
 def response_logps(model: nn.Module, input_ids, attention_mask, response_ids, *, temperature: float = 1.0):

@@ -67,7 +67,7 @@ from rlhfkit.losses import (
     whiten,
 )
 from rlhfkit.optim import build_optimizer, build_scheduler
-from rlhfkit.policy import ActorCritic, load_critic, response_logps
+from rlhfkit.policy import ActorCritic, load_critic, packed_response_logps, response_logps
 from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.tracking import MetricsLogger
 
@@ -221,8 +221,12 @@ def _micro_batches(n: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
 
 
-def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False):
+def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False, packed: bool = False):
+    """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``."""
     sub = rollout.select(rows)
+    if packed:
+        return packed_response_logps(model, sub.query_ids, sub.query_mask, sub.response_ids, sub.response_mask,
+                                     temperature=rollout.temperature, with_entropy=with_entropy, device=device)
     input_ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
     response_ids = sub.response_ids.to(device)
     logps, logits, values = response_logps(model, input_ids, mask, response_ids, temperature=rollout.temperature)
@@ -263,12 +267,16 @@ class RLTrainer:
             bf16_copy = c.precision == "bf16" and self.acc.device.type == "cuda"
             ref_dtype = torch.bfloat16 if bf16_copy else torch.float32
             self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False).to(self.acc.device)
+            if c.packing:
+                models.set_attention(self.ref)
         policy = models.prepare_for_training(policy, c)
         critic = None
         value = c.value if c.algorithm == "ppo" else "none"
         if value == "critic":
             init = c.critic_init or (c.reward_model if Path(c.reward_model).is_dir() else c.policy)
             critic = load_critic(init, vocab_size=policy.config.vocab_size)
+            if c.packing:
+                models.set_attention(critic)
         model = ActorCritic(policy, value=value, critic=critic)
 
         self.P = self.acc.num_processes
@@ -318,14 +326,14 @@ class RLTrainer:
         for rows in _micro_batches(B, c.grad_accum * c.num_minibatches):
             with self.acc.autocast():
                 if need_old:
-                    lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True)
+                    lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
                     old_logps.append(lp.float().cpu())
                     entropy.append(ent.cpu())
                     if v is not None:
                         values.append(v.cpu())
                 ref_model = self.ref if self.ref is not None else self.acc.unwrap_model(self.model).policy
                 with models.adapters_disabled(ref_model):
-                    lp_ref, _, _ = _forward(ref_model, rollout, rows, device)
+                    lp_ref, _, _ = _forward(ref_model, rollout, rows, device, packed=c.packing)
                 ref_logps.append(lp_ref.float().cpu())
         self.model.train()
         ref_logps_t = torch.cat(ref_logps)
@@ -410,7 +418,7 @@ class RLTrainer:
                     mask = rollout.response_mask[rows].to(device)
                     with acc.accumulate(self.model):
                         with acc.autocast():
-                            logps, values, entropy = _forward(self.model, rollout, rows, device, with_entropy=True)
+                            logps, values, entropy = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
                         logps = logps.float()
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
                         adv = scored.advantages[rows].to(device)
