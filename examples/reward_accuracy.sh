@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Reward-model accuracy on held-out noiseless pairs (issue 3's acceptance check).
 #
-#   bash examples/reward_accuracy.sh [SFT_DIR] [OUT_DIR] [SCORER]
+#   bash examples/reward_accuracy.sh [POLICY] [OUT_DIR] [SCORER]
 #
-# Samples 3 responses per prompt from SFT_DIR (T = 0.7, 1.0, 1.2) on the shipped
-# train prompts and, separately, on the held-out eval prompts; labels both with the
-# simulated annotator at temperature 0 (noiseless: always the higher score; a
-# ranking of 3 expands to 3 pairs); drops exact ties from the held-out set (a tie
-# is no preference); trains a reward model on the train labels and reports its
-# accuracy on the held-out pairs (OUT_DIR/reward/metrics.jsonl, last eval line).
+# POLICY (default smollm2-135m; a demo SFT run such as runs/demo/sft also works)
+# samples one response per temperature in $TEMPS (default 6: 0.6 ... 1.3) for each
+# shipped train prompt and, separately, each held-out eval prompt. The simulated
+# annotator labels them at temperature 0 with a known scorer (noiseless: responses
+# ranked by score). Responses with equal scores carry no preference, so each
+# ranking keeps one response per distinct score (train) and the held-out set
+# keeps strict pairs only. A reward model on POLICY is trained on the train
+# rankings, each ranking one batch element with all its pairs (InstructGPT), and
+# its accuracy on the held-out pairs is the last eval line of OUT_DIR/reward/metrics.jsonl.
 set -euo pipefail
-SFT=${1:-runs/demo/sft}
+POLICY=${1:-smollm2-135m}
 OUT=${2:-runs/reward_accuracy}
 SCORER=${3:-length}
+TEMPS=${TEMPS:-[0.6,0.8,1.0,1.1,1.2,1.3]}
+EPOCHS=${EPOCHS:-3}
+LR=${LR:-5e-5}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
 DEMO=$("$PYTHON" -c 'from rlhfkit.sft import demo_data_path; print(demo_data_path(""))')
 mkdir -p "$OUT"
 
 for split in train eval; do
-  "$RLHFKIT" sample model="$SFT" prompts="$DEMO/prompts_$split.jsonl" output="$OUT/samples_$split.jsonl" \
-    temperatures='[0.7,1.0,1.2]' max_new_tokens=64 batch_size=32
+  "$RLHFKIT" sample model="$POLICY" prompts="$DEMO/prompts_$split.jsonl" output="$OUT/samples_$split.jsonl" \
+    temperatures="$TEMPS" max_new_tokens=64 batch_size=32
   "$RLHFKIT" label samples="$OUT/samples_$split.jsonl" output="$OUT/labels_$split.jsonl" \
     scorer="$SCORER" temperature=0
 done
@@ -29,18 +35,33 @@ import sys
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 out = sys.argv[1]
-pairs = []
+
+train = []
+for c in load_comparisons(f"{out}/labels_train.jsonl"):
+    s = c.meta["scores"]
+    best_first, seen = [], set()
+    for i in sorted(range(len(c.responses)), key=lambda i: -s[i]):
+        if s[i] not in seen:  # one response per distinct score: equal scores are no preference
+            seen.add(s[i])
+            best_first.append(i)
+    if len(best_first) >= 2:
+        train.append(Comparison(c.prompt, [c.responses[i] for i in best_first], list(range(len(best_first))),
+                                source=c.source, meta={"scores": [s[i] for i in best_first]}))
+save_comparisons(f"{out}/train_rankings.jsonl", train)
+
+held = []
 for c in load_comparisons(f"{out}/labels_eval.jsonl"):
     s = c.meta["scores"]
     for better, worse, _ in c.pairs():
         if s[better] > s[worse]:  # equal scores carry no preference
-            pairs.append(Comparison(c.prompt, [c.responses[better], c.responses[worse]], [0, 1],
-                                    source=c.source, meta={"scores": [s[better], s[worse]]}))
-save_comparisons(f"{out}/heldout_pairs.jsonl", pairs)
-print(f"held-out: {len(pairs)} strict pairs")
+            held.append(Comparison(c.prompt, [c.responses[better], c.responses[worse]], [0, 1],
+                                   source=c.source, meta={"scores": [s[better], s[worse]]}))
+save_comparisons(f"{out}/heldout_pairs.jsonl", held)
+n_pairs = sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in train)
+print(f"train: {len(train)} strict rankings ({n_pairs} pairs); held-out: {len(held)} strict pairs")
 EOF
-"$RLHFKIT" reward model="$SFT" data="$OUT/labels_train.jsonl" eval_data="$OUT/heldout_pairs.jsonl" \
-  output_dir="$OUT/reward" num_epochs=1 lr=3e-5 batch_size=8 eval_every=1000
+"$RLHFKIT" reward model="$POLICY" data="$OUT/train_rankings.jsonl" eval_data="$OUT/heldout_pairs.jsonl" \
+  output_dir="$OUT/reward" num_epochs="$EPOCHS" lr="$LR" warmup_ratio=0.1 batch_size=8 eval_every=1000
 "$PYTHON" - "$OUT" <<'EOF'
 import json, sys
 evals = [json.loads(l) for l in open(f"{sys.argv[1]}/reward/metrics.jsonl") if "eval_accuracy" in l]

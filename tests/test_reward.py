@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rlhfkit import models
-from rlhfkit.data.pairwise import collate_pairs, load_pair_splits, tokenize_pairs, tokenize_response
+from rlhfkit.data.pairwise import collate_pairs, collate_rankings, load_pair_splits, tokenize_pairs, tokenize_rankings, tokenize_response
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.losses import bradley_terry_loss, preference_loss
@@ -106,6 +106,48 @@ def test_rankings_expand_to_all_pairs_and_ties_get_half(tokenizer):
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2 * len(pairs)
     assert batch["target"].tolist() == [1.0] * 6 + [0.5, 1.0]
+
+
+def test_grouped_rankings_hold_every_pair_and_give_the_same_loss(tokenizer):
+    ranking = Comparison("Greet me.", ["Go away.", "Hello, lovely to see you!", "Hi.", "Hello."], [1, 3, 2, 0])
+    tie = Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True)
+    pair = Comparison("Two plus two?", ["Four.", "Five."], [0, 1], meta={"margin": 2.0})
+    groups, stats = tokenize_rankings(tokenizer, [ranking, tie, pair], max_length=64, keep_ties=True)
+    assert stats.pairs == 6 + 1 + 1 and len(groups) == 3
+    assert groups[0]["input_ids"] == [tokenize_response(tokenizer, "Greet me.", r)[0] for r in ranking.responses]
+    assert groups[0]["pairs"] == [(1, 3, 1.0), (1, 2, 1.0), (1, 0, 1.0), (3, 2, 1.0), (3, 0, 1.0), (2, 0, 1.0)]
+    assert groups[1]["pairs"] == [(0, 1, 0.5)] and groups[2]["margin"] == 2.0
+
+    batch = collate_rankings(groups, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4 + 2 + 2  # each response once, not once per pair
+    assert batch["chosen_index"].tolist() == [1, 1, 1, 3, 3, 2, 4, 6]
+    assert batch["rejected_index"].tolist() == [3, 2, 0, 2, 0, 0, 5, 7]
+    assert batch["target"].tolist() == [1.0] * 6 + [0.5, 1.0]
+    assert batch["margin"].tolist() == [0.0] * 7 + [2.0]
+
+    # The same pairs expanded one by one give the same summed loss and accuracy, padded or packed.
+    pairs, _ = tokenize_pairs(tokenizer, [ranking, tie, pair], max_length=64, keep_ties=True)
+    model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal").eval()
+    models.set_attention(model)
+    task = RewardTask(margin=0.1)
+    with torch.no_grad():
+        want, want_stats = task.loss(model, collate_pairs(pairs, tokenizer.pad_token_id))
+        for packed in (False, True):
+            got, got_stats = task.loss(model, collate_rankings(groups, tokenizer.pad_token_id, packed=packed))
+            assert got.item() == pytest.approx(want.item(), rel=1e-5)
+            assert got_stats["accuracy"].item() == want_stats["accuracy"].item()
+
+
+def test_grouped_ranking_drops_responses_that_lose_every_token(tokenizer):
+    long = "word " * 200
+    ranking = Comparison("Hi.", ["Hello!", long, "Hey."], [0, 1, 2])
+    _, labels = tokenize_response(tokenizer, "Hi.", "Hey.")
+    prompt_len = next(i for i, label in enumerate(labels) if label != -100)  # tokens before the response
+    groups, stats = tokenize_rankings(tokenizer, [ranking], max_length=prompt_len + 3, keep_ties=True)
+    assert stats.dropped == 0 and stats.truncated >= 1  # cut, but each keeps response tokens
+    assert [len(ids) for ids in groups[0]["input_ids"]][1] == prompt_len + 3
+    groups, stats = tokenize_rankings(tokenizer, [ranking], max_length=prompt_len, keep_ties=True)
+    assert groups == [] and stats.dropped == 3  # every response lost all its tokens
 
 
 def test_reward_task_uses_tie_target_and_margins(tmp_path):

@@ -28,7 +28,7 @@ import yaml
 from rlhfkit import forward, models, packing
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits, tokenize_response
+from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_response
 from rlhfkit.data.sft import collate_sft
 from rlhfkit.loop import FitResult, TrainOptions, fit
 from rlhfkit.losses import preference_loss
@@ -48,6 +48,10 @@ class RewardConfig(models.ModelOptions, TrainOptions):
     """Maximum tokens of prompt + response; longer responses are cut."""
     chat_template: bool = True
     """Render prompt + response with the chat template (as SFT does)."""
+    group_rankings: bool = True
+    """A K-way ranking is one batch element holding all its K(K-1)/2 pairs (InstructGPT, sec. 3.5: one
+    forward per response, no overfitting from seeing each response K-1 times an epoch); `batch_size`
+    then counts comparisons. false: rankings expand to independent, shuffled pairs. Same for K = 2."""
     margin: float = 0.0
     """Constant margin in the Bradley-Terry loss (Llama 2's margin ranking loss); a record's
     `meta.margin` is added to it."""
@@ -79,7 +83,10 @@ class RewardTask:
 
     def loss(self, model, batch):
         rewards = sequence_scores(model, batch)
-        chosen, rejected = chosen_rejected(batch, rewards)
+        if "chosen_index" in batch:  # grouped rankings (collate_rankings)
+            chosen, rejected = rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]
+        else:
+            chosen, rejected = chosen_rejected(batch, rewards)
         target = batch["target"]
         losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
         # A tie counts as half right; a strict preference as right when chosen scores higher.
@@ -228,6 +235,7 @@ def train(config: RewardConfig) -> FitResult:
     train_set, eval_set = load_pair_splits(
         tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
         max_length=config.max_length, chat_template=config.chat_template, keep_ties=True, stage="reward",
+        grouped=config.group_rankings,
     )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,13 +269,14 @@ def train(config: RewardConfig) -> FitResult:
         models.save_pretrained(target, tokenizer, out_dir, state_dict=None if target is not unwrapped else state_dict)
 
     pad_id = tokenizer.pad_token_id
+    collate = collate_rankings if config.group_rankings else collate_pairs
     return fit(
         config,
         model=model,
         task=RewardTask(config.margin),
         train_set=train_set,
         eval_set=eval_set,
-        collate=lambda examples: collate_pairs(examples, pad_id, packed=config.packing),
+        collate=lambda examples: collate(examples, pad_id, packed=config.packing),
         precision=config.precision,
         save_model=save,
         run_info={"stage": "reward", "data": config.data},

@@ -43,6 +43,21 @@ class PairStats:
     ties_skipped: int = 0
 
 
+def _response_tokens(tokenizer, comp: Comparison, idx: int, *, max_length: int,
+                     chat_template: bool) -> tuple[list[int], list[int], bool] | None:
+    """``(input_ids, labels, truncated)`` of response ``idx`` cut to ``max_length``; None if it lost every token."""
+    ids, labels = tokenize_response(tokenizer, comp.prompt, comp.responses[idx], chat_template=chat_template)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return ids, labels, truncated
+
+
+def _margin(comp: Comparison) -> float:
+    return float(comp.meta.get("margin", 0.0)) if isinstance(comp.meta, dict) else 0.0
+
+
 def tokenize_pairs(
     tokenizer,
     comparisons: list[Comparison],
@@ -66,31 +81,70 @@ def tokenize_pairs(
         if comp.tie and not keep_ties:
             stats.ties_skipped += 1
             continue
-        cache: dict[int, tuple[list[int], list[int]]] = {}
+        cache: dict[int, tuple[list[int], list[int], bool] | None] = {}
         for better, worse, target in comp.pairs():
-            seqs = []
             for idx in (better, worse):
                 if idx not in cache:
-                    cache[idx] = tokenize_response(tokenizer, comp.prompt, comp.responses[idx], chat_template=chat_template)
-                seqs.append(cache[idx])
-            truncated = any(len(ids) > max_length for ids, _ in seqs)
-            seqs = [(ids[:max_length], labels[:max_length]) for ids, labels in seqs]
-            if any(all(label == IGNORE_INDEX for label in labels[1:]) for _, labels in seqs):
+                    cache[idx] = _response_tokens(tokenizer, comp, idx, max_length=max_length, chat_template=chat_template)
+            chosen, rejected = cache[better], cache[worse]
+            if chosen is None or rejected is None:
                 stats.dropped += 1
                 continue
-            stats.truncated += int(truncated)
-            (c_ids, c_labels), (r_ids, r_labels) = seqs
+            stats.truncated += int(chosen[2] or rejected[2])
             out.append(
                 {
-                    "chosen_input_ids": c_ids,
-                    "chosen_labels": c_labels,
-                    "rejected_input_ids": r_ids,
-                    "rejected_labels": r_labels,
+                    "chosen_input_ids": chosen[0],
+                    "chosen_labels": chosen[1],
+                    "rejected_input_ids": rejected[0],
+                    "rejected_labels": rejected[1],
                     "target": target,
-                    "margin": float(comp.meta.get("margin", 0.0)) if isinstance(comp.meta, dict) else 0.0,
+                    "margin": _margin(comp),
                 }
             )
             stats.pairs += 1
+    return out, stats
+
+
+def tokenize_rankings(
+    tokenizer,
+    comparisons: list[Comparison],
+    *,
+    max_length: int,
+    chat_template: bool = True,
+    keep_ties: bool = True,
+) -> tuple[list[dict], PairStats]:
+    """One example per comparison, holding all its pairs (InstructGPT's batch element).
+
+    Ouyang et al. 2022, sec. 3.5: putting all K(K-1)/2 comparisons of a prompt in
+    one batch element needs one forward per response instead of one per pair, and
+    stops the overfitting that shuffled pairs (each response seen K-1 times per
+    epoch) cause. Each example holds ``input_ids``/``labels`` (K lists), ``pairs``
+    (``(better, worse, target)`` indices into them) and ``margin``. Truncation as
+    in :func:`tokenize_pairs`; a response that loses every token is dropped with
+    its pairs, and a comparison left without pairs is dropped.
+    """
+    stats = PairStats()
+    out: list[dict] = []
+    for comp in comparisons:
+        if comp.tie and not keep_ties:
+            stats.ties_skipped += 1
+            continue
+        tokens = {i: _response_tokens(tokenizer, comp, i, max_length=max_length, chat_template=chat_template)
+                  for i in range(len(comp.responses))}
+        kept = [i for i in range(len(comp.responses)) if tokens[i] is not None]
+        slot = {i: k for k, i in enumerate(kept)}
+        pairs = []
+        for better, worse, target in comp.pairs():
+            if better in slot and worse in slot:
+                pairs.append((slot[better], slot[worse], target))
+            else:
+                stats.dropped += 1
+        if not pairs:
+            continue
+        stats.truncated += sum(int(tokens[i][2]) for i in kept)
+        stats.pairs += len(pairs)
+        out.append({"input_ids": [tokens[i][0] for i in kept], "labels": [tokens[i][1] for i in kept],
+                    "pairs": pairs, "margin": _margin(comp)})
     return out, stats
 
 
@@ -129,6 +183,34 @@ def chosen_rejected(batch: dict[str, torch.Tensor], values: torch.Tensor) -> tup
     return values[:n], values[n:]
 
 
+def collate_rankings(examples: list[dict], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of :func:`tokenize_rankings` examples: their responses, and their pairs as indices.
+
+    Responses are numbered example by example (packed: each example's responses
+    are a group, so its prompt runs once; padded: one right-padded row each).
+    ``chosen_index``, ``rejected_index``, ``target``, ``margin``: (P,) over all the
+    batch's pairs.
+    """
+    if packed:
+        batch = packing.pack([e["input_ids"] for e in examples], labels=[e["labels"] for e in examples])
+    else:
+        seqs = [{"input_ids": ids, "labels": labels} for e in examples for ids, labels in zip(e["input_ids"], e["labels"])]
+        batch = collate_sft(seqs, pad_token_id)
+    chosen, rejected, target, margin, offset = [], [], [], [], 0
+    for e in examples:
+        for better, worse, p in e["pairs"]:
+            chosen.append(offset + better)
+            rejected.append(offset + worse)
+            target.append(p)
+            margin.append(e["margin"])
+        offset += len(e["input_ids"])
+    batch["chosen_index"] = torch.tensor(chosen, dtype=torch.long)
+    batch["rejected_index"] = torch.tensor(rejected, dtype=torch.long)
+    batch["target"] = torch.tensor(target, dtype=torch.float32)
+    batch["margin"] = torch.tensor(margin, dtype=torch.float32)
+    return batch
+
+
 def load_pair_splits(
     tokenizer,
     data: str,
@@ -140,11 +222,14 @@ def load_pair_splits(
     chat_template: bool,
     keep_ties: bool,
     stage: str,
+    grouped: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Read comparisons (any supported format), split off a held-out set, tokenise both.
 
     The split is by comparison (all pairs of a K-way ranking stay on one side).
-    Prints what was kept, truncated, dropped and skipped.
+    Examples are pairs (:func:`tokenize_pairs`), or with ``grouped`` whole
+    comparisons (:func:`tokenize_rankings`). Prints what was kept, truncated,
+    dropped and skipped.
     """
     from rlhfkit.data.preferences import load_comparisons
     from rlhfkit.data.io import split_holdout
@@ -155,8 +240,9 @@ def load_pair_splits(
     else:
         train_c, eval_c = split_holdout(comparisons, eval_fraction, seed)
     kwargs = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
-    train, stats = tokenize_pairs(tokenizer, train_c, **kwargs)
-    held, held_stats = tokenize_pairs(tokenizer, eval_c, **kwargs)
+    tokenize = tokenize_rankings if grouped else tokenize_pairs
+    train, stats = tokenize(tokenizer, train_c, **kwargs)
+    held, held_stats = tokenize(tokenizer, eval_c, **kwargs)
     print(
         f"{stage} data: {stats.pairs} train pairs from {len(train_c)} comparisons ({stats.truncated} truncated, "
         f"{stats.dropped} dropped over max_length={max_length}, {stats.ties_skipped} ties skipped); "
