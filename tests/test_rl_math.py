@@ -31,6 +31,7 @@ from rlhfkit.losses import (
     explained_variance,
     gae,
     gather_logps,
+    gather_logps_and_entropy,
     grpo_advantages,
     kl_penalty,
     masked_mean,
@@ -706,3 +707,19 @@ def test_adaptive_kl_controller_matches_formula_on_random_inputs():
         beta = beta * (1.0 + error * n / 2_000)
         ctl.update(kl, n)
         assert ctl.value == pytest.approx(beta, rel=1e-12)
+
+
+def test_fused_logps_and_entropy_equal_the_separate_ones():
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(5, 7, 50, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    tokens = torch.randint(0, 50, (5, 7), generator=g)
+    for temperature in (1.0, 0.7):
+        logps, entropy = gather_logps_and_entropy(logits, tokens, temperature)
+        want = gather_logps(logits, tokens, temperature)
+        torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(entropy, entropy_from_logits(logits.detach().float() / temperature), atol=1e-5, rtol=0)
+        assert not entropy.requires_grad
+        grad, = torch.autograd.grad(logps.sum(), logits)
+        want_grad, = torch.autograd.grad(want.sum(), logits)
+        torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
+

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhfkit import models, packing
-from rlhfkit.losses import entropy_from_logits, gather_logps
+from rlhfkit.losses import gather_logps, gather_logps_and_entropy
 from rlhfkit.rollout import position_ids_from_mask
 
 
@@ -156,9 +156,12 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R)
         return torch.zeros(shape, dtype=per_token.dtype, device=device).index_put((rows, cols), per_token)
 
-    logps = unpack(gather_logps(logits, targets, temperature))
-    entropy = unpack(entropy_from_logits(logits.detach() / temperature)) if with_entropy else None
-    return logps, (unpack(values) if values is not None else None), entropy
+    if with_entropy:
+        token_logps, token_entropy = gather_logps_and_entropy(logits, targets, temperature)
+        entropy = unpack(token_entropy)
+    else:
+        token_logps, entropy = gather_logps(logits, targets, temperature), None
+    return unpack(token_logps), (unpack(values) if values is not None else None), entropy
 
 
 def response_logps(model: nn.Module, input_ids, attention_mask, response_ids, *, temperature: float = 1.0):
