@@ -66,42 +66,20 @@ def tokenize_pairs(
     chat_template: bool = True,
     keep_ties: bool = True,
 ) -> tuple[list[dict], PairStats]:
-    """Expand comparisons to pairs and tokenise them.
+    """Expand comparisons to pairs and tokenise them (:func:`tokenize_rankings`, one example per pair).
 
-    Over-long sequences keep their first ``max_length`` tokens (the response is
-    cut, never the prompt start); a pair whose chosen or rejected response would
-    lose every token is dropped. Each example holds ``chosen_input_ids``,
-    ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels``, ``target``
-    (P(chosen > rejected): 1.0, or 0.5 for a tie) and ``margin`` (from
-    ``meta["margin"]`` when present, else 0).
+    Each example holds ``chosen_input_ids``, ``chosen_labels``,
+    ``rejected_input_ids``, ``rejected_labels``, ``target`` (P(chosen > rejected):
+    1.0, or 0.5 for a tie) and ``margin`` (from ``meta["margin"]`` when present, else 0).
     """
-    stats = PairStats()
-    out: list[dict] = []
-    for comp in comparisons:
-        if comp.tie and not keep_ties:
-            stats.ties_skipped += 1
-            continue
-        cache: dict[int, tuple[list[int], list[int], bool] | None] = {}
-        for better, worse, target in comp.pairs():
-            for idx in (better, worse):
-                if idx not in cache:
-                    cache[idx] = _response_tokens(tokenizer, comp, idx, max_length=max_length, chat_template=chat_template)
-            chosen, rejected = cache[better], cache[worse]
-            if chosen is None or rejected is None:
-                stats.dropped += 1
-                continue
-            stats.truncated += int(chosen[2] or rejected[2])
-            out.append(
-                {
-                    "chosen_input_ids": chosen[0],
-                    "chosen_labels": chosen[1],
-                    "rejected_input_ids": rejected[0],
-                    "rejected_labels": rejected[1],
-                    "target": target,
-                    "margin": _margin(comp),
-                }
-            )
-            stats.pairs += 1
+    groups, stats = tokenize_rankings(tokenizer, comparisons, max_length=max_length, chat_template=chat_template,
+                                      keep_ties=keep_ties)
+    out = []
+    for group in groups:
+        ids, labels = group["input_ids"], group["labels"]
+        for better, worse, target in group["pairs"]:
+            out.append({"chosen_input_ids": ids[better], "chosen_labels": labels[better], "rejected_input_ids": ids[worse],
+                        "rejected_labels": labels[worse], "target": target, "margin": group["margin"]})
     return out, stats
 
 
@@ -119,9 +97,12 @@ def tokenize_rankings(
     one batch element needs one forward per response instead of one per pair, and
     stops the overfitting that shuffled pairs (each response seen K-1 times per
     epoch) cause. Each example holds ``input_ids``/``labels`` (K lists), ``pairs``
-    (``(better, worse, target)`` indices into them) and ``margin``. Truncation as
-    in :func:`tokenize_pairs`; a response that loses every token is dropped with
-    its pairs, and a comparison left without pairs is dropped.
+    (``(better, worse, target)`` indices into them, target 1.0 or 0.5 for a tie)
+    and ``margin`` (``meta["margin"]`` when present, else 0). Over-long sequences
+    keep their first ``max_length`` tokens (the response is cut, never the prompt
+    start; ``stats.truncated`` counts responses); a response that loses every
+    token is dropped with its pairs (``stats.dropped`` counts pairs), and a
+    comparison left without pairs is dropped.
     """
     stats = PairStats()
     out: list[dict] = []
