@@ -156,3 +156,15 @@ def test_packing_needs_the_rlhfkit_kernel():
     config.packing = False
     model = models.prepare_for_training(models.build_tiny(), config)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_batch_through_another_kernel_is_an_error(tokenizer):
+    # sdpa would build its mask from the position ids, cutting the rejected response off its prompt.
+    pairs = _pairs(tokenizer)
+    packed = collate_pairs(pairs, tokenizer.pad_token_id, packed=True)
+    with pytest.raises(ValueError, match="packed batch needs attn_implementation='rlhfkit'"):
+        sequence_logps(models.build_tiny(), packed)
+    rm = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="packed batch needs"):
+        sequence_scores(rm, packed)
+

@@ -189,7 +189,7 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
     if config.loss_type == "simpo":
         return  # reference-free
     ref = policy if not config.ref_model else models.load_causal_lm(config.ref_model)
-    if config.packing:
+    if config.packing:  # the policy too: prepare_for_training, which also sets it, comes later
         models.set_attention(ref)
     examples = train + held
     path = ref_cache_path(config, ref, tokenizer) if config.ref_cache else None

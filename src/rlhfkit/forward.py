@@ -26,6 +26,7 @@ def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     Position ``t`` of a sequence predicts its token ``t + 1``.
     """
     if packing.is_packed(batch):
+        packing.require_kernel(model)
         positions, targets, owner = packing.target_positions(batch)
         logits = model(**packing.model_inputs(batch), logits_to_keep=positions).logits[0]
         return logits, targets, owner

@@ -153,6 +153,21 @@ def is_packed(batch: dict) -> bool:
     return "seg_index" in batch
 
 
+def require_kernel(model) -> None:
+    """Raise unless ``model`` (possibly DDP- or peft-wrapped) attends with :data:`ATTENTION`.
+
+    Any other kernel would build its mask from the position ids alone, which cuts
+    a packed row into pieces where positions restart, so a response whose
+    positions continue a shared prompt would silently not see that prompt.
+    """
+    inner = getattr(model, "module", model)
+    config = getattr(inner, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != ATTENTION:
+        raise ValueError(f"a packed batch needs attn_implementation={ATTENTION!r} (models.set_attention(model)), "
+                         f"this model has {impl!r}")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for a transformers model whose attention is :data:`ATTENTION`."""
     layout = Layout(*(batch[k] for k in LAYOUT_KEYS))

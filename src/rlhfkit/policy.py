@@ -139,6 +139,8 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     ``response_mask`` is False. ``model`` is an :class:`ActorCritic` or a causal LM
     whose attention is rlhfkit's kernel.
     """
+    inner = getattr(model, "module", model)  # DDP
+    packing.require_kernel(inner.policy if isinstance(inner, ActorCritic) else inner)
     batch, positions, rows, cols = packed_rollout(query_ids, query_mask, response_ids, response_mask)
     device = device if device is not None else positions.device
     inputs = {k: v.to(device) for k, v in batch.items()}

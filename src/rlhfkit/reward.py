@@ -111,6 +111,7 @@ def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     the wrapped model, so DDP syncs gradients) and read at each sequence's last token.
     """
     if packing.is_packed(batch):
+        packing.require_kernel(model)
         with packing.capture_output(_score_head(model)) as outputs:
             model(**packing.model_inputs(batch))
         return outputs[-1][0, :, 0][packing.last_positions(batch)].float()
