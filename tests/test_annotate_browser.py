@@ -111,8 +111,9 @@ def test_label_with_the_keyboard_undo_reload_and_continue(browser, tmp_path):
         assert "1 labelled by you" in page.inner_text("#progress-text")
         page.fill("#reason", "")  # focuses the reason box; Escape leaves it for the shortcuts
         page.keyboard.press("Escape")
+        undone_prompt = current(page)[0]  # read before "t": the next pair may already show by the time it returns
         page.keyboard.press("t")
-        wait_for_new_pair(page, current(page)[0])
+        wait_for_new_pair(page, undone_prompt)
 
         # Reload: the token survives in sessionStorage and the same pair is shown again.
         prompt, a, b = current(page)
