@@ -140,13 +140,14 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     whose attention is rlhfkit's kernel.
     """
     inner = getattr(model, "module", model)  # DDP
-    packing.require_kernel(inner.policy if isinstance(inner, ActorCritic) else inner)
+    actor_critic = isinstance(inner, ActorCritic)
+    packing.require_kernel(inner.policy if actor_critic else inner)
     batch, positions, rows, cols = packed_rollout(query_ids, query_mask, response_ids, response_mask)
     device = device if device is not None else positions.device
     inputs = {k: v.to(device) for k, v in batch.items()}
     positions, rows, cols = positions.to(device), rows.to(device), cols.to(device)
     targets = response_ids.to(device)[rows, cols]
-    if isinstance(model, ActorCritic) or isinstance(getattr(model, "module", None), ActorCritic):
+    if actor_critic:
         layout = packing.model_inputs(inputs)
         logits, values = model(layout["input_ids"], None, 0, positions=positions, position_ids=layout["position_ids"],
                                rlhfkit_layout=layout["rlhfkit_layout"])

@@ -82,11 +82,7 @@ class RewardTask:
         return forward.num_tokens(batch)
 
     def loss(self, model, batch):
-        rewards = sequence_scores(model, batch)
-        if "chosen_index" in batch:  # grouped rankings (collate_rankings)
-            chosen, rejected = rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]
-        else:
-            chosen, rejected = chosen_rejected(batch, rewards)
+        chosen, rejected = chosen_rejected(batch, sequence_scores(model, batch))
         target = batch["target"]
         losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
         # A tie counts as half right; a strict preference as right when chosen scores higher.

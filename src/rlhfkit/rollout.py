@@ -150,9 +150,9 @@ class HFEngine:
 
         tok = self.tokenizer
         device = next(self.model.parameters()).device
-        kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         # Greedy decoding of the logits our sampler leaves: exactly its sampled token.
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      do_sample=False, temperature=None, top_p=None, top_k=None)
         if options.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
         was_training = self.model.training

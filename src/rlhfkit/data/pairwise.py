@@ -157,7 +157,9 @@ def collate_pairs(examples: list[dict], pad_token_id: int, *, packed: bool = Fal
 
 
 def chosen_rejected(batch: dict[str, torch.Tensor], values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split per-sequence ``values`` (2B, ...) of a :func:`collate_pairs` batch into (chosen (B,), rejected (B,))."""
+    """Per-sequence ``values`` of a :func:`collate_pairs` or :func:`collate_rankings` batch as (chosen (P,), rejected (P,))."""
+    if "chosen_index" in batch:  # rankings: pairs index the responses
+        return values[batch["chosen_index"]], values[batch["rejected_index"]]
     if packing.is_packed(batch):  # chosen, rejected alternate
         return values[0::2], values[1::2]
     n = batch["target"].shape[0]
