@@ -1,11 +1,13 @@
-"""The rollout sampler draws tokens with the probabilities it is given (checked by counting)."""
+"""Rollout decoding: the sampler draws tokens with the probabilities it is given (checked by counting);
+shared-prompt prefill and pre-packed bf16 weights change speed, not results."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlhfkit.rollout import InverseCDFSampler
+from rlhfkit import models, rollout
+from rlhfkit.rollout import GenerationOptions, HFEngine, InverseCDFSampler, encode_prompts
 
 
 def _draw(sampler: InverseCDFSampler, logits: torch.Tensor, n: int) -> torch.Tensor:
@@ -50,3 +52,54 @@ def test_top_p_keeps_the_smallest_likely_set():
 def test_temperature_zero_is_an_error():
     with pytest.raises(ValueError, match="temperature > 0"):
         InverseCDFSampler(0.0)
+
+
+def _tiny_engine(tokenizer, precision="fp32"):
+    model = models.build_tiny(seed=5)
+    models.set_attention(model)
+    return HFEngine(model, tokenizer, precision=precision)
+
+
+def _left_tokenizer():
+    return models.load_tokenizer(models.TINY, padding_side="left")
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_the_same_tokens(monkeypatch):
+    tok = _left_tokenizer()
+    engine = _tiny_engine(tok)
+    prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x"] for _ in range(3)]
+    ids, mask = encode_prompts(tok, prompts)
+    cache = rollout._shared_prefix_cache(engine.model, ids, mask)
+    # Computed for the 3 distinct prompts, copied out to all 9 rows, last query token left for generate.
+    assert cache.layers[0].keys.shape[0] == 9 and cache.get_seq_length() == ids.shape[1] - 1
+    assert rollout._shared_prefix_cache(engine.model, ids[::3], mask[::3]) is None  # nothing repeated
+    options = GenerationOptions(max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(0)
+    shared = engine.generate(ids, mask, options)
+    monkeypatch.setattr(rollout, "_shared_prefix_cache", lambda *a: None)
+    torch.manual_seed(0)
+    plain = engine.generate(ids, mask, options)
+    # The random tiny model's near-uniform logits make sampling sensitive to any change in them.
+    assert len(set(map(tuple, plain.tolist()))) > 3
+    assert torch.equal(shared, plain)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_prepacked_linears_compute_the_bf16_linear_and_restore_the_layers():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(5, 3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x).float()
+    with rollout.prepacked_linears(model, rows=5):
+        assert "forward" in layer.__dict__
+        got = layer(x).float()
+    assert "forward" not in layer.__dict__
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    # Same bf16 products, perhaps summed in another order: within a few bf16 ulps of the outputs.
+    assert got.shape == want.shape and (got - want).abs().max() <= 0.02 * want.abs().max()
+    with pytest.raises(RuntimeError):
+        with rollout.prepacked_linears(model, rows=5):
+            raise RuntimeError("boom")
+    assert "forward" not in layer.__dict__

@@ -17,6 +17,7 @@ padding does not shift positions.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol, Union
 
@@ -129,12 +130,72 @@ class InverseCDFSampler:
         return out.scatter_(1, token, 0.0)
 
 
+@contextlib.contextmanager
+def prepacked_linears(model, rows: int):
+    """Inside this block, the model's ``nn.Linear`` layers run oneDNN bf16 matmuls on pre-packed weights.
+
+    For bf16 decoding on CPU: each decode step multiplies a few rows (one per
+    sequence) by every weight, and an ordinary ``F.linear`` re-lays the weight out
+    into oneDNN's blocked format on every call; here that happens once per block
+    (``rows`` is the batch-size hint the layout is chosen for). Measured on a
+    2-core avx512-bf16 CPU, SmolLM2-135M, 32 x 64 tokens: 5.5 s vs 6.2 s. The
+    weights are a snapshot taken on entry (no gradient), so use it around one
+    ``generate`` call. A no-op where oneDNN has no bf16 path (CUDA, older CPUs).
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    usable = (linears and linears[0].weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not usable:
+        yield
+        return
+    linear_pointwise = torch.ops.mkldnn._linear_pointwise
+
+    def packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            return linear_pointwise(flat, weight, bias, "none", [], "").reshape(*x.shape[:-1], -1)
+        return forward
+
+    with torch.no_grad():
+        for m in linears:
+            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.to(torch.bfloat16), rows)
+            bias = m.bias.to(torch.bfloat16) if m.bias is not None else None
+            m.forward = packed_forward(weight, bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # back to the class's forward
+
+
+def _shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor):
+    """A KV cache of all but the last query token, computed once per distinct query.
+
+    RL rollouts sample k responses per prompt, so the query batch holds each prompt
+    k times; the prompt forward (prefill) is run for the distinct rows and the
+    cache is then copied out to every row. ``generate`` continues from it, running
+    only the last query token for every row. ``None`` when every row is distinct.
+    """
+    unique, inverse = torch.unique(torch.cat([query_ids, query_mask.long()], dim=1), dim=0, return_inverse=True)
+    if unique.shape[0] == query_ids.shape[0] or query_ids.shape[1] < 2:
+        return None
+    width = query_ids.shape[1]
+    ids, mask = unique[:, :width - 1], unique[:, width:2 * width - 1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
+    cache.reorder_cache(inverse.to(ids.device))
+    return cache
+
+
 class HFEngine:
     """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
 
     ``precision`` is the autocast used while decoding (bf16: SmolLM2, 32 x 64
     tokens, 6.4 s vs 11.9 s in fp32 on a 2-core avx512-bf16 CPU; the weight casts
-    are cached for the whole ``generate`` call). Sampling goes through
+    are cached for the whole ``generate`` call; on CPU the bf16 matmuls run on
+    :func:`prepacked_linears`). Repeated queries (k samples per prompt) share
+    one prefill (:func:`_shared_prefix_cache`). Sampling goes through
     :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax.
     """
 
@@ -157,10 +218,13 @@ class HFEngine:
             kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
         was_training = self.model.training
         self.model.eval()
-        with _autocast(device, self.precision):
-            out = self.model.generate(
-                input_ids=query_ids.to(device), attention_mask=query_mask.long().to(device), **kwargs
-            )
+        query_ids, query_mask = query_ids.to(device), query_mask.long().to(device)
+        packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
+        with _autocast(device, self.precision), packed:
+            cache = _shared_prefix_cache(self.model, query_ids, query_mask)
+            if cache is not None:
+                kwargs["cache"] = cache
+            out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
         self.model.train(was_training)
         response = out[:, query_ids.shape[1]:]
         # Anything after the first EOS becomes EOS/pad so masks are exact.
