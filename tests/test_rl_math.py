@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import models
+from rlhfkit import losses, models
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
@@ -723,3 +723,21 @@ def test_fused_logps_and_entropy_equal_the_separate_ones():
         want_grad, = torch.autograd.grad(want.sum(), logits)
         torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
 
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypatch, temperature):
+    # 3 rows per chunk over 4 x 5 rows: several chunks and a short last one.
+    monkeypatch.setattr(losses, "_CHUNK_VALUES", 3 * 50)
+    g = torch.Generator().manual_seed(4)
+    logits = (4 * torch.randn(4, 5, 50, generator=g)).requires_grad_(True)
+    tokens = torch.randint(0, 50, (4, 5), generator=g)
+    weights = torch.randn(4, 5, generator=g)  # a non-uniform upstream gradient
+    logps, entropy = gather_logps_and_entropy(logits, tokens, temperature)
+    want = log_softmax_gather(logits, tokens, temperature)
+    torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gather_logps(logits, tokens, temperature), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach() / temperature), atol=1e-5, rtol=0)
+    grad, = torch.autograd.grad((logps * weights).sum(), logits)
+    want_grad, = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)

@@ -62,38 +62,89 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 # ----------------------------------------------------------------------------- log-probabilities
 
 
+# Rows of logits per chunk: 2**22 fp32 values (16 MB). A step's logits are large (a GRPO step
+# of 32 x 64 tokens: 2048 x 49k); full-size fp32 temporaries (upcast, exp, softmax, their
+# gradients) cost more in fresh-page faults than in arithmetic, chunks reuse one small buffer.
+_CHUNK_VALUES = 1 << 22
+
+
+class _TokenLogps(torch.autograd.Function):
+    """``log softmax(z)[token]`` and (without gradient) the entropy of ``softmax(z)``, ``z = logits / T``.
+
+    Forward and backward both walk the rows in chunks, in fp32, and keep only the
+    (N,) log-normalisers between them. Gradient: ``d logp / d logits_v =
+    (1[v = token] - softmax(z)_v) / T``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, with_entropy, chunk_rows):
+        n, vocab = logits.shape
+        logps = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = logits[rows].float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            logps[rows] = z.gather(-1, tokens[rows, None]).squeeze(-1) - lse[rows]
+            if with_entropy:  # H = lse - sum_v p_v z_v
+                entropy[rows] = lse[rows] - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        if entropy is None:
+            return logps
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        logits, tokens, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)
+        scale = grad_logps.float() / temperature
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            z = logits[rows].float()
+            if temperature != 1.0:
+                z = z / temperature
+            g = torch.exp(z.sub_(lse[rows, None])).mul_(-scale[rows, None])  # -softmax * scale
+            g.scatter_add_(-1, tokens[rows, None], scale[rows, None])
+            grad[rows] = g
+        return grad, None, None, None, None
+
+
+def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    shape, vocab = tokens.shape, logits.shape[-1]
+    out = _TokenLogps.apply(logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), with_entropy,
+                            max(1, _CHUNK_VALUES // vocab))
+    if with_entropy:
+        return out[0].view(shape), out[1].view(shape)
+    return out.view(shape)
+
+
 def gather_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each token under ``softmax(logits / temperature)``.
 
-    Shapes: ``logits`` (B, T, V), ``tokens`` (B, T) -> (B, T). Computed in fp32 as
-    ``logit[token] - logsumexp(logits)`` without materialising the full
-    log-softmax. Dividing by the sampling temperature makes these the log-probs
+    Shapes: ``logits`` (..., V), ``tokens`` (...) -> (...), fp32. Computed as
+    ``z[token] - logsumexp(z)`` with ``z = logits / temperature`` in fp32, a chunk of
+    rows at a time, without materialising the full log-softmax (or its gradient's
+    temporaries). Dividing by the sampling temperature makes these the log-probs
     of the distribution the tokens were actually sampled from.
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _token_logps(logits, tokens, temperature, with_entropy=False)
 
 
 def gather_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gather_logps` and, without gradient, :func:`entropy_from_logits` of ``logits / temperature``.
 
     Shapes: ``logits`` (..., V), ``tokens`` (...) -> ``(logps (...), entropy (...))``.
-    One fp32 copy and one logsumexp serve both (an RL step computes them over every
+    One pass over the logits serves both (an RL step computes them over every
     response token: 2048 x 49k for a GRPO step of 32 x 64): ``H = lse - sum_v p_v z_v``
     with ``p = softmax(z)``, since ``log p_v = z_v - lse``.
     """
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    logps = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
-    with torch.no_grad():
-        zd = z.detach()
-        entropy = lse.detach() - (torch.softmax(zd, dim=-1) * zd).sum(-1)
-    return logps, entropy
+    return _token_logps(logits, tokens, temperature, with_entropy=True)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
