@@ -5,7 +5,9 @@
 #
 # POLICY (default smollm2-135m; a demo SFT run such as runs/demo/sft also works)
 # samples one response per temperature in $TEMPS (default 6: 0.6 ... 1.3) for each
-# shipped train prompt and, separately, each held-out eval prompt. The simulated
+# training prompt (the shipped RL train prompts and the SFT data's prompts: 442
+# distinct prompts; with the 160 RL prompts alone the model overfits) and,
+# separately, each held-out eval prompt (disjoint from both). The simulated
 # annotator labels them at temperature 0 with a known scorer (noiseless: responses
 # ranked by score). Responses with equal scores carry no preference, so each
 # ranking keeps one response per distinct score (train) and the held-out set
@@ -17,15 +19,17 @@ POLICY=${1:-smollm2-135m}
 OUT=${2:-runs/reward_accuracy}
 SCORER=${3:-length}
 TEMPS=${TEMPS:-[0.6,0.8,1.0,1.1,1.2,1.3]}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-2}
 LR=${LR:-5e-5}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
 DEMO=$("$PYTHON" -c 'from rlhfkit.sft import demo_data_path; print(demo_data_path(""))')
 mkdir -p "$OUT"
 
-for split in train eval; do
-  "$RLHFKIT" sample model="$POLICY" prompts="$DEMO/prompts_$split.jsonl" output="$OUT/samples_$split.jsonl" \
+for split in train sft eval; do
+  prompts="$DEMO/prompts_$split.jsonl"
+  [ "$split" = sft ] && prompts="$DEMO/sft.jsonl"  # its `prompt` fields; the completions are not used
+  "$RLHFKIT" sample model="$POLICY" prompts="$prompts" output="$OUT/samples_$split.jsonl" \
     temperatures="$TEMPS" max_new_tokens=64 batch_size=32
   "$RLHFKIT" label samples="$OUT/samples_$split.jsonl" output="$OUT/labels_$split.jsonl" \
     scorer="$SCORER" temperature=0
@@ -37,7 +41,7 @@ from rlhfkit.data.records import Comparison
 out = sys.argv[1]
 
 train = []
-for c in load_comparisons(f"{out}/labels_train.jsonl"):
+for c in load_comparisons(f"{out}/labels_train.jsonl") + load_comparisons(f"{out}/labels_sft.jsonl"):
     s = c.meta["scores"]
     best_first, seen = [], set()
     for i in sorted(range(len(c.responses)), key=lambda i: -s[i]):

@@ -64,7 +64,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 # Rows of logits per chunk: 2**22 fp32 values (16 MB). A step's logits are large (a GRPO step
 # of 32 x 64 tokens: 2048 x 49k); full-size fp32 temporaries (upcast, exp, softmax, their
-# gradients) cost more in fresh-page faults than in arithmetic, chunks reuse one small buffer.
+# gradients) cost page faults and memory traffic, chunks reuse one small buffer. Measured,
+# 1982 x 49152 bf16 logits, forward + backward on 2 CPU cores: ~0.38 s vs ~0.5 s unchunked.
 _CHUNK_VALUES = 1 << 22
 
 

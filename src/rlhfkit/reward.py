@@ -63,6 +63,9 @@ class RewardConfig(models.ModelOptions, TrainOptions):
     norm_data: str = ""
     """JSONL of {prompt, response} samples for normalisation; empty: every response in `data`
     (held-out comparisons included; in the pipeline these are all samples of the SFT model)."""
+    norm_max_samples: int = 1024
+    """Score at most this many normalisation samples, evenly spaced over them (-1: all); a mean and
+    std need no more, and scoring every response of a large preference set takes minutes."""
     lr: float = 1e-5
     """Peak learning rate."""
     output_dir: str = "runs/reward"
@@ -161,13 +164,17 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
 
 @torch.no_grad()
 def raw_scores(model, tokenizer, prompts: list, responses: list[str], *, batch_size: int = 16,
-               chat_template: bool = True, max_length: int = 1024, precision: str = "bf16") -> torch.Tensor:
-    """Raw scalar scores of (prompt, response) pairs. Shape: (N,)."""
+               chat_template: bool = True, max_length: int = 1024, precision: str = "bf16",
+               progress: str | None = None) -> torch.Tensor:
+    """Raw scalar scores of (prompt, response) pairs. Shape: (N,). ``progress``: a progress-bar title."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     was_training = model.training
     model.eval()
     scores = []
+    bar = tqdm(total=len(responses), unit="response", desc=progress, disable=progress is None)
     for start in range(0, len(responses), batch_size):
         seqs = []
         for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
@@ -177,6 +184,8 @@ def raw_scores(model, tokenizer, prompts: list, responses: list[str], *, batch_s
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         scores.append(logits.squeeze(-1).float().cpu())
+        bar.update(len(seqs))
+    bar.close()
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
 
@@ -208,20 +217,32 @@ class RewardModel:
         return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``, first and last included (all of them if ``k`` is
+    -1 or at least ``n``)."""
+    if k < 0 or k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
 def _norm_samples(config: RewardConfig) -> tuple[list, list[str]]:
     if config.norm_data:
         from rlhfkit.data.io import read_rows
 
         rows = read_rows(config.norm_data)
-        return [r.data["prompt"] for r in rows], [r.get_str("response") for r in rows]
-    from rlhfkit.data.preferences import load_comparisons
+        prompts, responses = [r.data["prompt"] for r in rows], [r.get_str("response") for r in rows]
+    else:
+        from rlhfkit.data.preferences import load_comparisons
 
-    prompts, responses = [], []
-    for comp in load_comparisons(config.data):
-        for response in comp.responses:
-            prompts.append(comp.prompt)
-            responses.append(response)
-    return prompts, responses
+        prompts, responses = [], []
+        for comp in load_comparisons(config.data):
+            for response in comp.responses:
+                prompts.append(comp.prompt)
+                responses.append(response)
+    keep = evenly_spaced(len(responses), config.norm_max_samples)
+    return [prompts[i] for i in keep], [responses[i] for i in keep]
 
 
 def train(config: RewardConfig) -> FitResult:
@@ -255,7 +276,8 @@ def train(config: RewardConfig) -> FitResult:
         if config.normalize:
             prompts, responses = _norm_samples(config)
             scores = raw_scores(target, tokenizer, prompts, responses, chat_template=config.chat_template,
-                                max_length=config.max_length, precision=config.precision)
+                                max_length=config.max_length, precision=config.precision,
+                                progress="reward: normalisation" if config.progress else None)
             std = float(scores.std()) if len(scores) > 1 else 1.0
             gain = 1.0 / max(std, 1e-6)
             bias = -float(scores.mean()) * gain

@@ -142,7 +142,8 @@ def prepacked_linears(model, rows: int):
     weights are a snapshot taken on entry (no gradient), so use it around one
     ``generate`` call. A no-op where oneDNN has no bf16 path (CUDA, older CPUs).
     """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
     usable = (linears and linears[0].weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if not usable:
