@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import losses, models
+from rlhfkit import losses, models, rl
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
@@ -43,7 +43,7 @@ from rlhfkit.losses import (
 )
 from rlhfkit.policy import ActorCritic, load_critic, packed_response_logps, packed_rollout, response_logps
 from rlhfkit.rl import AdaptiveKLController
-from rlhfkit.rollout import position_ids_from_mask, response_mask_from_ids
+from rlhfkit.rollout import Rollout, position_ids_from_mask, response_mask_from_ids
 
 T, F_ = True, False  # short names keep hand-written masks readable
 LN2 = math.log(2.0)
@@ -660,6 +660,15 @@ def test_packed_rollout_equals_each_row_alone(value):
         torch.testing.assert_close(entropy[i, :n], entropy_from_logits(logits[0] / 0.7), atol=1e-5, rtol=0)
         if value != "none":
             torch.testing.assert_close(values[i, :n], want_values[0], atol=1e-5, rtol=0)
+    # The trainer's padded path (packing=false) gives the same, entropy included.
+    rollout = Rollout([""] * 4, [""] * 4, query_ids, query_mask, response_ids, response_mask,
+                      has_eos=torch.zeros(4, dtype=torch.bool), temperature=0.7)
+    with torch.no_grad():
+        padded = rl._forward(model, rollout, [0, 1, 2, 3], torch.device("cpu"), with_entropy=True, packed=False)
+    for got, want in zip(padded, (logps, values, entropy)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got[response_mask], want[response_mask], atol=1e-5, rtol=0)
 
 
 def test_response_logps_of_plain_lm_equals_actor_critic():

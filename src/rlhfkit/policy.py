@@ -159,12 +159,27 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R)
         return torch.zeros(shape, dtype=per_token.dtype, device=device).index_put((rows, cols), per_token)
 
+    token_logps, token_entropy = logps_and_entropy(logits, targets, temperature, with_entropy=with_entropy)
+    return tuple(unpack(x) if x is not None else None for x in (token_logps, values, token_entropy))
+
+
+def logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logps, entropy or None)`` of ``tokens`` under ``logits / temperature``, in one pass over the logits."""
     if with_entropy:
-        token_logps, token_entropy = gather_logps_and_entropy(logits, targets, temperature)
-        entropy = unpack(token_entropy)
-    else:
-        token_logps, entropy = gather_logps(logits, targets, temperature), None
-    return unpack(token_logps), (unpack(values) if values is not None else None), entropy
+        return gather_logps_and_entropy(logits, tokens, temperature)
+    return gather_logps(logits, tokens, temperature), None
+
+
+def response_logits(model: nn.Module, input_ids, attention_mask, n_response: int):
+    """``(logits (B, R, V), values (B, R) or None)`` predicting the last ``R = n_response`` tokens
+    of padded rows, under a causal LM or :class:`ActorCritic`."""
+    if isinstance(model, ActorCritic) or isinstance(getattr(model, "module", None), ActorCritic):
+        return model(input_ids, attention_mask, n_response)
+    position_ids = position_ids_from_mask(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=n_response + 1, use_cache=False)
+    return out.logits[:, :-1], None
 
 
 def response_logps(model: nn.Module, input_ids, attention_mask, response_ids, *, temperature: float = 1.0):
@@ -173,12 +188,5 @@ def response_logps(model: nn.Module, input_ids, attention_mask, response_ids, *,
     Shapes: ``input_ids``/``attention_mask`` (B, P + R), ``response_ids`` (B, R) ->
     ``(logps (B, R), logits (B, R, V), values (B, R) or None)``.
     """
-    n = response_ids.shape[1]
-    if isinstance(model, ActorCritic) or isinstance(getattr(model, "module", None), ActorCritic):
-        logits, values = model(input_ids, attention_mask, n)
-    else:
-        position_ids = position_ids_from_mask(attention_mask)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=n + 1, use_cache=False)
-        logits, values = out.logits[:, :-1], None
+    logits, values = response_logits(model, input_ids, attention_mask, response_ids.shape[1])
     return gather_logps(logits, response_ids, temperature), logits, values

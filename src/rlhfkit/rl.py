@@ -55,7 +55,6 @@ from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, m
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
-    entropy_from_logits,
     explained_variance,
     gae,
     grpo_advantages,
@@ -67,7 +66,7 @@ from rlhfkit.losses import (
     whiten,
 )
 from rlhfkit.optim import build_optimizer, build_scheduler
-from rlhfkit.policy import ActorCritic, load_critic, packed_response_logps, response_logps
+from rlhfkit.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.tracking import MetricsLogger
 
@@ -229,8 +228,8 @@ def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: 
                                      temperature=rollout.temperature, with_entropy=with_entropy, device=device)
     input_ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
     response_ids = sub.response_ids.to(device)
-    logps, logits, values = response_logps(model, input_ids, mask, response_ids, temperature=rollout.temperature)
-    entropy = entropy_from_logits(logits.detach() / rollout.temperature) if with_entropy else None
+    logits, values = response_logits(model, input_ids, mask, response_ids.shape[1])
+    logps, entropy = logps_and_entropy(logits, response_ids, rollout.temperature, with_entropy=with_entropy)
     return logps, values, entropy
 
 
