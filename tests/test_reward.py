@@ -345,3 +345,43 @@ def test_normalisation_samples_are_evenly_spaced_and_capped():
     assert evenly_spaced(5, 5) == evenly_spaced(5, 9) == evenly_spaced(5, -1) == [0, 1, 2, 3, 4]
     picked = evenly_spaced(2652, 1024)
     assert len(set(picked)) == 1024 and picked == sorted(picked) and picked[-1] == 2651
+
+
+def test_score_head_runs_in_fp32_under_bf16_autocast(tokenizer):
+    """Scores under a bf16 autocast are the fp32 head applied to the final hidden state, not bf16-rounded,
+    in training (packed and padded batches) and in :class:`RewardModel`-style scoring (``raw_scores``)."""
+    from rlhfkit.reward import _score_head, fp32_score_head, sequence_scores
+
+    model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal", seed=3).eval()
+    models.set_attention(model)
+    head = _score_head(model)
+    with torch.no_grad():
+        head.weight.mul_(40.0)  # scores of size ~10, where bf16's step is 1/16
+    assert fp32_score_head(model) is model and len(head._forward_hooks) == 1  # idempotent
+    ranking = Comparison("Pick one.", ["Yes.", "No, never.", "Maybe, let me think about it."], [0, 1, 2])
+    groups, _ = tokenize_rankings(tokenizer, [ranking], max_length=64, keep_ties=True)
+    inputs = []
+    hook = head.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    try:
+        for packed in (True, False):
+            batch = collate_rankings(groups, tokenizer.pad_token_id, packed=packed)
+            inputs.clear()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                scores = sequence_scores(model, batch)
+            per_position = torch.nn.functional.linear(inputs[0].float(), head.weight, head.bias)[..., 0]
+            if packed:
+                from rlhfkit import packing
+
+                want = per_position[0][packing.last_positions(batch)]
+            else:  # transformers pools at each row's last non-pad token
+                last = batch["attention_mask"].sum(-1) - 1 if "attention_mask" in batch else None
+                want = per_position[torch.arange(per_position.shape[0]), last]
+            assert scores.dtype == torch.float32
+            assert scores.abs().min() > 2.0  # large enough that bf16 rounding would show
+            torch.testing.assert_close(scores, want, rtol=1e-6, atol=1e-6)
+        inputs.clear()
+        got = raw_scores(model, tokenizer, ["Pick one."] * 3, ranking.responses, precision="bf16")
+        assert got.dtype == torch.float32
+        assert (got.to(torch.bfloat16).float() != got).any()  # not bf16 values
+    finally:
+        hook.remove()

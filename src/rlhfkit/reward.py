@@ -14,6 +14,9 @@ loads the result and gives the same raw scores.
    SFT model) score mean 0, std 1 at the training precision. They are stored in ``config.json`` as
    ``rlhfkit_reward_gain`` / ``rlhfkit_reward_bias``; :class:`RewardModel` applies
    them (``normalised = gain * raw + bias``), raw transformers outputs do not.
+
+The scalar head runs in fp32 even under a bf16 autocast (:func:`fp32_score_head`);
+the backbone runs at the training precision.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from rlhfkit import forward, models, packing
@@ -102,6 +106,33 @@ def _score_head(model) -> torch.nn.Module:
     raise ValueError("reward model has no `score` head")
 
 
+def _fp32_head_output(module: torch.nn.Linear, args, output) -> torch.Tensor:
+    """Forward hook: the head's output recomputed in fp32 with autocast off (see :func:`fp32_score_head`)."""
+    (hidden,) = args
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if module.bias is None else module.bias.float()
+        return F.linear(hidden.float(), module.weight.float(), bias)
+
+
+def fp32_score_head(model):
+    """Make the score head of ``model`` compute in fp32 under any autocast; returns ``model``.
+
+    Under a bf16 autocast the head's output would be bf16, 8 significant bits: two
+    scores closer than about 1/128 of their size round to the same number, so a
+    pair the model orders correctly counts as wrong (a tie is not ``chosen >
+    rejected``), and a pair of responses that differ a little (38 vs 43 words under a
+    length scorer) cannot get the small margin they need. The head is one
+    ``hidden -> 1`` product per position, so fp32 costs nothing; the final norm's
+    output it reads is fp32 already. Idempotent; a head that is not an ``nn.Linear``
+    is left as it is.
+    """
+    head = _score_head(model)
+    if isinstance(head, torch.nn.Linear) and not getattr(head, "_rlhfkit_fp32", False):
+        head.register_forward_hook(_fp32_head_output)
+        head._rlhfkit_fp32 = True
+    return model
+
+
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Scalar score of each sequence of a padded or packed batch, read at its last token. Shape: (N,).
 
@@ -159,7 +190,7 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
             torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
         if getattr(head, "bias", None) is not None:
             torch.nn.init.zeros_(head.bias)
-    return model
+    return fp32_score_head(model)
 
 
 @torch.no_grad()
@@ -202,7 +233,7 @@ class RewardModel:
 
         self.path = str(path)
         self.tokenizer = _reward_tokenizer(self.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).eval()
+        self.model = fp32_score_head(AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).eval())
         self.tokenizer.pad_token_id = self.model.config.pad_token_id
         self.gain = float(getattr(self.model.config, "rlhfkit_reward_gain", 1.0))
         self.bias = float(getattr(self.model.config, "rlhfkit_reward_bias", 0.0))

@@ -41,6 +41,10 @@ class SampleConfig:
     """Nucleus sampling threshold."""
     max_new_tokens: int = 96
     """Maximum response length in tokens."""
+    stop: list[str] = field(default_factory=list)
+    """Cut each response at the first occurrence of any of these strings, which is not kept (as the
+    ``stop`` of OpenAI-style APIs); e.g. ``["\\n\\n"]`` keeps the first paragraph. Leading whitespace
+    is dropped first, so a response that opens with a blank line is not cut to nothing."""
     batch_size: int = 16
     """Prompts generated together."""
     max_prompts: int = -1
@@ -67,6 +71,16 @@ def load_prompts(path: str | Path) -> list:
     if not prompts:
         raise DataError(path, None, "prompt", "no prompts")
     return prompts
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """``text`` without surrounding whitespace, cut at the first occurrence of any ``stop`` string.
+
+    ``cut_at_stop("  Hi.\\n\\nMore", ["\\n\\n"]) == "Hi."``; no ``stop``: just stripped.
+    """
+    text = text.strip()
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut].strip()
 
 
 def _done_indices(output: Path) -> set[int]:
@@ -123,7 +137,7 @@ def run(config: SampleConfig) -> Path:
                 record = {
                     "prompt_index": index,
                     "prompt": prompts[index],
-                    "responses": [r[j].strip() for r in responses],
+                    "responses": [cut_at_stop(r[j], config.stop) for r in responses],
                     "temperatures": list(config.temperatures),
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
