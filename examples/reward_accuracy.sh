@@ -19,6 +19,7 @@ POLICY=${1:-smollm2-135m}
 OUT=${2:-runs/reward_accuracy}
 SCORER=${3:-length}
 TEMPS=${TEMPS:-[0.6,0.8,1.0,1.1,1.2,1.3]}
+SCORER_ARGS=${SCORER_ARGS:-"{}"}  # e.g. SCORER_ARGS='{target_words: 20}' for the length scorer
 STOP=${STOP:-[]}  # e.g. STOP='["\n\n"]': keep each response's first paragraph
 EPOCHS=${EPOCHS:-2}
 LR=${LR:-5e-5}
@@ -33,7 +34,7 @@ for split in train sft eval; do
   "$RLHFKIT" sample model="$POLICY" prompts="$prompts" output="$OUT/samples_$split.jsonl" \
     temperatures="$TEMPS" max_new_tokens=64 batch_size=32 stop="$STOP"
   "$RLHFKIT" label samples="$OUT/samples_$split.jsonl" output="$OUT/labels_$split.jsonl" \
-    scorer="$SCORER" temperature=0
+    scorer="$SCORER" scorer_args="$SCORER_ARGS" temperature=0
 done
 "$PYTHON" - "$OUT" <<'EOF'
 import sys

@@ -13,9 +13,11 @@ import textwrap
 
 import pytest
 
+from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback import DEMO_RUBRIC, Rubric, SimulatedAnnotator, load_scorer
 from rlhfkit.feedback.scorers import banned_words, length_target, sentiment
+from tests.helpers import write_jsonl
 
 
 def table_scorer(table: dict[str, float]):
@@ -361,3 +363,21 @@ def test_bad_specs(user_module, spec, message):
     with pytest.raises(ValueError, match=message) as info:
         load_scorer(spec)
     assert repr(spec) in str(info.value)
+
+
+def test_label_stage_binds_scorer_args_and_rejects_unknown_names(tmp_path):
+    from rlhfkit import label
+    from rlhfkit.label import LabelConfig
+
+    ten, thirty = " ".join(["word"] * 10), " ".join(["word"] * 30)
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "Describe it.", "responses": [thirty, ten]}])
+    for target, preferred in [(40, 0), (10, 1)]:  # the default target prefers 30 words, target 10 prefers 10
+        out = tmp_path / f"labels_{target}.jsonl"
+        label.run(LabelConfig(samples=str(samples), output=str(out), scorer="length", temperature=0.0,
+                              scorer_args={"target_words": target} if target != 40 else {}))
+        (comparison,) = load_comparisons(out)
+        assert comparison.ranking[0] == preferred
+    with pytest.raises(ValueError, match="no parameter 'target'.*target_words, width"):
+        label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "bad.jsonl"), scorer="length",
+                              scorer_args={"target": 10}))
+    assert not (tmp_path / "bad.jsonl").exists()

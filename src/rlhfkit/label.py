@@ -20,9 +20,9 @@ every chunk, so a crash loses at most one chunk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -43,6 +43,9 @@ class LabelConfig:
     """Feedback source."""
     scorer: str = "demo"
     """Simulated: score function (`sentiment`, `length`, `banned`, `rubric`/`demo`, or `module:function`)."""
+    scorer_args: dict[str, Any] = field(default_factory=dict)
+    """Simulated: keyword arguments for the scorer, e.g. `{target_words: 20}` for `length`; each must be
+    a named parameter of the function."""
     temperature: float = 1.0
     """Simulated: Bradley-Terry temperature (0: always the higher score)."""
     flip_rate: float = 0.0
@@ -94,12 +97,32 @@ def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
     return items
 
 
+def scorer_with_args(spec: str, args: dict[str, Any]):
+    """The scorer ``spec`` with keyword arguments ``args`` bound; a name that is not one of its
+    parameters is an error (the built-ins take ``**kwargs``, which would silently swallow a typo)."""
+    import functools
+    import inspect
+
+    from rlhfkit.feedback.scorers import load_scorer
+
+    scorer = load_scorer(spec)
+    if not args:
+        return scorer
+    params = inspect.signature(scorer).parameters
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]  # after prompts, responses
+    unknown = sorted(set(args) - set(named))
+    if unknown:
+        raise ValueError(f"label: scorer {spec!r} has no parameter {', '.join(map(repr, unknown))} "
+                         f"(scorer_args may set: {', '.join(named) or 'nothing'})")
+    return functools.partial(scorer, **args)
+
+
 def _labeller(config: LabelConfig):
     if config.source == "simulated":
         from rlhfkit.feedback.simulated import SimulatedAnnotator
 
         return SimulatedAnnotator(
-            config.scorer, temperature=config.temperature, flip_rate=config.flip_rate,
+            scorer_with_args(config.scorer, config.scorer_args), temperature=config.temperature, flip_rate=config.flip_rate,
             seed=config.seed, tie_threshold=config.tie_threshold, name=config.scorer.replace(":", "."),
         )
     if config.source == "judge":
