@@ -7,21 +7,28 @@
 # samples one response per temperature in $TEMPS (default 6: 0.6 ... 1.3) for each
 # training prompt (the shipped RL train prompts and the SFT data's prompts: 442
 # distinct prompts; with the 160 RL prompts alone the model overfits) and,
-# separately, each held-out eval prompt (disjoint from both). The simulated
-# annotator labels them at temperature 0 with a known scorer (noiseless: responses
-# ranked by score). Responses with equal scores carry no preference, so each
-# ranking keeps one response per distinct score (train) and the held-out set
-# keeps strict pairs only. A reward model on POLICY is trained on the train
-# rankings, each ranking one batch element with all its pairs (InstructGPT), and
-# its accuracy on the held-out pairs is the last eval line of OUT_DIR/reward/metrics.jsonl.
+# separately, each held-out eval prompt (disjoint from both). Each response is cut
+# at its first blank line ($STOP, default ["\n\n"]: the first paragraph), so
+# lengths vary as answers do (10th-90th percentile about 18-54 words); uncut, 92% of
+# SmolLM2's responses run into the 64-token limit at 45-55 words, where a length
+# scorer asks the model to count words almost exactly. The simulated annotator
+# labels them at temperature 0 with a known scorer (noiseless: responses ranked by
+# score); the default is the length scorer with a 20-word target ($SCORER_ARGS).
+# Responses with equal scores carry no preference, so each ranking keeps one
+# response per distinct score (train) and the held-out set keeps strict pairs only.
+# A reward model on POLICY is trained on the train rankings for $EPOCHS (4) epochs,
+# each ranking one batch element with all its pairs (InstructGPT), and its accuracy
+# on the held-out pairs is the last eval line of OUT_DIR/reward/metrics.jsonl.
 set -euo pipefail
 POLICY=${1:-smollm2-135m}
 OUT=${2:-runs/reward_accuracy}
 SCORER=${3:-length}
 TEMPS=${TEMPS:-[0.6,0.8,1.0,1.1,1.2,1.3]}
-SCORER_ARGS=${SCORER_ARGS:-"{}"}  # e.g. SCORER_ARGS='{target_words: 20}' for the length scorer
-STOP=${STOP:-[]}  # e.g. STOP='["\n\n"]': keep each response's first paragraph
-EPOCHS=${EPOCHS:-2}
+DEFAULT_ARGS="{}"
+[ "$SCORER" = length ] && DEFAULT_ARGS="{target_words: 20}"
+SCORER_ARGS=${SCORER_ARGS:-$DEFAULT_ARGS}  # keyword arguments of the scorer (label's scorer_args)
+STOP=${STOP:-'["\n\n"]'}  # sample's stop strings; '[]' keeps whole responses
+EPOCHS=${EPOCHS:-4}
 LR=${LR:-5e-5}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
