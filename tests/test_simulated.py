@@ -377,6 +377,7 @@ def test_label_stage_binds_scorer_args_and_rejects_unknown_names(tmp_path):
                               scorer_args={"target_words": target} if target != 40 else {}))
         (comparison,) = load_comparisons(out)
         assert comparison.ranking[0] == preferred
+        assert comparison.source == ("simulated:length" if target == 40 else f"simulated:length(target_words={target})")
     with pytest.raises(ValueError, match="no parameter 'target'.*target_words, width"):
         label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "bad.jsonl"), scorer="length",
                               scorer_args={"target": 10}))

@@ -117,13 +117,21 @@ def scorer_with_args(spec: str, args: dict[str, Any]):
     return functools.partial(scorer, **args)
 
 
+def _scorer_name(config: LabelConfig) -> str:
+    """The scorer as recorded in each label's source: ``length`` or, with arguments, ``length(target_words=20)``."""
+    name = config.scorer.replace(":", ".")
+    if config.scorer_args:
+        name += "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(config.scorer_args.items())) + ")"
+    return name
+
+
 def _labeller(config: LabelConfig):
     if config.source == "simulated":
         from rlhfkit.feedback.simulated import SimulatedAnnotator
 
         return SimulatedAnnotator(
             scorer_with_args(config.scorer, config.scorer_args), temperature=config.temperature, flip_rate=config.flip_rate,
-            seed=config.seed, tie_threshold=config.tie_threshold, name=config.scorer.replace(":", "."),
+            seed=config.seed, tie_threshold=config.tie_threshold, name=_scorer_name(config),
         )
     if config.source == "judge":
         from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
