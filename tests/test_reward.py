@@ -374,7 +374,7 @@ def test_score_head_runs_in_fp32_under_bf16_autocast(tokenizer):
 
                 want = per_position[0][packing.last_positions(batch)]
             else:  # transformers pools at each row's last non-pad token
-                last = batch["attention_mask"].sum(-1) - 1 if "attention_mask" in batch else None
+                last = batch["attention_mask"].sum(-1) - 1
                 want = per_position[torch.arange(per_position.shape[0]), last]
             assert scores.dtype == torch.float32
             assert scores.abs().min() > 2.0  # large enough that bf16 rounding would show

@@ -733,7 +733,6 @@ def test_fused_logps_and_entropy_equal_the_separate_ones():
         torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
 
 
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypatch, temperature):
     # 3 rows per chunk over 4 x 5 rows: several chunks and a short last one.

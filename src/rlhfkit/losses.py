@@ -79,7 +79,7 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature, with_entropy, chunk_rows):
-        n, vocab = logits.shape
+        n = logits.shape[0]
         logps = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if with_entropy else None
