@@ -749,3 +749,35 @@ def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypat
     grad, = torch.autograd.grad((logps * weights).sum(), logits)
     want_grad, = torch.autograd.grad((want * weights).sum(), logits)
     torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logits_in_row_blocks_equal_the_linear_and_its_gradients(monkeypatch, autocast, bias):
+    from rlhfkit import policy as policy_mod
+
+    monkeypatch.setattr(policy_mod, "HEAD_BLOCK_ROWS", 3)  # 10 rows: blocks of 3, 3, 3 and 1
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 17, bias=bias)
+    states = torch.randn(10, 8, requires_grad=True)
+    upstream = torch.randn(10, 17)
+
+    def run(fn):
+        head.zero_grad()
+        states.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(states)
+        (out.float() * upstream).sum().backward()
+        grads = [states.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+        return out, grads
+
+    got, got_grads = run(lambda x: policy_mod.head_logits(head, x))
+    want, want_grads = run(head)
+    assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+    if autocast:  # the same bf16 products; the bias may be added in another order
+        torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0.01)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=0.05 if autocast else 1e-5, rtol=0.02 if autocast else 0)

@@ -103,3 +103,29 @@ def test_prepacked_linears_compute_the_bf16_linear_and_restore_the_layers():
         with rollout.prepacked_linears(model, rows=5):
             raise RuntimeError("boom")
     assert "forward" not in layer.__dict__
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_prepacked_siblings_share_one_matmul_and_fall_back_on_another_input(monkeypatch):
+    torch.manual_seed(0)
+    attn = torch.nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = torch.nn.Linear(64, 48), torch.nn.Linear(64, 16), torch.nn.Linear(64, 16)
+    x, other = torch.randn(4, 1, 64), torch.randn(4, 1, 64)
+    with rollout.prepacked_linears(attn, rows=4, fuse=False):
+        want = {n: (getattr(attn, n)(x), getattr(attn, n)(other)) for n in ("q_proj", "k_proj", "v_proj")}
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    with rollout.prepacked_linears(attn, rows=4):
+        # In order on one input: one matmul on the concatenated weights (64 -> 80) serves all three.
+        got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        assert len(calls) == 1
+        # On another input, or out of order, a sibling multiplies by its own weights.
+        assert torch.equal(attn.k_proj(other), want["k_proj"][1]) and len(calls) == 2
+        q_other = attn.q_proj(other)  # computes q, k and v of `other`, keeps k and v
+        assert torch.equal(attn.v_proj(x), want["v_proj"][0]) and len(calls) == 4
+        assert torch.equal(attn.v_proj(other), want["v_proj"][1]) and len(calls) == 4
+    for (name, (w, _)), g in zip(want.items(), got):
+        assert torch.equal(g, w), name  # bf16 products per output column: the same bits fused or not
+    assert torch.equal(q_other, want["q_proj"][1])
+    assert all("forward" not in m.__dict__ for m in (attn.q_proj, attn.k_proj, attn.v_proj))

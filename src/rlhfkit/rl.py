@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from rlhfkit import models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import append_jsonl, atomic_write_text
-from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, shard_indices
+from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, prepare, shard_indices
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
@@ -284,7 +284,7 @@ class RLTrainer:
         optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
         self.scheduler = build_scheduler(optimizer, warmup_steps=int(c.warmup_ratio * self.total_steps),
                                          total_steps=self.total_steps, schedule=c.lr_schedule, min_lr_ratio=c.min_lr_ratio)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.model, self.optimizer = prepare(self.acc, model, optimizer)
         self.acc.register_for_checkpointing(self.scheduler)
         gen_precision = c.generation_precision
         if gen_precision == "auto":

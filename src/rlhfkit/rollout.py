@@ -130,8 +130,12 @@ class InverseCDFSampler:
         return out.scatter_(1, token, 0.0)
 
 
+SIBLING_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Names of linears that a module calls one after another on the same input (Llama-style attention and MLP)."""
+
+
 @contextlib.contextmanager
-def prepacked_linears(model, rows: int):
+def prepacked_linears(model, rows: int, *, fuse: bool = True):
     """Inside this block, the model's ``nn.Linear`` layers run oneDNN bf16 matmuls on pre-packed weights.
 
     For bf16 decoding on CPU: each decode step multiplies a few rows (one per
@@ -141,6 +145,14 @@ def prepacked_linears(model, rows: int):
     2-core avx512-bf16 CPU, SmolLM2-135M, 32 x 64 tokens: 5.5 s vs 6.2 s. The
     weights are a snapshot taken on entry (no gradient), so use it around one
     ``generate`` call. A no-op where oneDNN has no bf16 path (CUDA, older CPUs).
+
+    With ``fuse``, siblings (:data:`SIBLING_LINEARS`, children of one module with
+    the same input size) share one matmul on their concatenated weights: the first
+    sibling computes all their outputs and keeps the others' for them. A sibling
+    takes a kept output only when called with the very tensor the first one got
+    (``is``, and the kept reference holds that tensor alive, so its identity cannot
+    be reused); called on anything else it multiplies by its own packed weight, so
+    results never depend on the call order.
     """
     # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
@@ -151,17 +163,53 @@ def prepacked_linears(model, rows: int):
         return
     linear_pointwise = torch.ops.mkldnn._linear_pointwise
 
-    def packed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+    def packed(weight: torch.Tensor, bias: torch.Tensor | None):
+        weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
+        bias = bias.to(torch.bfloat16) if bias is not None else None
+        return lambda flat: linear_pointwise(flat, weight, bias, "none", [], "")
+
+    def plain_forward(matmul):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-            return linear_pointwise(flat, weight, bias, "none", [], "").reshape(*x.shape[:-1], -1)
+            return matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).reshape(*x.shape[:-1], -1)
+        return forward
+
+    def first_forward(matmul, sizes: list[int], kept: dict):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            parts = matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).split(sizes, dim=-1)
+            kept.update(input=x, parts=list(parts))
+            return parts[0].reshape(*x.shape[:-1], -1)
+        return forward
+
+    def sibling_forward(i: int, own, kept: dict):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if kept.get("input") is x and kept["parts"][i] is not None:
+                part, kept["parts"][i] = kept["parts"][i], None
+                if all(p is None for p in kept["parts"][1:]):
+                    kept.clear()
+                return part.reshape(*x.shape[:-1], -1)
+            return own(x)
         return forward
 
     with torch.no_grad():
+        done = set()
+        if fuse:
+            for parent in model.modules():
+                for names in SIBLING_LINEARS:
+                    group = [getattr(parent, n, None) for n in names]
+                    if not all(type(m) is torch.nn.Linear and m in linears and m not in done for m in group):
+                        continue
+                    if len({m.in_features for m in group}) > 1 or len({m.bias is None for m in group}) > 1:
+                        continue
+                    bias = None if group[0].bias is None else torch.cat([m.bias for m in group])
+                    fused = packed(torch.cat([m.weight for m in group]), bias)
+                    kept: dict = {}
+                    group[0].forward = first_forward(fused, [m.out_features for m in group], kept)
+                    for i, m in enumerate(group[1:], start=1):
+                        m.forward = sibling_forward(i, plain_forward(packed(m.weight, m.bias)), kept)
+                    done.update(group)
         for m in linears:
-            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.to(torch.bfloat16), rows)
-            bias = m.bias.to(torch.bfloat16) if m.bias is not None else None
-            m.forward = packed_forward(weight, bias)
+            if m not in done:
+                m.forward = plain_forward(packed(m.weight, m.bias))
     try:
         yield
     finally:
