@@ -88,10 +88,14 @@ class _TokenLogps(torch.autograd.Function):
             z = logits[rows].float()
             if temperature != 1.0:
                 z = z / temperature
-            lse[rows] = torch.logsumexp(z, dim=-1)
+            # One exp pass serves both: e = exp(z - max), lse = max + log sum e, p = e / sum e.
+            top = z.amax(dim=-1, keepdim=True)
+            e = (z - top).exp_()
+            total = e.sum(-1)
+            lse[rows] = top.squeeze(-1) + total.log()
             logps[rows] = z.gather(-1, tokens[rows, None]).squeeze(-1) - lse[rows]
             if with_entropy:  # H = lse - sum_v p_v z_v
-                entropy[rows] = lse[rows] - (torch.softmax(z, dim=-1) * z).sum(-1)
+                entropy[rows] = lse[rows] - (e * z).sum(-1) / total
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         if entropy is None:
