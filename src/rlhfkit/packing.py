@@ -245,8 +245,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     n_seg, width = seg_index.shape
     heads, dim = query.shape[1], query.shape[-1]
 
+    slots = seg_index.reshape(-1)
+
     def by_group(x: torch.Tensor) -> torch.Tensor:  # (1, h, L, D) -> (S, h, M, D)
-        return x[0][:, seg_index].transpose(0, 1)
+        # index_select, not x[0][:, seg_index]: the same values, and its backward (index_add)
+        # is about twice as fast as advanced indexing's (index_put with accumulate) on CPU.
+        return x[0].index_select(1, slots).view(x.shape[1], n_seg, width, x.shape[-1]).transpose(0, 1)
 
     groups = heads // key.shape[1]
     q, k, v = by_group(query), _repeat_kv(by_group(key), groups), _repeat_kv(by_group(value), groups)
