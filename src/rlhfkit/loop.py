@@ -108,10 +108,11 @@ def prepare(acc, model, optimizer):
     Under mixed precision accelerate wraps the model's forward in autocast and casts
     its outputs to fp32. rlhfkit runs every forward inside ``acc.autocast()`` anyway,
     and losses read logits a chunk of rows at a time in fp32 (:mod:`rlhfkit.losses`),
-    so the cast only copied the bf16 logits whole, and their gradient back: for a
-    GRPO step of SmolLM2 (1,927 x 49k logits) 0.5 s of a 3 s forward, on a 2-core CPU.
-    Values are unchanged: bf16 -> fp32 is exact, and the gradient is rounded to bf16
-    where it meets the bf16 matmul either way.
+    so the cast only made a whole fp32 copy of the bf16 logits, and of their gradient:
+    for a GRPO step of SmolLM2 (1,927 x 49k logits) 380 MB each. Time per update was
+    the same with and without it (measured); memory is what it saves. Values are
+    unchanged: bf16 -> fp32 is exact, and the gradient is rounded to bf16 where it
+    meets the bf16 matmul either way.
     """
     model, optimizer = acc.prepare(model, optimizer)
     acc.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
