@@ -183,7 +183,10 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
 
     Returns ``(logps (B, R), values (B, R) or None, entropy (B, R) or None)``, 0 where
     ``response_mask`` is False. ``model`` is an :class:`ActorCritic` or a causal LM
-    whose attention is rlhfkit's kernel.
+    whose attention is rlhfkit's kernel. Either way the logits are the output
+    embeddings applied to the decoder's last hidden state (:func:`head_logits`), so a
+    model whose own forward post-processes them (e.g. Gemma 2's logit soft-capping)
+    gets the plain head, for the policy and the reference alike.
     """
     inner = getattr(model, "module", model)  # DDP
     actor_critic = isinstance(inner, ActorCritic)
