@@ -150,11 +150,10 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     the same input size) share one matmul on their concatenated weights: the first
     sibling computes all their outputs and keeps the others' for them (3 matmuls
     fewer per layer; the same 32 x 64-token rollout: 5.55 s vs 5.77 s, mean of 4
-    alternating runs each, and the same tokens). A sibling
-    takes a kept output only when called with the very tensor the first one got
+    alternating runs each, and the same tokens). A sibling takes a kept output only when called with the very tensor the first one got
     (``is``, and the kept reference holds that tensor alive, so its identity cannot
-    be reused); called on anything else it multiplies by its own packed weight, so
-    results never depend on the call order.
+    be reused); called on anything else it multiplies by its own packed weight (packed
+    the first time it is needed), so results never depend on the call order.
     """
     # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
@@ -182,14 +181,19 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
             return parts[0].reshape(*x.shape[:-1], -1)
         return forward
 
-    def sibling_forward(i: int, own, kept: dict):
+    def sibling_forward(i: int, layer: torch.nn.Linear, kept: dict):
+        own = []  # its own packed weight, made on first use (in order, siblings never need it)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             if kept.get("input") is x and kept["parts"][i] is not None:
                 part, kept["parts"][i] = kept["parts"][i], None
                 if all(p is None for p in kept["parts"][1:]):
                     kept.clear()
                 return part.reshape(*x.shape[:-1], -1)
-            return own(x)
+            if not own:
+                with torch.no_grad():
+                    own.append(plain_forward(packed(layer.weight, layer.bias)))
+            return own[0](x)
         return forward
 
     with torch.no_grad():
@@ -207,7 +211,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
                     kept: dict = {}
                     group[0].forward = first_forward(fused, [m.out_features for m in group], kept)
                     for i, m in enumerate(group[1:], start=1):
-                        m.forward = sibling_forward(i, plain_forward(packed(m.weight, m.bias)), kept)
+                        m.forward = sibling_forward(i, m, kept)
                     done.update(group)
         for m in linears:
             if m not in done:
