@@ -150,10 +150,11 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     the same input size) share one matmul on their concatenated weights: the first
     sibling computes all their outputs and keeps the others' for them (3 matmuls
     fewer per layer; the same 32 x 64-token rollout: 5.55 s vs 5.77 s, mean of 4
-    alternating runs each, and the same tokens). A sibling takes a kept output only when called with the very tensor the first one got
-    (``is``, and the kept reference holds that tensor alive, so its identity cannot
-    be reused); called on anything else it multiplies by its own packed weight (packed
-    the first time it is needed), so results never depend on the call order.
+    alternating runs each, and the same tokens). A sibling takes a kept output only
+    when called with the very tensor the first one got (``is``, and the kept
+    reference holds that tensor alive, so its identity cannot be reused); called on
+    anything else it multiplies by its own packed weight (packed the first time it
+    is needed), so results never depend on the call order.
     """
     # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
