@@ -250,3 +250,22 @@ def test_grad_accum_gives_the_same_update(rl_dir):
 def test_too_few_responses_for_grad_accum_is_an_error(rl_dir):
     with pytest.raises(ValueError, match="grad_accum=4"):
         rl.RLTrainer(make_config(rl_dir / "bad", algorithm="reinforce", batch_size=3, grad_accum=4))
+
+
+def test_reward_args_are_bound_to_a_scorer_reward_and_checked(rl_dir):
+    from rlhfkit.rewards import load_reward
+
+    three, ten = "one two three", " ".join(["word"] * 10)
+    default = load_reward("length")(["Say it."] * 2, [three, ten])
+    short = load_reward("length", args={"target_words": 3})(["Say it."] * 2, [three, ten])
+    assert default[1] > default[0]  # the default 40-word target prefers ten words
+    assert short[0] > short[1] and short[0] == pytest.approx(0.0)  # exactly on target: no penalty
+    with pytest.raises(ValueError, match=r"no parameter 'target'.*reward_args may set: target_words, width"):
+        rl.RLTrainer(make_config(rl_dir / "bad", reward_model="length", reward_args={"target": 3}))
+    with pytest.raises(ValueError, match=r"no parameter 'bogus'.*gold_args may set"):
+        rl.RLTrainer(make_config(rl_dir / "bad", gold="length", gold_args={"bogus": 1}))
+    reward_dir = rl_dir / "rm"
+    reward_dir.mkdir()
+    (reward_dir / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="reward_args: .* reward-model directory, which takes no arguments"):
+        load_reward(str(reward_dir), args={"target_words": 3})

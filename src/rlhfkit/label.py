@@ -97,26 +97,6 @@ def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
     return items
 
 
-def scorer_with_args(spec: str, args: dict[str, Any]):
-    """The scorer ``spec`` with keyword arguments ``args`` bound; a name that is not one of its
-    parameters is an error (the built-ins take ``**kwargs``, which would silently swallow a typo)."""
-    import functools
-    import inspect
-
-    from rlhfkit.feedback.scorers import load_scorer
-
-    scorer = load_scorer(spec)
-    if not args:
-        return scorer
-    params = inspect.signature(scorer).parameters
-    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]  # after prompts, responses
-    unknown = sorted(set(args) - set(named))
-    if unknown:
-        raise ValueError(f"label: scorer {spec!r} has no parameter {', '.join(map(repr, unknown))} "
-                         f"(scorer_args may set: {', '.join(named) or 'nothing'})")
-    return functools.partial(scorer, **args)
-
-
 def _scorer_name(config: LabelConfig) -> str:
     """The scorer as recorded in each label's source: ``length`` or, with arguments, ``length(target_words=20)``."""
     name = config.scorer.replace(":", ".")
@@ -127,10 +107,11 @@ def _scorer_name(config: LabelConfig) -> str:
 
 def _labeller(config: LabelConfig):
     if config.source == "simulated":
+        from rlhfkit.feedback.scorers import load_scorer
         from rlhfkit.feedback.simulated import SimulatedAnnotator
 
         return SimulatedAnnotator(
-            scorer_with_args(config.scorer, config.scorer_args), temperature=config.temperature, flip_rate=config.flip_rate,
+            load_scorer(config.scorer, config.scorer_args), temperature=config.temperature, flip_rate=config.flip_rate,
             seed=config.seed, tie_threshold=config.tie_threshold, name=_scorer_name(config),
         )
     if config.source == "judge":

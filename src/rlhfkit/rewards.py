@@ -20,16 +20,26 @@ from typing import Callable
 RewardFn = Callable[..., list[float]]
 
 
-def load_reward(spec: str, *, precision: str = "bf16") -> RewardFn:
+def load_reward(spec: str, *, precision: str = "bf16", args: dict | None = None, field: str = "reward_args") -> RewardFn:
+    """The reward ``spec`` as ``fn(prompts, responses, **kwargs) -> list[float]``.
+
+    ``args`` are keyword arguments bound to a scorer (``{target_words: 20}`` for
+    ``length``; see :func:`rlhfkit.feedback.scorers.load_scorer`); a reward model
+    takes none, and giving it some is an error naming ``field``.
+    """
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
         from rlhfkit.reward import RewardModel
 
+        if args:
+            from rlhfkit.config import ConfigError
+
+            raise ConfigError(f"{field}: {spec!r} is a reward-model directory, which takes no arguments (got {sorted(args)})")
         return RewardModel(path, precision=precision)
     from rlhfkit.feedback.scorers import call_scorer, load_scorer
     from rlhfkit.feedback.simulated import prompt_text
 
-    scorer = load_scorer(spec)
+    scorer = load_scorer(spec, args, field=field)
 
     def reward(prompts, responses, **kwargs) -> list[float]:
         return call_scorer(scorer, [prompt_text(p) for p in prompts], list(responses), **kwargs)

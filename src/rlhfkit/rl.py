@@ -40,9 +40,9 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -83,6 +83,8 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     """Policy model spec (usually the SFT output directory). The reference is its frozen copy."""
     reward_model: str = "demo"
     """Reward: a reward-model directory, `module:function`, or a built-in scorer (sentiment, length, banned, demo)."""
+    reward_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to a scorer reward, e.g. `{target_words: 20}` for `length`; an unknown name is an error."""
     prompts: str = ""
     """JSONL/JSON with a `prompt` field (string or chat-message list). Empty: the shipped demo prompts."""
     precision: str = "bf16"
@@ -143,6 +145,8 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     gold: str = ""
     """Optional gold scorer (built-in, `module:function` or reward-model dir) logged as `gold_score` on the
     same samples, to detect over-optimisation of the reward; it never affects training."""
+    gold_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to a scorer `gold`, as `reward_args`."""
     log_samples: int = 2
     """Completions written to samples.jsonl per logged step."""
     lr: float = 1e-6
@@ -256,8 +260,8 @@ class RLTrainer:
 
         set_seed(c.seed)
         self.tokenizer = models.load_tokenizer(c.policy)
-        self.reward_fn = load_reward(c.reward_model, precision=c.precision)
-        self.gold_fn = load_reward(c.gold, precision=c.precision) if c.gold else None
+        self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args)
+        self.gold_fn = load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args") if c.gold else None
         policy = models.load_causal_lm(c.policy)
         # The frozen reference: with LoRA, the base with adapters disabled (no copy);
         # otherwise a copy, in bf16 when training in bf16 on CUDA (see the module docstring).

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial, reduce
 from typing import Any
 
+from rlhfkit.config import ConfigError
+
 Scorer = Callable[..., Sequence[float]]
 """``fn(prompts, responses, **kwargs) -> list[float]``, one score per response."""
 
@@ -283,8 +285,13 @@ class Rubric:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_scorer(spec: str) -> Scorer:
-    """A scorer from a spec: a name in :data:`BUILTIN_SCORERS` or ``"module:function"``.
+def load_scorer(spec: str, args: Mapping[str, Any] | None = None, *, field: str = "scorer_args") -> Scorer:
+    """A scorer from a spec: a name in :data:`BUILTIN_SCORERS` or ``"module:function"``,
+    with the keyword arguments ``args`` (if any) bound.
+
+    A name in ``args`` that is not a named parameter of the scorer (after ``prompts``
+    and ``responses``) is an error naming the config ``field`` and the names it may
+    set: the built-ins take ``**kwargs``, which would silently swallow a typo.
 
     ``"module:function"`` imports ``module`` and returns its attribute ``function``
     (dots allowed on both sides: ``"pkg.rewards:Judge.score"``). The current
@@ -292,17 +299,32 @@ def load_scorer(spec: str) -> Scorer:
     ``rlhfkit`` console script (unlike ``python -m``) does not do it, and users
     expect ``rewards.py`` next to their config to be importable.
     """
+    scorer = _load_scorer(spec)
+    if not args:
+        return scorer
+    import inspect
+
+    params = inspect.signature(scorer).parameters
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]
+    unknown = sorted(set(args) - set(named))
+    if unknown:
+        raise ConfigError(f"scorer {spec!r} has no parameter {', '.join(map(repr, unknown))} "
+                         f"({field} may set: {', '.join(named) or 'nothing'})")
+    return partial(scorer, **args)
+
+
+def _load_scorer(spec: str) -> Scorer:
     expected = f"expected one of {sorted(BUILTIN_SCORERS)} or 'module:function'"
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"bad scorer spec {spec!r}: {expected}")
+        raise ConfigError(f"bad scorer spec {spec!r}: {expected}")
     spec = spec.strip()
     if spec in BUILTIN_SCORERS:
         return BUILTIN_SCORERS[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown scorer {spec!r}: {expected}")
+        raise ConfigError(f"unknown scorer {spec!r}: {expected}")
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path or ":" in attr_path:
-        raise ValueError(f"bad scorer spec {spec!r}: expected 'module:function' with both parts non-empty")
+        raise ConfigError(f"bad scorer spec {spec!r}: expected 'module:function' with both parts non-empty")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -310,13 +332,13 @@ def load_scorer(spec: str) -> Scorer:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"scorer spec {spec!r}: cannot import module {module_name!r} (from {cwd}): {e}") from e
+        raise ConfigError(f"scorer spec {spec!r}: cannot import module {module_name!r} (from {cwd}): {e}") from e
     try:
         fn = reduce(getattr, attr_path.split("."), module)
     except AttributeError as e:
-        raise ValueError(f"scorer spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from e
+        raise ConfigError(f"scorer spec {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from e
     if not callable(fn):
-        raise ValueError(f"scorer spec {spec!r}: {attr_path!r} is a {type(fn).__name__}, expected a callable")
+        raise ConfigError(f"scorer spec {spec!r}: {attr_path!r} is a {type(fn).__name__}, expected a callable")
     return fn
 
 
