@@ -74,6 +74,23 @@ def test_packed_logits_equal_each_sequence_alone():
             assert torch.allclose(got, want, atol=1e-5), (n, (got - want).abs().max())
 
 
+def test_packed_logits_under_bf16_autocast_match_each_sequence_alone():
+    # The bf16 path: the mask as a bf16 additive bias shared by all layers, the softmax in bf16 out.
+    model = models.build_tiny(seed=2).eval()
+    alone = models.build_tiny(seed=2).eval()
+    models.set_attention(model)
+    groups = _random_groups(0)
+    batch = packing.pack(groups)
+    inputs = packing.model_inputs(batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**inputs).logits[0].float()
+        assert [key[1] for key in inputs["rlhfkit_layout"].cache] == [torch.bfloat16]  # made once, for every layer
+        for n, seq in enumerate(s for group in groups for s in group):
+            want = alone(input_ids=torch.tensor([seq])).logits[0].float()
+            got = logits[batch["seq_index"][n, : len(seq)]]
+            assert torch.allclose(got, want, atol=0.02), (n, (got - want).abs().max())
+
+
 def test_kernel_on_padded_batches_equals_sdpa():
     # Generation and padded eval go through the same kernel without a layout.
     model = models.build_tiny(seed=2).eval()

@@ -84,6 +84,52 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same_tokens(monkeypat
     assert torch.equal(shared, plain)
 
 
+def test_decoding_cache_layers_hold_what_concatenation_would_in_reserved_room():
+    from transformers.cache_utils import DynamicLayer
+
+    model = models.build_tiny(seed=5)
+    cache = rollout.decoding_cache(model, torch.bfloat16, reserve=3)
+    reference = DynamicLayer()
+    layer = cache.layers[0]
+    torch.manual_seed(0)
+    steps = [torch.randn(2, 1, n, 4) for n in (5, 1, 1, 1, 1, 2)]
+    for i, k in enumerate(steps):
+        keys, values = layer.update(k, -k)
+        ref_keys, ref_values = reference.update(k.bfloat16(), -k.bfloat16())
+        assert keys.dtype == torch.bfloat16 and torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+        assert layer.get_seq_length() == reference.get_seq_length()
+        if i == 1:
+            storage = keys.untyped_storage().data_ptr()
+        if i in (2, 3):  # within the reserve: written in place, no new buffer
+            assert keys.untyped_storage().data_ptr() == storage
+        if i == 3:
+            order = torch.tensor([1, 0])
+            layer.reorder_cache(order)  # replaces keys: the next update starts a new buffer from them
+            reference.reorder_cache(order)
+    assert layer.get_seq_length() == 11
+
+
+def test_decoding_cache_samples_the_same_tokens_as_transformers_cache(monkeypatch):
+    from transformers.cache_utils import DynamicCache
+
+    tok = _left_tokenizer()
+    engine = _tiny_engine(tok, precision="bf16")
+    prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x"] for _ in range(2)]
+    ids, mask = encode_prompts(tok, prompts)
+    options = GenerationOptions(max_new_tokens=12, temperature=1.0)
+    made = []
+    real = rollout.decoding_cache
+    monkeypatch.setattr(rollout, "decoding_cache", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    torch.manual_seed(0)
+    reserved = engine.generate(ids, mask, options)
+    assert made and type(made[0].layers[0]).__name__ == "ReservedDynamicLayer"
+    monkeypatch.setattr(rollout, "decoding_cache", lambda model, *a, **k: DynamicCache(config=model.config))
+    torch.manual_seed(0)
+    plain = engine.generate(ids, mask, options)
+    assert len(set(map(tuple, plain.tolist()))) > 3
+    assert torch.equal(reserved, plain)
+
+
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
 def test_prepacked_linears_compute_the_bf16_linear_and_restore_the_layers():
     torch.manual_seed(0)

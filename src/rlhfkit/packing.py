@@ -60,6 +60,7 @@ class Layout(NamedTuple):
     seg_index: torch.Tensor  # (S, M)
     seg_mask: torch.Tensor  # (S, 1, M, M) bool
     unpack: torch.Tensor  # (L,)
+    cache: dict | None = None  # what the layers of one forward share (the additive mask), filled by the first
 
 
 def shared_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
@@ -170,7 +171,7 @@ def require_kernel(model) -> None:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for a transformers model whose attention is :data:`ATTENTION`."""
-    layout = Layout(*(batch[k] for k in LAYOUT_KEYS))
+    layout = Layout(*(batch[k] for k in LAYOUT_KEYS), cache={})
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "rlhfkit_layout": layout, "use_cache": False}
 
 
@@ -232,6 +233,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     Without ``rlhfkit_layout``: eager attention on CPU (faster than sdpa's kernel
     for training-length sequences there), sdpa for one-token decode steps (fp32
     decoding of SmolLM2, 32 x 64 tokens: 12.7 s vs 15.6 s eager) and on GPUs.
+
+    With a layout, per group: ``softmax(q k^T * scaling + bias) v``, the scores from
+    one ``baddbmm`` (matmul, scale and the group mask as an additive bias, made once
+    per forward and shared by all layers) and the softmax in the compute dtype
+    (under bf16 autocast: bf16 out, fp32 inside; the probabilities are bf16 for the
+    next matmul either way, and the backward reads those same bf16 values). SmolLM2
+    shapes (16 groups x 173 slots, 9 heads), forward + backward of one layer on 2
+    CPU cores: 20 ms vs 35 ms for matmul, scale, masked_fill and an fp32 softmax.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -241,26 +250,42 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
-    seg_index, seg_mask, unpack = rlhfkit_layout
+    seg_index, seg_mask, unpack = rlhfkit_layout[:3]
     n_seg, width = seg_index.shape
     heads, dim = query.shape[1], query.shape[-1]
-
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     slots = seg_index.reshape(-1)
 
-    def by_group(x: torch.Tensor) -> torch.Tensor:  # (1, h, L, D) -> (S, h, M, D)
+    def by_group(x: torch.Tensor, repeat: int = 1) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, M, D)
         # index_select, not x[0][:, seg_index]: the same values, and its backward (index_add)
         # is about twice as fast as advanced indexing's (index_put with accumulate) on CPU.
-        return x[0].index_select(1, slots).view(x.shape[1], n_seg, width, x.shape[-1]).transpose(0, 1)
+        # Cast first (what autocast would do to the gathered copy), so the gather moves half the bytes.
+        x = x[0].to(dtype).index_select(1, slots)
+        return _repeat_kv(x[None], repeat)[0].view(-1, width, x.shape[-1])
 
     groups = heads // key.shape[1]
-    q, k, v = by_group(query), _repeat_kv(by_group(key), groups), _repeat_kv(by_group(value), groups)
-    weights = torch.matmul(q, k.transpose(2, 3)) * scaling
-    weights = weights.masked_fill(~seg_mask, torch.finfo(weights.dtype).min)
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    q, k, v = by_group(query), by_group(key, groups), by_group(value, groups)  # head-major: (H * S, M, D)
+    weights = torch.baddbmm(_group_bias(rlhfkit_layout, heads, dtype), q, k.transpose(1, 2), alpha=scaling)
+    weights = torch.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
-    out = torch.matmul(weights, v)  # (S, H, M, D)
-    out = out.transpose(1, 2).reshape(n_seg * width, heads, dim).index_select(0, unpack)
-    return out.unsqueeze(0), None
+    out = torch.bmm(weights, v).view(heads, n_seg * width, dim).transpose(0, 1)  # (S * M, H, D)
+    return out.index_select(0, unpack).unsqueeze(0), None
+
+
+def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """(H * S, M, M) additive mask of ``layout`` (0 where a slot may attend, the dtype's minimum elsewhere).
+
+    Every layer of one forward gets the same layout, so the bias is made once and
+    kept in the layout's ``cache`` dict.
+    """
+    cache = layout.cache if layout.cache is not None else {}
+    key = (heads, dtype)
+    if key not in cache:
+        seg_mask = layout.seg_mask  # (S, 1, M, M)
+        bias = torch.zeros(seg_mask.shape, dtype=dtype, device=seg_mask.device).masked_fill_(~seg_mask, torch.finfo(dtype).min)
+        cache[key] = bias.transpose(0, 1).expand(heads, *bias.shape[:1], *bias.shape[2:]).reshape(-1, *bias.shape[2:])
+    return cache[key]
 
 
 def _register() -> None:
