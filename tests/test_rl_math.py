@@ -753,31 +753,49 @@ def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypat
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_head_logits_in_row_blocks_equal_the_linear_and_its_gradients(monkeypatch, autocast, bias):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_token_logps_in_row_blocks_equal_the_linear_then_log_softmax(monkeypatch, autocast, bias, temperature):
     from rlhfkit import policy as policy_mod
 
     monkeypatch.setattr(policy_mod, "HEAD_BLOCK_ROWS", 3)  # 10 rows: blocks of 3, 3, 3 and 1
+    monkeypatch.setattr(losses, "_CHUNK_VALUES", 2 * 17)  # and inside a block, chunks of 2 rows
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 17, bias=bias)
-    states = torch.randn(10, 8, requires_grad=True)
-    upstream = torch.randn(10, 17)
+    states = (2 * torch.randn(10, 8)).requires_grad_(True)
+    tokens = torch.randint(0, 17, (10,))
+    upstream = torch.randn(10)  # a non-uniform upstream gradient
 
     def run(fn):
         head.zero_grad()
         states.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(states)
-        (out.float() * upstream).sum().backward()
+            logps, entropy = fn(states)
+        (logps * upstream).sum().backward()
         grads = [states.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
-        return out, grads
+        return logps, entropy, grads
 
-    got, got_grads = run(lambda x: policy_mod.head_logits(head, x))
-    want, want_grads = run(head)
-    assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
-    if autocast:  # the same bf16 products; the bias may be added in another order
-        torch.testing.assert_close(got.float(), want.float(), atol=0.02, rtol=0.01)
-    else:
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    def reference(x):  # the head, then the log-softmax of the whole logits: an independent path
+        logits = head(x).float()
+        return log_softmax_gather(logits, tokens, temperature), entropy_from_logits(logits.detach() / temperature)
+
+    got, got_entropy, got_grads = run(lambda x: policy_mod.head_token_logps(head, x, tokens, temperature, with_entropy=True))
+    want, want_entropy, want_grads = run(reference)
+    assert got.dtype == got_entropy.dtype == torch.float32 and not got_entropy.requires_grad
+    tol = dict(atol=0.03, rtol=0.02) if autocast else dict(atol=1e-5, rtol=0)  # bf16 logits: rounded once more
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_entropy, want_entropy, **tol)
     for g, w in zip(got_grads, want_grads):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, atol=0.05 if autocast else 1e-5, rtol=0.02 if autocast else 0)
+    with torch.no_grad():  # without a gradient only a block-sized logits buffer: the same values
+        logps, _ = policy_mod.head_token_logps(head, states, tokens, temperature)
+    torch.testing.assert_close(logps, got.detach(), atol=0, rtol=0) if not autocast else None
+
+
+def test_logps_backward_leaves_fp32_logits_as_they_were():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 40, generator=g, requires_grad=True)
+    before = logits.detach().clone()
+    tokens = torch.randint(0, 40, (6,), generator=g)
+    gather_logps(logits, tokens).sum().backward()  # temperature 1: no scaled copy to work on
+    assert torch.equal(logits.detach(), before)

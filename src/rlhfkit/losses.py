@@ -69,6 +69,32 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 _CHUNK_VALUES = 1 << 22
 
 
+def _chunk_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    """``(logps, lse, entropy or None)``, each (n,) fp32, of a chunk of logits (n, V) in fp32."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    # One exp pass serves both: e = exp(z - max), lse = max + log sum e, p = e / sum e.
+    top = z.amax(dim=-1, keepdim=True)
+    e = (z - top).exp_()
+    total = e.sum(-1)
+    lse = top.squeeze(-1) + total.log()
+    logps = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    entropy = lse - (e * z).sum(-1) / total if with_entropy else None  # H = lse - sum_v p_v z_v
+    return logps, lse, entropy
+
+
+def _chunk_logps_grad(logits: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """``scale * d logp / d logits = scale * (1[v = token] - softmax(z)_v) / T`` of a chunk, fp32 (n, V), a new tensor.
+
+    ``scale`` (n,) is the incoming gradient already divided by ``T``.
+    """
+    z = logits.float() / temperature if temperature != 1.0 else logits.to(torch.float32, copy=True)
+    g = torch.exp(z.sub_(lse[:, None])).mul_(-scale[:, None])  # -softmax * scale
+    return g.scatter_add_(-1, tokens[:, None], scale[:, None])
+
+
 class _TokenLogps(torch.autograd.Function):
     """``log softmax(z)[token]`` and (without gradient) the entropy of ``softmax(z)``, ``z = logits / T``.
 
@@ -85,17 +111,9 @@ class _TokenLogps(torch.autograd.Function):
         entropy = torch.empty_like(logps) if with_entropy else None
         for start in range(0, n, chunk_rows):
             rows = slice(start, start + chunk_rows)
-            z = logits[rows].float()
-            if temperature != 1.0:
-                z = z / temperature
-            # One exp pass serves both: e = exp(z - max), lse = max + log sum e, p = e / sum e.
-            top = z.amax(dim=-1, keepdim=True)
-            e = (z - top).exp_()
-            total = e.sum(-1)
-            lse[rows] = top.squeeze(-1) + total.log()
-            logps[rows] = z.gather(-1, tokens[rows, None]).squeeze(-1) - lse[rows]
-            if with_entropy:  # H = lse - sum_v p_v z_v
-                entropy[rows] = lse[rows] - (e * z).sum(-1) / total
+            logps[rows], lse[rows], ent = _chunk_logps(logits[rows], tokens[rows], temperature, with_entropy)
+            if with_entropy:
+                entropy[rows] = ent
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         if entropy is None:
@@ -106,18 +124,78 @@ class _TokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
         logits, tokens, lse = ctx.saved_tensors
-        temperature = ctx.temperature
         grad = torch.empty_like(logits)
-        scale = grad_logps.float() / temperature
+        scale = grad_logps.float() / ctx.temperature
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            z = logits[rows].float()
-            if temperature != 1.0:
-                z = z / temperature
-            g = torch.exp(z.sub_(lse[rows, None])).mul_(-scale[rows, None])  # -softmax * scale
-            g.scatter_add_(-1, tokens[rows, None], scale[rows, None])
-            grad[rows] = g
+            grad[rows] = _chunk_logps_grad(logits[rows], lse[rows], tokens[rows], scale[rows], ctx.temperature)
         return grad, None, None, None, None
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """:class:`_TokenLogps` of ``logits = x @ weight.T (+ bias)``, the product computed a block of rows at a time.
+
+    Forward: each row block's logits are written into one (N, V) buffer (only a
+    block-sized one when no gradient is needed) and reduced to log-probs while
+    still warm in cache. Backward: the softmax gradient overwrites that buffer in
+    place, then the two products of the linear's backward read it; no second
+    (N, V) tensor is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows):
+        n, vocab = x.shape[0], weight.shape[0]
+        keep = any(ctx.needs_input_grad[:3])
+        logits = x.new_empty(n if keep else min(n, block_rows), vocab)
+        logps = torch.empty(n, dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        for start in range(0, n, block_rows):
+            rows = slice(start, start + block_rows)
+            out = logits[rows] if keep else logits[: x[rows].shape[0]]
+            torch.mm(x[rows], weight.t(), out=out)
+            if bias is not None:
+                out += bias
+            for sub in range(0, out.shape[0], chunk_rows):
+                part = out[sub : sub + chunk_rows]
+                at = slice(start + sub, start + sub + part.shape[0])
+                logps[at], lse[at], ent = _chunk_logps(part, tokens[at], temperature, with_entropy)
+                if with_entropy:
+                    entropy[at] = ent
+        ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None)
+        ctx.temperature, ctx.chunk_rows, ctx.has_bias = temperature, chunk_rows, bias is not None
+        if entropy is None:
+            return logps
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        x, weight, tokens, lse, grad = ctx.saved_tensors  # grad: the logits, overwritten below
+        scale = grad_logps.float() / ctx.temperature
+        for start in range(0, grad.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            grad[rows] = _chunk_logps_grad(grad[rows], lse[rows], tokens[rows], scale[rows], ctx.temperature)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
+                       temperature: float = 1.0, *, with_entropy: bool = False, block_rows: int = 256):
+    """:func:`gather_logps` (and, with ``with_entropy``, the entropy) of ``logits = x @ weight.T + bias``.
+
+    Shapes: ``x`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``tokens`` (N,) ->
+    ``logps`` (N,) fp32, or ``(logps, entropy)``. The same values as computing the
+    logits and then :func:`gather_logps_and_entropy`, with the output layer and the
+    log-softmax fused: the product runs ``block_rows`` rows at a time (on a 2-core
+    CPU, SmolLM2's 1,927 x 576 x 49k head: 0.29 s in 256-row blocks vs 0.41 s as one
+    product) and the backward writes the logits' gradient over the logits. Matmuls
+    run in the dtype of ``x``/``weight`` (cast them first for reduced precision).
+    """
+    return _LinearTokenLogps.apply(x, weight, bias, tokens, float(temperature), with_entropy, block_rows,
+                                   max(1, _CHUNK_VALUES // weight.shape[0]))
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhfkit import models, packing
-from rlhfkit.losses import gather_logps, gather_logps_and_entropy
+from rlhfkit.losses import gather_logps, gather_logps_and_entropy, linear_token_logps
 from rlhfkit.rollout import position_ids_from_mask
 
 
@@ -73,7 +73,8 @@ class ActorCritic(nn.Module):
             raise ValueError(f"value must be none, head or critic; got '{value}'")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n_response: int = 0, *,
-                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, rlhfkit_layout=None):
+                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, rlhfkit_layout=None,
+                targets: torch.Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False):
         """Logits that predict each response token, and the value of the state before it.
 
         Padded (``positions`` None): ``input_ids``/``attention_mask`` (B, P + R) ->
@@ -81,7 +82,9 @@ class ActorCritic(nn.Module):
         tokens; position ``P - 1 + j`` predicts response token ``j``, so the kept
         hidden states are ``[-(R + 1):-1]``.
         Packed (:func:`packed_rollout`): ``input_ids`` (1, L) with ``position_ids`` and
-        ``rlhfkit_layout``; ``positions`` (K,) -> ``(logits (K, V), values (K,) or None)``.
+        ``rlhfkit_layout``; ``positions`` (K,) -> ``(logits (K, V), values (K,) or None)``;
+        with ``targets`` (K,) the log-probs of those tokens instead of the logits
+        (:func:`head_token_logps`): ``(logps (K,), values (K,) or None, entropy (K,) or None)``.
         """
         if positions is None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -94,59 +97,42 @@ class ActorCritic(nn.Module):
 
         base = _base(self.policy)
         states = keep(base.get_decoder()(**inputs).last_hidden_state)
-        logits = head_logits(base.get_output_embeddings(), states)
         values = None
         if self.value_head is not None:
             values = self.value_head(states).squeeze(-1).float()
         elif self.critic is not None:
             values = keep(self.critic(**inputs).logits[..., 0]).float()
-        return logits, values
-
-
-class _RowBlockLinear(torch.autograd.Function):
-    """``x @ weight.T (+ bias)`` for 2-D ``x``, the forward product written a block of rows at a time."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, block_rows: int):
-        out = x.new_empty(x.shape[0], weight.shape[0])
-        for start in range(0, x.shape[0], block_rows):
-            rows = slice(start, start + block_rows)
-            torch.mm(x[rows], weight.t(), out=out[rows])
-        if bias is not None:
-            out += bias
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        head = base.get_output_embeddings()
+        if targets is not None:
+            logps, entropy = head_token_logps(head, states, targets, temperature, with_entropy=with_entropy)
+            return logps, values, entropy
+        return head(states), values
 
 
 HEAD_BLOCK_ROWS = 256
 
 
-def head_logits(head: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """``head(states)`` for the LM head: states (K, H) -> logits (K, V), in the autocast dtype if one is on.
+def head_token_logps(head: nn.Module, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logps, entropy or None)`` of ``tokens`` under the LM head's ``head(states) / temperature``.
 
-    On CPU a plain ``nn.Linear`` head runs as :data:`HEAD_BLOCK_ROWS`-row blocks into
-    one output: SmolLM2's 1,927 x 576 x 49k head of a GRPO step took 0.29 s that way
-    vs 0.41 s as one product (bf16, 2-core avx512-bf16 CPU). Same products, same
-    values; the backward is the usual two products. Anything else (CUDA, a head with
-    hooks or adapters) is just ``head(states)``.
+    Shapes: ``states`` (K, H), ``tokens`` (K,) -> (K,), fp32. On CPU a plain
+    ``nn.Linear`` head is fused with the log-softmax (:func:`rlhfkit.losses.linear_token_logps`,
+    in :data:`HEAD_BLOCK_ROWS`-row blocks, in the autocast dtype if one is on): the
+    (K, V) logits are never handed out, and their gradient overwrites them. Anything
+    else (CUDA, a head with hooks or adapters) computes ``head(states)`` and then
+    :func:`logps_and_entropy`.
     """
     if (type(head) is not nn.Linear or states.device.type != "cpu" or states.dim() != 2
             or head._forward_hooks or head._forward_pre_hooks):
-        return head(states)
+        return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
     device = states.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
     with torch.autocast(device, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
-        return _RowBlockLinear.apply(states.to(dtype), head.weight.to(dtype), bias, HEAD_BLOCK_ROWS)
+        out = linear_token_logps(states.to(dtype), head.weight.to(dtype), bias, tokens, temperature,
+                                 with_entropy=with_entropy, block_rows=HEAD_BLOCK_ROWS)
+    return out if with_entropy else (out, None)
 
 
 def packed_rollout(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -184,7 +170,7 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     Returns ``(logps (B, R), values (B, R) or None, entropy (B, R) or None)``, 0 where
     ``response_mask`` is False. ``model`` is an :class:`ActorCritic` or a causal LM
     whose attention is rlhfkit's kernel. Either way the logits are the output
-    embeddings applied to the decoder's last hidden state (:func:`head_logits`), so a
+    embeddings applied to the decoder's last hidden state (:func:`head_token_logps`), so a
     model whose own forward post-processes them (e.g. Gemma 2's logit soft-capping)
     gets the plain head, for the policy and the reference alike.
     """
@@ -198,18 +184,20 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     targets = response_ids.to(device)[rows, cols]
     if actor_critic:
         layout = packing.model_inputs(inputs)
-        logits, values = model(layout["input_ids"], None, 0, positions=positions, position_ids=layout["position_ids"],
-                               rlhfkit_layout=layout["rlhfkit_layout"])
+        token_logps, values, token_entropy = model(
+            layout["input_ids"], None, 0, positions=positions, position_ids=layout["position_ids"],
+            rlhfkit_layout=layout["rlhfkit_layout"], targets=targets, temperature=temperature, with_entropy=with_entropy)
     else:
         base = _base(inner)
         states = base.get_decoder()(**packing.model_inputs(inputs)).last_hidden_state[0, positions]
-        logits, values = head_logits(base.get_output_embeddings(), states), None
+        token_logps, token_entropy = head_token_logps(base.get_output_embeddings(), states, targets, temperature,
+                                                      with_entropy=with_entropy)
+        values = None
     shape = response_ids.shape
 
     def unpack(per_token: torch.Tensor) -> torch.Tensor:  # (K,) -> (B, R)
         return torch.zeros(shape, dtype=per_token.dtype, device=device).index_put((rows, cols), per_token)
 
-    token_logps, token_entropy = logps_and_entropy(logits, targets, temperature, with_entropy=with_entropy)
     return tuple(unpack(x) if x is not None else None for x in (token_logps, values, token_entropy))
 
 
