@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 68719476736
 export MALLOC_TOP_PAD_ = 1073741824
+# torch's CPU allocator: 2 MB (transparent huge) pages for large tensors, so first touches of new
+# memory fault 512x less often (an RL step's first updates grow the heap by ~1 GB each).
+export THP_MEM_ALLOC_ENABLE = 1
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 

@@ -60,6 +60,7 @@ BENCH_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
     "MALLOC_TOP_PAD_": "1073741824",
+    "THP_MEM_ALLOC_ENABLE": "1",  # torch CPU allocations of >= 2 MB on transparent huge pages
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
