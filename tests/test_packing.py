@@ -41,6 +41,60 @@ def test_layout_by_hand():
     assert b["seg_mask"][:, 0].tolist() == [group0, group1]
 
 
+def test_layout_by_hand_with_a_start_shared_by_every_group():
+    # Every sequence starts with [1]: that row is laid out once and is slot 0 of both groups.
+    b = packing.pack([[[1, 2, 3, 4], [1, 2, 5]], [[1, 7, 8]]])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 1, 2]]
+    assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 5, 6, 0]]
+    assert b["seg_index"].tolist() == [[0, 1, 2, 3, 4], [0, 5, 6, 0, 0]]
+    assert b["unpack"].tolist() == [5, 1, 2, 3, 4, 6, 7]  # the shared row's output: from the last group
+    assert packing.last_positions(b).tolist() == [3, 4, 6]
+    T, F = True, False
+    group1 = [
+        [T, F, F, F, F],  # the shared start
+        [T, T, F, F, F],  # own tokens of the group's one sequence
+        [T, T, T, F, F],
+        [T, F, F, T, T],  # unused slots
+        [T, F, F, T, T],
+    ]
+    assert b["seg_mask"][1, 0].tolist() == group1
+
+
+def test_packed_logits_and_gradients_with_a_start_shared_by_all_groups_equal_each_sequence_alone():
+    model = models.build_tiny(seed=2)
+    alone = models.build_tiny(seed=2)
+    models.set_attention(model)
+    start = [11, 12, 13, 14]
+    groups = [[start + s for s in group] for group in _random_groups(1)]
+    batch = packing.pack(groups)
+    total = sum(len(s) for group in groups for s in group)
+    assert batch["input_ids"].shape[1] < total - (len(groups) - 1) * len(start) + 1
+    weights = torch.randn(batch["input_ids"].shape[1], model.config.vocab_size, generator=torch.Generator().manual_seed(5))
+    logits = model(**packing.model_inputs(batch)).logits[0]
+    (logits * weights).sum().backward()  # every row once, so the shared start's gradient comes from all groups
+    want_loss = 0.0
+    for n, seq in enumerate(s for group in groups for s in group):
+        rows = batch["seq_index"][n, : len(seq)]
+        want = alone(input_ids=torch.tensor([seq])).logits[0]
+        assert torch.allclose(logits[rows], want, atol=1e-5), (n, (logits[rows] - want).abs().max())
+    # The same objective, computed sequence by sequence: each row's logits weighted once.
+    owner = {}
+    for n, seq in enumerate(s for group in groups for s in group):
+        for t, r in enumerate(batch["seq_index"][n, : len(seq)].tolist()):
+            owner.setdefault(r, (n, t))
+    seqs = [s for group in groups for s in group]
+    for n, seq in enumerate(seqs):
+        out = alone(input_ids=torch.tensor([seq])).logits[0]
+        for t in range(len(seq)):
+            r = int(batch["seq_index"][n, t])
+            if owner[r] == (n, t):
+                want_loss = want_loss + (out[t] * weights[r]).sum()
+    want_loss.backward()
+    for (name, p), q in zip(model.named_parameters(), alone.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+
+
 def test_shared_prefix_leaves_every_sequence_a_token():
     assert packing.shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2
     assert packing.shared_prefix_len([[1, 2, 3], [1, 2]]) == 1
@@ -124,7 +178,10 @@ def test_pair_batch_shares_the_prompt_and_counts_every_token(tokenizer):
     assert packing.num_tokens(packed) == real
     prompt_tokens = sum(packing.shared_prefix_len([p["chosen_input_ids"], p["rejected_input_ids"]]) for p in pairs)
     assert prompt_tokens > 20  # the chat template's prompt part
-    assert packed["input_ids"].shape == (1, real - prompt_tokens)
+    # And the start all pairs share (the template's system prompt) is laid out once, not once per pair.
+    root = packing.shared_prefix_len([p[k] for p in pairs for k in ("chosen_input_ids", "rejected_input_ids")])
+    assert root > 10
+    assert packed["input_ids"].shape == (1, real - prompt_tokens - (len(pairs) - 1) * root)
 
 
 def test_packed_pair_logps_and_scores_equal_padded(tokenizer):
@@ -149,7 +206,8 @@ def test_packed_sft_loss_and_gradients_equal_padded(tokenizer):
         seqs.append({"input_ids": ids, "labels": labels})
     padded, packed = collate_sft(seqs, tokenizer.pad_token_id), collate_sft(seqs, tokenizer.pad_token_id, packed=True)
     assert (padded["attention_mask"] == 0).any()
-    assert packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()))
+    root = packing.shared_prefix_len([e["input_ids"] for e in seqs])  # the template's start, laid out once
+    assert root > 10 and packed["input_ids"].shape == (1, int(padded["attention_mask"].sum()) - (len(seqs) - 1) * root)
     assert int((packed["labels"] != IGNORE_INDEX).sum()) == int((padded["labels"] != IGNORE_INDEX).sum())
     grads = []
     for batch in (padded, packed):

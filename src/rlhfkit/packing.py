@@ -82,26 +82,31 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
     if given, has the same nesting and lengths. Returns the tensors described in the
     module docstring.
     """
-    row: list[int] = []
-    positions: list[int] = []
+    for group in groups:
+        if not group or any(len(s) == 0 for s in group):
+            raise ValueError("pack: every group needs at least one non-empty sequence")
+    # The start that every sequence of every group shares (a chat template's system prompt) is laid
+    # out once, at the head of the row; each group's slots refer to those same rows.
+    root = shared_prefix_len([seq for group in groups for seq in group]) if len(groups) > 1 else 0
+    row: list[int] = list(groups[0][0][:root])
+    positions: list[int] = list(range(root))
     seq_rows: list[list[int]] = []  # row position of each token of each sequence
     seg_rows: list[list[int]] = []  # row positions of each group's slots, in slot order
     seg_block: list[list[int]] = []  # 0: prefix, j+1: own tokens of sequence j
     seg_pos: list[list[int]] = []
     for group in groups:
-        if not group or any(len(s) == 0 for s in group):
-            raise ValueError("pack: every group needs at least one non-empty sequence")
-        p = shared_prefix_len(group)
+        p = max(root, shared_prefix_len(group))
         start = len(row)
-        row.extend(group[0][:p])
-        positions.extend(range(p))
-        rows, block, pos = list(range(start, start + p)), [0] * p, list(range(p))
+        row.extend(group[0][root:p])
+        positions.extend(range(root, p))
+        prefix_rows = list(range(root)) + list(range(start, start + p - root))
+        rows, block, pos = list(prefix_rows), [0] * p, list(range(p))
         for j, seq in enumerate(group):
             own_start = len(row)
             own = len(seq) - p
             row.extend(seq[p:])
             positions.extend(range(p, len(seq)))
-            seq_rows.append(list(range(start, start + p)) + list(range(own_start, own_start + own)))
+            seq_rows.append(prefix_rows + list(range(own_start, own_start + own)))
             rows += range(own_start, own_start + own)
             block += [j + 1] * own
             pos += range(p, len(seq))
@@ -119,7 +124,7 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
         seg_index[s, :n] = torch.tensor(rows)
         block[s, :n] = torch.tensor(blk)
         pos[s, :n] = torch.tensor(ps)
-        unpack[seg_index[s, :n]] = s * width + torch.arange(n)
+        unpack[seg_index[s, :n]] = s * width + torch.arange(n)  # a shared start: the last group's slots
     # Slot i sees slot j when j is in the prefix or in i's own sequence, and not later.
     # An unused slot (block -1) sees only unused slots, so no softmax row is empty.
     same = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])
