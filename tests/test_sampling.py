@@ -84,6 +84,45 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same_tokens(monkeypat
     assert torch.equal(shared, plain)
 
 
+def test_common_start_first_moves_the_padding_after_the_shared_start():
+    pad = 0
+    ids = torch.tensor([[pad, pad, 5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [pad, 5, 6, 8, 8, 8]])
+    mask = (ids != pad).long()
+    got_ids, got_mask, n = rollout.common_start_first(ids, mask)
+    assert n == 2  # [5, 6]; 7 is not in the third row
+    assert got_ids.tolist() == [[5, 6, pad, pad, 7, 8], [5, 6, 7, 9, 9, 9], [5, 6, pad, 8, 8, 8]]
+    assert got_mask.tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]]
+    # Positions count real tokens only, so every token keeps its position.
+    for b in range(3):
+        assert rollout.position_ids_from_mask(got_mask)[b][got_mask[b].bool()].tolist() == list(range(int(mask[b].sum())))
+    assert rollout.common_start_first(ids[:1], mask[:1])[2] == 0
+
+
+def test_a_start_shared_by_all_prompts_runs_once_and_samples_the_same_tokens(monkeypatch):
+    tok = _left_tokenizer()
+    engine = _tiny_engine(tok)
+    prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x"] for _ in range(2)]
+    ids, mask = encode_prompts(tok, prompts)
+    ids2, mask2, start = rollout.common_start_first(ids, mask.long())
+    assert start > 10  # the chat template's system prompt
+    seen = []
+    model = engine.model
+    hook = model.register_forward_pre_hook(lambda m, a, k: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    cache = rollout._shared_prefix_cache(model, ids2, mask2, None, start)
+    hook.remove()
+    assert seen == [(1, start), (3, ids.shape[1] - 1 - start)]  # the start once, then each distinct prompt's rest
+    assert cache.layers[0].keys.shape[0] == 6 and cache.get_seq_length() == ids.shape[1] - 1
+    options = GenerationOptions(max_new_tokens=10, temperature=1.0)
+    torch.manual_seed(0)
+    shared = engine.generate(ids, mask, options)
+    monkeypatch.setattr(rollout, "common_start_first", lambda i, m: (i, m, 0))
+    monkeypatch.setattr(rollout, "_shared_prefix_cache", lambda *a: None)
+    torch.manual_seed(0)
+    plain = engine.generate(ids, mask, options)  # the left-padded queries, every token run for every row
+    assert len(set(map(tuple, plain.tolist()))) > 2
+    assert torch.equal(shared, plain)
+
+
 def test_decoding_cache_layers_hold_what_concatenation_would_in_reserved_room():
     from transformers.cache_utils import DynamicLayer
 
