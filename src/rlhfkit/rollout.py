@@ -290,7 +290,10 @@ def common_start_first(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tup
     masks the padding wherever it sits and positions count real tokens only
     (:func:`position_ids_from_mask`), so each query means the same; with the start
     in the same columns of every row its keys and values can be computed once
-    (:func:`_shared_prefix_cache`).
+    (:func:`_shared_prefix_cache`): SmolLM2's 24-token system prompt, 16 prompts x 2
+    samples x 64 tokens: 5.1 s vs 5.5 s per rollout. The same tokens in fp32; in bf16
+    the start's keys come from a one-row product, so they can differ by a rounding
+    and a sample diverge (greedy, 20 tokens: 30 of 32 rows the same, 32 of 32 in fp32).
     """
     from rlhfkit.packing import shared_prefix_len
 
