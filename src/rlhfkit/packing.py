@@ -18,6 +18,18 @@ and then each sequence's own tokens::
 Position ids restart per group and each sequence's own tokens continue from
 ``p``, so rotary embeddings see every sequence exactly as if it ran alone.
 
+The start that *every* sequence of the batch shares (``r`` tokens: a chat
+template's system prompt, 24 of SmolLM2's ~42-token demo prompts) goes once at
+the head of the row, and every group's slots refer to those rows; each group's
+own prefix then holds only its tokens ``r..p-1``::
+
+    row:       [ start | prefix of group 1 | own tokens ... ] [ prefix of group 2 | own tokens ... ] ...
+    positions:   0..r-1  r..p1-1                                r..p2-1
+
+The start's keys and values reach every group through the gather, and its
+gradient sums over all of them (the gather's backward); its output rows are
+taken from one group (they are the same in all).
+
 Attention (:func:`packed_attention`, registered with transformers as
 ``attn_implementation="rlhfkit"``). Each group becomes one item of a small
 batch of ``S`` groups x ``M`` slots (``M`` = the longest group); inside a group
