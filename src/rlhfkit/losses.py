@@ -95,6 +95,31 @@ def _chunk_logps_grad(logits: torch.Tensor, lse: torch.Tensor, tokens: torch.Ten
     return g.scatter_add_(-1, tokens[:, None], scale[:, None])
 
 
+def _logps_in_chunks(logits, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset: int = 0):
+    """Fill rows ``offset..`` of ``logps``/``lse``/``entropy`` from ``logits``, ``chunk_rows`` rows at a time."""
+    for sub in range(0, logits.shape[0], chunk_rows):
+        part = logits[sub : sub + chunk_rows]
+        at = slice(offset + sub, offset + sub + part.shape[0])
+        logps[at], lse[at], ent = _chunk_logps(part, tokens[at], temperature, with_entropy)
+        if with_entropy:
+            entropy[at] = ent
+
+
+def _logps_outputs(ctx, logps, entropy):
+    if entropy is None:
+        return logps
+    ctx.mark_non_differentiable(entropy)
+    return logps, entropy
+
+
+def _logps_grad_in_chunks(grad, logits, lse, tokens, grad_logps, temperature, chunk_rows) -> None:
+    """Write the gradient of the log-probs w.r.t. ``logits`` into ``grad`` (may be ``logits`` itself)."""
+    scale = grad_logps.float() / temperature
+    for start in range(0, logits.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        grad[rows] = _chunk_logps_grad(logits[rows], lse[rows], tokens[rows], scale[rows], temperature)
+
+
 class _TokenLogps(torch.autograd.Function):
     """``log softmax(z)[token]`` and (without gradient) the entropy of ``softmax(z)``, ``z = logits / T``.
 
@@ -109,26 +134,16 @@ class _TokenLogps(torch.autograd.Function):
         logps = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if with_entropy else None
-        for start in range(0, n, chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logps[rows], lse[rows], ent = _chunk_logps(logits[rows], tokens[rows], temperature, with_entropy)
-            if with_entropy:
-                entropy[rows] = ent
+        _logps_in_chunks(logits, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy)
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
-        if entropy is None:
-            return logps
-        ctx.mark_non_differentiable(entropy)
-        return logps, entropy
+        return _logps_outputs(ctx, logps, entropy)
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        scale = grad_logps.float() / ctx.temperature
-        for start in range(0, logits.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            grad[rows] = _chunk_logps_grad(logits[rows], lse[rows], tokens[rows], scale[rows], ctx.temperature)
+        _logps_grad_in_chunks(grad, logits, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
         return grad, None, None, None, None
 
 
@@ -156,26 +171,15 @@ class _LinearTokenLogps(torch.autograd.Function):
             torch.mm(x[rows], weight.t(), out=out)
             if bias is not None:
                 out += bias
-            for sub in range(0, out.shape[0], chunk_rows):
-                part = out[sub : sub + chunk_rows]
-                at = slice(start + sub, start + sub + part.shape[0])
-                logps[at], lse[at], ent = _chunk_logps(part, tokens[at], temperature, with_entropy)
-                if with_entropy:
-                    entropy[at] = ent
+            _logps_in_chunks(out, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset=start)
         ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None)
         ctx.temperature, ctx.chunk_rows, ctx.has_bias = temperature, chunk_rows, bias is not None
-        if entropy is None:
-            return logps
-        ctx.mark_non_differentiable(entropy)
-        return logps, entropy
+        return _logps_outputs(ctx, logps, entropy)
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
         x, weight, tokens, lse, grad = ctx.saved_tensors  # grad: the logits, overwritten below
-        scale = grad_logps.float() / ctx.temperature
-        for start in range(0, grad.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            grad[rows] = _chunk_logps_grad(grad[rows], lse[rows], tokens[rows], scale[rows], ctx.temperature)
+        _logps_grad_in_chunks(grad, grad, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
