@@ -158,9 +158,8 @@ class _LinearTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows):
+    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows, keep):
         n, vocab = x.shape[0], weight.shape[0]
-        keep = any(ctx.needs_input_grad[:3])
         logits = x.new_empty(n if keep else min(n, block_rows), vocab)
         logps = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(logps)
@@ -183,7 +182,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
@@ -198,8 +197,11 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     product) and the backward writes the logits' gradient over the logits. Matmuls
     run in the dtype of ``x``/``weight`` (cast them first for reduced precision).
     """
+    # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
+    # (inside the Function, grad mode is always off; a policy's log-probs under no_grad need none).
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _LinearTokenLogps.apply(x, weight, bias, tokens, float(temperature), with_entropy, block_rows,
-                                   max(1, _CHUNK_VALUES // weight.shape[0]))
+                                   max(1, _CHUNK_VALUES // weight.shape[0]), keep)
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
