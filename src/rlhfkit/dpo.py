@@ -167,14 +167,13 @@ def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precisi
     """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
     model.eval()
     device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out = []
     with models.adapters_disabled(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             batch = collate_pairs(chunk, pad_token_id, packed=packed)
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with models.autocast(device, precision):
                 logps, _ = forward.sequence_logps(model, batch)
             out.append(torch.stack(chosen_rejected(batch, logps), dim=1).float().cpu())
     model.train()

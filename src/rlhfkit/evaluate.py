@@ -124,14 +124,13 @@ def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_si
     """Per-sequence k1 KL, ``sum_t log pi(y_t) - log ref(y_t)`` on the rollout's tokens. Shape (B,)."""
     from rlhfkit.policy import response_logps
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out = []
     for start in range(0, len(rollout.responses), batch_size):
         sub = rollout.select(list(range(start, min(start + batch_size, len(rollout.responses)))))
         logps = []
         for model in (policy, reference):
             device = next(model.parameters()).device
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with models.autocast(device, precision):
                 lp, _, _ = response_logps(model, sub.input_ids.to(device), sub.attention_mask.to(device),
                                           sub.response_ids.to(device), temperature=rollout.temperature)
             logps.append(lp.float().cpu())

@@ -42,6 +42,22 @@ CHATML_TEMPLATE = (
 )
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The autocast dtype of each reduced ``precision``; ``fp32`` (absent) means no autocast."""
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` on ``device`` for ``precision`` (bf16 / fp16); disabled for fp32."""
+    dtype = PRECISION_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in here: autocast's dtype if it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class ModelLoadError(ValueError):
     """A model spec cannot be resolved or loaded; the message says why."""
 

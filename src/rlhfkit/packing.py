@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.data.sft import IGNORE_INDEX
+from rlhfkit.models import compute_dtype
 
 ATTENTION = "rlhfkit"
 LAYOUT_KEYS = ("seg_index", "seg_mask", "unpack")
@@ -267,12 +268,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
-    seg_index, seg_mask, unpack = rlhfkit_layout[:3]
-    n_seg, width = seg_index.shape
+    n_seg, width = rlhfkit_layout.seg_index.shape
     heads, dim = query.shape[1], query.shape[-1]
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    slots = seg_index.reshape(-1)
+    dtype = compute_dtype(query)
+    slots = rlhfkit_layout.seg_index.reshape(-1)
 
     def by_group(x: torch.Tensor, repeat: int = 1) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, M, D)
         # index_select, not x[0][:, seg_index]: the same values, and its backward (index_add)
@@ -287,7 +286,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     weights = torch.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.bmm(weights, v).view(heads, n_seg * width, dim).transpose(0, 1)  # (S * M, H, D)
-    return out.index_select(0, unpack).unsqueeze(0), None
+    return out.index_select(0, rlhfkit_layout.unpack).unsqueeze(0), None
 
 
 def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -299,9 +298,9 @@ def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
     cache = layout.cache if layout.cache is not None else {}
     key = (heads, dtype)
     if key not in cache:
-        seg_mask = layout.seg_mask  # (S, 1, M, M)
-        bias = torch.zeros(seg_mask.shape, dtype=dtype, device=seg_mask.device).masked_fill_(~seg_mask, torch.finfo(dtype).min)
-        cache[key] = bias.transpose(0, 1).expand(heads, *bias.shape[:1], *bias.shape[2:]).reshape(-1, *bias.shape[2:])
+        allowed = layout.seg_mask[:, 0]  # (S, M, M)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        cache[key] = bias.expand(heads, *bias.shape).reshape(-1, *bias.shape[1:])  # head-major, as the scores
     return cache[key]
 
 

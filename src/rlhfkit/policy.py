@@ -126,9 +126,8 @@ def head_token_logps(head: nn.Module, states: torch.Tensor, tokens: torch.Tensor
     if (type(head) is not nn.Linear or states.device.type != "cpu" or states.dim() != 2
             or head._forward_hooks or head._forward_pre_hooks):
         return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
-    device = states.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else states.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = models.compute_dtype(states)
+    with torch.autocast(states.device.type, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
         out = linear_token_logps(states.to(dtype), head.weight.to(dtype), bias, tokens, temperature,
                                  with_entropy=with_entropy, block_rows=HEAD_BLOCK_ROWS)

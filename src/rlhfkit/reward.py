@@ -201,7 +201,6 @@ def raw_scores(model, tokenizer, prompts: list, responses: list[str], *, batch_s
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     was_training = model.training
     model.eval()
     scores = []
@@ -212,7 +211,7 @@ def raw_scores(model, tokenizer, prompts: list, responses: list[str], *, batch_s
             ids, labels = tokenize_response(tokenizer, prompt, response, chat_template=chat_template)
             seqs.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
         batch = collate_sft(seqs, tokenizer.pad_token_id)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with models.autocast(device, precision):
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         scores.append(logits.squeeze(-1).float().cpu())
         bar.update(len(seqs))

@@ -23,6 +23,8 @@ from typing import Protocol, Union
 
 import torch
 
+from rlhfkit import models
+
 Messages = list[dict[str, str]]
 Prompt = Union[str, Messages]
 
@@ -87,11 +89,6 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from the trained policy."""
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 class InverseCDFSampler:
@@ -374,8 +371,8 @@ class HFEngine:
         self.model.eval()
         query_ids, query_mask, start = common_start_first(query_ids.to(device), query_mask.long().to(device))
         packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, next(self.model.parameters()).dtype)
-        with _autocast(device, self.precision), packed:
+        dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
+        with models.autocast(device, self.precision), packed:
             cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
             shared = _shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
             kwargs["cache"] = cache if shared is None else shared
