@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.optim import build_optimizer, build_scheduler, lr_lambda
+from rlhfkit.optim import build_optimizer, build_scheduler, lr_lambda, prime_state
 
 # warmup 4 of 20 steps: warmup multipliers (step + 1) / 4; then cosine over the
 # remaining 16 steps, progress = (step - 4) / 16, from 1 down to min_lr_ratio.
@@ -71,3 +71,40 @@ def test_no_weight_decay_on_vectors():
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
     assert decayed == {id(model[0].weight)}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 4
+
+
+def _train_steps(prime: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-8)
+    scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=10, schedule="cosine", min_lr_ratio=0.0)
+    weights_before = [p.detach().clone() for p in model.parameters()]
+    if prime:
+        prime_state(optimizer)
+        # Priming moves no weight and leaves no gradient, but the state exists, with step counts at 0.
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights_before))
+        assert all(p.grad is None for p in model.parameters())
+        assert len(optimizer.state) == 6  # 2 linears (weight, bias) + the norm (weight, bias)
+        for state in optimizer.state.values():
+            assert float(state["step"]) == 0.0
+            assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)  # the scheduler's lr is back
+    x = torch.randn(6, 5)
+    for _ in range(steps):
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer
+
+
+def test_primed_optimizer_trains_exactly_like_a_fresh_one():
+    fresh, fresh_opt = _train_steps(prime=False)
+    primed, primed_opt = _train_steps(prime=True)
+    for a, b in zip(fresh.parameters(), primed.parameters()):
+        assert torch.equal(a, b)
+    for p_fresh, p_primed in zip(fresh.parameters(), primed.parameters()):
+        s_fresh, s_primed = fresh_opt.state[p_fresh], primed_opt.state[p_primed]
+        assert float(s_fresh["step"]) == float(s_primed["step"]) == 3.0
+        assert torch.equal(s_fresh["exp_avg"], s_primed["exp_avg"])
+        assert torch.equal(s_fresh["exp_avg_sq"], s_primed["exp_avg_sq"])

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.optim import build_optimizer, build_scheduler
+from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
 from rlhfkit.tracking import MetricsLogger
 
 
@@ -113,9 +113,13 @@ def prepare(acc, model, optimizer):
     the same with and without it (measured); memory is what it saves. Values are
     unchanged: bf16 -> fp32 is exact, and the gradient is rounded to bf16 where it
     meets the bf16 matmul either way.
+
+    On CPU the optimizer state is then made up front (:func:`rlhfkit.optim.prime_state`).
     """
     model, optimizer = acc.prepare(model, optimizer)
     acc.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
+    if acc.device.type == "cpu":
+        prime_state(getattr(optimizer, "optimizer", optimizer))  # the torch optimizer inside accelerate's wrapper
     return model, optimizer
 
 

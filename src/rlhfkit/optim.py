@@ -23,6 +23,38 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
+@torch.no_grad()
+def prime_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create and write the optimizer's state now instead of in its first step; the state is then exactly a fresh one.
+
+    Runs one step with zero gradients at learning rate 0 (AdamW: the moments stay
+    0, weight decay multiplies by 1 and the update adds 0, so no weight changes),
+    then sets the step counts back to 0. Why: on CPU the state (two fp32 copies of
+    the weights for AdamW) is otherwise allocated in the first update, in memory
+    the freed activations of that update leave behind, so the next forward grows
+    the heap and pays its page faults (GRPO on SmolLM2-135M, 2-core CPU: ~88k
+    faults, the second step's policy forward 3.8 s instead of 2.5 s). Primed, the
+    memory is taken before training starts, and a run that cannot hold it fails
+    there. Gradients are put back to ``None``.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        for p in params:
+            p.grad = None
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
+
+
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_lr_ratio: float) -> float:
     """Multiplier of the base learning rate after ``step`` optimizer steps.
 
