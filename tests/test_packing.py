@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -156,6 +158,31 @@ def test_kernel_on_padded_batches_equals_sdpa():
     with torch.no_grad():
         got, want = model(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(got[0, :6], want[0, :6], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_decode_attention_equals_a_loop_over_rows_and_heads(autocast):
+    torch.manual_seed(0)
+    B, H, H_kv, L, D = 3, 6, 2, 7, 8
+    query = torch.randn(B, H, 1, D)
+    room = torch.randn(2, B, H_kv, L + 4, D)  # keys/values as views of reserved room, like the decoding cache's
+    key, value = room[0][:, :, :L], room[1][:, :, :L]
+    mask = torch.zeros(B, 1, 1, L + 2)  # longer than the keys: only the first L columns count
+    mask[1, ..., :3] = torch.finfo(torch.float32).min  # row 1: three padding positions
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = packing.decode_attention(query, key, value, mask, scaling=0.3).float()
+    if autocast:  # the inputs as the bf16 matmuls see them
+        query, key, value = (x.bfloat16().float() for x in (query, key, value))
+    want = torch.empty(B, 1, H, D)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // H_kv)  # query heads 0-2 read kv head 0, 3-5 kv head 1
+            scores = [0.3 * float(query[b, h, 0] @ key[b, kv, j]) + float(mask[b, 0, 0, j]) for j in range(L)]
+            top = max(scores)
+            weights = torch.tensor([math.exp(x - top) for x in scores])
+            want[b, 0, h] = (weights / weights.sum()) @ value[b, kv]
+    assert got.shape == (B, 1, H, D)
+    assert torch.allclose(got, want, atol=0.03 if autocast else 1e-5), (got - want).abs().max()
 
 
 def _pairs(tokenizer) -> list[dict]:
