@@ -52,24 +52,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-@torch.no_grad()
-def cast_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Store the weights (and biases) of ``model``'s plain ``nn.Linear`` layers in ``dtype``, in place.
-
-    For a frozen model run under autocast to ``dtype``: autocast casts those
-    weights to ``dtype`` on every call anyway, so results are the same bit for bit,
-    without the per-call cast (SmolLM2-135M's reference forward re-reads ~430 MB of
-    fp32 weights for it) and in half the memory. Everything else (embeddings,
-    norms, and a head tied to the embedding, which the embedding lookup reads too)
-    keeps its dtype, so the residual stream stays what autocast makes it.
-    """
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and id(module.weight) not in embedding_weights:
-            module.to(dtype)
-    return model
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` runs in here: autocast's dtype if it is on for ``x``'s device, else ``x``'s."""
     device = x.device.type

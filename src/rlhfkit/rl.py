@@ -29,11 +29,9 @@
 Departures from TRL: the old log-probs are not recomputed when there is a
 single epoch and minibatch (they equal the current ones, as in TRL's GRPO);
 on CUDA the reference model is kept in bf16 when training in bf16 (it is frozen,
-and a bf16 copy skips autocast's per-call weight casts); on CPU it runs in fp32
+and a bf16 copy skips autocast's per-call weight casts); on CPU it stays fp32
 under autocast, which measured 4x faster here than a bf16 copy (1.3 s vs 5.3 s
-per reference pass on SmolLM2-135M: CPU's bf16 elementwise kernels are slow),
-with only its linear layers' weights stored in bf16 (:func:`rlhfkit.models.cast_linears`:
-the same values autocast would make, in half the memory).
+per reference pass on SmolLM2-135M: CPU's bf16 elementwise kernels are slow).
 """
 
 from __future__ import annotations
@@ -272,8 +270,6 @@ class RLTrainer:
             bf16_copy = c.precision == "bf16" and self.acc.device.type == "cuda"
             ref_dtype = torch.bfloat16 if bf16_copy else torch.float32
             self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False).to(self.acc.device)
-            if c.precision in models.PRECISION_DTYPES and not bf16_copy:
-                models.cast_linears(self.ref, models.PRECISION_DTYPES[c.precision])
             if c.packing:
                 models.set_attention(self.ref)
         policy = models.prepare_for_training(policy, c)
