@@ -23,44 +23,51 @@ def test_layout_by_hand():
     assert b["seq_len"].tolist() == [4, 3, 2]
     assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 0, 0]]
     assert packing.last_positions(b).tolist() == [3, 4, 6]
-    assert b["seg_index"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 0, 0]]
-    assert b["unpack"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    # One segment per sequence. Keys: the prefix and the sequence's own tokens. Queries: its own
+    # tokens, and the prefix in the group's first sequence only.
+    assert b["seg_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 0, 0]]
+    assert b["query_index"].tolist() == [[0, 1, 2, 3], [4, 0, 0, 0], [5, 6, 0, 0]]
+    assert b["unpack"].tolist() == [0, 1, 2, 3, 4, 8, 9]  # segment * 4 + query slot
     T, F = True, False
-    group0 = [
-        [T, F, F, F, F],  # prefix token 0
-        [T, T, F, F, F],  # prefix token 1
-        [T, T, T, F, F],  # seq 0, own token 0: prefix + itself
-        [T, T, T, T, F],  # seq 0, own token 1
-        [T, T, F, F, T],  # seq 1, own token 0: prefix + itself, not seq 0's tokens
+    causal = [
+        [T, F, F, F],
+        [T, T, F, F],
+        [T, T, T, F],
+        [T, T, T, T],
+    ]
+    seq1 = [
+        [T, T, T, F],  # its own token (position 2): the prefix and itself, not sequence 0's tokens
+        [T, F, F, F],  # unused query slots see key slot 0 (no empty softmax row)
+        [T, F, F, F],
+        [T, F, F, F],
     ]
     group1 = [
-        [T, F, F, F, F],
-        [T, T, F, F, F],
-        [F, F, T, T, T],  # unused slots see only unused slots (no empty softmax row)
-        [F, F, T, T, T],
-        [F, F, T, T, T],
+        [T, F, F, F],
+        [T, T, F, F],
+        [T, F, F, F],  # unused query slots
+        [T, F, F, F],
     ]
-    assert b["seg_mask"][:, 0].tolist() == [group0, group1]
+    assert b["seg_mask"][:, 0].tolist() == [causal, seq1, group1]
 
 
 def test_layout_by_hand_with_a_start_shared_by_every_group():
-    # Every sequence starts with [1]: that row is laid out once and is slot 0 of both groups.
+    # Every sequence starts with [1]: that row is laid out once, is key slot 0 of every segment,
+    # and a query of the first group only.
     b = packing.pack([[[1, 2, 3, 4], [1, 2, 5]], [[1, 7, 8]]])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 1, 2]]
     assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 5, 6, 0]]
-    assert b["seg_index"].tolist() == [[0, 1, 2, 3, 4], [0, 5, 6, 0, 0]]
-    assert b["unpack"].tolist() == [5, 1, 2, 3, 4, 6, 7]  # the shared row's output: from the last group
+    assert b["seg_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 5, 6, 0]]
+    assert b["query_index"].tolist() == [[0, 1, 2, 3], [4, 0, 0, 0], [5, 6, 0, 0]]
+    assert b["unpack"].tolist() == [0, 1, 2, 3, 4, 8, 9]
     assert packing.last_positions(b).tolist() == [3, 4, 6]
     T, F = True, False
-    group1 = [
-        [T, F, F, F, F],  # the shared start
-        [T, T, F, F, F],  # own tokens of the group's one sequence
-        [T, T, T, F, F],
-        [T, F, F, T, T],  # unused slots
-        [T, F, F, T, T],
+    assert b["seg_mask"][2, 0].tolist() == [
+        [T, T, F, F],  # own tokens of group 1's one sequence, at positions 1 and 2: the start and causally their own
+        [T, T, T, F],
+        [T, F, F, F],  # unused query slots
+        [T, F, F, F],
     ]
-    assert b["seg_mask"][1, 0].tolist() == group1
 
 
 def test_packed_logits_and_gradients_with_a_start_shared_by_all_groups_equal_each_sequence_alone():

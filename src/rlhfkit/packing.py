@@ -27,25 +27,29 @@ own prefix then holds only its tokens ``r..p-1``::
     positions:   0..r-1  r..p1-1                                r..p2-1
 
 The start's keys and values reach every group through the gather, and its
-gradient sums over all of them (the gather's backward); its output rows are
-taken from one group (they are the same in all).
+gradient sums over all of them (the gather's backward); its queries run once.
 
 Attention (:func:`packed_attention`, registered with transformers as
-``attn_implementation="rlhfkit"``). Each group becomes one item of a small
-batch of ``S`` groups x ``M`` slots (``M`` = the longest group); inside a group
-a prefix token attends causally to the prefix, and a token of sequence ``j``
-attends to the whole prefix and causally to sequence ``j``'s own tokens, never
-to a sibling's. That is the attention each sequence would get alone, so logits
-equal the padded forward's (tested). Without a packed layout (generation,
-padded eval batches) the kernel is plain eager attention on CPU (one-token
-decode steps: :func:`decode_attention`) and sdpa on CUDA.
+``attn_implementation="rlhfkit"``). The row is cut into *segments*, a small
+batch of ``S`` items, one per sequence: its keys are the prefix and its own
+tokens, its queries its own tokens, and the prefix's too for the first sequence
+of a group (``Q`` query and ``M`` key slots, the most of any segment). A query
+attends causally to its segment's keys: the attention each sequence would get
+alone, so logits equal the padded forward's (tested). No score is computed
+between siblings: with ``k`` responses of length ``R`` to a prompt of length
+``P``, a group costs ``k (P + R)^2`` scores instead of ``(P + k R)^2``. A GRPO
+batch of SmolLM2 (16 prompts x 2 responses) has 32 x 105 x 113 scores per head
+instead of 16 x 177 x 177. Without a packed layout (generation, padded eval
+batches) the kernel is plain eager attention on CPU (one-token decode steps:
+:func:`decode_attention`) and sdpa on CUDA.
 
 Batch tensors (built by :func:`pack`; the loop moves them to the device):
 
 * ``input_ids``, ``position_ids``: (1, L).
-* ``seg_index``: (S, M) row position of each slot of each group (0 on unused slots).
-* ``seg_mask``: (S, 1, M, M) bool, True where slot ``i`` may attend to slot ``j``.
-* ``unpack``: (L,) flat slot index ``s * M + m`` of each row position.
+* ``seg_index``: (S, M) row position of each key slot of each segment (0 on unused slots).
+* ``query_index``: (S, Q) row position of each query slot of each segment (0 on unused slots).
+* ``seg_mask``: (S, 1, Q, M) bool, True where query slot ``i`` may attend to key slot ``j``.
+* ``unpack``: (L,) flat query slot ``s * Q + q`` of each row position.
 * ``seq_index``: (N, T) row position of token ``t`` of sequence ``n`` (0 past its end);
   sequences are numbered group by group, in the order given.
 * ``seq_len``: (N,) tokens in each sequence.
@@ -64,14 +68,15 @@ from rlhfkit.data.sft import IGNORE_INDEX
 from rlhfkit.models import compute_dtype
 
 ATTENTION = "rlhfkit"
-LAYOUT_KEYS = ("seg_index", "seg_mask", "unpack")
+LAYOUT_KEYS = ("seg_index", "query_index", "seg_mask", "unpack")
 
 
 class Layout(NamedTuple):
     """What :func:`packed_attention` needs; passed through the model as ``rlhfkit_layout``."""
 
-    seg_index: torch.Tensor  # (S, M)
-    seg_mask: torch.Tensor  # (S, 1, M, M) bool
+    seg_index: torch.Tensor  # (S, M) key slots
+    query_index: torch.Tensor  # (S, Q) query slots
+    seg_mask: torch.Tensor  # (S, 1, Q, M) bool
     unpack: torch.Tensor  # (L,)
     cache: dict | None = None  # what the layers of one forward share (the additive mask), filled by the first
 
@@ -104,44 +109,52 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
     row: list[int] = list(groups[0][0][:root])
     positions: list[int] = list(range(root))
     seq_rows: list[list[int]] = []  # row position of each token of each sequence
-    seg_rows: list[list[int]] = []  # row positions of each group's slots, in slot order
-    seg_block: list[list[int]] = []  # 0: prefix, j+1: own tokens of sequence j
-    seg_pos: list[list[int]] = []
-    for group in groups:
+    # One attention segment per sequence: its keys are the prefix and its own tokens, its queries its
+    # own tokens, and the prefix too for the group's first sequence. Every row is the query of exactly
+    # one segment: the batch's shared start is a query of the first group's only.
+    seg_keys: list[list[int]] = []
+    seg_queries: list[list[int]] = []
+    seg_query_pos: list[list[int]] = []
+    for g, group in enumerate(groups):
         p = max(root, shared_prefix_len(group))
         start = len(row)
         row.extend(group[0][root:p])
         positions.extend(range(root, p))
         prefix_rows = list(range(root)) + list(range(start, start + p - root))
-        rows, block, pos = list(prefix_rows), [0] * p, list(range(p))
+        first = 0 if g == 0 else root  # the shared start's queries: in the first group only
         for j, seq in enumerate(group):
             own_start = len(row)
-            own = len(seq) - p
+            own_rows = list(range(own_start, own_start + len(seq) - p))
             row.extend(seq[p:])
             positions.extend(range(p, len(seq)))
-            seq_rows.append(prefix_rows + list(range(own_start, own_start + own)))
-            rows += range(own_start, own_start + own)
-            block += [j + 1] * own
-            pos += range(p, len(seq))
-        seg_rows.append(rows)
-        seg_block.append(block)
-        seg_pos.append(pos)
+            seq_rows.append(prefix_rows + own_rows)
+            seg_keys.append(prefix_rows + own_rows)  # at positions 0..len(seq)-1
+            if j == 0:
+                seg_queries.append(prefix_rows[first:] + own_rows)
+                seg_query_pos.append(list(range(first, len(seq))))
+            else:
+                seg_queries.append(own_rows)
+                seg_query_pos.append(list(range(p, len(seq))))
 
-    n_seg, width = len(seg_rows), max(len(r) for r in seg_rows)
+    n_seg = len(seg_keys)
+    width, q_width = max(len(k) for k in seg_keys), max(len(q) for q in seg_queries)
     seg_index = torch.zeros(n_seg, width, dtype=torch.long)
-    block = torch.full((n_seg, width), -1, dtype=torch.long)  # -1: unused slot
-    pos = torch.zeros(n_seg, width, dtype=torch.long)
-    unpack = torch.empty(len(row), dtype=torch.long)
-    for s, (rows, blk, ps) in enumerate(zip(seg_rows, seg_block, seg_pos)):
-        n = len(rows)
-        seg_index[s, :n] = torch.tensor(rows)
-        block[s, :n] = torch.tensor(blk)
-        pos[s, :n] = torch.tensor(ps)
-        unpack[seg_index[s, :n]] = s * width + torch.arange(n)  # a shared start: the last group's slots
-    # Slot i sees slot j when j is in the prefix or in i's own sequence, and not later.
-    # An unused slot (block -1) sees only unused slots, so no softmax row is empty.
-    same = (block[:, None, :] == 0) | (block[:, None, :] == block[:, :, None])
-    seg_mask = (same & (pos[:, None, :] <= pos[:, :, None]))[:, None]
+    query_index = torch.zeros(n_seg, q_width, dtype=torch.long)
+    key_pos = torch.full((n_seg, width), len(row), dtype=torch.long)  # unused key slots: later than any query
+    query_pos = torch.full((n_seg, q_width), -1, dtype=torch.long)  # unused query slots
+    unpack = torch.full((len(row),), -1, dtype=torch.long)
+    for s_, (keys, queries, q_pos) in enumerate(zip(seg_keys, seg_queries, seg_query_pos)):
+        seg_index[s_, : len(keys)] = torch.tensor(keys)
+        key_pos[s_, : len(keys)] = torch.arange(len(keys))
+        query_index[s_, : len(queries)] = torch.tensor(queries)
+        query_pos[s_, : len(queries)] = torch.tensor(q_pos)
+        unpack[query_index[s_, : len(queries)]] = s_ * q_width + torch.arange(len(queries))
+    assert bool((unpack >= 0).all()), "pack: a row is the query of no segment"
+    # A query sees the keys of its sequence at or before its position; an unused query slot sees
+    # key slot 0 (always used), so no softmax row is empty.
+    seg_mask = key_pos[:, None, :] <= query_pos[:, :, None]
+    seg_mask[:, :, 0] |= query_pos < 0
+    seg_mask = seg_mask[:, None]
 
     n_seq, longest = len(seq_rows), max(len(r) for r in seq_rows)
     seq_index = torch.zeros(n_seq, longest, dtype=torch.long)
@@ -152,6 +165,7 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
         "input_ids": torch.tensor([row], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "seg_index": seg_index,
+        "query_index": query_index,
         "seg_mask": seg_mask,
         "unpack": unpack,
         "seq_index": seq_index,
@@ -280,8 +294,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     decode steps on CPU, sdpa on GPUs (and for attention softcapping or sinks,
     which these two do not implement).
 
-    With a layout, per group: ``softmax(q k^T * scaling + bias) v``, the scores from
-    one ``baddbmm`` (matmul, scale and the group mask as an additive bias, made once
+    With a layout, per segment: ``softmax(q k^T * scaling + bias) v``, the scores from
+    one ``baddbmm`` (matmul, scale and the segment mask as an additive bias, made once
     per forward and shared by all layers) and the softmax in the compute dtype
     (under bf16 autocast: bf16 out, fp32 inside; the probabilities are bf16 for the
     next matmul either way, and the backward reads those same bf16 values). SmolLM2
@@ -298,29 +312,29 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if query.shape[2] == 1:
             return decode_attention(query, key, value, attention_mask, scaling), None
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
-    n_seg, width = rlhfkit_layout.seg_index.shape
+    n_seg = rlhfkit_layout.seg_index.shape[0]
     heads, dim = query.shape[1], query.shape[-1]
     dtype = compute_dtype(query)
-    slots = rlhfkit_layout.seg_index.reshape(-1)
 
-    def by_group(x: torch.Tensor, repeat: int = 1) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, M, D)
-        # index_select, not x[0][:, seg_index]: the same values, and its backward (index_add)
+    def by_segment(x: torch.Tensor, slots: torch.Tensor, repeat: int = 1) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, slots, D)
+        # index_select, not x[0][:, slots]: the same values, and its backward (index_add)
         # is about twice as fast as advanced indexing's (index_put with accumulate) on CPU.
         # Cast first (what autocast would do to the gathered copy), so the gather moves half the bytes.
-        x = x[0].to(dtype).index_select(1, slots)
-        return _repeat_kv(x[None], repeat)[0].view(-1, width, x.shape[-1])
+        x = x[0].to(dtype).index_select(1, slots.reshape(-1))
+        return _repeat_kv(x[None], repeat)[0].view(-1, slots.shape[1], x.shape[-1])
 
     groups = heads // key.shape[1]
-    q, k, v = by_group(query), by_group(key, groups), by_group(value, groups)  # head-major: (H * S, M, D)
+    q = by_segment(query, rlhfkit_layout.query_index)  # head-major: (H * S, Q, D)
+    k, v = by_segment(key, rlhfkit_layout.seg_index, groups), by_segment(value, rlhfkit_layout.seg_index, groups)  # (H * S, M, D)
     weights = torch.baddbmm(_group_bias(rlhfkit_layout, heads, dtype), q, k.transpose(1, 2), alpha=scaling)
     weights = torch.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
-    out = torch.bmm(weights, v).view(heads, n_seg * width, dim).transpose(0, 1)  # (S * M, H, D)
+    out = torch.bmm(weights, v).view(heads, n_seg * q.shape[1], dim).transpose(0, 1)  # (S * Q, H, D)
     return out.index_select(0, rlhfkit_layout.unpack).unsqueeze(0), None
 
 
 def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """(H * S, M, M) additive mask of ``layout`` (0 where a slot may attend, the dtype's minimum elsewhere).
+    """(H * S, Q, M) additive mask of ``layout`` (0 where a query slot may attend to a key slot, the dtype's minimum elsewhere).
 
     Every layer of one forward gets the same layout, so the bias is made once and
     kept in the layout's ``cache`` dict.
@@ -328,7 +342,7 @@ def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
     cache = layout.cache if layout.cache is not None else {}
     key = (heads, dtype)
     if key not in cache:
-        allowed = layout.seg_mask[:, 0]  # (S, M, M)
+        allowed = layout.seg_mask[:, 0]  # (S, Q, M)
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
         cache[key] = bias.expand(heads, *bias.shape).reshape(-1, *bias.shape[1:])  # head-major, as the scores
     return cache[key]
