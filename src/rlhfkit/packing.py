@@ -143,12 +143,12 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
     key_pos = torch.full((n_seg, width), len(row), dtype=torch.long)  # unused key slots: later than any query
     query_pos = torch.full((n_seg, q_width), -1, dtype=torch.long)  # unused query slots
     unpack = torch.full((len(row),), -1, dtype=torch.long)
-    for s_, (keys, queries, q_pos) in enumerate(zip(seg_keys, seg_queries, seg_query_pos)):
-        seg_index[s_, : len(keys)] = torch.tensor(keys)
-        key_pos[s_, : len(keys)] = torch.arange(len(keys))
-        query_index[s_, : len(queries)] = torch.tensor(queries)
-        query_pos[s_, : len(queries)] = torch.tensor(q_pos)
-        unpack[query_index[s_, : len(queries)]] = s_ * q_width + torch.arange(len(queries))
+    for seg, (keys, queries, q_pos) in enumerate(zip(seg_keys, seg_queries, seg_query_pos)):
+        seg_index[seg, : len(keys)] = torch.tensor(keys)
+        key_pos[seg, : len(keys)] = torch.arange(len(keys))
+        query_index[seg, : len(queries)] = torch.tensor(queries)
+        query_pos[seg, : len(queries)] = torch.tensor(q_pos)
+        unpack[query_index[seg, : len(queries)]] = seg * q_width + torch.arange(len(queries))
     assert bool((unpack >= 0).all()), "pack: a row is the query of no segment"
     # A query sees the keys of its sequence at or before its position; an unused query slot sees
     # key slot 0 (always used), so no softmax row is empty.
