@@ -108,13 +108,11 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
     root = shared_prefix_len([seq for group in groups for seq in group]) if len(groups) > 1 else 0
     row: list[int] = list(groups[0][0][:root])
     positions: list[int] = list(range(root))
-    seq_rows: list[list[int]] = []  # row position of each token of each sequence
+    seq_rows: list[list[int]] = []  # row position of each token of each sequence: its segment's keys
     # One attention segment per sequence: its keys are the prefix and its own tokens, its queries its
     # own tokens, and the prefix too for the group's first sequence. Every row is the query of exactly
     # one segment: the batch's shared start is a query of the first group's only.
-    seg_keys: list[list[int]] = []
     seg_queries: list[list[int]] = []
-    seg_query_pos: list[list[int]] = []
     for g, group in enumerate(groups):
         p = max(root, shared_prefix_len(group))
         start = len(row)
@@ -128,32 +126,27 @@ def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Se
             row.extend(seq[p:])
             positions.extend(range(p, len(seq)))
             seq_rows.append(prefix_rows + own_rows)
-            seg_keys.append(prefix_rows + own_rows)  # at positions 0..len(seq)-1
-            if j == 0:
-                seg_queries.append(prefix_rows[first:] + own_rows)
-                seg_query_pos.append(list(range(first, len(seq))))
-            else:
-                seg_queries.append(own_rows)
-                seg_query_pos.append(list(range(p, len(seq))))
+            seg_queries.append((prefix_rows[first:] if j == 0 else []) + own_rows)
 
-    n_seg = len(seg_keys)
-    width, q_width = max(len(k) for k in seg_keys), max(len(q) for q in seg_queries)
+    n_seg = len(seq_rows)
+    width, q_width = max(len(k) for k in seq_rows), max(len(q) for q in seg_queries)
     seg_index = torch.zeros(n_seg, width, dtype=torch.long)
     query_index = torch.zeros(n_seg, q_width, dtype=torch.long)
-    key_pos = torch.full((n_seg, width), len(row), dtype=torch.long)  # unused key slots: later than any query
-    query_pos = torch.full((n_seg, q_width), -1, dtype=torch.long)  # unused query slots
     unpack = torch.full((len(row),), -1, dtype=torch.long)
-    for seg, (keys, queries, q_pos) in enumerate(zip(seg_keys, seg_queries, seg_query_pos)):
+    for seg, (keys, queries) in enumerate(zip(seq_rows, seg_queries)):
         seg_index[seg, : len(keys)] = torch.tensor(keys)
-        key_pos[seg, : len(keys)] = torch.arange(len(keys))
         query_index[seg, : len(queries)] = torch.tensor(queries)
-        query_pos[seg, : len(queries)] = torch.tensor(q_pos)
         unpack[query_index[seg, : len(queries)]] = seg * q_width + torch.arange(len(queries))
     assert bool((unpack >= 0).all()), "pack: a row is the query of no segment"
     # A query sees the keys of its sequence at or before its position; an unused query slot sees
     # key slot 0 (always used), so no softmax row is empty.
+    row_pos = torch.tensor(positions, dtype=torch.long)
+    key_used = torch.arange(width) < torch.tensor([len(k) for k in seq_rows])[:, None]
+    query_used = torch.arange(q_width) < torch.tensor([len(q) for q in seg_queries])[:, None]
+    key_pos = torch.where(key_used, row_pos[seg_index], len(row))  # unused key slots: later than any query
+    query_pos = torch.where(query_used, row_pos[query_index], -1)  # unused query slots: before every key
     seg_mask = key_pos[:, None, :] <= query_pos[:, :, None]
-    seg_mask[:, :, 0] |= query_pos < 0
+    seg_mask[:, :, 0] |= ~query_used
     seg_mask = seg_mask[:, None]
 
     n_seq, longest = len(seq_rows), max(len(r) for r in seq_rows)
@@ -298,9 +291,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     one ``baddbmm`` (matmul, scale and the segment mask as an additive bias, made once
     per forward and shared by all layers) and the softmax in the compute dtype
     (under bf16 autocast: bf16 out, fp32 inside; the probabilities are bf16 for the
-    next matmul either way, and the backward reads those same bf16 values). SmolLM2
-    shapes (16 groups x 173 slots, 9 heads), forward + backward of one layer on 2
-    CPU cores: 20 ms vs 35 ms for matmul, scale, masked_fill and an fp32 softmax.
+    next matmul either way, and the backward reads those same bf16 values). Measured
+    when segments were whole groups (SmolLM2, 16 x 173 slots, 9 heads), forward +
+    backward of one layer on 2 CPU cores: 20 ms vs 35 ms for matmul, scale,
+    masked_fill and an fp32 softmax.
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -326,14 +320,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     groups = heads // key.shape[1]
     q = by_segment(query, rlhfkit_layout.query_index)  # head-major: (H * S, Q, D)
     k, v = by_segment(key, rlhfkit_layout.seg_index, groups), by_segment(value, rlhfkit_layout.seg_index, groups)  # (H * S, M, D)
-    weights = torch.baddbmm(_group_bias(rlhfkit_layout, heads, dtype), q, k.transpose(1, 2), alpha=scaling)
+    weights = torch.baddbmm(_segment_bias(rlhfkit_layout, heads, dtype), q, k.transpose(1, 2), alpha=scaling)
     weights = torch.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.bmm(weights, v).view(heads, n_seg * q.shape[1], dim).transpose(0, 1)  # (S * Q, H, D)
     return out.index_select(0, rlhfkit_layout.unpack).unsqueeze(0), None
 
 
-def _group_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
+def _segment_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """(H * S, Q, M) additive mask of ``layout`` (0 where a query slot may attend to a key slot, the dtype's minimum elsewhere).
 
     Every layer of one forward gets the same layout, so the bias is made once and
