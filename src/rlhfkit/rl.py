@@ -89,6 +89,11 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     """JSONL/JSON with a `prompt` field (string or chat-message list). Empty: the shipped demo prompts."""
     precision: str = "bf16"
     """Training precision (bf16 autocast with fp32 master weights, fp16 on CUDA, or fp32)."""
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts: transformers `generate` on the live policy (any device), or a colocated vLLM
+    engine on each process's GPU (`pip install vllm`; weights pushed before every rollout)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """rollout_engine=vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache."""
     generation_precision: str = "auto"
     """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes SmolLM2 (32 x 64 tokens) in
     6.4 s vs 11.9 s fp32 on a 2-core avx512-bf16 CPU."""
@@ -293,10 +298,22 @@ class RLTrainer:
         gen_precision = c.generation_precision
         if gen_precision == "auto":
             gen_precision = c.precision
-        self.engine = HFEngine(self.acc.unwrap_model(self.model).policy, self.tokenizer, precision=gen_precision)
+        self.engine = self._make_engine(gen_precision)
         self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon)
         self.ptx = self._load_ptx() if c.ptx_data and c.ptx_coef > 0 else None
         self.step_count = 0
+
+    def _make_engine(self, precision: str):
+        c, policy = self.config, self.acc.unwrap_model(self.model).policy
+        if c.rollout_engine == "vllm":
+            from rlhfkit.vllm_engine import VLLMEngine
+
+            return VLLMEngine(policy, self.tokenizer, models.resolve(c.policy), gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                              seed=c.seed, rank=self.acc.process_index, local_rank=self.acc.local_process_index,
+                              world_size=self.acc.num_processes)
+        if c.rollout_engine != "hf":
+            raise ValueError(f"rollout_engine must be hf or vllm, not {c.rollout_engine!r}")
+        return HFEngine(policy, self.tokenizer, precision=precision)
 
     def _load_ptx(self):
         from rlhfkit.data.sft import load_sft_file, tokenize_sft
@@ -310,6 +327,7 @@ class RLTrainer:
         c, device = self.config, self.acc.device
         t0 = time.perf_counter()
         options = GenerationOptions(c.max_new_tokens, c.temperature, c.top_p)
+        self.engine.load_weights(self.acc.unwrap_model(self.model).policy)  # the policy as the last update left it
         rollout = make_rollout(self.engine, self.tokenizer, prompts, options, samples_per_prompt=c.samples_per_prompt)
         gen_time = time.perf_counter() - t0
         mask = rollout.response_mask

@@ -1,0 +1,135 @@
+"""vLLM rollouts for GPUs: :class:`VLLMEngine` implements :class:`rlhfkit.rollout.RolloutEngine`.
+
+Colocated, as TRL's ``vllm_mode="colocate"``: each training process runs its own
+vLLM engine in-process (``distributed_executor_backend="external_launcher"``) on
+its own GPU, with ``gpu_memory_utilization`` of that GPU for vLLM's weights and
+KV cache; the trainer keeps the rest. Before each rollout the trainer pushes the
+policy's current weights (:meth:`VLLMEngine.load_weights`: LoRA adapters merged
+for the push and unmerged after, HF parameter names, which vLLM's model
+``load_weights`` maps onto its fused layers) and the prefix cache is reset, so a
+rollout always samples from the policy being trained.
+
+The engine returns token ids only. Log-probs are recomputed by the trainer's own
+forward (logits / temperature), as on the transformers path, so vLLM's sampler
+numerics never enter the loss.
+
+Import-guarded: ``import vllm`` happens in the constructor, and a missing
+package or a non-CUDA device is a clear error there. Not run in this
+repository's CI (no GPU, and vLLM pulls a CUDA build of torch); the unit tests
+drive this class with a stand-in ``vllm`` module that records what it is given.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from rlhfkit.rollout import GenerationOptions
+
+
+def named_weights_for_vllm(model):
+    """``(name, tensor)`` of the policy's weights under transformers' names, for vLLM's ``load_weights``.
+
+    A peft model must have its adapters merged first (:meth:`VLLMEngine.load_weights`
+    does it): its names lose the ``base_model.model.`` prefix and ``.base_layer``,
+    and the adapter matrices themselves are skipped. Tied weights appear once
+    (``named_parameters`` yields a shared tensor once), as in a checkpoint.
+    """
+    peft_prefix = getattr(model, "prefix", None) if hasattr(model, "merge_adapter") else None
+    for name, param in model.named_parameters():
+        if peft_prefix is not None:
+            if peft_prefix in name or "original_module" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+        yield name, param.detach()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _require_cuda(model) -> None:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"rollout_engine=vllm needs the policy on a CUDA device, not {device.type}; use rollout_engine=hf")
+
+
+class VLLMEngine:
+    """Rollouts from a colocated vLLM engine (see the module docstring).
+
+    ``model`` is the policy being trained (an ``AutoModelForCausalLM``, or its peft
+    wrapper); ``model_dir`` the directory it was loaded from, which vLLM loads
+    once for the architecture and tokenizer; its weights are then replaced by
+    the policy's. ``seed`` seeds vLLM; each row also gets its own sampling seed
+    drawn from torch's global RNG, so a run (and a resumed run, which restores
+    that RNG) samples the same tokens, and the k copies of a prompt differ.
+    """
+
+    def __init__(self, model, tokenizer, model_dir: str | Path, *, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int | None = None, seed: int = 0, rank: int = 0, local_rank: int = 0, world_size: int = 1):
+        try:
+            import vllm
+        except ImportError:
+            raise ImportError("rollout_engine=vllm needs vLLM, which is not installed: `pip install vllm` "
+                              "(CUDA only; or use rollout_engine=hf)") from None
+        _require_cuda(model)
+        self.tokenizer = tokenizer
+        self._sampling_params = vllm.SamplingParams
+        # vLLM's in-process ("external launcher") executor reads the torch.distributed variables; a
+        # single process gets the one-process defaults, and a launched run already has them.
+        for key, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, str(value))
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        self.llm = vllm.LLM(
+            model=str(model_dir), gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            distributed_executor_backend="external_launcher", seed=seed, enable_prefix_caching=True,
+            dtype="bfloat16" if torch.cuda.is_bf16_supported() else "float16",
+        )
+        self.load_weights(model)
+
+    def load_weights(self, model) -> None:
+        """Copy the policy's current weights into vLLM and drop its prefix cache (it was computed with the old ones)."""
+        target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        merged = hasattr(model, "merge_adapter")
+        if merged:
+            model.merge_adapter()
+        try:
+            with torch.no_grad():
+                target.load_weights(named_weights_for_vllm(model))
+        finally:
+            if merged:
+                model.unmerge_adapter()
+        self.llm.reset_prefix_cache()
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
+        """Response ids (B, R) for left-padded ``query_ids``/``query_mask`` (B, P); right-padded with pad after EOS.
+
+        R is the longest response (at most ``max_new_tokens``). ``temperature`` 0 is
+        greedy; vLLM stops at the tokenizer's EOS, which is kept as the last token of
+        a finished response (appended if vLLM left it out).
+        """
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(query_ids, query_mask)]
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        params = [self._sampling_params(n=1, temperature=options.temperature, top_p=options.top_p, top_k=-1,
+                                        max_tokens=options.max_new_tokens, seed=seed, stop_token_ids=[eos])
+                  for seed in seeds]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        rows = []
+        for out in outputs:
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            if completion.finish_reason == "stop" and (not tokens or tokens[-1] != eos) and len(tokens) < options.max_new_tokens:
+                tokens.append(eos)
+            rows.append(tokens)
+        width = max((len(r) for r in rows), default=0)
+        response = torch.full((len(rows), width), pad, dtype=torch.long)
+        for i, tokens in enumerate(rows):
+            response[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return response
