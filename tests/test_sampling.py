@@ -214,3 +214,64 @@ def test_prepacked_siblings_share_one_matmul_and_fall_back_on_another_input(monk
         assert torch.equal(g, w), name  # bf16 products per output column: the same bits fused or not
     assert torch.equal(q_other, want["q_proj"][1])
     assert all("forward" not in m.__dict__ for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def _greedy_logits(model, ids, mask, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy tokens, each step's logits and each decode step's last hidden state (fp32 residual stream)."""
+    out = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=steps, do_sample=False, temperature=None,
+                         top_p=None, top_k=None, output_logits=True, output_hidden_states=True, return_dict_in_generate=True,
+                         pad_token_id=2, eos_token_id=-1)
+    states = torch.cat([step[-1] for step in out.hidden_states[1:]], dim=1)  # (B, steps - 1, hidden)
+    return out.sequences, torch.stack(out.logits, dim=1).float(), states.float()
+
+
+def _count_lean_steps(monkeypatch) -> list[int]:
+    """Counts one-token steps that reach the lean forward (it falls back to the full layer otherwise)."""
+    calls = [0]
+    real = rollout._lean_decode_forward
+
+    def counting(layer, full_forward):
+        lean = real(layer, full_forward)
+
+        def forward(hidden_states, *args, **kwargs):
+            calls[0] += hidden_states.shape[1] == 1
+            return lean(hidden_states, *args, **kwargs)
+        return forward
+
+    monkeypatch.setattr(rollout, "_lean_decode_forward", counting)
+    return calls
+
+
+def test_lean_decode_steps_compute_the_layer_and_restore_it(monkeypatch):
+    tok = _left_tokenizer()
+    model = models.build_tiny().eval()
+    models.set_attention(model)
+    ids, mask = encode_prompts(tok, ["Hello there, how are you?", "Write a poem", "x"])
+    with torch.no_grad():
+        want_ids, want, _ = _greedy_logits(model, ids, mask, steps=6)
+        calls = _count_lean_steps(monkeypatch)
+        with rollout.lean_decode_steps(model):
+            assert all("forward" in layer.__dict__ for layer in model.model.layers)
+            got_ids, got, _ = _greedy_logits(model, ids, mask, steps=6)
+    assert calls[0] == 5 * len(model.model.layers)  # 5 decode steps after the prefill, every layer
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(got_ids, want_ids)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+def test_lean_decode_steps_on_prepacked_bf16_linears(monkeypatch):
+    tok = _left_tokenizer()
+    model = models.build_tiny().eval()
+    models.set_attention(model)
+    ids, mask = encode_prompts(tok, ["Hello there, how are you?", "Write a poem", "x"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), rollout.prepacked_linears(model, rows=3):
+        assert model.model.layers[0].self_attn.q_proj.packed_siblings is not None
+        _, _, want = _greedy_logits(model, ids, mask, steps=4)
+        calls = _count_lean_steps(monkeypatch)
+        with rollout.lean_decode_steps(model):
+            _, _, got = _greedy_logits(model, ids, mask, steps=4)
+    assert calls[0] == 3 * len(model.model.layers)
+    assert "packed_siblings" not in model.model.layers[0].self_attn.q_proj.__dict__
+    # The same bf16 products; the fused norm and rotation may round differently (here they did not).
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()

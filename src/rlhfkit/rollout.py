@@ -209,6 +209,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
                     fused = packed(torch.cat([m.weight for m in group]), bias)
                     kept: dict = {}
                     group[0].forward = first_forward(fused, [m.out_features for m in group], kept)
+                    group[0].packed_siblings = fused  # (N, in) bf16 -> (N, sum of the siblings' out): for lean_decode_steps
                     for i, m in enumerate(group[1:], start=1):
                         m.forward = sibling_forward(i, m, kept)
                     done.update(group)
@@ -220,6 +221,105 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     finally:
         for m in linears:
             del m.forward  # back to the class's forward
+            m.__dict__.pop("packed_siblings", None)
+
+
+LEAN_DECODE_LAYERS = ("LlamaDecoderLayer",)
+"""Decoder-layer classes :func:`lean_decode_steps` knows (pre-norm RMSNorm, rotary attention, SiLU-gated MLP)."""
+
+
+@contextlib.contextmanager
+def lean_decode_steps(model):
+    """Inside this block, one-token decode steps of Llama decoder layers run a shorter forward on CPU.
+
+    The same computation as transformers' layer (RMSNorm, q/k/v projections,
+    rotary embedding, cache update, attention, o projection, residual, RMSNorm,
+    SiLU-gated MLP, residual), on the layer's own modules and cache, with less
+    overhead per step: one fused ``rms_norm`` instead of eight ops, the rotation
+    of q and k together as ``t * cos + roll(t) * (-sin, sin)`` instead of slicing,
+    negating and concatenating halves of each, the q/k/v and gate/up products as
+    one matmul each where :func:`prepacked_linears` packed them together, and no
+    module calls or transformers keyword plumbing. Why: a decode step of 32 rows
+    is a few ms of matmuls per layer, and the rest was per-call overhead. On a
+    2-core CPU, SmolLM2-135M, 32 rows x 64 tokens: 2,221 ops per decode step
+    instead of 2,581, and 4.42 s vs 4.75 s per rollout (4.05 vs 4.32 in another
+    run; means of 5 alternating runs). Only for :data:`LEAN_DECODE_LAYERS` with
+    SiLU and no extra norms; prefill (more than one token) and every other layer
+    run transformers' forward. Equal to it up to float rounding (tested: fp32
+    logits, and bf16 hidden states on prepacked weights).
+    """
+    layers = [m for m in model.modules() if type(m).__name__ in LEAN_DECODE_LAYERS and _lean_decodable(m)]
+    if not layers or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    for layer in layers:
+        layer.forward = _lean_decode_forward(layer, layer.forward)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _lean_decodable(layer) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    parts = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    return (all(p is not None for p in parts) and getattr(attn.config, "hidden_act", None) == "silu"
+            and not any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sinks")) and hasattr(layer.input_layernorm, "variance_epsilon"))
+
+
+def _lean_decode_forward(layer, full_forward):
+    from rlhfkit.packing import decode_attention
+
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    heads, kv_heads, dim = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+    o_proj, down_proj = attn.o_proj.forward, mlp.down_proj.forward
+    qkv_packed, gate_up_packed = getattr(attn.q_proj, "packed_siblings", None), getattr(mlp.gate_proj, "packed_siblings", None)
+    q_size, kv_size, inner = heads * dim, kv_heads * dim, mlp.gate_proj.out_features
+    signed_sin: dict = {}  # the step's sin with its first half negated, made by the first layer, shared by the rest
+
+    def attention_input(h):  # (B, hidden) -> q and k rotated (B, heads + kv_heads, dim), v (B, kv_heads, 1, dim)
+        rows = h.shape[0]
+        if qkv_packed is not None:  # one matmul on the concatenated weights (prepacked_linears)
+            qkv = qkv_packed(h.to(torch.bfloat16))
+            qk, v = qkv[:, : q_size + kv_size], qkv[:, q_size + kv_size :]
+        else:
+            qk, v = torch.cat([attn.q_proj.forward(h), attn.k_proj.forward(h)], dim=-1), attn.v_proj.forward(h)
+        return qk.view(rows, heads + kv_heads, dim), v.view(rows, kv_heads, 1, dim)
+
+    def mlp_forward(h):
+        if gate_up_packed is not None:
+            gate_up = gate_up_packed(h.to(torch.bfloat16))
+            gate, up = gate_up[:, :inner], gate_up[:, inner:]
+        else:
+            gate, up = mlp.gate_proj.forward(h), mlp.up_proj.forward(h)
+        return down_proj(torch.nn.functional.silu(gate) * up)
+
+    def rms_norm(x, which: int):
+        weight, eps = norms[which]
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+
+    def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs):
+        if hidden_states.shape[1] != 1 or cache is None or position_embeddings is None:
+            return full_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        rows = hidden_states.shape[0]
+        x = hidden_states[:, 0]  # (B, hidden)
+        cos, sin = position_embeddings  # (B, 1, head_dim)
+        if signed_sin.get("sin") is not sin:
+            half = dim // 2
+            signed_sin.update(sin=sin, value=torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+        qk, v = attention_input(rms_norm(x, 0))
+        # rotate_half(t) * sin == roll(t, half) * (-sin_first_half, sin_second_half), q and k in one go
+        qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), signed_sin["value"])
+        keys, values = cache.update(qk[:, heads:, None], v, attn.layer_idx)
+        out = decode_attention(qk[:, :heads, None], keys, values, attention_mask, attn.scaling)  # (B, 1, heads, dim)
+        x = x + o_proj(out.reshape(rows, heads * dim))
+        x = x + mlp_forward(rms_norm(x, 1))
+        return x[:, None]
+
+    return forward
 
 
 class _ReservedLayer:
@@ -372,7 +472,7 @@ class HFEngine:
         query_ids, query_mask, start = common_start_first(query_ids.to(device), query_mask.long().to(device))
         packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
         dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
-        with models.autocast(device, self.precision), packed:
+        with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
             cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
             shared = _shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
             kwargs["cache"] = cache if shared is None else shared
