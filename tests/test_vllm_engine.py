@@ -128,7 +128,7 @@ def test_requests_and_padded_responses(fake_vllm, tokenizer, keep_eos):
     assert len({p["seed"] for p in params}) == len(prompts)  # copies of a prompt get different samples
     for p in params:
         assert (p["temperature"], p["top_p"], p["max_tokens"], p["n"]) == (0.7, 0.9, 6, 1)
-        assert p["stop_token_ids"] == [tokenizer.eos_token_id]
+        assert p["stop_token_ids"] == [tokenizer.eos_token_id] and p["ignore_eos"]  # the tokenizer's EOS only
 
     # Expected rows, built from the fake's draws: EOS kept (or restored), pad to the right.
     want_rows = []

@@ -112,13 +112,15 @@ class VLLMEngine:
 
         R is the longest response (at most ``max_new_tokens``). ``temperature`` 0 is
         greedy; vLLM stops at the tokenizer's EOS, which is kept as the last token of
-        a finished response (appended if vLLM left it out).
+        a finished response (appended if vLLM left it out of ``token_ids``).
         """
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(query_ids, query_mask)]
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        params = [self._sampling_params(n=1, temperature=options.temperature, top_p=options.top_p, top_k=-1,
-                                        max_tokens=options.max_new_tokens, seed=seed, stop_token_ids=[eos])
+        # Stop at the tokenizer's EOS only, as the transformers engine does (not at other ids the model's
+        # generation config may list as EOS).
+        params = [self._sampling_params(n=1, temperature=options.temperature, top_p=options.top_p,
+                                        max_tokens=options.max_new_tokens, seed=seed, ignore_eos=True, stop_token_ids=[eos])
                   for seed in seeds]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         rows = []
