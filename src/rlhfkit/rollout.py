@@ -244,16 +244,17 @@ def lean_decode_steps(model):
     2-core CPU, SmolLM2-135M, 32 rows x 64 tokens: 2,221 ops per decode step
     instead of 2,581, and 4.42 s vs 4.75 s per rollout (4.05 vs 4.32 in another
     run; means of 5 alternating runs). Only for :data:`LEAN_DECODE_LAYERS` with
-    SiLU and no extra norms; prefill (more than one token) and every other layer
-    run transformers' forward. Equal to it up to float rounding (tested: fp32
+    SiLU, no extra norms and rlhfkit's attention kernel (``models.set_attention``);
+    prefill (more than one token) and every other layer run transformers' forward. Equal to it up to float rounding (tested: fp32
     logits, and bf16 hidden states on prepacked weights).
     """
     layers = [m for m in model.modules() if type(m).__name__ in LEAN_DECODE_LAYERS and _lean_decodable(m)]
     if not layers or next(model.parameters()).device.type != "cpu":
         yield
         return
+    step: dict = {}  # the step's sin with its first half negated: made by the first layer, shared by the rest
     for layer in layers:
-        layer.forward = _lean_decode_forward(layer, layer.forward)
+        layer.forward = _lean_decode_forward(layer, layer.forward, step)
     try:
         yield
     finally:
@@ -262,13 +263,18 @@ def lean_decode_steps(model):
 
 
 def _lean_decodable(layer) -> bool:
+    """A layer whose decode step the lean forward computes: SiLU MLP, no extra norms, and rlhfkit's attention kernel
+    (whose mask transformers builds as an additive float mask, the kind :func:`rlhfkit.packing.decode_attention` takes)."""
+    from rlhfkit.packing import ATTENTION
+
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     parts = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
     return (all(p is not None for p in parts) and getattr(attn.config, "hidden_act", None) == "silu"
+            and getattr(attn.config, "_attn_implementation", None) == ATTENTION
             and not any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sinks")) and hasattr(layer.input_layernorm, "variance_epsilon"))
 
 
-def _lean_decode_forward(layer, full_forward):
+def _lean_decode_forward(layer, full_forward, step: dict):
     from rlhfkit.packing import decode_attention
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -277,7 +283,6 @@ def _lean_decode_forward(layer, full_forward):
     o_proj, down_proj = attn.o_proj.forward, mlp.down_proj.forward
     qkv_packed, gate_up_packed = getattr(attn.q_proj, "packed_siblings", None), getattr(mlp.gate_proj, "packed_siblings", None)
     q_size, kv_size, inner = heads * dim, kv_heads * dim, mlp.gate_proj.out_features
-    signed_sin: dict = {}  # the step's sin with its first half negated, made by the first layer, shared by the rest
 
     def attention_input(h):  # (B, hidden) -> q and k rotated (B, heads + kv_heads, dim), v (B, kv_heads, 1, dim)
         rows = h.shape[0]
@@ -301,18 +306,19 @@ def _lean_decode_forward(layer, full_forward):
         return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
     def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs):
-        if hidden_states.shape[1] != 1 or cache is None or position_embeddings is None:
+        # Prefill, and a residual stream not in fp32 (transformers' norm computes in fp32 and casts back), take the full layer.
+        if hidden_states.shape[1] != 1 or cache is None or position_embeddings is None or hidden_states.dtype != torch.float32:
             return full_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                 use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         rows = hidden_states.shape[0]
         x = hidden_states[:, 0]  # (B, hidden)
         cos, sin = position_embeddings  # (B, 1, head_dim)
-        if signed_sin.get("sin") is not sin:
+        if step.get("sin") is not sin:
             half = dim // 2
-            signed_sin.update(sin=sin, value=torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
+            step.update(sin=sin, signed_sin=torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
         qk, v = attention_input(rms_norm(x, 0))
         # rotate_half(t) * sin == roll(t, half) * (-sin_first_half, sin_second_half), q and k in one go
-        qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), signed_sin["value"])
+        qk = torch.addcmul(qk * cos, qk.roll(dim // 2, -1), step["signed_sin"])
         keys, values = cache.update(qk[:, heads:, None], v, attn.layer_idx)
         out = decode_attention(qk[:, :heads, None], keys, values, attention_mask, attn.scaling)  # (B, 1, heads, dim)
         x = x + o_proj(out.reshape(rows, heads * dim))
