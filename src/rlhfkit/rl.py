@@ -91,7 +91,8 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     """Training precision (bf16 autocast with fp32 master weights, fp16 on CUDA, or fp32)."""
     rollout_engine: Literal["hf", "vllm"] = "hf"
     """What samples the rollouts: transformers `generate` on the live policy (any device), or a colocated vLLM
-    engine on each process's GPU (`pip install vllm`; weights pushed before every rollout)."""
+    engine on each process's GPU (`pip install vllm`; weights pushed before every rollout; it decodes in bf16,
+    fp16 where the GPU has no bf16, so `generation_precision` applies to hf only)."""
     vllm_gpu_memory_utilization: float = 0.3
     """rollout_engine=vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache."""
     generation_precision: str = "auto"
