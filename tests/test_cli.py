@@ -25,7 +25,7 @@ def test_chat_tiny_exits_0():
     assert "### prompt\nhi\n### response\n" in proc.stdout
 
 
-def test_sft_with_yaml_and_overrides(tmp_path, qa_file):
+def test_sft_with_yaml_and_overrides(tmp_path, qa_file, capsys):
     config = tmp_path / "sft.yaml"
     config.write_text(
         f"model: tiny\ndata: {qa_file}\neval_fraction: 0\nmax_steps: 5\nbatch_size: 4\n"
@@ -38,6 +38,13 @@ def test_sft_with_yaml_and_overrides(tmp_path, qa_file):
     assert [r["step"] for r in train_entries(out)] == [1, 2]  # the override won over the YAML
     assert (out / "model.safetensors").is_file()
     assert "lr: 0.0001" in (out / "config.yaml").read_text()
+    # The run's own config.yaml (which records `stage: sft`) runs again as it is...
+    again = tmp_path / "cli-sft-again"
+    assert cli.main(["sft", str(out / "config.yaml"), "max_steps=1", f"output_dir={again}"]) == 0
+    assert [r["step"] for r in train_entries(again)] == [1]
+    # ...but not as another stage's config.
+    assert cli.main(["dpo", str(out / "config.yaml")]) == 2
+    assert "field 'stage': this file is a 'sft' config" in capsys.readouterr().err
 
 
 def test_config_lists_keys_with_docs(capsys):

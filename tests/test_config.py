@@ -93,3 +93,13 @@ def test_every_sft_field_is_documented():
     docs = field_docs(SFTConfig)
     undocumented = [f.name for f in dataclasses.fields(SFTConfig) if not docs.get(f.name)]
     assert undocumented == []
+
+
+def test_a_runs_stage_key_is_accepted_only_for_its_stage(yaml_file):
+    path = yaml_file("stage: sft\nmodel: tiny\nlr: 0.5\n")
+    assert load_config(SFTConfig, path, stages={"sft"}).lr == 0.5
+    with pytest.raises(ConfigError, match="'stage'.*'sft' config") as info:
+        load_config(SFTConfig, path, stages={"dpo"})
+    assert str(path) in str(info.value)
+    with pytest.raises(ConfigError, match="'stage'"):
+        load_config(SFTConfig, path)  # no stage given: the key is unknown

@@ -53,6 +53,9 @@ STAGES = {
     "demo": ("pipeline", "PipelineConfig", "run"),
 }
 
+RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce"})
+"""Stage names an RL run's config.yaml may carry (its ``algorithm``); ``rlhfkit ppo|grpo|rloo`` read any of them."""
+
 
 def _stage(name: str):
     import importlib
@@ -75,7 +78,9 @@ def _run_stage(name: str, args: list[str], from_stage: str | None = None) -> int
         return 0
     config_cls, fn = _stage(name)
     path, overrides = _split_config_args(args)
-    config = load_config(config_cls, path, overrides)
+    # A run's saved config.yaml names its stage; an RL run names its algorithm, which any RL command reads.
+    stages = RL_STAGES if name in RL_STAGES else {name}
+    config = load_config(config_cls, path, overrides, stages=stages)
     if name == "run":
         fn(config, from_stage=from_stage)
     else:

@@ -159,8 +159,15 @@ def merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Read ``cls`` from a YAML file (optional) and apply ``key=value`` overrides."""
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                *, stages: frozenset[str] | set[str] = frozenset()) -> C:
+    """Read ``cls`` from a YAML file (optional) and apply ``key=value`` overrides.
+
+    A trained run's ``config.yaml`` also records its ``stage`` (``stage: sft``);
+    that key is accepted when its value is one of ``stages`` (the command reading
+    the file), so a run's own config can be run again, and is an error naming
+    the file otherwise.
+    """
     values: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -175,6 +182,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping of keys to values")
         values.update(loaded or {})
         source = str(path)
+        if "stage" in values and "stage" not in {f.name for f in dataclasses.fields(cls)}:
+            written = values.pop("stage")
+            if written not in stages:
+                expected = ", ".join(sorted(stages)) or "none"
+                raise ConfigError(f"{path}: field 'stage': this file is a '{written}' config, not one for this command ({expected})")
     cli = nest_dotted(parse_overrides(overrides or []))
     known = {f.name for f in dataclasses.fields(cls)}
     for key in cli:  # an unknown override is reported as coming from the command line
