@@ -170,6 +170,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """
     values: dict[str, Any] = {}
     source = "command line"
+    known = {f.name for f in dataclasses.fields(cls)}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -182,13 +183,12 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping of keys to values")
         values.update(loaded or {})
         source = str(path)
-        if "stage" in values and "stage" not in {f.name for f in dataclasses.fields(cls)}:
+        if "stage" in values and "stage" not in known:
             written = values.pop("stage")
             if written not in stages:
                 expected = ", ".join(sorted(stages)) or "none"
                 raise ConfigError(f"{path}: field 'stage': this file is a '{written}' config, not one for this command ({expected})")
     cli = nest_dotted(parse_overrides(overrides or []))
-    known = {f.name for f in dataclasses.fields(cls)}
     for key in cli:  # an unknown override is reported as coming from the command line
         if key not in known:
             from_dict(cls, {key: cli[key]}, source="command line")

@@ -245,8 +245,9 @@ def lean_decode_steps(model):
     instead of 2,581, and 4.42 s vs 4.75 s per rollout (4.05 vs 4.32 in another
     run; means of 5 alternating runs). Only for :data:`LEAN_DECODE_LAYERS` with
     SiLU, no extra norms and rlhfkit's attention kernel (``models.set_attention``);
-    prefill (more than one token) and every other layer run transformers' forward. Equal to it up to float rounding (tested: fp32
-    logits, and bf16 hidden states on prepacked weights).
+    prefill (more than one token) and every other layer run transformers'
+    forward. Equal to it up to float rounding (tested: fp32 logits, and bf16
+    hidden states on prepacked weights).
     """
     layers = [m for m in model.modules() if type(m).__name__ in LEAN_DECODE_LAYERS and _lean_decodable(m)]
     if not layers or next(model.parameters()).device.type != "cpu":
