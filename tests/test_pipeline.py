@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit import dpo, evaluate, label, pipeline, report, reward, sample, sft
+from rlhfkit import dpo, evaluate, label, pipeline, report, reward, rl, sample, sft
 from rlhfkit.config import ConfigError
 
-ORDER = ["sft", "sample", "label", "reward", "rl", "eval", "report"]
+ORDER = ["sft", "sample", "label", "reward", "gate", "dpo", "eval", "report"]
 
 
 @pytest.fixture
@@ -36,7 +36,9 @@ def calls(monkeypatch):
     monkeypatch.setattr(sample, "run", recorder("sample", lambda c: Path(c.output).parent))
     monkeypatch.setattr(label, "run", recorder("label", lambda c: Path(c.output).parent))
     monkeypatch.setattr(reward, "train", recorder("reward", lambda c: c.output_dir))
-    monkeypatch.setattr(dpo, "train", recorder("rl", lambda c: c.output_dir))
+    monkeypatch.setattr(dpo, "train", recorder("dpo", lambda c: c.output_dir))
+    monkeypatch.setattr(rl, "train", recorder("rl", lambda c: c.output_dir))
+    monkeypatch.setattr(pipeline, "check_gate", recorder("gate", lambda c: Path(c.output).parent))
     monkeypatch.setattr(evaluate, "run", recorder("eval", lambda c: Path(c.output).parent))
     monkeypatch.setattr(report, "run", recorder("report", lambda c: Path(c.run_dir) / "report"))
     return ran
@@ -69,7 +71,7 @@ def test_changed_stage_config_reruns_it_and_everything_after(tmp_path, calls):
     pipeline.run(config(tmp_path))
     calls.clear()
     status = pipeline.run(config(tmp_path, reward={"lr": 1e-4}))
-    assert calls == ["reward", "rl", "eval", "report"]
+    assert calls == ["reward", "gate", "dpo", "eval", "report"]
     assert status["sft"] == status["sample"] == status["label"] == "skipped"
 
 
@@ -84,7 +86,7 @@ def test_from_stage_forces_rerun_from_there(tmp_path, calls):
     pipeline.run(config(tmp_path))
     calls.clear()
     pipeline.run(config(tmp_path), from_stage="label")
-    assert calls == ["label", "reward", "rl", "eval", "report"]
+    assert calls == ["label", "reward", "gate", "dpo", "eval", "report"]
 
 
 def test_unknown_from_stage_is_an_error(tmp_path, calls):
@@ -126,7 +128,7 @@ def test_rerun_after_failure_resumes_at_failed_stage(tmp_path, calls, monkeypatc
     monkeypatch.setattr(reward, "train", original)
     calls.clear()
     pipeline.run(config(tmp_path, reward={"lr": 1e-4}))
-    assert calls == ["reward", "rl", "eval", "report"]
+    assert calls == ["reward", "gate", "dpo", "eval", "report"]
 
 
 def test_section_may_not_override_wiring(tmp_path, calls):
@@ -169,7 +171,7 @@ def test_real_pipeline_on_tiny_model(tmp_path):
     for key in ("win_rate", "gold_score_policy", "gold_score_baseline", "kl"):
         assert isinstance(results[key], float)
     assert (run / "report.html").is_file()
-    assert (run / "rl" / "model.safetensors").is_file()
+    assert (run / "dpo" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -197,3 +199,118 @@ def test_iterated_dpo_keeps_every_round(tmp_path):
     assert round1["ref_model"] == ""
     # A second call finds both rounds done.
     assert iterated.run(cfg) == dirs
+
+
+# ---------------------------------------------------------------- several policy stages, the gate, the demo
+
+
+def test_compared_algorithms_run_after_the_main_one_and_are_evaluated_beside_it(tmp_path, calls):
+    cfg = config(tmp_path, algorithm="dpo", compare=["ppo"])
+    stages = {s.name: s for s in pipeline.build_stages(cfg)}
+    assert list(stages) == ["sft", "sample", "label", "reward", "gate", "dpo", "ppo", "eval", "report"]
+    run = tmp_path / "run"
+    assert stages["eval"].config.policy == str(run / "dpo")
+    assert stages["eval"].config.extra_policies == [str(run / "ppo")]
+    assert stages["ppo"].config.reward_model == str(run / "reward")
+    assert stages["dpo"].config.proxy == str(run / "reward")
+    assert stages["ppo"].config.gold == stages["dpo"].config.gold == "demo"  # both probe their frontier
+    assert stages["gate"].config.needed  # ppo trains against the reward model
+    pipeline.run(cfg)
+    assert calls == ["sft", "sample", "label", "reward", "gate", "dpo", "rl", "eval", "report"]
+    calls.clear()
+    pipeline.run(cfg, from_stage="rl")  # --from rl: the first policy stage
+    assert calls == ["dpo", "rl", "eval", "report"]
+
+
+def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_path):
+    cfg = config(tmp_path, algorithm="ppo", compare=["dpo"], ppo={"lr": 1e-5, "kl_coef": 0.2}, dpo={"beta": 0.3},
+                 rl={"kl_coef": 0.1})
+    stages = {s.name: s for s in pipeline.build_stages(cfg)}
+    assert stages["ppo"].config.lr == 1e-5 and stages["ppo"].config.kl_coef == 0.1  # rl wins over ppo
+    assert stages["dpo"].config.beta == 0.3
+    with pytest.raises(ConfigError, match="section 'dpo'.*unknown key 'kl_coef'"):
+        pipeline.build_stages(config(tmp_path, algorithm="ppo", compare=["dpo"], dpo={"kl_coef": 0.1}))
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "rloo"])
+def test_demo_config_builds_for_every_algorithm(tmp_path, algorithm):
+    """`rlhfkit demo algorithm=A` once failed at once (DPO's beta in the shared rl section)."""
+    cfg = pipeline.demo_config(algorithm=algorithm, output_dir=str(tmp_path))
+    names = [s.name for s in pipeline.build_stages(cfg)]
+    assert names[names.index("gate") + 1] == algorithm
+    assert ("ppo" if algorithm == "dpo" else "dpo") in names
+    gate = next(s for s in pipeline.build_stages(cfg) if s.name == "gate").config
+    assert gate.needed  # every demo trains one RL method against the reward model
+
+
+def _heldout(tmp_path, accuracy, lo, hi, pairs=240):
+    d = tmp_path / "reward"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "heldout.json").write_text(json.dumps({"accuracy": accuracy, "accuracy_ci": [lo, hi], "num_pairs": pairs,
+                                                "num_prompts": pairs // 6, "ties": 0}))
+    return pipeline.GateConfig(reward_dir=str(d), output=str(tmp_path / "gate" / "gate.json"))
+
+
+def test_gate_stops_rl_against_a_reward_model_at_chance(tmp_path):
+    gate = _heldout(tmp_path, 0.53, 0.47, 0.59)
+    with pytest.raises(RuntimeError, match=r"0\.530 \[0\.470, 0\.590\] on 240 pairs.*more or cleaner preference data"):
+        pipeline.check_gate(gate)
+    assert json.loads(Path(gate.output).read_text())["verdict"] == "failed"
+    gate.enforce = False
+    assert pipeline.check_gate(gate)["verdict"] == "overridden"
+    gate.enforce, gate.needed = True, False  # DPO only: recorded, nothing stops
+    assert pipeline.check_gate(gate)["verdict"] == "not needed"
+
+
+def test_gate_passes_a_reward_model_whose_interval_excludes_chance(tmp_path):
+    gate = _heldout(tmp_path, 0.66, 0.6, 0.72)
+    result = pipeline.check_gate(gate)
+    assert result["verdict"] == "passed" and result["accuracy_ci"] == [0.6, 0.72]
+    gate.min_accuracy = 0.6  # the lower end must be above the threshold, not equal to it
+    with pytest.raises(RuntimeError):
+        pipeline.check_gate(gate)
+
+
+def test_gate_fails_without_held_out_pairs(tmp_path):
+    gate = pipeline.GateConfig(reward_dir=str(tmp_path), output=str(tmp_path / "gate.json"))
+    with pytest.raises(RuntimeError, match="no held-out accuracy"):
+        pipeline.check_gate(gate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "rloo"])
+def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorithm):
+    """The demo's own stages and wiring (the main algorithm, its comparison, probes, best-of-n, the gate's
+    verdict, the report), every size cut down to the tiny model."""
+    small_rl = {"max_steps": 2, "batch_size": 2, "max_new_tokens": 6, "progress": False, "probe_points": 2,
+                "probe_max_prompts": 3, "probe_max_new_tokens": 6, "precision": "fp32"}
+    cfg = pipeline.demo_config(
+        output_dir=str(tmp_path / "run"), model="tiny", algorithm=algorithm, reward_gate=False,
+        sft={"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32"},
+        sample={"max_prompts": 12, "max_new_tokens": 6, "batch_size": 12, "progress": False, "precision": "fp32"},
+        reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "precision": "fp32"},
+        dpo={"max_steps": 2, "batch_size": 2, "progress": False, "probe_points": 2, "probe_max_prompts": 3,
+             "probe_max_new_tokens": 6, "precision": "fp32"},
+        ppo=small_rl, grpo=small_rl, rloo=small_rl,
+        eval={"max_prompts": 4, "max_new_tokens": 6, "best_of_n": 4, "samples_per_prompt": 2, "bootstrap": 20,
+              "resamples": 200, "progress": False, "precision": "fp32", "generation_precision": "fp32"},
+    )
+    status = pipeline.run(cfg)
+    assert all(v == "ran" for v in status.values())
+    run = tmp_path / "run"
+    results = json.loads((run / "eval.json").read_text())
+    other = "ppo" if algorithm == "dpo" else "dpo"
+    assert results["main_player"] == algorithm
+    assert set(results["players"]) == {"sft", algorithm, other, "best_of_1", "best_of_2", "best_of_4"}
+    for name in (algorithm, other):
+        entry = results["players"][name]
+        lo, hi = entry["win_rate_ci"]
+        assert lo <= entry["win_rate"] <= hi and 0 <= entry["p_value"] <= 1
+        assert (run / name / "model.safetensors").is_file()
+        frontier = [json.loads(line) for line in (run / name / "frontier.jsonl").read_text().splitlines()]
+        assert [p["step"] for p in frontier] == [0, 1, 2]
+        assert abs(frontier[0]["kl"]) < 1e-4  # the starting policy is the reference
+    assert results["win_rate"] == results["players"][algorithm]["win_rate"]
+    assert results["reward_model"]["num_pairs"] > 0
+    assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] in ("passed", "overridden")
+    assert (run / "report.html").is_file()

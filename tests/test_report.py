@@ -1,21 +1,32 @@
-"""The HTML run report: contents, escaping, the over-optimisation flag, partial runs, and a
-headless-Chromium check that the page renders with no errors and every plot decodes."""
+"""The HTML run report: headline with intervals, the reward-KL frontier and its Gao et al. fits, the
+per-stage over-optimisation verdicts, partial and older-layout runs, escaping, and a headless-Chromium
+check that the page renders with no errors and every plot decodes."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
-from rlhfkit.report import ReportConfig, detect_overoptimisation, run, trend
+from rlhfkit import stats
+from rlhfkit.report import ReportConfig, fit_curve, read_frontier, run
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
 
 SCRIPT_PAYLOAD = "<script>alert(1)</script>"
 IMG_PAYLOAD = '<img src=x onerror=alert(1)>'
-STAGE_SECONDS = {"sft": 100.0, "sample": 20.0, "label": 10.0, "reward": 50.0, "rl": 3600.0, "eval": 120.0}  # 1h 05m
+STAGE_SECONDS = {"sft": 100.0, "sample": 20.0, "label": 10.0, "reward": 50.0, "gate": 1.0, "dpo": 1799.0,
+                 "ppo": 1800.0, "eval": 120.0}  # 3900 s = 1h 05m
+GATE_MESSAGE = "held-out accuracy 0.71 is below 0.75 & the gate was overridden by --force"
+
+# Best-of-n gold = baseline + d (BON_ALPHA - BON_BETA d), d = sqrt(analytic KL): the fit must recover them.
+BASE_GOLD, BON_ALPHA, BON_BETA = 0.10, 0.35, 0.06
+# Probe paths follow the RL form gold = gold_0 + d (alpha - beta log d), d = sqrt(KL).
+PPO_GOLD0, PPO_ALPHA, PPO_BETA = 0.12, 0.50, 0.40  # peak at d* = e^0.25 = 1.28 (KL 1.65): rises, then falls
+DPO_GOLD0, DPO_ALPHA, DPO_BETA = 0.12, 0.30, 0.05  # peak at d* = e^5 = 148: rises throughout
 
 
 def _sft_metrics() -> list[dict]:
@@ -32,18 +43,13 @@ def _reward_metrics() -> list[dict]:
     return entries
 
 
-def _online_rl_metrics(gold: str) -> list[dict]:
-    """40 PPO steps; the proxy score always rises. gold: 'falls' (rises, then falls), 'rises', or 'absent'."""
+def _online_rl_metrics() -> list[dict]:
     entries = []
     for s in range(1, 41):
-        entry = {"step": s, "time": 3000.0 + s, "score": 0.1 * s, "kl": 0.08 * s, "kl_k3": 0.07 * s,
-                 "reward": 0.1 * s - 0.01 * s, "entropy": 2.0 - 0.02 * s, "policy_loss": -0.01 * s,
-                 "value_loss": 1.0 / s, "clipfrac": 0.1, "approx_kl": 0.01, "response_length": 30.0}
-        if gold == "falls":
-            entry["gold_score"] = 0.05 * min(s, 40 - s)
-        elif gold == "rises":
-            entry["gold_score"] = 0.02 * s
-        entries.append(entry)
+        entries.append({"step": s, "time": 3000.0 + s, "score": 0.1 * s, "gold_score": 0.05 * min(s, 40 - s),
+                        "kl": 0.08 * s, "kl_k3": 0.07 * s, "reward": 0.09 * s, "entropy": 2.0 - 0.02 * s,
+                        "policy_loss": -0.01 * s, "value_loss": 1.0 / s, "clipfrac": 0.1, "approx_kl": 0.01,
+                        "response_length": 30.0})
     entries[3]["entropy"] = "nan"  # how MetricsLogger writes a non-finite value
     return entries
 
@@ -57,18 +63,86 @@ def _dpo_metrics() -> list[dict]:
     return entries
 
 
+def _rl_form(gold0: float, alpha: float, beta: float, kl: float) -> float:
+    d = math.sqrt(kl)
+    return gold0 + (d * (alpha - beta * math.log(d)) if d > 0 else 0.0)
+
+
+def _frontier(gold0: float, alpha: float, beta: float, kl_per_step: float, *, proxy: bool = True) -> list[dict]:
+    """Probe points every 10 steps, 0..100; gold exactly on the RL form; proxy rising with d (or null)."""
+    points = []
+    for i in range(11):
+        kl = kl_per_step * i
+        points.append({"step": 10 * i, "kl": kl, "kl_se": 0.05 * i, "gold": _rl_form(gold0, alpha, beta, kl),
+                       "gold_se": 0.01, "proxy": 0.1 + 0.3 * math.sqrt(kl) if proxy else None,
+                       "proxy_se": 0.02 if proxy else None, "num_prompts": 32, "response_length": 40.0 + i})
+    return points
+
+
+def _write_frontier(path: Path, points: list[dict]) -> None:
+    # A repeated step: the first line is superseded by the last (a resumed run re-probes a step).
+    stale = {**points[3], "gold": 5.0, "proxy": -5.0}
+    lines = [json.dumps(p) for p in points[:3]] + [json.dumps(stale)] + [json.dumps(p) for p in points[3:]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _estimate(value: float, half: float) -> tuple[float, list[float]]:
+    return value, [round(value - half, 6), round(value + half, 6)]
+
+
+def _player(kind: str, gold: float, *, win: float, kl: float, proxy: float | None, half: float, **extra) -> dict:
+    entry = {"kind": kind, "response_length": 35.0, "eos_rate": 0.9}
+    entry["gold_score"], entry["gold_score_ci"] = _estimate(gold, half)
+    entry["gold_diff"], entry["gold_diff_ci"] = _estimate(round(gold - BASE_GOLD, 6), half + 0.001)
+    entry["win_rate"], entry["win_rate_ci"] = _estimate(win, 0.06)
+    entry["kl"], entry["kl_ci"] = _estimate(kl, 0.1 * kl)
+    entry["p_value"] = 0.0004 if win > 0.55 else 0.31
+    if proxy is not None:
+        entry["proxy_score"], entry["proxy_score_ci"] = _estimate(proxy, 0.021)
+    lo, hi = entry["win_rate_ci"]
+    word = "better than" if lo > 0.5 else "worse than" if hi < 0.5 else "not distinguishable from"
+    entry["verdict"] = f"{word} sft: {win:.2f} [{lo:.2f}, {hi:.2f}]"
+    return {**entry, **extra}
+
+
+def _players() -> dict:
+    players = {
+        # Listed out of order on purpose: the report orders them.
+        "ppo": _player("policy", 0.452, win=0.71, kl=4.8, proxy=0.913, half=0.031),
+        "best_of_16": None, "sft": None, "dpo": _player("policy", 0.381, win=0.66, kl=3.21, proxy=None, half=0.027),
+    }
+    base = {"kind": "baseline", "response_length": 40.2, "eos_rate": 0.7}
+    base["gold_score"], base["gold_score_ci"] = _estimate(BASE_GOLD, 0.023)
+    base["proxy_score"], base["proxy_score_ci"] = _estimate(0.205, 0.019)
+    players["sft"] = base
+    for n in (16, 1, 8, 2, 4):
+        d = math.sqrt(stats.analytic_bon_kl(n))
+        gold = BASE_GOLD + d * (BON_ALPHA - BON_BETA * d)
+        entry = _player("best_of_n", gold, win=0.5 + 0.01 * n, kl=stats.analytic_bon_kl(n), proxy=0.2 + 0.01 * n,
+                        half=0.02 + 0.001 * n, n=n)
+        entry["gold_score"] = gold  # exact, unrounded: the fit is checked to 4 decimals
+        players[f"best_of_{n}"] = entry
+    return players
+
+
 def _eval_json() -> dict:
+    players = _players()
+    main = players["dpo"]
     return {
-        "policy": "runs/x/rl", "baseline": "runs/x/sft", "gold": "demo", "num_prompts": 3, "temperature": 0.7,
-        "win_rate": 0.734, "gold_score_policy": 0.612, "gold_score_baseline": 0.401, "kl": 3.21, "kl_std": 1.05,
-        "policy_stats": {"gold_score": 0.612, "response_length": 31.5, "eos_rate": 0.9},
-        "baseline_stats": {"gold_score": 0.401, "response_length": 40.2, "eos_rate": 0.7},
-        "best_of_n": {"n": 4, "proxy": "runs/x/reward", "gold_score": 0.55, "kl_analytic": 0.636,
-                      "win_rate_vs_baseline": 0.625},
+        "policy": "runs/x/dpo", "baseline": "runs/x/sft", "gold": "demo", "num_prompts": 240,
+        "samples_per_prompt": 2, "temperature": 0.7, "main_player": "dpo", "baseline_name": "sft",
+        "win_rate": main["win_rate"], "win_rate_ci": main["win_rate_ci"], "p_value": main["p_value"],
+        "gold_score_policy": main["gold_score"], "gold_score_policy_ci": main["gold_score_ci"],
+        "gold_score_baseline": BASE_GOLD, "gold_score_baseline_ci": players["sft"]["gold_score_ci"],
+        "kl": main["kl"], "kl_ci": main["kl_ci"], "kl_std": 1.05, "verdict": main["verdict"],
+        "players": players,
+        "reward_model": {"accuracy": 0.69, "accuracy_ci": [0.6, 0.8], "num_pairs": 10, "num_prompts": 5},
+        "best_of_n": {"n": 16, "gold_score": players["best_of_16"]["gold_score"], "kl_analytic": 1.83,
+                      "win_rate_vs_baseline": 0.66},
         "elo": [
-            {"player": "policy", "rating": 1087.4, "ci_low": 1050.1, "ci_high": 1120.9, "games": 6},
+            {"player": "dpo", "rating": 1087.4, "ci_low": 1050.1, "ci_high": 1120.9, "games": 6},
             {"player": "best_of_4", "rating": 1010.2, "ci_low": 980.0, "ci_high": 1040.3, "games": 6},
-            {"player": "baseline", "rating": 902.4, "ci_low": 870.2, "ci_high": 931.6, "games": 6},
+            {"player": "sft", "rating": 902.4, "ci_low": 870.2, "ci_high": 931.6, "games": 6},
         ],
         "samples": [
             {"prompt": "Say hi & be nice", "baseline": f"hello {SCRIPT_PAYLOAD}", "policy": "Hello, friend!",
@@ -80,17 +154,26 @@ def _eval_json() -> dict:
     }
 
 
-def make_run(root: Path, *, algorithm: str = "ppo", gold: str = "falls") -> Path:
-    """A complete fake pipeline run directory (no model involved)."""
+def make_run(root: Path, *, gate: str = "overridden", dpo_proxy: bool = True, compare: tuple = ("ppo",)) -> Path:
+    """A complete fake run directory in the layout with one directory per policy stage (no model involved)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "pipeline.json").write_text(json.dumps({"output_dir": str(root), "model": "tiny-test-model",
-                                                    "algorithm": algorithm, "gold": "demo", "seed": 0}))
-    for stage, entries in (("sft", _sft_metrics()), ("reward", _reward_metrics()),
-                           ("rl", _dpo_metrics() if algorithm == "dpo" else _online_rl_metrics(gold))):
+                                                    "algorithm": "dpo", "compare": list(compare), "gold": "demo",
+                                                    "seed": 0}))
+    for stage in ("sft", "reward", "gate", "dpo", "ppo", "eval"):
         (root / stage).mkdir(exist_ok=True)
-        write_jsonl(root / stage / "metrics.jsonl", entries)
-    (root / "eval").mkdir(exist_ok=True)
+    write_jsonl(root / "sft" / "metrics.jsonl", _sft_metrics())
+    write_jsonl(root / "reward" / "metrics.jsonl", _reward_metrics())
+    (root / "reward" / "heldout.json").write_text(json.dumps(
+        {"accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "num_prompts": 80, "ties": 3}))
+    (root / "gate" / "gate.json").write_text(json.dumps(
+        {"verdict": gate, "accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "message": GATE_MESSAGE}))
+    write_jsonl(root / "dpo" / "metrics.jsonl", _dpo_metrics())
+    _write_frontier(root / "dpo" / "frontier.jsonl", _frontier(DPO_GOLD0, DPO_ALPHA, DPO_BETA, 0.5, proxy=dpo_proxy))
+    write_jsonl(root / "ppo" / "metrics.jsonl", _online_rl_metrics())
+    _write_frontier(root / "ppo" / "frontier.jsonl", _frontier(PPO_GOLD0, PPO_ALPHA, PPO_BETA, 0.6))
     (root / "eval" / "eval.json").write_text(json.dumps(_eval_json()))
+    (root / "eval.json").write_text(json.dumps(_eval_json()))
     for stage, seconds in STAGE_SECONDS.items():
         (root / stage).mkdir(exist_ok=True)
         (root / stage / ".stage.json").write_text(json.dumps({"hash": "h", "seconds": seconds,
@@ -106,50 +189,107 @@ def _png_uris(page: str) -> list[str]:
     return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
 
 
+def _element(page: str, element_id: str) -> tuple[str, str, str]:
+    """(tag, class, inner text without tags) of the element with ``id`` (no nesting of the same tag)."""
+    match = re.search(rf'<(\w+) class="([^"]*)" id="{re.escape(element_id)}">(.*?)</\1>', page, re.S)
+    assert match, f"no element with id {element_id!r}"
+    return match.group(1), match.group(2), re.sub(r"<[^>]+>", "", match.group(3))
+
+
+def _row(page: str, row_id: str) -> list[str]:
+    """Cells (tags stripped) of the table row with ``id``."""
+    match = re.search(rf'<tr id="{re.escape(row_id)}">(.*?)</tr>', page, re.S)
+    assert match, f"no row with id {row_id!r}"
+    return [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td>(.*?)</td>", match.group(1), re.S)]
+
+
+def _est(value: float, ci: list[float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 # ---------------------------------------------------------------- pure pieces, by hand
 
 
-def test_trend_is_the_least_squares_slope():
-    assert trend([0, 1, 2], [1, 3, 5]) == pytest.approx(2.0)
-    assert trend([0, 1, 2, 3], [0, 1, 0, 1]) == pytest.approx(0.2)  # sxy = 1, sxx = 5
-    assert trend([4, 4], [0, 5]) == 0.0
+def test_read_frontier_sorts_by_step_and_the_last_line_of_a_step_wins(tmp_path):
+    path = tmp_path / "frontier.jsonl"
+    path.write_text('{"step": 20, "kl": 2.0, "gold": 0.3, "proxy": null}\n'
+                    '{"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.02}\n'
+                    '{"step": 20, "kl": 2.5, "gold": 0.4, "gold_se": "nan"}\n'
+                    '{"step": 10, "kl": 1.0, "gold": 0.2}\n'
+                    '{"step": 30, "kl": 3.0, "go', encoding="utf-8")  # killed mid-write
+    points, bad = read_frontier(path)
+    assert bad == 1
+    assert [p["step"] for p in points] == [0, 10, 20]
+    assert points[2]["kl"] == 2.5 and points[2]["gold"] == 0.4 and points[2]["gold_se"] is None
+    assert points[0]["gold_se"] == 0.02 and points[0]["proxy"] is None
 
 
-def test_detect_overoptimisation_fits_the_second_half_only():
-    # Steps 0..5; the second half is steps 3, 4, 5: score 3,4,5 (slope +1), gold 2,1,0 (slope -1).
-    entries = [{"step": s, "score": float(s), "gold_score": g} for s, g in enumerate([0, 1, 2, 2, 1, 0])]
-    verdict = detect_overoptimisation(entries)
-    assert verdict.status == "detected"
-    assert verdict.score_slope == pytest.approx(1.0) and verdict.gold_slope == pytest.approx(-1.0)
-    assert verdict.steps == [3.0, 4.0, 5.0]
-    # Gold falls only in the first half: nothing to flag.
-    rising_late = [{"step": s, "score": float(s), "gold_score": g} for s, g in enumerate([2, 1, 0, 0, 1, 2])]
-    assert detect_overoptimisation(rising_late).status == "not_detected"
-    assert detect_overoptimisation([{"step": 1, "score": 1.0}]).status == "not_measured"
-    assert detect_overoptimisation([{"step": 1, "score": 1.0, "gold_score": 0.0}]).status == "too_short"
+def test_fit_curve_recovers_the_forms_and_skips_with_a_reason():
+    d = [0.0, 0.5, 1.0, 1.5, 2.0]
+    bon = fit_curve("bon", "bon", [x**2 for x in d], [0.2 + x * (0.35 - 0.06 * x) for x in d], 0.2)
+    assert bon.alpha == pytest.approx(0.35) and bon.beta == pytest.approx(0.06)
+    assert bon.peak == pytest.approx(0.35 / 0.12) and bon.num_points == 4
+    rl = fit_curve("ppo", "rl", [x**2 for x in d], [_rl_form(0.2, 0.5, 0.4, x**2) for x in d], 0.2)
+    assert rl.alpha == pytest.approx(0.5) and rl.beta == pytest.approx(0.4)
+    assert rl.peak == pytest.approx(math.exp(0.25))
+    two = fit_curve("x", "rl", [0.0, 1.0, 4.0, 4.0], [0.0, 0.1, 0.2, 0.2], 0.0)  # distinct d > 0: 1 and 2
+    assert two.alpha is None and "fewer than 3 points" in two.skipped
+    assert fit_curve("x", "bon", [1.0, 2.0, 3.0], [0.1, 0.2, 0.3], None).skipped
 
 
 # ---------------------------------------------------------------- the report
 
 
-def test_full_report_has_headline_numbers_plots_and_escaped_text(tmp_path):
+def test_full_report_headline_intervals_gate_and_escaping(tmp_path):
     run_dir = make_run(tmp_path / "run")
     out = run(ReportConfig(run_dir=str(run_dir)))
     assert out == run_dir / "report.html"
     page = out.read_text(encoding="utf-8")
+    assert "missing-parts" not in page, re.search(r'id="missing-parts".*?</div>', page, re.S).group(0)
 
-    assert "tiny-test-model" in page and "ppo" in page
+    assert "tiny-test-model" in page and "dpo (vs ppo)" in page
     assert "1h 05m 00s" in page  # sum of the stage seconds (3900 s)
-    assert "73.4%" in page  # win rate
-    assert "0.612 vs 0.401" in page and "+0.211" in page  # gold scores and their difference
-    assert "3.210" in page and "1.050" in page  # KL and its sd
-    assert "best-of-4" in page and "0.550" in page and "0.636" in page and "62.5%" in page
-    for key in ("player", "rating", "ci_low", "ci_high", "games", "1087.4", "best_of_4"):  # Elo table
-        assert key in page
-    assert "missing-parts" not in page
+
+    # Sections in order.
+    order = [page.index(f'<h2 id="{s}">') for s in ("headline", "frontier", "overoptimisation",
+                                                   "policy-optimisation", "reward-model", "losses", "elo",
+                                                   "samples", "stages")]
+    assert order == sorted(order)
+
+    # The main player's verdict above the table.
+    _, css, lead = _element(page, "main-verdict")
+    assert css == "lead" and "dpo" in lead and "better than sft: 0.66 [0.60, 0.72]" in lead and "p = 4.0e-04" in lead
+
+    # One row per player: baseline, main policy, other policies, best-of-n by n.
+    rows = re.findall(r'<tr id="player-([\w]+)">', page)
+    assert rows == ["sft", "dpo", "ppo", "best_of_1", "best_of_2", "best_of_4", "best_of_8", "best_of_16"]
+    players = _eval_json()["players"]
+    for name, p in players.items():
+        cells = _row(page, f"player-{name}")
+        assert _est(p["gold_score"], p["gold_score_ci"]) in cells[3], name
+        if p["kind"] == "baseline":
+            assert "reference" in cells[2] and "reference" in cells[6]
+            assert _est(p["proxy_score"], p["proxy_score_ci"]) == cells[7]
+            continue
+        assert cells[2] == _est(p["win_rate"], p["win_rate_ci"]), name
+        assert cells[4] == _est(p["gold_diff"], p["gold_diff_ci"]), name
+        assert cells[5] == ("4.0e-04" if p["p_value"] < 0.001 else f"{p['p_value']:.3f}"), name
+        if p["kind"] == "best_of_n":
+            assert cells[6] == f"{p['kl']:.3f} (analytic)"
+        else:
+            assert cells[6] == _est(p["kl"], p["kl_ci"]), name
+        assert cells[7] == (_est(p["proxy_score"], p["proxy_score_ci"]) if "proxy_score" in p else "–"), name
+        assert cells[8] == p["verdict"]
+
+    # Reward model (from reward/heldout.json, not eval.json's copy) and the overridden gate as a warning.
+    assert "0.710 [0.660, 0.760] on 480 pairs (80 prompts), 3 ties" in page
+    tag, css, gate = _element(page, "gate-verdict")
+    assert css == "warning" and "overridden" in gate
+    assert GATE_MESSAGE.replace("&", "&amp;") in page
 
     uris = _png_uris(page)
-    assert len(uris) >= 5  # frontier, losses, reward accuracy, online RL, over-optimisation trends
+    # frontier, 2 probe figures (dpo, ppo), dpo and ppo training panels, reward accuracy, losses
+    assert len(uris) == 7
     assert all(base64.b64decode(u).startswith(b"\x89PNG\r\n\x1a\n") for u in uris)
 
     # Model text is escaped, never markup; the report itself has no script at all.
@@ -161,53 +301,181 @@ def test_full_report_has_headline_numbers_plots_and_escaped_text(tmp_path):
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_overoptimisation_warning_when_score_rises_and_gold_falls(tmp_path):
-    page = _report(make_run(tmp_path / "run", gold="falls"))
-    assert 'id="overoptimisation-warning"' in page
-    assert "Over-optimisation warning" in page
+def test_frontier_fits_recover_the_known_coefficients(tmp_path):
+    page = _report(make_run(tmp_path / "run"))
+    bon = _row(page, "fit-best-of-n")
+    assert bon[0] == "best-of-n" and "d (α − β d)" in bon[1]
+    assert bon[3] == f"{BON_ALPHA:.4f}" and bon[4] == f"{BON_BETA:.4f}"  # 0.3500, 0.0600
+    assert bon[2] == "4"  # n = 2, 4, 8, 16 (best-of-1 is at d = 0)
+    ppo = _row(page, "fit-ppo")
+    assert "d (α − β log d)" in ppo[1] and ppo[3] == f"{PPO_ALPHA:.4f}" and ppo[4] == f"{PPO_BETA:.4f}"
+    assert ppo[2] == "10"
+    assert f"d* = {math.exp(PPO_ALPHA / PPO_BETA - 1):.3f}" in ppo[5] and "extrapolation" not in ppo[5]  # 1.284
+    dpo = _row(page, "fit-dpo")
+    assert dpo[3] == f"{DPO_ALPHA:.4f}" and dpo[4] == f"{DPO_BETA:.4f}"
+    assert "beyond the measured range" in dpo[5]  # d* = e^5, far past the path's d <= sqrt(5)
+    assert "applied to its path for comparison" in page and "held-out subset" in page
+    assert 'alt="reward-KL frontier: gold score vs KL and vs sqrt(KL)"' in page
 
 
-def test_no_overoptimisation_warning_when_both_rise(tmp_path):
-    page = _report(make_run(tmp_path / "run", gold="rises"))
-    assert "overoptimisation-warning" not in page
-    assert "No over-optimisation detected" in page
+def test_overoptimisation_verdict_per_policy_stage(tmp_path):
+    page = _report(make_run(tmp_path / "run"))
+    # PPO: gold rose to step 30 (KL 1.8 nearest the fitted peak KL 1.65) then fell while the proxy rose.
+    tag, css, text = _element(page, "overoptimisation-ppo")
+    assert css == "warning" and "over-optimised" in text
+    ppo = _frontier(PPO_GOLD0, PPO_ALPHA, PPO_BETA, 0.6)
+    verdict = stats.overoptimisation(ppo)
+    assert verdict["verdict"] == "over-optimised" and verdict["peak_step"] == 30
+    assert "peaked at step 30" in text and f"gold {verdict['peak_gold']:.3f}" in text
+    assert f"final gold {ppo[-1]['gold']:.3f}" in text
+    assert f"{verdict['drop']:.3f} vs threshold {verdict['drop_threshold']:.3f}" in text
+    # The section's summary warning keeps its old id.
+    _, css, summary = _element(page, "overoptimisation-warning")
+    assert css == "warning" and "ppo" in summary and "dpo" not in summary
+    # DPO: rising gold, not flagged.
+    tag, css, text = _element(page, "overoptimisation-dpo")
+    assert css == "ok" and "no over-optimisation detected" in text
+    assert 'alt="ppo: proxy and gold over training"' in page and 'alt="dpo: proxy and gold over training"' in page
 
 
-def test_overoptimisation_not_measured_without_gold_score(tmp_path):
-    page = _report(make_run(tmp_path / "run", gold="absent"))
-    assert "overoptimisation-warning" not in page
-    assert "not measured" in page
+def test_overoptimisation_not_measured_without_proxy_or_frontier(tmp_path):
+    run_dir = make_run(tmp_path / "run", gate="passed", dpo_proxy=False, compare=("ppo", "grpo"))
+    # GRPO: directory and metrics, no frontier.jsonl.
+    (run_dir / "grpo").mkdir()
+    write_jsonl(run_dir / "grpo" / "metrics.jsonl", _online_rl_metrics())
+    page = _report(run_dir)
+    _, css, text = _element(page, "overoptimisation-dpo")
+    assert css == "neutral" and "not measured" in text and "no proxy" in text and "DPO" in text
+    _, css, text = _element(page, "overoptimisation-grpo")
+    assert css == "neutral" and "not measured" in text and "no frontier.jsonl" in text
+    _, css, text = _element(page, "overoptimisation-ppo")
+    assert css == "warning"
+    assert "grpo/frontier.jsonl not found" in page and "stage &#x27;grpo&#x27;: not finished" in page
+    assert 'alt="grpo: online RL metrics"' in page
+    # A passed gate is not a warning.
+    _, css, text = _element(page, "gate-verdict")
+    assert css == "ok" and "passed" in text
 
 
-def test_dpo_report_plots_dpo_metrics(tmp_path):
-    page = _report(make_run(tmp_path / "run", algorithm="dpo"))
-    assert 'alt="DPO metrics"' in page
-    assert "overoptimisation-warning" not in page and "not measured" in page  # an online-RL check
-    assert len(_png_uris(page)) >= 4
+def test_fit_skipped_with_too_few_distinct_kl(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    write_jsonl(run_dir / "ppo" / "frontier.jsonl", [
+        {"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.01, "proxy": 0.1},
+        {"step": 10, "kl": 1.0, "gold": 0.3, "gold_se": 0.01, "proxy": 0.2},
+        {"step": 20, "kl": 1.0, "gold": 0.31, "gold_se": 0.01, "proxy": 0.3},
+    ])
+    page = _report(run_dir)
+    cells = _row(page, "fit-ppo")
+    assert cells[3] == "–" and "skipped: fewer than 3 points with distinct KL &gt; 0 (1)" in cells[5]
+    assert "ppo: fit skipped" in page
+    _, css, _ = _element(page, "overoptimisation-ppo")
+    assert css == "ok"  # gold rose along the three points
 
 
 def test_partial_run_names_the_missing_parts(tmp_path):
     run_dir = tmp_path / "partial"
     (run_dir / "sft").mkdir(parents=True)
+    (run_dir / "pipeline.json").write_text(json.dumps({"model": "m", "algorithm": "dpo", "compare": ["ppo"]}))
     write_jsonl(run_dir / "sft" / "metrics.jsonl", _sft_metrics())
     page = _report(run_dir)
     assert 'id="missing-parts"' in page
-    for part in ("pipeline.json", "reward/metrics.jsonl", "rl/metrics.jsonl", "eval/eval.json",
-                 "sft/.stage.json", "No evaluation"):
-        assert part in page, part
+    missing = re.search(r'id="missing-parts">(.*?)</div>', page, re.S).group(1)
+    for part in ("reward/metrics.jsonl", "reward/heldout.json", "gate/gate.json", "dpo/metrics.jsonl",
+                 "dpo/frontier.jsonl", "ppo/metrics.jsonl", "ppo/frontier.jsonl", "eval/eval.json",
+                 "sft/.stage.json", "dpo/.stage.json", "ppo/.stage.json"):
+        assert part in missing, part
+    assert "No evaluation" in page
+    for alg in ("dpo", "ppo"):
+        _, css, text = _element(page, f"overoptimisation-{alg}")
+        assert css == "neutral" and "not measured" in text
     assert len(_png_uris(page)) == 1  # the SFT loss curve
+
+
+def test_run_without_pipeline_json_or_policy_stages(tmp_path):
+    run_dir = tmp_path / "bare"
+    (run_dir / "sft").mkdir(parents=True)
+    write_jsonl(run_dir / "sft" / "metrics.jsonl", _sft_metrics())
+    page = _report(run_dir)
+    assert "pipeline.json not found" in page and "policy stages: no dpo, ppo, grpo, rloo directory" in page
+
+
+def test_eval_copy_at_the_top_level_is_used_when_eval_dir_is_missing(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "eval" / "eval.json").unlink()
+    page = _report(run_dir)
+    assert "eval/eval.json" not in page
+    assert 'id="player-dpo"' in page
+
+
+def test_model_name_and_gate_message_are_escaped(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    config = json.loads((run_dir / "pipeline.json").read_text())
+    config["model"] = f"evil {SCRIPT_PAYLOAD}"
+    config["compare"] = ["ppo", "../../etc", IMG_PAYLOAD]  # never read as paths
+    (run_dir / "pipeline.json").write_text(json.dumps(config))
+    (run_dir / "gate" / "gate.json").write_text(json.dumps({"verdict": "failed", "message": IMG_PAYLOAD}))
+    page = _report(run_dir)
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "evil &lt;script&gt;" in page
+    _, css, text = _element(page, "gate-verdict")
+    assert css == "warning" and "failed" in text
+    assert "etc/metrics.jsonl" not in page
+
+
+# ---------------------------------------------------------------- the older layout
+
+
+def _legacy_run(root: Path, algorithm: str) -> Path:
+    """The layout before per-algorithm stage directories: rl/ and an eval.json without players."""
+    root.mkdir(parents=True)
+    (root / "pipeline.json").write_text(json.dumps({"model": "old-model", "algorithm": algorithm}))
+    for stage, entries in (("sft", _sft_metrics()), ("reward", _reward_metrics()),
+                           ("rl", _dpo_metrics() if algorithm == "dpo" else _online_rl_metrics())):
+        (root / stage).mkdir()
+        write_jsonl(root / stage / "metrics.jsonl", entries)
+    (root / "eval").mkdir()
+    old = {k: v for k, v in _eval_json().items() if k not in ("players", "main_player", "baseline_name",
+                                                                   "win_rate_ci", "kl_ci", "p_value", "verdict",
+                                                                   "gold_score_policy_ci", "gold_score_baseline_ci",
+                                                                   "reward_model")}
+    old["best_of_n"] = {"n": 4, "gold_score": 0.55, "kl_analytic": 0.636, "win_rate_vs_baseline": 0.625}
+    old["policy_stats"] = {"gold_score": 0.381, "response_length": 31.5, "eos_rate": 0.9}
+    (root / "eval" / "eval.json").write_text(json.dumps(old))
+    for stage in ("sft", "sample", "label", "reward", "rl", "eval"):
+        (root / stage).mkdir(exist_ok=True)
+        (root / stage / ".stage.json").write_text(json.dumps({"hash": "h", "seconds": 10.0, "finished": "x"}))
+    return root
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_older_layout_still_renders(tmp_path, algorithm):
+    page = _report(_legacy_run(tmp_path / "old", algorithm))
+    assert "old-model" in page
+    rows = re.findall(r'<tr id="player-([\w]+)">', page)
+    assert rows == ["sft", algorithm, "best_of_4"]
+    assert "0.660 [no CI]" in _row(page, f"player-{algorithm}")[2]
+    assert f"{0.381 - BASE_GOLD:.3f} [no CI]" in _row(page, f"player-{algorithm}")[4]
+    assert "rl/frontier.jsonl not found" in page and "gate/gate.json" not in page
+    _, css, text = _element(page, f"overoptimisation-{algorithm}")
+    assert css == "neutral" and "not measured" in text
+    kind = "DPO metrics" if algorithm == "dpo" else "online RL metrics"
+    assert f'alt="{algorithm}: {kind}"' in page
+    assert 'alt="reward-KL frontier: gold score vs KL and vs sqrt(KL)"' in page  # the eval points
+    assert "best-of-n: fit skipped" in page
 
 
 def test_empty_or_corrupt_run_still_reports(tmp_path):
     run_dir = tmp_path / "broken"
     (run_dir / "rl").mkdir(parents=True)
     (run_dir / "rl" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # killed mid-write
+    (run_dir / "rl" / "frontier.jsonl").write_text('{"step": 0, "kl": 0.0, "gold": 0.1}\n{"step": 1')
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "eval.json").write_text("{not json")
     out = run(ReportConfig(run_dir=str(run_dir), output=str(tmp_path / "elsewhere" / "r.html")))
     assert out == tmp_path / "elsewhere" / "r.html"
     page = out.read_text(encoding="utf-8")
     assert "rl/metrics.jsonl unreadable" in page and "eval.json unreadable" in page
+    assert "1 unreadable line(s) of rl/frontier.jsonl skipped" in page
     with pytest.raises(FileNotFoundError):
         run(ReportConfig(run_dir=str(tmp_path / "nope")))
 
@@ -240,7 +508,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     screenshot = tmp_path / "report.png"
     result = render_in_chromium(html_path, screenshot)
     assert result["errors"] == []
-    assert len(result["images"]) >= 5
+    assert len(result["images"]) >= 7
     assert all(complete and width > 0 for complete, width in result["images"]), result["images"]
     # Nothing fetched but the page itself (the plots are data: URIs).
     assert all(url.startswith(("file:", "data:")) for url in result["requests"]), result["requests"]

@@ -385,3 +385,132 @@ def test_score_head_runs_in_fp32_under_bf16_autocast(tokenizer):
         assert (got.to(torch.bfloat16).float() != got).any()  # not bf16 values
     finally:
         hook.remove()
+
+
+# ----------------------------------------------------------------------------- held-out accuracy
+
+# Held-out comparisons by hand: strict pairs 3 + 6 + 1 + 1 = 11 over 3 prompts (the second
+# "Greet me." comparison shares its prompt with the first), and one tie, which is not a pair.
+HELDOUT_RECORDS = [
+    {"prompt": "Greet me.", "responses": ["Go away.", "Hello, lovely to see you!", "Hi."], "ranking": [1, 2, 0]},
+    {"prompt": "Name a fruit.", "ranked": ["An apple, crisp and sweet.", "Apple.", "A potato.", "No."]},
+    {"prompt": "Two plus two?", "response_a": "Five, I think.", "response_b": "Four.", "preferred": "b"},
+    {"prompt": "Say hi.", "response_a": "Hi!", "response_b": "Hello!", "preferred": "tie"},
+    {"prompt": "Greet me.", "chosen": "Good morning, welcome!", "rejected": "What do you want?"},
+]
+HELDOUT_PAIRS, HELDOUT_TIES, HELDOUT_PROMPTS = 3 + 6 + 1 + 1, 1, 3
+
+
+def heldout_config(root: Path, **fields) -> RewardConfig:
+    defaults = dict(
+        model=models.TINY,
+        data=str(write_jsonl(root / "train.jsonl", polite_rude_records(TRAIN_QUESTIONS[:8], 0))),
+        eval_data=str(write_jsonl(root / "eval.jsonl", HELDOUT_RECORDS)),
+        output_dir=str(root / "out"),
+        max_length=64, precision="fp32", progress=False, tensorboard=False, lr=1e-3, warmup_ratio=0.0,
+        max_steps=2, batch_size=4, head_init="normal", seed=5,
+    )
+    return RewardConfig(**{**defaults, **fields})
+
+
+@pytest.fixture(scope="module")
+def heldout_run(tmp_path_factory):
+    """A reward model trained 2 steps with HELDOUT_RECORDS as eval_data; (config, printed output)."""
+    import contextlib
+    import io
+
+    config = heldout_config(tmp_path_factory.mktemp("heldout"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(config)
+    return config, printed.getvalue()
+
+
+def test_heldout_json_counts_and_accuracy_match_a_recomputation(heldout_run):
+    from rlhfkit.reward import HELDOUT_FILE
+
+    config, printed = heldout_run
+    result = json.loads((Path(config.output_dir) / HELDOUT_FILE).read_text())
+    assert HELDOUT_FILE == "heldout.json"
+    assert set(result) == {"accuracy", "accuracy_ci", "num_pairs", "num_prompts", "ties"}
+    assert (result["num_pairs"], result["num_prompts"], result["ties"]) == (HELDOUT_PAIRS, HELDOUT_PROMPTS, HELDOUT_TIES)
+
+    # Recompute from raw scores of the saved model, each comparison's responses scored directly.
+    reward = RewardModel(config.output_dir, precision="fp32")
+    correct, gaps = [], []
+    for comp in load_comparisons(config.eval_data):
+        scores = reward.raw([comp.prompt] * len(comp.responses), comp.responses).tolist()
+        for better, worse, target in comp.pairs():
+            if target == 1.0:
+                gaps.append(abs(scores[better] - scores[worse]))
+                correct.append(1.0 if scores[better] > scores[worse] else 0.5 if scores[better] == scores[worse] else 0.0)
+    assert len(correct) == HELDOUT_PAIRS
+    assert min(gaps) > 1e-4  # no pair so close that padding-level rounding could flip it
+    assert result["accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-12)
+    assert 0.0 < result["accuracy"] < 1.0, "a trivially perfect or useless model would test less"
+
+    lo, hi = result["accuracy_ci"]
+    assert 0.0 <= lo <= result["accuracy"] <= hi <= 1.0 and lo < hi
+    line = (f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {HELDOUT_PAIRS} pairs "
+            f"({HELDOUT_PROMPTS} prompts)")
+    assert line in printed.splitlines()
+
+
+def test_heldout_accuracy_is_the_same_for_rankings_pairs_and_comparisons(heldout_run):
+    """The function the pipeline and evaluation call: same answer from Comparisons, grouped and ungrouped examples."""
+    from rlhfkit.reward import HELDOUT_FILE, heldout_accuracy
+    from rlhfkit.stats import cluster_accuracy
+
+    config, _ = heldout_run
+    written = json.loads((Path(config.output_dir) / HELDOUT_FILE).read_text())
+    reward = RewardModel(config.output_dir, precision="fp32")
+    comps = load_comparisons(config.eval_data)
+    kwargs = dict(max_length=64, precision="fp32", seed=config.seed)
+    rankings, _ = tokenize_rankings(reward.tokenizer, comps, max_length=64, keep_ties=True)
+    pairs, _ = tokenize_pairs(reward.tokenizer, comps, max_length=64, keep_ties=True)
+    from_comparisons = heldout_accuracy(reward.model, reward.tokenizer, comps, **kwargs)
+    assert from_comparisons == written
+    for batch_size in (1, 3, 64):  # batches split rankings' and pairs' sequences differently
+        assert heldout_accuracy(reward.model, reward.tokenizer, rankings, batch_size=batch_size, **kwargs) == written
+        assert heldout_accuracy(reward.model, reward.tokenizer, pairs, batch_size=batch_size, **kwargs) == written
+
+    # The interval is the prompt-clustered bootstrap: the 11 pairs' clusters are 4 + 6 + 1 by prompt.
+    scores = [reward.raw([c.prompt] * len(c.responses), c.responses).tolist() for c in comps]
+    correct = [float(s[b] > s[w]) for c, s in zip(comps, scores) for b, w, t in c.pairs() if t == 1.0]
+    clusters = [c.prompt for c in comps for _, _, t in c.pairs() if t == 1.0]
+    assert sorted(clusters.count(p) for p in set(clusters)) == [1, 4, 6]
+    assert written["accuracy_ci"] == pytest.approx(list(cluster_accuracy(correct, clusters, seed=config.seed).ci), abs=1e-12)
+    # Another seed, another bootstrap; same accuracy.
+    other = heldout_accuracy(reward.model, reward.tokenizer, comps, max_length=64, precision="fp32", seed=config.seed + 1)
+    assert other["accuracy"] == written["accuracy"]
+
+
+def test_heldout_accuracy_ties_and_equal_scores(tokenizer):
+    from rlhfkit.reward import heldout_accuracy
+
+    reward_tokenizer = _reward_tokenizer(models.TINY)
+    zero = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="zero")
+    comps = [Comparison("Greet me.", ["Hello!", "Go away.", "Hi."], [0, 2, 1]),
+             Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True)]
+    # A zero head scores everything 0: every strict pair is an exact tie of scores, worth 0.5.
+    result = heldout_accuracy(zero, reward_tokenizer, comps, precision="fp32")
+    assert result == {"accuracy": 0.5, "accuracy_ci": [0.5, 0.5], "num_pairs": 3, "num_prompts": 1, "ties": 1}
+    only_ties = heldout_accuracy(zero, reward_tokenizer, comps[1:], precision="fp32")
+    assert only_ties == {"accuracy": None, "accuracy_ci": None, "num_pairs": 0, "num_prompts": 0, "ties": 1}
+
+
+@pytest.mark.parametrize("held_out", ["none", "only ties"])
+def test_no_heldout_accuracy_writes_no_heldout_file(tmp_path, capsys, held_out):
+    from rlhfkit.reward import HELDOUT_FILE
+
+    if held_out == "none":  # eval_fraction 0 and no eval_data: nothing held out, nothing said
+        config = heldout_config(tmp_path, eval_data="", eval_fraction=0.0, max_steps=1, normalize=False)
+    else:  # held out, but no strict pair to score
+        config = heldout_config(tmp_path, max_steps=1, normalize=False,
+                                eval_data=str(write_jsonl(tmp_path / "ties.jsonl", HELDOUT_RECORDS[3:4])))
+    train(config)
+    printed = capsys.readouterr().out
+    assert (Path(config.output_dir) / "config.json").is_file()
+    assert not (Path(config.output_dir) / HELDOUT_FILE).exists()
+    assert "held-out accuracy " not in printed
+    assert ("reward: no held-out accuracy" in printed) == (held_out == "only ties")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 import textwrap
 
 import pytest
 
-from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback import DEMO_RUBRIC, Rubric, SimulatedAnnotator, load_scorer
 from rlhfkit.feedback.scorers import banned_words, length_target, sentiment
@@ -382,3 +383,131 @@ def test_label_stage_binds_scorer_args_and_rejects_unknown_names(tmp_path):
         label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "bad.jsonl"), scorer="length",
                               scorer_args={"target": 10}))
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- temperature relative to the spread
+
+
+def gold_scorer(prompts, responses):
+    """Scorer ``tests.test_simulated:gold_scorer``: the demo rubric."""
+    return DEMO_RUBRIC(prompts, responses)
+
+
+def gold_scorer_x100(prompts, responses):
+    """Scorer ``tests.test_simulated:gold_scorer_x100``: the demo rubric in units 100 times smaller."""
+    return [100.0 * s for s in DEMO_RUBRIC(prompts, responses)]
+
+
+def constant_scorer(prompts, responses):
+    """Scorer ``tests.test_simulated:constant_scorer``: every response scores 2."""
+    return [2.0] * len(responses)
+
+
+def spread_samples(path) -> list[dict]:
+    """40 pairs, 10 three-way items and 5 pairs of identical replies (ties at any scale)."""
+    records = [{"prompt": prompt, "responses": pair} for prompt, pair in random_pairs(40, seed=4)]
+    triples = random_pairs(15, seed=5)
+    records += [{"prompt": "Any tips?", "responses": triples[i][1] + triples[i + 5][1][:1]} for i in range(10)]
+    records += [{"prompt": "Any tips?", "responses": [pair[0], pair[0]]} for _, pair in random_pairs(5, seed=6)]
+    write_jsonl(path, records)
+    return records
+
+
+def test_score_spread_by_hand():
+    from rlhfkit.feedback.simulated import score_spread
+
+    table = table_scorer({"a": 1.0, "b": 3.0, "c": 0.0, "d": 2.0, "e": 4.0})
+    # Scores 1, 3, 0, 2, 4: mean 2, squared deviations 1 + 1 + 4 + 0 + 4 = 10; population variance 10 / 5 = 2.
+    assert score_spread(table, [("q", ["a", "b"]), {"prompt": "q", "responses": ["c", "d", "e"]}]) == pytest.approx(
+        math.sqrt(2.0), rel=1e-12)
+    assert score_spread(table, [("q", ["a", "a"]), ("q", ["a", "a", "a"])]) == 0.0
+    assert score_spread(table, []) == 0.0
+
+
+def test_spread_scale_gives_the_same_labels_at_any_scorer_scale(tmp_path, capsys):
+    from rlhfkit import label
+    from rlhfkit.label import LabelConfig
+
+    samples = tmp_path / "samples.jsonl"
+    records = spread_samples(samples)
+    responses = [r for record in records for r in record["responses"]]
+    spread = statistics.pstdev(DEMO_RUBRIC(["Any tips?"] * len(responses), responses))  # by hand: population std
+
+    def run(scorer: str, scale: str, temperature: float = 0.5) -> list[Comparison]:
+        out = tmp_path / f"{scorer.rsplit(':', 1)[1]}_{scale}_{temperature}.jsonl"
+        return label.run(LabelConfig(samples=str(samples), output=str(out), scorer=scorer, temperature=temperature,
+                                     temperature_scale=scale, tie_threshold=0.01, seed=11, chunk_size=16))
+
+    capsys.readouterr()
+    base = run("tests.test_simulated:gold_scorer", "spread")
+    printed = capsys.readouterr().out
+    scaled = run("tests.test_simulated:gold_scorer_x100", "spread")
+    printed_scaled = capsys.readouterr().out
+    line = f"label: score spread {spread:.3g} -> temperature {0.5 * spread:.3g}, tie threshold {0.01 * spread:.3g}"
+    assert line in printed.splitlines()
+    assert f"label: score spread {100 * spread:.3g} -> temperature {50 * spread:.3g}" in printed_scaled
+    assert [c.meta["temperature"] for c in base] == pytest.approx([0.5 * spread] * len(records), rel=1e-12)
+    assert [c.meta["temperature"] for c in scaled] == pytest.approx([50 * spread] * len(records), rel=1e-12)
+    assert [(c.ranking, c.tie) for c in scaled] == [(c.ranking, c.tie) for c in base]
+    assert sum(c.tie for c in base) == 5
+    # The temperature matters here: labels are not simply the score order.
+    def by_score(c: Comparison) -> list[int]:
+        return sorted(range(len(c.responses)), key=lambda i: -c.meta["scores"][i])
+
+    assert sum(not c.tie and c.ranking != by_score(c) for c in base) >= 5
+
+    # In absolute units the same temperature is a different labeller for the two scales.
+    absolute = run("tests.test_simulated:gold_scorer", "absolute")
+    absolute_scaled = run("tests.test_simulated:gold_scorer_x100", "absolute")
+    assert "score spread" not in capsys.readouterr().out
+    assert [(c.ranking, c.tie) for c in absolute_scaled] != [(c.ranking, c.tie) for c in absolute]
+    assert all(c.meta["temperature"] == 0.5 for c in absolute + absolute_scaled)
+
+
+def test_spread_is_measured_on_every_item_when_resuming(tmp_path, capsys):
+    from rlhfkit import label
+    from rlhfkit.label import LabelConfig
+
+    samples = tmp_path / "samples.jsonl"
+    records = spread_samples(samples)
+    out = tmp_path / "labels.jsonl"
+    config = LabelConfig(samples=str(samples), output=str(out), scorer="tests.test_simulated:gold_scorer",
+                         temperature=0.5, temperature_scale="spread", seed=3)
+    full = label.run(config)
+    first = capsys.readouterr().out
+    # Keep the first 10 labels (as if the run had stopped there) and resume.
+    save_comparisons(out, full[:10])
+    resumed = label.run(config)
+    assert [c.meta["item_index"] for c in resumed] == list(range(len(records)))
+    assert resumed[:10] == full[:10]
+    assert {c.meta["temperature"] for c in resumed} == {full[0].meta["temperature"]}
+    again = capsys.readouterr().out
+    spread_line = [line for line in first.splitlines() if line.startswith("label: score spread")]
+    assert len(spread_line) == 1 and spread_line[0] in again.splitlines()
+    # Nothing left to label: nothing is scored.
+    label.run(config)
+    assert "score spread" not in capsys.readouterr().out
+
+
+def test_zero_spread_falls_back_to_one(tmp_path, capsys):
+    from rlhfkit import label
+    from rlhfkit.label import LabelConfig
+
+    samples = tmp_path / "samples.jsonl"
+    spread_samples(samples)
+    labels = label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"),
+                                   scorer="tests.test_simulated:constant_scorer", temperature=0.25,
+                                   temperature_scale="spread"))
+    printed = capsys.readouterr().out
+    assert "label: score spread is 0" in printed and "using 1.0" in printed
+    assert "label: score spread 1 -> temperature 0.25" in printed
+    assert all(c.meta["temperature"] == 0.25 for c in labels)
+
+
+def test_temperature_scale_is_checked():
+    from rlhfkit.config import ConfigError, from_dict
+    from rlhfkit.label import LabelConfig
+
+    assert LabelConfig().temperature_scale == "absolute"
+    with pytest.raises(ConfigError, match="temperature_scale"):
+        from_dict(LabelConfig, {"temperature_scale": "relative"})

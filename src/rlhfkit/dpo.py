@@ -19,6 +19,7 @@ sums over response tokens (the paper's definition).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -34,10 +35,11 @@ from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
 from rlhfkit.loop import FitResult, TrainOptions, fit
 from rlhfkit.losses import dpo_loss, simpo_loss
+from rlhfkit.probe import FrontierProbe, ProbeOptions
 
 
 @dataclass
-class DPOConfig(models.ModelOptions, TrainOptions):
+class DPOConfig(models.ModelOptions, TrainOptions, ProbeOptions):
     """Config of the DPO stage."""
 
     data: str = ""
@@ -62,6 +64,9 @@ class DPOConfig(models.ModelOptions, TrainOptions):
     """Maximum tokens of prompt + response; longer responses are cut."""
     chat_template: bool = True
     """Render prompts and responses with the chat template (as SFT does)."""
+    proxy: str = ""
+    """Frontier probes: the reward model (or scorer) whose score of the probe samples is logged as the proxy, to
+    set beside the gold score; DPO never trains on it. Empty: no proxy."""
     ref_cache: bool = True
     """Cache reference log-probs on disk next to the data (falls back to output_dir if not writable)."""
     lr: float = 5e-6
@@ -228,8 +233,22 @@ def train(config: DPOConfig) -> FitResult:
 
     model = models.load_causal_lm(config.model)
     attach_reference(config, model, tokenizer, train_set, eval_set)
+    # The probe's reference: a frozen copy of the starting model (with LoRA: the base, adapters off).
+    probe_reference = copy.deepcopy(model).eval().requires_grad_(False) if config.probe_points > 0 and config.lora_r == 0 else None
     model = models.prepare_for_training(model, config)
     pad_id = tokenizer.pad_token_id
+    probe = None
+    if config.probe_points > 0:
+        from rlhfkit.rewards import load_reward
+
+        if not config.gold:
+            raise ValueError("dpo: probe_points > 0 needs a gold scorer (`gold`)")
+        probe = FrontierProbe(
+            config, tokenizer=tokenizer, reference=probe_reference if probe_reference is not None else model,
+            gold=load_reward(config.gold, precision=config.precision, args=config.gold_args, field="gold_args"),
+            proxy=load_reward(config.proxy, precision=config.precision) if config.proxy else None,
+            output_dir=out, seed=config.seed, precision=config.precision,
+        )
     return fit(
         config,
         model=model,
@@ -240,4 +259,5 @@ def train(config: DPOConfig) -> FitResult:
         precision=config.precision,
         save_model=lambda m, d, sd: models.save_pretrained(m, tokenizer, d, state_dict=sd),
         run_info={"stage": "dpo", "data": config.data},
+        on_step=probe,
     )

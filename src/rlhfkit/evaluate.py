@@ -1,30 +1,47 @@
-"""Evaluation of a policy against a baseline: ``rlhfkit eval CONFIG.yaml`` / :func:`run`.
+"""Evaluation of policies against a baseline: ``rlhfkit eval CONFIG.yaml`` / :func:`run`.
 
-On held-out prompts, one response per prompt from the policy and from the
-baseline (same sampling settings), then:
+On held-out prompts, ``samples_per_prompt`` responses per prompt from every
+player (same sampling settings, each player its own seed), then, for every
+player against the baseline (the SFT model in the pipeline):
 
-* **win rate** of the policy over the baseline by the *gold* scorer (the
-  simulated annotator's score, a reward model, or any ``module:function``):
-  a win counts 1, an exact tie 0.5;
-* **mean gold score** of both;
-* **sequence-level KL** of the policy to the reference (the baseline unless
-  given): the sum over response tokens of ``log pi(y_t) - log ref(y_t)`` on the
-  policy's own samples (the k1 estimator), with both distributions at the
-  sampling temperature; averaged over prompts;
-* response length and EOS rate;
-* the **best-of-n** baseline: n baseline samples per prompt, the best by the
-  proxy reward (a reward model, or gold when none), with its gold score and
-  its analytic KL ``log n - (n - 1) / n`` (Stiennon et al. 2020, appendix; the
-  bound of Beirami et al. 2024);
+* **win rate** by the *gold* scorer (the simulated annotator's score, a reward
+  model, or any ``module:function``): per prompt, the fraction of
+  (player, baseline) sample pairs the player wins, ties counting half; its mean
+  over prompts, with a 95% paired bootstrap interval over prompts
+  (:mod:`rlhfkit.stats`);
+* **mean gold score** with its interval, the **gold difference** to the
+  baseline with its interval, and a paired sign-flip **p-value** on the
+  per-prompt differences;
+* **sequence-level KL** to the reference (the baseline unless given): the sum
+  over response tokens of ``log pi(y_t) - log ref(y_t)`` on the player's own
+  samples (the k1 estimator), at the sampling temperature; its mean over
+  prompts, with an interval;
+* the **proxy** score (the reward model) of the same samples, when a proxy is
+  given: the gap between proxy and gold is what over-optimisation looks like;
+* **best-of-n** for n = 1, 2, 4, ... up to ``best_of_n``: from one pool of
+  ``best_of_n`` baseline samples per prompt (drawn apart from the baseline's
+  own samples), the first n are ranked by the proxy (gold when none) and the
+  best one is scored by gold; KL is analytic, ``log n - (n - 1) / n``
+  (Stiennon et al. 2020, appendix; an upper bound, Beirami et al. 2024). The
+  pool is nested, so every n costs nothing beyond the largest; best-of-1 is an
+  independent draw of the baseline and should tie with it (a check);
+* a plain **verdict** per player: "better than sft: 0.66 [0.60, 0.72]" when the
+  win-rate interval lies above 0.5, "worse than ..." below, else "not
+  distinguishable from ...";
+* the **reward model's** held-out accuracy with its interval, read from the
+  proxy directory's ``heldout.json`` when the proxy is a trained reward model;
 * an **Elo table** (Bradley-Terry ratings with bootstrap intervals) of all
-  players — baseline, policy, best-of-n and any extra checkpoints — from their
-  pairwise gold-score comparisons on the same prompts.
+  players from their pairwise gold comparisons on the first sample per prompt.
 
-Everything lands in ``eval.json`` (written atomically).
+Everything lands in ``eval.json`` (written atomically). The top-level
+``win_rate``, ``win_rate_ci``, ``gold_score_policy``, ``gold_score_baseline``
+and ``kl`` are those of ``policy`` (the pipeline's main algorithm);
+``players`` holds one entry per player.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,7 +61,7 @@ class EvalConfig:
     """Config of the evaluation stage."""
 
     policy: str = models.TINY
-    """The policy to evaluate (model spec or directory)."""
+    """The main policy to evaluate (model spec or directory); its numbers are eval.json's top level."""
     baseline: str = models.TINY
     """The baseline it is compared with (usually the SFT model)."""
     reference: str = ""
@@ -56,9 +73,11 @@ class EvalConfig:
     proxy: str = ""
     """Proxy reward that picks the best of n (e.g. the trained reward model); empty: gold."""
     best_of_n: int = 4
-    """n for the best-of-n baseline (0 disables)."""
+    """Largest n of the best-of-n baseline; every power of two up to it is reported (0 or 1 disables)."""
     extra_policies: list[str] = field(default_factory=list)
-    """More checkpoints to place in the Elo table (model specs or directories)."""
+    """More policies evaluated like `policy` (model specs or directories), named by their directory."""
+    samples_per_prompt: int = 1
+    """Responses per prompt from every player (the baseline and each policy)."""
     max_prompts: int = -1
     """Use only the first N prompts (-1: all)."""
     max_new_tokens: int = 64
@@ -68,7 +87,7 @@ class EvalConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     batch_size: int = 32
-    """Prompts generated together."""
+    """Responses generated together (prompts x samples per prompt)."""
     seed: int = 0
     """Sampling seed."""
     precision: str = "bf16"
@@ -77,6 +96,8 @@ class EvalConfig:
     """Decoding precision: bf16 (autocast) or fp32."""
     bootstrap: int = 200
     """Bootstrap resamples for the Elo intervals."""
+    resamples: int = 2000
+    """Bootstrap resamples for the win-rate, gold and KL intervals (over prompts)."""
     output: str = "runs/eval/eval.json"
     """Where the results go."""
     progress: bool = True
@@ -90,9 +111,10 @@ def _sample(spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int =
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []
     bar = tqdm(total=len(prompts) * n, unit="response", desc=f"eval: {desc}", disable=not config.progress)
-    for start in range(0, len(prompts), config.batch_size):
-        torch.manual_seed(config.seed * 1_000_003 + start + seed_offset)
-        parts.append(make_rollout(engine, tokenizer, prompts[start : start + config.batch_size], options, samples_per_prompt=n))
+    chunk = max(1, config.batch_size // n)  # about batch_size rows per generate call, whatever n
+    for start in range(0, len(prompts), chunk):
+        torch.manual_seed(config.seed * 1_000_003 + start * 64 + seed_offset)
+        parts.append(make_rollout(engine, tokenizer, prompts[start : start + chunk], options, samples_per_prompt=n))
         bar.update(len(parts[-1].responses))
     bar.close()
     return _concat(parts, tokenizer.pad_token_id), model, tokenizer
@@ -121,16 +143,20 @@ def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
 
 @torch.no_grad()
 def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_size: int = 16) -> torch.Tensor:
-    """Per-sequence k1 KL, ``sum_t log pi(y_t) - log ref(y_t)`` on the rollout's tokens. Shape (B,)."""
+    """Per-sequence k1 KL, ``sum_t log pi(y_t) - log ref(y_t)`` on the rollout's tokens. Shape (B,).
+
+    ``reference`` may be ``policy`` itself when it is a LoRA model: the reference is then its base,
+    adapters disabled.
+    """
     from rlhfkit.policy import response_logps
 
     out = []
     for start in range(0, len(rollout.responses), batch_size):
         sub = rollout.select(list(range(start, min(start + batch_size, len(rollout.responses)))))
         logps = []
-        for model in (policy, reference):
+        for model, as_base in ((policy, False), (reference, reference is policy)):
             device = next(model.parameters()).device
-            with models.autocast(device, precision):
+            with models.autocast(device, precision), (models.adapters_disabled(model) if as_base else contextlib.nullcontext()):
                 lp, _, _ = response_logps(model, sub.input_ids.to(device), sub.attention_mask.to(device),
                                           sub.response_ids.to(device), temperature=rollout.temperature)
             logps.append(lp.float().cpu())
@@ -138,18 +164,60 @@ def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_si
     return torch.cat(out)
 
 
-def _stats(rollout: Rollout, scores: list[float]) -> dict[str, float]:
+def _per_prompt(values: list[float], k: int) -> list[list[float]]:
+    """Rows grouped by prompt (``k`` consecutive rows each) -> one list per prompt."""
+    return [values[i : i + k] for i in range(0, len(values), k)]
+
+
+def verdict(name: str, baseline: str, win: float, ci: tuple[float, float] | list[float]) -> str:
+    """A plain sentence: better / worse / not distinguishable, by whether the interval excludes 0.5."""
+    interval = f"{win:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if ci[0] > 0.5:
+        return f"better than {baseline}: {interval}"
+    if ci[1] < 0.5:
+        return f"worse than {baseline}: {interval}"
+    return f"not distinguishable from {baseline}: {interval}"
+
+
+def compare(gold: list[list[float]], baseline_gold: list[list[float]], *, seed: int, resamples: int) -> dict:
+    """A player's gold scores against the baseline's, both grouped per prompt: win rate, gold, difference, p-value."""
+    from rlhfkit import stats
+
+    wins = stats.win_fractions(gold, baseline_gold)
+    means = [sum(g) / len(g) for g in gold]
+    diffs = [m - sum(b) / len(b) for m, b in zip(means, baseline_gold)]
+    win = stats.paired_bootstrap(wins, resamples=resamples, seed=seed)
+    score = stats.paired_bootstrap(means, resamples=resamples, seed=seed)
+    diff = stats.paired_bootstrap(diffs, resamples=resamples, seed=seed)
     return {
-        "gold_score": sum(scores) / len(scores),
-        "response_length": float(rollout.lengths.float().mean()),
-        "eos_rate": float(rollout.has_eos.float().mean()),
+        "win_rate": win.value, "win_rate_ci": list(win.ci),
+        "gold_score": score.value, "gold_score_ci": list(score.ci),
+        "gold_diff": diff.value, "gold_diff_ci": list(diff.ci),
+        "p_value": stats.sign_flip_p_value(diffs, seed=seed),
     }
 
 
-def win_rate(policy_scores: list[float], baseline_scores: list[float]) -> float:
-    """Fraction of prompts where the policy's score is higher (ties count half)."""
-    wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_scores, baseline_scores))
-    return wins / len(policy_scores)
+def _mean_ci(values: list[list[float]], *, seed: int, resamples: int) -> tuple[float, list[float]]:
+    """Mean over prompts of per-prompt means, with its bootstrap interval."""
+    from rlhfkit import stats
+
+    est = stats.paired_bootstrap([sum(v) / len(v) for v in values], resamples=resamples, seed=seed)
+    return est.value, list(est.ci)
+
+
+def reward_model_accuracy(proxy: str) -> dict | None:
+    """The trained reward model's held-out accuracy, from its directory's ``heldout.json`` (None if absent)."""
+    from rlhfkit.reward import HELDOUT_FILE
+
+    path = Path(proxy) / HELDOUT_FILE if proxy else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def player_name(spec: str) -> str:
+    """A player's key in ``players``: the directory's name (``runs/demo/dpo`` -> ``dpo``), or the spec."""
+    return Path(spec).name or spec
 
 
 def run(config: EvalConfig) -> dict:
@@ -159,78 +227,120 @@ def run(config: EvalConfig) -> dict:
     from rlhfkit.sample import load_prompts
     from rlhfkit.sft import demo_data_path
 
-    prompts = load_prompts(config.prompts or demo_data_path("prompts_eval.jsonl"))
-    if config.max_prompts > 0:
-        prompts = prompts[: config.max_prompts]
-    gold = load_reward(config.gold, precision=config.precision)
+    c = config
+    K = c.samples_per_prompt
+    if K < 1:
+        raise ValueError(f"eval: samples_per_prompt must be >= 1, got {K}")
+    prompts = load_prompts(c.prompts or demo_data_path("prompts_eval.jsonl"))
+    if c.max_prompts > 0:
+        prompts = prompts[: c.max_prompts]
+    gold = load_reward(c.gold, precision=c.precision)
+    proxy = load_reward(c.proxy, precision=c.precision) if c.proxy else None
+    base_name = player_name(c.baseline)
+    policies = [c.policy, *c.extra_policies]
+    names = [player_name(spec) for spec in policies]
+    if len(set(names + [base_name])) != len(names) + 1:
+        raise ValueError(f"eval: players need distinct names (directory names), got {[base_name, *names]}")
 
-    base_roll, base_model, _ = _sample(config.baseline, prompts, config, "baseline")
-    pol_roll, pol_model, _ = _sample(config.policy, prompts, config, "policy", seed_offset=1)
-    base_scores = gold(base_roll.prompts, base_roll.responses)
-    pol_scores = gold(pol_roll.prompts, pol_roll.responses)
-    reference = base_model if not config.reference else models.load_causal_lm(config.reference).eval()
-    kl = sequence_kl(pol_model, reference, pol_roll, precision=config.precision)
-    del pol_model
+    def score(roll: Rollout) -> tuple[list[float], list[float] | None]:
+        return gold(roll.prompts, roll.responses), (proxy(roll.prompts, roll.responses) if proxy else None)
 
-    # name -> (responses, gold scores), one per prompt
-    players = {"baseline": (base_roll.responses, base_scores), "policy": (pol_roll.responses, pol_scores)}
+    def describe(roll: Rollout, gold_scores: list[float], proxy_scores: list[float] | None, k: int) -> dict:
+        out = {"response_length": float(roll.lengths.float().mean()), "eos_rate": float(roll.has_eos.float().mean())}
+        if proxy_scores is not None:
+            out["proxy_score"], out["proxy_score_ci"] = _mean_ci(_per_prompt(proxy_scores, k), seed=c.seed, resamples=c.resamples)
+        return out
+
+    # -- the baseline: K samples per prompt; its model is the KL reference unless one is given
+    base_roll, base_model, _ = _sample(c.baseline, prompts, c, "baseline", n=K)
+    base_gold, base_proxy = score(base_roll)
+    base_by_prompt = _per_prompt(base_gold, K)
+    value, ci = _mean_ci(base_by_prompt, seed=c.seed, resamples=c.resamples)
+    players: dict[str, dict] = {base_name: {"kind": "baseline", "spec": c.baseline, "gold_score": value,
+                                            "gold_score_ci": ci, **describe(base_roll, base_gold, base_proxy, K)}}
+    reference = base_model if not c.reference else models.load_causal_lm(c.reference).eval()
+    first_sample = {base_name: (base_roll.responses[::K], base_gold[::K])}  # for the Elo table
+
+    # -- each policy: K samples per prompt, compared with the baseline's, and its KL
+    for i, (spec, name) in enumerate(zip(policies, names)):
+        roll, model, _ = _sample(spec, prompts, c, name, n=K, seed_offset=1 + 10 * i)
+        pol_gold, pol_proxy = score(roll)
+        kl = sequence_kl(model, reference, roll, precision=c.precision)
+        del model
+        kl_mean, kl_ci = _mean_ci(_per_prompt(kl.tolist(), K), seed=c.seed, resamples=c.resamples)
+        entry = {"kind": "policy", "spec": spec, **compare(_per_prompt(pol_gold, K), base_by_prompt, seed=c.seed,
+                                                             resamples=c.resamples),
+                 "kl": kl_mean, "kl_ci": kl_ci, "kl_std": float(kl.std()) if len(kl) > 1 else 0.0,
+                 **describe(roll, pol_gold, pol_proxy, K)}
+        entry["verdict"] = verdict(name, base_name, entry["win_rate"], entry["win_rate_ci"])
+        players[name] = entry
+        first_sample[name] = (roll.responses[::K], pol_gold[::K])
+        if i == 0:
+            samples = [
+                {"prompt": p if isinstance(p, str) else p[-1]["content"], "baseline": b, "policy": q,
+                 "gold_baseline": sb, "gold_policy": sq}
+                for p, b, q, sb, sq in zip(prompts, base_roll.responses[::K], roll.responses[::K], base_gold[::K], pol_gold[::K])
+            ]
+    del base_model, reference
+
+    # -- best-of-n from one nested pool of N baseline samples per prompt
+    N = c.best_of_n
+    if N > 1:
+        pool, _, _ = _sample(c.baseline, prompts, c, f"best-of-{N} pool", n=N, seed_offset=2)
+        ranker = proxy or gold
+        ranks = torch.tensor(ranker(pool.prompts, pool.responses)).view(-1, N)
+        n = 1
+        while n <= N:
+            picks = [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))]
+            sub = pool.select(picks)
+            bon_gold, bon_proxy = score(sub)
+            name = f"best_of_{n}"
+            entry = {"kind": "best_of_n", "n": n, "spec": c.baseline,
+                     **compare([[g] for g in bon_gold], base_by_prompt, seed=c.seed, resamples=c.resamples),
+                     "kl": math.log(n) - (n - 1) / n, **describe(sub, bon_gold, bon_proxy, 1)}
+            entry["verdict"] = verdict(name, base_name, entry["win_rate"], entry["win_rate_ci"])
+            players[name] = entry
+            first_sample[name] = (sub.responses, bon_gold)
+            n *= 2
+
+    main = players[names[0]]
     results: dict = {
-        "policy": config.policy,
-        "baseline": config.baseline,
-        "gold": config.gold,
-        "num_prompts": len(prompts),
-        "temperature": config.temperature,
-        "win_rate": win_rate(pol_scores, base_scores),
-        "gold_score_policy": sum(pol_scores) / len(pol_scores),
-        "gold_score_baseline": sum(base_scores) / len(base_scores),
-        "kl": float(kl.mean()),
-        "kl_std": float(kl.std()) if len(kl) > 1 else 0.0,
-        "policy_stats": _stats(pol_roll, pol_scores),
-        "baseline_stats": _stats(base_roll, base_scores),
+        "policy": c.policy, "baseline": c.baseline, "gold": c.gold, "proxy": c.proxy,
+        "num_prompts": len(prompts), "samples_per_prompt": K, "temperature": c.temperature,
+        "main_player": names[0], "baseline_name": base_name,
+        "win_rate": main["win_rate"], "win_rate_ci": main["win_rate_ci"], "p_value": main["p_value"],
+        "gold_score_policy": main["gold_score"], "gold_score_policy_ci": main["gold_score_ci"],
+        "gold_score_baseline": players[base_name]["gold_score"],
+        "gold_score_baseline_ci": players[base_name]["gold_score_ci"],
+        "kl": main["kl"], "kl_ci": main["kl_ci"], "kl_std": main["kl_std"],
+        "verdict": main["verdict"],
+        "players": players,
     }
+    accuracy = reward_model_accuracy(c.proxy)
+    if accuracy is not None:
+        results["reward_model"] = accuracy
+    if N > 1:
+        largest = players[f"best_of_{1 << (N.bit_length() - 1)}"]
+        results["best_of_n"] = {"n": largest["n"], "proxy": c.proxy or c.gold, "gold_score": largest["gold_score"],
+                                "kl_analytic": largest["kl"], "win_rate_vs_baseline": largest["win_rate"]}
 
-    if config.best_of_n > 1:
-        n = config.best_of_n
-        bon_roll, _, _ = _sample(config.baseline, prompts, config, f"best-of-{n}", n=n, seed_offset=2)
-        proxy = load_reward(config.proxy, precision=config.precision) if config.proxy else gold
-        proxy_scores = torch.tensor(proxy(bon_roll.prompts, bon_roll.responses)).view(-1, n)
-        best = proxy_scores.argmax(-1)
-        picks = [i * n + int(b) for i, b in enumerate(best)]
-        bon_gold = gold([bon_roll.prompts[i] for i in picks], [bon_roll.responses[i] for i in picks])
-        players[f"best_of_{n}"] = ([bon_roll.responses[i] for i in picks], bon_gold)
-        results["best_of_n"] = {
-            "n": n,
-            "proxy": config.proxy or config.gold,
-            "gold_score": sum(bon_gold) / len(bon_gold),
-            "kl_analytic": math.log(n) - (n - 1) / n,
-            "win_rate_vs_baseline": win_rate(bon_gold, base_scores),
-        }
-    for i, spec in enumerate(config.extra_policies):
-        name = Path(spec).name or spec
-        roll, _, _ = _sample(spec, prompts, config, name, seed_offset=10 + i)
-        players[name] = (roll.responses, gold(roll.prompts, roll.responses))
-
-    # Elo / Bradley-Terry over every pair of players, one match per prompt.
-    names = list(players)
+    # Elo / Bradley-Terry over every pair of players, one match per prompt (first sample each).
+    order = list(first_sample)
     comparisons = []
     for j, prompt in enumerate(prompts):
-        for a in range(len(names)):
-            for b in range(a + 1, len(names)):
-                (ra, sa), (rb, sb) = [(players[names[x]][0][j], players[names[x]][1][j]) for x in (a, b)]
+        for a in range(len(order)):
+            for b in range(a + 1, len(order)):
+                (ra, sa), (rb, sb) = [(first_sample[order[x]][0][j], first_sample[order[x]][1][j]) for x in (a, b)]
                 comparisons.append(Comparison(
-                    prompt=prompt, responses=[ra, rb],
-                    ranking=[0, 1] if sa >= sb else [1, 0], tie=sa == sb,
-                    source=f"gold:{config.gold}", meta={"players": [names[a], names[b]]},
+                    prompt=prompt, responses=[ra, rb], ranking=[0, 1] if sa >= sb else [1, 0], tie=sa == sb,
+                    source=f"gold:{c.gold}", meta={"players": [order[a], order[b]]},
                 ))
-    results["elo"] = rating_table(matches_from_comparisons(comparisons), bootstrap=config.bootstrap, seed=config.seed)
-    results["samples"] = [
-        {"prompt": p if isinstance(p, str) else p[-1]["content"], "baseline": b, "policy": q,
-         "gold_baseline": sb, "gold_policy": sq}
-        for p, b, q, sb, sq in zip(prompts, base_roll.responses, pol_roll.responses, base_scores, pol_scores)
-    ]
-    atomic_write_text(config.output, json.dumps(results, indent=2, ensure_ascii=False))
-    print(
-        f"eval: win rate {results['win_rate']:.3f}, gold {results['gold_score_policy']:.3f} vs "
-        f"{results['gold_score_baseline']:.3f} (baseline), KL {results['kl']:.3f} -> {config.output}"
-    )
+    results["elo"] = rating_table(matches_from_comparisons(comparisons), bootstrap=c.bootstrap, seed=c.seed)
+    results["samples"] = samples
+    atomic_write_text(c.output, json.dumps(results, indent=2, ensure_ascii=False))
+    for name, entry in players.items():
+        if entry["kind"] != "baseline":
+            print(f"eval: {name}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
+                  f"{players[base_name]['gold_score']:.3f}, p = {entry['p_value']:.3g}, KL {entry['kl']:.2f}")
+    print(f"eval: -> {c.output}")
     return results

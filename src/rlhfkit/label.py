@@ -4,7 +4,9 @@ One interface, four feedback sources, one output record
 (:class:`~rlhfkit.data.records.Comparison`, saved in rlhfkit's JSONL form):
 
 * ``simulated`` — a score function turned into Bradley-Terry choices
-  (:class:`rlhfkit.feedback.simulated.SimulatedAnnotator`); the stand-in for humans;
+  (:class:`rlhfkit.feedback.simulated.SimulatedAnnotator`); the stand-in for humans.
+  Its temperature is in the scorer's units, or with ``temperature_scale: spread`` in
+  units of the scores' standard deviation over the samples file;
 * ``judge`` — an AI judge (RLAIF), a local model or any OpenAI-compatible endpoint,
   each pair judged in both orders (:class:`rlhfkit.feedback.judge.AIJudge`);
 * ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`);
@@ -52,6 +54,12 @@ class LabelConfig:
     """Simulated: probability of flipping each choice (label noise)."""
     tie_threshold: float = 0.0
     """Simulated: score differences at or below this are ties."""
+    temperature_scale: Literal["absolute", "spread"] = "absolute"
+    """Simulated: units of `temperature` and `tie_threshold`. `absolute`: the scorer's own units (tuned to
+    the demo rubric). `spread`: multiples of the score spread -- the population standard deviation of the
+    scorer's scores on every response of every item in `samples`, scored once before labelling -- so the
+    labels do not depend on the scorer's scale (the same scorer x100 gives the same labels). A spread of 0
+    (every score equal) counts as 1."""
     judge_model: str = ""
     """Judge: a local model spec (used when `judge_url` is empty)."""
     judge_url: str = ""
@@ -105,14 +113,39 @@ def _scorer_name(config: LabelConfig) -> str:
     return name
 
 
-def _labeller(config: LabelConfig):
+def _simulated_scale(config: LabelConfig, scorer, items: list) -> float:
+    """What `temperature` and `tie_threshold` are multiplied by: 1, or the score spread of ``items``."""
+    if config.temperature_scale not in ("absolute", "spread"):
+        raise ValueError(f"label: temperature_scale must be 'absolute' or 'spread', got {config.temperature_scale!r}")
+    if config.temperature_scale == "absolute" or not items:
+        return 1.0
+    from rlhfkit.feedback.simulated import score_spread
+
+    spread = score_spread(scorer, items)
+    if spread == 0.0:
+        count = sum(len(responses) for _, responses in items)
+        print(f"label: score spread is 0 (all {count} scores of {config.scorer} are equal); using 1.0 instead")
+        spread = 1.0
+    line = f"label: score spread {spread:.3g} -> temperature {config.temperature * spread:.3g}"
+    if config.tie_threshold:
+        line += f", tie threshold {config.tie_threshold * spread:.3g}"
+    print(line)
+    return spread
+
+
+def _labeller(config: LabelConfig, items: list | None = None):
+    """The labeller of ``config.source``. ``items``: what sets the score spread when
+    ``temperature_scale`` is ``spread`` (every item of the samples file, so a resumed run
+    uses the same temperature; None or empty: no scoring, the temperature as given)."""
     if config.source == "simulated":
         from rlhfkit.feedback.scorers import load_scorer
         from rlhfkit.feedback.simulated import SimulatedAnnotator
 
+        scorer = load_scorer(config.scorer, config.scorer_args)
+        scale = _simulated_scale(config, scorer, items or [])
         return SimulatedAnnotator(
-            load_scorer(config.scorer, config.scorer_args), temperature=config.temperature, flip_rate=config.flip_rate,
-            seed=config.seed, tie_threshold=config.tie_threshold, name=_scorer_name(config),
+            scorer, temperature=config.temperature * scale, flip_rate=config.flip_rate,
+            seed=config.seed, tie_threshold=config.tie_threshold * scale, name=_scorer_name(config),
         )
     if config.source == "judge":
         from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
@@ -144,7 +177,9 @@ def run(config: LabelConfig) -> list[Comparison]:
     labels = load_comparisons(output) if output.exists() else []
     done = {c.meta.get("item_index") for c in labels}
     todo = [i for i in range(len(items)) if i not in done]
-    labeller = _labeller(config)
+    # The spread is measured on every item (not just those left), so a resumed run labels with the
+    # same temperature; with nothing left to label there is nothing to measure.
+    labeller = _labeller(config, items if todo else None)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="pair", desc=f"label ({config.source})")
     for start in range(0, len(todo), config.chunk_size):
         chunk = todo[start : start + config.chunk_size]

@@ -277,6 +277,7 @@ def fit(
     precision: str = "bf16",
     save_model: Callable[[Any, Path, dict | None], None] | None = None,
     run_info: dict[str, Any] | None = None,
+    on_step: Callable[[Any, int, int], Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_set`` with ``task``'s loss; see the module docstring.
 
@@ -284,6 +285,8 @@ def fit(
     on the main process; ``state_dict`` is the gathered full state under FSDP or
     DeepSpeed (None otherwise: use the model's own).
     ``run_info`` is stored in each checkpoint, for the record.
+    ``on_step(unwrapped_model, step, total_steps)`` runs on the main process before the first step and after every
+    step (the others wait): DPO's frontier probe (:mod:`rlhfkit.probe`).
     """
     acc = make_accelerator(precision, options.grad_accum)
     from accelerate.utils import set_seed
@@ -357,6 +360,14 @@ def fit(
         total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
         disable=not (options.progress and acc.is_main_process), desc=out.name,
     )
+    def after_step() -> None:
+        if on_step is not None:
+            if acc.is_main_process:
+                on_step(acc.unwrap_model(model), state.step, total_steps)
+            acc.wait_for_everyone()
+            model.train()
+
+    after_step()
     model.train()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
@@ -393,6 +404,7 @@ def fit(
         state.step += 1
         state.tokens_seen += int(global_counts["tokens"])
         window_tokens += global_counts["tokens"]
+        after_step()
         bar.update(1)
 
         if state.step % options.log_every == 0 or state.step == total_steps:

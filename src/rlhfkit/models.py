@@ -46,6 +46,21 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 """The autocast dtype of each reduced ``precision``; ``fp32`` (absent) means no autocast."""
 
 
+def default_precision(device: str = "auto") -> str:
+    """bf16 where bf16 matmuls run fast, else fp32.
+
+    CUDA with bf16 support, or a CPU whose oneDNN has bf16 kernels (avx512_bf16 or AMX), gets ``bf16``.
+    Without them (an AVX2-only CPU) PyTorch runs bf16 matmuls on a reference path: measured on a
+    2-core AVX2 EPYC, a 512x512 bf16 matmul took 0.21 s against 0.004 s in fp32, so fp32 is the
+    choice there.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """``torch.autocast`` on ``device`` for ``precision`` (bf16 / fp16); disabled for fp32."""
     dtype = PRECISION_DTYPES.get(precision)

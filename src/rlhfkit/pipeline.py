@@ -1,8 +1,22 @@
 """The end-to-end pipeline: ``rlhfkit run PIPELINE.yaml [--from STAGE]`` and ``rlhfkit demo``.
 
-Stages, each reading the previous stage's output directory:
+Stages, each reading the previous stages' output directories:
 
-    sft -> sample -> label -> reward -> rl (ppo | grpo | rloo | dpo) -> eval -> report
+    sft -> sample -> label -> reward -> gate -> ALGORITHM [-> COMPARED ...] -> eval -> report
+
+ALGORITHM is the main policy-optimisation stage (``dpo``, ``ppo``, ``grpo`` or
+``rloo``); ``compare`` names more of them, trained from the same SFT model on the
+same labels (DPO) or against the same reward model (RL), and evaluated beside it
+on the same held-out prompts (the demo runs PPO and DPO). Each writes to
+``OUTPUT/ALGORITHM``. Every policy stage gets the gold scorer for its frontier
+probes (:mod:`rlhfkit.probe`), so the report can draw reward-KL curves and check
+for over-optimisation.
+
+The **gate** checks the reward model before RL trains against it: its held-out
+accuracy interval (``reward/heldout.json``) must exclude chance
+(``gate_min_accuracy``), or the pipeline stops and says what to do; ``reward_gate:
+false`` overrides it (the verdict is recorded as "overridden"). Runs with DPO
+only record the verdict ("not needed") and go on.
 
 Each stage's full config (the stage defaults, the wiring to earlier outputs, and
 the pipeline file's overrides for it) is hashed together with the hash of the
@@ -10,8 +24,9 @@ stage before it. A finished stage writes ``OUTPUT/STAGE/.stage.json`` holding
 that hash; on the next run, a stage whose recorded hash matches is skipped, and
 one whose hash changed — its config or anything upstream — runs again, from a
 clean directory, and so does everything after it. ``--from STAGE`` forces a
-rerun from that stage on. A stage that fails leaves the earlier stages'
-outputs untouched and no marker of its own, and the error names it.
+rerun from that stage on (``--from rl``: from the first policy stage). A stage
+that fails leaves the earlier stages' outputs untouched and no marker of its
+own, and the error names it.
 """
 
 from __future__ import annotations
@@ -28,7 +43,13 @@ from rlhfkit import models
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
 
-STAGES = ("sft", "sample", "label", "reward", "rl", "eval", "report")
+POLICY_ALGORITHMS = ("dpo", "ppo", "grpo", "rloo")
+"""Policy-optimisation stages; each is named, and writes to a directory named, after its algorithm."""
+STAGES = ("sft", "sample", "label", "reward", "gate", *POLICY_ALGORITHMS, "eval", "report")
+"""Every stage a pipeline can have, in order (a run has the policy stages it asks for)."""
+GATE_FILE = "gate.json"
+"""The gate's verdict, in OUTPUT/gate."""
+Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
 
 
 class StageError(RuntimeError):
@@ -47,12 +68,19 @@ class PipelineConfig:
     """Root directory; each stage writes to OUTPUT_DIR/STAGE."""
     model: str = models.SMOLLM2
     """Starting model spec."""
-    algorithm: Literal["dpo", "ppo", "grpo", "rloo"] = "dpo"
-    """Policy-optimisation stage."""
+    algorithm: Algorithm = "dpo"
+    """The main policy-optimisation stage (eval.json's top-level numbers are its)."""
+    compare: list[Algorithm] = field(default_factory=list)
+    """More policy-optimisation stages, trained on the same labels / reward model and evaluated beside it."""
     gold: str = "demo"
-    """The simulated annotator's score function (labels) and the gold scorer (evaluation)."""
+    """The simulated annotator's score function (labels) and the gold scorer (probes and evaluation):
+    a built-in scorer or `module:function`."""
     seed: int = 0
     """Seed passed to every stage."""
+    reward_gate: bool = True
+    """Stop before RL when the reward model's held-out accuracy interval does not exclude chance."""
+    gate_min_accuracy: float = 0.5
+    """The gate passes when the lower end of the accuracy interval is above this."""
     sft: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config sft` keys."""
     sample: dict[str, Any] = field(default_factory=dict)
@@ -62,9 +90,68 @@ class PipelineConfig:
     reward: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config reward` keys."""
     rl: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the chosen algorithm's keys (`rlhfkit config dpo|ppo|grpo|rloo`)."""
+    """Overrides of the main algorithm's keys, applied after its own section."""
+    dpo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config dpo` keys, when dpo is the algorithm or compared."""
+    ppo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config ppo` keys, when ppo is the algorithm or compared."""
+    grpo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config grpo` keys, when grpo is the algorithm or compared."""
+    rloo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config rloo` keys, when rloo is the algorithm or compared."""
     eval: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config eval` keys."""
+
+    def algorithms(self) -> list[str]:
+        """The policy stages of this run: the main algorithm first, then the compared ones."""
+        return list(dict.fromkeys([self.algorithm, *self.compare]))
+
+
+@dataclass
+class GateConfig:
+    """Config of the reward-model gate (built by the pipeline from its own keys)."""
+
+    reward_dir: str = ""
+    """The trained reward model's directory (its heldout.json is read)."""
+    output: str = ""
+    """Where the verdict goes (gate.json)."""
+    needed: bool = True
+    """False when no stage trains against the reward model (DPO only): the verdict is recorded, nothing stops."""
+    enforce: bool = True
+    """False: a failing reward model is let through, and the verdict says "overridden"."""
+    min_accuracy: float = 0.5
+    """The lower end of the accuracy interval must be above this."""
+
+
+def check_gate(config: GateConfig) -> dict:
+    """The reward-model gate: raise a clear error when RL would train against a reward model at chance."""
+    from rlhfkit.reward import HELDOUT_FILE
+
+    path = Path(config.reward_dir) / HELDOUT_FILE
+    held = json.loads(path.read_text()) if path.is_file() else None
+    result: dict[str, Any] = {"min_accuracy": config.min_accuracy}
+    if held is None:
+        passed, what = False, f"no held-out accuracy ({path} is missing: the reward stage held nothing out)"
+    else:
+        result.update(accuracy=held["accuracy"], accuracy_ci=held["accuracy_ci"], num_pairs=held["num_pairs"])
+        lo, hi = held["accuracy_ci"]
+        passed = lo > config.min_accuracy
+        what = (f"held-out accuracy {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {held['num_pairs']} pairs "
+                f"({held.get('num_prompts', '?')} prompts)")
+    if passed:
+        result.update(verdict="passed" if config.needed else "not needed",
+                      message=f"reward model: {what}: above {config.min_accuracy:g}")
+    else:
+        advice = (f"its interval does not exclude {config.min_accuracy:g}, so RL against it would optimise noise. "
+                  "Collect more or cleaner preference data (more prompts, more responses per prompt, less label "
+                  "noise), or train the reward model longer; set reward_gate=false to run anyway.")
+        result.update(verdict="not needed" if not config.needed else "overridden" if not config.enforce else "failed",
+                      message=f"reward model: {what}: {advice}")
+    atomic_write_text(config.output, json.dumps(result, indent=2))
+    print(f"gate: {result['verdict']}: {result['message']}")
+    if result["verdict"] == "failed":
+        raise RuntimeError(result["message"])
+    return result
 
 
 @dataclass
@@ -82,36 +169,51 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
     out = Path(p.output_dir)
     d = {name: out / name for name in STAGES}
 
-    def make(cls, name: str, wired: dict[str, Any], overrides: dict[str, Any]):
-        clash = sorted(set(overrides) & set(wired) - {"seed"})
-        if clash:
-            raise ConfigError(f"pipeline: section '{name}' may not set '{clash[0]}' (the pipeline wires it)")
-        return from_dict(cls, {**wired, **overrides}, source=f"pipeline section '{name}'")
+    def make(cls, wired: dict[str, Any], *sections: tuple[str, dict[str, Any]]):
+        """``cls`` from the wiring and the named override sections (later sections win)."""
+        for name, overrides in sections:
+            clash = sorted(set(overrides) & set(wired) - {"seed"})
+            if clash:
+                raise ConfigError(f"pipeline: section '{name}' may not set '{clash[0]}' (the pipeline wires it)")
+        merged = {k: v for _, overrides in sections for k, v in overrides.items()}
+        source = "pipeline section " + " + ".join(f"'{name}'" for name, _ in sections)
+        return from_dict(cls, {**wired, **merged}, source=source)
 
     labels = str(d["label"] / "labels.jsonl")
     stages = [
-        Stage("sft", make(sft.SFTConfig, "sft", {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, p.sft),
+        Stage("sft", make(sft.SFTConfig, {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, ("sft", p.sft)),
               sft.train, d["sft"]),
-        Stage("sample", make(sample.SampleConfig, "sample", {"model": str(d["sft"]), "output": str(d["sample"] / "samples.jsonl"),
-                                                             "seed": p.seed}, p.sample), sample.run, d["sample"]),
-        Stage("label", make(label.LabelConfig, "label", {"samples": str(d["sample"] / "samples.jsonl"), "output": labels,
-                                                         "scorer": p.gold, "seed": p.seed}, p.label), label.run, d["label"]),
-        Stage("reward", make(reward.RewardConfig, "reward", {"model": str(d["sft"]), "data": labels,
-                                                             "output_dir": str(d["reward"]), "seed": p.seed}, p.reward),
+        Stage("sample", make(sample.SampleConfig, {"model": str(d["sft"]), "output": str(d["sample"] / "samples.jsonl"),
+                                                   "seed": p.seed}, ("sample", p.sample)), sample.run, d["sample"]),
+        Stage("label", make(label.LabelConfig, {"samples": str(d["sample"] / "samples.jsonl"), "output": labels,
+                                                "scorer": p.gold, "seed": p.seed}, ("label", p.label)), label.run, d["label"]),
+        Stage("reward", make(reward.RewardConfig, {"model": str(d["sft"]), "data": labels,
+                                                  "output_dir": str(d["reward"]), "seed": p.seed}, ("reward", p.reward)),
               reward.train, d["reward"]),
     ]
-    if p.algorithm == "dpo":
-        rl_config = make(dpo.DPOConfig, "rl", {"model": str(d["sft"]), "data": labels, "output_dir": str(d["rl"]),
-                                               "seed": p.seed}, p.rl)
-        stages.append(Stage("rl", rl_config, dpo.train, d["rl"]))
-    else:
-        cls = {"ppo": rl.RLConfig, "grpo": rl.GRPOConfig, "rloo": rl.RLOOConfig}[p.algorithm]
-        rl_config = make(cls, "rl", {"policy": str(d["sft"]), "reward_model": str(d["reward"]),
-                                     "output_dir": str(d["rl"]), "seed": p.seed}, p.rl)
-        stages.append(Stage("rl", rl_config, rl.train, d["rl"]))
-    stages.append(Stage("eval", make(evaluate.EvalConfig, "eval", {
-        "policy": str(d["rl"]), "baseline": str(d["sft"]), "gold": p.gold, "proxy": str(d["reward"]),
-        "output": str(d["eval"] / "eval.json"), "seed": p.seed}, p.eval), evaluate.run, d["eval"]))
+    algorithms = p.algorithms()
+    unknown = [a for a in algorithms if a not in POLICY_ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"pipeline: unknown algorithm '{unknown[0]}' (choose from {', '.join(POLICY_ALGORITHMS)})")
+    gate = GateConfig(reward_dir=str(d["reward"]), output=str(d["gate"] / GATE_FILE),
+                      needed=any(a != "dpo" for a in algorithms), enforce=p.reward_gate, min_accuracy=p.gate_min_accuracy)
+    stages.append(Stage("gate", gate, check_gate, d["gate"]))
+    for algorithm in algorithms:
+        sections = [(algorithm, getattr(p, algorithm))] + ([("rl", p.rl)] if algorithm == p.algorithm else [])
+        # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy.
+        wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "gold": p.gold}
+        if algorithm == "dpo":
+            config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])},
+                          *sections)
+            stages.append(Stage(algorithm, config, dpo.train, d[algorithm]))
+        else:
+            cls = {"ppo": rl.RLConfig, "grpo": rl.GRPOConfig, "rloo": rl.RLOOConfig}[algorithm]
+            config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, *sections)
+            stages.append(Stage(algorithm, config, rl.train, d[algorithm]))
+    stages.append(Stage("eval", make(evaluate.EvalConfig, {
+        "policy": str(d[algorithms[0]]), "extra_policies": [str(d[a]) for a in algorithms[1:]],
+        "baseline": str(d["sft"]), "gold": p.gold, "proxy": str(d["reward"]),
+        "output": str(d["eval"] / "eval.json"), "seed": p.seed}, ("eval", p.eval)), evaluate.run, d["eval"]))
     stages.append(Stage("report", report.ReportConfig(run_dir=str(out), output=str(out / "report.html")),
                         report.run, d["report"]))
     return stages
@@ -152,9 +254,12 @@ def _run_stage(stage: Stage, digest: str, start: float) -> None:
 
 def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, str]:
     """Run (or resume) the pipeline. Returns ``{stage: "ran" | "skipped"}``."""
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from: unknown stage '{from_stage}' (stages: {', '.join(STAGES)})")
     stages = build_stages(config)  # all configs are checked before anything runs
+    names = [stage.name for stage in stages]
+    if from_stage == "rl":  # the first policy stage, whatever its algorithm
+        from_stage = config.algorithms()[0]
+    if from_stage is not None and from_stage not in names:
+        raise ConfigError(f"--from: unknown stage '{from_stage}' (stages of this run: {', '.join(names)}, or rl)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "pipeline.json", json.dumps(to_dict(config), indent=2, default=str))
@@ -181,19 +286,46 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
 
 
 def demo_config(**overrides: Any) -> PipelineConfig:
-    """The built-in demo: SmolLM2-135M, shipped data, the polite/positive/concise rubric."""
+    """The built-in demo: SmolLM2-135M, shipped data, the polite/positive/concise rubric (or any `gold=`).
+
+    Classic RLHF and DPO side by side: SFT, 4 responses per prompt labelled as rankings by the simulated
+    annotator, a reward model (gated on its held-out accuracy), then PPO against it and DPO on the same
+    labels, each probed for its reward-KL frontier, all evaluated on the held-out prompts with best-of-n
+    (n = 1..16) by the reward model. ``algorithm`` picks the main policy (eval.json's top level); the other
+    of ppo/dpo is compared beside it (grpo and rloo are compared with ppo).
+
+    Nothing here is fitted to one rubric: the annotator's noise is relative to the spread of the gold
+    scores (``temperature_scale: spread``), and the PPO reward is the reward model's score, normalised on
+    SFT samples to mean 0, std 1, whatever the gold scorer's scale.
+    """
+    precision = models.default_precision()
+    algorithm = overrides.get("algorithm", "dpo")
+    compare = overrides.pop("compare", ["ppo"] if algorithm == "dpo" else ["dpo"])
+    probe = {"probe_points": 4, "probe_max_prompts": 32, "probe_max_new_tokens": 64, "probe_temperature": 0.7}
+    rl_common = {**probe, "precision": precision, "max_steps": 16, "batch_size": 16, "max_new_tokens": 64,
+                 "temperature": 0.7, "lr": 5e-6, "kl_coef": 0.05, "ppo_epochs": 2, "num_minibatches": 2,
+                 "target_kl_stop": 0.1}
     base: dict[str, Any] = {
         "output_dir": "runs/demo",
         "model": models.SMOLLM2,
-        "algorithm": "dpo",
+        "algorithm": algorithm,
+        "compare": compare,
         "gold": "demo",
-        "sft": {"num_epochs": 2, "lr": 5e-5, "batch_size": 8, "eval_every": 20, "save_every": 40},
-        "sample": {"max_prompts": 128, "max_new_tokens": 64, "batch_size": 32},
-        # The rubric's score gaps are small (median ~0.12): a low Bradley-Terry temperature keeps
-        # the simulated labels informative (median P(preferred) ~0.9) instead of near-coin flips.
-        "label": {"temperature": 0.05},
-        "reward": {"num_epochs": 2, "lr": 3e-5, "batch_size": 8, "eval_every": 10},
-        "rl": {"num_epochs": 2, "lr": 3e-5, "beta": 0.1, "batch_size": 8, "eval_every": 10},
-        "eval": {"max_new_tokens": 64, "best_of_n": 4, "batch_size": 32},
+        "sft": {"num_epochs": 2, "lr": 5e-5, "batch_size": 8, "eval_every": 20, "save_every": 40, "precision": precision},
+        # 4 responses per prompt, ranked: 6 pairs per prompt for the reward model.
+        "sample": {"max_prompts": 640, "max_new_tokens": 64, "batch_size": 64, "temperatures": [0.7, 1.0, 0.7, 1.0],
+                   "precision": precision},
+        # Bradley-Terry noise relative to the spread of the gold scores: a score gap of 0.1 standard
+        # deviations is a coin flip biased 73/27; one standard deviation is never mislabelled.
+        "label": {"temperature": 0.1, "temperature_scale": "spread"},
+        "reward": {"num_epochs": 1, "lr": 3e-5, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
+                   "precision": precision},
+        "dpo": {**probe, "num_epochs": 1, "lr": 5e-6, "beta": 0.1, "batch_size": 8, "eval_every": 0,
+                "eval_fraction": 0.05, "precision": precision},
+        "ppo": dict(rl_common),
+        "grpo": {**rl_common, "num_minibatches": 1, "kl_coef": 0.04},
+        "rloo": {**rl_common, "num_minibatches": 1},
+        "eval": {"max_new_tokens": 64, "samples_per_prompt": 2, "best_of_n": 16, "batch_size": 64,
+                 "max_prompts": 240, "precision": precision, "generation_precision": precision},
     }
     return from_dict(PipelineConfig, merge_sections(base, overrides), source="demo")

@@ -14,6 +14,9 @@ loads the result and gives the same raw scores.
    SFT model) score mean 0, std 1 at the training precision. They are stored in ``config.json`` as
    ``rlhfkit_reward_gain`` / ``rlhfkit_reward_bias``; :class:`RewardModel` applies
    them (``normalised = gain * raw + bias``), raw transformers outputs do not.
+4. The trained model scores every pair of the held-out comparisons (``eval_data``, or the
+   ``eval_fraction`` split): ``OUTPUT_DIR/heldout.json`` holds its accuracy with a
+   prompt-clustered bootstrap interval (:func:`heldout_accuracy`).
 
 The scalar head runs in fp32 even under a bf16 autocast (:func:`fp32_score_head`);
 the backbone runs at the training precision.
@@ -21,6 +24,8 @@ the backbone runs at the training precision.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,10 +37,15 @@ import yaml
 from rlhfkit import forward, models, packing
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_response
-from rlhfkit.data.sft import collate_sft
+from rlhfkit.data.pairwise import (chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings,
+                                   tokenize_response)
+from rlhfkit.data.records import Comparison
+from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.loop import FitResult, TrainOptions, fit
 from rlhfkit.losses import preference_loss
+
+HELDOUT_FILE = "heldout.json"
+"""Held-out accuracy of a trained reward model, in its output directory (see :func:`heldout_accuracy`)."""
 
 
 @dataclass
@@ -247,6 +257,120 @@ class RewardModel:
         return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
 
 
+def _prompt_key(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[int, ...]:
+    """The tokens before the response (the rendered prompt): pairs with the same key share a prompt."""
+    start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return tuple(input_ids[:start])
+
+
+def heldout_accuracy(model, tokenizer, comparisons_or_examples: Sequence, *, batch_size: int = 16,
+                     max_length: int = 1024, chat_template: bool = True, precision: str = "bf16",
+                     seed: int = 0, resamples: int = 2000) -> dict:
+    """Pairwise accuracy of a reward model on held-out comparisons, with a 95% prompt-clustered bootstrap interval.
+
+    ``comparisons_or_examples``: :class:`~rlhfkit.data.records.Comparison` records (tokenised here
+    with ``max_length`` and ``chat_template``, as training does), or examples already tokenised by
+    :func:`~rlhfkit.data.pairwise.load_pair_splits` -- whole rankings
+    (:func:`~rlhfkit.data.pairwise.tokenize_rankings`) or single pairs
+    (:func:`~rlhfkit.data.pairwise.tokenize_pairs`); ``max_length`` and ``chat_template`` then do nothing.
+    ``model``: a ``*ForSequenceClassification`` (unwrapped; peft is fine); its raw scores are used
+    (normalisation is monotone, it changes no order). ``tokenizer`` gives the padding id.
+
+    Every strict pair (chosen ranked above rejected) counts: a K-way ranking gives K(K-1)/2. A
+    pair scores 1.0 when the model scores chosen above rejected, 0.5 when the two scores are
+    exactly equal, else 0.0. Tie labels are not pairs: they are counted in ``ties`` and left out.
+    Pairs are clustered by prompt (the tokens before the response, so comparisons that share a
+    prompt share a cluster) and the interval is :func:`rlhfkit.stats.cluster_accuracy` with
+    ``seed`` and ``resamples``.
+
+    Returns ``{"accuracy": float, "accuracy_ci": [lo, hi], "num_pairs": int, "num_prompts": int,
+    "ties": int}``; with no strict pair, ``accuracy`` and ``accuracy_ci`` are None.
+    """
+    from rlhfkit.stats import cluster_accuracy
+
+    examples = list(comparisons_or_examples)
+    if examples and isinstance(examples[0], Comparison):
+        examples, _ = tokenize_rankings(tokenizer, examples, max_length=max_length, chat_template=chat_template,
+                                        keep_ties=True)
+    grouped = bool(examples) and "pairs" in examples[0]
+    collate = collate_rankings if grouped else collate_pairs
+
+    def sequences(example: dict) -> int:
+        return len(example["input_ids"]) if grouped else 2
+
+    # Batches of whole examples holding about batch_size sequences each.
+    batches, current, size = [], [], 0
+    for example in examples:
+        current.append(example)
+        size += sequences(example)
+        if size >= batch_size:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct: list[float] = []
+    clusters: list[tuple[int, ...]] = []
+    ties = 0
+    try:
+        for chunk in batches:
+            batch = collate(chunk, tokenizer.pad_token_id)
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            with torch.no_grad(), models.autocast(device, precision):
+                scores = sequence_scores(model, inputs).cpu()
+            chosen, rejected = chosen_rejected(batch, scores)
+            if grouped:  # pairs in collate_rankings order: example by example
+                keys = [_prompt_key(e["input_ids"][0], e["labels"][0]) for e in chunk for _ in e["pairs"]]
+            else:
+                keys = [_prompt_key(e["chosen_input_ids"], e["chosen_labels"]) for e in chunk]
+            for c, r, target, key in zip(chosen.tolist(), rejected.tolist(), batch["target"].tolist(), keys):
+                if target != 1.0:  # a tie label (0.5)
+                    ties += 1
+                    continue
+                correct.append(1.0 if c > r else 0.5 if c == r else 0.0)
+                clusters.append(key)
+    finally:
+        model.train(was_training)
+    result: dict = {"accuracy": None, "accuracy_ci": None, "num_pairs": len(correct),
+                    "num_prompts": len(set(clusters)), "ties": ties}
+    if correct:
+        estimate = cluster_accuracy(correct, clusters, resamples=resamples, seed=seed)
+        result["accuracy"] = float(estimate.value)
+        result["accuracy_ci"] = [float(estimate.ci[0]), float(estimate.ci[1])]
+    return result
+
+
+def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict]) -> None:
+    """Score the held-out examples with the trained model on the main process; write HELDOUT_FILE.
+
+    Nothing is written when the held-out comparisons are all ties (no accuracy to report)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState()
+    if state.is_main_process:
+        out = Path(config.output_dir)
+        if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # The in-memory model is sharded; the saved one is whole.
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).to(state.device)
+            fp32_score_head(model)
+        result = heldout_accuracy(model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision,
+                                  seed=config.seed)
+        if result["accuracy"] is None:  # readers of HELDOUT_FILE expect an accuracy; write none
+            print(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
+        else:
+            atomic_write_text(out / HELDOUT_FILE, json.dumps(result, indent=2) + "\n")
+            lo, hi = result["accuracy_ci"]
+            print(f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
+                  f"pairs ({result['num_prompts']} prompts)")
+    state.wait_for_everyone()
+
+
 def evenly_spaced(n: int, k: int) -> list[int]:
     """``k`` indices spread evenly over ``range(n)``, first and last included (all of them if ``k`` is
     -1 or at least ``n``)."""
@@ -276,7 +400,11 @@ def _norm_samples(config: RewardConfig) -> tuple[list, list[str]]:
 
 
 def train(config: RewardConfig) -> FitResult:
-    """Train a reward model on ``config.data``; save a loadable ``*ForSequenceClassification``."""
+    """Train a reward model on ``config.data``; save a loadable ``*ForSequenceClassification``.
+
+    With held-out data, also writes ``OUTPUT_DIR/heldout.json`` (:data:`HELDOUT_FILE`,
+    :func:`heldout_accuracy` of the model as trained) and prints its accuracy.
+    """
     if not config.data:
         raise ValueError("reward: `data` (a preference file) is required")
     tokenizer = _reward_tokenizer(config.model)
@@ -319,7 +447,7 @@ def train(config: RewardConfig) -> FitResult:
 
     pad_id = tokenizer.pad_token_id
     collate = collate_rankings if config.group_rankings else collate_pairs
-    return fit(
+    result = fit(
         config,
         model=model,
         task=RewardTask(config.margin),
@@ -330,3 +458,6 @@ def train(config: RewardConfig) -> FitResult:
         save_model=save,
         run_info={"stage": "reward", "data": config.data},
     )
+    if eval_set:  # no held-out data (eval_fraction 0, no eval_data): nothing written
+        _write_heldout(config, result.model, tokenizer, eval_set)
+    return result

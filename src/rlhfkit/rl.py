@@ -67,6 +67,7 @@ from rlhfkit.losses import (
 )
 from rlhfkit.optim import build_optimizer, build_scheduler
 from rlhfkit.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
+from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.tracking import MetricsLogger
 
@@ -74,7 +75,7 @@ Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
 
 
 @dataclass
-class RLConfig(models.AdapterOptions, TrainOptions):
+class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Config of the online RL stage. ``batch_size`` is prompts per step per process."""
 
     algorithm: Algorithm = "ppo"
@@ -148,11 +149,6 @@ class RLConfig(models.AdapterOptions, TrainOptions):
     """PPO-ptx: SFT data (prompt/completion or messages) mixed into the loss; empty disables."""
     ptx_coef: float = 0.0
     """PPO-ptx coefficient of the SFT loss."""
-    gold: str = ""
-    """Optional gold scorer (built-in, `module:function` or reward-model dir) logged as `gold_score` on the
-    same samples, to detect over-optimisation of the reward; it never affects training."""
-    gold_args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments bound to a scorer `gold`, as `reward_args`."""
     log_samples: int = 2
     """Completions written to samples.jsonl per logged step."""
     lr: float = 1e-6
@@ -521,6 +517,22 @@ class RLTrainer:
             total = sft_loss_sum(policy, batch)
         return total / max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
+    def make_probe(self, output_dir: Path) -> FrontierProbe:
+        """The frontier probe of this run (:mod:`rlhfkit.probe`): gold, proxy (the reward) and KL to the reference."""
+        c = self.config
+        if self.gold_fn is None:
+            raise ValueError("probe_points > 0 needs a gold scorer (`gold`)")
+        policy = self.acc.unwrap_model(self.model).policy
+        return FrontierProbe(c, tokenizer=self.tokenizer, reference=self.ref if self.ref is not None else policy,
+                             gold=self.gold_fn, proxy=self.reward_fn, output_dir=output_dir, seed=c.seed,
+                             precision=c.precision)
+
+    def run_probe(self, probe: FrontierProbe) -> None:
+        """Probe on the main process only (the unwrapped policy; see :mod:`rlhfkit.probe` on sharded models)."""
+        if self.acc.is_main_process:
+            probe(self.acc.unwrap_model(self.model).policy, self.step_count, self.total_steps)
+        self.acc.wait_for_everyone()
+
     def prompts_for_step(self, step: int) -> list:
         c = self.config
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -546,6 +558,9 @@ def train(config: RLConfig) -> RLTrainer:
         print(f"resumed from {resume_from} at step {trainer.step_count}")
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=c.tensorboard)
     logger.truncate_after(trainer.step_count)
+    probe = trainer.make_probe(out) if c.probe_points > 0 else None
+    if probe is not None:
+        trainer.run_probe(probe)  # step 0: the starting policy (or the resumed step, if it was a probe step)
     bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, unit="step", dynamic_ncols=True,
                disable=not (c.progress and acc.is_main_process), desc=f"{c.algorithm}")
     while trainer.step_count < trainer.total_steps:
@@ -568,6 +583,8 @@ def train(config: RLConfig) -> RLTrainer:
                     append_jsonl(out / "samples.jsonl", {"step": trainer.step_count, "prompt": scored.rollout.prompts[i],
                                                          "response": scored.rollout.responses[i], "score": float(scored.scores[i])})
                 logger.log_text(trainer.step_count, "sample", scored.rollout.responses[0])
+        if probe is not None:
+            trainer.run_probe(probe)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}", s_step=f"{metrics['time_step']:.1f}")
         if c.save_every > 0 and trainer.step_count % c.save_every == 0:

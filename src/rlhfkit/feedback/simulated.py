@@ -23,6 +23,15 @@ reward models assume humans behave:
   Ties are never flipped. This models careless clicks, separately from the
   "hard to tell" noise that the temperature models.
 
+**Scale**: the temperature and tie threshold are in the scorer's units. A scorer
+100 times larger at the same temperature gives near-deterministic labels; one
+100 times smaller, near coin flips. :func:`score_spread` measures a scorer's
+scale (the population standard deviation of its scores on the items to label)
+so that both can be set relative to it (``LabelConfig.temperature_scale:
+spread``): with ``temperature = t * spread`` and ``tie_threshold = h * spread``,
+scaling the scorer by any c > 0 scales the spread by c and leaves every label
+unchanged.
+
 Every item consumes the same random draws whatever the settings (two uniforms
 per pair; K Gumbels plus one uniform for K > 2), so annotators that share a seed
 share their randomness: with ``flip_rate`` changed and nothing else, exactly the
@@ -71,6 +80,23 @@ def _unpack(item: Any) -> tuple[Prompt, list[str]]:
     return prompt, responses
 
 
+def score_spread(scorer: Scorer | str, items: Iterable[Any]) -> float:
+    """Population standard deviation of the scores of every response of every item (one scorer call).
+
+    ``items``: ``(prompt, responses)`` tuples or dicts, as :meth:`SimulatedAnnotator.label_many`
+    takes them; each response is scored against its prompt exactly as the annotator scores it.
+    Returns ``sqrt(mean((s - mean(s))^2))`` over all N scores (ddof 0), so 0.0 when every score is
+    equal, and 0.0 for no responses at all.
+    """
+    scorer = load_scorer(scorer) if isinstance(scorer, str) else scorer
+    unpacked = [_unpack(item) for item in items]
+    texts = [prompt_text(prompt) for prompt, responses in unpacked for _ in responses]
+    flat_responses = [r for _, responses in unpacked for r in responses]
+    if not flat_responses:
+        return 0.0
+    return float(np.std(np.asarray(call_scorer(scorer, texts, flat_responses), dtype=np.float64)))
+
+
 class SimulatedAnnotator:
     """Labels ``(prompt, responses)`` with a :class:`Comparison`, sampled from scorer scores.
 
@@ -85,6 +111,10 @@ class SimulatedAnnotator:
         tie_threshold: pairs whose scores differ by at most this are ties (so
             equal scores are ties by default).
         name: recorded as ``source=f"simulated:{name}"``.
+
+    Each label's ``meta`` holds the scores, ``p_first`` (the probability that response
+    0 wins or ranks first, before flip noise), ``flipped`` and ``temperature`` (the one
+    used, in the scorer's units).
     """
 
     def __init__(
@@ -139,7 +169,7 @@ class SimulatedAnnotator:
             ranking=ranking,
             tie=tie,
             source=f"simulated:{self.name}",
-            meta={"scores": scores, "p_first": p_first, "flipped": flipped},
+            meta={"scores": scores, "p_first": p_first, "flipped": flipped, "temperature": self.temperature},
         )
 
     def _judge_pair(self, scores: list[float]) -> tuple[list[int], bool, float, bool]:

@@ -1,0 +1,128 @@
+"""Frontier probes: gold score, proxy score and KL of the policy *during* training.
+
+Gao et al. (2022) and Stiennon et al. (2020) judge a preference-optimisation
+method by the path it draws in the (KL to the reference, gold reward) plane,
+not by its last point alone: a method that keeps raising the proxy (the reward
+model) while the gold score falls is over-optimising. So PPO, GRPO, RLOO and
+DPO can each, at ``probe_points`` evenly spaced steps (and at step 0, the
+starting policy), sample one response per prompt for a fixed held-out prompt
+subset and record, in ``OUTPUT_DIR/frontier.jsonl``::
+
+    {"step", "kl", "kl_se", "gold", "gold_se", "proxy", "proxy_se", "num_prompts", "response_length"}
+
+``kl`` is the mean per-sequence k1 KL to the frozen reference on the policy's
+own samples (:func:`rlhfkit.evaluate.sequence_kl`); ``*_se`` are standard
+errors of the means over prompts. Every probe reseeds sampling with the same
+seed (common random numbers: the points differ by the policy, not by the
+draw) inside a forked RNG, so probing never changes what training samples and
+a resumed run stays exact. The report draws the frontier and runs the
+over-optimisation check (:func:`rlhfkit.stats.overoptimisation`) from this file.
+
+Multi-process runs: the probe runs on the main process with the unwrapped
+model, which is right for DDP; under FSDP or ZeRO-3 the parameters are sharded
+and this has not been made to work (nor run).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+FRONTIER_FILE = "frontier.jsonl"
+"""The probe points of a training run, in its output directory."""
+
+
+@dataclass
+class ProbeOptions:
+    """Frontier probes during training (mixed into the RL and DPO configs)."""
+
+    probe_points: int = 0
+    """Probes at this many evenly spaced steps, plus one at step 0 (0 disables)."""
+    probe_prompts: str = ""
+    """Held-out prompts (JSONL with `prompt`); empty: the shipped demo eval prompts."""
+    probe_max_prompts: int = 32
+    """Use the first N probe prompts, one response each."""
+    probe_max_new_tokens: int = 64
+    """Response length limit of probe samples."""
+    probe_temperature: float = 0.7
+    """Sampling temperature of probe samples (and of their KL)."""
+    gold: str = ""
+    """Gold scorer (built-in, `module:function` or reward-model dir) for the probes (and, in RL, logged as
+    `gold_score` on each step's samples); it never affects training. Empty: no probes, no gold_score."""
+    gold_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to a scorer `gold`, as `reward_args`."""
+
+
+def probe_steps(total_steps: int, points: int) -> list[int]:
+    """Step 0 and ``points`` steps evenly spaced up to ``total_steps`` (the last one included)."""
+    if points <= 0:
+        return []
+    return sorted({0, *(max(1, round(k * total_steps / points)) for k in range(1, points + 1))})
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+class FrontierProbe:
+    """Call ``probe(policy, step, total_steps)`` after every step; it samples and logs only at :func:`probe_steps`.
+
+    ``reference`` is the frozen starting policy (or ``policy`` itself for LoRA: its base, adapters off);
+    ``gold`` and ``proxy`` are score functions ``fn(prompts, responses) -> list[float]`` (the proxy, the
+    reward model, may be None).
+    """
+
+    def __init__(self, options: ProbeOptions, *, tokenizer, reference, gold: Callable, proxy: Callable | None,
+                 output_dir: str | Path, seed: int, precision: str):
+        from rlhfkit.sample import load_prompts
+        from rlhfkit.sft import demo_data_path
+
+        self.options, self.tokenizer, self.reference = options, tokenizer, reference
+        self.gold, self.proxy = gold, proxy
+        prompts = load_prompts(options.probe_prompts or demo_data_path("prompts_eval.jsonl"))
+        self.prompts = prompts[: options.probe_max_prompts] if options.probe_max_prompts > 0 else prompts
+        self.path = Path(output_dir) / FRONTIER_FILE
+        self.seed, self.precision = seed, precision
+
+    @torch.no_grad()
+    def __call__(self, policy, step: int, total_steps: int) -> dict | None:
+        if step not in probe_steps(total_steps, self.options.probe_points):
+            return None
+        from rlhfkit.data.io import append_jsonl
+        from rlhfkit.evaluate import sequence_kl
+        from rlhfkit.rollout import GenerationOptions, HFEngine, make_rollout
+
+        o = self.options
+        t0 = time.perf_counter()
+        was_training = policy.training
+        policy.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + 777)
+            engine = HFEngine(policy, self.tokenizer, precision=self.precision)
+            rollout = make_rollout(engine, self.tokenizer, self.prompts,
+                                   GenerationOptions(o.probe_max_new_tokens, o.probe_temperature, 1.0))
+        kl = sequence_kl(policy, self.reference, rollout, precision=self.precision).tolist()
+        policy.train(was_training)
+        gold = self.gold(rollout.prompts, rollout.responses)
+        row: dict[str, Any] = {"step": step}
+        row["kl"], row["kl_se"] = _mean_se(kl)
+        row["gold"], row["gold_se"] = _mean_se(gold)
+        row["proxy"] = row["proxy_se"] = None
+        if self.proxy is not None:
+            row["proxy"], row["proxy_se"] = _mean_se(list(self.proxy(rollout.prompts, rollout.responses)))
+        row["num_prompts"] = len(self.prompts)
+        row["response_length"] = float(rollout.lengths.float().mean())
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        append_jsonl(self.path, row)
+        proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
+        print(f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
+              f"({row['seconds']:.0f}s)")
+        return row
