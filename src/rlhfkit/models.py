@@ -91,6 +91,11 @@ class AdapterOptions:
     """Dropout on the LoRA branch."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that get LoRA adapters."""
+    trainable_layers: int = -1
+    """Train only the top N decoder layers, the final norm and an untied head (e.g. a reward model's score
+    head); -1 trains everything. The frozen bottom needs no backward, so a step costs about a forward
+    plus N/L of a backward: cheap reward models and DPO on a CPU. Input embeddings, and an LM head tied
+    to them, stay frozen (training them would need the backward through every layer)."""
     packing: bool = True
     """Packed batches (`rlhfkit.packing`): no padding, and a prompt shared by several sequences (chosen and
     rejected; an RL group's samples) runs once. Needs `attn_implementation: auto`. false: padded batches."""
@@ -287,6 +292,11 @@ def prepare_for_training(model, options: AdapterOptions):
             "set packing=false to use another kernel"
         )
     set_attention(model, options.attn_implementation)
+    layers = getattr(options, "trainable_layers", -1)
+    if layers >= 0:
+        if options.lora_r > 0:
+            raise ValueError("trainable_layers and lora_r > 0 are two ways to choose what trains; use one")
+        freeze_below(model, layers)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -304,6 +314,26 @@ def prepare_for_training(model, options: AdapterOptions):
             model.enable_input_require_grads()
         model = get_peft_model(model, lora)
     return model
+
+
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
+    """The name and module of the model's stack of decoder layers (the ModuleList of num_hidden_layers blocks)."""
+    count = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return name, module
+    raise ValueError(f"no stack of {count} decoder layers found in {type(model).__name__}")
+
+
+def freeze_below(model, trainable: int) -> None:
+    """Freeze the input embeddings and every decoder layer but the top ``trainable`` ones (see
+    :attr:`AdapterOptions.trainable_layers`); everything else (final norm, untied heads) keeps training."""
+    name, layers = decoder_layers(model)
+    if not 0 <= trainable <= len(layers):
+        raise ValueError(f"trainable_layers must be in 0..{len(layers)}, got {trainable}")
+    model.get_input_embeddings().requires_grad_(False)  # a tied LM head is this same parameter
+    for layer in layers[: len(layers) - trainable]:
+        layer.requires_grad_(False)
 
 
 @contextlib.contextmanager
