@@ -438,3 +438,24 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
         load_comparisons(tmp_path / "junk.parquet")
+
+
+def test_best_worst_keeps_one_pair_per_ranking_first_against_last():
+    from rlhfkit import models
+    from rlhfkit.data.pairwise import tokenize_pairs
+    from rlhfkit.data.records import Comparison
+
+    tok = models.load_tokenizer("tiny")
+    comps = [Comparison(prompt="p", responses=["a a", "b b", "c c", "d d"], ranking=[2, 0, 3, 1]),
+             Comparison(prompt="q", responses=["x", "y"], ranking=[1, 0]),
+             Comparison(prompt="r", responses=["s", "t"], ranking=[0, 1], tie=True)]
+    every, stats = tokenize_pairs(tok, comps, max_length=64)
+    assert stats.pairs == len(every) == 6 + 1 + 1
+    best, stats = tokenize_pairs(tok, comps, max_length=64, ranking_pairs="best_worst")
+    assert stats.pairs == len(best) == 3
+    want = [e for e in every if e["chosen_input_ids"] == every[0]["chosen_input_ids"]]  # response 2 is best
+    # the kept pair of the 4-way ranking: response 2 (first) over response 1 (last)
+    last = [e for e in every if e["rejected_input_ids"] == every[5]["rejected_input_ids"]]
+    assert best[0]["chosen_input_ids"] == want[0]["chosen_input_ids"]
+    assert best[0]["rejected_input_ids"] == last[0]["rejected_input_ids"] == every[2]["rejected_input_ids"]
+    assert best[1:] == every[6:]

@@ -48,6 +48,8 @@ class DPOConfig(models.ModelOptions, TrainOptions, ProbeOptions):
     """Optional held-out preference file; if empty, `eval_fraction` of `data` is held out."""
     eval_fraction: float = 0.05
     """Fraction of comparisons held out when `eval_data` is empty (0 disables eval)."""
+    ranking_pairs: Literal["all", "best_worst"] = "all"
+    """A K-way ranking gives all its K(K-1)/2 pairs, or only its best against its worst (one pair per prompt)."""
     ref_model: str = ""
     """Reference model spec; empty: the starting `model` (with LoRA: the base, adapters off)."""
     beta: float = 0.1
@@ -226,6 +228,7 @@ def train(config: DPOConfig) -> FitResult:
     train_set, eval_set = load_pair_splits(
         tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
         max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+        ranking_pairs=config.ranking_pairs,
     )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -320,7 +320,9 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "label": {"temperature": 0.1, "temperature_scale": "spread"},
         "reward": {"num_epochs": 1, "lr": 3e-5, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
                    "precision": precision},
+        # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x.
         "dpo": {**probe, "num_epochs": 1, "lr": 5e-6, "beta": 0.1, "batch_size": 8, "eval_every": 0,
+                "ranking_pairs": "best_worst",
                 "eval_fraction": 0.05, "precision": precision},
         "ppo": dict(rl_common),
         "grpo": {**rl_common, "num_minibatches": 1, "kl_coef": 0.04},

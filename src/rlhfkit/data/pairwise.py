@@ -65,8 +65,12 @@ def tokenize_pairs(
     max_length: int,
     chat_template: bool = True,
     keep_ties: bool = True,
+    ranking_pairs: str = "all",
 ) -> tuple[list[dict], PairStats]:
     """Expand comparisons to pairs and tokenise them (:func:`tokenize_rankings`, one example per pair).
+
+    ``ranking_pairs="best_worst"`` keeps one pair per K-way ranking, its first against its last (the
+    largest preference gap, as UltraFeedback-style binarisation does); ``"all"`` keeps all K(K-1)/2.
 
     Each example holds ``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels``, ``target`` (P(chosen > rejected):
@@ -77,9 +81,16 @@ def tokenize_pairs(
     out = []
     for group in groups:
         ids, labels = group["input_ids"], group["labels"]
-        for better, worse, target in group["pairs"]:
+        pairs = group["pairs"]
+        if ranking_pairs == "best_worst" and len(pairs) > 1:
+            best, worst = pairs[0][0], pairs[-1][1]
+            pairs = [p for p in pairs if p[0] == best and p[1] == worst]
+        elif ranking_pairs not in ("all", "best_worst"):
+            raise ValueError(f"ranking_pairs must be all or best_worst, not {ranking_pairs!r}")
+        for better, worse, target in pairs:
             out.append({"chosen_input_ids": ids[better], "chosen_labels": labels[better], "rejected_input_ids": ids[worse],
                         "rejected_labels": labels[worse], "target": target, "margin": group["margin"]})
+    stats.pairs = len(out)  # after any best_worst selection
     return out, stats
 
 
@@ -206,6 +217,7 @@ def load_pair_splits(
     keep_ties: bool,
     stage: str,
     grouped: bool = False,
+    ranking_pairs: str = "all",
 ) -> tuple[list[dict], list[dict]]:
     """Read comparisons (any supported format), split off a held-out set, tokenise both.
 
@@ -223,6 +235,8 @@ def load_pair_splits(
     else:
         train_c, eval_c = split_holdout(comparisons, eval_fraction, seed)
     kwargs = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
+    if not grouped:
+        kwargs["ranking_pairs"] = ranking_pairs
     tokenize = tokenize_rankings if grouped else tokenize_pairs
     train, stats = tokenize(tokenizer, train_c, **kwargs)
     held, held_stats = tokenize(tokenizer, eval_c, **kwargs)
