@@ -144,7 +144,8 @@ def check_gate(config: GateConfig) -> dict:
     else:
         advice = (f"its interval does not exclude {config.min_accuracy:g}, so RL against it would optimise noise. "
                   "Collect more or cleaner preference data (more prompts, more responses per prompt, less label "
-                  "noise), or train the reward model longer; set reward_gate=false to run anyway.")
+                  "noise), or train the reward model longer; "
+                  + ("reward_gate=false let RL run anyway." if not config.enforce else "set reward_gate=false to run anyway."))
         result.update(verdict="not needed" if not config.needed else "overridden" if not config.enforce else "failed",
                       message=f"reward model: {what}: {advice}")
     atomic_write_text(config.output, json.dumps(result, indent=2))
@@ -319,7 +320,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # deviations is a coin flip biased 73/27; one standard deviation is never mislabelled.
         "label": {"temperature": 0.1, "temperature_scale": "spread"},
         "reward": {"num_epochs": 1, "lr": 3e-5, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
-                   "precision": precision},
+                   "norm_max_samples": 256, "precision": precision},
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x.
         "dpo": {**probe, "num_epochs": 1, "lr": 5e-6, "beta": 0.1, "batch_size": 8, "eval_every": 0,
                 "ranking_pairs": "best_worst",
