@@ -238,9 +238,12 @@ def run(config: EvalConfig) -> dict:
     proxy = load_reward(c.proxy, precision=c.precision) if c.proxy else None
     base_name = player_name(c.baseline)
     policies = [c.policy, *c.extra_policies]
-    names = [player_name(spec) for spec in policies]
-    if len(set(names + [base_name])) != len(names) + 1:
-        raise ValueError(f"eval: players need distinct names (directory names), got {[base_name, *names]}")
+    names: list[str] = []
+    for spec in policies:  # directory names, made unique: two runs/x/dpo become dpo and dpo_2
+        name, k = player_name(spec), 2
+        while name in names or name == base_name:
+            name, k = f"{player_name(spec)}_{k}", k + 1
+        names.append(name)
 
     def score(roll: Rollout) -> tuple[list[float], list[float] | None]:
         return gold(roll.prompts, roll.responses), (proxy(roll.prompts, roll.responses) if proxy else None)

@@ -1,0 +1,68 @@
+"""rlhfkit eval: every player against the baseline, with intervals; best-of-n from one nested pool."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rlhfkit import evaluate, stats
+
+
+def _config(tmp_path, **kw):
+    base = dict(policy="tiny", baseline="tiny", gold="length", max_prompts=6, max_new_tokens=6, batch_size=8,
+                best_of_n=8, samples_per_prompt=2, precision="fp32", generation_precision="fp32", bootstrap=20,
+                resamples=300, progress=False, output=str(tmp_path / "eval.json"))
+    base.update(kw)
+    return evaluate.EvalConfig(**base)
+
+
+def test_best_of_n_by_gold_never_loses_gold_as_n_doubles(tmp_path):
+    """With the gold scorer as the ranker, the pick from the first 2n samples of a prompt scores at least the
+    pick from its first n (the pool is nested); KL is the analytic log n - (n - 1) / n."""
+    results = evaluate.run(_config(tmp_path))
+    players = results["players"]
+    assert set(players) == {"tiny", "tiny_2", "best_of_1", "best_of_2", "best_of_4", "best_of_8"}
+    golds = [players[f"best_of_{n}"]["gold_score"] for n in (1, 2, 4, 8)]
+    assert all(a <= b + 1e-12 for a, b in zip(golds, golds[1:]))
+    for n in (1, 2, 4, 8):
+        assert players[f"best_of_{n}"]["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+    assert json.loads((tmp_path / "eval.json").read_text())["players"].keys() == players.keys()
+
+
+def test_players_get_distinct_names(tmp_path):
+    results = evaluate.run(_config(tmp_path, best_of_n=0, extra_policies=["tiny"]))  # three players named tiny
+    assert list(results["players"]) == ["tiny", "tiny_2", "tiny_3"]
+    assert results["main_player"] == "tiny_2" and results["baseline_name"] == "tiny"
+
+
+def test_policy_entry_matches_an_independent_recomputation(tmp_path):
+    """The policy's win rate, gold and p-value equal stats' functions applied to the scores of the samples the
+    run drew (re-drawn here with the same seeds)."""
+    from rlhfkit.rewards import load_reward
+    from rlhfkit.sample import load_prompts
+    from rlhfkit.sft import demo_data_path
+
+    (tmp_path / "pol").mkdir()
+    from rlhfkit import models
+
+    model, tok = models.load_causal_lm("tiny"), models.load_tokenizer("tiny")
+    models.save_pretrained(model, tok, tmp_path / "pol")
+    cfg = _config(tmp_path, policy=str(tmp_path / "pol"), best_of_n=0)
+    results = evaluate.run(cfg)
+    entry = results["players"]["pol"]
+    prompts = load_prompts(demo_data_path("prompts_eval.jsonl"))[:6]
+    gold = load_reward("length")
+    base, _, _ = evaluate._sample("tiny", prompts, cfg, "b", n=2)
+    pol, _, _ = evaluate._sample(str(tmp_path / "pol"), prompts, cfg, "p", n=2, seed_offset=1)
+    bg, pg = gold(base.prompts, base.responses), gold(pol.prompts, pol.responses)
+    by = lambda xs: [xs[i:i + 2] for i in range(0, len(xs), 2)]  # noqa: E731
+    wins = stats.win_fractions(by(pg), by(bg))
+    assert entry["win_rate"] == pytest.approx(float(wins.mean()))
+    diffs = [sum(p) / 2 - sum(b) / 2 for p, b in zip(by(pg), by(bg))]
+    assert entry["gold_diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert entry["p_value"] == pytest.approx(stats.sign_flip_p_value(diffs, seed=0))
+    assert results["win_rate"] == entry["win_rate"] and results["win_rate_ci"] == entry["win_rate_ci"]
+    assert entry["verdict"].split(":")[0] in ("better than tiny", "worse than tiny", "not distinguishable from tiny")
+    assert entry["kl"] == pytest.approx(0.0, abs=1e-4)  # the same weights as the reference
