@@ -170,13 +170,16 @@ def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
 
 @torch.no_grad()
 def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precision: str, batch_size: int = 8,
-                      packed: bool = True) -> torch.Tensor:
+                      packed: bool = True, progress: bool = False) -> torch.Tensor:
     """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
+    from tqdm.auto import tqdm
+
     model.eval()
     device = next(model.parameters()).device
     out = []
     with models.adapters_disabled(model):
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), unit="batch", desc="dpo: reference log-probs",
+                          disable=not progress):
             chunk = examples[start : start + batch_size]
             batch = collate_pairs(chunk, pad_token_id, packed=packed)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -205,7 +208,8 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         print(f"dpo: reference log-probs loaded from cache {path}")
     else:
         ref_logps = compute_ref_logps(ref, examples, tokenizer.pad_token_id, precision=config.precision,
-                                      batch_size=config.batch_size, packed=config.packing)
+                                      batch_size=config.batch_size, packed=config.packing,
+                                      progress=config.progress and state.is_main_process)
         if path is not None and state.is_main_process:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"ref_logps": ref_logps}, str(tmp))
