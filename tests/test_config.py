@@ -103,3 +103,29 @@ def test_a_runs_stage_key_is_accepted_only_for_its_stage(yaml_file):
     assert str(path) in str(info.value)
     with pytest.raises(ConfigError, match="'stage'"):
         load_config(SFTConfig, path)  # no stage given: the key is unknown
+
+
+@pytest.mark.parametrize("raw", ["1e3", "Infinity", "1_000", "0.10", "007"])
+def test_a_string_field_keeps_the_override_text(raw):
+    # Before the fix parse_overrides turned any float()-able text into a number first, so
+    # output_dir=1e3 became "1000.0" and model=Infinity became "inf".
+    config = load_config(SFTConfig, None, [f"output_dir={raw}", f"model={raw}"])
+    assert config.output_dir == raw and config.model == raw
+
+
+def test_an_integer_field_reads_exponent_text():
+    assert load_config(SFTConfig, None, ["max_steps=1e3"]).max_steps == 1000
+
+
+def test_online_rl_configs_have_no_eval_every():
+    # RL has no held-out split; a field listed by `rlhfkit config ppo` must be read by the trainer.
+    from rlhfkit.dpo import DPOConfig
+    from rlhfkit.reward import RewardConfig
+    from rlhfkit.rl import GRPOConfig, RLConfig
+
+    assert "eval_every" not in {f.name for f in dataclasses.fields(RLConfig)}
+    assert "eval_every" not in {f.name for f in dataclasses.fields(GRPOConfig)}
+    for cls in (SFTConfig, RewardConfig, DPOConfig):
+        assert "eval_every" in {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(ConfigError, match="'eval_every'"):
+        load_config(RLConfig, None, ["eval_every=5"])

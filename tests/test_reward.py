@@ -56,16 +56,29 @@ def test_preference_loss_by_hand():
         -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),  # tie
         math.log(1 + math.exp(-3)),                                           # p = 0: -log sigmoid(-d)
     ], rel=1e-12)
-    # With margin 0.5: d = [0.5, -1.5, -3.5]
+    # With margin 0.5 the strict preferences need a gap of 0.5 (d - m for p = 1, d + m for p = 0);
+    # the tie gets no margin: d = [0.5, -1, -2.5]
     with_margin = preference_loss(chosen, rejected, target, margin=0.5)
     assert with_margin.tolist() == pytest.approx([
         math.log(1 + math.exp(-0.5)),
-        -(0.5 * math.log(1 / (1 + math.exp(1.5))) + 0.5 * math.log(1 / (1 + math.exp(-1.5)))),
-        math.log(1 + math.exp(-3.5)),
+        -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),
+        math.log(1 + math.exp(-2.5)),
     ], rel=1e-12)
     # Target 1 is exactly Bradley-Terry.
     ones = torch.ones(3, dtype=torch.float64)
     assert torch.equal(preference_loss(chosen, rejected, ones, margin=0.5), bradley_terry_loss(chosen, rejected, 0.5))
+
+
+def test_tie_loss_is_minimal_at_no_gap_whatever_the_margin():
+    # A tie must not teach a preference: with margin m > 0 the tie's loss, as a function of the gap d,
+    # is still minimal (ln 2, gradient 0) at d = 0, not at d = m (the defect: margin applied to ties).
+    for margin in (0.0, 0.5, 2.0):
+        d = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+        loss = preference_loss(d, torch.zeros(1, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64),
+                               margin=torch.tensor([margin], dtype=torch.float64))
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(math.log(2), rel=1e-12)
+        assert d.grad.item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_tie_loss_pulls_scores_together():
@@ -168,7 +181,7 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
         loss_sum, stats = RewardTask(margin=0.25).loss(model, batch)
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     chosen, rejected = scores[:2].tolist(), scores[2:].tolist()
-    d0 = chosen[0] - rejected[0] - 0.25            # tie: config margin only
+    d0 = chosen[0] - rejected[0]                   # tie: no margin (a margin would teach a preference)
     d1 = chosen[1] - rejected[1] - (0.25 + 1.5)    # config margin + the record's meta.margin
 
     def log_sigmoid(x):

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 from rlhfkit import loop, models, rl
+from rlhfkit.data.io import read_jsonl_records
 from rlhfkit.policy import load_critic
 from tests.helpers import read_jsonl, saved_weights
 
@@ -190,7 +191,8 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
-    """Crash right after the step-2 checkpoint of a 4-step run, rerun the same config: same weights.
+    """Crash at the step-4 checkpoint of a 4-step run (steps 3 and 4 logged, the last checkpoint at
+    step 2), rerun the same config: same weights, and the logs hold each step once.
 
     Exact equality, not a tolerance: the checkpoint restores weights, optimizer,
     scheduler and RNG states, so the resumed run samples the same responses.
@@ -202,15 +204,16 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
 
     save = loop.Checkpointer.save
 
-    def save_then_crash(self, step, state):
+    def crash_at_step_4(self, step, state):
+        if step == 4:
+            raise _Crash("simulated crash while writing the step-4 checkpoint")
         save(self, step, state)
-        raise _Crash(f"simulated crash after the step-{step} checkpoint")
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop.Checkpointer, "save", save_then_crash)
+        patch.setattr(loop.Checkpointer, "save", crash_at_step_4)
         with pytest.raises(_Crash):
             rl.train(make_config(resumed, **fields))
-    assert [e["step"] for e in metrics(resumed)] == [1, 2]
+    assert [e["step"] for e in metrics(resumed)] == [1, 2, 3, 4]
     assert not (resumed / "model.safetensors").exists()
 
     rl.train(make_config(resumed, **fields))  # resume="auto" picks up checkpoints/step-0000002
@@ -227,6 +230,10 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
     # The logged rollouts agree too: the same responses were sampled after the resume.
     for x, y in zip(metrics(straight), metrics(resumed), strict=True):
         assert (x["step"], x["score"], x["kl"]) == (y["step"], y["score"], y["kl"])
+    # samples.jsonl is cut back to the checkpoint's step too (steps 3 and 4 were once logged twice).
+    samples = [read_jsonl_records(d / "samples.jsonl") for d in (straight, resumed)]
+    assert [r["step"] for r in samples[1]] == [1, 2, 3, 4]
+    assert samples[0] == samples[1]
 
 
 def test_grad_accum_gives_the_same_update(rl_dir):

@@ -69,6 +69,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # YAML 1.1 reads "1e3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{source}: key '{key}': expected an integer, got {value!r}")
@@ -122,13 +127,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 leaves "1e-5" a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        # A string stays a string here ("1e-5", which YAML 1.1 reads as text, included): the field's
+        # type decides, in `_coerce`, so `output_dir=1e3` stays "1e3" while `lr=1e-5` becomes 1e-05.
         out[key] = value
     return out
+
+
+def _override_texts(overrides: list[str]) -> dict[str, str]:
+    """The raw text of each ``key=value`` override, for string fields (``name=1_000`` stays "1_000")."""
+    return {item.split("=", 1)[0].strip(): item.split("=", 1)[1] for item in overrides if "=" in item}
 
 
 def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +196,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
                 expected = ", ".join(sorted(stages)) or "none"
                 raise ConfigError(f"{path}: field 'stage': this file is a '{written}' config, not one for this command ({expected})")
     cli = nest_dotted(parse_overrides(overrides or []))
+    hints = typing.get_type_hints(cls)
+    for key, text in _override_texts(overrides or []).items():  # a string field keeps the text as typed
+        if key in cli and hints.get(key) in (str, str | None, typing.Optional[str]) and isinstance(cli[key], (int, float)) \
+                and not isinstance(cli[key], bool):
+            cli[key] = text
     for key in cli:  # an unknown override is reported as coming from the command line
         if key not in known:
             from_dict(cls, {key: cli[key]}, source="command line")

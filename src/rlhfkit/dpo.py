@@ -33,13 +33,13 @@ from rlhfkit import forward, models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
-from rlhfkit.loop import FitResult, TrainOptions, fit
+from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 from rlhfkit.losses import dpo_loss, simpo_loss
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 
 
 @dataclass
-class DPOConfig(models.ModelOptions, TrainOptions, ProbeOptions):
+class DPOConfig(models.ModelOptions, TrainOptions, EvalOptions, ProbeOptions):
     """Config of the DPO stage."""
 
     data: str = ""

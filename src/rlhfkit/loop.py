@@ -73,8 +73,6 @@ class TrainOptions:
     """Final learning rate as a fraction of the peak (cosine and linear)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    eval_every: int = 0
-    """Evaluate on the held-out split every N steps (0: only at the end)."""
     log_every: int = 1
     """Write metrics every N steps."""
     save_every: int = 0
@@ -87,6 +85,14 @@ class TrainOptions:
     """Show a progress bar (rate, ETA, tokens/s)."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events under output_dir/tensorboard."""
+
+
+@dataclass
+class EvalOptions:
+    """For trainers with a held-out split (SFT, reward model, DPO); online RL has none."""
+
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
 
 
 class Task(Protocol):
@@ -423,7 +429,8 @@ def fit(
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
 
-        if options.eval_every > 0 and state.step % options.eval_every == 0 and state.step < total_steps:
+        eval_every = getattr(options, "eval_every", 0)  # EvalOptions
+        if eval_every > 0 and state.step % eval_every == 0 and state.step < total_steps:
             eval_metrics = run_eval()
             if eval_metrics:
                 logger.log(state.step, eval_metrics)

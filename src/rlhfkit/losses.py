@@ -268,13 +268,16 @@ def preference_loss(
 ) -> torch.Tensor:
     """Bradley-Terry with soft targets: cross-entropy of ``P(chosen > rejected) = sigmoid(d)``.
 
-    ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))`` with ``d = r_c - r_r - margin``;
+    ``-(p log sigmoid(d) + (1 - p) log sigmoid(-d))`` with ``d = r_c - r_r``;
     ``target`` p is 1 for a plain preference (equals :func:`bradley_terry_loss`) and
-    0.5 for a tie. Shapes: (B,) -> (B,).
+    0.5 for a tie. The margin applies to strict preferences only: ``d - margin`` where p = 1,
+    ``d + margin`` where p = 0, and no margin for a tie (else the tie loss, minimal at
+    ``d = margin``, would teach a preference). Shapes: (B,) -> (B,).
     """
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
-        diff = diff - margin
+        sign = torch.where(target >= 1, 1.0, torch.where(target <= 0, -1.0, 0.0)).to(diff.dtype)
+        diff = diff - sign * margin
     return -(target * F.logsigmoid(diff) + (1 - target) * F.logsigmoid(-diff))
 
 

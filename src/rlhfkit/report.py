@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from rlhfkit import stats
-from rlhfkit.data.io import atomic_write_text
+from rlhfkit.data.io import atomic_write_text, jsonl_lines
 from rlhfkit.pipeline import GATE_FILE  # the writers' names, so a rename cannot silently empty a section
 from rlhfkit.pipeline import POLICY_ALGORITHMS as POLICY_STAGES
 from rlhfkit.probe import FRONTIER_FILE
@@ -182,7 +182,7 @@ def read_frontier(path: Path) -> tuple[list[dict[str, Any]], int]:
     """
     by_step: dict[float, dict[str, Any]] = {}
     bad = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
         if not line.strip():
             continue
         try:

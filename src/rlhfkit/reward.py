@@ -41,7 +41,7 @@ from rlhfkit.data.pairwise import (chosen_rejected, collate_pairs, collate_ranki
                                    tokenize_response)
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
-from rlhfkit.loop import FitResult, TrainOptions, fit
+from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 from rlhfkit.losses import preference_loss
 
 HELDOUT_FILE = "heldout.json"
@@ -49,7 +49,7 @@ HELDOUT_FILE = "heldout.json"
 
 
 @dataclass
-class RewardConfig(models.ModelOptions, TrainOptions):
+class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """Config of the reward-model stage."""
 
     data: str = ""

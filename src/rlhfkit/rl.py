@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit import models
 from rlhfkit.config import to_dict
-from rlhfkit.data.io import append_jsonl, atomic_write_text
+from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
 from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, prepare, shard_indices
 from rlhfkit.losses import (
     approx_kl,
@@ -558,6 +558,8 @@ def train(config: RLConfig) -> RLTrainer:
         print(f"resumed from {resume_from} at step {trainer.step_count}")
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=c.tensorboard)
     logger.truncate_after(trainer.step_count)
+    if acc.is_main_process:  # steps past the checkpoint are redone and their samples logged again
+        truncate_jsonl_by_step(out / "samples.jsonl", trainer.step_count)
     probe = trainer.make_probe(out) if c.probe_points > 0 else None
     if probe is not None:
         trainer.run_probe(probe)  # step 0: the starting policy (or the resumed step, if it was a probe step)

@@ -21,11 +21,11 @@ from rlhfkit import forward, models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import atomic_write_text, split_holdout
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.loop import FitResult, TrainOptions, fit
+from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 
 
 @dataclass
-class SFTConfig(models.ModelOptions, TrainOptions):
+class SFTConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """Config of the SFT stage (model, data, and the shared training options)."""
 
     data: str = ""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.io import append_jsonl, atomic_write_text
+from rlhfkit.data.io import append_jsonl, read_jsonl_records, truncate_jsonl_by_step
 
 
 class MetricsLogger:
@@ -31,13 +30,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop entries past ``step`` (a resumed run re-logs them), rewriting atomically."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if self.enabled:
+            truncate_jsonl_by_step(self.path, step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -68,7 +62,4 @@ class MetricsLogger:
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All entries of ``OUTPUT_DIR/metrics.jsonl``."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl_records(Path(output_dir) / "metrics.jsonl")

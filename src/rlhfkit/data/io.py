@@ -69,8 +69,53 @@ def read_rows(path: str | Path) -> list[Row]:
     return list(_jsonl_rows(path, text))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text: split on "\\n" only (a trailing "\\r" dropped).
+
+    ``str.splitlines`` also breaks on U+2028, U+2029, U+0085 and other characters that JSON
+    strings may hold raw, so JSONL written with ``ensure_ascii=False`` would not read back.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_jsonl_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log that rlhfkit appends to; an unparseable *last* line (a write cut by a
+    kill or a full disk) is ignored. An unparseable line elsewhere raises ``DataError`` with its line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = jsonl_lines(_decode(path, path.read_bytes()))
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break  # torn final append
+            raise DataError(path, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def truncate_jsonl_by_step(path: str | Path, step: int) -> None:
+    """Keep the records of a JSONL log whose ``step`` is at most ``step`` (a resumed run logs the
+    later ones again); drops a torn last line; rewrites atomically. No-op if the file is absent."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl_records(path) if r.get("step", 0) <= step]
+    write_jsonl(path, kept)
+
+
 def _jsonl_rows(path: Path, text: str) -> Iterator[Row]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -1,0 +1,78 @@
+"""JSONL that rlhfkit writes reads back; logs survive a torn last line and a resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhfkit.data.io import (
+    DataError,
+    append_jsonl,
+    jsonl_lines,
+    read_jsonl_records,
+    read_rows,
+    truncate_jsonl_by_step,
+    write_jsonl,
+)
+from rlhfkit.tracking import MetricsLogger, read_metrics
+
+# Characters that str.splitlines() treats as line breaks but that JSON strings hold raw.
+SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
+
+
+@pytest.mark.parametrize("sep", SEPARATORS)
+def test_written_jsonl_reads_back_with_unicode_line_separators(tmp_path, sep):
+    path = tmp_path / "samples.jsonl"
+    records = [{"prompt": "hi", "responses": [f"one{sep}two", "plain"]}, {"prompt": f"a{sep}b", "responses": []}]
+    write_jsonl(path, records)
+    if ord(sep) > 0x7F:  # json escapes control characters; these three it writes raw (ensure_ascii=False)
+        assert sep in path.read_text(encoding="utf-8")
+    rows = read_rows(path)
+    assert [r.data for r in rows] == records
+    assert [r.line for r in rows] == [1, 2]  # line numbers do not shift
+
+
+def test_error_line_numbers_count_newlines_only(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": "x\u2028y"}\n{"a": 1}\n{broken\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(path)
+    assert info.value.line == 3
+
+
+def test_jsonl_lines_drops_carriage_returns_and_the_final_newline():
+    assert jsonl_lines('{"a": 1}\r\n{"b": 2}\n') == ['{"a": 1}', '{"b": 2}']
+    assert jsonl_lines('{"a": 1}') == ['{"a": 1}']
+    assert jsonl_lines("") == []
+
+
+def test_torn_last_line_of_metrics_does_not_break_resume(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 4, "loss": 0.')  # killed mid-append
+    assert [e["step"] for e in read_metrics(tmp_path)] == [1, 2, 3]
+    logger.truncate_after(2)  # raised JSONDecodeError before the fix
+    assert [e["step"] for e in read_metrics(tmp_path)] == [1, 2]
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").endswith("}\n")
+
+
+def test_a_bad_line_in_the_middle_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_jsonl_records(path)
+    assert info.value.line == 2 and str(path) in str(info.value)
+
+
+def test_truncate_by_step_keeps_earlier_records_in_order(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    for step in (1, 1, 2, 3, 3, 4):
+        append_jsonl(path, {"step": step, "response": f"r\u2028{step}"})
+    truncate_jsonl_by_step(path, 3)
+    assert [r["step"] for r in read_jsonl_records(path)] == [1, 1, 2, 3, 3]
+    truncate_jsonl_by_step(tmp_path / "absent.jsonl", 3)  # no file: nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()
+    assert json.loads(path.read_text(encoding="utf-8").split("\n")[0])["response"] == "r\u20281"
