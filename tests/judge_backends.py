@@ -1,6 +1,7 @@
-"""Scripted judge backends for tests/test_judge.py, served with ``rlhfkit serve --backend tests.judge_backends:NAME``.
+"""Scripted judge backends for tests/test_judge.py, served with ``rlhfkit serve --backend tests.judge_backends:NAME``,
+and :class:`ScriptedServer`, a raw HTTP server for the replies no real server gives on cue.
 
-Each is ``fn(messages) -> str``. They read the two responses back out of the
+Each backend is ``fn(messages) -> str``. They read the two responses back out of the
 prompt built by :func:`rlhfkit.feedback.judge.build_judge_messages`, so the
 tests also check that the prompt carries both responses in the order given.
 Call counters are module state, read and reset by the tests (the server runs
@@ -9,10 +10,13 @@ in a thread of the test process).
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from fastapi import HTTPException
 
@@ -105,3 +109,86 @@ def slow(messages: list[dict]) -> str:
     finally:
         with lock:
             in_flight -= 1
+
+
+# ----------------------------------------------------------------------------- a server that misbehaves on cue
+
+
+def chat_reply(content: object, *, status: str = "200 OK") -> bytes:
+    """A whole HTTP response carrying one chat completion whose message content is ``content``."""
+    body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+    return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        status.encode(), len(body), body)
+
+
+def truncated_reply(content: object) -> bytes:
+    """:func:`chat_reply` cut off mid-body (its Content-Length promises more): the client reads an IncompleteRead."""
+    whole = chat_reply(content)
+    return whole[: len(whole) - 10]
+
+
+def stall(seconds: float) -> Callable[[socket.socket, threading.Event], None]:
+    """A reply that sends nothing for ``seconds`` (or until the server stops)."""
+    return lambda sock, stopped: stopped.wait(seconds)
+
+
+def trickle(interval: float, length: int = 1000) -> Callable[[socket.socket, threading.Event], None]:
+    """A reply whose headers promise ``length`` bytes, then sends one every ``interval`` seconds."""
+    def send(sock: socket.socket, stopped: threading.Event) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
+        for _ in range(length):
+            if stopped.wait(interval):
+                return
+            sock.sendall(b" ")
+    return send
+
+
+class ScriptedServer:
+    """A loopback HTTP server that answers its i-th request with ``replies[i]`` (the last one again after that).
+
+    A reply is raw bytes (a whole response, well formed or not) or ``fn(socket, stopped_event)``;
+    the connection is closed after each reply. ``requests`` records each request's headers
+    (lower-cased names) and JSON body. For what a real server will not do on cue: truncated
+    bodies, garbage status lines, stalls.
+    """
+
+    def __init__(self, replies: list[bytes | Callable[[socket.socket, threading.Event], None]]):
+        self.replies = replies
+        self.requests: list[tuple[dict[str, str], dict]] = []
+        self._lock, self._stopped = threading.Lock(), threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:  # closed by stop()
+                return
+            threading.Thread(target=self._answer, args=(sock,), daemon=True).start()
+
+    def _answer(self, sock: socket.socket) -> None:
+        with sock, sock.makefile("rb") as stream:
+            request_line = stream.readline()
+            if not request_line:
+                return
+            headers = {}
+            for line in iter(stream.readline, b"\r\n"):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = json.loads(stream.read(int(headers.get("content-length", 0))) or b"{}")
+            with self._lock:
+                self.requests.append((headers, body))
+                reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
+            try:
+                if callable(reply):
+                    reply(sock, self._stopped)
+                else:
+                    sock.sendall(reply)
+            except OSError:  # the client gave up first
+                pass
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._listener.close()

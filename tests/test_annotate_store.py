@@ -397,3 +397,104 @@ def test_label_stage_times_out_and_keeps_the_db(tmp_path):
         run_label(config)
     assert not Path(config.output).exists()
     assert AnnotationStore(tmp_path / "web.sqlite").vote_counts() == (2, 0)
+
+
+def pre_labelled_db(tmp_path: Path, samples: Path, choices: list[str], *, overlap: int = 1) -> Path:
+    """A web db holding ``samples``' pairs, one annotator ``x`` who answered ``choices`` in pair order."""
+    db = tmp_path / "web.sqlite"
+    store = AnnotationStore(db)
+    store.configure(overlap=overlap)
+    store.add_pairs(read_pairs(samples)[0])
+    x = annotator(store, "x")
+    for choice in choices:
+        vote(store, x, choice)
+    store.close()
+    return db
+
+
+def test_a_pair_every_annotator_voted_on_or_skipped_is_settled(tmp_path):
+    store = new_store(tmp_path, 3, overlap=2)
+    assert store.settlement().waiting == (0, 1, 2) and store.settlement().exhausted == ()  # nobody registered yet
+    x, y = annotator(store, "x"), annotator(store, "y")
+    for choice in ("a", "b", "skip"):
+        vote(store, x, choice)
+    for choice in ("a", "skip", "skip"):
+        vote(store, y, choice)
+    # Pair 0 has its 2 votes; pair 1 (1 vote) and pair 2 (none) were seen by both: nobody is left to ask.
+    assert store.next_assignment(x) is None and store.next_assignment(y) is None
+    settled = store.settlement()
+    assert (settled.pairs, settled.complete, settled.exhausted, settled.waiting) == (3, 1, (1, 2), ())
+    assert store.vote_counts() == (3, 1)  # "complete" still means overlap votes
+    annotator(store, "z")  # a new annotator can still vote on them: they wait again
+    assert store.settlement().exhausted == () and store.settlement().waiting == (1, 2)
+
+
+def test_label_stage_finishes_when_the_only_annotator_skips_a_pair(tmp_path, capsys):
+    samples = make_pairs(tmp_path / "samples.jsonl", 2)
+    db = pre_labelled_db(tmp_path, samples, ["b", "skip"])
+    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
+                         web_db=str(db), web_serve=False, poll_seconds=0.01, wait_timeout=5)
+    start = time.monotonic()
+    labels = run_label(config)
+    assert time.monotonic() - start < 4  # settled at once, not after the timeout
+    assert [(c.meta["item_index"], c.ranking, c.tie) for c in load_comparisons(config.output)] == [(0, [1, 0], False)]
+    assert labels == load_comparisons(config.output)
+    out = capsys.readouterr().out
+    assert "1 labels in" in out
+    assert "1 pair(s) skipped by every annotator, left unlabelled: item 1" in out
+
+
+def test_label_stage_timeout_names_the_stuck_pairs_and_keeps_the_labels(tmp_path):
+    samples = make_pairs(tmp_path / "samples.jsonl", 4)
+    db = pre_labelled_db(tmp_path, samples, ["a", "skip"], overlap=2)  # x, the only annotator, is done with 0 and 1
+    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
+                         web_db=str(db), web_serve=False, poll_seconds=0.01, wait_timeout=0.2)
+    with pytest.raises(TimeoutError) as info:
+        run_label(config)
+    message = str(info.value)
+    assert "0/4 pairs have their 2 vote(s)" in message
+    assert "2 pair(s) still wait for an annotator who has not voted on or skipped them: items 2, 3" in message
+    assert not Path(config.output).exists()
+    store = AnnotationStore(db, create=False)
+    assert [(label.item_index, label.choice) for label in store.labels()] == [(0, "a"), (1, "skip")]
+
+
+def test_label_wait_timeout_is_finite_by_default():
+    assert 0 < LabelConfig().wait_timeout < math.inf
+
+
+def test_label_stage_keeps_the_databases_overlap(tmp_path, capsys):
+    samples = make_pairs(tmp_path / "samples.jsonl", 2)
+    store = AnnotationStore(tmp_path / "web.sqlite")
+    store.configure(overlap=3)  # as `rlhfkit annotate serve --overlap 3` leaves it
+    store.close()
+    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
+                         web_db=str(tmp_path / "web.sqlite"), web_serve=False, poll_seconds=0.01, wait_timeout=0.1)
+    with pytest.raises(TimeoutError, match="0/2 pairs have their 3 vote"):
+        run_label(config)
+    assert "3 vote(s) each" in capsys.readouterr().out
+    assert AnnotationStore(tmp_path / "web.sqlite", create=False).overlap == 3
+    assert config.overlap is None  # the default: keep the database's value
+    # A new database gets 1; an explicit overlap is stored.
+    fresh = LabelConfig(**{**config.__dict__, "web_db": str(tmp_path / "new.sqlite")})
+    with pytest.raises(TimeoutError, match="0/2 pairs have their 1 vote"):
+        run_label(fresh)
+    explicit = LabelConfig(**{**config.__dict__, "overlap": 2})
+    with pytest.raises(TimeoutError, match="0/2 pairs have their 2 vote"):
+        run_label(explicit)
+    assert AnnotationStore(tmp_path / "web.sqlite", create=False).overlap == 2
+
+
+def test_a_failed_commit_is_rolled_back_and_later_writes_succeed(tmp_path):
+    store = new_store(tmp_path, 2, overlap=2)
+    x = annotator(store, "x")
+    # A deferred foreign-key violation makes COMMIT itself fail, and SQLite then leaves the transaction open.
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store._write() as db:
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        db.execute("INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (999, 999, 0, 0)")
+    y = annotator(store, "y")  # a later write goes through
+    assert vote(store, x, "a") == 1 and vote(store, y, "b") == 1
+    assert [(label.annotator, label.choice) for label in store.labels()] == [("x", "a"), ("y", "b")]
+    reopened = AnnotationStore(tmp_path / "labels.sqlite", create=False)  # and it is committed, without the bad row
+    assert reopened.annotators() == ["x", "y"] and len(reopened.labels()) == 2
+    assert reopened._read("SELECT COUNT(*) FROM leases WHERE pair_id = 999") == [(0,)]

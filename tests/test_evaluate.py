@@ -31,6 +31,18 @@ def test_best_of_n_by_gold_never_loses_gold_as_n_doubles(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["players"].keys() == players.keys()
 
 
+def test_best_of_n_pool_on_the_first_prompts_only(tmp_path):
+    """best_of_n_prompts=3 draws the pool for 3 of the 6 prompts: the best-of-n players are compared with
+    the baseline on those 3 (num_prompts), and left out of the Elo table, which needs every prompt."""
+    capped = evaluate.run(_config(tmp_path, best_of_n=4, best_of_n_prompts=3))
+    assert [capped["players"][f"best_of_{n}"]["num_prompts"] for n in (1, 2, 4)] == [3, 3, 3]
+    assert capped["num_prompts"] == 6
+    rated = {row["player"] for row in capped["elo"]}
+    assert not any(str(name).startswith("best_of") for name in rated)
+    full = evaluate.run(_config(tmp_path / "full", best_of_n=2))
+    assert full["players"]["best_of_2"]["num_prompts"] == 6
+
+
 def test_players_get_distinct_names(tmp_path):
     results = evaluate.run(_config(tmp_path, best_of_n=0, extra_policies=["tiny"]))  # three players named tiny
     assert list(results["players"]) == ["tiny", "tiny_2", "tiny_3"]

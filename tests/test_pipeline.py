@@ -142,6 +142,18 @@ def test_unknown_key_in_a_section_names_the_section(tmp_path, calls):
         pipeline.run(config(tmp_path, reward={"lrr": 1}))
 
 
+def test_web_db_inside_the_label_directory_is_refused(tmp_path, calls, monkeypatch):
+    # A rerun of the label stage deletes its directory: a database there would lose every human label.
+    monkeypatch.chdir(tmp_path)
+    for web_db in (str(tmp_path / "run" / "label" / "web.sqlite"), "run/label/sub/web.sqlite", "run/x/../label/w.db"):
+        with pytest.raises(ConfigError, match=r"pipeline section 'label': web_db .* inside the label stage's directory"):
+            pipeline.run(config(tmp_path, label={"source": "human-web", "web_db": web_db}))
+    assert calls == [] and not (tmp_path / "run").exists()
+    for web_db in ("run/web.sqlite", str(tmp_path / "run" / "labels.sqlite")):  # beside it is fine
+        stages = pipeline.build_stages(config(tmp_path, label={"source": "human-web", "web_db": web_db}))
+        assert stages[2].config.web_db == web_db
+
+
 def test_dotted_cli_overrides_reach_sections(tmp_path):
     from rlhfkit.config import load_config
 

@@ -127,8 +127,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        # A string stays a string here ("1e-5", which YAML 1.1 reads as text, included): the field's
-        # type decides, in `_coerce`, so `output_dir=1e3` stays "1e3" while `lr=1e-5` becomes 1e-05.
+        if isinstance(value, str):  # YAML 1.1 leaves "1e-5" a string; a string field gets the text back
+            try:  # in load_config (see _override_texts), so `output_dir=1e3` stays "1e3"
+                value = float(value)
+            except ValueError:
+                pass
         out[key] = value
     return out
 

@@ -74,6 +74,10 @@ class EvalConfig:
     """Proxy reward that picks the best of n (e.g. the trained reward model); empty: gold."""
     best_of_n: int = 4
     """Largest n of the best-of-n baseline; every power of two up to it is reported (0 or 1 disables)."""
+    best_of_n_prompts: int = -1
+    """Draw the best-of-n pool for the first N prompts only (-1: all); each best-of-n player is then
+    compared with the baseline on those prompts. The pool is `best_of_n` samples per prompt, the largest
+    generation cost of an eval, and best-of-n only traces the frontier (its own interval says how well)."""
     extra_policies: list[str] = field(default_factory=list)
     """More policies evaluated like `policy` (model specs or directories), named by their directory."""
     samples_per_prompt: int = 1
@@ -288,8 +292,9 @@ def run(config: EvalConfig) -> dict:
 
     # -- best-of-n from one nested pool of N baseline samples per prompt
     N = c.best_of_n
-    if N > 1:
-        pool, _, _ = _sample(c.baseline, prompts, c, f"best-of-{N} pool", n=N, seed_offset=2)
+    M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
+    if N > 1 and M > 0:
+        pool, _, _ = _sample(c.baseline, prompts[:M], c, f"best-of-{N} pool", n=N, seed_offset=2)
         ranker = proxy or gold
         ranks = torch.tensor(ranker(pool.prompts, pool.responses)).view(-1, N)
         n = 1
@@ -299,11 +304,12 @@ def run(config: EvalConfig) -> dict:
             bon_gold, bon_proxy = score(sub)
             name = f"best_of_{n}"
             entry = {"kind": "best_of_n", "n": n, "spec": c.baseline,
-                     **compare([[g] for g in bon_gold], base_by_prompt, seed=c.seed, resamples=c.resamples),
-                     "kl": math.log(n) - (n - 1) / n, **describe(sub, bon_gold, bon_proxy, 1)}
+                     **compare([[g] for g in bon_gold], base_by_prompt[:M], seed=c.seed, resamples=c.resamples),
+                     "kl": math.log(n) - (n - 1) / n, "num_prompts": M, **describe(sub, bon_gold, bon_proxy, 1)}
             entry["verdict"] = verdict(name, base_name, entry["win_rate"], entry["win_rate_ci"])
             players[name] = entry
-            first_sample[name] = (sub.responses, bon_gold)
+            if M == len(prompts):  # the Elo table needs every player on every prompt
+                first_sample[name] = (sub.responses, bon_gold)
             n *= 2
 
     main = players[names[0]]
@@ -322,7 +328,7 @@ def run(config: EvalConfig) -> dict:
     accuracy = reward_model_accuracy(c.proxy)
     if accuracy is not None:
         results["reward_model"] = accuracy
-    if N > 1:
+    if N > 1 and M > 0:
         largest = players[f"best_of_{1 << (N.bit_length() - 1)}"]
         results["best_of_n"] = {"n": largest["n"], "proxy": c.proxy or c.gold, "gold_score": largest["gold_score"],
                                 "kl_analytic": largest["kl"], "win_rate_vs_baseline": largest["win_rate"]}

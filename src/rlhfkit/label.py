@@ -11,8 +11,8 @@ One interface, four feedback sources, one output record
   each pair judged in both orders (:class:`rlhfkit.feedback.judge.AIJudge`);
 * ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`);
 * ``human-web`` — a team in the browser (:func:`rlhfkit.feedback.web.admin.label_from_web`):
-  the pairs go into ``web_db``, the stage waits until each has ``overlap`` votes,
-  then writes the majority labels.
+  the pairs go into ``web_db``, the stage waits until each has ``overlap`` votes
+  (or every annotator has voted on or skipped it), then writes the majority labels.
 
 Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
 ``responses``). Labelling is resumable: items already in the output (by
@@ -22,6 +22,7 @@ every chunk, so a crash loses at most one chunk.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,21 @@ class LabelConfig:
     """Judge: base URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."""
     judge_name: str = "default"
     """Judge: the `model` field sent to the endpoint."""
+    judge_api_key_env: str = ""
+    """Judge: name of the environment variable holding the endpoint's API key (e.g. `OPENAI_API_KEY`), sent as
+    `Authorization: Bearer`. Empty: no key is sent. A key never goes over plain http:// to a host other than
+    127.0.0.1, ::1 or localhost (an error instead)."""
+    judge_max_tokens: int = 16
+    """Judge: completion budget per judgement; raise it for judges that reason before answering (a verdict
+    cut off by the budget is unparseable and becomes a tie)."""
+    judge_temperature: float = 0.0
+    """Judge: sampling temperature of the judge (0: deterministic)."""
+    judge_timeout: float = 60.0
+    """Judge (HTTP): seconds per socket operation of a request attempt. A whole request, retries included, gives
+    up after judge_timeout x (judge_retries + 1) plus the backoff waits between attempts."""
+    judge_retries: int = 4
+    """Judge (HTTP): retries after the first attempt, on connection errors, timeouts, truncated replies, HTTP 429
+    and 5xx, with exponential backoff."""
     rubric: str = ""
     """Judge: rubric or constitution text (empty: the built-in polite/positive/concise rubric)."""
     concurrency: int = 4
@@ -73,19 +89,23 @@ class LabelConfig:
     annotator: str = "human"
     """Human: annotator name recorded in each label."""
     web_db: str = "runs/annotations.sqlite"
-    """Human-web: the annotation database. Keep it outside the pipeline's label directory, which a rerun clears."""
-    overlap: int = 1
-    """Human-web: votes wanted per pair, from different annotators."""
+    """Human-web: the annotation database. The pipeline refuses a path inside its label directory, which a rerun
+    clears."""
+    overlap: int | None = None
+    """Human-web: votes wanted per pair, from different annotators. None: keep web_db's value (1 for a new db),
+    e.g. the one `rlhfkit annotate serve --overlap` stored."""
     web_serve: bool = True
     """Human-web: serve the app from this process while waiting (false: a separate `rlhfkit annotate serve` uses web_db)."""
     web_host: str = "127.0.0.1"
     """Human-web: interface the app binds to."""
     web_port: int = 8765
     """Human-web: port of the app (0: a free one, printed)."""
-    wait_timeout: float = 0.0
-    """Human-web: give up (the stage fails, the labels stay in web_db) after this many seconds; 0 waits forever."""
+    wait_timeout: float = 3600.0
+    """Human-web: give up after this many seconds: the stage fails naming the pairs still waiting, and the labels
+    stay in web_db (run the stage again to keep waiting); 0 waits forever."""
     poll_seconds: float = 5.0
-    """Human-web: how often to check whether every pair has its votes."""
+    """Human-web: how often to check whether every pair is settled: it has its `overlap` votes, or every
+    registered annotator has voted on or skipped it."""
     chunk_size: int = 64
     """Items labelled between atomic saves."""
     seed: int = 0
@@ -151,13 +171,18 @@ def _labeller(config: LabelConfig, items: list | None = None):
         from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
 
         if config.judge_url:
-            client = HTTPChatClient(config.judge_url, model=config.judge_name)
+            api_key = os.environ.get(config.judge_api_key_env) if config.judge_api_key_env else None
+            if config.judge_api_key_env and not api_key:
+                raise ValueError(f"label: judge_api_key_env names ${config.judge_api_key_env}, which is not set")
+            client = HTTPChatClient(config.judge_url, model=config.judge_name, api_key=api_key,
+                                    timeout=config.judge_timeout, max_retries=config.judge_retries)
             concurrency = config.concurrency
         elif config.judge_model:
             client, concurrency = LocalChatClient(config.judge_model), 1
         else:
             raise ValueError("label: source=judge needs judge_url or judge_model")
-        return AIJudge(client, rubric=config.rubric or DEFAULT_RUBRIC, concurrency=concurrency, name=config.judge_name)
+        return AIJudge(client, rubric=config.rubric or DEFAULT_RUBRIC, concurrency=concurrency, name=config.judge_name,
+                       max_tokens=config.judge_max_tokens, temperature=config.judge_temperature)
     raise ValueError(f"unknown label source '{config.source}'")
 
 

@@ -192,6 +192,12 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
                                                   "output_dir": str(d["reward"]), "seed": p.seed}, ("reward", p.reward)),
               reward.train, d["reward"]),
     ]
+    label_config = next(s.config for s in stages if s.name == "label")
+    web_db = Path(label_config.web_db)
+    if label_config.source == "human-web" and web_db.resolve().is_relative_to(d["label"].resolve()):
+        raise ConfigError(f"pipeline section 'label': web_db '{web_db}' is inside the label stage's directory "
+                          f"{d['label']}, which a rerun deletes with every human label in it; "
+                          f"put it elsewhere, e.g. {out / 'annotations.sqlite'}")
     algorithms = p.algorithms()
     unknown = [a for a in algorithms if a not in POLICY_ALGORITHMS]
     if unknown:

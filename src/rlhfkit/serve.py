@@ -14,9 +14,18 @@ harnesses and chat UIs can use it unchanged. Two backends:
   ``fn(messages: list[dict]) -> str`` and imported with the working directory on
   ``sys.path``. It turns a rule-based judge (or a test's scripted judge) into a
   server. Its calls run concurrently in the server's thread pool. If it raises
-  ``fastapi.HTTPException`` the client gets that status; any other exception is an
-  HTTP 500 carrying the exception text. ``MODEL`` is then only the name reported
-  by ``/v1/models``.
+  ``fastapi.HTTPException`` the client gets that status; any other exception is a
+  generic HTTP 500, its traceback logged on the server (logger ``rlhfkit.serve``)
+  and not sent, as it can hold paths, data or secrets. ``MODEL`` is then only the
+  name reported by ``/v1/models``.
+
+Limits, so that one request cannot pin the model (generation holds its lock) or
+exhaust memory (the KV cache is reserved for ``prompt + max_tokens`` up front):
+``max_tokens`` may be at most the model's context (``max_position_embeddings``)
+minus the prompt, and at most ``max_tokens_limit`` (``--max-tokens-limit``), or
+the request is a 400; without ``max_tokens`` a request gets
+:data:`DEFAULT_MAX_TOKENS` or that limit, whichever is smaller. A request body
+over :data:`MAX_BODY_BYTES` is a 413.
 
 Departures from the OpenAI API, on purpose: the request's ``model`` field is not
 checked (one server serves one model, and clients that send ``"default"`` or any
@@ -35,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import os
 import socket
 import sys
@@ -51,7 +62,13 @@ from pydantic import BaseModel, Field
 Messages = list[dict[str, str]]
 
 DEFAULT_MAX_TOKENS = 256
-"""Completion length when a request gives no ``max_tokens``."""
+"""Completion length when a request gives no ``max_tokens`` (capped like an explicit one)."""
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+"""The most completion tokens a request may ask for, unless ``max_tokens_limit`` says otherwise."""
+MAX_BODY_BYTES = 4 << 20
+"""Largest request body accepted (413 beyond): room for a long conversation, none for a memory attack."""
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -73,6 +90,9 @@ class ChatBackend(Protocol):
     def chat(self, messages: Messages, *, n: int, temperature: float, max_tokens: int) -> Completion:
         """``n`` replies to ``messages``."""
 
+    def token_room(self, messages: Messages) -> int | None:
+        """How many tokens fit after ``messages`` in the model's context (None: no context to fill)."""
+
 
 class FunctionBackend:
     """A Python callable ``fn(messages) -> str`` as a backend (scripted or rule-based judges).
@@ -88,6 +108,9 @@ class FunctionBackend:
         texts = [str(self.fn(messages)) for _ in range(n)]
         prompt_words = sum(len(m.get("content", "").split()) for m in messages)
         return Completion(texts, prompt_words, [len(t.split()) for t in texts])
+
+    def token_room(self, messages: Messages) -> int | None:
+        return None
 
 
 class LocalChatModel:
@@ -110,21 +133,29 @@ class LocalChatModel:
         self.model_spec = model_spec
         self.tokenizer = models.load_tokenizer(model_spec)
         model = models.load_causal_lm(model_spec).to(device)
+        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
+        """Tokens the model can attend over (prompt + completion); None if its config does not say."""
         self.generator = HFGenerator(model, self.tokenizer, precision=precision)
         self._lock = threading.Lock()
 
+    def _prompt_tokens(self, messages: Messages) -> int:
+        from rlhfkit.rollout import render_prompt
+
+        return len(self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+    def token_room(self, messages: Messages) -> int | None:
+        return None if self.context is None else self.context - self._prompt_tokens(messages)
+
     def chat(self, messages: Messages, *, n: int = 1, temperature: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS) -> Completion:
         """``n`` replies (``temperature`` 0 = greedy, so all ``n`` are then identical)."""
-        from rlhfkit.rollout import GenerationOptions, render_prompt
+        from rlhfkit.rollout import GenerationOptions
 
         options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature)
         with self._lock:
             texts = self.generator.generate([messages] * n, options)
-        tok = self.tokenizer
-        prompt_tokens = len(tok(render_prompt(tok, messages), add_special_tokens=False)["input_ids"])
         # Re-tokenising the decoded text approximates the generated count (EOS is not counted).
-        completion_tokens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        return Completion(texts, prompt_tokens, completion_tokens)
+        completion_tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return Completion(texts, self._prompt_tokens(messages), completion_tokens)
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -185,39 +216,57 @@ class ChatRequest(BaseModel):
     """Only ``False`` is supported."""
 
 
-def _message_text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of OpenAI's content-part list."""
+def message_text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of OpenAI's content-part list joined (None: "").
+
+    Shared by this server's requests and the judge client's replies; anything else is a TypeError.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type", "text") == "text")
+    if not isinstance(content, list):
+        raise TypeError(f"message content is neither text nor a list of content parts: {content!r:.200}")
+    return "".join(part["text"] for part in content if isinstance(part, dict)
+                   and part.get("type", "text") == "text" and isinstance(part.get("text"), str))
 
 
-def create_app(backend: ChatBackend, model_name: str):
-    """The FastAPI app serving ``backend`` under the name ``model_name``."""
+def _error_body(status: int, message: str) -> dict:
+    """OpenAI's error shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def create_app(backend: ChatBackend, model_name: str, *, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+               max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app serving ``backend`` under the name ``model_name``.
+
+    ``max_tokens_limit``: the most completion tokens a request may ask for (the model's
+    context minus the prompt caps it further); ``max_body_bytes``: larger bodies get 413.
+    """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    if max_tokens_limit < 1:
+        raise ValueError(f"max_tokens_limit must be at least 1, got {max_tokens_limit}")
     app = FastAPI(title="rlhfkit serve", description=f"OpenAI-compatible chat API for '{model_name}'")
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, error=lambda message: _error_body(413, message))
     created = int(time.time())
 
-    def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-        body = {"error": {"message": message, "type": kind, "code": status}}
-        return JSONResponse(status_code=status, content=body, headers=headers)
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content=_error_body(status, message), headers=headers)
 
     # Starlette's class, so unknown routes (404) and methods (405) get the same shape.
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error(exc.status_code, str(exc.detail), kind, getattr(exc, "headers", None))
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-        return error(400, f"invalid request: {problems}", "invalid_request_error")
+        return error(400, f"invalid request: {problems}")
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -229,14 +278,16 @@ def create_app(backend: ChatBackend, model_name: str):
     def chat_completions(request: ChatRequest) -> dict:
         if request.stream:
             raise HTTPException(400, "streaming is not supported by rlhfkit serve")
-        messages = [{"role": m.role, "content": _message_text(m.content)} for m in request.messages]
-        max_tokens = request.max_tokens or request.max_completion_tokens or DEFAULT_MAX_TOKENS
+        messages = [{"role": m.role, "content": message_text(m.content)} for m in request.messages]
+        max_tokens = _max_tokens(backend.token_room(messages), request.max_tokens or request.max_completion_tokens,
+                                 max_tokens_limit)
         try:
             out = backend.chat(messages, n=request.n, temperature=request.temperature, max_tokens=max_tokens)
         except StarletteHTTPException:  # the backend chose the status (fastapi's class is a subclass)
             raise
-        except Exception as e:  # the client gets the reason instead of a bare 500
-            raise HTTPException(500, f"backend error: {type(e).__name__}: {e}") from e
+        except Exception as e:  # the details stay in the log: exception text can hold paths, data or secrets
+            logger.exception("POST /v1/chat/completions: the backend failed")
+            raise HTTPException(500, "internal server error: the backend failed (details are in the server's log)") from e
         choices = [
             {
                 "index": i,
@@ -260,6 +311,99 @@ def create_app(backend: ChatBackend, model_name: str):
         }
 
     return app
+
+
+def _max_tokens(room: int | None, asked: int | None, limit: int) -> int:
+    """The request's completion budget: ``asked`` (or the default) if within the limits, else an HTTP 400.
+
+    ``room``: tokens left in the model's context after the prompt (None: no context);
+    ``limit``: the server's ``max_tokens_limit``.
+    """
+    from fastapi import HTTPException
+
+    if room is not None and room < 1:
+        raise HTTPException(400, f"the prompt leaves no room in the model's context ({-room} tokens too long)")
+    cap, why = (limit, "the server's max_tokens_limit") if room is None or limit <= room else (
+        room, "the model's context minus the prompt")
+    if asked is not None and asked > cap:
+        raise HTTPException(400, f"max_tokens {asked} is over this request's limit of {cap} ({why})")
+    return asked if asked is not None else min(DEFAULT_MAX_TOKENS, cap)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+async def _drain(receive: Any, limit: int) -> None:
+    """Read and drop up to ``limit`` bytes of a refused request body.
+
+    Closing a socket with unread data in its receive buffer makes the kernel send
+    a TCP reset, which can reach the client before the 413 and hide it (seen as
+    ``ConnectionResetError``). Bodies larger than ``limit`` are cut off anyway.
+    """
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def reject(send: Any, status: int, payload: dict) -> None:
+    """Answer an ASGI request with ``status`` and the JSON ``payload``, closing the connection."""
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_body_bytes`` gets 413 before the app reads any of it.
+
+    Declared sizes (``Content-Length``) are refused at once; a chunked upload is
+    counted as it arrives. ``error(message)`` is the 413's JSON body, in the app's
+    own error shape (default ``{"detail": message}``, FastAPI's).
+    """
+
+    def __init__(self, app: Any, *, max_body_bytes: int,
+                 error: Callable[[str], dict] = lambda message: {"detail": message}):
+        self.app, self.max_body_bytes, self.error = app, max_body_bytes, error
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self.error(f"request body over {self.max_body_bytes} bytes")
+        declared = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _drain(receive, 4 * self.max_body_bytes)
+            await reject(send, 413, refusal)
+            return
+        # Read the whole (bounded) body first, counting, so a chunked upload cannot exceed the limit either.
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                if more:
+                    await _drain(receive, 4 * self.max_body_bytes)
+                await reject(send, 413, refusal)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 # ----------------------------------------------------------------------------- running it
@@ -287,13 +431,15 @@ def _uvicorn_server(app, *, log_level: str):
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "", *, precision: str = "bf16") -> None:
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "", *, precision: str = "bf16",
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> None:
     """Serve ``model`` (or the function ``backend``) until interrupted.
 
     ``port=0`` picks a free port; the address is printed to stderr as
     ``rlhfkit serve: listening on http://HOST:PORT/v1`` once the socket is bound.
+    ``max_tokens_limit``: the most completion tokens one request may ask for.
     """
-    app = create_app(make_backend(model, backend, precision=precision), model)
+    app = create_app(make_backend(model, backend, precision=precision), model, max_tokens_limit=max_tokens_limit)
     sock = _bind(host, port)
     print(f"rlhfkit serve: listening on http://{_url_host(host)}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
     _uvicorn_server(app, log_level="info").run(sockets=[sock])
@@ -337,10 +483,11 @@ class ServerThread:
 
 
 def start_in_thread(
-    model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", *, precision: str = "bf16", log_level: str = "warning"
+    model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", *, precision: str = "bf16", log_level: str = "warning",
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
 ) -> ServerThread:
     """Start :func:`serve`'s server in a daemon thread (``port=0``: a free port) and wait until it accepts requests."""
-    app = create_app(make_backend(model, backend, precision=precision), model)
+    app = create_app(make_backend(model, backend, precision=precision), model, max_tokens_limit=max_tokens_limit)
     return ServerThread(app, host, port, log_level=log_level).start()
 
 
@@ -364,6 +511,9 @@ def build_parser(prog: str = "rlhfkit serve") -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the address is printed to stderr)")
     parser.add_argument("--backend", default="", metavar="MODULE:FUNCTION", help="serve fn(messages) -> str instead of a model (imported from the working directory)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute precision of the model backend")
+    parser.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, metavar="N",
+                        help=f"the most completion tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}; "
+                             "the model's context minus the prompt caps it too)")
     return parser
 
 
@@ -373,7 +523,7 @@ def main_serve(argv: list[str] | None = None, *, prog: str = "rlhfkit serve") ->
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = build_parser(prog).parse_args(argv)
     try:
-        serve(ns.model, ns.host, ns.port, ns.backend, precision=ns.precision)
+        serve(ns.model, ns.host, ns.port, ns.backend, precision=ns.precision, max_tokens_limit=ns.max_tokens_limit)
     except (ValueError, OSError) as e:  # ValueError includes models.ModelLoadError
         print(f"rlhfkit serve: error: {e}", file=sys.stderr)
         return 2

@@ -15,14 +15,15 @@ Clients (anything with ``complete(messages, temperature=..., max_tokens=...) -> 
 
 * :class:`HTTPChatClient` - any OpenAI-compatible ``/v1/chat/completions`` server
   (OpenAI, vLLM, llama.cpp, ``rlhfkit serve``), stdlib ``urllib`` only, with
-  retries and exponential backoff;
+  retries, exponential backoff and a deadline for the whole call;
 * :class:`LocalChatClient` - a local transformers model, in process.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
-import os
 import random
 import re
 import time
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Protocol
 
 from rlhfkit.data.records import Comparison, Message, Prompt
+from rlhfkit.serve import message_text
 
 Verdict = Optional[str]
 """``"A"``, ``"B"`` or ``None`` (no verdict found)."""
@@ -83,6 +85,16 @@ def _chat_completions_url(base_url: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path + "/chat/completions", "", ""))
 
 
+def _is_loopback(host: str) -> bool:
+    """``localhost``, or an address in 127.0.0.0/8 or ``::1``: traffic that never leaves the machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name
+        return False
+
+
 def _error_message(body: bytes) -> str:
     """The server's error text: OpenAI's ``{"error": {"message"}}``, FastAPI's ``{"detail"}``, or the raw body."""
     text = body.decode("utf-8", errors="replace").strip()
@@ -107,14 +119,25 @@ class HTTPChatClient:
     Args:
         base_url: API root, e.g. ``http://127.0.0.1:8000/v1`` (a bare host:port gets ``/v1``).
         model: the ``model`` field sent with each request.
-        api_key: sent as ``Authorization: Bearer``; defaults to ``$OPENAI_API_KEY`` (none if unset).
-        timeout: seconds per request attempt.
+        api_key: sent as ``Authorization: Bearer``; None sends no key. The environment
+            is never read here: a key goes only where the caller sends it (the label
+            stage's ``judge_api_key_env``). A key over plain ``http://`` to a host other
+            than a loopback address (127.0.0.1, ::1, localhost) is a ValueError: anyone
+            on the way could read it.
+        timeout: seconds per socket operation of an attempt (connect, send, each read).
         max_retries: retries after the first attempt, on connection errors,
-            timeouts, HTTP 429 and 5xx. Other 4xx errors fail at once: repeating
-            a bad request cannot help.
+            timeouts, truncated or garbled replies (``http.client.HTTPException``),
+            HTTP 429 and 5xx. Other 4xx errors fail at once: repeating a bad request
+            cannot help.
         backoff: the wait before retry ``i`` (0-based) is ``backoff * 2**i`` seconds plus
             up to 10% jitter (so concurrent workers do not retry in lockstep), or the
             server's ``Retry-After`` if longer.
+        deadline: seconds for the whole call, attempts and waits included (None: room
+            for every attempt's ``timeout`` and the longest backoff waits between them,
+            ``timeout * (max_retries + 1) + 1.1 * backoff * (2**max_retries - 1)``).
+            It is checked before each attempt, wait and read, and each attempt's socket
+            timeout is capped to the time left, so a call ends by the deadline plus at
+            most one socket wait.
 
     Thread-safe: each call opens its own connection.
     """
@@ -127,13 +150,23 @@ class HTTPChatClient:
         timeout: float = 60.0,
         max_retries: int = 4,
         backoff: float = 0.5,
+        deadline: float | None = None,
     ):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if timeout <= 0 or (deadline is not None and deadline <= 0):
+            raise ValueError(f"timeout and deadline must be positive, got {timeout} and {deadline}")
         self.url = _chat_completions_url(base_url)
+        parsed = urllib.parse.urlsplit(self.url)
+        if api_key and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
+            raise ValueError(f"refusing to send an API key over plain http:// to {parsed.hostname} (anyone on the way "
+                             "could read it): use https://, a loopback address (127.0.0.1, ::1, localhost), or no key")
         self.model = model
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.api_key = api_key
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        if deadline is None:
+            deadline = timeout * (max_retries + 1) + 1.1 * backoff * (2**max_retries - 1)
+        self.deadline = deadline
         self._jitter = random.Random()
 
     def complete(self, messages: list[Message], temperature: float = 0.0, max_tokens: int = 16) -> str:
@@ -144,13 +177,18 @@ class HTTPChatClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
-        for attempt in range(self.max_retries + 1):
+        give_up = time.monotonic() + self.deadline
+        last_error, attempts = "", 0
+        while attempts <= self.max_retries:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
+            attempts += 1
             retry_after = 0.0
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
+                with urllib.request.urlopen(request, timeout=min(self.timeout, left)) as response:
+                    payload = self._read(response, give_up)
                 return self._content(payload)
             except urllib.error.HTTPError as e:
                 message = _error_message(e.read())
@@ -158,20 +196,41 @@ class HTTPChatClient:
                     raise JudgeRequestError(f"POST {self.url} failed with HTTP {e.code}: {message}") from e
                 last_error = f"HTTP {e.code}: {message}"
                 retry_after = self._retry_after(e.headers.get("Retry-After"))
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, DNS, timeout
+            # Refused, reset, DNS, timeout (OSError); a truncated body or a garbled status line
+            # (http.client.IncompleteRead, BadStatusLine: HTTPExceptions, not OSErrors).
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 last_error = f"{type(reason).__name__}: {reason}"
-            if attempt < self.max_retries:
-                wait = self.backoff * 2**attempt
-                time.sleep(max(wait + self._jitter.uniform(0, 0.1 * wait), retry_after))
-        raise JudgeRequestError(f"POST {self.url} failed after {self.max_retries + 1} attempts; last error: {last_error}")
+            if attempts <= self.max_retries:
+                wait = self.backoff * 2 ** (attempts - 1)
+                time.sleep(min(max(wait + self._jitter.uniform(0, 0.1 * wait), retry_after),
+                               max(give_up - time.monotonic(), 0.0)))
+        late = f" and its {self.deadline:g} s deadline" if attempts <= self.max_retries else ""
+        raise JudgeRequestError(f"POST {self.url} failed after {attempts} attempts{late}; last error: {last_error}")
+
+    def _read(self, response: http.client.HTTPResponse, give_up: float) -> bytes:
+        """The whole body, read as it arrives so that a server trickling it cannot outlast the deadline."""
+        chunks = []
+        while chunk := response.read1(65536):
+            chunks.append(chunk)
+            if time.monotonic() >= give_up:
+                raise TimeoutError(f"the {self.deadline:g} s deadline passed while reading the reply")
+        body = b"".join(chunks)
+        declared = response.headers.get("Content-Length", "")
+        # read1 reports a connection closed early as the end of the body; read() would raise this.
+        if declared.isdigit() and len(body) < int(declared):
+            raise http.client.IncompleteRead(body, int(declared) - len(body))
+        return body
 
     def _content(self, payload: bytes) -> str:
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise JudgeRequestError(f"POST {self.url} returned no choices[0].message.content: {payload[:300]!r}") from e
-        return content or ""  # content is null for refusals
+        try:
+            return message_text(content)  # null (a refusal) is "", content parts are joined
+        except TypeError as e:
+            raise JudgeRequestError(f"POST {self.url}: {e}") from e
 
     @staticmethod
     def _retry_after(value: str | None) -> float:

@@ -33,7 +33,13 @@ from rlhfkit.data.io import DataError, Row, read_rows
 from rlhfkit.data.preferences import comparison_from_dict, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
-from rlhfkit.feedback.web.store import VOTES, AnnotationStore, PairItem, StoredLabel
+from rlhfkit.feedback.web.store import (
+    VOTES,
+    AnnotationStore,
+    PairItem,
+    Settlement,
+    StoredLabel,
+)
 
 if TYPE_CHECKING:
     from rlhfkit.label import LabelConfig
@@ -254,34 +260,53 @@ def format_status(s: Status) -> str:
 # ----------------------------------------------------------------------------- the pipeline's label stage
 
 
-def wait_for_labels(store: AnnotationStore, *, timeout: float = 0.0, poll_seconds: float = 5.0,
-                    progress: bool = True) -> None:
-    """Block until every pair has ``overlap`` votes; ``timeout`` > 0 raises TimeoutError after that many seconds."""
+def _items(indices: Sequence[int], limit: int = 20) -> str:
+    """``item 3`` / ``items 0, 1, 2`` (the first ``limit``, then how many more)."""
+    shown = ", ".join(str(i) for i in indices[:limit])
+    more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
+    return f"item{'s' if len(indices) > 1 else ''} {shown}{more}"
+
+
+def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: float = 5.0,
+                    progress: bool = True) -> Settlement:
+    """Block until every pair is settled (:meth:`AnnotationStore.settlement`) and return where it stands.
+
+    A pair is settled with its ``overlap`` votes, or once every registered annotator
+    has voted on or skipped it. ``timeout`` > 0 raises TimeoutError after that many
+    seconds, naming the pairs still waiting (0 waits forever).
+    """
     from tqdm.auto import tqdm
 
-    total, complete = store.vote_counts()
+    state = store.settlement()
     deadline = time.monotonic() + timeout if timeout > 0 else math.inf
-    bar = tqdm(total=total, initial=complete, unit="pair", desc="label (human-web)", disable=not progress)
+    bar = tqdm(total=state.pairs, initial=state.pairs - len(state.waiting), unit="pair", desc="label (human-web)",
+               disable=not progress)
     try:
-        while complete < total:
+        while state.waiting:
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{complete}/{total} pairs have their {store.overlap} vote(s) after {timeout:g} s; "
-                                   "the labels so far are kept in the database, run the stage again to keep waiting")
+                raise TimeoutError(
+                    f"{state.complete}/{state.pairs} pairs have their {store.overlap} vote(s) after {timeout:g} s; "
+                    f"{len(state.waiting)} pair(s) still wait for an annotator who has not voted on or skipped them: "
+                    f"{_items(state.waiting)}. The labels so far are kept in {store.path}; run the stage again to "
+                    "keep waiting, or register more annotators")
             time.sleep(poll_seconds)
-            total, complete = store.vote_counts()
-            bar.total = total
-            bar.update(complete - bar.n)
+            state = store.settlement()
+            bar.total = state.pairs
+            bar.update(state.pairs - len(state.waiting) - bar.n)
     finally:
         bar.close()
+    return state
 
 
 def label_from_web(config: "LabelConfig") -> list[Comparison]:
     """``source: human-web``: collect labels with the web app, then write them as the stage's output.
 
     Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
+    stores ``config.overlap`` unless it is None (then the database keeps its own),
     optionally serves the app in this process (``config.web_serve``), waits until
-    every pair has ``config.overlap`` votes, and saves the majority labels to
-    ``config.output`` in rlhfkit's comparison JSONL.
+    every pair is settled (:func:`wait_for_labels`), and saves the majority labels
+    to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
+    skipped has no label; the summary printed at the end names such pairs.
     """
     from rlhfkit.feedback.web.app import create_app
     from rlhfkit.serve import ServerThread
@@ -290,16 +315,17 @@ def label_from_web(config: "LabelConfig") -> list[Comparison]:
     store = AnnotationStore(config.web_db)
     try:
         store.configure(overlap=config.overlap)
+        overlap = store.overlap
         added = store.add_pairs(items)
         note = f" ({empty} with an empty response left out)" if empty else ""
-        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {config.overlap} vote(s) each")
+        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
         server = None
         if config.web_serve:
             server = ServerThread(create_app(store), config.web_host, config.web_port).start()
             print(f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
                   f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`", file=sys.stderr, flush=True)
         try:
-            wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
+            settled = wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
         finally:
             if server is not None:
                 server.stop()
@@ -308,4 +334,12 @@ def label_from_web(config: "LabelConfig") -> list[Comparison]:
         store.close()
     save_comparisons(config.output, labels)
     print(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
+    labelled = {c.meta["item_index"] for c in labels}
+    unlabelled = [i for i in settled.exhausted if i not in labelled]
+    fewer = [i for i in settled.exhausted if i in labelled]
+    if unlabelled:
+        print(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {_items(unlabelled)}")
+    if fewer:
+        print(f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: "
+              f"{_items(fewer)}")
     return labels

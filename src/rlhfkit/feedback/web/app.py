@@ -39,6 +39,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field
 
 from rlhfkit.feedback.web.store import Annotator, AnnotationStore, Assignment, StoreError, to_shown
+from rlhfkit.serve import BodyLimit, reject
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -83,28 +84,13 @@ def cross_origin_problem(headers: dict[str, str], scheme: str) -> Optional[str]:
     return None
 
 
-async def _drain(receive: Any, limit: int) -> None:
-    """Read and drop up to ``limit`` bytes of a refused request body.
-
-    Closing a socket with unread data in its receive buffer makes the kernel send
-    a TCP reset, which can reach the client before the 413 and hide it (seen as
-    ``ConnectionResetError``). Bodies larger than ``limit`` are cut off anyway.
-    """
-    seen = 0
-    while seen <= limit:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        seen += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
 class RequestGuard:
-    """ASGI middleware: cross-origin writes (403), body size (413), security headers on every response."""
+    """ASGI middleware: cross-origin writes (403), body size (413, :class:`rlhfkit.serve.BodyLimit`),
+    security headers on every response."""
 
     def __init__(self, app: Any, *, max_body_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_body_bytes = app, max_body_bytes
+        self.app = app
+        self._limited = BodyLimit(app, max_body_bytes=max_body_bytes)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -124,46 +110,9 @@ class RequestGuard:
             return
         problem = cross_origin_problem(headers, scope.get("scheme", "http"))
         if problem:
-            await _reject(send_with_headers, 403, problem)
+            await reject(send_with_headers, 403, {"detail": problem})
             return
-        declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _drain(receive, 4 * self.max_body_bytes)
-            await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
-            return
-        # Read the whole (small) body first, counting, so a chunked upload cannot exceed the limit either.
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                if more:
-                    await _drain(receive, 4 * self.max_body_bytes)
-                await _reject(send_with_headers, 413, f"request body over {self.max_body_bytes} bytes")
-                return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send_with_headers)
-
-
-async def _reject(send: Any, status: int, detail: str) -> None:
-    import json
-
-    payload = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": payload})
+        await self._limited(scope, receive, send_with_headers)
 
 
 # ----------------------------------------------------------------------------- the app

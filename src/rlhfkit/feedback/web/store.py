@@ -36,6 +36,11 @@ Assignment rules (:meth:`next_assignment`):
   else meanwhile) is still kept: human work is never thrown away, so a pair can
   end with more than ``overlap`` votes;
 * a skip does not count as a vote; the pair goes to someone else.
+
+A pair is **settled** (:meth:`settlement`, what the pipeline waits for) once it
+has ``overlap`` votes, or once every registered annotator has voted on or
+skipped it: nobody is left to ask, so waiting longer cannot help. A newly
+registered annotator reopens such a pair.
 """
 
 from __future__ import annotations
@@ -177,6 +182,21 @@ class Progress:
     overlap: int
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """Which pairs the pipeline's label stage still waits for (:meth:`AnnotationStore.settlement`)."""
+
+    pairs: int
+    complete: int
+    """Pairs with at least ``overlap`` votes."""
+    exhausted: tuple[int, ...]
+    """Item indices of the pairs short of ``overlap`` votes that every registered annotator has voted on
+    or skipped: settled, as nobody is left to ask."""
+    waiting: tuple[int, ...]
+    """Item indices of the other pairs short of ``overlap`` votes: some annotator has not seen them yet
+    (all of them while no annotator is registered)."""
+
+
 def _stored_label(row: tuple) -> StoredLabel:
     label_id, pair_id, item_index, name, choice, flipped, reason, created = row
     return StoredLabel(label_id, pair_id, item_index, name, choice, bool(flipped), reason, created)
@@ -242,10 +262,14 @@ class AnnotationStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (a deferred constraint, SQLITE_FULL, an I/O error) can leave the
+                # transaction open, and every later BEGIN would fail until a restart. SQLite may also
+                # have rolled back on its own already, and a second ROLLBACK would hide the cause.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -464,6 +488,20 @@ class AnnotationStore:
     def labels(self) -> list[StoredLabel]:
         """Every label (skips included), oldest first."""
         return [_stored_label(row) for row in self._read(f"{_LABEL_SELECT} ORDER BY l.id")]
+
+    def settlement(self) -> Settlement:
+        """Which pairs are complete, which are settled short of their votes, and which still wait."""
+        with self._lock:
+            overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
+            (annotators,) = self._db.execute("SELECT COUNT(*) FROM annotators").fetchone()
+            # labels has one row per (pair, annotator), so `seen` counts the annotators done with the pair.
+            rows = self._db.execute(
+                """SELECT p.item_index, p.n_votes, (SELECT COUNT(*) FROM labels l WHERE l.pair_id = p.id)
+                   FROM pairs p ORDER BY p.item_index""").fetchall()
+        short = [(index, seen) for index, votes, seen in rows if votes < overlap]
+        exhausted = tuple(index for index, seen in short if annotators and seen >= annotators)
+        waiting = tuple(index for index, seen in short if not annotators or seen < annotators)
+        return Settlement(len(rows), len(rows) - len(short), exhausted, waiting)
 
     def vote_counts(self) -> tuple[int, int]:
         """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
