@@ -235,18 +235,20 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
     common = dict(data=str(prefs_file), max_steps=3, batch_size=4, seed=5)
     first = dpo_config(tmp_path, "first", ref_cache=True, **common)
     train(first)
+    first_entries = train_entries(first.output_dir)
     path = ref_cache_path(first, models.load_causal_lm(models.TINY), models.load_tokenizer(models.TINY))
-    assert path.is_file()
+    assert path.is_file() and path.parent == Path(first.output_dir) / dpo.REF_CACHE_DIR
     assert f"reference log-probs cached at {path}" in capsys.readouterr().out
     mtime = path.stat().st_mtime_ns
 
-    # Second run: the cache must be read, never recomputed or rewritten.
+    # Second run in the same output directory (no checkpoints: from the start): the cache
+    # must be read, never recomputed or rewritten.
     def no_recompute(*args, **kwargs):
         raise AssertionError("reference log-probs recomputed despite a valid cache")
 
     with monkeypatch.context() as patch:
         patch.setattr(dpo, "compute_ref_logps", no_recompute)
-        second = dpo_config(tmp_path, "second", ref_cache=True, **common)
+        second = dpo_config(tmp_path, "first", ref_cache=True, **common)
         train(second)
     assert f"reference log-probs loaded from cache {path}" in capsys.readouterr().out
     assert path.stat().st_mtime_ns == mtime
@@ -255,8 +257,9 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
     train(uncached)
     assert "cache" not in capsys.readouterr().out
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nothing new written
+    assert not (Path(uncached.output_dir) / dpo.REF_CACHE_DIR).exists()
 
-    runs = [train_entries(c.output_dir) for c in (first, second, uncached)]
+    runs = [first_entries] + [train_entries(c.output_dir) for c in (second, uncached)]
     assert all(len(r) == 3 for r in runs)
     for key in ("loss", "accuracy", "margin"):
         values = [[e[key] for e in run] for run in runs]
@@ -264,6 +267,22 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
         assert values[2] == pytest.approx(values[0], rel=1e-6, abs=1e-7), key
     # The runs trained (so equal losses are not trivially equal constants).
     assert runs[0][-1]["loss"] < runs[0][0]["loss"]
+
+
+def test_ref_cache_writes_nothing_next_to_read_only_data(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data = write_jsonl(data_dir / "prefs.jsonl", polite_rude_records())
+    data_dir.chmod(0o555)
+    try:
+        config = dpo_config(tmp_path, "run", data=str(data), max_steps=1, batch_size=4, ref_cache=True)
+        train(config)
+    finally:
+        data_dir.chmod(0o755)
+    # (Tests may run as root, for whom the mode blocks nothing: the listing is what counts.)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["prefs.jsonl"]
+    path = ref_cache_path(config, models.load_causal_lm(models.TINY), models.load_tokenizer(models.TINY))
+    assert path.is_file() and path.is_relative_to(Path(config.output_dir))
 
 
 def attach_reference(config: DPOConfig) -> tuple[Path, list[dict], int]:
@@ -290,6 +309,36 @@ def attach_reference(config: DPOConfig) -> tuple[Path, list[dict], int]:
     return path, train_set + held, len(calls)
 
 
+def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, monkeypatch):
+    config = dpo_config(tmp_path, "run", data=str(prefs_file))
+    path, pairs, computed = attach_reference(config)  # as the main process: hashed, computed, cached
+    assert computed == 1 and path.is_file()
+
+    # As process 1 of 2: the main process sends the cache path; hashing every weight again is not its job.
+    class OtherProcess:
+        is_main_process = False
+
+        def wait_for_everyone(self):
+            pass
+
+    def hash_model(model):
+        raise AssertionError("the reference weights were hashed on a process other than the main one")
+
+    import accelerate
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate, "PartialState", OtherProcess)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [path, True])
+    monkeypatch.setattr(dpo, "_hash_model", hash_model)
+    tokenizer = models.load_tokenizer(config.model)
+    train_set, held = load_pair_splits(
+        tokenizer, config.data, eval_data="", eval_fraction=config.eval_fraction, seed=config.seed,
+        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+    )
+    dpo.attach_reference(config, models.load_causal_lm(config.model), tokenizer, train_set, held)
+    assert [p["ref_chosen_logps"] for p in train_set + held] == [p["ref_chosen_logps"] for p in pairs]
+
+
 def save_model_dir(directory: Path, *, perturb: float = 0.0, tokenizer=None) -> Path:
     """The tiny model (one weight matrix shifted by ``perturb``) and a tokenizer, as a model directory."""
     model = models.build_tiny()
@@ -302,6 +351,7 @@ def save_model_dir(directory: Path, *, perturb: float = 0.0, tokenizer=None) -> 
 
 
 def test_ref_cache_invalidated_by_data_model_and_tokenizer(prefs_file, tmp_path):
+    # Every config below writes to one output directory, where the cache lives.
     base = dpo_config(tmp_path, "base", data=str(prefs_file))
     base_path, base_pairs, computed = attach_reference(base)
     assert computed == 1 and base_path.is_file()
@@ -312,7 +362,7 @@ def test_ref_cache_invalidated_by_data_model_and_tokenizer(prefs_file, tmp_path)
     # The key is the content, not the spec: the same weights and tokenizer saved
     # to a directory find the same cache.
     same_dir = save_model_dir(tmp_path / "same")
-    path, _, computed = attach_reference(dpo_config(tmp_path, "same-run", data=str(prefs_file), model=str(same_dir)))
+    path, _, computed = attach_reference(dpo_config(tmp_path, "base", data=str(prefs_file), model=str(same_dir)))
     assert (path, computed) == (base_path, 0)
 
     # Each change below must give a new key, and a recomputation.
@@ -337,7 +387,7 @@ def test_ref_cache_invalidated_by_data_model_and_tokenizer(prefs_file, tmp_path)
     }
     seen = {base_path}
     for what, fields in variants.items():
-        path, pairs, computed = attach_reference(dpo_config(tmp_path, what.replace(" ", "-"), **fields))
+        path, pairs, computed = attach_reference(dpo_config(tmp_path, "base", **fields))
         assert path not in seen, f"changing the {what} kept the cache key"
         assert computed == 1, f"changing the {what} did not recompute the reference log-probs"
         assert path.is_file()
@@ -348,7 +398,7 @@ def test_ref_cache_invalidated_by_data_model_and_tokenizer(prefs_file, tmp_path)
 
     # Keyed by the reference's content: starting from the perturbed weights with the
     # default reference is the same reference as naming them as ref_model.
-    path, _, computed = attach_reference(dpo_config(tmp_path, "start-is-ref", data=str(prefs_file), model=str(ref_dir)))
+    path, _, computed = attach_reference(dpo_config(tmp_path, "base", data=str(prefs_file), model=str(ref_dir)))
     assert computed == 0 and path in seen
 
     # The same data file, edited in place.
@@ -405,7 +455,7 @@ def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, 
     if loss_type == "simpo":
         # Reference-free: nothing computed, nothing cached.
         assert "reference log-probs" not in out
-        assert not (tmp_path / ".rlhfkit-cache").exists()
+        assert not (Path(config.output_dir) / dpo.REF_CACHE_DIR).exists()
 
 
 def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):

@@ -25,9 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 from rlhfkit import loop, models, rl
+from rlhfkit.config import ConfigError, field_docs
 from rlhfkit.data.io import read_jsonl_records
 from rlhfkit.policy import load_critic
-from tests.helpers import read_jsonl, saved_weights
+from tests.helpers import read_jsonl, saved_weights, write_jsonl
 
 REWARD_MODULE = '''
 def shortness(prompts, responses, **kwargs):
@@ -234,6 +235,45 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
     samples = [read_jsonl_records(d / "samples.jsonl") for d in (straight, resumed)]
     assert [r["step"] for r in samples[1]] == [1, 2, 3, 4]
     assert samples[0] == samples[1]
+
+
+def test_resume_refuses_a_changed_config_and_allows_max_steps_or_force(rl_dir, capsys):
+    fields = dict(algorithm="reinforce", batch_size=2, save_every=2, temperature=1.0)
+    out = rl_dir / "run"
+    rl.train(make_config(out, max_steps=2, **fields))
+    with pytest.raises(ConfigError) as info:
+        rl.train(make_config(out, max_steps=4, lr=1e-4, samples_per_prompt=2, **fields))
+    message = str(info.value)
+    assert "lr: 0.001 -> 0.0001" in message
+    assert "samples_per_prompt: 1 -> 2" in message
+    assert "max_steps" not in message
+    assert [e["step"] for e in metrics(out)] == [1, 2]  # refused before any step
+
+    # More steps and more logged samples: resumed.
+    capsys.readouterr()
+    rl.train(make_config(out, max_steps=3, log_samples=2, **fields))
+    assert f"resumed from {out / 'checkpoints' / 'step-0000002'} at step 2" in capsys.readouterr().out
+    assert [e["step"] for e in metrics(out)] == [1, 2, 3]
+
+    # resume=force: resumed from step 2 (step 3 had no checkpoint) under the new lr, the change printed.
+    rl.train(make_config(out, max_steps=4, resume="force", lr=1e-4, **fields))
+    printed = capsys.readouterr().out
+    assert "lr: 0.001 -> 0.0001" in printed
+    assert f"resumed from {out / 'checkpoints' / 'step-0000002'} at step 2" in printed
+    entries = metrics(out)
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    assert [e["lr"] for e in entries] == [1e-3, 1e-3, 1e-4, 1e-4]
+
+
+def test_ptx_max_length_cuts_demonstrations(rl_dir):
+    long_answer = " ".join(["word"] * 60)
+    data = write_jsonl(rl_dir / "ptx.jsonl", [{"prompt": "Tell a story.", "completion": long_answer},
+                                              {"prompt": "Hi?", "completion": "Hello."}])
+    trainer = rl.RLTrainer(make_config(rl_dir / "ptx", algorithm="reinforce", ptx_data=str(data), ptx_coef=0.5,
+                                       ptx_max_length=48))
+    # With the chat template the two are 96 and 36 tokens: the long one is cut at ptx_max_length, the short one kept.
+    assert sorted(len(example["input_ids"]) for example in trainer.ptx) == [36, 48]
+    assert "ptx_max_length" in field_docs(rl.RLConfig)
 
 
 def test_grad_accum_gives_the_same_update(rl_dir):

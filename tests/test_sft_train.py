@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit import loop, models
+from rlhfkit.config import ConfigError
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
 from rlhfkit.rollout import GenerationOptions, HFGenerator
 from rlhfkit.sft import SFTTask, sft_loss_sum, train
@@ -129,6 +130,47 @@ def test_resume_with_more_max_steps_equals_uninterrupted(qa_file, make_config):
     train(make_config("B", max_steps=3, **common))
     train(make_config("B", max_steps=6, resume="auto", **common))
     assert_resumed_equal(a, make_config("B", **common))
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys(qa_file, make_config):
+    # Accelerate restores the optimizer's param groups and the scheduler its base_lrs, so
+    # resuming under a new lr or betas once silently kept the old ones.
+    common = dict(data=str(qa_file), batch_size=4, save_every=2, lr_schedule="constant", warmup_ratio=0.0)
+    first = make_config("run", max_steps=2, **common)
+    train(first)
+    checkpoint = Path(first.output_dir) / "checkpoints" / "step-0000002"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
+    with pytest.raises(ConfigError) as info:
+        train(make_config("run", max_steps=4, **{**common, "lr": 1e-3, "adam_beta2": 0.95}))
+    message = str(info.value)
+    assert "lr: 0.003 -> 0.001" in message
+    assert "adam_beta2: 0.999 -> 0.95" in message
+    assert "max_steps" not in message  # may change freely
+    assert "resume=force" in message
+    # Refused before anything ran or was written.
+    assert [r["step"] for r in train_entries(first.output_dir)] == [1, 2]
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
+
+
+def test_resume_allows_free_keys_and_force_applies_the_new_values(qa_file, make_config, capsys):
+    common = dict(data=str(qa_file), batch_size=4, save_every=2, lr_schedule="constant", warmup_ratio=0.0)
+    out = Path(make_config("run").output_dir)
+    train(make_config("run", max_steps=2, **common))
+    # More steps and other logging, checkpointing and progress settings: resumed, no error.
+    train(make_config("run", max_steps=4, log_every=2, keep_checkpoints=3, progress=True, **common))
+    assert f"resumed from {out / 'checkpoints' / 'step-0000002'} at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in train_entries(out)] == [1, 2, 4]
+
+    # resume=force: resumed from the newest checkpoint although lr changed, the change printed,
+    # and the new lr is the one used from there on (constant schedule: lr is the peak lr).
+    result = train(make_config("run", max_steps=6, resume="force", **{**common, "lr": 1e-3}))
+    printed = capsys.readouterr().out
+    assert "lr: 0.003 -> 0.001" in printed
+    assert f"resumed from {out / 'checkpoints' / 'step-0000004'} at step 4" in printed
+    assert result.state.step == 6
+    entries = train_entries(out)
+    assert [r["step"] for r in entries] == [1, 2, 4, 5, 6]
+    assert [r["lr"] for r in entries] == [3e-3, 3e-3, 3e-3, 1e-3, 1e-3]
 
 
 def assert_resumed_equal(a, b) -> None:

@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import ConfigError
     from rlhfkit.data.io import DataError
+    from rlhfkit.loop import CheckpointError
     from rlhfkit.models import ModelLoadError
     from rlhfkit.pipeline import StageError
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "config":
             return _show_config(ns.stage)
         return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"rlhfkit {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except StageError as e:

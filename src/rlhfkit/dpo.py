@@ -3,11 +3,13 @@
 1. Read comparisons (any format of :mod:`rlhfkit.data.preferences`), expand them
    to (chosen, rejected) pairs and tokenise.
 2. Compute the reference log-probs ``log ref(y|x)`` of every pair once, before
-   training, and cache them on disk next to the dataset. The cache key hashes
-   the data file, the reference weights, the tokenizer and the tokenisation
-   settings, so any change recomputes it. The reference model is then not held
-   in memory during training (with the default reference = the starting model,
-   it never is a second copy at all).
+   training, and cache them under the output directory (never next to the
+   data, which may be read-only), so a rerun or a resumed run reads them back.
+   The cache key hashes the data file, the reference weights (once, on the
+   main process), the tokenizer and the tokenisation settings, so any change
+   recomputes it. The reference model is then not held in memory during
+   training (with the default reference = the starting model, it never is a
+   second copy at all).
 3. Train with the shared loop: one concatenated forward pass over chosen and
    rejected, :func:`rlhfkit.losses.dpo_loss` (sigmoid / ipo / hinge, label
    smoothing) or :func:`rlhfkit.losses.simpo_loss`, plus an optional NLL term on
@@ -70,7 +72,7 @@ class DPOConfig(models.ModelOptions, TrainOptions, EvalOptions, ProbeOptions):
     """Frontier probes: the reward model (or scorer) whose score of the probe samples is logged as the proxy, to
     set beside the gold score; DPO never trains on it. Empty: no proxy."""
     ref_cache: bool = True
-    """Cache reference log-probs on disk next to the data (falls back to output_dir if not writable)."""
+    """Cache reference log-probs under output_dir/.rlhfkit-cache, for reruns in the same output_dir."""
     lr: float = 5e-6
     """Peak learning rate (DPO wants a small one)."""
     output_dir: str = "runs/dpo"
@@ -141,8 +143,12 @@ def _hash_tokenizer(tokenizer) -> str:
     return hashlib.sha256((text + str(tokenizer.chat_template)).encode()).hexdigest()
 
 
+REF_CACHE_DIR = ".rlhfkit-cache"
+"""The reference-log-prob cache's directory, inside the output directory."""
+
+
 def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
-    """Where the reference log-probs for this (data, reference, tokenizer, settings) live."""
+    """Where the reference log-probs for this (data, reference, tokenizer, settings) live; hashes every weight."""
     key = {
         "data": _hash_file(config.data),
         "eval_data": _hash_file(config.eval_data) if config.eval_data else "",
@@ -155,17 +161,9 @@ def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
         "seed": config.seed,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    data = Path(config.data)
-    directory = data.parent / ".rlhfkit-cache"
-    try:
-        directory.mkdir(exist_ok=True)
-        probe = directory / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError:
-        directory = Path(config.output_dir) / ".rlhfkit-cache"
-        directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{data.name}.ref-{digest}.safetensors"
+    directory = Path(config.output_dir) / REF_CACHE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{Path(config.data).name}.ref-{digest}.safetensors"
 
 
 @torch.no_grad()
@@ -193,6 +191,7 @@ def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precisi
 def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], held: list[dict]) -> None:
     """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair (from cache when valid)."""
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
     from safetensors.torch import load_file, save_file
 
     if config.loss_type == "simpo":
@@ -201,9 +200,16 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
     if config.packing:  # the policy too: prepare_for_training, which also sets it, comes later
         models.set_attention(ref)
     examples = train + held
-    path = ref_cache_path(config, ref, tokenizer) if config.ref_cache else None
     state = PartialState()
-    if path is not None and path.exists():
+    path, cached = None, False
+    if config.ref_cache:
+        # The key hashes every reference weight (minutes for a large model): once, on the main process.
+        found = [None, False]
+        if state.is_main_process:
+            found[0] = ref_cache_path(config, ref, tokenizer)
+            found[1] = found[0].exists()
+        path, cached = broadcast_object_list(found)
+    if cached:
         ref_logps = load_file(str(path))["ref_logps"]
         print(f"dpo: reference log-probs loaded from cache {path}")
     else:

@@ -6,7 +6,8 @@ from the latest policy, labels the new pairs with any feedback source, and
 trains on them. The DPO reference is either kept (the starting model, every
 round) or refreshed to the policy that produced the round's samples.
 Every round's samples, labels and model are kept under ``OUTPUT/round-K``; a
-finished round (its model directory has a ``config.json``) is not redone.
+finished round (its model directory is a complete save, :func:`rlhfkit.models.is_complete_save`)
+is not redone, and a round whose save was interrupted is redone whole.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def run(config: IteratedDPOConfig) -> list[Path]:
     for k in range(config.rounds):
         round_dir = out / f"round-{k}"
         model_dir = round_dir / "model"
-        if (model_dir / "config.json").is_file():
+        if models.is_complete_save(model_dir):
             print(f"iterated-dpo: round {k} done, skipped")
             policy = str(model_dir)
             produced.append(model_dir)

@@ -11,9 +11,10 @@ and how to compute the summed loss — and the loop does the rest:
    global batch, so ``grad_accum x batch`` and ``processes x batch`` give the same
    gradient as one big batch (not a mean of per-micro-batch means);
 3. clip gradients, step AdamW and the warmup + cosine schedule;
-4. log to ``metrics.jsonl`` / TensorBoard, evaluate, checkpoint atomically;
+4. log to ``metrics.jsonl`` / TensorBoard, evaluate, checkpoint durably (:class:`Checkpointer`);
 5. on restart, resume from the newest checkpoint exactly where it stopped
-   (weights, optimizer, scheduler, RNG states and data position).
+   (weights, optimizer, scheduler, RNG states and data position), if it was
+   written under the same config (:data:`RESUME_FREE_KEYS` aside).
 
 Online RL (PPO/GRPO) has a different step — rollouts, then epochs over them —
 but reuses the pieces here: :func:`make_accelerator`, :class:`Checkpointer` and
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -32,9 +34,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from rlhfkit.data.io import atomic_write_text
+from rlhfkit.config import ConfigError, to_dict
+from rlhfkit.data.io import fsync_path, fsync_tree
 from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
 from rlhfkit.tracking import MetricsLogger
 
@@ -80,7 +84,11 @@ class TrainOptions:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     resume: str = "auto"
-    """`auto`: resume from the newest checkpoint in output_dir if any; `never`; or a checkpoint path."""
+    """`auto`: resume from the newest checkpoint in output_dir if any (an older one if it cannot be loaded, saying
+    why), refused if the config changed since it was written (only the keys in `rlhfkit.loop.RESUME_FREE_KEYS`,
+    e.g. max_steps and logging, may change); `force`: resume from the newest checkpoint even if the config
+    changed, printing the changed keys (their new values apply from there on); `never`: start over; or the path
+    of a checkpoint (refused too if the config differs)."""
     progress: bool = True
     """Show a progress bar (rate, ETA, tokens/s)."""
     tensorboard: bool = True
@@ -191,29 +199,85 @@ class TrainState:
         return self.step / max(1, self.steps_per_epoch)
 
 
-class Checkpointer:
-    """Atomic, resumable checkpoints under ``OUTPUT_DIR/checkpoints/step-NNNNNNN``.
+RESUME_FREE_KEYS = frozenset({
+    # How long to train, and where: a finished run can be extended with more steps.
+    "max_steps", "num_epochs", "output_dir", "resume",
+    # What is logged, kept or shown.
+    "log_every", "save_every", "keep_checkpoints", "progress", "tensorboard", "log_samples",
+    # Evaluation and frontier probes: measured beside training (the probe in a forked RNG), never trained on.
+    "eval_every", "probe_points", "probe_prompts", "probe_max_prompts", "probe_max_new_tokens", "probe_temperature",
+    "gold", "gold_args", "proxy",
+    # DPO: cached or recomputed, the reference log-probs are the same numbers.
+    "ref_cache",
+})
+"""The config keys that may differ between a run and its resumption. Every other key of a trainer's
+config is in each checkpoint's fingerprint (:func:`config_fingerprint`), and a resume under another
+value is refused unless ``resume=force``."""
 
-    Each checkpoint is accelerate's full state (model weights as safetensors,
-    optimizer, registered schedulers, per-process RNG states) plus
-    ``trainer_state.json`` and any ``extra`` JSON the trainer adds. It is written
-    to a hidden temp directory and renamed when complete, so a crash mid-save
-    leaves the previous checkpoints intact and no partial one.
+TRAINER_STATE_FILE = "trainer_state.json"
+"""A checkpoint's trainer state, config fingerprint and file sizes; written last, inside the temp directory."""
+SCHEDULER_FILE = "scheduler.json"
+"""The LR scheduler's ``state_dict`` as JSON. Registered with accelerate it would be pickled, and read
+back with ``torch.load(weights_only=False)``, which runs any code a checkpoint carries."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded; the message names the file and why."""
+
+
+def config_fingerprint(config) -> dict[str, Any]:
+    """``to_dict(config)`` less :data:`RESUME_FREE_KEYS`, as JSON reads it back (lists, not tuples)."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(config).items() if k not in RESUME_FREE_KEYS}))
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every key whose value differs between two fingerprints."""
+    unset = object()
+
+    def shown(value: Any) -> str:
+        return "(unset)" if value is unset else repr(value)
+
+    changes = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key, unset), current.get(key, unset)
+        if old != new:
+            changes.append(f"{key}: {shown(old)} -> {shown(new)}")
+    return changes
+
+
+class Checkpointer:
+    """Durable, resumable checkpoints under ``OUTPUT_DIR/checkpoints/step-NNNNNNN``.
+
+    Each checkpoint holds accelerate's state (model weights as safetensors, the
+    optimizer and per-process RNG states, which accelerate reads back with
+    ``torch.load(weights_only=True)``), the LR scheduler's state as JSON
+    (:data:`SCHEDULER_FILE`) and :data:`TRAINER_STATE_FILE`: the trainer's
+    ``state``, the config's fingerprint and every file's size. It is written to a
+    hidden temp directory; every file in it and the directory are fsynced, it is
+    renamed into place, and the parent directory is fsynced. A crash or a power
+    loss mid-save leaves the previous checkpoints intact and no partial one.
+
+    :meth:`resume` refuses a checkpoint written under another config unless told
+    ``force``, and falls back to an older checkpoint when the newest cannot be
+    loaded (a file cut short or damaged: a disk that dropped writes, a partial
+    copy, a checkpoint from before they were fsynced), printing which one
+    failed and why.
+
+    ``scheduler`` is the trainer's ``LambdaLR`` (:func:`rlhfkit.optim.build_scheduler`),
+    not registered with accelerate; ``config`` the trainer's config dataclass.
     """
 
-    def __init__(self, accelerator, output_dir: str | Path, keep: int = 2):
+    def __init__(self, accelerator, output_dir: str | Path, *, keep: int, scheduler, config):
         self.accelerator = accelerator
         self.root = Path(output_dir) / "checkpoints"
         self.keep = keep
+        self.scheduler = scheduler
+        self.config = config
 
     def all(self) -> list[Path]:
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         acc = self.accelerator
@@ -224,29 +288,100 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its RNG states
         if acc.is_main_process:
-            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            record = {**state, "config": config_fingerprint(self.config), "files": files}
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
+            fsync_path(self.root)
             for old in self.all()[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
-    def load(self, path: str | Path) -> dict[str, Any]:
-        path = Path(path)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json)")
-        self.accelerator.load_state(str(path))
-        return json.loads((path / "trainer_state.json").read_text())
-
-    def resume_path(self, resume: str) -> Path | None:
+    def resume(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
+        """Load the checkpoint ``resume`` asks for (:attr:`TrainOptions.resume`): ``(its path, its trainer state)``,
+        or None when there is none to resume from. ``auto`` and ``force`` try the newest first, then older ones."""
         if resume == "never":
             return None
-        if resume == "auto":
-            return self.latest()
-        return Path(resume)
+        candidates = self.all()[::-1] if resume in ("auto", "force") else [Path(resume)]
+        main = self.accelerator.is_main_process
+        failures = []
+        for i, path in enumerate(candidates):
+            try:
+                saved = self._read(path)
+                self._check_config(path, saved["config"], force=resume == "force")
+                self._load(path)
+            except CheckpointError as e:
+                failures.append(f"{path}: {e}")
+                if main:
+                    fallback = "; trying the one before it" if i + 1 < len(candidates) else ""
+                    print(f"checkpoint {path} cannot be loaded: {e}{fallback}")
+                continue
+            return path, saved
+        if failures:
+            raise CheckpointError(
+                "no checkpoint could be loaded (" + "; ".join(failures) + "); set resume=never to start over "
+                "(overwriting them), or use another output_dir"
+            )
+        return None
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """The trainer state of checkpoint ``path``, after checking that every file it lists has its written size."""
+        try:
+            saved = json.loads((path / TRAINER_STATE_FILE).read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"not a checkpoint (no {TRAINER_STATE_FILE})") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{TRAINER_STATE_FILE} is unreadable ({e})") from e
+        if "files" not in saved or "config" not in saved:
+            raise CheckpointError(f"{TRAINER_STATE_FILE} has no file sizes or config (written by an older rlhfkit)")
+        for name, size in saved["files"].items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"{name} is missing")
+            if file.stat().st_size != size:
+                raise CheckpointError(f"{name} is {file.stat().st_size} bytes, {size} were written")
+        return saved
+
+    def _check_config(self, path: Path, saved: dict[str, Any], *, force: bool) -> None:
+        changes = config_changes(saved, config_fingerprint(self.config))
+        if not changes:
+            return
+        listing = ", ".join(changes)
+        if not force:
+            raise ConfigError(
+                f"cannot resume from {path}: the config changed since it was written ({listing}); set resume=force "
+                "to continue from it with the new values, resume=never to start over, or use another output_dir"
+            )
+        if self.accelerator.is_main_process:
+            print(f"resume=force: continuing from {path} under a changed config: {listing}")
+
+    def _load(self, path: Path) -> None:
+        """Weights, optimizer and RNG states through accelerate, the scheduler from JSON (nothing unpickled but by
+        ``torch.load(weights_only=True)``). What is restored is where training is: weights, moments, step, RNG.
+        The hyperparameters stay this run's: accelerate puts the saved lr, betas, eps and weight decay back into
+        the param groups and LambdaLR its saved ``base_lrs``, which differ from the config's only under
+        ``resume=force``, so both are set back, and the lr follows this run's schedule from the restored step."""
+        scheduler = self.scheduler
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in scheduler.optimizer.param_groups]
+        base_lrs = list(scheduler.base_lrs)
+        try:
+            self.accelerator.load_state(str(path))
+            scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+            raise CheckpointError(f"{type(e).__name__}: {e}") from e
+        scheduler.base_lrs = base_lrs
+        # optimizer.load_state_dict made new param-group dicts: read them now.
+        groups = scheduler.optimizer.param_groups
+        for group, setting, lr_lambda, base_lr in zip(groups, settings, scheduler.lr_lambdas, base_lrs):
+            group.update(setting)
+            group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
 
 
 @dataclass
@@ -319,14 +454,14 @@ def fit(
         schedule=options.lr_schedule, min_lr_ratio=options.min_lr_ratio,
     )
     model, optimizer = prepare(acc, model, optimizer)
-    # Not prepared: accelerate would step a prepared scheduler once per process.
-    acc.register_for_checkpointing(scheduler)
+    # Not prepared (accelerate would step a prepared scheduler once per process), nor registered with
+    # accelerate: the Checkpointer keeps its state as JSON.
 
     state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    checkpointer = Checkpointer(acc, out, keep=options.keep_checkpoints)
-    resume_from = checkpointer.resume_path(options.resume)
-    if resume_from is not None:
-        saved = checkpointer.load(resume_from)
+    checkpointer = Checkpointer(acc, out, keep=options.keep_checkpoints, scheduler=scheduler, config=options)
+    resumed = checkpointer.resume(options.resume)
+    if resumed is not None:
+        resume_from, saved = resumed
         state.step, state.tokens_seen = saved["step"], saved["tokens_seen"]
         if saved.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(
@@ -335,8 +470,8 @@ def fit(
             )
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=options.tensorboard)
     logger.truncate_after(state.step)
-    if resume_from is not None and acc.is_main_process:
-        print(f"resumed from {resume_from} at step {state.step}")
+    if resumed is not None and acc.is_main_process:
+        print(f"resumed from {resumed[0]} at step {state.step}")
 
     def run_eval() -> dict[str, float]:
         if not eval_set:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from rlhfkit.data.io import atomic_write_text, fsync_path, fsync_tree
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -346,8 +349,37 @@ def adapters_disabled(model):
         yield
 
 
+COMPLETE_MARKER = "rlhfkit_complete.json"
+"""Written last by :func:`save_pretrained`, listing the files of the save: a model directory without it holds an
+interrupted save (or one rlhfkit did not write). :func:`is_complete_save` reads it."""
+
+_WEIGHT_FILES = ("model*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json",
+                 "adapter")
+"""What an earlier :func:`save_pretrained` may have left that a new one must not keep unless it writes it again:
+weight files, shards and their index (transformers loads a stale index's shards), and a LoRA adapter."""
+
+
+def is_complete_save(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a finished :func:`save_pretrained`: its :data:`COMPLETE_MARKER` and every file
+    the marker lists."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((directory / name).exists() for name in files)
+
+
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
-    """Save a loadable model directory atomically (files written to a temp dir, then renamed).
+    """Save a loadable model directory; :func:`is_complete_save` tells whether the save finished.
+
+    Not atomic (``out_dir`` also holds metrics and checkpoints, so it is not swapped whole), but never
+    passes a partial save off as complete: everything is written to a temp directory inside ``out_dir``
+    and fsynced; then the completion marker (:data:`COMPLETE_MARKER`) of any earlier save is removed,
+    weight files of that save this one does not rewrite (stale shards and index files, ``adapter/``)
+    are deleted, the new files are moved into place, and the marker is written last (each step made
+    durable before the next). A crash leaves either the earlier complete save or a directory without
+    the marker.
 
     A LoRA model is saved merged (so ``AutoModelForCausalLM.from_pretrained`` loads
     it) and its adapter is kept in ``adapter/``.
@@ -366,11 +398,27 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
             model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            target = out / item.name
-            if item.is_dir() and target.exists():
+        fsync_tree(tmp)
+        written = sorted(item.name for item in tmp.iterdir())
+        marker = out / COMPLETE_MARKER
+        marker.unlink(missing_ok=True)
+        fsync_path(out)  # the directory stops claiming completeness before any of its files change
+        for pattern in _WEIGHT_FILES:
+            for stale in out.glob(pattern):
+                if stale.name in written:
+                    continue
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
+        for name in written:
+            target = out / name
+            if (tmp / name).is_dir() and target.exists():
                 shutil.rmtree(target)
-            os.replace(item, target)
+            os.replace(tmp / name, target)
+        fsync_path(out)
+        atomic_write_text(marker, json.dumps({"files": written}, indent=2))
+        fsync_path(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -325,16 +325,22 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # Bradley-Terry noise relative to the spread of the gold scores: a score gap of 0.1 standard
         # deviations is a coin flip biased 73/27; one standard deviation is never mislabelled.
         "label": {"temperature": 0.1, "temperature_scale": "spread"},
-        "reward": {"num_epochs": 1, "lr": 3e-5, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
+        # lr 1e-4: held-out accuracy 0.70 [0.64, 0.75] on 384 pairs vs 0.64 [0.58, 0.69] at 3e-5 (seed-0 labels;
+        # training only the top 12 layers: 0.59 [0.53, 0.65]).
+        "reward": {"num_epochs": 1, "lr": 1e-4, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
                    "norm_max_samples": 256, "precision": precision},
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x.
         "dpo": {**probe, "num_epochs": 1, "lr": 5e-6, "beta": 0.1, "batch_size": 8, "eval_every": 0,
                 "ranking_pairs": "best_worst",
                 "eval_fraction": 0.05, "precision": precision},
-        "ppo": dict(rl_common),
+        # lr 1e-5 against the lr-1e-4 reward model (seed-0 SFT and labels): win rate 0.67 [0.63, 0.70] vs SFT,
+        # KL 2.9; at 5e-6 against the lr-3e-5 reward model: 0.54 [0.50, 0.59], KL 0.36.
+        "ppo": {**rl_common, "lr": 1e-5},
         "grpo": {**rl_common, "num_minibatches": 1, "kl_coef": 0.04},
         "rloo": {**rl_common, "num_minibatches": 1},
-        "eval": {"max_new_tokens": 64, "samples_per_prompt": 2, "best_of_n": 16, "batch_size": 64,
-                 "max_prompts": 240, "precision": precision, "generation_precision": precision},
+        # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
+        # the eval's generation.
+        "eval": {"max_new_tokens": 64, "samples_per_prompt": 2, "best_of_n": 16, "best_of_n_prompts": 120,
+                 "batch_size": 64, "max_prompts": 240, "precision": precision, "generation_precision": precision},
     }
     return from_dict(PipelineConfig, merge_sections(base, overrides), source="demo")

@@ -149,6 +149,9 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """PPO-ptx: SFT data (prompt/completion or messages) mixed into the loss; empty disables."""
     ptx_coef: float = 0.0
     """PPO-ptx coefficient of the SFT loss."""
+    ptx_max_length: int = 512
+    """PPO-ptx: maximum tokens per demonstration (prompt + completion); a longer one keeps its first
+    ptx_max_length tokens."""
     log_samples: int = 2
     """Completions written to samples.jsonl per logged step."""
     lr: float = 1e-6
@@ -291,7 +294,7 @@ class RLTrainer:
         self.scheduler = build_scheduler(optimizer, warmup_steps=int(c.warmup_ratio * self.total_steps),
                                          total_steps=self.total_steps, schedule=c.lr_schedule, min_lr_ratio=c.min_lr_ratio)
         self.model, self.optimizer = prepare(self.acc, model, optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
+        # The scheduler is not registered with accelerate (which pickles it): the Checkpointer saves it as JSON.
         gen_precision = c.generation_precision
         if gen_precision == "auto":
             gen_precision = c.precision
@@ -315,7 +318,8 @@ class RLTrainer:
     def _load_ptx(self):
         from rlhfkit.data.sft import load_sft_file, tokenize_sft
 
-        examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data), max_length=512)
+        examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data),
+                                   max_length=self.config.ptx_max_length)
         return examples
 
     # ---------------------------------------------------------------- 1-4: rollout, score, advantages
@@ -549,12 +553,13 @@ def train(config: RLConfig) -> RLTrainer:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": c.algorithm, **to_dict(c)}, sort_keys=False))
-    checkpointer = Checkpointer(acc, out, keep=c.keep_checkpoints)
-    resume_from = checkpointer.resume_path(c.resume)
-    if resume_from is not None:
-        saved = checkpointer.load(resume_from)
+    checkpointer = Checkpointer(acc, out, keep=c.keep_checkpoints, scheduler=trainer.scheduler, config=c)
+    resumed = checkpointer.resume(c.resume)
+    if resumed is not None:
+        resume_from, saved = resumed
         trainer.step_count = saved["step"]
-        trainer.kl_ctl.value = saved["kl_coef"]
+        if c.adaptive_kl:  # the controller's state; a fixed beta is the config's (a new one under resume=force)
+            trainer.kl_ctl.value = saved["kl_coef"]
         print(f"resumed from {resume_from} at step {trainer.step_count}")
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=c.tensorboard)
     logger.truncate_after(trainer.step_count)
@@ -591,7 +596,7 @@ def train(config: RLConfig) -> RLTrainer:
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}", s_step=f"{metrics['time_step']:.1f}")
         if c.save_every > 0 and trainer.step_count % c.save_every == 0:
             checkpointer.save(trainer.step_count, {"step": trainer.step_count, "kl_coef": trainer.kl_ctl.value,
-                                                   "total_steps": trainer.total_steps, "config": to_dict(c)})
+                                                   "total_steps": trainer.total_steps})
     bar.close()
     logger.close()
     acc.wait_for_everyone()

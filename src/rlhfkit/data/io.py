@@ -187,6 +187,23 @@ def atomic_open(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
         raise
 
 
+def fsync_path(path: str | Path) -> None:
+    """fsync one file, or a directory (making the names created, renamed or removed in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root``, then ``root``: contents before the names that point at them."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_open(path) as f:
