@@ -513,3 +513,22 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # Nothing fetched but the page itself (the plots are data: URIs).
     assert all(url.startswith(("file:", "data:")) for url in result["requests"]), result["requests"]
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    """The browser tests must not hide: under CI (CI or RLHFKIT_REQUIRE_BROWSER set) a missing chromium fails."""
+    import pytest as _pytest
+
+    from tests import helpers
+
+    monkeypatch.setattr(helpers, "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("RLHFKIT_REQUIRE_BROWSER", raising=False)
+    monkeypatch.setenv("CI", "true")
+    with _pytest.raises(_pytest.fail.Exception, match="required under CI"):
+        helpers.require_chromium()
+    monkeypatch.delenv("CI")
+    with _pytest.raises(_pytest.skip.Exception):
+        helpers.require_chromium()
+    monkeypatch.setenv("RLHFKIT_REQUIRE_BROWSER", "1")
+    with _pytest.raises(_pytest.fail.Exception):
+        helpers.require_chromium()
