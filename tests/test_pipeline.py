@@ -75,6 +75,31 @@ def test_changed_stage_config_reruns_it_and_everything_after(tmp_path, calls):
     assert status["sft"] == status["sample"] == status["label"] == "skipped"
 
 
+def test_an_input_file_edited_in_place_reruns_its_stage(tmp_path, calls):
+    """The stage hash covers the contents of the files a config names, not only their paths."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n', encoding="utf-8")
+    pipeline.run(config(tmp_path, sample={"prompts": str(prompts)}))
+    calls.clear()
+    pipeline.run(config(tmp_path, sample={"prompts": str(prompts)}))
+    assert calls == ["report"]  # same contents: skipped
+    prompts.write_text('{"prompt": "b"}\n', encoding="utf-8")
+    calls.clear()
+    status = pipeline.run(config(tmp_path, sample={"prompts": str(prompts)}))
+    assert calls == ["sample", "label", "reward", "gate", "dpo", "eval", "report"]
+    assert status["sft"] == "skipped"
+
+
+def test_a_new_rlhfkit_version_reruns_every_stage(tmp_path, calls, monkeypatch):
+    import rlhfkit
+
+    pipeline.run(config(tmp_path))
+    calls.clear()
+    monkeypatch.setattr(rlhfkit, "__version__", rlhfkit.__version__ + ".post1")
+    pipeline.run(config(tmp_path))
+    assert calls == ORDER
+
+
 def test_changed_upstream_config_invalidates_downstream(tmp_path, calls):
     pipeline.run(config(tmp_path))
     calls.clear()

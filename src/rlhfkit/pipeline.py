@@ -226,8 +226,40 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
     return stages
 
 
-def _hash(config: Any, upstream: str) -> str:
-    payload = json.dumps({"config": to_dict(config), "type": type(config).__name__, "upstream": upstream},
+def _input_fingerprints(value: Any, out: Path) -> dict[str, str]:
+    """What the inputs a stage config names hold: for every string that is an existing path outside the
+    pipeline's ``out`` directory (stages inside it are chained by hash), a file's sha256, or a directory's
+    listing with sizes and modification times (model directories: hashing the weights costs too much)."""
+    found: dict[str, str] = {}
+    if isinstance(value, dict):
+        for item in value.values():
+            found.update(_input_fingerprints(item, out))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found.update(_input_fingerprints(item, out))
+    elif isinstance(value, str) and value and len(value) < 4096:
+        path = Path(value)
+        try:
+            if not path.exists() or path.resolve().is_relative_to(out.resolve()):
+                return found
+            if path.is_file():
+                found[value] = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif path.is_dir():
+                listing = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in path.rglob("*") if f.is_file())
+                found[value] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+        except OSError:  # unreadable: the stage itself will say so
+            pass
+    return found
+
+
+def _hash(config: Any, upstream: str, out: Path) -> str:
+    """A stage's identity: its config, the contents of the input files it names, rlhfkit's version and
+    the upstream stage's hash. A data or prompts file edited in place, or a new rlhfkit, reruns it."""
+    from rlhfkit import __version__
+
+    payload = json.dumps({"config": to_dict(config), "type": type(config).__name__, "upstream": upstream,
+                          "inputs": _input_fingerprints(to_dict(config), out), "rlhfkit": __version__},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -275,7 +307,7 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
     forced = False
     start = time.time()
     for stage in stages:
-        digest = _hash(stage.config, upstream)
+        digest = _hash(stage.config, upstream, out)
         upstream = digest
         forced = forced or stage.name == from_stage
         marker = _marker(stage)
