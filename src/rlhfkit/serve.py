@@ -43,7 +43,6 @@ it beyond the machine only behind something that has.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -159,15 +158,15 @@ class LocalChatModel:
 
 
 def load_function(spec: str) -> Callable[..., Any]:
-    """Import ``"module:function"`` with the working directory on ``sys.path``."""
+    """Import ``"module:function"`` with the working directory on ``sys.path`` (for the import only)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"backend must look like 'module:function', got '{spec}'")
+    from rlhfkit.feedback.scorers import import_from_cwd
+
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(module_name)
+        module = import_from_cwd(module_name)
     except ImportError as e:
         raise ValueError(f"cannot import backend module '{module_name}' (searched the working directory {cwd}): {e}") from e
     fn = module

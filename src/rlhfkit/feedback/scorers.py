@@ -295,7 +295,7 @@ def load_scorer(spec: str, args: Mapping[str, Any] | None = None, *, field: str 
 
     ``"module:function"`` imports ``module`` and returns its attribute ``function``
     (dots allowed on both sides: ``"pkg.rewards:Judge.score"``). The current
-    working directory is put first on ``sys.path`` if missing, because the
+    working directory is put first on ``sys.path`` while importing, because the
     ``rlhfkit`` console script (unlike ``python -m``) does not do it, and users
     expect ``rewards.py`` next to their config to be importable.
     """
@@ -313,6 +313,25 @@ def load_scorer(spec: str, args: Mapping[str, Any] | None = None, *, field: str 
     return partial(scorer, **args)
 
 
+def import_from_cwd(module_name: str):
+    """``importlib.import_module`` with the working directory first on ``sys.path`` for this import only.
+
+    The ``rlhfkit`` console script (unlike ``python -m``) leaves the working directory off ``sys.path``;
+    kept there for the whole process, a file in it (``json.py``, ``yaml.py``) would shadow a package
+    imported later.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written moments ago (tests, notebooks) must be found
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _load_scorer(spec: str) -> Scorer:
     expected = f"expected one of {sorted(BUILTIN_SCORERS)} or 'module:function'"
     if not isinstance(spec, str) or not spec.strip():
@@ -326,11 +345,8 @@ def _load_scorer(spec: str) -> Scorer:
     if not module_name or not attr_path or ":" in attr_path:
         raise ConfigError(f"bad scorer spec {spec!r}: expected 'module:function' with both parts non-empty")
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    importlib.invalidate_caches()  # a module written moments ago (tests, notebooks) must be found
     try:
-        module = importlib.import_module(module_name)
+        module = import_from_cwd(module_name)
     except ImportError as e:
         raise ConfigError(f"scorer spec {spec!r}: cannot import module {module_name!r} (from {cwd}): {e}") from e
     try:
