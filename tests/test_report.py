@@ -467,7 +467,8 @@ def test_older_layout_still_renders(tmp_path, algorithm):
 def test_empty_or_corrupt_run_still_reports(tmp_path):
     run_dir = tmp_path / "broken"
     (run_dir / "rl").mkdir(parents=True)
-    (run_dir / "rl" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # killed mid-write
+    # A torn *last* line (killed mid-append) is dropped by the reader; a broken line in the middle is unreadable.
+    (run_dir / "rl" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.4}\n')
     (run_dir / "rl" / "frontier.jsonl").write_text('{"step": 0, "kl": 0.0, "gold": 0.1}\n{"step": 1')
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "eval.json").write_text("{not json")
