@@ -1066,7 +1066,7 @@ img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
 th, td { border: 1px solid #e3e6ea; padding: 5px 9px; text-align: left; vertical-align: top; }
 th { background: #f1f3f6; } table.narrow td { font-variant-numeric: tabular-nums; }
-table.headline td { white-space: nowrap; } table.headline td:last-child { white-space: normal; }
+table.headline { font-size: 0.85em; } table.headline td:first-child { white-space: nowrap; }
 table.samples { width: 100%; table-layout: fixed; } table.samples td { width: 33%; }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; }
 .score { font-size: 0.82em; color: #5b6475; margin-top: 4px; } .better { background: #eaf6ec; }
