@@ -201,7 +201,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     cli = nest_dotted(parse_overrides(overrides or []))
     hints = typing.get_type_hints(cls)
     for key, text in _override_texts(overrides or []).items():  # a string field keeps the text as typed
-        if key in cli and hints.get(key) in (str, str | None, typing.Optional[str]) and isinstance(cli[key], (int, float)) \
+        if key in cli and hints.get(key) in (str, str | None) and isinstance(cli[key], (int, float)) \
                 and not isinstance(cli[key], bool):
             cli[key] = text
     for key in cli:  # an unknown override is reported as coming from the command line
