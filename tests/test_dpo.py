@@ -21,7 +21,7 @@ from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.dpo import DPOConfig, ref_cache_path, train
 from rlhfkit.forward import sequence_logps
 from rlhfkit.losses import dpo_loss, simpo_loss
-from tests.helpers import QA_PAIRS, train_entries, write_jsonl
+from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
 
 
 # ----------------------------------------------------------------------------- data
@@ -432,16 +432,109 @@ def test_dpo_learns_polite_over_rude(prefs_file, tmp_path):
     assert last["margin"] == pytest.approx(last["rewards_chosen"] - last["rewards_rejected"], rel=1e-5)
 
 
+# Held-out comparisons: questions and answers that appear nowhere in the training pairs, wrapped in
+# the same polite templates and rude refusals (paired differently), the polite one preferred.
+HELDOUT_QA = [
+    ("Capital of Italy?", "Rome."),
+    ("Three plus three?", "Six."),
+    ("Colour of grass?", "Green."),
+    ("Opposite of up?", "Down."),
+    ("Smallest planet?", "Mercury."),
+    ("Author of Faust?", "Goethe."),
+]
+
+
+def heldout_records() -> list[dict]:
+    records = []
+    for i, (question, answer) in enumerate(HELDOUT_QA):
+        polite, rude = POLITE[(i + 1) % 4].format(answer), RUDE[(i + 2) % 4]
+        if i % 2:
+            records.append({"prompt": question, "response_a": polite, "response_b": rude, "preferred": "a"})
+        else:
+            records.append({"prompt": question, "response_a": rude, "response_b": polite, "preferred": "b"})
+    return records
+
+
+def mean_pair_stats(config: DPOConfig, model, pairs: list[dict], pad_token_id: int) -> dict[str, float]:
+    """DPOTask's per-pair statistics (margin, accuracy, ...) of ``model`` averaged over ``pairs``, one batch."""
+    if config.packing:
+        models.set_attention(model)
+    model.eval()
+    with torch.no_grad():
+        _, stats = dpo.DPOTask(config).loss(model, collate_pairs(pairs, pad_token_id, packed=config.packing))
+    return {k: float(v) / len(pairs) for k, v in stats.items()}
+
+
+@pytest.mark.parametrize(
+    "loss_type, min_rise",
+    [
+        # IPO regresses beta h onto 1/2 (h onto 1/(2 beta)): the margin heads for 0.5; half of it is required.
+        ("ipo", 0.25),
+        # The hinge is zero once beta h >= 1: the margin heads for 1; half of it is required.
+        ("hinge", 0.5),
+        # SimPO's margin is beta times the per-token log-prob difference (beta 0.1 here), pushed past
+        # gamma = 0.5 by a logistic loss: it grows without a fixed target; 0.1 (a per-token log-prob
+        # gap of 1 nat) is required.
+        ("simpo", 0.1),
+    ],
+)
+def test_held_out_margin_grows(loss_type, min_rise, prefs_file, tmp_path):
+    """Trained on the 8 polite/rude pairs, the implicit-reward margin (SimPO: its length-normalised
+    log-prob margin) on 6 held-out pairs with new questions grows by ``min_rise`` from the starting model,
+    and the held-out accuracy ends above chance (at least 5 of 6).
+
+    In trial runs (20 steps, seeds 0, 1 and 2 alike) the margin rose by 0.45 (IPO), 1.03 (hinge) and 0.24 (SimPO);
+    with lr = 0 it stayed where it started (accuracy 0; SimPO 1/6) and the test failed."""
+    held_file = write_jsonl(tmp_path / "held.jsonl", heldout_records())
+    config = dpo_config(tmp_path, loss_type, data=str(prefs_file), eval_data=str(held_file), loss_type=loss_type,
+                        max_steps=20, ref_cache=False)
+    tokenizer = models.load_tokenizer(config.model)
+    train_pairs, held_pairs = load_pair_splits(
+        tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
+        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+    )
+    assert (len(train_pairs), len(held_pairs)) == (8, 6)
+    start = models.load_causal_lm(config.model)
+    dpo.attach_reference(config, start, tokenizer, train_pairs, held_pairs)  # SimPO: none, reference-free
+    before = mean_pair_stats(config, start, held_pairs, tokenizer.pad_token_id)
+    if loss_type != "simpo":  # the policy starts as the reference: every implicit reward is 0
+        assert before["margin"] == pytest.approx(0.0, abs=1e-5)
+
+    result = train(config)
+    after = result.eval_metrics
+    # The stage's held-out evaluation, logged once at the end, is that of the saved model.
+    evals = [r for r in read_jsonl(Path(config.output_dir) / "metrics.jsonl") if "eval_margin" in r]
+    assert [r["step"] for r in evals] == [20]
+    assert evals[0]["eval_margin"] == pytest.approx(after["eval_margin"], rel=1e-6)
+    saved = models.load_causal_lm(config.output_dir)
+    recomputed = mean_pair_stats(config, saved, held_pairs, tokenizer.pad_token_id)
+    assert after["eval_margin"] == pytest.approx(recomputed["margin"], rel=1e-4, abs=1e-5)
+    assert after["eval_accuracy"] == pytest.approx(recomputed["accuracy"])
+
+    trace = f"held-out margin {before['margin']:.3f} -> {after['eval_margin']:.3f}, accuracy {after['eval_accuracy']:.2f}"
+    assert after["eval_margin"] > before["margin"] + min_rise, trace
+    assert after["eval_accuracy"] >= 5 / 6, trace
+
+
 @pytest.mark.parametrize(
     "loss_type, first_loss",
     [
         ("ipo", (0 - 1 / (2 * 0.1)) ** 2),  # h = 0 at step 1: (0 - 5)^2 = 25
         ("hinge", 1 - 0.1 * 0),             # max(0, 1 - beta * 0) = 1
-        ("simpo", None),                    # depends on the log-probs; finite
+        ("simpo", None),                    # from the starting model's log-probs: computed below
     ],
 )
-def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, tmp_path, capsys):
+def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, tmp_path, capsys, tokenizer):
     config = dpo_config(tmp_path, loss_type, data=str(mixed_file), loss_type=loss_type, max_steps=2, batch_size=5)
+    if loss_type == "simpo":
+        # Step 1 sees all 5 pairs with the starting model: the mean of
+        # log(1 + exp(-(beta (lc / nc - lr / nr) - gamma))), beta 0.1, gamma 0.5, per-token log-probs by pair.
+        pairs, _ = tokenize_pairs(tokenizer, load_comparisons(mixed_file), max_length=64, keep_ties=False)
+        batch = collate_pairs(pairs, tokenizer.pad_token_id)
+        with torch.no_grad():
+            logps, counts = sequence_logps(models.load_causal_lm(models.TINY).eval(), batch)
+        per_token = (logps / counts).tolist()
+        first_loss = sum(math.log(1 + math.exp(-(0.1 * (per_token[i] - per_token[5 + i]) - 0.5))) for i in range(5)) / 5
     train(config)
     out = capsys.readouterr().out
     # 2 pairs + 3 from the 3-way ranking; the tie is skipped and reported.
@@ -449,9 +542,8 @@ def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, 
     assert "1 ties skipped" in out
     entries = train_entries(config.output_dir)
     assert len(entries) == 2
-    assert all(math.isfinite(e["loss"]) for e in entries)
-    if first_loss is not None:
-        assert entries[0]["loss"] == pytest.approx(first_loss, abs=1e-3)
+    assert entries[0]["loss"] == pytest.approx(first_loss, abs=1e-3)
+    assert entries[1]["loss"] < entries[0]["loss"]  # step 2 sees the same 5 pairs, after one step on them
     if loss_type == "simpo":
         # Reference-free: nothing computed, nothing cached.
         assert "reference log-probs" not in out

@@ -76,5 +76,9 @@ def test_policy_entry_matches_an_independent_recomputation(tmp_path):
     assert entry["gold_diff"] == pytest.approx(sum(diffs) / len(diffs))
     assert entry["p_value"] == pytest.approx(stats.sign_flip_p_value(diffs, seed=0))
     assert results["win_rate"] == entry["win_rate"] and results["win_rate_ci"] == entry["win_rate_ci"]
-    assert entry["verdict"].split(":")[0] in ("better than tiny", "worse than tiny", "not distinguishable from tiny")
+    # The verdict follows from the interval: better when it lies above 0.5, worse below, else not distinguishable.
+    lo, hi = entry["win_rate_ci"]
+    assert lo <= entry["win_rate"] <= hi
+    word = "better than" if lo > 0.5 else "worse than" if hi < 0.5 else "not distinguishable from"
+    assert entry["verdict"] == f"{word} tiny: {entry['win_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
     assert entry["kl"] == pytest.approx(0.0, abs=1e-4)  # the same weights as the reference

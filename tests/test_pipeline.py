@@ -189,6 +189,56 @@ def test_dotted_cli_overrides_reach_sections(tmp_path):
     assert cfg.rl == {"beta": 0.2}
 
 
+def assert_headline_numbers_recompute(cfg: pipeline.PipelineConfig, results: dict) -> None:
+    """eval.json's win rate, gold scores and KL equal what its listed samples give when recomputed here.
+
+    With one sample per prompt, ``samples`` holds every sample the headline numbers came from: the gold
+    scorer re-scores them; the win rate is the fraction of prompts the policy wins (a tie counts half);
+    the policy's samples, re-drawn with the eval's seeds, give the KL with every row run on its own
+    (no padding) through the policy and the reference (the baseline)."""
+    import torch
+
+    from rlhfkit import models
+    from rlhfkit.rewards import load_reward
+    from rlhfkit.sample import load_prompts
+    from rlhfkit.sft import demo_data_path
+
+    ec = next(s for s in pipeline.build_stages(cfg) if s.name == "eval").config
+    assert ec.samples_per_prompt == 1 and not ec.reference
+    prompts = load_prompts(ec.prompts or demo_data_path("prompts_eval.jsonl"))[: ec.max_prompts]
+    samples = results["samples"]
+    assert len(samples) == len(prompts) == results["num_prompts"] == 4
+    gold = load_reward(ec.gold, precision=ec.precision)
+    policy_gold, baseline_gold = [s["gold_policy"] for s in samples], [s["gold_baseline"] for s in samples]
+    assert gold(prompts, [s["policy"] for s in samples]) == pytest.approx(policy_gold)
+    assert gold(prompts, [s["baseline"] for s in samples]) == pytest.approx(baseline_gold)
+    assert results["gold_score_policy"] == pytest.approx(sum(policy_gold) / 4)
+    assert results["gold_score_baseline"] == pytest.approx(sum(baseline_gold) / 4)
+    wins = [1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy_gold, baseline_gold)]
+    assert results["win_rate"] == pytest.approx(sum(wins) / 4)
+    lo, hi = results["win_rate_ci"]
+    assert 0.0 <= lo <= results["win_rate"] <= hi <= 1.0
+
+    rollout, policy, _ = evaluate._sample(ec.policy, prompts, ec, "policy", n=1, seed_offset=1)
+    assert rollout.responses == [s["policy"] for s in samples]  # the same draw as the eval's
+    reference = models.load_causal_lm(ec.baseline).eval()
+    kls = []
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            query = rollout.query_ids[i][rollout.query_mask[i]]
+            response = rollout.response_ids[i][rollout.response_mask[i]]
+            ids = torch.cat([query, response])[None]
+            logps = []
+            for model in (policy, reference):
+                with models.autocast(torch.device("cpu"), ec.precision):
+                    logits = model(input_ids=ids).logits[0, len(query) - 1 : -1].float()
+                logps.append(torch.log_softmax(logits / ec.temperature, -1).gather(-1, response[:, None]).sum())
+            kls.append(float(logps[0] - logps[1]))
+    # The eval batches the rows (left-padded) under bf16 autocast; alone they round a little differently
+    # (3.5e-4 apart on a KL of 0.237 when written).
+    assert results["kl"] == pytest.approx(sum(kls) / 4, abs=0.01), kls
+
+
 @pytest.mark.slow
 def test_real_pipeline_on_tiny_model(tmp_path):
     """Every real stage, wired together, on the tiny model (seconds per stage)."""
@@ -197,7 +247,8 @@ def test_real_pipeline_on_tiny_model(tmp_path):
         sft={"max_steps": 2, "batch_size": 4, "progress": False},
         sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
-        rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
+        # lr: DPO's default 5e-6 leaves the tiny policy within ~0.01 nats of the SFT model, too close to check the KL.
+        rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "lr": 1e-3},
         eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
     )
     status = pipeline.run(cfg)
@@ -205,8 +256,7 @@ def test_real_pipeline_on_tiny_model(tmp_path):
     run = tmp_path / "run"
     results = json.loads((run / "eval.json").read_text())  # the interface: DIR/eval.json
     assert results == json.loads((run / "eval" / "eval.json").read_text())
-    for key in ("win_rate", "gold_score_policy", "gold_score_baseline", "kl"):
-        assert isinstance(results[key], float)
+    assert_headline_numbers_recompute(cfg, results)
     assert (run / "report.html").is_file()
     assert (run / "dpo" / "model.safetensors").is_file()
 
@@ -348,6 +398,18 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
         assert [p["step"] for p in frontier] == [0, 1, 2]
         assert abs(frontier[0]["kl"]) < 1e-4  # the starting policy is the reference
     assert results["win_rate"] == results["players"][algorithm]["win_rate"]
-    assert results["reward_model"]["num_pairs"] > 0
+    # The reward model's held-out accuracy is reward/heldout.json's, counted on the comparisons the reward
+    # stage held out of the labels: every strict pair of each ranking (K(K-1)/2), ties apart.
+    from rlhfkit.data.io import split_holdout
+    from rlhfkit.data.preferences import load_comparisons
+
+    assert results["reward_model"] == json.loads((run / "reward" / "heldout.json").read_text())
+    rc = next(s for s in pipeline.build_stages(cfg) if s.name == "reward").config
+    _, held = split_holdout(load_comparisons(rc.data), rc.eval_fraction, rc.seed)
+    strict = [c for c in held if not c.tie]
+    assert results["reward_model"]["num_pairs"] == sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in strict)
+    assert results["reward_model"]["ties"] == len(held) - len(strict)
+    lo, hi = results["reward_model"]["accuracy_ci"]
+    assert 0.0 <= lo <= results["reward_model"]["accuracy"] <= hi <= 1.0
     assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] in ("passed", "overridden")
     assert (run / "report.html").is_file()

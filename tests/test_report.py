@@ -496,7 +496,8 @@ def render_in_chromium(html_path: Path, screenshot: Path) -> dict:
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda request: requests.append(request.url))
             page.goto(html_path.resolve().as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
+            images = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.getAttribute('src')])")
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
@@ -509,8 +510,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
     screenshot = tmp_path / "report.png"
     result = render_in_chromium(html_path, screenshot)
     assert result["errors"] == []
-    assert len(result["images"]) >= 7
-    assert all(complete and width > 0 for complete, width in result["images"]), result["images"]
+    # Every plot of the page (the 7 PNGs of test_report_of_a_complete_run) loaded and decoded at the size
+    # its PNG header states (IHDR: width and height, big-endian, at bytes 16-24).
+    page = html_path.read_text(encoding="utf-8")
+    pngs = [base64.b64decode(u) for u in _png_uris(page)]
+    assert len(pngs) == 7
+    assert [src for *_, src in result["images"]] == ["data:image/png;base64," + u for u in _png_uris(page)]
+    for (complete, width, height, _), png in zip(result["images"], pngs, strict=True):
+        assert complete and (width, height) == (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
     # Nothing fetched but the page itself (the plots are data: URIs).
     assert all(url.startswith(("file:", "data:")) for url in result["requests"]), result["requests"]
     assert screenshot.stat().st_size > 10_000

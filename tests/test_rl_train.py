@@ -11,7 +11,8 @@ the policy can find the high-reward behaviour within ~10 steps.
 The settings of the two learning tests were checked on seeds 0-9 (fp32, CPU):
 every seed passed both assertions. The smallest rise of the score was 37
 characters (PPO) and 40 (GRPO) against the 15 required; the largest
-per-sequence KL was 17 (PPO) and 11 (GRPO) against the bound of 20.
+per-sequence KL was 17 (PPO) and 11 (GRPO) against the bound of 20. The RLOO and REINFORCE
+settings were checked the same way (their smallest rises 33 and 20, largest KLs 17.7 and 11.0).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     rl.train(config)
     entries = metrics(rl_dir / "ppo")
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
+    assert entries[0]["approx_kl"] > 0.01  # minibatches after the first are scored by an updated policy
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
@@ -119,6 +121,31 @@ def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir):
     rl.train(config)
     entries = metrics(rl_dir / "grpo")
     assert_finite_entries(entries, COMMON_KEYS)
+    assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
+
+
+@pytest.mark.parametrize("algorithm,fields", [
+    # GRPO's settings: groups of 4 (the leave-one-out baseline needs >= 2), the KL (k1, beta 0.05) in the
+    # sequence reward. Seeds 0-9: the score rose by 33 to 53, the largest KL was 17.7 (seed 6).
+    ("rloo", dict(batch_size=4, samples_per_prompt=4)),
+    # Eight prompts, two responses each, advantages not whitened. Whitened, once every response is empty
+    # (score 0) the advantages are the KL penalties alone, blown up to unit scale, and the policy drifted away
+    # (batch 4 x 4, seed 0: KL 31 and the score back at -46 by step 16). Seeds 0-9: the score rose by 20 to
+    # 52, the largest KL was 11.0. (16 x 1 and 4 x 4 had seeds that stalled, at rises of 15-18.)
+    ("reinforce", dict(batch_size=8, samples_per_prompt=2, whiten_advantages=False)),
+])
+def test_rloo_and_reinforce_reward_rise_while_kl_stays_bounded(rl_dir, algorithm, fields):
+    """The settings of the GRPO test (two epochs of two minibatches, 16 steps), the same bounds.
+    With lr = 0 approx-KL stayed 0 and the score moved by 7.4 (RLOO) and 2.5 (REINFORCE), noise between the
+    first and last three steps: the test failed on each."""
+    config = make_config(rl_dir / algorithm, algorithm=algorithm, max_steps=16, ppo_epochs=2, num_minibatches=2,
+                         seed=0, **fields)
+    rl.train(config)
+    entries = metrics(rl_dir / algorithm)
+    assert_finite_entries(entries, COMMON_KEYS)
+    assert entries[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    # Minibatches after the first are scored by an updated policy: approx-KL to the sampling policy is positive.
+    assert entries[0]["approx_kl"] > 0.01
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
@@ -150,7 +177,12 @@ def test_ppo_outputs(rl_dir):
     entries = metrics(out)
     assert [e["step"] for e in entries] == [1, 2]
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
-    assert 0.0 <= entries[-1]["clipfrac"] <= 1.0 and entries[-1]["approx_kl"] >= 0.0
+    # One epoch of one minibatch: the update's only forward precedes its only optimizer step, so it scores
+    # the sampling policy itself: every ratio is 1 and approx-KL is 0 at every step, and neither the ratio
+    # nor the values (those the rollout recorded) are clipped. (With more minibatches or epochs approx-KL is
+    # positive: see the learning tests.)
+    assert [e["approx_kl"] for e in entries] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert [e["clipfrac"] for e in entries] == [e["value_clipfrac"] for e in entries] == [0.0, 0.0]
     assert entries[-1]["response_length"] <= 8
 
     samples = read_jsonl(out / "samples.jsonl")

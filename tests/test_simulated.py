@@ -259,6 +259,31 @@ def test_reproducible_and_batching_invariant():
     assert [c.ranking for c in make(1).label_many(items)] != [c.ranking for c in batched]
 
 
+def test_an_items_label_depends_only_on_the_seed_and_its_index():
+    """What lets a resumed labelling stage give the labels of an uninterrupted one: before, one random stream ran
+    through the items, so labelling from item k on (a resumed run) gave item k the draws of item 0."""
+    items = random_pairs(30) + [("q", ["a b", "thanks", "idiot"])] * 10
+    make = lambda: SimulatedAnnotator(DEMO_RUBRIC, temperature=1.0, flip_rate=0.2, seed=3)  # noqa: E731
+    whole = make().label_many(items)
+    assert make().label_many(items[17:], indices=range(17, len(items))) == whole[17:]  # a fresh process, resumed
+    backwards = list(reversed(range(len(items))))
+    assert make().label_many([items[i] for i in backwards], indices=backwards) == [whole[i] for i in backwards]
+    assert make().label(*items[33], index=33) == whole[33]
+    # Without indices an annotator numbers the items it is given across calls: two calls equal one.
+    split = make()
+    assert split.label_many(items[:17]) + split.label_many(items[17:]) == whole and split.next_index == len(items)
+    # The draws are random: at temperature 1 the demo rubric's close pairs go either way, and the seed matters.
+    assert len({tuple(c.ranking) for c in whole[:30]}) == 2
+    other = SimulatedAnnotator(DEMO_RUBRIC, temperature=1.0, flip_rate=0.2, seed=4).label_many(items)
+    assert [c.ranking for c in other] != [c.ranking for c in whole]
+    with pytest.raises(ValueError, match="2 indices for 1 items"):
+        make().label_many(items[:1], indices=[0, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        make().label_many(items[:1], indices=[-1])
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        SimulatedAnnotator(DEMO_RUBRIC, seed=-1)
+
+
 def test_chat_prompts_score_the_last_user_turn_and_records_are_comparisons():
     seen = []
 

@@ -17,11 +17,18 @@ One interface, four feedback sources, one output record
 Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
 ``responses``). Labelling is resumable: items already in the output (by
 ``meta.item_index``) are skipped, and the output is rewritten atomically after
-every chunk, so a crash loses at most one chunk.
+every chunk, so a crash loses at most one chunk. A re-run only adds to labels
+made under the same labeller settings (``resume``; recorded beside the output in
+``labels.jsonl.meta.json``, see :func:`labeller_settings`) of the same items (each
+label's prompt and responses must be those of the item at its ``item_index``);
+otherwise the stage stops with an error naming the changed keys. The simulated
+annotator draws each item's randomness from the seed and the item's index alone,
+so a resumed run gives exactly the labels of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +36,8 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from rlhfkit.data.io import read_rows
+from rlhfkit.config import ConfigError
+from rlhfkit.data.io import DataError, changed_settings, read_rows, read_settings, settings_path, write_settings
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 
@@ -109,7 +117,16 @@ class LabelConfig:
     chunk_size: int = 64
     """Items labelled between atomic saves."""
     seed: int = 0
-    """Seed of the simulated annotator."""
+    """Seed of the simulated annotator (with an item's index, it alone sets that item's random draws)."""
+    resume: Literal["auto", "force", "never"] = "auto"
+    """Simulated and judge: what to do with labels already in `output`. `auto`: keep them and label only the items
+    missing, refused (an error naming the changed keys) if they were made under other labeller settings (source;
+    simulated: scorer, scorer_args, temperature, flip_rate, tie_threshold, temperature_scale, seed; judge:
+    judge_model or judge_url, judge_name, rubric, judge_max_tokens, judge_temperature; recorded in `output` +
+    `.meta.json`), or if a label's prompt and responses are not those of the item at its item_index in `samples`;
+    the other keys (chunk_size, concurrency, judge_timeout...) may change. `force`: keep them even so, printing
+    what differs. `never`: delete `output` and its settings file, and start over. (human and human-web resume from
+    their own records: the terminal's labels file, web_db.)"""
 
 
 def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
@@ -123,6 +140,118 @@ def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
             raise row.error("responses", "expected a list of at least 2 strings")
         items.append((row.data["prompt"], responses))
     return items
+
+
+RESUME_MODES = ("auto", "force", "never")
+"""The values of :attr:`LabelConfig.resume` (those of :attr:`rlhfkit.loop.TrainOptions.resume`, less a path)."""
+
+LABELLER_KEYS: dict[str, tuple[str, ...]] = {
+    "simulated": ("scorer", "scorer_args", "temperature", "flip_rate", "tie_threshold", "temperature_scale", "seed"),
+    "judge": ("judge_model", "judge_url", "judge_name", "rubric", "judge_max_tokens", "judge_temperature"),
+}
+"""The keys of each source that change its labels: recorded beside the output, and compared on a re-run."""
+
+
+def labeller_settings(config: LabelConfig) -> dict[str, object]:
+    """What the labels of ``config.output`` depend on, besides their items (:attr:`LabelConfig.resume`). A judge
+    with a ``judge_url`` ignores ``judge_model``, and a local one ``judge_url``: only the one in use is recorded."""
+    keys = list(LABELLER_KEYS.get(config.source, ()))
+    if config.source == "judge":
+        keys.remove("judge_model" if config.judge_url else "judge_url")
+    return {"source": config.source, **{key: getattr(config, key) for key in keys}}
+
+
+def _expected_source(config: LabelConfig) -> str:
+    """``Comparison.source`` of the labels ``config`` makes."""
+    return f"simulated:{_scorer_name(config)}" if config.source == "simulated" else f"judge:{config.judge_name}"
+
+
+def _prompt_key(prompt: object) -> object:
+    """A prompt as compared between a label and its item: a chat by its roles and contents only."""
+    if isinstance(prompt, list):
+        return [(m.get("role"), m.get("content")) if isinstance(m, dict) else m for m in prompt]
+    return prompt
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refuse_or_keep(config: LabelConfig, changes: dict[str, str], count: int) -> None:
+    """Raise a ConfigError listing ``changes`` (``resume=auto``), or print them (``force``)."""
+    if not changes:
+        return
+    output = Path(config.output)
+    listing = "; ".join(f"{key}: {change}" for key, change in changes.items())
+    if config.resume == "force":
+        print(f"label: resume=force: keeping the {count} labels in {output} though they differ ({listing})")
+        return
+    raise ConfigError(
+        f"label: cannot resume {output}: its {count} labels were made under other settings ({listing}); "
+        f"set resume=never to delete it (and {settings_path(output)}) and start over, write to another output, "
+        "or set resume=force to keep its labels anyway")
+
+
+def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) -> bool:
+    """Check that ``labels`` (already in the output) were made by this config's labeller from ``items``: a
+    ConfigError naming every difference, or under ``resume=force`` a printed note. Returns whether they match."""
+    if not labels:
+        return True
+    output = Path(config.output)
+    changes: dict[str, str] = {}
+    try:
+        saved = read_settings(output)
+    except DataError as e:  # written atomically, so only a damaged disk or a hand edit gets here
+        changes["settings"], saved = e.problem, {}
+    if saved:
+        changes.update(changed_settings(saved, labeller_settings(config)))
+    wrong_item, wrong_source = [], []
+    source = _expected_source(config)
+    for label in labels:
+        index = label.meta.get("item_index")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(items):
+            wrong_item.append((label, f"item_index {index!r} is not an item of the {len(items)} in {config.samples}"))
+        else:
+            prompt, responses = items[index]
+            if _prompt_key(label.prompt) != _prompt_key(prompt) or list(label.responses) != list(responses):
+                wrong_item.append((label, f"item_index {index} labels {_short(label.responses)} for "
+                                          f"{_short(label.prompt)}, {config.samples} has {_short(responses)} for "
+                                          f"{_short(prompt)}"))
+        if label.source != source:
+            wrong_source.append(label)
+    if wrong_item:
+        changes["samples"] = (f"{len(wrong_item)} of {len(labels)} labels are not of the item at their item_index "
+                              f"(first: {wrong_item[0][1]})")
+    if wrong_source and not changes:
+        changes["source"] = (f"{len(wrong_source)} of {len(labels)} labels are by {wrong_source[0].source!r}, "
+                             f"this config labels as {source!r}")
+    _refuse_or_keep(config, changes, len(labels))
+    if saved is None and not changes:
+        print(f"label: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
+              f"its labels are of the items of {config.samples} and by {source!r}, but the other labeller settings "
+              "could not be checked")
+    return not changes
+
+
+def _check_temperature(config: LabelConfig, labels: list[Comparison], temperature: float) -> None:
+    """Simulated: the temperature the labels were made at (in the scorer's units) is the one this run uses; with
+    ``temperature_scale: spread`` it moves with the samples' score spread, which new items in ``samples`` change."""
+    used = [c.meta.get("temperature") for c in labels]
+    wrong = [t for t in used if not isinstance(t, (int, float)) or not math.isclose(t, temperature, rel_tol=1e-12)]
+    if wrong:
+        _refuse_or_keep(config, {"temperature": f"{len(wrong)} of {len(labels)} labels were made at temperature "
+                                                f"{wrong[0]!r} (in the scorer's units), this run uses {temperature!r}"},
+                        len(labels))
+
+
+def _start_over(output: Path) -> None:
+    """``resume=never``: delete ``output`` and its settings file."""
+    removed = [path for path in (output, settings_path(output)) if path.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        print(f"label: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
 
 
 def _scorer_name(config: LabelConfig) -> str:
@@ -199,19 +328,30 @@ def run(config: LabelConfig) -> list[Comparison]:
 
         return label_from_web(config)
 
+    if config.resume not in RESUME_MODES:
+        raise ConfigError(f"label: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
+    if config.resume == "never":
+        _start_over(output)
     labels = load_comparisons(output) if output.exists() else []
+    matching = _check_resume(config, labels, items)
     done = {c.meta.get("item_index") for c in labels}
     todo = [i for i in range(len(items)) if i not in done]
     # The spread is measured on every item (not just those left), so a resumed run labels with the
     # same temperature; with nothing left to label there is nothing to measure.
     labeller = _labeller(config, items if todo else None)
+    if todo and config.source == "simulated" and labels and matching:
+        _check_temperature(config, labels, labeller.temperature)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="pair", desc=f"label ({config.source})")
     for start in range(0, len(todo), config.chunk_size):
         chunk = todo[start : start + config.chunk_size]
-        new = labeller.label_many([items[i] for i in chunk])
+        # The simulated annotator draws each item's randomness from (seed, item index): resuming changes nothing.
+        by_index = {"indices": chunk} if config.source == "simulated" else {}
+        new = labeller.label_many([items[i] for i in chunk], **by_index)
         for index, comparison in zip(chunk, new):
             comparison.meta["item_index"] = index
         labels.extend(new)
+        if start == 0:  # before the first new label (not before a failed one): what every label now matches
+            write_settings(output, labeller_settings(config))
         save_comparisons(output, labels)
         bar.update(len(chunk))
     bar.close()

@@ -84,24 +84,56 @@ def jsonl_lines(text: str) -> list[str]:
 def read_jsonl_records(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL log that rlhfkit appends to; an unparseable *last* line (a write cut by a
     kill or a full disk) is ignored. An unparseable line elsewhere raises ``DataError`` with its line."""
+    return [row.data for row in read_jsonl_log(path)]
+
+
+def read_jsonl_log(path: str | Path, *, repair: bool = False) -> list[Row]:
+    """The rows (with line numbers) of a JSONL log that rlhfkit appends to; no file: none.
+
+    An unparseable *last* line -- a write cut by a kill or a full disk, even mid-character -- is
+    ignored; with ``repair=True`` it is also cut off the file (and a missing final newline added),
+    so that appending goes on from a whole line. An unparseable line elsewhere raises
+    :class:`DataError` with its line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    lines = jsonl_lines(_decode(path, path.read_bytes()))
-    records = []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")  # a "\n" byte never occurs inside a UTF-8 multi-byte character
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows: list[Row] = []
+    torn_at = None  # byte offset of a torn last line
+    end = 0
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+        start, end = end, end + len(line) + 1
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                break  # torn final append
-            raise DataError(path, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, None, f"expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+            text = line.decode("utf-8")
+            if not text.strip():
+                continue
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number == len(lines):  # torn final append
+                torn_at = start
+                break
+            if isinstance(e, UnicodeDecodeError):
+                problem = f"not valid UTF-8 (byte {line[e.start]:#04x} at offset {start + e.start})"
+            else:
+                problem = f"invalid JSON: {e.msg} (column {e.colno})"
+            raise DataError(path, number, None, problem) from None
+        if not isinstance(data, dict):
+            raise DataError(path, number, None, f"expected a JSON object, got {type(data).__name__}")
+        rows.append(Row(str(path), number, data))
+    if repair and (torn_at is not None or (raw and not raw.endswith(b"\n"))):
+        with open(path, "r+b") as f:
+            if torn_at is not None:
+                f.truncate(torn_at)
+            else:  # a whole last record whose newline was cut off
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return rows
 
 
 def truncate_jsonl_by_step(path: str | Path, step: int) -> None:
@@ -221,6 +253,50 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def settings_path(output: str | Path) -> Path:
+    """The settings file beside a stage's ``output``: ``samples.jsonl`` -> ``samples.jsonl.meta.json``."""
+    output = Path(output)
+    return output.with_name(output.name + ".meta.json")
+
+
+def read_settings(output: str | Path) -> dict[str, Any] | None:
+    """The settings recorded beside ``output`` (:func:`write_settings`); None when there is no such file.
+    An unreadable one raises :class:`DataError` naming it."""
+    path = settings_path(output)
+    if not path.exists():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(path, None, None, f"unreadable settings file ({e})") from None
+    if not isinstance(settings, dict):
+        raise DataError(path, None, None, f"expected a JSON object, got {type(settings).__name__}")
+    return settings
+
+
+def write_settings(output: str | Path, settings: dict[str, Any]) -> None:
+    """Record, atomically, the settings that the records of ``output`` are made under."""
+    atomic_write_text(settings_path(output), json.dumps(settings, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, str]:
+    """``{key: "old -> new"}`` for every key whose value differs (as JSON reads it back) between two settings;
+    a value's repr is cut at 100 characters."""
+    unset = object()
+
+    def shown(value: Any) -> str:
+        text = "(unset)" if value is unset else repr(value)
+        return text if len(text) <= 100 else text[:97] + "..."
+
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    changes = {}
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key, unset), current.get(key, unset)
+        if old != new:
+            changes[key] = f"{shown(old)} -> {shown(new)}"
+    return changes
 
 
 def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:

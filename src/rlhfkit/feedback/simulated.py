@@ -32,10 +32,19 @@ spread``): with ``temperature = t * spread`` and ``tie_threshold = h * spread``,
 scaling the scorer by any c > 0 scales the spread by c and leaves every label
 unchanged.
 
-Every item consumes the same random draws whatever the settings (two uniforms
-per pair; K Gumbels plus one uniform for K > 2), so annotators that share a seed
-share their randomness: with ``flip_rate`` changed and nothing else, exactly the
-flipped labels differ. ``label_many`` equals repeated ``label`` calls.
+**Randomness per item**: each item has its own random stream, set by the seed
+and the item's index alone (``numpy.random.SeedSequence(seed, spawn_key=(index,))``,
+the index-th child of the seed's sequence), and consumes the same draws from it
+whatever the settings (two uniforms per pair; K Gumbels plus one uniform for
+K > 2). So annotators that share a seed share their randomness: with
+``flip_rate`` changed and nothing else, exactly the flipped labels differ. And an
+item's label does not depend on the items labelled before it, nor on how they
+were split into calls: labelling items 0..N in one go gives the labels of
+labelling 0..k, then (resuming, in another process) k+1..N. The index is the
+one passed to ``label_many(items, indices=...)`` (the labelling stage passes each
+item's index in the samples file); without it, an annotator numbers the items it
+is given 0, 1, 2... in the order it gets them, across calls, so ``label_many``
+equals repeated ``label`` calls.
 """
 
 from __future__ import annotations
@@ -106,8 +115,9 @@ class SimulatedAnnotator:
         temperature: Bradley-Terry / Plackett-Luce temperature; 0 = deterministic
             (sort by score, ties broken by index for K > 2).
         flip_rate: probability of reversing each non-tie judgement after sampling.
-        seed: seeds a ``numpy.random.Generator``; the same seed and the same
-            sequence of calls give the same labels.
+        seed: a non-negative integer; with an item's index it sets the item's random
+            draws (see the module docstring), so the same seed gives the same label
+            to the same item at the same index, whatever else is labelled.
         tie_threshold: pairs whose scores differ by at most this are ties (so
             equal scores are ties by default).
         name: recorded as ``source=f"simulated:{name}"``.
@@ -115,6 +125,8 @@ class SimulatedAnnotator:
     Each label's ``meta`` holds the scores, ``p_first`` (the probability that response
     0 wins or ranks first, before flip noise), ``flipped`` and ``temperature`` (the one
     used, in the scorer's units).
+
+    ``next_index`` is the index the next item labelled without one gets (how many were).
     """
 
     def __init__(
@@ -138,30 +150,53 @@ class SimulatedAnnotator:
         self.flip_rate = float(flip_rate)
         self.tie_threshold = float(tie_threshold)
         self.name = name
-        self.rng = np.random.default_rng(seed)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.next_index = 0  # the index of the next item labelled without one
 
-    def label(self, prompt: Prompt, responses: Sequence[str]) -> Comparison:
-        """One comparison of ``responses`` (K >= 2) to ``prompt`` (string or chat messages)."""
-        return self.label_many([(prompt, responses)])[0]
+    def label(self, prompt: Prompt, responses: Sequence[str], index: int | None = None) -> Comparison:
+        """One comparison of ``responses`` (K >= 2) to ``prompt`` (string or chat messages); ``index``: the item's
+        index (its random stream), by default :attr:`next_index`."""
+        return self.label_many([(prompt, responses)], indices=None if index is None else [index])[0]
 
-    def label_many(self, items: Iterable[Any]) -> list[Comparison]:
-        """Label many ``(prompt, responses)`` items (tuples or dicts) with one scorer call."""
+    def label_many(self, items: Iterable[Any], indices: Iterable[int] | None = None) -> list[Comparison]:
+        """Label many ``(prompt, responses)`` items (tuples or dicts) with one scorer call.
+
+        ``indices``: each item's index, which with the seed alone sets its random draws (any non-negative
+        integers; an index given twice gives the same draws twice). None: :attr:`next_index` and on, which
+        then moves past them."""
         unpacked = [_unpack(item) for item in items]
+        numbered = indices is None
+        if indices is None:
+            indices = list(range(self.next_index, self.next_index + len(unpacked)))
+        else:
+            indices = [int(i) for i in indices]
+            if len(indices) != len(unpacked):
+                raise ValueError(f"label_many: {len(indices)} indices for {len(unpacked)} items")
+            if any(i < 0 for i in indices):
+                raise ValueError(f"label_many: indices must be non-negative, got {min(indices)}")
         texts = [prompt_text(prompt) for prompt, responses in unpacked for _ in responses]
         flat_responses = [r for _, responses in unpacked for r in responses]
         flat_scores = call_scorer(self.scorer, texts, flat_responses) if flat_responses else []
         labels, start = [], 0
-        for prompt, responses in unpacked:
+        for (prompt, responses), index in zip(unpacked, indices):
             scores = flat_scores[start : start + len(responses)]
             start += len(responses)
-            labels.append(self._judge(prompt, responses, scores))
+            labels.append(self._judge(prompt, responses, scores, self._rng(index)))
+        if numbered:
+            self.next_index += len(unpacked)
         return labels
 
-    def _judge(self, prompt: Prompt, responses: list[str], scores: list[float]) -> Comparison:
+    def _rng(self, index: int) -> np.random.Generator:
+        """Item ``index``'s random stream: the index-th child of ``SeedSequence(seed)``."""
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(index,)))
+
+    def _judge(self, prompt: Prompt, responses: list[str], scores: list[float], rng: np.random.Generator) -> Comparison:
         if len(responses) == 2:
-            ranking, tie, p_first, flipped = self._judge_pair(scores)
+            ranking, tie, p_first, flipped = self._judge_pair(scores, rng)
         else:
-            ranking, p_first, flipped = self._judge_ranking(scores)
+            ranking, p_first, flipped = self._judge_ranking(scores, rng)
             tie = False
         return Comparison(
             prompt=prompt,
@@ -172,12 +207,12 @@ class SimulatedAnnotator:
             meta={"scores": scores, "p_first": p_first, "flipped": flipped, "temperature": self.temperature},
         )
 
-    def _judge_pair(self, scores: list[float]) -> tuple[list[int], bool, float, bool]:
+    def _judge_pair(self, scores: list[float], rng: np.random.Generator) -> tuple[list[int], bool, float, bool]:
         """Bradley-Terry choice between two responses: ``(ranking, tie, p_first, flipped)``.
 
         ``p_first`` is P(response 0 preferred) before flip noise.
         """
-        u_choice, u_flip = self.rng.random(2)  # drawn unconditionally: see module docstring
+        u_choice, u_flip = rng.random(2)  # drawn unconditionally: see module docstring
         diff = scores[0] - scores[1]
         if abs(diff) <= self.tie_threshold:
             return [0, 1], True, 0.5, False
@@ -191,14 +226,14 @@ class SimulatedAnnotator:
             first_wins = not first_wins
         return ([0, 1] if first_wins else [1, 0]), False, p_first, flipped
 
-    def _judge_ranking(self, scores: list[float]) -> tuple[list[int], float, bool]:
+    def _judge_ranking(self, scores: list[float], rng: np.random.Generator) -> tuple[list[int], float, bool]:
         """Plackett-Luce ranking of K > 2 responses: ``(ranking, p_first, flipped)``.
 
         ``p_first`` is P(response 0 ranked first) before flip noise,
         ``softmax(s / temperature)[0]``.
         """
-        gumbels = self.rng.gumbel(size=len(scores))
-        u_flip = self.rng.random()
+        gumbels = rng.gumbel(size=len(scores))
+        u_flip = rng.random()
         s = np.asarray(scores, dtype=np.float64)
         if self.temperature == 0:
             ranking = [int(i) for i in np.argsort(-s, kind="stable")]
