@@ -52,6 +52,11 @@ from sides import (  # noqa: F401
     step_durations,
     measured,
     peak_rss_mb,
+    TRL_ATTENTIONS,
+    trl_attention,
+    attention_of,
+    matmul_params,
+    trl_losses,
 )
 
 # Same process environment for every side (see the Makefile): keep freed memory
@@ -68,6 +73,16 @@ BENCH_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "WANDB_DISABLED": "true",
 }
+
+
+LOSS_STEP = 2
+"""The step whose training loss every side must agree on (:func:`check_equal_work`)."""
+
+LOSS_RTOL = 0.02
+"""Default relative tolerance of that comparison (``--loss-rtol``; dpo.py: 5%); see :func:`check_equal_work` for why."""
+
+PROBE_N = 2048
+PROBE_SECONDS = 1.5
 
 
 # ---------------------------------------------------------------- model and data (driver)
@@ -106,10 +121,36 @@ def _convert_gguf_fallback() -> Path:
     return out
 
 
+def _tiny_model_dir() -> Path:
+    """rlhfkit's ``tiny`` test model (random 2-layer Llama, SmolLM2 tokenizer) saved as a model directory.
+
+    ``models.resolve("tiny")`` gives a tokenizer-only directory (rlhfkit builds the
+    weights in memory), which TRL cannot load; this writes both into
+    ``$RLHFKIT_CACHE/benchmarks/tiny-model`` once. For smoke runs of the scripts only.
+    """
+    from rlhfkit import models
+
+    out = models.cache_dir() / "benchmarks" / "tiny-model"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny.", dir=out.parent))
+    models.build_tiny().save_pretrained(tmp)
+    models.load_tokenizer(models.TINY).save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
 def model_dir(spec: str) -> tuple[Path, str]:
     """``(transformers model directory, note)`` for an rlhfkit model spec; both sides load this directory."""
     from rlhfkit import models
 
+    if spec == models.TINY:
+        return _tiny_model_dir(), "tiny: a random 2-layer Llama (hidden 64) for smoke runs; its timings mean nothing"
     try:
         return models.resolve(spec), ""
     except Exception as e:  # noqa: BLE001 - reported, then worked around for the known spec only
@@ -308,21 +349,29 @@ def run_script(workers: dict[str, Callable[[dict], dict]], main: Callable[[], No
         main()
 
 
-def make_parser(doc: str, *, steps: int, warmup: int) -> argparse.ArgumentParser:
-    """A driver's argument parser: the first paragraph of ``doc`` as description, :func:`add_common_args` added."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, steps=steps, warmup=warmup)
+def make_parser(doc: str, *, steps: int, warmup: int, loss_rtol: float | None = None) -> argparse.ArgumentParser:
+    """A driver's argument parser: ``doc``'s first paragraph as description, the rest as epilog, :func:`add_common_args` added."""
+    first, _, rest = doc.partition("\n\n")
+    p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, steps=steps, warmup=warmup, loss_rtol=LOSS_RTOL if loss_rtol is None else loss_rtol)
     return p
 
 
-def add_common_args(p, *, steps: int, warmup: int) -> None:
+def add_common_args(p, *, steps: int, warmup: int, loss_rtol: float | None = None) -> None:
     import torch
 
     p.add_argument("--model", default="smollm2-135m", help="rlhfkit model spec, resolved to one local directory both sides load (default smollm2-135m)")
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run, warm-up included (default {steps})")
     p.add_argument("--warmup-steps", type=int, default=warmup, help=f"leading steps excluded from the rate (default {warmup})")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads, same for every side")
-    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the side order; the median is reported")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per side, alternating the side order; the median of the per-pair ratios and their range are reported")
+    p.add_argument("--trl-attention", default=",".join(TRL_ATTENTIONS),
+                   help=f"attention kernels TRL's sides run with, comma-separated (default {','.join(TRL_ATTENTIONS)}: "
+                        "both, the faster one is used for the ratio)")
+    loss_rtol = LOSS_RTOL if loss_rtol is None else loss_rtol
+    p.add_argument("--loss-rtol", type=float, default=loss_rtol,
+                   help=f"equal-work check: largest relative difference of the step-{LOSS_STEP} losses (default {loss_rtol:g})")
     p.add_argument("--verbose", action="store_true", help="show the workers' output")
 
 
@@ -334,25 +383,49 @@ def add_pair_args(p) -> None:
 
 
 def parse_args(p, argv):
-    """``p.parse_args(argv)``, checking the warm-up leaves steps to measure."""
+    """``p.parse_args(argv)``, checking the warm-up leaves steps to measure and the loss of step 2 exists.
+
+    Sets ``args.trl_attention`` to the list of TRL attention kernels.
+    """
     args = p.parse_args(argv)
     if not 1 <= args.warmup_steps < args.steps:
         p.error("need 1 <= --warmup-steps < --steps")
+    if args.steps < LOSS_STEP:
+        p.error(f"need --steps >= {LOSS_STEP} (the equal-work check compares the step-{LOSS_STEP} losses)")
+    if args.repeats < 1:
+        p.error("need --repeats >= 1")
+    attns = [a.strip() for a in args.trl_attention.split(",") if a.strip()]
+    if not attns or any(a not in TRL_ATTENTIONS for a in attns):
+        p.error(f"--trl-attention: choose from {', '.join(TRL_ATTENTIONS)}")
+    args.trl_attention = list(dict.fromkeys(attns))
     return args
 
 
+def trl_sides(base: str, args) -> list[str]:
+    """One TRL side per ``--trl-attention`` kernel: ``trl_sides("trl", args)`` -> ``["trl-eager", "trl-sdpa"]``."""
+    return [f"{base}-{attn}" for attn in args.trl_attention]
+
+
+def trl_workers(base: str, worker: Callable[..., dict], **kwargs) -> dict[str, Callable[[dict], dict]]:
+    """``{"BASE-eager": ..., "BASE-sdpa": ...}``: ``worker(s, attn=..., **kwargs)`` for each kernel in :data:`TRL_ATTENTIONS`."""
+    return {f"{base}-{attn}": (lambda s, a=attn: worker(s, attn=a, **kwargs)) for attn in TRL_ATTENTIONS}
+
+
 def start(args, what: str, **settings) -> dict:
-    """The driver's set-up: resolve ``args.model`` (printed), print ``what`` is run, warn if the machine is busy.
+    """The driver's set-up: resolve ``args.model`` (printed), print ``what`` is run, warn if the machine is busy,
+    and measure the matmul peak (:func:`measure_peak`).
 
     Returns the settings every worker gets: ``settings`` plus the model
-    directory, the step counts and the thread count.
+    directory, the step counts and the thread count (and ``peak_gflops``, which
+    only the driver reads).
     """
     model_path = resolve_model(args.model)
     print(what)
     check_load()
+    peak = measure_peak(args.threads, "before the runs")
     return {
         "model_dir": str(model_path), "steps": args.steps, "warmup_steps": args.warmup_steps, "threads": args.threads,
-        **settings,
+        "peak_gflops": peak, **settings,
     }
 
 
@@ -410,16 +483,14 @@ def pair_rates(r: dict) -> str:
 
 
 def check_token_counts(results: dict[str, list[dict]]) -> None:
-    """Warn where a run's token count disagrees with its tokenized data; note where rlhfkit's and TRL's per-step counts differ."""
+    """Warn where a run's token count (the library's own) disagrees with its tokenized data.
+
+    Whether the sides trained the same tokens is :func:`check_equal_work`'s job.
+    """
     for side, runs in results.items():
         for r in runs:
             if r["tokens"] != r["tokens_check"]:
                 print(f"WARNING: {side} counted {r['tokens']} tokens in the window, its tokenized data says {r['tokens_check']}")
-    ours, theirs = results["rlhfkit"][0]["step_tokens"], results["trl"][0]["step_tokens"]
-    if ours != theirs:
-        diff = sum(abs(a - b) for a, b in zip(ours, theirs))
-        print(f"note: per-step token counts differ by {diff} tokens in total (tokenisation of the chat template): "
-              f"rlhfkit {ours} vs trl {theirs}")
 
 
 def print_table(headers: list[str], rows: list[list[Any]], *, left: int = 1) -> None:
@@ -466,12 +537,15 @@ def median_run(runs: list[dict], value: Callable[[dict], float]) -> dict:
 
 
 def print_pair_table(
-    results: dict[str, list[dict]], args, extra: dict[str, Callable[[dict], str]] | None = None
+    results: dict[str, list[dict]], args, peak: float, flops_k: Callable[[str], float],
+    extra: dict[str, Callable[[dict], str]] | None = None,
 ) -> dict[str, float]:
     """Print the results table of a preference-pair benchmark; return each side's median pairs/s.
 
     Rates are medians over the runs; the other columns come from the median run.
-    ``extra`` adds columns: header -> value of the median run.
+    ``flops_k(side)`` is the FLOPs per parameter per token of that side (see
+    :data:`FLOPS_NOTE`), shown as model GFLOP/s and as a share of the matmul
+    ``peak``. ``extra`` adds columns: header -> value of the median run.
     """
     extra = extra or {}
 
@@ -483,10 +557,187 @@ def print_pair_table(
     for side, runs in results.items():
         r = median_run(runs, pair_rate)
         tok_rate = statistics.median(x["tokens"] / x["seconds"] for x in runs)
+        gflops = statistics.median(model_gflops(x, flops_k(side)) for x in runs)
         rows.append([
             side, f"{rate[side]:.2f}", f"{tok_rate:.1f}", f"{args.batch_size / rate[side]:.3f}",
-            f"{cpu_use(r, args.threads):.0%}", f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
+            f"{cpu_use(r, args.threads):.0%}", f"{gflops:.1f}", f"{gflops / peak:.1%}", r.get("attention", "?"),
+            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
             f"{r['peak_rss_mb']:.0f}", *(column(r) for column in extra.values()),
         ])
-    print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "loss@1", "loss@end", "peak RSS MB", *extra], rows)
+    print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "model GFLOP/s", "of peak", "attention",
+                 "loss@1", "loss@end", "peak RSS MB", *extra], rows)
     return rate
+
+
+# ---------------------------------------------------------------- matmul peak and model FLOPs
+
+
+def matmul_probe(threads: int, seconds: float = PROBE_SECONDS, n: int = PROBE_N) -> dict[str, float]:
+    """In this process: bf16 ``n x n`` matmuls on ``threads`` threads for about ``seconds``.
+
+    Returns ``gflops``, the best rate of any 0.25 s stretch (``2 n^3`` FLOPs per
+    matmul), after one untimed warm-up matmul; a CPU without bf16 matmul kernels
+    (where one matmul takes seconds) stops after the first stretch.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(SEED)
+    a = torch.randn(n, n, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, n, generator=g).to(torch.bfloat16)
+    c = torch.empty(n, n, dtype=torch.bfloat16)
+    flop = 2.0 * n ** 3
+    torch.mm(a, b, out=c)  # warm-up: oneDNN picks and builds its kernel
+    best, count, t_start = 0.0, 0, time.perf_counter()
+    while True:
+        k, t0 = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b, out=c)
+            k += 1
+            dt = time.perf_counter() - t0
+            if dt >= 0.25:
+                break
+        best, count = max(best, k * flop / dt), count + k
+        if time.perf_counter() - t_start >= seconds:
+            break
+    return {"gflops": best / 1e9, "matmuls": count, "seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads()}
+
+
+def measure_peak(threads: int, when: str) -> float:
+    """Run :func:`matmul_probe` in a fresh subprocess with the workers' environment; print and return its GFLOP/s."""
+    env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--matmul-probe", str(threads)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"the matmul probe failed (exit {proc.returncode})")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"matmul peak {when}: {r['gflops']:.0f} GFLOP/s (bf16 {PROBE_N}x{PROBE_N} matmuls, {r['threads']} threads, "
+          f"best 0.25 s of {r['seconds']:.1f} s, {r['matmuls']} matmuls)", flush=True)
+    return r["gflops"]
+
+
+def final_peak(settings: dict, args) -> float:
+    """Probe again after the runs; the peak is the higher of the two probes (a busy spell only lowers a probe)."""
+    after = measure_peak(args.threads, "after the runs")
+    peak = max(settings["peak_gflops"], after)
+    print(f"matmul peak used for the share-of-peak column: {peak:.0f} GFLOP/s")
+    return peak
+
+
+FLOPS_NOTE = (
+    "model FLOP/s = k x N x tokens / s: N = parameters a token is multiplied by (common.matmul_params: all, less the\n"
+    "input embedding unless it is tied to the LM head), k = 6 per trained token (forward 2 + backward 4) plus 2 per\n"
+    "token of each extra no-grad forward pass; attention's length-squared FLOPs are not counted. Tokens are the\n"
+    "logical non-padding tokens both sides train, so a side that skips work (rlhfkit's packed batches run a shared\n"
+    "prompt once) is credited with the FLOPs a plain forward of every token would do."
+)
+
+
+def model_gflops(r: dict, k: float) -> float:
+    """A run's model GFLOP/s: ``k`` FLOPs per parameter per token (``r["params_n"]``) over its measured window."""
+    return k * r["params_n"] * r["tokens"] / r["seconds"] / 1e9
+
+
+# ---------------------------------------------------------------- ratios over repeats
+
+
+def median_rate(runs: list[dict], rate: Callable[[dict], float]) -> float:
+    return statistics.median(rate(r) for r in runs)
+
+
+def fastest_trl(results: dict[str, list[dict]], base: str, rate: Callable[[dict], float], unit: str,
+                show: Callable[[float], str] = lambda x: f"{x:.3f}") -> str | None:
+    """Print each TRL attention variant's median rate (``show(rate)`` in ``unit``); return the faster side
+    (the one the ratio uses), or None if ``base`` was not run."""
+    names = [f"{base}-{attn}" for attn in TRL_ATTENTIONS if f"{base}-{attn}" in results]
+    if not names:
+        return None
+    best = max(names, key=lambda n: median_rate(results[n], rate))
+    rates = ", ".join(f"{trl_attention(n)} {show(median_rate(results[n], rate))}" for n in names)
+    print(f"{base} attention ({unit}, medians): {rates} -> {trl_attention(best)} used for the ratio")
+    return best
+
+
+def pair_ratios(results: dict[str, list[dict]], ours: str, theirs: str, rate: Callable[[dict], float]) -> list[float]:
+    """``rate(ours run i) / rate(theirs run i)`` for each repeat ``i`` (the two runs of a pair ran back to back)."""
+    return [rate(a) / rate(b) for a, b in zip(results[ours], results[theirs])]
+
+
+def report_ratio(label: str, ratios: list[float]) -> float:
+    """Print the median of the per-pair ratios and their range; return the median."""
+    mid = statistics.median(ratios)
+    if len(ratios) == 1:
+        print(f"{label}: {mid:.2f} (one pair; --repeats N gives a median and a range)")
+    else:
+        print(f"{label}: median {mid:.2f}, range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} pairs "
+              f"({' '.join(f'{x:.2f}' for x in ratios)})")
+    return mid
+
+
+# ---------------------------------------------------------------- equal work
+
+
+def check_equal_work(results: dict[str, list[dict]], reference: str, *, warmup: int, what: str, rtol: float,
+                     compare_loss: bool = True, expected_tokens: list[int] | None = None, loss_note: str = "") -> None:
+    """Print each side's work per measured step and the loss at step :data:`LOSS_STEP`; stop if they differ.
+
+    Every run must carry ``step_tokens`` (the tokens of each step, warm-up
+    included) and ``losses`` (the loss each step, as the library logged it).
+    Tokens must match the ``reference`` side's first run exactly (or, with
+    ``expected_tokens``, equal those exactly); with ``compare_loss`` the step-2
+    losses must agree within ``rtol`` relative to the reference's. Why 2% by
+    default (5% for DPO): step 1 is identical on both sides (for DPO and reward
+    ``ln 2`` by construction: policy = reference, score head at zero), and step 2
+    runs the same batch after one identical update, so the two losses differ only
+    by bf16 rounding of differently ordered kernels. AdamW's first step is
+    sign-like (every weight moves by about the learning rate in the direction of
+    its gradient's sign), so rounding that flips the sign of tiny gradients still
+    moves the next loss. Seen on SmolLM2: SFT and reward within 0.2%; DPO, whose
+    loss sums log-prob differences over every response token, within 1.6% of
+    rlhfkit at batch 8 (TRL's own eager and sdpa runs 3.2% apart) and up to 4% at
+    batch 2. A different batch is caught exactly by the token check; a different
+    learning rate, beta or loss mask moves these losses by more than the tolerance.
+    Exits 1 with a message on any mismatch.
+    """
+    ref = results[reference][0]
+    ref_tokens = expected_tokens if expected_tokens is not None else ref["step_tokens"]
+    steps = len(ref_tokens)
+    ref_loss = ref["losses"][LOSS_STEP - 1] if len(ref["losses"]) >= LOSS_STEP else None
+    against = "the budget" if expected_tokens is not None else f"{reference}'s"
+    print(f"equal work: {what} per step (shown: the measured steps {warmup + 1}..{steps}; compared: all {steps}), "
+          f"must equal {against} exactly; loss at step {LOSS_STEP}"
+          + (f" within {rtol:.1%} of {reference}'s" if compare_loss else f" (not compared{loss_note})"))
+    failures: list[str] = []
+    width = max(len(s) for s in results)
+    for side, runs in results.items():
+        for i, r in enumerate(runs):
+            tokens, losses = r["step_tokens"], r["losses"]
+            loss = losses[LOSS_STEP - 1] if len(losses) >= LOSS_STEP else None
+            if i == 0:
+                rel = ("" if (not compare_loss or loss is None or not ref_loss or side == reference)
+                       else f" ({(loss - ref_loss) / abs(ref_loss):+.2%})")
+                loss_s = "-" if loss is None else f"{loss:.5g}"
+                print(f"  {side:{width}s}  loss@{LOSS_STEP} {loss_s}{rel}  tokens/step {' '.join(str(t) for t in tokens[warmup:])}")
+            tag = f"{side} (run {i + 1})"
+            if list(tokens) != list(ref_tokens):
+                bad = [k + 1 for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b] or ["count"]
+                failures.append(f"{tag}: {what} per step differ from {against} at step(s) {bad[:8]}: "
+                                f"{list(tokens)} vs {list(ref_tokens)}")
+            if compare_loss:
+                if loss is None or ref_loss is None:
+                    failures.append(f"{tag}: no loss logged at step {LOSS_STEP}")
+                elif abs(loss - ref_loss) > rtol * abs(ref_loss):
+                    failures.append(f"{tag}: loss at step {LOSS_STEP} {loss:.5f} vs {reference}'s {ref_loss:.5f} "
+                                    f"(relative difference {abs(loss - ref_loss) / max(abs(ref_loss), 1e-12):.2%}, "
+                                    f"tolerance {rtol:.1%})")
+    if failures:
+        print("EQUAL-WORK CHECK FAILED: the sides did not do the same work, so no ratio is reported:")
+        for f in failures:
+            print(f"  {f}")
+        raise SystemExit("equal-work check failed: " + failures[0])
+    print(f"equal work: OK ({sum(len(r) for r in results.values())} runs)")
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--matmul-probe":
+    print(json.dumps(matmul_probe(int(sys.argv[2]))))

@@ -25,11 +25,18 @@ Sides (each a fresh subprocess with identical environment, see common.py):
   log-probs of every pair once, before training (``compute_ref_logps``, timed
   separately; the one-off total also counts its cache hashing and write), so a
   training step is one forward/backward over chosen+rejected.
-* ``trl``: ``DPOTrainer`` with its default reference handling: a frozen copy of
-  the model, forwarded on every step. This is the headline comparison.
-* ``trl-precompute``: ``DPOTrainer`` with ``precompute_ref_log_probs=True``
-  (batch size = training batch size, as rlhfkit's), its precompute
-  (``_precompute_ref_logps``) timed separately. Skip with ``--no-trl-precompute``.
+* ``trl-precompute-eager`` / ``trl-precompute-sdpa``: ``DPOTrainer`` with
+  ``precompute_ref_log_probs=True`` (batch size = training batch size, as
+  rlhfkit's), its precompute (``_precompute_ref_logps``) timed separately: the
+  same work as rlhfkit (reference log-probs once, then one forward/backward per
+  step), so this is the headline comparison. The model is loaded with
+  ``attn_implementation="eager"`` and ``"sdpa"`` (transformers' default) in two
+  separate runs; the faster one is used for the ratio (``--trl-attention`` picks a
+  subset).
+* ``trl-default-eager`` / ``trl-default-sdpa`` (only with ``--trl-default``):
+  ``DPOTrainer`` with its default reference handling, a frozen copy of the model
+  forwarded on every step (more work per step than rlhfkit does); its ratio is
+  printed above the headline, labelled as such.
 
 How it is measured. The first ``--warmup-steps`` steps are excluded. Time is
 the wall clock from the end of step ``warmup`` to the end of the last step (TRL:
@@ -38,8 +45,23 @@ batch size x measured steps / time. Tokens/s counts non-padding tokens
 (``attention_mask.sum()`` of chosen + rejected rows) as each library counts them
 (TRL ``_total_train_tokens``, rlhfkit ``tokens_seen``), cross-checked against a
 count from each side's tokenized data. Reference precompute is one-off work and
-not in the window. The last line is ``ratio: R`` = rlhfkit pairs/s / TRL
-(default) pairs/s; above 1 means rlhfkit is faster.
+not in the window.
+
+Equal work is asserted: every side must train exactly the same non-padding
+tokens at every step, and the losses at step 2 must agree within
+``--loss-rtol`` (5%: DPO's loss sums log-prob differences over every response
+token, so bf16 rounding moves it more than SFT's; on SmolLM2 at batch 8 TRL's own
+eager and sdpa runs differ by 3.2% at step 2, rlhfkit lies between them; step 1
+is ``ln 2`` by construction, policy = reference), else the script exits 1
+without a ratio. Model FLOP/s: 6 x N x tokens/s for the
+sides with a precomputed reference (forward + backward of every trained token;
+the one-off precompute is outside the window), 8 x N x tokens/s for TRL's default
+mode (plus the reference forward each step); printed as a share of a bf16 matmul
+probe's peak measured before and after the runs (``common.FLOPS_NOTE``).
+
+The last line is ``ratio: R`` = rlhfkit pairs/s / TRL (precompute_ref_log_probs=True,
+faster attention) pairs/s, the median over ``--repeats`` pairs of runs (sides
+alternating; the range is printed above it); above 1 means rlhfkit is faster.
 """
 
 from __future__ import annotations
@@ -51,13 +73,16 @@ from pathlib import Path
 
 import common
 
-SIDES = ("trl", "trl-precompute", "rlhfkit")
+# FLOPs per parameter per trained token (see common.FLOPS_NOTE): forward + backward,
+# plus a reference forward every step in TRL's default mode.
+FLOPS_PER_PARAM_TOKEN = {"trl-default": 8, "trl-precompute": 6, "rlhfkit": 6}
+DPO_LOSS_RTOL = 0.05
 
 
 # ---------------------------------------------------------------- workers
 
 
-def worker_trl(s: dict, precompute: bool) -> dict:
+def worker_trl(s: dict, precompute: bool, attn: str) -> dict:
     import datasets
     import torch
     import transformers
@@ -75,7 +100,9 @@ def worker_trl(s: dict, precompute: bool) -> dict:
     rows = [raw[kept[i]] for i in layout]
     dataset = datasets.Dataset.from_list(rows)
 
-    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
+    # TRL builds the reference model with the policy's attention kernel (DPOTrainer: attn_implementation from
+    # model.config), so this choice applies to both.
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32, attn_implementation=attn)
     config = DPOConfig(
         **common.trl_train_kwargs(DPOConfig, s, out_dir=s["out_dir"], batch_size=B, lr=s["lr"], schedule="cosine"),
         max_length=L,
@@ -113,11 +140,17 @@ def worker_trl(s: dict, precompute: bool) -> dict:
 
     trainer.train()
     w = s["warmup_steps"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = common.trl_losses(trainer)
+    ref_model = getattr(trainer, "ref_model", None)
+    if not precompute and ref_model is not None and common.attention_of(ref_model) != attn:
+        raise SystemExit(f"TRL's reference model runs {common.attention_of(ref_model)} attention, not {attn}")
     ref = "precomputed before training (precompute_ref_log_probs=True)" if precompute else "frozen fp32 copy, forward every step"
     return {
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
+        "losses": losses,
+        "params_n": common.matmul_params(trainer.model),
+        "attention": common.attention_of(trainer.model),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "ref_precompute_s": sum(precompute_s) if precompute else None,
@@ -183,6 +216,9 @@ def worker_rlhfkit(s: dict) -> dict:
     return {
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
+        "losses": [m.get("loss") for m in metrics],
+        "params_n": common.matmul_params(result.model),
+        "attention": common.attention_of(result.model),
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),
         "ref_precompute_s": sum(compute_s),
@@ -205,23 +241,32 @@ def worker_rlhfkit(s: dict) -> dict:
 
 
 WORKERS = {
-    "trl": lambda s: worker_trl(s, precompute=False),
-    "trl-precompute": lambda s: worker_trl(s, precompute=True),
+    **common.trl_workers("trl-default", worker_trl, precompute=False),
+    **common.trl_workers("trl-precompute", worker_trl, precompute=True),
     "rlhfkit": worker_rlhfkit,
 }
+
+
+def flops_k(side: str) -> float:
+    return FLOPS_PER_PARAM_TOKEN["rlhfkit" if side == "rlhfkit" else side.rsplit("-", 1)[0]]
 
 
 # ---------------------------------------------------------------- driver
 
 
 def main(argv=None) -> None:
-    p = common.make_parser(__doc__, steps=12, warmup=2)
+    # DPO's step-2 loss is the most rounding-sensitive (see common.check_equal_work): 5%, not 2%.
+    p = common.make_parser(__doc__, steps=12, warmup=2, loss_rtol=DPO_LOSS_RTOL)
     common.add_pair_args(p)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
-    p.add_argument("--no-trl-precompute", action="store_true", help="skip the TRL precompute_ref_log_probs=True side")
+    p.add_argument("--trl-default", action="store_true",
+                   help="also run TRL's default mode (reference forward every step: more work per step than rlhfkit), "
+                        "its ratio printed above the headline")
     args = common.parse_args(p, argv)
-    sides = [s for s in SIDES if not (args.no_trl_precompute and s == "trl-precompute")]
+    sides = [*common.trl_sides("trl-precompute", args), "rlhfkit"]
+    if args.trl_default:
+        sides = [*common.trl_sides("trl-default", args), *sides]
 
     def precompute_note(r: dict) -> str:
         return f", ref precompute {r['ref_precompute_s']:.1f} s" if r.get("ref_precompute_s") is not None else ""
@@ -234,18 +279,33 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-dpo-") as tmp_name:
         tmp = Path(tmp_name)
         settings = common.start_pairs(args, tmp, f"beta {args.beta}, lr {args.lr}", beta=args.beta, lr=args.lr)
-        results = common.run_sides(__file__, sides, settings, tmp, args, width=15, rates=common.pair_rates, after=precompute_note)
+        results = common.run_sides(__file__, sides, settings, tmp, args, width=20, rates=common.pair_rates, after=precompute_note)
+        peak = common.final_peak(settings, args)
 
     print()
     common.print_settings({side: results[side][0] for side in sides})
     common.check_token_counts(results)
     print()
-    rate = common.print_pair_table(results, args, {"one-off reference precompute": precompute_column})
+    common.print_pair_table(results, args, peak, flops_k, {"one-off reference precompute": precompute_column})
+    print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; k = 6 with a precomputed reference, 8 in TRL's "
+          f"default mode; {common.FLOPS_NOTE}")
     print()
-    print(f"rlhfkit / TRL default (reference forward every step): {rate['rlhfkit'] / rate['trl']:.2f}")
-    if "trl-precompute" in rate:
-        print(f"rlhfkit / TRL precompute_ref_log_probs=True:          {rate['rlhfkit'] / rate['trl-precompute']:.2f}")
-    print(f"ratio: {rate['rlhfkit'] / rate['trl']:.2f}")
+    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)",
+                            rtol=args.loss_rtol)
+    print()
+
+    def pair_rate(r: dict) -> float:
+        return r["pairs"] / r["seconds"]
+
+    if args.trl_default:
+        default = common.fastest_trl(results, "trl-default", pair_rate, "pairs/s")
+        common.report_ratio(f"not the headline: rlhfkit / TRL default mode (reference forward every step, "
+                            f"{common.trl_attention(default)} attention) pairs/s",
+                            common.pair_ratios(results, "rlhfkit", default, pair_rate))
+    trl = common.fastest_trl(results, "trl-precompute", pair_rate, "pairs/s")
+    ratio = common.report_ratio(f"rlhfkit / TRL precompute_ref_log_probs=True ({common.trl_attention(trl)} attention) pairs/s",
+                                common.pair_ratios(results, "rlhfkit", trl, pair_rate))
+    print(f"ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -34,8 +34,21 @@ step (TRL: ``on_step_end`` callback; rlhfkit: the moment its loop logs the step)
 Pairs/s = batch size x measured steps / time. Tokens/s counts non-padding tokens
 of chosen + rejected rows as each library counts them (TRL
 ``_total_train_tokens``, rlhfkit ``tokens_seen``), cross-checked against each
-side's tokenized data. The last line is ``ratio: R`` = rlhfkit pairs/s / TRL
-pairs/s; above 1 means rlhfkit is faster.
+side's tokenized data.
+
+Fair settings. TRL's side runs with ``attn_implementation="eager"`` and with
+``"sdpa"`` (transformers' default); the faster is used for the ratio
+(``--trl-attention`` picks a subset). Equal work is asserted: every side must
+train exactly the same non-padding tokens at every step, and the losses at step
+2 must agree within ``--loss-rtol`` (2%; step 1 is ``ln 2`` by construction, the
+score head starting at zero), else the script exits 1 without a ratio. Model
+FLOP/s = 6 x N x tokens/s (N: the trunk without its embedding, plus the score
+head; see ``common.FLOPS_NOTE``), printed as a share of a bf16 matmul probe's
+peak measured before and after the runs.
+
+The last line is ``ratio: R`` = rlhfkit pairs/s / TRL pairs/s, the median over
+``--repeats`` pairs of runs (sides alternating; the range is printed above it);
+above 1 means rlhfkit is faster.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ from pathlib import Path
 
 import common
 
-SIDES = ("trl", "rlhfkit")
+FLOPS_PER_PARAM_TOKEN = 6  # forward + backward of every trained token
 
 
 def reward_tokenizer(model_dir: str):
@@ -69,7 +82,7 @@ def settings_of(model, *, batch: int, max_length: int, loss: str, training: dict
 # ---------------------------------------------------------------- workers
 
 
-def worker_trl(s: dict) -> dict:
+def worker_trl(s: dict, attn: str) -> dict:
     import datasets
     import torch
     import transformers
@@ -84,7 +97,8 @@ def worker_trl(s: dict) -> dict:
     rows = [raw[kept[i]] for i in layout]
     dataset = datasets.Dataset.from_list(rows)
 
-    model = AutoModelForSequenceClassification.from_pretrained(s["model_dir"], num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(s["model_dir"], num_labels=1, dtype=torch.float32,
+                                                               attn_implementation=attn)
     model.config.pad_token_id = tokenizer.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # as rlhfkit's head_init="zero"
     if getattr(model.score, "bias", None) is not None:
@@ -106,10 +120,13 @@ def worker_trl(s: dict) -> dict:
 
     trainer.train()
     w = s["warmup_steps"]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = common.trl_losses(trainer)
     return {
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
+        "losses": losses,
+        "params_n": common.matmul_params(trainer.model),
+        "attention": common.attention_of(trainer.model),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "settings": settings_of(
@@ -155,6 +172,9 @@ def worker_rlhfkit(s: dict) -> dict:
     return {
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "pairs": B * (s["steps"] - w),
+        "losses": [m.get("loss") for m in metrics],
+        "params_n": common.matmul_params(model),
+        "attention": common.attention_of(model),
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),
         "settings": settings_of(
@@ -169,7 +189,7 @@ def worker_rlhfkit(s: dict) -> dict:
     }
 
 
-WORKERS = {"trl": worker_trl, "rlhfkit": worker_rlhfkit}
+WORKERS = {**common.trl_workers("trl", worker_trl), "rlhfkit": worker_rlhfkit}
 
 
 # ---------------------------------------------------------------- driver
@@ -184,15 +204,28 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-reward-") as tmp_name:
         tmp = Path(tmp_name)
         settings = common.start_pairs(args, tmp, f"lr {args.lr}", lr=args.lr)
-        results = common.run_sides(__file__, SIDES, settings, tmp, args, width=8, rates=common.pair_rates)
+        sides = [*common.trl_sides("trl", args), "rlhfkit"]
+        results = common.run_sides(__file__, sides, settings, tmp, args, width=9, rates=common.pair_rates)
+        peak = common.final_peak(settings, args)
 
     print()
-    common.print_settings({side: results[side][0] for side in SIDES})
+    common.print_settings({side: results[side][0] for side in sides})
     common.check_token_counts(results)
     print()
-    rate = common.print_pair_table(results, args)
+    common.print_pair_table(results, args, peak, lambda side: FLOPS_PER_PARAM_TOKEN)
+    print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; {common.FLOPS_NOTE}")
     print()
-    print(f"ratio: {rate['rlhfkit'] / rate['trl']:.2f}")
+    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)",
+                            rtol=args.loss_rtol)
+    print()
+
+    def pair_rate(r: dict) -> float:
+        return r["pairs"] / r["seconds"]
+
+    trl = common.fastest_trl(results, "trl", pair_rate, "pairs/s")
+    ratio = common.report_ratio(f"rlhfkit / TRL ({common.trl_attention(trl)} attention) pairs/s",
+                                common.pair_ratios(results, "rlhfkit", trl, pair_rate))
+    print(f"ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

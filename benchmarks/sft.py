@@ -22,7 +22,22 @@ is the number of non-padding tokens of the batches trained in steps
   ``attention_mask.sum()``) that its loop writes to ``metrics.jsonl``.
 
 Both counts are checked against an independent count from the tokenized
-examples. The last line printed is ``ratio: R`` = rlhfkit tokens/s / TRL tokens/s.
+examples.
+
+Fair settings. TRL's side runs twice, with ``attn_implementation="eager"`` and
+with ``"sdpa"`` (transformers' default), and the faster of the two is used for the
+ratio (rlhfkit runs eager attention on CPU); ``--trl-attention`` picks a subset.
+Equal work is asserted: every side must train exactly the same non-padding
+tokens at every step, and the losses at step 2 (the same batch after one
+identical update) must agree within ``--loss-rtol`` (2%); otherwise the script
+exits 1 without a ratio. A bf16 matmul probe (2048 x 2048, the benchmark's
+thread count) before and after the runs gives the machine's peak, and each
+side's model FLOP/s (6 x N x tokens/s, see ``common.FLOPS_NOTE``) is printed as
+a share of it.
+
+The last line printed is ``ratio: R`` = rlhfkit tokens/s / TRL tokens/s, the
+median over ``--repeats`` pairs of runs (sides alternating), whose range is
+printed above it.
 """
 
 from __future__ import annotations
@@ -36,8 +51,8 @@ from pathlib import Path
 
 import common
 
-SIDES = ("trl", "rlhfkit")
 LR = 2e-5
+FLOPS_PER_PARAM_TOKEN = 6  # forward + backward of every trained token
 
 
 # ---------------------------------------------------------------- set-up (driver)
@@ -95,7 +110,7 @@ def step_indices(s: dict, n: int) -> list[list[int]]:
 # ---------------------------------------------------------------- workers
 
 
-def worker_trl(s: dict) -> dict:
+def worker_trl(s: dict, attn: str) -> dict:
     import datasets
     import torch
     import transformers
@@ -111,7 +126,7 @@ def worker_trl(s: dict) -> dict:
             rows.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]})
     dataset = datasets.Dataset.from_list(rows)
 
-    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32, attn_implementation=attn)
     per_step = s["batch_size"] * s["grad_accum"]
     config = SFTConfig(
         **common.trl_train_kwargs(SFTConfig, s, out_dir=s["out_dir"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
@@ -132,9 +147,12 @@ def worker_trl(s: dict) -> dict:
     expected = [sum(lengths[k * per_step : (k + 1) * per_step]) for k in range(s["steps"])]
 
     trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = common.trl_losses(trainer)
     return {
         **common.measured(s["warmup_steps"], times, cpu_times, tokens_cum, expected),
+        "losses": losses,
+        "params_n": common.matmul_params(trainer.model),
+        "attention": common.attention_of(trainer.model),
         "version": f"trl {trl.__version__}, transformers {transformers.__version__}",
         "optimizer": common.trl_optimizer_name(trainer),
         "target_tokens": sum(targets),
@@ -173,6 +191,9 @@ def worker_rlhfkit(s: dict) -> dict:
     return {
         **common.measured(w, times, cpu_times, tokens_cum, expected),
         "jsonl_seconds": metrics[-1]["time"] - metrics[w - 1]["time"],
+        "losses": [m.get("loss") for m in metrics],
+        "params_n": common.matmul_params(result.model),
+        "attention": common.attention_of(result.model),
         "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
         "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
         "target_tokens": targets,
@@ -181,7 +202,7 @@ def worker_rlhfkit(s: dict) -> dict:
     }
 
 
-WORKERS = {"trl": worker_trl, "rlhfkit": worker_rlhfkit}
+WORKERS = {**common.trl_workers("trl", worker_trl), "rlhfkit": worker_rlhfkit}
 
 
 # ---------------------------------------------------------------- driver
@@ -210,35 +231,50 @@ def main(argv=None) -> None:
             f"{args.steps} steps (first {args.warmup_steps} excluded), bf16 autocast, {args.threads} threads",
             data=str(data), batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         )
-        results = common.run_sides(__file__, SIDES, settings, tmp, args, width=8,
+        sides = [*common.trl_sides("trl", args), "rlhfkit"]
+        results = common.run_sides(__file__, sides, settings, tmp, args, width=9,
                                    rates=lambda r: f"{r['tokens'] / r['seconds']:7.1f} tok/s")
+        peak = common.final_peak(settings, args)
 
     common.check_token_counts(results)
 
-    rate = {s: statistics.median(r["tokens"] / r["seconds"] for r in results[s]) for s in SIDES}
+    def tok_rate(r: dict) -> float:
+        return r["tokens"] / r["seconds"]
+
+    rate = {s: common.median_rate(results[s], tok_rate) for s in sides}
+    measured = args.steps - args.warmup_steps
     print()
-    print(f"{'side':8s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'s/step':>7s} {'loss@1':>7s} {'loss@end':>8s}  optimizer")
-    for side in SIDES:
-        r = common.median_run(results[side], lambda x: x["tokens"] / x["seconds"])
-        measured = args.steps - args.warmup_steps
-        print(
-            f"{side:8s} {r['tokens']:7d} {r['seconds']:8.2f} {rate[side]:9.1f} {r['seconds'] / measured:7.3f} "
-            f"{r['first_loss']:7.4f} {r['last_loss']:8.4f}  {r['optimizer']}"
-        )
+    rows = []
+    for side in sides:
+        r = common.median_run(results[side], tok_rate)
+        gflops = statistics.median(common.model_gflops(x, FLOPS_PER_PARAM_TOKEN) for x in results[side])
+        rows.append([
+            side, r["tokens"], f"{r['seconds']:.2f}", f"{rate[side]:.1f}", f"{r['seconds'] / measured:.3f}",
+            f"{common.cpu_use(r, args.threads):.0%}", f"{gflops:.1f}", f"{gflops / peak:.1%}", r["attention"],
+            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
+        ])
+    common.print_table(["side", "tokens", "seconds", "tokens/s", "s/step", "cpu", "model GFLOP/s", "of peak", "attention",
+                        "loss@1", "loss@end"], rows)
+    print("optimizers: " + "; ".join(f"{side} {results[side][0]['optimizer']}" for side in sides))
+    print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; {common.FLOPS_NOTE}")
     if args.repeats > 1:
         # Same batches every run, so the fastest time of each step over the runs is
         # a contention-robust estimate (other processes only ever slow a step down).
         best = {}
-        for side in SIDES:
+        for side in sides:
             rs = results[side]
             window_steps = range(args.warmup_steps - 1, args.steps - 1)  # step_times[i] = step i+2
             seconds = sum(min(r["step_times"][i] for r in rs) for i in window_steps)
             best[side] = rs[0]["tokens"] / seconds
-        print(
-            f"best-per-step over {args.repeats} runs: trl {best['trl']:.1f} tok/s, rlhfkit {best['rlhfkit']:.1f} tok/s "
-            f"(ratio {best['rlhfkit'] / best['trl']:.2f})"
-        )
-    print(f"ratio: {rate['rlhfkit'] / rate['trl']:.2f}")
+        print(f"best-per-step over {args.repeats} runs (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    print()
+    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained",
+                            rtol=args.loss_rtol)
+    print()
+    trl = common.fastest_trl(results, "trl", tok_rate, "tok/s")
+    ratio = common.report_ratio(f"rlhfkit / TRL ({common.trl_attention(trl)} attention) tokens/s",
+                                common.pair_ratios(results, "rlhfkit", trl, tok_rate))
+    print(f"ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,13 @@ def trl_train_kwargs(
 
 
 def rlhfkit_train_kwargs(
-    s: dict, *, out_dir: str, batch_size: int, grad_accum: int = 1, lr: float, schedule: str
+    s: dict, *, out_dir: str, batch_size: int, grad_accum: int = 1, lr: float, schedule: str, config_cls=None
 ) -> dict[str, Any]:
-    """rlhfkit TrainOptions fields every rlhfkit side sets the same way (matching TRL's)."""
+    """rlhfkit TrainOptions fields every rlhfkit side sets the same way (matching TRL's).
+
+    ``eval_every=0`` (no periodic eval) is left out for a ``config_cls`` without
+    held-out evaluation (the online-RL configs have no ``eval_every``).
+    """
     kwargs = {ours: value for ours, _, value in _shared_train_settings(
         s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule)}
     kwargs.update(
@@ -104,6 +108,8 @@ def rlhfkit_train_kwargs(
         tensorboard=False,  # the TRL side reports to nothing either
         gradient_checkpointing=False,
     )
+    if config_cls is not None and "eval_every" not in {f.name for f in dataclasses.fields(config_cls)}:
+        del kwargs["eval_every"]
     return kwargs
 
 
@@ -282,3 +288,49 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process (ru_maxrss; KiB on Linux)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# ---------------------------------------------------------------- equal work and model FLOPs (workers)
+
+
+TRL_ATTENTIONS = ("eager", "sdpa")
+"""The attention kernels every TRL side is run with; the faster one is used for the ratio."""
+
+
+def trl_attention(side: str) -> str:
+    """The attention kernel a TRL side name asks for: ``"trl-precompute-sdpa"`` -> ``"sdpa"``."""
+    attn = side.rsplit("-", 1)[-1]
+    if attn not in TRL_ATTENTIONS:
+        raise ValueError(f"side {side!r} names no attention kernel ({', '.join(TRL_ATTENTIONS)})")
+    return attn
+
+
+def attention_of(model) -> str:
+    """The attention kernel a loaded model actually runs (its config's ``_attn_implementation``)."""
+    return str(getattr(model.config, "_attn_implementation", "?"))
+
+
+def matmul_params(model) -> int:
+    """N in the ``6 N`` FLOPs-per-trained-token rule: the parameters a token's forward multiplies by.
+
+    Every distinct parameter, counted once, less the input embedding unless it is
+    tied to the output layer (an embedding lookup does no multiply; a tied LM head
+    does one, V x H per token). SmolLM2-135M (tied): all 134.5M; its reward model
+    (score head, no LM head): the trunk less the embedding, plus the head.
+    Attention's sequence-length-squared terms are not counted (<2% at these lengths).
+    """
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        total -= emb.weight.numel()
+    return int(total)
+
+
+def trl_losses(trainer) -> list[float]:
+    """The training loss TRL logged at each step (``logging_steps=1``), in step order."""
+    return [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
