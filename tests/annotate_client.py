@@ -1,6 +1,6 @@
 """Test tooling for the web annotation app: an HTTP client, a server subprocess, and a load driver.
 
-Shared by tests/test_annotate_*.py and benchmarks/annotate_load.py. Only the
+Shared by tests/test_annotate_*.py and benchmarks/reliability_server.py. Only the
 standard library is used on the client side (``http.client``), one keep-alive
 connection per simulated annotator.
 """

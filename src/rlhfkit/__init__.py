@@ -2,10 +2,18 @@
 
 Stages (each a typed config and a ``train``/``run`` function, wrapped by the CLI):
 
-* :mod:`rlhfkit.sft` — supervised fine-tuning.
+* :mod:`rlhfkit.sft` -- supervised fine-tuning;
+* :mod:`rlhfkit.sample` and :mod:`rlhfkit.label` -- responses to compare, and preferences on them
+  (simulated annotator, AI judge, terminal or web annotation);
+* :mod:`rlhfkit.reward` -- the reward model;
+* :mod:`rlhfkit.rl` -- PPO, GRPO, RLOO, REINFORCE against a reward;
+* :mod:`rlhfkit.dpo` -- DPO and its relatives (IPO, hinge, SimPO); :mod:`rlhfkit.iterated` -- rounds of it;
+* :mod:`rlhfkit.evaluate` -- win rates, gold scores, KL and best-of-n, with intervals;
+* :mod:`rlhfkit.pipeline` -- all of them in order, and :mod:`rlhfkit.report` -- the HTML report.
 
-Building blocks: :mod:`rlhfkit.models` (loading), :mod:`rlhfkit.data` (formats),
-:mod:`rlhfkit.loop` (the shared training loop), :mod:`rlhfkit.rollout` (generation).
+Building blocks: :mod:`rlhfkit.losses` (the math), :mod:`rlhfkit.models` (loading and saving),
+:mod:`rlhfkit.data` (formats), :mod:`rlhfkit.loop` (the shared training loop), :mod:`rlhfkit.rollout`
+(generation).
 """
 
 __version__ = "0.1.0"
