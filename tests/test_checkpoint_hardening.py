@@ -202,3 +202,176 @@ def test_iterated_dpo_redoes_a_round_whose_model_has_no_marker(tmp_path, monkeyp
     assert trained == [str(model_dir)]
     assert iterated.run(config) == [model_dir]  # complete now: skipped
     assert trained == [str(model_dir)]
+
+
+# ----------------------------------------------------------------------------- full disk, kills, orphans
+
+
+def _metrics_without_timings(output_dir) -> list[dict]:
+    """``metrics.jsonl`` as written, less the wall-clock fields (which differ between any two runs)."""
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("_per_s")} for r in records]
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, nothing catches it."""
+
+
+def test_a_run_killed_in_its_final_save_logs_the_final_eval_once(qa_file, make_config, monkeypatch):
+    common = fast(qa_file, max_steps=4, save_every=2, eval_fraction=0.25, eval_every=2)
+    train(make_config("uninterrupted", **common))
+    want = _metrics_without_timings(make_config("uninterrupted").output_dir)
+    assert [r["step"] for r in want if "eval_loss" in r] == [2, 4]
+
+    def killed(*args, **kwargs):
+        raise Killed()
+
+    config = make_config("killed", **common)
+    with monkeypatch.context() as patch:  # killed after the final eval, during the final save
+        patch.setattr(models, "save_pretrained", killed)
+        with pytest.raises(Killed):
+            train(config)
+    assert [r["step"] for r in _metrics_without_timings(config.output_dir) if "eval_loss" in r] == [2, 4]
+    result = train(config)  # resumes from the step-4 checkpoint: no step left, evaluates and saves
+    assert result.state.step == 4
+    got = _metrics_without_timings(config.output_dir)
+    assert [r["step"] for r in got if "eval_loss" in r] == [2, 4], got  # once, not [2, 4, 4]
+    assert got == want  # as the uninterrupted run wrote it (a resumed run is exact)
+    assert models.is_complete_save(config.output_dir)
+
+
+def _fail_writing(patch, name: str, error: BaseException, *, inside: str = ".tmp-step-0000004") -> None:
+    """Make accelerate's checkpoint writer fail on file ``name`` of the temp checkpoint ``inside``, after part of it
+    reached the disk (what a full disk leaves)."""
+    import accelerate.checkpointing
+
+    real = accelerate.checkpointing.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == name and Path(f).parent.name == inside:
+            Path(f).write_bytes(b"\0" * 100)
+            raise error
+        return real(obj, f, *args, **kwargs)
+
+    patch.setattr(accelerate.checkpointing, "save", save)
+
+
+def _checkpoint_write_errors():
+    from safetensors import SafetensorError
+
+    return [
+        ("model.safetensors", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+        ("optimizer.bin", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5120 vs 5012")),
+        ("optimizer.bin", OSError(28, "No space left on device")),
+    ]
+
+
+@pytest.mark.parametrize("name,error", _checkpoint_write_errors(), ids=["safetensors", "torch-writer", "oserror"])
+def test_a_checkpoint_write_that_fails_is_a_checkpoint_error_and_keeps_the_previous(
+        qa_file, make_config, monkeypatch, capsys, name, error):
+    config = make_config("run", **fast(qa_file, max_steps=4, save_every=2))
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    with monkeypatch.context() as patch:
+        _fail_writing(patch, name, error)
+        with pytest.raises(loop.CheckpointError) as info:
+            train(config)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"cannot write checkpoint {checkpoints / 'step-0000004'}" in message
+    assert str(error) in message and "free of" in message  # the cause, and the free space
+    assert f"the previous checkpoint, {checkpoints / 'step-0000002'}, is intact" in message
+    if isinstance(error, RuntimeError):
+        assert "full disk" in message  # torch's error does not say why
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002"]  # no temp directory left
+    loop.Checkpointer._read(None, checkpoints / "step-0000002")  # every file at its written size
+    if name == "optimizer.bin" and isinstance(error, OSError):
+        capsys.readouterr()
+        result = train(config)  # space freed: resumes from the intact checkpoint
+        assert f"resumed from {checkpoints / 'step-0000002'} at step 2" in capsys.readouterr().out
+        assert result.state.step == 4 and models.is_complete_save(config.output_dir)
+
+
+def _failing_model_save(patch, error: BaseException) -> None:
+    """Make the model's own save_pretrained write part of model.safetensors, then fail as a full disk does."""
+    cls = type(models.build_tiny())
+
+    def save_pretrained(self, directory, *args, **kwargs):
+        Path(directory, "model.safetensors").write_bytes(b"\0" * 100)
+        raise error
+
+    patch.setattr(cls, "save_pretrained", save_pretrained)
+
+
+def test_a_final_save_that_fails_is_a_checkpoint_error_and_keeps_the_earlier_save(tmp_path, tokenizer, monkeypatch):
+    from safetensors import SafetensorError
+
+    out = tmp_path / "model"
+    models.save_pretrained(models.build_tiny(), tokenizer, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with monkeypatch.context() as patch:
+        _failing_model_save(patch, SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+        with pytest.raises(loop.CheckpointError) as info:
+            models.save_pretrained(models.build_tiny(seed=1), tokenizer, out)
+    message = str(info.value)
+    assert f"cannot save the model to {out}" in message and "No space left on device" in message
+    assert "free of" in message and f"the model saved in {out} before is intact" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp directory, nothing changed
+    assert models.is_complete_save(out)
+
+
+def test_a_failed_final_save_of_a_run_names_its_checkpoint_and_a_rerun_finishes(qa_file, make_config, monkeypatch):
+    config = make_config("run", **fast(qa_file, max_steps=2, save_every=2))
+    out = Path(config.output_dir)
+    with monkeypatch.context() as patch:
+        _failing_model_save(patch, OSError(28, "No space left on device"))
+        with pytest.raises(loop.CheckpointError) as info:
+            train(config)
+    assert f"the newest checkpoint, {out / 'checkpoints' / 'step-0000002'}, is intact" in str(info.value)
+    assert not [p for p in out.iterdir() if p.name.startswith(".save.")]
+    assert not models.is_complete_save(out)
+    train(config)
+    assert models.is_complete_save(out)
+
+
+def test_a_save_removes_the_temp_directory_a_killed_save_left(tmp_path, tokenizer):
+    out = tmp_path / "model"
+    orphan = out / ".save.k1ll3d_x"  # tempfile.mkdtemp(prefix=".save.") names, as a SIGKILL leaves them
+    orphan.mkdir(parents=True)
+    (orphan / "model.safetensors").write_bytes(b"\0" * 1000)
+    not_ours = [out / ".save.mine", out / ".saved"]
+    for path in not_ours:
+        path.mkdir()
+    models.save_pretrained(models.build_tiny(), tokenizer, out)
+    assert not orphan.exists()
+    assert all(path.is_dir() for path in not_ours)
+    assert models.is_complete_save(out)
+
+
+def test_a_checkpoint_save_removes_partial_temp_checkpoints(qa_file, make_config):
+    config = make_config("run", **fast(qa_file, max_steps=2, save_every=2))
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    for name in (".tmp-step-0000003", ".tmp-step-0000002"):  # a failed save of another step; one of this step
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "model.safetensors").write_bytes(b"\0" * 1000)
+    (checkpoints / ".tmp-notes").mkdir()  # not rlhfkit's naming: kept
+    train(config)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-notes", "step-0000002"]
+
+
+def test_a_resumed_probe_replaces_the_rows_of_its_step_and_later(tmp_path, tokenizer):
+    """A run killed after probing step 2 and 4 and resumed from its step-2 checkpoint probes step 2 again:
+    frontier.jsonl must then hold step 2 once, and nothing of the old step 4 (logged again later)."""
+    from rlhfkit import models
+    from rlhfkit.data.io import read_jsonl_records, write_jsonl
+    from rlhfkit.probe import FRONTIER_FILE, FrontierProbe, ProbeOptions
+
+    policy = models.load_causal_lm(models.TINY)
+    options = ProbeOptions(probe_points=2, probe_max_prompts=2, probe_max_new_tokens=4)
+    probe = FrontierProbe(options, tokenizer=tokenizer, reference=policy, gold=lambda p, r: [float(len(x)) for x in r],
+                          proxy=None, output_dir=tmp_path, seed=0, precision="fp32")
+    stale = [{"step": 0, "gold": 1.0}, {"step": 2, "gold": -5.0}, {"step": 4, "gold": -9.0}]
+    write_jsonl(tmp_path / FRONTIER_FILE, stale)
+    row = probe(policy, 2, 4)
+    rows = read_jsonl_records(tmp_path / FRONTIER_FILE)
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[0] == stale[0] and rows[1]["gold"] == row["gold"] != -5.0

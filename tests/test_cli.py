@@ -52,3 +52,70 @@ def test_config_lists_keys_with_docs(capsys):
     text = capsys.readouterr().out
     assert "max_steps: -1\n    Optimizer steps to run" in text
     assert "overlong: 'truncate'" in text
+
+
+def test_an_os_error_is_one_line_without_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import pytest
+
+    from rlhfkit import sample
+
+    def full_disk(config):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write(2) reports it: no file name
+
+    monkeypatch.setattr(sample, "run", full_disk)
+    assert cli.main(["sample", "model=tiny"]) == 1
+    assert capsys.readouterr().err == "rlhfkit sample: error: No space left on device\n"
+
+    def unwritable(config):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/samples.jsonl")
+
+    monkeypatch.setattr(sample, "run", unwritable)
+    assert cli.main(["sample", "model=tiny"]) == 1
+    assert capsys.readouterr().err == "rlhfkit sample: error: Permission denied: /runs/samples.jsonl\n"
+
+    def bug(config):
+        raise TypeError("a programming error")
+
+    monkeypatch.setattr(sample, "run", bug)
+    with pytest.raises(TypeError):  # not caught: its traceback is what finds it
+        cli.main(["sample", "model=tiny"])
+
+
+def test_a_full_disk_in_a_checkpoint_is_one_line_from_the_console_script(tmp_path, qa_file):
+    # A real process: the write fails inside torch's zip writer (optimizer.bin) because RLIMIT_FSIZE cuts it,
+    # as a full disk does; the CLI prints the CheckpointError on one line.
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: tiny\ndata: {qa_file}\neval_fraction: 0\nmax_steps: 2\nsave_every: 1\nbatch_size: 4\n"
+                      "precision: fp32\nprogress: false\ntensorboard: false\n", encoding="utf-8")
+    out = tmp_path / "out"
+    limit = ("import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (15_000_000, resource.RLIM_INFINITY)); "
+             "sys.argv = ['rlhfkit', *sys.argv[1:]]; runpy.run_module('rlhfkit.cli', run_name='__main__')")
+    proc = subprocess.run(
+        [sys.executable, "-c", limit, "sft", str(config), f"output_dir={out}"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("rlhfkit sft: error: cannot write checkpoint "), proc.stderr[-4000:]
+    assert "File too large" in errors[0] or "EFBIG" in errors[0]
+    assert not list((out / "checkpoints").glob(".tmp-step-*"))
+
+
+def test_an_error_is_printed_on_its_own_line_after_an_open_progress_bar(monkeypatch, capsys):
+    from tqdm.auto import tqdm
+
+    from rlhfkit import sample
+
+    def fails_mid_bar(config):
+        bar = tqdm(total=10, desc="sample")
+        bar.update(3)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sample, "run", fails_mid_bar)
+    assert cli.main(["sample", "model=tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("\nrlhfkit sample: error: No space left on device\n"), repr(err)  # not glued to the bar

@@ -45,6 +45,25 @@ BAD_FILES = {
         2, "messages[1].role", "bot"),
     "messages_no_assistant": (
         "bad.jsonl", jsonl_lines({"messages": [{"role": "user", "content": "hi"}]}), 1, "messages", "no assistant"),
+    # json raised RecursionError (deep nesting) and ValueError (an integer over Python's 4300-digit limit)
+    "deep_nesting_line2": (
+        "bad.jsonl", jsonl_lines(GOOD, '{"prompt": "x", "completion": "y", "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+        2, None, "nested too deeply"),
+    "deep_nesting_json_list": (
+        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": '
+        + b"[" * 100_000 + b"]" * 100_000 + b"}\n]\n", 3, None, "nested too deeply"),
+    "huge_integer_line3": (
+        "bad.jsonl", jsonl_lines(GOOD, GOOD, '{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}"),
+        3, None, "integer too long"),
+    "huge_integer_json_list": (
+        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c", "completion": "d", "n": '
+        + b"9" * 5000 + b"}\n]\n", 4, None, "integer too long"),
+    # a lone surrogate escape decodes (json accepts it) and crashed the tokenizer later
+    "lone_surrogate": (
+        "bad.jsonl", jsonl_lines(GOOD, '{"prompt": "a \\ud800 b", "completion": "ok"}'), 2, "prompt", "lone surrogate"),
+    "lone_surrogate_in_messages": (
+        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"messages": [{"role": "user", "content": "hi"},'
+        b' {"role": "assistant", "content": "x\\uDFFFy"}]}\n]\n', 3, "messages[1].content", "lone surrogate"),
 }
 
 
@@ -114,3 +133,97 @@ def test_cli_config_error_exits_2(tmp_path, capsys):
     rc = cli.main(["sft", "model=tiny", "max_steps=abc", f"output_dir={tmp_path / 'x'}"])
     assert rc == 2
     assert "max_steps" in capsys.readouterr().err
+
+
+def test_surrogate_pairs_and_escaped_backslashes_still_load(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(jsonl_lines('{"prompt": "smile \\ud83d\\ude00", "completion": "a \\\\ud800 b"}'))
+    (conv,) = load_sft_file(path)
+    assert conv.messages == (("user", "smile \U0001F600"), ("assistant", "a \\ud800 b"))
+
+
+def test_one_record_sft_file_says_it_went_to_the_held_out_split(tmp_path, make_config):
+    """With the default eval_fraction the only record is held out; the error said "after max_length=512"."""
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(jsonl_lines(GOOD))
+    with pytest.raises(DataError) as info:
+        train(make_config("run", data=str(path), eval_fraction=0.05))
+    assert info.value.path == str(path)
+    assert "all 1 example(s) went to the held-out split (eval_fraction=0.05)" in str(info.value)
+    with pytest.raises(DataError, match=r"all 1 training example\(s\) were longer than max_length=2"):
+        train(make_config("run", data=str(path), max_length=2, overlong="drop"))
+
+
+def _no_model(monkeypatch):
+    for name in ("load_causal_lm", "load_tokenizer"):
+        monkeypatch.setattr(models, name, lambda *a, **k: pytest.fail("model or tokenizer loaded"))
+    from rlhfkit import reward
+
+    monkeypatch.setattr(reward, "_reward_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+
+
+def test_reward_and_dpo_without_data_are_config_errors(tmp_path, monkeypatch):
+    from rlhfkit import dpo, reward
+    from rlhfkit.config import ConfigError
+
+    _no_model(monkeypatch)
+    with pytest.raises(ConfigError, match="`data`"):
+        reward.train(reward.RewardConfig(model="tiny", output_dir=str(tmp_path / "r")))
+    with pytest.raises(ConfigError, match="`data`"):
+        dpo.train(dpo.DPOConfig(model="tiny", output_dir=str(tmp_path / "d")))
+
+
+@pytest.mark.parametrize("record, line, field, problem", [
+    ({"response": "fine"}, 2, "prompt", "missing"),  # was a KeyError, at save time
+    ({"prompt": 5, "response": "fine"}, 2, "prompt", "expected a string or a list of messages"),
+    ({"prompt": "p"}, 2, "response", "missing"),
+    (None, None, None, "no records"),
+])
+def test_reward_norm_data_is_checked_before_any_model_loads(tmp_path, monkeypatch, record, line, field, problem):
+    from rlhfkit import reward
+
+    _no_model(monkeypatch)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_bytes(jsonl_lines({"prompt": "p", "chosen": "a", "rejected": "b"}))
+    norm = tmp_path / "norm.jsonl"
+    norm.write_bytes(jsonl_lines({"prompt": "p", "response": "r"}, record) if record else b"")
+    config = reward.RewardConfig(model="tiny", data=str(prefs), norm_data=str(norm), output_dir=str(tmp_path / "r"))
+    with pytest.raises(DataError) as info:
+        reward.train(config)
+    assert (info.value.path, info.value.line, info.value.field) == (str(norm), line, field)
+    assert problem in str(info.value)
+
+
+@pytest.mark.parametrize("prompt, field, problem", [
+    (5, "prompt", "expected a string or a list of messages, got int"),
+    (None, "prompt", "expected a string"),
+    ([[1, 2]], "prompt[0]", "expected an object"),
+    ([], "prompt", "non-empty list"),
+    ({"role": "user", "content": "x"}, "prompt", "expected a string or a list of messages, got dict"),
+    ([{"role": "user", "content": 5}], "prompt[0].content", "expected a string"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "prompt[1].role", "end with a user turn"),
+    ("  ", "prompt", "empty"),
+])
+def test_label_items_check_the_prompt(tmp_path, prompt, field, problem):
+    """load_items took any JSON value as a prompt; the labeller crashed on it later."""
+    from rlhfkit.label import load_items
+
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(jsonl_lines({"prompt": "ok", "responses": ["a", "b"]}, {"prompt": prompt, "responses": ["a", "b"]}))
+    with pytest.raises(DataError) as info:
+        load_items(path)
+    assert (info.value.path, info.value.line, info.value.field) == (str(path), 2, field)
+    assert problem in str(info.value)
+
+
+def test_label_items_accept_string_and_chat_prompts_and_refuse_an_empty_file(tmp_path):
+    from rlhfkit.label import load_items
+
+    chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(jsonl_lines({"prompt": "Hi", "responses": ["a", "b"]}, {"prompt": chat, "responses": ["c", ""]}))
+    assert load_items(path) == [("Hi", ["a", "b"]), (chat, ["c", ""])]
+    path.write_bytes(b"\n")
+    with pytest.raises(DataError, match="no items") as info:
+        load_items(path)
+    assert (info.value.path, info.value.line) == (str(path), None)

@@ -76,3 +76,58 @@ def test_truncate_by_step_keeps_earlier_records_in_order(tmp_path):
     truncate_jsonl_by_step(tmp_path / "absent.jsonl", 3)  # no file: nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
     assert json.loads(path.read_text(encoding="utf-8").split("\n")[0])["response"] == "r\u20281"
+
+
+DEEP = "[" * 5000 + "]" * 5000
+BIG = "9" * 5000  # over Python's 4300-digit int-string limit
+
+
+@pytest.mark.parametrize("value, problem", [(DEEP, "nested too deeply"), (BIG, "integer too long"),
+                                            ('"a \\ud800 b"', "lone surrogate escape \\ud800")])
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_undecodable_values_are_data_errors_with_the_line(tmp_path, value, problem, layout):
+    """json raised RecursionError / ValueError, or (a lone surrogate) accepted text that is no Unicode."""
+    bad = '{"prompt": "p", "x": ' + value + "}"
+    path = tmp_path / f"data.{layout}"
+    if layout == "jsonl":
+        path.write_text('{"a": 1}\n\n' + bad + "\n", encoding="utf-8")
+    else:
+        path.write_text('[\n{"a": 1},\n\n' + bad + "\n]\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(path)
+    assert info.value.line == (3 if layout == "jsonl" else 4)
+    assert problem in str(info.value) and str(path) in str(info.value)
+    if "surrogate" in problem:
+        assert info.value.field == "x"
+
+
+def test_lone_surrogate_is_named_by_its_field_path(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"m": [{"c": "ok"}, {"c": "\\uDC00"}]}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_rows(path)
+    assert (info.value.line, info.value.field) == (1, "m[1].c")
+    path.write_text('{"k\\ud800": 1}\n', encoding="utf-8")  # in a key: the object holding it (here the record)
+    with pytest.raises(DataError, match="lone surrogate") as info:
+        read_rows(path)
+    assert info.value.field is None
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_not_lone_surrogates(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud800", "c": "\\uD83D\\uDE00"}\n', encoding="utf-8")
+    assert read_rows(path)[0].data == {"a": "\U0001F600", "b": "\\ud800", "c": "\U0001F600"}
+
+
+@pytest.mark.parametrize("value, problem", [(DEEP, "nested too deeply"), (BIG, "integer too long"),
+                                            ('"\\udfff"', "lone surrogate")])
+def test_log_lines_that_decode_badly_are_errors_not_torn_writes(tmp_path, value, problem):
+    """A whole line json cannot decode is an error with its line, in the middle or at the end of a log."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"x": ' + value + '}\n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=problem) as info:
+        read_jsonl_records(path)
+    assert info.value.line == 2
+    path.write_text('{"step": 1}\n{"x": ' + value + '}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=problem):
+        read_jsonl_records(path)

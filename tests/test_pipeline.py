@@ -16,6 +16,7 @@ from rlhfkit import dpo, evaluate, label, pipeline, report, reward, rl, sample, 
 from rlhfkit.config import ConfigError
 
 ORDER = ["sft", "sample", "label", "reward", "gate", "dpo", "eval", "report"]
+REAL_SFT_TRAIN = sft.train  # before the `calls` fixture replaces it
 
 
 @pytest.fixture
@@ -137,7 +138,9 @@ def test_failing_stage_names_itself_and_leaves_earlier_outputs_intact(tmp_path, 
     assert calls == []  # sft, sample, label skipped; reward failed before recording
     after = {p: p.read_bytes() for p in before}
     assert after == before  # earlier stages untouched
-    assert not (tmp_path / "run" / "reward" / ".stage.json").exists()
+    # Its own earlier output is back, marker and all (the marker's hash is the earlier config's: it reruns).
+    assert (run / "reward" / "reward.out").read_text() == "output of reward"
+    assert not (run / ".reward.previous").exists()
 
 
 def test_rerun_after_failure_resumes_at_failed_stage(tmp_path, calls, monkeypatch):
@@ -154,6 +157,121 @@ def test_rerun_after_failure_resumes_at_failed_stage(tmp_path, calls, monkeypatc
     calls.clear()
     pipeline.run(config(tmp_path, reward={"lr": 1e-4}))
     assert calls == ["reward", "gate", "dpo", "eval", "report"]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_with_broken_sft_data_keeps_the_finished_sft_model(tmp_path, calls, monkeypatch, capsys, qa_file):
+    """`rlhfkit run` once deleted the finished sft stage's model before the new sft data was even read: a rerun
+    pointed at a broken file lost the model (10 files), then failed cleanly; pipeline.json was rewritten first."""
+    import yaml
+
+    from rlhfkit import cli
+
+    monkeypatch.setattr(sft, "train", REAL_SFT_TRAIN)  # the real sft stage on the tiny model; the rest record
+    sft_section = {"data": str(qa_file), "max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "precision": "fp32",
+                   "progress": False, "tensorboard": False}
+    good = tmp_path / "pipeline.yaml"
+    good.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "model": "tiny", "sft": sft_section}))
+    assert cli.main(["run", str(good)]) == 0
+    run = tmp_path / "run"
+    before, record = files_of(run / "sft"), (run / "pipeline.json").read_bytes()
+    assert "model.safetensors" in before and ".stage.json" in before
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{broken\n', encoding="utf-8")
+    bad = tmp_path / "pipeline_bad.yaml"
+    bad.write_text(yaml.safe_dump({"output_dir": str(run), "model": "tiny", "sft": {**sft_section, "data": str(broken)}}))
+    capsys.readouterr()
+    calls.clear()
+    assert cli.main(["run", str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert "stage 'sft' failed" in err and str(broken) in err and "Traceback" not in err
+    assert "sft: failed; its earlier output is restored" in out
+    assert files_of(run / "sft") == before  # byte-identical, marker included
+    assert (run / "pipeline.json").read_bytes() == record  # still the config the outputs were made under
+    assert not (run / ".sft.previous").exists()
+    assert calls == []
+
+    assert cli.main(["run", str(good)]) == 0  # the earlier config again: nothing is out of date
+    assert calls == ["report"]
+
+
+def test_an_interrupted_stage_restores_its_earlier_output(tmp_path, calls, monkeypatch):
+    pipeline.run(config(tmp_path))
+    run = tmp_path / "run"
+    before, record = files_of(run), (run / "pipeline.json").read_bytes()
+
+    def interrupted(cfg):
+        Path(cfg.output_dir, "partial.bin").write_text("half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config(tmp_path, sft={"lr": 1e-4}))
+    assert files_of(run) == before and (run / "pipeline.json").read_bytes() == record
+    assert not (run / ".sft.previous").exists()
+
+
+def test_a_successful_rerun_replaces_the_earlier_output_and_the_record(tmp_path, calls):
+    pipeline.run(config(tmp_path))
+    run = tmp_path / "run"
+    (run / "reward" / "stale.bin").write_text("from the earlier run")
+    pipeline.run(config(tmp_path, reward={"lr": 1e-4}))
+    assert not (run / "reward" / "stale.bin").exists()  # a clean directory, as before
+    assert [p.name for p in run.iterdir() if p.name.endswith(".previous")] == []
+    assert json.loads((run / "pipeline.json").read_text())["reward"] == {"lr": 1e-4}
+
+
+def test_pipeline_json_is_written_as_stages_finish(tmp_path, calls, monkeypatch):
+    run = tmp_path / "run"
+
+    def broken(cfg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sft, "train", broken)
+    with pytest.raises(pipeline.StageError):
+        pipeline.run(config(tmp_path))
+    assert not (run / "pipeline.json").exists()  # nothing finished: nothing to describe
+    assert not (run / "sft" / ".stage.json").exists()
+    monkeypatch.setattr(sft, "train", lambda cfg: None)
+    monkeypatch.setattr(sample, "run", broken)
+    with pytest.raises(pipeline.StageError, match="stage 'sample'"):
+        pipeline.run(config(tmp_path, seed=3))
+    assert json.loads((run / "pipeline.json").read_text())["seed"] == 3  # written when sft finished
+
+
+@pytest.mark.parametrize("state", ["partial", "missing", "finished"])
+def test_a_leftover_previous_directory_is_settled_on_the_next_run(tmp_path, calls, state):
+    """A run killed (kill -9) while a stage ran again leaves the earlier output in OUTPUT/.STAGE.previous."""
+    pipeline.run(config(tmp_path))
+    run = tmp_path / "run"
+    earlier = files_of(run / "sft")
+    (run / "sft").rename(run / ".sft.previous")
+    if state == "partial":  # killed mid-stage: a new output without its marker
+        (run / "sft").mkdir()
+        (run / "sft" / "checkpoint.bin").write_text("half")
+    elif state == "finished":  # killed after the new output's marker, before the earlier one was deleted
+        (run / "sft").mkdir()
+        (run / "sft" / "sft.out").write_text("output of sft")
+        (run / "sft" / ".stage.json").write_bytes(earlier[".stage.json"])
+        (run / ".sft.previous" / "only-in-earlier.txt").write_text("x")
+    calls.clear()
+    status = pipeline.run(config(tmp_path))
+    assert not (run / ".sft.previous").exists()
+    assert status["sft"] == "skipped" and calls == ["report"]  # the recorded hash still decides
+    assert files_of(run / "sft") == earlier
+
+
+def test_a_restored_earlier_output_that_is_out_of_date_reruns(tmp_path, calls):
+    pipeline.run(config(tmp_path))
+    run = tmp_path / "run"
+    (run / "sft").rename(run / ".sft.previous")
+    calls.clear()
+    pipeline.run(config(tmp_path, sft={"lr": 1e-4}))
+    assert calls == ORDER and not (run / ".sft.previous").exists()
 
 
 def test_section_may_not_override_wiring(tmp_path, calls):

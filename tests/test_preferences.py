@@ -343,6 +343,11 @@ BAD = [
     # (record, field, part of the problem)
     ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "c"}, "preferred",
      "preferred must be 'a', 'b' or 'tie', got 'c'"),
+    # unhashable values: `in _PREFERRED_RANKING` raised TypeError
+    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": ["a"]}, "preferred",
+     "preferred must be 'a', 'b' or 'tie', got a list"),
+    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": {"a": 1}}, "preferred",
+     "preferred must be 'a', 'b' or 'tie', got a dict"),
     ({"prompt": "p", "response_a": "a", "response_b": "b"}, "preferred", "missing"),
     ({"prompt": "p", "response_a": "a", "preferred": "a"}, "response_b", "missing"),
     ({"prompt": "p", "response_a": "  ", "response_b": "b", "preferred": "a"}, "response_a", "empty"),
@@ -459,3 +464,36 @@ def test_best_worst_keeps_one_pair_per_ranking_first_against_last():
     assert best[0]["chosen_input_ids"] == want[0]["chosen_input_ids"]
     assert best[0]["rejected_input_ids"] == last[0]["rejected_input_ids"] == every[2]["rejected_input_ids"]
     assert best[1:] == every[6:]
+
+
+def test_parquet_meta_nested_too_deeply_or_with_a_huge_integer(tmp_path):
+    """meta is a JSON string in Parquet; decoding it raised RecursionError / ValueError (int digit limit)."""
+    for meta, problem in (("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                          ('{"v": ' + "9" * 5000 + "}", "integer too long")):
+        path = write_parquet(tmp_path / "meta.parquet", [dict(GOOD, meta="{}"), dict(GOOD, meta=meta)])
+        with pytest.raises(DataError) as info:
+            load_comparisons(path)
+        assert (info.value.line, info.value.field) == (2, "meta") and problem in str(info.value)
+
+
+def test_empty_preference_file_is_a_data_error_naming_it(tmp_path):
+    """load_pair_splits (reward and DPO data) raised ValueError, which the CLI does not print as one clean line."""
+    from rlhfkit import models
+    from rlhfkit.data.pairwise import load_pair_splits
+
+    tok = models.load_tokenizer("tiny")
+    path = tmp_path / "empty.jsonl"
+    path.write_text("", encoding="utf-8")
+    kwargs = dict(eval_data="", eval_fraction=0.1, seed=0, max_length=64, chat_template=True, keep_ties=True, stage="dpo")
+    with pytest.raises(DataError) as info:
+        load_pair_splits(tok, str(path), **kwargs)
+    assert info.value.path == str(path) and "no comparisons" in str(info.value)
+    # one comparison, held out by the default eval_fraction: say so, not "max_length"
+    write_jsonl(path, [GOOD])
+    with pytest.raises(DataError, match=r"all 1 comparison\(s\) went to the held-out split"):
+        load_pair_splits(tok, str(path), **kwargs)
+    # only a tie, which DPO skips (held-out data from its own file)
+    write_jsonl(path, [dict(GOOD, preferred="tie")])
+    held = write_jsonl(tmp_path / "held.jsonl", [GOOD])
+    with pytest.raises(DataError, match="1 are ties, which dpo skips"):
+        load_pair_splits(tok, str(path), **dict(kwargs, eval_data=str(held), keep_ties=False))

@@ -343,3 +343,21 @@ def test_label_resume_is_a_config_key(capsys):
     assert cli.main(["config", "label"]) == 0
     listing = capsys.readouterr().out
     assert "resume: 'auto'\n    Simulated and judge: what to do with labels already in `output`" in listing
+
+
+def test_label_removes_the_temp_file_a_killed_save_left(tmp_path):
+    """A kill during the labels' atomic rewrite leaves `.labels.jsonl.XXXXXXXX`; the next run removes it (and
+    only it: a user's file of another name stays)."""
+    import json
+
+    from rlhfkit import label
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": f"q{i}", "responses": [f"a{i}", f"bb{i}"]}) + "\n" for i in range(3)))
+    left = tmp_path / ".labels.jsonl.ab12cd_9"
+    left.write_text("half a file")
+    mine = tmp_path / ".labels.jsonl.notes"
+    mine.write_text("keep me")
+    label.run(label.LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), scorer="length"))
+    assert not left.exists() and mine.read_text() == "keep me"
+    assert len((tmp_path / "labels.jsonl").read_text().splitlines()) == 3

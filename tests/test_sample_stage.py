@@ -82,3 +82,85 @@ def test_stop_strings_cut_every_response(tmp_path, prompts_file, monkeypatch):
     out = tmp_path / "samples.jsonl"
     sample.run(_config(prompts_file, out, max_prompts=2, stop=["\n\n"]))
     assert [r["responses"] for r in _records(out)] == [["Short answer."] * 2, ["One paragraph only"] * 2]
+
+
+def test_a_batch_left_partly_written_is_sampled_again_whole(tmp_path, prompts_file, capsys):
+    full = tmp_path / "uninterrupted.jsonl"
+    sample.run(_config(prompts_file, full))
+    # Batches are [0, 1], [2, 3], [4]. A full disk (or a kill inside the write) cut the second batch after
+    # prompt 2's record and half of prompt 3's.
+    out = tmp_path / "samples.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    (tmp_path / "samples.jsonl.meta.json").write_bytes((tmp_path / "uninterrupted.jsonl.meta.json").read_bytes())
+    sample.run(_config(prompts_file, out))
+    # Every prompt sampled under its batch's seed, as the uninterrupted run did: the same file, byte for byte.
+    assert out.read_bytes() == full.read_bytes()
+    assert "dropped the 1 record(s) of 1 batch(es) only partly written (prompt_index 2-3)" in capsys.readouterr().out
+
+
+def test_batches_keep_their_seeds_when_max_prompts_grows(tmp_path, prompts_file):
+    full = tmp_path / "uninterrupted.jsonl"
+    sample.run(_config(prompts_file, full))
+    out = tmp_path / "samples.jsonl"
+    sample.run(_config(prompts_file, out, max_prompts=3))  # batches [0, 1] and [2] (cut short)
+    sample.run(_config(prompts_file, out))  # [2] is part of [2, 3] now: sampled again whole, then [4]
+    assert out.read_bytes() == full.read_bytes()
+
+
+class _FullDisk:
+    """``open`` for the sample module: its output file takes ``budget`` bytes, then refuses (ENOSPC) after a short
+    write, as a filling disk does; every ``write()`` call is counted."""
+
+    def __init__(self, budget: int):
+        self.budget, self.writes = budget, []
+
+    def __call__(self, file, mode="r", *args, **kwargs):
+        import builtins
+
+        if "a" not in mode:
+            return builtins.open(file, mode, *args, **kwargs)
+        real = builtins.open(file, "ab", buffering=0)
+        disk = self
+
+        class File:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                real.close()
+
+            def fileno(self):
+                return real.fileno()
+
+            def flush(self):
+                pass
+
+            def write(self, data):
+                whole = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+                disk.writes.append(len(whole))
+                if disk.budget <= 0:
+                    raise OSError(28, "No space left on device")
+                part = whole[: disk.budget]
+                disk.budget -= len(part)
+                written = real.write(part)
+                return len(data) if written == len(whole) else written
+
+        return File()
+
+
+def test_a_full_disk_mid_batch_then_a_rerun_gives_the_uninterrupted_file(tmp_path, prompts_file, monkeypatch):
+    full = tmp_path / "uninterrupted.jsonl"
+    sample.run(_config(prompts_file, full))
+    lines = full.read_bytes().splitlines(keepends=True)
+    first_batch = len(lines[0] + lines[1])
+    out = tmp_path / "samples.jsonl"
+    disk = _FullDisk(budget=first_batch + len(lines[2]) + 50)  # the second batch's first record and a bit fit
+    with monkeypatch.context() as patch:
+        patch.setattr(sample, "open", disk, raising=False)
+        with pytest.raises(OSError, match="No space left"):
+            sample.run(_config(prompts_file, out))
+    assert disk.writes[0] == first_batch  # a batch is one write()
+    assert out.read_bytes()[:first_batch] == full.read_bytes()[:first_batch]
+    sample.run(_config(prompts_file, out))  # space freed
+    assert out.read_bytes() == full.read_bytes()

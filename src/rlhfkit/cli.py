@@ -165,6 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(error: OSError) -> str:
+    """``"No space left on device: FILE"``: the OS's reason and the file(s) it names (none for a failed write(2))."""
+    text = error.strerror or str(error) or type(error).__name__
+    if error.filename is not None:
+        text += f": {error.filename}"
+        if error.filename2 is not None:
+            text += f" -> {error.filename2}"
+    return text
+
+
+def _close_progress_bars() -> None:
+    """Finish the progress bars a failed stage left open (its final state and a newline), so that the error is
+    printed on a line of its own, the last one, not glued to a half-drawn bar."""
+    tqdm = sys.modules.get("tqdm.std")
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None) or ()
+    for bar in list(bars):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot redraw must not hide the error
+            pass
+
+
+def _error(message: str) -> None:
+    _close_progress_bars()
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import ConfigError
     from rlhfkit.data.io import DataError
@@ -189,14 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             return _show_config(ns.stage)
         return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
-        print(f"rlhfkit {ns.command}: error: {e}", file=sys.stderr)
+        _error(f"rlhfkit {ns.command}: error: {e}")
         return 2
+    except OSError as e:  # the machine's, not the program's: a full disk, a missing or unwritable file
+        _error(f"rlhfkit {ns.command}: error: {describe_os_error(e)}")
+        return 1
     except StageError as e:
-        print(f"rlhfkit {ns.command}: {e}", file=sys.stderr)
-        print("rlhfkit: outputs of the earlier stages are intact; fix the problem and run again to resume", file=sys.stderr)
+        _error(f"rlhfkit {ns.command}: {e}")
+        print("rlhfkit: outputs of the earlier stages are intact, and so is the failed stage's output from its last "
+              "successful run, if any; fix the problem and run again to resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"rlhfkit {ns.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        _error(f"rlhfkit {ns.command}: interrupted; completed checkpoints are kept")
         return 130
 
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from rlhfkit import forward, models
-from rlhfkit.config import to_dict
+from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
 from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
@@ -233,7 +233,7 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
 def train(config: DPOConfig) -> FitResult:
     """Train ``config.model`` with DPO (or IPO / SLiC / SimPO) on ``config.data``."""
     if not config.data:
-        raise ValueError("dpo: `data` (a preference file) is required")
+        raise ConfigError("dpo: `data` (a preference file) is required")
     tokenizer = models.load_tokenizer(config.model)
     train_set, eval_set = load_pair_splits(
         tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
@@ -255,7 +255,7 @@ def train(config: DPOConfig) -> FitResult:
         from rlhfkit.rewards import load_reward
 
         if not config.gold:
-            raise ValueError("dpo: probe_points > 0 needs a gold scorer (`gold`)")
+            raise ConfigError("dpo: probe_points > 0 needs a gold scorer (`gold`)")
         probe = FrontierProbe(
             config, tokenizer=tokenizer, reference=probe_reference if probe_reference is not None else model,
             gold=load_reward(config.gold, precision=config.precision, args=config.gold_args, field="gold_args"),

@@ -37,8 +37,9 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import DataError, changed_settings, read_rows, read_settings, settings_path, write_settings
-from rlhfkit.data.preferences import load_comparisons, save_comparisons
+from rlhfkit.data.io import (DataError, atomic_temp_pattern, changed_settings, read_rows, read_settings,
+                             remove_stale_temps, settings_path, write_settings)
+from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
 from rlhfkit.data.records import Comparison
 
 
@@ -130,15 +131,20 @@ class LabelConfig:
 
 
 def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
-    """(prompt, responses) items from a samples file."""
+    """(prompt, responses) items from a samples file.
+
+    A prompt is what a comparison holds (:func:`rlhfkit.data.preferences.parse_prompt`): a non-empty string, or a
+    chat-message list ending with a user turn (as ``{role, content}`` dicts); anything else, or a file without
+    records, is a DataError."""
     items = []
     for row in read_rows(path):
-        if "prompt" not in row.data:
-            raise row.error("prompt", "missing")
+        prompt = parse_prompt(row, "prompt")
         responses = row.data.get("responses")
         if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
             raise row.error("responses", "expected a list of at least 2 strings")
-        items.append((row.data["prompt"], responses))
+        items.append((prompt, responses))
+    if not items:
+        raise DataError(path, None, None, "no items (an empty samples file)")
     return items
 
 
@@ -255,17 +261,41 @@ def _start_over(output: Path) -> None:
 
 
 def _scorer_name(config: LabelConfig) -> str:
-    """The scorer as recorded in each label's source: ``length`` or, with arguments, ``length(target_words=20)``."""
+    """The scorer as recorded in each label's source: ``length`` or, with arguments, ``length(target_words=20)``.
+
+    An argument is written as its repr, bounded (reprlib) when it is large: a value of aliased YAML
+    (a billion-laughs bomb) must not be expanded. Small values keep their plain repr, as earlier labels
+    recorded them (resuming compares the names)."""
+    import itertools
+    import reprlib
+
+    def small(value: object, budget: int = 1000) -> bool:  # at most `budget` values, no long string
+        stack, seen = [value], 0
+        while stack:
+            item = stack.pop()
+            seen += 1
+            if seen > budget or isinstance(item, (str, bytes)) and len(item) > 10_000:
+                return False
+            if isinstance(item, dict):
+                stack.extend(itertools.islice(itertools.chain.from_iterable(item.items()), 2 * budget))
+            elif isinstance(item, (list, tuple, set, frozenset)):
+                stack.extend(itertools.islice(item, budget))
+        return True
+
+    bounded = reprlib.Repr()
+    bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, 200, 200
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 8
     name = config.scorer.replace(":", ".")
     if config.scorer_args:
-        name += "(" + ", ".join(f"{k}={v!r}" for k, v in sorted(config.scorer_args.items())) + ")"
+        name += "(" + ", ".join(f"{k}={repr(v) if small(v) else bounded.repr(v)}"
+                                for k, v in sorted(config.scorer_args.items(), key=lambda kv: str(kv[0]))) + ")"
     return name
 
 
 def _simulated_scale(config: LabelConfig, scorer, items: list) -> float:
     """What `temperature` and `tie_threshold` are multiplied by: 1, or the score spread of ``items``."""
     if config.temperature_scale not in ("absolute", "spread"):
-        raise ValueError(f"label: temperature_scale must be 'absolute' or 'spread', got {config.temperature_scale!r}")
+        raise ConfigError(f"label: temperature_scale must be 'absolute' or 'spread', got {config.temperature_scale!r}")
     if config.temperature_scale == "absolute" or not items:
         return 1.0
     from rlhfkit.feedback.simulated import score_spread
@@ -302,17 +332,17 @@ def _labeller(config: LabelConfig, items: list | None = None):
         if config.judge_url:
             api_key = os.environ.get(config.judge_api_key_env) if config.judge_api_key_env else None
             if config.judge_api_key_env and not api_key:
-                raise ValueError(f"label: judge_api_key_env names ${config.judge_api_key_env}, which is not set")
+                raise ConfigError(f"label: judge_api_key_env names ${config.judge_api_key_env}, which is not set")
             client = HTTPChatClient(config.judge_url, model=config.judge_name, api_key=api_key,
                                     timeout=config.judge_timeout, max_retries=config.judge_retries)
             concurrency = config.concurrency
         elif config.judge_model:
             client, concurrency = LocalChatClient(config.judge_model), 1
         else:
-            raise ValueError("label: source=judge needs judge_url or judge_model")
+            raise ConfigError("label: source=judge needs judge_url or judge_model")
         return AIJudge(client, rubric=config.rubric or DEFAULT_RUBRIC, concurrency=concurrency, name=config.judge_name,
                        max_tokens=config.judge_max_tokens, temperature=config.judge_temperature)
-    raise ValueError(f"unknown label source '{config.source}'")
+    raise ConfigError(f"label: unknown source '{config.source}'")
 
 
 def run(config: LabelConfig) -> list[Comparison]:
@@ -330,6 +360,8 @@ def run(config: LabelConfig) -> list[Comparison]:
 
     if config.resume not in RESUME_MODES:
         raise ConfigError(f"label: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
+    # Temp files of an atomic rewrite of the labels or their settings that a kill left (one writer per output).
+    remove_stale_temps(output.parent, atomic_temp_pattern(output))
     if config.resume == "never":
         _start_over(output)
     labels = load_comparisons(output) if output.exists() else []

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -39,8 +40,9 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import fsync_path, fsync_tree
+from rlhfkit.models import describe_write_failure, free_space, is_write_failure, remove_stale_temps
 from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
-from rlhfkit.tracking import MetricsLogger
+from rlhfkit.tracking import MetricsLogger, is_eval_record
 
 
 @dataclass
@@ -222,7 +224,12 @@ back with ``torch.load(weights_only=False)``, which runs any code a checkpoint c
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded; the message names the file and why."""
+    """A checkpoint cannot be loaded, or a checkpoint or the final model cannot be written (a full disk); the
+    message names the file or directory and why."""
+
+
+CHECKPOINT_TEMP = re.compile(r"\.tmp-step-\d{7,}")
+"""Names of :meth:`Checkpointer.save`'s temp directories (``.tmp-step-NNNNNNN``)."""
 
 
 def config_fingerprint(config) -> dict[str, Any]:
@@ -280,29 +287,49 @@ class Checkpointer:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step``. A write that fails (a full disk) removes the temp directory and raises
+        :class:`CheckpointError` naming the checkpoint, the free space, the error and the previous checkpoint,
+        which is intact. Temp directories that earlier, killed saves left (``.tmp-step-*``) are removed first."""
         acc = self.accelerator
+        main = acc.is_main_process
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process has written its RNG states
-        if acc.is_main_process:
-            (tmp / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            record = {**state, "config": config_fingerprint(self.config), "files": files}
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
-            fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_path(self.root)
+        try:
+            if main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(self.root, CHECKPOINT_TEMP)  # tmp among them, if a killed save left it
+                tmp.mkdir()
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every process has written its RNG states
+            if main:
+                (tmp / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+                files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                record = {**state, "config": config_fingerprint(self.config), "files": files}
+                (tmp / TRAINER_STATE_FILE).write_text(json.dumps(record, indent=2))
+                fsync_tree(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                fsync_path(self.root)
+        except Exception as e:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not is_write_failure(e):
+                raise
+            raise CheckpointError(self._save_failed(final, e)) from e
+        if main:
             for old in self.all()[: -self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _save_failed(self, final: Path, error: BaseException) -> str:
+        previous = [p for p in self.all() if p != final]
+        intact = (f"the previous checkpoint, {previous[-1]}, is intact (a rerun resumes from it)" if previous
+                  else "there is no earlier checkpoint (a rerun starts over)")
+        return (f"cannot write checkpoint {final}: {describe_write_failure(error)}; {free_space(self.root)}; "
+                f"the partial checkpoint was removed and {intact}")
 
     def resume(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
         """Load the checkpoint ``resume`` asks for (:attr:`TrainOptions.resume`): ``(its path, its trainer state)``,
@@ -469,7 +496,11 @@ def fit(
                 f"epoch, this run has {steps_per_epoch} (data, batch size or processes changed)"
             )
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=options.tensorboard)
-    logger.truncate_after(state.step)
+    # The final evaluation is logged after the last step's checkpoint. A run resumed from that checkpoint (a kill
+    # during the final save) evaluates and logs it again, so the record the killed run wrote goes. An evaluation
+    # at a step short of the end is logged before that step's checkpoint, and a resumed run does not redo it.
+    final_eval_again = resumed is not None and state.step >= total_steps
+    logger.truncate_after(state.step, drop_at_step=is_eval_record if final_eval_again else None)
     if resumed is not None and acc.is_main_process:
         print(f"resumed from {resumed[0]} at step {state.step}")
 

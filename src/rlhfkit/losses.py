@@ -433,6 +433,8 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True
     ``A_i = (s_i - mean(group)) / (std(group) + eps)``; ``scale=False`` skips the
     division (Dr. GRPO, Liu et al. 2025, which argues the std term biases toward
     easy/hard prompts). ``std`` is Bessel-corrected, as in TRL. Shape: (N * G,) -> same.
+    Eq. 3 also averages each response's token losses before averaging over responses; rlhfkit's
+    RL trainer instead defaults to DAPO's token mean over the step (see :func:`loss_token_weights`).
     """
     grouped = scores.view(-1, group_size)
     centred = grouped - grouped.mean(1, keepdim=True)
@@ -452,7 +454,8 @@ def ppo_policy_loss(
     ``loss_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))`` with
     ``rho_t = exp(logps - old_logps)``. Returns ``(losses, clipped)``: per-token
     losses and a bool tensor True where the clipped term was the active one.
-    The caller reduces with a mask (e.g. :func:`masked_mean`). Shapes: (B, T).
+    The caller reduces with a mask (e.g. :func:`masked_mean`). Shapes: (B, T). The trainer uses
+    :func:`policy_loss`, which equals this with its defaults and adds the GRPO family's variants.
     """
     ratio = torch.exp(logps - old_logps)
     unclipped = -advantages * ratio
@@ -486,3 +489,147 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: t
     if var_targets == 0:
         return torch.tensor(math.nan)
     return 1 - masked_var(targets - predictions, mask) / var_targets
+
+
+# ----------------------------------------------------------------------------- the GRPO family of policy losses
+#
+# One policy loss, with the choices the GRPO follow-ups made named: how the importance ratio is formed
+# (per token or per sequence), how it is clipped, and how per-token losses are averaged into the step's
+# loss. :func:`policy_loss` gives per-token losses; :func:`loss_token_weights` the weights that reduce them.
+
+RatioLevel = Literal["token", "sequence"]
+ClipMode = Literal["symmetric", "asymmetric", "cispo", "dual"]
+LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo"]
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ratio_level: RatioLevel = "token",
+    clip: ClipMode = "symmetric",
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip_c: float = 3.0,
+    log_ratio_clamp: float | None = 20.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token policy-gradient losses of the PPO/GRPO family. Returns ``(losses, clipped)``, both (B, T).
+
+    The importance ratio (``ratio_level``), with ``log r = logps - old_logps`` clamped to
+    ``[-log_ratio_clamp, log_ratio_clamp]`` before ``exp`` (None or 0: no clamp):
+
+    * ``token``: ``r_t = exp(log r_t)`` — PPO (Schulman et al. 2017, eq. 6-7).
+    * ``sequence``: ``s_i = exp(mean_t log r_t)`` over the masked tokens of row i, the same for every
+      token of the row, its gradient flowing through the mean — GSPO (Zheng et al. 2025, eq. 7; their
+      objective, eq. 5, is the per-sequence clipped surrogate, which ``loss_type="grpo"`` weights give back).
+
+    The clip (``clip``), with ``lo = 1 - clip_eps_low``, ``hi = 1 + clip_eps_high``:
+
+    * ``symmetric``: ``max(-A r, -A clip(r, lo, hi))`` with ``clip_eps_low == clip_eps_high`` —
+      PPO's clipped surrogate, Schulman et al. 2017, eq. 7 (DeepSeekMath's GRPO, Shao et al. 2024, eq. 3).
+    * ``asymmetric``: the same with two epsilons — DAPO's clip-higher (Yu et al. 2025, eq. 8; they use
+      ``clip_eps_low=0.2, clip_eps_high=0.28``).
+    * ``cispo``: ``-sg(clip(r, lo, hi)) A log pi_t`` — CISPO (MiniMax-M1, MiniMax 2025, eq. 4-5): the
+      clipped ratio is a stop-gradient weight, so every token keeps its gradient ``-clip(r) A`` w.r.t.
+      ``logps`` (the value of this loss is not comparable with the others').
+    * ``dual``: PPO's clip, and for ``A < 0`` the loss capped at ``-c A``:
+      ``min(max(-A r, -A clip(r)), -c A)`` with ``c = dual_clip_c > 1`` — dual-clip PPO (Ye et al. 2020,
+      "Mastering Complex Control in MOBA Games", eq. 5).
+
+    ``clipped`` is True where a clip was active: the clipped surrogate was the larger term (or the
+    dual cap was reached), or, for ``cispo``, the weight was clipped. ``mask`` (B, T) selects the tokens
+    of the sequence mean; losses at masked-out positions are meaningless (reduce with a mask or
+    :func:`loss_token_weights`). With ``ratio_level="token", clip="symmetric"`` and log-ratios inside the
+    clamp, this is exactly :func:`ppo_policy_loss`.
+    """
+    if clip not in ("symmetric", "asymmetric", "cispo", "dual"):
+        raise ValueError(f"unknown clip '{clip}' (symmetric, asymmetric, cispo, dual)")
+    if clip == "symmetric" and clip_eps_low != clip_eps_high:
+        raise ValueError(f"clip='symmetric' takes one epsilon (got low {clip_eps_low}, high {clip_eps_high}); "
+                         "use clip='asymmetric'")
+    if clip == "dual" and not dual_clip_c > 1:
+        raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c})")
+    log_ratio = logps - old_logps
+    if ratio_level == "sequence":
+        log_ratio = masked_mean(log_ratio, mask, dim=-1)[:, None].expand_as(logps)
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio_level '{ratio_level}' (token, sequence)")
+    if log_ratio_clamp:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    low, high = 1.0 - clip_eps_low, 1.0 + clip_eps_high
+    if clip == "cispo":
+        weight = torch.clamp(ratio, low, high).detach()
+        return -weight * advantages * logps, (ratio < low) | (ratio > high)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, low, high)
+    losses, active = torch.maximum(unclipped, clipped), clipped > unclipped
+    if clip == "dual":
+        cap = -dual_clip_c * advantages
+        capped = (advantages < 0) & (losses > cap)
+        losses, active = torch.where(capped, cap, losses), active | capped
+    return losses, active
+
+
+def loss_token_weights(
+    mask: torch.Tensor, loss_type: LossType, *, num_seqs: float, num_tokens: float, max_new_tokens: int
+) -> torch.Tensor:
+    """Weights (B, T) that reduce per-token losses to a loss: ``sum(weights * losses)``.
+
+    ``num_seqs`` and ``num_tokens`` count the sequences and (masked) tokens of the whole optimiser
+    step — every micro-batch of the accumulation on every process — so that summing this over the
+    step's micro-batches gives the step's loss. ``mask`` is this micro-batch's (B, T) mask:
+
+    * ``grpo``: the mean over each sequence's tokens, then over sequences: ``1 / (len_i num_seqs)`` —
+      DeepSeekMath's GRPO objective (Shao et al. 2024, eq. 3). Long responses get a smaller weight per token.
+    * ``dapo``: the token mean over the step: ``1 / num_tokens`` — DAPO's token-level policy-gradient
+      loss (Yu et al. 2025, eq. 8 and §3.3). rlhfkit's default.
+    * ``dr_grpo``: ``1 / (num_seqs max_new_tokens)``, a constant that depends on no response's length —
+      Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", the objective of their Fig. 1,
+      which drops GRPO's ``1 / |o_i|``; their code divides by the generation limit).
+    * ``bnpo``: the token mean of this ``mask`` alone, ``1 / mask.sum()`` (TRL's ``bnpo``): a loss per
+      micro-batch, to be *averaged* over the step's micro-batches (it depends on how the step is split).
+
+    Summed over the step, the weights are 1 for grpo (every sequence non-empty), dapo and bnpo (per
+    micro-batch), and ``num_tokens / (num_seqs max_new_tokens)`` for dr_grpo. Masked-out entries are 0.
+    """
+    m = mask.to(torch.float32)
+    if loss_type == "dapo":
+        return m / max(float(num_tokens), 1.0)
+    if loss_type == "grpo":
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * max(float(num_seqs), 1.0))
+    if loss_type == "dr_grpo":
+        return m / (max(float(num_seqs), 1.0) * max_new_tokens)
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    raise ValueError(f"unknown loss_type '{loss_type}' (grpo, dapo, dr_grpo, bnpo)")
+
+
+def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) bool: True for each group of ``group_size`` consecutive scores that are all equal.
+
+    Such a group has zero group-relative advantage (GRPO, RLOO): DAPO's dynamic sampling (Yu et al.
+    2025, eq. 8, the constraint ``0 < |{correct}| < G``; §3.2) filters them out. Exact equality.
+    Shape: (N * group_size,) ordered group by group -> (N,).
+    """
+    grouped = scores.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), with ``L_max = max_new_tokens``, ``L_cache = buffer``.
+
+    ``R_length(y) = 0`` if ``|y| <= L_max - L_cache``; ``((L_max - L_cache) - |y|) / L_cache`` if
+    ``L_max - L_cache < |y| <= L_max`` (0 down to -1); ``-1`` if ``|y| > L_max``. The paper's ``L_max``
+    is the generation limit too (20,480 tokens: a 16,384-token expected length plus a 4,096-token
+    cache), so a rollout never reaches the last case; it is kept for lengths from elsewhere.
+    Shape: (B,) lengths in tokens -> (B,) fp32.
+    """
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"the overlong buffer must be in (0, max_new_tokens={max_new_tokens}] (got {buffer})")
+    lengths = lengths.to(torch.float32)
+    expected = max_new_tokens - buffer
+    soft = (expected - lengths) / buffer
+    return torch.where(lengths <= expected, torch.zeros_like(lengths), torch.where(lengths <= max_new_tokens, soft, -1.0))

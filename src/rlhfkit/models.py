@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.data.io import atomic_write_text, fsync_path, fsync_tree
+from rlhfkit.data.io import atomic_write_text, fsync_path, fsync_tree, remove_stale_temps  # noqa: F401 (re-exported)
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -370,6 +371,86 @@ def is_complete_save(directory: str | Path) -> bool:
     return all((directory / name).exists() for name in files)
 
 
+# ----------------------------------------------------------------------------- failed writes and stale temps
+
+_TORCH_WRITER_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed", "iostream error")
+"""Text of the RuntimeErrors torch's zip writer (``torch.save``) raises when a write fails or comes up short
+(``basic_ios::clear: iostream error`` inside it, then ``[enforce fail at inline_container.cc:...] . unexpected
+pos`` as it closes)."""
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is what writing a model or checkpoint file raises when the write fails (a full disk, a
+    file-size limit, an I/O error): an ``OSError``, safetensors' ``SafetensorError`` (its Rust writer's I/O errors)
+    or torch's zip-writer ``RuntimeError`` (``[enforce fail at inline_container.cc:...] . unexpected pos``, which
+    does not say why). Anything else is a programming error, left to propagate as it is."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, (OSError, SafetensorError)):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _TORCH_WRITER_ERRORS)
+
+
+def describe_write_failure(error: BaseException) -> str:
+    """``"Type: message"`` of a failed write on one line; torch's writer error, which names no cause, gets the
+    likely ones (and the OSError under it, if it chained one)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, OSError) and cause.strerror and cause.strerror not in text:
+        text += f" (caused by: {cause.strerror})"
+    elif isinstance(error, RuntimeError) and any(marker in str(error) for marker in _TORCH_WRITER_ERRORS):
+        text += (" (torch's file writer fails so when a write is refused or comes up short: most often a full "
+                 "disk, ENOSPC, or a file-size limit, EFBIG)")
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # not reached
+
+
+def free_space(path: str | Path) -> str:
+    """``"1.2 GiB free of 50.0 GiB on the filesystem of PATH"`` (shutil.disk_usage of ``path`` or its nearest
+    existing parent), or a note that it could not be read."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        usage = shutil.disk_usage(where)
+    except OSError as e:
+        return f"the free space on the filesystem of {where} could not be read ({e.strerror or e})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {where}"
+
+
+SAVE_TEMP = re.compile(r"\.save\.[a-z0-9_]{8}")
+"""Names of :func:`save_pretrained`'s temp directories (``tempfile.mkdtemp(prefix=".save.")``)."""
+
+
+def _newest_checkpoint(out: Path) -> Path | None:
+    root = out / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Exception:
+    """The CheckpointError of a final save whose writing (into its temp directory, now removed) failed."""
+    from rlhfkit.loop import CheckpointError
+
+    kept = []
+    if was_complete:
+        kept.append(f"the model saved in {out} before is intact")
+    checkpoint = _newest_checkpoint(out)
+    if checkpoint is not None:
+        kept.append(f"the newest checkpoint, {checkpoint}, is intact (a rerun resumes from it and saves again)")
+    if not kept:
+        kept.append(f"nothing in {out} was changed")
+    return CheckpointError(f"cannot save the model to {out}: {describe_write_failure(error)}; {free_space(out)}; "
+                           f"the partial save was removed and {' and '.join(kept)}")
+
+
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
     """Save a loadable model directory; :func:`is_complete_save` tells whether the save finished.
 
@@ -383,22 +464,35 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
 
     A LoRA model is saved merged (so ``AutoModelForCausalLM.from_pretrained`` loads
     it) and its adapter is kept in ``adapter/``.
+
+    A write that fails (a full disk: ``OSError``, safetensors' ``SafetensorError``, torch's writer error) is
+    raised as :class:`rlhfkit.loop.CheckpointError` naming ``out_dir``, the free space there, the error and
+    what is intact; the temp directory is removed. Temp directories of an earlier save that was killed
+    (``.save.*``) are removed first.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, SAVE_TEMP)  # what a save killed mid-write left
+    was_complete = is_complete_save(out)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out))
     try:
-        if hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter")
-            import copy
+        try:
+            if hasattr(model, "merge_and_unload"):
+                model.save_pretrained(tmp / "adapter")
+                import copy
 
-            merged = copy.deepcopy(model).merge_and_unload()
-            merged.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
+                merged = copy.deepcopy(model).merge_and_unload()
+                merged.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            fsync_tree(tmp)
+        except Exception as e:  # nothing outside tmp has changed yet
+            if not is_write_failure(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_failed(out, e, was_complete) from e
         written = sorted(item.name for item in tmp.iterdir())
         marker = out / COMPLETE_MARKER
         marker.unlink(missing_ok=True)

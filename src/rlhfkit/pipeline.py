@@ -24,9 +24,15 @@ stage before it. A finished stage writes ``OUTPUT/STAGE/.stage.json`` holding
 that hash; on the next run, a stage whose recorded hash matches is skipped, and
 one whose hash changed — its config or anything upstream — runs again, from a
 clean directory, and so does everything after it. ``--from STAGE`` forces a
-rerun from that stage on (``--from rl``: from the first policy stage). A stage
-that fails leaves the earlier stages' outputs untouched and no marker of its
-own, and the error names it.
+rerun from that stage on (``--from rl``: from the first policy stage). While a
+stage runs again, its earlier output waits beside it in ``OUTPUT/.STAGE.previous``
+and is deleted when the stage succeeds. A stage that fails (an error, Ctrl-C)
+leaves every output as it was: the earlier stages' untouched, its own partial
+output deleted and its earlier one (marker and all) moved back; the error names
+it. A ``.STAGE.previous`` left by a killed run is settled on the next run (kept
+if the stage had not finished, deleted if it had). ``OUTPUT/pipeline.json`` (the
+pipeline config) is rewritten as stages finish, so a failed run leaves the one
+the outputs were made under.
 """
 
 from __future__ import annotations
@@ -264,8 +270,12 @@ def _hash(config: Any, upstream: str, out: Path) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+MARKER = ".stage.json"
+"""A finished stage's record (its hash), written last, in OUTPUT/STAGE."""
+
+
 def _marker(stage: Stage) -> Path:
-    return stage.directory / ".stage.json"
+    return stage.directory / MARKER
 
 
 def _publish_eval(stage: Stage, out: Path) -> None:
@@ -275,20 +285,71 @@ def _publish_eval(stage: Stage, out: Path) -> None:
         atomic_write_text(out / "eval.json", results.read_text())
 
 
+def _previous(directory: Path) -> Path:
+    """Where a stage's earlier output waits while the stage runs again: the sibling ``.STAGE.previous``."""
+    return directory.with_name(f".{directory.name}.previous")
+
+
+def _recover(directory: Path) -> None:
+    """Settle a ``.STAGE.previous`` left by a run that was killed (kill -9, power loss) while STAGE ran.
+
+    The marker is written last, when a stage succeeds: a stage directory holding one is the new, finished
+    output (the run died just before deleting the earlier one), and the earlier output goes; without one,
+    the new output is partial (or was never started), and the earlier output is moved back -- marker and
+    all, so its recorded hash decides as before whether it is up to date."""
+    previous = _previous(directory)
+    if not previous.exists():
+        return
+    if (directory / MARKER).is_file():
+        shutil.rmtree(previous)
+        print(f"pipeline: {directory.name}: deleted the earlier output left in {previous} (the new one had finished)")
+        return
+    if directory.exists():
+        shutil.rmtree(directory)
+    previous.rename(directory)
+    print(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output "
+          f"from {previous}")
+
+
 def _run_stage(stage: Stage, digest: str, start: float) -> None:
-    """Run one stage from a clean directory; on success, record its hash in the marker."""
-    # A stale or partial output must not leak into the new run (trainers resume from checkpoints).
-    if stage.directory.exists():
-        shutil.rmtree(stage.directory)
-    stage.directory.mkdir(parents=True)
-    print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
-    t0 = time.time()
+    """Run one stage into a clean directory; on success, record its hash in the marker.
+
+    The earlier output (if any) waits in ``.STAGE.previous`` meanwhile -- a stale or partial output must not
+    leak into the new run (trainers resume from checkpoints), and a failed run must not lose a finished one:
+    on success it is deleted; on any failure (Ctrl-C too) the partial new output is, and it is moved back.
+    Without an earlier output, a failed stage's partial output stays (no marker: the next run redoes it)."""
+    directory = stage.directory
+    previous = _previous(directory)
+    if previous.exists():  # settled by _recover before: a leftover here is not an earlier output
+        shutil.rmtree(previous)
+    kept = directory.exists()
+    if kept:
+        directory.rename(previous)
     try:
+        directory.mkdir(parents=True)
+        print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
+        t0 = time.time()
         stage.run(stage.config)
-    except Exception as e:  # noqa: BLE001 - re-raised with the stage name
-        raise StageError(stage.name, e) from e
-    atomic_write_text(_marker(stage), json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1),
-                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        atomic_write_text(_marker(stage), json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1),
+                                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    except BaseException as e:
+        if kept:  # the earlier output goes back in place of the partial one
+            shutil.rmtree(directory, ignore_errors=True)
+            if directory.exists():  # ignore_errors left something: keep it apart rather than lose either
+                directory.rename(directory.with_name(f".{directory.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
+            previous.rename(directory)
+            print(f"pipeline: {stage.name}: failed; its earlier output is restored in {directory}")
+        # else the partial output stays for a look (logs, gate.json); it has no marker, so it is redone
+        if isinstance(e, Exception):  # re-raised with the stage name
+            raise StageError(stage.name, e) from e
+        raise
+    if kept:
+        shutil.rmtree(previous)
+
+
+def _write_record(config: PipelineConfig, out: Path) -> None:
+    """``pipeline.json``: the config the outputs were made under (written as stages finish, atomically)."""
+    atomic_write_text(out / "pipeline.json", json.dumps(to_dict(config), indent=2, default=str))
 
 
 def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, str]:
@@ -301,7 +362,8 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
         raise ConfigError(f"--from: unknown stage '{from_stage}' (stages of this run: {', '.join(names)}, or rl)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "pipeline.json", json.dumps(to_dict(config), indent=2, default=str))
+    for name in STAGES:  # an earlier run killed mid-stage: settle what it left
+        _recover(out / name)
     status: dict[str, str] = {}
     upstream = ""
     forced = False
@@ -316,8 +378,12 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
             print(f"pipeline: {stage.name}: up to date, skipped")
             status[stage.name] = "skipped"
         else:
+            if stage.name == "report":  # it reads pipeline.json; every stage before it is this config's now
+                _write_record(config, out)
             _run_stage(stage, digest, start)
             status[stage.name] = "ran"
+            # pipeline.json changes only with what is on disk: a stage that fails leaves the earlier record
+            _write_record(config, out)
         if stage.name == "eval":  # the headline numbers also sit next to report.html
             _publish_eval(stage, out)
     print(f"pipeline: done in {time.time() - start:.0f}s -> {out / 'report.html'}")

@@ -96,7 +96,7 @@ class FrontierProbe:
     def __call__(self, policy, step: int, total_steps: int) -> dict | None:
         if step not in probe_steps(total_steps, self.options.probe_points):
             return None
-        from rlhfkit.data.io import append_jsonl
+        from rlhfkit.data.io import append_jsonl, truncate_jsonl_by_step
         from rlhfkit.evaluate import sequence_kl
         from rlhfkit.rollout import GenerationOptions, HFEngine, make_rollout
 
@@ -121,6 +121,9 @@ class FrontierProbe:
         row["num_prompts"] = len(self.prompts)
         row["response_length"] = float(rollout.lengths.float().mean())
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        # A resumed run probes its resumed step again: rows at this step or later (from the run before the
+        # restart) go, so the file holds each step once, as an uninterrupted run's would.
+        truncate_jsonl_by_step(self.path, step - 1)
         append_jsonl(self.path, row)
         proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
         print(f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "

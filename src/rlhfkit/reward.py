@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from rlhfkit import forward, models, packing
-from rlhfkit.config import to_dict
+from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import (chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings,
                                    tokenize_response)
@@ -382,11 +382,16 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 
 def _norm_samples(config: RewardConfig) -> tuple[list, list[str]]:
+    """The (prompts, responses) the trained model's scores are normalised on. Read (and validated: every problem
+    a DataError naming file, line and field) before training starts, so a bad ``norm_data`` fails in seconds."""
     if config.norm_data:
-        from rlhfkit.data.io import read_rows
+        from rlhfkit.data.io import DataError, read_rows
+        from rlhfkit.data.preferences import parse_prompt
 
         rows = read_rows(config.norm_data)
-        prompts, responses = [r.data["prompt"] for r in rows], [r.get_str("response") for r in rows]
+        if not rows:
+            raise DataError(config.norm_data, None, None, "no records (an empty norm_data file)")
+        prompts, responses = [parse_prompt(r, "prompt") for r in rows], [r.get_str("response") for r in rows]
     else:
         from rlhfkit.data.preferences import load_comparisons
 
@@ -406,7 +411,9 @@ def train(config: RewardConfig) -> FitResult:
     :func:`heldout_accuracy` of the model as trained) and prints its accuracy.
     """
     if not config.data:
-        raise ValueError("reward: `data` (a preference file) is required")
+        raise ConfigError("reward: `data` (a preference file) is required")
+    # Before any model loads: a bad norm_data file must not surface at save time, after training.
+    norm_samples = _norm_samples(config) if config.normalize else None
     tokenizer = _reward_tokenizer(config.model)
     train_set, eval_set = load_pair_splits(
         tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
@@ -431,8 +438,8 @@ def train(config: RewardConfig) -> FitResult:
 
             target = copy.deepcopy(target).merge_and_unload()
         gain, bias = 1.0, 0.0
-        if config.normalize:
-            prompts, responses = _norm_samples(config)
+        if norm_samples is not None:
+            prompts, responses = norm_samples
             scores = raw_scores(target, tokenizer, prompts, responses, chat_template=config.chat_template,
                                 max_length=config.max_length, precision=config.precision,
                                 progress="reward: normalisation" if config.progress else None)

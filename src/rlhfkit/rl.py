@@ -18,12 +18,18 @@
      mean (Williams 1992; the seed's REINFORCE with discounting);
    * ``rloo``: sequence reward ``score - beta sum_t KL_t``, leave-one-out
      baseline over the group (Ahmadian et al. 2024);
-   * ``grpo``: group-normalised scores (Shao et al. 2024); the KL enters the
-     loss as ``beta * k3`` per token instead of the reward (their eq. 3).
+   * ``grpo``: group-normalised scores (Shao et al. 2024; ``scale_advantages=false``:
+     Dr. GRPO's unscaled ones); the KL enters the loss as ``beta * k3`` per
+     token instead of the reward (their eq. 3).
 5. **Optimise.** ``ppo_epochs`` passes over the rollout in ``num_minibatches``
    minibatches (each ``grad_accum`` micro-batches): clipped surrogate
-   (Schulman et al. 2017), clipped value loss, token-mean over the global
-   minibatch. Stop the epochs early when approx-KL exceeds ``target_kl_stop``.
+   (Schulman et al. 2017; ``clip``/``ratio_level`` pick DAPO's clip-higher,
+   CISPO, dual-clip or GSPO's sequence ratio, :func:`rlhfkit.losses.policy_loss`),
+   clipped value loss. The per-token losses are averaged per ``loss_type``
+   (:func:`rlhfkit.losses.loss_token_weights`); the default, ``dapo``, is the
+   token mean over the global minibatch (DAPO's normalisation, not DeepSeekMath
+   eq. 3's per-response mean, which is ``loss_type=grpo``). Stop the epochs early
+   when approx-KL exceeds ``target_kl_stop``.
 6. **Adapt beta** (adaptive controller, Ziegler et al. 2019) and log.
 
 Departures from TRL: the old log-probs are not recomputed when there is a
@@ -49,9 +55,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from rlhfkit import models
-from rlhfkit.config import to_dict
+from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
-from rlhfkit.loop import Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, prepare, shard_indices
+from rlhfkit.loop import CheckpointError, Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, prepare, shard_indices
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
@@ -59,11 +65,14 @@ from rlhfkit.losses import (
     gae,
     grpo_advantages,
     kl_penalty,
+    loss_token_weights,
     masked_mean,
-    ppo_policy_loss,
+    overlong_penalty,
+    policy_loss,
     ppo_value_loss,
     rloo_advantages,
     whiten,
+    zero_variance_groups,
 )
 from rlhfkit.optim import build_optimizer, build_scheduler
 from rlhfkit.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
@@ -135,6 +144,41 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Minibatches (optimizer steps) per pass."""
     clip_eps: float = 0.2
     """PPO ratio clip epsilon."""
+    clip: Literal["symmetric", "asymmetric", "cispo", "dual"] = "symmetric"
+    """How the policy loss clips the importance ratio (`rlhfkit.losses.policy_loss`): symmetric, to
+    [1 - clip_eps, 1 + clip_eps] (PPO, Schulman et al. 2017); asymmetric, to [1 - clip_eps_low, 1 + clip_eps_high]
+    (DAPO's clip-higher, Yu et al. 2025); cispo, the clipped ratio as a stop-gradient weight on log pi, so every
+    token keeps its gradient (CISPO, MiniMax-M1 2025); dual, PPO's clip plus a cap of -dual_clip_c * A on the loss
+    of a token with a negative advantage (dual-clip PPO, Ye et al. 2020)."""
+    clip_eps_low: float | None = None
+    """clip asymmetric, cispo or dual: the ratio's floor is 1 - clip_eps_low. Empty (null): clip_eps."""
+    clip_eps_high: float | None = None
+    """clip asymmetric, cispo or dual: the ratio's ceiling is 1 + clip_eps_high (DAPO: 0.28 with clip_eps_low 0.2).
+    Empty (null): clip_eps."""
+    dual_clip_c: float = 3.0
+    """clip=dual: a token with advantage A < 0 has its loss capped at -dual_clip_c * A (c > 1; Ye et al. use 3)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (PPO), or per sequence: exp(mean over its tokens of the log-ratio), the same for
+    every token of the response (GSPO, Zheng et al. 2025, who clip it at ~3e-4 / 4e-4: set the epsilons to match)."""
+    log_ratio_clamp: float = 20.0
+    """The log-ratio is clamped to [-c, c] before exp, so a far-off token cannot overflow the loss (0 disables)."""
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = "dapo"
+    """How per-token losses (the policy term, and grpo's KL term) are averaged into the step's loss
+    (`rlhfkit.losses.loss_token_weights`): dapo, the token mean over the optimiser step's whole batch (DAPO, Yu
+    et al. 2025; the default); grpo, the mean over each response's tokens, then over responses (DeepSeekMath eq. 3);
+    dr_grpo, the token sum over responses x max_new_tokens (Dr. GRPO, Liu et al. 2025); bnpo, the token mean of each
+    micro-batch, averaged over micro-batches (TRL's bnpo). The value loss (ppo) is always the token mean."""
+    scale_advantages: bool = True
+    """grpo: divide the group-centred scores by the group's std (DeepSeekMath); false: Dr. GRPO's unscaled advantages."""
+    drop_zero_variance_groups: bool = False
+    """grpo, rloo: a group whose scores are all equal gets zero weight in the loss (DAPO's dynamic-sampling filter,
+    without the resampling); the fraction of such groups is logged as `zero_variance_groups`."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): a response longer than max_new_tokens -
+    overlong_buffer tokens gets a penalty growing linearly to -1 at max_new_tokens, times overlong_penalty_coef,
+    added to its score (before score_norm and score_clip). 0: off."""
+    overlong_penalty_coef: float = 1.0
+    """Weight of the overlong penalty in the score (overlong_buffer > 0)."""
     value: Literal["head", "critic"] = "head"
     """ppo's value function: a head on the policy trunk, or a separate critic model."""
     critic_init: str = ""
@@ -166,6 +210,24 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Prompts per step per process."""
     output_dir: str = "runs/rl"
     """Where the policy, checkpoints, metrics.jsonl and samples.jsonl go."""
+
+    def policy_loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`rlhfkit.losses.policy_loss` for this config, after checking the loss fields."""
+        if self.clip == "symmetric" and (self.clip_eps_low, self.clip_eps_high) != (None, None):
+            raise ConfigError("clip=symmetric clips to [1 - clip_eps, 1 + clip_eps]; set clip=asymmetric (or cispo, "
+                             "dual) to use clip_eps_low / clip_eps_high")
+        if self.clip == "dual" and not self.dual_clip_c > 1:
+            raise ConfigError(f"dual_clip_c must be > 1 (got {self.dual_clip_c})")
+        if self.log_ratio_clamp < 0:
+            raise ConfigError(f"log_ratio_clamp must be >= 0 (got {self.log_ratio_clamp})")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}] (got {self.overlong_buffer})")
+        if self.drop_zero_variance_groups and self.algorithm not in ("grpo", "rloo"):
+            raise ConfigError(f"drop_zero_variance_groups needs groups: algorithm grpo or rloo (got {self.algorithm})")
+        low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+        return dict(ratio_level=self.ratio_level, clip=self.clip, clip_eps_low=low, clip_eps_high=high,
+                    dual_clip_c=self.dual_clip_c, log_ratio_clamp=self.log_ratio_clamp)
 
 
 @dataclass
@@ -214,6 +276,8 @@ class Scored:
     """(B,) scores after penalties/normalisation."""
     kl: torch.Tensor
     """Per-token KL estimate used in the reward (masked)."""
+    keep: torch.Tensor | None = None
+    """(B,) bool: rows that count in the loss (drop_zero_variance_groups); None: every row."""
 
 
 def _micro_batches(n: int, parts: int) -> list[list[int]]:
@@ -251,11 +315,12 @@ class RLTrainer:
         from rlhfkit.sft import demo_data_path
 
         c = self.config = config
+        c.policy_loss_options()  # checks the loss options now, not after the first rollout
         if c.algorithm in ("grpo", "rloo") and c.samples_per_prompt < 2:
-            raise ValueError(f"{c.algorithm} needs samples_per_prompt >= 2 (got {c.samples_per_prompt})")
+            raise ConfigError(f"{c.algorithm} needs samples_per_prompt >= 2 (got {c.samples_per_prompt})")
         rows_per_minibatch = c.batch_size * c.samples_per_prompt // c.num_minibatches
         if rows_per_minibatch < c.grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"a minibatch of {rows_per_minibatch} responses (batch_size x samples_per_prompt / num_minibatches) "
                 f"cannot be split into grad_accum={c.grad_accum} micro-batches"
             )
@@ -336,6 +401,9 @@ class RLTrainer:
 
         raw = torch.tensor(self.reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
         scores = raw - c.missing_eos_penalty * (~rollout.has_eos).float()
+        if c.overlong_buffer > 0:  # DAPO's soft overlong punishment, part of the reward
+            overlong = overlong_penalty(rollout.lengths, c.max_new_tokens, c.overlong_buffer)
+            scores = scores + c.overlong_penalty_coef * overlong
         if c.score_norm:
             scores = whiten(scores, torch.ones_like(scores, dtype=torch.bool))
         if c.score_clip > 0:
@@ -388,8 +456,16 @@ class RLTrainer:
             seq_reward = scores - beta * kl.sum(-1)
             advantages = rloo_advantages(seq_reward, c.samples_per_prompt)[:, None].expand_as(mask).clone()
         else:  # grpo
-            advantages = grpo_advantages(scores, c.samples_per_prompt)[:, None].expand_as(mask).clone()
+            advantages = grpo_advantages(scores, c.samples_per_prompt, scale=c.scale_advantages)
+            advantages = advantages[:, None].expand_as(mask).clone()
         advantages = torch.where(mask, advantages, 0.0)
+        keep, loss_stats = None, {}
+        if c.drop_zero_variance_groups:  # groups of equal scores: zero weight in the loss (DAPO's filter)
+            flat = zero_variance_groups(scores, c.samples_per_prompt)
+            keep = (~flat).repeat_interleave(c.samples_per_prompt)
+            loss_stats["zero_variance_groups"] = flat.float().mean().item()
+        if c.overlong_buffer > 0:
+            loss_stats["overlong_penalty"] = overlong.mean().item()
 
         lengths = rollout.lengths.float()
         if self.gold_fn is not None:
@@ -399,6 +475,7 @@ class RLTrainer:
             stats_gold = {}
         stats = {
             **stats_gold,
+            **loss_stats,
             "score": raw.mean().item(),
             "score_used": scores.mean().item(),
             "response_length": lengths.mean().item(),
@@ -413,7 +490,7 @@ class RLTrainer:
                          reward=(scores - beta * kl.sum(-1)).mean().item())
         if entropy:
             stats["entropy"] = masked_mean(torch.cat(entropy), mask).item()
-        scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl)
+        scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl, keep)
         return scored, stats
 
     # ---------------------------------------------------------------- 5: optimise
@@ -427,24 +504,33 @@ class RLTrainer:
         stopped_early = False
         generator = torch.Generator().manual_seed(c.seed * 7919 + self.step_count)
         epochs_done = 0
+        loss_options = c.policy_loss_options()
+        keep = scored.keep  # rows that count in the loss (None: all)
         for _epoch in range(c.ppo_epochs):
             order = torch.randperm(B, generator=generator).tolist() if c.ppo_epochs > 1 or c.num_minibatches > 1 else list(range(B))
             epoch_kl, epoch_tokens = 0.0, 0.0
             for mb in _micro_batches(B, c.num_minibatches):
                 mb_rows = [order[i] for i in mb]
-                local_tokens = float(rollout.response_mask[mb_rows].sum())
-                global_tokens = max(1.0, _reduce_sum(acc, {"t": local_tokens})["t"])
+                in_loss = rollout.response_mask[mb_rows]
+                if keep is not None:
+                    in_loss = in_loss & keep[mb_rows, None]
+                # The optimiser step's counts, over its micro-batches and processes, for the loss's normaliser.
+                seqs = len(mb_rows) if keep is None else int(keep[mb_rows].sum())
+                totals = _reduce_sum(acc, {"t": float(in_loss.sum()), "s": float(seqs)})
+                global_tokens, global_seqs = max(1.0, totals["t"]), totals["s"]
+                # accelerate divides a micro-batch's loss by grad_accum and DDP averages over processes: x grad_accum x P.
                 scale = c.grad_accum * self.P / global_tokens
                 for part in _micro_batches(len(mb_rows), c.grad_accum):
                     rows = [mb_rows[i] for i in part]
                     mask = rollout.response_mask[rows].to(device)
+                    loss_mask = mask if keep is None else mask & keep[rows].to(device)[:, None]
                     with acc.accumulate(self.model):
                         with acc.autocast():
                             logps, values, entropy = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
                         logps = logps.float()
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
                         adv = scored.advantages[rows].to(device)
-                        pg_losses, clipped = ppo_policy_loss(logps, old, adv, c.clip_eps)
+                        pg_losses, clipped = policy_loss(logps, old, adv, mask, **loss_options)
                         loss_tokens = pg_losses
                         ref = scored.ref_logps[rows].to(device)
                         k3 = kl_penalty(logps, ref, "k3")
@@ -453,8 +539,18 @@ class RLTrainer:
                         if values is not None:
                             v_losses, v_clipped = ppo_value_loss(values, scored.values[rows].to(device),
                                                                  scored.returns[rows].to(device), c.value_clip_eps)
-                            loss_tokens = loss_tokens + c.vf_coef * v_losses
-                        loss = torch.where(mask, loss_tokens, 0.0).sum() * scale
+                        if c.loss_type == "dapo":  # the token mean over the minibatch (the default): one masked sum
+                            if values is not None:
+                                loss_tokens = loss_tokens + c.vf_coef * v_losses
+                            loss = torch.where(loss_mask, loss_tokens, 0.0).sum() * scale
+                        else:  # the policy (and grpo's KL) term per loss_type; the value loss stays the token mean
+                            weights = loss_token_weights(loss_mask, c.loss_type, num_seqs=global_seqs,
+                                                         num_tokens=global_tokens, max_new_tokens=c.max_new_tokens)
+                            # bnpo's weights give this micro-batch's mean, which accelerate and DDP average as they are.
+                            times = 1 if c.loss_type == "bnpo" else c.grad_accum * self.P
+                            loss = (weights * torch.where(loss_mask, loss_tokens, 0.0)).sum() * times
+                            if values is not None:
+                                loss = loss + torch.where(loss_mask, c.vf_coef * v_losses, 0.0).sum() * scale
                         if self.ptx is not None:
                             loss = loss + c.ptx_coef * self._ptx_loss(rows)
                         acc.backward(loss)
@@ -603,12 +699,19 @@ def train(config: RLConfig) -> RLTrainer:
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(trainer.model)
         models.save_pretrained(unwrapped.policy, trainer.tokenizer, out)
-        if unwrapped.value_head is not None:
-            from safetensors.torch import save_file
+        try:
+            if unwrapped.value_head is not None:
+                from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
-        if unwrapped.critic is not None:
-            unwrapped.critic.save_pretrained(out / "critic")
+                save_file({k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
+            if unwrapped.critic is not None:
+                unwrapped.critic.save_pretrained(out / "critic")
+        except Exception as e:  # a full disk: one line from the CLI, not safetensors' traceback
+            if not models.is_write_failure(e):
+                raise
+            raise CheckpointError(f"cannot save the value model to {out}: {models.describe_write_failure(e)}; "
+                                  f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves "
+                                  "again") from e
         atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "kl_coef": trainer.kl_ctl.value}))
     acc.wait_for_everyone()
     return trainer

@@ -2,10 +2,14 @@
 
 For every prompt, one response per entry of ``temperatures`` (the seed design:
 two responses, at 0.7 and 1.2, so pairs differ in quality). Generation is
-batched with a KV cache (:class:`rlhfkit.rollout.HFGenerator`). Each finished
-prompt is appended to the output JSONL and flushed at once, so a crash loses at
-most the batch in flight; a re-run skips prompts already written (by
-``prompt_index``) and drops a torn last line, so nothing is duplicated or lost.
+batched with a KV cache (:class:`rlhfkit.rollout.HFGenerator`) on a fixed grid
+(batch k is prompts ``[k*B, (k+1)*B)``, seeded from ``seed`` and ``k*B``). Each
+finished batch is appended to the output JSONL in one write and fsynced, so a
+crash loses at most the batch in flight; a re-run skips batches already written
+(by ``prompt_index``), drops a torn last line and the records of a batch only
+partly written (a full disk, a kill inside the write) and samples that batch
+again whole, so nothing is duplicated or lost and the file ends as an
+uninterrupted run's.
 
 A re-run only adds to records sampled under the same settings (``resume``): the
 settings are recorded beside the output (``samples.jsonl.meta.json``, see
@@ -30,8 +34,8 @@ from tqdm.auto import tqdm
 
 from rlhfkit import models
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import (DataError, Row, changed_settings, read_jsonl_log, read_rows, read_settings, settings_path,
-                             write_settings)
+from rlhfkit.data.io import (DataError, Row, atomic_open, atomic_temp_pattern, changed_settings, fsync_path,
+                             read_jsonl_log, read_rows, read_settings, remove_stale_temps, settings_path, write_settings)
 from rlhfkit.rollout import GenerationOptions, HFGenerator
 
 
@@ -212,45 +216,88 @@ def run(config: SampleConfig) -> Path:
 
     if config.resume not in RESUME_MODES:
         raise ConfigError(f"sample: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
+    if config.batch_size < 1:
+        raise ConfigError(f"sample: batch_size must be at least 1, got {config.batch_size}")
     prompts = load_prompts(config.prompts or demo_data_path("prompts_train.jsonl"))
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # Temp files of an atomic rewrite of the output or its settings that a kill left (one writer per output).
+    remove_stale_temps(output.parent, atomic_temp_pattern(output))
     if config.resume == "never":
         _start_over(output)
     settings = sampling_settings(config)
     # A torn last line (a kill mid-write) is cut off the file, so the appends below start on a whole line.
-    done = _resumable(config, read_jsonl_log(output, repair=True), prompts, settings)
+    rows = read_jsonl_log(output, repair=True)
+    done = _resumable(config, rows, prompts, settings)
     if config.max_prompts > 0:
         prompts = prompts[: config.max_prompts]
-    todo = [i for i in range(len(prompts)) if i not in done]
+    grid = batch_grid(len(prompts), config.batch_size)
+    partial = [batch for batch in grid if not done.issuperset(batch) and done.intersection(batch)]
+    if partial:
+        # A batch cut by a kill, a power loss or a full disk: its records go, and it is sampled again whole
+        # under its own seed, as an uninterrupted run samples it.
+        drop = {i for batch in partial for i in batch}
+        removed = _drop_records(output, rows, drop)
+        done -= drop
+        print(f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
+              f"(prompt_index {', '.join(f'{b[0]}-{b[-1]}' for b in partial)}); sampling them again whole")
+    todo = [batch for batch in grid if not done.issuperset(batch)]
     if not todo:
         print(f"sample: all {len(prompts)} prompts already in {output}")
         return output
     tokenizer = models.load_tokenizer(config.model)
     model = models.load_causal_lm(config.model).eval()
     generator = HFGenerator(model, tokenizer, precision=config.precision)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt", disable=not config.progress,
-               desc="sample")
-    with open(output, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start : start + config.batch_size]
+    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(map(len, todo)), unit="prompt",
+               disable=not config.progress, desc="sample")
+    with open(output, "ab", buffering=0) as f:
+        for k, batch in enumerate(todo):
             torch.manual_seed(config.seed * 1_000_003 + batch[0])
             responses = [
                 generator.generate([prompts[i] for i in batch], GenerationOptions(config.max_new_tokens, t, config.top_p))
                 for t in config.temperatures
             ]
-            if start == 0:  # before the first new record (not before a failed load): what every record now matches
+            if k == 0:  # before the first new record (not before a failed load): what every record now matches
                 write_settings(output, settings)
-            for j, index in enumerate(batch):
-                record = {
-                    "prompt_index": index,
-                    "prompt": prompts[index],
-                    "responses": [cut_at_stop(r[j], config.stop) for r in responses],
-                    "temperatures": list(config.temperatures),
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            text = "".join(json.dumps({
+                "prompt_index": index,
+                "prompt": prompts[index],
+                "responses": [cut_at_stop(r[j], config.stop) for r in responses],
+                "temperatures": list(config.temperatures),
+            }, ensure_ascii=False) + "\n" for j, index in enumerate(batch))
+            _append_whole(f, text.encode("utf-8"))
             bar.update(len(batch))
     bar.close()
     return output
+
+
+def batch_grid(n: int, batch_size: int) -> list[list[int]]:
+    """The batches of a run over ``n`` prompts: batch k is prompt indices ``[k*B, min((k+1)*B, n))``, sampled
+    under the seed ``seed * 1_000_003 + k*B`` whatever is already on disk, so a resumed run samples each prompt
+    as an uninterrupted run does."""
+    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+
+def _append_whole(f, data: bytes) -> None:
+    """Append ``data`` to the unbuffered file ``f`` in one ``write()`` (more only if the OS writes it short, as on
+    a full disk) and fsync it: a batch reaches the file whole unless the write itself fails or is cut (a kill
+    inside a large write, a full disk), and a re-run drops a batch left partly written."""
+    view = memoryview(data)
+    while view:
+        written = f.write(view)
+        view = view[written:]
+    os.fsync(f.fileno())
+
+
+def _drop_records(output: Path, rows: list[Row], indices: set[int]) -> int:
+    """Rewrite ``output`` (atomically, fsynced) without the records whose prompt_index is in ``indices``; the other
+    lines are kept byte for byte. ``rows`` are its records as read (line numbers). Returns how many went."""
+    lines = {row.line for row in rows if row.data.get("prompt_index") in indices}
+    if not lines:
+        return 0
+    raw = output.read_bytes().split(b"\n")
+    kept = [line for number, line in enumerate(raw, start=1) if number not in lines]
+    with atomic_open(output, binary=True) as f:
+        f.write(b"\n".join(kept))
+    fsync_path(output.parent)
+    return len(lines)

@@ -19,7 +19,7 @@ import yaml
 
 from rlhfkit import forward, models
 from rlhfkit.config import to_dict
-from rlhfkit.data.io import atomic_write_text, split_holdout
+from rlhfkit.data.io import DataError, atomic_write_text, split_holdout
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
 from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 
@@ -93,7 +93,13 @@ def train(config: SFTConfig) -> FitResult:
         f"over max_length={config.max_length}); {eval_stats.kept} held out"
     )
     if not train_set:
-        raise ValueError(f"{data_path}: no training examples left after max_length={config.max_length}")
+        if not conversations:
+            why = (f"all {len(eval_conversations)} example(s) went to the held-out split "
+                   f"(eval_fraction={config.eval_fraction}); add examples, set eval_fraction=0 or give eval_data")
+        else:
+            why = (f"all {len(conversations)} training example(s) were longer than max_length={config.max_length} "
+                   f"({stats.dropped} dropped, overlong={config.overlong})")
+        raise DataError(data_path, None, None, f"no training examples left: {why}")
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from rlhfkit.data.io import append_jsonl, read_jsonl_records, truncate_jsonl_by_step
+from rlhfkit.data.io import append_jsonl, read_jsonl_records, truncate_jsonl_by_step, write_jsonl
 
 
 class MetricsLogger:
@@ -28,10 +28,18 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop entries past ``step`` (a resumed run re-logs them), rewriting atomically."""
-        if self.enabled:
-            truncate_jsonl_by_step(self.path, step)
+    def truncate_after(self, step: int, *, drop_at_step: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """Drop entries past ``step`` (a resumed run re-logs them), and the entries at ``step`` itself that
+        ``drop_at_step`` picks (those the run wrote after its checkpoint at ``step``, which a run resumed from
+        that checkpoint logs again), rewriting atomically."""
+        if not self.enabled:
+            return
+        truncate_jsonl_by_step(self.path, step)
+        if drop_at_step is not None and self.path.exists():
+            records = read_jsonl_records(self.path)
+            kept = [r for r in records if not (r.get("step", 0) == step and drop_at_step(r))]
+            if len(kept) != len(records):
+                write_jsonl(self.path, kept)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -58,6 +66,12 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def is_eval_record(record: dict[str, Any]) -> bool:
+    """Whether a ``metrics.jsonl`` entry is an evaluation's: besides ``step`` and ``time``, only ``eval_*`` keys."""
+    keys = [k for k in record if k not in ("step", "time")]
+    return bool(keys) and all(k.startswith("eval_") for k in keys)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +27,68 @@ class DataError(ValueError):
         where = f"{path}:{line}" if line is not None else str(path)
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{problem}")
+
+
+# A JSON escape that can decode to a surrogate (U+D800-U+DFFF). UTF-8 decoding never yields one, so a text
+# without such an escape cannot hold a lone surrogate; the exact check runs only on records that have one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def json_problem(e: Exception) -> str:
+    """What is wrong with a JSON text whose decoding raised ``e`` (not a JSONDecodeError)."""
+    if isinstance(e, RecursionError):
+        return "invalid JSON: nested too deeply"
+    if "integer string conversion" in str(e):  # int("9" * 5000): "Exceeds the limit (4300 digits) for ..."
+        return f"invalid JSON: integer too long (over {sys.get_int_max_str_digits()} digits)"
+    return f"invalid JSON: {e}"
+
+
+def _lone_surrogate(data: Any) -> tuple[str, str] | None:
+    """``(field, character)`` of the first string (or key) in ``data`` holding a lone surrogate; None if none.
+
+    Iterative, so a record nested as deep as json accepts is walked without a RecursionError."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return where, found.group()
+        elif isinstance(value, dict):
+            for key in value:
+                found = _SURROGATE.search(key)
+                if found:  # in a key: name the object holding it
+                    return where, found.group()
+            stack.extend((f"{where}.{key}" if where else key, item) for key, item in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _check_text(path: str | Path, line: int, raw: str, data: Any) -> None:
+    """Raise a DataError if the record decoded from ``raw`` holds a lone surrogate (an escape like ``\\ud800``
+    that JSON accepts but that is no Unicode text: tokenizers and UTF-8 writers fail on it later)."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    found = _lone_surrogate(data)
+    if found is not None:
+        field, char = found
+        raise DataError(path, line, field or None,
+                        f"lone surrogate escape \\u{ord(char):04x} (not Unicode text; a surrogate pair must be complete)")
+
+
+def loads_line(path: str | Path, line: int, text: str) -> Any:
+    """``json.loads(text)`` of line ``line`` of ``path``: every problem (bad syntax, nesting too deep, an integer
+    over Python's digit limit, a lone surrogate escape) is a :class:`DataError` naming the file and line."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except (RecursionError, ValueError) as e:
+        raise DataError(path, line, None, json_problem(e)) from None
+    _check_text(path, line, text, data)
+    return data
 
 
 @dataclass(frozen=True)
@@ -121,6 +186,9 @@ def read_jsonl_log(path: str | Path, *, repair: bool = False) -> list[Row]:
             else:
                 problem = f"invalid JSON: {e.msg} (column {e.colno})"
             raise DataError(path, number, None, problem) from None
+        except (RecursionError, ValueError) as e:  # whole but undecodable: no torn write
+            raise DataError(path, number, None, json_problem(e)) from None
+        _check_text(path, number, text, data)
         if not isinstance(data, dict):
             raise DataError(path, number, None, f"expected a JSON object, got {type(data).__name__}")
         rows.append(Row(str(path), number, data))
@@ -150,10 +218,7 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[Row]:
     for number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        data = loads_line(path, number, line)
         if not isinstance(data, dict):
             raise DataError(path, number, None, f"expected a JSON object, got {type(data).__name__}")
         yield Row(str(path), number, data)
@@ -182,8 +247,11 @@ def _json_rows(path: Path, text: str) -> Iterator[Row]:
             data, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(path, line_of(pos), None, json_problem(e)) from None
         if not isinstance(data, dict):
             raise DataError(path, line_of(pos), None, f"expected a JSON object, got {type(data).__name__}")
+        _check_text(path, line_of(pos), text[pos:end], data)
         yield Row(str(path), line_of(pos), data)
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
@@ -217,6 +285,36 @@ def atomic_open(path: str | Path, *, binary: bool = False) -> Iterator[IO[Any]]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(directory: str | Path, pattern: re.Pattern) -> list[Path]:
+    """Delete the entries of ``directory`` whose whole name matches ``pattern`` (an rlhfkit temp a killed save
+    left: nothing else removes them); returns them. Assumes one writer per output directory (under several
+    processes only the main one saves), so a temp of that name is not in use by another save."""
+    directory = Path(directory)
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        fsync_path(directory)
+    return removed
+
+
+def atomic_temp_pattern(path: str | Path) -> "re.Pattern[str]":
+    """The names of the temp files :func:`atomic_open` makes for ``path`` (and for its settings file,
+    :func:`settings_path`): what :func:`remove_stale_temps` clears after a kill."""
+    name = Path(path).name
+    return re.compile(re.escape(f".{name}.") + r"(meta\.json\.)?[a-z0-9_]{8}")
 
 
 def fsync_path(path: str | Path) -> None:

@@ -227,9 +227,11 @@ def load_pair_splits(
     dropped and skipped.
     """
     from rlhfkit.data.preferences import load_comparisons
-    from rlhfkit.data.io import split_holdout
+    from rlhfkit.data.io import DataError, split_holdout
 
     comparisons = load_comparisons(data)
+    if not comparisons:
+        raise DataError(data, None, None, "no comparisons (an empty preference file)")
     if eval_data:
         train_c, eval_c = comparisons, load_comparisons(eval_data)
     else:
@@ -246,5 +248,16 @@ def load_pair_splits(
         f"{held_stats.pairs} held-out pairs"
     )
     if not train:
-        raise ValueError(f"{data}: no training pairs left")
+        if not train_c:
+            why = (f"all {len(comparisons)} comparison(s) went to the held-out split (eval_fraction={eval_fraction}); "
+                   "add comparisons, set eval_fraction=0 or give eval_data")
+        else:
+            lost = []
+            if stats.ties_skipped:
+                lost.append(f"{stats.ties_skipped} are ties, which {stage} skips")
+            if stats.dropped:
+                lost.append(f"{stats.dropped} pair(s) were dropped: a response lost every token to "
+                            f"max_length={max_length}")
+            why = f"of the {len(train_c)} training comparison(s), " + "; ".join(lost or ["none gave a pair"])
+        raise DataError(data, None, None, f"no training pairs left: {why}")
     return train, held

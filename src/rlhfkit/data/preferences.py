@@ -40,7 +40,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from rlhfkit.data.io import DataError, Row, atomic_open, atomic_write_text, read_rows, write_jsonl
+from rlhfkit.data.io import DataError, Row, atomic_open, atomic_write_text, json_problem, read_rows, write_jsonl
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.data.sft import parse_messages
 
@@ -103,8 +103,9 @@ def parse_comparison(row: Row) -> Comparison:
         preferred = row.data.get("preferred")
         if "preferred" not in row.data:
             raise row.error("preferred", "missing")
-        if preferred not in _PREFERRED_RANKING:
-            raise row.error("preferred", f"preferred must be 'a', 'b' or 'tie', got {preferred!r}")
+        if not isinstance(preferred, str) or preferred not in _PREFERRED_RANKING:  # a list or object is unhashable
+            shown = f"a {type(preferred).__name__}" if isinstance(preferred, (list, dict)) else repr(preferred)
+            raise row.error("preferred", f"preferred must be 'a', 'b' or 'tie', got {shown}")
         ranking = list(_PREFERRED_RANKING[preferred])
         tie = preferred == "tie"
     else:
@@ -148,16 +149,21 @@ def _messages(row: Row, field: str) -> list[Message]:
     return [{"role": role, "content": content} for role, content in parse_messages(row, field)]
 
 
-def _prompt(row: Row) -> Prompt:
-    """A string prompt, or a validated message list that ends with a user turn."""
-    value = row.data.get("prompt")
+def parse_prompt(row: Row, field: str = "prompt") -> Prompt:
+    """The prompt in ``row[field]``: a non-empty string, or a validated message list (``{role, content}`` turns,
+    as :func:`rlhfkit.data.sft.parse_messages` checks them) that ends with a user turn; else a DataError."""
+    value = row.data.get(field)
     if isinstance(value, list):
-        messages = _messages(row, "prompt")
-        _check_ends_with_user(row, "prompt", messages, f"prompt[{len(messages) - 1}].role")
+        messages = _messages(row, field)
+        _check_ends_with_user(row, field, messages, f"{field}[{len(messages) - 1}].role")
         return messages
     if value is not None and not isinstance(value, str):
-        raise row.error("prompt", f"expected a string or a list of messages, got {type(value).__name__}")
-    return row.get_str("prompt")
+        raise row.error(field, f"expected a string or a list of messages, got {type(value).__name__}")
+    return row.get_str(field)
+
+
+def _prompt(row: Row) -> Prompt:
+    return parse_prompt(row, "prompt")
 
 
 def _check_ends_with_user(row: Row, field: str, messages: list[Message], where: str) -> None:
@@ -325,6 +331,8 @@ def _parquet_rows(path: Path) -> list[Row]:
                 data["meta"] = json.loads(data["meta"])
             except json.JSONDecodeError as e:
                 raise DataError(path, number, "meta", f"invalid JSON: {e.msg}") from None
+            except (RecursionError, ValueError) as e:  # nested too deeply, an integer over Python's digit limit
+                raise DataError(path, number, "meta", json_problem(e)) from None
         rows.append(Row(str(path), number, data))
     return rows
 
