@@ -113,6 +113,11 @@ def _convert_gguf_fallback() -> Path:
     model.hf_quantizer = None  # the weights are dequantised fp32 tensors already
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    return _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Move a finished model directory ``tmp`` to ``out`` (another process may have published it first)."""
     try:
         os.rename(tmp, out)
     except OSError:
@@ -137,12 +142,7 @@ def _tiny_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny.", dir=out.parent))
     models.build_tiny().save_pretrained(tmp)
     models.load_tokenizer(models.TINY).save_pretrained(tmp)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "config.json").is_file():
-            raise
-    return out
+    return _publish(tmp, out)
 
 
 def model_dir(spec: str) -> tuple[Path, str]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (DataError, atomic_temp_pattern, changed_settings, read_rows, read_settings,
-                             remove_stale_temps, settings_path, write_settings)
+                             remove_stale_temps, settings_path, short_repr, start_over, write_settings)
 from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
 from rlhfkit.data.records import Comparison
 
@@ -179,9 +179,6 @@ def _prompt_key(prompt: object) -> object:
     return prompt
 
 
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _refuse_or_keep(config: LabelConfig, changes: dict[str, str], count: int) -> None:
@@ -221,9 +218,9 @@ def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) ->
         else:
             prompt, responses = items[index]
             if _prompt_key(label.prompt) != _prompt_key(prompt) or list(label.responses) != list(responses):
-                wrong_item.append((label, f"item_index {index} labels {_short(label.responses)} for "
-                                          f"{_short(label.prompt)}, {config.samples} has {_short(responses)} for "
-                                          f"{_short(prompt)}"))
+                wrong_item.append((label, f"item_index {index} labels {short_repr(label.responses)} for "
+                                          f"{short_repr(label.prompt)}, {config.samples} has {short_repr(responses)} for "
+                                          f"{short_repr(prompt)}"))
         if label.source != source:
             wrong_source.append(label)
     if wrong_item:
@@ -251,13 +248,6 @@ def _check_temperature(config: LabelConfig, labels: list[Comparison], temperatur
                         len(labels))
 
 
-def _start_over(output: Path) -> None:
-    """``resume=never``: delete ``output`` and its settings file."""
-    removed = [path for path in (output, settings_path(output)) if path.exists()]
-    for path in removed:
-        path.unlink()
-    if removed:
-        print(f"label: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
 
 
 def _scorer_name(config: LabelConfig) -> str:
@@ -363,7 +353,7 @@ def run(config: LabelConfig) -> list[Comparison]:
     # Temp files of an atomic rewrite of the labels or their settings that a kill left (one writer per output).
     remove_stale_temps(output.parent, atomic_temp_pattern(output))
     if config.resume == "never":
-        _start_over(output)
+        start_over(output, "label")
     labels = load_comparisons(output) if output.exists() else []
     matching = _check_resume(config, labels, items)
     done = {c.meta.get("item_index") for c in labels}

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from rlhfkit import models
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (DataError, Row, atomic_open, atomic_temp_pattern, changed_settings, fsync_path,
-                             read_jsonl_log, read_rows, read_settings, remove_stale_temps, settings_path, write_settings)
+                             read_jsonl_log, read_rows, read_settings, remove_stale_temps, settings_path, short_repr,
+                             start_over, write_settings)
 from rlhfkit.rollout import GenerationOptions, HFGenerator
 
 
@@ -141,18 +142,8 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut].strip()
 
 
-def _start_over(output: Path) -> None:
-    """``resume=never``: delete ``output`` and its settings file."""
-    removed = [path for path in (output, settings_path(output)) if path.exists()]
-    for path in removed:
-        path.unlink()
-    if removed:
-        print(f"sample: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: dict[str, Any]) -> set[int]:
@@ -188,7 +179,7 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
         if index >= len(prompts):
             detail = f"prompt_index {index} is past the {len(prompts)} prompts of {where}"
         else:
-            detail = f"prompt_index {index} holds {_short(first.get('prompt'))}, {where} has {_short(prompts[index])}"
+            detail = f"prompt_index {index} holds {short_repr(first.get('prompt'))}, {where} has {short_repr(prompts[index])}"
         changes["prompt"] = f"{len(wrong_prompt)} of {len(rows)} records differ from {where} (first: {detail})"
     if wrong_temperatures and "temperatures" not in changes:
         sampled_at = wrong_temperatures[0].data.get("temperatures")
@@ -224,7 +215,7 @@ def run(config: SampleConfig) -> Path:
     # Temp files of an atomic rewrite of the output or its settings that a kill left (one writer per output).
     remove_stale_temps(output.parent, atomic_temp_pattern(output))
     if config.resume == "never":
-        _start_over(output)
+        start_over(output, "sample")
     settings = sampling_settings(config)
     # A torn last line (a kill mid-write) is cut off the file, so the appends below start on a whole line.
     rows = read_jsonl_log(output, repair=True)

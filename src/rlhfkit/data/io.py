@@ -317,6 +317,22 @@ def atomic_temp_pattern(path: str | Path) -> "re.Pattern[str]":
     return re.compile(re.escape(f".{name}.") + r"(meta\.json\.)?[a-z0-9_]{8}")
 
 
+def start_over(output: str | Path, stage: str) -> None:
+    """``resume=never`` of a stage that appends to ``output`` (sample, label): delete it and its settings file."""
+    output = Path(output)
+    removed = [path for path in (output, settings_path(output)) if path.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        print(f"{stage}: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters with ``...``: a record's value inside an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def fsync_path(path: str | Path) -> None:
     """fsync one file, or a directory (making the names created, renamed or removed in it durable)."""
     fd = os.open(path, os.O_RDONLY)
