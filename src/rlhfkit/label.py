@@ -37,8 +37,8 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import (DataError, atomic_temp_pattern, changed_settings, read_rows, read_settings,
-                             remove_stale_temps, settings_path, short_repr, start_over, write_settings)
+from rlhfkit.data.io import (DataError, atomic_temp_pattern, compare_settings, read_rows, remove_stale_temps,
+                             settings_path, short_repr, start_over, write_settings)
 from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
 from rlhfkit.data.records import Comparison
 
@@ -202,13 +202,7 @@ def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) ->
     if not labels:
         return True
     output = Path(config.output)
-    changes: dict[str, str] = {}
-    try:
-        saved = read_settings(output)
-    except DataError as e:  # written atomically, so only a damaged disk or a hand edit gets here
-        changes["settings"], saved = e.problem, {}
-    if saved:
-        changes.update(changed_settings(saved, labeller_settings(config)))
+    saved, changes = compare_settings(output, labeller_settings(config))
     wrong_item, wrong_source = [], []
     source = _expected_source(config)
     for label in labels:

@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from rlhfkit import models
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import (DataError, Row, atomic_open, atomic_temp_pattern, changed_settings, fsync_path,
-                             read_jsonl_log, read_rows, read_settings, remove_stale_temps, settings_path, short_repr,
-                             start_over, write_settings)
+from rlhfkit.data.io import (DataError, Row, atomic_open, atomic_temp_pattern, compare_settings, fsync_path,
+                             read_jsonl_log, read_rows, remove_stale_temps, settings_path, short_repr, start_over,
+                             write_settings)
 from rlhfkit.rollout import GenerationOptions, HFGenerator
 
 
@@ -154,13 +154,7 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
     done: set[int] = set()
     if not rows:
         return done
-    changes: dict[str, str] = {}
-    try:
-        saved = read_settings(output)
-    except DataError as e:  # written atomically, so only a damaged disk or a hand edit gets here
-        changes["settings"], saved = e.problem, {}
-    if saved:
-        changes.update(changed_settings(saved, settings))
+    saved, changes = compare_settings(output, settings)
     temperatures = json.loads(json.dumps(list(config.temperatures)))
     wrong_prompt: list[Row] = []
     wrong_temperatures: list[Row] = []

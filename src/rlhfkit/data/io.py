@@ -317,6 +317,16 @@ def atomic_temp_pattern(path: str | Path) -> "re.Pattern[str]":
     return re.compile(re.escape(f".{name}.") + r"(meta\.json\.)?[a-z0-9_]{8}")
 
 
+def compare_settings(output: str | Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """``(the settings recorded beside output or None, what differs from settings)``: the changes map each key to
+    ``old -> new`` (:func:`changed_settings`); an unreadable settings file is the change ``settings``."""
+    try:
+        saved = read_settings(output)
+    except DataError as e:  # written atomically, so only a damaged disk or a hand edit gets here
+        return {}, {"settings": e.problem}
+    return saved, (changed_settings(saved, settings) if saved else {})
+
+
 def start_over(output: str | Path, stage: str) -> None:
     """``resume=never`` of a stage that appends to ``output`` (sample, label): delete it and its settings file."""
     output = Path(output)
