@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import fsync_path, fsync_tree
-from rlhfkit.models import describe_write_failure, free_space, is_write_failure, remove_stale_temps
+from rlhfkit.models import checkpoint_dirs, describe_write_failure, free_space, is_write_failure, remove_stale_temps
 from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
 from rlhfkit.tracking import MetricsLogger, is_eval_record
 
@@ -282,9 +282,7 @@ class Checkpointer:
         self.config = config
 
     def all(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        return checkpoint_dirs(self.root)
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write checkpoint ``step``. A write that fails (a full disk) removes the temp directory and raises

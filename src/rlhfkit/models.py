@@ -429,10 +429,12 @@ SAVE_TEMP = re.compile(r"\.save\.[a-z0-9_]{8}")
 """Names of :func:`save_pretrained`'s temp directories (``tempfile.mkdtemp(prefix=".save.")``)."""
 
 
-def _newest_checkpoint(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
-    return steps[-1] if steps else None
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The ``step-*`` checkpoint directories under ``root`` (a run's ``checkpoints/``), oldest first; [] if none.
+    :meth:`rlhfkit.loop.Checkpointer.all` lists them so too (models sits below loop, so the listing lives here)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
 def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Exception:
@@ -442,9 +444,9 @@ def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Excepti
     kept = []
     if was_complete:
         kept.append(f"the model saved in {out} before is intact")
-    checkpoint = _newest_checkpoint(out)
-    if checkpoint is not None:
-        kept.append(f"the newest checkpoint, {checkpoint}, is intact (a rerun resumes from it and saves again)")
+    checkpoints = checkpoint_dirs(out / "checkpoints")
+    if checkpoints:
+        kept.append(f"the newest checkpoint, {checkpoints[-1]}, is intact (a rerun resumes from it and saves again)")
     if not kept:
         kept.append(f"nothing in {out} was changed")
     return CheckpointError(f"cannot save the model to {out}: {describe_write_failure(error)}; {free_space(out)}; "
