@@ -31,8 +31,9 @@ def prompts_file(tmp_path):
 
 
 def _config(prompts_file, output, **fields) -> SampleConfig:
-    return SampleConfig(model=models.TINY, prompts=str(prompts_file), output=str(output), temperatures=[0.7, 1.2],
-                        max_new_tokens=6, batch_size=2, precision="fp32", progress=False, **fields)
+    fields = {"temperatures": [0.7, 1.2], **fields}
+    return SampleConfig(model=models.TINY, prompts=str(prompts_file), output=str(output), max_new_tokens=6,
+                        batch_size=2, precision="fp32", progress=False, **fields)
 
 
 def test_resume_after_a_torn_write_neither_duplicates_nor_loses_prompts(tmp_path, prompts_file):
@@ -82,6 +83,28 @@ def test_stop_strings_cut_every_response(tmp_path, prompts_file, monkeypatch):
     out = tmp_path / "samples.jsonl"
     sample.run(_config(prompts_file, out, max_prompts=2, stop=["\n\n"]))
     assert [r["responses"] for r in _records(out)] == [["Short answer."] * 2, ["One paragraph only"] * 2]
+
+
+def test_a_repeated_temperature_is_one_call_whose_rows_fill_its_slots_in_order(tmp_path, prompts_file, monkeypatch):
+    calls = []
+
+    class Labelled:  # each response names its temperature, prompt and row within the call
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, options):
+            calls.append((options.temperature, len(prompts)))
+            return [f"t{options.temperature} {p[-2]} row{j}" for j, p in enumerate(prompts)]
+
+    monkeypatch.setattr(sample, "HFGenerator", Labelled)
+    out = tmp_path / "samples.jsonl"
+    sample.run(_config(prompts_file, out, max_prompts=2, temperatures=[0.7, 1.0, 0.7, 0.7]))
+    assert calls == [(0.7, 6), (1.0, 2)]  # 3 x 2 rows at 0.7, then 2 at 1.0
+    # Rows of the 0.7 call are grouped by prompt: prompt 1's are rows 3, 4, 5, for slots 0, 2, 3.
+    assert [r["responses"] for r in _records(out)] == [
+        ["t0.7 0 row0", "t1.0 0 row0", "t0.7 0 row1", "t0.7 0 row2"],
+        ["t0.7 1 row3", "t1.0 1 row1", "t0.7 1 row4", "t0.7 1 row5"],
+    ]
 
 
 def test_a_batch_left_partly_written_is_sampled_again_whole(tmp_path, prompts_file, capsys):

@@ -39,6 +39,23 @@ def test_zero_probability_tokens_are_never_drawn():
     assert set(drawn.unique().tolist()) == {3, 17, 49}
 
 
+@pytest.mark.parametrize("vocab,block", [(1000, 256), (49152, 256), (7, 4), (5, 8)])
+def test_two_level_draw_picks_the_token_of_one_long_cumulative_sum(vocab, block):
+    torch.manual_seed(vocab)
+    probs = torch.softmax(torch.randn(300, vocab) * 3, -1)
+    probs[:, 1 : vocab // 3] = 0  # a run of impossible tokens, crossing block boundaries
+    probs[:, -1] = 0
+    u = torch.rand(300, 1, dtype=torch.float64)
+    u[:3] = torch.tensor([[0.0], [1 - 2**-53], [0.5]])
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    got = rollout.inverse_cdf_draw(probs, u, block=block)
+    assert got.shape == (300, 1) and (probs.gather(1, got) > 0).all()
+    # u close to 1: rounding puts u * cdf_V at the total, past the last index; the last possible token is drawn.
+    assert want[1] == vocab and got[1] == int(probs[1].nonzero().max())
+    assert torch.equal(got[2:], want[2:]) and got[0] == want[0] == 0
+
+
 def test_top_p_keeps_the_smallest_likely_set():
     torch.manual_seed(2)
     probs = torch.tensor([0.05, 0.5, 0.3, 0.15])  # sorted: 0.5, 0.3 | 0.15, 0.05

@@ -111,6 +111,7 @@ class EvalConfig:
 def _sample(spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0) -> tuple[Rollout, object, object]:
     tokenizer = models.load_tokenizer(spec)
     model = models.load_causal_lm(spec).eval()
+    models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (rollout.lean_decode_steps)
     engine = HFEngine(model, tokenizer, precision=config.generation_precision)
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []

@@ -238,10 +238,7 @@ def run(config: SampleConfig) -> Path:
     with open(output, "ab", buffering=0) as f:
         for k, batch in enumerate(todo):
             torch.manual_seed(config.seed * 1_000_003 + batch[0])
-            responses = [
-                generator.generate([prompts[i] for i in batch], GenerationOptions(config.max_new_tokens, t, config.top_p))
-                for t in config.temperatures
-            ]
+            responses = _sample_batch(generator, [prompts[i] for i in batch], config)
             if k == 0:  # before the first new record (not before a failed load): what every record now matches
                 write_settings(output, settings)
             text = "".join(json.dumps({
@@ -254,6 +251,23 @@ def run(config: SampleConfig) -> Path:
             bar.update(len(batch))
     bar.close()
     return output
+
+
+def _sample_batch(generator: HFGenerator, prompts: list, config: SampleConfig) -> list[list[str]]:
+    """One list of responses per entry of ``config.temperatures`` (each in prompt order).
+
+    A temperature listed k times is one generate call with each prompt repeated k times, and the
+    repeats share their prompt's prefill (:class:`rlhfkit.rollout.HFEngine`): the demo's
+    ``[0.7, 1.0, 0.7, 1.0]`` is two calls of 2 x 64 rows instead of four of 64.
+    """
+    out: list[list[str]] = [[] for _ in config.temperatures]
+    for t in dict.fromkeys(config.temperatures):
+        slots = [j for j, u in enumerate(config.temperatures) if u == t]
+        options = GenerationOptions(config.max_new_tokens, t, config.top_p)
+        texts = generator.generate([p for p in prompts for _ in slots], options)
+        for k, j in enumerate(slots):
+            out[j] = texts[k :: len(slots)]
+    return out
 
 
 def batch_grid(n: int, batch_size: int) -> list[list[int]]:
