@@ -28,35 +28,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Worker-side helpers live in sides.py; re-exported so scripts use common.X throughout.
 from sides import (  # noqa: F401
     SEED,
-    dtype_name,
-    value_str,
-    no_checkpointing_kwargs,
-    trl_train_kwargs,
-    rlhfkit_train_kwargs,
-    trl_training_settings,
-    rlhfkit_training_settings,
-    trl_optimizer_name,
+    TRL_ATTENTIONS,
+    attention_of,
     check_no_checkpointing,
+    dtype_name,
+    matmul_params,
+    measured,
+    no_checkpointing_kwargs,
+    peak_rss_mb,
+    rlhfkit_steps,
+    rlhfkit_train_kwargs,
+    rlhfkit_training_settings,
+    stamp_rlhfkit_steps,
+    step_durations,
+    timed,
+    trl_attention,
+    trl_losses,
+    trl_optimizer_name,
     trl_step_timer,
     trl_token_trainer,
-    stamp_rlhfkit_steps,
-    rlhfkit_steps,
-    timed,
+    trl_train_kwargs,
+    trl_training_settings,
+    value_str,
     window,
-    step_durations,
-    measured,
-    peak_rss_mb,
-    TRL_ATTENTIONS,
-    trl_attention,
-    attention_of,
-    matmul_params,
-    trl_losses,
 )
 
 # Same process environment for every side (see the Makefile): keep freed memory
@@ -210,11 +211,16 @@ def write_preference_file(path: Path, n_pairs: int = 128, seed: int = SEED) -> s
             else:
                 j = rng.choice([x for x in range(len(rows)) if rows[x]["completion"] != chosen])
                 rejected = rows[j]["completion"]
-            f.write(json.dumps({
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                    }
+                )
+                + "\n"
+            )
     return f"{len(picked)} pairs from {demo_path('sft.jsonl').name} (chosen = demo completion; rejected = curt/rude rewrite or another prompt's completion)"
 
 
@@ -360,18 +366,33 @@ def make_parser(doc: str, *, steps: int, warmup: int, loss_rtol: float | None = 
 def add_common_args(p, *, steps: int, warmup: int, loss_rtol: float | None = None) -> None:
     import torch
 
-    p.add_argument("--model", default="smollm2-135m", help="rlhfkit model spec, resolved to one local directory both sides load (default smollm2-135m)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="rlhfkit model spec, resolved to one local directory both sides load (default smollm2-135m)",
+    )
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run, warm-up included (default {steps})")
     p.add_argument("--warmup-steps", type=int, default=warmup, help=f"leading steps excluded from the rate (default {warmup})")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads, same for every side")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs per side, alternating the side order; the median of the per-pair ratios and their range are reported")
-    p.add_argument("--trl-attention", default=",".join(TRL_ATTENTIONS),
-                   help=f"attention kernels TRL's sides run with, comma-separated (default {','.join(TRL_ATTENTIONS)}: "
-                        "both, the faster one is used for the ratio)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per side, alternating the side order; the median of the per-pair ratios and their range are reported",
+    )
+    p.add_argument(
+        "--trl-attention",
+        default=",".join(TRL_ATTENTIONS),
+        help=f"attention kernels TRL's sides run with, comma-separated (default {','.join(TRL_ATTENTIONS)}: "
+        "both, the faster one is used for the ratio)",
+    )
     loss_rtol = LOSS_RTOL if loss_rtol is None else loss_rtol
-    p.add_argument("--loss-rtol", type=float, default=loss_rtol,
-                   help=f"equal-work check: largest relative difference of the step-{LOSS_STEP} losses (default {loss_rtol:g})")
+    p.add_argument(
+        "--loss-rtol",
+        type=float,
+        default=loss_rtol,
+        help=f"equal-work check: largest relative difference of the step-{LOSS_STEP} losses (default {loss_rtol:g})",
+    )
     p.add_argument("--verbose", action="store_true", help="show the workers' output")
 
 
@@ -424,8 +445,12 @@ def start(args, what: str, **settings) -> dict:
     check_load()
     peak = measure_peak(args.threads, "before the runs")
     return {
-        "model_dir": str(model_path), "steps": args.steps, "warmup_steps": args.warmup_steps, "threads": args.threads,
-        "peak_gflops": peak, **settings,
+        "model_dir": str(model_path),
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "threads": args.threads,
+        "peak_gflops": peak,
+        **settings,
     }
 
 
@@ -437,7 +462,10 @@ def start_pairs(args, tmp: Path, what: str, **settings) -> dict:
         args,
         f"data: {data_note}; batch {args.batch_size} pairs, max_length {args.max_length}, {args.steps} steps "
         f"(first {args.warmup_steps} excluded), {what}, {args.threads} threads",
-        data=str(data), batch_size=args.batch_size, max_length=args.max_length, **settings,
+        data=str(data),
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        **settings,
     )
 
 
@@ -456,8 +484,17 @@ def cpu_use(result: dict, threads: int) -> float:
     return result["cpu_seconds"] / result["seconds"] / threads
 
 
-def run_sides(script: str, sides: Sequence[str], settings: dict, tmp: Path, args, *, width: int,
-              rates: Callable[[dict], str], after: Callable[[dict], str] = lambda r: "") -> dict[str, list[dict]]:
+def run_sides(
+    script: str,
+    sides: Sequence[str],
+    settings: dict,
+    tmp: Path,
+    args,
+    *,
+    width: int,
+    rates: Callable[[dict], str],
+    after: Callable[[dict], str] = lambda r: "",
+) -> dict[str, list[dict]]:
     """Run every side ``args.repeats`` times (:func:`spawn`, alternating the order); the results per side.
 
     Prints a line per run: the side (padded to ``width``), ``rates(result)``,
@@ -537,7 +574,10 @@ def median_run(runs: list[dict], value: Callable[[dict], float]) -> dict:
 
 
 def print_pair_table(
-    results: dict[str, list[dict]], args, peak: float, flops_k: Callable[[str], float],
+    results: dict[str, list[dict]],
+    args,
+    peak: float,
+    flops_k: Callable[[str], float],
     extra: dict[str, Callable[[dict], str]] | None = None,
 ) -> dict[str, float]:
     """Print the results table of a preference-pair benchmark; return each side's median pairs/s.
@@ -558,14 +598,39 @@ def print_pair_table(
         r = median_run(runs, pair_rate)
         tok_rate = statistics.median(x["tokens"] / x["seconds"] for x in runs)
         gflops = statistics.median(model_gflops(x, flops_k(side)) for x in runs)
-        rows.append([
-            side, f"{rate[side]:.2f}", f"{tok_rate:.1f}", f"{args.batch_size / rate[side]:.3f}",
-            f"{cpu_use(r, args.threads):.0%}", f"{gflops:.1f}", f"{gflops / peak:.1%}", r.get("attention", "?"),
-            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
-            f"{r['peak_rss_mb']:.0f}", *(column(r) for column in extra.values()),
-        ])
-    print_table(["side", "pairs/s", "tokens/s", "s/step", "cpu", "model GFLOP/s", "of peak", "attention",
-                 "loss@1", "loss@end", "peak RSS MB", *extra], rows)
+        rows.append(
+            [
+                side,
+                f"{rate[side]:.2f}",
+                f"{tok_rate:.1f}",
+                f"{args.batch_size / rate[side]:.3f}",
+                f"{cpu_use(r, args.threads):.0%}",
+                f"{gflops:.1f}",
+                f"{gflops / peak:.1%}",
+                r.get("attention", "?"),
+                f"{r['first_loss']:.4f}",
+                f"{r['last_loss']:.4f}",
+                f"{r['peak_rss_mb']:.0f}",
+                *(column(r) for column in extra.values()),
+            ]
+        )
+    print_table(
+        [
+            "side",
+            "pairs/s",
+            "tokens/s",
+            "s/step",
+            "cpu",
+            "model GFLOP/s",
+            "of peak",
+            "attention",
+            "loss@1",
+            "loss@end",
+            "peak RSS MB",
+            *extra,
+        ],
+        rows,
+    )
     return rate
 
 
@@ -586,7 +651,7 @@ def matmul_probe(threads: int, seconds: float = PROBE_SECONDS, n: int = PROBE_N)
     a = torch.randn(n, n, generator=g).to(torch.bfloat16)
     b = torch.randn(n, n, generator=g).to(torch.bfloat16)
     c = torch.empty(n, n, dtype=torch.bfloat16)
-    flop = 2.0 * n ** 3
+    flop = 2.0 * n**3
     torch.mm(a, b, out=c)  # warm-up: oneDNN picks and builds its kernel
     best, count, t_start = 0.0, 0, time.perf_counter()
     while True:
@@ -606,14 +671,18 @@ def matmul_probe(threads: int, seconds: float = PROBE_SECONDS, n: int = PROBE_N)
 def measure_peak(threads: int, when: str) -> float:
     """Run :func:`matmul_probe` in a fresh subprocess with the workers' environment; print and return its GFLOP/s."""
     env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--matmul-probe", str(threads)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--matmul-probe", str(threads)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout + proc.stderr)
         raise SystemExit(f"the matmul probe failed (exit {proc.returncode})")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"matmul peak {when}: {r['gflops']:.0f} GFLOP/s (bf16 {PROBE_N}x{PROBE_N} matmuls, {r['threads']} threads, "
-          f"best 0.25 s of {r['seconds']:.1f} s, {r['matmuls']} matmuls)", flush=True)
+    print(
+        f"matmul peak {when}: {r['gflops']:.0f} GFLOP/s (bf16 {PROBE_N}x{PROBE_N} matmuls, {r['threads']} threads, "
+        f"best 0.25 s of {r['seconds']:.1f} s, {r['matmuls']} matmuls)",
+        flush=True,
+    )
     return r["gflops"]
 
 
@@ -646,8 +715,13 @@ def median_rate(runs: list[dict], rate: Callable[[dict], float]) -> float:
     return statistics.median(rate(r) for r in runs)
 
 
-def fastest_trl(results: dict[str, list[dict]], base: str, rate: Callable[[dict], float], unit: str,
-                show: Callable[[float], str] = lambda x: f"{x:.3f}") -> str | None:
+def fastest_trl(
+    results: dict[str, list[dict]],
+    base: str,
+    rate: Callable[[dict], float],
+    unit: str,
+    show: Callable[[float], str] = lambda x: f"{x:.3f}",
+) -> str | None:
     """Print each TRL attention variant's median rate (``show(rate)`` in ``unit``); return the faster side
     (the one the ratio uses), or None if ``base`` was not run."""
     names = [f"{base}-{attn}" for attn in TRL_ATTENTIONS if f"{base}-{attn}" in results]
@@ -670,16 +744,27 @@ def report_ratio(label: str, ratios: list[float]) -> float:
     if len(ratios) == 1:
         print(f"{label}: {mid:.2f} (one pair; --repeats N gives a median and a range)")
     else:
-        print(f"{label}: median {mid:.2f}, range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} pairs "
-              f"({' '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"{label}: median {mid:.2f}, range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} pairs "
+            f"({' '.join(f'{x:.2f}' for x in ratios)})"
+        )
     return mid
 
 
 # ---------------------------------------------------------------- equal work
 
 
-def check_equal_work(results: dict[str, list[dict]], reference: str, *, warmup: int, what: str, rtol: float,
-                     compare_loss: bool = True, expected_tokens: list[int] | None = None, loss_note: str = "") -> None:
+def check_equal_work(
+    results: dict[str, list[dict]],
+    reference: str,
+    *,
+    warmup: int,
+    what: str,
+    rtol: float,
+    compare_loss: bool = True,
+    expected_tokens: list[int] | None = None,
+    loss_note: str = "",
+) -> None:
     """Print each side's work per measured step and the loss at step :data:`LOSS_STEP`; stop if they differ.
 
     Every run must carry ``step_tokens`` (the tokens of each step, warm-up
@@ -705,9 +790,11 @@ def check_equal_work(results: dict[str, list[dict]], reference: str, *, warmup: 
     steps = len(ref_tokens)
     ref_loss = ref["losses"][LOSS_STEP - 1] if len(ref["losses"]) >= LOSS_STEP else None
     against = "the budget" if expected_tokens is not None else f"{reference}'s"
-    print(f"equal work: {what} per step (shown: the measured steps {warmup + 1}..{steps}; compared: all {steps}), "
-          f"must equal {against} exactly; loss at step {LOSS_STEP}"
-          + (f" within {rtol:.1%} of {reference}'s" if compare_loss else f" (not compared{loss_note})"))
+    print(
+        f"equal work: {what} per step (shown: the measured steps {warmup + 1}..{steps}; compared: all {steps}), "
+        f"must equal {against} exactly; loss at step {LOSS_STEP}"
+        + (f" within {rtol:.1%} of {reference}'s" if compare_loss else f" (not compared{loss_note})")
+    )
     failures: list[str] = []
     width = max(len(s) for s in results)
     for side, runs in results.items():
@@ -715,22 +802,30 @@ def check_equal_work(results: dict[str, list[dict]], reference: str, *, warmup: 
             tokens, losses = r["step_tokens"], r["losses"]
             loss = losses[LOSS_STEP - 1] if len(losses) >= LOSS_STEP else None
             if i == 0:
-                rel = ("" if (not compare_loss or loss is None or not ref_loss or side == reference)
-                       else f" ({(loss - ref_loss) / abs(ref_loss):+.2%})")
+                rel = (
+                    ""
+                    if (not compare_loss or loss is None or not ref_loss or side == reference)
+                    else f" ({(loss - ref_loss) / abs(ref_loss):+.2%})"
+                )
                 loss_s = "-" if loss is None else f"{loss:.5g}"
-                print(f"  {side:{width}s}  loss@{LOSS_STEP} {loss_s}{rel}  tokens/step {' '.join(str(t) for t in tokens[warmup:])}")
+                print(
+                    f"  {side:{width}s}  loss@{LOSS_STEP} {loss_s}{rel}  tokens/step {' '.join(str(t) for t in tokens[warmup:])}"
+                )
             tag = f"{side} (run {i + 1})"
             if list(tokens) != list(ref_tokens):
                 bad = [k + 1 for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b] or ["count"]
-                failures.append(f"{tag}: {what} per step differ from {against} at step(s) {bad[:8]}: "
-                                f"{list(tokens)} vs {list(ref_tokens)}")
+                failures.append(
+                    f"{tag}: {what} per step differ from {against} at step(s) {bad[:8]}: {list(tokens)} vs {list(ref_tokens)}"
+                )
             if compare_loss:
                 if loss is None or ref_loss is None:
                     failures.append(f"{tag}: no loss logged at step {LOSS_STEP}")
                 elif abs(loss - ref_loss) > rtol * abs(ref_loss):
-                    failures.append(f"{tag}: loss at step {LOSS_STEP} {loss:.5f} vs {reference}'s {ref_loss:.5f} "
-                                    f"(relative difference {abs(loss - ref_loss) / max(abs(ref_loss), 1e-12):.2%}, "
-                                    f"tolerance {rtol:.1%})")
+                    failures.append(
+                        f"{tag}: loss at step {LOSS_STEP} {loss:.5f} vs {reference}'s {ref_loss:.5f} "
+                        f"(relative difference {abs(loss - ref_loss) / max(abs(ref_loss), 1e-12):.2%}, "
+                        f"tolerance {rtol:.1%})"
+                    )
     if failures:
         print("EQUAL-WORK CHECK FAILED: the sides did not do the same work, so no ratio is reported:")
         for f in failures:

@@ -127,8 +127,13 @@ def worker_trl(s: dict, precompute: bool, attn: str) -> dict:
 
     t0 = time.perf_counter()
     trainer, times, cpu_times, tokens_cum = common.trl_token_trainer(
-        DPOTrainer, len(rows), "pairs; batches would not match rlhfkit's (raise --max-length)",
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        DPOTrainer,
+        len(rows),
+        "pairs; batches would not match rlhfkit's (raise --max-length)",
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     init_s = time.perf_counter() - t0
     prepared = trainer.train_dataset
@@ -260,9 +265,12 @@ def main(argv=None) -> None:
     common.add_pair_args(p)
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
     p.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6)")
-    p.add_argument("--trl-default", action="store_true",
-                   help="also run TRL's default mode (reference forward every step: more work per step than rlhfkit), "
-                        "its ratio printed above the headline")
+    p.add_argument(
+        "--trl-default",
+        action="store_true",
+        help="also run TRL's default mode (reference forward every step: more work per step than rlhfkit), "
+        "its ratio printed above the headline",
+    )
     args = common.parse_args(p, argv)
     sides = [*common.trl_sides("trl-precompute", args), "rlhfkit"]
     if args.trl_default:
@@ -287,11 +295,14 @@ def main(argv=None) -> None:
     common.check_token_counts(results)
     print()
     common.print_pair_table(results, args, peak, flops_k, {"one-off reference precompute": precompute_column})
-    print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; k = 6 with a precomputed reference, 8 in TRL's "
-          f"default mode; {common.FLOPS_NOTE}")
+    print(
+        f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; k = 6 with a precomputed reference, 8 in TRL's "
+        f"default mode; {common.FLOPS_NOTE}"
+    )
     print()
-    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)",
-                            rtol=args.loss_rtol)
+    common.check_equal_work(
+        results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)", rtol=args.loss_rtol
+    )
     print()
 
     def pair_rate(r: dict) -> float:
@@ -299,12 +310,16 @@ def main(argv=None) -> None:
 
     if args.trl_default:
         default = common.fastest_trl(results, "trl-default", pair_rate, "pairs/s")
-        common.report_ratio(f"not the headline: rlhfkit / TRL default mode (reference forward every step, "
-                            f"{common.trl_attention(default)} attention) pairs/s",
-                            common.pair_ratios(results, "rlhfkit", default, pair_rate))
+        common.report_ratio(
+            f"not the headline: rlhfkit / TRL default mode (reference forward every step, "
+            f"{common.trl_attention(default)} attention) pairs/s",
+            common.pair_ratios(results, "rlhfkit", default, pair_rate),
+        )
     trl = common.fastest_trl(results, "trl-precompute", pair_rate, "pairs/s")
-    ratio = common.report_ratio(f"rlhfkit / TRL precompute_ref_log_probs=True ({common.trl_attention(trl)} attention) pairs/s",
-                                common.pair_ratios(results, "rlhfkit", trl, pair_rate))
+    ratio = common.report_ratio(
+        f"rlhfkit / TRL precompute_ref_log_probs=True ({common.trl_attention(trl)} attention) pairs/s",
+        common.pair_ratios(results, "rlhfkit", trl, pair_rate),
+    )
     print(f"ratio: {ratio:.2f}")
 
 

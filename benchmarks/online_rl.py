@@ -171,7 +171,9 @@ def instrument_generate(records: list[dict], force_length: bool = False) -> None
 
         def hook(module, hook_args, hook_kwargs):
             if "autocast" not in seen:
-                seen["autocast"] = str(torch.get_autocast_dtype(device)).replace("torch.", "") if torch.is_autocast_enabled(device) else "none"
+                seen["autocast"] = (
+                    str(torch.get_autocast_dtype(device)).replace("torch.", "") if torch.is_autocast_enabled(device) else "none"
+                )
                 handle.remove()  # one look is enough; no hook on the remaining decode steps
 
         layer = self.get_decoder().layers[0]
@@ -192,16 +194,18 @@ def instrument_generate(records: list[dict], force_length: bool = False) -> None
             lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
         else:
             lengths = torch.full((new.shape[0],), new.shape[1])
-        records.append({
-            "seconds": seconds,
-            "batch": int(sequences.shape[0]),
-            "decode_steps": int(new.shape[1]),
-            "prompt_tokens": int(mask.sum()) if mask is not None else int(sequences.shape[0] * width),
-            "generated_tokens": int(lengths.sum()),
-            "min_new_tokens": kwargs.get("min_new_tokens", getattr(config, "min_new_tokens", None)),
-            "autocast": seen.get("autocast", "?"),
-            "weights": common.dtype_name(next(self.parameters()).dtype),
-        })
+        records.append(
+            {
+                "seconds": seconds,
+                "batch": int(sequences.shape[0]),
+                "decode_steps": int(new.shape[1]),
+                "prompt_tokens": int(mask.sum()) if mask is not None else int(sequences.shape[0] * width),
+                "generated_tokens": int(lengths.sum()),
+                "min_new_tokens": kwargs.get("min_new_tokens", getattr(config, "min_new_tokens", None)),
+                "autocast": seen.get("autocast", "?"),
+                "weights": common.dtype_name(next(self.parameters()).dtype),
+            }
+        )
         return out
 
     GenerationMixin.generate = generate
@@ -315,8 +319,13 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
     prof: list[tuple[str, int, float]] = []
     instrument_generate(gens)
     # The generation batch holds each prompt num_generations times in a row.
-    record_rollouts(Trainer, "_generate_and_score_completions", rollouts, step_prompts,
-                    lambda a, kw: [x["prompt"] for x in (a[0] if a else kw["inputs"])][::G])
+    record_rollouts(
+        Trainer,
+        "_generate_and_score_completions",
+        rollouts,
+        step_prompts,
+        lambda a, kw: [x["prompt"] for x in (a[0] if a else kw["inputs"])][::G],
+    )
     original_log = profiling.ProfilingContext._log_metrics
 
     def log_metrics(self, duration):
@@ -326,8 +335,14 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
     profiling.ProfilingContext._log_metrics = log_metrics
 
     callback, times, cpu_times, _ = common.trl_step_timer()
-    trainer = Trainer(model=model, reward_funcs=[demo_rubric], args=config, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        reward_funcs=[demo_rubric],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
     common.check_no_checkpointing(trainer)
     trainer.train()
 
@@ -342,57 +357,70 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
         per = [sum(d for name, step, d in prof if name.endswith(suffix) and step == k) for k in range(w, n)]
         return statistics.fmean(per) if any(per) else None
 
-    ref_desc = "none (beta=0)" if ref is None else f"{common.dtype_name(next(ref.parameters()).dtype)} weights under the training autocast"
+    ref_desc = (
+        "none (beta=0)"
+        if ref is None
+        else f"{common.dtype_name(next(ref.parameters()).dtype)} weights under the training autocast"
+    )
     gen_kwargs = config.generation_kwargs or {}
-    out.update({
-        "step_prompts": step_prompts,
-        "losses": common.trl_losses(trainer),
-        "loss_name": "loss",
-        "params_n": common.matmul_params(trainer.model),
-        "attention": common.attention_of(trainer.model),
-        "algorithm": algorithm,
-        "mean_length": window_mean([h["completions/mean_length"] for h in logs], s) if len(logs) == n else None,
-        "reward": window_mean([h["reward"] for h in logs], s) if len(logs) == n and "reward" in logs[0] else None,
-        "lib_timing": {
-            "generate (profiling)": prof_mean(".transformers.generate"),
-            "_prepare_inputs (profiling)": prof_mean("._prepare_inputs"),
-            "step_time (metric)": window_mean([h["step_time"] for h in logs], s) if len(logs) == n and "step_time" in logs[0] else None,
-        },
-        "settings": {
-            "prompts per step": config.generation_batch_size // config.num_generations,
-            "completions per prompt": config.num_generations,
-            "completions per optimizer step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
-            "max new tokens": config.max_completion_length,
-            "min new tokens (forced length)": gen_kwargs.get("min_new_tokens", "none (stop at EOS)"),
-            "generation budget (tokens/step)": (config.generation_batch_size * config.max_completion_length
-                                                // (config.steps_per_generation or 1)),
-            "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/{config.top_k or 0}",
-            "beta (KL coef)": config.beta,
-            "update passes per rollout": f"{config.num_iterations} x {config.steps_per_generation} minibatch",
-            "clip epsilon": config.epsilon,
-            "learning rate": config.learning_rate,
-            "lr schedule": common.value_str(config.lr_scheduler_type),
-            "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
-            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
-            "training autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
-            "generation autocast (measured)": "/".join(out["gen_autocast"]),
-            "min_new_tokens in generate (measured)": "/".join(out["min_new_tokens"]),
-            "master weights": common.dtype_name(model.dtype),
-            "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
-        },
-        "implementation": {
-            "algorithm": ("GRPO, loss_type=dapo (token mean), scale_rewards=group, k3 KL in loss"
-                          if algorithm == "grpo" else
-                          "RLOO, leave-one-out baseline, k1 KL in sequence reward, old-policy forward each step, "
-                          "sequence-level clipped ratio"),
+    out.update(
+        {
+            "step_prompts": step_prompts,
+            "losses": common.trl_losses(trainer),
+            "loss_name": "loss",
+            "params_n": common.matmul_params(trainer.model),
             "attention": common.attention_of(trainer.model),
-            "forced length": ("TRL's own generation_kwargs={'min_new_tokens': N}" if s["force_length"] else "no (stop at EOS)"),
-            "reference model": ref_desc,
-            "reward": "demo_rubric (DEMO_RUBRIC wrapped for reward_funcs)",
-            "optimizer": common.trl_optimizer_name(trainer),
-            "version": f"trl {trl.__version__}, transformers {transformers.__version__}",
-        },
-    })
+            "algorithm": algorithm,
+            "mean_length": window_mean([h["completions/mean_length"] for h in logs], s) if len(logs) == n else None,
+            "reward": window_mean([h["reward"] for h in logs], s) if len(logs) == n and "reward" in logs[0] else None,
+            "lib_timing": {
+                "generate (profiling)": prof_mean(".transformers.generate"),
+                "_prepare_inputs (profiling)": prof_mean("._prepare_inputs"),
+                "step_time (metric)": window_mean([h["step_time"] for h in logs], s)
+                if len(logs) == n and "step_time" in logs[0]
+                else None,
+            },
+            "settings": {
+                "prompts per step": config.generation_batch_size // config.num_generations,
+                "completions per prompt": config.num_generations,
+                "completions per optimizer step": config.per_device_train_batch_size * config.gradient_accumulation_steps,
+                "max new tokens": config.max_completion_length,
+                "min new tokens (forced length)": gen_kwargs.get("min_new_tokens", "none (stop at EOS)"),
+                "generation budget (tokens/step)": (
+                    config.generation_batch_size * config.max_completion_length // (config.steps_per_generation or 1)
+                ),
+                "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/{config.top_k or 0}",
+                "beta (KL coef)": config.beta,
+                "update passes per rollout": f"{config.num_iterations} x {config.steps_per_generation} minibatch",
+                "clip epsilon": config.epsilon,
+                "learning rate": config.learning_rate,
+                "lr schedule": common.value_str(config.lr_scheduler_type),
+                "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
+                "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_epsilon}",
+                "training autocast": "bf16" if config.bf16 else ("fp16" if config.fp16 else "none"),
+                "generation autocast (measured)": "/".join(out["gen_autocast"]),
+                "min_new_tokens in generate (measured)": "/".join(out["min_new_tokens"]),
+                "master weights": common.dtype_name(model.dtype),
+                "grad checkpointing": bool(getattr(config, "activation_checkpointing", config.gradient_checkpointing)),
+            },
+            "implementation": {
+                "algorithm": (
+                    "GRPO, loss_type=dapo (token mean), scale_rewards=group, k3 KL in loss"
+                    if algorithm == "grpo"
+                    else "RLOO, leave-one-out baseline, k1 KL in sequence reward, old-policy forward each step, "
+                    "sequence-level clipped ratio"
+                ),
+                "attention": common.attention_of(trainer.model),
+                "forced length": (
+                    "TRL's own generation_kwargs={'min_new_tokens': N}" if s["force_length"] else "no (stop at EOS)"
+                ),
+                "reference model": ref_desc,
+                "reward": "demo_rubric (DEMO_RUBRIC wrapped for reward_funcs)",
+                "optimizer": common.trl_optimizer_name(trainer),
+                "version": f"trl {trl.__version__}, transformers {transformers.__version__}",
+            },
+        }
+    )
     return out
 
 
@@ -438,58 +466,65 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
     col = lambda key: window_mean([m[key] for m in metrics], s) if all(key in m for m in metrics) else None  # noqa: E731
     policy = trainer.acc.unwrap_model(trainer.model).policy
     ref = trainer.ref
-    out.update({
-        "step_prompts": step_prompts,
-        "losses": [m.get("policy_loss") for m in metrics],
-        "loss_name": "policy_loss",
-        "params_n": common.matmul_params(policy),
-        "attention": common.attention_of(policy),
-        "algorithm": algorithm,
-        "mean_length": col("response_length"),
-        "reward": col("score"),
-        "lib_timing": {
-            "time_generate": col("time_generate"),
-            "time_score_forward": col("time_score_forward"),
-            "time_update": col("time_update"),
-            "time_step": col("time_step"),
-        },
-        "settings": {
-            "prompts per step": config.batch_size,
-            "completions per prompt": config.samples_per_prompt,
-            "completions per optimizer step": config.batch_size * config.samples_per_prompt // config.num_minibatches,
-            "max new tokens": config.max_new_tokens,
-            "min new tokens (forced length)": (config.max_new_tokens if s["force_length"] else "none (stop at EOS)"),
-            "generation budget (tokens/step)": config.batch_size * config.samples_per_prompt * config.max_new_tokens,
-            "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/0",
-            "beta (KL coef)": config.kl_coef,
-            "update passes per rollout": f"{config.ppo_epochs} x {config.num_minibatches} minibatch",
-            "clip epsilon": config.clip_eps,
-            "learning rate": config.lr,
-            "lr schedule": config.lr_schedule,
-            "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
-            "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
-            "training autocast": config.precision if config.precision != "fp32" else "none",
-            "generation autocast (measured)": "/".join(out["gen_autocast"]),
-            "min_new_tokens in generate (measured)": "/".join(out["min_new_tokens"]),
-            "master weights": common.dtype_name(next(policy.parameters()).dtype),
-            "grad checkpointing": bool(config.gradient_checkpointing),
-        },
-        "implementation": {
-            "algorithm": {
-                "grpo": "GRPO, token-mean loss, group-normalised scores, k3 KL in loss",
-                "ppo": f"PPO, value head on the policy trunk, GAE (gamma {config.gamma}, lambda {config.lam}), k1 KL in reward",
-                "rloo": "RLOO, leave-one-out baseline, k1 KL in sequence reward, old-policy forward each step, "
-                        "token-level clipped ratio",
-            }[algorithm],
+    out.update(
+        {
+            "step_prompts": step_prompts,
+            "losses": [m.get("policy_loss") for m in metrics],
+            "loss_name": "policy_loss",
+            "params_n": common.matmul_params(policy),
             "attention": common.attention_of(policy),
-            "forced length": ("min_new_tokens added to generate by the benchmark's wrapper (rlhfkit has no option)"
-                              if s["force_length"] else "no (stop at EOS)"),
-            "reference model": "none (LoRA base)" if ref is None else f"{common.dtype_name(next(ref.parameters()).dtype)} weights (frozen copy)",
-            "reward": "reward_model='demo' (DEMO_RUBRIC)",
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
-            "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
-        },
-    })
+            "algorithm": algorithm,
+            "mean_length": col("response_length"),
+            "reward": col("score"),
+            "lib_timing": {
+                "time_generate": col("time_generate"),
+                "time_score_forward": col("time_score_forward"),
+                "time_update": col("time_update"),
+                "time_step": col("time_step"),
+            },
+            "settings": {
+                "prompts per step": config.batch_size,
+                "completions per prompt": config.samples_per_prompt,
+                "completions per optimizer step": config.batch_size * config.samples_per_prompt // config.num_minibatches,
+                "max new tokens": config.max_new_tokens,
+                "min new tokens (forced length)": (config.max_new_tokens if s["force_length"] else "none (stop at EOS)"),
+                "generation budget (tokens/step)": config.batch_size * config.samples_per_prompt * config.max_new_tokens,
+                "temperature / top-p / top-k": f"{config.temperature}/{config.top_p}/0",
+                "beta (KL coef)": config.kl_coef,
+                "update passes per rollout": f"{config.ppo_epochs} x {config.num_minibatches} minibatch",
+                "clip epsilon": config.clip_eps,
+                "learning rate": config.lr,
+                "lr schedule": config.lr_schedule,
+                "weight decay / grad clip": f"{config.weight_decay}/{config.max_grad_norm}",
+                "adam betas / eps": f"{config.adam_beta1}/{config.adam_beta2}/{config.adam_eps}",
+                "training autocast": config.precision if config.precision != "fp32" else "none",
+                "generation autocast (measured)": "/".join(out["gen_autocast"]),
+                "min_new_tokens in generate (measured)": "/".join(out["min_new_tokens"]),
+                "master weights": common.dtype_name(next(policy.parameters()).dtype),
+                "grad checkpointing": bool(config.gradient_checkpointing),
+            },
+            "implementation": {
+                "algorithm": {
+                    "grpo": "GRPO, token-mean loss, group-normalised scores, k3 KL in loss",
+                    "ppo": f"PPO, value head on the policy trunk, GAE (gamma {config.gamma}, lambda {config.lam}), k1 KL in reward",
+                    "rloo": "RLOO, leave-one-out baseline, k1 KL in sequence reward, old-policy forward each step, "
+                    "token-level clipped ratio",
+                }[algorithm],
+                "attention": common.attention_of(policy),
+                "forced length": (
+                    "min_new_tokens added to generate by the benchmark's wrapper (rlhfkit has no option)"
+                    if s["force_length"]
+                    else "no (stop at EOS)"
+                ),
+                "reference model": "none (LoRA base)"
+                if ref is None
+                else f"{common.dtype_name(next(ref.parameters()).dtype)} weights (frozen copy)",
+                "reward": "reward_model='demo' (DEMO_RUBRIC)",
+                "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
+                "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
+            },
+        }
+    )
     return out
 
 
@@ -510,16 +545,26 @@ def main(argv=None) -> None:
     p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per RL step (default 16)")
     p.add_argument("--group-size", type=int, default=2, help="completions per prompt (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion tokens, forced unless --stop-at-eos (default 64)")
-    p.add_argument("--stop-at-eos", action="store_true",
-                   help="stop completions at EOS instead of forcing max-new-tokens (then only the budgets are compared)")
+    p.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="stop completions at EOS instead of forcing max-new-tokens (then only the budgets are compared)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--beta", type=float, default=0.04, help="KL coefficient, same on every side (default 0.04)")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate, constant (default 1e-6)")
-    p.add_argument("--rlhfkit-generation-precision", default="bf16", choices=["bf16", "fp32", "auto"],
-                   help="rlhfkit decoding autocast (default bf16, as TRL decodes; rlhfkit's own default 'auto' is fp32 on CPU)")
-    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
-                   help=f"comma-separated sides to run, from {', '.join(ALL_SIDES)} (default: {','.join(DEFAULT_SIDES)}); "
-                        "each TRL side runs once per --trl-attention kernel")
+    p.add_argument(
+        "--rlhfkit-generation-precision",
+        default="bf16",
+        choices=["bf16", "fp32", "auto"],
+        help="rlhfkit decoding autocast (default bf16, as TRL decodes; rlhfkit's own default 'auto' is fp32 on CPU)",
+    )
+    p.add_argument(
+        "--sides",
+        default=",".join(DEFAULT_SIDES),
+        help=f"comma-separated sides to run, from {', '.join(ALL_SIDES)} (default: {','.join(DEFAULT_SIDES)}); "
+        "each TRL side runs once per --trl-attention kernel",
+    )
     args = common.parse_args(p, argv)
     bases = [x.strip() for x in args.sides.split(",") if x.strip()]
     if unknown := [x for x in bases if x not in ALL_SIDES]:
@@ -541,14 +586,27 @@ def main(argv=None) -> None:
             f"prompts: {prompts}; {args.prompts_per_step} prompts x {args.group_size} completions per step, "
             f"{'exactly' if force else 'at most'} {args.max_new_tokens} new tokens, temperature {args.temperature}, "
             f"beta {args.beta}, lr {args.lr}, {args.steps} steps (first {args.warmup_steps} excluded), {args.threads} threads",
-            prompts=str(prompts), prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, beta=args.beta, lr=args.lr,
-            generation_precision=args.rlhfkit_generation_precision, force_length=force,
+            prompts=str(prompts),
+            prompts_per_step=args.prompts_per_step,
+            group_size=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            beta=args.beta,
+            lr=args.lr,
+            generation_precision=args.rlhfkit_generation_precision,
+            force_length=force,
         )
         results = common.run_sides(
-            __file__, sides, settings, tmp, args, width=max(len(x) for x in sides),
-            rates=lambda r: (f"{r['seconds'] / measured:6.2f} s/step (generate {r['generate']:.2f}, "
-                             f"score+fwd {r['score_fwd']:.2f}, update+other {r['update']:.2f})"),
+            __file__,
+            sides,
+            settings,
+            tmp,
+            args,
+            width=max(len(x) for x in sides),
+            rates=lambda r: (
+                f"{r['seconds'] / measured:6.2f} s/step (generate {r['generate']:.2f}, "
+                f"score+fwd {r['score_fwd']:.2f}, update+other {r['update']:.2f})"
+            ),
         )
         peak = common.final_peak(settings, args)
 
@@ -575,16 +633,45 @@ def main(argv=None) -> None:
     for side in sides:
         r = common.median_run(results[side], sps)
         gflops = statistics.median(common.model_gflops(x, flops_k(x["algorithm"], args.beta)) for x in results[side])
-        rows.append([
-            side, f"{1 / common.median_rate(results[side], step_rate):.2f}", fmt(r["generate"]), fmt(r["score_fwd"]),
-            fmt(r["update"]), f"{common.cpu_use(r, args.threads):.0%}", f"{gflops:.1f}", f"{gflops / peak:.1%}",
-            r["attention"], f"{r['decode_steps']:.1f}", fmt(r["mean_length"], ".1f"), fmt(r["reward"], ".3f"),
-            f"{r['peak_rss_mb']:.0f}",
-        ])
-    common.print_table(["side", "s/step", "generate", "score+fwd", "update+other", "cpu", "model GFLOP/s", "of peak",
-                        "attention", "decode steps", "mean len", "reward", "peak RSS MB"], rows)
-    print(f"N = {results['rlhfkit-grpo'][0]['params_n'] / 1e6:.1f}M parameters; tokens = prompt + generated tokens of a "
-          f"step; k = {flops_k('grpo', args.beta):g} for GRPO, {flops_k('rloo', args.beta):g} for RLOO/PPO; {common.FLOPS_NOTE}")
+        rows.append(
+            [
+                side,
+                f"{1 / common.median_rate(results[side], step_rate):.2f}",
+                fmt(r["generate"]),
+                fmt(r["score_fwd"]),
+                fmt(r["update"]),
+                f"{common.cpu_use(r, args.threads):.0%}",
+                f"{gflops:.1f}",
+                f"{gflops / peak:.1%}",
+                r["attention"],
+                f"{r['decode_steps']:.1f}",
+                fmt(r["mean_length"], ".1f"),
+                fmt(r["reward"], ".3f"),
+                f"{r['peak_rss_mb']:.0f}",
+            ]
+        )
+    common.print_table(
+        [
+            "side",
+            "s/step",
+            "generate",
+            "score+fwd",
+            "update+other",
+            "cpu",
+            "model GFLOP/s",
+            "of peak",
+            "attention",
+            "decode steps",
+            "mean len",
+            "reward",
+            "peak RSS MB",
+        ],
+        rows,
+    )
+    print(
+        f"N = {results['rlhfkit-grpo'][0]['params_n'] / 1e6:.1f}M parameters; tokens = prompt + generated tokens of a "
+        f"step; k = {flops_k('grpo', args.beta):g} for GRPO, {flops_k('rloo', args.beta):g} for RLOO/PPO; {common.FLOPS_NOTE}"
+    )
     print("library-logged timings (mean over the measured steps, seconds):")
     for side in sides:
         r = common.median_run(results[side], sps)
@@ -592,30 +679,57 @@ def main(argv=None) -> None:
     print()
     loss_note = ": completions are sampled, so they differ between libraries; TRL logs `loss`, rlhfkit `policy_loss`"
     if force:
-        common.check_equal_work(results, "rlhfkit-grpo", warmup=args.warmup_steps, rtol=args.loss_rtol, compare_loss=False,
-                                what="generated tokens (forced to max_new_tokens)", expected_tokens=[budget] * args.steps,
-                                loss_note=loss_note)
+        common.check_equal_work(
+            results,
+            "rlhfkit-grpo",
+            warmup=args.warmup_steps,
+            rtol=args.loss_rtol,
+            compare_loss=False,
+            what="generated tokens (forced to max_new_tokens)",
+            expected_tokens=[budget] * args.steps,
+            loss_note=loss_note,
+        )
     else:
-        print("note: --stop-at-eos: generated tokens per step differ between the sides (sampling); compared below is the "
-              "budget each side was configured with (prompts x completions x max_new_tokens)")
+        print(
+            "note: --stop-at-eos: generated tokens per step differ between the sides (sampling); compared below is the "
+            "budget each side was configured with (prompts x completions x max_new_tokens)"
+        )
         for side in sides:
-            print(f"  {side}: generated tokens/step {' '.join(str(t) for t in results[side][0]['step_tokens'][args.warmup_steps:])}")
-        budgets = {side: [{**r, "step_tokens": [r["settings"]["generation budget (tokens/step)"]] * args.steps}
-                          for r in runs] for side, runs in results.items()}
-        common.check_equal_work(budgets, "rlhfkit-grpo", warmup=args.warmup_steps, rtol=args.loss_rtol, compare_loss=False,
-                                what="generation budget (tokens)", expected_tokens=[budget] * args.steps, loss_note=loss_note)
+            print(
+                f"  {side}: generated tokens/step {' '.join(str(t) for t in results[side][0]['step_tokens'][args.warmup_steps :])}"
+            )
+        budgets = {
+            side: [{**r, "step_tokens": [r["settings"]["generation budget (tokens/step)"]] * args.steps} for r in runs]
+            for side, runs in results.items()
+        }
+        common.check_equal_work(
+            budgets,
+            "rlhfkit-grpo",
+            warmup=args.warmup_steps,
+            rtol=args.loss_rtol,
+            compare_loss=False,
+            what="generation budget (tokens)",
+            expected_tokens=[budget] * args.steps,
+            loss_note=loss_note,
+        )
     print()
     per_step_s = dict(unit="s/step", show=lambda x: f"{1 / x:.2f}")
     trl_rloo = common.fastest_trl(results, "trl-rloo", step_rate, **per_step_s)
     if trl_rloo and "rlhfkit-ppo" in results:
-        common.report_ratio(f"not like for like: TRL RLOO ({common.trl_attention(trl_rloo)} attention) / rlhfkit PPO "
-                            "seconds per step", common.pair_ratios(results, "rlhfkit-ppo", trl_rloo, step_rate))
+        common.report_ratio(
+            f"not like for like: TRL RLOO ({common.trl_attention(trl_rloo)} attention) / rlhfkit PPO seconds per step",
+            common.pair_ratios(results, "rlhfkit-ppo", trl_rloo, step_rate),
+        )
     if trl_rloo and "rlhfkit-rloo" in results:
-        common.report_ratio(f"RLOO: TRL RLOOTrainer ({common.trl_attention(trl_rloo)} attention) / rlhfkit RLOO seconds per step",
-                            common.pair_ratios(results, "rlhfkit-rloo", trl_rloo, step_rate))
+        common.report_ratio(
+            f"RLOO: TRL RLOOTrainer ({common.trl_attention(trl_rloo)} attention) / rlhfkit RLOO seconds per step",
+            common.pair_ratios(results, "rlhfkit-rloo", trl_rloo, step_rate),
+        )
     trl = common.fastest_trl(results, "trl-grpo", step_rate, **per_step_s)
-    ratio = common.report_ratio(f"GRPO: TRL GRPOTrainer ({common.trl_attention(trl)} attention) / rlhfkit GRPO seconds per step",
-                                common.pair_ratios(results, "rlhfkit-grpo", trl, step_rate))
+    ratio = common.report_ratio(
+        f"GRPO: TRL GRPOTrainer ({common.trl_attention(trl)} attention) / rlhfkit GRPO seconds per step",
+        common.pair_ratios(results, "rlhfkit-grpo", trl, step_rate),
+    )
     print(f"ratio: {ratio:.2f}")
 
 

@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows))
     total, passed = sum(r["cases"] for r in rows), sum(r["passed"] for r in rows)
-    print(f"\n{passed}/{total} cases passed, {total - passed} failed, {time.perf_counter() - start:.0f} s"
-          f"{' (quick)' if args.quick else ''}")
+    print(
+        f"\n{passed}/{total} cases passed, {total - passed} failed, {time.perf_counter() - start:.0f} s"
+        f"{' (quick)' if args.quick else ''}"
+    )
     return 0 if passed == total else 1
 
 

@@ -76,9 +76,10 @@ import time
 import types
 import typing
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20240917
@@ -121,8 +122,24 @@ class Case:
 
 # ============================================================================ text and layout
 
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
-         "lima", "mike", "november", "oscar", "papa"]
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+]
 UNICODE_WORDS = ["café", "naïve", "Straße", "日本語", "😀", "Ωmega", "señor", "ü-ber", "x\u200by", "añejo"]
 LATIN1_WORDS = ["café", "naïve", "Straße", "señor", "über", "garçon", "déjà"]
 
@@ -150,8 +167,9 @@ class Layout:
     eof_line: int
 
 
-def layout(rec_lines: list[str | bytes], rng: random.Random, *, kind: str | None = None, blanks: bool = True,
-           eol: str | None = None) -> Layout:
+def layout(
+    rec_lines: list[str | bytes], rng: random.Random, *, kind: str | None = None, blanks: bool = True, eol: str | None = None
+) -> Layout:
     """Put serialised records in a file: JSONL (random blank lines) or a JSON list, one record per line."""
     kind = kind or ("json" if rng.random() < 0.2 else "jsonl")
     eol = eol or ("\r\n" if rng.random() < 0.1 else "\n")
@@ -215,8 +233,20 @@ TEXT_POOLS = (NONEMPTY_STR, ANY_STR, PROMPT, PROMPT_NOT_EMPTY_STR)
 
 
 def ranking_pool(k: int) -> list:
-    return ["0,1", 0, None, [], [0], [0] * k, [1.0] + list(range(k - 1)), [True, False] + list(range(2, k)),
-            list(range(1, k + 1)), {"0": 1}, [[i] for i in range(k)], [str(i) for i in range(k)]]
+    return [
+        "0,1",
+        0,
+        None,
+        [],
+        [0],
+        [0] * k,
+        [1.0] + list(range(k - 1)),
+        [True, False] + list(range(2, k)),
+        list(range(1, k + 1)),
+        {"0": 1},
+        [[i] for i in range(k)],
+        [str(i) for i in range(k)],
+    ]
 
 
 def msgs(rng: random.Random, *, system: bool = False, turns: int = 1, end_user: bool = False) -> list[dict]:
@@ -270,21 +300,29 @@ def pref_make(rng: random.Random, i: int) -> dict:
         if k == 2 and rng.random() < 0.5:
             rec["tie"] = rng.random() < 0.3
     elif family == "seed":
-        rec = {"prompt": words(rng), "response_a": words(rng), "response_b": words(rng),
-               "preferred": rng.choice(["a", "b", "tie"])}
+        rec = {
+            "prompt": words(rng),
+            "response_a": words(rng),
+            "response_b": words(rng),
+            "preferred": rng.choice(["a", "b", "tie"]),
+        }
     elif family == "trl":
         rec = {"prompt": words(rng), "chosen": words(rng), "rejected": words(rng)}
     elif family == "trl-chat":
-        rec = {"prompt": msgs(rng, turns=rng.randint(0, 1), end_user=True),
-               "chosen": [{"role": "assistant", "content": words(rng)}],
-               "rejected": [{"role": "assistant", "content": words(rng)}]}
+        rec = {
+            "prompt": msgs(rng, turns=rng.randint(0, 1), end_user=True),
+            "chosen": [{"role": "assistant", "content": words(rng)}],
+            "rejected": [{"role": "assistant", "content": words(rng)}],
+        }
     elif family == "hh":
         q = words(rng)
         rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {words(rng)}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {words(rng)}"}
     elif family == "implicit":
         shared = [{"role": "user", "content": words(rng)}]
-        rec = {"chosen": shared + [{"role": "assistant", "content": words(rng)}],
-               "rejected": shared + [{"role": "assistant", "content": words(rng)}]}
+        rec = {
+            "chosen": shared + [{"role": "assistant", "content": words(rng)}],
+            "rejected": shared + [{"role": "assistant", "content": words(rng)}],
+        }
     else:
         rec = {"prompt": words(rng), "ranked": [words(rng) for _ in range(rng.randint(2, 4))]}
     if rng.random() < 0.3:
@@ -317,9 +355,12 @@ def pref_fields(rec: dict) -> list:
         if isinstance(rec["chosen"], str):
             out += [(("chosen",), NONEMPTY_STR), (("rejected",), NONEMPTY_STR)]
         else:
-            out += [(("chosen",), MSG_LIST_NOT_STR), (("rejected",), MSG_LIST_NOT_STR),
-                    (("chosen", len(rec["chosen"]) - 1, "content"), NONEMPTY_STR),
-                    (("rejected", len(rec["rejected"]) - 1, "role"), ROLE + ["user"])]
+            out += [
+                (("chosen",), MSG_LIST_NOT_STR),
+                (("rejected",), MSG_LIST_NOT_STR),
+                (("chosen", len(rec["chosen"]) - 1, "content"), NONEMPTY_STR),
+                (("rejected", len(rec["rejected"]) - 1, "role"), ROLE + ["user"]),
+            ]
     for opt, pool in (("reason", ANY_STR), ("source", ANY_STR), ("meta", DICT)):
         if opt in rec:
             out.append(((opt,), pool))
@@ -343,8 +384,12 @@ def prompts_make(rng: random.Random, i: int) -> dict:
 def samples_make(rng: random.Random, i: int) -> dict:
     k = rng.choice([2, 2, 2, 4])
     prompt = words(rng) if rng.random() < 0.8 else msgs(rng, turns=0, end_user=True)
-    return {"prompt_index": i, "prompt": prompt, "responses": [words(rng) for _ in range(k)],
-            "temperatures": [0.7, 1.2, 0.7, 1.0][:k]}
+    return {
+        "prompt_index": i,
+        "prompt": prompt,
+        "responses": [words(rng) for _ in range(k)],
+        "temperatures": [0.7, 1.2, 0.7, 1.0][:k],
+    }
 
 
 def pairs_make(rng: random.Random, i: int) -> dict:
@@ -355,40 +400,85 @@ def pairs_make(rng: random.Random, i: int) -> dict:
 
 
 FORMATS = {
-    "sft": Fmt("sft", "SFT data (load_sft_file)", sft_make, sft_fields,
-               lambda r: ["messages"] if "messages" in r else ["prompt", "completion"], lambda r: [], "error"),
-    "pref": Fmt("pref", "preference data (load_comparisons)", pref_make, pref_fields, pref_required,
-                lambda r: [k for k in ("reason", "source", "meta", "tie") if k in r], "either", extra="meta"),
-    "prompts": Fmt("prompts", "prompts (sample.load_prompts)", prompts_make,
-                   lambda r: [(("prompt",), PROMPT)] + ([(("prompt", 0, "role"), ROLE), (("prompt", 0, "content"), ANY_STR)]
-                                                        if isinstance(r["prompt"], list) else []),
-                   lambda r: ["prompt"], lambda r: [k for k in ("id",) if k in r], "error"),
-    "samples": Fmt("samples", "samples to label (label.load_items)", samples_make,
-                   lambda r: [(("prompt",), PROMPT_NOT_EMPTY_STR), (("responses",), RESP_LIST_ANY_STR), (("responses", 1), ANY_STR)],
-                   lambda r: ["prompt", "responses"], lambda r: ["prompt_index", "temperatures"], "either"),
-    "pairs": Fmt("pairs", "annotation pairs (annotate serve: read_pairs)", pairs_make,
-                 lambda r: ([(("responses",), RESP_PAIR), (("responses", 0), ANY_STR)] if "responses" in r else
-                            [(("response_a",), ANY_STR), (("response_b",), ANY_STR)]) + [(("prompt",), PROMPT)],
-                 lambda r: ["prompt", "responses"] if "responses" in r else ["prompt", "response_a", "response_b"],
-                 lambda r: [k for k in ("prompt_index",) if k in r], "error"),
+    "sft": Fmt(
+        "sft",
+        "SFT data (load_sft_file)",
+        sft_make,
+        sft_fields,
+        lambda r: ["messages"] if "messages" in r else ["prompt", "completion"],
+        lambda r: [],
+        "error",
+    ),
+    "pref": Fmt(
+        "pref",
+        "preference data (load_comparisons)",
+        pref_make,
+        pref_fields,
+        pref_required,
+        lambda r: [k for k in ("reason", "source", "meta", "tie") if k in r],
+        "either",
+        extra="meta",
+    ),
+    "prompts": Fmt(
+        "prompts",
+        "prompts (sample.load_prompts)",
+        prompts_make,
+        lambda r: (
+            [(("prompt",), PROMPT)]
+            + ([(("prompt", 0, "role"), ROLE), (("prompt", 0, "content"), ANY_STR)] if isinstance(r["prompt"], list) else [])
+        ),
+        lambda r: ["prompt"],
+        lambda r: [k for k in ("id",) if k in r],
+        "error",
+    ),
+    "samples": Fmt(
+        "samples",
+        "samples to label (label.load_items)",
+        samples_make,
+        lambda r: [(("prompt",), PROMPT_NOT_EMPTY_STR), (("responses",), RESP_LIST_ANY_STR), (("responses", 1), ANY_STR)],
+        lambda r: ["prompt", "responses"],
+        lambda r: ["prompt_index", "temperatures"],
+        "either",
+    ),
+    "pairs": Fmt(
+        "pairs",
+        "annotation pairs (annotate serve: read_pairs)",
+        pairs_make,
+        lambda r: (
+            (
+                [(("responses",), RESP_PAIR), (("responses", 0), ANY_STR)]
+                if "responses" in r
+                else [(("response_a",), ANY_STR), (("response_b",), ANY_STR)]
+            )
+            + [(("prompt",), PROMPT)]
+        ),
+        lambda r: ["prompt", "responses"] if "responses" in r else ["prompt", "response_a", "response_b"],
+        lambda r: [k for k in ("prompt_index",) if k in r],
+        "error",
+    ),
 }
 
 
 def loader(fmt: str) -> Callable[[Path], list]:
     if fmt == "sft":
         from rlhfkit.data.sft import load_sft_file
+
         return load_sft_file
     if fmt == "pref":
         from rlhfkit.data.preferences import load_comparisons
+
         return load_comparisons
     if fmt == "prompts":
         from rlhfkit.sample import load_prompts
+
         return load_prompts
     if fmt == "samples":
         from rlhfkit.label import load_items
+
         return load_items
     if fmt == "pairs":
         from rlhfkit.feedback.web.admin import read_pairs
+
         return lambda path: read_pairs(path)[0]
     raise KeyError(fmt)
 
@@ -410,19 +500,53 @@ class Gen:
         self.n += 1
         return Case(f"{self.f.name}-{mutation}-{self.n:04d}", self.f.name, mutation, data, expect, valid, suffix, **kw)
 
-    def good(self, mutation: str, recs: list[dict], lines: list[str | bytes] | None = None, *, needle: str | None = None,
-             kind: str | None = None, eol: str | None = None, records: int | None = None) -> Case:
+    def good(
+        self,
+        mutation: str,
+        recs: list[dict],
+        lines: list[str | bytes] | None = None,
+        *,
+        needle: str | None = None,
+        kind: str | None = None,
+        eol: str | None = None,
+        records: int | None = None,
+    ) -> Case:
         lay = layout(lines if lines is not None else [dumps(r, self.rng) for r in recs], self.rng, kind=kind, eol=eol)
-        return self.case(mutation, lay.data, "load", valid=True, suffix=lay.suffix,
-                         records=len(recs) if records is None else records, needle=needle)
+        return self.case(
+            mutation,
+            lay.data,
+            "load",
+            valid=True,
+            suffix=lay.suffix,
+            records=len(recs) if records is None else records,
+            needle=needle,
+        )
 
-    def bad_at(self, mutation: str, recs: list[dict], k: int, bad_line: str | bytes, *, kind: str | None = None,
-               expect: Expect = "error", valid: bool = False, **kw: Any) -> Case:
+    def bad_at(
+        self,
+        mutation: str,
+        recs: list[dict],
+        k: int,
+        bad_line: str | bytes,
+        *,
+        kind: str | None = None,
+        expect: Expect = "error",
+        valid: bool = False,
+        **kw: Any,
+    ) -> Case:
         lines: list[str | bytes] = [dumps(r, self.rng) for r in recs]
         lines[k] = bad_line
         lay = layout(lines, self.rng, kind=kind)
-        return self.case(mutation, lay.data, expect, valid=valid, suffix=lay.suffix,
-                         lines=(lay.line_of[k], lay.line_of[k]), records=len(recs), **kw)
+        return self.case(
+            mutation,
+            lay.data,
+            expect,
+            valid=valid,
+            suffix=lay.suffix,
+            lines=(lay.line_of[k], lay.line_of[k]),
+            records=len(recs),
+            **kw,
+        )
 
     def with_text(self, rec: dict, inner: str) -> tuple[dict, tuple]:
         """``rec`` with ``inner`` placed in the middle of one of its string fields (one the loaders keep)."""
@@ -463,8 +587,17 @@ class Gen:
             rec.pop(self.rng.choice(opts))
             recs[k] = rec
             return self.good("drop-optional", recs)
-        extra = self.rng.choice([{"id": 5}, {"note": None}, {"x_extra": [1, {"a": []}]}, {"score_chosen": 8.5},
-                                 {"prompt_id": "abc"}, {"": ""}, {"ünïcode-key": "v"}])
+        extra = self.rng.choice(
+            [
+                {"id": 5},
+                {"note": None},
+                {"x_extra": [1, {"a": []}]},
+                {"score_chosen": 8.5},
+                {"prompt_id": "abc"},
+                {"": ""},
+                {"ünïcode-key": "v"},
+            ]
+        )
         recs[k] = {**recs[k], **extra}
         return self.good("extra-field", recs)
 
@@ -486,7 +619,7 @@ class Gen:
             starts.append(pos)
             pos += len(physical) + 1
         line_no = head.count(b"\n") + 1
-        partial = head[starts[line_no - 1]:]
+        partial = head[starts[line_no - 1] :]
         full_line = data.split(b"\n")[line_no - 1]
         complete = [i for i, ln in enumerate(lay.line_of) if ln < line_no]
         if partial.rstrip(b"\r \t") == full_line.rstrip(b"\r \t"):
@@ -501,8 +634,9 @@ class Gen:
         return self.case("truncate", head, "error", valid=False, suffix=lay.suffix, lines=(line_no, line_no))
 
     def encoding(self) -> Case:
-        kind = self.rng.choice(["latin-1", "cp1252", "utf-16", "utf-16-be-bom", "utf-16-le", "invalid-bytes", "invalid-bytes",
-                                "utf-32"])
+        kind = self.rng.choice(
+            ["latin-1", "cp1252", "utf-16", "utf-16-be-bom", "utf-16-le", "invalid-bytes", "invalid-bytes", "utf-32"]
+        )
         recs = self.records(2, 5)
         if kind in ("latin-1", "cp1252"):
             k = self.rng.randrange(len(recs))
@@ -511,12 +645,24 @@ class Gen:
             lines = [json.dumps(r).replace("@@X@@", word) for r in recs]  # the only non-ASCII text
             lay = layout(lines, self.rng)
             data = lay.data.decode("utf-8").encode(kind)
-            return self.case(f"encoding[{kind}]", data, "error", valid=False, suffix=lay.suffix,
-                             lines=(lay.line_of[k], lay.line_of[k]))
+            return self.case(
+                f"encoding[{kind}]", data, "error", valid=False, suffix=lay.suffix, lines=(lay.line_of[k], lay.line_of[k])
+            )
         if kind == "invalid-bytes":
             k = self.rng.randrange(len(recs))
-            junk = self.rng.choice([b"\xff", b"\xfe\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80",
-                                    b"\xe2\x82", b"\xf4\x90\x80\x80", b"\xc3"])
+            junk = self.rng.choice(
+                [
+                    b"\xff",
+                    b"\xfe\xfe",
+                    b"\xc0\xaf",
+                    b"\xed\xa0\x80",
+                    b"\xf8\x88\x80\x80\x80",
+                    b"\x80",
+                    b"\xe2\x82",
+                    b"\xf4\x90\x80\x80",
+                    b"\xc3",
+                ]
+            )
             recs[k], _ = self.with_text(recs[k], "@@X@@")
             line = dumps(recs[k], self.rng).encode("utf-8").replace(b"@@X@@", junk)
             return self.bad_at(f"encoding[bytes {junk.hex()}]", recs, k, line)
@@ -546,7 +692,7 @@ class Gen:
             lines = [dumps(r, self.rng) for r in recs]
             lines.insert(k, " " * size)
             return self.good(f"huge-blank[{size // MB}MB]", recs, lines, kind="jsonl")
-        garbage = ('{"prompt": "' + "x" * size)  # an unterminated 5 MB string, no newline until the next record
+        garbage = '{"prompt": "' + "x" * size  # an unterminated 5 MB string, no newline until the next record
         return self.bad_at(f"huge-garbage[{size // MB}MB]", recs, k, garbage)
 
     def control(self) -> Case:
@@ -560,8 +706,12 @@ class Gen:
         if mode == "del":
             recs[k], _ = self.with_text(recs[k], "@@X@@")
             line = dumps(recs[k], self.rng).replace("@@X@@", "d\x7fd")
-            return self.good("control[raw DEL]", recs, [*(dumps(r, self.rng) for r in recs[:k]), line,
-                                                        *(dumps(r, self.rng) for r in recs[k + 1:])], needle="d\x7fd")
+            return self.good(
+                "control[raw DEL]",
+                recs,
+                [*(dumps(r, self.rng) for r in recs[:k]), line, *(dumps(r, self.rng) for r in recs[k + 1 :])],
+                needle="d\x7fd",
+            )
         if mode == "between":
             line = dumps(recs[k], self.rng)
             line = line[:1] + ch + line[1:]  # after the opening brace: JSON whitespace is space, tab, CR, LF only
@@ -575,8 +725,15 @@ class Gen:
             lines.insert(k, ch * 3)
             lay = layout(lines, self.rng, kind="jsonl", blanks=False)
             expect: Expect = "either" if ch in "\x0b\x0c\x1c\x1d\x1e\x1f\t" else "error"
-            return self.case(f"control[line of {ord(ch):#04x}]", lay.data, expect, valid=False, suffix=lay.suffix,
-                             lines=(lay.line_of[k], lay.line_of[k]), records=len(recs))
+            return self.case(
+                f"control[line of {ord(ch):#04x}]",
+                lay.data,
+                expect,
+                valid=False,
+                suffix=lay.suffix,
+                lines=(lay.line_of[k], lay.line_of[k]),
+                records=len(recs),
+            )
         recs[k], _ = self.with_text(recs[k], "@@X@@")
         line = dumps(recs[k], self.rng).replace("@@X@@", f"c{ch}c")
         return self.bad_at(f"control[raw {ord(ch):#04x}]", recs, k, line)
@@ -598,58 +755,82 @@ class Gen:
             data, suffix = self.rng.choice([(b"[]", ".json"), (b"[\n]\n", ".json"), (b"", ".json")])
             if data == b"":  # an empty .json is not a JSON list
                 return self.case("empty[.json]", data, "error", valid=False, suffix=".json")
-        return self.case(f"empty[{suffix}]", data, self.f.empty, valid=False, suffix=suffix,
-                         records=0 if self.f.empty == "either" else None)
+        return self.case(
+            f"empty[{suffix}]", data, self.f.empty, valid=False, suffix=suffix, records=0 if self.f.empty == "either" else None
+        )
 
     def arrays(self) -> Case:
         recs = self.records(1, 4)
-        mode = self.rng.choice(["array-in-jsonl", "array-in-jsonl-1line", "array-in-json", "array-sniffed", "jsonl-in-json",
-                                "trailing-comma", "non-object-element", "object-top-level", "nested-array",
-                                "extra-after-list"])
+        mode = self.rng.choice(
+            [
+                "array-in-jsonl",
+                "array-in-jsonl-1line",
+                "array-in-json",
+                "array-sniffed",
+                "jsonl-in-json",
+                "trailing-comma",
+                "non-object-element",
+                "object-top-level",
+                "nested-array",
+                "extra-after-list",
+            ]
+        )
         items = [json.dumps(r) for r in recs]
         if mode == "array-in-jsonl":
             return self.case(mode, ("[\n" + ",\n".join(items) + "\n]\n").encode(), "error", valid=False, lines=(1, 1))
         if mode == "array-in-jsonl-1line":
             return self.case(mode, ("[" + ", ".join(items) + "]\n").encode(), "error", valid=False, lines=(1, 1))
         if mode == "array-in-json":
-            return self.case(mode, ("[" + ", ".join(items) + "]").encode(), "load", valid=True, suffix=".json",
-                             records=len(recs))
+            return self.case(mode, ("[" + ", ".join(items) + "]").encode(), "load", valid=True, suffix=".json", records=len(recs))
         if mode == "array-sniffed":
-            return self.case(mode, ("  \n[" + ",\n".join(items) + "]\n").encode(), "load", valid=True, suffix=".data",
-                             records=len(recs))
+            return self.case(
+                mode, ("  \n[" + ",\n".join(items) + "]\n").encode(), "load", valid=True, suffix=".data", records=len(recs)
+            )
         if mode == "jsonl-in-json":
             return self.case(mode, ("\n".join(items) + "\n").encode(), "error", valid=False, suffix=".json", lines=(1, 1))
         if mode == "trailing-comma":
             body = "[\n" + ",\n".join(items) + ",\n]\n"
-            return self.case(mode, body.encode(), "error", valid=False, suffix=".json",
-                             lines=(len(items) + 1, len(items) + 2))
+            return self.case(mode, body.encode(), "error", valid=False, suffix=".json", lines=(len(items) + 1, len(items) + 2))
         if mode == "non-object-element":
             k = self.rng.randrange(len(items))
             items[k] = self.rng.choice(["5", '"text"', "null", "[1, 2]", "true"])
-            return self.case(mode, ("[\n" + ",\n".join(items) + "\n]\n").encode(), "error", valid=False, suffix=".json",
-                             lines=(k + 2, k + 2))
+            return self.case(
+                mode, ("[\n" + ",\n".join(items) + "\n]\n").encode(), "error", valid=False, suffix=".json", lines=(k + 2, k + 2)
+            )
         if mode == "object-top-level":
             return self.case(mode, json.dumps({"data": recs}).encode(), "error", valid=False, suffix=".json", lines=(1, 1))
         if mode == "nested-array":
-            return self.case(mode, ("[[" + ", ".join(items) + "]]").encode(), "error", valid=False, suffix=".json",
-                             lines=(1, 1))
+            return self.case(mode, ("[[" + ", ".join(items) + "]]").encode(), "error", valid=False, suffix=".json", lines=(1, 1))
         body = "[\n" + ",\n".join(items) + "\n]\n" + items[0] + "\n"
-        return self.case(mode, body.encode(), "error", valid=False, suffix=".json",
-                         lines=(len(items) + 2, len(items) + 3))
+        return self.case(mode, body.encode(), "error", valid=False, suffix=".json", lines=(len(items) + 2, len(items) + 3))
 
     def bom(self) -> Case:
         recs = self.records(1, 4)
         lay = layout([dumps(r, self.rng) for r in recs], self.rng, blanks=False)
         where = self.rng.choice(["start", "start", "middle"])
         if where == "start" or len(recs) == 1:
-            return self.case(f"bom[start{lay.suffix}]", b"\xef\xbb\xbf" + lay.data, "either", valid=True,
-                             suffix=lay.suffix, records=len(recs), lines=(1, 1))
+            return self.case(
+                f"bom[start{lay.suffix}]",
+                b"\xef\xbb\xbf" + lay.data,
+                "either",
+                valid=True,
+                suffix=lay.suffix,
+                records=len(recs),
+                lines=(1, 1),
+            )
         k = self.rng.randrange(1, len(recs))
         lines: list[str | bytes] = [dumps(r, self.rng) for r in recs]
         lines[k] = "\ufeff" + str(lines[k])  # two files concatenated
         lay = layout(lines, self.rng, kind="jsonl")
-        return self.case("bom[middle]", lay.data, "either", valid=False, suffix=lay.suffix, records=len(recs),
-                         lines=(lay.line_of[k], lay.line_of[k]))
+        return self.case(
+            "bom[middle]",
+            lay.data,
+            "either",
+            valid=False,
+            suffix=lay.suffix,
+            records=len(recs),
+            lines=(lay.line_of[k], lay.line_of[k]),
+        )
 
     def line_ends(self) -> Case:
         recs = self.records(2, 5)
@@ -676,8 +857,11 @@ class Gen:
         head = json.dumps(rest)[:-1] + (", " if rest else "")
         if self.rng.random() < 0.5:  # bad first, good last: Python's json keeps the last
             line = head + f"{json.dumps(key)}: {json.dumps(bad)}, {json.dumps(key)}: {json.dumps(good)}}}"
-            return self.good(f"dup-key[{key} bad,good]", recs, [*(dumps(r, self.rng) for r in recs[:k]), line,
-                                                                  *(dumps(r, self.rng) for r in recs[k + 1:])])
+            return self.good(
+                f"dup-key[{key} bad,good]",
+                recs,
+                [*(dumps(r, self.rng) for r in recs[:k]), line, *(dumps(r, self.rng) for r in recs[k + 1 :])],
+            )
         line = head + f"{json.dumps(key)}: {json.dumps(good)}, {json.dumps(key)}: {json.dumps(bad)}}}"
         return self.bad_at(f"dup-key[{key} good,bad]", recs, k, line)
 
@@ -691,8 +875,9 @@ class Gen:
         else:
             nest = "[" * depth + "]" * depth
         if where == "field" or depth > 1000:
-            path, _ = self.rng.choice([(p, pool) for p, pool in self.f.fields(recs[k])
-                                       if len(p) == 1 and p[0] not in ("meta", self.f.extra)])
+            path, _ = self.rng.choice(
+                [(p, pool) for p, pool in self.f.fields(recs[k]) if len(p) == 1 and p[0] not in ("meta", self.f.extra)]
+            )
             if where == "extra":
                 path = (self.f.extra,)
         else:
@@ -716,24 +901,47 @@ class Gen:
         lines: list[str | bytes] = [dumps(r, self.rng) for r in recs]
         lines[k] = str(lines[k]).replace("@@X@@", f"u{esc}u")
         if esc == "\\ud83d\\ude00":  # an escaped surrogate pair is one valid character
-            return self.good("surrogate[pair]", recs, lines, needle="u\U0001F600u")
+            return self.good("surrogate[pair]", recs, lines, needle="u\U0001f600u")
         # A lone surrogate parses in Python's json but is no Unicode text: tokenizers and UTF-8 writers raise later.
         lay = layout(lines, self.rng)
-        return self.case(f"surrogate[lone {esc}]", lay.data, "error", valid=False, suffix=lay.suffix,
-                         lines=(lay.line_of[k], lay.line_of[k]))
+        return self.case(
+            f"surrogate[lone {esc}]", lay.data, "error", valid=False, suffix=lay.suffix, lines=(lay.line_of[k], lay.line_of[k])
+        )
 
     def syntax(self) -> Case:
         recs = self.records(1, 5)
         k = self.rng.randrange(len(recs))
         good = json.dumps(recs[k])
-        mode = self.rng.choice(["single-quotes", "trailing-comma", "comment", "unquoted-key", "open-brace", "two-objects",
-                                "non-object", "non-object", "nan-extra", "bigint-extra", "python-repr", "empty-object"])
+        mode = self.rng.choice(
+            [
+                "single-quotes",
+                "trailing-comma",
+                "comment",
+                "unquoted-key",
+                "open-brace",
+                "two-objects",
+                "non-object",
+                "non-object",
+                "nan-extra",
+                "bigint-extra",
+                "python-repr",
+                "empty-object",
+            ]
+        )
         if mode == "nan-extra":  # Python's json reads NaN/Infinity; the field is ignored
-            rec = set_path(recs[k], (self.f.extra,), "@@V@@") if self.f.name != "pref" else set_path(recs[k], ("meta",), {"v": "@@V@@"})
+            rec = (
+                set_path(recs[k], (self.f.extra,), "@@V@@")
+                if self.f.name != "pref"
+                else set_path(recs[k], ("meta",), {"v": "@@V@@"})
+            )
             line = json.dumps(rec).replace('"@@V@@"', self.rng.choice(["NaN", "Infinity", "-Infinity", "1e999"]))
             return self.bad_at("syntax[nan in ignored field]", recs, k, line, expect="either", valid=True)
         if mode == "bigint-extra":
-            rec = set_path(recs[k], (self.f.extra,), "@@V@@") if self.f.name != "pref" else set_path(recs[k], ("meta",), {"v": "@@V@@"})
+            rec = (
+                set_path(recs[k], (self.f.extra,), "@@V@@")
+                if self.f.name != "pref"
+                else set_path(recs[k], ("meta",), {"v": "@@V@@"})
+            )
             line = json.dumps(rec).replace('"@@V@@"', "9" * self.rng.choice([5_000, 50_000]))
             return self.bad_at("syntax[huge int literal]", recs, k, line, expect="either", valid=False)
         line = {
@@ -756,15 +964,29 @@ class Gen:
 
 # How many cases of each family per data format (full mode); quick mode takes about a fifth.
 FAMILIES = {
-    "wrong_type": 44, "missing": 12, "optional_or_extra": 6, "truncate": 18, "encoding": 16, "huge": 4,
-    "control": 14, "separators": 8, "empty": 5, "arrays": 10, "bom": 3, "line_ends": 5, "dup_keys": 5,
-    "nesting": 6, "surrogates": 6, "syntax": 12, "plain_valid": 3,
+    "wrong_type": 44,
+    "missing": 12,
+    "optional_or_extra": 6,
+    "truncate": 18,
+    "encoding": 16,
+    "huge": 4,
+    "control": 14,
+    "separators": 8,
+    "empty": 5,
+    "arrays": 10,
+    "bom": 3,
+    "line_ends": 5,
+    "dup_keys": 5,
+    "nesting": 6,
+    "surrogates": 6,
+    "syntax": 12,
+    "plain_valid": 3,
 }
 
 
 def data_cases(rng: random.Random, scale: float) -> list[Case]:
     cases = []
-    for name, fmt in FORMATS.items():
+    for fmt in FORMATS.values():
         gen = Gen(fmt, random.Random(rng.random()))
         for family, count in FAMILIES.items():
             for _ in range(max(1, round(count * scale))):
@@ -782,8 +1004,13 @@ def config_classes() -> dict[str, tuple[type, str]]:
     from rlhfkit.sample import SampleConfig
     from rlhfkit.sft import SFTConfig
 
-    return {"SFTConfig": (SFTConfig, "sft"), "RewardConfig": (RewardConfig, "reward"), "DPOConfig": (DPOConfig, "dpo"),
-            "SampleConfig": (SampleConfig, "sample"), "LabelConfig": (LabelConfig, "label")}
+    return {
+        "SFTConfig": (SFTConfig, "sft"),
+        "RewardConfig": (RewardConfig, "reward"),
+        "DPOConfig": (DPOConfig, "dpo"),
+        "SampleConfig": (SampleConfig, "sample"),
+        "LabelConfig": (LabelConfig, "label"),
+    }
 
 
 def _base(tp: Any) -> tuple[Any, bool]:
@@ -850,9 +1077,9 @@ def yaml_dump(obj: dict[str, Any]) -> str:
 
 
 def bomb(levels: int = 10, width: int = 9) -> str:
-    parts = [f'&l0 [{", ".join(["lol"] * width)}]']
+    parts = [f"&l0 [{', '.join(['lol'] * width)}]"]
     for i in range(1, levels):
-        parts.append(f'&l{i} [{", ".join([f"*l{i - 1}"] * width)}]')
+        parts.append(f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -874,8 +1101,17 @@ class ConfigGen:
     def case(self, mutation: str, text: str | bytes, expect: Expect, *, valid: bool, cls: str, **kw: Any) -> Case:
         self.n += 1
         data = text.encode("utf-8") if isinstance(text, str) else text
-        return Case(f"config-{mutation}-{self.n:04d}", kw.pop("fmt", "config"), mutation, data, expect, valid, ".yaml",
-                    config_cls=cls, **kw)
+        return Case(
+            f"config-{mutation}-{self.n:04d}",
+            kw.pop("fmt", "config"),
+            mutation,
+            data,
+            expect,
+            valid,
+            ".yaml",
+            config_cls=cls,
+            **kw,
+        )
 
     def valid(self) -> Case:
         name, cls, hints = self.pick()
@@ -887,8 +1123,11 @@ class ConfigGen:
         elif style == "bom":
             text = "\ufeff" + text
         elif style == "comments":
-            text = "# a comment\n" + "".join(f"{line}  # c\n" if not line.endswith(("[", "{")) else line + "\n"
-                                             for line in text.splitlines()) + "# end\n"
+            text = (
+                "# a comment\n"
+                + "".join(f"{line}  # c\n" if not line.endswith(("[", "{")) else line + "\n" for line in text.splitlines())
+                + "# end\n"
+            )
         elif style == "flow":
             text = "{" + ", ".join(f"{k}: {y(v)}" for k, v in values.items()) + "}\n"
         elif style == "doc-markers":
@@ -905,8 +1144,19 @@ class ConfigGen:
 
     def odd_valid(self) -> Case:
         name, cls, hints = self.pick()
-        mode = self.rng.choice(["empty", "only-comments", "block-scalar", "huge-value", "own-stage", "deep-in-dict",
-                                "null-top", "separators", "dict-bomb"])
+        mode = self.rng.choice(
+            [
+                "empty",
+                "only-comments",
+                "block-scalar",
+                "huge-value",
+                "own-stage",
+                "deep-in-dict",
+                "null-top",
+                "separators",
+                "dict-bomb",
+            ]
+        )
         strs = [k for k in hints if _base(hints[k])[0] is str]
         key = self.rng.choice(strs)
         if mode == "empty":
@@ -914,15 +1164,22 @@ class ConfigGen:
         if mode == "only-comments":
             return self.case("odd[comments only]", "# nothing\n  # here\n", "load", valid=True, cls=name, values={})
         if mode == "block-scalar":
-            return self.case("odd[block scalar]", f"{key}: |\n  first line\n  second\n", "load", valid=True, cls=name,
-                             values={key: "first line\nsecond\n"})
+            return self.case(
+                "odd[block scalar]",
+                f"{key}: |\n  first line\n  second\n",
+                "load",
+                valid=True,
+                cls=name,
+                values={key: "first line\nsecond\n"},
+            )
         if mode == "huge-value":
             big = "x" * (self.rng.choice([1, 5]) * MB)
             return self.case("odd[huge value]", f"{key}: {big}\n", "load", valid=True, cls=name, values={key: big})
         if mode == "own-stage":
             stage = self.classes[name][1]
-            return self.case("odd[own stage key]", f"stage: {stage}\n{key}: abc\n", "load", valid=True, cls=name,
-                             values={key: "abc"})
+            return self.case(
+                "odd[own stage key]", f"stage: {stage}\n{key}: abc\n", "load", valid=True, cls=name, values={key: "abc"}
+            )
         if mode == "deep-in-dict" and name == "LabelConfig":
             nest = "[" * 60 + "]" * 60
             return self.case("odd[nested 60 in dict]", f"scorer_args: {{a: {nest}}}\n", "load", valid=True, cls=name)
@@ -941,8 +1198,9 @@ class ConfigGen:
     def unknown_key(self) -> Case:
         name, cls, hints = self.pick()
         values = self.base(hints)
-        bad = self.rng.choice(["bogus", "learning_rate", "max_step", "LR", "Output_Dir", "data ", "model.name", "étrange",
-                               "0", "null_key"])
+        bad = self.rng.choice(
+            ["bogus", "learning_rate", "max_step", "LR", "Output_Dir", "data ", "model.name", "étrange", "0", "null_key"]
+        )
         if self.rng.random() < 0.5 and hints:  # a near-miss of a real key
             real = self.rng.choice(sorted(hints))
             bad = real[:-1] if len(real) > 3 else real + "s"
@@ -966,9 +1224,23 @@ class ConfigGen:
         values = self.base(hints, 3)
         lines = [f"{k}: {y(v)}" for k, v in values.items()]
         k1 = list(values)[0]
-        mode = self.rng.choice(["indent", "tab-indent", "tab-nested", "unclosed-flow", "unclosed-quote", "colon",
-                                "mixed-list", "undefined-alias", "bad-tag", "python-tag", "complex-key", "multi-doc",
-                                "duplicate-anchor-use"])
+        mode = self.rng.choice(
+            [
+                "indent",
+                "tab-indent",
+                "tab-nested",
+                "unclosed-flow",
+                "unclosed-quote",
+                "colon",
+                "mixed-list",
+                "undefined-alias",
+                "bad-tag",
+                "python-tag",
+                "complex-key",
+                "multi-doc",
+                "duplicate-anchor-use",
+            ]
+        )
         at = self.rng.randint(1, len(lines))
         if mode == "indent":
             lines.insert(at, "  " + f"{self.rng.choice(sorted(hints))}: 1")
@@ -978,8 +1250,7 @@ class ConfigGen:
             return self.case("yaml[tab indent]", "\n".join(lines) + "\n", "error", valid=False, cls=name, lines=(at, at + 2))
         if mode == "tab-nested":
             lines.insert(at, "scorer_args:\n\ttarget_words: 3")
-            return self.case("yaml[tab nested]", "\n".join(lines) + "\n", "error", valid=False, cls=name,
-                             lines=(at + 1, at + 2))
+            return self.case("yaml[tab nested]", "\n".join(lines) + "\n", "error", valid=False, cls=name, lines=(at + 1, at + 2))
         if mode == "unclosed-flow":
             lines.insert(at, f"{k1}: [1, 2")
             return self.case("yaml[unclosed flow]", "\n".join(lines) + "\n", "error", valid=False, cls=name)
@@ -991,12 +1262,12 @@ class ConfigGen:
             return self.case("yaml[colon]", "\n".join(lines) + "\n", "error", valid=False, cls=name, lines=(at, at + 2))
         if mode == "mixed-list":
             lines.insert(at, "- item")
-            return self.case("yaml[mapping then list]", "\n".join(lines) + "\n", "error", valid=False, cls=name,
-                             lines=(at, at + 2))
+            return self.case(
+                "yaml[mapping then list]", "\n".join(lines) + "\n", "error", valid=False, cls=name, lines=(at, at + 2)
+            )
         if mode == "undefined-alias":
             lines.insert(at, f"{k1}: *nowhere")
-            return self.case("yaml[undefined alias]", "\n".join(lines) + "\n", "error", valid=False, cls=name,
-                             lines=(at, at + 2))
+            return self.case("yaml[undefined alias]", "\n".join(lines) + "\n", "error", valid=False, cls=name, lines=(at, at + 2))
         if mode == "bad-tag":
             lines.insert(at, f"{k1}: !!binary aGVsbG8=")
             return self.case("yaml[!!binary]", "\n".join(lines) + "\n", "error", valid=False, cls=name)
@@ -1012,8 +1283,9 @@ class ConfigGen:
 
     def top_level(self) -> Case:
         name, cls, hints = self.pick()
-        text = self.rng.choice(["- a\n- b\n", "hello\n", "42\n", "[1, 2]\n", '"quoted"\n', "- {lr: 1}\n", "true\n",
-                                "!!set {a, b}\n"])
+        text = self.rng.choice(
+            ["- a\n- b\n", "hello\n", "42\n", "[1, 2]\n", '"quoted"\n', "- {lr: 1}\n", "true\n", "!!set {a, b}\n"]
+        )
         return self.case("top-level[not a mapping]", text, "error", valid=False, cls=name)
 
     def encoding(self) -> Case:
@@ -1077,10 +1349,16 @@ class ConfigGen:
 
     def key_oddities(self) -> Case:
         name, cls, hints = self.pick()
-        mode = self.rng.choice(["int-and-str-unknown", "stage-list", "stage-dict", "stage-other", "stage-null",
-                                "null-key", "bool-key"])
-        other = {"SFTConfig": "reward", "RewardConfig": "sft", "DPOConfig": "sft", "SampleConfig": "label",
-                 "LabelConfig": "sample"}[name]
+        mode = self.rng.choice(
+            ["int-and-str-unknown", "stage-list", "stage-dict", "stage-other", "stage-null", "null-key", "bool-key"]
+        )
+        other = {
+            "SFTConfig": "reward",
+            "RewardConfig": "sft",
+            "DPOConfig": "sft",
+            "SampleConfig": "label",
+            "LabelConfig": "sample",
+        }[name]
         text = {
             "int-and-str-unknown": "1: 2\nbogus: 3\n",
             "stage-list": "stage: [sft]\n",
@@ -1099,8 +1377,15 @@ class ConfigGen:
         second = valid_value(hints[key], self.rng)
         lines = [f"{k}: {y(v)}" for k, v in values.items()]
         lines.insert(self.rng.randint(0, len(lines)), f"{key}: {y(second)}")
-        return self.case("duplicate-key", "\n".join(lines) + "\n", "error", valid=False, cls=name, key=key,
-                         row="YAML config: duplicated keys rejected (YAML forbids them)")
+        return self.case(
+            "duplicate-key",
+            "\n".join(lines) + "\n",
+            "error",
+            valid=False,
+            cls=name,
+            key=key,
+            row="YAML config: duplicated keys rejected (YAML forbids them)",
+        )
 
     def overrides(self) -> Case:
         name, cls, hints = self.pick()
@@ -1111,9 +1396,15 @@ class ConfigGen:
         bools = [k for k in hints if hints[k] is bool]
         valid_pool: list[tuple[list[str], dict[str, Any]]] = []
         s, i = self.rng.choice(strs), self.rng.choice(ints)
-        valid_pool += [([f"{s}=1e3"], {s: "1e3"}), ([f"{s}="], {s: ""}), ([f"{s}=[a"], {s: "[a"}),
-                       ([f"{s}=a=b"], {s: "a=b"}), ([f"{s}=ü ß"], {s: "ü ß"}), ([f"{i}=1e3"], {i: 1000}),
-                       ([f"{i}=7", f"{i}=9"], {i: 9})]
+        valid_pool += [
+            ([f"{s}=1e3"], {s: "1e3"}),
+            ([f"{s}="], {s: ""}),
+            ([f"{s}=[a"], {s: "[a"}),
+            ([f"{s}=a=b"], {s: "a=b"}),
+            ([f"{s}=ü ß"], {s: "ü ß"}),
+            ([f"{i}=1e3"], {i: 1000}),
+            ([f"{i}=7", f"{i}=9"], {i: 9}),
+        ]
         if floats:
             fl = self.rng.choice(floats)
             valid_pool.append(([f"{fl}=1e-4"], {fl: 1e-4}))
@@ -1125,23 +1416,50 @@ class ConfigGen:
         if name == "SampleConfig":
             valid_pool.append((["temperatures=0.5,1.0"], {"temperatures": [0.5, 1.0]}))
         bad_pool: list[tuple[list[str], str]] = [
-            ([s], s), ([f"={1}"], "="), ([" =3"], "="), (["bogus_key=1"], "bogus_key"), ([f"{i}=abc"], i),
-            ([f"{i}.x=1"], i), ([f"{s}={{a: 1}}"], s), ([f"{i}=[1]"], i), ([f"{s}.sub.deeper=1"], s),
+            ([s], s),
+            ([f"={1}"], "="),
+            ([" =3"], "="),
+            (["bogus_key=1"], "bogus_key"),
+            ([f"{i}=abc"], i),
+            ([f"{i}.x=1"], i),
+            ([f"{s}={{a: 1}}"], s),
+            ([f"{i}=[1]"], i),
+            ([f"{s}.sub.deeper=1"], s),
         ]
         if bools:
             bad_pool.append(([f"{self.rng.choice(bools)}=maybe"], ""))
         if self.rng.random() < 0.45:
             overrides, values = self.rng.choice(valid_pool)
-            return self.case("override[valid]", base, "load", valid=True, cls=name, overrides=overrides, values=values,
-                             fmt="overrides")
+            return self.case(
+                "override[valid]", base, "load", valid=True, cls=name, overrides=overrides, values=values, fmt="overrides"
+            )
         overrides, key = self.rng.choice(bad_pool)
-        return self.case("override[bad]", base, "error", valid=False, cls=name, overrides=overrides,
-                         key=key if key and key != "=" else None, fmt="overrides")
+        return self.case(
+            "override[bad]",
+            base,
+            "error",
+            valid=False,
+            cls=name,
+            overrides=overrides,
+            key=key if key and key != "=" else None,
+            fmt="overrides",
+        )
 
 
 CONFIG_FAMILIES = {
-    "valid": 40, "odd_valid": 30, "unknown_key": 30, "wrong_type": 60, "syntax": 50, "top_level": 12, "encoding": 25,
-    "truncate": 20, "deep": 5, "bombs": 8, "key_oddities": 14, "duplicate": 12, "overrides": 80,
+    "valid": 40,
+    "odd_valid": 30,
+    "unknown_key": 30,
+    "wrong_type": 60,
+    "syntax": 50,
+    "top_level": 12,
+    "encoding": 25,
+    "truncate": 20,
+    "deep": 5,
+    "bombs": 8,
+    "key_oddities": 14,
+    "duplicate": 12,
+    "overrides": 80,
 }
 
 
@@ -1201,8 +1519,11 @@ def judge(case: Case, path: Path) -> tuple[bool, str]:
         message = str(e)
         if case.expect == "load":
             return False, f"rejected valid input: {type(e).__name__}: {short(message)}"
-        named = str(path) in message or (case.overrides is not None and "command line" in message) or \
-            (case.overrides and any(o.split("=", 1)[0].strip() in message for o in case.overrides))
+        named = (
+            str(path) in message
+            or (case.overrides is not None and "command line" in message)
+            or (case.overrides and any(o.split("=", 1)[0].strip() in message for o in case.overrides))
+        )
         if not named:
             return False, f"error does not name the file: {type(e).__name__}: {short(message)}"
         if case.key and case.key not in message:
@@ -1303,8 +1624,13 @@ def rlhfkit_command() -> list[str]:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run_cli(args: list[str], *, cwd: Path, timeout: float) -> tuple[int | None, str, float]:
@@ -1315,8 +1641,9 @@ def run_cli(args: list[str], *, cwd: Path, timeout: float) -> tuple[int | None, 
         os.setsid()
         resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
 
-    proc = subprocess.Popen([*rlhfkit_command(), *args], cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=limits)
+    proc = subprocess.Popen(
+        [*rlhfkit_command(), *args], cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limits
+    )
     try:
         _, err = proc.communicate(timeout=timeout)
         rc: int | None = proc.returncode
@@ -1376,8 +1703,11 @@ def good_prefs(rng: random.Random, n: int = 12) -> str:
 
 
 def good_samples(rng: random.Random, n: int = 6) -> str:
-    return "".join(json.dumps({"prompt_index": i, "prompt": words(rng), "responses": [words(rng), words(rng)],
-                               "temperatures": [0.7, 1.2]}) + "\n" for i in range(n))
+    return "".join(
+        json.dumps({"prompt_index": i, "prompt": words(rng), "responses": [words(rng), words(rng)], "temperatures": [0.7, 1.2]})
+        + "\n"
+        for i in range(n)
+    )
 
 
 def prepare_earlier_outputs(tmp: Path, rng: random.Random, quick: bool) -> tuple[dict[str, Path], list[str]]:
@@ -1385,14 +1715,18 @@ def prepare_earlier_outputs(tmp: Path, rng: random.Random, quick: bool) -> tuple
     problems = []
     prev = tmp / "prev"
     good = write(tmp / "inputs" / "good_sft.jsonl", good_sft(rng))
-    rc, err, _ = run_cli(["sft", *SFT_TRAIN, "max_steps=2", "eval_fraction=0", f"data={good}",
-                          f"output_dir={prev / 'sft'}"], cwd=tmp, timeout=CLI_TIMEOUT_S)
+    rc, err, _ = run_cli(
+        ["sft", *SFT_TRAIN, "max_steps=2", "eval_fraction=0", f"data={good}", f"output_dir={prev / 'sft'}"],
+        cwd=tmp,
+        timeout=CLI_TIMEOUT_S,
+    )
     if rc != 0:
         problems.append(f"set-up: the earlier tiny sft run failed (exit {rc}): {short(err[-400:], 300)}")
     write(prev / "sft" / "NOTES.txt", "an earlier finished run; nothing may change it\n")
     write(prev / "samples.jsonl", good_samples(rng))
-    rc, err, _ = run_cli(["label", f"samples={prev / 'samples.jsonl'}", f"output={prev / 'labels.jsonl'}"], cwd=tmp,
-                         timeout=CLI_TIMEOUT_S)
+    rc, err, _ = run_cli(
+        ["label", f"samples={prev / 'samples.jsonl'}", f"output={prev / 'labels.jsonl'}"], cwd=tmp, timeout=CLI_TIMEOUT_S
+    )
     if rc != 0:
         problems.append(f"set-up: the earlier label run failed (exit {rc}): {short(err[-400:], 300)}")
     from rlhfkit.feedback.web.admin import read_pairs
@@ -1406,11 +1740,25 @@ def prepare_earlier_outputs(tmp: Path, rng: random.Random, quick: bool) -> tuple
     if not quick:  # a pipeline whose sft stage finished (its sample stage then stopped on bad prompts)
         pipe = tmp / "pipeline"
         bad_prompts = write(tmp / "inputs" / "pipeline_bad_prompts.jsonl", '{"prompt": 5}\n')
-        write(tmp / "inputs" / "pipeline.yaml", yaml_dump({
-            "output_dir": str(pipe), "model": "tiny",
-            "sft": {"data": str(good), "max_steps": 2, "batch_size": 2, "eval_fraction": 0.0, "precision": "fp32",
-                    "progress": False, "tensorboard": False},
-            "sample": {"prompts": str(bad_prompts)}}))
+        write(
+            tmp / "inputs" / "pipeline.yaml",
+            yaml_dump(
+                {
+                    "output_dir": str(pipe),
+                    "model": "tiny",
+                    "sft": {
+                        "data": str(good),
+                        "max_steps": 2,
+                        "batch_size": 2,
+                        "eval_fraction": 0.0,
+                        "precision": "fp32",
+                        "progress": False,
+                        "tensorboard": False,
+                    },
+                    "sample": {"prompts": str(bad_prompts)},
+                }
+            ),
+        )
         rc, err, _ = run_cli(["run", str(tmp / "inputs" / "pipeline.yaml")], cwd=tmp, timeout=CLI_TIMEOUT_S)
         if not (pipe / "sft" / ".stage.json").is_file():
             problems.append(f"set-up: the earlier pipeline's sft stage did not finish (exit {rc}): {short(err[-400:], 300)}")
@@ -1442,8 +1790,11 @@ def cli_cases(tmp: Path, rng: random.Random, roots: dict[str, Path], quick: bool
 
     def sample(name: str, content: str | bytes, what: str) -> CliCase:
         bad = data(name, content)
-        return CliCase(f"sample: {what}", ["sample", "model=tiny", f"output={prev / 'samples.jsonl'}", "max_new_tokens=2",
-                                           f"prompts={bad}"], bad)
+        return CliCase(
+            f"sample: {what}",
+            ["sample", "model=tiny", f"output={prev / 'samples.jsonl'}", "max_new_tokens=2", f"prompts={bad}"],
+            bad,
+        )
 
     earlier_samples = (prev / "samples.jsonl").read_text(encoding="utf-8")
 
@@ -1467,38 +1818,81 @@ def cli_cases(tmp: Path, rng: random.Random, roots: dict[str, Path], quick: bool
         config("sft", "cfg_tabs.yaml", "model: tiny\n\tmax_steps: 1\n", "config with tab indentation", sft_out),
         config("sft", "cfg_unknown.yaml", "model: tiny\nmax_stepz: 1\n", "config with an unknown key", sft_out),
         config("sft", "cfg_latin1.yaml", "model: tiny\ndata: café.jsonl\n".encode("latin-1"), "latin-1 config", sft_out),
-        config("sft", "cfg_bomb.yaml", f"model: tiny\ndata: {bomb()}\n", "billion-laughs config (alias bomb in `data`)",
-               sft_out, timeout=CLI_HANG_TIMEOUT_S),
+        config(
+            "sft",
+            "cfg_bomb.yaml",
+            f"model: tiny\ndata: {bomb()}\n",
+            "billion-laughs config (alias bomb in `data`)",
+            sft_out,
+            timeout=CLI_HANG_TIMEOUT_S,
+        ),
         config("sft", "cfg_stage.yaml", "stage: [sft]\nmodel: tiny\n", "config with 'stage: [sft]'", sft_out),
         config("sft", "cfg_keys.yaml", "model: tiny\n1: 2\nbogus: 3\n", "config with an int key and an unknown key", sft_out),
-        train("reward", "pref_preferred.jsonl", jl(prefs[0], {"prompt": "p", "response_a": "a", "response_b": "b",
-                                                               "preferred": ["a"]}), "'preferred' is a list"),
+        train(
+            "reward",
+            "pref_preferred.jsonl",
+            jl(prefs[0], {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": ["a"]}),
+            "'preferred' is a list",
+        ),
         train("reward", "pref_empty.jsonl", "", "empty preference file"),
         train("reward", "pref_missing.jsonl", jl(prefs[0], {"prompt": "p", "rejected": "r"}), "'chosen' missing on line 2"),
         train("dpo", "pref_bigint.jsonl", jl(prefs[0], bigint), "5,000-digit integer in an ignored field"),
         train("dpo", "pref_utf16.jsonl", jl(*prefs).encode("utf-16"), "UTF-16 file"),
         sample("prompts_num.jsonl", jl({"prompt": "ok"}, {"prompt": 7}), "prompt is a number"),
         sample("prompts_nul.jsonl", '{"prompt": "a\x00b"}\n', "raw NUL byte in a prompt"),
-        label("samples_prompt_num.jsonl", {"prompt": 5, "responses": ["a good answer", "bad"]}, "a new record's prompt is a number"),
+        label(
+            "samples_prompt_num.jsonl", {"prompt": 5, "responses": ["a good answer", "bad"]}, "a new record's prompt is a number"
+        ),
         label("samples_missing.jsonl", {"prompt": "p"}, "a new record without responses"),
         label("samples_empty.jsonl", None, "empty samples file (fresh output)", fresh=True),
-        config("label", "cfg_label_bomb.yaml", f"scorer: length\nscorer_args: {{target_words: {bomb()}}}\n",
-               "alias bomb in scorer_args (fresh output)", f"output={prev / 'new-labels-bomb.jsonl'}",
-               f"samples={prev / 'samples.jsonl'}", timeout=CLI_HANG_TIMEOUT_S),
+        config(
+            "label",
+            "cfg_label_bomb.yaml",
+            f"scorer: length\nscorer_args: {{target_words: {bomb()}}}\n",
+            "alias bomb in scorer_args (fresh output)",
+            f"output={prev / 'new-labels-bomb.jsonl'}",
+            f"samples={prev / 'samples.jsonl'}",
+            timeout=CLI_HANG_TIMEOUT_S,
+        ),
     ]
     bad_pairs = data("pairs_bad.jsonl", good_samples(rng, 2) + jl({"prompt": "p", "responses": ["a", 5]}))
-    cases.append(CliCase("annotate serve: bad pairs file", ["annotate", "serve", "--db", str(prev / "annotations.sqlite"),
-                                                            "--port", "0", "--pairs", str(bad_pairs)], bad_pairs))
+    cases.append(
+        CliCase(
+            "annotate serve: bad pairs file",
+            ["annotate", "serve", "--db", str(prev / "annotations.sqlite"), "--port", "0", "--pairs", str(bad_pairs)],
+            bad_pairs,
+        )
+    )
     if "pipeline" in roots:
         bad = data("sft_pipeline_bad.jsonl", jl(sft[0], "{broken"))
-        pipe_cfg = data("pipeline_bad.yaml", yaml_dump({
-            "output_dir": str(roots["pipeline"]), "model": "tiny",
-            "sft": {"data": str(bad), "max_steps": 2, "batch_size": 2, "eval_fraction": 0.0, "precision": "fp32",
-                    "progress": False, "tensorboard": False}}))
+        pipe_cfg = data(
+            "pipeline_bad.yaml",
+            yaml_dump(
+                {
+                    "output_dir": str(roots["pipeline"]),
+                    "model": "tiny",
+                    "sft": {
+                        "data": str(bad),
+                        "max_steps": 2,
+                        "batch_size": 2,
+                        "eval_fraction": 0.0,
+                        "precision": "fp32",
+                        "progress": False,
+                        "tensorboard": False,
+                    },
+                }
+            ),
+        )
         cases.append(CliCase("run: a pipeline whose sft data became invalid", ["run", str(pipe_cfg)], bad))
     if quick:
-        keep = ("sft: invalid JSON", "sft: 100,000", "reward: 'preferred'", "sample: prompt is", "label: a new record's prompt is a",
-                "sft: config with tab")
+        keep = (
+            "sft: invalid JSON",
+            "sft: 100,000",
+            "reward: 'preferred'",
+            "sample: prompt is",
+            "label: a new record's prompt is a",
+            "sft: config with tab",
+        )
         cases = [c for c in cases if c.name.startswith(keep)]
     return cases
 
@@ -1535,19 +1929,33 @@ def cli_rows(tmp: Path, rng: random.Random, quick: bool, progress: Callable[[str
         touched = [f"{name}/{f}" for name in roots for f in changed(before[name], after[name])]
         if touched:
             gone = [f for f in touched if f.split("/", 1)[1] not in after[f.split("/", 1)[0]]]
-            keep_fail.append(f"{case.name}: {len(touched)} earlier file(s) changed or deleted"
-                             f" ({len(gone)} deleted), e.g. {', '.join(sorted(touched)[:4])}")
+            keep_fail.append(
+                f"{case.name}: {len(touched)} earlier file(s) changed or deleted"
+                f" ({len(gone)} deleted), e.g. {', '.join(sorted(touched)[:4])}"
+            )
         else:
             keep_pass += 1
         keep_s += time.perf_counter() - t1
         last = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["(empty stderr)"]
-        progress(f"  cli {case.name}: exit {rc}, {seconds:.1f} s{' -- ' + '; '.join(problems) if problems else ''}"
-                 f"{' -- earlier files changed' if touched else ''}\n      stderr: {short(last[0], 200)}")
+        progress(
+            f"  cli {case.name}: exit {rc}, {seconds:.1f} s{' -- ' + '; '.join(problems) if problems else ''}"
+            f"{' -- earlier files changed' if touched else ''}\n      stderr: {short(last[0], 200)}"
+        )
     return [
-        {"check": "CLI: bad input -> exit != 0, no traceback, file named", "cases": len(cases), "passed": run_pass,
-         "failures": run_fail, "seconds": round(run_s, 1)},
-        {"check": "CLI: earlier finished outputs byte-identical", "cases": len(cases), "passed": keep_pass,
-         "failures": keep_fail, "seconds": round(keep_s + setup_s, 1)},
+        {
+            "check": "CLI: bad input -> exit != 0, no traceback, file named",
+            "cases": len(cases),
+            "passed": run_pass,
+            "failures": run_fail,
+            "seconds": round(run_s, 1),
+        },
+        {
+            "check": "CLI: earlier finished outputs byte-identical",
+            "cases": len(cases),
+            "passed": keep_pass,
+            "failures": keep_fail,
+            "seconds": round(keep_s + setup_s, 1),
+        },
     ]
 
 
@@ -1573,14 +1981,20 @@ def group_failures(failures: list[tuple[Case, str]]) -> list[str]:
         groups.setdefault((family, sig), []).append(case)
         groups[(family, sig)][-1]._what = what  # type: ignore[attr-defined]
     out = []
-    for (family, _), cases in groups.items():
+    for (_family, _), cases in groups.items():
         first = cases[0]
         out.append(f"[{len(cases)}] {first.id} ({first.mutation}): {first._what}")  # type: ignore[attr-defined]
     return out
 
 
-def run(quick: bool = False, *, seed: int = SEED, dump: str | None = None, cli: bool = True,
-        progress: Callable[[str], None] | None = None) -> list[dict]:
+def run(
+    quick: bool = False,
+    *,
+    seed: int = SEED,
+    dump: str | None = None,
+    cli: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Generate and judge every case; one row per check (see the module docstring)."""
     progress = progress or (lambda line: None)
     rng = random.Random(seed)

@@ -97,15 +97,31 @@ RUN_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISA
 
 # Imported once by the fork server so a run does not pay the ~9 s of imports.
 PRELOAD = [
-    "torch", "numpy", "yaml", "safetensors.torch", "transformers", "accelerate", "tqdm.auto",
+    "torch",
+    "numpy",
+    "yaml",
+    "safetensors.torch",
+    "transformers",
+    "accelerate",
+    "tqdm.auto",
     "transformers.models.llama.modeling_llama",
-    "rlhfkit.cli", "rlhfkit.config", "rlhfkit.models", "rlhfkit.loop", "rlhfkit.sft", "rlhfkit.reward",
-    "rlhfkit.dpo", "rlhfkit.rl", "rlhfkit.sample", "rlhfkit.label", "rlhfkit.feedback.simulated",
+    "rlhfkit.cli",
+    "rlhfkit.config",
+    "rlhfkit.models",
+    "rlhfkit.loop",
+    "rlhfkit.sft",
+    "rlhfkit.reward",
+    "rlhfkit.dpo",
+    "rlhfkit.rl",
+    "rlhfkit.sample",
+    "rlhfkit.label",
+    "rlhfkit.feedback.simulated",
     "rlhfkit.feedback.scorers",
 ]
 
 TRAINERS = ("sft", "reward", "dpo", "ppo")
 STAGES = (*TRAINERS, "sample", "label")
+
 
 # Metric keys that are wall-clock measurements, so differ between any two runs.
 def _volatile(key: str) -> bool:
@@ -156,19 +172,43 @@ def stage_configs(work: Path) -> dict[str, dict[str, Any]]:
     """Each stage's config.yaml: small runs with frequent checkpoints and mid-run evaluations."""
     pairs = str(write_pairs(work / "pairs.jsonl"))
     items = str(write_label_items(work / "label_items.jsonl", 1500))
-    trainer = dict(model="tiny", precision="fp32", progress=False, tensorboard=False, max_length=64, batch_size=4,
-                   keep_checkpoints=2)
+    trainer = dict(
+        model="tiny", precision="fp32", progress=False, tensorboard=False, max_length=64, batch_size=4, keep_checkpoints=2
+    )
     return {
         "sft": {**trainer, "max_steps": 12, "save_every": 3, "eval_fraction": 0.05, "eval_every": 4, "lr": 3e-3},
-        "reward": {**trainer, "data": pairs, "max_steps": 8, "save_every": 2, "eval_fraction": 0.1, "eval_every": 4,
-                   "lr": 1e-3, "norm_max_samples": 32},
-        "dpo": {**trainer, "data": pairs, "max_steps": 8, "save_every": 2, "eval_fraction": 0.1, "eval_every": 4,
-                "lr": 1e-3},
-        "ppo": {"policy": "tiny", "precision": "fp32", "progress": False, "tensorboard": False, "max_steps": 8,
-                "save_every": 2, "keep_checkpoints": 2, "batch_size": 4, "max_new_tokens": 16, "lr": 1e-4,
-                "log_samples": 2},
-        "sample": {"model": "tiny", "precision": "fp32", "progress": False, "batch_size": 4, "max_prompts": 48,
-                   "max_new_tokens": 24},
+        "reward": {
+            **trainer,
+            "data": pairs,
+            "max_steps": 8,
+            "save_every": 2,
+            "eval_fraction": 0.1,
+            "eval_every": 4,
+            "lr": 1e-3,
+            "norm_max_samples": 32,
+        },
+        "dpo": {**trainer, "data": pairs, "max_steps": 8, "save_every": 2, "eval_fraction": 0.1, "eval_every": 4, "lr": 1e-3},
+        "ppo": {
+            "policy": "tiny",
+            "precision": "fp32",
+            "progress": False,
+            "tensorboard": False,
+            "max_steps": 8,
+            "save_every": 2,
+            "keep_checkpoints": 2,
+            "batch_size": 4,
+            "max_new_tokens": 16,
+            "lr": 1e-4,
+            "log_samples": 2,
+        },
+        "sample": {
+            "model": "tiny",
+            "precision": "fp32",
+            "progress": False,
+            "batch_size": 4,
+            "max_prompts": 48,
+            "max_new_tokens": 24,
+        },
         "label": {"samples": items, "chunk_size": 50, "seed": 0},
     }
 
@@ -477,8 +517,14 @@ class _ForkServer:
     """The parent's end of :func:`_zygote`."""
 
     def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--zygote"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the fork server did not start")
 
@@ -496,8 +542,7 @@ class _ForkServer:
 class Run:
     """A stage process: a fork of the server, or an ``rlhfkit`` subprocess."""
 
-    def __init__(self, log_dir: Path, *, popen: subprocess.Popen | None = None, server: _ForkServer | None = None,
-                 pid: int = 0):
+    def __init__(self, log_dir: Path, *, popen: subprocess.Popen | None = None, server: _ForkServer | None = None, pid: int = 0):
         self.log_dir, self.popen, self.server = log_dir, popen, server
         self.pid = popen.pid if popen is not None else pid
 
@@ -551,8 +596,9 @@ class Launcher:
         """The real ``rlhfkit`` console script."""
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "stdout.log", "w") as out, open(log_dir / "stderr.log", "w") as err:
-            proc = subprocess.Popen([self.rlhfkit, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=log_dir)
+            proc = subprocess.Popen(
+                [self.rlhfkit, *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env, cwd=log_dir
+            )
         return Run(log_dir, popen=proc)
 
     def start(self, argv: list[str], log_dir: Path, inject: dict | None = None) -> Run:
@@ -561,8 +607,9 @@ class Launcher:
             if inject is None:
                 return self.cli(argv, log_dir)
             spec = json.dumps({"argv": argv, "log_dir": str(log_dir), "inject": inject})
-            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", spec],
-                                    stdin=subprocess.DEVNULL, env=self.env, cwd=log_dir)
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--child", spec], stdin=subprocess.DEVNULL, env=self.env, cwd=log_dir
+            )
             return Run(log_dir, popen=proc)
         if self._server is None:
             self._server = _ForkServer(self.env)
@@ -794,8 +841,9 @@ def compare_outputs(stage: str, out: Path, ref: Path) -> list[str]:
             problems.append(bad)
         if diff := _compare_records("metrics.jsonl", _records(ref / "metrics.jsonl"), got, volatile=True):
             problems.append(diff)
-        if stage == "ppo" and (diff := _compare_records("samples.jsonl", _records(ref / "samples.jsonl"),
-                                                        _records(out / "samples.jsonl"))):
+        if stage == "ppo" and (
+            diff := _compare_records("samples.jsonl", _records(ref / "samples.jsonl"), _records(out / "samples.jsonl"))
+        ):
             problems.append(diff)
     else:
         name = output_file(stage)
@@ -806,8 +854,13 @@ def compare_outputs(stage: str, out: Path, ref: Path) -> list[str]:
 
 def leftovers(out: Path) -> list[str]:
     """Temp files and directories of interrupted writes still in ``out`` after a finished run."""
-    found = [*out.glob("checkpoints/.tmp-step-*"), *out.glob(".save.*"), *out.glob(".labels.jsonl.*"),
-             *out.glob(".samples.jsonl.*"), *out.glob(".rlhfkit-cache/.*.tmp")]
+    found = [
+        *out.glob("checkpoints/.tmp-step-*"),
+        *out.glob(".save.*"),
+        *out.glob(".labels.jsonl.*"),
+        *out.glob(".samples.jsonl.*"),
+        *out.glob(".rlhfkit-cache/.*.tmp"),
+    ]
     return sorted(str(p.relative_to(out)) for p in found)
 
 
@@ -831,38 +884,63 @@ def kill_points(quick: bool) -> list[KillPoint]:
         KillPoint("sft", "first checkpoint write (step 3), at once", Exists(ck.format(3))),
         KillPoint("sft", "checkpoint write (step 6), +40 ms", Exists(ck.format(6)), 0.04),
         KillPoint("sft", "checkpoint write (step 9), +120 ms", Exists(ck.format(9)), 0.12),
-        KillPoint("sft", "metrics.jsonl append (>= 7 lines), torn last line", Grows("metrics.jsonl", 7),
-                  tear="last", tear_file="metrics.jsonl"),
+        KillPoint(
+            "sft",
+            "metrics.jsonl append (>= 7 lines), torn last line",
+            Grows("metrics.jsonl", 7),
+            tear="last",
+            tear_file="metrics.jsonl",
+        ),
         KillPoint("sft", "final model save", Exists(".save.*")),
         KillPoint("reward", "checkpoint write (step 4), +20 ms", Exists(ck.format(4)), 0.02),
         KillPoint("reward", "random: >= 5 metrics lines + delay", Lines("metrics.jsonl", 5), jitter(0.0, 0.3)),
         KillPoint("reward", "final model save", Exists(".save.*")),
-        KillPoint("dpo", "just after the reference-cache write (the rerun reads it)",
-                  Exists(".rlhfkit-cache/*.safetensors")),
+        KillPoint("dpo", "just after the reference-cache write (the rerun reads it)", Exists(".rlhfkit-cache/*.safetensors")),
         KillPoint("dpo", "checkpoint write (step 6), +60 ms", Exists(ck.format(6)), 0.06),
         KillPoint("dpo", "random: >= 3 metrics lines + delay", Lines("metrics.jsonl", 3), jitter(0.0, 0.3)),
         KillPoint("dpo", "just after checkpoint 4's rename", Exists("checkpoints/step-0000004")),
         KillPoint("ppo", "first checkpoint write (step 2), +30 ms", Exists(ck.format(2)), 0.03),
         KillPoint("ppo", "checkpoint write (step 6), at once", Exists(ck.format(6))),
-        KillPoint("ppo", "samples.jsonl append (>= 6 lines), torn last line", Grows("samples.jsonl", 6),
-                  tear="last", tear_file="samples.jsonl"),
+        KillPoint(
+            "ppo",
+            "samples.jsonl append (>= 6 lines), torn last line",
+            Grows("samples.jsonl", 6),
+            tear="last",
+            tear_file="samples.jsonl",
+        ),
         KillPoint("ppo", "final model save", Exists(".save.*")),
         KillPoint("sample", "random: >= 5 records + delay", Lines("samples.jsonl", 5), jitter(0.0, 0.4)),
-        KillPoint("sample", "append (>= 20 records), torn inside the last batch's first record",
-                  Grows("samples.jsonl", 20), tear="batch_start", tear_file="samples.jsonl"),
-        KillPoint("sample", "append (>= 32 records), torn inside the last batch's third record",
-                  Grows("samples.jsonl", 32), tear="batch_mid", tear_file="samples.jsonl"),
-        KillPoint("label", "labels rewrite in progress (file >= 100 kB)",
-                  Exists(".labels.jsonl.*", after=Size("labels.jsonl", 100_000))),
-        KillPoint("label", "labels rewrite in progress (file >= 400 kB)",
-                  Exists(".labels.jsonl.*", after=Size("labels.jsonl", 400_000))),
+        KillPoint(
+            "sample",
+            "append (>= 20 records), torn inside the last batch's first record",
+            Grows("samples.jsonl", 20),
+            tear="batch_start",
+            tear_file="samples.jsonl",
+        ),
+        KillPoint(
+            "sample",
+            "append (>= 32 records), torn inside the last batch's third record",
+            Grows("samples.jsonl", 32),
+            tear="batch_mid",
+            tear_file="samples.jsonl",
+        ),
+        KillPoint(
+            "label", "labels rewrite in progress (file >= 100 kB)", Exists(".labels.jsonl.*", after=Size("labels.jsonl", 100_000))
+        ),
+        KillPoint(
+            "label", "labels rewrite in progress (file >= 400 kB)", Exists(".labels.jsonl.*", after=Size("labels.jsonl", 400_000))
+        ),
         KillPoint("label", "random: file >= 50 kB + delay", Size("labels.jsonl", 50_000), jitter(0.0, 0.3)),
     ]
     if quick:
-        keep = {"checkpoint write (step 6), +40 ms", "random: >= 5 metrics lines + delay",
-                "checkpoint write (step 6), +60 ms", "checkpoint write (step 6), at once",
-                "append (>= 20 records), torn inside the last batch's first record",
-                "labels rewrite in progress (file >= 100 kB)"}
+        keep = {
+            "checkpoint write (step 6), +40 ms",
+            "random: >= 5 metrics lines + delay",
+            "checkpoint write (step 6), +60 ms",
+            "checkpoint write (step 6), at once",
+            "append (>= 20 records), torn inside the last batch's first record",
+            "labels rewrite in progress (file >= 100 kB)",
+        }
         points = [p for p in points if p.what in keep]
     return points
 
@@ -877,8 +955,14 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "cases": self.cases, "passed": self.passed, "failures": self.failures,
-                "seconds": round(self.seconds, 1), "notes": self.notes}
+        return {
+            "check": self.check,
+            "cases": self.cases,
+            "passed": self.passed,
+            "failures": self.failures,
+            "seconds": round(self.seconds, 1),
+            "notes": self.notes,
+        }
 
 
 def _wait_for(run: Run, out: Path, trigger: Trigger, timeout: float = RUN_TIMEOUT_S) -> bool:
@@ -893,8 +977,9 @@ def _wait_for(run: Run, out: Path, trigger: Trigger, timeout: float = RUN_TIMEOU
     return False
 
 
-def run_kill_point(launcher: Launcher, point: KillPoint, config: Path, ref_out: Path, run_dir: Path,
-                   batch_size: int) -> tuple[list[str], str, bool, list[str]]:
+def run_kill_point(
+    launcher: Launcher, point: KillPoint, config: Path, ref_out: Path, run_dir: Path, batch_size: int
+) -> tuple[list[str], str, bool, list[str]]:
     """Kill at ``point``, rerun to completion, compare: (failures, where the kill landed, inside a write?, notes)."""
     out = run_dir / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -915,8 +1000,9 @@ def run_kill_point(launcher: Launcher, point: KillPoint, config: Path, ref_out: 
         return [f"{point.what}: killed run exited {rc}, not by SIGKILL: {_tail(first.stderr())}"], landed, inside, []
     notes = []
     if point.tear:
-        notes.append(f"{point.stage} / {point.what}: simulated tear: "
-                     + tear_jsonl(out / point.tear_file, point.tear, batch_size))
+        notes.append(
+            f"{point.stage} / {point.what}: simulated tear: " + tear_jsonl(out / point.tear_file, point.tear, batch_size)
+        )
     second = launcher.start(argv, run_dir / "resumed")
     rc = second.wait()
     if rc != 0:
@@ -948,8 +1034,7 @@ def _references(launcher: Launcher, work: Path, configs: dict[str, Path], verbos
     return refs, row
 
 
-def determinism_row(launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path],
-                    verbose: bool) -> Row:
+def determinism_row(launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path], verbose: bool) -> Row:
     """Each stage rerun uninterrupted (a fork of the server) against the reference (the real CLI)."""
     row, t0 = Row("determinism: uninterrupted rerun == reference"), time.perf_counter()
     for stage, ref in refs.items():
@@ -969,8 +1054,9 @@ def determinism_row(launcher: Launcher, work: Path, configs: dict[str, Path], re
     return row
 
 
-def kill_rows(launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path], stage_cfg: dict,
-              quick: bool, verbose: bool) -> list[Row]:
+def kill_rows(
+    launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path], stage_cfg: dict, quick: bool, verbose: bool
+) -> list[Row]:
     rows = {stage: Row(f"kill -9 + resume: {stage}") for stage in STAGES}
     inside = {stage: 0 for stage in STAGES}
     for i, point in enumerate(kill_points(quick)):
@@ -981,8 +1067,13 @@ def kill_rows(launcher: Launcher, work: Path, configs: dict[str, Path], refs: di
             continue
         t = time.perf_counter()
         problems, landed, was_inside, notes = run_kill_point(
-            launcher, point, configs[point.stage], refs[point.stage], work / f"kill-{i:02d}-{point.stage}",
-            stage_cfg[point.stage].get("batch_size", 1))
+            launcher,
+            point,
+            configs[point.stage],
+            refs[point.stage],
+            work / f"kill-{i:02d}-{point.stage}",
+            stage_cfg[point.stage].get("batch_size", 1),
+        )
         row.seconds += time.perf_counter() - t
         row.failures += problems
         row.notes += notes
@@ -990,8 +1081,11 @@ def kill_rows(launcher: Launcher, work: Path, configs: dict[str, Path], refs: di
         inside[point.stage] += was_inside
         row.notes.append(f"{point.stage} / {point.what}: landed: {landed}")
         if verbose:
-            print(f"  kill {i:2d} {point.stage:6s} {point.what}: {'ok' if not problems else 'FAIL'} "
-                  f"({time.perf_counter() - t:.1f} s) landed: {landed}", flush=True)
+            print(
+                f"  kill {i:2d} {point.stage:6s} {point.what}: {'ok' if not problems else 'FAIL'} "
+                f"({time.perf_counter() - t:.1f} s) landed: {landed}",
+                flush=True,
+            )
             for p in problems:
                 print(f"      {p}", flush=True)
     out = []
@@ -1017,32 +1111,65 @@ class DiskCase:
 
 def disk_cases(quick: bool, refs: dict[str, Path], stage_cfg: dict) -> list[DiskCase]:
     cases = [
-        DiskCase("ENOSPC: sft checkpoint write (in model.safetensors)", "sft",
-                 {"kind": "enospc", "arm": "checkpoint", "step": 6, "budget": 5_000_000}, "checkpoint:3"),
-        DiskCase("ENOSPC: sft checkpoint write (in optimizer.bin)", "sft",
-                 {"kind": "enospc", "arm": "checkpoint", "step": 6, "budget": 20_000_000}, "checkpoint:3"),
-        DiskCase("ENOSPC: sft final model save", "sft",
-                 {"kind": "enospc", "arm": "final_save", "budget": 3_000_000}, "no_marker"),
-        DiskCase("ENOSPC: sft metrics.jsonl append (step 8)", "sft",
-                 {"kind": "enospc", "arm": "metrics", "step": 8, "budget": 30, "match": "metrics.jsonl"}, "metrics:8"),
+        DiskCase(
+            "ENOSPC: sft checkpoint write (in model.safetensors)",
+            "sft",
+            {"kind": "enospc", "arm": "checkpoint", "step": 6, "budget": 5_000_000},
+            "checkpoint:3",
+        ),
+        DiskCase(
+            "ENOSPC: sft checkpoint write (in optimizer.bin)",
+            "sft",
+            {"kind": "enospc", "arm": "checkpoint", "step": 6, "budget": 20_000_000},
+            "checkpoint:3",
+        ),
+        DiskCase(
+            "ENOSPC: sft final model save", "sft", {"kind": "enospc", "arm": "final_save", "budget": 3_000_000}, "no_marker"
+        ),
+        DiskCase(
+            "ENOSPC: sft metrics.jsonl append (step 8)",
+            "sft",
+            {"kind": "enospc", "arm": "metrics", "step": 8, "budget": 30, "match": "metrics.jsonl"},
+            "metrics:8",
+        ),
     ]
     chunk = stage_cfg["label"]["chunk_size"]
     if "label" in refs:  # the 4th save writes 4 chunks: half of that fits
         size = sum(len(line) + 1 for line in (refs["label"] / "labels.jsonl").read_bytes().split(b"\n")[: 4 * chunk])
-        cases.append(DiskCase("ENOSPC: labels save (4th chunk)", "label",
-                              {"kind": "enospc", "arm": "labels", "call": 4, "budget": size // 2}, f"labels:{3 * chunk}"))
+        cases.append(
+            DiskCase(
+                "ENOSPC: labels save (4th chunk)",
+                "label",
+                {"kind": "enospc", "arm": "labels", "call": 4, "budget": size // 2},
+                f"labels:{3 * chunk}",
+            )
+        )
     batch = stage_cfg["sample"]["batch_size"]
     if "sample" in refs:  # 6 batches and 2 records of the 7th fit, and 40 bytes of the next record
         kept = 6 * batch + 2
         size = sum(len(line) + 1 for line in (refs["sample"] / "samples.jsonl").read_bytes().split(b"\n")[:kept])
-        cases.append(DiskCase("ENOSPC: samples.jsonl append (mid-batch)", "sample",
-                              {"kind": "enospc", "arm": "now", "budget": size + 40, "match": "samples.jsonl"},
-                              f"samples:{kept}"))
-    cases.append(DiskCase("EFBIG (RLIMIT_FSIZE 16 MB): sft checkpoint write, real writers", "sft",
-                          {"kind": "fsize", "arm": "checkpoint", "step": 6, "limit": 16_000_000}, "checkpoint:3"))
+        cases.append(
+            DiskCase(
+                "ENOSPC: samples.jsonl append (mid-batch)",
+                "sample",
+                {"kind": "enospc", "arm": "now", "budget": size + 40, "match": "samples.jsonl"},
+                f"samples:{kept}",
+            )
+        )
+    cases.append(
+        DiskCase(
+            "EFBIG (RLIMIT_FSIZE 16 MB): sft checkpoint write, real writers",
+            "sft",
+            {"kind": "fsize", "arm": "checkpoint", "step": 6, "limit": 16_000_000},
+            "checkpoint:3",
+        )
+    )
     if quick:
-        keep = {"ENOSPC: sft checkpoint write (in optimizer.bin)", "ENOSPC: labels save (4th chunk)",
-                "ENOSPC: samples.jsonl append (mid-batch)"}
+        keep = {
+            "ENOSPC: sft checkpoint write (in optimizer.bin)",
+            "ENOSPC: labels save (4th chunk)",
+            "ENOSPC: samples.jsonl append (mid-batch)",
+        }
         cases = [c for c in cases if c.name in keep]
     return cases
 
@@ -1068,7 +1195,7 @@ def check_last_good(case: DiskCase, out: Path, ref_out: Path, stage_cfg: dict) -
     kind, _, value = case.expect.partition(":")
     problems = []
     if kind == "checkpoint":
-        from rlhfkit.loop import CheckpointError, Checkpointer
+        from rlhfkit.loop import Checkpointer, CheckpointError
 
         step = int(value)
         failed = out / "checkpoints" / f"step-{case.inject['step']:07d}"
@@ -1114,13 +1241,15 @@ def check_last_good(case: DiskCase, out: Path, ref_out: Path, stage_cfg: dict) -
             return [f"{name}: a complete line does not parse after the failure: {e}"]
         ref = _read_jsonl(ref_out / name)[:n]
         if got[:n] != ref or len(got) < n:
-            problems.append(f"{name}: the {n} records written before the failure are not all there / not equal "
-                            f"({len(got)} complete lines)")
+            problems.append(
+                f"{name}: the {n} records written before the failure are not all there / not equal ({len(got)} complete lines)"
+            )
     return problems
 
 
-def run_disk_case(launcher: Launcher, case: DiskCase, config: Path, ref_out: Path, run_dir: Path,
-                  stage_cfg: dict) -> tuple[list[str], list[str]]:
+def run_disk_case(
+    launcher: Launcher, case: DiskCase, config: Path, ref_out: Path, run_dir: Path, stage_cfg: dict
+) -> tuple[list[str], list[str]]:
     out = run_dir / "out"
     out.mkdir(parents=True, exist_ok=True)
     argv = stage_argv(case.stage, config, out)
@@ -1150,16 +1279,18 @@ def run_disk_case(launcher: Launcher, case: DiskCase, config: Path, ref_out: Pat
     return problems, notes
 
 
-def disk_rows(launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path], stage_cfg: dict,
-              quick: bool, verbose: bool) -> list[Row]:
+def disk_rows(
+    launcher: Launcher, work: Path, configs: dict[str, Path], refs: dict[str, Path], stage_cfg: dict, quick: bool, verbose: bool
+) -> list[Row]:
     rows = []
     for i, case in enumerate(disk_cases(quick, refs, stage_cfg)):
         row, t = Row(case.name, cases=1), time.perf_counter()
         if case.stage not in refs:
             row.failures.append("no reference run")
         else:
-            problems, row.notes = run_disk_case(launcher, case, configs[case.stage], refs[case.stage],
-                                                work / f"disk-{i:02d}-{case.stage}", stage_cfg)
+            problems, row.notes = run_disk_case(
+                launcher, case, configs[case.stage], refs[case.stage], work / f"disk-{i:02d}-{case.stage}", stage_cfg
+            )
             row.failures += problems
             row.passed = int(not problems)
         row.seconds = time.perf_counter() - t
@@ -1174,8 +1305,9 @@ def disk_rows(launcher: Launcher, work: Path, configs: dict[str, Path], refs: di
 # ============================================================================ entry points
 
 
-def run(quick: bool = False, *, fresh_processes: bool = False, keep: bool = False, verbose: bool = False,
-        work_dir: str | None = None) -> list[dict]:
+def run(
+    quick: bool = False, *, fresh_processes: bool = False, keep: bool = False, verbose: bool = False, work_dir: str | None = None
+) -> list[dict]:
     """Both parts; one dict per table row: check, cases, passed, failures, seconds (and notes: what each kill
     hit, simulated tears, temp files left behind, the error lines printed)."""
     import yaml
@@ -1229,18 +1361,19 @@ def main() -> int:
     if sys.argv[1:] == ["--zygote"]:  # the fork server (Launcher)
         _zygote()
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 kill points and 3 full-disk cases (smoke test)")
-    parser.add_argument("--fresh-processes", action="store_true",
-                        help="every run its own rlhfkit process instead of a fork of a pre-imported server")
+    parser.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="every run its own rlhfkit process instead of a fork of a pre-imported server",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (printed)")
     parser.add_argument("--work-dir", help="use (and keep) this directory")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rows = run(args.quick, fresh_processes=args.fresh_processes, keep=args.keep, verbose=not args.quiet,
-               work_dir=args.work_dir)
+    rows = run(args.quick, fresh_processes=args.fresh_processes, keep=args.keep, verbose=not args.quiet, work_dir=args.work_dir)
     print_rows(rows)
     print(f"wall time {time.perf_counter() - t0:.0f} s")
     return 0 if all(r["passed"] == r["cases"] for r in rows) else 1

@@ -59,9 +59,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,8 +98,20 @@ class Server:
     def start(self, timeout: float = 120.0) -> None:
         self.starts += 1
         log = self.logs / f"server-{self.starts}.log"
-        args = [sys.executable, "-m", "rlhfkit.feedback.web.cli", "serve", "--db", str(self.db), "--pairs", str(self.pairs),
-                "--overlap", str(self.overlap), "--port", str(self.port)]
+        args = [
+            sys.executable,
+            "-m",
+            "rlhfkit.feedback.web.cli",
+            "serve",
+            "--db",
+            str(self.db),
+            "--pairs",
+            str(self.pairs),
+            "--overlap",
+            str(self.overlap),
+            "--port",
+            str(self.port),
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
         with open(log, "wb") as out:
@@ -169,8 +182,9 @@ class Stop(Exception):
     pass
 
 
-def run_load(server: Server, tokens: dict[str, str], budget_total: int, *, kills: int, seed: int,
-             progress: Callable[[str], None]) -> Load:
+def run_load(
+    server: Server, tokens: dict[str, str], budget_total: int, *, kills: int, seed: int, progress: Callable[[str], None]
+) -> Load:
     """``len(tokens)`` annotator threads spend ``budget_total`` labels; ``kills`` SIGKILLs + restarts meanwhile."""
     load = Load()
     lock = threading.Lock()
@@ -282,8 +296,10 @@ def run_load(server: Server, tokens: dict[str, str], budget_total: int, *, kills
             load.downtime.append(time.perf_counter() - t0)
             progress(f"    kill {len(load.kills)} at {load.kills[-1]} acknowledged labels; back in {load.downtime[-1]:.1f} s")
 
-    threads = [threading.Thread(target=annotator, args=(name, token, random.Random(rng.random())), daemon=True)
-               for name, token in tokens.items()]
+    threads = [
+        threading.Thread(target=annotator, args=(name, token, random.Random(rng.random())), daemon=True)
+        for name, token in tokens.items()
+    ]
     watcher = threading.Thread(target=killer, daemon=True)
     start = time.perf_counter()
     watcher.start()
@@ -320,8 +336,11 @@ def audit(db: Path, load: Load, overlap: int, budget: int, export: Path | None) 
         rows = con.execute("""SELECT a.name, l.pair_id, l.choice, l.flipped, l.id FROM labels l
                               JOIN annotators a ON a.id = l.annotator_id""").fetchall()
         (integrity,) = con.execute("PRAGMA integrity_check").fetchone()
-        over = con.execute("""SELECT pair_id, COUNT(*) FROM labels WHERE choice != 'skip'
-                              GROUP BY pair_id HAVING COUNT(*) > ?""", (overlap,)).fetchall()
+        over = con.execute(
+            """SELECT pair_id, COUNT(*) FROM labels WHERE choice != 'skip'
+                              GROUP BY pair_id HAVING COUNT(*) > ?""",
+            (overlap,),
+        ).fetchall()
         counters = con.execute("""SELECT p.id, p.n_votes, (SELECT COUNT(*) FROM labels l WHERE l.pair_id = p.id
                                   AND l.choice != 'skip') FROM pairs p""").fetchall()
         leases = con.execute("SELECT annotator_id, COUNT(*) FROM leases GROUP BY annotator_id HAVING COUNT(*) > 1").fetchall()
@@ -404,8 +423,13 @@ def check_export(export: Path, load: Load, overlap: int) -> list[str]:
 def export_labels(db: Path, out: Path) -> tuple[Path | None, str]:
     script = Path(sys.executable).with_name("rlhfkit")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "rlhfkit.cli"]
-    proc = subprocess.run([*command, "annotate", "export", str(out), "--db", str(db)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = subprocess.run(
+        [*command, "annotate", "export", str(out), "--db", str(db)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     if proc.returncode != 0:
         return None, f"rlhfkit annotate export failed (exit {proc.returncode}): {proc.stderr[-500:]}"
     return out, ""
@@ -450,22 +474,40 @@ def scenario(clients: int, labels: int, overlap: int, kills: int, seed: int, pro
         db_problems.append(f"{len(load.kills)} of {kills} kills happened")
     failures = report.label_problems + db_problems
     rate = len(load.acked) / load.seconds if load.seconds else 0.0
-    note = (f"{rate:.0f} labels/s over {load.seconds:.1f} s; p50 {load.percentile(0.5) * 1000:.0f} ms, "
-            f"p99 {load.percentile(0.99) * 1000:.0f} ms per label; stored {report.stored}")
+    note = (
+        f"{rate:.0f} labels/s over {load.seconds:.1f} s; p50 {load.percentile(0.5) * 1000:.0f} ms, "
+        f"p99 {load.percentile(0.99) * 1000:.0f} ms per label; stored {report.stored}"
+    )
     if kills:
-        note += (f"; kills at {load.kills} acknowledged, restarts {', '.join(f'{d:.1f}' for d in load.downtime)} s; "
-                 f"{load.resends_after_failure} requests re-sent after a failure, of which {load.label_resends_duplicate} "
-                 f"labels were already committed (answered duplicate) and {load.label_resends_new} not (stored on re-send)")
+        note += (
+            f"; kills at {load.kills} acknowledged, restarts {', '.join(f'{d:.1f}' for d in load.downtime)} s; "
+            f"{load.resends_after_failure} requests re-sent after a failure, of which {load.label_resends_duplicate} "
+            f"labels were already committed (answered duplicate) and {load.label_resends_new} not (stored on re-send)"
+        )
     note += f"; {load.idempotent_resends} deliberate re-sends answered duplicate"
     progress(f"    {note}")
     # One case per label of the budget, plus one for the database-wide invariants.
-    return {"check": check, "cases": labels + 1, "passed": report.verified + (0 if db_problems else 1),
-            "failures": failures, "seconds": round(time.perf_counter() - t0, 1), "note": note,
-            "labels_per_s": round(rate, 1)}
+    return {
+        "check": check,
+        "cases": labels + 1,
+        "passed": report.verified + (0 if db_problems else 1),
+        "failures": failures,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "note": note,
+        "labels_per_s": round(rate, 1),
+    }
 
 
-def run(quick: bool = False, *, clients: int | None = None, labels: int | None = None, overlap: int = 2,
-        kills: int | None = None, seed: int = SEED, progress: Callable[[str], None] | None = None) -> list[dict]:
+def run(
+    quick: bool = False,
+    *,
+    clients: int | None = None,
+    labels: int | None = None,
+    overlap: int = 2,
+    kills: int | None = None,
+    seed: int = SEED,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Two rows: the load without kills (annotate_load.py's check), then with ``kills`` SIGKILLs.
 
     Full: 50 annotators x 5,000 labels, 3 kills; quick: 20 x 1,000, 2 kills. Each row also has
@@ -491,14 +533,23 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rows = run(args.quick, clients=args.clients, labels=args.labels, overlap=args.overlap, kills=args.kills,
-               seed=args.seed, progress=lambda line: print(line, flush=True))
+    rows = run(
+        args.quick,
+        clients=args.clients,
+        labels=args.labels,
+        overlap=args.overlap,
+        kills=args.kills,
+        seed=args.seed,
+        progress=lambda line: print(line, flush=True),
+    )
     print()
     width = max(len(r["check"]) for r in rows)
     print(f"{'check':{width}s}  {'cases':>6s}  {'passed':>6s}  {'failed':>6s}  {'seconds':>7s}  labels/s")
     for r in rows:
-        print(f"{r['check']:{width}s}  {r['cases']:6d}  {r['passed']:6d}  {r['cases'] - r['passed']:6d}  "
-              f"{r['seconds']:7.1f}  {r['labels_per_s']:8.0f}")
+        print(
+            f"{r['check']:{width}s}  {r['cases']:6d}  {r['passed']:6d}  {r['cases'] - r['passed']:6d}  "
+            f"{r['seconds']:7.1f}  {r['labels_per_s']:8.0f}"
+        )
     for r in rows:
         print(f"\n{r['check']}:\n  {r['note']}")
         for failure in r["failures"]:

@@ -97,8 +97,9 @@ def worker_trl(s: dict, attn: str) -> dict:
     rows = [raw[kept[i]] for i in layout]
     dataset = datasets.Dataset.from_list(rows)
 
-    model = AutoModelForSequenceClassification.from_pretrained(s["model_dir"], num_labels=1, dtype=torch.float32,
-                                                               attn_implementation=attn)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        s["model_dir"], num_labels=1, dtype=torch.float32, attn_implementation=attn
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     torch.nn.init.zeros_(model.score.weight)  # as rlhfkit's head_init="zero"
     if getattr(model.score, "bias", None) is not None:
@@ -111,8 +112,13 @@ def worker_trl(s: dict, attn: str) -> dict:
         center_rewards_coefficient=None,
     )
     trainer, times, cpu_times, tokens_cum = common.trl_token_trainer(
-        RewardTrainer, len(rows), "pairs (it drops pairs over max_length); raise --max-length",
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        RewardTrainer,
+        len(rows),
+        "pairs (it drops pairs over max_length); raise --max-length",
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     prepared = trainer.train_dataset
     lengths = [len(c) + len(r) for c, r in zip(prepared["chosen_ids"], prepared["rejected_ids"])]
@@ -130,7 +136,9 @@ def worker_trl(s: dict, attn: str) -> dict:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "settings": settings_of(
-            model, batch=config.per_device_train_batch_size * config.gradient_accumulation_steps, max_length=config.max_length,
+            model,
+            batch=config.per_device_train_batch_size * config.gradient_accumulation_steps,
+            max_length=config.max_length,
             loss="bradley-terry, margin 0" if config.center_rewards_coefficient is None else "bradley-terry + centering",
             training=common.trl_training_settings(config, model),
         ),
@@ -178,8 +186,11 @@ def worker_rlhfkit(s: dict) -> dict:
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),
         "settings": settings_of(
-            model, batch=config.batch_size * config.grad_accum, max_length=config.max_length,
-            loss=f"bradley-terry, margin {config.margin:g}", training=common.rlhfkit_training_settings(config, model),
+            model,
+            batch=config.batch_size * config.grad_accum,
+            max_length=config.max_length,
+            loss=f"bradley-terry, margin {config.margin:g}",
+            training=common.rlhfkit_training_settings(config, model),
         ),
         "implementation": {
             "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
@@ -215,16 +226,18 @@ def main(argv=None) -> None:
     common.print_pair_table(results, args, peak, lambda side: FLOPS_PER_PARAM_TOKEN)
     print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; {common.FLOPS_NOTE}")
     print()
-    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)",
-                            rtol=args.loss_rtol)
+    common.check_equal_work(
+        results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained (chosen + rejected)", rtol=args.loss_rtol
+    )
     print()
 
     def pair_rate(r: dict) -> float:
         return r["pairs"] / r["seconds"]
 
     trl = common.fastest_trl(results, "trl", pair_rate, "pairs/s")
-    ratio = common.report_ratio(f"rlhfkit / TRL ({common.trl_attention(trl)} attention) pairs/s",
-                                common.pair_ratios(results, "rlhfkit", trl, pair_rate))
+    ratio = common.report_ratio(
+        f"rlhfkit / TRL ({common.trl_attention(trl)} attention) pairs/s", common.pair_ratios(results, "rlhfkit", trl, pair_rate)
+    )
     print(f"ratio: {ratio:.2f}")
 
 

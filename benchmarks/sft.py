@@ -123,14 +123,17 @@ def worker_trl(s: dict, attn: str) -> dict:
     for idx in step_indices(s, len(convs)):
         for i in idx:
             (_, prompt), (_, completion) = convs[i].messages
-            rows.append({"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]})
+            rows.append(
+                {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
+            )
     dataset = datasets.Dataset.from_list(rows)
 
     model = AutoModelForCausalLM.from_pretrained(s["model_dir"], dtype=torch.float32, attn_implementation=attn)
     per_step = s["batch_size"] * s["grad_accum"]
     config = SFTConfig(
-        **common.trl_train_kwargs(SFTConfig, s, out_dir=s["out_dir"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                                  lr=LR, schedule="cosine"),
+        **common.trl_train_kwargs(
+            SFTConfig, s, out_dir=s["out_dir"], batch_size=s["batch_size"], grad_accum=s["grad_accum"], lr=LR, schedule="cosine"
+        ),
         max_length=s["max_length"],
         completion_only_loss=True,
         packing=False,
@@ -138,8 +141,13 @@ def worker_trl(s: dict, attn: str) -> dict:
     )
 
     trainer, times, cpu_times, tokens_cum = common.trl_token_trainer(
-        SFTTrainer, len(rows), "examples; batches would not match rlhfkit's",
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        SFTTrainer,
+        len(rows),
+        "examples; batches would not match rlhfkit's",
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     prepared = trainer.train_dataset
     lengths = [len(x) for x in prepared["input_ids"]]
@@ -171,8 +179,9 @@ def worker_rlhfkit(s: dict) -> dict:
     targets = sum(sum(1 for t in examples[i]["labels"][1:] if t != -100) for idx in steps for i in idx)
 
     config = SFTConfig(
-        **common.rlhfkit_train_kwargs(s, out_dir=s["out_dir"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                                      lr=LR, schedule="cosine"),
+        **common.rlhfkit_train_kwargs(
+            s, out_dir=s["out_dir"], batch_size=s["batch_size"], grad_accum=s["grad_accum"], lr=LR, schedule="cosine"
+        ),
         model=s["model_dir"],
         data=s["data"],
         eval_fraction=0.0,
@@ -229,11 +238,15 @@ def main(argv=None) -> None:
             args,
             f"data: {data_note}; batch {args.batch_size} x grad_accum {args.grad_accum}, max_length {args.max_length}, "
             f"{args.steps} steps (first {args.warmup_steps} excluded), bf16 autocast, {args.threads} threads",
-            data=str(data), batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+            data=str(data),
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            max_length=args.max_length,
         )
         sides = [*common.trl_sides("trl", args), "rlhfkit"]
-        results = common.run_sides(__file__, sides, settings, tmp, args, width=9,
-                                   rates=lambda r: f"{r['tokens'] / r['seconds']:7.1f} tok/s")
+        results = common.run_sides(
+            __file__, sides, settings, tmp, args, width=9, rates=lambda r: f"{r['tokens'] / r['seconds']:7.1f} tok/s"
+        )
         peak = common.final_peak(settings, args)
 
     common.check_token_counts(results)
@@ -248,13 +261,25 @@ def main(argv=None) -> None:
     for side in sides:
         r = common.median_run(results[side], tok_rate)
         gflops = statistics.median(common.model_gflops(x, FLOPS_PER_PARAM_TOKEN) for x in results[side])
-        rows.append([
-            side, r["tokens"], f"{r['seconds']:.2f}", f"{rate[side]:.1f}", f"{r['seconds'] / measured:.3f}",
-            f"{common.cpu_use(r, args.threads):.0%}", f"{gflops:.1f}", f"{gflops / peak:.1%}", r["attention"],
-            f"{r['first_loss']:.4f}", f"{r['last_loss']:.4f}",
-        ])
-    common.print_table(["side", "tokens", "seconds", "tokens/s", "s/step", "cpu", "model GFLOP/s", "of peak", "attention",
-                        "loss@1", "loss@end"], rows)
+        rows.append(
+            [
+                side,
+                r["tokens"],
+                f"{r['seconds']:.2f}",
+                f"{rate[side]:.1f}",
+                f"{r['seconds'] / measured:.3f}",
+                f"{common.cpu_use(r, args.threads):.0%}",
+                f"{gflops:.1f}",
+                f"{gflops / peak:.1%}",
+                r["attention"],
+                f"{r['first_loss']:.4f}",
+                f"{r['last_loss']:.4f}",
+            ]
+        )
+    common.print_table(
+        ["side", "tokens", "seconds", "tokens/s", "s/step", "cpu", "model GFLOP/s", "of peak", "attention", "loss@1", "loss@end"],
+        rows,
+    )
     print("optimizers: " + "; ".join(f"{side} {results[side][0]['optimizer']}" for side in sides))
     print(f"N = {results['rlhfkit'][0]['params_n'] / 1e6:.1f}M parameters; {common.FLOPS_NOTE}")
     if args.repeats > 1:
@@ -268,12 +293,12 @@ def main(argv=None) -> None:
             best[side] = rs[0]["tokens"] / seconds
         print(f"best-per-step over {args.repeats} runs (tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
     print()
-    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained",
-                            rtol=args.loss_rtol)
+    common.check_equal_work(results, "rlhfkit", warmup=args.warmup_steps, what="non-padding tokens trained", rtol=args.loss_rtol)
     print()
     trl = common.fastest_trl(results, "trl", tok_rate, "tok/s")
-    ratio = common.report_ratio(f"rlhfkit / TRL ({common.trl_attention(trl)} attention) tokens/s",
-                                common.pair_ratios(results, "rlhfkit", trl, tok_rate))
+    ratio = common.report_ratio(
+        f"rlhfkit / TRL ({common.trl_attention(trl)} attention) tokens/s", common.pair_ratios(results, "rlhfkit", trl, tok_rate)
+    )
     print(f"ratio: {ratio:.2f}")
 
 

@@ -10,7 +10,8 @@ import dataclasses
 import resource
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SEED = 0
 
@@ -68,8 +69,12 @@ def trl_train_kwargs(
     """TrainingArguments fields every TRL side sets the same way (matching rlhfkit's settings)."""
     import torch
 
-    kwargs = {theirs: value for _, theirs, value in _shared_train_settings(
-        s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule)}
+    kwargs = {
+        theirs: value
+        for _, theirs, value in _shared_train_settings(
+            s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule
+        )
+    }
     kwargs.update(
         no_checkpointing_kwargs(config_cls),
         bf16=True,  # bf16 autocast, fp32 master weights (the model is loaded in fp32)
@@ -96,8 +101,12 @@ def rlhfkit_train_kwargs(
     ``eval_every=0`` (no periodic eval) is left out for a ``config_cls`` without
     held-out evaluation (the online-RL configs have no ``eval_every``).
     """
-    kwargs = {ours: value for ours, _, value in _shared_train_settings(
-        s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule)}
+    kwargs = {
+        ours: value
+        for ours, _, value in _shared_train_settings(
+            s, out_dir=out_dir, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule
+        )
+    }
     kwargs.update(
         warmup_ratio=0.0,
         eval_every=0,
@@ -266,8 +275,13 @@ def step_durations(times: list[float]) -> list[float]:
     return [b - a for a, b in zip(times, times[1:])]
 
 
-def measured(warmup: int, times: list[float], cpu_times: list[float],
-             tokens_cum: list[int] | None = None, expected: list[int] | None = None) -> dict[str, Any]:
+def measured(
+    warmup: int,
+    times: list[float],
+    cpu_times: list[float],
+    tokens_cum: list[int] | None = None,
+    expected: list[int] | None = None,
+) -> dict[str, Any]:
     """Result fields of the measured window, from readings taken at the end of every step.
 
     ``seconds`` / ``cpu_seconds``: wall / CPU time of the window (:func:`window`);

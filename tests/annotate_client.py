@@ -31,8 +31,12 @@ def make_pairs(path: Path, n: int) -> Path:
     """``n`` distinct pairs in ``rlhfkit sample`` format."""
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt_index": i, "prompt": f"Question {i}?",
-                                "responses": [f"Answer {i} first", f"Answer {i} second"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt_index": i, "prompt": f"Question {i}?", "responses": [f"Answer {i} first", f"Answer {i} second"]}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -44,8 +48,9 @@ class Client:
         self.host, self.port, self.token, self.timeout = parts.hostname, parts.port, token, timeout
         self._conn: http.client.HTTPConnection | None = None
 
-    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-             raw: bytes | None = None) -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
         payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"{}")
         sent = {"Content-Type": "application/json"}
         if self.token is not None:
@@ -141,9 +146,17 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run_load(base_url: str, tokens: dict[str, str], total_labels: int, *, retry_rate: float = 0.02,
-             skip_rate: float = 0.05, seed: int = 0, stop: threading.Event | None = None,
-             result: LoadResult | None = None) -> LoadResult:
+def run_load(
+    base_url: str,
+    tokens: dict[str, str],
+    total_labels: int,
+    *,
+    retry_rate: float = 0.02,
+    skip_rate: float = 0.05,
+    seed: int = 0,
+    stop: threading.Event | None = None,
+    result: LoadResult | None = None,
+) -> LoadResult:
     """``len(tokens)`` concurrent annotators submit ``total_labels`` labels in all.
 
     Each annotator thread asks for its next pair, labels it (a / b / tie, some
@@ -207,8 +220,10 @@ def run_load(base_url: str, tokens: dict[str, str], total_labels: int, *, retry_
             client.close()
 
     rng = random.Random(seed)
-    threads = [threading.Thread(target=annotator, args=(name, token, random.Random(rng.random())), daemon=True)
-               for name, token in tokens.items()]
+    threads = [
+        threading.Thread(target=annotator, args=(name, token, random.Random(rng.random())), daemon=True)
+        for name, token in tokens.items()
+    ]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -238,8 +253,11 @@ def audit(db: Path, acked: dict[tuple[str, int], str], overlap: int) -> Audit:
         rows = con.execute("""SELECT a.name, l.pair_id, l.choice, l.flipped FROM labels l
                               JOIN annotators a ON a.id = l.annotator_id""").fetchall()
         (integrity,) = con.execute("PRAGMA integrity_check").fetchone()
-        over = con.execute("""SELECT COUNT(*) FROM (SELECT pair_id FROM labels WHERE choice != 'skip'
-                              GROUP BY pair_id HAVING COUNT(*) > ?)""", (overlap,)).fetchone()[0]
+        over = con.execute(
+            """SELECT COUNT(*) FROM (SELECT pair_id FROM labels WHERE choice != 'skip'
+                              GROUP BY pair_id HAVING COUNT(*) > ?)""",
+            (overlap,),
+        ).fetchone()[0]
     stored: dict[tuple[str, int], str] = {}
     duplicates = 0
     for name, pair_id, choice, flipped in rows:
@@ -252,9 +270,11 @@ def audit(db: Path, acked: dict[tuple[str, int], str], overlap: int) -> Audit:
 
 
 def summary(result: LoadResult, report: Audit, clients: int) -> str:
-    return (f"clients={clients} labels={len(result.acked)} stored={report.stored} lost={len(report.lost)} "
-            f"duplicates={report.duplicates + result.double_acks} errors={len(result.errors)} "
-            f"retries_acked_as_duplicate={result.retries_acked_as_duplicate} "
-            f"p50={result.percentile(0.5) * 1000:.1f}ms p99={result.percentile(0.99) * 1000:.1f}ms "
-            f"mean={statistics.fmean(result.latencies) * 1000 if result.latencies else float('nan'):.1f}ms "
-            f"throughput={len(result.acked) / result.seconds if result.seconds else 0:.0f} labels/s")
+    return (
+        f"clients={clients} labels={len(result.acked)} stored={report.stored} lost={len(report.lost)} "
+        f"duplicates={report.duplicates + result.double_acks} errors={len(result.errors)} "
+        f"retries_acked_as_duplicate={result.retries_acked_as_duplicate} "
+        f"p50={result.percentile(0.5) * 1000:.1f}ms p99={result.percentile(0.99) * 1000:.1f}ms "
+        f"mean={statistics.fmean(result.latencies) * 1000 if result.latencies else float('nan'):.1f}ms "
+        f"throughput={len(result.acked) / result.seconds if result.seconds else 0:.0f} labels/s"
+    )

@@ -44,10 +44,7 @@ def varied_file(tmp_path) -> Path:
     Per-micro-batch loss means then differ from the mean over the global batch,
     so a loop that averaged micro-batch means would fail the equivalence tests.
     """
-    records = [
-        {"prompt": f"Item {i}?", "completion": " ".join(["word"] * (1 + 3 * (i % 5))) + f" {i}."}
-        for i in range(16)
-    ]
+    records = [{"prompt": f"Item {i}?", "completion": " ".join(["word"] * (1 + 3 * (i % 5))) + f" {i}."} for i in range(16)]
     return write_jsonl(tmp_path / "varied.jsonl", records)
 
 

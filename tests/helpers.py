@@ -25,8 +25,14 @@ QA_PAIRS = [
 # Browser tests drive Debian's chromium with Playwright (Playwright's own browser
 # download cannot work offline); .ci/run installs it.
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def browser_required() -> bool:

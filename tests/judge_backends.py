@@ -21,8 +21,7 @@ from collections.abc import Callable
 from fastapi import HTTPException
 
 _RESPONSE = {
-    letter: re.compile(rf"\[The Start of Response {letter}\]\n(.*?)\n\[The End of Response {letter}\]", re.S)
-    for letter in "AB"
+    letter: re.compile(rf"\[The Start of Response {letter}\]\n(.*?)\n\[The End of Response {letter}\]", re.S) for letter in "AB"
 }
 
 lock = threading.Lock()
@@ -118,7 +117,10 @@ def chat_reply(content: object, *, status: str = "200 OK") -> bytes:
     """A whole HTTP response carrying one chat completion whose message content is ``content``."""
     body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
     return b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status.encode(), len(body), body)
+        status.encode(),
+        len(body),
+        body,
+    )
 
 
 def truncated_reply(content: object) -> bytes:
@@ -134,12 +136,14 @@ def stall(seconds: float) -> Callable[[socket.socket, threading.Event], None]:
 
 def trickle(interval: float, length: int = 1000) -> Callable[[socket.socket, threading.Event], None]:
     """A reply whose headers promise ``length`` bytes, then sends one every ``interval`` seconds."""
+
     def send(sock: socket.socket, stopped: threading.Event) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length)
         for _ in range(length):
             if stopped.wait(interval):
                 return
             sock.sendall(b" ")
+
     return send
 
 

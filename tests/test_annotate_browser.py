@@ -16,16 +16,21 @@ from rlhfkit.serve import ServerThread
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
 
 SCREENSHOT = Path("/tmp/annotate_screenshot.png")
-CHAT = [{"role": "system", "content": "Answer in one short sentence."},
-        {"role": "user", "content": "What colour is the sky on a clear day?"}]
+CHAT = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": "What colour is the sky on a clear day?"},
+]
 PAIRS = [
     {"prompt": "What is the capital of France?", "responses": ["Paris is the capital of France.", "It might be Lyon."]},
     {"prompt": CHAT, "response_a": "Blue.", "response_b": "On a clear day the sky is blue,\nbecause of Rayleigh scattering."},
     {"prompt": "Say something kind.", "responses": ["You are doing great!", "Go away."]},
     {"prompt": "Two plus two?", "responses": ["Four.", "Twenty-two."]},
 ]
-XSS = ["<script>window.__pwned = 1; alert('script')</script>", "<img src=x onerror=\"window.__pwned = 2; alert('img')\">",
-       "<b>bold?</b> & <a href=\"javascript:alert(3)\">link</a>"]
+XSS = [
+    "<script>window.__pwned = 1; alert('script')</script>",
+    "<img src=x onerror=\"window.__pwned = 2; alert('img')\">",
+    '<b>bold?</b> & <a href="javascript:alert(3)">link</a>',
+]
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +161,17 @@ def test_label_with_the_keyboard_undo_reload_and_continue(browser, tmp_path):
 
     expected = [(0, "a", ""), (1, "tie", ""), (2, "skip", ""), (3, "b", "")]
     assert [(item, choice, reason) for item, _, choice, _, reason, _ in rows] == [
-        (item, canonical(item, rows[i][1], pressed), reason) for i, (item, pressed, reason) in enumerate(expected)]
+        (item, canonical(item, rows[i][1], pressed), reason) for i, (item, pressed, reason) in enumerate(expected)
+    ]
     assert all(bool(flipped) == (shown[item] != response_a) for item, response_a, _, flipped, _, _ in rows)
     assert {name for *_, name in rows} == {"alice"}
 
 
 def test_markup_in_model_text_is_shown_as_text(browser, tmp_path):
-    records = [{"prompt": f"Repeat after me: {XSS[0]}", "responses": [XSS[1], XSS[2]]},
-               {"prompt": [{"role": "user", "content": XSS[1]}], "responses": ["plain", XSS[0]]}]
+    records = [
+        {"prompt": f"Repeat after me: {XSS[0]}", "responses": [XSS[1], XSS[2]]},
+        {"prompt": [{"role": "user", "content": XSS[1]}], "responses": ["plain", XSS[0]]},
+    ]
     store, server, token = serve_pairs(tmp_path, records)
     try:
         page, problems = open_page(browser, f"http://127.0.0.1:{server.port}/?token={token}")

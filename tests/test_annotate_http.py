@@ -78,10 +78,14 @@ def test_another_annotators_token_cannot_touch_your_labels(server):
 def test_cross_origin_writes_are_refused(server):
     alice = Client(server.url, server.tokens["alice"])
     own = server.url  # http://127.0.0.1:PORT
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
-                    {"Origin": own.replace("127.0.0.1", "localhost")},
-                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                    {"Origin": own, "Sec-Fetch-Site": "cross-site"}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Origin": own.replace("127.0.0.1", "localhost")},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": own, "Sec-Fetch-Site": "cross-site"},
+    ):
         status, data = alice.post("/api/next", headers=headers)
         assert status == 403 and "cross-origin" in data["detail"], headers
     assert server.store.progress(1).remaining == 6 and server.store.labels() == []
@@ -97,8 +101,13 @@ def test_oversized_bodies_are_refused(server):
     assert alice.post("/api/label", raw=big)[0] == 413
     # No Content-Length: a chunked upload is counted as it arrives.
     conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
-    conn.request("POST", "/api/label", body=iter([big[:40_000], big[40_000:]]), encode_chunked=True,
-                 headers={"Authorization": f"Bearer {server.tokens['alice']}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/api/label",
+        body=iter([big[:40_000], big[40_000:]]),
+        encode_chunked=True,
+        headers={"Authorization": f"Bearer {server.tokens['alice']}", "Content-Type": "application/json"},
+    )
     assert conn.getresponse().status == 413
     conn.close()
     status, _ = alice.post("/api/label", {"pair_id": pair, "choice": "a", "reason": "y" * 2001})  # under 64 KiB
@@ -107,20 +116,23 @@ def test_oversized_bodies_are_refused(server):
     assert alice.post("/api/label", {"pair_id": pair, "choice": "a", "reason": "y" * 2000})[0] == 200
 
 
-@pytest.mark.parametrize("path", [
-    "/static/../../etc/passwd",
-    "/static/..%2f..%2f..%2fetc%2fpasswd",
-    "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
-    "/static/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-    "/static/..%5c..%5cetc%5cpasswd",
-    "/static/annotate.js/../../../../etc/passwd",
-    "/static/%252e%252e%252fetc%252fpasswd",
-    "/static//etc/passwd",
-    "/static/annotate.html",  # a file in static/, but not one the app serves under /static/
-    "/static/__init__.py",
-    "/../../etc/passwd",
-    "/%2e%2e/%2e%2e/etc/passwd",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../../etc/passwd",
+        "/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/static/%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/static/..%5c..%5cetc%5cpasswd",
+        "/static/annotate.js/../../../../etc/passwd",
+        "/static/%252e%252e%252fetc%252fpasswd",
+        "/static//etc/passwd",
+        "/static/annotate.html",  # a file in static/, but not one the app serves under /static/
+        "/static/__init__.py",
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+    ],
+)
 def test_no_path_traversal(server, path):
     status, body = Client(server.url, None).call("GET", path)
     assert status == 404, (path, status)
@@ -186,8 +198,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
     tokens = add_annotators(db, 10)
     process = ServerProcess(db, make_pairs(tmp_path / "pairs.jsonl", 1000), overlap=overlap)
     result, stop = LoadResult(), threading.Event()
-    load = threading.Thread(target=run_load, args=(process.url, tokens, 1500),
-                            kwargs={"retry_rate": 0.0, "stop": stop, "result": result})
+    load = threading.Thread(
+        target=run_load, args=(process.url, tokens, 1500), kwargs={"retry_rate": 0.0, "stop": stop, "result": result}
+    )
     load.start()
     deadline = time.monotonic() + 60
     while len(result.acked) < 300:
@@ -203,9 +216,11 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
     restarted = ServerProcess(db)  # same database, no --pairs
     try:
         report = audit(db, acked, overlap)
-        print(f"\ncrash: acknowledged before the kill={len(acked)} stored={report.stored} lost={len(report.lost)} "
-              f"duplicates={report.duplicates} stored-but-unacknowledged={report.unacknowledged} "
-              f"integrity={report.integrity}")
+        print(
+            f"\ncrash: acknowledged before the kill={len(acked)} stored={report.stored} lost={len(report.lost)} "
+            f"duplicates={report.duplicates} stored-but-unacknowledged={report.unacknowledged} "
+            f"integrity={report.integrity}"
+        )
         assert report.lost == [] and report.duplicates == 0 and report.integrity == "ok"
         assert report.unacknowledged <= len(tokens)  # at most the requests in flight when it died
         # Labelling goes on after the restart, from the same database.
@@ -232,8 +247,15 @@ def test_label_stage_serves_the_app_until_every_pair_is_labelled(tmp_path):
         port = probe.getsockname()[1]
     db = tmp_path / "web.sqlite"
     tokens = add_annotators(db, 1)
-    config = LabelConfig(samples=str(make_pairs(tmp_path / "samples.jsonl", 3)), output=str(tmp_path / "labels.jsonl"),
-                         source="human-web", web_db=str(db), web_port=port, poll_seconds=0.02, wait_timeout=60)
+    config = LabelConfig(
+        samples=str(make_pairs(tmp_path / "samples.jsonl", 3)),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(db),
+        web_port=port,
+        poll_seconds=0.02,
+        wait_timeout=60,
+    )
     stage = threading.Thread(target=run_label, args=(config,))
     stage.start()
     client = Client(f"http://127.0.0.1:{port}", tokens["annotator00"])

@@ -58,8 +58,18 @@ def vote(store: AnnotationStore, who: int, canonical: str, reason: str = "") -> 
 
 def test_fleiss_kappa_wikipedia_example():
     # Fleiss' worked example (Wikipedia, "Fleiss' kappa"): 10 subjects, 14 raters, 5 categories.
-    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
-              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    counts = [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
     # By hand: row sums of squares 196+60+70+94+74+98+58+46+66+66 = 828, so
     # P_o = (828 - 10*14) / (10*14*13) = 688/1820; column totals 20, 28, 39, 21, 32 of 140, so
     # P_e = (400 + 784 + 1521 + 441 + 1024) / 140**2 = 4170/19600.
@@ -239,11 +249,14 @@ def test_pairs_load_idempotently_and_annotator_rules(tmp_path):
 
 def test_read_pairs_formats_and_errors(tmp_path):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour?"}]
-    path = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt_index": 0, "prompt": "Q0?", "responses": ["x0", "y0"], "temperatures": [0.7, 1.2]},
-        {"prompt": chat, "response_a": "Blue.", "response_b": "Red.", "preferred": "a"},
-        {"prompt": "Q2?", "responses": ["", "y2"]},
-    ])
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt_index": 0, "prompt": "Q0?", "responses": ["x0", "y0"], "temperatures": [0.7, 1.2]},
+            {"prompt": chat, "response_a": "Blue.", "response_b": "Red.", "preferred": "a"},
+            {"prompt": "Q2?", "responses": ["", "y2"]},
+        ],
+    )
     items, empty = read_pairs(path)
     assert items == [PairItem(0, "Q0?", ("x0", "y0")), PairItem(1, chat, ("Blue.", "Red."))]
     assert empty == 1
@@ -278,9 +291,17 @@ def test_majority_export_round_trips_in_every_format(tmp_path):
     labels = comparisons(store)
     assert [c.meta["item_index"] for c in labels] == [0, 1, 2, 3]  # pair 4: skips only, no vote
     assert [(c.ranking, c.tie, c.meta["majority"]) for c in labels] == [
-        ([0, 1], False, "a"), ([1, 0], False, "b"), ([0, 1], True, "split"), ([0, 1], True, "tie")]
-    assert [c.meta["votes"] for c in labels] == [{"a": 2, "b": 1, "tie": 0}, {"a": 0, "b": 3, "tie": 0},
-                                                 {"a": 1, "b": 1, "tie": 1}, {"a": 1, "b": 0, "tie": 2}]
+        ([0, 1], False, "a"),
+        ([1, 0], False, "b"),
+        ([0, 1], True, "split"),
+        ([0, 1], True, "tie"),
+    ]
+    assert [c.meta["votes"] for c in labels] == [
+        {"a": 2, "b": 1, "tie": 0},
+        {"a": 0, "b": 3, "tie": 0},
+        {"a": 1, "b": 1, "tie": 1},
+        {"a": 1, "b": 0, "tie": 2},
+    ]
     assert labels[0].meta["agreement"] == pytest.approx(2 / 3) and labels[1].meta["agreement"] == 1.0
     assert labels[0].reason == "z: z on 0" and labels[0].source == "human-web:x,y,z"
     assert {entry["shown"] for c in labels for entry in c.meta["labels"]} <= {"ab", "ba"}
@@ -353,7 +374,8 @@ def test_terminal_annotator_keeps_its_command(tmp_path, monkeypatch, form):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     assert cli.main(["annotate", *form, str(samples), str(tmp_path / "out.jsonl"), "--annotator", "eve"]) == 0
     assert [(r["ranking"], r["reason"], r["source"]) for r in read_jsonl(tmp_path / "out.jsonl")] == [
-        ([1, 0], "shorter", "human:eve")]
+        ([1, 0], "shorter", "human:eve")
+    ]
 
 
 # ----------------------------------------------------------------------------- the label stage
@@ -361,9 +383,16 @@ def test_terminal_annotator_keeps_its_command(tmp_path, monkeypatch, form):
 
 def test_label_stage_waits_for_web_labels_then_writes_them(tmp_path):
     samples = make_pairs(tmp_path / "samples.jsonl", 3)
-    config = LabelConfig(samples=str(samples), output=str(tmp_path / "label" / "labels.jsonl"), source="human-web",
-                         web_db=str(tmp_path / "web.sqlite"), overlap=2, web_serve=False, poll_seconds=0.02,
-                         wait_timeout=60)
+    config = LabelConfig(
+        samples=str(samples),
+        output=str(tmp_path / "label" / "labels.jsonl"),
+        source="human-web",
+        web_db=str(tmp_path / "web.sqlite"),
+        overlap=2,
+        web_serve=False,
+        poll_seconds=0.02,
+        wait_timeout=60,
+    )
     result: dict = {}
     stage = threading.Thread(target=lambda: result.setdefault("labels", run_label(config)))
     stage.start()
@@ -390,9 +419,15 @@ def test_label_stage_waits_for_web_labels_then_writes_them(tmp_path):
 
 
 def test_label_stage_times_out_and_keeps_the_db(tmp_path):
-    config = LabelConfig(samples=str(make_pairs(tmp_path / "s.jsonl", 2)), output=str(tmp_path / "labels.jsonl"),
-                         source="human-web", web_db=str(tmp_path / "web.sqlite"), web_serve=False,
-                         poll_seconds=0.01, wait_timeout=0.1)
+    config = LabelConfig(
+        samples=str(make_pairs(tmp_path / "s.jsonl", 2)),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(tmp_path / "web.sqlite"),
+        web_serve=False,
+        poll_seconds=0.01,
+        wait_timeout=0.1,
+    )
     with pytest.raises(TimeoutError, match="0/2 pairs have their 1 vote"):
         run_label(config)
     assert not Path(config.output).exists()
@@ -432,8 +467,15 @@ def test_a_pair_every_annotator_voted_on_or_skipped_is_settled(tmp_path):
 def test_label_stage_finishes_when_the_only_annotator_skips_a_pair(tmp_path, capsys):
     samples = make_pairs(tmp_path / "samples.jsonl", 2)
     db = pre_labelled_db(tmp_path, samples, ["b", "skip"])
-    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
-                         web_db=str(db), web_serve=False, poll_seconds=0.01, wait_timeout=5)
+    config = LabelConfig(
+        samples=str(samples),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(db),
+        web_serve=False,
+        poll_seconds=0.01,
+        wait_timeout=5,
+    )
     start = time.monotonic()
     labels = run_label(config)
     assert time.monotonic() - start < 4  # settled at once, not after the timeout
@@ -447,8 +489,15 @@ def test_label_stage_finishes_when_the_only_annotator_skips_a_pair(tmp_path, cap
 def test_label_stage_timeout_names_the_stuck_pairs_and_keeps_the_labels(tmp_path):
     samples = make_pairs(tmp_path / "samples.jsonl", 4)
     db = pre_labelled_db(tmp_path, samples, ["a", "skip"], overlap=2)  # x, the only annotator, is done with 0 and 1
-    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
-                         web_db=str(db), web_serve=False, poll_seconds=0.01, wait_timeout=0.2)
+    config = LabelConfig(
+        samples=str(samples),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(db),
+        web_serve=False,
+        poll_seconds=0.01,
+        wait_timeout=0.2,
+    )
     with pytest.raises(TimeoutError) as info:
         run_label(config)
     message = str(info.value)
@@ -468,8 +517,15 @@ def test_label_stage_keeps_the_databases_overlap(tmp_path, capsys):
     store = AnnotationStore(tmp_path / "web.sqlite")
     store.configure(overlap=3)  # as `rlhfkit annotate serve --overlap 3` leaves it
     store.close()
-    config = LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"), source="human-web",
-                         web_db=str(tmp_path / "web.sqlite"), web_serve=False, poll_seconds=0.01, wait_timeout=0.1)
+    config = LabelConfig(
+        samples=str(samples),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(tmp_path / "web.sqlite"),
+        web_serve=False,
+        poll_seconds=0.01,
+        wait_timeout=0.1,
+    )
     with pytest.raises(TimeoutError, match="0/2 pairs have their 3 vote"):
         run_label(config)
     assert "3 vote(s) each" in capsys.readouterr().out

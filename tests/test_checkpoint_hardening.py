@@ -66,7 +66,7 @@ def test_checkpoint_is_fsynced_before_its_rename_and_the_parent_after(qa_file, m
     assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= {Path(p).name for p in inside}
     missing = sorted((inside | {str(tmp)}) - synced_before)
     assert not missing, f"not fsynced before the rename: {missing}"
-    synced_after = {path for kind, path, _ in events[at + 1:] if kind == "fsync"}
+    synced_after = {path for kind, path, _ in events[at + 1 :] if kind == "fsync"}
     assert str(checkpoint.parent) in synced_after
 
 
@@ -112,8 +112,7 @@ def test_checkpoint_holds_no_pickled_scheduler_and_none_is_unpickled(qa_file, ma
     train(config)
     checkpoint = Path(config.output_dir) / "checkpoints" / "step-0000002"
     names = sorted(p.name for p in checkpoint.iterdir())
-    assert not [n for n in names if n.startswith(("custom_checkpoint", "scheduler"))
-                and not n.endswith(".json")], names
+    assert not [n for n in names if n.startswith(("custom_checkpoint", "scheduler")) and not n.endswith(".json")], names
     scheduler = json.loads((checkpoint / loop.SCHEDULER_FILE).read_text())
     assert scheduler["last_epoch"] == 2
     assert scheduler["base_lrs"] and all(lr == config.lr for lr in scheduler["base_lrs"])
@@ -132,8 +131,12 @@ def test_checkpoint_holds_no_pickled_scheduler_and_none_is_unpickled(qa_file, ma
 def test_save_pretrained_removes_stale_shards_and_writes_the_marker_last(tmp_path, tokenizer, monkeypatch):
     out = tmp_path / "model"
     out.mkdir()
-    stale = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-             "model.safetensors.index.json", "pytorch_model.bin"]
+    stale = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ]
     for name in stale:
         (out / name).write_text("from an earlier, sharded save")
     (out / "metrics.jsonl").write_text("{}\n")  # not the save's own: kept
@@ -268,7 +271,8 @@ def _checkpoint_write_errors():
 
 @pytest.mark.parametrize("name,error", _checkpoint_write_errors(), ids=["safetensors", "torch-writer", "oserror"])
 def test_a_checkpoint_write_that_fails_is_a_checkpoint_error_and_keeps_the_previous(
-        qa_file, make_config, monkeypatch, capsys, name, error):
+    qa_file, make_config, monkeypatch, capsys, name, error
+):
     config = make_config("run", **fast(qa_file, max_steps=4, save_every=2))
     checkpoints = Path(config.output_dir) / "checkpoints"
     with monkeypatch.context() as patch:
@@ -367,8 +371,16 @@ def test_a_resumed_probe_replaces_the_rows_of_its_step_and_later(tmp_path, token
 
     policy = models.load_causal_lm(models.TINY)
     options = ProbeOptions(probe_points=2, probe_max_prompts=2, probe_max_new_tokens=4)
-    probe = FrontierProbe(options, tokenizer=tokenizer, reference=policy, gold=lambda p, r: [float(len(x)) for x in r],
-                          proxy=None, output_dir=tmp_path, seed=0, precision="fp32")
+    probe = FrontierProbe(
+        options,
+        tokenizer=tokenizer,
+        reference=policy,
+        gold=lambda p, r: [float(len(x)) for x in r],
+        proxy=None,
+        output_dir=tmp_path,
+        seed=0,
+        precision="fp32",
+    )
     stale = [{"step": 0, "gold": 1.0}, {"step": 2, "gold": -5.0}, {"step": 4, "gold": -9.0}]
     write_jsonl(tmp_path / FRONTIER_FILE, stale)
     row = probe(policy, 2, 4)

@@ -19,7 +19,10 @@ def rlhfkit_command() -> list[str]:
 def test_chat_tiny_exits_0():
     proc = subprocess.run(
         [*rlhfkit_command(), "chat", "tiny", "--prompt", "hi", "--max-new-tokens", "5"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "### prompt\nhi\n### response\n" in proc.stdout
@@ -87,15 +90,23 @@ def test_a_full_disk_in_a_checkpoint_is_one_line_from_the_console_script(tmp_pat
     # A real process: the write fails inside torch's zip writer (optimizer.bin) because RLIMIT_FSIZE cuts it,
     # as a full disk does; the CLI prints the CheckpointError on one line.
     config = tmp_path / "sft.yaml"
-    config.write_text(f"model: tiny\ndata: {qa_file}\neval_fraction: 0\nmax_steps: 2\nsave_every: 1\nbatch_size: 4\n"
-                      "precision: fp32\nprogress: false\ntensorboard: false\n", encoding="utf-8")
+    config.write_text(
+        f"model: tiny\ndata: {qa_file}\neval_fraction: 0\nmax_steps: 2\nsave_every: 1\nbatch_size: 4\n"
+        "precision: fp32\nprogress: false\ntensorboard: false\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
-    limit = ("import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-             "resource.setrlimit(resource.RLIMIT_FSIZE, (15_000_000, resource.RLIM_INFINITY)); "
-             "sys.argv = ['rlhfkit', *sys.argv[1:]]; runpy.run_module('rlhfkit.cli', run_name='__main__')")
+    limit = (
+        "import resource, signal, sys, runpy; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (15_000_000, resource.RLIM_INFINITY)); "
+        "sys.argv = ['rlhfkit', *sys.argv[1:]]; runpy.run_module('rlhfkit.cli', run_name='__main__')"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", limit, "sft", str(config), f"output_dir={out}"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]

@@ -37,8 +37,13 @@ def test_unknown_override_key_names_key(yaml_file):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("max_steps=abc", "max_steps"), ("max_steps=2.5", "max_steps"), ("lr=fast", "lr"),
-     ("progress=maybe", "progress"), ("overlong=cut", "overlong")],
+    [
+        ("max_steps=abc", "max_steps"),
+        ("max_steps=2.5", "max_steps"),
+        ("lr=fast", "lr"),
+        ("progress=maybe", "progress"),
+        ("overlong=cut", "overlong"),
+    ],
 )
 def test_mistyped_override_names_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -137,18 +142,21 @@ def test_online_rl_configs_have_no_eval_every():
 
 def _bomb(levels: int, width: int = 9) -> str:
     """A billion-laughs list: each level an anchored list of ``width`` aliases of the level before."""
-    parts = [f'&l0 [{", ".join(["lol"] * width)}]']
+    parts = [f"&l0 [{', '.join(['lol'] * width)}]"]
     for i in range(1, levels):
-        parts.append(f'&l{i} [{", ".join([f"*l{i - 1}"] * width)}]')
+        parts.append(f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
     return "[" + ", ".join(parts) + "]"
 
 
-@pytest.mark.parametrize("data, where", [
-    ("model: tiny\ndata: caf\u00e9.jsonl\n".encode("latin-1"), "byte 0xe9 at offset 21 (line 2)"),
-    ("model: tiny\ndata: caf\u00e9.jsonl\n".encode("utf-16"), "UTF-16"),
-    (b"model: tiny\nlr: 0.1\ndata: \xc0\xaf\n", "byte 0xc0 at offset 26 (line 3)"),
-    ("model: tiny\n".encode("utf-16-le"), "NUL byte at offset 1 (line 1)"),
-])
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        ("model: tiny\ndata: caf\u00e9.jsonl\n".encode("latin-1"), "byte 0xe9 at offset 21 (line 2)"),
+        ("model: tiny\ndata: caf\u00e9.jsonl\n".encode("utf-16"), "UTF-16"),
+        (b"model: tiny\nlr: 0.1\ndata: \xc0\xaf\n", "byte 0xc0 at offset 26 (line 3)"),
+        ("model: tiny\n".encode("utf-16-le"), "NUL byte at offset 1 (line 1)"),
+    ],
+)
 def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path, data, where):
     path = tmp_path / "config.yaml"
     path.write_bytes(data)
@@ -174,9 +182,14 @@ def test_a_stage_key_that_is_not_a_name_is_a_config_error(yaml_file, stage):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("text, key", [("1: 2\nbogus: 3\n", "key 1 (of type int)"),
-                                       ("true: 1\nyes_key: 2\n", "key True (of type bool)"),
-                                       ("null: 1\n", "key None (of type NoneType)")])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("1: 2\nbogus: 3\n", "key 1 (of type int)"),
+        ("true: 1\nyes_key: 2\n", "key True (of type bool)"),
+        ("null: 1\n", "key None (of type NoneType)"),
+    ],
+)
 def test_a_key_that_is_not_a_string_is_named(yaml_file, text, key):
     path = yaml_file(text)
     with pytest.raises(ConfigError) as info:  # was TypeError: '<' not supported between 'str' and 'int'
@@ -191,14 +204,20 @@ def test_unknown_keys_are_reported_in_name_order(yaml_file):
         load_config(SFTConfig, yaml_file("zeta: 1\nalpha: 2\n"))
 
 
-@pytest.mark.parametrize("text, where", [
-    (f"model: tiny\ndata: {_bomb(6)}\n", "line 2: key 'data'"),  # 9^6 values: the message was megabytes
-    (f"data: {_bomb(10)}\n", "line 1: key 'data'"),  # 9^10: `rlhfkit sft` hung (and ate memory) in _coerce
-    ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefghi", "bcdefghij")), "line 10: key 'j'"),
-    (f"model: [&big [{', '.join(['y' * 100] * 2000)}], {', '.join(['*big'] * 5000)}]\n", "line 1: key 'model'"),
-    ("lora_target_modules: &a [x, *a]\n", "line 1"),  # refers to itself
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        (f"model: tiny\ndata: {_bomb(6)}\n", "line 2: key 'data'"),  # 9^6 values: the message was megabytes
+        (f"data: {_bomb(10)}\n", "line 1: key 'data'"),  # 9^10: `rlhfkit sft` hung (and ate memory) in _coerce
+        (
+            "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+            + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefghi", "bcdefghij")),
+            "line 10: key 'j'",
+        ),
+        (f"model: [&big [{', '.join(['y' * 100] * 2000)}], {', '.join(['*big'] * 5000)}]\n", "line 1: key 'model'"),
+        ("lora_target_modules: &a [x, *a]\n", "line 1"),  # refers to itself
+    ],
+)
 def test_an_alias_bomb_is_refused_when_loaded(yaml_file, text, where):
     path = yaml_file(text)
     with pytest.raises(ConfigError) as info:
@@ -215,8 +234,9 @@ def test_an_alias_bomb_in_an_override_is_refused(tmp_path):
 
 
 def test_a_few_aliases_still_load(yaml_file):
-    config = load_config(SFTConfig, yaml_file("model: &m tiny\noutput_dir: runs/x\ndata: *m\n"
-                                              "lora_target_modules: &l [q_proj, v_proj]\n"))
+    config = load_config(
+        SFTConfig, yaml_file("model: &m tiny\noutput_dir: runs/x\ndata: *m\nlora_target_modules: &l [q_proj, v_proj]\n")
+    )
     assert config.data == "tiny" and config.lora_target_modules == ["q_proj", "v_proj"]
 
 
@@ -241,12 +261,15 @@ def test_the_scorer_name_of_a_huge_argument_is_bounded():
     assert name.startswith("pkg.mod.fn(a='yyy") and len(name) < 10_000
     # Small arguments keep their plain repr (earlier labels recorded it; resuming compares names).
     args = {"target_words": 20, "w": {"b": [1, 2.5, "x"], "a": None}}
-    assert _scorer_name(LabelConfig(scorer="length", scorer_args=args)) == \
-        "length(target_words=20, w={'b': [1, 2.5, 'x'], 'a': None})"
+    assert (
+        _scorer_name(LabelConfig(scorer="length", scorer_args=args))
+        == "length(target_words=20, w={'b': [1, 2.5, 'x'], 'a': None})"
+    )
 
 
-@pytest.mark.parametrize("text, line, first", [("model: tiny\nlr: 0.1\nmax_steps: 3\nlr: 0.2\n", 4, 2),
-                                               ("{model: tiny, lr: 1, lr: 2}\n", 1, 1)])
+@pytest.mark.parametrize(
+    "text, line, first", [("model: tiny\nlr: 0.1\nmax_steps: 3\nlr: 0.2\n", 4, 2), ("{model: tiny, lr: 1, lr: 2}\n", 1, 1)]
+)
 def test_a_duplicated_key_is_a_config_error(yaml_file, text, line, first):
     path = yaml_file(text)
     with pytest.raises(ConfigError) as info:  # PyYAML kept the last value silently
@@ -261,12 +284,16 @@ def test_a_duplicated_key_in_a_section_is_a_config_error(yaml_file):
     with pytest.raises(ConfigError, match="line 5: duplicate key 'lr' \\(first on line 3\\)"):
         load_config(PipelineConfig, path)
     # A key merged in (<<) may be overridden: not a duplicate.
-    assert load_config(PipelineConfig, yaml_file("model: tiny\nreward: {<<: {lr: 0.1, num_epochs: 2}, lr: 0.2}\n")
-                       ).reward == {"lr": 0.2, "num_epochs": 2}
+    assert load_config(PipelineConfig, yaml_file("model: tiny\nreward: {<<: {lr: 0.1, num_epochs: 2}, lr: 0.2}\n")).reward == {
+        "lr": 0.2,
+        "num_epochs": 2,
+    }
 
 
-@pytest.mark.parametrize("override, shown", [("max_steps=abc", "'abc'"), ("lr=fast", "'fast'"),
-                                             ("max_steps.x=1", "{'x': 1}"), ("progress=maybe", "'maybe'")])
+@pytest.mark.parametrize(
+    "override, shown",
+    [("max_steps=abc", "'abc'"), ("lr=fast", "'fast'"), ("max_steps.x=1", "{'x': 1}"), ("progress=maybe", "'maybe'")],
+)
 def test_a_bad_override_is_reported_against_the_command_line(yaml_file, override, shown):
     path = yaml_file("model: tiny\nmax_steps: 5\n")
     with pytest.raises(ConfigError) as info:

@@ -22,48 +22,100 @@ def jsonl_lines(*records) -> bytes:
 
 # name -> (file name, file bytes, line, field or None, words the problem must contain)
 BAD_FILES = {
-    "invalid_json_line3": (
-        "bad.jsonl", jsonl_lines(GOOD, GOOD, '{"prompt": "x", "completion": ', GOOD), 3, None, "invalid JSON"),
-    "missing_completion": (
-        "bad.jsonl", jsonl_lines(GOOD, {"prompt": "only a prompt"}), 2, "completion", "missing"),
+    "invalid_json_line3": ("bad.jsonl", jsonl_lines(GOOD, GOOD, '{"prompt": "x", "completion": ', GOOD), 3, None, "invalid JSON"),
+    "missing_completion": ("bad.jsonl", jsonl_lines(GOOD, {"prompt": "only a prompt"}), 2, "completion", "missing"),
     "completion_not_string": (
-        "bad.jsonl", jsonl_lines(GOOD, GOOD, GOOD, {"prompt": "p", "completion": 5}), 4, "completion", "string"),
-    "empty_completion": (
-        "bad.jsonl", jsonl_lines({"prompt": "p", "completion": "   "}), 1, "completion", "empty"),
+        "bad.jsonl",
+        jsonl_lines(GOOD, GOOD, GOOD, {"prompt": "p", "completion": 5}),
+        4,
+        "completion",
+        "string",
+    ),
+    "empty_completion": ("bad.jsonl", jsonl_lines({"prompt": "p", "completion": "   "}), 1, "completion", "empty"),
     "non_utf8_line2": (
-        "bad.jsonl", jsonl_lines(GOOD) + b'{"prompt": "caf\xe9", "completion": "ok"}\n' + jsonl_lines(GOOD), 2, None, "UTF-8"),
+        "bad.jsonl",
+        jsonl_lines(GOOD) + b'{"prompt": "caf\xe9", "completion": "ok"}\n' + jsonl_lines(GOOD),
+        2,
+        None,
+        "UTF-8",
+    ),
     "json_list_bad_element": (
         "bad.json",
         b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": "d"},\n'
         b'  {"prompt": "e",\n   "completion": 7}\n]\n',
-        4, "completion", "string"),
+        4,
+        "completion",
+        "string",
+    ),
     "json_list_syntax_error": (
-        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c" "completion": "d"}\n]\n', 3, None, "invalid JSON"),
+        "bad.json",
+        b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c" "completion": "d"}\n]\n',
+        3,
+        None,
+        "invalid JSON",
+    ),
     "messages_bad_role": (
         "bad.jsonl",
         jsonl_lines(GOOD, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}),
-        2, "messages[1].role", "bot"),
+        2,
+        "messages[1].role",
+        "bot",
+    ),
     "messages_no_assistant": (
-        "bad.jsonl", jsonl_lines({"messages": [{"role": "user", "content": "hi"}]}), 1, "messages", "no assistant"),
+        "bad.jsonl",
+        jsonl_lines({"messages": [{"role": "user", "content": "hi"}]}),
+        1,
+        "messages",
+        "no assistant",
+    ),
     # json raised RecursionError (deep nesting) and ValueError (an integer over Python's 4300-digit limit)
     "deep_nesting_line2": (
-        "bad.jsonl", jsonl_lines(GOOD, '{"prompt": "x", "completion": "y", "x": ' + "[" * 5000 + "]" * 5000 + "}"),
-        2, None, "nested too deeply"),
+        "bad.jsonl",
+        jsonl_lines(GOOD, '{"prompt": "x", "completion": "y", "x": ' + "[" * 5000 + "]" * 5000 + "}"),
+        2,
+        None,
+        "nested too deeply",
+    ),
     "deep_nesting_json_list": (
-        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": '
-        + b"[" * 100_000 + b"]" * 100_000 + b"}\n]\n", 3, None, "nested too deeply"),
+        "bad.json",
+        b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": '
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}\n]\n",
+        3,
+        None,
+        "nested too deeply",
+    ),
     "huge_integer_line3": (
-        "bad.jsonl", jsonl_lines(GOOD, GOOD, '{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}"),
-        3, None, "integer too long"),
+        "bad.jsonl",
+        jsonl_lines(GOOD, GOOD, '{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}"),
+        3,
+        None,
+        "integer too long",
+    ),
     "huge_integer_json_list": (
-        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c", "completion": "d", "n": '
-        + b"9" * 5000 + b"}\n]\n", 4, None, "integer too long"),
+        "bad.json",
+        b'[\n  {"prompt": "a", "completion": "b"},\n\n  {"prompt": "c", "completion": "d", "n": ' + b"9" * 5000 + b"}\n]\n",
+        4,
+        None,
+        "integer too long",
+    ),
     # a lone surrogate escape decodes (json accepts it) and crashed the tokenizer later
     "lone_surrogate": (
-        "bad.jsonl", jsonl_lines(GOOD, '{"prompt": "a \\ud800 b", "completion": "ok"}'), 2, "prompt", "lone surrogate"),
+        "bad.jsonl",
+        jsonl_lines(GOOD, '{"prompt": "a \\ud800 b", "completion": "ok"}'),
+        2,
+        "prompt",
+        "lone surrogate",
+    ),
     "lone_surrogate_in_messages": (
-        "bad.json", b'[\n  {"prompt": "a", "completion": "b"},\n  {"messages": [{"role": "user", "content": "hi"},'
-        b' {"role": "assistant", "content": "x\\uDFFFy"}]}\n]\n', 3, "messages[1].content", "lone surrogate"),
+        "bad.json",
+        b'[\n  {"prompt": "a", "completion": "b"},\n  {"messages": [{"role": "user", "content": "hi"},'
+        b' {"role": "assistant", "content": "x\\uDFFFy"}]}\n]\n',
+        3,
+        "messages[1].content",
+        "lone surrogate",
+    ),
 }
 
 
@@ -139,7 +191,7 @@ def test_surrogate_pairs_and_escaped_backslashes_still_load(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_bytes(jsonl_lines('{"prompt": "smile \\ud83d\\ude00", "completion": "a \\\\ud800 b"}'))
     (conv,) = load_sft_file(path)
-    assert conv.messages == (("user", "smile \U0001F600"), ("assistant", "a \\ud800 b"))
+    assert conv.messages == (("user", "smile \U0001f600"), ("assistant", "a \\ud800 b"))
 
 
 def test_one_record_sft_file_says_it_went_to_the_held_out_split(tmp_path, make_config):
@@ -173,12 +225,15 @@ def test_reward_and_dpo_without_data_are_config_errors(tmp_path, monkeypatch):
         dpo.train(dpo.DPOConfig(model="tiny", output_dir=str(tmp_path / "d")))
 
 
-@pytest.mark.parametrize("record, line, field, problem", [
-    ({"response": "fine"}, 2, "prompt", "missing"),  # was a KeyError, at save time
-    ({"prompt": 5, "response": "fine"}, 2, "prompt", "expected a string or a list of messages"),
-    ({"prompt": "p"}, 2, "response", "missing"),
-    (None, None, None, "no records"),
-])
+@pytest.mark.parametrize(
+    "record, line, field, problem",
+    [
+        ({"response": "fine"}, 2, "prompt", "missing"),  # was a KeyError, at save time
+        ({"prompt": 5, "response": "fine"}, 2, "prompt", "expected a string or a list of messages"),
+        ({"prompt": "p"}, 2, "response", "missing"),
+        (None, None, None, "no records"),
+    ],
+)
 def test_reward_norm_data_is_checked_before_any_model_loads(tmp_path, monkeypatch, record, line, field, problem):
     from rlhfkit import reward
 
@@ -194,16 +249,19 @@ def test_reward_norm_data_is_checked_before_any_model_loads(tmp_path, monkeypatc
     assert problem in str(info.value)
 
 
-@pytest.mark.parametrize("prompt, field, problem", [
-    (5, "prompt", "expected a string or a list of messages, got int"),
-    (None, "prompt", "expected a string"),
-    ([[1, 2]], "prompt[0]", "expected an object"),
-    ([], "prompt", "non-empty list"),
-    ({"role": "user", "content": "x"}, "prompt", "expected a string or a list of messages, got dict"),
-    ([{"role": "user", "content": 5}], "prompt[0].content", "expected a string"),
-    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "prompt[1].role", "end with a user turn"),
-    ("  ", "prompt", "empty"),
-])
+@pytest.mark.parametrize(
+    "prompt, field, problem",
+    [
+        (5, "prompt", "expected a string or a list of messages, got int"),
+        (None, "prompt", "expected a string"),
+        ([[1, 2]], "prompt[0]", "expected an object"),
+        ([], "prompt", "non-empty list"),
+        ({"role": "user", "content": "x"}, "prompt", "expected a string or a list of messages, got dict"),
+        ([{"role": "user", "content": 5}], "prompt[0].content", "expected a string"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "prompt[1].role", "end with a user turn"),
+        ("  ", "prompt", "empty"),
+    ],
+)
 def test_label_items_check_the_prompt(tmp_path, prompt, field, problem):
     """load_items took any JSON value as a prompt; the labeller crashed on it later."""
     from rlhfkit.label import load_items

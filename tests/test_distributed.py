@@ -41,11 +41,26 @@ def test_two_processes_equal_one_with_the_joint_batch(varied_file, make_config):
     config_file = Path(two.output_dir).with_suffix(".yaml")
     config_file.write_text(yaml.safe_dump(to_dict(two)), encoding="utf-8")
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "rlhfkit.cli", "sft", str(config_file)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "rlhfkit.cli",
+        "sft",
+        str(config_file),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

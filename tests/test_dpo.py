@@ -23,7 +23,6 @@ from rlhfkit.forward import sequence_logps
 from rlhfkit.losses import dpo_loss, simpo_loss
 from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
 
-
 # ----------------------------------------------------------------------------- data
 
 # The polite reply wraps the answer from QA_PAIRS, the rude one refuses it.
@@ -104,8 +103,13 @@ def dpo_inputs():
 def test_dpo_loss_signature():
     params = inspect.signature(dpo_loss).parameters
     assert list(params) == [
-        "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-        "beta", "loss_type", "label_smoothing",
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "beta",
+        "loss_type",
+        "label_smoothing",
     ]
     assert params["beta"].default == 0.1
     assert params["loss_type"].default == "sigmoid"
@@ -118,11 +122,15 @@ def test_dpo_loss_signature():
         # -log sigmoid(beta h) = log(1 + exp(-beta h))
         ("sigmoid", 0.0, [math.log(1 + math.exp(-0.2)), math.log(1 + math.exp(0.3)), math.log(1 + math.exp(-1.8))]),
         # conservative DPO, eps = 0.1: 0.9 log(1 + e^{-bh}) + 0.1 log(1 + e^{bh})
-        ("sigmoid", 0.1, [
-            0.9 * math.log(1 + math.exp(-0.2)) + 0.1 * math.log(1 + math.exp(0.2)),
-            0.9 * math.log(1 + math.exp(0.3)) + 0.1 * math.log(1 + math.exp(-0.3)),
-            0.9 * math.log(1 + math.exp(-1.8)) + 0.1 * math.log(1 + math.exp(1.8)),
-        ]),
+        (
+            "sigmoid",
+            0.1,
+            [
+                0.9 * math.log(1 + math.exp(-0.2)) + 0.1 * math.log(1 + math.exp(0.2)),
+                0.9 * math.log(1 + math.exp(0.3)) + 0.1 * math.log(1 + math.exp(-0.3)),
+                0.9 * math.log(1 + math.exp(-1.8)) + 0.1 * math.log(1 + math.exp(1.8)),
+            ],
+        ),
         # IPO: (h - 1/(2 beta))^2 = (h - 5)^2
         ("ipo", 0.0, [(2 - 5) ** 2, (-3 - 5) ** 2, (18 - 5) ** 2]),
         # SLiC hinge: max(0, 1 - beta h)
@@ -178,10 +186,13 @@ def test_simpo_loss_by_hand():
     smoothed, _, _ = simpo_loss(
         chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=2.0, gamma=0.5, label_smoothing=0.2
     )
-    assert smoothed.tolist() == pytest.approx([
-        0.8 * math.log(1 + math.exp(-1.5)) + 0.2 * math.log(1 + math.exp(1.5)),
-        0.8 * math.log(1 + math.exp(-0.5)) + 0.2 * math.log(1 + math.exp(0.5)),
-    ], rel=1e-12)
+    assert smoothed.tolist() == pytest.approx(
+        [
+            0.8 * math.log(1 + math.exp(-1.5)) + 0.2 * math.log(1 + math.exp(1.5)),
+            0.8 * math.log(1 + math.exp(-0.5)) + 0.2 * math.log(1 + math.exp(0.5)),
+        ],
+        rel=1e-12,
+    )
 
     # gamma = 0 and beta = 1: plain -log sigmoid of the per-token log-prob difference.
     plain, _, _ = simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=1.0, gamma=0.0)
@@ -213,7 +224,10 @@ def test_sequence_logps_matches_slow_reference(tokenizer):
     # Prompts and replies of different lengths: the labelled positions of the two
     # rows only partly overlap, and row 0 is right-padded.
     seqs = []
-    for prompt, response in [("Hi.", "Hello!"), ("Please tell me a long story about a dragon.", "Once upon a time a small dragon lived in a cave by the sea.")]:
+    for prompt, response in [
+        ("Hi.", "Hello!"),
+        ("Please tell me a long story about a dragon.", "Once upon a time a small dragon lived in a cave by the sea."),
+    ]:
         ids, labels = tokenize_response(tokenizer, prompt, response)
         seqs.append({"input_ids": ids, "labels": labels})
     batch = collate_sft(seqs, tokenizer.pad_token_id)
@@ -290,8 +304,15 @@ def attach_reference(config: DPOConfig) -> tuple[Path, list[dict], int]:
     how many times the reference log-probs were computed (0 if read from the cache)."""
     tokenizer = models.load_tokenizer(config.model)
     train_set, held = load_pair_splits(
-        tokenizer, config.data, eval_data="", eval_fraction=config.eval_fraction, seed=config.seed,
-        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+        tokenizer,
+        config.data,
+        eval_data="",
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=False,
+        stage="dpo",
     )
     policy = models.load_causal_lm(config.model)
     ref = models.load_causal_lm(config.ref_model) if config.ref_model else policy
@@ -332,8 +353,15 @@ def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, 
     monkeypatch.setattr(dpo, "_hash_model", hash_model)
     tokenizer = models.load_tokenizer(config.model)
     train_set, held = load_pair_splits(
-        tokenizer, config.data, eval_data="", eval_fraction=config.eval_fraction, seed=config.seed,
-        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+        tokenizer,
+        config.data,
+        eval_data="",
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=False,
+        stage="dpo",
     )
     dpo.attach_reference(config, models.load_causal_lm(config.model), tokenizer, train_set, held)
     assert [p["ref_chosen_logps"] for p in train_set + held] == [p["ref_chosen_logps"] for p in pairs]
@@ -486,12 +514,20 @@ def test_held_out_margin_grows(loss_type, min_rise, prefs_file, tmp_path):
     In trial runs (20 steps, seeds 0, 1 and 2 alike) the margin rose by 0.45 (IPO), 1.03 (hinge) and 0.24 (SimPO);
     with lr = 0 it stayed where it started (accuracy 0; SimPO 1/6) and the test failed."""
     held_file = write_jsonl(tmp_path / "held.jsonl", heldout_records())
-    config = dpo_config(tmp_path, loss_type, data=str(prefs_file), eval_data=str(held_file), loss_type=loss_type,
-                        max_steps=20, ref_cache=False)
+    config = dpo_config(
+        tmp_path, loss_type, data=str(prefs_file), eval_data=str(held_file), loss_type=loss_type, max_steps=20, ref_cache=False
+    )
     tokenizer = models.load_tokenizer(config.model)
     train_pairs, held_pairs = load_pair_splits(
-        tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
-        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+        tokenizer,
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=False,
+        stage="dpo",
     )
     assert (len(train_pairs), len(held_pairs)) == (8, 6)
     start = models.load_causal_lm(config.model)
@@ -520,8 +556,8 @@ def test_held_out_margin_grows(loss_type, min_rise, prefs_file, tmp_path):
     "loss_type, first_loss",
     [
         ("ipo", (0 - 1 / (2 * 0.1)) ** 2),  # h = 0 at step 1: (0 - 5)^2 = 25
-        ("hinge", 1 - 0.1 * 0),             # max(0, 1 - beta * 0) = 1
-        ("simpo", None),                    # from the starting model's log-probs: computed below
+        ("hinge", 1 - 0.1 * 0),  # max(0, 1 - beta * 0) = 1
+        ("simpo", None),  # from the starting model's log-probs: computed below
     ],
 )
 def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, tmp_path, capsys, tokenizer):

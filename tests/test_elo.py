@@ -17,15 +17,7 @@ from rlhfkit.config import ConfigError, load_config
 from rlhfkit.data.io import DataError
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
-from rlhfkit.elo import (
-    EloConfig,
-    bradley_terry_ratings,
-    format_table,
-    matches_from_comparisons,
-    online_elo,
-    rating_table,
-    run,
-)
+from rlhfkit.elo import EloConfig, bradley_terry_ratings, format_table, matches_from_comparisons, online_elo, rating_table, run
 from tests.helpers import write_jsonl
 
 
@@ -110,8 +102,14 @@ def test_prior_free_fit_satisfies_the_score_equations():
     # The MLE condition (Zermelo / Bradley-Terry): each player's actual score equals its
     # expected score sum_j N_ij / (1 + 10^((R_j - R_i) / 400)).
     matches = (
-        wins("A", "B", 5) + wins("B", "A", 2) + wins("B", "C", 4) + wins("C", "B", 3)
-        + wins("A", "C", 6) + wins("C", "A", 1) + [("A", "B", 0.5)] * 2 + [("C", "A", 0.5)]
+        wins("A", "B", 5)
+        + wins("B", "A", 2)
+        + wins("B", "C", 4)
+        + wins("C", "B", 3)
+        + wins("A", "C", 6)
+        + wins("C", "A", 1)
+        + [("A", "B", 0.5)] * 2
+        + [("C", "A", 0.5)]
     )
     ratings = bradley_terry_ratings(matches, prior=0)
     for player in "ABC":
@@ -144,8 +142,12 @@ def test_fit_matches_the_mm_reference(prior):
 
 def test_transitive_order_is_recovered():
     matches = (
-        wins("top", "mid", 7) + wins("mid", "top", 3) + wins("mid", "low", 7) + wins("low", "mid", 3)
-        + wins("top", "low", 9) + wins("low", "top", 1)
+        wins("top", "mid", 7)
+        + wins("mid", "top", 3)
+        + wins("mid", "low", 7)
+        + wins("low", "mid", 3)
+        + wins("top", "low", 9)
+        + wins("low", "top", 1)
     )
     random.Random(0).shuffle(matches)
     assert list(bradley_terry_ratings(matches)) == ["top", "mid", "low"]
@@ -277,16 +279,14 @@ def test_matches_from_pairs_ties_and_rankings():
     assert matches_from_comparisons(comparisons) == [
         ("dpo", "sft", 1.0),
         ("sft", "dpo", 0.5),
-        ("z", "x", 1.0), ("z", "y", 1.0), ("x", "y", 1.0),
+        ("z", "x", 1.0),
+        ("z", "y", 1.0),
+        ("x", "y", 1.0),
     ]
 
 
 def test_matches_skip_records_without_players_and_same_player_pairs(capsys):
-    comparisons = [
-        comparison(["a", "b"], [0, 1]),
-        comparison(None, [0, 1]),
-        comparison(["a", "a", "b"], [0, 1, 2]),
-    ]
+    comparisons = [comparison(["a", "b"], [0, 1]), comparison(None, [0, 1]), comparison(["a", "a", "b"], [0, 1, 2])]
     assert matches_from_comparisons(comparisons) == [("a", "b", 1.0), ("a", "b", 1.0), ("a", "b", 1.0)]
     out = capsys.readouterr().out
     assert "1 comparisons without meta['players'] skipped" in out and "1 same-player pairs dropped" in out
@@ -304,7 +304,11 @@ def test_matches_skip_records_without_players_and_same_player_pairs(capsys):
 def elo_records():
     """sft vs dpo: dpo wins 3, sft 1, one tie; one 3-way ranking; one record without players."""
     pair = lambda first, players, **extra: {  # noqa: E731
-        "prompt": "p", "responses": ["r0", "r1"], "ranking": first, "meta": {"players": players}, **extra
+        "prompt": "p",
+        "responses": ["r0", "r1"],
+        "ranking": first,
+        "meta": {"players": players},
+        **extra,
     }
     return [
         pair([1, 0], ["sft", "dpo"]),

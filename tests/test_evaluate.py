@@ -11,9 +11,22 @@ from rlhfkit import evaluate, stats
 
 
 def _config(tmp_path, **kw):
-    base = dict(policy="tiny", baseline="tiny", gold="length", max_prompts=6, max_new_tokens=6, batch_size=8,
-                best_of_n=8, samples_per_prompt=2, precision="fp32", generation_precision="fp32", bootstrap=20,
-                resamples=300, progress=False, output=str(tmp_path / "eval.json"))
+    base = dict(
+        policy="tiny",
+        baseline="tiny",
+        gold="length",
+        max_prompts=6,
+        max_new_tokens=6,
+        batch_size=8,
+        best_of_n=8,
+        samples_per_prompt=2,
+        precision="fp32",
+        generation_precision="fp32",
+        bootstrap=20,
+        resamples=300,
+        progress=False,
+        output=str(tmp_path / "eval.json"),
+    )
     base.update(kw)
     return evaluate.EvalConfig(**base)
 
@@ -69,7 +82,7 @@ def test_policy_entry_matches_an_independent_recomputation(tmp_path):
     base, _, _ = evaluate._sample("tiny", prompts, cfg, "b", n=2)
     pol, _, _ = evaluate._sample(str(tmp_path / "pol"), prompts, cfg, "p", n=2, seed_offset=1)
     bg, pg = gold(base.prompts, base.responses), gold(pol.prompts, pol.responses)
-    by = lambda xs: [xs[i:i + 2] for i in range(0, len(xs), 2)]  # noqa: E731
+    by = lambda xs: [xs[i : i + 2] for i in range(0, len(xs), 2)]  # noqa: E731
     wins = stats.win_fractions(by(pg), by(bg))
     assert entry["win_rate"] == pytest.approx(float(wins.mean()))
     diffs = [sum(p) / 2 - sum(b) / 2 for p, b in zip(by(pg), by(bg))]

@@ -163,7 +163,7 @@ def test_consistent_judge_ranks_pairs_in_both_positions(serve_backend):
         assert c.prompt == prompt and c.responses == responses
         assert c.source == "judge:polite"
         assert "please" in c.chosen.lower() and "please" not in c.rejected.lower()
-        assert c.meta["verdicts"] == ["Final verdict: [[%s]]" % v for v in c.meta["parsed"]]
+        assert c.meta["verdicts"] == [f"Final verdict: [[{v}]]" for v in c.meta["parsed"]]
         # Order 0 shows (r0, r1), order 1 (r1, r0): the same winner gets opposite letters.
         assert c.meta["parsed"] == (["A", "B"] if c.ranking == [0, 1] else ["B", "A"])
         assert "both orders prefer" in c.reason
@@ -241,8 +241,16 @@ HI = [{"role": "user", "content": "hi"}]
 
 def judge_label_config(tmp_path: Path, judge_url: str, **overrides) -> LabelConfig:
     samples = make_pairs(tmp_path / "samples.jsonl", 2)
-    return LabelConfig(**{"samples": str(samples), "output": str(tmp_path / "labels.jsonl"), "source": "judge",
-                          "judge_url": judge_url, "concurrency": 1, **overrides})
+    return LabelConfig(
+        **{
+            "samples": str(samples),
+            "output": str(tmp_path / "labels.jsonl"),
+            "source": "judge",
+            "judge_url": judge_url,
+            "concurrency": 1,
+            **overrides,
+        }
+    )
 
 
 def test_no_api_key_is_sent_unless_configured(scripted, monkeypatch, tmp_path):
@@ -298,8 +306,11 @@ def test_garbage_status_line_is_retried_then_a_judge_request_error(scripted):
 
 
 def test_content_parts_are_read_as_text(scripted):
-    parts = [{"type": "text", "text": "Final verdict: "}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": "[[B]]"}]
+    parts = [
+        {"type": "text", "text": "Final verdict: "},
+        {"type": "image_url", "image_url": {"url": "x"}},
+        {"type": "text", "text": "[[B]]"},
+    ]
     server = scripted([judge_backends.chat_reply(parts)])
     assert client_for(server.base_url).complete(HI) == "Final verdict: [[B]]"
     label = AIJudge(client_for(server.base_url), concurrency=1).label("Ask.", ["one", "two"])
@@ -332,19 +343,27 @@ def test_a_trickling_body_fails_at_the_deadline(scripted):
 
 def test_label_config_reaches_the_judge_and_its_client(scripted, tmp_path):
     server = scripted([judge_backends.chat_reply("A")])
-    config = judge_label_config(tmp_path, server.base_url, judge_max_tokens=200, judge_temperature=0.3,
-                                judge_timeout=0.3, judge_retries=1)
+    config = judge_label_config(
+        tmp_path, server.base_url, judge_max_tokens=200, judge_temperature=0.3, judge_timeout=0.3, judge_retries=1
+    )
     run_label(config)
     assert [(body["max_tokens"], body["temperature"]) for _, body in server.requests] == [(200, 0.3)] * 4
     defaults = LabelConfig()
     assert (defaults.judge_max_tokens, defaults.judge_temperature, defaults.judge_timeout, defaults.judge_retries) == (
-        16, 0.0, 60.0, 4)
+        16,
+        0.0,
+        60.0,
+        4,
+    )
     # judge_timeout and judge_retries: a stalled server costs 2 attempts of 0.3 s, then the stage fails.
     stalled = scripted([judge_backends.stall(30)])
     start = time.monotonic()
     with pytest.raises(JudgeRequestError, match="after 2 attempts"):
-        run_label(judge_label_config(tmp_path, stalled.base_url, judge_timeout=0.3, judge_retries=1,
-                                     output=str(tmp_path / "stalled.jsonl")))
+        run_label(
+            judge_label_config(
+                tmp_path, stalled.base_url, judge_timeout=0.3, judge_retries=1, output=str(tmp_path / "stalled.jsonl")
+            )
+        )
     assert time.monotonic() - start < 2.0 and len(stalled.requests) == 2
 
 
@@ -437,8 +456,13 @@ def test_oversized_request_bodies_get_413(serve_backend):
 
     assert MAX_BODY_BYTES < len(big) and f"over {MAX_BODY_BYTES} bytes" in body["error"]["message"]
     conn = http.client.HTTPConnection(host, int(port), timeout=10)  # chunked: counted as it arrives
-    conn.request("POST", "/v1/chat/completions", body=iter([big[: len(big) // 2], big[len(big) // 2:]]),
-                 encode_chunked=True, headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=iter([big[: len(big) // 2], big[len(big) // 2 :]]),
+        encode_chunked=True,
+        headers={"Content-Type": "application/json"},
+    )
     assert conn.getresponse().status == 413
     conn.close()
     assert post_json(f"{url}/chat/completions", {"messages": HI})[0] == 200
@@ -464,15 +488,30 @@ def test_local_chat_client_judges_in_process():
 
 
 def test_cli_serves_a_function_from_the_working_directory(tmp_path):
-    (tmp_path / "my_judge.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_judge.py").write_text(
+        textwrap.dedent("""
         def judge(messages):
             return "Final verdict: B" if "please" in messages[-1]["content"].split("[The Start of Response B]")[1].lower() else "A"
-    '''))
+    """)
+    )
     env = dict(os.environ, PYTHONPATH="")  # the module must come from the working directory
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.serve", "rule-judge", "--port", "0", "--backend", "my_judge:judge",
-         "--max-tokens-limit", "16"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rlhfkit.serve",
+            "rule-judge",
+            "--port",
+            "0",
+            "--backend",
+            "my_judge:judge",
+            "--max-tokens-limit",
+            "16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = ""

@@ -13,13 +13,16 @@ from rlhfkit.optim import build_optimizer, build_scheduler, lr_lambda, prime_sta
 # remaining 16 steps, progress = (step - 4) / 16, from 1 down to min_lr_ratio.
 # cos(pi/4) = 0.70710678, cos(3 pi/4) = -0.70710678.
 COSINE_MIN_0_1 = {
-    0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0,
-    4: 1.0,                                   # progress 0
-    8: 0.1 + 0.9 * 0.5 * (1 + 0.70710678),    # progress 1/4 -> 0.86819805
-    12: 0.55,                                 # progress 1/2 -> 0.1 + 0.9 * 0.5
-    16: 0.1 + 0.9 * 0.5 * (1 - 0.70710678),   # progress 3/4 -> 0.23180195
-    20: 0.1,                                  # progress 1
-    25: 0.1,                                  # past the end: stays at the floor
+    0: 0.25,
+    1: 0.5,
+    2: 0.75,
+    3: 1.0,
+    4: 1.0,  # progress 0
+    8: 0.1 + 0.9 * 0.5 * (1 + 0.70710678),  # progress 1/4 -> 0.86819805
+    12: 0.55,  # progress 1/2 -> 0.1 + 0.9 * 0.5
+    16: 0.1 + 0.9 * 0.5 * (1 - 0.70710678),  # progress 3/4 -> 0.23180195
+    20: 0.1,  # progress 1
+    25: 0.1,  # past the end: stays at the floor
 }
 
 
@@ -31,7 +34,9 @@ def test_warmup_then_cosine(step, expected):
 
 @pytest.mark.parametrize("step, expected", [(0, 1.0), (5, 0.5), (10, 0.0)])
 def test_cosine_without_warmup(step, expected):
-    assert lr_lambda(step, warmup_steps=0, total_steps=10, schedule="cosine", min_lr_ratio=0.0) == pytest.approx(expected, abs=1e-12)
+    assert lr_lambda(step, warmup_steps=0, total_steps=10, schedule="cosine", min_lr_ratio=0.0) == pytest.approx(
+        expected, abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.5), (1, 1.0), (2, 1.0), (6, 0.6), (10, 0.2)])

@@ -29,12 +29,7 @@ def test_layout_by_hand():
     assert b["query_index"].tolist() == [[0, 1, 2, 3], [4, 0, 0, 0], [5, 6, 0, 0]]
     assert b["unpack"].tolist() == [0, 1, 2, 3, 4, 8, 9]  # segment * 4 + query slot
     T, F = True, False
-    causal = [
-        [T, F, F, F],
-        [T, T, F, F],
-        [T, T, T, F],
-        [T, T, T, T],
-    ]
+    causal = [[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]]
     seq1 = [
         [T, T, T, F],  # its own token (position 2): the prefix and itself, not sequence 0's tokens
         [T, F, F, F],  # unused query slots see key slot 0 (no empty softmax row)
@@ -200,8 +195,16 @@ def _pairs(tokenizer) -> list[dict]:
         ("Hi.", "Hello! How can I help you today?", "Go away."),
     ]:
         (c_ids, c_lab), (r_ids, r_lab) = (tokenize_response(tokenizer, prompt, x) for x in (chosen, rejected))
-        out.append({"chosen_input_ids": c_ids, "chosen_labels": c_lab, "rejected_input_ids": r_ids,
-                    "rejected_labels": r_lab, "target": 1.0, "margin": 0.0})
+        out.append(
+            {
+                "chosen_input_ids": c_ids,
+                "chosen_labels": c_lab,
+                "rejected_input_ids": r_ids,
+                "rejected_labels": r_lab,
+                "target": 1.0,
+                "margin": 0.0,
+            }
+        )
     return out
 
 
@@ -226,8 +229,11 @@ def test_packed_pair_logps_and_scores_equal_padded(tokenizer):
     rm = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal", seed=1).eval()
     models.set_attention(rm)
     with torch.no_grad():
-        for fn in (lambda b: sequence_logps(policy, b)[0], lambda b: sequence_logps(policy, b)[1].float(),
-                   lambda b: sequence_scores(rm, b)):
+        for fn in (
+            lambda b: sequence_logps(policy, b)[0],
+            lambda b: sequence_logps(policy, b)[1].float(),
+            lambda b: sequence_scores(rm, b),
+        ):
             want, got = chosen_rejected(padded, fn(padded)), chosen_rejected(packed, fn(packed))
             for w, g in zip(want, got):
                 assert w.shape == (3,) and torch.allclose(g, w, atol=1e-4), (g, w)
@@ -235,7 +241,10 @@ def test_packed_pair_logps_and_scores_equal_padded(tokenizer):
 
 def test_packed_sft_loss_and_gradients_equal_padded(tokenizer):
     seqs = []
-    for prompt, response in [("Hi.", "Hello!"), ("Tell me about dragons in one sentence.", "Dragons are large, winged, fire-breathing reptiles of legend.")]:
+    for prompt, response in [
+        ("Hi.", "Hello!"),
+        ("Tell me about dragons in one sentence.", "Dragons are large, winged, fire-breathing reptiles of legend."),
+    ]:
         ids, labels = tokenize_response(tokenizer, prompt, response)
         seqs.append({"input_ids": ids, "labels": labels})
     padded, packed = collate_sft(seqs, tokenizer.pad_token_id), collate_sft(seqs, tokenizer.pad_token_id, packed=True)
@@ -276,4 +285,3 @@ def test_packed_batch_through_another_kernel_is_an_error(tokenizer):
     rm = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="packed batch needs"):
         sequence_scores(rm, packed)
-

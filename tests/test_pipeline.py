@@ -171,8 +171,15 @@ def test_a_rerun_with_broken_sft_data_keeps_the_finished_sft_model(tmp_path, cal
     from rlhfkit import cli
 
     monkeypatch.setattr(sft, "train", REAL_SFT_TRAIN)  # the real sft stage on the tiny model; the rest record
-    sft_section = {"data": str(qa_file), "max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "precision": "fp32",
-                   "progress": False, "tensorboard": False}
+    sft_section = {
+        "data": str(qa_file),
+        "max_steps": 1,
+        "batch_size": 2,
+        "eval_fraction": 0.0,
+        "precision": "fp32",
+        "progress": False,
+        "tensorboard": False,
+    }
     good = tmp_path / "pipeline.yaml"
     good.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "model": "tiny", "sft": sft_section}))
     assert cli.main(["run", str(good)]) == 0
@@ -361,7 +368,9 @@ def assert_headline_numbers_recompute(cfg: pipeline.PipelineConfig, results: dic
 def test_real_pipeline_on_tiny_model(tmp_path):
     """Every real stage, wired together, on the tiny model (seconds per stage)."""
     cfg = pipeline.PipelineConfig(
-        output_dir=str(tmp_path / "run"), model="tiny", algorithm="dpo",
+        output_dir=str(tmp_path / "run"),
+        model="tiny",
+        algorithm="dpo",
         sft={"max_steps": 2, "batch_size": 4, "progress": False},
         sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
@@ -384,7 +393,11 @@ def test_iterated_dpo_keeps_every_round(tmp_path):
     from rlhfkit import iterated
 
     cfg = iterated.IteratedDPOConfig(
-        model="tiny", rounds=2, prompts_per_round=4, output_dir=str(tmp_path / "it"), reference="refresh",
+        model="tiny",
+        rounds=2,
+        prompts_per_round=4,
+        output_dir=str(tmp_path / "it"),
+        reference="refresh",
         sample={"max_new_tokens": 6, "batch_size": 4, "progress": False},
         label={"scorer": "tests.helpers:characters"},
         dpo={"max_steps": 1, "batch_size": 2, "eval_fraction": 0.0, "progress": False, "ref_cache": False},
@@ -428,8 +441,9 @@ def test_compared_algorithms_run_after_the_main_one_and_are_evaluated_beside_it(
 
 
 def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_path):
-    cfg = config(tmp_path, algorithm="ppo", compare=["dpo"], ppo={"lr": 1e-5, "kl_coef": 0.2}, dpo={"beta": 0.3},
-                 rl={"kl_coef": 0.1})
+    cfg = config(
+        tmp_path, algorithm="ppo", compare=["dpo"], ppo={"lr": 1e-5, "kl_coef": 0.2}, dpo={"beta": 0.3}, rl={"kl_coef": 0.1}
+    )
     stages = {s.name: s for s in pipeline.build_stages(cfg)}
     assert stages["ppo"].config.lr == 1e-5 and stages["ppo"].config.kl_coef == 0.1  # rl wins over ppo
     assert stages["dpo"].config.beta == 0.3
@@ -451,8 +465,9 @@ def test_demo_config_builds_for_every_algorithm(tmp_path, algorithm):
 def _heldout(tmp_path, accuracy, lo, hi, pairs=240):
     d = tmp_path / "reward"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "heldout.json").write_text(json.dumps({"accuracy": accuracy, "accuracy_ci": [lo, hi], "num_pairs": pairs,
-                                                "num_prompts": pairs // 6, "ties": 0}))
+    (d / "heldout.json").write_text(
+        json.dumps({"accuracy": accuracy, "accuracy_ci": [lo, hi], "num_pairs": pairs, "num_prompts": pairs // 6, "ties": 0})
+    )
     return pipeline.GateConfig(reward_dir=str(d), output=str(tmp_path / "gate" / "gate.json"))
 
 
@@ -487,18 +502,47 @@ def test_gate_fails_without_held_out_pairs(tmp_path):
 def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorithm):
     """The demo's own stages and wiring (the main algorithm, its comparison, probes, best-of-n, the gate's
     verdict, the report), every size cut down to the tiny model."""
-    small_rl = {"max_steps": 2, "batch_size": 2, "max_new_tokens": 6, "progress": False, "probe_points": 2,
-                "probe_max_prompts": 3, "probe_max_new_tokens": 6, "precision": "fp32"}
+    small_rl = {
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_new_tokens": 6,
+        "progress": False,
+        "probe_points": 2,
+        "probe_max_prompts": 3,
+        "probe_max_new_tokens": 6,
+        "precision": "fp32",
+    }
     cfg = pipeline.demo_config(
-        output_dir=str(tmp_path / "run"), model="tiny", algorithm=algorithm, reward_gate=False,
+        output_dir=str(tmp_path / "run"),
+        model="tiny",
+        algorithm=algorithm,
+        reward_gate=False,
         sft={"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32"},
         sample={"max_prompts": 12, "max_new_tokens": 6, "batch_size": 12, "progress": False, "precision": "fp32"},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "precision": "fp32"},
-        dpo={"max_steps": 2, "batch_size": 2, "progress": False, "probe_points": 2, "probe_max_prompts": 3,
-             "probe_max_new_tokens": 6, "precision": "fp32"},
-        ppo=small_rl, grpo=small_rl, rloo=small_rl,
-        eval={"max_prompts": 4, "max_new_tokens": 6, "best_of_n": 4, "samples_per_prompt": 2, "bootstrap": 20,
-              "resamples": 200, "progress": False, "precision": "fp32", "generation_precision": "fp32"},
+        dpo={
+            "max_steps": 2,
+            "batch_size": 2,
+            "progress": False,
+            "probe_points": 2,
+            "probe_max_prompts": 3,
+            "probe_max_new_tokens": 6,
+            "precision": "fp32",
+        },
+        ppo=small_rl,
+        grpo=small_rl,
+        rloo=small_rl,
+        eval={
+            "max_prompts": 4,
+            "max_new_tokens": 6,
+            "best_of_n": 4,
+            "samples_per_prompt": 2,
+            "bootstrap": 20,
+            "resamples": 200,
+            "progress": False,
+            "precision": "fp32",
+            "generation_precision": "fp32",
+        },
     )
     status = pipeline.run(cfg)
     assert all(v == "ran" for v in status.values())

@@ -19,13 +19,7 @@ import torch
 
 from rlhfkit import rl
 from rlhfkit.config import ConfigError, field_docs, load_config
-from rlhfkit.losses import (
-    loss_token_weights,
-    overlong_penalty,
-    policy_loss,
-    ppo_policy_loss,
-    zero_variance_groups,
-)
+from rlhfkit.losses import loss_token_weights, overlong_penalty, policy_loss, ppo_policy_loss, zero_variance_groups
 from tests.test_rl_train import COMMON_KEYS, assert_finite_entries, make_config, metrics, rl_dir  # noqa: F401
 
 T, F_ = True, False
@@ -81,8 +75,9 @@ def test_cispo_by_hand():
     logps = as_tensor([[-1.0, -2.0, -0.5, -3.0]]).requires_grad_(True)
     old = (logps.detach() - as_tensor([[1.5, 1.1, 0.5, 0.9]]).log()).requires_grad_(True)
     mask = torch.ones(1, 4, dtype=torch.bool)
-    losses, clipped = policy_loss(logps, old, as_tensor([[1, -2, 1, 0.5]]), mask, clip="cispo",
-                                  clip_eps_low=0.2, clip_eps_high=0.28)
+    losses, clipped = policy_loss(
+        logps, old, as_tensor([[1, -2, 1, 0.5]]), mask, clip="cispo", clip_eps_low=0.2, clip_eps_high=0.28
+    )
     losses.sum().backward()
     assert_close(losses.detach(), [[1.28, -4.4, 0.4, 1.35]])
     assert clipped.tolist() == [[T, F_, T, F_]]
@@ -152,8 +147,7 @@ def test_sequence_ratio_of_one_token_sequences_equals_the_token_ratio(clip):
     results = {}
     for level in ("token", "sequence"):
         logps = (old + delta).requires_grad_(True)
-        losses, clipped = policy_loss(logps, old, adv, mask, ratio_level=level, clip=clip, clip_eps_low=0.2,
-                                      clip_eps_high=high)
+        losses, clipped = policy_loss(logps, old, adv, mask, ratio_level=level, clip=clip, clip_eps_low=0.2, clip_eps_high=high)
         losses.sum().backward()
         results[level] = (losses.detach(), clipped, logps.grad)
     for a, b in zip(results["token"], results["sequence"]):
@@ -206,8 +200,17 @@ def test_policy_loss_matches_reference(level, clip):
     high = 0.2 if clip == "symmetric" else 0.28
     want, want_flags = reference_losses(logps, old, adv, mask, level=level, clip=clip, low=0.2, high=high, c=2.0)
     m = torch.tensor(mask)
-    losses, clipped = policy_loss(as_tensor(logps), as_tensor(old), as_tensor(adv), m, ratio_level=level, clip=clip,
-                                  clip_eps_low=0.2, clip_eps_high=high, dual_clip_c=2.0)
+    losses, clipped = policy_loss(
+        as_tensor(logps),
+        as_tensor(old),
+        as_tensor(adv),
+        m,
+        ratio_level=level,
+        clip=clip,
+        clip_eps_low=0.2,
+        clip_eps_high=high,
+        dual_clip_c=2.0,
+    )
     assert_close(torch.where(m, losses, 0.0), want, atol=1e-12)
     assert (clipped & m).tolist() == want_flags
     assert 0 < sum(map(sum, want_flags)) < sum(lengths)  # both regimes occur
@@ -303,12 +306,13 @@ def test_loss_token_weights_over_a_whole_step_match_the_reference():
         "dapo": sum(map(sum, all_rows)) / num_tokens,
         "dr_grpo": sum(map(sum, all_rows)) / (num_seqs * max_new),
         # bnpo: each micro-batch's token mean, averaged over the step's 4 micro-batches
-        "bnpo": sum(sum(sum(row[:n]) for n, row in zip(lengths, rows)) / sum(lengths)
-                    for lengths, rows in zip(micro, losses)) / len(micro),
+        "bnpo": sum(sum(sum(row[:n]) for n, row in zip(lengths, rows)) / sum(lengths) for lengths, rows in zip(micro, losses))
+        / len(micro),
     }
     for loss_type, value in want.items():
-        per_micro = [loss_token_weights(m, loss_type, num_seqs=num_seqs, num_tokens=num_tokens, max_new_tokens=max_new)
-                     for m in masks]
+        per_micro = [
+            loss_token_weights(m, loss_type, num_seqs=num_seqs, num_tokens=num_tokens, max_new_tokens=max_new) for m in masks
+        ]
         total = sum(float((w.double() * as_tensor(l)).sum()) for w, l in zip(per_micro, losses))
         if loss_type == "bnpo":
             total /= len(micro)
@@ -360,14 +364,29 @@ def test_overlong_penalty_by_hand():
 
 
 def test_loss_fields_are_documented_and_read_from_overrides():
-    new = ["clip", "clip_eps_low", "clip_eps_high", "dual_clip_c", "ratio_level", "log_ratio_clamp", "loss_type",
-           "scale_advantages", "drop_zero_variance_groups", "overlong_buffer", "overlong_penalty_coef"]
+    new = [
+        "clip",
+        "clip_eps_low",
+        "clip_eps_high",
+        "dual_clip_c",
+        "ratio_level",
+        "log_ratio_clamp",
+        "loss_type",
+        "scale_advantages",
+        "drop_zero_variance_groups",
+        "overlong_buffer",
+        "overlong_penalty_coef",
+    ]
     docs = field_docs(rl.RLConfig)
     assert all(docs.get(name) for name in new)
-    config = load_config(rl.GRPOConfig, None, ["clip=asymmetric", "clip_eps_high=0.28", "loss_type=dr_grpo",
-                                                "scale_advantages=false", "ratio_level=sequence"])
-    assert config.policy_loss_options() == dict(ratio_level="sequence", clip="asymmetric", clip_eps_low=0.2,
-                                                clip_eps_high=0.28, dual_clip_c=3.0, log_ratio_clamp=20.0)
+    config = load_config(
+        rl.GRPOConfig,
+        None,
+        ["clip=asymmetric", "clip_eps_high=0.28", "loss_type=dr_grpo", "scale_advantages=false", "ratio_level=sequence"],
+    )
+    assert config.policy_loss_options() == dict(
+        ratio_level="sequence", clip="asymmetric", clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=3.0, log_ratio_clamp=20.0
+    )
     with pytest.raises(ConfigError, match="loss_type"):
         load_config(rl.RLConfig, None, ["loss_type=token_mean"])
     with pytest.raises(ValueError, match="clip=asymmetric"):
@@ -381,20 +400,24 @@ def test_loss_fields_are_documented_and_read_from_overrides():
 # ----------------------------------------------------------------------------- the trainer
 
 
-@pytest.mark.parametrize("algorithm,fields", [
-    # Two epochs of two minibatches: the ratios move off 1, so the clips are exercised.
-    ("grpo", dict(loss_type="grpo", clip="asymmetric", clip_eps_high=0.28, ppo_epochs=2, num_minibatches=2)),
-    ("grpo", dict(loss_type="dr_grpo", scale_advantages=False, ratio_level="sequence", ppo_epochs=2, num_minibatches=2)),
-    ("grpo", dict(loss_type="bnpo", clip="cispo", clip_eps_high=2.0, grad_accum=2, ppo_epochs=2)),
-    ("rloo", dict(clip="dual", drop_zero_variance_groups=True, overlong_buffer=4, num_minibatches=2)),
-    ("ppo", dict(loss_type="grpo", ratio_level="sequence", clip="dual", ppo_epochs=2, num_minibatches=2)),
-    ("reinforce", dict(loss_type="bnpo", log_ratio_clamp=0.0, num_minibatches=2, ppo_epochs=2)),
-])
+@pytest.mark.parametrize(
+    "algorithm,fields",
+    [
+        # Two epochs of two minibatches: the ratios move off 1, so the clips are exercised.
+        ("grpo", dict(loss_type="grpo", clip="asymmetric", clip_eps_high=0.28, ppo_epochs=2, num_minibatches=2)),
+        ("grpo", dict(loss_type="dr_grpo", scale_advantages=False, ratio_level="sequence", ppo_epochs=2, num_minibatches=2)),
+        ("grpo", dict(loss_type="bnpo", clip="cispo", clip_eps_high=2.0, grad_accum=2, ppo_epochs=2)),
+        ("rloo", dict(clip="dual", drop_zero_variance_groups=True, overlong_buffer=4, num_minibatches=2)),
+        ("ppo", dict(loss_type="grpo", ratio_level="sequence", clip="dual", ppo_epochs=2, num_minibatches=2)),
+        ("reinforce", dict(loss_type="bnpo", log_ratio_clamp=0.0, num_minibatches=2, ppo_epochs=2)),
+    ],
+)
 def test_loss_options_train_with_finite_metrics(rl_dir, algorithm, fields):
     out = rl_dir / "run"
     samples = 1 if algorithm in ("ppo", "reinforce") else 2
-    rl.train(make_config(out, algorithm=algorithm, batch_size=4, samples_per_prompt=samples, max_steps=2,
-                         temperature=1.0, **fields))
+    rl.train(
+        make_config(out, algorithm=algorithm, batch_size=4, samples_per_prompt=samples, max_steps=2, temperature=1.0, **fields)
+    )
     entries = metrics(out)
     keys = set(COMMON_KEYS)
     if fields.get("drop_zero_variance_groups"):
@@ -414,8 +437,14 @@ def half_constant(prompts, responses, **kwargs):
 
 def test_drop_zero_variance_groups_logs_the_fraction_and_drops_their_gradient(rl_dir):
     (rl_dir / "scripted_rewards.py").write_text(SCRIPTED_REWARD)
-    fields = dict(algorithm="grpo", reward_model="scripted_rewards:half_constant", batch_size=4, samples_per_prompt=2,
-                  temperature=1.0, drop_zero_variance_groups=True)
+    fields = dict(
+        algorithm="grpo",
+        reward_model="scripted_rewards:half_constant",
+        batch_size=4,
+        samples_per_prompt=2,
+        temperature=1.0,
+        drop_zero_variance_groups=True,
+    )
     out = rl_dir / "run"
     rl.train(make_config(out, max_steps=2, **fields))
     assert [e["zero_variance_groups"] for e in metrics(out)] == [0.5, 0.5]
@@ -449,8 +478,18 @@ def test_step_normalised_loss_types_give_the_same_update_under_grad_accum(rl_dir
     weights = {}
     for grad_accum in (1, 4):
         out = rl_dir / f"ga{grad_accum}"
-        rl.train(make_config(out, algorithm="reinforce", batch_size=6, grad_accum=grad_accum, max_steps=1,
-                             temperature=1.0, max_grad_norm=0.0, loss_type=loss_type))
+        rl.train(
+            make_config(
+                out,
+                algorithm="reinforce",
+                batch_size=6,
+                grad_accum=grad_accum,
+                max_steps=1,
+                temperature=1.0,
+                max_grad_norm=0.0,
+                loss_type=loss_type,
+            )
+        )
         weights[grad_accum] = saved_weights(out)
     initial = models.build_tiny().state_dict()
     assert any(not torch.equal(weights[4][k], initial[k]) for k in initial)

@@ -11,12 +11,7 @@ import os
 import pytest
 
 from rlhfkit.data.io import DataError
-from rlhfkit.data.preferences import (
-    comparison_from_dict,
-    comparison_to_dict,
-    load_comparisons,
-    save_comparisons,
-)
+from rlhfkit.data.preferences import comparison_from_dict, comparison_to_dict, load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 
 
@@ -53,8 +48,14 @@ def write_parquet(path, records):
 SEED = [
     {"prompt": "2+2?", "response_a": "4", "response_b": "5", "preferred": "a", "reason": "correct"},
     {"prompt": "Capital of France?", "response_a": "Lyon", "response_b": "Paris", "preferred": "b"},
-    {"prompt": "Say hi", "response_a": "hi", "response_b": "hello", "preferred": "tie", "source": "human:alice",
-     "meta": {"seconds": 4.5}},
+    {
+        "prompt": "Say hi",
+        "response_a": "hi",
+        "response_b": "hello",
+        "preferred": "tie",
+        "source": "human:alice",
+        "meta": {"seconds": 4.5},
+    },
 ]
 SEED_EXPECTED = [
     Comparison("2+2?", ["4", "5"], [0, 1], tie=False, reason="correct", source="dataset"),
@@ -72,12 +73,14 @@ TRL_STRINGS_EXPECTED = [
 ]
 
 TRL_CHAT = [
-    {"prompt": [user("What color is the sky?")],
-     "chosen": [assistant("It is blue.")], "rejected": [assistant("It is green.")]},
+    {"prompt": [user("What color is the sky?")], "chosen": [assistant("It is blue.")], "rejected": [assistant("It is green.")]},
     # UltraFeedback-binarized layout: the prompt is repeated inside chosen/rejected.
-    {"prompt": [system("Be brief."), user("Hi")],
-     "chosen": [system("Be brief."), user("Hi"), assistant("Hello!")],
-     "rejected": [system("Be brief."), user("Hi"), assistant("Go away.")], "score_chosen": 9.0},
+    {
+        "prompt": [system("Be brief."), user("Hi")],
+        "chosen": [system("Be brief."), user("Hi"), assistant("Hello!")],
+        "rejected": [system("Be brief."), user("Hi"), assistant("Go away.")],
+        "score_chosen": 9.0,
+    },
     # Earlier turns present but empty.
     {"prompt": [user("2+2?")], "chosen": [user(""), assistant("4")], "rejected": [assistant("5")]},
 ]
@@ -88,21 +91,28 @@ TRL_CHAT_EXPECTED = [
 ]
 
 TRL_IMPLICIT = [
-    {"chosen": [user("What color is the sky?"), assistant("It is blue.")],
-     "rejected": [user("What color is the sky?"), assistant("It is green.")]},
-    {"chosen": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Bye!")],
-     "rejected": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Wait, stay.")]},
+    {
+        "chosen": [user("What color is the sky?"), assistant("It is blue.")],
+        "rejected": [user("What color is the sky?"), assistant("It is green.")],
+    },
+    {
+        "chosen": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Bye!")],
+        "rejected": [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye"), assistant("Wait, stay.")],
+    },
 ]
 TRL_IMPLICIT_EXPECTED = [
     Comparison([user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], source="dataset"),
-    Comparison([system("Be terse."), user("Hi"), assistant("Hello"), user("Bye")], ["Bye!", "Wait, stay."], [0, 1],
-               source="dataset"),
+    Comparison(
+        [system("Be terse."), user("Hi"), assistant("Hello"), user("Bye")], ["Bye!", "Wait, stay."], [0, 1], source="dataset"
+    ),
 ]
 
 HH = [
-    {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: "
-               "Why did the chicken cross the road?",
-     "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: No.\n"},
+    {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: "
+        "Why did the chicken cross the road?",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant: No.\n",
+    }
 ]
 HH_EXPECTED = [
     Comparison(
@@ -110,7 +120,7 @@ HH_EXPECTED = [
         ["Why did the chicken cross the road?", "No."],
         [0, 1],
         source="dataset",
-    ),
+    )
 ]
 
 RANKINGS = [
@@ -123,14 +133,29 @@ RANKINGS_EXPECTED = [
 ]
 
 RLHFKIT = [
-    {"prompt": [user("Hi")], "responses": ["Hello", "Hey"], "ranking": [1, 0], "tie": False, "reason": "warmer",
-     "source": "", "meta": {"order": [1, 0], "temperature": 0.7}},
-    {"prompt": [user("Yes?")], "responses": ["Yes", "Yep"], "ranking": [0, 1], "tie": True, "reason": "",
-     "source": "simulated:rubric", "meta": {}},
+    {
+        "prompt": [user("Hi")],
+        "responses": ["Hello", "Hey"],
+        "ranking": [1, 0],
+        "tie": False,
+        "reason": "warmer",
+        "source": "",
+        "meta": {"order": [1, 0], "temperature": 0.7},
+    },
+    {
+        "prompt": [user("Yes?")],
+        "responses": ["Yes", "Yep"],
+        "ranking": [0, 1],
+        "tie": True,
+        "reason": "",
+        "source": "simulated:rubric",
+        "meta": {},
+    },
 ]
 RLHFKIT_EXPECTED = [
-    Comparison([user("Hi")], ["Hello", "Hey"], [1, 0], tie=False, reason="warmer", source="",
-               meta={"order": [1, 0], "temperature": 0.7}),
+    Comparison(
+        [user("Hi")], ["Hello", "Hey"], [1, 0], tie=False, reason="warmer", source="", meta={"order": [1, 0], "temperature": 0.7}
+    ),
     Comparison([user("Yes?")], ["Yes", "Yep"], [0, 1], tie=True, reason="", source="simulated:rubric"),
 ]
 
@@ -189,13 +214,18 @@ def test_implicit_prompt_identical_conversations_keep_the_last_turn_as_response(
 def test_parquet_from_another_tool_with_native_nested_types(tmp_path):
     """Hub-style Parquet: message lists as list<struct>, a missing field as null."""
     records = [
-        {"prompt": [user("What color is the sky?")], "chosen": [assistant("It is blue.")],
-         "rejected": [assistant("It is green.")], "reason": "accurate"},
+        {
+            "prompt": [user("What color is the sky?")],
+            "chosen": [assistant("It is blue.")],
+            "rejected": [assistant("It is green.")],
+            "reason": "accurate",
+        },
         {"prompt": [user("Hi")], "chosen": [assistant("Hello")], "rejected": [assistant("Go away")], "reason": None},
     ]
     assert load_comparisons(write_parquet(tmp_path / "trl.parquet", records)) == [
-        Comparison([user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], reason="accurate",
-                   source="dataset"),
+        Comparison(
+            [user("What color is the sky?")], ["It is blue.", "It is green."], [0, 1], reason="accurate", source="dataset"
+        ),
         Comparison([user("Hi")], ["Hello", "Go away"], [0, 1], source="dataset"),
     ]
 
@@ -284,16 +314,29 @@ def test_rlhfkit_format_keeps_every_field(tmp_path):
     path = tmp_path / "out.jsonl"
     save_comparisons(path, RLHFKIT_EXPECTED)
     first = json.loads(path.read_text().splitlines()[0])
-    assert first == {"prompt": [user("Hi")], "responses": ["Hello", "Hey"], "ranking": [1, 0], "tie": False,
-                     "reason": "warmer", "source": "", "meta": {"order": [1, 0], "temperature": 0.7}}
+    assert first == {
+        "prompt": [user("Hi")],
+        "responses": ["Hello", "Hey"],
+        "ranking": [1, 0],
+        "tie": False,
+        "reason": "warmer",
+        "source": "",
+        "meta": {"order": [1, 0], "temperature": 0.7},
+    }
 
 
 def test_seed_save_writes_the_seed_fields(tmp_path):
     path = tmp_path / "out.jsonl"
     save_comparisons(path, SEED_EXPECTED, "seed")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rows[1] == {"prompt": "Capital of France?", "response_a": "Lyon", "response_b": "Paris",
-                       "preferred": "b", "reason": "", "source": "dataset"}
+    assert rows[1] == {
+        "prompt": "Capital of France?",
+        "response_a": "Lyon",
+        "response_b": "Paris",
+        "preferred": "b",
+        "reason": "",
+        "source": "dataset",
+    }
     assert rows[2]["preferred"] == "tie" and rows[2]["meta"] == {"seconds": 4.5}
 
 
@@ -301,8 +344,11 @@ def test_trl_save_of_chat_prompt_is_conversational(tmp_path):
     path = tmp_path / "out.jsonl"
     save_comparisons(path, TRL_IMPLICIT_EXPECTED[:1], "trl")
     assert json.loads(path.read_text()) == {
-        "prompt": [user("What color is the sky?")], "chosen": [assistant("It is blue.")],
-        "rejected": [assistant("It is green.")], "reason": "", "source": "dataset",
+        "prompt": [user("What color is the sky?")],
+        "chosen": [assistant("It is blue.")],
+        "rejected": [assistant("It is green.")],
+        "reason": "",
+        "source": "dataset",
     }
 
 
@@ -341,63 +387,91 @@ def test_dict_helpers_round_trip():
 GOOD = SEED[0]
 BAD = [
     # (record, field, part of the problem)
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "c"}, "preferred",
-     "preferred must be 'a', 'b' or 'tie', got 'c'"),
+    (
+        {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": "c"},
+        "preferred",
+        "preferred must be 'a', 'b' or 'tie', got 'c'",
+    ),
     # unhashable values: `in _PREFERRED_RANKING` raised TypeError
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": ["a"]}, "preferred",
-     "preferred must be 'a', 'b' or 'tie', got a list"),
-    ({"prompt": "p", "response_a": "a", "response_b": "b", "preferred": {"a": 1}}, "preferred",
-     "preferred must be 'a', 'b' or 'tie', got a dict"),
+    (
+        {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": ["a"]},
+        "preferred",
+        "preferred must be 'a', 'b' or 'tie', got a list",
+    ),
+    (
+        {"prompt": "p", "response_a": "a", "response_b": "b", "preferred": {"a": 1}},
+        "preferred",
+        "preferred must be 'a', 'b' or 'tie', got a dict",
+    ),
     ({"prompt": "p", "response_a": "a", "response_b": "b"}, "preferred", "missing"),
     ({"prompt": "p", "response_a": "a", "preferred": "a"}, "response_b", "missing"),
     ({"prompt": "p", "response_a": "  ", "response_b": "b", "preferred": "a"}, "response_a", "empty"),
     ({"prompt": "p", "response_a": 3, "response_b": "b", "preferred": "a"}, "response_a", "expected a string, got int"),
     ({"response_a": "a", "response_b": "b", "preferred": "a"}, "prompt", "missing"),
     ({"prompt": 7, "chosen": "a", "rejected": "b"}, "prompt", "expected a string or a list of messages"),
-    ({"prompt": [user("q"), assistant("a")], "chosen": "x", "rejected": "y"}, "prompt[1].role",
-     "must end with a user turn"),
-    ({"prompt": [{"role": "bot", "content": "q"}], "chosen": "x", "rejected": "y"}, "prompt[0].role",
-     "expected one of system, user, assistant"),
+    ({"prompt": [user("q"), assistant("a")], "chosen": "x", "rejected": "y"}, "prompt[1].role", "must end with a user turn"),
+    (
+        {"prompt": [{"role": "bot", "content": "q"}], "chosen": "x", "rejected": "y"},
+        "prompt[0].role",
+        "expected one of system, user, assistant",
+    ),
     ({"prompt": "p", "rejected": "b"}, "chosen", "missing"),
     ({"prompt": "p", "chosen": 1.5, "rejected": "b"}, "chosen", "expected a string or a list of messages"),
-    ({"prompt": "p", "chosen": [user("other"), assistant("a")], "rejected": [assistant("b")]}, "chosen",
-     "neither empty nor a copy of the prompt"),
-    ({"prompt": "p", "chosen": [assistant("a")], "rejected": [user("b")]}, "rejected[0].role",
-     "must be an assistant turn"),
-    ({"prompt": "p", "chosen": [assistant("")], "rejected": [assistant("b")]}, "chosen[0].content",
-     "empty assistant turn"),
-    ({"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}, "rejected",
-     "no common prefix"),
-    ({"chosen": [user("q"), assistant("a"), user("q2"), assistant("x")],
-      "rejected": [user("q"), assistant("a"), user("q3"), assistant("y")]}, "rejected", "must end with a user turn"),
+    (
+        {"prompt": "p", "chosen": [user("other"), assistant("a")], "rejected": [assistant("b")]},
+        "chosen",
+        "neither empty nor a copy of the prompt",
+    ),
+    ({"prompt": "p", "chosen": [assistant("a")], "rejected": [user("b")]}, "rejected[0].role", "must be an assistant turn"),
+    ({"prompt": "p", "chosen": [assistant("")], "rejected": [assistant("b")]}, "chosen[0].content", "empty assistant turn"),
+    ({"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}, "rejected", "no common prefix"),
+    (
+        {
+            "chosen": [user("q"), assistant("a"), user("q2"), assistant("x")],
+            "rejected": [user("q"), assistant("a"), user("q3"), assistant("y")],
+        },
+        "rejected",
+        "must end with a user turn",
+    ),
     ({"chosen": [user("q"), assistant("a")], "rejected": "b"}, "rejected", "expected a list of messages"),
-    ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen",
-     "without an 'Assistant:' turn"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hey\n\nAssistant: yo"}, "rejected",
-     "differ from those in 'chosen'"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok", "rejected": "\n\nHuman: hi\n\nAssistant: yo"},
-     "chosen", "must end with the 'Assistant:' turn"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen",
-     "empty response"),
-    ({"chosen": "hello\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}, "chosen",
-     "text before its first 'Human:' turn"),
+    ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen", "without an 'Assistant:' turn"),
+    (
+        {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hey\n\nAssistant: yo"},
+        "rejected",
+        "differ from those in 'chosen'",
+    ),
+    (
+        {"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok", "rejected": "\n\nHuman: hi\n\nAssistant: yo"},
+        "chosen",
+        "must end with the 'Assistant:' turn",
+    ),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "chosen", "empty response"),
+    (
+        {"chosen": "hello\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+        "chosen",
+        "text before its first 'Human:' turn",
+    ),
     ({"chosen": "\n\nAssistant: a", "rejected": "\n\nAssistant: b"}, "chosen", "no prompt turns"),
-    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]}, "ranking",
-     "ranking [0, 0, 1] is not a permutation of 0..2"),
+    (
+        {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 0, 1]},
+        "ranking",
+        "ranking [0, 0, 1] is not a permutation of 0..2",
+    ),
     ({"prompt": "p", "responses": ["a", "b"]}, "ranking", "missing"),
     ({"prompt": "p", "responses": ["a", "b"], "ranking": [True, False]}, "ranking", "integer indices"),
     ({"prompt": "p", "ranking": [0, 1]}, "responses", "missing"),
     ({"prompt": "p", "responses": ["a"], "ranking": [0]}, "responses", "at least 2"),
     ({"prompt": "p", "responses": ["a", ""], "ranking": [0, 1]}, "responses[1]", "empty response"),
     ({"prompt": "p", "responses": ["a", 2], "ranking": [0, 1]}, "responses[1]", "expected a string"),
-    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2], "tie": True}, "tie",
-     "only defined for 2 responses"),
+    ({"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2], "tie": True}, "tie", "only defined for 2 responses"),
     ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "tie": "yes"}, "tie", "expected true or false"),
     ({"prompt": "p", "ranked": "a"}, "ranked", "at least 2"),
-    ({"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a"}, "chosen",
-     "different preference format than field 'responses'"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True}, "chosen",
-     "different preference format than field 'tie'"),
+    (
+        {"prompt": "p", "responses": ["a", "b"], "ranking": [0, 1], "chosen": "a"},
+        "chosen",
+        "different preference format than field 'responses'",
+    ),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True}, "chosen", "different preference format than field 'tie'"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "meta": "x"}, "meta", "expected an object"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "reason": 5}, "reason", "expected a string"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "source": None}, "source", "expected a string"),
@@ -451,9 +525,11 @@ def test_best_worst_keeps_one_pair_per_ranking_first_against_last():
     from rlhfkit.data.records import Comparison
 
     tok = models.load_tokenizer("tiny")
-    comps = [Comparison(prompt="p", responses=["a a", "b b", "c c", "d d"], ranking=[2, 0, 3, 1]),
-             Comparison(prompt="q", responses=["x", "y"], ranking=[1, 0]),
-             Comparison(prompt="r", responses=["s", "t"], ranking=[0, 1], tie=True)]
+    comps = [
+        Comparison(prompt="p", responses=["a a", "b b", "c c", "d d"], ranking=[2, 0, 3, 1]),
+        Comparison(prompt="q", responses=["x", "y"], ranking=[1, 0]),
+        Comparison(prompt="r", responses=["s", "t"], ranking=[0, 1], tie=True),
+    ]
     every, stats = tokenize_pairs(tok, comps, max_length=64)
     assert stats.pairs == len(every) == 6 + 1 + 1
     best, stats = tokenize_pairs(tok, comps, max_length=64, ranking_pairs="best_worst")
@@ -468,8 +544,10 @@ def test_best_worst_keeps_one_pair_per_ranking_first_against_last():
 
 def test_parquet_meta_nested_too_deeply_or_with_a_huge_integer(tmp_path):
     """meta is a JSON string in Parquet; decoding it raised RecursionError / ValueError (int digit limit)."""
-    for meta, problem in (("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-                          ('{"v": ' + "9" * 5000 + "}", "integer too long")):
+    for meta, problem in (
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"v": ' + "9" * 5000 + "}", "integer too long"),
+    ):
         path = write_parquet(tmp_path / "meta.parquet", [dict(GOOD, meta="{}"), dict(GOOD, meta=meta)])
         with pytest.raises(DataError) as info:
             load_comparisons(path)

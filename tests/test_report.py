@@ -17,9 +17,17 @@ from rlhfkit.report import ReportConfig, fit_curve, read_frontier, run
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
 
 SCRIPT_PAYLOAD = "<script>alert(1)</script>"
-IMG_PAYLOAD = '<img src=x onerror=alert(1)>'
-STAGE_SECONDS = {"sft": 100.0, "sample": 20.0, "label": 10.0, "reward": 50.0, "gate": 1.0, "dpo": 1799.0,
-                 "ppo": 1800.0, "eval": 120.0}  # 3900 s = 1h 05m
+IMG_PAYLOAD = "<img src=x onerror=alert(1)>"
+STAGE_SECONDS = {
+    "sft": 100.0,
+    "sample": 20.0,
+    "label": 10.0,
+    "reward": 50.0,
+    "gate": 1.0,
+    "dpo": 1799.0,
+    "ppo": 1800.0,
+    "eval": 120.0,
+}  # 3900 s = 1h 05m
 GATE_MESSAGE = "held-out accuracy 0.71 is below 0.75 & the gate was overridden by --force"
 
 # Best-of-n gold = baseline + d (BON_ALPHA - BON_BETA d), d = sqrt(analytic KL): the fit must recover them.
@@ -36,30 +44,63 @@ def _sft_metrics() -> list[dict]:
 
 
 def _reward_metrics() -> list[dict]:
-    entries = [{"step": s, "time": 2000.0 + s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s,
-                "margin": 0.1 * s} for s in range(1, 21)]
-    entries += [{"step": s, "time": 2000.5 + s, "eval_loss": 0.69 - 0.01 * s, "eval_accuracy": 0.5 + 0.012 * s}
-                for s in (10, 20)]
+    entries = [
+        {"step": s, "time": 2000.0 + s, "loss": 0.7 - 0.01 * s, "accuracy": 0.5 + 0.01 * s, "margin": 0.1 * s}
+        for s in range(1, 21)
+    ]
+    entries += [{"step": s, "time": 2000.5 + s, "eval_loss": 0.69 - 0.01 * s, "eval_accuracy": 0.5 + 0.012 * s} for s in (10, 20)]
     return entries
 
 
 def _online_rl_metrics() -> list[dict]:
     entries = []
     for s in range(1, 41):
-        entries.append({"step": s, "time": 3000.0 + s, "score": 0.1 * s, "gold_score": 0.05 * min(s, 40 - s),
-                        "kl": 0.08 * s, "kl_k3": 0.07 * s, "reward": 0.09 * s, "entropy": 2.0 - 0.02 * s,
-                        "policy_loss": -0.01 * s, "value_loss": 1.0 / s, "clipfrac": 0.1, "approx_kl": 0.01,
-                        "response_length": 30.0})
+        entries.append(
+            {
+                "step": s,
+                "time": 3000.0 + s,
+                "score": 0.1 * s,
+                "gold_score": 0.05 * min(s, 40 - s),
+                "kl": 0.08 * s,
+                "kl_k3": 0.07 * s,
+                "reward": 0.09 * s,
+                "entropy": 2.0 - 0.02 * s,
+                "policy_loss": -0.01 * s,
+                "value_loss": 1.0 / s,
+                "clipfrac": 0.1,
+                "approx_kl": 0.01,
+                "response_length": 30.0,
+            }
+        )
     entries[3]["entropy"] = "nan"  # how MetricsLogger writes a non-finite value
     return entries
 
 
 def _dpo_metrics() -> list[dict]:
-    entries = [{"step": s, "time": 3000.0 + s, "loss": 0.69 - 0.01 * s, "accuracy": 0.5 + 0.02 * s,
-                "margin": 0.05 * s, "rewards_chosen": 0.03 * s, "rewards_rejected": -0.02 * s} for s in range(1, 21)]
-    entries += [{"step": s, "time": 3000.5 + s, "eval_loss": 0.68 - 0.01 * s, "eval_accuracy": 0.55,
-                 "eval_margin": 0.04 * s, "eval_rewards_chosen": 0.02 * s, "eval_rewards_rejected": -0.01 * s}
-                for s in (10, 20)]
+    entries = [
+        {
+            "step": s,
+            "time": 3000.0 + s,
+            "loss": 0.69 - 0.01 * s,
+            "accuracy": 0.5 + 0.02 * s,
+            "margin": 0.05 * s,
+            "rewards_chosen": 0.03 * s,
+            "rewards_rejected": -0.02 * s,
+        }
+        for s in range(1, 21)
+    ]
+    entries += [
+        {
+            "step": s,
+            "time": 3000.5 + s,
+            "eval_loss": 0.68 - 0.01 * s,
+            "eval_accuracy": 0.55,
+            "eval_margin": 0.04 * s,
+            "eval_rewards_chosen": 0.02 * s,
+            "eval_rewards_rejected": -0.01 * s,
+        }
+        for s in (10, 20)
+    ]
     return entries
 
 
@@ -73,9 +114,19 @@ def _frontier(gold0: float, alpha: float, beta: float, kl_per_step: float, *, pr
     points = []
     for i in range(11):
         kl = kl_per_step * i
-        points.append({"step": 10 * i, "kl": kl, "kl_se": 0.05 * i, "gold": _rl_form(gold0, alpha, beta, kl),
-                       "gold_se": 0.01, "proxy": 0.1 + 0.3 * math.sqrt(kl) if proxy else None,
-                       "proxy_se": 0.02 if proxy else None, "num_prompts": 32, "response_length": 40.0 + i})
+        points.append(
+            {
+                "step": 10 * i,
+                "kl": kl,
+                "kl_se": 0.05 * i,
+                "gold": _rl_form(gold0, alpha, beta, kl),
+                "gold_se": 0.01,
+                "proxy": 0.1 + 0.3 * math.sqrt(kl) if proxy else None,
+                "proxy_se": 0.02 if proxy else None,
+                "num_prompts": 32,
+                "response_length": 40.0 + i,
+            }
+        )
     return points
 
 
@@ -109,7 +160,9 @@ def _players() -> dict:
     players = {
         # Listed out of order on purpose: the report orders them.
         "ppo": _player("policy", 0.452, win=0.71, kl=4.8, proxy=0.913, half=0.031),
-        "best_of_16": None, "sft": None, "dpo": _player("policy", 0.381, win=0.66, kl=3.21, proxy=None, half=0.027),
+        "best_of_16": None,
+        "sft": None,
+        "dpo": _player("policy", 0.381, win=0.66, kl=3.21, proxy=None, half=0.027),
     }
     base = {"kind": "baseline", "response_length": 40.2, "eos_rate": 0.7}
     base["gold_score"], base["gold_score_ci"] = _estimate(BASE_GOLD, 0.023)
@@ -118,8 +171,9 @@ def _players() -> dict:
     for n in (16, 1, 8, 2, 4):
         d = math.sqrt(stats.analytic_bon_kl(n))
         gold = BASE_GOLD + d * (BON_ALPHA - BON_BETA * d)
-        entry = _player("best_of_n", gold, win=0.5 + 0.01 * n, kl=stats.analytic_bon_kl(n), proxy=0.2 + 0.01 * n,
-                        half=0.02 + 0.001 * n, n=n)
+        entry = _player(
+            "best_of_n", gold, win=0.5 + 0.01 * n, kl=stats.analytic_bon_kl(n), proxy=0.2 + 0.01 * n, half=0.02 + 0.001 * n, n=n
+        )
         entry["gold_score"] = gold  # exact, unrounded: the fit is checked to 4 decimals
         players[f"best_of_{n}"] = entry
     return players
@@ -129,26 +183,53 @@ def _eval_json() -> dict:
     players = _players()
     main = players["dpo"]
     return {
-        "policy": "runs/x/dpo", "baseline": "runs/x/sft", "gold": "demo", "num_prompts": 240,
-        "samples_per_prompt": 2, "temperature": 0.7, "main_player": "dpo", "baseline_name": "sft",
-        "win_rate": main["win_rate"], "win_rate_ci": main["win_rate_ci"], "p_value": main["p_value"],
-        "gold_score_policy": main["gold_score"], "gold_score_policy_ci": main["gold_score_ci"],
-        "gold_score_baseline": BASE_GOLD, "gold_score_baseline_ci": players["sft"]["gold_score_ci"],
-        "kl": main["kl"], "kl_ci": main["kl_ci"], "kl_std": 1.05, "verdict": main["verdict"],
+        "policy": "runs/x/dpo",
+        "baseline": "runs/x/sft",
+        "gold": "demo",
+        "num_prompts": 240,
+        "samples_per_prompt": 2,
+        "temperature": 0.7,
+        "main_player": "dpo",
+        "baseline_name": "sft",
+        "win_rate": main["win_rate"],
+        "win_rate_ci": main["win_rate_ci"],
+        "p_value": main["p_value"],
+        "gold_score_policy": main["gold_score"],
+        "gold_score_policy_ci": main["gold_score_ci"],
+        "gold_score_baseline": BASE_GOLD,
+        "gold_score_baseline_ci": players["sft"]["gold_score_ci"],
+        "kl": main["kl"],
+        "kl_ci": main["kl_ci"],
+        "kl_std": 1.05,
+        "verdict": main["verdict"],
         "players": players,
         "reward_model": {"accuracy": 0.69, "accuracy_ci": [0.6, 0.8], "num_pairs": 10, "num_prompts": 5},
-        "best_of_n": {"n": 16, "gold_score": players["best_of_16"]["gold_score"], "kl_analytic": 1.83,
-                      "win_rate_vs_baseline": 0.66},
+        "best_of_n": {
+            "n": 16,
+            "gold_score": players["best_of_16"]["gold_score"],
+            "kl_analytic": 1.83,
+            "win_rate_vs_baseline": 0.66,
+        },
         "elo": [
             {"player": "dpo", "rating": 1087.4, "ci_low": 1050.1, "ci_high": 1120.9, "games": 6},
             {"player": "best_of_4", "rating": 1010.2, "ci_low": 980.0, "ci_high": 1040.3, "games": 6},
             {"player": "sft", "rating": 902.4, "ci_low": 870.2, "ci_high": 931.6, "games": 6},
         ],
         "samples": [
-            {"prompt": "Say hi & be nice", "baseline": f"hello {SCRIPT_PAYLOAD}", "policy": "Hello, friend!",
-             "gold_baseline": 0.2, "gold_policy": 0.9},
-            {"prompt": f"Prompt with {IMG_PAYLOAD}", "baseline": "plain", "policy": f"tricky {IMG_PAYLOAD}",
-             "gold_baseline": 0.5, "gold_policy": 0.4},
+            {
+                "prompt": "Say hi & be nice",
+                "baseline": f"hello {SCRIPT_PAYLOAD}",
+                "policy": "Hello, friend!",
+                "gold_baseline": 0.2,
+                "gold_policy": 0.9,
+            },
+            {
+                "prompt": f"Prompt with {IMG_PAYLOAD}",
+                "baseline": "plain",
+                "policy": f"tricky {IMG_PAYLOAD}",
+                "gold_baseline": 0.5,
+                "gold_policy": 0.4,
+            },
             {"prompt": "Multi\nline", "baseline": "a\nb", "policy": "c\nd", "gold_baseline": 0.1, "gold_policy": 0.1},
         ],
     }
@@ -157,17 +238,28 @@ def _eval_json() -> dict:
 def make_run(root: Path, *, gate: str = "overridden", dpo_proxy: bool = True, compare: tuple = ("ppo",)) -> Path:
     """A complete fake run directory in the layout with one directory per policy stage (no model involved)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "pipeline.json").write_text(json.dumps({"output_dir": str(root), "model": "tiny-test-model",
-                                                    "algorithm": "dpo", "compare": list(compare), "gold": "demo",
-                                                    "seed": 0}))
+    (root / "pipeline.json").write_text(
+        json.dumps(
+            {
+                "output_dir": str(root),
+                "model": "tiny-test-model",
+                "algorithm": "dpo",
+                "compare": list(compare),
+                "gold": "demo",
+                "seed": 0,
+            }
+        )
+    )
     for stage in ("sft", "reward", "gate", "dpo", "ppo", "eval"):
         (root / stage).mkdir(exist_ok=True)
     write_jsonl(root / "sft" / "metrics.jsonl", _sft_metrics())
     write_jsonl(root / "reward" / "metrics.jsonl", _reward_metrics())
-    (root / "reward" / "heldout.json").write_text(json.dumps(
-        {"accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "num_prompts": 80, "ties": 3}))
-    (root / "gate" / "gate.json").write_text(json.dumps(
-        {"verdict": gate, "accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "message": GATE_MESSAGE}))
+    (root / "reward" / "heldout.json").write_text(
+        json.dumps({"accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "num_prompts": 80, "ties": 3})
+    )
+    (root / "gate" / "gate.json").write_text(
+        json.dumps({"verdict": gate, "accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "message": GATE_MESSAGE})
+    )
     write_jsonl(root / "dpo" / "metrics.jsonl", _dpo_metrics())
     _write_frontier(root / "dpo" / "frontier.jsonl", _frontier(DPO_GOLD0, DPO_ALPHA, DPO_BETA, 0.5, proxy=dpo_proxy))
     write_jsonl(root / "ppo" / "metrics.jsonl", _online_rl_metrics())
@@ -176,8 +268,9 @@ def make_run(root: Path, *, gate: str = "overridden", dpo_proxy: bool = True, co
     (root / "eval.json").write_text(json.dumps(_eval_json()))
     for stage, seconds in STAGE_SECONDS.items():
         (root / stage).mkdir(exist_ok=True)
-        (root / stage / ".stage.json").write_text(json.dumps({"hash": "h", "seconds": seconds,
-                                                              "finished": "2025-01-01T00:00:00"}))
+        (root / stage / ".stage.json").write_text(
+            json.dumps({"hash": "h", "seconds": seconds, "finished": "2025-01-01T00:00:00"})
+        )
     return root
 
 
@@ -212,11 +305,14 @@ def _est(value: float, ci: list[float]) -> str:
 
 def test_read_frontier_sorts_by_step_and_the_last_line_of_a_step_wins(tmp_path):
     path = tmp_path / "frontier.jsonl"
-    path.write_text('{"step": 20, "kl": 2.0, "gold": 0.3, "proxy": null}\n'
-                    '{"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.02}\n'
-                    '{"step": 20, "kl": 2.5, "gold": 0.4, "gold_se": "nan"}\n'
-                    '{"step": 10, "kl": 1.0, "gold": 0.2}\n'
-                    '{"step": 30, "kl": 3.0, "go', encoding="utf-8")  # killed mid-write
+    path.write_text(
+        '{"step": 20, "kl": 2.0, "gold": 0.3, "proxy": null}\n'
+        '{"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.02}\n'
+        '{"step": 20, "kl": 2.5, "gold": 0.4, "gold_se": "nan"}\n'
+        '{"step": 10, "kl": 1.0, "gold": 0.2}\n'
+        '{"step": 30, "kl": 3.0, "go',
+        encoding="utf-8",
+    )  # killed mid-write
     points, bad = read_frontier(path)
     assert bad == 1
     assert [p["step"] for p in points] == [0, 10, 20]
@@ -251,9 +347,20 @@ def test_full_report_headline_intervals_gate_and_escaping(tmp_path):
     assert "1h 05m 00s" in page  # sum of the stage seconds (3900 s)
 
     # Sections in order.
-    order = [page.index(f'<h2 id="{s}">') for s in ("headline", "frontier", "overoptimisation",
-                                                   "policy-optimisation", "reward-model", "losses", "elo",
-                                                   "samples", "stages")]
+    order = [
+        page.index(f'<h2 id="{s}">')
+        for s in (
+            "headline",
+            "frontier",
+            "overoptimisation",
+            "policy-optimisation",
+            "reward-model",
+            "losses",
+            "elo",
+            "samples",
+            "stages",
+        )
+    ]
     assert order == sorted(order)
 
     # The main player's verdict above the table.
@@ -359,11 +466,14 @@ def test_overoptimisation_not_measured_without_proxy_or_frontier(tmp_path):
 
 def test_fit_skipped_with_too_few_distinct_kl(tmp_path):
     run_dir = make_run(tmp_path / "run")
-    write_jsonl(run_dir / "ppo" / "frontier.jsonl", [
-        {"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.01, "proxy": 0.1},
-        {"step": 10, "kl": 1.0, "gold": 0.3, "gold_se": 0.01, "proxy": 0.2},
-        {"step": 20, "kl": 1.0, "gold": 0.31, "gold_se": 0.01, "proxy": 0.3},
-    ])
+    write_jsonl(
+        run_dir / "ppo" / "frontier.jsonl",
+        [
+            {"step": 0, "kl": 0.0, "gold": 0.1, "gold_se": 0.01, "proxy": 0.1},
+            {"step": 10, "kl": 1.0, "gold": 0.3, "gold_se": 0.01, "proxy": 0.2},
+            {"step": 20, "kl": 1.0, "gold": 0.31, "gold_se": 0.01, "proxy": 0.3},
+        ],
+    )
     page = _report(run_dir)
     cells = _row(page, "fit-ppo")
     assert cells[3] == "–" and "skipped: fewer than 3 points with distinct KL &gt; 0 (1)" in cells[5]
@@ -380,9 +490,19 @@ def test_partial_run_names_the_missing_parts(tmp_path):
     page = _report(run_dir)
     assert 'id="missing-parts"' in page
     missing = re.search(r'id="missing-parts">(.*?)</div>', page, re.S).group(1)
-    for part in ("reward/metrics.jsonl", "reward/heldout.json", "gate/gate.json", "dpo/metrics.jsonl",
-                 "dpo/frontier.jsonl", "ppo/metrics.jsonl", "ppo/frontier.jsonl", "eval/eval.json",
-                 "sft/.stage.json", "dpo/.stage.json", "ppo/.stage.json"):
+    for part in (
+        "reward/metrics.jsonl",
+        "reward/heldout.json",
+        "gate/gate.json",
+        "dpo/metrics.jsonl",
+        "dpo/frontier.jsonl",
+        "ppo/metrics.jsonl",
+        "ppo/frontier.jsonl",
+        "eval/eval.json",
+        "sft/.stage.json",
+        "dpo/.stage.json",
+        "ppo/.stage.json",
+    ):
         assert part in missing, part
     assert "No evaluation" in page
     for alg in ("dpo", "ppo"):
@@ -429,15 +549,31 @@ def _legacy_run(root: Path, algorithm: str) -> Path:
     """The layout before per-algorithm stage directories: rl/ and an eval.json without players."""
     root.mkdir(parents=True)
     (root / "pipeline.json").write_text(json.dumps({"model": "old-model", "algorithm": algorithm}))
-    for stage, entries in (("sft", _sft_metrics()), ("reward", _reward_metrics()),
-                           ("rl", _dpo_metrics() if algorithm == "dpo" else _online_rl_metrics())):
+    for stage, entries in (
+        ("sft", _sft_metrics()),
+        ("reward", _reward_metrics()),
+        ("rl", _dpo_metrics() if algorithm == "dpo" else _online_rl_metrics()),
+    ):
         (root / stage).mkdir()
         write_jsonl(root / stage / "metrics.jsonl", entries)
     (root / "eval").mkdir()
-    old = {k: v for k, v in _eval_json().items() if k not in ("players", "main_player", "baseline_name",
-                                                                   "win_rate_ci", "kl_ci", "p_value", "verdict",
-                                                                   "gold_score_policy_ci", "gold_score_baseline_ci",
-                                                                   "reward_model")}
+    old = {
+        k: v
+        for k, v in _eval_json().items()
+        if k
+        not in (
+            "players",
+            "main_player",
+            "baseline_name",
+            "win_rate_ci",
+            "kl_ci",
+            "p_value",
+            "verdict",
+            "gold_score_policy_ci",
+            "gold_score_baseline_ci",
+            "reward_model",
+        )
+    }
     old["best_of_n"] = {"n": 4, "gold_score": 0.55, "kl_analytic": 0.636, "win_rate_vs_baseline": 0.625}
     old["policy_stats"] = {"gold_score": 0.381, "response_length": 31.5, "eos_rate": 0.9}
     (root / "eval" / "eval.json").write_text(json.dumps(old))
@@ -483,6 +619,7 @@ def test_empty_or_corrupt_run_still_reports(tmp_path):
 
 # ---------------------------------------------------------------- in a real browser
 
+
 def render_in_chromium(html_path: Path, screenshot: Path) -> dict:
     """Open ``html_path`` in headless Chromium; return console errors, requests and image sizes."""
     from playwright.sync_api import sync_playwright
@@ -497,7 +634,8 @@ def render_in_chromium(html_path: Path, screenshot: Path) -> dict:
             page.on("request", lambda request: requests.append(request.url))
             page.goto(html_path.resolve().as_uri(), wait_until="load")
             images = page.eval_on_selector_all(
-                "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.getAttribute('src')])")
+                "img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.getAttribute('src')])"
+            )
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()

@@ -28,8 +28,16 @@ PROMPTS = [f"Question number {i}?" for i in range(5)]
 
 
 def sample_config(prompts_file, output, **fields) -> SampleConfig:
-    defaults = dict(model=models.TINY, prompts=str(prompts_file), output=str(output), temperatures=[0.7, 1.2],
-                    max_new_tokens=6, batch_size=2, precision="fp32", progress=False)
+    defaults = dict(
+        model=models.TINY,
+        prompts=str(prompts_file),
+        output=str(output),
+        temperatures=[0.7, 1.2],
+        max_new_tokens=6,
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+    )
     return SampleConfig(**{**defaults, **fields})
 
 
@@ -67,10 +75,18 @@ def test_sample_resumed_under_the_same_settings_gives_the_uninterrupted_file(sam
     assert "warning" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key, value", [
-    ("temperatures", [0.5, 1.2]), ("top_p", 0.9), ("max_new_tokens", 7), ("stop", ["\n"]), ("seed", 1),
-    ("precision", "bf16"), ("model", models.SMOLLM2),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("temperatures", [0.5, 1.2]),
+        ("top_p", 0.9),
+        ("max_new_tokens", 7),
+        ("stop", ["\n"]),
+        ("seed", 1),
+        ("precision", "bf16"),
+        ("model", models.SMOLLM2),
+    ],
+)
 def test_sample_refuses_records_made_under_other_settings(sampled, tmp_path, key, value):
     prompts, out = copy_samples(sampled, tmp_path, keep=2)
     before = out.read_bytes()
@@ -187,9 +203,14 @@ def write_samples(path, n: int, seed: int = 0) -> list[dict]:
     """``n`` sample records of two replies each, mixing polite, rude and neutral words."""
     vocab = ["thanks", "great", "please", "glad", "idiot", "stupid", "hate", "not", "the", "soup", "is", "warm"]
     rng = random.Random(seed)
-    records = [{"prompt_index": i, "prompt": f"Tip {i}?",
-                "responses": [" ".join(rng.choices(vocab, k=rng.randint(2, 30))) for _ in range(2)]}
-               for i in range(n)]
+    records = [
+        {
+            "prompt_index": i,
+            "prompt": f"Tip {i}?",
+            "responses": [" ".join(rng.choices(vocab, k=rng.randint(2, 30))) for _ in range(2)],
+        }
+        for i in range(n)
+    ]
     write_jsonl(path, records)
     return records
 
@@ -202,8 +223,7 @@ def samples(tmp_path):
 
 
 def label_config(samples, output, **fields) -> LabelConfig:
-    defaults = dict(samples=str(samples), output=str(output), scorer="demo", temperature=1.0, flip_rate=0.2,
-                    chunk_size=4, seed=5)
+    defaults = dict(samples=str(samples), output=str(output), scorer="demo", temperature=1.0, flip_rate=0.2, chunk_size=4, seed=5)
     return LabelConfig(**{**defaults, **fields})
 
 
@@ -230,10 +250,19 @@ def test_simulated_labels_of_a_resumed_run_equal_an_uninterrupted_run(samples, t
     assert len({tuple(c.ranking) for c in straight}) == 2 and any(c.meta["flipped"] for c in straight)  # random
 
 
-@pytest.mark.parametrize("key, value", [
-    ("scorer", "length"), ("scorer_args", {"weights": {"sentiment": 1.0}}), ("temperature", 0.5),
-    ("flip_rate", 0.0), ("tie_threshold", 0.1), ("temperature_scale", "spread"), ("seed", 6), ("source", "judge"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("scorer", "length"),
+        ("scorer_args", {"weights": {"sentiment": 1.0}}),
+        ("temperature", 0.5),
+        ("flip_rate", 0.0),
+        ("tie_threshold", 0.1),
+        ("temperature_scale", "spread"),
+        ("seed", 6),
+        ("source", "judge"),
+    ],
+)
 def test_label_refuses_labels_made_under_other_settings(samples, tmp_path, key, value):
     out = tmp_path / "labels.jsonl"
     labels = label.run(label_config(samples, out))
@@ -247,17 +276,28 @@ def test_label_refuses_labels_made_under_other_settings(samples, tmp_path, key, 
     assert out.read_bytes() == before
 
 
-@pytest.mark.parametrize("key, value", [
-    ("rubric", "Prefer short answers."), ("judge_name", "other"), ("judge_url", "http://127.0.0.1:10/v1"),
-    ("judge_max_tokens", 64), ("judge_temperature", 0.7),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("rubric", "Prefer short answers."),
+        ("judge_name", "other"),
+        ("judge_url", "http://127.0.0.1:10/v1"),
+        ("judge_max_tokens", 64),
+        ("judge_temperature", 0.7),
+    ],
+)
 def test_label_refuses_judge_labels_made_under_other_judge_settings(samples, tmp_path, key, value):
     """Judge labels written by hand with the settings file a judge run writes: the check comes before any request."""
     out = tmp_path / "labels.jsonl"
     config = label_config(samples, out, source="judge", judge_url="http://127.0.0.1:9/v1")
     items = label.load_items(samples)
-    save_comparisons(out, [Comparison(prompt, responses, [0, 1], source="judge:default", meta={"item_index": i})
-                           for i, (prompt, responses) in enumerate(items[:3])])
+    save_comparisons(
+        out,
+        [
+            Comparison(prompt, responses, [0, 1], source="judge:default", meta={"item_index": i})
+            for i, (prompt, responses) in enumerate(items[:3])
+        ],
+    )
     from rlhfkit.data.io import write_settings
 
     write_settings(out, label.labeller_settings(config))
@@ -272,11 +312,15 @@ def test_label_refuses_labels_of_other_samples(samples, tmp_path):
     out = tmp_path / "labels.jsonl"
     label.run(label_config(samples, out))
     records = read_jsonl(samples)
-    edited = [dict(r, responses=[r["responses"][0], r["responses"][1] + " changed"]) if i == 2 else r
-              for i, r in enumerate(records)]
+    edited = [
+        dict(r, responses=[r["responses"][0], r["responses"][1] + " changed"]) if i == 2 else r for i, r in enumerate(records)
+    ]
     write_jsonl(samples, edited)
-    with pytest.raises(ConfigError, match=r"samples: 1 of 16 labels are not of the item at their item_index "
-                                          r"\(first: item_index 2 labels"):
+    with pytest.raises(
+        ConfigError,
+        match=r"samples: 1 of 16 labels are not of the item at their item_index "
+        r"\(first: item_index 2 labels",
+    ):
         label.run(label_config(samples, out))
     write_jsonl(samples, records[:10])
     with pytest.raises(ConfigError, match="item_index 10 is not an item of the 10"):
@@ -312,8 +356,11 @@ def test_label_file_of_an_older_rlhfkit_is_checked_by_its_labels(samples, tmp_pa
     labels = label.run(label_config(samples, out))
     save_comparisons(out, labels[:4])
     settings_path(out).unlink()
-    with pytest.raises(ConfigError, match=r"source: 4 of 4 labels are by 'simulated:demo', this config labels as "
-                                          r"'simulated:length'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"source: 4 of 4 labels are by 'simulated:demo', this config labels as "
+        r"'simulated:length'",
+    ):
         label.run(label_config(samples, out, scorer="length"))
     with pytest.raises(ConfigError, match=r"temperature: 4 of 4 labels were made at temperature 1.0"):
         label.run(label_config(samples, out, temperature=0.5))

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from rlhfkit import models
-from rlhfkit.data.pairwise import collate_pairs, collate_rankings, load_pair_splits, tokenize_pairs, tokenize_rankings, tokenize_response
+from rlhfkit.data.pairwise import (
+    collate_pairs,
+    collate_rankings,
+    load_pair_splits,
+    tokenize_pairs,
+    tokenize_rankings,
+    tokenize_response,
+)
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.losses import bradley_terry_loss, preference_loss
@@ -51,19 +58,25 @@ def test_preference_loss_by_hand():
     # d = [1, -1, -3]
     losses = preference_loss(chosen, rejected, target)
     assert losses.shape == (3,)
-    assert losses.tolist() == pytest.approx([
-        math.log(1 + math.exp(-1)),                                           # p = 1: Bradley-Terry
-        -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),  # tie
-        math.log(1 + math.exp(-3)),                                           # p = 0: -log sigmoid(-d)
-    ], rel=1e-12)
+    assert losses.tolist() == pytest.approx(
+        [
+            math.log(1 + math.exp(-1)),  # p = 1: Bradley-Terry
+            -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),  # tie
+            math.log(1 + math.exp(-3)),  # p = 0: -log sigmoid(-d)
+        ],
+        rel=1e-12,
+    )
     # With margin 0.5 the strict preferences need a gap of 0.5 (d - m for p = 1, d + m for p = 0);
     # the tie gets no margin: d = [0.5, -1, -2.5]
     with_margin = preference_loss(chosen, rejected, target, margin=0.5)
-    assert with_margin.tolist() == pytest.approx([
-        math.log(1 + math.exp(-0.5)),
-        -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),
-        math.log(1 + math.exp(-2.5)),
-    ], rel=1e-12)
+    assert with_margin.tolist() == pytest.approx(
+        [
+            math.log(1 + math.exp(-0.5)),
+            -(0.5 * math.log(1 / (1 + math.exp(1))) + 0.5 * math.log(1 / (1 + math.exp(-1)))),
+            math.log(1 + math.exp(-2.5)),
+        ],
+        rel=1e-12,
+    )
     # Target 1 is exactly Bradley-Terry.
     ones = torch.ones(3, dtype=torch.float64)
     assert torch.equal(preference_loss(chosen, rejected, ones, margin=0.5), bradley_terry_loss(chosen, rejected, 0.5))
@@ -74,8 +87,12 @@ def test_tie_loss_is_minimal_at_no_gap_whatever_the_margin():
     # is still minimal (ln 2, gradient 0) at d = 0, not at d = m (the defect: margin applied to ties).
     for margin in (0.0, 0.5, 2.0):
         d = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
-        loss = preference_loss(d, torch.zeros(1, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64),
-                               margin=torch.tensor([margin], dtype=torch.float64))
+        loss = preference_loss(
+            d,
+            torch.zeros(1, dtype=torch.float64),
+            torch.tensor([0.5], dtype=torch.float64),
+            margin=torch.tensor([margin], dtype=torch.float64),
+        )
         loss.sum().backward()
         assert loss.item() == pytest.approx(math.log(2), rel=1e-12)
         assert d.grad.item() == pytest.approx(0.0, abs=1e-12)
@@ -167,13 +184,25 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
     reward_tokenizer = _reward_tokenizer(models.TINY)
     records = [
         {"prompt": "Say hi.", "response_a": "Hi!", "response_b": "Hello there, friend!", "preferred": "tie"},
-        {"prompt": "Two plus two?", "response_a": "Four.", "response_b": "Five, I think.", "preferred": "a",
-         "meta": {"margin": 1.5}},
+        {
+            "prompt": "Two plus two?",
+            "response_a": "Four.",
+            "response_b": "Five, I think.",
+            "preferred": "a",
+            "meta": {"margin": 1.5},
+        },
     ]
     data = write_jsonl(tmp_path / "mixed.jsonl", records)
     pairs, _ = load_pair_splits(
-        reward_tokenizer, str(data), eval_data="", eval_fraction=0.0, seed=0, max_length=64,
-        chat_template=True, keep_ties=True, stage="reward",
+        reward_tokenizer,
+        str(data),
+        eval_data="",
+        eval_fraction=0.0,
+        seed=0,
+        max_length=64,
+        chat_template=True,
+        keep_ties=True,
+        stage="reward",
     )
     batch = collate_pairs(pairs, reward_tokenizer.pad_token_id)
     model = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="normal").eval()
@@ -181,8 +210,8 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
         loss_sum, stats = RewardTask(margin=0.25).loss(model, batch)
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     chosen, rejected = scores[:2].tolist(), scores[2:].tolist()
-    d0 = chosen[0] - rejected[0]                   # tie: no margin (a margin would teach a preference)
-    d1 = chosen[1] - rejected[1] - (0.25 + 1.5)    # config margin + the record's meta.margin
+    d0 = chosen[0] - rejected[0]  # tie: no margin (a margin would teach a preference)
+    d1 = chosen[1] - rejected[1] - (0.25 + 1.5)  # config margin + the record's meta.margin
 
     def log_sigmoid(x):
         return -math.log(1 + math.exp(-x))
@@ -215,29 +244,61 @@ def test_score_read_at_last_token_even_when_it_is_eos():
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         at_last_token = model.score(hidden).item()
-    batched = raw_scores(model, tokenizer, prompts + ["Tell me a long story about a dragon, please."],
-                         responses + ["Once upon a time a dragon lived by the sea."], chat_template=False, precision="fp32")
+    batched = raw_scores(
+        model,
+        tokenizer,
+        prompts + ["Tell me a long story about a dragon, please."],
+        responses + ["Once upon a time a dragon lived by the sea."],
+        chat_template=False,
+        precision="fp32",
+    )
     assert batched[0].item() == pytest.approx(at_last_token, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- end-to-end
 
-POLITE = ["Thank you for asking! The answer is {}", "Happy to help: {}", "Great question, the answer is {}", "Of course! It is {}"]
+POLITE = [
+    "Thank you for asking! The answer is {}",
+    "Happy to help: {}",
+    "Great question, the answer is {}",
+    "Of course! It is {}",
+]
 RUDE = ["Ugh, {} Obviously. Go away.", "{} Stop bothering me.", "Whatever. {} Leave me alone.", "Dumb question. {}"]
 TRAIN_QUESTIONS = [
-    ("Capital of France?", "Paris."), ("Two plus two?", "Four."), ("Colour of the sky?", "Blue."),
-    ("Opposite of hot?", "Cold."), ("Largest planet?", "Jupiter."), ("Author of Hamlet?", "Shakespeare."),
-    ("Boiling point of water?", "100 degrees."), ("Say hello.", "Hello there!"), ("Capital of Italy?", "Rome."),
-    ("Three times three?", "Nine."), ("Colour of grass?", "Green."), ("Opposite of up?", "Down."),
-    ("Smallest planet?", "Mercury."), ("Author of Faust?", "Goethe."), ("Freezing point of water?", "Zero degrees."),
-    ("Say goodbye.", "Goodbye!"), ("Capital of Spain?", "Madrid."), ("Ten minus four?", "Six."),
-    ("Colour of snow?", "White."), ("Opposite of wet?", "Dry."), ("Red planet?", "Mars."), ("Author of Emma?", "Austen."),
+    ("Capital of France?", "Paris."),
+    ("Two plus two?", "Four."),
+    ("Colour of the sky?", "Blue."),
+    ("Opposite of hot?", "Cold."),
+    ("Largest planet?", "Jupiter."),
+    ("Author of Hamlet?", "Shakespeare."),
+    ("Boiling point of water?", "100 degrees."),
+    ("Say hello.", "Hello there!"),
+    ("Capital of Italy?", "Rome."),
+    ("Three times three?", "Nine."),
+    ("Colour of grass?", "Green."),
+    ("Opposite of up?", "Down."),
+    ("Smallest planet?", "Mercury."),
+    ("Author of Faust?", "Goethe."),
+    ("Freezing point of water?", "Zero degrees."),
+    ("Say goodbye.", "Goodbye!"),
+    ("Capital of Spain?", "Madrid."),
+    ("Ten minus four?", "Six."),
+    ("Colour of snow?", "White."),
+    ("Opposite of wet?", "Dry."),
+    ("Red planet?", "Mars."),
+    ("Author of Emma?", "Austen."),
 ]
 # Held out: new questions and answers, the same kinds of polite and rude replies.
 EVAL_QUESTIONS = [
-    ("Fastest land animal?", "The cheetah."), ("Say thanks.", "Thanks!"), ("Capital of Japan?", "Tokyo."),
-    ("Five plus one?", "Six."), ("Colour of coal?", "Black."), ("Opposite of big?", "Small."),
-    ("Ringed planet?", "Saturn."), ("Author of Ulysses?", "Joyce."), ("Largest ocean?", "The Pacific."),
+    ("Fastest land animal?", "The cheetah."),
+    ("Say thanks.", "Thanks!"),
+    ("Capital of Japan?", "Tokyo."),
+    ("Five plus one?", "Six."),
+    ("Colour of coal?", "Black."),
+    ("Opposite of big?", "Small."),
+    ("Ringed planet?", "Saturn."),
+    ("Author of Ulysses?", "Joyce."),
+    ("Largest ocean?", "The Pacific."),
     ("Say yes.", "Yes!"),
 ]
 
@@ -420,8 +481,16 @@ def heldout_config(root: Path, **fields) -> RewardConfig:
         data=str(write_jsonl(root / "train.jsonl", polite_rude_records(TRAIN_QUESTIONS[:8], 0))),
         eval_data=str(write_jsonl(root / "eval.jsonl", HELDOUT_RECORDS)),
         output_dir=str(root / "out"),
-        max_length=64, precision="fp32", progress=False, tensorboard=False, lr=1e-3, warmup_ratio=0.0,
-        max_steps=2, batch_size=4, head_init="normal", seed=5,
+        max_length=64,
+        precision="fp32",
+        progress=False,
+        tensorboard=False,
+        lr=1e-3,
+        warmup_ratio=0.0,
+        max_steps=2,
+        batch_size=4,
+        head_init="normal",
+        seed=5,
     )
     return RewardConfig(**{**defaults, **fields})
 
@@ -464,8 +533,10 @@ def test_heldout_json_counts_and_accuracy_match_a_recomputation(heldout_run):
 
     lo, hi = result["accuracy_ci"]
     assert 0.0 <= lo <= result["accuracy"] <= hi <= 1.0 and lo < hi
-    line = (f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {HELDOUT_PAIRS} pairs "
-            f"({HELDOUT_PROMPTS} prompts)")
+    line = (
+        f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {HELDOUT_PAIRS} pairs "
+        f"({HELDOUT_PROMPTS} prompts)"
+    )
     assert line in printed.splitlines()
 
 
@@ -503,8 +574,10 @@ def test_heldout_accuracy_ties_and_equal_scores(tokenizer):
 
     reward_tokenizer = _reward_tokenizer(models.TINY)
     zero = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="zero")
-    comps = [Comparison("Greet me.", ["Hello!", "Go away.", "Hi."], [0, 2, 1]),
-             Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True)]
+    comps = [
+        Comparison("Greet me.", ["Hello!", "Go away.", "Hi."], [0, 2, 1]),
+        Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True),
+    ]
     # A zero head scores everything 0: every strict pair is an exact tie of scores, worth 0.5.
     result = heldout_accuracy(zero, reward_tokenizer, comps, precision="fp32")
     assert result == {"accuracy": 0.5, "accuracy_ci": [0.5, 0.5], "num_pairs": 3, "num_prompts": 1, "ties": 1}
@@ -519,8 +592,9 @@ def test_no_heldout_accuracy_writes_no_heldout_file(tmp_path, capsys, held_out):
     if held_out == "none":  # eval_fraction 0 and no eval_data: nothing held out, nothing said
         config = heldout_config(tmp_path, eval_data="", eval_fraction=0.0, max_steps=1, normalize=False)
     else:  # held out, but no strict pair to score
-        config = heldout_config(tmp_path, max_steps=1, normalize=False,
-                                eval_data=str(write_jsonl(tmp_path / "ties.jsonl", HELDOUT_RECORDS[3:4])))
+        config = heldout_config(
+            tmp_path, max_steps=1, normalize=False, eval_data=str(write_jsonl(tmp_path / "ties.jsonl", HELDOUT_RECORDS[3:4]))
+        )
     train(config)
     printed = capsys.readouterr().out
     assert (Path(config.output_dir) / "config.json").is_file()

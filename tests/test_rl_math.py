@@ -228,8 +228,9 @@ def test_whiten_by_hand():
     s = math.sqrt(3 / 20)
     y = as_tensor([[2, 4], [6, 8]])
     assert_close(whiten(y, torch.ones(2, 2, dtype=torch.bool)), [[-3 * s, -s], [s, 3 * s]], atol=1e-7)
-    assert_close(whiten(y, torch.ones(2, 2, dtype=torch.bool), shift_mean=False),
-                 [[5 - 3 * s, 5 - s], [5 + s, 5 + 3 * s]], atol=1e-7)
+    assert_close(
+        whiten(y, torch.ones(2, 2, dtype=torch.bool), shift_mean=False), [[5 - 3 * s, 5 - s], [5 + s, 5 + 3 * s]], atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])
@@ -242,8 +243,9 @@ def test_whiten_matches_reference(shift_mean):
     assert_close(got, ref_whiten(x, mask, shift_mean))
     picked = got[torch.tensor(mask)]
     assert picked.var().item() == pytest.approx(1.0, abs=1e-6)  # unit (Bessel) variance
-    assert picked.mean().item() == pytest.approx(0.0 if shift_mean else ref_mean_var(
-        [v for row, mrow in zip(x, mask) for v, m in zip(row, mrow) if m])[0], abs=1e-9)
+    assert picked.mean().item() == pytest.approx(
+        0.0 if shift_mean else ref_mean_var([v for row, mrow in zip(x, mask) for v, m in zip(row, mrow) if m])[0], abs=1e-9
+    )
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -457,7 +459,7 @@ def test_group_advantages_match_reference():
     scores = [rng.gauss(0.0, 2.0) for _ in range(3 * k)]
     want_rloo, want_grpo, want_drgrpo = [], [], []
     for g in range(3):
-        group = scores[g * k:(g + 1) * k]
+        group = scores[g * k : (g + 1) * k]
         mean, var = ref_mean_var(group)
         for i, s in enumerate(group):
             others = [x for j, x in enumerate(group) if j != i]
@@ -522,34 +524,30 @@ def test_entropy_matches_manual_loop():
 
 def test_response_mask_from_ids():
     eos = 2
-    response = torch.tensor([
-        [5, 6, eos, 7],      # EOS in the middle: it is kept, what follows is padding
-        [5, 6, 7, eos],      # EOS last
-        [5, 6, 7, 8],        # no EOS: truncated at max_new_tokens
-        [eos, 5, eos, 6],    # EOS first: a one-token response; the second EOS is padding too
-    ])
+    response = torch.tensor(
+        [
+            [5, 6, eos, 7],  # EOS in the middle: it is kept, what follows is padding
+            [5, 6, 7, eos],  # EOS last
+            [5, 6, 7, 8],  # no EOS: truncated at max_new_tokens
+            [eos, 5, eos, 6],  # EOS first: a one-token response; the second EOS is padding too
+        ]
+    )
     mask, has_eos = response_mask_from_ids(response, eos)
-    assert mask.tolist() == [
-        [T, T, T, F_],
-        [T, T, T, T],
-        [T, T, T, T],
-        [T, F_, F_, F_],
-    ]
+    assert mask.tolist() == [[T, T, T, F_], [T, T, T, T], [T, T, T, T], [T, F_, F_, F_]]
     assert has_eos.tolist() == [T, T, F_, T]
     assert mask.dtype == torch.bool and has_eos.dtype == torch.bool
 
 
 def test_position_ids_from_mask_with_left_padding():
-    attention_mask = torch.tensor([
-        [0, 0, 1, 1, 1],  # left padding: the first real token is position 0
-        [1, 1, 1, 1, 1],
-        [0, 1, 1, 0, 0],  # left padding, then response padding after EOS (masked; value irrelevant)
-    ], dtype=torch.bool)
-    assert position_ids_from_mask(attention_mask).tolist() == [
-        [0, 0, 0, 1, 2],
-        [0, 1, 2, 3, 4],
-        [0, 0, 1, 1, 1],
-    ]
+    attention_mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1],  # left padding: the first real token is position 0
+            [1, 1, 1, 1, 1],
+            [0, 1, 1, 0, 0],  # left padding, then response padding after EOS (masked; value irrelevant)
+        ],
+        dtype=torch.bool,
+    )
+    assert position_ids_from_mask(attention_mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
 
 
 @contextlib.contextmanager
@@ -576,18 +574,19 @@ def _left_padded_batch(pad_id: int):
     """Three (prompt, response) pairs of different lengths as one [left-padded query | right-padded response] batch."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(5, 4), (2, 3), (7, 4)]  # row 1 is short on both sides
-    pairs = [(torch.randint(3, 5000, (p,), generator=generator), torch.randint(3, 5000, (r,), generator=generator))
-             for p, r in shapes]
+    pairs = [
+        (torch.randint(3, 5000, (p,), generator=generator), torch.randint(3, 5000, (r,), generator=generator)) for p, r in shapes
+    ]
     P, R = max(p for p, _ in shapes), max(r for _, r in shapes)
     input_ids = torch.full((len(pairs), P + R), pad_id)
     attention_mask = torch.zeros((len(pairs), P + R), dtype=torch.bool)
     response_ids = torch.full((len(pairs), R), pad_id)
     for i, (query, response) in enumerate(pairs):
-        input_ids[i, P - len(query):P] = query
-        attention_mask[i, P - len(query):P] = True
-        input_ids[i, P:P + len(response)] = response
-        attention_mask[i, P:P + len(response)] = True
-        response_ids[i, :len(response)] = response
+        input_ids[i, P - len(query) : P] = query
+        attention_mask[i, P - len(query) : P] = True
+        input_ids[i, P : P + len(response)] = response
+        attention_mask[i, P : P + len(response)] = True
+        response_ids[i, : len(response)] = response
     return pairs, input_ids, attention_mask, response_ids
 
 
@@ -635,31 +634,37 @@ def test_packed_rollout_equals_each_row_alone(value):
     g = torch.Generator().manual_seed(1)
     query, other = torch.randint(3, 5000, (6,), generator=g), torch.randint(3, 5000, (3,), generator=g)
     common = torch.randint(3, 5000, (2,), generator=g)
-    rows = [(query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
-            (query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
-            (query, torch.randint(3, 5000, (2,), generator=g)),
-            (other, torch.randint(3, 5000, (5,), generator=g))]
+    rows = [
+        (query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
+        (query, torch.cat([common, torch.randint(3, 5000, (3,), generator=g)])),
+        (query, torch.randint(3, 5000, (2,), generator=g)),
+        (other, torch.randint(3, 5000, (5,), generator=g)),
+    ]
     P, R, pad = 6, 5, policy.config.pad_token_id
     query_ids, query_mask = torch.full((4, P), pad), torch.zeros((4, P), dtype=torch.bool)
     response_ids, response_mask = torch.full((4, R), pad), torch.zeros((4, R), dtype=torch.bool)
     for i, (q, r) in enumerate(rows):
-        query_ids[i, P - len(q):], query_mask[i, P - len(q):] = q, True
-        response_ids[i, :len(r)], response_mask[i, :len(r)] = r, True
+        query_ids[i, P - len(q) :], query_mask[i, P - len(q) :] = q, True
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = r, True
 
     batch, positions, _, _ = packed_rollout(query_ids, query_mask, response_ids, response_mask)
     assert batch["input_ids"].shape[1] == 6 + 5 + 5 + 2 + 3 + 5  # the group's query once
     assert positions.shape == (int(response_mask.sum()),)
     with torch.no_grad():
-        logps, values, entropy = packed_response_logps(model, query_ids, query_mask, response_ids, response_mask,
-                                                       temperature=0.7, with_entropy=True)
-        ref_logps, ref_values, _ = packed_response_logps(policy, query_ids, query_mask, response_ids, response_mask,
-                                                         temperature=0.7)
+        logps, values, entropy = packed_response_logps(
+            model, query_ids, query_mask, response_ids, response_mask, temperature=0.7, with_entropy=True
+        )
+        ref_logps, ref_values, _ = packed_response_logps(
+            policy, query_ids, query_mask, response_ids, response_mask, temperature=0.7
+        )
     assert ref_values is None and (values is None) == (value == "none")
     assert (logps[~response_mask] == 0).all() and (entropy[~response_mask] == 0).all()
     for i, (q, r) in enumerate(rows):
         alone = torch.cat([q, r])[None]
         with torch.no_grad():
-            want, logits, want_values = response_logps(model, alone, torch.ones_like(alone, dtype=torch.bool), r[None], temperature=0.7)
+            want, logits, want_values = response_logps(
+                model, alone, torch.ones_like(alone, dtype=torch.bool), r[None], temperature=0.7
+            )
         n = len(r)
         # rtol: packing changes fp32 summation order; on an AVX2-only CPU a log-prob of -10.8 differed by 1.05e-5.
         torch.testing.assert_close(logps[i, :n], want[0], atol=1e-5, rtol=2e-6)
@@ -668,8 +673,16 @@ def test_packed_rollout_equals_each_row_alone(value):
         if value != "none":
             torch.testing.assert_close(values[i, :n], want_values[0], atol=1e-5, rtol=2e-6)
     # The trainer's padded path (packing=false) gives the same, entropy included.
-    rollout = Rollout([""] * 4, [""] * 4, query_ids, query_mask, response_ids, response_mask,
-                      has_eos=torch.zeros(4, dtype=torch.bool), temperature=0.7)
+    rollout = Rollout(
+        [""] * 4,
+        [""] * 4,
+        query_ids,
+        query_mask,
+        response_ids,
+        response_mask,
+        has_eos=torch.zeros(4, dtype=torch.bool),
+        temperature=0.7,
+    )
     with torch.no_grad():
         padded = rl._forward(model, rollout, [0, 1, 2, 3], torch.device("cpu"), with_entropy=True, packed=False)
     for got, want in zip(padded, (logps, values, entropy)):
@@ -688,10 +701,11 @@ def test_response_logps_of_plain_lm_equals_actor_critic():
     with torch.no_grad():
         ac_logps, _, _ = response_logps(ActorCritic(policy), input_ids, attention_mask, response_ids, temperature=0.7)
         # Reference: full forward, the logits at position P-1+j predict response token j.
-        full = policy(input_ids=input_ids, attention_mask=attention_mask.long(),
-                      position_ids=position_ids_from_mask(attention_mask)).logits
+        full = policy(
+            input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids_from_mask(attention_mask)
+        ).logits
     R = response_ids.shape[1]
-    want = log_softmax_gather(full[:, -R - 1:-1], response_ids, temperature=0.7)
+    want = log_softmax_gather(full[:, -R - 1 : -1], response_ids, temperature=0.7)
     assert lm_values is None
     torch.testing.assert_close(lm_logps, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(ac_logps, want, atol=1e-5, rtol=0)
@@ -735,8 +749,8 @@ def test_fused_logps_and_entropy_equal_the_separate_ones():
         torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(entropy, entropy_from_logits(logits.detach().float() / temperature), atol=1e-5, rtol=0)
         assert not entropy.requires_grad
-        grad, = torch.autograd.grad(logps.sum(), logits)
-        want_grad, = torch.autograd.grad(want.sum(), logits)
+        (grad,) = torch.autograd.grad(logps.sum(), logits)
+        (want_grad,) = torch.autograd.grad(want.sum(), logits)
         torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
 
 
@@ -753,8 +767,8 @@ def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypat
     torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(gather_logps(logits, tokens, temperature), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, entropy_from_logits(logits.detach() / temperature), atol=1e-5, rtol=0)
-    grad, = torch.autograd.grad((logps * weights).sum(), logits)
-    want_grad, = torch.autograd.grad((want * weights).sum(), logits)
+    (grad,) = torch.autograd.grad((logps * weights).sum(), logits)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
     torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
 
 

@@ -38,8 +38,22 @@ def shortness(prompts, responses, **kwargs):
 '''
 
 # What every metrics.jsonl entry holds (MetricsLogger adds step and time); PPO adds its own.
-COMMON_KEYS = {"step", "time", "score", "kl", "kl_k3", "kl_coef", "reward", "entropy", "response_length",
-               "eos_rate", "policy_loss", "clipfrac", "approx_kl", "lr"}
+COMMON_KEYS = {
+    "step",
+    "time",
+    "score",
+    "kl",
+    "kl_k3",
+    "kl_coef",
+    "reward",
+    "entropy",
+    "response_length",
+    "eos_rate",
+    "policy_loss",
+    "clipfrac",
+    "approx_kl",
+    "lr",
+}
 PPO_KEYS = {"value_loss", "value_clipfrac", "explained_variance"}
 
 
@@ -105,8 +119,19 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     # early past an approx-KL of 0.1: without that, once every response is empty (score 0,
     # by step ~8) the policy drifted away in some runs (KL 20-24 by steps 11-16, padded
     # and packed alike; which run does depends on float rounding).
-    config = make_config(rl_dir / "ppo", algorithm="ppo", value="head", batch_size=16, max_steps=16,
-                         score_norm=True, lam=1.0, ppo_epochs=2, num_minibatches=2, target_kl_stop=0.1, seed=0)
+    config = make_config(
+        rl_dir / "ppo",
+        algorithm="ppo",
+        value="head",
+        batch_size=16,
+        max_steps=16,
+        score_norm=True,
+        lam=1.0,
+        ppo_epochs=2,
+        num_minibatches=2,
+        target_kl_stop=0.1,
+        seed=0,
+    )
     rl.train(config)
     entries = metrics(rl_dir / "ppo")
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
@@ -115,8 +140,16 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
 
 
 def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir):
-    config = make_config(rl_dir / "grpo", config_class=rl.GRPOConfig, batch_size=4, samples_per_prompt=4,
-                         max_steps=16, ppo_epochs=2, num_minibatches=2, seed=0)
+    config = make_config(
+        rl_dir / "grpo",
+        config_class=rl.GRPOConfig,
+        batch_size=4,
+        samples_per_prompt=4,
+        max_steps=16,
+        ppo_epochs=2,
+        num_minibatches=2,
+        seed=0,
+    )
     assert config.algorithm == "grpo" and config.kl_coef == 0.04
     rl.train(config)
     entries = metrics(rl_dir / "grpo")
@@ -124,22 +157,24 @@ def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir):
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
-@pytest.mark.parametrize("algorithm,fields", [
-    # GRPO's settings: groups of 4 (the leave-one-out baseline needs >= 2), the KL (k1, beta 0.05) in the
-    # sequence reward. Seeds 0-9: the score rose by 33 to 53, the largest KL was 17.7 (seed 6).
-    ("rloo", dict(batch_size=4, samples_per_prompt=4)),
-    # Eight prompts, two responses each, advantages not whitened. Whitened, once every response is empty
-    # (score 0) the advantages are the KL penalties alone, blown up to unit scale, and the policy drifted away
-    # (batch 4 x 4, seed 0: KL 31 and the score back at -46 by step 16). Seeds 0-9: the score rose by 20 to
-    # 52, the largest KL was 11.0. (16 x 1 and 4 x 4 had seeds that stalled, at rises of 15-18.)
-    ("reinforce", dict(batch_size=8, samples_per_prompt=2, whiten_advantages=False)),
-])
+@pytest.mark.parametrize(
+    "algorithm,fields",
+    [
+        # GRPO's settings: groups of 4 (the leave-one-out baseline needs >= 2), the KL (k1, beta 0.05) in the
+        # sequence reward. Seeds 0-9: the score rose by 33 to 53, the largest KL was 17.7 (seed 6).
+        ("rloo", dict(batch_size=4, samples_per_prompt=4)),
+        # Eight prompts, two responses each, advantages not whitened. Whitened, once every response is empty
+        # (score 0) the advantages are the KL penalties alone, blown up to unit scale, and the policy drifted away
+        # (batch 4 x 4, seed 0: KL 31 and the score back at -46 by step 16). Seeds 0-9: the score rose by 20 to
+        # 52, the largest KL was 11.0. (16 x 1 and 4 x 4 had seeds that stalled, at rises of 15-18.)
+        ("reinforce", dict(batch_size=8, samples_per_prompt=2, whiten_advantages=False)),
+    ],
+)
 def test_rloo_and_reinforce_reward_rise_while_kl_stays_bounded(rl_dir, algorithm, fields):
     """The settings of the GRPO test (two epochs of two minibatches, 16 steps), the same bounds.
     With lr = 0 approx-KL stayed 0 and the score moved by 7.4 (RLOO) and 2.5 (REINFORCE), noise between the
     first and last three steps: the test failed on each."""
-    config = make_config(rl_dir / algorithm, algorithm=algorithm, max_steps=16, ppo_epochs=2, num_minibatches=2,
-                         seed=0, **fields)
+    config = make_config(rl_dir / algorithm, algorithm=algorithm, max_steps=16, ppo_epochs=2, num_minibatches=2, seed=0, **fields)
     rl.train(config)
     entries = metrics(rl_dir / algorithm)
     assert_finite_entries(entries, COMMON_KEYS)
@@ -152,12 +187,15 @@ def test_rloo_and_reinforce_reward_rise_while_kl_stays_bounded(rl_dir, algorithm
 # ----------------------------------------------------------------------------- every algorithm runs
 
 
-@pytest.mark.parametrize("algorithm,fields", [
-    ("rloo", dict(samples_per_prompt=2)),
-    ("reinforce", dict(gamma=0.9)),
-    # One epoch and one minibatch: GRPO's fast path, whose KL and entropy come from the update.
-    ("grpo", dict(samples_per_prompt=2, kl_coef=0.04)),
-])
+@pytest.mark.parametrize(
+    "algorithm,fields",
+    [
+        ("rloo", dict(samples_per_prompt=2)),
+        ("reinforce", dict(gamma=0.9)),
+        # One epoch and one minibatch: GRPO's fast path, whose KL and entropy come from the update.
+        ("grpo", dict(samples_per_prompt=2, kl_coef=0.04)),
+    ],
+)
 def test_algorithms_run_with_finite_metrics(rl_dir, algorithm, fields):
     out = rl_dir / algorithm
     rl.train(make_config(out, algorithm=algorithm, batch_size=2, max_steps=3, temperature=1.0, **fields))
@@ -172,8 +210,11 @@ def test_algorithms_run_with_finite_metrics(rl_dir, algorithm, fields):
 def test_ppo_outputs(rl_dir):
     """metrics.jsonl, samples.jsonl, config.yaml, checkpoints and a loadable model directory."""
     out = rl_dir / "ppo"
-    trainer = rl.train(make_config(out, algorithm="ppo", batch_size=2, max_steps=2, temperature=1.0, save_every=1,
-                                   keep_checkpoints=1, log_samples=2))
+    trainer = rl.train(
+        make_config(
+            out, algorithm="ppo", batch_size=2, max_steps=2, temperature=1.0, save_every=1, keep_checkpoints=1, log_samples=2
+        )
+    )
     entries = metrics(out)
     assert [e["step"] for e in entries] == [1, 2]
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
@@ -230,8 +271,17 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
     Exact equality, not a tolerance: the checkpoint restores weights, optimizer,
     scheduler and RNG states, so the resumed run samples the same responses.
     """
-    fields = dict(algorithm=algorithm, batch_size=2, samples_per_prompt=2, max_steps=4, save_every=2,
-                  temperature=1.0, ppo_epochs=2, num_minibatches=2, seed=3)
+    fields = dict(
+        algorithm=algorithm,
+        batch_size=2,
+        samples_per_prompt=2,
+        max_steps=4,
+        save_every=2,
+        temperature=1.0,
+        ppo_epochs=2,
+        num_minibatches=2,
+        seed=3,
+    )
     straight, resumed = rl_dir / "straight", rl_dir / "resumed"
     rl.train(make_config(straight, **fields))
 
@@ -299,10 +349,12 @@ def test_resume_refuses_a_changed_config_and_allows_max_steps_or_force(rl_dir, c
 
 def test_ptx_max_length_cuts_demonstrations(rl_dir):
     long_answer = " ".join(["word"] * 60)
-    data = write_jsonl(rl_dir / "ptx.jsonl", [{"prompt": "Tell a story.", "completion": long_answer},
-                                              {"prompt": "Hi?", "completion": "Hello."}])
-    trainer = rl.RLTrainer(make_config(rl_dir / "ptx", algorithm="reinforce", ptx_data=str(data), ptx_coef=0.5,
-                                       ptx_max_length=48))
+    data = write_jsonl(
+        rl_dir / "ptx.jsonl", [{"prompt": "Tell a story.", "completion": long_answer}, {"prompt": "Hi?", "completion": "Hello."}]
+    )
+    trainer = rl.RLTrainer(
+        make_config(rl_dir / "ptx", algorithm="reinforce", ptx_data=str(data), ptx_coef=0.5, ptx_max_length=48)
+    )
     # With the chat template the two are 96 and 36 tokens: the long one is cut at ptx_max_length, the short one kept.
     assert sorted(len(example["input_ids"]) for example in trainer.ptx) == [36, 48]
     assert "ptx_max_length" in field_docs(rl.RLConfig)
@@ -317,8 +369,11 @@ def test_grad_accum_gives_the_same_update(rl_dir):
     weights = {}
     for grad_accum in (1, 4):
         out = rl_dir / f"ga{grad_accum}"
-        rl.train(make_config(out, algorithm="reinforce", batch_size=6, grad_accum=grad_accum, max_steps=1,
-                             temperature=1.0, max_grad_norm=0.0))
+        rl.train(
+            make_config(
+                out, algorithm="reinforce", batch_size=6, grad_accum=grad_accum, max_steps=1, temperature=1.0, max_grad_norm=0.0
+            )
+        )
         weights[grad_accum] = saved_weights(out)
     initial = models.build_tiny().state_dict()
     assert any(not torch.equal(weights[4][k], initial[k]) for k in initial)  # the optimizer did step

@@ -32,8 +32,16 @@ def prompts_file(tmp_path):
 
 def _config(prompts_file, output, **fields) -> SampleConfig:
     fields = {"temperatures": [0.7, 1.2], **fields}
-    return SampleConfig(model=models.TINY, prompts=str(prompts_file), output=str(output), max_new_tokens=6,
-                        batch_size=2, precision="fp32", progress=False, **fields)
+    return SampleConfig(
+        model=models.TINY,
+        prompts=str(prompts_file),
+        output=str(output),
+        max_new_tokens=6,
+        batch_size=2,
+        precision="fp32",
+        progress=False,
+        **fields,
+    )
 
 
 def test_resume_after_a_torn_write_neither_duplicates_nor_loses_prompts(tmp_path, prompts_file):

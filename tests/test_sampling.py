@@ -235,9 +235,20 @@ def test_prepacked_siblings_share_one_matmul_and_fall_back_on_another_input(monk
 
 def _greedy_logits(model, ids, mask, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy tokens, each step's logits and each decode step's last hidden state (fp32 residual stream)."""
-    out = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=steps, do_sample=False, temperature=None,
-                         top_p=None, top_k=None, output_logits=True, output_hidden_states=True, return_dict_in_generate=True,
-                         pad_token_id=2, eos_token_id=-1)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        max_new_tokens=steps,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        output_logits=True,
+        output_hidden_states=True,
+        return_dict_in_generate=True,
+        pad_token_id=2,
+        eos_token_id=-1,
+    )
     states = torch.cat([step[-1] for step in out.hidden_states[1:]], dim=1)  # (B, steps - 1, hidden)
     return out.sequences, torch.stack(out.logits, dim=1).float(), states.float()
 
@@ -253,6 +264,7 @@ def _count_lean_steps(monkeypatch) -> list[int]:
         def forward(hidden_states, *args, **kwargs):
             calls[0] += hidden_states.shape[1] == 1
             return lean(hidden_states, *args, **kwargs)
+
         return forward
 
     monkeypatch.setattr(rollout, "_lean_decode_forward", counting)

@@ -156,7 +156,10 @@ def test_collate_pads_right_with_ignored_labels():
 def _overlong_data(tokenizer, tmp_path):
     """One short and one long plain-mode record, with their token counts."""
     short = {"prompt": "Hi.", "completion": " Yes."}
-    long = {"prompt": "Please count slowly from one up to ten for me, in English words.", "completion": " one two three four five six seven eight nine ten"}
+    long = {
+        "prompt": "Please count slowly from one up to ten for me, in English words.",
+        "completion": " one two three four five six seven eight nine ten",
+    }
     path = write_jsonl(tmp_path / "overlong.jsonl", [short, long])
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     lengths = {

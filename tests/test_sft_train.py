@@ -189,8 +189,10 @@ def assert_resumed_equal(a, b) -> None:
 def test_output_dir_loads_with_transformers_and_logs_metrics(qa_file, tmp_path, make_config, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    held_out = [{"prompt": "Capital of Spain?", "completion": "Madrid."},
-                {"prompt": "Say goodbye.", "completion": "Goodbye, friend!"}]
+    held_out = [
+        {"prompt": "Capital of Spain?", "completion": "Madrid."},
+        {"prompt": "Say goodbye.", "completion": "Goodbye, friend!"},
+    ]
     eval_file = write_jsonl(tmp_path / "eval.jsonl", held_out)
     config = make_config("out", data=str(qa_file), eval_data=str(eval_file), max_steps=4, batch_size=4, eval_every=2)
     result = train(config)

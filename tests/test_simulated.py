@@ -176,9 +176,7 @@ def test_flip_rate_one_inverts_every_zero_temperature_choice():
 def test_flip_rate_flips_that_fraction():
     n, rate = 5000, 0.2
     items = [("q", ["good", "bad"])] * n
-    labels = SimulatedAnnotator(table_scorer({"good": 1.0, "bad": 0.0}), temperature=0.0, flip_rate=rate).label_many(
-        items
-    )
+    labels = SimulatedAnnotator(table_scorer({"good": 1.0, "bad": 0.0}), temperature=0.0, flip_rate=rate).label_many(items)
     freq = sum(label.ranking == [1, 0] for label in labels) / n
     assert abs(freq - rate) <= binomial_tolerance(rate, n)
     assert sum(label.meta["flipped"] for label in labels) == sum(label.ranking == [1, 0] for label in labels)
@@ -401,14 +399,22 @@ def test_label_stage_binds_scorer_args_and_rejects_unknown_names(tmp_path):
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "Describe it.", "responses": [thirty, ten]}])
     for target, preferred in [(40, 0), (10, 1)]:  # the default target prefers 30 words, target 10 prefers 10
         out = tmp_path / f"labels_{target}.jsonl"
-        label.run(LabelConfig(samples=str(samples), output=str(out), scorer="length", temperature=0.0,
-                              scorer_args={"target_words": target} if target != 40 else {}))
+        label.run(
+            LabelConfig(
+                samples=str(samples),
+                output=str(out),
+                scorer="length",
+                temperature=0.0,
+                scorer_args={"target_words": target} if target != 40 else {},
+            )
+        )
         (comparison,) = load_comparisons(out)
         assert comparison.ranking[0] == preferred
         assert comparison.source == ("simulated:length" if target == 40 else f"simulated:length(target_words={target})")
     with pytest.raises(ValueError, match="no parameter 'target'.*target_words, width"):
-        label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "bad.jsonl"), scorer="length",
-                              scorer_args={"target": 10}))
+        label.run(
+            LabelConfig(samples=str(samples), output=str(tmp_path / "bad.jsonl"), scorer="length", scorer_args={"target": 10})
+        )
     assert not (tmp_path / "bad.jsonl").exists()
 
 
@@ -446,7 +452,8 @@ def test_score_spread_by_hand():
     table = table_scorer({"a": 1.0, "b": 3.0, "c": 0.0, "d": 2.0, "e": 4.0})
     # Scores 1, 3, 0, 2, 4: mean 2, squared deviations 1 + 1 + 4 + 0 + 4 = 10; population variance 10 / 5 = 2.
     assert score_spread(table, [("q", ["a", "b"]), {"prompt": "q", "responses": ["c", "d", "e"]}]) == pytest.approx(
-        math.sqrt(2.0), rel=1e-12)
+        math.sqrt(2.0), rel=1e-12
+    )
     assert score_spread(table, [("q", ["a", "a"]), ("q", ["a", "a", "a"])]) == 0.0
     assert score_spread(table, []) == 0.0
 
@@ -462,8 +469,18 @@ def test_spread_scale_gives_the_same_labels_at_any_scorer_scale(tmp_path, capsys
 
     def run(scorer: str, scale: str, temperature: float = 0.5) -> list[Comparison]:
         out = tmp_path / f"{scorer.rsplit(':', 1)[1]}_{scale}_{temperature}.jsonl"
-        return label.run(LabelConfig(samples=str(samples), output=str(out), scorer=scorer, temperature=temperature,
-                                     temperature_scale=scale, tie_threshold=0.01, seed=11, chunk_size=16))
+        return label.run(
+            LabelConfig(
+                samples=str(samples),
+                output=str(out),
+                scorer=scorer,
+                temperature=temperature,
+                temperature_scale=scale,
+                tie_threshold=0.01,
+                seed=11,
+                chunk_size=16,
+            )
+        )
 
     capsys.readouterr()
     base = run("tests.test_simulated:gold_scorer", "spread")
@@ -477,6 +494,7 @@ def test_spread_scale_gives_the_same_labels_at_any_scorer_scale(tmp_path, capsys
     assert [c.meta["temperature"] for c in scaled] == pytest.approx([50 * spread] * len(records), rel=1e-12)
     assert [(c.ranking, c.tie) for c in scaled] == [(c.ranking, c.tie) for c in base]
     assert sum(c.tie for c in base) == 5
+
     # The temperature matters here: labels are not simply the score order.
     def by_score(c: Comparison) -> list[int]:
         return sorted(range(len(c.responses)), key=lambda i: -c.meta["scores"][i])
@@ -498,8 +516,14 @@ def test_spread_is_measured_on_every_item_when_resuming(tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     records = spread_samples(samples)
     out = tmp_path / "labels.jsonl"
-    config = LabelConfig(samples=str(samples), output=str(out), scorer="tests.test_simulated:gold_scorer",
-                         temperature=0.5, temperature_scale="spread", seed=3)
+    config = LabelConfig(
+        samples=str(samples),
+        output=str(out),
+        scorer="tests.test_simulated:gold_scorer",
+        temperature=0.5,
+        temperature_scale="spread",
+        seed=3,
+    )
     full = label.run(config)
     first = capsys.readouterr().out
     # Keep the first 10 labels (as if the run had stopped there) and resume.
@@ -522,9 +546,15 @@ def test_zero_spread_falls_back_to_one(tmp_path, capsys):
 
     samples = tmp_path / "samples.jsonl"
     spread_samples(samples)
-    labels = label.run(LabelConfig(samples=str(samples), output=str(tmp_path / "labels.jsonl"),
-                                   scorer="tests.test_simulated:constant_scorer", temperature=0.25,
-                                   temperature_scale="spread"))
+    labels = label.run(
+        LabelConfig(
+            samples=str(samples),
+            output=str(tmp_path / "labels.jsonl"),
+            scorer="tests.test_simulated:constant_scorer",
+            temperature=0.25,
+            temperature_scale="spread",
+        )
+    )
     printed = capsys.readouterr().out
     assert "label: score spread is 0" in printed and "using 1.0" in printed
     assert "label: score spread 1 -> temperature 0.25" in printed

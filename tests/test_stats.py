@@ -275,8 +275,7 @@ def test_analytic_bon_kl():
 def _points(gold, proxy, se, kl=None):
     kl = kl if kl is not None else [0.5 * i for i in range(len(gold))]
     return [
-        {"step": 100 * i, "kl": kl[i], "gold": g, "gold_se": s, "proxy": p}
-        for i, (g, p, s) in enumerate(zip(gold, proxy, se))
+        {"step": 100 * i, "kl": kl[i], "gold": g, "gold_se": s, "proxy": p} for i, (g, p, s) in enumerate(zip(gold, proxy, se))
     ]
 
 

@@ -26,11 +26,7 @@ from rlhfkit.data.records import Comparison
 from rlhfkit.feedback import terminal
 from rlhfkit.feedback.terminal import CHOICE_PROMPT, HELP, REASON_PROMPT, annotate, load_labels, main_annotate
 
-
-CHAT_PROMPT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Name a colour."},
-]
+CHAT_PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 SAMPLES = [
     {"prompt_index": 0, "prompt": "Capital of France?", "responses": ["Paris.", "Lyon."], "temperatures": [0.7, 1.2]},
     {"prompt_index": 1, "prompt": CHAT_PROMPT, "responses": ["Blue.", "Bleu!"], "temperatures": [0.7, 1.2]},

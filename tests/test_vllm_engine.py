@@ -61,8 +61,11 @@ class FakeVLLM:
         class LLM:
             def __init__(self, **kwargs):
                 fake.llm_kwargs = kwargs
-                self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-                    driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=Model()))))
+                self.llm_engine = types.SimpleNamespace(
+                    model_executor=types.SimpleNamespace(
+                        driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=Model()))
+                    )
+                )
 
             def reset_prefix_cache(self):
                 fake.resets += 1
@@ -137,7 +140,7 @@ def test_requests_and_padded_responses(fake_vllm, tokenizer, keep_eos):
         want_rows.append(tokens)
     assert response.shape == (len(prompts), max(len(r) for r in want_rows))
     for row, want in zip(response.tolist(), want_rows):
-        assert row[: len(want)] == want and all(t == 0 for t in row[len(want):])
+        assert row[: len(want)] == want and all(t == 0 for t in row[len(want) :])
     _, has_eos = response_mask_from_ids(response, tokenizer.eos_token_id)
     assert has_eos.tolist() == [len(r) < 6 for r in want_rows]
     assert not has_eos.all() and has_eos.any()  # both kinds occur with these seeds
@@ -167,7 +170,9 @@ def test_pushed_weights_are_the_policys_with_lora_merged(fake_vllm, tokenizer):
     assert pushed.keys() == want.keys()
     for name, param in want.items():
         torch.testing.assert_close(pushed[name], param.detach(), rtol=0, atol=1e-6)
-    assert not torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"], base.model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.equal(
+        pushed["model.layers.0.self_attn.q_proj.weight"], base.model.layers[0].self_attn.q_proj.base_layer.weight
+    )
     torch.testing.assert_close(policy(input_ids=x).logits, before, rtol=0, atol=1e-6)  # adapters unmerged again
     engine.load_weights(policy)
     assert len(fake.pushes) == 2 and fake.resets == 2  # every push drops the prefix cache
@@ -175,9 +180,22 @@ def test_pushed_weights_are_the_policys_with_lora_merged(fake_vllm, tokenizer):
 
 def test_grpo_run_samples_from_the_current_policy(fake_vllm, tmp_path):
     fake = fake_vllm()
-    config = rl.GRPOConfig(policy=models.TINY, reward_model="length", output_dir=str(tmp_path / "out"), precision="fp32",
-                           rollout_engine="vllm", batch_size=2, samples_per_prompt=2, max_new_tokens=6, lr=1e-2,
-                           max_steps=3, progress=False, tensorboard=False, save_every=0, log_samples=0)
+    config = rl.GRPOConfig(
+        policy=models.TINY,
+        reward_model="length",
+        output_dir=str(tmp_path / "out"),
+        precision="fp32",
+        rollout_engine="vllm",
+        batch_size=2,
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        lr=1e-2,
+        max_steps=3,
+        progress=False,
+        tensorboard=False,
+        save_every=0,
+        log_samples=0,
+    )
     trainer = rl.RLTrainer(config)
     policy = trainer.acc.unwrap_model(trainer.model).policy
     fake.live_policy = policy  # every generate checks that vLLM holds exactly these weights

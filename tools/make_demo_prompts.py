@@ -980,7 +980,11 @@ Is it better to have one big TV or a projector?
 # ---------------------------------------------------------------------------------
 
 TEMPLATES = [
-    ("define_word", "definitions", ["What does '{}' mean?", "what does '{}' mean", "What's the meaning of '{}'?", "I keep hearing '{}'. What does it mean?"], """
+    (
+        "define_word",
+        "definitions",
+        ["What does '{}' mean?", "what does '{}' mean", "What's the meaning of '{}'?", "I keep hearing '{}'. What does it mean?"],
+        """
 serendipity
 ubiquitous
 ephemeral
@@ -1007,8 +1011,13 @@ gaslighting
 in lieu of
 touch base
 TL;DR
-"""),
-    ("define_one_sentence", "definitions", ["Define {} in one sentence.", "In one sentence, what is {}?", "Can you give me a one-sentence definition of {}?"], """
+""",
+    ),
+    (
+        "define_one_sentence",
+        "definitions",
+        ["Define {} in one sentence.", "In one sentence, what is {}?", "Can you give me a one-sentence definition of {}?"],
+        """
 a mortgage
 a metaphor
 photosynthesis
@@ -1029,8 +1038,13 @@ an allergy
 a food desert
 a startup
 mindfulness
-"""),
-    ("what_is_simple", "definitions", ["What is {}, in simple terms?", "Can you explain {} in simple words?", "What's {}? Keep it simple."], """
+""",
+    ),
+    (
+        "what_is_simple",
+        "definitions",
+        ["What is {}, in simple terms?", "Can you explain {} in simple words?", "What's {}? Keep it simple."],
+        """
 machine learning
 a blockchain
 a data center
@@ -1053,8 +1067,13 @@ a QR code
 a carbon offset
 a genome
 a nebula
-"""),
-    ("explain_like_ten", "definitions", ["Explain {} like I'm ten.", "How would you explain to a kid {}?"], """
+""",
+    ),
+    (
+        "explain_like_ten",
+        "definitions",
+        ["Explain {} like I'm ten.", "How would you explain to a kid {}?"],
+        """
 how a bank makes money
 why we pay taxes
 how the internet sends a photo
@@ -1069,8 +1088,13 @@ why we need sleep
 how a submarine dives
 what a volcano is
 how recycling works
-"""),
-    ("casual_whats", "definitions", ["whats {}", "whats {} exactly", "wait what is {}"], """
+""",
+    ),
+    (
+        "casual_whats",
+        "definitions",
+        ["whats {}", "whats {} exactly", "wait what is {}"],
+        """
 a roth ira
 a spreadsheet
 a sous vide
@@ -1084,8 +1108,17 @@ a quiche
 a bento box
 a bullet journal
 a crumpet
-"""),
-    ("difference", "comparisons", ["What's the difference between {} and {}?", "{} vs {}: what's the difference?", "Is there a real difference between {} and {}?"], """
+""",
+    ),
+    (
+        "difference",
+        "comparisons",
+        [
+            "What's the difference between {} and {}?",
+            "{} vs {}: what's the difference?",
+            "Is there a real difference between {} and {}?",
+        ],
+        """
 jam | jelly
 a crocodile | an alligator
 a storm watch | a storm warning
@@ -1114,8 +1147,13 @@ a cafe | a bistro
 a moth | a butterfly
 empathy | sympathy
 a duvet | a comforter
-"""),
-    ("which_better", "comparisons", ["{0} or {1}: which is better for {2}?", "Which is better for {2}, {0} or {1}?"], """
+""",
+    ),
+    (
+        "which_better",
+        "comparisons",
+        ["{0} or {1}: which is better for {2}?", "Which is better for {2}, {0} or {1}?"],
+        """
 a laptop | a desktop | a university student
 gas | induction | a small kitchen
 running | cycling | bad knees
@@ -1136,8 +1174,13 @@ hardwood | carpet | a house with pets
 oats | toast | a filling breakfast
 a hotel | a rental apartment | a family of five
 bananas | energy gels | a long run
-"""),
-    ("is_healthier", "comparisons", ["Is {} healthier than {}?", "Which is healthier, {} or {}?"], """
+""",
+    ),
+    (
+        "is_healthier",
+        "comparisons",
+        ["Is {} healthier than {}?", "Which is healthier, {} or {}?"],
+        """
 brown rice | white rice
 honey | sugar
 sparkling water | still water
@@ -1148,8 +1191,13 @@ oat milk | cow's milk
 a salad with dressing | a sandwich
 walking | jogging
 air-popped popcorn | chips
-"""),
-    ("polite_rewrite", "rewrites", ["Make this sound more polite: \"{}\"", "How can I say this more politely? \"{}\"", "Rephrase this so it's less rude: \"{}\""], """
+""",
+    ),
+    (
+        "polite_rewrite",
+        "rewrites",
+        ['Make this sound more polite: "{}"', 'How can I say this more politely? "{}"', 'Rephrase this so it\'s less rude: "{}"'],
+        """
 Send me the report now.
 You're wrong about the dates.
 Stop being late to every meeting.
@@ -1168,8 +1216,17 @@ Stop calling me after 9pm.
 We're not hiring you.
 Your dog keeps pooping on my lawn.
 You forgot to include me again.
-"""),
-    ("formal_rewrite", "rewrites", ["Can you make this more formal? '{}'", "Rewrite this for a work email: '{}'", "How would I say this professionally? '{}'"], """
+""",
+    ),
+    (
+        "formal_rewrite",
+        "rewrites",
+        [
+            "Can you make this more formal? '{}'",
+            "Rewrite this for a work email: '{}'",
+            "How would I say this professionally? '{}'",
+        ],
+        """
 hey, can u send me the file asap
 gonna be late, traffic is nuts
 thanks a bunch for the help!
@@ -1185,8 +1242,13 @@ we're out of coffee, somebody buy more
 nice job on the project, you crushed it
 i'm sick today so i'm staying home
 the client loved it, huge win
-"""),
-    ("shorter_rewrite", "rewrites", ["Rewrite this to be shorter: '{}'", "Can you tighten this sentence? '{}'", "Make this less wordy: '{}'"], """
+""",
+    ),
+    (
+        "shorter_rewrite",
+        "rewrites",
+        ["Rewrite this to be shorter: '{}'", "Can you tighten this sentence? '{}'", "Make this less wordy: '{}'"],
+        """
 At this point in time we are not able to offer a refund for the item.
 Due to the fact that it was raining, the game was cancelled.
 I just wanted to reach out to see whether you might have some time to talk.
@@ -1201,8 +1263,13 @@ In spite of the fact that he was tired, he kept on working.
 For all intents and purposes, the two plans are basically the same thing.
 There are many people who think that breakfast is important.
 We are currently in the process of reviewing your application.
-"""),
-    ("grammar_fix", "rewrites", ["Fix the grammar in this sentence: '{}'", "Is this sentence correct? '{}'", "what's wrong with this sentence: '{}'"], """
+""",
+    ),
+    (
+        "grammar_fix",
+        "rewrites",
+        ["Fix the grammar in this sentence: '{}'", "Is this sentence correct? '{}'", "what's wrong with this sentence: '{}'"],
+        """
 Me and him went to the store yesterday.
 Their going to the park later.
 She don't like coffee.
@@ -1219,8 +1286,13 @@ I seen that movie last week.
 If I was you, I would take the job.
 Neither of the answers are correct.
 She has went to the shop.
-"""),
-    ("friendlier_rewrite", "rewrites", ["Make this sound friendlier: '{}'", "Can you make this notice sound warmer? '{}'"], """
+""",
+    ),
+    (
+        "friendlier_rewrite",
+        "rewrites",
+        ["Make this sound friendlier: '{}'", "Can you make this notice sound warmer? '{}'"],
+        """
 Meeting moved to 3pm. Be there.
 Your package could not be delivered.
 Payment is overdue.
@@ -1233,8 +1305,13 @@ Quiet hours start at 10pm.
 Please stop leaving shoes in the hallway.
 Reply by Monday or you lose your spot.
 The pool is closed today.
-"""),
-    ("plain_english", "rewrites", ["Say this in plain English: '{}'", "What does this actually mean? '{}'"], """
+""",
+    ),
+    (
+        "plain_english",
+        "rewrites",
+        ["Say this in plain English: '{}'", "What does this actually mean? '{}'"],
+        """
 We need to leverage our synergies to optimize deliverables.
 The medication should be administered twice daily with food.
 The tenant shall remit payment no later than the first of each month.
@@ -1247,8 +1324,13 @@ Utilization of the elevator is prohibited in the event of a fire.
 The vehicle sustained minor damage in the collision.
 Your account has been placed on a temporary hold pending verification.
 Consumption of food on the premises is not permitted.
-"""),
-    ("exciting_rewrite", "rewrites", ["Make this sentence more exciting: '{}'", "Jazz this up for a poster: '{}'"], """
+""",
+    ),
+    (
+        "exciting_rewrite",
+        "rewrites",
+        ["Make this sentence more exciting: '{}'", "Jazz this up for a poster: '{}'"],
+        """
 We are having a sale this weekend.
 The library is open late on Thursdays.
 Our bakery now sells muffins.
@@ -1259,8 +1341,13 @@ We went hiking and saw a waterfall.
 The town fair starts next week.
 Our team finished the project on time.
 My cat learned to open the door.
-"""),
-    ("haiku", "creative", ["Write a haiku about {}.", "Can you write me a haiku about {}?", "haiku about {}, please"], """
+""",
+    ),
+    (
+        "haiku",
+        "creative",
+        ["Write a haiku about {}.", "Can you write me a haiku about {}?", "haiku about {}, please"],
+        """
 morning coffee
 a rainy bus stop
 the first snow of winter
@@ -1286,8 +1373,13 @@ grandma's kitchen
 a long train ride
 cherry blossoms
 a campfire
-"""),
-    ("toast", "creative", ["Write a short toast for {}.", "I need a quick toast for {}. Can you help?", "Give me a two-line toast for {}."], """
+""",
+    ),
+    (
+        "toast",
+        "creative",
+        ["Write a short toast for {}.", "I need a quick toast for {}. Can you help?", "Give me a two-line toast for {}."],
+        """
 my parents' 30th anniversary
 a friend's new job
 a coworker's retirement party
@@ -1306,8 +1398,17 @@ a friend who just finished chemotherapy
 my book club's tenth anniversary
 a small office holiday party
 a couple who just bought their first house
-"""),
-    ("thank_you", "creative", ["Write a short thank-you note to {}.", "Help me write a thank-you card to {}.", "What's a nice way to thank {}? Just a few lines."], """
+""",
+    ),
+    (
+        "thank_you",
+        "creative",
+        [
+            "Write a short thank-you note to {}.",
+            "Help me write a thank-you card to {}.",
+            "What's a nice way to thank {}? Just a few lines.",
+        ],
+        """
 my aunt for the birthday sweater
 a nurse who took great care of my dad
 my kid's teacher at the end of the school year
@@ -1326,8 +1427,13 @@ a friend who visited me in the hospital
 my landlord for fixing the heater so quickly
 a speaker who visited our class
 my grandparents for the graduation gift
-"""),
-    ("limerick", "creative", ["Write a limerick about {}.", "Can you make up a limerick about {}?"], """
+""",
+    ),
+    (
+        "limerick",
+        "creative",
+        ["Write a limerick about {}.", "Can you make up a limerick about {}?"],
+        """
 a cat who loves cheese
 a forgetful wizard
 a dog on a skateboard
@@ -1340,8 +1446,13 @@ my messy roommate
 a goat who eats homework
 a squirrel who steals pizza
 a grumpy alarm clock
-"""),
-    ("two_sentence_story", "creative", ["Write a two-sentence story about {}.", "Tell me a very short story about {}, two sentences max."], """
+""",
+    ),
+    (
+        "two_sentence_story",
+        "creative",
+        ["Write a two-sentence story about {}.", "Tell me a very short story about {}, two sentences max."],
+        """
 a lighthouse keeper
 a lost key
 the last cookie in the jar
@@ -1357,8 +1468,17 @@ a wrong number that changed everything
 a tree that grows books
 a shy ghost
 a picnic interrupted by ants
-"""),
-    ("birthday_message", "creative", ["Give me a short birthday message for {}.", "What should I write in a birthday card for {}?", "Write a one-line birthday text for {}."], """
+""",
+    ),
+    (
+        "birthday_message",
+        "creative",
+        [
+            "Give me a short birthday message for {}.",
+            "What should I write in a birthday card for {}?",
+            "Write a one-line birthday text for {}.",
+        ],
+        """
 my grandpa turning 90
 a coworker I don't know very well
 my 10-year-old nephew
@@ -1373,8 +1493,13 @@ my neighbor's little girl
 a friend who just had a rough year
 my husband
 a teammate on my soccer team
-"""),
-    ("four_line_poem", "creative", ["Write a four-line poem about {}.", "Write me a short rhyming poem about {}."], """
+""",
+    ),
+    (
+        "four_line_poem",
+        "creative",
+        ["Write a four-line poem about {}.", "Write me a short rhyming poem about {}."],
+        """
 friendship
 the sea
 a rainy Sunday
@@ -1387,8 +1512,13 @@ a letter from home
 the smell of rain
 a small garden
 the first day of spring
-"""),
-    ("slogan", "creative", ["Write a one-line slogan for {}.", "Come up with a catchy slogan for {}.", "I need a tagline for {}. Any ideas?"], """
+""",
+    ),
+    (
+        "slogan",
+        "creative",
+        ["Write a one-line slogan for {}.", "Come up with a catchy slogan for {}.", "I need a tagline for {}. Any ideas?"],
+        """
 a neighborhood bakery
 a dog-walking business
 a library summer reading challenge
@@ -1401,8 +1531,13 @@ a car wash fundraiser
 a charity fun run
 a family-run pizza place
 a plant shop
-"""),
-    ("name_ideas", "creative", ["Suggest a name for {}.", "What should I call {}?", "Give me three name ideas for {}."], """
+""",
+    ),
+    (
+        "name_ideas",
+        "creative",
+        ["Suggest a name for {}.", "What should I call {}?", "Give me three name ideas for {}."],
+        """
 a cozy coffee shop
 a fantasy football team
 our family group chat
@@ -1423,8 +1558,13 @@ a baby goat
 a study group for chemistry
 a neighborhood newsletter
 a board game night
-"""),
-    ("caption", "creative", ["Write a short caption for a photo of {}.", "Suggest an Instagram caption for a picture of {}."], """
+""",
+    ),
+    (
+        "caption",
+        "creative",
+        ["Write a short caption for a photo of {}.", "Suggest an Instagram caption for a picture of {}."],
+        """
 my dog in a raincoat
 our first family camping trip
 a sunset at the beach
@@ -1437,8 +1577,13 @@ my new bookshelf
 a foggy morning in the city
 my garden's first tomato
 our team after winning the game
-"""),
-    ("get_well", "creative", ["Write a short get-well message for {}.", "What's a kind get-well note for {}?"], """
+""",
+    ),
+    (
+        "get_well",
+        "creative",
+        ["Write a short get-well message for {}.", "What's a kind get-well note for {}?"],
+        """
 a coworker who broke her leg
 my neighbor recovering from surgery
 a friend with the flu
@@ -1449,8 +1594,13 @@ a child with chickenpox
 my friend's mom
 a teammate with a sprained ankle
 a pen pal I've never met
-"""),
-    ("apology_text", "creative", ["Write a short apology text to {}.", "Help me word a quick apology to {}."], """
+""",
+    ),
+    (
+        "apology_text",
+        "creative",
+        ["Write a short apology text to {}.", "Help me word a quick apology to {}."],
+        """
 my friend for missing her birthday dinner
 my partner for snapping at them this morning
 a coworker for forgetting our meeting
@@ -1463,8 +1613,13 @@ a friend for canceling our plans twice
 my team for the late report
 a classmate for not doing my part of the project
 my dog walker for the last-minute change
-"""),
-    ("riddle_answer", "creative", ["Write a riddle whose answer is {}.", "Make up a riddle where the answer is {}."], """
+""",
+    ),
+    (
+        "riddle_answer",
+        "creative",
+        ["Write a riddle whose answer is {}.", "Make up a riddle where the answer is {}."],
+        """
 a clock
 an umbrella
 a shadow
@@ -1475,8 +1630,13 @@ an echo
 a snowman
 a towel
 a key
-"""),
-    ("list_three", "lists", ["List three {}.", "What are three {}?", "Give me three {}."], """
+""",
+    ),
+    (
+        "list_three",
+        "lists",
+        ["List three {}.", "What are three {}?", "Give me three {}."],
+        """
 ways to reuse glass jars
 quick stretches I can do at my desk
 board games for two players
@@ -1497,8 +1657,13 @@ things to bring to a baby shower
 ways to celebrate a coworker's birthday on a budget
 reasons to learn to cook
 questions to ask at a parent-teacher meeting
-"""),
-    ("quick_ideas", "lists", ["Give me {} quick ideas for {}.", "I need {} ideas for {}. Go!"], """
+""",
+    ),
+    (
+        "quick_ideas",
+        "lists",
+        ["Give me {} quick ideas for {}.", "I need {} ideas for {}. Go!"],
+        """
 three | a cheap date night
 three | using up leftover chicken
 four | a team-building activity
@@ -1519,8 +1684,13 @@ three | a weekend project around the house
 three | a budget-friendly vacation
 three | an anniversary surprise
 three | a lunch break walk
-"""),
-    ("name_some", "lists", ["Name {} {}.", "Can you name {} {}?"], """
+""",
+    ),
+    (
+        "name_some",
+        "lists",
+        ["Name {} {}.", "Can you name {} {}?"],
+        """
 five | fruits high in vitamin C
 three | planets with rings
 four | brass instruments
@@ -1537,8 +1707,13 @@ five | board games for a family
 three | foods that are good sources of iron
 four | kinds of pasta shapes
 three | ways to say hello in other languages
-"""),
-    ("must_haves", "lists", ["What are a few must-haves for {}?", "What should be on a checklist for {}?"], """
+""",
+    ),
+    (
+        "must_haves",
+        "lists",
+        ["What are a few must-haves for {}?", "What should be on a checklist for {}?"],
+        """
 a first-time homeowner
 a new cyclist
 a beginner cook
@@ -1551,8 +1726,13 @@ a beach day
 a winter car kit
 a picnic
 a first apartment
-"""),
-    ("fun_fact", "fun_facts", ["Tell me a fun fact about {}.", "Give me one cool fact about {}.", "fun fact about {}?"], """
+""",
+    ),
+    (
+        "fun_fact",
+        "fun_facts",
+        ["Tell me a fun fact about {}.", "Give me one cool fact about {}.", "fun fact about {}?"],
+        """
 sloths
 the Eiffel Tower
 the human brain
@@ -1575,8 +1755,13 @@ Antarctica
 sharks
 hummingbirds
 the piano
-"""),
-    ("surprising", "fun_facts", ["What's something surprising about {}?", "Tell me something most people don't know about {}."], """
+""",
+    ),
+    (
+        "surprising",
+        "fun_facts",
+        ["What's something surprising about {}?", "Tell me something most people don't know about {}."],
+        """
 crows
 the human nose
 trees
@@ -1591,8 +1776,13 @@ carrots
 snails
 sleep
 the Statue of Liberty
-"""),
-    ("synonym", "words", ["What's another word for '{}'?", "Give me a synonym for '{}'.", "What's a fancier way to say '{}'?"], """
+""",
+    ),
+    (
+        "synonym",
+        "words",
+        ["What's another word for '{}'?", "Give me a synonym for '{}'.", "What's a fancier way to say '{}'?"],
+        """
 tired
 big
 important
@@ -1611,8 +1801,13 @@ bad
 funny
 angry
 quickly
-"""),
-    ("idiom", "words", ["What does the phrase '{}' mean?", "Where does the saying '{}' come from?", "What does it mean to say '{}'?"], """
+""",
+    ),
+    (
+        "idiom",
+        "words",
+        ["What does the phrase '{}' mean?", "Where does the saying '{}' come from?", "What does it mean to say '{}'?"],
+        """
 break the ice
 under the weather
 spill the beans
@@ -1635,8 +1830,13 @@ when pigs fly
 read between the lines
 barking up the wrong tree
 beat around the bush
-"""),
-    ("translate", "words", ["How do you say '{}' in {}?", "What's '{}' in {}?"], """
+""",
+    ),
+    (
+        "translate",
+        "words",
+        ["How do you say '{}' in {}?", "What's '{}' in {}?"],
+        """
 good morning | Italian
 thank you very much | Japanese
 where is the train station | Spanish
@@ -1654,7 +1854,8 @@ where is the bathroom | Greek
 congratulations | Turkish
 I love you | Hindi
 welcome | Arabic
-"""),
+""",
+    ),
 ]
 
 
@@ -1666,11 +1867,13 @@ def norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-STOPWORDS = set("""
+STOPWORDS = set(
+    """
 a an the i me my we our you your it its is are was be do does did to of in on at for
 with and or but so if how what whats what's why when where which who can could should
 would will any some that this there their them they he she his her just really
-""".split())
+""".split()
+)
 
 
 def content_key(text: str) -> tuple:
@@ -1746,7 +1949,7 @@ def read_prompts(path: Path, only_prompt: bool = True) -> list[str]:
             continue
         row = json.loads(line)
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or (only_prompt and set(row) != {"prompt"}):
-            raise ValueError(f"{path.name} line {i + 1}: not a {{\"prompt\": str}} object")
+            raise ValueError(f'{path.name} line {i + 1}: not a {{"prompt": str}} object')
         out.append(row["prompt"])
     return out
 
@@ -1821,9 +2024,11 @@ def describe(additions, train, held) -> None:
     added_held = {norm(p) for p in held[BASE_EVAL:]}
     print(f"train: {len(train)} prompts ({BASE_TRAIN} kept + {len(train) - BASE_TRAIN} added)")
     print(f"eval:  {len(held)} prompts ({BASE_EVAL} kept + {len(held) - BASE_EVAL} added)")
-    print(f"additions: {len(additions)} prompts, {len(topics)} topics, "
-          f"{forms['handwritten']} hand-written lines + {len(forms) - 1} templated forms "
-          f"in {len(phrasings)} phrasings ({len(additions) - forms['handwritten']} prompts)")
+    print(
+        f"additions: {len(additions)} prompts, {len(topics)} topics, "
+        f"{forms['handwritten']} hand-written lines + {len(forms) - 1} templated forms "
+        f"in {len(phrasings)} phrasings ({len(additions) - forms['handwritten']} prompts)"
+    )
     for topic, n in topics.items():
         k = sum(1 for t, _, _, p in additions if t == topic and norm(p) in added_held)
         print(f"  {topic:16s} {n:4d}  eval {k:3d}")

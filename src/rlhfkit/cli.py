@@ -1,20 +1,20 @@
 """Command-line interface: thin wrappers over the Python API.
 
-    rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
-    rlhfkit sample CONFIG.yaml [key=value ...]  -> rlhfkit.sample.run(SampleConfig)
-    rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
-    rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
-    rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
-    rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
-    rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
-    rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
-    rlhfkit annotate serve|add-annotator|status|export|terminal ...
-                                                -> rlhfkit.feedback.web (browser) / feedback.terminal
-    rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
-    rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
-    rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
-    rlhfkit demo [key=value ...] [--from STAGE] -> rlhfkit.pipeline.run(demo_config(...))
-    rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
+rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
+rlhfkit sample CONFIG.yaml [key=value ...]  -> rlhfkit.sample.run(SampleConfig)
+rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
+rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
+rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
+rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
+rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
+rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
+rlhfkit annotate serve|add-annotator|status|export|terminal ...
+                                            -> rlhfkit.feedback.web (browser) / feedback.terminal
+rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
+rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
+rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
+rlhfkit demo [key=value ...] [--from STAGE] -> rlhfkit.pipeline.run(demo_config(...))
+rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
 """
 
 from __future__ import annotations
@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "the pipeline: sft -> sample -> label -> reward -> rl/dpo -> eval -> report"),
         ("demo", "the end-to-end demo pipeline on the embedded SmolLM2-135M (README's main command)"),
     ]:
-        p = sub.add_parser(name, help=help_text, description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; "
-                           f"`rlhfkit config {name}` lists the keys.")
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text}. Arguments: [CONFIG.yaml] [key=value ...]; `rlhfkit config {name}` lists the keys.",
+        )
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
         if name in ("run", "demo"):
             p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
@@ -157,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
-    sub.add_parser("annotate", help="label pairs by hand: web app (serve, add-annotator, status, export) or terminal",
-                   add_help=False)
+    sub.add_parser(
+        "annotate", help="label pairs by hand: web app (serve, add-annotator, status, export) or terminal", add_help=False
+    )
     sub.add_parser("serve", help="OpenAI-compatible chat server for a model (rlhfkit serve MODEL --port P)", add_help=False)
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
     p.add_argument("stage", choices=sorted(STAGES))
@@ -223,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except StageError as e:
         _error(f"rlhfkit {ns.command}: {e}")
-        print("rlhfkit: outputs of the earlier stages are intact, and so is the failed stage's output from its last "
-              "successful run, if any; fix the problem and run again to resume", file=sys.stderr)
+        print(
+            "rlhfkit: outputs of the earlier stages are intact, and so is the failed stage's output from its last "
+            "successful run, if any; fix the problem and run again to resume",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         _error(f"rlhfkit {ns.command}: interrupted; completed checkpoints are kept")
@@ -233,4 +240,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -91,8 +91,10 @@ def _check_expansion(root: yaml.Node) -> None:
             key_node, value_node = max(root.value, key=lambda pair: sizes[id(pair[1])])
             name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
             where = f"line {value_node.start_mark.line + 1}: key '{_key_text(name)}': "
-        raise _YAMLRejected(f"{where}aliases (*name) expand to more than {MAX_ALIAS_EXPANSION:,} values "
-                            "(an alias bomb?); write the values out instead")
+        raise _YAMLRejected(
+            f"{where}aliases (*name) expand to more than {MAX_ALIAS_EXPANSION:,} values "
+            "(an alias bomb?); write the values out instead"
+        )
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -130,8 +132,10 @@ class _ConfigLoader(yaml.SafeLoader):
                     continue
                 line = key_node.start_mark.line + 1
                 if seen is not None:
-                    raise _YAMLRejected(f"line {line}: duplicate key '{_key_text(key)}' (first on line {seen}); "
-                                        "YAML forbids repeated keys: keep one")
+                    raise _YAMLRejected(
+                        f"line {line}: duplicate key '{_key_text(key)}' (first on line {seen}); "
+                        "YAML forbids repeated keys: keep one"
+                    )
                 first[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -156,13 +160,16 @@ def _read_yaml_file(path: Path) -> Any:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         looks = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise ConfigError(f"{path}: not UTF-8 text{looks}: byte 0x{data[e.start]:02x} at offset {e.start} "
-                          f"(line {line}); save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text{looks}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}); save the file as UTF-8"
+        ) from None
     if "\x00" in text:
         at = data.index(b"\x00")
         line = data.count(b"\n", 0, at) + 1
-        raise ConfigError(f"{path}: a NUL byte at offset {at} (line {line}): not a text file, "
-                          "or UTF-16 without a byte-order mark? Save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: a NUL byte at offset {at} (line {line}): not a text file, "
+            "or UTF-16 without a byte-order mark? Save the file as UTF-8"
+        ) from None
     try:
         return _load_yaml(text)
     except _YAMLRejected as e:
@@ -214,8 +221,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             odd = [k for k in value if not isinstance(k, str)]
             if odd:
                 odd = odd[0]
-                raise ConfigError(f"{source}: key '{key}': its key {shown(odd)} (of type {type(odd).__name__}) "
-                                  "is not a name (quote it if it is one)")
+                raise ConfigError(
+                    f"{source}: key '{key}': its key {shown(odd)} (of type {type(odd).__name__}) "
+                    "is not a name (quote it if it is one)"
+                )
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -252,19 +261,22 @@ def from_dict(cls: type[C], values: dict[str, Any], *, source: str = "config") -
     """Build dataclass ``cls`` from a mapping, type-checking every value."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C is any dataclass
     hints = typing.get_type_hints(cls)
     odd = [k for k in values if not isinstance(k, str)]
     if odd:
-        raise ConfigError(f"{source}: key {shown(odd[0])} (of type {type(odd[0]).__name__}) is not a key of "
-                          f"{cls.__name__}: keys are names (quote it if it is one)")
+        raise ConfigError(
+            f"{source}: key {shown(odd[0])} (of type {type(odd[0]).__name__}) is not a key of "
+            f"{cls.__name__}: keys are names (quote it if it is one)"
+        )
     unknown = sorted(set(values) - set(fields), key=str)
     if unknown:
         known = ", ".join(sorted(fields))
         raise ConfigError(f"{source}: unknown key '{_key_text(unknown[0])}' for {cls.__name__} (known keys: {known})")
     kwargs = {k: _coerce(v, hints[k], k, source) for k, v in values.items()}
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
@@ -287,8 +299,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         except _YAMLRejected as e:
             raise ConfigError(f"command line override '{_clip(item)}': key '{_key_text(key)}': {e}") from None
         except RecursionError:
-            raise ConfigError(f"command line override '{_clip(item)}': key '{_key_text(key)}': "
-                              "nested too deeply to read") from None
+            raise ConfigError(
+                f"command line override '{_clip(item)}': key '{_key_text(key)}': nested too deeply to read"
+            ) from None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):  # YAML 1.1 leaves "1e-5" a string; a string field gets the text back
@@ -333,8 +346,13 @@ def merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
-                *, stages: frozenset[str] | set[str] = frozenset()) -> C:
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    stages: frozenset[str] | set[str] = frozenset(),
+) -> C:
     """Read ``cls`` from a YAML file (optional) and apply ``key=value`` overrides.
 
     A trained run's ``config.yaml`` also records its ``stage`` (``stage: sft``);
@@ -344,7 +362,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     """
     values: dict[str, Any] = {}
     source = "command line"
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C is any dataclass
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -360,13 +378,18 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             if not isinstance(written, str):
                 raise ConfigError(f"{path}: field 'stage': expected a stage name ({expected}), got {shown(written)}")
             if written not in stages:
-                raise ConfigError(f"{path}: field 'stage': this file is a '{_key_text(written)}' config, "
-                                  f"not one for this command ({expected})")
+                raise ConfigError(
+                    f"{path}: field 'stage': this file is a '{_key_text(written)}' config, not one for this command ({expected})"
+                )
     cli = nest_dotted(parse_overrides(overrides or []))
     hints = typing.get_type_hints(cls)
     for key, text in _override_texts(overrides or []).items():  # a string field keeps the text as typed
-        if key in cli and hints.get(key) in (str, str | None) and isinstance(cli[key], (int, float)) \
-                and not isinstance(cli[key], bool):
+        if (
+            key in cli
+            and hints.get(key) in (str, str | None)
+            and isinstance(cli[key], (int, float))
+            and not isinstance(cli[key], bool)
+        ):
             cli[key] = text
     typed = {}  # the override each top-level key came from, as typed (the last one wins)
     for item in overrides or []:

@@ -98,13 +98,23 @@ class DPOTask:
         chosen_tokens, rejected_tokens = chosen_rejected(batch, n_tokens)
         if c.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_loss(
-                chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
-                beta=c.beta, gamma=c.simpo_gamma, label_smoothing=c.label_smoothing,
+                chosen_logps,
+                rejected_logps,
+                chosen_tokens,
+                rejected_tokens,
+                beta=c.beta,
+                gamma=c.simpo_gamma,
+                label_smoothing=c.label_smoothing,
             )
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                chosen_logps, rejected_logps, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
-                beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
+                chosen_logps,
+                rejected_logps,
+                batch["ref_chosen_logps"],
+                batch["ref_rejected_logps"],
+                beta=c.beta,
+                loss_type=c.loss_type,
+                label_smoothing=c.label_smoothing,
             )
         if c.rpo_alpha > 0:
             losses = losses + c.rpo_alpha * (-chosen_logps / chosen_tokens.clamp(min=1))
@@ -167,8 +177,16 @@ def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
 
 
 @torch.no_grad()
-def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precision: str, batch_size: int = 8,
-                      packed: bool = True, progress: bool = False) -> torch.Tensor:
+def compute_ref_logps(
+    model,
+    examples: list[dict],
+    pad_token_id: int,
+    *,
+    precision: str,
+    batch_size: int = 8,
+    packed: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
     """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
     from tqdm.auto import tqdm
 
@@ -176,8 +194,9 @@ def compute_ref_logps(model, examples: list[dict], pad_token_id: int, *, precisi
     device = next(model.parameters()).device
     out = []
     with models.adapters_disabled(model):
-        for start in tqdm(range(0, len(examples), batch_size), unit="batch", desc="dpo: reference log-probs",
-                          disable=not progress):
+        for start in tqdm(
+            range(0, len(examples), batch_size), unit="batch", desc="dpo: reference log-probs", disable=not progress
+        ):
             chunk = examples[start : start + batch_size]
             batch = collate_pairs(chunk, pad_token_id, packed=packed)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -213,9 +232,15 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         ref_logps = load_file(str(path))["ref_logps"]
         print(f"dpo: reference log-probs loaded from cache {path}")
     else:
-        ref_logps = compute_ref_logps(ref, examples, tokenizer.pad_token_id, precision=config.precision,
-                                      batch_size=config.batch_size, packed=config.packing,
-                                      progress=config.progress and state.is_main_process)
+        ref_logps = compute_ref_logps(
+            ref,
+            examples,
+            tokenizer.pad_token_id,
+            precision=config.precision,
+            batch_size=config.batch_size,
+            packed=config.packing,
+            progress=config.progress and state.is_main_process,
+        )
         if path is not None and state.is_main_process:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"ref_logps": ref_logps}, str(tmp))
@@ -236,8 +261,15 @@ def train(config: DPOConfig) -> FitResult:
         raise ConfigError("dpo: `data` (a preference file) is required")
     tokenizer = models.load_tokenizer(config.model)
     train_set, eval_set = load_pair_splits(
-        tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
-        max_length=config.max_length, chat_template=config.chat_template, keep_ties=False, stage="dpo",
+        tokenizer,
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=False,
+        stage="dpo",
         ranking_pairs=config.ranking_pairs,
     )
     out = Path(config.output_dir)
@@ -247,7 +279,9 @@ def train(config: DPOConfig) -> FitResult:
     model = models.load_causal_lm(config.model)
     attach_reference(config, model, tokenizer, train_set, eval_set)
     # The probe's reference: a frozen copy of the starting model (with LoRA: the base, adapters off).
-    probe_reference = copy.deepcopy(model).eval().requires_grad_(False) if config.probe_points > 0 and config.lora_r == 0 else None
+    probe_reference = (
+        copy.deepcopy(model).eval().requires_grad_(False) if config.probe_points > 0 and config.lora_r == 0 else None
+    )
     model = models.prepare_for_training(model, config)
     pad_id = tokenizer.pad_token_id
     probe = None
@@ -257,10 +291,14 @@ def train(config: DPOConfig) -> FitResult:
         if not config.gold:
             raise ConfigError("dpo: probe_points > 0 needs a gold scorer (`gold`)")
         probe = FrontierProbe(
-            config, tokenizer=tokenizer, reference=probe_reference if probe_reference is not None else model,
+            config,
+            tokenizer=tokenizer,
+            reference=probe_reference if probe_reference is not None else model,
             gold=load_reward(config.gold, precision=config.precision, args=config.gold_args, field="gold_args"),
             proxy=load_reward(config.proxy, precision=config.precision) if config.proxy else None,
-            output_dir=out, seed=config.seed, precision=config.precision,
+            output_dir=out,
+            seed=config.seed,
+            precision=config.precision,
         )
     return fit(
         config,

@@ -53,8 +53,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -127,9 +128,7 @@ def _comparison_matches(comparison: Comparison, *, where: str) -> list[Match] | 
         return None
     k = len(comparison.responses)
     if not isinstance(players, list) or len(players) != k:
-        raise ValueError(
-            f"{where}: meta['players'] must be a list of {k} player names (one per response), got {players!r}"
-        )
+        raise ValueError(f"{where}: meta['players'] must be a list of {k} player names (one per response), got {players!r}")
     for i, name in enumerate(players):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{where}: meta['players'][{i}] must be a non-empty string, got {name!r}")
@@ -308,19 +307,14 @@ def _ratings(tally: _Tally, counts: np.ndarray, *, prior: float, iterations: int
     wins, games = _score_matrices(tally, counts)
     if prior == 0 and not all(_strongly_connected(w) for w in wins):
         raise ValueError(
-            "with prior=0 the Bradley-Terry MLE is infinite: some player never beat (or never lost to) "
-            "the others; use prior > 0"
+            "with prior=0 the Bradley-Terry MLE is infinite: some player never beat (or never lost to) the others; use prior > 0"
         )
     log_strengths = _fit_log_strengths(wins, games, prior=prior, iterations=iterations)
     return _to_elo(log_strengths, None if anchor is None else tally.players.index(anchor))
 
 
 def bradley_terry_ratings(
-    matches: Sequence[Match],
-    *,
-    iterations: int = 100,
-    prior: float = 1.0,
-    anchor: str | None = None,
+    matches: Sequence[Match], *, iterations: int = 100, prior: float = 1.0, anchor: str | None = None
 ) -> dict[str, float]:
     """Bradley-Terry (Bradley & Terry 1952) ratings on the Elo scale (Elo 1978), best first.
 
@@ -409,17 +403,19 @@ def rating_table(
         i = tally.players.index(player)
         won, lost, tied = record[player]
         games = won + lost + tied
-        rows.append({
-            "player": player,
-            "rating": rating,
-            "ci_low": float(low[i]) if bootstrap > 0 else None,
-            "ci_high": float(high[i]) if bootstrap > 0 else None,
-            "games": games,
-            "wins": won,
-            "losses": lost,
-            "ties": tied,
-            "win_rate": (won + tied / 2) / games,
-        })
+        rows.append(
+            {
+                "player": player,
+                "rating": rating,
+                "ci_low": float(low[i]) if bootstrap > 0 else None,
+                "ci_high": float(high[i]) if bootstrap > 0 else None,
+                "games": games,
+                "wins": won,
+                "losses": lost,
+                "ties": tied,
+                "win_rate": (won + tied / 2) / games,
+            }
+        )
     return rows
 
 
@@ -444,17 +440,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     body = []
     for rank, row in enumerate(rows, start=1):
         has_ci = row.get("ci_low") is not None and row.get("ci_high") is not None
-        body.append([
-            str(rank),
-            str(row["player"]),
-            f"{row['rating']:.1f}",
-            f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if has_ci else "-",
-            str(row["games"]),
-            str(row["wins"]),
-            str(row["losses"]),
-            str(row["ties"]),
-            f"{row['win_rate']:.3f}",
-        ])
+        body.append(
+            [
+                str(rank),
+                str(row["player"]),
+                f"{row['rating']:.1f}",
+                f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if has_ci else "-",
+                str(row["games"]),
+                str(row["wins"]),
+                str(row["losses"]),
+                str(row["ties"]),
+                f"{row['win_rate']:.3f}",
+            ]
+        )
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
 
     def render(cells: list[str]) -> str:
@@ -507,7 +505,9 @@ def run(config: EloConfig) -> list[dict[str, Any]]:
         records, skipped, same_player = records + len(comparisons), skipped + file_skipped, same_player + file_same
     if not matches:
         raise DataError(
-            ", ".join(config.data), None, "meta.players",
+            ", ".join(config.data),
+            None,
+            "meta.players",
             f"no matches between players in {records} records ({skipped} without meta.players, "
             f"{same_player} same-player pairs); each record needs meta.players, one name per response",
         )

@@ -108,7 +108,9 @@ class EvalConfig:
     """Show progress bars while sampling."""
 
 
-def _sample(spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0) -> tuple[Rollout, object, object]:
+def _sample(
+    spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0
+) -> tuple[Rollout, object, object]:
     tokenizer = models.load_tokenizer(spec)
     model = models.load_causal_lm(spec).eval()
     models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (rollout.lean_decode_steps)
@@ -137,12 +139,14 @@ def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
         return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
     return Rollout(
-        prompts=[q for p in parts for q in p.prompts], responses=[r for p in parts for r in p.responses],
+        prompts=[q for p in parts for q in p.prompts],
+        responses=[r for p in parts for r in p.responses],
         query_ids=torch.cat([lpad(p.query_ids, P, pad_id) for p in parts]),
         query_mask=torch.cat([lpad(p.query_mask, P, False) for p in parts]),
         response_ids=torch.cat([rpad(p.response_ids, R, pad_id) for p in parts]),
         response_mask=torch.cat([rpad(p.response_mask, R, False) for p in parts]),
-        has_eos=torch.cat([p.has_eos for p in parts]), temperature=parts[0].temperature,
+        has_eos=torch.cat([p.has_eos for p in parts]),
+        temperature=parts[0].temperature,
     )
 
 
@@ -161,9 +165,14 @@ def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_si
         logps = []
         for model, as_base in ((policy, False), (reference, reference is policy)):
             device = next(model.parameters()).device
-            with models.autocast(device, precision), (models.adapters_disabled(model) if as_base else contextlib.nullcontext()):
-                lp, _, _ = response_logps(model, sub.input_ids.to(device), sub.attention_mask.to(device),
-                                          sub.response_ids.to(device), temperature=rollout.temperature)
+            with models.autocast(device, precision), models.adapters_disabled(model) if as_base else contextlib.nullcontext():
+                lp, _, _ = response_logps(
+                    model,
+                    sub.input_ids.to(device),
+                    sub.attention_mask.to(device),
+                    sub.response_ids.to(device),
+                    temperature=rollout.temperature,
+                )
             logps.append(lp.float().cpu())
         out.append(torch.where(sub.response_mask, logps[0] - logps[1], 0.0).sum(-1))
     return torch.cat(out)
@@ -195,9 +204,12 @@ def compare(gold: list[list[float]], baseline_gold: list[list[float]], *, seed: 
     score = stats.paired_bootstrap(means, resamples=resamples, seed=seed)
     diff = stats.paired_bootstrap(diffs, resamples=resamples, seed=seed)
     return {
-        "win_rate": win.value, "win_rate_ci": list(win.ci),
-        "gold_score": score.value, "gold_score_ci": list(score.ci),
-        "gold_diff": diff.value, "gold_diff_ci": list(diff.ci),
+        "win_rate": win.value,
+        "win_rate_ci": list(win.ci),
+        "gold_score": score.value,
+        "gold_score_ci": list(score.ci),
+        "gold_diff": diff.value,
+        "gold_diff_ci": list(diff.ci),
         "p_value": stats.sign_flip_p_value(diffs, seed=seed),
     }
 
@@ -264,8 +276,15 @@ def run(config: EvalConfig) -> dict:
     base_gold, base_proxy = score(base_roll)
     base_by_prompt = _per_prompt(base_gold, K)
     value, ci = _mean_ci(base_by_prompt, seed=c.seed, resamples=c.resamples)
-    players: dict[str, dict] = {base_name: {"kind": "baseline", "spec": c.baseline, "gold_score": value,
-                                            "gold_score_ci": ci, **describe(base_roll, base_gold, base_proxy, K)}}
+    players: dict[str, dict] = {
+        base_name: {
+            "kind": "baseline",
+            "spec": c.baseline,
+            "gold_score": value,
+            "gold_score_ci": ci,
+            **describe(base_roll, base_gold, base_proxy, K),
+        }
+    }
     reference = base_model if not c.reference else models.load_causal_lm(c.reference).eval()
     first_sample = {base_name: (base_roll.responses[::K], base_gold[::K])}  # for the Elo table
 
@@ -276,17 +295,27 @@ def run(config: EvalConfig) -> dict:
         kl = sequence_kl(model, reference, roll, precision=c.precision)
         del model
         kl_mean, kl_ci = _mean_ci(_per_prompt(kl.tolist(), K), seed=c.seed, resamples=c.resamples)
-        entry = {"kind": "policy", "spec": spec, **compare(_per_prompt(pol_gold, K), base_by_prompt, seed=c.seed,
-                                                             resamples=c.resamples),
-                 "kl": kl_mean, "kl_ci": kl_ci, "kl_std": float(kl.std()) if len(kl) > 1 else 0.0,
-                 **describe(roll, pol_gold, pol_proxy, K)}
+        entry = {
+            "kind": "policy",
+            "spec": spec,
+            **compare(_per_prompt(pol_gold, K), base_by_prompt, seed=c.seed, resamples=c.resamples),
+            "kl": kl_mean,
+            "kl_ci": kl_ci,
+            "kl_std": float(kl.std()) if len(kl) > 1 else 0.0,
+            **describe(roll, pol_gold, pol_proxy, K),
+        }
         entry["verdict"] = verdict(name, base_name, entry["win_rate"], entry["win_rate_ci"])
         players[name] = entry
         first_sample[name] = (roll.responses[::K], pol_gold[::K])
         if i == 0:
             samples = [
-                {"prompt": p if isinstance(p, str) else p[-1]["content"], "baseline": b, "policy": q,
-                 "gold_baseline": sb, "gold_policy": sq}
+                {
+                    "prompt": p if isinstance(p, str) else p[-1]["content"],
+                    "baseline": b,
+                    "policy": q,
+                    "gold_baseline": sb,
+                    "gold_policy": sq,
+                }
                 for p, b, q, sb, sq in zip(prompts, base_roll.responses[::K], roll.responses[::K], base_gold[::K], pol_gold[::K])
             ]
     del base_model, reference
@@ -304,9 +333,15 @@ def run(config: EvalConfig) -> dict:
             sub = pool.select(picks)
             bon_gold, bon_proxy = score(sub)
             name = f"best_of_{n}"
-            entry = {"kind": "best_of_n", "n": n, "spec": c.baseline,
-                     **compare([[g] for g in bon_gold], base_by_prompt[:M], seed=c.seed, resamples=c.resamples),
-                     "kl": math.log(n) - (n - 1) / n, "num_prompts": M, **describe(sub, bon_gold, bon_proxy, 1)}
+            entry = {
+                "kind": "best_of_n",
+                "n": n,
+                "spec": c.baseline,
+                **compare([[g] for g in bon_gold], base_by_prompt[:M], seed=c.seed, resamples=c.resamples),
+                "kl": math.log(n) - (n - 1) / n,
+                "num_prompts": M,
+                **describe(sub, bon_gold, bon_proxy, 1),
+            }
             entry["verdict"] = verdict(name, base_name, entry["win_rate"], entry["win_rate_ci"])
             players[name] = entry
             if M == len(prompts):  # the Elo table needs every player on every prompt
@@ -315,14 +350,25 @@ def run(config: EvalConfig) -> dict:
 
     main = players[names[0]]
     results: dict = {
-        "policy": c.policy, "baseline": c.baseline, "gold": c.gold, "proxy": c.proxy,
-        "num_prompts": len(prompts), "samples_per_prompt": K, "temperature": c.temperature,
-        "main_player": names[0], "baseline_name": base_name,
-        "win_rate": main["win_rate"], "win_rate_ci": main["win_rate_ci"], "p_value": main["p_value"],
-        "gold_score_policy": main["gold_score"], "gold_score_policy_ci": main["gold_score_ci"],
+        "policy": c.policy,
+        "baseline": c.baseline,
+        "gold": c.gold,
+        "proxy": c.proxy,
+        "num_prompts": len(prompts),
+        "samples_per_prompt": K,
+        "temperature": c.temperature,
+        "main_player": names[0],
+        "baseline_name": base_name,
+        "win_rate": main["win_rate"],
+        "win_rate_ci": main["win_rate_ci"],
+        "p_value": main["p_value"],
+        "gold_score_policy": main["gold_score"],
+        "gold_score_policy_ci": main["gold_score_ci"],
         "gold_score_baseline": players[base_name]["gold_score"],
         "gold_score_baseline_ci": players[base_name]["gold_score_ci"],
-        "kl": main["kl"], "kl_ci": main["kl_ci"], "kl_std": main["kl_std"],
+        "kl": main["kl"],
+        "kl_ci": main["kl_ci"],
+        "kl_std": main["kl_std"],
         "verdict": main["verdict"],
         "players": players,
     }
@@ -331,8 +377,13 @@ def run(config: EvalConfig) -> dict:
         results["reward_model"] = accuracy
     if N > 1 and M > 0:
         largest = players[f"best_of_{1 << (N.bit_length() - 1)}"]
-        results["best_of_n"] = {"n": largest["n"], "proxy": c.proxy or c.gold, "gold_score": largest["gold_score"],
-                                "kl_analytic": largest["kl"], "win_rate_vs_baseline": largest["win_rate"]}
+        results["best_of_n"] = {
+            "n": largest["n"],
+            "proxy": c.proxy or c.gold,
+            "gold_score": largest["gold_score"],
+            "kl_analytic": largest["kl"],
+            "win_rate_vs_baseline": largest["win_rate"],
+        }
 
     # Elo / Bradley-Terry over every pair of players, one match per prompt (first sample each).
     order = list(first_sample)
@@ -341,16 +392,24 @@ def run(config: EvalConfig) -> dict:
         for a in range(len(order)):
             for b in range(a + 1, len(order)):
                 (ra, sa), (rb, sb) = [(first_sample[order[x]][0][j], first_sample[order[x]][1][j]) for x in (a, b)]
-                comparisons.append(Comparison(
-                    prompt=prompt, responses=[ra, rb], ranking=[0, 1] if sa >= sb else [1, 0], tie=sa == sb,
-                    source=f"gold:{c.gold}", meta={"players": [order[a], order[b]]},
-                ))
+                comparisons.append(
+                    Comparison(
+                        prompt=prompt,
+                        responses=[ra, rb],
+                        ranking=[0, 1] if sa >= sb else [1, 0],
+                        tie=sa == sb,
+                        source=f"gold:{c.gold}",
+                        meta={"players": [order[a], order[b]]},
+                    )
+                )
     results["elo"] = rating_table(matches_from_comparisons(comparisons), bootstrap=c.bootstrap, seed=c.seed)
     results["samples"] = samples
     atomic_write_text(c.output, json.dumps(results, indent=2, ensure_ascii=False))
     for name, entry in players.items():
         if entry["kind"] != "baseline":
-            print(f"eval: {name}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
-                  f"{players[base_name]['gold_score']:.3f}, p = {entry['p_value']:.3g}, KL {entry['kl']:.2f}")
+            print(
+                f"eval: {name}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
+                f"{players[base_name]['gold_score']:.3f}, p = {entry['p_value']:.3g}, KL {entry['kl']:.2f}"
+            )
     print(f"eval: -> {c.output}")
     return results

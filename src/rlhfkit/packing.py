@@ -59,7 +59,8 @@ Batch tensors (built by :func:`pack`; the loop moves them to the device):
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,9 @@ def shared_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def pack(groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Sequence[int]]] | None = None) -> dict[str, torch.Tensor]:
+def pack(
+    groups: Sequence[Sequence[Sequence[int]]], labels: Sequence[Sequence[Sequence[int]]] | None = None
+) -> dict[str, torch.Tensor]:
     """Pack groups of token sequences (each group shares its common prefix) into one row.
 
     ``groups[g][j]`` is the token list of sequence ``j`` of group ``g``; ``labels``,
@@ -190,8 +193,9 @@ def require_kernel(model) -> None:
     config = getattr(inner, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl != ATTENTION:
-        raise ValueError(f"a packed batch needs attn_implementation={ATTENTION!r} (models.set_attention(model)), "
-                         f"this model has {impl!r}")
+        raise ValueError(
+            f"a packed batch needs attn_implementation={ATTENTION!r} (models.set_attention(model)), this model has {impl!r}"
+        )
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -278,7 +282,9 @@ def decode_attention(query, key, value, attention_mask, scaling: float) -> torch
     return torch.bmm(probs, v).view(batch, 1, heads, dim)
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlhfkit_layout: Layout | None = None, **kwargs):
+def packed_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlhfkit_layout: Layout | None = None, **kwargs
+):
     """transformers attention kernel for packed batches (see the module docstring).
 
     Shapes: ``query`` (1, H, L, D), ``key``/``value`` (1, H_kv, L, D) -> output (1, L, H, D).
@@ -310,7 +316,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     heads, dim = query.shape[1], query.shape[-1]
     dtype = compute_dtype(query)
 
-    def by_segment(x: torch.Tensor, slots: torch.Tensor, repeat: int = 1) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, slots, D)
+    def by_segment(
+        x: torch.Tensor, slots: torch.Tensor, repeat: int = 1
+    ) -> torch.Tensor:  # (1, h, L, D) -> (h * repeat * S, slots, D)
         # index_select, not x[0][:, slots]: the same values, and its backward (index_add)
         # is about twice as fast as advanced indexing's (index_put with accumulate) on CPU.
         # Cast first (what autocast would do to the gathered copy), so the gather moves half the bytes.

@@ -41,9 +41,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from rlhfkit import models
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
@@ -142,18 +143,25 @@ def check_gate(config: GateConfig) -> dict:
         result.update(accuracy=held["accuracy"], accuracy_ci=held["accuracy_ci"], num_pairs=held["num_pairs"])
         lo, hi = held["accuracy_ci"]
         passed = lo > config.min_accuracy
-        what = (f"held-out accuracy {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {held['num_pairs']} pairs "
-                f"({held.get('num_prompts', '?')} prompts)")
+        what = (
+            f"held-out accuracy {held['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {held['num_pairs']} pairs "
+            f"({held.get('num_prompts', '?')} prompts)"
+        )
     if passed:
-        result.update(verdict="passed" if config.needed else "not needed",
-                      message=f"reward model: {what}: above {config.min_accuracy:g}")
+        result.update(
+            verdict="passed" if config.needed else "not needed", message=f"reward model: {what}: above {config.min_accuracy:g}"
+        )
     else:
-        advice = (f"its interval does not exclude {config.min_accuracy:g}, so RL against it would optimise noise. "
-                  "Collect more or cleaner preference data (more prompts, more responses per prompt, less label "
-                  "noise), or train the reward model longer; "
-                  + ("reward_gate=false let RL run anyway." if not config.enforce else "set reward_gate=false to run anyway."))
-        result.update(verdict="not needed" if not config.needed else "overridden" if not config.enforce else "failed",
-                      message=f"reward model: {what}: {advice}")
+        advice = (
+            f"its interval does not exclude {config.min_accuracy:g}, so RL against it would optimise noise. "
+            "Collect more or cleaner preference data (more prompts, more responses per prompt, less label "
+            "noise), or train the reward model longer; "
+            + ("reward_gate=false let RL run anyway." if not config.enforce else "set reward_gate=false to run anyway.")
+        )
+        result.update(
+            verdict="not needed" if not config.needed else "overridden" if not config.enforce else "failed",
+            message=f"reward model: {what}: {advice}",
+        )
     atomic_write_text(config.output, json.dumps(result, indent=2))
     print(f"gate: {result['verdict']}: {result['message']}")
     if result["verdict"] == "failed":
@@ -188,47 +196,97 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
 
     labels = str(d["label"] / "labels.jsonl")
     stages = [
-        Stage("sft", make(sft.SFTConfig, {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, ("sft", p.sft)),
-              sft.train, d["sft"]),
-        Stage("sample", make(sample.SampleConfig, {"model": str(d["sft"]), "output": str(d["sample"] / "samples.jsonl"),
-                                                   "seed": p.seed}, ("sample", p.sample)), sample.run, d["sample"]),
-        Stage("label", make(label.LabelConfig, {"samples": str(d["sample"] / "samples.jsonl"), "output": labels,
-                                                "scorer": p.gold, "seed": p.seed}, ("label", p.label)), label.run, d["label"]),
-        Stage("reward", make(reward.RewardConfig, {"model": str(d["sft"]), "data": labels,
-                                                  "output_dir": str(d["reward"]), "seed": p.seed}, ("reward", p.reward)),
-              reward.train, d["reward"]),
+        Stage(
+            "sft",
+            make(sft.SFTConfig, {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, ("sft", p.sft)),
+            sft.train,
+            d["sft"],
+        ),
+        Stage(
+            "sample",
+            make(
+                sample.SampleConfig,
+                {"model": str(d["sft"]), "output": str(d["sample"] / "samples.jsonl"), "seed": p.seed},
+                ("sample", p.sample),
+            ),
+            sample.run,
+            d["sample"],
+        ),
+        Stage(
+            "label",
+            make(
+                label.LabelConfig,
+                {"samples": str(d["sample"] / "samples.jsonl"), "output": labels, "scorer": p.gold, "seed": p.seed},
+                ("label", p.label),
+            ),
+            label.run,
+            d["label"],
+        ),
+        Stage(
+            "reward",
+            make(
+                reward.RewardConfig,
+                {"model": str(d["sft"]), "data": labels, "output_dir": str(d["reward"]), "seed": p.seed},
+                ("reward", p.reward),
+            ),
+            reward.train,
+            d["reward"],
+        ),
     ]
     label_config = next(s.config for s in stages if s.name == "label")
     web_db = Path(label_config.web_db)
     if label_config.source == "human-web" and web_db.resolve().is_relative_to(d["label"].resolve()):
-        raise ConfigError(f"pipeline section 'label': web_db '{web_db}' is inside the label stage's directory "
-                          f"{d['label']}, which a rerun deletes with every human label in it; "
-                          f"put it elsewhere, e.g. {out / 'annotations.sqlite'}")
+        raise ConfigError(
+            f"pipeline section 'label': web_db '{web_db}' is inside the label stage's directory "
+            f"{d['label']}, which a rerun deletes with every human label in it; "
+            f"put it elsewhere, e.g. {out / 'annotations.sqlite'}"
+        )
     algorithms = p.algorithms()
     unknown = [a for a in algorithms if a not in POLICY_ALGORITHMS]
     if unknown:
         raise ConfigError(f"pipeline: unknown algorithm '{unknown[0]}' (choose from {', '.join(POLICY_ALGORITHMS)})")
-    gate = GateConfig(reward_dir=str(d["reward"]), output=str(d["gate"] / GATE_FILE),
-                      needed=any(a != "dpo" for a in algorithms), enforce=p.reward_gate, min_accuracy=p.gate_min_accuracy)
+    gate = GateConfig(
+        reward_dir=str(d["reward"]),
+        output=str(d["gate"] / GATE_FILE),
+        needed=any(a != "dpo" for a in algorithms),
+        enforce=p.reward_gate,
+        min_accuracy=p.gate_min_accuracy,
+    )
     stages.append(Stage("gate", gate, check_gate, d["gate"]))
     for algorithm in algorithms:
         sections = [(algorithm, getattr(p, algorithm))] + ([("rl", p.rl)] if algorithm == p.algorithm else [])
         # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy.
         wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "gold": p.gold}
         if algorithm == "dpo":
-            config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])},
-                          *sections)
+            config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, dpo.train, d[algorithm]))
         else:
             cls = {"ppo": rl.RLConfig, "grpo": rl.GRPOConfig, "rloo": rl.RLOOConfig}[algorithm]
             config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, rl.train, d[algorithm]))
-    stages.append(Stage("eval", make(evaluate.EvalConfig, {
-        "policy": str(d[algorithms[0]]), "extra_policies": [str(d[a]) for a in algorithms[1:]],
-        "baseline": str(d["sft"]), "gold": p.gold, "proxy": str(d["reward"]),
-        "output": str(d["eval"] / "eval.json"), "seed": p.seed}, ("eval", p.eval)), evaluate.run, d["eval"]))
-    stages.append(Stage("report", report.ReportConfig(run_dir=str(out), output=str(out / "report.html")),
-                        report.run, d["report"]))
+    stages.append(
+        Stage(
+            "eval",
+            make(
+                evaluate.EvalConfig,
+                {
+                    "policy": str(d[algorithms[0]]),
+                    "extra_policies": [str(d[a]) for a in algorithms[1:]],
+                    "baseline": str(d["sft"]),
+                    "gold": p.gold,
+                    "proxy": str(d["reward"]),
+                    "output": str(d["eval"] / "eval.json"),
+                    "seed": p.seed,
+                },
+                ("eval", p.eval),
+            ),
+            evaluate.run,
+            d["eval"],
+        )
+    )
+    stages.append(
+        Stage("report", report.ReportConfig(run_dir=str(out), output=str(out / "report.html")), report.run, d["report"])
+    )
     return stages
 
 
@@ -251,8 +309,9 @@ def _input_fingerprints(value: Any, out: Path) -> dict[str, str]:
             if path.is_file():
                 found[value] = hashlib.sha256(path.read_bytes()).hexdigest()
             elif path.is_dir():
-                listing = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                                 for f in path.rglob("*") if f.is_file())
+                listing = sorted(
+                    (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+                )
                 found[value] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         except OSError:  # unreadable: the stage itself will say so
             pass
@@ -264,9 +323,17 @@ def _hash(config: Any, upstream: str, out: Path) -> str:
     the upstream stage's hash. A data or prompts file edited in place, or a new rlhfkit, reruns it."""
     from rlhfkit import __version__
 
-    payload = json.dumps({"config": to_dict(config), "type": type(config).__name__, "upstream": upstream,
-                          "inputs": _input_fingerprints(to_dict(config), out), "rlhfkit": __version__},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {
+            "config": to_dict(config),
+            "type": type(config).__name__,
+            "upstream": upstream,
+            "inputs": _input_fingerprints(to_dict(config), out),
+            "rlhfkit": __version__,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -307,8 +374,7 @@ def _recover(directory: Path) -> None:
     if directory.exists():
         shutil.rmtree(directory)
     previous.rename(directory)
-    print(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output "
-          f"from {previous}")
+    print(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output from {previous}")
 
 
 def _run_stage(stage: Stage, digest: str, start: float) -> None:
@@ -330,8 +396,10 @@ def _run_stage(stage: Stage, digest: str, start: float) -> None:
         print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
         t0 = time.time()
         stage.run(stage.config)
-        atomic_write_text(_marker(stage), json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1),
-                                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        atomic_write_text(
+            _marker(stage),
+            json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}),
+        )
     except BaseException as e:
         if kept:  # the earlier output goes back in place of the partial one
             shutil.rmtree(directory, ignore_errors=True)
@@ -407,9 +475,19 @@ def demo_config(**overrides: Any) -> PipelineConfig:
     algorithm = overrides.get("algorithm", "dpo")
     compare = overrides.pop("compare", ["ppo"] if algorithm == "dpo" else ["dpo"])
     probe = {"probe_points": 4, "probe_max_prompts": 32, "probe_max_new_tokens": 64, "probe_temperature": 0.7}
-    rl_common = {**probe, "precision": precision, "max_steps": 16, "batch_size": 16, "max_new_tokens": 64,
-                 "temperature": 0.7, "lr": 5e-6, "kl_coef": 0.05, "ppo_epochs": 2, "num_minibatches": 2,
-                 "target_kl_stop": 0.1}
+    rl_common = {
+        **probe,
+        "precision": precision,
+        "max_steps": 16,
+        "batch_size": 16,
+        "max_new_tokens": 64,
+        "temperature": 0.7,
+        "lr": 5e-6,
+        "kl_coef": 0.05,
+        "ppo_epochs": 2,
+        "num_minibatches": 2,
+        "target_kl_stop": 0.1,
+    }
     base: dict[str, Any] = {
         "output_dir": "runs/demo",
         "model": models.SMOLLM2,
@@ -418,20 +496,40 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "gold": "demo",
         "sft": {"num_epochs": 2, "lr": 5e-5, "batch_size": 8, "eval_every": 20, "save_every": 40, "precision": precision},
         # 4 responses per prompt, ranked: 6 pairs per prompt for the reward model.
-        "sample": {"max_prompts": 640, "max_new_tokens": 64, "batch_size": 64, "temperatures": [0.7, 1.0, 0.7, 1.0],
-                   "precision": precision},
+        "sample": {
+            "max_prompts": 640,
+            "max_new_tokens": 64,
+            "batch_size": 64,
+            "temperatures": [0.7, 1.0, 0.7, 1.0],
+            "precision": precision,
+        },
         # Bradley-Terry noise relative to the spread of the gold scores: a score gap of 0.1 standard
         # deviations is a coin flip biased 73/27; one standard deviation is never mislabelled.
         "label": {"temperature": 0.1, "temperature_scale": "spread"},
         # lr 1e-4: held-out accuracy 0.70 [0.64, 0.75] on 384 pairs vs 0.64 [0.58, 0.69] at 3e-5 (seed-0 labels;
         # training only the top 12 layers: 0.59 [0.53, 0.65]). 2 epochs: 0.72 [0.67, 0.77] vs 0.64 [0.58, 0.69] for 1
         # on seed-1 labels (the first epoch's train accuracy stays near 0.6: under-fitted).
-        "reward": {"num_epochs": 2, "lr": 1e-4, "batch_size": 8, "eval_fraction": 0.1, "eval_every": 0,
-                   "norm_max_samples": 256, "precision": precision},
+        "reward": {
+            "num_epochs": 2,
+            "lr": 1e-4,
+            "batch_size": 8,
+            "eval_fraction": 0.1,
+            "eval_every": 0,
+            "norm_max_samples": 256,
+            "precision": precision,
+        },
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x.
-        "dpo": {**probe, "num_epochs": 1, "lr": 5e-6, "beta": 0.1, "batch_size": 8, "eval_every": 0,
-                "ranking_pairs": "best_worst",
-                "eval_fraction": 0.05, "precision": precision},
+        "dpo": {
+            **probe,
+            "num_epochs": 1,
+            "lr": 5e-6,
+            "beta": 0.1,
+            "batch_size": 8,
+            "eval_every": 0,
+            "ranking_pairs": "best_worst",
+            "eval_fraction": 0.05,
+            "precision": precision,
+        },
         # lr 1e-5 against the lr-1e-4 reward model (seed-0 SFT and labels): win rate 0.67 [0.63, 0.70] vs SFT,
         # KL 2.9; at 5e-6 against the lr-3e-5 reward model: 0.54 [0.50, 0.59], KL 0.36.
         "ppo": {**rl_common, "lr": 1e-5},
@@ -439,7 +537,15 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "rloo": {**rl_common, "num_minibatches": 1},
         # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
         # the eval's generation.
-        "eval": {"max_new_tokens": 64, "samples_per_prompt": 2, "best_of_n": 16, "best_of_n_prompts": 120,
-                 "batch_size": 128, "max_prompts": 240, "precision": precision, "generation_precision": precision},
+        "eval": {
+            "max_new_tokens": 64,
+            "samples_per_prompt": 2,
+            "best_of_n": 16,
+            "best_of_n_prompts": 120,
+            "batch_size": 128,
+            "max_prompts": 240,
+            "precision": precision,
+            "generation_precision": precision,
+        },
     }
     return from_dict(PipelineConfig, merge_sections(base, overrides), source="demo")

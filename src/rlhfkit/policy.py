@@ -72,9 +72,19 @@ class ActorCritic(nn.Module):
         elif value != "none":
             raise ValueError(f"value must be none, head or critic; got '{value}'")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n_response: int = 0, *,
-                positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, rlhfkit_layout=None,
-                targets: torch.Tensor | None = None, temperature: float = 1.0, with_entropy: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        n_response: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        rlhfkit_layout=None,
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ):
         """Logits that predict each response token, and the value of the state before it.
 
         Padded (``positions`` None): ``input_ids``/``attention_mask`` (B, P + R) ->
@@ -112,8 +122,9 @@ class ActorCritic(nn.Module):
 HEAD_BLOCK_ROWS = 256
 
 
-def head_token_logps(head: nn.Module, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_token_logps(
+    head: nn.Module, states: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logps, entropy or None)`` of ``tokens`` under the LM head's ``head(states) / temperature``.
 
     Shapes: ``states`` (K, H), ``tokens`` (K,) -> (K,), fp32. On CPU a plain
@@ -123,19 +134,32 @@ def head_token_logps(head: nn.Module, states: torch.Tensor, tokens: torch.Tensor
     else (CUDA, a head with hooks or adapters) computes ``head(states)`` and then
     :func:`logps_and_entropy`.
     """
-    if (type(head) is not nn.Linear or states.device.type != "cpu" or states.dim() != 2
-            or head._forward_hooks or head._forward_pre_hooks):
+    if (
+        type(head) is not nn.Linear
+        or states.device.type != "cpu"
+        or states.dim() != 2
+        or head._forward_hooks
+        or head._forward_pre_hooks
+    ):
         return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
     dtype = models.compute_dtype(states)
     with torch.autocast(states.device.type, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
-        out = linear_token_logps(states.to(dtype), head.weight.to(dtype), bias, tokens, temperature,
-                                 with_entropy=with_entropy, block_rows=HEAD_BLOCK_ROWS)
+        out = linear_token_logps(
+            states.to(dtype),
+            head.weight.to(dtype),
+            bias,
+            tokens,
+            temperature,
+            with_entropy=with_entropy,
+            block_rows=HEAD_BLOCK_ROWS,
+        )
     return out if with_entropy else (out, None)
 
 
-def packed_rollout(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                   response_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_rollout(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack rollout rows (:mod:`rlhfkit.packing`): rows with the same query form a group, so the
     prompt, and any common start of all the group's responses, runs once; no padding.
 
@@ -162,8 +186,17 @@ def packed_rollout(query_ids: torch.Tensor, query_mask: torch.Tensor, response_i
     return batch, torch.cat(positions), torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids, response_mask, *, temperature: float = 1.0,
-                          with_entropy: bool = False, device=None):
+def packed_response_logps(
+    model: nn.Module,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    device=None,
+):
     """:func:`response_logps` from one packed forward (see :func:`packed_rollout`).
 
     Returns ``(logps (B, R), values (B, R) or None, entropy (B, R) or None)``, 0 where
@@ -184,13 +217,22 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     if actor_critic:
         layout = packing.model_inputs(inputs)
         token_logps, values, token_entropy = model(
-            layout["input_ids"], None, 0, positions=positions, position_ids=layout["position_ids"],
-            rlhfkit_layout=layout["rlhfkit_layout"], targets=targets, temperature=temperature, with_entropy=with_entropy)
+            layout["input_ids"],
+            None,
+            0,
+            positions=positions,
+            position_ids=layout["position_ids"],
+            rlhfkit_layout=layout["rlhfkit_layout"],
+            targets=targets,
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
     else:
         base = _base(inner)
         states = base.get_decoder()(**packing.model_inputs(inputs)).last_hidden_state[0, positions]
-        token_logps, token_entropy = head_token_logps(base.get_output_embeddings(), states, targets, temperature,
-                                                      with_entropy=with_entropy)
+        token_logps, token_entropy = head_token_logps(
+            base.get_output_embeddings(), states, targets, temperature, with_entropy=with_entropy
+        )
         values = None
     shape = response_ids.shape
 
@@ -200,8 +242,9 @@ def packed_response_logps(model: nn.Module, query_ids, query_mask, response_ids,
     return tuple(unpack(x) if x is not None else None for x in (token_logps, values, token_entropy))
 
 
-def logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def logps_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logps, entropy or None)`` of ``tokens`` under ``logits / temperature``, in one pass over the logits."""
     if with_entropy:
         return gather_logps_and_entropy(logits, tokens, temperature)
@@ -214,8 +257,13 @@ def response_logits(model: nn.Module, input_ids, attention_mask, n_response: int
     if isinstance(model, ActorCritic) or isinstance(getattr(model, "module", None), ActorCritic):
         return model(input_ids, attention_mask, n_response)
     position_ids = position_ids_from_mask(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=n_response + 1, use_cache=False)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=n_response + 1,
+        use_cache=False,
+    )
     return out.logits[:, :-1], None
 
 

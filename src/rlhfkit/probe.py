@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,8 +81,18 @@ class FrontierProbe:
     reward model, may be None).
     """
 
-    def __init__(self, options: ProbeOptions, *, tokenizer, reference, gold: Callable, proxy: Callable | None,
-                 output_dir: str | Path, seed: int, precision: str):
+    def __init__(
+        self,
+        options: ProbeOptions,
+        *,
+        tokenizer,
+        reference,
+        gold: Callable,
+        proxy: Callable | None,
+        output_dir: str | Path,
+        seed: int,
+        precision: str,
+    ):
         from rlhfkit.sample import load_prompts
         from rlhfkit.sft import demo_data_path
 
@@ -107,8 +118,9 @@ class FrontierProbe:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + 777)
             engine = HFEngine(policy, self.tokenizer, precision=self.precision)
-            rollout = make_rollout(engine, self.tokenizer, self.prompts,
-                                   GenerationOptions(o.probe_max_new_tokens, o.probe_temperature, 1.0))
+            rollout = make_rollout(
+                engine, self.tokenizer, self.prompts, GenerationOptions(o.probe_max_new_tokens, o.probe_temperature, 1.0)
+            )
         kl = sequence_kl(policy, self.reference, rollout, precision=self.precision).tolist()
         policy.train(was_training)
         gold = self.gold(rollout.prompts, rollout.responses)
@@ -126,6 +138,8 @@ class FrontierProbe:
         truncate_jsonl_by_step(self.path, step - 1)
         append_jsonl(self.path, row)
         proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
-        print(f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
-              f"({row['seconds']:.0f}s)")
+        print(
+            f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
+            f"({row['seconds']:.0f}s)"
+        )
         return row

@@ -194,8 +194,10 @@ def read_frontier(path: Path) -> tuple[list[dict[str, Any]], int]:
         if step is None:
             bad += 1
             continue
-        point = {k: _num(entry.get(k)) for k in ("kl", "kl_se", "gold", "gold_se", "proxy", "proxy_se",
-                                                 "num_prompts", "response_length")}
+        point = {
+            k: _num(entry.get(k))
+            for k in ("kl", "kl_se", "gold", "gold_se", "proxy", "proxy_se", "num_prompts", "response_length")
+        }
         by_step[step] = {"step": int(step) if step.is_integer() else step, **point}
     return [by_step[s] for s in sorted(by_step)], bad
 
@@ -331,8 +333,7 @@ def players(evaluation: dict[str, Any] | None, main: str | None, order: list[str
                 n = int(match.group(1)) if match else None
             out.append(Player(str(name), kind, dict(entry), n if kind == "best_of_n" else None))
     else:  # older eval.json: top-level numbers for one policy
-        base = {"gold_score": evaluation.get("gold_score_baseline"),
-                "gold_score_ci": evaluation.get("gold_score_baseline_ci")}
+        base = {"gold_score": evaluation.get("gold_score_baseline"), "gold_score_ci": evaluation.get("gold_score_baseline_ci")}
         if isinstance(evaluation.get("baseline_stats"), dict):
             base = {**evaluation["baseline_stats"], **{k: v for k, v in base.items() if v is not None}}
         out.append(Player(baseline_name, "baseline", base))
@@ -341,17 +342,39 @@ def players(evaluation: dict[str, Any] | None, main: str | None, order: list[str
         main = main or "policy"
         bon = evaluation.get("best_of_n")
         if isinstance(bon, dict) and isinstance(bon.get("n"), int):
-            out.append(Player(f"best_of_{bon['n']}", "best_of_n",
-                              {"gold_score": bon.get("gold_score"), "kl": bon.get("kl_analytic"),
-                               "win_rate": bon.get("win_rate_vs_baseline")}, bon["n"]))
+            out.append(
+                Player(
+                    f"best_of_{bon['n']}",
+                    "best_of_n",
+                    {
+                        "gold_score": bon.get("gold_score"),
+                        "kl": bon.get("kl_analytic"),
+                        "win_rate": bon.get("win_rate_vs_baseline"),
+                    },
+                    bon["n"],
+                )
+            )
     # The top-level numbers are the main player's and the baseline's: fill in what an entry lacks.
-    top_main = {"win_rate": "win_rate", "win_rate_ci": "win_rate_ci", "p_value": "p_value",
-                "gold_score": "gold_score_policy", "gold_score_ci": "gold_score_policy_ci", "kl": "kl",
-                "kl_ci": "kl_ci", "kl_std": "kl_std", "verdict": "verdict"}
+    top_main = {
+        "win_rate": "win_rate",
+        "win_rate_ci": "win_rate_ci",
+        "p_value": "p_value",
+        "gold_score": "gold_score_policy",
+        "gold_score_ci": "gold_score_policy_ci",
+        "kl": "kl",
+        "kl_ci": "kl_ci",
+        "kl_std": "kl_std",
+        "verdict": "verdict",
+    }
     top_base = {"gold_score": "gold_score_baseline", "gold_score_ci": "gold_score_baseline_ci"}
     for player in out:
-        mapping = top_main if player.kind == "policy" and player.name == main else \
-            top_base if player.kind == "baseline" and player.name == baseline_name else {}
+        mapping = (
+            top_main
+            if player.kind == "policy" and player.name == main
+            else top_base
+            if player.kind == "baseline" and player.name == baseline_name
+            else {}
+        )
         for key, top in mapping.items():
             if player.stats.get(key) is None and evaluation.get(top) is not None:
                 player.stats[key] = evaluation[top]
@@ -364,8 +387,9 @@ def players(evaluation: dict[str, Any] | None, main: str | None, order: list[str
     rank = {name: i for i, name in enumerate([main, *order])}
     kinds = {"baseline": 0, "policy": 1, "best_of_n": 2}
     listed = {id(p): i for i, p in enumerate(out)}
-    return sorted(out, key=lambda p: (kinds[p.kind], p.n if p.n is not None else math.inf,
-                                      rank.get(p.name, len(rank)), listed[id(p)]))
+    return sorted(
+        out, key=lambda p: (kinds[p.kind], p.n if p.n is not None else math.inf, rank.get(p.name, len(rank)), listed[id(p)])
+    )
 
 
 def _main_player(data: RunData) -> str:
@@ -416,8 +440,7 @@ class Fit:
 FORMS = {"bon": "d (α − β d)", "rl": "d (α − β log d)"}
 
 
-def fit_curve(label: str, form: Literal["bon", "rl"], kl: list[float], gold: list[float],
-              origin: float | None) -> Fit:
+def fit_curve(label: str, form: Literal["bon", "rl"], kl: list[float], gold: list[float], origin: float | None) -> Fit:
     """Fit ``form`` to points (KL, gold) with d = sqrt(KL) and R = gold − ``origin``.
 
     Skipped (``Fit.skipped`` says why) without an origin, with fewer than 3
@@ -458,8 +481,7 @@ class Frontier:
     """(algorithm, probe points with kl and gold) per policy stage with a frontier."""
     best_of_n: list[tuple[int, float, float, tuple[float, float] | None]] = field(default_factory=list)
     """(n, analytic KL, gold, gold interval)."""
-    finals: list[tuple[str, float, float, tuple[float, float] | None, tuple[float, float] | None]] = \
-        field(default_factory=list)
+    finals: list[tuple[str, float, float, tuple[float, float] | None, tuple[float, float] | None]] = field(default_factory=list)
     """(policy, KL, gold, KL interval, gold interval) of each policy's eval."""
     fits: list[Fit] = field(default_factory=list)
 
@@ -484,14 +506,16 @@ def build_frontier(data: RunData) -> Frontier:
             if kl is not None:
                 frontier.best_of_n.append((p.n, kl, gold, _ci(p.stats.get("gold_score_ci"))))
         elif p.kind == "policy" and _num(p.stats.get("kl")) is not None:
-            frontier.finals.append((p.name, float(p.stats["kl"]), gold, _ci(p.stats.get("kl_ci")),
-                                    _ci(p.stats.get("gold_score_ci"))))
+            frontier.finals.append(
+                (p.name, float(p.stats["kl"]), gold, _ci(p.stats.get("kl_ci")), _ci(p.stats.get("gold_score_ci")))
+            )
     if frontier.best_of_n:
         origin = base_gold
         if origin is None:  # best-of-1 is an independent draw of the baseline
             origin = next((g for n, _, g, _ in frontier.best_of_n if n == 1), None)
-        frontier.fits.append(fit_curve("best-of-n", "bon", [b[1] for b in frontier.best_of_n],
-                                       [b[2] for b in frontier.best_of_n], origin))
+        frontier.fits.append(
+            fit_curve("best-of-n", "bon", [b[1] for b in frontier.best_of_n], [b[2] for b in frontier.best_of_n], origin)
+        )
     for policy in data.policies:
         points = [pt for pt in policy.frontier or [] if pt["kl"] is not None and pt["gold"] is not None]
         if not points:
@@ -589,20 +613,47 @@ def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
         x = (lambda kl: kl) if panel == 0 else (lambda kl: math.sqrt(max(kl, 0.0)))
         if frontier.baseline is not None:
             gold, ci = frontier.baseline
-            ax.errorbar([0.0], [gold], yerr=_yerr(gold, ci), fmt="s", color="black", markersize=6, capsize=3,
-                        label="SFT baseline (eval)", zorder=4)
+            ax.errorbar(
+                [0.0],
+                [gold],
+                yerr=_yerr(gold, ci),
+                fmt="s",
+                color="black",
+                markersize=6,
+                capsize=3,
+                label="SFT baseline (eval)",
+                zorder=4,
+            )
         for name, points in frontier.paths:
-            ax.errorbar([x(p["kl"]) for p in points], [p["gold"] for p in points],
-                        yerr=[_Z95 * (p["gold_se"] or 0.0) for p in points], fmt="-o", color=colours[name],
-                        markersize=3.5, linewidth=1.2, elinewidth=0.8, capsize=2, alpha=0.9,
-                        label=f"{name} during training (probe points)", zorder=2)
+            ax.errorbar(
+                [x(p["kl"]) for p in points],
+                [p["gold"] for p in points],
+                yerr=[_Z95 * (p["gold_se"] or 0.0) for p in points],
+                fmt="-o",
+                color=colours[name],
+                markersize=3.5,
+                linewidth=1.2,
+                elinewidth=0.8,
+                capsize=2,
+                alpha=0.9,
+                label=f"{name} during training (probe points)",
+                zorder=2,
+            )
         if frontier.best_of_n:
             bon = frontier.best_of_n
             lows = [g - ci[0] if ci else 0.0 for _, _, g, ci in bon]
             highs = [ci[1] - g if ci else 0.0 for _, _, g, ci in bon]
-            ax.errorbar([x(kl) for _, kl, _, _ in bon], [g for _, _, g, _ in bon],
-                        yerr=[[max(v, 0.0) for v in lows], [max(v, 0.0) for v in highs]], fmt="^", color="C1",
-                        markersize=6, capsize=3, label="best-of-n (eval, analytic KL)", zorder=3)
+            ax.errorbar(
+                [x(kl) for _, kl, _, _ in bon],
+                [g for _, _, g, _ in bon],
+                yerr=[[max(v, 0.0) for v in lows], [max(v, 0.0) for v in highs]],
+                fmt="^",
+                color="C1",
+                markersize=6,
+                capsize=3,
+                label="best-of-n (eval, analytic KL)",
+                zorder=3,
+            )
             if panel == 1:
                 for n, kl, gold, _ in bon:
                     ax.annotate(f"n={n}", (x(kl), gold), textcoords="offset points", xytext=(4, -10), fontsize=7)
@@ -610,17 +661,34 @@ def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
             xerr = None
             if kl_ci is not None:
                 xerr = [[max(x(kl) - x(kl_ci[0]), 0.0)], [max(x(kl_ci[1]) - x(kl), 0.0)]]
-            ax.errorbar([x(kl)], [gold], xerr=xerr, yerr=_yerr(gold, gold_ci), fmt="*", markersize=13,
-                        color=colours.get(name, "C7"), markeredgecolor="black", capsize=3,
-                        label=f"{name} final (eval)", zorder=5)
+            ax.errorbar(
+                [x(kl)],
+                [gold],
+                xerr=xerr,
+                yerr=_yerr(gold, gold_ci),
+                fmt="*",
+                markersize=13,
+                color=colours.get(name, "C7"),
+                markeredgecolor="black",
+                capsize=3,
+                label=f"{name} final (eval)",
+                zorder=5,
+            )
         for fit in frontier.fits:
             if fit.alpha is None:
                 continue
             d = np.linspace(0.0, max(fit.d_max * 1.15, 1e-3), 200)
             y = fit.origin + fit.gain(d)
             colour = "C1" if fit.form == "bon" else colours.get(fit.label, "C7")
-            ax.plot(d**2 if panel == 0 else d, y, linestyle="--", linewidth=1.3, color=colour,
-                    label=f"{fit.label} fit: {FORMS[fit.form]}", zorder=1)
+            ax.plot(
+                d**2 if panel == 0 else d,
+                y,
+                linestyle="--",
+                linewidth=1.3,
+                color=colour,
+                label=f"{fit.label} fit: {FORMS[fit.form]}",
+                zorder=1,
+            )
         _style(ax, "KL(policy || SFT), nats" if panel == 0 else "sqrt(KL), nats^½", "mean gold score")
         ax.set_title("gold score vs KL" if panel == 0 else "gold score vs sqrt(KL)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -638,12 +706,22 @@ def probe_figure(name: str, points: list[dict[str, Any]], verdict: dict[str, Any
         return None
     figure = Figure(figsize=(8.0, 2.7), layout="constrained")
     steps = [p["step"] for p in points]
-    for i, (key, colour, title) in enumerate((("proxy", "C0", f"{name}: proxy (reward model) ± 1.96 SE"),
-                                              ("gold", "C2", f"{name}: gold ± 1.96 SE"))):
+    for i, (key, colour, title) in enumerate(
+        (("proxy", "C0", f"{name}: proxy (reward model) ± 1.96 SE"), ("gold", "C2", f"{name}: gold ± 1.96 SE"))
+    ):
         ax = figure.add_subplot(1, 2, i + 1)
         err = [_Z95 * (p[f"{key}_se"] or 0.0) for p in points]
-        ax.errorbar(steps, [p[key] for p in points], yerr=err, fmt="-o", color=colour, markersize=3,
-                    linewidth=1.2, elinewidth=0.8, capsize=2)
+        ax.errorbar(
+            steps,
+            [p[key] for p in points],
+            yerr=err,
+            fmt="-o",
+            color=colour,
+            markersize=3,
+            linewidth=1.2,
+            elinewidth=0.8,
+            capsize=2,
+        )
         for mark, style, label in (("peak_step", ":", "gold peak"), ("drop_step", "--", "compared point")):
             if verdict.get(mark) is not None:
                 ax.axvline(verdict[mark], color="0.4", linestyle=style, linewidth=1, label=label)
@@ -709,15 +787,19 @@ def _table(header: list[str], rows: list[list[str]], css: str = "", row_ids: lis
     """``header`` is escaped here; cells must already be HTML; ``row_ids`` are escaped here."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     ids = row_ids or [None] * len(rows)
-    body = "".join((f'<tr id="{esc(i)}">' if i else "<tr>") + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
-                   for row, i in zip(rows, ids))
+    body = "".join(
+        (f'<tr id="{esc(i)}">' if i else "<tr>") + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
+        for row, i in zip(rows, ids)
+    )
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _card(title: str, value: str, detail: str = "", element_id: str = "") -> str:
     ident = f' id="{esc(element_id)}"' if element_id else ""
-    return f'<div class="card"{ident}><div class="label">{esc(title)}</div><div class="value">{value}</div>' \
-           f'<div class="detail">{detail}</div></div>'
+    return (
+        f'<div class="card"{ident}><div class="label">{esc(title)}</div><div class="value">{value}</div>'
+        f'<div class="detail">{detail}</div></div>'
+    )
 
 
 # ---------------------------------------------------------------- sections
@@ -744,11 +826,13 @@ def _reward_model_card(data: RunData) -> str:
         source, where = (rm, f"{EVAL_STAGE}/{EVAL_FILE}") if isinstance(rm, dict) else (None, "")
     text = _accuracy_text(source) if source else None
     if text is None:
-        return _card("reward model: held-out accuracy", "–", "not measured (no held-out accuracy)",
-                     "reward-model-accuracy")
-    return _card("reward model: held-out accuracy", esc(text),
-                 f"preference pairs the RM ranks as the labels do; 95% cluster-bootstrap CI over prompts "
-                 f"(from {esc(where)})", "reward-model-accuracy")
+        return _card("reward model: held-out accuracy", "–", "not measured (no held-out accuracy)", "reward-model-accuracy")
+    return _card(
+        "reward model: held-out accuracy",
+        esc(text),
+        f"preference pairs the RM ranks as the labels do; 95% cluster-bootstrap CI over prompts (from {esc(where)})",
+        "reward-model-accuracy",
+    )
 
 
 def _gate_box(gate: dict[str, Any] | None) -> str:
@@ -758,7 +842,7 @@ def _gate_box(gate: dict[str, Any] | None) -> str:
     message = gate.get("message") or ""
     accuracy = _accuracy_text(gate)
     detail = f" Accuracy {esc(accuracy)}." if accuracy else ""
-    body = f'Reward-model gate: <strong>{esc(verdict)}</strong>.{detail} {esc(message)}'
+    body = f"Reward-model gate: <strong>{esc(verdict)}</strong>.{detail} {esc(message)}"
     if verdict in ("failed", "overridden"):
         return f'<div class="warning" id="gate-verdict">⚠ {body}</div>'
     css = "ok" if verdict == "passed" else "neutral"
@@ -781,10 +865,12 @@ def _headline(data: RunData) -> str:
             verdict = f"win rate vs {baseline}: {fmt_est(win, win_ci)}"
         if isinstance(verdict, str):
             p = main_entry.stats.get("p_value")
-            tail = f" (gold-scorer win rate vs {esc(baseline)} with its 95% interval" + \
-                   (f"; p = {fmt_p(p)}" if _num(p) is not None else "") + ")"
-            parts.append(f'<p class="lead" id="main-verdict">Main policy <strong>{esc(main)}</strong>: '
-                         f'{esc(verdict)}{tail}.</p>')
+            tail = (
+                f" (gold-scorer win rate vs {esc(baseline)} with its 95% interval"
+                + (f"; p = {fmt_p(p)}" if _num(p) is not None else "")
+                + ")"
+            )
+            parts.append(f'<p class="lead" id="main-verdict">Main policy <strong>{esc(main)}</strong>: {esc(verdict)}{tail}.</p>')
     if roster:
         rows, ids = [], []
         for p in roster:
@@ -798,28 +884,62 @@ def _headline(data: RunData) -> str:
                 kl = fmt_est(s.get("kl"), s.get("kl_ci"))
                 if p.kind == "best_of_n" and _num(s.get("kl")) is not None:
                     kl = f"{_f(float(s['kl']))} (analytic)"
-            kind = {"baseline": "baseline", "policy": "policy" + (" (main)" if p.name == main else ""),
-                    "best_of_n": f"best-of-{p.n}"}[p.kind]
-            rows.append([f"<strong>{esc(p.name)}</strong>", esc(kind), esc(win),
-                         esc(fmt_est(s.get("gold_score"), s.get("gold_score_ci"))), esc(diff), esc(pv), esc(kl),
-                         esc(fmt_est(s.get("proxy_score"), s.get("proxy_score_ci"))),
-                         esc(s.get("verdict") or "–")])
+            kind = {
+                "baseline": "baseline",
+                "policy": "policy" + (" (main)" if p.name == main else ""),
+                "best_of_n": f"best-of-{p.n}",
+            }[p.kind]
+            rows.append(
+                [
+                    f"<strong>{esc(p.name)}</strong>",
+                    esc(kind),
+                    esc(win),
+                    esc(fmt_est(s.get("gold_score"), s.get("gold_score_ci"))),
+                    esc(diff),
+                    esc(pv),
+                    esc(kl),
+                    esc(fmt_est(s.get("proxy_score"), s.get("proxy_score_ci"))),
+                    esc(s.get("verdict") or "–"),
+                ]
+            )
             ids.append(f"player-{p.name}")
-        parts.append(_table(["player", "kind", f"win rate vs {baseline} [95% CI]", "gold score [CI]",
-                             f"gold − {baseline} [CI]", "p-value", "KL to SFT [CI]", "proxy score [CI]", "verdict"],
-                            rows, "narrow headline", ids))
+        parts.append(
+            _table(
+                [
+                    "player",
+                    "kind",
+                    f"win rate vs {baseline} [95% CI]",
+                    "gold score [CI]",
+                    f"gold − {baseline} [CI]",
+                    "p-value",
+                    "KL to SFT [CI]",
+                    "proxy score [CI]",
+                    "verdict",
+                ],
+                rows,
+                "narrow headline",
+                ids,
+            )
+        )
         extra = [k for k in ("response_length", "eos_rate") if any(k in p.stats for p in roster)]
         if extra:
-            parts.append("<h3>Responses</h3>" + _table(
-                ["player", *extra], [[esc(p.name)] + [fmt(p.stats.get(k, "–")) for k in extra] for p in roster],
-                "narrow"))
-        parts.append('<p class="small">Win rate: per prompt, the fraction of (player, baseline) sample pairs the '
-                     'gold scorer prefers, ties counting half, averaged over prompts; intervals are 95% paired '
-                     'bootstrap intervals over prompts; p-value: paired sign-flip test of the per-prompt gold '
-                     'difference. Best-of-n KL is analytic, log n − (n − 1)/n.</p>')
-    facts = [f"{k.replace('_', ' ')}: {esc(evaluation[k])}" for k in
-             ("gold", "num_prompts", "samples_per_prompt", "temperature") if isinstance(evaluation, dict)
-             and k in evaluation]
+            parts.append(
+                "<h3>Responses</h3>"
+                + _table(
+                    ["player", *extra], [[esc(p.name)] + [fmt(p.stats.get(k, "–")) for k in extra] for p in roster], "narrow"
+                )
+            )
+        parts.append(
+            '<p class="small">Win rate: per prompt, the fraction of (player, baseline) sample pairs the '
+            "gold scorer prefers, ties counting half, averaged over prompts; intervals are 95% paired "
+            "bootstrap intervals over prompts; p-value: paired sign-flip test of the per-prompt gold "
+            "difference. Best-of-n KL is analytic, log n − (n − 1)/n.</p>"
+        )
+    facts = [
+        f"{k.replace('_', ' ')}: {esc(evaluation[k])}"
+        for k in ("gold", "num_prompts", "samples_per_prompt", "temperature")
+        if isinstance(evaluation, dict) and k in evaluation
+    ]
     if facts:
         parts.append(f'<p class="small">{" · ".join(facts)}</p>')
     parts.append(f'<div class="cards">{_reward_model_card(data)}</div>')
@@ -834,28 +954,36 @@ def _fit_table(fits: list[Fit]) -> str:
     for fit in fits:
         form = f"R(d) = {FORMS[fit.form]} ({'best-of-n' if fit.form == 'bon' else 'RL'} form)"
         if fit.alpha is None:
-            rows.append([esc(fit.label), esc(form), str(fit.num_points), "–", "–", f"skipped: {esc(fit.skipped)}",
-                         "–"])
+            rows.append([esc(fit.label), esc(form), str(fit.num_points), "–", "–", f"skipped: {esc(fit.skipped)}", "–"])
         else:
             peak = fit.peak
-            peak_text = f"d* = {peak:.3f} (KL {peak ** 2:.3f})" if peak is not None else "none (β ≤ 0: still rising)"
+            peak_text = f"d* = {peak:.3f} (KL {peak**2:.3f})" if peak is not None else "none (β ≤ 0: still rising)"
             if peak is not None and peak > fit.d_max:
                 peak_text += f", beyond the measured range (d ≤ {fit.d_max:.3f}): an extrapolation"
             gain = fit.gain(np.array([peak]))[0] if peak is not None else None
-            rows.append([esc(fit.label), esc(form), str(fit.num_points), f"{fit.alpha:.4f}", f"{fit.beta:.4f}",
-                         esc(peak_text), f"{gain:+.3f}" if gain is not None else "–"])
+            rows.append(
+                [
+                    esc(fit.label),
+                    esc(form),
+                    str(fit.num_points),
+                    f"{fit.alpha:.4f}",
+                    f"{fit.beta:.4f}",
+                    esc(peak_text),
+                    f"{gain:+.3f}" if gain is not None else "–",
+                ]
+            )
         ids.append(f"fit-{fit.label.replace(' ', '-')}")
-    return _table(["curve", "form", "points (d > 0)", "α", "β", "fitted gold peak", "gold gain at peak"],
-                  rows, "narrow", ids)
+    return _table(["curve", "form", "points (d > 0)", "α", "β", "fitted gold peak", "gold gain at peak"], rows, "narrow", ids)
 
 
 def _frontier_section(data: RunData, colours: dict[str, str]) -> str:
     frontier = build_frontier(data)
     if frontier.empty:
-        return ('<p class="na">Not available: needs eval/eval.json (players with a gold score and KL) or a '
-                'policy stage\'s frontier.jsonl.</p>')
-    parts = [_img(frontier_figure(frontier, colours), "reward-KL frontier: gold score vs KL and vs sqrt(KL)",
-                  "Nothing to plot.")]
+        return (
+            '<p class="na">Not available: needs eval/eval.json (players with a gold score and KL) or a '
+            "policy stage's frontier.jsonl.</p>"
+        )
+    parts = [_img(frontier_figure(frontier, colours), "reward-KL frontier: gold score vs KL and vs sqrt(KL)", "Nothing to plot.")]
     notes = [
         "Each policy stage's line runs through its probe points during training (step 0 = the SFT policy), "
         "error bars ±1.96 SE; triangles are best-of-n at its analytic KL, log n − (n − 1)/n, with the eval's "
@@ -872,8 +1000,9 @@ def _frontier_section(data: RunData, colours: dict[str, str]) -> str:
     parts.append("<h3>Fitted coefficients</h3>" + _fit_table(frontier.fits))
     skipped = [f for f in frontier.fits if f.skipped]
     if skipped:
-        parts.append('<p class="neutral">' + "; ".join(f"{esc(f.label)}: fit skipped ({esc(f.skipped)})"
-                                                       for f in skipped) + ".</p>")
+        parts.append(
+            '<p class="neutral">' + "; ".join(f"{esc(f.label)}: fit skipped ({esc(f.skipped)})" for f in skipped) + ".</p>"
+        )
     return "".join(parts)
 
 
@@ -885,8 +1014,7 @@ def _overoptimisation_verdict(policy: PolicyStage) -> tuple[dict[str, Any] | Non
     if not with_proxy:
         why = f"its {FRONTIER_FILE} logs no proxy (reward-model) score"
         if policy.name == "dpo":
-            why += (" — DPO trains on fixed preference pairs, so it has no reward-model proxy unless its frontier"
-                    " logs one")
+            why += " — DPO trains on fixed preference pairs, so it has no reward-model proxy unless its frontier logs one"
         return None, [], why
     points = [p for p in with_proxy if None not in (p["kl"], p["gold"], p["gold_se"])]
     if len(points) < 2:
@@ -904,32 +1032,41 @@ def _overoptimisation_section(data: RunData) -> str:
         verdict, points, why = _overoptimisation_verdict(policy)
         name = esc(policy.name)
         if verdict is None or verdict["verdict"] == "not measured":
-            boxes.append(f'<p class="neutral" id="{esc(ident)}">{name}: over-optimisation not measured '
-                         f'({esc(why or "fewer than 2 probe points")}).</p>')
+            boxes.append(
+                f'<p class="neutral" id="{esc(ident)}">{name}: over-optimisation not measured '
+                f"({esc(why or 'fewer than 2 probe points')}).</p>"
+            )
             continue
         v = verdict
-        numbers = (f"gold peaked at step {v['peak_step']:g} (KL {v['peak_kl']:.3f}, gold {v['peak_gold']:.3f}, "
-                   f"proxy {v['peak_proxy']:.3f}); final gold {v['final_gold']:.3f} at step {points[-1]['step']:g}; "
-                   f"drop to step {v['drop_step']:g}: {v['drop']:.3f} vs threshold {v['drop_threshold']:.3f} "
-                   f"(1.96 × the two points' combined SE); {v['num_points']} probe points")
+        numbers = (
+            f"gold peaked at step {v['peak_step']:g} (KL {v['peak_kl']:.3f}, gold {v['peak_gold']:.3f}, "
+            f"proxy {v['peak_proxy']:.3f}); final gold {v['final_gold']:.3f} at step {points[-1]['step']:g}; "
+            f"drop to step {v['drop_step']:g}: {v['drop']:.3f} vs threshold {v['drop_threshold']:.3f} "
+            f"(1.96 × the two points' combined SE); {v['num_points']} probe points"
+        )
         if v["verdict"] == "over-optimised":
             flagged.append(policy.name)
-            boxes.append(f'<div class="warning" id="{esc(ident)}"><strong>⚠ {name}: over-optimised.</strong> '
-                         f'The proxy kept rising while the gold score fell by more than its noise: '
-                         f'{esc(numbers)}.</div>')
+            boxes.append(
+                f'<div class="warning" id="{esc(ident)}"><strong>⚠ {name}: over-optimised.</strong> '
+                f"The proxy kept rising while the gold score fell by more than its noise: "
+                f"{esc(numbers)}.</div>"
+            )
         else:
-            boxes.append(f'<p class="ok" id="{esc(ident)}">✓ {name}: no over-optimisation detected — '
-                         f'{esc(numbers)}.</p>')
+            boxes.append(f'<p class="ok" id="{esc(ident)}">✓ {name}: no over-optimisation detected — {esc(numbers)}.</p>')
         boxes.append(_img(probe_figure(policy.name, points, v), f"{policy.name}: proxy and gold over training", ""))
-    head = ('<p class="small">Per policy stage, from its probe points (held-out prompts): the gold peak p* and a '
-            'later point q are compared; the run is over-optimised when the proxy at q is above the proxy at p* '
-            'while gold fell by more than 1.96 × sqrt(SE(p*)² + SE(q)²) (Gao et al. 2022; '
-            '<code>rlhfkit.stats.overoptimisation</code>).</p>')
+    head = (
+        '<p class="small">Per policy stage, from its probe points (held-out prompts): the gold peak p* and a '
+        "later point q are compared; the run is over-optimised when the proxy at q is above the proxy at p* "
+        "while gold fell by more than 1.96 × sqrt(SE(p*)² + SE(q)²) (Gao et al. 2022; "
+        "<code>rlhfkit.stats.overoptimisation</code>).</p>"
+    )
     if flagged:
-        head = (f'<div class="warning" id="overoptimisation-warning"><strong>⚠ Over-optimisation warning:</strong> '
-                f'{esc(", ".join(flagged))} — the proxy reward keeps rising while the gold score falls: the policy '
-                f'is exploiting the reward model. Consider an earlier checkpoint, a larger KL coefficient, or more '
-                f'preference data.</div>') + head
+        head = (
+            f'<div class="warning" id="overoptimisation-warning"><strong>⚠ Over-optimisation warning:</strong> '
+            f"{esc(', '.join(flagged))} — the proxy reward keeps rising while the gold score falls: the policy "
+            f"is exploiting the reward model. Consider an earlier checkpoint, a larger KL coefficient, or more "
+            f"preference data.</div>"
+        ) + head
     return head + "".join(boxes)
 
 
@@ -941,27 +1078,36 @@ def _policy_panels(policy: PolicyStage) -> str:
     dpo = any("rewards_chosen" in e or "margin" in e for e in entries)
     parts = []
     if online:
-        figure = panels_figure([
-            ("proxy score (reward model)", [curve(entries, "score")]),
-            ("gold score (same samples)", [curve(entries, "gold_score")]),
-            ("reward (score − β·KL)", [curve(entries, "reward")]),
-            ("KL to reference (per sequence)", [curve(entries, "kl", "k1"), curve(entries, "kl_k3", "k3")]),
-            ("entropy", [curve(entries, "entropy")]),
-            ("response length", [curve(entries, "response_length")]),
-            ("value loss", [curve(entries, "value_loss")]),
-            ("clip fraction", [curve(entries, "clipfrac")]),
-            ("approx KL (old → new)", [curve(entries, "approx_kl")]),
-        ])
+        figure = panels_figure(
+            [
+                ("proxy score (reward model)", [curve(entries, "score")]),
+                ("gold score (same samples)", [curve(entries, "gold_score")]),
+                ("reward (score − β·KL)", [curve(entries, "reward")]),
+                ("KL to reference (per sequence)", [curve(entries, "kl", "k1"), curve(entries, "kl_k3", "k3")]),
+                ("entropy", [curve(entries, "entropy")]),
+                ("response length", [curve(entries, "response_length")]),
+                ("value loss", [curve(entries, "value_loss")]),
+                ("clip fraction", [curve(entries, "clipfrac")]),
+                ("approx KL (old → new)", [curve(entries, "approx_kl")]),
+            ]
+        )
         parts.append(_img(figure, f"{policy.name}: online RL metrics", "No online-RL metrics logged."))
     if dpo:
-        figure = panels_figure([
-            ("preference accuracy", [curve(entries, "accuracy", "train"), curve(entries, "eval_accuracy", "eval")]),
-            ("reward margin", [curve(entries, "margin", "train"), curve(entries, "eval_margin", "eval")]),
-            ("implicit rewards", [curve(entries, "rewards_chosen", "chosen"),
-                                  curve(entries, "rewards_rejected", "rejected"),
-                                  curve(entries, "eval_rewards_chosen", "chosen (eval)"),
-                                  curve(entries, "eval_rewards_rejected", "rejected (eval)")]),
-        ])
+        figure = panels_figure(
+            [
+                ("preference accuracy", [curve(entries, "accuracy", "train"), curve(entries, "eval_accuracy", "eval")]),
+                ("reward margin", [curve(entries, "margin", "train"), curve(entries, "eval_margin", "eval")]),
+                (
+                    "implicit rewards",
+                    [
+                        curve(entries, "rewards_chosen", "chosen"),
+                        curve(entries, "rewards_rejected", "rejected"),
+                        curve(entries, "eval_rewards_chosen", "chosen (eval)"),
+                        curve(entries, "eval_rewards_rejected", "rejected (eval)"),
+                    ],
+                ),
+            ]
+        )
         parts.append(_img(figure, f"{policy.name}: DPO metrics", "No DPO metrics logged."))
     if not parts:
         parts.append(f'<p class="na">{esc(policy.directory)}/{METRICS_FILE} has no online-RL or DPO metrics.</p>')
@@ -971,9 +1117,13 @@ def _policy_panels(policy: PolicyStage) -> str:
 def _policy_section(data: RunData) -> str:
     if not data.policies:
         return '<p class="na">No policy stage.</p>'
-    return "".join(f'<h3 id="policy-{esc(p.name)}">{esc(p.name)}'
-                   + (f' <span class="small">({esc(p.directory)}/)</span>' if p.directory != p.name else "")
-                   + "</h3>" + _policy_panels(p) for p in data.policies)
+    return "".join(
+        f'<h3 id="policy-{esc(p.name)}">{esc(p.name)}'
+        + (f' <span class="small">({esc(p.directory)}/)</span>' if p.directory != p.name else "")
+        + "</h3>"
+        + _policy_panels(p)
+        for p in data.policies
+    )
 
 
 def _reward_section(data: RunData) -> str:
@@ -981,13 +1131,19 @@ def _reward_section(data: RunData) -> str:
     parts = []
     text = _accuracy_text(data.heldout) if isinstance(data.heldout, dict) else None
     if text:
-        parts.append(f'<p>Held-out accuracy: {esc(text)}.</p>')
+        parts.append(f"<p>Held-out accuracy: {esc(text)}.</p>")
     if reward is None:
         parts.append(f'<p class="na">No reward-model metrics: {REWARD_STAGE}/{METRICS_FILE} is missing.</p>')
     else:
-        parts.append(_img(panels_figure([("preference accuracy", [curve(reward, "accuracy", "train"),
-                                                                  curve(reward, "eval_accuracy", "eval")])]),
-                          "reward-model accuracy", "No accuracy logged."))
+        parts.append(
+            _img(
+                panels_figure(
+                    [("preference accuracy", [curve(reward, "accuracy", "train"), curve(reward, "eval_accuracy", "eval")])]
+                ),
+                "reward-model accuracy",
+                "No accuracy logged.",
+            )
+        )
     return "".join(parts)
 
 
@@ -999,9 +1155,17 @@ def _loss_section(data: RunData) -> str:
     ]
     for p in data.policies:
         entries = p.metrics or []
-        panels.append((f"{p.name} loss", [curve(entries, "loss", "train"), curve(entries, "eval_loss", "eval"),
-                                          curve(entries, "policy_loss", "policy loss"),
-                                          curve(entries, "value_loss", "value loss")]))
+        panels.append(
+            (
+                f"{p.name} loss",
+                [
+                    curve(entries, "loss", "train"),
+                    curve(entries, "eval_loss", "eval"),
+                    curve(entries, "policy_loss", "policy loss"),
+                    curve(entries, "value_loss", "value loss"),
+                ],
+            )
+        )
     absent = [f"{s}/{METRICS_FILE}" for s in (SFT_STAGE, REWARD_STAGE) if s not in data.metrics]
     absent += [f"{p.directory}/{METRICS_FILE}" for p in data.policies if p.metrics is None]
     out = _img(panels_figure(panels), "loss curves", "No loss curves logged.")
@@ -1030,23 +1194,32 @@ def _samples(evaluation: dict[str, Any] | None, main: str) -> str:
         base, pol = _num(s.get("gold_baseline")), _num(s.get("gold_policy"))
         better = "" if base is None or pol is None or base == pol else ("policy" if pol > base else "baseline")
 
-        def cell(text: Any, score: Any, who: str) -> str:
+        def cell(text: Any, score: Any, who: str, better: str = better) -> str:
             css = ' class="better"' if better == who else ""
-            return (f'<div{css}><div class="text">{esc(text if text is not None else "")}</div>'
-                    f'<div class="score">gold {fmt(score if score is not None else "–")}</div></div>')
+            return (
+                f'<div{css}><div class="text">{esc(text if text is not None else "")}</div>'
+                f'<div class="score">gold {fmt(score if score is not None else "–")}</div></div>'
+            )
 
-        rows.append([f'<div class="text">{esc(s.get("prompt", ""))}</div>',
-                     cell(s.get("baseline"), s.get("gold_baseline"), "baseline"),
-                     cell(s.get("policy"), s.get("gold_policy"), "policy")])
-    return (f'<p class="small">{len(rows)} held-out prompts; the higher gold score is shaded.</p>'
-            + _table(["prompt", "SFT baseline", f"main policy ({main})"], rows, "samples"))
+        rows.append(
+            [
+                f'<div class="text">{esc(s.get("prompt", ""))}</div>',
+                cell(s.get("baseline"), s.get("gold_baseline"), "baseline"),
+                cell(s.get("policy"), s.get("gold_policy"), "policy"),
+            ]
+        )
+    return f'<p class="small">{len(rows)} held-out prompts; the higher gold score is shaded.</p>' + _table(
+        ["prompt", "SFT baseline", f"main policy ({main})"], rows, "samples"
+    )
 
 
 def _timings(timings: dict[str, dict[str, Any]]) -> str:
     if not timings:
         return '<p class="na">No finished stages (no .stage.json markers).</p>'
-    rows = [[esc(stage), esc(fmt_duration(_num(t.get("seconds")) or 0.0)), esc(t.get("finished", "–"))]
-            for stage, t in timings.items()]
+    rows = [
+        [esc(stage), esc(fmt_duration(_num(t.get("seconds")) or 0.0)), esc(t.get("finished", "–"))]
+        for stage, t in timings.items()
+    ]
     return _table(["stage", "wall-clock", "finished"], rows, "narrow")
 
 
@@ -1088,20 +1261,22 @@ def render(data: RunData) -> str:
     total = sum(_num(t.get("seconds")) or 0.0 for t in data.timings.values())
     evaluation = data.evaluation if isinstance(data.evaluation, dict) else None
     main = _main_player(data)
-    colours = _colours([main, *[p.name for p in data.policies],
-                        *[p.name for p in players(evaluation, main, []) if p.kind == "policy"]])
+    colours = _colours(
+        [main, *[p.name for p in data.policies], *[p.name for p in players(evaluation, main, []) if p.kind == "policy"]]
+    )
 
-    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-           f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-           f'<title>rlhfkit report: {title}</title><style>{_CSS}</style></head><body><main>',
-           f'<h1>rlhfkit report: {title}</h1>',
-           f'<p class="subtitle">total wall-clock {esc(fmt_duration(total)) if data.timings else "unknown"} '
-           f'over {len(data.timings)} finished stage(s) · '
-           f'run directory <code>{esc(data.run_dir)}</code> · generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>']
+    out = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>rlhfkit report: {title}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>rlhfkit report: {title}</h1>",
+        f'<p class="subtitle">total wall-clock {esc(fmt_duration(total)) if data.timings else "unknown"} '
+        f"over {len(data.timings)} finished stage(s) · "
+        f"run directory <code>{esc(data.run_dir)}</code> · generated {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
+    ]
     if data.missing:
         items = "".join(f"<li>{esc(m)}</li>" for m in data.missing)
-        out.append(f'<div class="missing" id="missing-parts"><strong>Partial run — missing parts:</strong>'
-                   f'<ul>{items}</ul></div>')
+        out.append(f'<div class="missing" id="missing-parts"><strong>Partial run — missing parts:</strong><ul>{items}</ul></div>')
 
     out.append('<h2 id="headline">Headline</h2>' + _headline(data))
     out.append('<h2 id="frontier">Reward–KL frontier</h2>' + _frontier_section(data, colours))
@@ -1113,8 +1288,10 @@ def render(data: RunData) -> str:
     out.append('<h2 id="samples">Samples: before and after</h2>' + _samples(evaluation, main))
     out.append('<h2 id="stages">Stages</h2>' + _timings(data.timings))
     if data.pipeline is not None:
-        out.append(f"<details><summary>Run config ({PIPELINE_FILE})</summary>"
-                   f"<pre>{esc(json.dumps(data.pipeline, indent=2, default=str))}</pre></details>")
+        out.append(
+            f"<details><summary>Run config ({PIPELINE_FILE})</summary>"
+            f"<pre>{esc(json.dumps(data.pipeline, indent=2, default=str))}</pre></details>"
+        )
     out.append("</main></body></html>\n")
     return "\n".join(out)
 

@@ -37,8 +37,14 @@ import yaml
 from rlhfkit import forward, models, packing
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import (chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings,
-                                   tokenize_response)
+from rlhfkit.data.pairwise import (
+    chosen_rejected,
+    collate_pairs,
+    collate_rankings,
+    load_pair_splits,
+    tokenize_rankings,
+    tokenize_response,
+)
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
@@ -204,9 +210,18 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
 
 
 @torch.no_grad()
-def raw_scores(model, tokenizer, prompts: list, responses: list[str], *, batch_size: int = 16,
-               chat_template: bool = True, max_length: int = 1024, precision: str = "bf16",
-               progress: str | None = None) -> torch.Tensor:
+def raw_scores(
+    model,
+    tokenizer,
+    prompts: list,
+    responses: list[str],
+    *,
+    batch_size: int = 16,
+    chat_template: bool = True,
+    max_length: int = 1024,
+    precision: str = "bf16",
+    progress: str | None = None,
+) -> torch.Tensor:
     """Raw scalar scores of (prompt, response) pairs. Shape: (N,). ``progress``: a progress-bar title."""
     from tqdm.auto import tqdm
 
@@ -250,8 +265,15 @@ class RewardModel:
         self.precision, self.batch_size = precision, batch_size
 
     def raw(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        return raw_scores(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
-                          chat_template=self.chat_template, precision=self.precision)
+        return raw_scores(
+            self.model,
+            self.tokenizer,
+            prompts,
+            responses,
+            batch_size=self.batch_size,
+            chat_template=self.chat_template,
+            precision=self.precision,
+        )
 
     def __call__(self, prompts: list, responses: list[str], **kwargs) -> list[float]:
         return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
@@ -263,9 +285,18 @@ def _prompt_key(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[int, .
     return tuple(input_ids[:start])
 
 
-def heldout_accuracy(model, tokenizer, comparisons_or_examples: Sequence, *, batch_size: int = 16,
-                     max_length: int = 1024, chat_template: bool = True, precision: str = "bf16",
-                     seed: int = 0, resamples: int = 2000) -> dict:
+def heldout_accuracy(
+    model,
+    tokenizer,
+    comparisons_or_examples: Sequence,
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    chat_template: bool = True,
+    precision: str = "bf16",
+    seed: int = 0,
+    resamples: int = 2000,
+) -> dict:
     """Pairwise accuracy of a reward model on held-out comparisons, with a 95% prompt-clustered bootstrap interval.
 
     ``comparisons_or_examples``: :class:`~rlhfkit.data.records.Comparison` records (tokenised here
@@ -290,8 +321,7 @@ def heldout_accuracy(model, tokenizer, comparisons_or_examples: Sequence, *, bat
 
     examples = list(comparisons_or_examples)
     if examples and isinstance(examples[0], Comparison):
-        examples, _ = tokenize_rankings(tokenizer, examples, max_length=max_length, chat_template=chat_template,
-                                        keep_ties=True)
+        examples, _ = tokenize_rankings(tokenizer, examples, max_length=max_length, chat_template=chat_template, keep_ties=True)
     grouped = bool(examples) and "pairs" in examples[0]
     collate = collate_rankings if grouped else collate_pairs
 
@@ -334,8 +364,13 @@ def heldout_accuracy(model, tokenizer, comparisons_or_examples: Sequence, *, bat
                 clusters.append(key)
     finally:
         model.train(was_training)
-    result: dict = {"accuracy": None, "accuracy_ci": None, "num_pairs": len(correct),
-                    "num_prompts": len(set(clusters)), "ties": ties}
+    result: dict = {
+        "accuracy": None,
+        "accuracy_ci": None,
+        "num_pairs": len(correct),
+        "num_prompts": len(set(clusters)),
+        "ties": ties,
+    }
     if correct:
         estimate = cluster_accuracy(correct, clusters, resamples=resamples, seed=seed)
         result["accuracy"] = float(estimate.value)
@@ -359,15 +394,18 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
 
             model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).to(state.device)
             fp32_score_head(model)
-        result = heldout_accuracy(model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision,
-                                  seed=config.seed)
+        result = heldout_accuracy(
+            model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision, seed=config.seed
+        )
         if result["accuracy"] is None:  # readers of HELDOUT_FILE expect an accuracy; write none
             print(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
         else:
             atomic_write_text(out / HELDOUT_FILE, json.dumps(result, indent=2) + "\n")
             lo, hi = result["accuracy_ci"]
-            print(f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
-                  f"pairs ({result['num_prompts']} prompts)")
+            print(
+                f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
+                f"pairs ({result['num_prompts']} prompts)"
+            )
     state.wait_for_everyone()
 
 
@@ -416,8 +454,15 @@ def train(config: RewardConfig) -> FitResult:
     norm_samples = _norm_samples(config) if config.normalize else None
     tokenizer = _reward_tokenizer(config.model)
     train_set, eval_set = load_pair_splits(
-        tokenizer, config.data, eval_data=config.eval_data, eval_fraction=config.eval_fraction, seed=config.seed,
-        max_length=config.max_length, chat_template=config.chat_template, keep_ties=True, stage="reward",
+        tokenizer,
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=True,
+        stage="reward",
         grouped=config.group_rankings,
     )
     out = Path(config.output_dir)
@@ -440,9 +485,16 @@ def train(config: RewardConfig) -> FitResult:
         gain, bias = 1.0, 0.0
         if norm_samples is not None:
             prompts, responses = norm_samples
-            scores = raw_scores(target, tokenizer, prompts, responses, chat_template=config.chat_template,
-                                max_length=config.max_length, precision=config.precision,
-                                progress="reward: normalisation" if config.progress else None)
+            scores = raw_scores(
+                target,
+                tokenizer,
+                prompts,
+                responses,
+                chat_template=config.chat_template,
+                max_length=config.max_length,
+                precision=config.precision,
+                progress="reward: normalisation" if config.progress else None,
+            )
             std = float(scores.std()) if len(scores) > 1 else 1.0
             gain = 1.0 / max(std, 1e-6)
             bias = -float(scores.mean()) * gain

@@ -14,8 +14,8 @@ the documented interface says; a reward model sees the full prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 RewardFn = Callable[..., list[float]]
 

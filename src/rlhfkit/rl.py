@@ -57,7 +57,16 @@ from tqdm.auto import tqdm
 from rlhfkit import models
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
-from rlhfkit.loop import CheckpointError, Checkpointer, TrainOptions, _reduce_sum, epoch_order, make_accelerator, prepare, shard_indices
+from rlhfkit.loop import (
+    Checkpointer,
+    CheckpointError,
+    TrainOptions,
+    _reduce_sum,
+    epoch_order,
+    make_accelerator,
+    prepare,
+    shard_indices,
+)
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
@@ -214,20 +223,30 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     def policy_loss_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`rlhfkit.losses.policy_loss` for this config, after checking the loss fields."""
         if self.clip == "symmetric" and (self.clip_eps_low, self.clip_eps_high) != (None, None):
-            raise ConfigError("clip=symmetric clips to [1 - clip_eps, 1 + clip_eps]; set clip=asymmetric (or cispo, "
-                             "dual) to use clip_eps_low / clip_eps_high")
+            raise ConfigError(
+                "clip=symmetric clips to [1 - clip_eps, 1 + clip_eps]; set clip=asymmetric (or cispo, "
+                "dual) to use clip_eps_low / clip_eps_high"
+            )
         if self.clip == "dual" and not self.dual_clip_c > 1:
             raise ConfigError(f"dual_clip_c must be > 1 (got {self.dual_clip_c})")
         if self.log_ratio_clamp < 0:
             raise ConfigError(f"log_ratio_clamp must be >= 0 (got {self.log_ratio_clamp})")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
-            raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}] (got {self.overlong_buffer})")
+            raise ConfigError(
+                f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}] (got {self.overlong_buffer})"
+            )
         if self.drop_zero_variance_groups and self.algorithm not in ("grpo", "rloo"):
             raise ConfigError(f"drop_zero_variance_groups needs groups: algorithm grpo or rloo (got {self.algorithm})")
         low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
         high = self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
-        return dict(ratio_level=self.ratio_level, clip=self.clip, clip_eps_low=low, clip_eps_high=high,
-                    dual_clip_c=self.dual_clip_c, log_ratio_clamp=self.log_ratio_clamp)
+        return dict(
+            ratio_level=self.ratio_level,
+            clip=self.clip,
+            clip_eps_low=low,
+            clip_eps_high=high,
+            dual_clip_c=self.dual_clip_c,
+            log_ratio_clamp=self.log_ratio_clamp,
+        )
 
 
 @dataclass
@@ -297,8 +316,16 @@ def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: 
     """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``."""
     sub = rollout.select(rows)
     if packed:
-        return packed_response_logps(model, sub.query_ids, sub.query_mask, sub.response_ids, sub.response_mask,
-                                     temperature=rollout.temperature, with_entropy=with_entropy, device=device)
+        return packed_response_logps(
+            model,
+            sub.query_ids,
+            sub.query_mask,
+            sub.response_ids,
+            sub.response_mask,
+            temperature=rollout.temperature,
+            with_entropy=with_entropy,
+            device=device,
+        )
     input_ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
     response_ids = sub.response_ids.to(device)
     logits, values = response_logits(model, input_ids, mask, response_ids.shape[1])
@@ -355,9 +382,16 @@ class RLTrainer:
         self.P = self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.prompts) // (c.batch_size * self.P))
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_epochs * self.steps_per_epoch))
-        optimizer = build_optimizer(model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
-        self.scheduler = build_scheduler(optimizer, warmup_steps=int(c.warmup_ratio * self.total_steps),
-                                         total_steps=self.total_steps, schedule=c.lr_schedule, min_lr_ratio=c.min_lr_ratio)
+        optimizer = build_optimizer(
+            model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps
+        )
+        self.scheduler = build_scheduler(
+            optimizer,
+            warmup_steps=int(c.warmup_ratio * self.total_steps),
+            total_steps=self.total_steps,
+            schedule=c.lr_schedule,
+            min_lr_ratio=c.min_lr_ratio,
+        )
         self.model, self.optimizer = prepare(self.acc, model, optimizer)
         # The scheduler is not registered with accelerate (which pickles it): the Checkpointer saves it as JSON.
         gen_precision = c.generation_precision
@@ -373,9 +407,16 @@ class RLTrainer:
         if c.rollout_engine == "vllm":
             from rlhfkit.vllm_engine import VLLMEngine
 
-            return VLLMEngine(policy, self.tokenizer, models.resolve(c.policy), gpu_memory_utilization=c.vllm_gpu_memory_utilization,
-                              seed=c.seed, rank=self.acc.process_index, local_rank=self.acc.local_process_index,
-                              world_size=self.acc.num_processes)
+            return VLLMEngine(
+                policy,
+                self.tokenizer,
+                models.resolve(c.policy),
+                gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                seed=c.seed,
+                rank=self.acc.process_index,
+                local_rank=self.acc.local_process_index,
+                world_size=self.acc.num_processes,
+            )
         if c.rollout_engine != "hf":
             raise ValueError(f"rollout_engine must be hf or vllm, not {c.rollout_engine!r}")
         return HFEngine(policy, self.tokenizer, precision=precision)
@@ -383,8 +424,7 @@ class RLTrainer:
     def _load_ptx(self):
         from rlhfkit.data.sft import load_sft_file, tokenize_sft
 
-        examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data),
-                                   max_length=self.config.ptx_max_length)
+        examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data), max_length=self.config.ptx_max_length)
         return examples
 
     # ---------------------------------------------------------------- 1-4: rollout, score, advantages
@@ -486,8 +526,11 @@ class RLTrainer:
             "time_score_forward": fwd_time,
         }
         if kl_k1 is not None:
-            stats.update(kl=kl_k1.sum(-1).mean().item(), kl_k3=kl_k3.sum(-1).mean().item(),
-                         reward=(scores - beta * kl.sum(-1)).mean().item())
+            stats.update(
+                kl=kl_k1.sum(-1).mean().item(),
+                kl_k3=kl_k3.sum(-1).mean().item(),
+                reward=(scores - beta * kl.sum(-1)).mean().item(),
+            )
         if entropy:
             stats["entropy"] = masked_mean(torch.cat(entropy), mask).item()
         scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl, keep)
@@ -507,7 +550,9 @@ class RLTrainer:
         loss_options = c.policy_loss_options()
         keep = scored.keep  # rows that count in the loss (None: all)
         for _epoch in range(c.ppo_epochs):
-            order = torch.randperm(B, generator=generator).tolist() if c.ppo_epochs > 1 or c.num_minibatches > 1 else list(range(B))
+            order = (
+                torch.randperm(B, generator=generator).tolist() if c.ppo_epochs > 1 or c.num_minibatches > 1 else list(range(B))
+            )
             epoch_kl, epoch_tokens = 0.0, 0.0
             for mb in _micro_batches(B, c.num_minibatches):
                 mb_rows = [order[i] for i in mb]
@@ -526,7 +571,9 @@ class RLTrainer:
                     loss_mask = mask if keep is None else mask & keep[rows].to(device)[:, None]
                     with acc.accumulate(self.model):
                         with acc.autocast():
-                            logps, values, entropy = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
+                            logps, values, entropy = _forward(
+                                self.model, rollout, rows, device, with_entropy=True, packed=c.packing
+                            )
                         logps = logps.float()
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
                         adv = scored.advantages[rows].to(device)
@@ -537,15 +584,21 @@ class RLTrainer:
                         if c.algorithm == "grpo" and self.kl_ctl.value > 0:
                             loss_tokens = loss_tokens + self.kl_ctl.value * k3
                         if values is not None:
-                            v_losses, v_clipped = ppo_value_loss(values, scored.values[rows].to(device),
-                                                                 scored.returns[rows].to(device), c.value_clip_eps)
+                            v_losses, v_clipped = ppo_value_loss(
+                                values, scored.values[rows].to(device), scored.returns[rows].to(device), c.value_clip_eps
+                            )
                         if c.loss_type == "dapo":  # the token mean over the minibatch (the default): one masked sum
                             if values is not None:
                                 loss_tokens = loss_tokens + c.vf_coef * v_losses
                             loss = torch.where(loss_mask, loss_tokens, 0.0).sum() * scale
                         else:  # the policy (and grpo's KL) term per loss_type; the value loss stays the token mean
-                            weights = loss_token_weights(loss_mask, c.loss_type, num_seqs=global_seqs,
-                                                         num_tokens=global_tokens, max_new_tokens=c.max_new_tokens)
+                            weights = loss_token_weights(
+                                loss_mask,
+                                c.loss_type,
+                                num_seqs=global_seqs,
+                                num_tokens=global_tokens,
+                                max_new_tokens=c.max_new_tokens,
+                            )
                             # bnpo's weights give this micro-batch's mean, which accelerate and DDP average as they are.
                             times = 1 if c.loss_type == "bnpo" else c.grad_accum * self.P
                             loss = (weights * torch.where(loss_mask, loss_tokens, 0.0)).sum() * times
@@ -623,9 +676,16 @@ class RLTrainer:
         if self.gold_fn is None:
             raise ValueError("probe_points > 0 needs a gold scorer (`gold`)")
         policy = self.acc.unwrap_model(self.model).policy
-        return FrontierProbe(c, tokenizer=self.tokenizer, reference=self.ref if self.ref is not None else policy,
-                             gold=self.gold_fn, proxy=self.reward_fn, output_dir=output_dir, seed=c.seed,
-                             precision=c.precision)
+        return FrontierProbe(
+            c,
+            tokenizer=self.tokenizer,
+            reference=self.ref if self.ref is not None else policy,
+            gold=self.gold_fn,
+            proxy=self.reward_fn,
+            output_dir=output_dir,
+            seed=c.seed,
+            precision=c.precision,
+        )
 
     def run_probe(self, probe: FrontierProbe) -> None:
         """Probe on the main process only (the unwrapped policy; see :mod:`rlhfkit.probe` on sharded models)."""
@@ -664,8 +724,14 @@ def train(config: RLConfig) -> RLTrainer:
     probe = trainer.make_probe(out) if c.probe_points > 0 else None
     if probe is not None:
         trainer.run_probe(probe)  # step 0: the starting policy (or the resumed step, if it was a probe step)
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, unit="step", dynamic_ncols=True,
-               disable=not (c.progress and acc.is_main_process), desc=f"{c.algorithm}")
+    bar = tqdm(
+        total=trainer.total_steps,
+        initial=trainer.step_count,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (c.progress and acc.is_main_process),
+        desc=f"{c.algorithm}",
+    )
     while trainer.step_count < trainer.total_steps:
         t0 = time.perf_counter()
         scored, roll_stats = trainer.rollout_and_score(trainer.prompts_for_step(trainer.step_count))
@@ -683,16 +749,25 @@ def train(config: RLConfig) -> RLTrainer:
             logger.log(trainer.step_count, metrics)
             if acc.is_main_process and c.log_samples > 0:
                 for i in range(min(c.log_samples, len(scored.rollout.responses))):
-                    append_jsonl(out / "samples.jsonl", {"step": trainer.step_count, "prompt": scored.rollout.prompts[i],
-                                                         "response": scored.rollout.responses[i], "score": float(scored.scores[i])})
+                    append_jsonl(
+                        out / "samples.jsonl",
+                        {
+                            "step": trainer.step_count,
+                            "prompt": scored.rollout.prompts[i],
+                            "response": scored.rollout.responses[i],
+                            "score": float(scored.scores[i]),
+                        },
+                    )
                 logger.log_text(trainer.step_count, "sample", scored.rollout.responses[0])
         if probe is not None:
             trainer.run_probe(probe)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}", s_step=f"{metrics['time_step']:.1f}")
         if c.save_every > 0 and trainer.step_count % c.save_every == 0:
-            checkpointer.save(trainer.step_count, {"step": trainer.step_count, "kl_coef": trainer.kl_ctl.value,
-                                                   "total_steps": trainer.total_steps})
+            checkpointer.save(
+                trainer.step_count,
+                {"step": trainer.step_count, "kl_coef": trainer.kl_ctl.value, "total_steps": trainer.total_steps},
+            )
     bar.close()
     logger.close()
     acc.wait_for_everyone()
@@ -703,16 +778,19 @@ def train(config: RLConfig) -> RLTrainer:
             if unwrapped.value_head is not None:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
+                save_file(
+                    {k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors")
+                )
             if unwrapped.critic is not None:
                 unwrapped.critic.save_pretrained(out / "critic")
         except Exception as e:  # a full disk: one line from the CLI, not safetensors' traceback
             if not models.is_write_failure(e):
                 raise
-            raise CheckpointError(f"cannot save the value model to {out}: {models.describe_write_failure(e)}; "
-                                  f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves "
-                                  "again") from e
+            raise CheckpointError(
+                f"cannot save the value model to {out}: {models.describe_write_failure(e)}; "
+                f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves "
+                "again"
+            ) from e
         atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "kl_coef": trainer.kl_ctl.value}))
     acc.wait_for_everyone()
     return trainer
-

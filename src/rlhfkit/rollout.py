@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 
 from rlhfkit import models
 
 Messages = list[dict[str, str]]
-Prompt = Union[str, Messages]
+Prompt = str | Messages
 
 
 @dataclass
@@ -60,8 +60,8 @@ def encode_prompts(tokenizer, prompts: list[Prompt], *, chat_template: bool = Tr
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = True
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = True
     return ids, mask
 
 
@@ -178,8 +178,12 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     """
     # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
-    usable = (linears and linears[0].weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    usable = (
+        linears
+        and linears[0].weight.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
     if not usable:
         yield
         return
@@ -193,6 +197,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     def plain_forward(matmul):
         def forward(x: torch.Tensor) -> torch.Tensor:
             return matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).reshape(*x.shape[:-1], -1)
+
         return forward
 
     def first_forward(matmul, sizes: list[int], kept: dict):
@@ -200,6 +205,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
             parts = matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16)).split(sizes, dim=-1)
             kept.update(input=x, parts=list(parts))
             return parts[0].reshape(*x.shape[:-1], -1)
+
         return forward
 
     def sibling_forward(i: int, layer: torch.nn.Linear, kept: dict):
@@ -215,6 +221,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
                 with torch.no_grad():
                     own.append(plain_forward(packed(layer.weight, layer.bias)))
             return own[0](x)
+
         return forward
 
     with torch.no_grad():
@@ -292,9 +299,13 @@ def _lean_decodable(layer) -> bool:
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     parts = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
-    return (all(p is not None for p in parts) and getattr(attn.config, "hidden_act", None) == "silu"
-            and getattr(attn.config, "_attn_implementation", None) == ATTENTION
-            and not any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sinks")) and hasattr(layer.input_layernorm, "variance_epsilon"))
+    return (
+        all(p is not None for p in parts)
+        and getattr(attn.config, "hidden_act", None) == "silu"
+        and getattr(attn.config, "_attn_implementation", None) == ATTENTION
+        and not any(hasattr(attn, n) for n in ("q_norm", "k_norm", "sinks"))
+        and hasattr(layer.input_layernorm, "variance_epsilon")
+    )
 
 
 def _lean_decode_forward(layer, full_forward, step: dict):
@@ -328,11 +339,20 @@ def _lean_decode_forward(layer, full_forward, step: dict):
         weight, eps = norms[which]
         return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
-    def forward(hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs):
+    def forward(
+        hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
+    ):
         # Prefill, and a residual stream not in fp32 (transformers' norm computes in fp32 and casts back), take the full layer.
         if hidden_states.shape[1] != 1 or cache is None or position_embeddings is None or hidden_states.dtype != torch.float32:
-            return full_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                                use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+            return full_forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
         rows = hidden_states.shape[0]
         x = hidden_states[:, 0]  # (B, hidden)
         cos, sin = position_embeddings  # (B, 1, head_dim)
@@ -431,9 +451,9 @@ def common_start_first(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tup
     width = ids.shape[1]
     for b, row in enumerate(rows):
         pad = width - len(row)
-        ids[b, :n], ids[b, n + pad:] = query_ids[b, pad:pad + n], query_ids[b, pad + n:]
-        ids[b, n:n + pad] = query_ids[b, :pad]
-        mask[b, :n], mask[b, n:n + pad], mask[b, n + pad:] = 1, 0, 1
+        ids[b, :n], ids[b, n + pad :] = query_ids[b, pad : pad + n], query_ids[b, pad + n :]
+        ids[b, n : n + pad] = query_ids[b, :pad]
+        mask[b, :n], mask[b, n : n + pad], mask[b, n + pad :] = 1, 0, 1
     return ids, mask, n
 
 
@@ -451,15 +471,26 @@ def _shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tenso
     width = query_ids.shape[1]
     if (unique.shape[0] == query_ids.shape[0] and start == 0) or width < 2:
         return None
-    ids, mask = unique[:, :width - 1], unique[:, width:2 * width - 1]
+    ids, mask = unique[:, : width - 1], unique[:, width : 2 * width - 1]
     if start > 0:
-        out = model(input_ids=ids[:1, :start], position_ids=torch.arange(start, device=ids.device)[None],
-                    use_cache=True, cache=cache, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:1, :start],
+            position_ids=torch.arange(start, device=ids.device)[None],
+            use_cache=True,
+            cache=cache,
+            logits_to_keep=1,
+        )
         cache = out.cache
         cache.reorder_cache(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
     if width - 1 > start:
-        out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, start:],
-                    use_cache=True, cache=cache, logits_to_keep=1)
+        out = model(
+            input_ids=ids[:, start:],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask)[:, start:],
+            use_cache=True,
+            cache=cache,
+            logits_to_keep=1,
+        )
         cache = out.cache
     cache.reorder_cache(inverse.to(ids.device))
     return cache
@@ -492,8 +523,15 @@ class HFEngine:
         tok = self.tokenizer
         device = next(self.model.parameters()).device
         # Greedy decoding of the logits our sampler leaves: exactly its sampled token.
-        kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs = dict(
+            max_new_tokens=options.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         if options.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
         was_training = self.model.training
@@ -507,7 +545,7 @@ class HFEngine:
             kwargs["cache"] = cache if shared is None else shared
             out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
         self.model.train(was_training)
-        response = out[:, query_ids.shape[1]:]
+        response = out[:, query_ids.shape[1] :]
         # Anything after the first EOS becomes EOS/pad so masks are exact.
         mask, _ = response_mask_from_ids(response, tok.eos_token_id)
         return torch.where(mask, response, torch.full_like(response, tok.pad_token_id)).cpu()
@@ -568,20 +606,31 @@ class Rollout:
         """(B,) response lengths in tokens (EOS included)."""
         return self.response_mask.sum(-1)
 
-    def select(self, rows: list[int] | torch.Tensor) -> "Rollout":
+    def select(self, rows: list[int] | torch.Tensor) -> Rollout:
         """The sub-batch of the given rows."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         idx = rows.tolist()
         return Rollout(
-            prompts=[self.prompts[i] for i in idx], responses=[self.responses[i] for i in idx],
-            query_ids=self.query_ids[rows], query_mask=self.query_mask[rows],
-            response_ids=self.response_ids[rows], response_mask=self.response_mask[rows],
-            has_eos=self.has_eos[rows], temperature=self.temperature,
+            prompts=[self.prompts[i] for i in idx],
+            responses=[self.responses[i] for i in idx],
+            query_ids=self.query_ids[rows],
+            query_mask=self.query_mask[rows],
+            response_ids=self.response_ids[rows],
+            response_mask=self.response_mask[rows],
+            has_eos=self.has_eos[rows],
+            temperature=self.temperature,
         )
 
 
-def make_rollout(engine: RolloutEngine, tokenizer, prompts: list[Prompt], options: GenerationOptions,
-                 *, samples_per_prompt: int = 1, chat_template: bool = True) -> Rollout:
+def make_rollout(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: list[Prompt],
+    options: GenerationOptions,
+    *,
+    samples_per_prompt: int = 1,
+    chat_template: bool = True,
+) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt)."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     query_ids, query_mask = encode_prompts(tokenizer, repeated, chat_template=chat_template)
@@ -593,7 +642,12 @@ def make_rollout(engine: RolloutEngine, tokenizer, prompts: list[Prompt], option
         response_mask, has_eos = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(torch.where(response_mask, response_ids, tokenizer.pad_token_id), skip_special_tokens=True)
     return Rollout(
-        prompts=repeated, responses=[t.strip() for t in texts], query_ids=query_ids, query_mask=query_mask,
-        response_ids=response_ids, response_mask=response_mask, has_eos=has_eos,
+        prompts=repeated,
+        responses=[t.strip() for t in texts],
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        has_eos=has_eos,
         temperature=options.temperature if options.temperature > 0 else 1.0,
     )

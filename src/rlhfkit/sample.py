@@ -34,9 +34,21 @@ from tqdm.auto import tqdm
 
 from rlhfkit import models
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import (DataError, Row, atomic_open, atomic_temp_pattern, compare_settings, fsync_path,
-                             read_jsonl_log, read_rows, remove_stale_temps, settings_path, short_repr, start_over,
-                             write_settings)
+from rlhfkit.data.io import (
+    DataError,
+    Row,
+    atomic_open,
+    atomic_temp_pattern,
+    compare_settings,
+    fsync_path,
+    read_jsonl_log,
+    read_rows,
+    remove_stale_temps,
+    settings_path,
+    short_repr,
+    start_over,
+    write_settings,
+)
 from rlhfkit.rollout import GenerationOptions, HFGenerator
 
 
@@ -97,8 +109,11 @@ def model_identity(spec: str) -> str:
         digest = hashlib.sha256()
         config = path / "config.json"
         digest.update(config.read_bytes() if config.is_file() else b"")
-        weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
-                         if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        weights = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in path.iterdir()
+            if f.is_file() and f.suffix in WEIGHT_SUFFIXES
+        )
         digest.update(json.dumps(weights).encode())
         return "sha256:" + digest.hexdigest()
     if path.is_file():
@@ -110,9 +125,14 @@ def sampling_settings(config: SampleConfig) -> dict[str, Any]:
     """What the records of ``config.output`` depend on, besides their prompts: recorded beside it, and compared
     on a re-run (:attr:`SampleConfig.resume`)."""
     return {
-        "model": config.model, "model_files": model_identity(config.model),
-        "temperatures": list(config.temperatures), "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-        "stop": list(config.stop), "seed": config.seed, "precision": config.precision,
+        "model": config.model,
+        "model_files": model_identity(config.model),
+        "temperatures": list(config.temperatures),
+        "top_p": config.top_p,
+        "max_new_tokens": config.max_new_tokens,
+        "stop": list(config.stop),
+        "seed": config.seed,
+        "precision": config.precision,
     }
 
 
@@ -140,10 +160,6 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     text = text.strip()
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut].strip()
-
-
-
-
 
 
 def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: dict[str, Any]) -> set[int]:
@@ -177,8 +193,9 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
         changes["prompt"] = f"{len(wrong_prompt)} of {len(rows)} records differ from {where} (first: {detail})"
     if wrong_temperatures and "temperatures" not in changes:
         sampled_at = wrong_temperatures[0].data.get("temperatures")
-        changes["temperatures"] = (f"{len(wrong_temperatures)} of {len(rows)} records were sampled at "
-                                   f"{sampled_at!r}, the config has {temperatures!r}")
+        changes["temperatures"] = (
+            f"{len(wrong_temperatures)} of {len(rows)} records were sampled at {sampled_at!r}, the config has {temperatures!r}"
+        )
     if changes:
         listing = "; ".join(f"{key}: {change}" for key, change in changes.items())
         if config.resume == "force":
@@ -187,10 +204,13 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
         raise ConfigError(
             f"sample: cannot resume {output}: its {len(rows)} records were sampled under other settings ({listing}); "
             f"set resume=never to delete it (and {settings_path(output)}) and start over, write to another output, "
-            "or set resume=force to keep its records anyway")
+            "or set resume=force to keep its records anyway"
+        )
     if saved is None:
-        print(f"sample: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
-              "its prompts and temperatures match, but the model and the other sampling settings could not be checked")
+        print(
+            f"sample: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
+            "its prompts and temperatures match, but the model and the other sampling settings could not be checked"
+        )
     return done
 
 
@@ -224,8 +244,10 @@ def run(config: SampleConfig) -> Path:
         drop = {i for batch in partial for i in batch}
         removed = _drop_records(output, rows, drop)
         done -= drop
-        print(f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
-              f"(prompt_index {', '.join(f'{b[0]}-{b[-1]}' for b in partial)}); sampling them again whole")
+        print(
+            f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
+            f"(prompt_index {', '.join(f'{b[0]}-{b[-1]}' for b in partial)}); sampling them again whole"
+        )
     todo = [batch for batch in grid if not done.issuperset(batch)]
     if not todo:
         print(f"sample: all {len(prompts)} prompts already in {output}")
@@ -233,20 +255,28 @@ def run(config: SampleConfig) -> Path:
     tokenizer = models.load_tokenizer(config.model)
     model = models.load_causal_lm(config.model).eval()
     generator = HFGenerator(model, tokenizer, precision=config.precision)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(map(len, todo)), unit="prompt",
-               disable=not config.progress, desc="sample")
+    bar = tqdm(
+        total=len(prompts), initial=len(prompts) - sum(map(len, todo)), unit="prompt", disable=not config.progress, desc="sample"
+    )
     with open(output, "ab", buffering=0) as f:
         for k, batch in enumerate(todo):
             torch.manual_seed(config.seed * 1_000_003 + batch[0])
             responses = _sample_batch(generator, [prompts[i] for i in batch], config)
             if k == 0:  # before the first new record (not before a failed load): what every record now matches
                 write_settings(output, settings)
-            text = "".join(json.dumps({
-                "prompt_index": index,
-                "prompt": prompts[index],
-                "responses": [cut_at_stop(r[j], config.stop) for r in responses],
-                "temperatures": list(config.temperatures),
-            }, ensure_ascii=False) + "\n" for j, index in enumerate(batch))
+            text = "".join(
+                json.dumps(
+                    {
+                        "prompt_index": index,
+                        "prompt": prompts[index],
+                        "responses": [cut_at_stop(r[j], config.stop) for r in responses],
+                        "temperatures": list(config.temperatures),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for j, index in enumerate(batch)
+            )
             _append_whole(f, text.encode("utf-8"))
             bar.update(len(batch))
     bar.close()

@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -145,7 +145,9 @@ class LocalChatModel:
     def token_room(self, messages: Messages) -> int | None:
         return None if self.context is None else self.context - self._prompt_tokens(messages)
 
-    def chat(self, messages: Messages, *, n: int = 1, temperature: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS) -> Completion:
+    def chat(
+        self, messages: Messages, *, n: int = 1, temperature: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS
+    ) -> Completion:
         """``n`` replies (``temperature`` 0 = greedy, so all ``n`` are then identical)."""
         from rlhfkit.rollout import GenerationOptions
 
@@ -191,7 +193,7 @@ def make_backend(model: str, backend: str = "", *, precision: str = "bf16") -> C
 
 class ChatMessage(BaseModel):
     role: str
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
     """Text, or OpenAI's list of content parts (only the text parts are used)."""
 
 
@@ -207,8 +209,8 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     """OpenAI's default 1.0; 0 is greedy."""
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     """OpenAI's newer name for ``max_tokens``; either works (default :data:`DEFAULT_MAX_TOKENS`)."""
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
@@ -226,8 +228,11 @@ def message_text(content: Any) -> str:
         return content
     if not isinstance(content, list):
         raise TypeError(f"message content is neither text nor a list of content parts: {content!r:.200}")
-    return "".join(part["text"] for part in content if isinstance(part, dict)
-                   and part.get("type", "text") == "text" and isinstance(part.get("text"), str))
+    return "".join(
+        part["text"]
+        for part in content
+        if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str)
+    )
 
 
 def _error_body(status: int, message: str) -> dict:
@@ -236,8 +241,13 @@ def _error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": kind, "code": status}}
 
 
-def create_app(backend: ChatBackend, model_name: str, *, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               max_body_bytes: int = MAX_BODY_BYTES):
+def create_app(
+    backend: ChatBackend,
+    model_name: str,
+    *,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    max_body_bytes: int = MAX_BODY_BYTES,
+):
     """The FastAPI app serving ``backend`` under the name ``model_name``.
 
     ``max_tokens_limit``: the most completion tokens a request may ask for (the model's
@@ -278,8 +288,9 @@ def create_app(backend: ChatBackend, model_name: str, *, max_tokens_limit: int =
         if request.stream:
             raise HTTPException(400, "streaming is not supported by rlhfkit serve")
         messages = [{"role": m.role, "content": message_text(m.content)} for m in request.messages]
-        max_tokens = _max_tokens(backend.token_room(messages), request.max_tokens or request.max_completion_tokens,
-                                 max_tokens_limit)
+        max_tokens = _max_tokens(
+            backend.token_room(messages), request.max_tokens or request.max_completion_tokens, max_tokens_limit
+        )
         try:
             out = backend.chat(messages, n=request.n, temperature=request.temperature, max_tokens=max_tokens)
         except StarletteHTTPException:  # the backend chose the status (fastapi's class is a subclass)
@@ -322,8 +333,11 @@ def _max_tokens(room: int | None, asked: int | None, limit: int) -> int:
 
     if room is not None and room < 1:
         raise HTTPException(400, f"the prompt leaves no room in the model's context ({-room} tokens too long)")
-    cap, why = (limit, "the server's max_tokens_limit") if room is None or limit <= room else (
-        room, "the model's context minus the prompt")
+    cap, why = (
+        (limit, "the server's max_tokens_limit")
+        if room is None or limit <= room
+        else (room, "the model's context minus the prompt")
+    )
     if asked is not None and asked > cap:
         raise HTTPException(400, f"max_tokens {asked} is over this request's limit of {cap} ({why})")
     return asked if asked is not None else min(DEFAULT_MAX_TOKENS, cap)
@@ -352,9 +366,17 @@ async def _drain(receive: Any, limit: int) -> None:
 async def reject(send: Any, status: int, payload: dict) -> None:
     """Answer an ASGI request with ``status`` and the JSON ``payload``, closing the connection."""
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -366,8 +388,7 @@ class BodyLimit:
     own error shape (default ``{"detail": message}``, FastAPI's).
     """
 
-    def __init__(self, app: Any, *, max_body_bytes: int,
-                 error: Callable[[str], dict] = lambda message: {"detail": message}):
+    def __init__(self, app: Any, *, max_body_bytes: int, error: Callable[[str], dict] = lambda message: {"detail": message}):
         self.app, self.max_body_bytes, self.error = app, max_body_bytes, error
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -430,8 +451,15 @@ def _uvicorn_server(app, *, log_level: str):
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "", *, precision: str = "bf16",
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> None:
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "",
+    *,
+    precision: str = "bf16",
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+) -> None:
     """Serve ``model`` (or the function ``backend``) until interrupted.
 
     ``port=0`` picks a free port; the address is printed to stderr as
@@ -460,9 +488,11 @@ class ServerThread:
         self.host, self.port = host, self._sock.getsockname()[1]
         self.base_url = f"http://{_url_host(host)}:{self.port}/v1"
         self._server = _uvicorn_server(app, log_level=log_level)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="rlhfkit-serve")
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="rlhfkit-serve"
+        )
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -482,7 +512,13 @@ class ServerThread:
 
 
 def start_in_thread(
-    model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", *, precision: str = "bf16", log_level: str = "warning",
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    backend: str = "",
+    *,
+    precision: str = "bf16",
+    log_level: str = "warning",
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
 ) -> ServerThread:
     """Start :func:`serve`'s server in a daemon thread (``port=0``: a free port) and wait until it accepts requests."""
@@ -491,7 +527,9 @@ def start_in_thread(
 
 
 @contextmanager
-def running_server(model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", **kwargs: Any) -> Iterator[ServerThread]:
+def running_server(
+    model: str, host: str = "127.0.0.1", port: int = 0, backend: str = "", **kwargs: Any
+) -> Iterator[ServerThread]:
     """``with running_server("tiny") as server: ... server.base_url ...`` - stopped on exit."""
     server = start_in_thread(model, host, port, backend, **kwargs)
     try:
@@ -504,15 +542,33 @@ def running_server(model: str, host: str = "127.0.0.1", port: int = 0, backend: 
 
 
 def build_parser(prog: str = "rlhfkit serve") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Serve a model (or a Python function) with an OpenAI-compatible chat API.")
-    parser.add_argument("model", help="model spec (smollm2-135m, tiny, a .gguf file, a model directory); with --backend, just the served name")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; the server has no auth)")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a model (or a Python function) with an OpenAI-compatible chat API."
+    )
+    parser.add_argument(
+        "model", help="model spec (smollm2-135m, tiny, a .gguf file, a model directory); with --backend, just the served name"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only; the server has no auth)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the address is printed to stderr)")
-    parser.add_argument("--backend", default="", metavar="MODULE:FUNCTION", help="serve fn(messages) -> str instead of a model (imported from the working directory)")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute precision of the model backend")
-    parser.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, metavar="N",
-                        help=f"the most completion tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}; "
-                             "the model's context minus the prompt caps it too)")
+    parser.add_argument(
+        "--backend",
+        default="",
+        metavar="MODULE:FUNCTION",
+        help="serve fn(messages) -> str instead of a model (imported from the working directory)",
+    )
+    parser.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp32", "fp16"], help="compute precision of the model backend"
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_LIMIT,
+        metavar="N",
+        help=f"the most completion tokens a request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT}; "
+        "the model's context minus the prompt caps it too)",
+    )
     return parser
 
 

@@ -94,11 +94,15 @@ def train(config: SFTConfig) -> FitResult:
     )
     if not train_set:
         if not conversations:
-            why = (f"all {len(eval_conversations)} example(s) went to the held-out split "
-                   f"(eval_fraction={config.eval_fraction}); add examples, set eval_fraction=0 or give eval_data")
+            why = (
+                f"all {len(eval_conversations)} example(s) went to the held-out split "
+                f"(eval_fraction={config.eval_fraction}); add examples, set eval_fraction=0 or give eval_data"
+            )
         else:
-            why = (f"all {len(conversations)} training example(s) were longer than max_length={config.max_length} "
-                   f"({stats.dropped} dropped, overlong={config.overlong})")
+            why = (
+                f"all {len(conversations)} training example(s) were longer than max_length={config.max_length} "
+                f"({stats.dropped} dropped, overlong={config.overlong})"
+            )
         raise DataError(data_path, None, None, f"no training examples left: {why}")
 
     out = Path(config.output_dir)

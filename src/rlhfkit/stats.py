@@ -144,12 +144,7 @@ def paired_bootstrap(per_unit: Sequence[float], *, resamples: int = 2000, level:
 
 
 def cluster_accuracy(
-    correct: Sequence[float],
-    clusters: Sequence[Hashable],
-    *,
-    resamples: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
+    correct: Sequence[float], clusters: Sequence[Hashable], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> Estimate:
     """Accuracy over pairs with a cluster bootstrap interval: pairs of one prompt are resampled together.
 

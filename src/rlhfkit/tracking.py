@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlhfkit.data.io import append_jsonl, read_jsonl_records, truncate_jsonl_by_step, write_jsonl
 

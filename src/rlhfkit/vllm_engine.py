@@ -70,13 +70,25 @@ class VLLMEngine:
     that RNG) samples the same tokens, and the k copies of a prompt differ.
     """
 
-    def __init__(self, model, tokenizer, model_dir: str | Path, *, gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, seed: int = 0, rank: int = 0, local_rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_dir: str | Path,
+        *,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        local_rank: int = 0,
+        world_size: int = 1,
+    ):
         try:
             import vllm
         except ImportError:
-            raise ImportError("rollout_engine=vllm needs vLLM, which is not installed: `pip install vllm` "
-                              "(CUDA only; or use rollout_engine=hf)") from None
+            raise ImportError(
+                "rollout_engine=vllm needs vLLM, which is not installed: `pip install vllm` (CUDA only; or use rollout_engine=hf)"
+            ) from None
         _require_cuda(model)
         self.tokenizer = tokenizer
         self._sampling_params = vllm.SamplingParams
@@ -87,8 +99,12 @@ class VLLMEngine:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())
         self.llm = vllm.LLM(
-            model=str(model_dir), gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            distributed_executor_backend="external_launcher", seed=seed, enable_prefix_caching=True,
+            model=str(model_dir),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            distributed_executor_backend="external_launcher",
+            seed=seed,
+            enable_prefix_caching=True,
             dtype="bfloat16" if torch.cuda.is_bf16_supported() else "float16",
         )
         self.load_weights(model)
@@ -119,9 +135,18 @@ class VLLMEngine:
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         # Stop at the tokenizer's EOS only, as the transformers engine does (not at other ids the model's
         # generation config may list as EOS).
-        params = [self._sampling_params(n=1, temperature=options.temperature, top_p=options.top_p,
-                                        max_tokens=options.max_new_tokens, seed=seed, ignore_eos=True, stop_token_ids=[eos])
-                  for seed in seeds]
+        params = [
+            self._sampling_params(
+                n=1,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                max_tokens=options.max_new_tokens,
+                seed=seed,
+                ignore_eos=True,
+                stop_token_ids=[eos],
+            )
+            for seed in seeds
+        ]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         rows = []
         for out in outputs:

@@ -13,10 +13,11 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 
 class DataError(ValueError):
@@ -74,8 +75,12 @@ def _check_text(path: str | Path, line: int, raw: str, data: Any) -> None:
     found = _lone_surrogate(data)
     if found is not None:
         field, char = found
-        raise DataError(path, line, field or None,
-                        f"lone surrogate escape \\u{ord(char):04x} (not Unicode text; a surrogate pair must be complete)")
+        raise DataError(
+            path,
+            line,
+            field or None,
+            f"lone surrogate escape \\u{ord(char):04x} (not Unicode text; a surrogate pair must be complete)",
+        )
 
 
 def loads_line(path: str | Path, line: int, text: str) -> Any:
@@ -292,7 +297,7 @@ def remove_stale_temps(directory: str | Path, pattern: re.Pattern) -> list[Path]
     left: nothing else removes them); returns them. Assumes one writer per output directory (under several
     processes only the main one saves), so a temp of that name is not in use by another save."""
     directory = Path(directory)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
@@ -310,7 +315,7 @@ def remove_stale_temps(directory: str | Path, pattern: re.Pattern) -> list[Path]
     return removed
 
 
-def atomic_temp_pattern(path: str | Path) -> "re.Pattern[str]":
+def atomic_temp_pattern(path: str | Path) -> re.Pattern[str]:
     """The names of the temp files :func:`atomic_open` makes for ``path`` (and for its settings file,
     :func:`settings_path`): what :func:`remove_stale_temps` clears after a kill."""
     name = Path(path).name

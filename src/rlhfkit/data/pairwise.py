@@ -14,6 +14,7 @@ so one forward pass scores both (the "concatenated forward" of TRL's DPO).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,8 +44,9 @@ class PairStats:
     ties_skipped: int = 0
 
 
-def _response_tokens(tokenizer, comp: Comparison, idx: int, *, max_length: int,
-                     chat_template: bool) -> tuple[list[int], list[int], bool] | None:
+def _response_tokens(
+    tokenizer, comp: Comparison, idx: int, *, max_length: int, chat_template: bool
+) -> tuple[list[int], list[int], bool] | None:
     """``(input_ids, labels, truncated)`` of response ``idx`` cut to ``max_length``; None if it lost every token."""
     ids, labels = tokenize_response(tokenizer, comp.prompt, comp.responses[idx], chat_template=chat_template)
     truncated = len(ids) > max_length
@@ -76,8 +78,9 @@ def tokenize_pairs(
     ``rejected_input_ids``, ``rejected_labels``, ``target`` (P(chosen > rejected):
     1.0, or 0.5 for a tie) and ``margin`` (from ``meta["margin"]`` when present, else 0).
     """
-    groups, stats = tokenize_rankings(tokenizer, comparisons, max_length=max_length, chat_template=chat_template,
-                                      keep_ties=keep_ties)
+    groups, stats = tokenize_rankings(
+        tokenizer, comparisons, max_length=max_length, chat_template=chat_template, keep_ties=keep_ties
+    )
     out = []
     for group in groups:
         ids, labels = group["input_ids"], group["labels"]
@@ -88,19 +91,22 @@ def tokenize_pairs(
         elif ranking_pairs not in ("all", "best_worst"):
             raise ValueError(f"ranking_pairs must be all or best_worst, not {ranking_pairs!r}")
         for better, worse, target in pairs:
-            out.append({"chosen_input_ids": ids[better], "chosen_labels": labels[better], "rejected_input_ids": ids[worse],
-                        "rejected_labels": labels[worse], "target": target, "margin": group["margin"]})
+            out.append(
+                {
+                    "chosen_input_ids": ids[better],
+                    "chosen_labels": labels[better],
+                    "rejected_input_ids": ids[worse],
+                    "rejected_labels": labels[worse],
+                    "target": target,
+                    "margin": group["margin"],
+                }
+            )
     stats.pairs = len(out)  # after any best_worst selection
     return out, stats
 
 
 def tokenize_rankings(
-    tokenizer,
-    comparisons: list[Comparison],
-    *,
-    max_length: int,
-    chat_template: bool = True,
-    keep_ties: bool = True,
+    tokenizer, comparisons: list[Comparison], *, max_length: int, chat_template: bool = True, keep_ties: bool = True
 ) -> tuple[list[dict], PairStats]:
     """One example per comparison, holding all its pairs (InstructGPT's batch element).
 
@@ -121,9 +127,12 @@ def tokenize_rankings(
         if comp.tie and not keep_ties:
             stats.ties_skipped += 1
             continue
-        tokens = {i: _response_tokens(tokenizer, comp, i, max_length=max_length, chat_template=chat_template)
-                  for i in range(len(comp.responses))}
-        kept = [i for i in range(len(comp.responses)) if tokens[i] is not None]
+        every = [
+            _response_tokens(tokenizer, comp, i, max_length=max_length, chat_template=chat_template)
+            for i in range(len(comp.responses))
+        ]
+        tokens = {i: t for i, t in enumerate(every) if t is not None}
+        kept = list(tokens)
         slot = {i: k for k, i in enumerate(kept)}
         pairs = []
         for better, worse, target in comp.pairs():
@@ -133,10 +142,16 @@ def tokenize_rankings(
                 stats.dropped += 1
         if not pairs:
             continue
-        stats.truncated += sum(int(tokens[i][2]) for i in kept)
+        stats.truncated += sum(tokens[i][2] for i in kept)
         stats.pairs += len(pairs)
-        out.append({"input_ids": [tokens[i][0] for i in kept], "labels": [tokens[i][1] for i in kept],
-                    "pairs": pairs, "margin": _margin(comp)})
+        out.append(
+            {
+                "input_ids": [tokens[i][0] for i in kept],
+                "labels": [tokens[i][1] for i in kept],
+                "pairs": pairs,
+                "margin": _margin(comp),
+            }
+        )
     return out, stats
 
 
@@ -226,8 +241,8 @@ def load_pair_splits(
     comparisons (:func:`tokenize_rankings`). Prints what was kept, truncated,
     dropped and skipped.
     """
-    from rlhfkit.data.preferences import load_comparisons
     from rlhfkit.data.io import DataError, split_holdout
+    from rlhfkit.data.preferences import load_comparisons
 
     comparisons = load_comparisons(data)
     if not comparisons:
@@ -236,7 +251,7 @@ def load_pair_splits(
         train_c, eval_c = comparisons, load_comparisons(eval_data)
     else:
         train_c, eval_c = split_holdout(comparisons, eval_fraction, seed)
-    kwargs = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
+    kwargs: dict[str, Any] = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
     if not grouped:
         kwargs["ranking_pairs"] = ranking_pairs
     tokenize = tokenize_rankings if grouped else tokenize_pairs
@@ -249,15 +264,16 @@ def load_pair_splits(
     )
     if not train:
         if not train_c:
-            why = (f"all {len(comparisons)} comparison(s) went to the held-out split (eval_fraction={eval_fraction}); "
-                   "add comparisons, set eval_fraction=0 or give eval_data")
+            why = (
+                f"all {len(comparisons)} comparison(s) went to the held-out split (eval_fraction={eval_fraction}); "
+                "add comparisons, set eval_fraction=0 or give eval_data"
+            )
         else:
             lost = []
             if stats.ties_skipped:
                 lost.append(f"{stats.ties_skipped} are ties, which {stage} skips")
             if stats.dropped:
-                lost.append(f"{stats.dropped} pair(s) were dropped: a response lost every token to "
-                            f"max_length={max_length}")
+                lost.append(f"{stats.dropped} pair(s) were dropped: a response lost every token to max_length={max_length}")
             why = f"of the {len(train_c)} training comparison(s), " + "; ".join(lost or ["none gave a pair"])
         raise DataError(data, None, None, f"no training pairs left: {why}")
     return train, held

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from rlhfkit.data.io import DataError, Row, atomic_open, atomic_write_text, json_problem, read_rows, write_jsonl
 from rlhfkit.data.records import Comparison, Message, Prompt
@@ -357,11 +358,7 @@ def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
 
 
 def save_comparisons(
-    path: str | Path,
-    comparisons: Iterable[Comparison],
-    format: SaveFormat = "rlhfkit",
-    *,
-    skip_ties: bool = False,
+    path: str | Path, comparisons: Iterable[Comparison], format: SaveFormat = "rlhfkit", *, skip_ties: bool = False
 ) -> None:
     """Write comparisons atomically as JSONL, a JSON list (``.json``) or Parquet (``.parquet``).
 
@@ -395,9 +392,7 @@ def _labels(comparison: Comparison) -> dict[str, Any]:
 
 def _seed_record(index: int, comparison: Comparison) -> dict[str, Any]:
     if len(comparison.responses) != 2:
-        raise ValueError(
-            f"comparison {index} ranks {len(comparison.responses)} responses; the seed format holds pairs only"
-        )
+        raise ValueError(f"comparison {index} ranks {len(comparison.responses)} responses; the seed format holds pairs only")
     preferred = "tie" if comparison.tie else "ab"[comparison.ranking[0]]
     record = {
         "prompt": comparison_to_dict(comparison)["prompt"],
@@ -419,10 +414,11 @@ def _trl_records(index: int, comparison: Comparison, *, skip_ties: bool) -> list
     chat = isinstance(prompt, list)
     records = []
     for better, worse, _ in comparison.pairs():
-        chosen, rejected = comparison.responses[better], comparison.responses[worse]
+        chosen: str | list[dict[str, str]] = comparison.responses[better]
+        rejected: str | list[dict[str, str]] = comparison.responses[worse]
         if chat:
-            chosen = [{"role": "assistant", "content": chosen}]
-            rejected = [{"role": "assistant", "content": rejected}]
+            chosen = [{"role": "assistant", "content": comparison.responses[better]}]
+            rejected = [{"role": "assistant", "content": comparison.responses[worse]}]
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected} | _labels(comparison))
     return records
 

@@ -9,10 +9,10 @@ idea of one label type for every feedback source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 Message = dict[str, str]
-Prompt = Union[str, list[Message]]
+Prompt = str | list[Message]
 """A prompt: plain text (one user turn) or a chat-message list ending before the reply."""
 
 

@@ -107,8 +107,8 @@ def _segments_chat(tokenizer, conv: Conversation) -> list[tuple[str, bool]]:
         full = tokenizer.apply_chat_template(conv.as_dicts(i + 1), tokenize=False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
             raise DataError(conv.source, None, "messages", "the chat template does not render conversations prefix by prefix")
-        pieces.append((prefix[len(done):], False))
-        pieces.append((full[len(prefix):], True))
+        pieces.append((prefix[len(done) :], False))
+        pieces.append((full[len(prefix) :], True))
         done = full
     return pieces
 
@@ -131,9 +131,7 @@ class TokenizeStats:
     dropped: int = 0
 
 
-def tokenize_conversation(
-    tokenizer, conv: Conversation, *, chat_template: bool = True
-) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, conv: Conversation, *, chat_template: bool = True) -> tuple[list[int], list[int]]:
     """Token ids and labels (``IGNORE_INDEX`` off-target) for one conversation.
 
     Each piece is tokenised on its own and the ids concatenated, so the boundary
@@ -203,4 +201,3 @@ def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int, *, pack
         labels[i, :n] = torch.tensor(e["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-

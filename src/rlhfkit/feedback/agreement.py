@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 
 def cohen_kappa(ratings_1: Sequence[Hashable], ratings_2: Sequence[Hashable]) -> float:

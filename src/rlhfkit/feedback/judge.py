@@ -32,12 +32,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Protocol
+from typing import Protocol
 
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.serve import message_text
 
-Verdict = Optional[str]
+Verdict = str | None
 """``"A"``, ``"B"`` or ``None`` (no verdict found)."""
 
 DEFAULT_RUBRIC = """\
@@ -159,8 +159,10 @@ class HTTPChatClient:
         self.url = _chat_completions_url(base_url)
         parsed = urllib.parse.urlsplit(self.url)
         if api_key and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
-            raise ValueError(f"refusing to send an API key over plain http:// to {parsed.hostname} (anyone on the way "
-                             "could read it): use https://, a loopback address (127.0.0.1, ::1, localhost), or no key")
+            raise ValueError(
+                f"refusing to send an API key over plain http:// to {parsed.hostname} (anyone on the way "
+                "could read it): use https://, a loopback address (127.0.0.1, ::1, localhost), or no key"
+            )
         self.model = model
         self.api_key = api_key
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
@@ -203,8 +205,9 @@ class HTTPChatClient:
                 last_error = f"{type(reason).__name__}: {reason}"
             if attempts <= self.max_retries:
                 wait = self.backoff * 2 ** (attempts - 1)
-                time.sleep(min(max(wait + self._jitter.uniform(0, 0.1 * wait), retry_after),
-                               max(give_up - time.monotonic(), 0.0)))
+                time.sleep(
+                    min(max(wait + self._jitter.uniform(0, 0.1 * wait), retry_after), max(give_up - time.monotonic(), 0.0))
+                )
         late = f" and its {self.deadline:g} s deadline" if attempts <= self.max_retries else ""
         raise JudgeRequestError(f"POST {self.url} failed after {attempts} attempts{late}; last error: {last_error}")
 
@@ -323,9 +326,7 @@ _EXPLICIT = [
 ]
 
 # Both letters named together ("A or B", "Response A and Response B", "A/B"): a mention, not a verdict.
-_BOTH = re.compile(
-    rf"(?:{_WHO}\s*)?(?<![A-Za-z0-9])[ab]\s*(?:or|and|nor|vs\.?|versus|/)\s*(?:{_WHO}\s*)?[ab]{_END}", re.I
-)
+_BOTH = re.compile(rf"(?:{_WHO}\s*)?(?<![A-Za-z0-9])[ab]\s*(?:or|and|nor|vs\.?|versus|/)\s*(?:{_WHO}\s*)?[ab]{_END}", re.I)
 # Fallback tokens: a capital A or B standing alone.
 _BARE = re.compile(rf"(?<![A-Za-z0-9])([AB]){_END}")
 # The article "A" opening a sentence: "A good answer would ..."
@@ -385,9 +386,7 @@ def parse_verdict(text: str) -> Verdict:
     if explicit:
         return max(explicit)[1]
     letters = {
-        m.group(1)
-        for m in _BARE.finditer(text)
-        if not mentioned_together(m.start(1)) and not _sentence_article(text, m.start(1))
+        m.group(1) for m in _BARE.finditer(text) if not mentioned_together(m.start(1)) and not _sentence_article(text, m.start(1))
     }
     return letters.pop() if len(letters) == 1 else None
 
@@ -453,7 +452,7 @@ class AIJudge:
     def _judge_once(self, prompt: Prompt, response_a: str, response_b: str) -> tuple[str, Verdict, int]:
         """``(raw answer, parsed verdict, attempts)`` for one ordering."""
         messages = build_judge_messages(prompt, response_a, response_b, self.rubric)
-        for attempt in range(self.repair_attempts + 1):
+        for attempt in range(self.repair_attempts + 1):  # noqa: B007 (the count of tries is returned)
             raw = self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
             verdict = parse_verdict(raw)
             if verdict is not None:

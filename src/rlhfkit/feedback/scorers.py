@@ -183,11 +183,7 @@ def _normalise_word_list(word_list: Iterable[str]) -> frozenset[str]:
 
 
 def banned_words(
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    words: Iterable[str] = DEFAULT_BANNED,
-    penalty: float = 1.0,
-    **kwargs: Any,
+    prompts: Sequence[str], responses: Sequence[str], words: Iterable[str] = DEFAULT_BANNED, penalty: float = 1.0, **kwargs: Any
 ) -> list[float]:
     """``-penalty`` times the number of occurrences of banned words in each response.
 
@@ -255,11 +251,7 @@ class Rubric:
         self.scorers: dict[str, Scorer] = {
             name: configured[name] if name in configured else load_scorer(name) for name in self.weights
         }
-        self.settings = {
-            "length_target": length_target,
-            "length_width": length_width,
-            "banned_penalty": banned_penalty,
-        }
+        self.settings = {"length_target": length_target, "length_width": length_width, "banned_penalty": banned_penalty}
 
     def components(self, prompts: Sequence[str], responses: Sequence[str], **kwargs: Any) -> dict[str, list[float]]:
         """The unweighted score of each term with a nonzero weight, by name."""
@@ -308,8 +300,9 @@ def load_scorer(spec: str, args: Mapping[str, Any] | None = None, *, field: str 
     named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][2:]
     unknown = sorted(set(args) - set(named))
     if unknown:
-        raise ConfigError(f"scorer {spec!r} has no parameter {', '.join(map(repr, unknown))} "
-                         f"({field} may set: {', '.join(named) or 'nothing'})")
+        raise ConfigError(
+            f"scorer {spec!r} has no parameter {', '.join(map(repr, unknown))} ({field} may set: {', '.join(named) or 'nothing'})"
+        )
     return partial(scorer, **args)
 
 

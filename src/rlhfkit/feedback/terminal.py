@@ -30,8 +30,9 @@ different samples file.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from rlhfkit.data.io import DataError, Row, read_rows, write_jsonl
 from rlhfkit.data.preferences import comparison_from_dict, comparison_to_dict, parse_comparison
@@ -189,14 +190,7 @@ class _Session:
     """One sitting at the terminal. ``labels`` (item index -> label, in file order) is updated in place."""
 
     def __init__(
-        self,
-        pairs: list[Item | None],
-        labels: dict[int, Comparison],
-        output: Path,
-        *,
-        source: str,
-        stdin: TextIO,
-        stdout: TextIO,
+        self, pairs: list[Item | None], labels: dict[int, Comparison], output: Path, *, source: str, stdin: TextIO, stdout: TextIO
     ):
         self.pairs, self.labels, self.output, self.source = pairs, labels, output, source
         self.stdin, self.stdout = stdin, stdout

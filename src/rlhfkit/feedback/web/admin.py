@@ -24,22 +24,17 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from rlhfkit.data.io import DataError, Row, read_rows
 from rlhfkit.data.preferences import comparison_from_dict, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
-from rlhfkit.feedback.web.store import (
-    VOTES,
-    AnnotationStore,
-    PairItem,
-    Settlement,
-    StoredLabel,
-)
+from rlhfkit.feedback.web.store import VOTES, AnnotationStore, PairItem, Settlement, StoredLabel
 
 if TYPE_CHECKING:
     from rlhfkit.label import LabelConfig
@@ -66,8 +61,9 @@ def read_pairs(path: str | Path) -> tuple[list[PairItem], int]:
         if any(not r.strip() for r in responses):
             empty += 1
             continue
-        parsed = comparison_from_dict({"prompt": row.data.get("prompt"), "responses": responses, "ranking": [0, 1]},
-                                      path=row.path, line=row.line)
+        parsed = comparison_from_dict(
+            {"prompt": row.data.get("prompt"), "responses": responses, "ranking": [0, 1]}, path=row.path, line=row.line
+        )
         items.append(PairItem(index, parsed.prompt, (parsed.responses[0], parsed.responses[1])))
     if not items:
         raise DataError(path, None, None, "no pairs to label")
@@ -83,8 +79,9 @@ def _pair_responses(row: Row) -> list[str]:
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
         raise row.error("responses", "expected a list of response strings")
     if len(responses) != 2:
-        raise row.error("responses", f"the web annotator compares pairs; got {len(responses)} responses "
-                                     "(sample with two temperatures)")
+        raise row.error(
+            "responses", f"the web annotator compares pairs; got {len(responses)} responses (sample with two temperatures)"
+        )
     return responses
 
 
@@ -127,18 +124,22 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
             "majority": result,
             "agreement": max(counts.values()) / len(votes),
             "skips": len(labels) - len(votes),
-            "labels": [{"annotator": v.annotator, "choice": v.choice, "reason": v.reason,
-                        "shown": "ba" if v.flipped else "ab"} for v in votes],
+            "labels": [
+                {"annotator": v.annotator, "choice": v.choice, "reason": v.reason, "shown": "ba" if v.flipped else "ab"}
+                for v in votes
+            ],
         }
-        out.append(Comparison(
-            prompt=pair.prompt,
-            responses=list(pair.responses),
-            ranking=[1, 0] if result == "b" else [0, 1],
-            tie=result in ("tie", "split"),
-            reason=" | ".join(reasons),
-            source="human-web:" + ",".join(names),
-            meta=meta,
-        ))
+        out.append(
+            Comparison(
+                prompt=pair.prompt,
+                responses=list(pair.responses),
+                ranking=[1, 0] if result == "b" else [0, 1],
+                tie=result in ("tie", "split"),
+                reason=" | ".join(reasons),
+                source="human-web:" + ",".join(names),
+                meta=meta,
+            )
+        )
     return out
 
 
@@ -222,13 +223,15 @@ def status(db: str | Path, *, now: float | None = None) -> Status:
     for name in names:
         mine = by_annotator.get(name, [])
         gaps = [b.created - a.created for a, b in zip(mine, mine[1:]) if b.created - a.created <= SESSION_GAP_SECONDS]
-        people.append(AnnotatorStatus(
-            name=name,
-            votes=sum(label.choice != "skip" for label in mine),
-            skips=sum(label.choice == "skip" for label in mine),
-            last_hour=sum(label.created > now - 3600 for label in mine),
-            seconds_per_label=statistics.median(gaps) if gaps else math.nan,
-        ))
+        people.append(
+            AnnotatorStatus(
+                name=name,
+                votes=sum(label.choice != "skip" for label in mine),
+                skips=sum(label.choice == "skip" for label in mine),
+                last_hour=sum(label.created > now - 3600 for label in mine),
+                seconds_per_label=statistics.median(gaps) if gaps else math.nan,
+            )
+        )
 
     full = [votes[:overlap] for votes in votes_by_pair.values() if overlap >= 2 and len(votes) >= overlap]
     fleiss = fleiss_kappa(category_counts([[v.choice for v in votes] for votes in full], VOTES)) if full else math.nan
@@ -267,8 +270,7 @@ def _items(indices: Sequence[int], limit: int = 20) -> str:
     return f"item{'s' if len(indices) > 1 else ''} {shown}{more}"
 
 
-def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: float = 5.0,
-                    progress: bool = True) -> Settlement:
+def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: float = 5.0, progress: bool = True) -> Settlement:
     """Block until every pair is settled (:meth:`AnnotationStore.settlement`) and return where it stands.
 
     A pair is settled with its ``overlap`` votes, or once every registered annotator
@@ -279,8 +281,9 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
 
     state = store.settlement()
     deadline = time.monotonic() + timeout if timeout > 0 else math.inf
-    bar = tqdm(total=state.pairs, initial=state.pairs - len(state.waiting), unit="pair", desc="label (human-web)",
-               disable=not progress)
+    bar = tqdm(
+        total=state.pairs, initial=state.pairs - len(state.waiting), unit="pair", desc="label (human-web)", disable=not progress
+    )
     try:
         while state.waiting:
             if time.monotonic() >= deadline:
@@ -288,7 +291,8 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
                     f"{state.complete}/{state.pairs} pairs have their {store.overlap} vote(s) after {timeout:g} s; "
                     f"{len(state.waiting)} pair(s) still wait for an annotator who has not voted on or skipped them: "
                     f"{_items(state.waiting)}. The labels so far are kept in {store.path}; run the stage again to "
-                    "keep waiting, or register more annotators")
+                    "keep waiting, or register more annotators"
+                )
             time.sleep(poll_seconds)
             state = store.settlement()
             bar.total = state.pairs
@@ -298,7 +302,7 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
     return state
 
 
-def label_from_web(config: "LabelConfig") -> list[Comparison]:
+def label_from_web(config: LabelConfig) -> list[Comparison]:
     """``source: human-web``: collect labels with the web app, then write them as the stage's output.
 
     Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
@@ -322,8 +326,12 @@ def label_from_web(config: "LabelConfig") -> list[Comparison]:
         server = None
         if config.web_serve:
             server = ServerThread(create_app(store), config.web_host, config.web_port).start()
-            print(f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
-                  f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`", file=sys.stderr, flush=True)
+            print(
+                f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
+                f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             settled = wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
         finally:
@@ -340,6 +348,7 @@ def label_from_web(config: "LabelConfig") -> list[Comparison]:
     if unlabelled:
         print(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {_items(unlabelled)}")
     if fewer:
-        print(f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: "
-              f"{_items(fewer)}")
+        print(
+            f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: {_items(fewer)}"
+        )
     return labels

@@ -34,11 +34,11 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 from importlib import resources
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from rlhfkit.feedback.web.store import Annotator, AnnotationStore, Assignment, StoreError, to_shown
+from rlhfkit.feedback.web.store import AnnotationStore, Annotator, Assignment, StoreError, to_shown
 from rlhfkit.serve import BodyLimit, reject
 
 MAX_BODY_BYTES = 64 * 1024
@@ -51,8 +51,10 @@ STATIC_FILES = {
 }
 PAGE = ("annotate.html", "text/html; charset=utf-8")
 
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 COMMON_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
@@ -73,7 +75,7 @@ class LabelRequest(BaseModel):
 # ----------------------------------------------------------------------------- request guard
 
 
-def cross_origin_problem(headers: dict[str, str], scheme: str) -> Optional[str]:
+def cross_origin_problem(headers: dict[str, str], scheme: str) -> str | None:
     """Why a state-changing request looks cross-origin, or None if it does not."""
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
@@ -122,7 +124,7 @@ def _static(name: str) -> bytes:
     return resources.files("rlhfkit.feedback.web").joinpath("static", name).read_bytes()
 
 
-def _assignment_json(assignment: Optional[Assignment]) -> Optional[dict]:
+def _assignment_json(assignment: Assignment | None) -> dict | None:
     if assignment is None:
         return None
     # The A/B order stays server-side: the page sends what it showed, the store maps it back.
@@ -142,7 +144,7 @@ def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
-    def annotator(authorization: Optional[str] = Header(default=None)) -> Annotator:
+    def annotator(authorization: str | None = Header(default=None)) -> Annotator:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "missing token: send Authorization: Bearer TOKEN", headers={"WWW-Authenticate": "Bearer"})
@@ -151,9 +153,13 @@ def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
             raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
         return found
 
-    def reply(who: Annotator, assignment: Optional[Assignment], **extra: Any) -> dict:
-        return {"annotator": who.name, "assignment": _assignment_json(assignment),
-                "progress": asdict(store.progress(who.id)), **extra}
+    def reply(who: Annotator, assignment: Assignment | None, **extra: Any) -> dict:
+        return {
+            "annotator": who.name,
+            "assignment": _assignment_json(assignment),
+            "progress": asdict(store.progress(who.id)),
+            **extra,
+        }
 
     @app.get("/")
     def annotate_page() -> Response:
@@ -200,9 +206,9 @@ class ServeConfig:
     """Interface to bind; the default serves this machine only."""
     port: int = 8765
     """Port (0 picks a free one; the address is printed to stderr)."""
-    overlap: Optional[int] = None
+    overlap: int | None = None
     """Votes wanted per pair, from different annotators (k). None: keep the db's value (1 for a new db)."""
-    lease_seconds: Optional[float] = None
+    lease_seconds: float | None = None
     """How long a shown pair stays reserved for its annotator. None: keep the db's value (600 for a new db)."""
 
 
@@ -216,9 +222,12 @@ def prepare(config: ServeConfig) -> AnnotationStore:
     added = store.add_pairs(items)
     total, complete = store.vote_counts()
     note = f" ({empty} left out: empty response)" if empty else ""
-    print(f"rlhfkit annotate: {config.db}: {total} pairs ({added} new{note}), {complete} complete, "
-          f"{store.overlap} vote(s) each, annotators: {', '.join(store.annotators()) or 'none yet'}",
-          file=sys.stderr, flush=True)
+    print(
+        f"rlhfkit annotate: {config.db}: {total} pairs ({added} new{note}), {complete} complete, "
+        f"{store.overlap} vote(s) each, annotators: {', '.join(store.annotators()) or 'none yet'}",
+        file=sys.stderr,
+        flush=True,
+    )
     return store
 
 
@@ -234,8 +243,12 @@ def serve(config: ServeConfig) -> None:
     try:
         sock = _bind(config.host, config.port)
         url = f"http://{_url_host(config.host)}:{sock.getsockname()[1]}/"
-        print(f"rlhfkit annotate: listening on {url} ; annotators open {url}#token=TOKEN "
-              f"(tokens from `rlhfkit annotate add-annotator NAME --db {config.db}`)", file=sys.stderr, flush=True)
+        print(
+            f"rlhfkit annotate: listening on {url} ; annotators open {url}#token=TOKEN "
+            f"(tokens from `rlhfkit annotate add-annotator NAME --db {config.db}`)",
+            file=sys.stderr,
+            flush=True,
+        )
         _uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
     finally:
         store.close()

@@ -21,7 +21,9 @@ COMMANDS = ("serve", "add-annotator", "status", "export", "terminal")
 
 
 def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Label response pairs by hand: a web app for a team, or the terminal.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Label response pairs by hand: a web app for a team, or the terminal."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve the annotation web app (FastAPI + SQLite)")
@@ -29,8 +31,15 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     p.add_argument("--pairs", default="", help="pairs to add: `rlhfkit sample` output or seed pairs (JSON/JSONL)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; the address is printed)")
-    p.add_argument("--overlap", type=int, default=None, help="votes per pair from different annotators (default: the db's, 1 for a new db)")
-    p.add_argument("--lease-seconds", type=float, default=None, help="how long a shown pair stays reserved (default: the db's, 600 for a new db)")
+    p.add_argument(
+        "--overlap", type=int, default=None, help="votes per pair from different annotators (default: the db's, 1 for a new db)"
+    )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="how long a shown pair stays reserved (default: the db's, 600 for a new db)",
+    )
 
     p = sub.add_parser("add-annotator", help="register an annotator and print their token")
     p.add_argument("name")
@@ -79,8 +88,9 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.command == "serve":
         from rlhfkit.feedback.web.app import ServeConfig, serve
 
-        serve(ServeConfig(db=ns.db, pairs=ns.pairs, host=ns.host, port=ns.port, overlap=ns.overlap,
-                          lease_seconds=ns.lease_seconds))
+        serve(
+            ServeConfig(db=ns.db, pairs=ns.pairs, host=ns.host, port=ns.port, overlap=ns.overlap, lease_seconds=ns.lease_seconds)
+        )
         return 0
     if ns.command == "add-annotator":
         from rlhfkit.feedback.web.store import AnnotationStore
@@ -91,8 +101,11 @@ def _run(ns: argparse.Namespace) -> int:
         finally:
             store.close()
         print(token)
-        print(f"{ns.name}: open http://HOST:PORT/#token={token} on the server started with "
-              f"`rlhfkit annotate serve --db {ns.db}` (the token is shown only now)", file=sys.stderr)
+        print(
+            f"{ns.name}: open http://HOST:PORT/#token={token} on the server started with "
+            f"`rlhfkit annotate serve --db {ns.db}` (the token is shown only now)",
+            file=sys.stderr,
+        )
         return 0
     if ns.command == "status":
         from rlhfkit.feedback.web.admin import format_status, status

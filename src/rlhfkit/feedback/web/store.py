@@ -52,10 +52,11 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from rlhfkit.data.records import Prompt
 
@@ -316,11 +317,14 @@ class AnnotationStore:
         with self._write() as db:
             for item in items:
                 prompt_json = json.dumps(item.prompt, ensure_ascii=False)
-                row = db.execute("SELECT prompt, response_a, response_b FROM pairs WHERE item_index = ?",
-                                 (item.item_index,)).fetchone()
+                row = db.execute(
+                    "SELECT prompt, response_a, response_b FROM pairs WHERE item_index = ?", (item.item_index,)
+                ).fetchone()
                 if row is None:
-                    db.execute("INSERT INTO pairs (item_index, prompt, response_a, response_b) VALUES (?, ?, ?, ?)",
-                               (item.item_index, prompt_json, *item.responses))
+                    db.execute(
+                        "INSERT INTO pairs (item_index, prompt, response_a, response_b) VALUES (?, ?, ?, ?)",
+                        (item.item_index, prompt_json, *item.responses),
+                    )
                     added += 1
                 elif (json.loads(row[0]), (row[1], row[2])) != (item.prompt, tuple(item.responses)):
                     raise ValueError(
@@ -336,7 +340,9 @@ class AnnotationStore:
         stops working); their labels stay theirs.
         """
         if not _NAME.fullmatch(name):
-            raise ValueError(f"annotator name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+            raise ValueError(
+                f"annotator name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
         token = secrets.token_urlsafe(24)
         with self._write() as db:
             exists = db.execute("SELECT id FROM annotators WHERE name = ?", (name,)).fetchone()
@@ -345,8 +351,10 @@ class AnnotationStore:
             if exists:
                 db.execute("UPDATE annotators SET token_sha256 = ? WHERE id = ?", (token_hash(token), exists[0]))
             else:
-                db.execute("INSERT INTO annotators (name, token_sha256, created) VALUES (?, ?, ?)",
-                           (name, token_hash(token), self._clock()))
+                db.execute(
+                    "INSERT INTO annotators (name, token_sha256, created) VALUES (?, ?, ?)",
+                    (name, token_hash(token), self._clock()),
+                )
         return token
 
     def annotator_for_token(self, token: str) -> Annotator | None:
@@ -376,15 +384,17 @@ class AnnotationStore:
             raise StoreError(422, f"choice must be one of {', '.join(CHOICES)}, got {shown_choice!r}")
         now = self._clock()
         with self._write() as db:
-            done = db.execute("SELECT id, choice, flipped, reason FROM labels WHERE pair_id = ? AND annotator_id = ?",
-                              (pair_id, annotator_id)).fetchone()
+            done = db.execute(
+                "SELECT id, choice, flipped, reason FROM labels WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
+            ).fetchone()
             if done is not None:
                 label_id, choice, flipped, old_reason = done
                 if (choice, old_reason) == (to_canonical(shown_choice, flipped=bool(flipped)), reason):
                     return label_id, True, self._next(db, annotator_id)
                 raise StoreError(409, f"pair {pair_id} already has your label; undo it first to change it")
-            lease = db.execute("SELECT flipped FROM leases WHERE pair_id = ? AND annotator_id = ?",
-                               (pair_id, annotator_id)).fetchone()
+            lease = db.execute(
+                "SELECT flipped FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
+            ).fetchone()
             if lease is None:
                 raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
             choice = to_canonical(shown_choice, flipped=bool(lease[0]))
@@ -407,9 +417,7 @@ class AnnotationStore:
         """
         now = self._clock()
         with self._write() as db:
-            row = db.execute(
-                f"{_LABEL_SELECT} WHERE l.annotator_id = ? ORDER BY l.id DESC LIMIT 1", (annotator_id,)
-            ).fetchone()
+            row = db.execute(f"{_LABEL_SELECT} WHERE l.annotator_id = ? ORDER BY l.id DESC LIMIT 1", (annotator_id,)).fetchone()
             if row is None:
                 raise StoreError(409, "nothing to undo")
             label = _stored_label(row)
@@ -417,8 +425,15 @@ class AnnotationStore:
             db.execute("DELETE FROM labels WHERE id = ?", (label.id,))
             if label.choice != "skip":
                 db.execute("UPDATE pairs SET n_votes = n_votes - 1 WHERE id = ?", (label.pair_id,))
-            db.execute("INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
-                       (label.pair_id, annotator_id, int(label.flipped), now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS)))
+            db.execute(
+                "INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
+                (
+                    label.pair_id,
+                    annotator_id,
+                    int(label.flipped),
+                    now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS),
+                ),
+            )
             assignment = self._next(db, annotator_id)
         assert assignment is not None and assignment.pair_id == label.pair_id
         return label, assignment
@@ -427,13 +442,15 @@ class AnnotationStore:
         now = self._clock()
         overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
         expires = now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS)
-        held = db.execute("SELECT pair_id, flipped, expires FROM leases WHERE annotator_id = ? ORDER BY pair_id LIMIT 1",
-                          (annotator_id,)).fetchone()
+        held = db.execute(
+            "SELECT pair_id, flipped, expires FROM leases WHERE annotator_id = ? ORDER BY pair_id LIMIT 1", (annotator_id,)
+        ).fetchone()
         if held is not None:
             pair_id, flipped, held_until = held
             if held_until > now or self._free_slots(db, pair_id, now) > 0:
-                db.execute("UPDATE leases SET expires = ? WHERE pair_id = ? AND annotator_id = ?",
-                           (expires, pair_id, annotator_id))
+                db.execute(
+                    "UPDATE leases SET expires = ? WHERE pair_id = ? AND annotator_id = ?", (expires, pair_id, annotator_id)
+                )
                 return self._assignment(db, pair_id, bool(flipped), expires)
             # Expired, and the slot went to someone else meanwhile.
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
@@ -449,8 +466,10 @@ class AnnotationStore:
         if row is None:
             return None
         flipped = secrets.randbelow(2) == 1  # A/B order drawn per (annotator, pair), then fixed
-        db.execute("INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
-                   (row[0], annotator_id, int(flipped), expires))
+        db.execute(
+            "INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
+            (row[0], annotator_id, int(flipped), expires),
+        )
         return self._assignment(db, row[0], flipped, expires)
 
     def _free_slots(self, db: sqlite3.Connection, pair_id: int, now: float) -> int:
@@ -461,7 +480,8 @@ class AnnotationStore:
 
     def _assignment(self, db: sqlite3.Connection, pair_id: int, flipped: bool, expires: float) -> Assignment:
         item_index, prompt, response_a, response_b = db.execute(
-            "SELECT item_index, prompt, response_a, response_b FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            "SELECT item_index, prompt, response_a, response_b FROM pairs WHERE id = ?", (pair_id,)
+        ).fetchone()
         left, right = (response_b, response_a) if flipped else (response_a, response_b)
         return Assignment(pair_id, item_index, json.loads(prompt), left, right, flipped, expires)
 
@@ -471,12 +491,14 @@ class AnnotationStore:
             overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
             labelled, skipped = db.execute(
                 "SELECT COALESCE(SUM(choice != 'skip'), 0), COALESCE(SUM(choice = 'skip'), 0) FROM labels WHERE annotator_id = ?",
-                (annotator_id,)).fetchone()
+                (annotator_id,),
+            ).fetchone()
             total, complete = db.execute("SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs", (overlap,)).fetchone()
             (remaining,) = db.execute(
                 """SELECT COUNT(*) FROM pairs p WHERE p.n_votes < ?
                    AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)""",
-                (overlap, annotator_id)).fetchone()
+                (overlap, annotator_id),
+            ).fetchone()
         return Progress(labelled, skipped, remaining, total, complete, overlap)
 
     # -- reading everything (status, export) -----------------------------------
@@ -497,7 +519,8 @@ class AnnotationStore:
             # labels has one row per (pair, annotator), so `seen` counts the annotators done with the pair.
             rows = self._db.execute(
                 """SELECT p.item_index, p.n_votes, (SELECT COUNT(*) FROM labels l WHERE l.pair_id = p.id)
-                   FROM pairs p ORDER BY p.item_index""").fetchall()
+                   FROM pairs p ORDER BY p.item_index"""
+            ).fetchall()
         short = [(index, seen) for index, votes, seen in rows if votes < overlap]
         exhausted = tuple(index for index, seen in short if annotators and seen >= annotators)
         waiting = tuple(index for index, seen in short if not annotators or seen < annotators)
@@ -507,7 +530,7 @@ class AnnotationStore:
         """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
         with self._lock:
             overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
-            total, complete = self._db.execute("SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs",
-                                               (overlap,)).fetchone()
+            total, complete = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs", (overlap,)
+            ).fetchone()
         return total, complete
-
