@@ -10,7 +10,7 @@ One interface, four feedback sources, one output record
 * ``judge`` — an AI judge (RLAIF), a local model or any OpenAI-compatible endpoint,
   each pair judged in both orders (:class:`rlhfkit.feedback.judge.AIJudge`);
 * ``human`` — a person at the terminal (:func:`rlhfkit.feedback.terminal.annotate`);
-* ``human-web`` — a team in the browser (:func:`rlhfkit.feedback.web.admin.label_from_web`):
+* ``human-web`` — a team in the browser (:func:`_label_from_web`, on :mod:`rlhfkit.feedback.web.admin`):
   the pairs go into ``web_db``, the stage waits until each has ``overlap`` votes
   (or every annotator has voted on or skipped it), then writes the majority labels.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -379,9 +380,7 @@ def run(config: LabelConfig) -> list[Comparison]:
 
         return annotate(items, output, annotator=config.annotator)
     if config.source == "human-web":
-        from rlhfkit.feedback.web.admin import label_from_web
-
-        return label_from_web(config)
+        return _label_from_web(config)
 
     if config.resume not in RESUME_MODES:
         raise ConfigError(f"label: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
@@ -414,4 +413,58 @@ def run(config: LabelConfig) -> list[Comparison]:
     bar.close()
     ties = sum(c.tie for c in labels)
     print(f"label: {len(labels)} labels in {output} ({ties} ties)")
+    return labels
+
+
+def _label_from_web(config: LabelConfig) -> list[Comparison]:
+    """``source: human-web``: collect labels with the web app, then write them as the stage's output.
+
+    Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
+    stores ``config.overlap`` unless it is None (then the database keeps its own),
+    optionally serves the app in this process (``config.web_serve``), waits until
+    every pair is settled (:func:`wait_for_labels`), and saves the majority labels
+    to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
+    skipped has no label; the summary printed at the end names such pairs.
+    """
+    from rlhfkit.feedback.web.admin import comparisons, item_list, read_pairs, wait_for_labels
+    from rlhfkit.feedback.web.app import create_app
+    from rlhfkit.feedback.web.store import AnnotationStore
+    from rlhfkit.serve import ServerThread
+
+    items, empty = read_pairs(config.samples)
+    store = AnnotationStore(config.web_db)
+    try:
+        store.configure(overlap=config.overlap)
+        overlap = store.overlap
+        added = store.add_pairs(items)
+        note = f" ({empty} with an empty response left out)" if empty else ""
+        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
+        server = None
+        if config.web_serve:
+            server = ServerThread(create_app(store), config.web_host, config.web_port).start()
+            print(
+                f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
+                f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            settled = wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
+        finally:
+            if server is not None:
+                server.stop()
+        labels = comparisons(store)
+    finally:
+        store.close()
+    save_comparisons(config.output, labels)
+    print(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
+    labelled = {c.meta["item_index"] for c in labels}
+    unlabelled = [i for i in settled.exhausted if i not in labelled]
+    fewer = [i for i in settled.exhausted if i in labelled]
+    if unlabelled:
+        print(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {item_list(unlabelled)}")
+    if fewer:
+        print(
+            f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: {item_list(fewer)}"
+        )
     return labels

@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import fsync_path, fsync_tree
-from rlhfkit.models import checkpoint_dirs, describe_write_failure, free_space, is_write_failure, remove_stale_temps
+from rlhfkit.models import (
+    CheckpointError,
+    checkpoint_dirs,
+    describe_write_failure,
+    free_space,
+    is_write_failure,
+    remove_stale_temps,
+)
 from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
 from rlhfkit.tracking import MetricsLogger, is_eval_record
 
@@ -239,11 +246,6 @@ TRAINER_STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 """The LR scheduler's ``state_dict`` as JSON. Registered with accelerate it would be pickled, and read
 back with ``torch.load(weights_only=False)``, which runs any code a checkpoint carries."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded, or a checkpoint or the final model cannot be written (a full disk); the
-    message names the file or directory and why."""
 
 
 CHECKPOINT_TEMP = re.compile(r"\.tmp-step-\d{7,}")

@@ -71,10 +71,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on ``x`` runs in here: autocast's dtype if it is on for ``x``'s device, else ``x``'s."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded, or a checkpoint or the final model cannot be written (a full disk); the
+    message names the file or directory and why."""
 
 
 class ModelLoadError(ValueError):
@@ -438,7 +437,6 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Exception:
     """The CheckpointError of a final save whose writing (into its temp directory, now removed) failed."""
-    from rlhfkit.loop import CheckpointError
 
     kept = []
     if was_complete:
@@ -469,7 +467,7 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
     it) and its adapter is kept in ``adapter/``.
 
     A write that fails (a full disk: ``OSError``, safetensors' ``SafetensorError``, torch's writer error) is
-    raised as :class:`rlhfkit.loop.CheckpointError` naming ``out_dir``, the free space there, the error and
+    raised as :class:`CheckpointError` naming ``out_dir``, the free space there, the error and
     what is intact; the temp directory is removed. Temp directories of an earlier save that was killed
     (``.save.*``) are removed first.
     """

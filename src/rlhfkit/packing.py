@@ -65,11 +65,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.data.sft import IGNORE_INDEX
-from rlhfkit.models import compute_dtype
+from rlhfkit.data.records import IGNORE_INDEX
 
 ATTENTION = "rlhfkit"
 LAYOUT_KEYS = ("seg_index", "query_index", "seg_mask", "unpack")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in here: autocast's dtype if it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Layout(NamedTuple):

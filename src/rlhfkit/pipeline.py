@@ -49,13 +49,8 @@ from typing import Any, Literal
 from rlhfkit import models
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
+from rlhfkit.run_layout import GATE_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
-POLICY_ALGORITHMS = ("dpo", "ppo", "grpo", "rloo")
-"""Policy-optimisation stages; each is named, and writes to a directory named, after its algorithm."""
-STAGES = ("sft", "sample", "label", "reward", "gate", *POLICY_ALGORITHMS, "eval", "report")
-"""Every stage a pipeline can have, in order (a run has the policy stages it asks for)."""
-GATE_FILE = "gate.json"
-"""The gate's verdict, in OUTPUT/gate."""
 Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
 
 

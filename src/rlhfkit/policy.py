@@ -142,7 +142,7 @@ def head_token_logps(
         or head._forward_pre_hooks
     ):
         return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
-    dtype = models.compute_dtype(states)
+    dtype = packing.compute_dtype(states)
     with torch.autocast(states.device.type, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
         out = linear_token_logps(

@@ -45,10 +45,10 @@ import numpy as np
 
 from rlhfkit import stats
 from rlhfkit.data.io import atomic_write_text, jsonl_lines
-from rlhfkit.pipeline import GATE_FILE  # the writers' names, so a rename cannot silently empty a section
-from rlhfkit.pipeline import POLICY_ALGORITHMS as POLICY_STAGES
 from rlhfkit.probe import FRONTIER_FILE
 from rlhfkit.reward import HELDOUT_FILE
+from rlhfkit.run_layout import GATE_FILE  # the writers' names, so a rename cannot silently empty a section
+from rlhfkit.run_layout import POLICY_ALGORITHMS as POLICY_STAGES
 from rlhfkit.tracking import read_metrics
 
 # ---------------------------------------------------------------- the run directory's layout

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+IGNORE_INDEX = -100
+"""Label of a token that is not a training target (prompt tokens, padding): PyTorch's cross-entropy default."""
+
 Message = dict[str, str]
 Prompt = str | list[Message]
 """A prompt: plain text (one user turn) or a chat-message list ending before the reply."""

@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 
 from rlhfkit.data.io import DataError, Row, read_rows
+from rlhfkit.data.records import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 
@@ -187,7 +187,7 @@ def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int, *, pack
     tokens, and ``labels`` (B, T) with ``IGNORE_INDEX`` on non-target and padding.
     """
     if packed:
-        from rlhfkit import packing  # packing imports this module
+        from rlhfkit import packing  # registers its kernel with transformers on import: not at start-up
 
         return packing.pack([[e["input_ids"]] for e in examples], labels=[[e["labels"]] for e in examples])
     length = max(len(e["input_ids"]) for e in examples)

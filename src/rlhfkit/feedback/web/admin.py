@@ -14,30 +14,27 @@
   a coin flip, and every pair carries its votes, each annotator's choice, reason
   and A/B order in ``meta``. TRL has no ties: ``--format trl`` leaves ties and
   splits out and says how many.
-* :func:`label_from_web`: the pipeline's ``label`` stage with ``source: human-web``.
+* :func:`wait_for_labels` and :func:`comparisons`: what the pipeline's ``label`` stage with
+  ``source: human-web`` runs on (``rlhfkit.label``).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from rlhfkit.data.io import DataError, Row, read_rows
 from rlhfkit.data.preferences import comparison_from_dict, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
 from rlhfkit.feedback.web.store import VOTES, AnnotationStore, PairItem, Settlement, StoredLabel
-
-if TYPE_CHECKING:
-    from rlhfkit.label import LabelConfig
 
 SESSION_GAP_SECONDS = 600.0
 """Gaps between one annotator's labels longer than this are breaks, not labelling time."""
@@ -263,7 +260,7 @@ def format_status(s: Status) -> str:
 # ----------------------------------------------------------------------------- the pipeline's label stage
 
 
-def _items(indices: Sequence[int], limit: int = 20) -> str:
+def item_list(indices: Sequence[int], limit: int = 20) -> str:
     """``item 3`` / ``items 0, 1, 2`` (the first ``limit``, then how many more)."""
     shown = ", ".join(str(i) for i in indices[:limit])
     more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
@@ -290,7 +287,7 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
                 raise TimeoutError(
                     f"{state.complete}/{state.pairs} pairs have their {store.overlap} vote(s) after {timeout:g} s; "
                     f"{len(state.waiting)} pair(s) still wait for an annotator who has not voted on or skipped them: "
-                    f"{_items(state.waiting)}. The labels so far are kept in {store.path}; run the stage again to "
+                    f"{item_list(state.waiting)}. The labels so far are kept in {store.path}; run the stage again to "
                     "keep waiting, or register more annotators"
                 )
             time.sleep(poll_seconds)
@@ -300,55 +297,3 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
     finally:
         bar.close()
     return state
-
-
-def label_from_web(config: LabelConfig) -> list[Comparison]:
-    """``source: human-web``: collect labels with the web app, then write them as the stage's output.
-
-    Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
-    stores ``config.overlap`` unless it is None (then the database keeps its own),
-    optionally serves the app in this process (``config.web_serve``), waits until
-    every pair is settled (:func:`wait_for_labels`), and saves the majority labels
-    to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
-    skipped has no label; the summary printed at the end names such pairs.
-    """
-    from rlhfkit.feedback.web.app import create_app
-    from rlhfkit.serve import ServerThread
-
-    items, empty = read_pairs(config.samples)
-    store = AnnotationStore(config.web_db)
-    try:
-        store.configure(overlap=config.overlap)
-        overlap = store.overlap
-        added = store.add_pairs(items)
-        note = f" ({empty} with an empty response left out)" if empty else ""
-        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
-        server = None
-        if config.web_serve:
-            server = ServerThread(create_app(store), config.web_host, config.web_port).start()
-            print(
-                f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
-                f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`",
-                file=sys.stderr,
-                flush=True,
-            )
-        try:
-            settled = wait_for_labels(store, timeout=config.wait_timeout, poll_seconds=config.poll_seconds)
-        finally:
-            if server is not None:
-                server.stop()
-        labels = comparisons(store)
-    finally:
-        store.close()
-    save_comparisons(config.output, labels)
-    print(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
-    labelled = {c.meta["item_index"] for c in labels}
-    unlabelled = [i for i in settled.exhausted if i not in labelled]
-    fewer = [i for i in settled.exhausted if i in labelled]
-    if unlabelled:
-        print(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {_items(unlabelled)}")
-    if fewer:
-        print(
-            f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: {_items(fewer)}"
-        )
-    return labels
