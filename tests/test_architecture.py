@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.losses": 0,
     "rlhfkit.optim": 0,
     "rlhfkit.run_layout": 0,
+    "rlhfkit.log": 0,
     "rlhfkit.feedback.agreement": 0,
     "rlhfkit.data": 0,
     # 1: data formats and batch layout; feedback sources that are pure functions

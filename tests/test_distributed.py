@@ -63,6 +63,8 @@ def test_two_processes_equal_one_with_the_joint_batch(varied_file, make_config):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Library messages go through rlhfkit.log: the main process prints them, the other does not.
+    assert proc.stdout.count("sft data: ") == 1, proc.stdout[-2000:]
 
     train(one)
     one_log, two_log = train_entries(one.output_dir), train_entries(two.output_dir)

@@ -441,11 +441,9 @@ def test_compared_algorithms_run_after_the_main_one_and_are_evaluated_beside_it(
 
 
 def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_path):
-    cfg = config(
-        tmp_path, algorithm="ppo", compare=["dpo"], ppo={"lr": 1e-5, "kl_coef": 0.2}, dpo={"beta": 0.3}, rl={"kl_coef": 0.1}
-    )
+    cfg = config(tmp_path, algorithm="ppo", compare=["dpo"], ppo={"lr": 1e-5, "beta": 0.2}, dpo={"beta": 0.3}, rl={"beta": 0.1})
     stages = {s.name: s for s in pipeline.build_stages(cfg)}
-    assert stages["ppo"].config.lr == 1e-5 and stages["ppo"].config.kl_coef == 0.1  # rl wins over ppo
+    assert stages["ppo"].config.lr == 1e-5 and stages["ppo"].config.beta == 0.1  # rl wins over ppo
     assert stages["dpo"].config.beta == 0.3
     with pytest.raises(ConfigError, match="section 'dpo'.*unknown key 'kl_coef'"):
         pipeline.build_stages(config(tmp_path, algorithm="ppo", compare=["dpo"], dpo={"kl_coef": 0.1}))

@@ -451,7 +451,7 @@ def test_drop_zero_variance_groups_logs_the_fraction_and_drops_their_gradient(rl
 
     # The constant groups (rows 0-1 and 4-5) are out of the loss: give only them an advantage, and the
     # update leaves every weight as it was (no KL term, Adam's first step from zero gradients is zero).
-    trainer = rl.RLTrainer(make_config(rl_dir / "direct", kl_coef=0.0, **fields))
+    trainer = rl.RLTrainer(make_config(rl_dir / "direct", beta=0.0, **fields))
     scored, stats = trainer.rollout_and_score(trainer.prompts_for_step(0))
     assert stats["zero_variance_groups"] == 0.5
     assert scored.keep.tolist() == [F_, F_, T, T, F_, F_, T, T]

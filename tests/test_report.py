@@ -678,3 +678,14 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_p
     monkeypatch.setenv("RLHFKIT_REQUIRE_BROWSER", "1")
     with _pytest.raises(_pytest.fail.Exception):
         helpers.require_chromium()
+
+
+def test_a_policy_stage_kind_comes_from_its_algorithm_not_its_keys():
+    from rlhfkit.report import PolicyStage
+
+    assert PolicyStage("ppo", "ppo", metrics=[{"step": 1, "margin": 0.1}]).kinds == (True, False)
+    assert PolicyStage("dpo", "dpo", metrics=[{"step": 1, "score": 0.1}]).kinds == (False, True)
+    assert PolicyStage("grpo", "grpo", metrics=None).kinds == (True, False)
+    # Only the older layout's rl/ directory, whose algorithm has no record, is told by its keys.
+    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "score": 0.1}]).kinds == (True, False)
+    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "rewards_chosen": 0.1}]).kinds == (False, True)

@@ -820,3 +820,59 @@ def test_logps_backward_leaves_fp32_logits_as_they_were():
     tokens = torch.randint(0, 40, (6,), generator=g)
     gather_logps(logits, tokens).sum().backward()  # temperature 1: no scaled copy to work on
     assert torch.equal(logits.detach(), before)
+
+
+# ----------------------------------------------------------------------------- losses.advantages: every algorithm
+ADV_MASK = torch.tensor([[True, True, False], [True, True, True]])
+ADV_SCORES = torch.tensor([1.0, 2.0])
+ADV_KL = torch.tensor([[0.5, 0.5, 9.0], [0.0, 1.0, 0.0]])  # 9.0 lies past row 0's end: it must not count
+
+
+def test_advantages_reinforce_by_hand():
+    # token rewards (beta 0.1): row 0 [-0.05, -0.05 + 1]; row 1 [0, -0.1, 2]. Reward-to-go: [0.9, 0.95],
+    # [1.9, 1.9, 2.0]; minus their mean 7.65 / 5 = 1.53.
+    adv, returns = losses.advantages("reinforce", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, gamma=1.0, whiten_advantages=False)
+    assert returns is None
+    assert torch.allclose(adv, torch.tensor([[-0.63, -0.58, 0.0], [0.37, 0.37, 0.47]]), atol=1e-6)
+
+
+def test_advantages_ppo_by_hand():
+    # lam 0: A_t = r_t + V_{t+1} - V_t, the value after the last token 0. Row 0: -0.05 + 0.5 - 0.5, 0.95 - 0.5;
+    # row 1: 0 + 1 - 1, -0.1 + 1 - 1, 2 - 1. Returns = A + V.
+    values = torch.tensor([[0.5, 0.5, 7.0], [1.0, 1.0, 1.0]])
+    adv, returns = losses.advantages(
+        "ppo", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, values=values, gamma=1.0, lam=0.0, whiten_advantages=False
+    )
+    assert torch.allclose(adv, torch.tensor([[-0.05, 0.45, 0.0], [0.0, -0.1, 1.0]]), atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[0.45, 0.95, 0.0], [1.0, 0.9, 2.0]]), atol=1e-6)
+    # lam 1 and zero values: the reward-to-go itself; no KL given is a zero KL.
+    adv, _ = losses.advantages("ppo", ADV_SCORES, ADV_MASK, values=torch.zeros(2, 3), gamma=1.0, lam=1.0, whiten_advantages=False)
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]))
+    whitened, _ = losses.advantages("ppo", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, values=values, lam=0.0)
+    assert torch.allclose(
+        whitened,
+        losses.whiten(
+            adv_lam0 := losses.advantages(
+                "ppo", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, values=values, lam=0.0, whiten_advantages=False
+            )[0],
+            ADV_MASK,
+        ),
+    )
+    assert adv_lam0[0, 2] == 0 and whitened[0, 2] == 0
+    with pytest.raises(ValueError, match="need values"):
+        losses.advantages("ppo", ADV_SCORES, ADV_MASK)
+
+
+def test_advantages_rloo_and_grpo_by_hand():
+    # rloo: sequence rewards 1 - 0.1 * 1.0 = 0.9 and 2 - 0.1 * 1.0 = 1.9 (one group of 2): -1 and +1 on every token.
+    adv, returns = losses.advantages("rloo", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, group_size=2)
+    assert returns is None
+    assert torch.allclose(adv, torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]))
+    # grpo: the KL is not in the advantage. Scores 1, 2: mean 1.5, Bessel std 0.5 * sqrt(2).
+    adv, _ = losses.advantages("grpo", ADV_SCORES, ADV_MASK, kl=ADV_KL, beta=0.1, group_size=2)
+    a = 0.5 / (0.5 * 2**0.5 + 1e-4)
+    assert torch.allclose(adv, torch.tensor([[-a, -a, 0.0], [a, a, a]]))
+    adv, _ = losses.advantages("grpo", ADV_SCORES, ADV_MASK, group_size=2, scale=False)
+    assert torch.allclose(adv, torch.tensor([[-0.5, -0.5, 0.0], [0.5, 0.5, 0.5]]))
+    with pytest.raises(ValueError, match="unknown algorithm 'a2c'"):
+        losses.advantages("a2c", ADV_SCORES, ADV_MASK)

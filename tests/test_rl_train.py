@@ -44,7 +44,7 @@ COMMON_KEYS = {
     "score",
     "kl",
     "kl_k3",
-    "kl_coef",
+    "beta",
     "reward",
     "entropy",
     "response_length",
@@ -150,7 +150,7 @@ def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir):
         num_minibatches=2,
         seed=0,
     )
-    assert config.algorithm == "grpo" and config.kl_coef == 0.04
+    assert config.algorithm == "grpo" and config.beta == 0.04
     rl.train(config)
     entries = metrics(rl_dir / "grpo")
     assert_finite_entries(entries, COMMON_KEYS)
@@ -193,7 +193,7 @@ def test_rloo_and_reinforce_reward_rise_while_kl_stays_bounded(rl_dir, algorithm
         ("rloo", dict(samples_per_prompt=2)),
         ("reinforce", dict(gamma=0.9)),
         # One epoch and one minibatch: GRPO's fast path, whose KL and entropy come from the update.
-        ("grpo", dict(samples_per_prompt=2, kl_coef=0.04)),
+        ("grpo", dict(samples_per_prompt=2, beta=0.04)),
     ],
 )
 def test_algorithms_run_with_finite_metrics(rl_dir, algorithm, fields):
@@ -205,6 +205,54 @@ def test_algorithms_run_with_finite_metrics(rl_dir, algorithm, fields):
     assert not PPO_KEYS & entries[-1].keys()  # no value function outside PPO
     assert not (out / "value_head.safetensors").exists()
     assert entries[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+
+
+def test_the_metrics_contract_holds_every_key_the_report_plots(rl_dir):
+    """rl.py writes every RLMetric (rlhfkit.run_layout), which the report plots: a renamed key fails here, not as
+    an empty plot. gold_score needs a gold scorer, value_loss ppo."""
+    from rlhfkit.run_layout import RLMetric
+
+    out = rl_dir / "contract"
+    rl.train(make_config(out, algorithm="ppo", batch_size=2, max_steps=1, gold="rl_test_rewards:shortness"))
+    contract = {v for k, v in vars(RLMetric).items() if k.isupper()}
+    assert len(contract) == 11 and contract <= metrics(out)[-1].keys()
+
+
+def test_kl_coef_is_the_deprecated_name_of_beta():
+    from rlhfkit.config import from_dict
+
+    with pytest.warns(FutureWarning, match="kl_coef is deprecated.*use beta"):
+        config = rl.RLConfig(kl_coef=0.2)
+    assert (config.beta, config.kl_coef) == (0.2, None)
+    with pytest.warns(FutureWarning, match="kl_coef is deprecated"):
+        config = from_dict(rl.GRPOConfig, {"kl_coef": 0.01}, source="grpo.yaml")
+    assert (config.beta, config.kl_coef) == (0.01, None)
+    assert rl.RLConfig().beta == 0.05 and rl.GRPOConfig().beta == 0.04
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_beta_zero_loads_no_reference_and_trains_as_a_zero_kl_penalty_does(rl_dir, algorithm):
+    """beta 0 (no adaptive control, no probe): no reference model, no reference forward, no KL metric. The
+    control keeps a reference (adaptive_kl from beta 0 stays 0), so its KL term is zero: same weights."""
+    from tests.helpers import saved_weights
+
+    fields = dict(algorithm=algorithm, batch_size=2, max_steps=2, temperature=1.0, beta=0.0, seed=3)
+    if algorithm == "grpo":
+        fields["samples_per_prompt"] = 2
+    trainer = rl.RLTrainer(make_config(rl_dir / "direct", **fields))
+    assert trainer.ref is None and not trainer.config.needs_reference
+    scored, stats = trainer.rollout_and_score(trainer.prompts_for_step(0))
+    assert scored.ref_logps is None and "kl" not in stats
+    assert "kl_update_seq" not in trainer.update(scored)
+
+    rl.train(make_config(rl_dir / "noref", **fields))
+    entries = metrics(rl_dir / "noref")
+    assert [e["step"] for e in entries] == [1, 2] and not {"kl", "kl_k3"} & entries[-1].keys()
+    assert_finite_entries(entries, COMMON_KEYS - {"kl", "kl_k3"})
+    rl.train(make_config(rl_dir / "ref", adaptive_kl=True, **fields))
+    assert "kl" in metrics(rl_dir / "ref")[-1]
+    noref, ref = saved_weights(rl_dir / "noref"), saved_weights(rl_dir / "ref")
+    assert all(torch.allclose(noref[k], ref[k], atol=1e-6) for k in ref)
 
 
 def test_ppo_outputs(rl_dir):

@@ -31,13 +31,14 @@ from typing import Literal
 import torch
 import yaml
 
-from rlhfkit import forward, models
+from rlhfkit import forward, log, models
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
 from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 from rlhfkit.losses import dpo_loss, simpo_loss
 from rlhfkit.probe import FrontierProbe, ProbeOptions
+from rlhfkit.run_layout import PreferenceMetric as M
 
 
 @dataclass
@@ -119,10 +120,10 @@ class DPOTask:
         if c.rpo_alpha > 0:
             losses = losses + c.rpo_alpha * (-chosen_logps / chosen_tokens.clamp(min=1))
         stats = {
-            "accuracy": (chosen_rewards > rejected_rewards).float().sum(),
-            "margin": (chosen_rewards - rejected_rewards).sum(),
-            "rewards_chosen": chosen_rewards.sum(),
-            "rewards_rejected": rejected_rewards.sum(),
+            M.ACCURACY: (chosen_rewards > rejected_rewards).float().sum(),
+            M.MARGIN: (chosen_rewards - rejected_rewards).sum(),
+            M.REWARDS_CHOSEN: chosen_rewards.sum(),
+            M.REWARDS_REJECTED: rejected_rewards.sum(),
             "logps_chosen": chosen_logps.detach().sum(),
             "logps_rejected": rejected_logps.detach().sum(),
         }
@@ -230,7 +231,7 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         path, cached = broadcast_object_list(found)
     if cached:
         ref_logps = load_file(str(path))["ref_logps"]
-        print(f"dpo: reference log-probs loaded from cache {path}")
+        log.info(f"dpo: reference log-probs loaded from cache {path}")
     else:
         ref_logps = compute_ref_logps(
             ref,
@@ -245,7 +246,7 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"ref_logps": ref_logps}, str(tmp))
             tmp.replace(path)
-            print(f"dpo: reference log-probs cached at {path}")
+            log.info(f"dpo: reference log-probs cached at {path}")
     state.wait_for_everyone()
     if ref_logps.shape[0] != len(examples):
         raise RuntimeError(f"reference cache {path} has {ref_logps.shape[0]} rows, expected {len(examples)}")

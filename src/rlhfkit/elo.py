@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhfkit import log
 from rlhfkit.data.records import Comparison
 
 Match = tuple[str, str, float]
@@ -99,7 +100,7 @@ def matches_from_comparisons(comparisons: Iterable[Comparison]) -> list[Match]:
             "e.g. {'players': ['sft', 'dpo']}); ratings need to know who wrote each response"
         )
     if skipped or same_player:
-        print(
+        log.info(
             f"elo: {len(matches)} matches from {len(comparisons) - skipped} comparisons; "
             f"{skipped} comparisons without meta['players'] skipped, {same_player} same-player pairs dropped"
         )
@@ -517,12 +518,12 @@ def run(config: EloConfig) -> list[dict[str, Any]]:
         )
     except ValueError as e:  # the matches are valid by now: what is left is anchor, prior or bootstrap
         raise ConfigError(str(e)) from None
-    print(
+    log.info(
         f"elo: {len(matches)} matches between {len(rows)} players from {records} records "
         f"({skipped} without meta.players skipped, {same_player} same-player pairs dropped)"
     )
-    print(format_table(rows))
+    log.info(format_table(rows))
     if config.output:
         atomic_write_text(config.output, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-        print(f"elo: table -> {config.output}")
+        log.info(f"elo: table -> {config.output}")
     return rows

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import models
+from rlhfkit import log, models
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.records import Comparison
 from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
@@ -407,9 +407,9 @@ def run(config: EvalConfig) -> dict:
     atomic_write_text(c.output, json.dumps(results, indent=2, ensure_ascii=False))
     for name, entry in players.items():
         if entry["kind"] != "baseline":
-            print(
+            log.info(
                 f"eval: {name}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
                 f"{players[base_name]['gold_score']:.3f}, p = {entry['p_value']:.3g}, KL {entry['kl']:.2f}"
             )
-    print(f"eval: -> {c.output}")
+    log.info(f"eval: -> {c.output}")
     return results

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit import dpo, label, models, sample
+from rlhfkit import dpo, label, log, models, sample
 from rlhfkit.config import from_dict
 from rlhfkit.data.io import write_jsonl
 
@@ -59,7 +59,7 @@ def run(config: IteratedDPOConfig) -> list[Path]:
         round_dir = out / f"round-{k}"
         model_dir = round_dir / "model"
         if models.is_complete_save(model_dir):
-            print(f"iterated-dpo: round {k} done, skipped")
+            log.info(f"iterated-dpo: round {k} done, skipped")
             policy = str(model_dir)
             produced.append(model_dir)
             continue

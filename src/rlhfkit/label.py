@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
     DataError,
@@ -196,7 +197,7 @@ def _refuse_or_keep(config: LabelConfig, changes: dict[str, str], count: int) ->
     output = Path(config.output)
     listing = "; ".join(f"{key}: {change}" for key, change in changes.items())
     if config.resume == "force":
-        print(f"label: resume=force: keeping the {count} labels in {output} though they differ ({listing})")
+        log.warning(f"label: resume=force: keeping the {count} labels in {output} though they differ ({listing})")
         return
     raise ConfigError(
         f"label: cannot resume {output}: its {count} labels were made under other settings ({listing}); "
@@ -241,7 +242,7 @@ def _check_resume(config: LabelConfig, labels: list[Comparison], items: list) ->
         )
     _refuse_or_keep(config, changes, len(labels))
     if saved is None and not changes:
-        print(
+        log.info(
             f"label: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
             f"its labels are of the items of {config.samples} and by {source!r}, but the other labeller settings "
             "could not be checked"
@@ -314,12 +315,12 @@ def _simulated_scale(config: LabelConfig, scorer, items: list) -> float:
     spread = score_spread(scorer, items)
     if spread == 0.0:
         count = sum(len(responses) for _, responses in items)
-        print(f"label: score spread is 0 (all {count} scores of {config.scorer} are equal); using 1.0 instead")
+        log.warning(f"label: score spread is 0 (all {count} scores of {config.scorer} are equal); using 1.0 instead")
         spread = 1.0
     line = f"label: score spread {spread:.3g} -> temperature {config.temperature * spread:.3g}"
     if config.tie_threshold:
         line += f", tie threshold {config.tie_threshold * spread:.3g}"
-    print(line)
+    log.info(line)
     return spread
 
 
@@ -412,7 +413,7 @@ def run(config: LabelConfig) -> list[Comparison]:
         bar.update(len(chunk))
     bar.close()
     ties = sum(c.tie for c in labels)
-    print(f"label: {len(labels)} labels in {output} ({ties} ties)")
+    log.info(f"label: {len(labels)} labels in {output} ({ties} ties)")
     return labels
 
 
@@ -438,7 +439,7 @@ def _label_from_web(config: LabelConfig) -> list[Comparison]:
         overlap = store.overlap
         added = store.add_pairs(items)
         note = f" ({empty} with an empty response left out)" if empty else ""
-        print(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
+        log.info(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
         server = None
         if config.web_serve:
             server = ServerThread(create_app(store), config.web_host, config.web_port).start()
@@ -457,14 +458,14 @@ def _label_from_web(config: LabelConfig) -> list[Comparison]:
     finally:
         store.close()
     save_comparisons(config.output, labels)
-    print(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
+    log.info(f"label: {len(labels)} labels in {config.output} ({sum(c.tie for c in labels)} ties or splits)")
     labelled = {c.meta["item_index"] for c in labels}
     unlabelled = [i for i in settled.exhausted if i not in labelled]
     fewer = [i for i in settled.exhausted if i in labelled]
     if unlabelled:
-        print(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {item_list(unlabelled)}")
+        log.info(f"label: {len(unlabelled)} pair(s) skipped by every annotator, left unlabelled: {item_list(unlabelled)}")
     if fewer:
-        print(
+        log.info(
             f"label: {len(fewer)} pair(s) with fewer than {overlap} vote(s), the other annotators skipped them: {item_list(fewer)}"
         )
     return labels

@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from rlhfkit import log
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import fsync_path, fsync_tree
 from rlhfkit.models import (
@@ -50,6 +51,7 @@ from rlhfkit.models import (
     remove_stale_temps,
 )
 from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
+from rlhfkit.run_layout import EVAL_PREFIX
 from rlhfkit.tracking import MetricsLogger, is_eval_record
 
 
@@ -371,7 +373,7 @@ class Checkpointer:
                 failures.append(f"{path}: {e}")
                 if main:
                     fallback = "; trying the one before it" if i + 1 < len(candidates) else ""
-                    print(f"checkpoint {path} cannot be loaded: {e}{fallback}")
+                    log.warning(f"checkpoint {path} cannot be loaded: {e}{fallback}")
                 continue
             return path, saved
         if failures:
@@ -410,7 +412,7 @@ class Checkpointer:
                 "to continue from it with the new values, resume=never to start over, or use another output_dir"
             )
         if self.accelerator.is_main_process:
-            print(f"resume=force: continuing from {path} under a changed config: {listing}")
+            log.warning(f"resume=force: continuing from {path} under a changed config: {listing}")
 
     def _load(self, path: Path) -> None:
         """Weights, optimizer and RNG states through accelerate, the scheduler from JSON (nothing unpickled but by
@@ -531,7 +533,7 @@ def fit(
     final_eval_again = resumed is not None and state.step >= total_steps
     logger.truncate_after(state.step, drop_at_step=is_eval_record if final_eval_again else None)
     if resumed is not None and acc.is_main_process:
-        print(f"resumed from {resumed[0]} at step {state.step}")
+        log.info(f"resumed from {resumed[0]} at step {state.step}")
 
     def run_eval() -> dict[str, float]:
         if not eval_set:
@@ -555,7 +557,7 @@ def fit(
         sums = _reduce_sum(acc, sums)
         items = max(1.0, sums.pop("items"))
         model.train()
-        return {f"eval_{k}": v / items for k, v in sums.items()}
+        return {EVAL_PREFIX + k: v / items for k, v in sums.items()}
 
     bar = tqdm(
         total=total_steps,
@@ -645,7 +647,7 @@ def fit(
     if eval_metrics:
         logger.log(state.step, eval_metrics)
         if acc.is_main_process:
-            print("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            log.info("eval: " + ", ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
     logger.close()
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(model)

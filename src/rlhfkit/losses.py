@@ -64,8 +64,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 # Rows of logits per chunk: 2**22 fp32 values (16 MB). A step's logits are large (a GRPO step
 # of 32 x 64 tokens: 2048 x 49k); full-size fp32 temporaries (upcast, exp, softmax, their
-# gradients) cost page faults and memory traffic, chunks reuse one small buffer. Measured,
-# 1982 x 49152 bf16 logits, forward + backward on 2 CPU cores: ~0.38 s vs ~0.5 s unchunked.
+# gradients) cost page faults and memory traffic, chunks reuse one small buffer: about a
+# quarter less time than unchunked on CPU (see benchmarks/README.md, "Design measurements").
 _CHUNK_VALUES = 1 << 22
 
 
@@ -201,9 +201,9 @@ def linear_token_logps(
     Shapes: ``x`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``tokens`` (N,) ->
     ``logps`` (N,) fp32, or ``(logps, entropy)``. The same values as computing the
     logits and then :func:`gather_logps_and_entropy`, with the output layer and the
-    log-softmax fused: the product runs ``block_rows`` rows at a time (on a 2-core
-    CPU, SmolLM2's 1,927 x 576 x 49k head: 0.29 s in 256-row blocks vs 0.41 s as one
-    product) and the backward writes the logits' gradient over the logits. Matmuls
+    log-softmax fused: the product runs ``block_rows`` rows at a time (on CPU
+    about 30% less time than one product; see benchmarks/README.md, "Design measurements")
+    and the backward writes the logits' gradient over the logits. Matmuls
     run in the dtype of ``x``/``weight`` (cast them first for reduced precision).
     """
     # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
@@ -451,6 +451,58 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, *, scale: bool = True
     if scale:
         centred = centred / (grouped.std(1, keepdim=True) + eps)
     return centred.view(-1)
+
+
+def advantages(
+    algorithm: str,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+    values: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+    group_size: int = 1,
+    scale: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token advantages of every online algorithm, and PPO's value targets: the one place they differ.
+
+    * ``ppo``: token rewards ``r_t = -beta KL_t`` plus the score at the last response token (Ziegler et
+      al. 2019, eq. 2), then GAE against ``values`` (:func:`gae`); returns ``(advantages, returns)``;
+    * ``reinforce``: the same rewards, discounted reward-to-go minus its masked mean over the batch;
+    * ``rloo``: the sequence reward ``score - beta sum_t KL_t``, leave-one-out baseline over each group
+      of ``group_size`` (:func:`rloo_advantages`), the same for every token;
+    * ``grpo``: group-normalised scores (:func:`grpo_advantages`, ``scale``), every token; the KL is
+      not in the reward but in the loss (``beta k3`` per token, in the trainer).
+
+    ``whiten_advantages`` whitens ppo's and reinforce's over the batch. ``kl`` (B, R) is the per-token
+    KL estimate, None for none (no reference). Shapes: ``scores`` (B,), ``mask``/``values`` (B, R).
+    Advantages are 0 where ``mask`` is False; the second value is None except for ppo.
+    """
+    mask = mask.bool()
+    kl = torch.zeros(mask.shape, dtype=scores.dtype) if kl is None else kl
+    returns = None
+    if algorithm in ("ppo", "reinforce"):
+        last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # the last response token
+        token_rewards = -beta * kl + last.to(scores.dtype) * scores[:, None]
+        if algorithm == "ppo":
+            if values is None:
+                raise ValueError("ppo's advantages need values (GAE)")
+            adv, returns = gae(token_rewards, values, mask, gamma, lam)
+        else:
+            adv = discounted_returns(token_rewards, mask, gamma)
+            adv = torch.where(mask, adv - masked_mean(adv, mask), 0.0)
+        if whiten_advantages:
+            adv = whiten(adv, mask)
+    elif algorithm == "rloo":
+        adv = rloo_advantages(scores - beta * torch.where(mask, kl, 0.0).sum(-1), group_size)[:, None].expand_as(mask)
+    elif algorithm == "grpo":
+        adv = grpo_advantages(scores, group_size, scale=scale)[:, None].expand_as(mask)
+    else:
+        raise ValueError(f"unknown algorithm '{algorithm}' (ppo, reinforce, rloo, grpo)")
+    return torch.where(mask, adv, 0.0), returns
 
 
 # ----------------------------------------------------------------------------- PPO

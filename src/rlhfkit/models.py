@@ -54,8 +54,8 @@ def default_precision(device: str = "auto") -> str:
     """bf16 where bf16 matmuls run fast, else fp32.
 
     CUDA with bf16 support, or a CPU whose oneDNN has bf16 kernels (avx512_bf16 or AMX), gets ``bf16``.
-    Without them (an AVX2-only CPU) PyTorch runs bf16 matmuls on a reference path: measured on a
-    2-core AVX2 EPYC, a 512x512 bf16 matmul took 0.21 s against 0.004 s in fp32, so fp32 is the
+    Without them (an AVX2-only CPU) PyTorch runs bf16 matmuls on a reference path, about 50x slower
+    than fp32 (see benchmarks/README.md, "Design measurements"), so fp32 is the
     choice there.
     """
     if device == "auto":
@@ -106,8 +106,8 @@ class AdapterOptions:
     rejected; an RL group's samples) runs once. Needs `attn_implementation: auto`. false: padded batches."""
     attn_implementation: str = "auto"
     """Attention kernel: `auto` is rlhfkit's (`rlhfkit.packing`): packed batches (no padding, shared prompts run
-    once) and, on padded batches, eager attention on CPU (1.3-2.5x faster than sdpa's fused kernel there up to
-    ~1k tokens, fwd+bwd bf16) and sdpa on GPUs. Any transformers name (`sdpa`, `eager`, `flash_attention_2`)
+    once) and, on padded batches, eager attention on CPU (faster than sdpa's fused kernel there for training up to
+    ~1k tokens; see benchmarks/README.md, "Design measurements") and sdpa on GPUs. Any transformers name (`sdpa`, `eager`, `flash_attention_2`)
     also works with `packing=false`."""
 
 

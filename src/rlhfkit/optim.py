@@ -16,8 +16,8 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, b
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # The fused kernel is the fastest AdamW on CPU and CUDA (SmolLM2-135M on a 2-core CPU:
-    # 70-90 ms per step vs 530 ms with foreach); devices without it fall back to foreach.
+    # The fused kernel is the fastest AdamW on CPU and CUDA (several times faster per step than foreach on CPU;
+    # see benchmarks/README.md, "Design measurements"); devices without it fall back to foreach.
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except RuntimeError:
@@ -33,8 +33,8 @@ def prime_state(optimizer: torch.optim.Optimizer) -> None:
     then sets the step counts back to 0. Why: on CPU the state (two fp32 copies of
     the weights for AdamW) is otherwise allocated in the first update, in memory
     the freed activations of that update leave behind, so the next forward grows
-    the heap and pays its page faults (GRPO on SmolLM2-135M, 2-core CPU: ~88k
-    faults, the second step's policy forward 3.8 s instead of 2.5 s). Primed, the
+    the heap and pays its page faults (they made the second step's policy forward
+    about 1.5x slower; see benchmarks/README.md, "Design measurements"). Primed, the
     memory is taken before training starts, and a run that cannot hold it fails
     there. Gradients are put back to ``None``.
     """

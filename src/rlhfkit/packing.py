@@ -271,8 +271,8 @@ def decode_attention(query, key, value, attention_mask, scaling: float) -> torch
     packed training kernel), scaling, mask and softmax in fp32. The keys and values
     are made contiguous first: the decoding cache hands out views of reserved room
     (:func:`rlhfkit.rollout.decoding_cache`), and a CPU bmm on those strided views
-    took ~250 us instead of ~80. SmolLM2-135M, 32 rows, 64 decode steps on 2 CPU
-    cores: 64.9 ms per step vs 68.5 with sdpa (medians of 8 alternating runs).
+    took about 3x as long. On CPU a decode step is a few percent faster than with
+    sdpa (see benchmarks/README.md, "Design measurements").
     """
     batch, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
@@ -302,10 +302,9 @@ def packed_attention(
     one ``baddbmm`` (matmul, scale and the segment mask as an additive bias, made once
     per forward and shared by all layers) and the softmax in the compute dtype
     (under bf16 autocast: bf16 out, fp32 inside; the probabilities are bf16 for the
-    next matmul either way, and the backward reads those same bf16 values). Measured
-    when segments were whole groups (SmolLM2, 16 x 173 slots, 9 heads), forward +
-    backward of one layer on 2 CPU cores: 20 ms vs 35 ms for matmul, scale,
-    masked_fill and an fp32 softmax.
+    next matmul either way, and the backward reads those same bf16 values). On CPU a
+    layer's forward + backward takes about 40% less time than with matmul, scale,
+    masked_fill and an fp32 softmax (see benchmarks/README.md, "Design measurements").
     """
     if scaling is None:
         scaling = query.shape[-1] ** -0.5

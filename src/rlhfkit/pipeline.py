@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit import models
+from rlhfkit import log, models
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.run_layout import GATE_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
@@ -158,7 +158,7 @@ def check_gate(config: GateConfig) -> dict:
             message=f"reward model: {what}: {advice}",
         )
     atomic_write_text(config.output, json.dumps(result, indent=2))
-    print(f"gate: {result['verdict']}: {result['message']}")
+    log.info(f"gate: {result['verdict']}: {result['message']}")
     if result["verdict"] == "failed":
         raise RuntimeError(result["message"])
     return result
@@ -364,12 +364,12 @@ def _recover(directory: Path) -> None:
         return
     if (directory / MARKER).is_file():
         shutil.rmtree(previous)
-        print(f"pipeline: {directory.name}: deleted the earlier output left in {previous} (the new one had finished)")
+        log.info(f"pipeline: {directory.name}: deleted the earlier output left in {previous} (the new one had finished)")
         return
     if directory.exists():
         shutil.rmtree(directory)
     previous.rename(directory)
-    print(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output from {previous}")
+    log.info(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output from {previous}")
 
 
 def _run_stage(stage: Stage, digest: str, start: float) -> None:
@@ -388,7 +388,7 @@ def _run_stage(stage: Stage, digest: str, start: float) -> None:
         directory.rename(previous)
     try:
         directory.mkdir(parents=True)
-        print(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
+        log.info(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
         t0 = time.time()
         stage.run(stage.config)
         atomic_write_text(
@@ -401,7 +401,7 @@ def _run_stage(stage: Stage, digest: str, start: float) -> None:
             if directory.exists():  # ignore_errors left something: keep it apart rather than lose either
                 directory.rename(directory.with_name(f".{directory.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
             previous.rename(directory)
-            print(f"pipeline: {stage.name}: failed; its earlier output is restored in {directory}")
+            log.warning(f"pipeline: {stage.name}: failed; its earlier output is restored in {directory}")
         # else the partial output stays for a look (logs, gate.json); it has no marker, so it is redone
         if isinstance(e, Exception):  # re-raised with the stage name
             raise StageError(stage.name, e) from e
@@ -438,7 +438,7 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
         marker = _marker(stage)
         recorded = json.loads(marker.read_text())["hash"] if marker.exists() else None
         if not forced and recorded == digest and stage.name != "report":
-            print(f"pipeline: {stage.name}: up to date, skipped")
+            log.info(f"pipeline: {stage.name}: up to date, skipped")
             status[stage.name] = "skipped"
         else:
             if stage.name == "report":  # it reads pipeline.json; every stage before it is this config's now
@@ -449,7 +449,7 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
             _write_record(config, out)
         if stage.name == "eval":  # the headline numbers also sit next to report.html
             _publish_eval(stage, out)
-    print(f"pipeline: done in {time.time() - start:.0f}s -> {out / 'report.html'}")
+    log.info(f"pipeline: done in {time.time() - start:.0f}s -> {out / 'report.html'}")
     return status
 
 
@@ -478,7 +478,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "max_new_tokens": 64,
         "temperature": 0.7,
         "lr": 5e-6,
-        "kl_coef": 0.05,
+        "beta": 0.05,
         "ppo_epochs": 2,
         "num_minibatches": 2,
         "target_kl_stop": 0.1,
@@ -528,7 +528,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # lr 1e-5 against the lr-1e-4 reward model (seed-0 SFT and labels): win rate 0.67 [0.63, 0.70] vs SFT,
         # KL 2.9; at 5e-6 against the lr-3e-5 reward model: 0.54 [0.50, 0.59], KL 0.36.
         "ppo": {**rl_common, "lr": 1e-5},
-        "grpo": {**rl_common, "num_minibatches": 1, "kl_coef": 0.04},
+        "grpo": {**rl_common, "num_minibatches": 1, "beta": 0.04},
         "rloo": {**rl_common, "num_minibatches": 1},
         # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
         # the eval's generation.

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from rlhfkit import log
+
 FRONTIER_FILE = "frontier.jsonl"
 """The probe points of a training run, in its output directory."""
 
@@ -138,7 +140,7 @@ class FrontierProbe:
         truncate_jsonl_by_step(self.path, step - 1)
         append_jsonl(self.path, row)
         proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
-        print(
+        log.info(
             f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
             f"({row['seconds']:.0f}s)"
         )

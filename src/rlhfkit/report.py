@@ -43,12 +43,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rlhfkit import stats
+from rlhfkit import log, stats
 from rlhfkit.data.io import atomic_write_text, jsonl_lines
 from rlhfkit.probe import FRONTIER_FILE
 from rlhfkit.reward import HELDOUT_FILE
-from rlhfkit.run_layout import GATE_FILE  # the writers' names, so a rename cannot silently empty a section
+from rlhfkit.run_layout import (
+    EVAL_PREFIX,
+    GATE_FILE,  # the writers' names, so a rename cannot silently empty a section
+    OFFLINE_ALGORITHMS,
+    ONLINE_ALGORITHMS,
+)
 from rlhfkit.run_layout import POLICY_ALGORITHMS as POLICY_STAGES
+from rlhfkit.run_layout import PreferenceMetric as PM
+from rlhfkit.run_layout import RLMetric as RM
 from rlhfkit.tracking import read_metrics
 
 # ---------------------------------------------------------------- the run directory's layout
@@ -103,6 +110,15 @@ class PolicyStage:
     """``metrics.jsonl`` entries; None if missing or unreadable."""
     frontier: list[dict[str, Any]] | None = None
     """Probe points from ``frontier.jsonl`` in step order (last line per step wins); None if missing."""
+
+    @property
+    def kinds(self) -> tuple[bool, bool]:
+        """(online RL, preference-pair training): from the algorithm's name (the pipeline's record); only a stage
+        of unknown name (the older ``rl/`` layout) is told by the keys its metrics hold."""
+        if self.name in ONLINE_ALGORITHMS or self.name in OFFLINE_ALGORITHMS:
+            return self.name in ONLINE_ALGORITHMS, self.name in OFFLINE_ALGORITHMS
+        entries = self.metrics or []
+        return any(RM.SCORE in e for e in entries), any(PM.REWARDS_CHOSEN in e or PM.MARGIN in e for e in entries)
 
 
 @dataclass
@@ -1074,36 +1090,36 @@ def _policy_panels(policy: PolicyStage) -> str:
     entries = policy.metrics
     if entries is None:
         return f'<p class="na">No training metrics: {esc(policy.directory)}/{METRICS_FILE} is missing.</p>'
-    online = any("score" in e for e in entries)
-    dpo = any("rewards_chosen" in e or "margin" in e for e in entries)
+    online, dpo = policy.kinds
+    ev = EVAL_PREFIX
     parts = []
     if online:
         figure = panels_figure(
             [
-                ("proxy score (reward model)", [curve(entries, "score")]),
-                ("gold score (same samples)", [curve(entries, "gold_score")]),
-                ("reward (score − β·KL)", [curve(entries, "reward")]),
-                ("KL to reference (per sequence)", [curve(entries, "kl", "k1"), curve(entries, "kl_k3", "k3")]),
-                ("entropy", [curve(entries, "entropy")]),
-                ("response length", [curve(entries, "response_length")]),
-                ("value loss", [curve(entries, "value_loss")]),
-                ("clip fraction", [curve(entries, "clipfrac")]),
-                ("approx KL (old → new)", [curve(entries, "approx_kl")]),
+                ("proxy score (reward model)", [curve(entries, RM.SCORE)]),
+                ("gold score (same samples)", [curve(entries, RM.GOLD)]),
+                ("reward (score − β·KL)", [curve(entries, RM.REWARD)]),
+                ("KL to reference (per sequence)", [curve(entries, RM.KL, "k1"), curve(entries, RM.KL_K3, "k3")]),
+                ("entropy", [curve(entries, RM.ENTROPY)]),
+                ("response length", [curve(entries, RM.RESPONSE_LENGTH)]),
+                ("value loss", [curve(entries, RM.VALUE_LOSS)]),
+                ("clip fraction", [curve(entries, RM.CLIPFRAC)]),
+                ("approx KL (old → new)", [curve(entries, RM.APPROX_KL)]),
             ]
         )
         parts.append(_img(figure, f"{policy.name}: online RL metrics", "No online-RL metrics logged."))
     if dpo:
         figure = panels_figure(
             [
-                ("preference accuracy", [curve(entries, "accuracy", "train"), curve(entries, "eval_accuracy", "eval")]),
-                ("reward margin", [curve(entries, "margin", "train"), curve(entries, "eval_margin", "eval")]),
+                ("preference accuracy", [curve(entries, PM.ACCURACY, "train"), curve(entries, ev + PM.ACCURACY, "eval")]),
+                ("reward margin", [curve(entries, PM.MARGIN, "train"), curve(entries, ev + PM.MARGIN, "eval")]),
                 (
                     "implicit rewards",
                     [
-                        curve(entries, "rewards_chosen", "chosen"),
-                        curve(entries, "rewards_rejected", "rejected"),
-                        curve(entries, "eval_rewards_chosen", "chosen (eval)"),
-                        curve(entries, "eval_rewards_rejected", "rejected (eval)"),
+                        curve(entries, PM.REWARDS_CHOSEN, "chosen"),
+                        curve(entries, PM.REWARDS_REJECTED, "rejected"),
+                        curve(entries, ev + PM.REWARDS_CHOSEN, "chosen (eval)"),
+                        curve(entries, ev + PM.REWARDS_REJECTED, "rejected (eval)"),
                     ],
                 ),
             ]
@@ -1138,7 +1154,12 @@ def _reward_section(data: RunData) -> str:
         parts.append(
             _img(
                 panels_figure(
-                    [("preference accuracy", [curve(reward, "accuracy", "train"), curve(reward, "eval_accuracy", "eval")])]
+                    [
+                        (
+                            "preference accuracy",
+                            [curve(reward, PM.ACCURACY, "train"), curve(reward, EVAL_PREFIX + PM.ACCURACY, "eval")],
+                        )
+                    ]
                 ),
                 "reward-model accuracy",
                 "No accuracy logged.",
@@ -1150,8 +1171,8 @@ def _reward_section(data: RunData) -> str:
 def _loss_section(data: RunData) -> str:
     sft, reward = data.metrics.get(SFT_STAGE), data.metrics.get(REWARD_STAGE)
     panels = [
-        ("SFT loss", [curve(sft or [], "loss", "train"), curve(sft or [], "eval_loss", "eval")]),
-        ("reward-model loss", [curve(reward or [], "loss", "train"), curve(reward or [], "eval_loss", "eval")]),
+        ("SFT loss", [curve(sft or [], PM.LOSS, "train"), curve(sft or [], EVAL_PREFIX + PM.LOSS, "eval")]),
+        ("reward-model loss", [curve(reward or [], PM.LOSS, "train"), curve(reward or [], EVAL_PREFIX + PM.LOSS, "eval")]),
     ]
     for p in data.policies:
         entries = p.metrics or []
@@ -1159,10 +1180,10 @@ def _loss_section(data: RunData) -> str:
             (
                 f"{p.name} loss",
                 [
-                    curve(entries, "loss", "train"),
-                    curve(entries, "eval_loss", "eval"),
-                    curve(entries, "policy_loss", "policy loss"),
-                    curve(entries, "value_loss", "value loss"),
+                    curve(entries, PM.LOSS, "train"),
+                    curve(entries, EVAL_PREFIX + PM.LOSS, "eval"),
+                    curve(entries, RM.POLICY_LOSS, "policy loss"),
+                    curve(entries, RM.VALUE_LOSS, "value loss"),
                 ],
             )
         )
@@ -1305,5 +1326,5 @@ def run(config: ReportConfig) -> Path:
     data = load_run(run_dir)
     atomic_write_text(output, render(data))
     note = f" ({len(data.missing)} part(s) missing)" if data.missing else ""
-    print(f"report: -> {output}{note}")
+    log.info(f"report: -> {output}{note}")
     return output

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rlhfkit import forward, models, packing
+from rlhfkit import forward, log, models, packing
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.pairwise import (
@@ -49,6 +49,7 @@ from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 from rlhfkit.losses import preference_loss
+from rlhfkit.run_layout import PreferenceMetric as M
 
 HELDOUT_FILE = "heldout.json"
 """Held-out accuracy of a trained reward model, in its output directory (see :func:`heldout_accuracy`)."""
@@ -110,7 +111,7 @@ class RewardTask:
         losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
         # A tie counts as half right; a strict preference as right when chosen scores higher.
         correct = torch.where(target > 0.5, (chosen > rejected).float(), torch.full_like(target, 0.5))
-        stats = {"accuracy": correct.sum(), "margin": (chosen - rejected).detach().sum()}
+        stats = {M.ACCURACY: correct.sum(), M.MARGIN: (chosen - rejected).detach().sum()}
         return losses.sum(), stats
 
 
@@ -398,11 +399,11 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
             model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision, seed=config.seed
         )
         if result["accuracy"] is None:  # readers of HELDOUT_FILE expect an accuracy; write none
-            print(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
+            log.warning(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
         else:
             atomic_write_text(out / HELDOUT_FILE, json.dumps(result, indent=2) + "\n")
             lo, hi = result["accuracy_ci"]
-            print(
+            log.info(
                 f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
                 f"pairs ({result['num_prompts']} prompts)"
             )
@@ -498,7 +499,7 @@ def train(config: RewardConfig) -> FitResult:
             std = float(scores.std()) if len(scores) > 1 else 1.0
             gain = 1.0 / max(std, 1e-6)
             bias = -float(scores.mean()) * gain
-            print(f"reward: normalisation on {len(scores)} samples: raw mean {float(scores.mean()):.4f}, std {std:.4f}")
+            log.info(f"reward: normalisation on {len(scores)} samples: raw mean {float(scores.mean()):.4f}, std {std:.4f}")
         target.config.rlhfkit_reward_gain = gain
         target.config.rlhfkit_reward_bias = bias
         target.config.rlhfkit_chat_template = config.chat_template

@@ -36,8 +36,8 @@ Departures from TRL: the old log-probs are not recomputed when there is a
 single epoch and minibatch (they equal the current ones, as in TRL's GRPO);
 on CUDA the reference model is kept in bf16 when training in bf16 (it is frozen,
 and a bf16 copy skips autocast's per-call weight casts); on CPU it stays fp32
-under autocast, which measured 4x faster here than a bf16 copy (1.3 s vs 5.3 s
-per reference pass on SmolLM2-135M: CPU's bf16 elementwise kernels are slow).
+under autocast, which was faster than a bf16 copy there (CPU's bf16 elementwise
+kernels are slow; see benchmarks/README.md, "Design measurements").
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from rlhfkit import models
+from rlhfkit import log, models
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
 from rlhfkit.loop import (
@@ -67,19 +68,16 @@ from rlhfkit.loop import (
     prepare,
     shard_indices,
 )
+from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.losses import (
     approx_kl,
-    discounted_returns,
     explained_variance,
-    gae,
-    grpo_advantages,
     kl_penalty,
     loss_token_weights,
     masked_mean,
     overlong_penalty,
     policy_loss,
     ppo_value_loss,
-    rloo_advantages,
     whiten,
     zero_variance_groups,
 )
@@ -87,6 +85,7 @@ from rlhfkit.optim import build_optimizer, build_scheduler
 from rlhfkit.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.run_layout import RLMetric as M
 from rlhfkit.tracking import MetricsLogger
 
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
@@ -115,8 +114,8 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     vllm_gpu_memory_utilization: float = 0.3
     """rollout_engine=vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache."""
     generation_precision: str = "auto"
-    """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes SmolLM2 (32 x 64 tokens) in
-    6.4 s vs 11.9 s fp32 on a 2-core avx512-bf16 CPU."""
+    """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes about 2x faster than fp32 on
+    CPUs with avx512-bf16 (see benchmarks/README.md, "Design measurements")."""
     samples_per_prompt: int = 1
     """Responses per prompt (the group size k for grpo/rloo; >= 2 there)."""
     max_new_tokens: int = 64
@@ -131,8 +130,11 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Whiten scores over the batch before use."""
     score_clip: float = 0.0
     """Clip scores to [-c, c] (0 disables)."""
-    kl_coef: float = 0.05
-    """beta: weight of the KL penalty to the reference."""
+    beta: float = 0.05
+    """Weight of the KL penalty to the reference (the name DPO and TRL use). With beta 0, adaptive_kl off and no
+    frontier probe, no reference model is loaded and no reference forward runs (nothing then measures the KL)."""
+    kl_coef: float | None = None
+    """Deprecated name of `beta`, still accepted with a warning; it sets `beta`."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward (ppo, rloo, reinforce). grpo's loss term always uses k3."""
     adaptive_kl: bool = False
@@ -220,6 +222,20 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     output_dir: str = "runs/rl"
     """Where the policy, checkpoints, metrics.jsonl and samples.jsonl go."""
 
+    def __post_init__(self) -> None:
+        if self.kl_coef is not None:  # the old name: one name for the KL weight everywhere (beta)
+            warnings.warn(
+                f"{type(self).__name__}: kl_coef is deprecated and will be removed; use beta (set to {self.kl_coef})",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.beta, self.kl_coef = self.kl_coef, None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the run needs the frozen reference: a KL penalty (beta > 0, or adapted), or a probe measuring KL."""
+        return self.beta > 0 or self.adaptive_kl or self.probe_points > 0
+
     def policy_loss_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`rlhfkit.losses.policy_loss` for this config, after checking the loss fields."""
         if self.clip == "symmetric" and (self.clip_eps_low, self.clip_eps_high) != (None, None):
@@ -255,8 +271,8 @@ class GRPOConfig(RLConfig):
 
     algorithm: Algorithm = "grpo"
     samples_per_prompt: int = 4
-    kl_coef: float = 0.04
-    """beta of the k3 KL term in the loss (DeepSeekMath's 0.04)."""
+    beta: float = 0.04
+    """Weight of the k3 KL term in the loss (DeepSeekMath's 0.04)."""
     output_dir: str = "runs/grpo"
 
 
@@ -287,7 +303,8 @@ class Scored:
     rollout: Rollout
     old_logps: torch.Tensor | None
     """Log-probs under the sampling policy (None: taken from the first update forward)."""
-    ref_logps: torch.Tensor
+    ref_logps: torch.Tensor | None
+    """Log-probs under the reference (None: the run has none, ``RLConfig.needs_reference``)."""
     values: torch.Tensor | None
     advantages: torch.Tensor
     returns: torch.Tensor | None
@@ -360,10 +377,10 @@ class RLTrainer:
         self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args)
         self.gold_fn = load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args") if c.gold else None
         policy = models.load_causal_lm(c.policy)
-        # The frozen reference: with LoRA, the base with adapters disabled (no copy);
-        # otherwise a copy, in bf16 when training in bf16 on CUDA (see the module docstring).
+        # The frozen reference (none when nothing needs it: c.needs_reference): with LoRA, the base with adapters
+        # disabled (no copy); otherwise a copy, in bf16 when training in bf16 on CUDA (see the module docstring).
         self.ref = None
-        if c.lora_r == 0:
+        if c.lora_r == 0 and c.needs_reference:
             bf16_copy = c.precision == "bf16" and self.acc.device.type == "cuda"
             ref_dtype = torch.bfloat16 if bf16_copy else torch.float32
             self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False).to(self.acc.device)
@@ -398,7 +415,7 @@ class RLTrainer:
         if gen_precision == "auto":
             gen_precision = c.precision
         self.engine = self._make_engine(gen_precision)
-        self.kl_ctl = AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon)
+        self.kl_ctl = AdaptiveKLController(c.beta, c.target_kl, c.kl_horizon)
         self.ptx = self._load_ptx() if c.ptx_data and c.ptx_coef > 0 else None
         self.step_count = 0
 
@@ -461,44 +478,41 @@ class RLTrainer:
                     entropy.append(ent.cpu())
                     if v is not None:
                         values.append(v.cpu())
-                ref_model = self.ref if self.ref is not None else self.acc.unwrap_model(self.model).policy
-                with models.adapters_disabled(ref_model):
-                    lp_ref, _, _ = _forward(ref_model, rollout, rows, device, packed=c.packing)
-                ref_logps.append(lp_ref.float().cpu())
+                if c.needs_reference:
+                    ref_model = self.ref if self.ref is not None else self.acc.unwrap_model(self.model).policy
+                    with models.adapters_disabled(ref_model):
+                        lp_ref, _, _ = _forward(ref_model, rollout, rows, device, packed=c.packing)
+                    ref_logps.append(lp_ref.float().cpu())
         self.model.train()
-        ref_logps_t = torch.cat(ref_logps)
+        ref_logps_t = torch.cat(ref_logps) if ref_logps else None
         old_logps_t = torch.cat(old_logps) if old_logps else None
         values_t = torch.cat(values) if values else None
         fwd_time = time.perf_counter() - t1
 
         # KL to the reference, per token, on the sampled tokens.
         beta = self.kl_ctl.value
-        if old_logps_t is not None:
+        if ref_logps_t is None:  # no reference (beta 0): no KL term, and none measured
+            kl, kl_k1, kl_k3 = torch.zeros(mask.shape), None, None
+        elif old_logps_t is not None:
             kl = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, c.kl_estimator), 0.0)
             kl_k1 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k1"), 0.0)
             kl_k3 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k3"), 0.0)
         else:
             kl = kl_k1 = kl_k3 = None  # grpo fast path: measured in the update
 
-        returns = None
-        if c.algorithm in ("ppo", "reinforce"):
-            token_rewards = -beta * kl
-            last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # the last response token
-            token_rewards = token_rewards + last.float() * scores[:, None]
-            if c.algorithm == "ppo":
-                advantages, returns = gae(token_rewards, values_t, mask, c.gamma, c.lam)
-            else:
-                advantages = discounted_returns(token_rewards, mask, c.gamma)
-                advantages = torch.where(mask, advantages - masked_mean(advantages, mask), 0.0)
-            if c.whiten_advantages:
-                advantages = whiten(advantages, mask)
-        elif c.algorithm == "rloo":
-            seq_reward = scores - beta * kl.sum(-1)
-            advantages = rloo_advantages(seq_reward, c.samples_per_prompt)[:, None].expand_as(mask).clone()
-        else:  # grpo
-            advantages = grpo_advantages(scores, c.samples_per_prompt, scale=c.scale_advantages)
-            advantages = advantages[:, None].expand_as(mask).clone()
-        advantages = torch.where(mask, advantages, 0.0)
+        advantages, returns = compute_advantages(
+            c.algorithm,
+            scores,
+            mask,
+            kl=kl,
+            beta=beta,
+            values=values_t,
+            gamma=c.gamma,
+            lam=c.lam,
+            whiten_advantages=c.whiten_advantages,
+            group_size=c.samples_per_prompt,
+            scale=c.scale_advantages,
+        )
         keep, loss_stats = None, {}
         if c.drop_zero_variance_groups:  # groups of equal scores: zero weight in the loss (DAPO's filter)
             flat = zero_variance_groups(scores, c.samples_per_prompt)
@@ -510,29 +524,29 @@ class RLTrainer:
         lengths = rollout.lengths.float()
         if self.gold_fn is not None:
             gold = self.gold_fn(rollout.prompts, rollout.responses)
-            stats_gold = {"gold_score": sum(gold) / len(gold)}
+            stats_gold = {M.GOLD: sum(gold) / len(gold)}
         else:
             stats_gold = {}
         stats = {
             **stats_gold,
             **loss_stats,
-            "score": raw.mean().item(),
+            M.SCORE: raw.mean().item(),
             "score_used": scores.mean().item(),
-            "response_length": lengths.mean().item(),
+            M.RESPONSE_LENGTH: lengths.mean().item(),
             "eos_rate": rollout.has_eos.float().mean().item(),
-            "kl_coef": beta,
+            "beta": beta,
             "gen_tokens_per_s": lengths.sum().item() / max(gen_time, 1e-9),
             "time_generate": gen_time,
             "time_score_forward": fwd_time,
         }
         if kl_k1 is not None:
-            stats.update(
-                kl=kl_k1.sum(-1).mean().item(),
-                kl_k3=kl_k3.sum(-1).mean().item(),
-                reward=(scores - beta * kl.sum(-1)).mean().item(),
-            )
+            stats[M.KL] = kl_k1.sum(-1).mean().item()
+            stats[M.KL_K3] = kl_k3.sum(-1).mean().item()
+            stats[M.REWARD] = (scores - beta * kl.sum(-1)).mean().item()
+        elif ref_logps_t is None:
+            stats[M.REWARD] = scores.mean().item()
         if entropy:
-            stats["entropy"] = masked_mean(torch.cat(entropy), mask).item()
+            stats[M.ENTROPY] = masked_mean(torch.cat(entropy), mask).item()
         scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl, keep)
         return scored, stats
 
@@ -579,9 +593,9 @@ class RLTrainer:
                         adv = scored.advantages[rows].to(device)
                         pg_losses, clipped = policy_loss(logps, old, adv, mask, **loss_options)
                         loss_tokens = pg_losses
-                        ref = scored.ref_logps[rows].to(device)
-                        k3 = kl_penalty(logps, ref, "k3")
-                        if c.algorithm == "grpo" and self.kl_ctl.value > 0:
+                        ref = scored.ref_logps[rows].to(device) if scored.ref_logps is not None else None
+                        k3 = kl_penalty(logps, ref, "k3") if ref is not None else None
+                        if c.algorithm == "grpo" and self.kl_ctl.value > 0 and k3 is not None:
                             loss_tokens = loss_tokens + self.kl_ctl.value * k3
                         if values is not None:
                             v_losses, v_clipped = ppo_value_loss(
@@ -615,15 +629,16 @@ class RLTrainer:
                         n_tok = float(mask.sum())
                         kl_old = float(torch.where(mask, approx_kl(logps.detach(), old), 0.0).sum())
                         add = {
-                            "policy_loss": float(torch.where(mask, pg_losses, 0.0).sum()),
-                            "clipfrac": float((clipped & mask).sum()),
-                            "approx_kl": kl_old,
+                            M.POLICY_LOSS: float(torch.where(mask, pg_losses, 0.0).sum()),
+                            M.CLIPFRAC: float((clipped & mask).sum()),
+                            M.APPROX_KL: kl_old,
                             "entropy_update": float(torch.where(mask, entropy, 0.0).sum()),
-                            "kl_k3_update": float(torch.where(mask, k3, 0.0).sum()),
-                            "kl_k1_update": float(torch.where(mask, logps.detach() - ref, 0.0).sum()),
                         }
+                        if ref is not None:
+                            add["kl_k3_update"] = float(torch.where(mask, k3, 0.0).sum())
+                            add["kl_k1_update"] = float(torch.where(mask, logps.detach() - ref, 0.0).sum())
                         if values is not None:
-                            add["value_loss"] = float(torch.where(mask, v_losses, 0.0).sum())
+                            add[M.VALUE_LOSS] = float(torch.where(mask, v_losses, 0.0).sum())
                             add["value_clipfrac"] = float((v_clipped & mask).sum())
                         for k, v in add.items():
                             sums[k] = sums.get(k, 0.0) + v
@@ -645,8 +660,9 @@ class RLTrainer:
         stats = {k: v / tokens for k, v in sums.items()}
         # Per-sequence KL measured in the update, in the units of `kl` (sum over tokens).
         mean_len = float(rollout.response_mask.sum(-1).float().mean())
-        stats["kl_update_seq"] = stats.pop("kl_k1_update") * mean_len
-        stats["kl_k3_update_seq"] = stats.pop("kl_k3_update") * mean_len
+        if "kl_k1_update" in stats:  # measured only against a reference
+            stats["kl_update_seq"] = stats.pop("kl_k1_update") * mean_len
+            stats["kl_k3_update_seq"] = stats.pop("kl_k3_update") * mean_len
         stats["epochs_done"] = epochs_done
         stats["early_stopped"] = float(stopped_early)
         stats["train_tokens_per_s"] = train_tokens * self.P / max(time.perf_counter() - t0, 1e-9)
@@ -655,6 +671,24 @@ class RLTrainer:
         if scored.values is not None and scored.returns is not None:
             stats["explained_variance"] = float(explained_variance(scored.values, scored.returns, rollout.response_mask))
         return stats
+
+    # ---------------------------------------------------------------- 1-6: one step
+    def step(self) -> tuple[Scored, dict[str, float]]:
+        """One RL step, 1-6 of the module docstring, on this step's prompts: rollout and score
+        (:meth:`rollout_and_score`), optimise (:meth:`update`), then adapt beta. Returns the scored rollout
+        and the step's metrics; ``step_count`` goes up by one."""
+        c, t0 = self.config, time.perf_counter()
+        scored, roll_stats = self.rollout_and_score(self.prompts_for_step(self.step_count))
+        upd_stats = self.update(scored)
+        self.step_count += 1
+        if M.KL not in roll_stats and "kl_update_seq" in upd_stats:  # grpo fast path: the sampling policy's KL,
+            roll_stats[M.KL] = upd_stats["kl_update_seq"]  # measured in the update
+            roll_stats[M.KL_K3] = upd_stats["kl_k3_update_seq"]
+        roll_stats.setdefault(M.REWARD, roll_stats["score_used"])
+        roll_stats.setdefault(M.ENTROPY, upd_stats["entropy_update"])
+        if c.adaptive_kl:  # 6: Ziegler et al.'s controller, on the whole batch's KL
+            self.kl_ctl.update(roll_stats[M.KL], len(scored.rollout.responses) * self.P)
+        return scored, {**roll_stats, **upd_stats, "time_step": time.perf_counter() - t0}
 
     def _ptx_loss(self, rows: list[int]) -> torch.Tensor:
         """PPO-ptx (Ouyang et al. 2022, eq. 2): mean NLL of a demonstration batch."""
@@ -715,8 +749,8 @@ def train(config: RLConfig) -> RLTrainer:
         resume_from, saved = resumed
         trainer.step_count = saved["step"]
         if c.adaptive_kl:  # the controller's state; a fixed beta is the config's (a new one under resume=force)
-            trainer.kl_ctl.value = saved["kl_coef"]
-        print(f"resumed from {resume_from} at step {trainer.step_count}")
+            trainer.kl_ctl.value = saved["beta"] if "beta" in saved else saved["kl_coef"]  # older checkpoints: kl_coef
+        log.info(f"resumed from {resume_from} at step {trainer.step_count}")
     logger = MetricsLogger(out, enabled=acc.is_main_process, tensorboard=c.tensorboard)
     logger.truncate_after(trainer.step_count)
     if acc.is_main_process:  # steps past the checkpoint are redone and their samples logged again
@@ -733,18 +767,7 @@ def train(config: RLConfig) -> RLTrainer:
         desc=f"{c.algorithm}",
     )
     while trainer.step_count < trainer.total_steps:
-        t0 = time.perf_counter()
-        scored, roll_stats = trainer.rollout_and_score(trainer.prompts_for_step(trainer.step_count))
-        upd_stats = trainer.update(scored)
-        trainer.step_count += 1
-        if roll_stats.get("kl") is None:  # grpo fast path: the KL of the sampling policy, measured in the update
-            roll_stats["kl"] = upd_stats["kl_update_seq"]
-            roll_stats["kl_k3"] = upd_stats["kl_k3_update_seq"]
-            roll_stats["reward"] = roll_stats["score_used"]
-            roll_stats["entropy"] = upd_stats["entropy_update"]
-        if c.adaptive_kl:
-            trainer.kl_ctl.update(roll_stats["kl"], len(scored.rollout.responses) * trainer.P)
-        metrics = {**roll_stats, **upd_stats, "time_step": time.perf_counter() - t0}
+        scored, metrics = trainer.step()
         if trainer.step_count % c.log_every == 0 or trainer.step_count == trainer.total_steps:
             logger.log(trainer.step_count, metrics)
             if acc.is_main_process and c.log_samples > 0:
@@ -762,11 +785,12 @@ def train(config: RLConfig) -> RLTrainer:
         if probe is not None:
             trainer.run_probe(probe)
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.3f}", s_step=f"{metrics['time_step']:.1f}")
+        bar.set_postfix(
+            score=f"{metrics['score']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}", s_step=f"{metrics['time_step']:.1f}"
+        )
         if c.save_every > 0 and trainer.step_count % c.save_every == 0:
             checkpointer.save(
-                trainer.step_count,
-                {"step": trainer.step_count, "kl_coef": trainer.kl_ctl.value, "total_steps": trainer.total_steps},
+                trainer.step_count, {"step": trainer.step_count, "beta": trainer.kl_ctl.value, "total_steps": trainer.total_steps}
             )
     bar.close()
     logger.close()
@@ -791,6 +815,6 @@ def train(config: RLConfig) -> RLTrainer:
                 f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves "
                 "again"
             ) from e
-        atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "kl_coef": trainer.kl_ctl.value}))
+        atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "beta": trainer.kl_ctl.value}))
     acc.wait_for_everyone()
     return trainer

@@ -97,8 +97,8 @@ class InverseCDFSampler:
     Returns logits that are 0 at the sampled token and -inf elsewhere, so
     ``generate``'s greedy step picks it. Why not ``do_sample=True``: its
     ``torch.multinomial`` draws an exponential variate for every vocabulary entry
-    of every row, single-threaded on CPU: 33 ms of each ~140 ms decode step for
-    32 x 49k (SmolLM2). Inverse-CDF sampling needs one uniform per row and a
+    of every row, single-threaded on CPU: about a quarter of each decode step for
+    SmolLM2 (see benchmarks/README.md, "Design measurements"). Inverse-CDF sampling needs one uniform per row and a
     cumulative sum (:func:`inverse_cdf_draw`): ``token = min{i : cdf_i > u * cdf_V}``, u ~ U[0, 1), which
     draws token i with probability p_i (tokens with p_i = 0 never: ``cdf`` does not
     grow there and the search takes the first index strictly above ``u``).
@@ -129,8 +129,8 @@ class InverseCDFSampler:
 def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
     """``min{i : cdf_i > u * cdf_V}`` per row of ``probs`` (B, V), u (B, 1) in [0, 1): the inverse-CDF draw, in two levels.
 
-    A cumulative sum runs along a row one element after another; over 64 x 49k it took
-    16 ms of each ~150 ms decode step (SmolLM2, 2-core CPU). So the vocabulary is cut into
+    A cumulative sum runs along a row one element after another; over a whole vocabulary it took
+    about a tenth of a decode step (see benchmarks/README.md, "Design measurements"). So the vocabulary is cut into
     blocks of ``block``: the blocks' masses (a vectorised sum) and their running total pick
     the block, then one block's cumulative sum picks the token. The same token as one long
     cumulative sum up to fp64 rounding at the boundaries; a zero-probability token is never
@@ -161,16 +161,15 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     For bf16 decoding on CPU: each decode step multiplies a few rows (one per
     sequence) by every weight, and an ordinary ``F.linear`` re-lays the weight out
     into oneDNN's blocked format on every call; here that happens once per block
-    (``rows`` is the batch-size hint the layout is chosen for). Measured on a
-    2-core avx512-bf16 CPU, SmolLM2-135M, 32 x 64 tokens: 5.5 s vs 6.2 s. The
+    (``rows`` is the batch-size hint the layout is chosen for), which makes bf16
+    decoding about 10% faster (see benchmarks/README.md, "Design measurements"). The
     weights are a snapshot taken on entry (no gradient), so use it around one
     ``generate`` call. A no-op where oneDNN has no bf16 path (CUDA, older CPUs).
 
     With ``fuse``, siblings (:data:`SIBLING_LINEARS`, children of one module with
     the same input size) share one matmul on their concatenated weights: the first
     sibling computes all their outputs and keeps the others' for them (3 matmuls
-    fewer per layer; the same 32 x 64-token rollout: 5.55 s vs 5.77 s, mean of 4
-    alternating runs each, and the same tokens). A sibling takes a kept output only
+    fewer per layer: a few percent faster, and the same tokens). A sibling takes a kept output only
     when called with the very tensor the first one got (``is``, and the kept
     reference holds that tensor alive, so its identity cannot be reused); called on
     anything else it multiplies by its own packed weight (packed the first time it
@@ -269,10 +268,9 @@ def lean_decode_steps(model):
     negating and concatenating halves of each, the q/k/v and gate/up products as
     one matmul each where :func:`prepacked_linears` packed them together, and no
     module calls or transformers keyword plumbing. Why: a decode step of 32 rows
-    is a few ms of matmuls per layer, and the rest was per-call overhead. On a
-    2-core CPU, SmolLM2-135M, 32 rows x 64 tokens: 2,221 ops per decode step
-    instead of 2,581, and 4.42 s vs 4.75 s per rollout (4.05 vs 4.32 in another
-    run; means of 5 alternating runs). Only for :data:`LEAN_DECODE_LAYERS` with
+    is a few ms of matmuls per layer, and the rest was per-call overhead; this
+    forward runs fewer ops per step and decodes a few percent faster (see
+    benchmarks/README.md, "Design measurements"). Only for :data:`LEAN_DECODE_LAYERS` with
     SiLU, no extra norms and rlhfkit's attention kernel (``models.set_attention``);
     prefill (more than one token) and every other layer run transformers'
     forward. Equal to it up to float rounding (tested: fp32 logits, and bf16
@@ -436,8 +434,8 @@ def common_start_first(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tup
     masks the padding wherever it sits and positions count real tokens only
     (:func:`position_ids_from_mask`), so each query means the same; with the start
     in the same columns of every row its keys and values can be computed once
-    (:func:`_shared_prefix_cache`): SmolLM2's 24-token system prompt, 16 prompts x 2
-    samples x 64 tokens: 5.1 s vs 5.5 s per rollout. The same tokens in fp32; in bf16
+    (:func:`_shared_prefix_cache`), which makes a rollout with a shared system prompt
+    several percent faster (see benchmarks/README.md, "Design measurements"). The same tokens in fp32; in bf16
     the start's keys come from a one-row product, so they can differ by a rounding
     and a sample diverge (greedy, 20 tokens: 30 of 32 rows the same, 32 of 32 in fp32).
     """
@@ -499,14 +497,14 @@ def _shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tenso
 class HFEngine:
     """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
 
-    ``precision`` is the autocast used while decoding (bf16: SmolLM2, 32 x 64
-    tokens, 6.4 s vs 11.9 s in fp32 on a 2-core avx512-bf16 CPU; the weight casts
+    ``precision`` is the autocast used while decoding (bf16: about 2x faster decoding
+    than fp32 on CPUs with avx512-bf16, see benchmarks/README.md, "Design measurements"; the weight casts
     are cached for the whole ``generate`` call; on CPU the bf16 matmuls run on
     :func:`prepacked_linears`). Repeated queries (k samples per prompt) share
     one prefill, and the start all queries share (a system prompt) runs once
     (:func:`common_start_first`, :func:`_shared_prefix_cache`); the KV cache keeps its keys and
     values in the decoding dtype with room reserved for the new tokens
-    (:func:`decoding_cache`; the same rollout: 5.3 s vs 6.0 s, same tokens). Sampling goes through
+    (:func:`decoding_cache`: about 10% faster, same tokens). Sampling goes through
     :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax.
     """
 

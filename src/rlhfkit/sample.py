@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import models
+from rlhfkit import log, models
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
     DataError,
@@ -199,7 +199,7 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
     if changes:
         listing = "; ".join(f"{key}: {change}" for key, change in changes.items())
         if config.resume == "force":
-            print(f"sample: resume=force: keeping the {len(rows)} records in {output} though they differ ({listing})")
+            log.warning(f"sample: resume=force: keeping the {len(rows)} records in {output} though they differ ({listing})")
             return done
         raise ConfigError(
             f"sample: cannot resume {output}: its {len(rows)} records were sampled under other settings ({listing}); "
@@ -207,7 +207,7 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
             "or set resume=force to keep its records anyway"
         )
     if saved is None:
-        print(
+        log.info(
             f"sample: warning: {output} has no settings file {settings_path(output)} (written by an older rlhfkit): "
             "its prompts and temperatures match, but the model and the other sampling settings could not be checked"
         )
@@ -244,13 +244,13 @@ def run(config: SampleConfig) -> Path:
         drop = {i for batch in partial for i in batch}
         removed = _drop_records(output, rows, drop)
         done -= drop
-        print(
+        log.info(
             f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
             f"(prompt_index {', '.join(f'{b[0]}-{b[-1]}' for b in partial)}); sampling them again whole"
         )
     todo = [batch for batch in grid if not done.issuperset(batch)]
     if not todo:
-        print(f"sample: all {len(prompts)} prompts already in {output}")
+        log.info(f"sample: all {len(prompts)} prompts already in {output}")
         return output
     tokenizer = models.load_tokenizer(config.model)
     model = models.load_causal_lm(config.model).eval()

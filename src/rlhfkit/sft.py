@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rlhfkit import forward, models
+from rlhfkit import forward, log, models
 from rlhfkit.config import to_dict
 from rlhfkit.data.io import DataError, atomic_write_text, split_holdout
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
@@ -88,7 +88,7 @@ def train(config: SFTConfig) -> FitResult:
     tok = dict(max_length=config.max_length, overlong=config.overlong, chat_template=config.chat_template)
     train_set, stats = tokenize_sft(tokenizer, conversations, **tok)
     eval_set, eval_stats = tokenize_sft(tokenizer, eval_conversations, **tok)
-    print(
+    log.info(
         f"sft data: {stats.kept} train examples ({stats.truncated} truncated, {stats.dropped} dropped "
         f"over max_length={config.max_length}); {eval_stats.kept} held out"
     )

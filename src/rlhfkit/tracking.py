@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.io import append_jsonl, read_jsonl_records, truncate_jsonl_by_step, write_jsonl
+from rlhfkit.run_layout import EVAL_PREFIX
 
 
 class MetricsLogger:
@@ -72,7 +73,7 @@ class MetricsLogger:
 def is_eval_record(record: dict[str, Any]) -> bool:
     """Whether a ``metrics.jsonl`` entry is an evaluation's: besides ``step`` and ``time``, only ``eval_*`` keys."""
     keys = [k for k in record if k not in ("step", "time")]
-    return bool(keys) and all(k.startswith("eval_") for k in keys)
+    return bool(keys) and all(k.startswith(EVAL_PREFIX) for k in keys)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

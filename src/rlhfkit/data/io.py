@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from rlhfkit import log
+
 
 class DataError(ValueError):
     """Malformed input data. ``str(e)`` is ``"FILE:LINE: field 'F': problem"``."""
@@ -339,7 +341,7 @@ def start_over(output: str | Path, stage: str) -> None:
     for path in removed:
         path.unlink()
     if removed:
-        print(f"{stage}: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
+        log.info(f"{stage}: resume=never: deleted {' and '.join(map(str, removed))}; starting over")
 
 
 def short_repr(value: object, limit: int = 60) -> str:

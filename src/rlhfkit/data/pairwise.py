@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit import packing
+from rlhfkit import log, packing
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
 
@@ -257,7 +257,7 @@ def load_pair_splits(
     tokenize = tokenize_rankings if grouped else tokenize_pairs
     train, stats = tokenize(tokenizer, train_c, **kwargs)
     held, held_stats = tokenize(tokenizer, eval_c, **kwargs)
-    print(
+    log.info(
         f"{stage} data: {stats.pairs} train pairs from {len(train_c)} comparisons ({stats.truncated} truncated, "
         f"{stats.dropped} dropped over max_length={max_length}, {stats.ties_skipped} ties skipped); "
         f"{held_stats.pairs} held-out pairs"
