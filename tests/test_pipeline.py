@@ -7,6 +7,7 @@ in milliseconds; one test runs the real stages end to end on the tiny model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -362,6 +363,37 @@ def assert_headline_numbers_recompute(cfg: pipeline.PipelineConfig, results: dic
     # The eval batches the rows (left-padded) under bf16 autocast; alone they round a little differently
     # (3.5e-4 apart on a KL of 0.237 when written).
     assert results["kl"] == pytest.approx(sum(kls) / 4, abs=0.01), kls
+
+
+def tiny_real_config(output_dir, **fields) -> pipeline.PipelineConfig:
+    return pipeline.PipelineConfig(
+        output_dir=str(output_dir),
+        model="tiny",
+        algorithm="dpo",
+        sft={"max_steps": 2, "batch_size": 4, "progress": False},
+        sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
+        reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
+        rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "lr": 1e-3},
+        eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
+        **fields,
+    )
+
+
+@pytest.mark.slow
+def test_stage_processes_give_the_same_run_as_one_process(tmp_path):
+    """stage_processes: each model stage in a spawned child; the outputs equal an in-process run's."""
+    one = tiny_real_config(tmp_path / "one")
+    many = tiny_real_config(tmp_path / "many", stage_processes=True)
+    pipeline.run(one)
+    assert all(v == "ran" for v in pipeline.run(many).values())
+    a, b = (json.loads((Path(c.output_dir) / "eval.json").read_text()) for c in (one, many))
+    keys = ("win_rate", "win_rate_ci", "gold_score_policy", "gold_score_baseline", "kl")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    assert (Path(many.output_dir) / "dpo" / "model.safetensors").is_file()
+    # A stage's error comes back from its child, named, and the run stops there.
+    broken = dataclasses.replace(many, output_dir=str(tmp_path / "broken"), sft={"max_steps": 2, "data": "/no/such.jsonl"})
+    with pytest.raises(pipeline.StageError, match="stage 'sft' failed.*no/such"):
+        pipeline.run(broken)
 
 
 @pytest.mark.slow
