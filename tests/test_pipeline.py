@@ -373,6 +373,7 @@ def tiny_real_config(output_dir, **fields) -> pipeline.PipelineConfig:
         sft={"max_steps": 2, "batch_size": 4, "progress": False},
         sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
+        # lr: DPO's default 5e-6 leaves the tiny policy within ~0.01 nats of the SFT model, too close to check the KL.
         rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "lr": 1e-3},
         eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
         **fields,
@@ -399,17 +400,7 @@ def test_stage_processes_give_the_same_run_as_one_process(tmp_path):
 @pytest.mark.slow
 def test_real_pipeline_on_tiny_model(tmp_path):
     """Every real stage, wired together, on the tiny model (seconds per stage)."""
-    cfg = pipeline.PipelineConfig(
-        output_dir=str(tmp_path / "run"),
-        model="tiny",
-        algorithm="dpo",
-        sft={"max_steps": 2, "batch_size": 4, "progress": False},
-        sample={"max_prompts": 8, "max_new_tokens": 8, "batch_size": 8, "progress": False},
-        reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25},
-        # lr: DPO's default 5e-6 leaves the tiny policy within ~0.01 nats of the SFT model, too close to check the KL.
-        rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "lr": 1e-3},
-        eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
-    )
+    cfg = tiny_real_config(tmp_path / "run")
     status = pipeline.run(cfg)
     assert all(v == "ran" for v in status.values())
     run = tmp_path / "run"
