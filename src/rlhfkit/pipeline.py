@@ -405,13 +405,14 @@ def _child_main(fn: Callable[[Any], Any], config: Any, conn) -> None:
 
 
 def _run_in_child(fn: Callable[[Any], Any], config: Any) -> None:
-    """``fn(config)`` in a fresh spawned process; an exception it raises is raised here (with the child's
-    traceback printed in its message's place of origin: the child's stderr). Ctrl-C here ends the child."""
+    """``fn(config)`` in a fresh spawned process; an exception it raises is raised here (on Python 3.11+ with the
+    child's traceback as a note). Ctrl-C or an error here ends the child. It is not a daemon: a stage may start
+    processes of its own (data-loader workers)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, args=(fn, config, send), daemon=True)
+    child = ctx.Process(target=_child_main, args=(fn, config, send))
     child.start()
     send.close()
     try:
