@@ -310,8 +310,8 @@ class Scored:
     returns: torch.Tensor | None
     scores: torch.Tensor
     """(B,) scores after penalties/normalisation."""
-    kl: torch.Tensor
-    """Per-token KL estimate used in the reward (masked)."""
+    kl: torch.Tensor | None
+    """Per-token KL estimate used in the reward (masked); None where none was measured before the update."""
     keep: torch.Tensor | None = None
     """(B,) bool: rows that count in the loss (drop_zero_variance_groups); None: every row."""
 
@@ -491,14 +491,12 @@ class RLTrainer:
 
         # KL to the reference, per token, on the sampled tokens.
         beta = self.kl_ctl.value
-        if ref_logps_t is None:  # no reference (beta 0): no KL term, and none measured
-            kl, kl_k1, kl_k3 = torch.zeros(mask.shape), None, None
-        elif old_logps_t is not None:
+        if ref_logps_t is not None and old_logps_t is not None:
             kl = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, c.kl_estimator), 0.0)
             kl_k1 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k1"), 0.0)
             kl_k3 = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, "k3"), 0.0)
-        else:
-            kl = kl_k1 = kl_k3 = None  # grpo fast path: measured in the update
+        else:  # no reference (beta 0): no KL term, none measured; grpo's fast path: measured in the update
+            kl = kl_k1 = kl_k3 = None  # compute_advantages takes None as a zero KL
 
         advantages, returns = compute_advantages(
             c.algorithm,
