@@ -92,13 +92,13 @@ PROBE_SECONDS = 1.5
 def _convert_gguf_fallback() -> Path:
     """Dequantise SmolLM2's GGUF into a benchmark-private cache dir.
 
-    Only used when ``rlhfkit.models.resolve`` itself fails (transformers 5.x keeps
+    Only used when ``rlhfkit.modeling.models.resolve`` itself fails (transformers 5.x keeps
     an ``hf_quantizer`` on GGUF-loaded models, which ``save_pretrained`` refuses).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     gguf = models.smollm2_gguf_path()
     stat = gguf.stat()
@@ -134,7 +134,7 @@ def _tiny_model_dir() -> Path:
     weights in memory), which TRL cannot load; this writes both into
     ``$RLHFKIT_CACHE/benchmarks/tiny-model`` once. For smoke runs of the scripts only.
     """
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     out = models.cache_dir() / "benchmarks" / "tiny-model"
     if (out / "config.json").is_file():
@@ -148,7 +148,7 @@ def _tiny_model_dir() -> Path:
 
 def model_dir(spec: str) -> tuple[Path, str]:
     """``(transformers model directory, note)`` for an rlhfkit model spec; both sides load this directory."""
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     if spec == models.TINY:
         return _tiny_model_dir(), "tiny: a random 2-layer Llama (hidden 64) for smoke runs; its timings mean nothing"
@@ -157,7 +157,7 @@ def model_dir(spec: str) -> tuple[Path, str]:
     except Exception as e:  # noqa: BLE001 - reported, then worked around for the known spec only
         if spec != models.SMOLLM2:
             raise
-        note = f"rlhfkit.models.resolve({spec!r}) failed ({type(e).__name__}: {str(e)[:120]}); used the benchmark's own GGUF conversion"
+        note = f"rlhfkit.modeling.models.resolve({spec!r}) failed ({type(e).__name__}: {str(e)[:120]}); used the benchmark's own GGUF conversion"
         return _convert_gguf_fallback(), note
 
 
@@ -171,7 +171,7 @@ def resolve_model(spec: str) -> Path:
 
 
 def demo_path(name: str) -> Path:
-    from rlhfkit.sft import demo_data_path
+    from rlhfkit.data.prompts import demo_data_path
 
     return Path(demo_data_path(name))
 
@@ -260,13 +260,13 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def step_indices(n: int, steps: int, batch_size: int, seed: int = SEED) -> list[list[int]]:
-    """Example indices of each optimizer step exactly as rlhfkit.loop.fit (and rlhfkit.rl prompts_for_step) draw them.
+    """Example indices of each optimizer step exactly as rlhfkit.training.loop.fit (and rlhfkit.rl prompts_for_step) draw them.
 
     ``batch_size`` is examples per optimizer step: with one process the loop's
     ``grad_accum`` micro-batches of a step are consecutive slices of the epoch
     order, so ``batch_size x grad_accum`` gives the same indices.
     """
-    from rlhfkit.loop import epoch_order, shard_indices
+    from rlhfkit.training.loop import epoch_order, shard_indices
 
     spe = steps_per_epoch(n, batch_size)
     if spe == 0:
@@ -286,7 +286,7 @@ def epoch_layout(n: int, steps: int, batch_size: int, seed: int = SEED) -> list[
     only the trained rows, every example of the data set is in it once per epoch
     (so a reference-log-prob precompute covers the same examples as rlhfkit's).
     """
-    from rlhfkit.loop import epoch_order
+    from rlhfkit.training.loop import epoch_order
 
     spe = steps_per_epoch(n, batch_size)
     epochs = -(-steps // spe)

@@ -3,7 +3,7 @@
     python benchmarks/dpo.py [--steps 12] [--warmup-steps 2] [--batch-size 8] [--max-length 512]
                              [--pairs 128] [--beta 0.1] [--lr 5e-6] [--model smollm2-135m] [--repeats 1]
 
-What is trained. SmolLM2-135M-Instruct (``rlhfkit.models.resolve("smollm2-135m")``,
+What is trained. SmolLM2-135M-Instruct (``rlhfkit.modeling.models.resolve("smollm2-135m")``,
 one local directory both sides load, fp32 master weights) with DPO, sigmoid
 loss, beta 0.1, no label smoothing, AdamW lr 5e-6 (no weight decay, betas
 0.9/0.999, grad-norm clip 1.0, cosine schedule, no warm-up), bf16 autocast
@@ -91,7 +91,7 @@ def worker_trl(s: dict, precompute: bool, attn: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     B, L = s["batch_size"], s["max_length"]
     tokenizer = models.load_tokenizer(s["model_dir"])  # the tokenizer rlhfkit's DPO uses
@@ -181,8 +181,8 @@ def worker_trl(s: dict, precompute: bool, attn: str) -> dict:
 def worker_rlhfkit(s: dict) -> dict:
     import rlhfkit
     import rlhfkit.dpo as dpo_mod
-    from rlhfkit import models
     from rlhfkit.dpo import DPOConfig, train
+    from rlhfkit.modeling import models
 
     B = s["batch_size"]
     # A private copy of the data: rlhfkit caches reference log-probs next to the data
@@ -239,7 +239,7 @@ def worker_rlhfkit(s: dict) -> dict:
         },
         "implementation": {
             "reference": "log-probs precomputed once before training (compute_ref_logps, ref_cache=True)",
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
+            "optimizer": "AdamW (rlhfkit.training.optim.build_optimizer, fused=True)",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
         },
     }

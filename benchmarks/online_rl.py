@@ -5,7 +5,7 @@
                                    [--sides trl-grpo,rlhfkit-grpo,trl-rloo,rlhfkit-rloo] [--trl-attention eager,sdpa]
                                    [--stop-at-eos] [--repeats 1]
 
-What is run. Each side trains SmolLM2-135M-Instruct (``rlhfkit.models.resolve
+What is run. Each side trains SmolLM2-135M-Instruct (``rlhfkit.modeling.models.resolve
 ("smollm2-135m")``, one local directory all sides load; fp32 master weights,
 bf16 autocast for training, no gradient checkpointing — TRL defaults it on, it
 is set off) for ``--steps`` RL steps (default 8: 2 warm-up + 6 measured). One
@@ -138,7 +138,7 @@ def demo_rubric(prompts, completions, **kwargs) -> list[float]:
 
 
 def load_prompts(s: dict) -> list:
-    from rlhfkit.sample import load_prompts as rlhfkit_load_prompts
+    from rlhfkit.data.prompts import load_prompts as rlhfkit_load_prompts
 
     return rlhfkit_load_prompts(s["prompts"])
 
@@ -271,7 +271,7 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.extras import profiling
 
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     if algorithm == "grpo":
         from trl import GRPOConfig as Config
@@ -520,7 +520,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
                 if ref is None
                 else f"{common.dtype_name(next(ref.parameters()).dtype)} weights (frozen copy)",
                 "reward": "reward_model='demo' (DEMO_RUBRIC)",
-                "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
+                "optimizer": "AdamW (rlhfkit.training.optim.build_optimizer, fused=True)",
                 "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}, generation_precision={config.generation_precision}",
             },
         }

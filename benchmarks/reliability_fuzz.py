@@ -10,7 +10,7 @@ not a test: it runs on demand and prints one row per check.
 What is generated (seeded RNG, so a seed reproduces every file byte for byte):
 valid files in each input format -- SFT data (``data/sft.py`` ``load_sft_file``),
 preference data (``data/preferences.py`` ``load_comparisons``), prompts
-(``sample.py`` ``load_prompts``), samples to label (``label.py`` ``load_items``),
+(``data/prompts.py`` ``load_prompts``), samples to label (``label.py`` ``load_items``),
 annotation pairs (``feedback/web/admin.py`` ``read_pairs``) and YAML stage
 configs with ``key=value`` overrides (``config.py`` ``load_config``) -- then one
 mutation each: truncation at a random byte, a wrong type for a field (number,
@@ -421,7 +421,7 @@ FORMATS = {
     ),
     "prompts": Fmt(
         "prompts",
-        "prompts (sample.load_prompts)",
+        "prompts (data.prompts.load_prompts)",
         prompts_make,
         lambda r: (
             [(("prompt",), PROMPT)]
@@ -469,7 +469,7 @@ def loader(fmt: str) -> Callable[[Path], list]:
 
         return load_comparisons
     if fmt == "prompts":
-        from rlhfkit.sample import load_prompts
+        from rlhfkit.data.prompts import load_prompts
 
         return load_prompts
     if fmt == "samples":
@@ -477,7 +477,7 @@ def loader(fmt: str) -> Callable[[Path], list]:
 
         return load_items
     if fmt == "pairs":
-        from rlhfkit.feedback.web.admin import read_pairs
+        from rlhfkit.feedback.web.pairs import read_pairs
 
         return lambda path: read_pairs(path)[0]
     raise KeyError(fmt)
@@ -1475,8 +1475,8 @@ def clean_errors() -> tuple[type, ...]:
     """What ``rlhfkit`` prints as one clean line (cli.py ``main``); ``annotate`` also prints ValueError/FileNotFoundError."""
     from rlhfkit.config import ConfigError
     from rlhfkit.data.io import DataError
-    from rlhfkit.loop import CheckpointError
-    from rlhfkit.models import ModelLoadError
+    from rlhfkit.modeling.models import ModelLoadError
+    from rlhfkit.training.loop import CheckpointError
 
     return (ConfigError, DataError, ModelLoadError, CheckpointError)
 
@@ -1729,7 +1729,7 @@ def prepare_earlier_outputs(tmp: Path, rng: random.Random, quick: bool) -> tuple
     )
     if rc != 0:
         problems.append(f"set-up: the earlier label run failed (exit {rc}): {short(err[-400:], 300)}")
-    from rlhfkit.feedback.web.admin import read_pairs
+    from rlhfkit.feedback.web.pairs import read_pairs
     from rlhfkit.feedback.web.store import AnnotationStore
 
     store = AnnotationStore(prev / "annotations.sqlite")

@@ -107,8 +107,8 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama",
     "rlhfkit.cli",
     "rlhfkit.config",
-    "rlhfkit.models",
-    "rlhfkit.loop",
+    "rlhfkit.modeling.models",
+    "rlhfkit.training.loop",
     "rlhfkit.sft",
     "rlhfkit.reward",
     "rlhfkit.dpo",
@@ -353,7 +353,9 @@ def _install_injection(spec: dict[str, Any]) -> None:
     import torch
     from safetensors import SafetensorError
 
-    from rlhfkit import label, loop, models, tracking
+    from rlhfkit import label
+    from rlhfkit.modeling import models
+    from rlhfkit.training import loop, tracking
 
     def fire() -> None:
         if spec["kind"] == "fsize":
@@ -827,7 +829,7 @@ def compare_outputs(stage: str, out: Path, ref: Path) -> list[str]:
     """How the outputs of a finished run in ``out`` differ from the reference's; [] when equal."""
     problems: list[str] = []
     if stage in TRAINERS:
-        from rlhfkit.models import is_complete_save
+        from rlhfkit.modeling.models import is_complete_save
 
         for name in ("model.safetensors", *(["value_head.safetensors"] if stage == "ppo" else [])):
             if not (out / name).exists():
@@ -1195,7 +1197,7 @@ def check_last_good(case: DiskCase, out: Path, ref_out: Path, stage_cfg: dict) -
     kind, _, value = case.expect.partition(":")
     problems = []
     if kind == "checkpoint":
-        from rlhfkit.loop import Checkpointer, CheckpointError
+        from rlhfkit.training.loop import Checkpointer, CheckpointError
 
         step = int(value)
         failed = out / "checkpoints" / f"step-{case.inject['step']:07d}"
@@ -1207,7 +1209,7 @@ def check_last_good(case: DiskCase, out: Path, ref_out: Path, stage_cfg: dict) -
         except CheckpointError as e:
             problems.append(f"the previous checkpoint {good.name} is damaged: {e}")
     elif kind == "no_marker":
-        from rlhfkit.models import is_complete_save
+        from rlhfkit.modeling.models import is_complete_save
 
         if is_complete_save(out):
             problems.append("the half-written final save carries a completion marker")

@@ -4,7 +4,7 @@
                                 [--pairs 128] [--lr 1e-5] [--model smollm2-135m] [--repeats 1]
 
 What is trained. A scalar reward model on SmolLM2-135M-Instruct
-(``rlhfkit.models.resolve("smollm2-135m")``, one local directory both sides load):
+(``rlhfkit.modeling.models.resolve("smollm2-135m")``, one local directory both sides load):
 ``AutoModelForSequenceClassification`` with ``num_labels=1``, fp32 master
 weights, score head initialised to zeros on both sides (rlhfkit's default),
 padded with the same token (rlhfkit's reward tokenizer: ``<|endoftext|>``, so a
@@ -62,9 +62,9 @@ FLOPS_PER_PARAM_TOKEN = 6  # forward + backward of every trained token
 
 
 def reward_tokenizer(model_dir: str):
-    from rlhfkit.reward import _reward_tokenizer
+    from rlhfkit.modeling.reward_model import reward_tokenizer
 
-    return _reward_tokenizer(model_dir)
+    return reward_tokenizer(model_dir)
 
 
 def settings_of(model, *, batch: int, max_length: int, loss: str, training: dict) -> dict:
@@ -193,7 +193,7 @@ def worker_rlhfkit(s: dict) -> dict:
             training=common.rlhfkit_training_settings(config, model),
         ),
         "implementation": {
-            "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
+            "optimizer": "AdamW (rlhfkit.training.optim.build_optimizer, fused=True)",
             "too long pairs": "truncated",
             "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
         },

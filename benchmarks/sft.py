@@ -74,7 +74,7 @@ def synthetic_data(path: Path, n: int = 200, seed: int = 0) -> None:
 
 
 def data_file(tmp: Path) -> tuple[Path, str]:
-    from rlhfkit.sft import demo_data_path
+    from rlhfkit.data.prompts import demo_data_path
 
     demo = demo_data_path("sft.jsonl")
     if demo.is_file():
@@ -89,8 +89,8 @@ def data_file(tmp: Path) -> tuple[Path, str]:
 
 def load_examples(s: dict):
     """rlhfkit's view of the data: conversations kept after tokenisation, with their token lists."""
-    from rlhfkit import models
     from rlhfkit.data.sft import load_sft_file, tokenize_sft
+    from rlhfkit.modeling import models
 
     tokenizer = models.load_tokenizer(s["model_dir"])
     kept, examples = [], []
@@ -103,7 +103,7 @@ def load_examples(s: dict):
 
 
 def step_indices(s: dict, n: int) -> list[list[int]]:
-    """Example indices of each optimizer step (all its micro-batches), exactly as rlhfkit.loop.fit draws them."""
+    """Example indices of each optimizer step (all its micro-batches), exactly as rlhfkit.training.loop.fit draws them."""
     return common.step_indices(n, s["steps"], s["batch_size"] * s["grad_accum"])
 
 
@@ -204,7 +204,7 @@ def worker_rlhfkit(s: dict) -> dict:
         "params_n": common.matmul_params(result.model),
         "attention": common.attention_of(result.model),
         "version": f"rlhfkit {getattr(rlhfkit, '__version__', '?')}",
-        "optimizer": "AdamW (rlhfkit.optim.build_optimizer, fused=True)",
+        "optimizer": "AdamW (rlhfkit.training.optim.build_optimizer, fused=True)",
         "target_tokens": targets,
         "first_loss": metrics[0].get("loss"),
         "last_loss": result.last_metrics.get("loss"),

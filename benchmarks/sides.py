@@ -218,7 +218,7 @@ def stamp_rlhfkit_steps(key: str) -> dict[int, tuple[float, float]]:
     Wraps ``MetricsLogger.log`` (the moment the loop writes the step to
     metrics.jsonl); the wrapped method is called unchanged.
     """
-    from rlhfkit.tracking import MetricsLogger
+    from rlhfkit.training.tracking import MetricsLogger
 
     stamps: dict[int, tuple[float, float]] = {}
     original = MetricsLogger.log
@@ -239,7 +239,7 @@ def rlhfkit_steps(s: dict, stamps: dict[int, tuple[float, float]], key: str) -> 
     the :func:`stamp_rlhfkit_steps` stamps of each. Stops unless there are
     exactly ``s["steps"]`` of them, every one stamped.
     """
-    from rlhfkit.tracking import read_metrics
+    from rlhfkit.training.tracking import read_metrics
 
     metrics = [m for m in read_metrics(s["out_dir"]) if key in m]
     if len(metrics) != s["steps"] or sorted(stamps) != [m["step"] for m in metrics]:

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from rlhfkit import models
+from rlhfkit.modeling import models
 from rlhfkit.sft import SFTConfig
 from tests.helpers import QA_PAIRS, write_jsonl
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.feedback.web.admin import read_pairs
 from rlhfkit.feedback.web.app import create_app
+from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore
 from rlhfkit.serve import ServerThread
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.feedback.web.admin import read_pairs
 from rlhfkit.feedback.web.app import MAX_BODY_BYTES, create_app
+from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore
 from rlhfkit.serve import ServerThread
 from tests.annotate_client import Client, LoadResult, ServerProcess, audit, make_pairs, run_load, summary

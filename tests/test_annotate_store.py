@@ -19,7 +19,8 @@ from rlhfkit import cli
 from rlhfkit.data.io import DataError
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
-from rlhfkit.feedback.web.admin import ExportConfig, comparisons, export, majority, read_pairs, status
+from rlhfkit.feedback.web.admin import ExportConfig, comparisons, export, majority, status
+from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore, PairItem, StoreError, to_shown
 from rlhfkit.label import LabelConfig
 from rlhfkit.label import run as run_label

@@ -14,8 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhfkit import iterated, loop, models
+from rlhfkit import iterated
+from rlhfkit.modeling import models
 from rlhfkit.sft import train
+from rlhfkit.training import loop
 from tests.helpers import saved_weights, train_entries
 
 
@@ -365,8 +367,8 @@ def test_a_checkpoint_save_removes_partial_temp_checkpoints(qa_file, make_config
 def test_a_resumed_probe_replaces_the_rows_of_its_step_and_later(tmp_path, tokenizer):
     """A run killed after probing step 2 and 4 and resumed from its step-2 checkpoint probes step 2 again:
     frontier.jsonl must then hold step 2 once, and nothing of the old step 4 (logged again later)."""
-    from rlhfkit import models
     from rlhfkit.data.io import read_jsonl_records, write_jsonl
+    from rlhfkit.modeling import models
     from rlhfkit.probe import FRONTIER_FILE, FrontierProbe, ProbeOptions
 
     policy = models.load_causal_lm(models.TINY)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit import cli, models
+from rlhfkit import cli
 from rlhfkit.data.io import DataError
 from rlhfkit.data.sft import load_sft_file
+from rlhfkit.modeling import models
 from rlhfkit.sft import train
 
 GOOD = {"prompt": "Hi", "completion": "Hello."}
@@ -211,7 +212,7 @@ def _no_model(monkeypatch):
         monkeypatch.setattr(models, name, lambda *a, **k: pytest.fail("model or tokenizer loaded"))
     from rlhfkit import reward
 
-    monkeypatch.setattr(reward, "_reward_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    monkeypatch.setattr(reward, "reward_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
 
 
 def test_reward_and_dpo_without_data_are_config_errors(tmp_path, monkeypatch):

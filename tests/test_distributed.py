@@ -5,7 +5,7 @@ accelerate's launcher starts a single process (multi-CPU needs mpirun and a
 hostfile). ``--multi_gpu`` starts the processes through torchrun, and
 ``ACCELERATE_USE_CPU=true`` makes each of them join a gloo process group
 (without it, accelerate sets up a single-process run in each; rlhfkit refuses
-to train then, see :func:`rlhfkit.loop.make_accelerator`).
+to train then, see :func:`rlhfkit.training.loop.make_accelerator`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhfkit import loop
 from rlhfkit.config import to_dict
 from rlhfkit.sft import train
+from rlhfkit.training import loop
 from tests.helpers import assert_same_weights, saved_weights, train_entries
 
 

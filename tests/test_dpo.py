@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit import dpo, models
+from rlhfkit import dpo
 from rlhfkit.data.pairwise import collate_pairs, load_pair_splits, tokenize_pairs, tokenize_response
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.dpo import DPOConfig, ref_cache_path, train
-from rlhfkit.forward import sequence_logps
 from rlhfkit.losses import dpo_loss, simpo_loss
+from rlhfkit.modeling import models
+from rlhfkit.modeling.forward import sequence_logps
 from rlhfkit.run_layout import PreferenceMetric
 from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
 

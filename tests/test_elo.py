@@ -17,7 +17,8 @@ from rlhfkit.config import ConfigError, load_config
 from rlhfkit.data.io import DataError
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
-from rlhfkit.elo import EloConfig, bradley_terry_ratings, format_table, matches_from_comparisons, online_elo, rating_table, run
+from rlhfkit.elo import EloConfig, run
+from rlhfkit.ratings import bradley_terry_ratings, format_table, matches_from_comparisons, online_elo, rating_table
 from tests.helpers import write_jsonl
 
 

@@ -65,12 +65,11 @@ def test_players_get_distinct_names(tmp_path):
 def test_policy_entry_matches_an_independent_recomputation(tmp_path):
     """The policy's win rate, gold and p-value equal stats' functions applied to the scores of the samples the
     run drew (re-drawn here with the same seeds)."""
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
     from rlhfkit.rewards import load_reward
-    from rlhfkit.sample import load_prompts
-    from rlhfkit.sft import demo_data_path
 
     (tmp_path / "pol").mkdir()
-    from rlhfkit import models
+    from rlhfkit.modeling import models
 
     model, tok = models.load_causal_lm("tiny"), models.load_tokenizer("tiny")
     models.save_pretrained(model, tok, tmp_path / "pol")

@@ -15,7 +15,7 @@ from rlhfkit.data.io import (
     truncate_jsonl_by_step,
     write_jsonl,
 )
-from rlhfkit.tracking import MetricsLogger, read_metrics
+from rlhfkit.training.tracking import MetricsLogger, read_metrics
 
 # Characters that str.splitlines() treats as line breaks but that JSON strings hold raw.
 SEPARATORS = ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]

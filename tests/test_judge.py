@@ -422,8 +422,8 @@ def test_max_tokens_is_capped_at_the_configured_limit(serve_backend):
 
 
 def test_max_tokens_is_capped_at_the_models_context():
-    from rlhfkit import models
-    from rlhfkit.rollout import render_prompt
+    from rlhfkit.generation.rollout import render_prompt
+    from rlhfkit.modeling import models
     from rlhfkit.serve import LocalChatModel, ServerThread, create_app
 
     model = LocalChatModel("tiny", precision="fp32")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.optim import build_optimizer, build_scheduler, lr_lambda, prime_state
+from rlhfkit.training.optim import build_optimizer, build_scheduler, lr_lambda, prime_state
 
 # warmup 4 of 20 steps: warmup multipliers (step + 1) / 4; then cosine over the
 # remaining 16 steps, progress = (step - 4) / 16, from 1 down to min_lr_ratio.
@@ -113,3 +113,32 @@ def test_primed_optimizer_trains_exactly_like_a_fresh_one():
         assert float(s_fresh["step"]) == float(s_primed["step"]) == 3.0
         assert torch.equal(s_fresh["exp_avg"], s_primed["exp_avg"])
         assert torch.equal(s_fresh["exp_avg_sq"], s_primed["exp_avg_sq"])
+
+
+def test_global_mean_scale_by_hand():
+    from rlhfkit.training.loop import global_mean_scale
+
+    assert global_mean_scale(10, 1, 1) == pytest.approx(0.1)
+    assert global_mean_scale(10, 2, 1) == pytest.approx(0.2)
+    assert global_mean_scale(12, 2, 3) == pytest.approx(0.5)
+    assert global_mean_scale(0, 4, 2) == pytest.approx(8.0)  # an empty global batch divides by 1, not 0
+
+
+def test_global_mean_scale_gives_the_gradient_of_the_global_batch_mean():
+    """2 processes x 2 micro-batches of unequal sizes: accelerate divides each micro-batch's loss by grad_accum and
+    DDP averages gradients over processes; with the scale, the result is the gradient of the mean over all items."""
+    from rlhfkit.training.loop import global_mean_scale
+
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    parts = [torch.randn(n, 3) for n in (1, 4, 2, 3)]  # process 0 takes parts 0 and 1, process 1 parts 2 and 3
+    items = sum(p.shape[0] for p in parts)
+    (want,) = torch.autograd.grad(torch.cat(parts).matmul(w).pow(2).mean(), w)
+    per_process = []
+    for micro_batches in (parts[:2], parts[2:]):
+        grad = torch.zeros(3)
+        for p in micro_batches:
+            loss = p.matmul(w).pow(2).sum() * global_mean_scale(items, 2, 2)
+            grad += torch.autograd.grad(loss / 2, w)[0]  # accelerate: loss / grad_accum
+        per_process.append(grad)
+    torch.testing.assert_close(sum(per_process) / 2, want)  # DDP: the mean over processes

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from rlhfkit import models, packing
+from rlhfkit.data import packing
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, tokenize_response
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
-from rlhfkit.forward import sequence_logps
-from rlhfkit.reward import load_reward_backbone, sequence_scores
-from rlhfkit.sft import sft_loss_sum
+from rlhfkit.modeling import attention, models
+from rlhfkit.modeling.forward import sequence_logps, sft_loss_sum
+from rlhfkit.modeling.reward_model import load_reward_backbone, sequence_scores
 
 
 def test_layout_by_hand():
@@ -172,7 +172,7 @@ def test_decode_attention_equals_a_loop_over_rows_and_heads(autocast):
     mask = torch.zeros(B, 1, 1, L + 2)  # longer than the keys: only the first L columns count
     mask[1, ..., :3] = torch.finfo(torch.float32).min  # row 1: three padding positions
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        got = packing.decode_attention(query, key, value, mask, scaling=0.3).float()
+        got = attention.decode_attention(query, key, value, mask, scaling=0.3).float()
     if autocast:  # the inputs as the bf16 matmuls see them
         query, key, value = (x.bfloat16().float() for x in (query, key, value))
     want = torch.empty(B, 1, H, D)

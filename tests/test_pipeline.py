@@ -324,10 +324,9 @@ def assert_headline_numbers_recompute(cfg: pipeline.PipelineConfig, results: dic
     (no padding) through the policy and the reference (the baseline)."""
     import torch
 
-    from rlhfkit import models
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
+    from rlhfkit.modeling import models
     from rlhfkit.rewards import load_reward
-    from rlhfkit.sample import load_prompts
-    from rlhfkit.sft import demo_data_path
 
     ec = next(s for s in pipeline.build_stages(cfg) if s.name == "eval").config
     assert ec.samples_per_prompt == 1 and not ec.reference

@@ -472,7 +472,7 @@ def test_step_normalised_loss_types_give_the_same_update_under_grad_accum(rl_dir
     """As tests/test_rl_train.py's grad_accum test, for the weighted path: the step's sequence and token counts
     make 6 responses in 4 micro-batches (2, 2, 1, 1) step like one batch of 6 (bnpo, a per-micro-batch mean,
     does depend on the split)."""
-    from rlhfkit import models
+    from rlhfkit.modeling import models
     from tests.helpers import saved_weights
 
     weights = {}

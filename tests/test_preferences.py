@@ -520,9 +520,9 @@ def test_missing_and_unreadable_files(tmp_path):
 
 
 def test_best_worst_keeps_one_pair_per_ranking_first_against_last():
-    from rlhfkit import models
     from rlhfkit.data.pairwise import tokenize_pairs
     from rlhfkit.data.records import Comparison
+    from rlhfkit.modeling import models
 
     tok = models.load_tokenizer("tiny")
     comps = [
@@ -556,8 +556,8 @@ def test_parquet_meta_nested_too_deeply_or_with_a_huge_integer(tmp_path):
 
 def test_empty_preference_file_is_a_data_error_naming_it(tmp_path):
     """load_pair_splits (reward and DPO data) raised ValueError, which the CLI does not print as one clean line."""
-    from rlhfkit import models
     from rlhfkit.data.pairwise import load_pair_splits
+    from rlhfkit.modeling import models
 
     tok = models.load_tokenizer("tiny")
     path = tmp_path / "empty.jsonl"

@@ -15,12 +15,13 @@ import shutil
 
 import pytest
 
-from rlhfkit import cli, label, models, sample
+from rlhfkit import cli, label, sample
 from rlhfkit.config import ConfigError, field_docs, from_dict, load_config
 from rlhfkit.data.io import read_jsonl_log, read_settings, settings_path
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.label import LabelConfig
+from rlhfkit.modeling import models
 from rlhfkit.sample import SampleConfig
 from tests.helpers import read_jsonl, write_jsonl
 

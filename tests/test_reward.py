@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit import models
 from rlhfkit.data.pairwise import (
     collate_pairs,
     collate_rankings,
@@ -27,7 +26,9 @@ from rlhfkit.data.pairwise import (
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.losses import bradley_terry_loss, preference_loss
-from rlhfkit.reward import RewardConfig, RewardModel, RewardTask, _reward_tokenizer, load_reward_backbone, raw_scores, train
+from rlhfkit.modeling import models
+from rlhfkit.modeling.reward_model import RewardModel, load_reward_backbone, raw_scores, reward_tokenizer
+from rlhfkit.reward import RewardConfig, RewardTask, train
 from tests.helpers import read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------- losses by hand
@@ -181,7 +182,7 @@ def test_grouped_ranking_drops_responses_that_lose_every_token(tokenizer):
 
 
 def test_reward_task_uses_tie_target_and_margins(tmp_path):
-    reward_tokenizer = _reward_tokenizer(models.TINY)
+    rm_tokenizer = reward_tokenizer(models.TINY)
     records = [
         {"prompt": "Say hi.", "response_a": "Hi!", "response_b": "Hello there, friend!", "preferred": "tie"},
         {
@@ -194,7 +195,7 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
     ]
     data = write_jsonl(tmp_path / "mixed.jsonl", records)
     pairs, _ = load_pair_splits(
-        reward_tokenizer,
+        rm_tokenizer,
         str(data),
         eval_data="",
         eval_fraction=0.0,
@@ -204,8 +205,8 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
         keep_ties=True,
         stage="reward",
     )
-    batch = collate_pairs(pairs, reward_tokenizer.pad_token_id)
-    model = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="normal").eval()
+    batch = collate_pairs(pairs, rm_tokenizer.pad_token_id)
+    model = load_reward_backbone(models.TINY, pad_token_id=rm_tokenizer.pad_token_id, head_init="normal").eval()
     with torch.no_grad():
         loss_sum, stats = RewardTask(margin=0.25).loss(model, batch)
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
@@ -223,7 +224,7 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
 
 
 def test_zero_head_scores_zero_before_training():
-    tokenizer = _reward_tokenizer(models.TINY)
+    tokenizer = reward_tokenizer(models.TINY)
     prompts = ["Hi.", "Tell me a long story about a dragon."]
     responses = ["Hello!", "Once upon a time a dragon lived by the sea."]
     zero = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="zero")
@@ -235,7 +236,7 @@ def test_zero_head_scores_zero_before_training():
 def test_score_read_at_last_token_even_when_it_is_eos():
     # Without the chat template a response ends with EOS; the reward tokenizer must
     # not pad with EOS, or transformers would read such a sequence one token early.
-    tokenizer = _reward_tokenizer(models.TINY)
+    tokenizer = reward_tokenizer(models.TINY)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal").eval()
     prompts, responses = ["Hi."], ["Hello!"]
@@ -424,7 +425,7 @@ def test_normalisation_samples_are_evenly_spaced_and_capped():
 def test_score_head_runs_in_fp32_under_bf16_autocast(tokenizer):
     """Scores under a bf16 autocast are the fp32 head applied to the final hidden state, not bf16-rounded,
     in training (packed and padded batches) and in :class:`RewardModel`-style scoring (``raw_scores``)."""
-    from rlhfkit.reward import _score_head, fp32_score_head, sequence_scores
+    from rlhfkit.modeling.reward_model import _score_head, fp32_score_head, sequence_scores
 
     model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal", seed=3).eval()
     models.set_attention(model)
@@ -444,7 +445,7 @@ def test_score_head_runs_in_fp32_under_bf16_autocast(tokenizer):
                 scores = sequence_scores(model, batch)
             per_position = torch.nn.functional.linear(inputs[0].float(), head.weight, head.bias)[..., 0]
             if packed:
-                from rlhfkit import packing
+                from rlhfkit.data import packing
 
                 want = per_position[0][packing.last_positions(batch)]
             else:  # transformers pools at each row's last non-pad token
@@ -572,16 +573,16 @@ def test_heldout_accuracy_is_the_same_for_rankings_pairs_and_comparisons(heldout
 def test_heldout_accuracy_ties_and_equal_scores(tokenizer):
     from rlhfkit.reward import heldout_accuracy
 
-    reward_tokenizer = _reward_tokenizer(models.TINY)
-    zero = load_reward_backbone(models.TINY, pad_token_id=reward_tokenizer.pad_token_id, head_init="zero")
+    rm_tokenizer = reward_tokenizer(models.TINY)
+    zero = load_reward_backbone(models.TINY, pad_token_id=rm_tokenizer.pad_token_id, head_init="zero")
     comps = [
         Comparison("Greet me.", ["Hello!", "Go away.", "Hi."], [0, 2, 1]),
         Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True),
     ]
     # A zero head scores everything 0: every strict pair is an exact tie of scores, worth 0.5.
-    result = heldout_accuracy(zero, reward_tokenizer, comps, precision="fp32")
+    result = heldout_accuracy(zero, rm_tokenizer, comps, precision="fp32")
     assert result == {"accuracy": 0.5, "accuracy_ci": [0.5, 0.5], "num_pairs": 3, "num_prompts": 1, "ties": 1}
-    only_ties = heldout_accuracy(zero, reward_tokenizer, comps[1:], precision="fp32")
+    only_ties = heldout_accuracy(zero, rm_tokenizer, comps[1:], precision="fp32")
     assert only_ties == {"accuracy": None, "accuracy_ci": None, "num_pairs": 0, "num_prompts": 0, "ties": 1}
 
 

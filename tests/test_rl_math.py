@@ -23,15 +23,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import losses, models, rl
+from rlhfkit import losses, rl
+from rlhfkit.generation.rollout import Rollout, response_mask_from_ids
 from rlhfkit.losses import (
     approx_kl,
     discounted_returns,
-    entropy_from_logits,
     explained_variance,
     gae,
-    gather_logps,
-    gather_logps_and_entropy,
     grpo_advantages,
     kl_penalty,
     masked_mean,
@@ -41,9 +39,12 @@ from rlhfkit.losses import (
     rloo_advantages,
     whiten,
 )
-from rlhfkit.policy import ActorCritic, load_critic, packed_response_logps, packed_rollout, response_logps
+from rlhfkit.modeling import logps as logps_mod
+from rlhfkit.modeling import models
+from rlhfkit.modeling.forward import position_ids_from_mask
+from rlhfkit.modeling.logps import entropy_from_logits, gather_logps, gather_logps_and_entropy
+from rlhfkit.modeling.policy import ActorCritic, load_critic, packed_response_logps, packed_rollout, response_logps
 from rlhfkit.rl import AdaptiveKLController
-from rlhfkit.rollout import Rollout, position_ids_from_mask, response_mask_from_ids
 
 T, F_ = True, False  # short names keep hand-written masks readable
 LN2 = math.log(2.0)
@@ -757,7 +758,7 @@ def test_fused_logps_and_entropy_equal_the_separate_ones():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypatch, temperature):
     # 3 rows per chunk over 4 x 5 rows: several chunks and a short last one.
-    monkeypatch.setattr(losses, "_CHUNK_VALUES", 3 * 50)
+    monkeypatch.setattr(logps_mod, "_CHUNK_VALUES", 3 * 50)
     g = torch.Generator().manual_seed(4)
     logits = (4 * torch.randn(4, 5, 50, generator=g)).requires_grad_(True)
     tokens = torch.randint(0, 50, (4, 5), generator=g)
@@ -776,10 +777,10 @@ def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypat
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_head_token_logps_in_row_blocks_equal_the_linear_then_log_softmax(monkeypatch, autocast, bias, temperature):
-    from rlhfkit import policy as policy_mod
+    from rlhfkit.modeling import policy as policy_mod
 
     monkeypatch.setattr(policy_mod, "HEAD_BLOCK_ROWS", 3)  # 10 rows: blocks of 3, 3, 3 and 1
-    monkeypatch.setattr(losses, "_CHUNK_VALUES", 2 * 17)  # and inside a block, chunks of 2 rows
+    monkeypatch.setattr(logps_mod, "_CHUNK_VALUES", 2 * 17)  # and inside a block, chunks of 2 rows
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 17, bias=bias)
     states = (2 * torch.randn(10, 8)).requires_grad_(True)

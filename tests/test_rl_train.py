@@ -25,10 +25,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-from rlhfkit import loop, models, rl
+from rlhfkit import rl
 from rlhfkit.config import ConfigError, field_docs
 from rlhfkit.data.io import read_jsonl_records
-from rlhfkit.policy import load_critic
+from rlhfkit.modeling import models
+from rlhfkit.modeling.policy import load_critic
+from rlhfkit.training import loop
 from tests.helpers import read_jsonl, saved_weights, write_jsonl
 
 REWARD_MODULE = '''

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from rlhfkit import models, sample
+from rlhfkit import sample
 from rlhfkit.data.io import DataError
+from rlhfkit.modeling import models
 from rlhfkit.sample import SampleConfig, cut_at_stop
 from tests.helpers import write_jsonl
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit import models, rollout
-from rlhfkit.rollout import GenerationOptions, HFEngine, InverseCDFSampler, encode_prompts
+from rlhfkit.generation import fast_decode, rollout
+from rlhfkit.generation.rollout import GenerationOptions, HFEngine, InverseCDFSampler, encode_prompts
+from rlhfkit.modeling import models
+from rlhfkit.modeling.forward import position_ids_from_mask
 
 
 def _draw(sampler: InverseCDFSampler, logits: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,14 +88,14 @@ def test_repeated_prompts_share_one_prefill_and_sample_the_same_tokens(monkeypat
     engine = _tiny_engine(tok)
     prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x"] for _ in range(3)]
     ids, mask = encode_prompts(tok, prompts)
-    cache = rollout._shared_prefix_cache(engine.model, ids, mask)
+    cache = fast_decode.shared_prefix_cache(engine.model, ids, mask)
     # Computed for the 3 distinct prompts, copied out to all 9 rows, last query token left for generate.
     assert cache.layers[0].keys.shape[0] == 9 and cache.get_seq_length() == ids.shape[1] - 1
-    assert rollout._shared_prefix_cache(engine.model, ids[::3], mask[::3]) is None  # nothing repeated
+    assert fast_decode.shared_prefix_cache(engine.model, ids[::3], mask[::3]) is None  # nothing repeated
     options = GenerationOptions(max_new_tokens=10, temperature=1.0)
     torch.manual_seed(0)
     shared = engine.generate(ids, mask, options)
-    monkeypatch.setattr(rollout, "_shared_prefix_cache", lambda *a: None)
+    monkeypatch.setattr(rollout, "shared_prefix_cache", lambda *a: None)
     torch.manual_seed(0)
     plain = engine.generate(ids, mask, options)
     # The random tiny model's near-uniform logits make sampling sensitive to any change in them.
@@ -105,14 +107,14 @@ def test_common_start_first_moves_the_padding_after_the_shared_start():
     pad = 0
     ids = torch.tensor([[pad, pad, 5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [pad, 5, 6, 8, 8, 8]])
     mask = (ids != pad).long()
-    got_ids, got_mask, n = rollout.common_start_first(ids, mask)
+    got_ids, got_mask, n = fast_decode.common_start_first(ids, mask)
     assert n == 2  # [5, 6]; 7 is not in the third row
     assert got_ids.tolist() == [[5, 6, pad, pad, 7, 8], [5, 6, 7, 9, 9, 9], [5, 6, pad, 8, 8, 8]]
     assert got_mask.tolist() == [[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1]]
     # Positions count real tokens only, so every token keeps its position.
     for b in range(3):
-        assert rollout.position_ids_from_mask(got_mask)[b][got_mask[b].bool()].tolist() == list(range(int(mask[b].sum())))
-    assert rollout.common_start_first(ids[:1], mask[:1])[2] == 0
+        assert position_ids_from_mask(got_mask)[b][got_mask[b].bool()].tolist() == list(range(int(mask[b].sum())))
+    assert fast_decode.common_start_first(ids[:1], mask[:1])[2] == 0
 
 
 def test_a_start_shared_by_all_prompts_runs_once_and_samples_the_same_tokens(monkeypatch):
@@ -120,12 +122,12 @@ def test_a_start_shared_by_all_prompts_runs_once_and_samples_the_same_tokens(mon
     engine = _tiny_engine(tok)
     prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x"] for _ in range(2)]
     ids, mask = encode_prompts(tok, prompts)
-    ids2, mask2, start = rollout.common_start_first(ids, mask.long())
+    ids2, mask2, start = fast_decode.common_start_first(ids, mask.long())
     assert start > 10  # the chat template's system prompt
     seen = []
     model = engine.model
     hook = model.register_forward_pre_hook(lambda m, a, k: seen.append(tuple(k["input_ids"].shape)), with_kwargs=True)
-    cache = rollout._shared_prefix_cache(model, ids2, mask2, None, start)
+    cache = fast_decode.shared_prefix_cache(model, ids2, mask2, None, start)
     hook.remove()
     assert seen == [(1, start), (3, ids.shape[1] - 1 - start)]  # the start once, then each distinct prompt's rest
     assert cache.layers[0].keys.shape[0] == 6 and cache.get_seq_length() == ids.shape[1] - 1
@@ -133,7 +135,7 @@ def test_a_start_shared_by_all_prompts_runs_once_and_samples_the_same_tokens(mon
     torch.manual_seed(0)
     shared = engine.generate(ids, mask, options)
     monkeypatch.setattr(rollout, "common_start_first", lambda i, m: (i, m, 0))
-    monkeypatch.setattr(rollout, "_shared_prefix_cache", lambda *a: None)
+    monkeypatch.setattr(rollout, "shared_prefix_cache", lambda *a: None)
     torch.manual_seed(0)
     plain = engine.generate(ids, mask, options)  # the left-padded queries, every token run for every row
     assert len(set(map(tuple, plain.tolist()))) > 2
@@ -144,7 +146,7 @@ def test_decoding_cache_layers_hold_what_concatenation_would_in_reserved_room():
     from transformers.cache_utils import DynamicLayer
 
     model = models.build_tiny(seed=5)
-    cache = rollout.decoding_cache(model, torch.bfloat16, reserve=3)
+    cache = fast_decode.decoding_cache(model, torch.bfloat16, reserve=3)
     reference = DynamicLayer()
     layer = cache.layers[0]
     torch.manual_seed(0)
@@ -194,7 +196,7 @@ def test_prepacked_linears_compute_the_bf16_linear_and_restore_the_layers():
     x = torch.randn(5, 3, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = layer(x).float()
-    with rollout.prepacked_linears(model, rows=5):
+    with fast_decode.prepacked_linears(model, rows=5):
         assert "forward" in layer.__dict__
         got = layer(x).float()
     assert "forward" not in layer.__dict__
@@ -202,7 +204,7 @@ def test_prepacked_linears_compute_the_bf16_linear_and_restore_the_layers():
     # Same bf16 products, perhaps summed in another order: within a few bf16 ulps of the outputs.
     assert got.shape == want.shape and (got - want).abs().max() <= 0.02 * want.abs().max()
     with pytest.raises(RuntimeError):
-        with rollout.prepacked_linears(model, rows=5):
+        with fast_decode.prepacked_linears(model, rows=5):
             raise RuntimeError("boom")
     assert "forward" not in layer.__dict__
 
@@ -213,12 +215,12 @@ def test_prepacked_siblings_share_one_matmul_and_fall_back_on_another_input(monk
     attn = torch.nn.Module()
     attn.q_proj, attn.k_proj, attn.v_proj = torch.nn.Linear(64, 48), torch.nn.Linear(64, 16), torch.nn.Linear(64, 16)
     x, other = torch.randn(4, 1, 64), torch.randn(4, 1, 64)
-    with rollout.prepacked_linears(attn, rows=4, fuse=False):
+    with fast_decode.prepacked_linears(attn, rows=4, fuse=False):
         want = {n: (getattr(attn, n)(x), getattr(attn, n)(other)) for n in ("q_proj", "k_proj", "v_proj")}
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
-    with rollout.prepacked_linears(attn, rows=4):
+    with fast_decode.prepacked_linears(attn, rows=4):
         # In order on one input: one matmul on the concatenated weights (64 -> 80) serves all three.
         got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
         assert len(calls) == 1
@@ -256,7 +258,7 @@ def _greedy_logits(model, ids, mask, steps: int) -> tuple[torch.Tensor, torch.Te
 def _count_lean_steps(monkeypatch) -> list[int]:
     """Counts one-token steps that reach the lean forward (it falls back to the full layer otherwise)."""
     calls = [0]
-    real = rollout._lean_decode_forward
+    real = fast_decode._lean_decode_forward
 
     def counting(layer, full_forward, step):
         lean = real(layer, full_forward, step)
@@ -267,7 +269,7 @@ def _count_lean_steps(monkeypatch) -> list[int]:
 
         return forward
 
-    monkeypatch.setattr(rollout, "_lean_decode_forward", counting)
+    monkeypatch.setattr(fast_decode, "_lean_decode_forward", counting)
     return calls
 
 
@@ -279,13 +281,13 @@ def test_lean_decode_steps_compute_the_layer_and_restore_it(monkeypatch):
     with torch.no_grad():
         want_ids, want, _ = _greedy_logits(model, ids, mask, steps=6)
         calls = _count_lean_steps(monkeypatch)
-        with rollout.lean_decode_steps(model):
+        with fast_decode.lean_decode_steps(model):
             assert all("forward" in layer.__dict__ for layer in model.model.layers)
             got_ids, got, _ = _greedy_logits(model, ids, mask, steps=6)
     assert calls[0] == 5 * len(model.model.layers)  # 5 decode steps after the prefill, every layer
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     models.set_attention(model, "sdpa")  # its masks are not the additive kind the lean step takes: left alone
-    with rollout.lean_decode_steps(model):
+    with fast_decode.lean_decode_steps(model):
         assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert torch.equal(got_ids, want_ids)
@@ -297,11 +299,11 @@ def test_lean_decode_steps_on_prepacked_bf16_linears(monkeypatch):
     model = models.build_tiny().eval()
     models.set_attention(model)
     ids, mask = encode_prompts(tok, ["Hello there, how are you?", "Write a poem", "x"])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), rollout.prepacked_linears(model, rows=3):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fast_decode.prepacked_linears(model, rows=3):
         assert model.model.layers[0].self_attn.q_proj.packed_siblings is not None
         _, _, want = _greedy_logits(model, ids, mask, steps=4)
         calls = _count_lean_steps(monkeypatch)
-        with rollout.lean_decode_steps(model):
+        with fast_decode.lean_decode_steps(model):
             _, _, got = _greedy_logits(model, ids, mask, steps=4)
     assert calls[0] == 3 * len(model.model.layers)
     assert "packed_siblings" not in model.model.layers[0].self_attn.q_proj.__dict__

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit import loop, models
 from rlhfkit.config import ConfigError
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.rollout import GenerationOptions, HFGenerator
-from rlhfkit.sft import SFTTask, sft_loss_sum, train
-from rlhfkit.tracking import MetricsLogger
+from rlhfkit.generation.rollout import GenerationOptions, HFGenerator
+from rlhfkit.modeling import models
+from rlhfkit.modeling.forward import sft_loss_sum
+from rlhfkit.sft import SFTTask, train
+from rlhfkit.training import loop
+from rlhfkit.training.tracking import MetricsLogger
 from tests.helpers import QA_PAIRS, assert_same_weights, read_jsonl, saved_weights, train_entries, write_jsonl
 
 

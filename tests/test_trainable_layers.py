@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit import models
-from rlhfkit.reward import load_reward_backbone
+from rlhfkit.modeling import models
+from rlhfkit.modeling.reward_model import load_reward_backbone
 
 
 def _options(**kw):

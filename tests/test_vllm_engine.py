@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from rlhfkit import models, rl, vllm_engine
-from rlhfkit.rollout import GenerationOptions, encode_prompts, response_mask_from_ids
+from rlhfkit import rl
+from rlhfkit.generation import vllm_engine
+from rlhfkit.generation.rollout import GenerationOptions, encode_prompts, response_mask_from_ids
+from rlhfkit.modeling import models
 
 PROMPTS = ["Hi", "Tell me a long story about a cat and a dog", "Why?"]
 

@@ -11,9 +11,13 @@ Stages (each a typed config and a ``train``/``run`` function, wrapped by the CLI
 * :mod:`rlhfkit.evaluate` -- win rates, gold scores, KL and best-of-n, with intervals;
 * :mod:`rlhfkit.pipeline` -- all of them in order, and :mod:`rlhfkit.report` -- the HTML report.
 
-Building blocks: :mod:`rlhfkit.losses` (the math), :mod:`rlhfkit.models` (loading and saving),
-:mod:`rlhfkit.data` (formats), :mod:`rlhfkit.loop` (the shared training loop), :mod:`rlhfkit.rollout`
+Building blocks: :mod:`rlhfkit.losses` (the math), :mod:`rlhfkit.modeling.models` (loading and saving),
+:mod:`rlhfkit.data` (formats), :mod:`rlhfkit.training.loop` (the shared training loop), :mod:`rlhfkit.generation.rollout`
 (generation).
 """
 
 __version__ = "0.1.0"
+
+from rlhfkit import _moved
+
+_moved.install()  # old paths of modules that moved into folders (rlhfkit.models, rlhfkit.rollout, ...)

@@ -6,7 +6,7 @@ rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
 rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
-rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.rollout.HFGenerator
+rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
 rlhfkit annotate serve|add-annotator|status|export|terminal ...
                                             -> rlhfkit.feedback.web (browser) / feedback.terminal
@@ -89,8 +89,8 @@ def _run_stage(name: str, args: list[str], from_stage: str | None = None) -> int
 
 
 def _chat(ns: argparse.Namespace) -> int:
-    from rlhfkit import models
-    from rlhfkit.rollout import GenerationOptions, HFGenerator
+    from rlhfkit.generation.rollout import GenerationOptions, HFGenerator
+    from rlhfkit.modeling import models
 
     tokenizer = models.load_tokenizer(ns.model)
     model = models.load_causal_lm(ns.model)
@@ -199,9 +199,9 @@ def _error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from rlhfkit.config import ConfigError
     from rlhfkit.data.io import DataError
-    from rlhfkit.loop import CheckpointError
-    from rlhfkit.models import ModelLoadError
+    from rlhfkit.modeling.models import ModelLoadError
     from rlhfkit.pipeline import StageError
+    from rlhfkit.training.loop import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:  # its own parser: rlhfkit serve MODEL [--host --port --backend]

@@ -29,16 +29,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
 
-from rlhfkit import forward, log, models
-from rlhfkit.config import ConfigError, to_dict
-from rlhfkit.data.io import atomic_write_text
+from rlhfkit import log
+from rlhfkit.config import ConfigError
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
-from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
 from rlhfkit.losses import dpo_loss, simpo_loss
+from rlhfkit.modeling import forward, models
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.run_layout import PreferenceMetric as M
+from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
 
 @dataclass
@@ -81,7 +80,7 @@ class DPOConfig(models.ModelOptions, TrainOptions, EvalOptions, ProbeOptions):
 
 
 class DPOTask:
-    """The loop's :class:`~rlhfkit.loop.Task` for DPO and its relatives. Items are pairs."""
+    """The loop's :class:`~rlhfkit.training.loop.Task` for DPO and its relatives. Items are pairs."""
 
     def __init__(self, config: DPOConfig):
         self.config = config
@@ -274,8 +273,7 @@ def train(config: DPOConfig) -> FitResult:
         ranking_pairs=config.ranking_pairs,
     )
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": "dpo", **to_dict(config)}, sort_keys=False))
+    write_run_config(out, "dpo", config)
 
     model = models.load_causal_lm(config.model)
     attach_reference(config, model, tokenizer, train_set, eval_set)

@@ -50,10 +50,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import log, models
+from rlhfkit import log
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.records import Comparison
-from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.modeling import models
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _sample(
 ) -> tuple[Rollout, object, object]:
     tokenizer = models.load_tokenizer(spec)
     model = models.load_causal_lm(spec).eval()
-    models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (rollout.lean_decode_steps)
+    models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (generation.fast_decode.lean_decode_steps)
     engine = HFEngine(model, tokenizer, precision=config.generation_precision)
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []
@@ -157,7 +158,7 @@ def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_si
     ``reference`` may be ``policy`` itself when it is a LoRA model: the reference is then its base,
     adapters disabled.
     """
-    from rlhfkit.policy import response_logps
+    from rlhfkit.modeling.policy import response_logps
 
     out = []
     for start in range(0, len(rollout.responses), batch_size):
@@ -224,7 +225,7 @@ def _mean_ci(values: list[list[float]], *, seed: int, resamples: int) -> tuple[f
 
 def reward_model_accuracy(proxy: str) -> dict | None:
     """The trained reward model's held-out accuracy, from its directory's ``heldout.json`` (None if absent)."""
-    from rlhfkit.reward import HELDOUT_FILE
+    from rlhfkit.run_layout import HELDOUT_FILE
 
     path = Path(proxy) / HELDOUT_FILE if proxy else None
     if path is None or not path.is_file():
@@ -239,10 +240,9 @@ def player_name(spec: str) -> str:
 
 def run(config: EvalConfig) -> dict:
     """Evaluate; returns the results dict (also written to ``config.output``)."""
-    from rlhfkit.elo import matches_from_comparisons, rating_table
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
+    from rlhfkit.ratings import matches_from_comparisons, rating_table
     from rlhfkit.rewards import load_reward
-    from rlhfkit.sample import load_prompts
-    from rlhfkit.sft import demo_data_path
 
     c = config
     K = c.samples_per_prompt

@@ -6,7 +6,7 @@ from the latest policy, labels the new pairs with any feedback source, and
 trains on them. The DPO reference is either kept (the starting model, every
 round) or refreshed to the policy that produced the round's samples.
 Every round's samples, labels and model are kept under ``OUTPUT/round-K``; a
-finished round (its model directory is a complete save, :func:`rlhfkit.models.is_complete_save`)
+finished round (its model directory is a complete save, :func:`rlhfkit.modeling.models.is_complete_save`)
 is not redone, and a round whose save was interrupted is redone whole.
 """
 
@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit import dpo, label, log, models, sample
+from rlhfkit import dpo, label, log, sample
 from rlhfkit.config import from_dict
 from rlhfkit.data.io import write_jsonl
+from rlhfkit.modeling import models
 
 
 @dataclass
@@ -49,8 +50,7 @@ class IteratedDPOConfig:
 
 def run(config: IteratedDPOConfig) -> list[Path]:
     """Run every round; returns the model directory of each round."""
-    from rlhfkit.sample import load_prompts
-    from rlhfkit.sft import demo_data_path
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
 
     all_prompts = load_prompts(config.prompts or demo_data_path("prompts_train.jsonl"))
     out = Path(config.output_dir)

@@ -160,7 +160,7 @@ def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
 
 
 RESUME_MODES = ("auto", "force", "never")
-"""The values of :attr:`LabelConfig.resume` (those of :attr:`rlhfkit.loop.TrainOptions.resume`, less a path)."""
+"""The values of :attr:`LabelConfig.resume` (those of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path)."""
 
 LABELLER_KEYS: dict[str, tuple[str, ...]] = {
     "simulated": ("scorer", "scorer_args", "temperature", "flip_rate", "tie_threshold", "temperature_scale", "seed"),
@@ -427,8 +427,9 @@ def _label_from_web(config: LabelConfig) -> list[Comparison]:
     to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
     skipped has no label; the summary printed at the end names such pairs.
     """
-    from rlhfkit.feedback.web.admin import comparisons, item_list, read_pairs, wait_for_labels
+    from rlhfkit.feedback.web.admin import comparisons, item_list, wait_for_labels
     from rlhfkit.feedback.web.app import create_app
+    from rlhfkit.feedback.web.pairs import read_pairs
     from rlhfkit.feedback.web.store import AnnotationStore
     from rlhfkit.serve import ServerThread
 

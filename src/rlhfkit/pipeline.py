@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit import log, models
+from rlhfkit import log
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
+from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
 Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
@@ -132,7 +133,7 @@ class GateConfig:
 
 def check_gate(config: GateConfig) -> dict:
     """The reward-model gate: raise a clear error when RL would train against a reward model at chance."""
-    from rlhfkit.reward import HELDOUT_FILE
+    from rlhfkit.run_layout import HELDOUT_FILE
 
     path = Path(config.reward_dir) / HELDOUT_FILE
     held = json.loads(path.read_text()) if path.is_file() else None

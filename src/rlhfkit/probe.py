@@ -95,8 +95,7 @@ class FrontierProbe:
         seed: int,
         precision: str,
     ):
-        from rlhfkit.sample import load_prompts
-        from rlhfkit.sft import demo_data_path
+        from rlhfkit.data.prompts import demo_data_path, load_prompts
 
         self.options, self.tokenizer, self.reference = options, tokenizer, reference
         self.gold, self.proxy = gold, proxy
@@ -111,7 +110,7 @@ class FrontierProbe:
             return None
         from rlhfkit.data.io import append_jsonl, truncate_jsonl_by_step
         from rlhfkit.evaluate import sequence_kl
-        from rlhfkit.rollout import GenerationOptions, HFEngine, make_rollout
+        from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout
 
         o = self.options
         t0 = time.perf_counter()

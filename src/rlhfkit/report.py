@@ -46,17 +46,17 @@ import numpy as np
 from rlhfkit import log, stats
 from rlhfkit.data.io import atomic_write_text, jsonl_lines
 from rlhfkit.probe import FRONTIER_FILE
-from rlhfkit.reward import HELDOUT_FILE
 from rlhfkit.run_layout import (
     EVAL_PREFIX,
     GATE_FILE,  # the writers' names, so a rename cannot silently empty a section
+    HELDOUT_FILE,
     OFFLINE_ALGORITHMS,
     ONLINE_ALGORITHMS,
 )
 from rlhfkit.run_layout import POLICY_ALGORITHMS as POLICY_STAGES
 from rlhfkit.run_layout import PreferenceMetric as PM
 from rlhfkit.run_layout import RLMetric as RM
-from rlhfkit.tracking import read_metrics
+from rlhfkit.training.tracking import read_metrics
 
 # ---------------------------------------------------------------- the run directory's layout
 

@@ -1,4 +1,5 @@
-"""Reward model: ``rlhfkit reward CONFIG.yaml`` / :func:`train`, and :class:`RewardModel` for scoring.
+"""Reward model: ``rlhfkit reward CONFIG.yaml`` / :func:`train`; scoring with the result is
+:class:`rlhfkit.modeling.reward_model.RewardModel`.
 
 The model is a causal-LM backbone with a scalar head read at the last
 non-padding token: transformers' ``*ForSequenceClassification`` with
@@ -12,13 +13,13 @@ loads the result and gives the same raw scores.
 3. After training, a gain and bias are fitted so the normalisation samples (by
    default every response in the training data — in the pipeline, samples of the
    SFT model) score mean 0, std 1 at the training precision. They are stored in ``config.json`` as
-   ``rlhfkit_reward_gain`` / ``rlhfkit_reward_bias``; :class:`RewardModel` applies
+   ``rlhfkit_reward_gain`` / ``rlhfkit_reward_bias``; :class:`~rlhfkit.modeling.reward_model.RewardModel` applies
    them (``normalised = gain * raw + bias``), raw transformers outputs do not.
 4. The trained model scores every pair of the held-out comparisons (``eval_data``, or the
    ``eval_fraction`` split): ``OUTPUT_DIR/heldout.json`` holds its accuracy with a
    prompt-clustered bootstrap interval (:func:`heldout_accuracy`).
 
-The scalar head runs in fp32 even under a bf16 autocast (:func:`fp32_score_head`);
+The scalar head runs in fp32 even under a bf16 autocast (:func:`rlhfkit.modeling.reward_model.fp32_score_head`);
 the backbone runs at the training precision.
 """
 
@@ -31,27 +32,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-import yaml
 
-from rlhfkit import forward, log, models, packing
-from rlhfkit.config import ConfigError, to_dict
+from rlhfkit import log
+from rlhfkit.config import ConfigError
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.data.pairwise import (
-    chosen_rejected,
-    collate_pairs,
-    collate_rankings,
-    load_pair_splits,
-    tokenize_rankings,
-    tokenize_response,
-)
+from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings
 from rlhfkit.data.records import Comparison
-from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
-from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
+from rlhfkit.data.sft import IGNORE_INDEX
 from rlhfkit.losses import preference_loss
+from rlhfkit.modeling import forward, models
+from rlhfkit.modeling.reward_model import RewardModel as RewardModel  # scoring lives in modeling/; kept importable here
+from rlhfkit.modeling.reward_model import fp32_score_head, load_reward_backbone, raw_scores, reward_tokenizer, sequence_scores
+from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.run_layout import PreferenceMetric as M
+from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
-HELDOUT_FILE = "heldout.json"
 """Held-out accuracy of a trained reward model, in its output directory (see :func:`heldout_accuracy`)."""
 
 
@@ -94,7 +89,7 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
 
 
 class RewardTask:
-    """The loop's :class:`~rlhfkit.loop.Task` for reward modelling. Items are pairs."""
+    """The loop's :class:`~rlhfkit.training.loop.Task` for reward modelling. Items are pairs."""
 
     def __init__(self, margin: float):
         self.margin = margin
@@ -113,171 +108,6 @@ class RewardTask:
         correct = torch.where(target > 0.5, (chosen > rejected).float(), torch.full_like(target, 0.5))
         stats = {M.ACCURACY: correct.sum(), M.MARGIN: (chosen - rejected).detach().sum()}
         return losses.sum(), stats
-
-
-def _score_head(model) -> torch.nn.Module:
-    """The ``score`` linear layer of a (possibly DDP/peft-wrapped) ``*ForSequenceClassification``."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "score":
-            return module
-    raise ValueError("reward model has no `score` head")
-
-
-def _fp32_head_output(module: torch.nn.Linear, args, output) -> torch.Tensor:
-    """Forward hook: the head's output recomputed in fp32 with autocast off (see :func:`fp32_score_head`)."""
-    (hidden,) = args
-    with torch.autocast(hidden.device.type, enabled=False):
-        bias = None if module.bias is None else module.bias.float()
-        return F.linear(hidden.float(), module.weight.float(), bias)
-
-
-def fp32_score_head(model):
-    """Make the score head of ``model`` compute in fp32 under any autocast; returns ``model``.
-
-    Under a bf16 autocast the head's output would be bf16, 8 significant bits: two
-    scores closer than about 1/128 of their size round to the same number, so a
-    pair the model orders correctly counts as wrong (a tie is not ``chosen >
-    rejected``) and PPO sees a reward rounded to that step. The head is one
-    ``hidden -> 1`` product per position, so fp32 costs nothing; the final norm's
-    output it reads is fp32 already. (On a SmolLM2 reward model whose margins were a
-    few units it changed 1 of 900 held-out pairs; it matters when scores sit close
-    together.) Idempotent; a head that is not an ``nn.Linear`` is left as it is.
-    """
-    head = _score_head(model)
-    if isinstance(head, torch.nn.Linear) and not getattr(head, "_rlhfkit_fp32", False):
-        head.register_forward_hook(_fp32_head_output)
-        head._rlhfkit_fp32 = True
-    return model
-
-
-def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scalar score of each sequence of a padded or packed batch, read at its last token. Shape: (N,).
-
-    Packed: the model's own pooling expects one sequence per row, so the score head's
-    per-position output is captured (a forward hook; the forward still runs through
-    the wrapped model, so DDP syncs gradients) and read at each sequence's last token.
-    """
-    if packing.is_packed(batch):
-        packing.require_kernel(model)
-        with packing.capture_output(_score_head(model)) as outputs:
-            model(**packing.model_inputs(batch))
-        return outputs[-1][0, :, 0][packing.last_positions(batch)].float()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return logits.squeeze(-1).float()
-
-
-def _reward_tokenizer(spec: str):
-    """The tokenizer, padded with a token that never ends a scored sequence.
-
-    transformers reads the score at the last token that is not ``pad_token_id``;
-    if padding were EOS, a sequence ending in EOS would be read one token early.
-    """
-    tokenizer = models.load_tokenizer(spec)
-    if tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.unk_token is not None:
-        if tokenizer.unk_token_id != tokenizer.eos_token_id:
-            tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer
-
-
-def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero", seed: int = 0):
-    """A ``*ForSequenceClassification`` (num_labels=1) from a model spec, head initialised."""
-    from transformers import AutoModelForSequenceClassification
-
-    if spec == models.TINY:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = AutoModelForSequenceClassification.from_config(models.tiny_config(num_labels=1), dtype=torch.float32)
-    else:
-        from transformers.utils import logging as hf_logging
-
-        # The score head is new by design; transformers' load report would flag it as missing.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(models.resolve(spec), num_labels=1, dtype=torch.float32)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = pad_token_id
-    head = model.get_submodule("score")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if head_init == "zero":
-            torch.nn.init.zeros_(head.weight)
-        else:
-            torch.nn.init.normal_(head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
-    return fp32_score_head(model)
-
-
-@torch.no_grad()
-def raw_scores(
-    model,
-    tokenizer,
-    prompts: list,
-    responses: list[str],
-    *,
-    batch_size: int = 16,
-    chat_template: bool = True,
-    max_length: int = 1024,
-    precision: str = "bf16",
-    progress: str | None = None,
-) -> torch.Tensor:
-    """Raw scalar scores of (prompt, response) pairs. Shape: (N,). ``progress``: a progress-bar title."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    scores = []
-    bar = tqdm(total=len(responses), unit="response", desc=progress, disable=progress is None)
-    for start in range(0, len(responses), batch_size):
-        seqs = []
-        for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
-            ids, labels = tokenize_response(tokenizer, prompt, response, chat_template=chat_template)
-            seqs.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
-        batch = collate_sft(seqs, tokenizer.pad_token_id)
-        with models.autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        scores.append(logits.squeeze(-1).float().cpu())
-        bar.update(len(seqs))
-    bar.close()
-    model.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0)
-
-
-class RewardModel:
-    """Scores text with a trained reward-model directory (its own tokenizer), normalised.
-
-    ``RewardModel(dir)(prompts, responses) -> list[float]`` — the same signature as a
-    ``module:function`` reward, so PPO, evaluation and best-of-n take either.
-    """
-
-    def __init__(self, path: str | Path, *, precision: str = "bf16", batch_size: int = 16):
-        from transformers import AutoModelForSequenceClassification
-
-        self.path = str(path)
-        self.tokenizer = _reward_tokenizer(self.path)
-        self.model = fp32_score_head(AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).eval())
-        self.tokenizer.pad_token_id = self.model.config.pad_token_id
-        self.gain = float(getattr(self.model.config, "rlhfkit_reward_gain", 1.0))
-        self.bias = float(getattr(self.model.config, "rlhfkit_reward_bias", 0.0))
-        self.chat_template = bool(getattr(self.model.config, "rlhfkit_chat_template", True))
-        self.precision, self.batch_size = precision, batch_size
-
-    def raw(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        return raw_scores(
-            self.model,
-            self.tokenizer,
-            prompts,
-            responses,
-            batch_size=self.batch_size,
-            chat_template=self.chat_template,
-            precision=self.precision,
-        )
-
-    def __call__(self, prompts: list, responses: list[str], **kwargs) -> list[float]:
-        return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
 
 
 def _prompt_key(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[int, ...]:
@@ -453,7 +283,7 @@ def train(config: RewardConfig) -> FitResult:
         raise ConfigError("reward: `data` (a preference file) is required")
     # Before any model loads: a bad norm_data file must not surface at save time, after training.
     norm_samples = _norm_samples(config) if config.normalize else None
-    tokenizer = _reward_tokenizer(config.model)
+    tokenizer = reward_tokenizer(config.model)
     train_set, eval_set = load_pair_splits(
         tokenizer,
         config.data,
@@ -467,8 +297,7 @@ def train(config: RewardConfig) -> FitResult:
         grouped=config.group_rankings,
     )
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": "reward", **to_dict(config)}, sort_keys=False))
+    write_run_config(out, "reward", config)
 
     model = load_reward_backbone(config.model, pad_token_id=tokenizer.pad_token_id, head_init=config.head_init, seed=config.seed)
     model = models.prepare_for_training(model, config)

@@ -29,7 +29,7 @@ def load_reward(spec: str, *, precision: str = "bf16", args: dict | None = None,
     """
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
-        from rlhfkit.reward import RewardModel
+        from rlhfkit.modeling.reward_model import RewardModel
 
         if args:
             from rlhfkit.config import ConfigError

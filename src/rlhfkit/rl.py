@@ -3,7 +3,7 @@
 ``rlhfkit ppo|grpo|rloo CONFIG.yaml`` / :func:`train`. Each step:
 
 1. **Rollout.** Take ``batch_size`` prompts, sample ``samples_per_prompt``
-   responses each (:func:`rlhfkit.rollout.make_rollout`; KV cache, temperature,
+   responses each (:func:`rlhfkit.generation.rollout.make_rollout`; KV cache, temperature,
    top-p, stop at EOS).
 2. **Score.** ``score = reward(prompt, response)`` from a reward model, a
    ``module:function`` or a simulated-annotator scorer; minus
@@ -52,22 +52,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
-from rlhfkit import log, models
-from rlhfkit.config import ConfigError, to_dict
+from rlhfkit import log
+from rlhfkit.config import ConfigError
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
-from rlhfkit.loop import (
-    Checkpointer,
-    CheckpointError,
-    TrainOptions,
-    _reduce_sum,
-    epoch_order,
-    make_accelerator,
-    prepare,
-    shard_indices,
-)
+from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.losses import (
     approx_kl,
@@ -81,12 +70,25 @@ from rlhfkit.losses import (
     whiten,
     zero_variance_groups,
 )
-from rlhfkit.optim import build_optimizer, build_scheduler
-from rlhfkit.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
+from rlhfkit.modeling import models
+from rlhfkit.modeling.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
-from rlhfkit.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.run_layout import RLMetric as M
-from rlhfkit.tracking import MetricsLogger
+from rlhfkit.training.loop import (
+    Checkpointer,
+    CheckpointError,
+    TrainOptions,
+    build_optimization,
+    epoch_order,
+    global_mean_scale,
+    prepare,
+    reduce_sum,
+    shard_indices,
+    start_accelerator,
+    step_bar,
+    write_run_config,
+)
+from rlhfkit.training.tracking import MetricsLogger
 
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
 
@@ -354,9 +356,8 @@ class RLTrainer:
     """State of one RL run; :meth:`step` is steps 1-6 of the module docstring."""
 
     def __init__(self, config: RLConfig):
+        from rlhfkit.data.prompts import demo_data_path, load_prompts
         from rlhfkit.rewards import load_reward
-        from rlhfkit.sample import load_prompts
-        from rlhfkit.sft import demo_data_path
 
         c = self.config = config
         c.policy_loss_options()  # checks the loss options now, not after the first rollout
@@ -369,10 +370,7 @@ class RLTrainer:
                 f"cannot be split into grad_accum={c.grad_accum} micro-batches"
             )
         self.prompts = load_prompts(c.prompts or demo_data_path("prompts_train.jsonl"))
-        self.acc = make_accelerator(c.precision, c.grad_accum)
-        from accelerate.utils import set_seed
-
-        set_seed(c.seed)
+        self.acc = start_accelerator(c.precision, c.grad_accum, c.seed)
         self.tokenizer = models.load_tokenizer(c.policy)
         self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args)
         self.gold_fn = load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args") if c.gold else None
@@ -399,18 +397,8 @@ class RLTrainer:
         self.P = self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.prompts) // (c.batch_size * self.P))
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_epochs * self.steps_per_epoch))
-        optimizer = build_optimizer(
-            model, lr=c.lr, weight_decay=c.weight_decay, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps
-        )
-        self.scheduler = build_scheduler(
-            optimizer,
-            warmup_steps=int(c.warmup_ratio * self.total_steps),
-            total_steps=self.total_steps,
-            schedule=c.lr_schedule,
-            min_lr_ratio=c.min_lr_ratio,
-        )
+        optimizer, self.scheduler = build_optimization(model, c, self.total_steps)
         self.model, self.optimizer = prepare(self.acc, model, optimizer)
-        # The scheduler is not registered with accelerate (which pickles it): the Checkpointer saves it as JSON.
         gen_precision = c.generation_precision
         if gen_precision == "auto":
             gen_precision = c.precision
@@ -422,7 +410,7 @@ class RLTrainer:
     def _make_engine(self, precision: str):
         c, policy = self.config, self.acc.unwrap_model(self.model).policy
         if c.rollout_engine == "vllm":
-            from rlhfkit.vllm_engine import VLLMEngine
+            from rlhfkit.generation.vllm_engine import VLLMEngine
 
             return VLLMEngine(
                 policy,
@@ -573,10 +561,9 @@ class RLTrainer:
                     in_loss = in_loss & keep[mb_rows, None]
                 # The optimiser step's counts, over its micro-batches and processes, for the loss's normaliser.
                 seqs = len(mb_rows) if keep is None else int(keep[mb_rows].sum())
-                totals = _reduce_sum(acc, {"t": float(in_loss.sum()), "s": float(seqs)})
+                totals = reduce_sum(acc, {"t": float(in_loss.sum()), "s": float(seqs)})
                 global_tokens, global_seqs = max(1.0, totals["t"]), totals["s"]
-                # accelerate divides a micro-batch's loss by grad_accum and DDP averages over processes: x grad_accum x P.
-                scale = c.grad_accum * self.P / global_tokens
+                scale = global_mean_scale(global_tokens, c.grad_accum, self.P)  # the minibatch's token mean
                 for part in _micro_batches(len(mb_rows), c.grad_accum):
                     rows = [mb_rows[i] for i in part]
                     mask = rollout.response_mask[rows].to(device)
@@ -647,12 +634,12 @@ class RLTrainer:
                         epoch_tokens += n_tok
             epochs_done += 1
             if c.target_kl_stop > 0:
-                totals = _reduce_sum(acc, {"kl": epoch_kl, "n": epoch_tokens})
+                totals = reduce_sum(acc, {"kl": epoch_kl, "n": epoch_tokens})
                 if totals["kl"] / max(1.0, totals["n"]) > c.target_kl_stop:
                     stopped_early = True
                     break
         self.scheduler.step()
-        sums = _reduce_sum(acc, {**sums, **{f"_{k}": v for k, v in counts.items()}})
+        sums = reduce_sum(acc, {**sums, **{f"_{k}": v for k, v in counts.items()}})
         tokens = max(1.0, sums.pop("_tokens"))
         sums.pop("_seqs")
         stats = {k: v / tokens for k, v in sums.items()}
@@ -691,7 +678,7 @@ class RLTrainer:
     def _ptx_loss(self, rows: list[int]) -> torch.Tensor:
         """PPO-ptx (Ouyang et al. 2022, eq. 2): mean NLL of a demonstration batch."""
         from rlhfkit.data.sft import collate_sft
-        from rlhfkit.sft import sft_loss_sum
+        from rlhfkit.modeling.forward import sft_loss_sum
 
         g = torch.Generator().manual_seed(self.config.seed + self.step_count * 131 + rows[0])
         idx = torch.randint(len(self.ptx), (len(rows),), generator=g).tolist()
@@ -739,8 +726,7 @@ def train(config: RLConfig) -> RLTrainer:
     trainer = RLTrainer(c)
     acc = trainer.acc
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": c.algorithm, **to_dict(c)}, sort_keys=False))
+        write_run_config(out, c.algorithm, c)
     checkpointer = Checkpointer(acc, out, keep=c.keep_checkpoints, scheduler=trainer.scheduler, config=c)
     resumed = checkpointer.resume(c.resume)
     if resumed is not None:
@@ -756,14 +742,7 @@ def train(config: RLConfig) -> RLTrainer:
     probe = trainer.make_probe(out) if c.probe_points > 0 else None
     if probe is not None:
         trainer.run_probe(probe)  # step 0: the starting policy (or the resumed step, if it was a probe step)
-    bar = tqdm(
-        total=trainer.total_steps,
-        initial=trainer.step_count,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (c.progress and acc.is_main_process),
-        desc=f"{c.algorithm}",
-    )
+    bar = step_bar(c, acc, total=trainer.total_steps, initial=trainer.step_count, desc=c.algorithm)
     while trainer.step_count < trainer.total_steps:
         scored, metrics = trainer.step()
         if trainer.step_count % c.log_every == 0 or trainer.step_count == trainer.total_steps:

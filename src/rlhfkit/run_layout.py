@@ -16,6 +16,8 @@ STAGES = ("sft", "sample", "label", "reward", "gate", *POLICY_ALGORITHMS, "eval"
 """Every stage a pipeline can have, in order (a run has the policy stages it asks for)."""
 GATE_FILE = "gate.json"
 """The gate's verdict, in OUTPUT/gate."""
+HELDOUT_FILE = "heldout.json"
+"""The reward model's held-out accuracy with its interval, in the reward stage's output directory."""
 
 
 class RLMetric:

@@ -2,7 +2,7 @@
 
 For every prompt, one response per entry of ``temperatures`` (the seed design:
 two responses, at 0.7 and 1.2, so pairs differ in quality). Generation is
-batched with a KV cache (:class:`rlhfkit.rollout.HFGenerator`) on a fixed grid
+batched with a KV cache (:class:`rlhfkit.generation.rollout.HFGenerator`) on a fixed grid
 (batch k is prompts ``[k*B, (k+1)*B)``, seeded from ``seed`` and ``k*B``). Each
 finished batch is appended to the output JSONL in one write and fsynced, so a
 crash loses at most the batch in flight; a re-run skips batches already written
@@ -32,24 +32,24 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import log, models
+from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
-    DataError,
     Row,
     atomic_open,
     atomic_temp_pattern,
     compare_settings,
     fsync_path,
     read_jsonl_log,
-    read_rows,
     remove_stale_temps,
     settings_path,
     short_repr,
     start_over,
     write_settings,
 )
-from rlhfkit.rollout import GenerationOptions, HFGenerator
+from rlhfkit.data.prompts import demo_data_path, load_prompts
+from rlhfkit.generation.rollout import GenerationOptions, HFGenerator
+from rlhfkit.modeling import models
 
 
 @dataclass
@@ -93,7 +93,7 @@ class SampleConfig:
 
 
 RESUME_MODES = ("auto", "force", "never")
-"""The values of :attr:`SampleConfig.resume` (those of :attr:`rlhfkit.loop.TrainOptions.resume`, less a path)."""
+"""The values of :attr:`SampleConfig.resume` (those of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path)."""
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 """Files of a model directory that identify its weights by name, size and modification time (:func:`model_identity`)."""
@@ -134,22 +134,6 @@ def sampling_settings(config: SampleConfig) -> dict[str, Any]:
         "seed": config.seed,
         "precision": config.precision,
     }
-
-
-def load_prompts(path: str | Path) -> list:
-    """Prompts from a JSON/JSONL file of records with a `prompt` field (string or messages)."""
-    from rlhfkit.data.sft import parse_messages
-
-    prompts = []
-    for row in read_rows(path):
-        value = row.data.get("prompt")
-        if isinstance(value, list):
-            prompts.append([{"role": r, "content": c} for r, c in parse_messages(row, "prompt")])
-        else:
-            prompts.append(row.get_str("prompt"))
-    if not prompts:
-        raise DataError(path, None, "prompt", "no prompts")
-    return prompts
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -217,7 +201,6 @@ def _resumable(config: SampleConfig, rows: list[Row], prompts: list, settings: d
 def run(config: SampleConfig) -> Path:
     """Generate samples; returns the output path. Records already in the output are kept, or refused, as
     :attr:`SampleConfig.resume` says."""
-    from rlhfkit.sft import demo_data_path
 
     if config.resume not in RESUME_MODES:
         raise ConfigError(f"sample: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
@@ -287,7 +270,7 @@ def _sample_batch(generator: HFGenerator, prompts: list, config: SampleConfig) -
     """One list of responses per entry of ``config.temperatures`` (each in prompt order).
 
     A temperature listed k times is one generate call with each prompt repeated k times, and the
-    repeats share their prompt's prefill (:class:`rlhfkit.rollout.HFEngine`): the demo's
+    repeats share their prompt's prefill (:class:`rlhfkit.generation.rollout.HFEngine`): the demo's
     ``[0.7, 1.0, 0.7, 1.0]`` is two calls of 2 x 64 rows instead of four of 64.
     """
     out: list[list[str]] = [[] for _ in config.temperatures]

@@ -8,7 +8,7 @@ tool already speaks, so the AI judge (:mod:`rlhfkit.feedback.judge`), evaluation
 harnesses and chat UIs can use it unchanged. Two backends:
 
 * **a causal LM** from a model spec (``smollm2-135m``, ``tiny``, a ``.gguf`` file
-  or a model directory), generating with :class:`rlhfkit.rollout.HFGenerator`.
+  or a model directory), generating with :class:`rlhfkit.generation.rollout.HFGenerator`.
   One model serves one request at a time (a lock serialises ``generate``).
 * **a Python function** ``backend="module:function"``, called as
   ``fn(messages: list[dict]) -> str`` and imported with the working directory on
@@ -53,140 +53,27 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-Messages = list[dict[str, str]]
+from rlhfkit.generation.chat import (  # the backends live in generation/chat.py; their old names still import from here
+    DEFAULT_MAX_TOKENS,
+    ChatBackend,
+    make_backend,
+)
+from rlhfkit.generation.chat import Completion as Completion
+from rlhfkit.generation.chat import FunctionBackend as FunctionBackend
+from rlhfkit.generation.chat import LocalChatModel as LocalChatModel
+from rlhfkit.generation.chat import Messages as Messages
+from rlhfkit.generation.chat import load_function as load_function
 
-DEFAULT_MAX_TOKENS = 256
-"""Completion length when a request gives no ``max_tokens`` (capped like an explicit one)."""
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 """The most completion tokens a request may ask for, unless ``max_tokens_limit`` says otherwise."""
 MAX_BODY_BYTES = 4 << 20
 """Largest request body accepted (413 beyond): room for a long conversation, none for a memory attack."""
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-@dataclass
-class Completion:
-    """One or more generated replies to a message list, with usage counts."""
-
-    texts: list[str]
-    prompt_tokens: int
-    completion_tokens: list[int]
-    """Per reply; a reply that used all of ``max_tokens`` is reported with finish_reason ``length``."""
-
-
-class ChatBackend(Protocol):
-    """What the server needs from a backend."""
-
-    def chat(self, messages: Messages, *, n: int, temperature: float, max_tokens: int) -> Completion:
-        """``n`` replies to ``messages``."""
-
-    def token_room(self, messages: Messages) -> int | None:
-        """How many tokens fit after ``messages`` in the model's context (None: no context to fill)."""
-
-
-class FunctionBackend:
-    """A Python callable ``fn(messages) -> str`` as a backend (scripted or rule-based judges).
-
-    ``temperature`` and ``max_tokens`` are not passed on (the function decides its
-    own reply); ``n`` replies are ``n`` calls. Usage counts are word counts.
-    """
-
-    def __init__(self, fn: Callable[[Messages], str]):
-        self.fn = fn
-
-    def chat(self, messages: Messages, *, n: int, temperature: float, max_tokens: int) -> Completion:
-        texts = [str(self.fn(messages)) for _ in range(n)]
-        prompt_words = sum(len(m.get("content", "").split()) for m in messages)
-        return Completion(texts, prompt_words, [len(t.split()) for t in texts])
-
-    def token_room(self, messages: Messages) -> int | None:
-        return None
-
-
-class LocalChatModel:
-    """A transformers causal LM that answers chat messages: load once, generate under a lock.
-
-    Shared by the server's model backend and :class:`rlhfkit.feedback.judge.LocalChatClient`.
-    ``generate`` is serialised because one model instance is not safe to call
-    from several threads, and batching unrelated requests is not worth it here.
-    The model goes to CUDA when available (``device="auto"``), else CPU.
-    """
-
-    def __init__(self, model_spec: str, *, precision: str = "bf16", device: str = "auto"):
-        import torch
-
-        from rlhfkit import models
-        from rlhfkit.rollout import HFGenerator
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model_spec = model_spec
-        self.tokenizer = models.load_tokenizer(model_spec)
-        model = models.load_causal_lm(model_spec).to(device)
-        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
-        """Tokens the model can attend over (prompt + completion); None if its config does not say."""
-        self.generator = HFGenerator(model, self.tokenizer, precision=precision)
-        self._lock = threading.Lock()
-
-    def _prompt_tokens(self, messages: Messages) -> int:
-        from rlhfkit.rollout import render_prompt
-
-        return len(self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=False)["input_ids"])
-
-    def token_room(self, messages: Messages) -> int | None:
-        return None if self.context is None else self.context - self._prompt_tokens(messages)
-
-    def chat(
-        self, messages: Messages, *, n: int = 1, temperature: float = 0.0, max_tokens: int = DEFAULT_MAX_TOKENS
-    ) -> Completion:
-        """``n`` replies (``temperature`` 0 = greedy, so all ``n`` are then identical)."""
-        from rlhfkit.rollout import GenerationOptions
-
-        options = GenerationOptions(max_new_tokens=max_tokens, temperature=temperature)
-        with self._lock:
-            texts = self.generator.generate([messages] * n, options)
-        # Re-tokenising the decoded text approximates the generated count (EOS is not counted).
-        completion_tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        return Completion(texts, self._prompt_tokens(messages), completion_tokens)
-
-
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import ``"module:function"`` with the working directory on ``sys.path`` (for the import only)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"backend must look like 'module:function', got '{spec}'")
-    from rlhfkit.feedback.scorers import import_from_cwd
-
-    cwd = os.getcwd()
-    try:
-        module = import_from_cwd(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import backend module '{module_name}' (searched the working directory {cwd}): {e}") from e
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"backend module '{module_name}' has no attribute '{attr}'")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"backend '{spec}' is not callable")
-    return fn
-
-
-def make_backend(model: str, backend: str = "", *, precision: str = "bf16") -> ChatBackend:
-    """A function backend if ``backend`` is ``"module:function"``, else the causal LM ``model``."""
-    if backend:
-        return FunctionBackend(load_function(backend))
-    return LocalChatModel(model, precision=precision)
-
 
 # ----------------------------------------------------------------------------- the app
 
@@ -429,7 +316,7 @@ class BodyLimit:
 # ----------------------------------------------------------------------------- running it
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket; binding it ourselves lets ``port=0`` pick a free port we can report."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -445,7 +332,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, *, log_level: str):
+def uvicorn_server(app, *, log_level: str):
     import uvicorn
 
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=2))
@@ -467,12 +354,12 @@ def serve(
     ``max_tokens_limit``: the most completion tokens one request may ask for.
     """
     app = create_app(make_backend(model, backend, precision=precision), model, max_tokens_limit=max_tokens_limit)
-    sock = _bind(host, port)
-    print(f"rlhfkit serve: listening on http://{_url_host(host)}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
-    _uvicorn_server(app, log_level="info").run(sockets=[sock])
+    sock = bind_socket(host, port)
+    print(f"rlhfkit serve: listening on http://{url_host(host)}:{sock.getsockname()[1]}/v1", file=sys.stderr, flush=True)
+    uvicorn_server(app, log_level="info").run(sockets=[sock])
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
@@ -484,10 +371,10 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str, port: int, *, log_level: str = "warning"):
-        self._sock = _bind(host, port)
+        self._sock = bind_socket(host, port)
         self.host, self.port = host, self._sock.getsockname()[1]
-        self.base_url = f"http://{_url_host(host)}:{self.port}/v1"
-        self._server = _uvicorn_server(app, log_level=log_level)
+        self.base_url = f"http://{url_host(host)}:{self.port}/v1"
+        self._server = uvicorn_server(app, log_level=log_level)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True, name="rlhfkit-serve"
         )

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-import yaml
 
-from rlhfkit import forward, log, models
-from rlhfkit.config import to_dict
-from rlhfkit.data.io import DataError, atomic_write_text, split_holdout
+from rlhfkit import log
+from rlhfkit.data.io import DataError, split_holdout
+from rlhfkit.data.prompts import demo_data_path
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.loop import EvalOptions, FitResult, TrainOptions, fit
+from rlhfkit.modeling import forward, models
+from rlhfkit.modeling.forward import sft_loss_sum
+from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SFTConfig(models.ModelOptions, TrainOptions, EvalOptions):
 
 
 class SFTTask:
-    """Next-token cross-entropy on target tokens (the loop's :class:`~rlhfkit.loop.Task`)."""
+    """Next-token cross-entropy on target tokens (the loop's :class:`~rlhfkit.training.loop.Task`)."""
 
     def num_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -55,21 +55,6 @@ class SFTTask:
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return sft_loss_sum(model, batch), {}
-
-
-def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens of a padded or packed batch.
-
-    ``batch["labels"]``: (N, T), ``IGNORE_INDEX`` where no loss is taken;
-    position ``t`` predicts ``labels[t+1]`` (see :func:`rlhfkit.forward.target_logits`).
-    """
-    logits, targets, _ = forward.target_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
-def demo_data_path(name: str) -> Path:
-    """Path of a shipped demo file (``sft.jsonl``, ``prompts_train.jsonl``, ...)."""
-    return Path(__file__).parent / "assets" / "demo" / name
 
 
 def train(config: SFTConfig) -> FitResult:
@@ -106,8 +91,7 @@ def train(config: SFTConfig) -> FitResult:
         raise DataError(data_path, None, None, f"no training examples left: {why}")
 
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": "sft", **to_dict(config)}, sort_keys=False))
+    write_run_config(out, "sft", config)
 
     model = models.load_causal_lm(config.model)
     model = models.prepare_for_training(model, config)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from rlhfkit import log, packing
+from rlhfkit import log
+from rlhfkit.data import packing
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
 
@@ -159,7 +160,7 @@ def collate_pairs(examples: list[dict], pad_token_id: int, *, packed: bool = Fal
     """Chosen and rejected sequences of a batch of pairs, right-padded or packed.
 
     Padded: ``input_ids``, ``attention_mask``, ``labels``: (2B, T), rows ``[:B]``
-    chosen and ``[B:]`` rejected. Packed (:mod:`rlhfkit.packing`): each pair is a
+    chosen and ``[B:]`` rejected. Packed (:mod:`rlhfkit.data.packing`): each pair is a
     group, so its prompt runs once; sequences alternate chosen, rejected. Both:
     ``target``, ``margin``: (B,); and, when the examples carry them (DPO),
     ``ref_chosen_logps``, ``ref_rejected_logps``: (B,). :func:`chosen_rejected`

@@ -11,7 +11,7 @@ Accepted formats (JSON list or JSONL, detected per record):
   assistant turn is a training target, seen with its full history (system turns
   included) as context, as one causal sequence.
 
-Tokenizers without a chat template get ChatML (:data:`rlhfkit.models.CHATML_TEMPLATE`).
+Tokenizers without a chat template get ChatML (:data:`rlhfkit.modeling.models.CHATML_TEMPLATE`).
 
 Labels follow the transformers convention: ``labels[t] = input_ids[t]`` on target
 tokens and ``IGNORE_INDEX`` (-100) on prompt, template and padding tokens; the
@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from rlhfkit.data import packing
 from rlhfkit.data.io import DataError, Row, read_rows
 from rlhfkit.data.records import IGNORE_INDEX
 
@@ -181,14 +182,12 @@ def tokenize_sft(
 
 
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
-    """Right-pad a batch, or pack it (``packed=True``: one row, no padding; see :mod:`rlhfkit.packing`).
+    """Right-pad a batch, or pack it (``packed=True``: one row, no padding; see :mod:`rlhfkit.data.packing`).
 
     Padded: ``input_ids`` (B, T), ``attention_mask`` (B, T) with True on real
     tokens, and ``labels`` (B, T) with ``IGNORE_INDEX`` on non-target and padding.
     """
     if packed:
-        from rlhfkit import packing  # registers its kernel with transformers on import: not at start-up
-
         return packing.pack([[e["input_ids"]] for e in examples], labels=[[e["labels"]] for e in examples])
     length = max(len(e["input_ids"]) for e in examples)
     batch = len(examples)

@@ -254,7 +254,7 @@ class LocalChatClient:
     max_concurrency = 1
 
     def __init__(self, model_spec: str, precision: str = "bf16"):
-        from rlhfkit.serve import LocalChatModel
+        from rlhfkit.generation.chat import LocalChatModel
 
         self.model = LocalChatModel(model_spec, precision=precision)
 

@@ -1,9 +1,6 @@
-"""Loading pairs, status (throughput and agreement), export, and waiting for labels.
+"""Status (throughput and agreement), export, and waiting for labels; the pairs to label are read by
+:func:`rlhfkit.feedback.web.pairs.read_pairs`.
 
-* :func:`read_pairs` reads what annotators will label: the output of ``rlhfkit
-  sample`` (``prompt`` + ``responses`` with exactly two entries) or seed-format
-  pairs (``prompt``, ``response_a``, ``response_b``; a ``preferred`` already
-  there is ignored, the pair is labelled afresh).
 * :func:`status` / ``rlhfkit annotate status``: labels per annotator, throughput
   and inter-annotator agreement (Fleiss' kappa over pairs with ``overlap`` votes,
   Cohen's kappa for each two annotators who share pairs).
@@ -30,56 +27,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.data.io import DataError, Row, read_rows
-from rlhfkit.data.preferences import comparison_from_dict, save_comparisons
+from rlhfkit.data.preferences import save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
-from rlhfkit.feedback.web.store import VOTES, AnnotationStore, PairItem, Settlement, StoredLabel
+from rlhfkit.feedback.web.pairs import read_pairs as read_pairs  # moved to pairs.py; the old name still imports
+from rlhfkit.feedback.web.store import VOTES, AnnotationStore, Settlement, StoredLabel
 
 SESSION_GAP_SECONDS = 600.0
 """Gaps between one annotator's labels longer than this are breaks, not labelling time."""
-
-
-# ----------------------------------------------------------------------------- pairs
-
-
-def read_pairs(path: str | Path) -> tuple[list[PairItem], int]:
-    """The pairs in ``path`` and how many records were left out for an empty response.
-
-    Prompts are validated and normalised exactly as the preference loaders will
-    read the exported labels (:func:`rlhfkit.data.preferences.comparison_from_dict`),
-    so every label collected can be trained on. Problems are DataErrors naming
-    file, line and field. A record with an empty response (a sample that stopped
-    at once) cannot be a training pair and is left out, as the terminal annotator does.
-    """
-    items, empty = [], 0
-    for index, row in enumerate(read_rows(path)):
-        responses = _pair_responses(row)
-        if any(not r.strip() for r in responses):
-            empty += 1
-            continue
-        parsed = comparison_from_dict(
-            {"prompt": row.data.get("prompt"), "responses": responses, "ranking": [0, 1]}, path=row.path, line=row.line
-        )
-        items.append(PairItem(index, parsed.prompt, (parsed.responses[0], parsed.responses[1])))
-    if not items:
-        raise DataError(path, None, None, "no pairs to label")
-    return items, empty
-
-
-def _pair_responses(row: Row) -> list[str]:
-    if "response_a" in row.data or "response_b" in row.data:
-        return [row.get_str("response_a", allow_empty=True), row.get_str("response_b", allow_empty=True)]
-    if "responses" not in row.data:
-        raise row.error("responses", "missing: expected `responses` (rlhfkit sample output) or `response_a` + `response_b`")
-    responses = row.data["responses"]
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise row.error("responses", "expected a list of response strings")
-    if len(responses) != 2:
-        raise row.error(
-            "responses", f"the web annotator compares pairs; got {len(responses)} responses (sample with two temperatures)"
-        )
-    return responses
 
 
 # ----------------------------------------------------------------------------- majority vote

@@ -214,7 +214,7 @@ class ServeConfig:
 
 def prepare(config: ServeConfig) -> AnnotationStore:
     """Open the database, store the settings and load the pairs; prints a summary to stderr."""
-    from rlhfkit.feedback.web.admin import read_pairs
+    from rlhfkit.feedback.web.pairs import read_pairs
 
     items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
     store = AnnotationStore(config.db)
@@ -237,18 +237,18 @@ def serve(config: ServeConfig) -> None:
     Prints ``rlhfkit annotate: listening on http://HOST:PORT/`` to stderr once
     the socket is bound; annotators open ``http://HOST:PORT/#token=TOKEN``.
     """
-    from rlhfkit.serve import _bind, _url_host, _uvicorn_server
+    from rlhfkit.serve import bind_socket, url_host, uvicorn_server
 
     store = prepare(config)
     try:
-        sock = _bind(config.host, config.port)
-        url = f"http://{_url_host(config.host)}:{sock.getsockname()[1]}/"
+        sock = bind_socket(config.host, config.port)
+        url = f"http://{url_host(config.host)}:{sock.getsockname()[1]}/"
         print(
             f"rlhfkit annotate: listening on {url} ; annotators open {url}#token=TOKEN "
             f"(tokens from `rlhfkit annotate add-annotator NAME --db {config.db}`)",
             file=sys.stderr,
             flush=True,
         )
-        _uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
+        uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
     finally:
         store.close()

@@ -102,10 +102,10 @@ class AdapterOptions:
     plus N/L of a backward: cheap reward models and DPO on a CPU. Input embeddings, and an LM head tied
     to them, stay frozen (training them would need the backward through every layer)."""
     packing: bool = True
-    """Packed batches (`rlhfkit.packing`): no padding, and a prompt shared by several sequences (chosen and
+    """Packed batches (`rlhfkit.data.packing`): no padding, and a prompt shared by several sequences (chosen and
     rejected; an RL group's samples) runs once. Needs `attn_implementation: auto`. false: padded batches."""
     attn_implementation: str = "auto"
-    """Attention kernel: `auto` is rlhfkit's (`rlhfkit.packing`): packed batches (no padding, shared prompts run
+    """Attention kernel: `auto` is rlhfkit's (`rlhfkit.data.packing`): packed batches (no padding, shared prompts run
     once) and, on padded batches, eager attention on CPU (faster than sdpa's fused kernel there for training up to
     ~1k tokens; see benchmarks/README.md, "Design measurements") and sdpa on GPUs. Any transformers name (`sdpa`, `eager`, `flash_attention_2`)
     also works with `packing=false`."""
@@ -278,9 +278,9 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
 
 def set_attention(model, name: str = "auto") -> None:
     """Switch ``model`` to the attention kernel ``name`` (see :attr:`AdapterOptions.attn_implementation`)."""
-    from rlhfkit import packing  # registers the kernel with transformers
+    from rlhfkit.modeling import attention  # registers the kernel with transformers
 
-    impl = packing.ATTENTION if name == "auto" else name
+    impl = attention.ATTENTION if name == "auto" else name
     if getattr(model.config, "_attn_implementation", None) != impl:
         model.set_attn_implementation(impl)
 
@@ -429,7 +429,7 @@ SAVE_TEMP = re.compile(r"\.save\.[a-z0-9_]{8}")
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """The ``step-*`` checkpoint directories under ``root`` (a run's ``checkpoints/``), oldest first; [] if none.
-    :meth:`rlhfkit.loop.Checkpointer.all` lists them so too (models sits below loop, so the listing lives here)."""
+    :meth:`rlhfkit.training.loop.Checkpointer.all` lists them so too (models sits below loop, so the listing lives here)."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))

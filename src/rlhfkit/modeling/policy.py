@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhfkit import models, packing
-from rlhfkit.losses import gather_logps, gather_logps_and_entropy, linear_token_logps
-from rlhfkit.rollout import position_ids_from_mask
+from rlhfkit.data import packing
+from rlhfkit.modeling import attention, models
+from rlhfkit.modeling.forward import position_ids_from_mask
+from rlhfkit.modeling.logps import gather_logps, gather_logps_and_entropy, linear_token_logps
 
 
 def _base(model):
@@ -128,7 +129,7 @@ def head_token_logps(
     """``(logps, entropy or None)`` of ``tokens`` under the LM head's ``head(states) / temperature``.
 
     Shapes: ``states`` (K, H), ``tokens`` (K,) -> (K,), fp32. On CPU a plain
-    ``nn.Linear`` head is fused with the log-softmax (:func:`rlhfkit.losses.linear_token_logps`,
+    ``nn.Linear`` head is fused with the log-softmax (:func:`rlhfkit.modeling.logps.linear_token_logps`,
     in :data:`HEAD_BLOCK_ROWS`-row blocks, in the autocast dtype if one is on): the
     (K, V) logits are never handed out, and their gradient overwrites them. Anything
     else (CUDA, a head with hooks or adapters) computes ``head(states)`` and then
@@ -142,7 +143,7 @@ def head_token_logps(
         or head._forward_pre_hooks
     ):
         return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
-    dtype = packing.compute_dtype(states)
+    dtype = attention.compute_dtype(states)
     with torch.autocast(states.device.type, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
         out = linear_token_logps(
@@ -160,7 +161,7 @@ def head_token_logps(
 def packed_rollout(
     query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack rollout rows (:mod:`rlhfkit.packing`): rows with the same query form a group, so the
+    """Pack rollout rows (:mod:`rlhfkit.data.packing`): rows with the same query form a group, so the
     prompt, and any common start of all the group's responses, runs once; no padding.
 
     Shapes: ``query_ids``/``query_mask`` (B, P) left-padded, ``response_ids``/``response_mask``
@@ -208,7 +209,7 @@ def packed_response_logps(
     """
     inner = getattr(model, "module", model)  # DDP
     actor_critic = isinstance(inner, ActorCritic)
-    packing.require_kernel(inner.policy if actor_critic else inner)
+    attention.require_kernel(inner.policy if actor_critic else inner)
     batch, positions, rows, cols = packed_rollout(query_ids, query_mask, response_ids, response_mask)
     device = device if device is not None else positions.device
     inputs = {k: v.to(device) for k, v in batch.items()}

@@ -6,17 +6,24 @@ through the LM head (``logits_to_keep``): on SmolLM2 the 49k-row head and its
 fp32 softmax are a fifth of the compute, and prompts are often half a sequence.
 
 A batch is either padded (``input_ids``, ``attention_mask``, ``labels``: (N, T))
-or packed (:mod:`rlhfkit.packing`); both give the same flat lists of labelled
+or packed (:mod:`rlhfkit.data.packing`); both give the same flat lists of labelled
 tokens, so losses never see the layout.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from rlhfkit import packing
+from rlhfkit.data import packing
 from rlhfkit.data.sft import IGNORE_INDEX
-from rlhfkit.losses import gather_logps
+from rlhfkit.modeling import attention
+from rlhfkit.modeling.logps import gather_logps
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only (0 on left padding). Shape (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,7 +33,7 @@ def target_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     Position ``t`` of a sequence predicts its token ``t + 1``.
     """
     if packing.is_packed(batch):
-        packing.require_kernel(model)
+        attention.require_kernel(model)
         positions, targets, owner = packing.target_positions(batch)
         logits = model(**packing.model_inputs(batch), logits_to_keep=positions).logits[0]
         return logits, targets, owner
@@ -56,3 +63,13 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 def num_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a padded or packed batch."""
     return packing.num_tokens(batch) if packing.is_packed(batch) else int(batch["attention_mask"].sum())
+
+
+def sft_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens of a padded or packed batch.
+
+    ``batch["labels"]``: (N, T), ``IGNORE_INDEX`` where no loss is taken;
+    position ``t`` predicts ``labels[t+1]`` (see :func:`rlhfkit.modeling.forward.target_logits`).
+    """
+    logits, targets, _ = target_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -1,154 +1,25 @@
-"""Generation from a policy: text for ``rlhfkit chat``/``sample``, typed rollouts for RL.
+"""What makes transformers' ``generate`` fast here: the decoding fast path behind :class:`rlhfkit.generation.rollout.HFEngine`.
 
-An *engine* turns prompt token ids into response token ids. :class:`HFEngine`
-wraps transformers ``generate`` (batched, KV cache, left padding); a vLLM engine
-implements the same :class:`RolloutEngine` protocol (``generate`` +
-``load_weights``) for GPUs. :func:`make_rollout` then builds a :class:`Rollout`
-record, the one structure every RL trainer consumes.
+Four pieces, each giving the same tokens as plain ``generate`` (tested in ``tests/test_sampling.py``):
 
-Sequence layout of a rollout (B sequences):
+* :func:`prepacked_linears` -- on CPU under bf16, linears run oneDNN matmuls on weights packed once per call;
+* :func:`lean_decode_steps` -- one-token decode steps of Llama-style layers take a shorter forward;
+* :func:`decoding_cache` -- a KV cache in the decoding dtype, with room reserved for the new tokens;
+* :func:`common_start_first` and :func:`shared_prefix_cache` -- a start every query shares (a system prompt) and
+  repeated queries (k samples per prompt) are prefilled once.
 
-    [ pad pad q q q q | r r r EOS pad pad ]
-      query (B, P), left-padded   response (B, R), right-padded after EOS
-
-Position ids count real tokens only (``cumsum(attention_mask) - 1``), so left
-padding does not shift positions.
+Why each exists, measured: benchmarks/README.md, "Design measurements".
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from rlhfkit import models
-
-Messages = list[dict[str, str]]
-Prompt = str | Messages
-
-
-@dataclass
-class GenerationOptions:
-    """Sampling settings."""
-
-    max_new_tokens: int = 64
-    """Tokens to generate at most (generation also stops at EOS)."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold (1.0 disables it)."""
-
-
-def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool = True) -> str:
-    """Prompt text: a string becomes one user turn, rendered with the chat template plus
-    the generation prompt; a message list is rendered as is; ``chat_template=False``
-    leaves a string untouched."""
-    if isinstance(prompt, str):
-        if not chat_template:
-            return prompt
-        prompt = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def encode_prompts(tokenizer, prompts: list[Prompt], *, chat_template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask, shapes (B, P); mask True on real tokens."""
-    texts = [render_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = True
-    return ids, mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only (0 on left padding). Shape (B, T) -> (B, T)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of real response tokens (up to and including the first EOS), and whether EOS came.
-
-    Shapes: (B, R) -> ``mask`` (B, R) bool, ``has_eos`` (B,) bool.
-    """
-    is_eos = response_ids == eos_token_id
-    # Tokens strictly after the first EOS are padding.
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return ~after_eos, is_eos.any(-1)
-
-
-class RolloutEngine(Protocol):
-    """What produces response tokens; HF ``generate`` here, vLLM on GPUs."""
-
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
-        """Response token ids (B, R), right-padded with EOS/pad after the first EOS."""
-
-    def load_weights(self, model) -> None:
-        """Refresh the engine's weights from the trained policy."""
-
-
-class InverseCDFSampler:
-    """Samples the next token from ``softmax(logits / temperature)`` (optionally top-p), as a logits processor.
-
-    Returns logits that are 0 at the sampled token and -inf elsewhere, so
-    ``generate``'s greedy step picks it. Why not ``do_sample=True``: its
-    ``torch.multinomial`` draws an exponential variate for every vocabulary entry
-    of every row, single-threaded on CPU: about a quarter of each decode step for
-    SmolLM2 (see benchmarks/README.md, "Design measurements"). Inverse-CDF sampling needs one uniform per row and a
-    cumulative sum (:func:`inverse_cdf_draw`): ``token = min{i : cdf_i > u * cdf_V}``, u ~ U[0, 1), which
-    draws token i with probability p_i (tokens with p_i = 0 never: ``cdf`` does not
-    grow there and the search takes the first index strictly above ``u``).
-    Uses torch's global RNG, like ``do_sample``.
-    """
-
-    def __init__(self, temperature: float, top_p: float = 1.0):
-        if temperature <= 0:
-            raise ValueError("InverseCDFSampler needs temperature > 0 (use greedy decoding for 0)")
-        self.temperature, self.top_p = temperature, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
-        probs = torch.softmax(scores, dim=-1)  # (B, V)
-        order = None
-        if self.top_p < 1.0:
-            # Nucleus (Holtzman et al. 2020): the smallest set of most likely tokens with mass >= top_p.
-            probs, order = probs.sort(dim=-1, descending=True)
-            before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-            probs = torch.where(before < self.top_p, probs, 0.0)
-        token = inverse_cdf_draw(probs, torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device))
-        if order is not None:
-            token = order.gather(1, token)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, token, 0.0)
-
-
-def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """``min{i : cdf_i > u * cdf_V}`` per row of ``probs`` (B, V), u (B, 1) in [0, 1): the inverse-CDF draw, in two levels.
-
-    A cumulative sum runs along a row one element after another; over a whole vocabulary it took
-    about a tenth of a decode step (see benchmarks/README.md, "Design measurements"). So the vocabulary is cut into
-    blocks of ``block``: the blocks' masses (a vectorised sum) and their running total pick
-    the block, then one block's cumulative sum picks the token. The same token as one long
-    cumulative sum up to fp64 rounding at the boundaries; a zero-probability token is never
-    drawn (the search takes the first index strictly above the target, and the pick within a
-    block is capped at the block's last token with positive probability). Returns (B, 1) int64.
-    """
-    rows, vocab = probs.shape
-    blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
-    mass = blocks.sum(-1, dtype=torch.float64)  # (B, nb)
-    cdf = mass.cumsum(-1)
-    target = u.to(torch.float64) * cdf[:, -1:]
-    b = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)  # (B, 1)
-    inner = blocks.gather(1, b[:, :, None].expand(-1, 1, block))[:, 0]  # (B, block)
-    before = cdf.gather(1, b) - mass.gather(1, b)
-    t = torch.searchsorted(inner.double().cumsum(-1), target - before, right=True)
-    last = torch.where(inner > 0, torch.arange(block, device=probs.device), -1).amax(-1, keepdim=True)
-    return b * block + torch.minimum(t, last)
-
+from rlhfkit.data.packing import shared_prefix_len
+from rlhfkit.modeling.attention import ATTENTION, decode_attention
+from rlhfkit.modeling.forward import position_ids_from_mask
 
 SIBLING_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Names of linears that a module calls one after another on the same input (Llama-style attention and MLP)."""
@@ -292,8 +163,7 @@ def lean_decode_steps(model):
 
 def _lean_decodable(layer) -> bool:
     """A layer whose decode step the lean forward computes: SiLU MLP, no extra norms, and rlhfkit's attention kernel
-    (whose mask transformers builds as an additive float mask, the kind :func:`rlhfkit.packing.decode_attention` takes)."""
-    from rlhfkit.packing import ATTENTION
+    (whose mask transformers builds as an additive float mask, the kind :func:`rlhfkit.modeling.attention.decode_attention` takes)."""
 
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     parts = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
@@ -307,7 +177,6 @@ def _lean_decodable(layer) -> bool:
 
 
 def _lean_decode_forward(layer, full_forward, step: dict):
-    from rlhfkit.packing import decode_attention
 
     attn, mlp = layer.self_attn, layer.mlp
     norms = [(n.weight, n.variance_epsilon) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
@@ -434,12 +303,11 @@ def common_start_first(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tup
     masks the padding wherever it sits and positions count real tokens only
     (:func:`position_ids_from_mask`), so each query means the same; with the start
     in the same columns of every row its keys and values can be computed once
-    (:func:`_shared_prefix_cache`), which makes a rollout with a shared system prompt
+    (:func:`shared_prefix_cache`), which makes a rollout with a shared system prompt
     several percent faster (see benchmarks/README.md, "Design measurements"). The same tokens in fp32; in bf16
     the start's keys come from a one-row product, so they can differ by a rounding
     and a sample diverge (greedy, 20 tokens: 30 of 32 rows the same, 32 of 32 in fp32).
     """
-    from rlhfkit.packing import shared_prefix_len
 
     rows = [ids[m.bool()].tolist() for ids, m in zip(query_ids, query_mask)]
     n = shared_prefix_len(rows) if len(rows) > 1 else 0
@@ -455,7 +323,7 @@ def common_start_first(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tup
     return ids, mask, n
 
 
-def _shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor, cache=None, start: int = 0):
+def shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor, cache=None, start: int = 0):
     """A KV cache of all but the last query token, with shared work done once.
 
     RL rollouts sample k responses per prompt, so the query batch holds each prompt
@@ -492,160 +360,3 @@ def _shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tenso
         cache = out.cache
     cache.reorder_cache(inverse.to(ids.device))
     return cache
-
-
-class HFEngine:
-    """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
-
-    ``precision`` is the autocast used while decoding (bf16: about 2x faster decoding
-    than fp32 on CPUs with avx512-bf16, see benchmarks/README.md, "Design measurements"; the weight casts
-    are cached for the whole ``generate`` call; on CPU the bf16 matmuls run on
-    :func:`prepacked_linears`). Repeated queries (k samples per prompt) share
-    one prefill, and the start all queries share (a system prompt) runs once
-    (:func:`common_start_first`, :func:`_shared_prefix_cache`); the KV cache keeps its keys and
-    values in the decoding dtype with room reserved for the new tokens
-    (:func:`decoding_cache`: about 10% faster, same tokens). Sampling goes through
-    :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax.
-    """
-
-    def __init__(self, model, tokenizer, *, precision: str = "fp32"):
-        self.model, self.tokenizer, self.precision = model, tokenizer, precision
-
-    def load_weights(self, model) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
-        from transformers import LogitsProcessorList
-
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
-        # Greedy decoding of the logits our sampler leaves: exactly its sampled token.
-        kwargs = dict(
-            max_new_tokens=options.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        if options.temperature > 0:
-            kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
-        was_training = self.model.training
-        self.model.eval()
-        query_ids, query_mask, start = common_start_first(query_ids.to(device), query_mask.long().to(device))
-        packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
-        dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
-        with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
-            cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
-            shared = _shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
-            kwargs["cache"] = cache if shared is None else shared
-            out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
-        self.model.train(was_training)
-        response = out[:, query_ids.shape[1] :]
-        # Anything after the first EOS becomes EOS/pad so masks are exact.
-        mask, _ = response_mask_from_ids(response, tok.eos_token_id)
-        return torch.where(mask, response, torch.full_like(response, tok.pad_token_id)).cpu()
-
-
-class HFGenerator:
-    """Text in, text out: batched sampling for ``rlhfkit chat`` and ``rlhfkit sample``."""
-
-    def __init__(self, model, tokenizer, *, precision: str = "fp32", chat_template: bool = True):
-        models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (lean_decode_steps)
-        self.engine = HFEngine(model, tokenizer, precision=precision)
-        self.tokenizer, self.chat_template = tokenizer, chat_template
-
-    def generate(self, prompts: list[Prompt], options: GenerationOptions) -> list[str]:
-        """One completion per prompt (text after the prompt, special tokens removed)."""
-        ids, mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template)
-        response = self.engine.generate(ids, mask, options)
-        return self.tokenizer.batch_decode(response, skip_special_tokens=True)
-
-
-@dataclass
-class Rollout:
-    """A batch of sampled responses and everything RL needs about them.
-
-    ``B`` sequences (prompts x samples per prompt, grouped: the samples of prompt
-    ``i`` are rows ``i*k .. i*k+k-1``), ``P`` prompt width, ``R`` response width.
-    """
-
-    prompts: list[Prompt]
-    """(B,) the prompt of each row."""
-    responses: list[str]
-    """(B,) decoded response text (special tokens removed)."""
-    query_ids: torch.Tensor
-    """(B, P) prompt ids, left-padded."""
-    query_mask: torch.Tensor
-    """(B, P) True on real prompt tokens."""
-    response_ids: torch.Tensor
-    """(B, R) response ids, right-padded after the first EOS."""
-    response_mask: torch.Tensor
-    """(B, R) True on response tokens up to and including the first EOS."""
-    has_eos: torch.Tensor
-    """(B,) True if the response ended with EOS (False: truncated at max_new_tokens)."""
-    temperature: float
-    """Sampling temperature; log-probs are of softmax(logits / temperature)."""
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """(B, P + R) prompt and response."""
-        return torch.cat([self.query_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """(B, P + R) True on real tokens."""
-        return torch.cat([self.query_mask, self.response_mask], dim=1)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(B,) response lengths in tokens (EOS included)."""
-        return self.response_mask.sum(-1)
-
-    def select(self, rows: list[int] | torch.Tensor) -> Rollout:
-        """The sub-batch of the given rows."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        idx = rows.tolist()
-        return Rollout(
-            prompts=[self.prompts[i] for i in idx],
-            responses=[self.responses[i] for i in idx],
-            query_ids=self.query_ids[rows],
-            query_mask=self.query_mask[rows],
-            response_ids=self.response_ids[rows],
-            response_mask=self.response_mask[rows],
-            has_eos=self.has_eos[rows],
-            temperature=self.temperature,
-        )
-
-
-def make_rollout(
-    engine: RolloutEngine,
-    tokenizer,
-    prompts: list[Prompt],
-    options: GenerationOptions,
-    *,
-    samples_per_prompt: int = 1,
-    chat_template: bool = True,
-) -> Rollout:
-    """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt)."""
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    query_ids, query_mask = encode_prompts(tokenizer, repeated, chat_template=chat_template)
-    response_ids = engine.generate(query_ids, query_mask, options)
-    if response_ids.shape[1] == 0:  # nothing generated at all: keep one (masked) column
-        response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, dtype=torch.long)
-        response_mask, has_eos = torch.zeros_like(response_ids, dtype=torch.bool), torch.zeros(len(repeated), dtype=torch.bool)
-    else:
-        response_mask, has_eos = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(torch.where(response_mask, response_ids, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(
-        prompts=repeated,
-        responses=[t.strip() for t in texts],
-        query_ids=query_ids,
-        query_mask=query_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        has_eos=has_eos,
-        temperature=options.temperature if options.temperature > 0 else 1.0,
-    )

@@ -1,4 +1,4 @@
-"""vLLM rollouts for GPUs: :class:`VLLMEngine` implements :class:`rlhfkit.rollout.RolloutEngine`.
+"""vLLM rollouts for GPUs: :class:`VLLMEngine` implements :class:`rlhfkit.generation.rollout.RolloutEngine`.
 
 Colocated, as TRL's ``vllm_mode="colocate"``: each training process runs its own
 vLLM engine in-process (``distributed_executor_backend="external_launcher"``) on
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.rollout import GenerationOptions
+from rlhfkit.generation.rollout import GenerationOptions
 
 
 def named_weights_for_vllm(model):

@@ -18,7 +18,7 @@ and how to compute the summed loss — and the loop does the rest:
 
 Online RL (PPO/GRPO) has a different step — rollouts, then epochs over them —
 but reuses the pieces here: :func:`make_accelerator`, :class:`Checkpointer` and
-:class:`~rlhfkit.tracking.MetricsLogger`.
+:class:`~rlhfkit.training.tracking.MetricsLogger`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError, to_dict
-from rlhfkit.data.io import fsync_path, fsync_tree
-from rlhfkit.models import (
+from rlhfkit.data.io import atomic_write_text, fsync_path, fsync_tree
+from rlhfkit.modeling.models import (
     CheckpointError,
     checkpoint_dirs,
     describe_write_failure,
@@ -50,9 +50,9 @@ from rlhfkit.models import (
     is_write_failure,
     remove_stale_temps,
 )
-from rlhfkit.optim import build_optimizer, build_scheduler, prime_state
 from rlhfkit.run_layout import EVAL_PREFIX
-from rlhfkit.tracking import MetricsLogger, is_eval_record
+from rlhfkit.training.optim import build_optimizer, build_scheduler, prime_state
+from rlhfkit.training.tracking import MetricsLogger, is_eval_record
 
 
 @dataclass
@@ -97,7 +97,7 @@ class TrainOptions:
     """How many of the newest checkpoints to keep."""
     resume: str = "auto"
     """`auto`: resume from the newest checkpoint in output_dir if any (an older one if it cannot be loaded, saying
-    why), refused if the config changed since it was written (only the keys in `rlhfkit.loop.RESUME_FREE_KEYS`,
+    why), refused if the config changed since it was written (only the keys in `rlhfkit.training.loop.RESUME_FREE_KEYS`,
     e.g. max_steps and logging, may change); `force`: resume from the newest checkpoint even if the config
     changed, printing the changed keys (their new values apply from there on); `never`: start over; or the path
     of a checkpoint (refused too if the config differs)."""
@@ -140,7 +140,7 @@ def prepare(acc, model, optimizer):
     unchanged: bf16 -> fp32 is exact, and the gradient is rounded to bf16 where it
     meets the bf16 matmul either way.
 
-    On CPU the optimizer state is then made up front (:func:`rlhfkit.optim.prime_state`).
+    On CPU the optimizer state is then made up front (:func:`rlhfkit.training.optim.prime_state`).
     """
     model, optimizer = acc.prepare(model, optimizer)
     acc.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
@@ -176,6 +176,75 @@ def make_accelerator(precision: str, grad_accum: int = 1):
             "on a machine without GPUs set ACCELERATE_USE_CPU=true so the processes train together (gloo)"
         )
     return accelerator
+
+
+# ----------------------------------------------------------------------------- what every trainer's run shares
+# fit() below and rl.RLTrainer / rl.train both start, normalise and report through these, so the two loops keep
+# one copy of each rule.
+
+
+def start_accelerator(precision: str, grad_accum: int, seed: int):
+    """The run's Accelerator (:func:`make_accelerator`), with every RNG seeded (accelerate's ``set_seed``)."""
+    acc = make_accelerator(precision, grad_accum)
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    return acc
+
+
+def build_optimization(model, options: TrainOptions, total_steps: int):
+    """``(optimizer, scheduler)`` from the options: AdamW, and the schedule with ``warmup_ratio`` of ``total_steps``.
+
+    The scheduler is neither prepared (accelerate would step a prepared scheduler once per process) nor registered
+    with accelerate (which pickles it): the :class:`Checkpointer` keeps its state as JSON.
+    """
+    optimizer = build_optimizer(
+        model,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        betas=(options.adam_beta1, options.adam_beta2),
+        eps=options.adam_eps,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        warmup_steps=int(options.warmup_ratio * total_steps),
+        total_steps=total_steps,
+        schedule=options.lr_schedule,
+        min_lr_ratio=options.min_lr_ratio,
+    )
+    return optimizer, scheduler
+
+
+def global_mean_scale(global_count: float, grad_accum: int, num_processes: int) -> float:
+    """The factor that turns a micro-batch's loss *sum* into its share of the mean over the global batch.
+
+    The loss of an optimiser step is the sum of per-item (token, pair, ...) losses over every micro-batch of every
+    process, divided by ``global_count``, the items in that whole global batch. accelerate divides each micro-batch's
+    loss by ``grad_accum`` and DDP averages gradients over ``num_processes``; multiplying a micro-batch's summed loss
+    by ``grad_accum * num_processes / global_count`` undoes both, so the gradient is exactly that of the global mean
+    however the batch is split (at least 1 item is assumed, so an empty batch gives a zero loss, not a division by 0).
+    """
+    return grad_accum * num_processes / max(1.0, global_count)
+
+
+def step_bar(options: TrainOptions, acc, *, total: int, initial: int, desc: str):
+    """The run's progress bar (steps, rate, ETA), on the main process only and when ``options.progress``."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (options.progress and acc.is_main_process),
+        desc=desc,
+    )
+
+
+def write_run_config(out: Path, stage: str, config) -> None:
+    """``OUT/config.yaml``: the stage's name and its whole config, as the run used it (atomic)."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({"stage": stage, **to_dict(config)}, sort_keys=False))
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
@@ -292,7 +361,7 @@ class Checkpointer:
     copy, a checkpoint from before they were fsynced), printing which one
     failed and why.
 
-    ``scheduler`` is the trainer's ``LambdaLR`` (:func:`rlhfkit.optim.build_scheduler`),
+    ``scheduler`` is the trainer's ``LambdaLR`` (:func:`rlhfkit.training.optim.build_scheduler`),
     not registered with accelerate; ``config`` the trainer's config dataclass.
     """
 
@@ -445,7 +514,7 @@ class FitResult:
     eval_metrics: dict[str, float]
 
 
-def _reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
+def reduce_sum(accelerator, values: dict[str, float]) -> dict[str, float]:
     """Sum a dict of floats over processes (one all-reduce)."""
     if accelerator.num_processes == 1 or not values:
         return values
@@ -481,10 +550,7 @@ def fit(
     ``on_step(unwrapped_model, step, total_steps)`` runs on the main process before the first step and after every
     step (the others wait): DPO's frontier probe (:mod:`rlhfkit.probe`).
     """
-    acc = make_accelerator(precision, options.grad_accum)
-    from accelerate.utils import set_seed
-
-    set_seed(options.seed)
+    acc = start_accelerator(precision, options.grad_accum, options.seed)
     out = Path(options.output_dir)
     P, rank, B = acc.num_processes, acc.process_index, options.batch_size
     round_size = B * P
@@ -495,25 +561,8 @@ def fit(
             f"(batch_size {B} x grad_accum {options.grad_accum} x processes {P})"
         )
     total_steps = options.max_steps if options.max_steps > 0 else max(1, math.ceil(options.num_epochs * steps_per_epoch))
-    warmup_steps = int(options.warmup_ratio * total_steps)
-
-    optimizer = build_optimizer(
-        model,
-        lr=options.lr,
-        weight_decay=options.weight_decay,
-        betas=(options.adam_beta1, options.adam_beta2),
-        eps=options.adam_eps,
-    )
-    scheduler = build_scheduler(
-        optimizer,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        schedule=options.lr_schedule,
-        min_lr_ratio=options.min_lr_ratio,
-    )
+    optimizer, scheduler = build_optimization(model, options, total_steps)
     model, optimizer = prepare(acc, model, optimizer)
-    # Not prepared (accelerate would step a prepared scheduler once per process), nor registered with
-    # accelerate: the Checkpointer keeps its state as JSON.
 
     state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     checkpointer = Checkpointer(acc, out, keep=options.keep_checkpoints, scheduler=scheduler, config=options)
@@ -554,19 +603,12 @@ def fit(
                 sums["items"] += weight * task.num_items(batch)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + weight * float(v)
-        sums = _reduce_sum(acc, sums)
+        sums = reduce_sum(acc, sums)
         items = max(1.0, sums.pop("items"))
         model.train()
         return {EVAL_PREFIX + k: v / items for k, v in sums.items()}
 
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (options.progress and acc.is_main_process),
-        desc=out.name,
-    )
+    bar = step_bar(options, acc, total=total_steps, initial=state.step, desc=out.name)
 
     def after_step() -> None:
         if on_step is not None:
@@ -591,11 +633,9 @@ def fit(
             "items": float(sum(task.num_items(b) for b in batches)),
             "tokens": float(sum(task.num_tokens(b) for b in batches)),
         }
-        global_counts = _reduce_sum(acc, local)
+        global_counts = reduce_sum(acc, local)
         global_items = max(1.0, global_counts["items"])
-        # accelerate divides by grad_accum and DDP averages over processes; undo both
-        # so the gradient is sum(per-item grads) / items in the global batch.
-        scale = options.grad_accum * P / global_items
+        scale = global_mean_scale(global_items, options.grad_accum, P)  # the gradient of the global batch's mean
         sums: dict[str, float] = {"loss": 0.0}
         grad_norm = None
         for batch in batches:
@@ -619,7 +659,7 @@ def fit(
         bar.update(1)
 
         if state.step % options.log_every == 0 or state.step == total_steps:
-            sums = _reduce_sum(acc, sums)
+            sums = reduce_sum(acc, sums)
             elapsed = time.perf_counter() - window_start
             last = {k: v / global_items for k, v in sums.items()}
             last.update(

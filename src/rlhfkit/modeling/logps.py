@@ -1,0 +1,205 @@
+"""Log-probabilities of tokens under logits, in chunks, with fused autograd kernels.
+
+Every trainer turns logits into the log-probability of the tokens it saw (and, for RL, the entropy). The logits
+of a step are large (a GRPO step of 32 x 64 tokens: 2048 x 49k values), so these functions work through them in
+row chunks with hand-written backward passes (:class:`_TokenLogps`), and :func:`linear_token_logps` fuses the LM
+head's matmul with the log-softmax so the full logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows of logits per chunk: 2**22 fp32 values (16 MB). A step's logits are large (a GRPO step
+# of 32 x 64 tokens: 2048 x 49k); full-size fp32 temporaries (upcast, exp, softmax, their
+# gradients) cost page faults and memory traffic, chunks reuse one small buffer: about a
+# quarter less time than unchunked on CPU (see benchmarks/README.md, "Design measurements").
+_CHUNK_VALUES = 1 << 22
+
+
+def _chunk_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    """``(logps, lse, entropy or None)``, each (n,) fp32, of a chunk of logits (n, V) in fp32."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    # One exp pass serves both: e = exp(z - max), lse = max + log sum e, p = e / sum e.
+    top = z.amax(dim=-1, keepdim=True)
+    e = (z - top).exp_()
+    total = e.sum(-1)
+    lse = top.squeeze(-1) + total.log()
+    logps = z.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    entropy = lse - (e * z).sum(-1) / total if with_entropy else None  # H = lse - sum_v p_v z_v
+    return logps, lse, entropy
+
+
+def _chunk_logps_grad(
+    logits: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor, scale: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``scale * d logp / d logits = scale * (1[v = token] - softmax(z)_v) / T`` of a chunk, fp32 (n, V), a new tensor.
+
+    ``scale`` (n,) is the incoming gradient already divided by ``T``.
+    """
+    z = logits.float() / temperature if temperature != 1.0 else logits.to(torch.float32, copy=True)
+    g = torch.exp(z.sub_(lse[:, None])).mul_(-scale[:, None])  # -softmax * scale
+    return g.scatter_add_(-1, tokens[:, None], scale[:, None])
+
+
+def _logps_in_chunks(logits, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset: int = 0):
+    """Fill rows ``offset..`` of ``logps``/``lse``/``entropy`` from ``logits``, ``chunk_rows`` rows at a time."""
+    for sub in range(0, logits.shape[0], chunk_rows):
+        part = logits[sub : sub + chunk_rows]
+        at = slice(offset + sub, offset + sub + part.shape[0])
+        logps[at], lse[at], ent = _chunk_logps(part, tokens[at], temperature, with_entropy)
+        if with_entropy:
+            entropy[at] = ent
+
+
+def _logps_outputs(ctx, logps, entropy):
+    if entropy is None:
+        return logps
+    ctx.mark_non_differentiable(entropy)
+    return logps, entropy
+
+
+def _logps_grad_in_chunks(grad, logits, lse, tokens, grad_logps, temperature, chunk_rows) -> None:
+    """Write the gradient of the log-probs w.r.t. ``logits`` into ``grad`` (may be ``logits`` itself)."""
+    scale = grad_logps.float() / temperature
+    for start in range(0, logits.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        grad[rows] = _chunk_logps_grad(logits[rows], lse[rows], tokens[rows], scale[rows], temperature)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """``log softmax(z)[token]`` and (without gradient) the entropy of ``softmax(z)``, ``z = logits / T``.
+
+    Forward and backward both walk the rows in chunks, in fp32, and keep only the
+    (N,) log-normalisers between them. Gradient: ``d logp / d logits_v =
+    (1[v = token] - softmax(z)_v) / T``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, with_entropy, chunk_rows):
+        n = logits.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        _logps_in_chunks(logits, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return _logps_outputs(ctx, logps, entropy)
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        _logps_grad_in_chunks(grad, logits, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
+        return grad, None, None, None, None
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """:class:`_TokenLogps` of ``logits = x @ weight.T (+ bias)``, the product computed a block of rows at a time.
+
+    Forward: each row block's logits are written into one (N, V) buffer (only a
+    block-sized one when no gradient is needed) and reduced to log-probs while
+    still warm in cache. Backward: the softmax gradient overwrites that buffer in
+    place, then the two products of the linear's backward read it; no second
+    (N, V) tensor is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows, keep):
+        n, vocab = x.shape[0], weight.shape[0]
+        logits = x.new_empty(n if keep else min(n, block_rows), vocab)
+        logps = torch.empty(n, dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if with_entropy else None
+        for start in range(0, n, block_rows):
+            rows = slice(start, start + block_rows)
+            out = logits[rows] if keep else logits[: x[rows].shape[0]]
+            torch.mm(x[rows], weight.t(), out=out)
+            if bias is not None:
+                out += bias
+            _logps_in_chunks(out, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset=start)
+        ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None)
+        ctx.temperature, ctx.chunk_rows, ctx.has_bias = temperature, chunk_rows, bias is not None
+        return _logps_outputs(ctx, logps, entropy)
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy=None):
+        x, weight, tokens, lse, grad = ctx.saved_tensors  # grad: the logits, overwritten below
+        _logps_grad_in_chunks(grad, grad, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def linear_token_logps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+    block_rows: int = 256,
+):
+    """:func:`gather_logps` (and, with ``with_entropy``, the entropy) of ``logits = x @ weight.T + bias``.
+
+    Shapes: ``x`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None, ``tokens`` (N,) ->
+    ``logps`` (N,) fp32, or ``(logps, entropy)``. The same values as computing the
+    logits and then :func:`gather_logps_and_entropy`, with the output layer and the
+    log-softmax fused: the product runs ``block_rows`` rows at a time (on CPU
+    about 30% less time than one product; see benchmarks/README.md, "Design measurements")
+    and the backward writes the logits' gradient over the logits. Matmuls
+    run in the dtype of ``x``/``weight`` (cast them first for reduced precision).
+    """
+    # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
+    # (inside the Function, grad mode is always off; a policy's log-probs under no_grad need none).
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return _LinearTokenLogps.apply(
+        x, weight, bias, tokens, float(temperature), with_entropy, block_rows, max(1, _CHUNK_VALUES // weight.shape[0]), keep
+    )
+
+
+def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+    shape, vocab = tokens.shape, logits.shape[-1]
+    out = _TokenLogps.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), with_entropy, max(1, _CHUNK_VALUES // vocab)
+    )
+    if with_entropy:
+        return out[0].view(shape), out[1].view(shape)
+    return out.view(shape)
+
+
+def gather_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each token under ``softmax(logits / temperature)``.
+
+    Shapes: ``logits`` (..., V), ``tokens`` (...) -> (...), fp32. Computed as
+    ``z[token] - logsumexp(z)`` with ``z = logits / temperature`` in fp32, a chunk of
+    rows at a time, without materialising the full log-softmax (or its gradient's
+    temporaries). Dividing by the sampling temperature makes these the log-probs
+    of the distribution the tokens were actually sampled from.
+    """
+    return _token_logps(logits, tokens, temperature, with_entropy=False)
+
+
+def gather_logps_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_logps` and, without gradient, :func:`entropy_from_logits` of ``logits / temperature``.
+
+    Shapes: ``logits`` (..., V), ``tokens`` (...) -> ``(logps (...), entropy (...))``.
+    One pass over the logits serves both (an RL step computes them over every
+    response token: 2048 x 49k for a GRPO step of 32 x 64): ``H = lse - sum_v p_v z_v``
+    with ``p = softmax(z)``, since ``log p_v = z_v - lse``.
+    """
+    return _token_logps(logits, tokens, temperature, with_entropy=True)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position. Shape: (..., V) -> (...)."""
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
