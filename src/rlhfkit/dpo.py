@@ -36,6 +36,7 @@ from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_spli
 from rlhfkit.losses import dpo_loss, simpo_loss
 from rlhfkit.modeling import forward, models
 from rlhfkit.probe import FrontierProbe, ProbeOptions
+from rlhfkit.rewards import load_reward
 from rlhfkit.run_layout import PreferenceMetric as M
 from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
@@ -285,8 +286,6 @@ def train(config: DPOConfig) -> FitResult:
     pad_id = tokenizer.pad_token_id
     probe = None
     if config.probe_points > 0:
-        from rlhfkit.rewards import load_reward
-
         if not config.gold:
             raise ConfigError("dpo: probe_points > 0 needs a gold scorer (`gold`)")
         probe = FrontierProbe(

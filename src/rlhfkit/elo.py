@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhfkit import log
+from rlhfkit.config import ConfigError
+from rlhfkit.data.io import DataError, atomic_write_text
+from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.ratings import BASE_RATING as BASE_RATING
 from rlhfkit.ratings import Match, collect_matches, format_table, rating_table
 from rlhfkit.ratings import bradley_terry_ratings as bradley_terry_ratings
@@ -38,10 +41,6 @@ class EloConfig:
 
 def run(config: EloConfig) -> list[dict[str, Any]]:
     """Rate the players of ``config.data``'s comparisons; print the table, optionally write it as JSON."""
-    from rlhfkit.config import ConfigError
-    from rlhfkit.data.io import DataError, atomic_write_text
-    from rlhfkit.data.preferences import load_comparisons
-
     if not config.data:
         raise ConfigError("key 'data': no comparison files given")
     matches: list[Match] = []

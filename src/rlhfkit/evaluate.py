@@ -50,11 +50,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit import log
+from rlhfkit import log, stats
 from rlhfkit.data.io import atomic_write_text
+from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.records import Comparison
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.modeling import models
+from rlhfkit.modeling.policy import response_logps
+from rlhfkit.ratings import matches_from_comparisons, rating_table
+from rlhfkit.rewards import load_reward
+from rlhfkit.run_layout import HELDOUT_FILE
 
 
 @dataclass
@@ -158,8 +163,6 @@ def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_si
     ``reference`` may be ``policy`` itself when it is a LoRA model: the reference is then its base,
     adapters disabled.
     """
-    from rlhfkit.modeling.policy import response_logps
-
     out = []
     for start in range(0, len(rollout.responses), batch_size):
         sub = rollout.select(list(range(start, min(start + batch_size, len(rollout.responses)))))
@@ -196,8 +199,6 @@ def verdict(name: str, baseline: str, win: float, ci: tuple[float, float] | list
 
 def compare(gold: list[list[float]], baseline_gold: list[list[float]], *, seed: int, resamples: int) -> dict:
     """A player's gold scores against the baseline's, both grouped per prompt: win rate, gold, difference, p-value."""
-    from rlhfkit import stats
-
     wins = stats.win_fractions(gold, baseline_gold)
     means = [sum(g) / len(g) for g in gold]
     diffs = [m - sum(b) / len(b) for m, b in zip(means, baseline_gold)]
@@ -217,16 +218,12 @@ def compare(gold: list[list[float]], baseline_gold: list[list[float]], *, seed: 
 
 def _mean_ci(values: list[list[float]], *, seed: int, resamples: int) -> tuple[float, list[float]]:
     """Mean over prompts of per-prompt means, with its bootstrap interval."""
-    from rlhfkit import stats
-
     est = stats.paired_bootstrap([sum(v) / len(v) for v in values], resamples=resamples, seed=seed)
     return est.value, list(est.ci)
 
 
 def reward_model_accuracy(proxy: str) -> dict | None:
     """The trained reward model's held-out accuracy, from its directory's ``heldout.json`` (None if absent)."""
-    from rlhfkit.run_layout import HELDOUT_FILE
-
     path = Path(proxy) / HELDOUT_FILE if proxy else None
     if path is None or not path.is_file():
         return None
@@ -240,10 +237,6 @@ def player_name(spec: str) -> str:
 
 def run(config: EvalConfig) -> dict:
     """Evaluate; returns the results dict (also written to ``config.output``)."""
-    from rlhfkit.data.prompts import demo_data_path, load_prompts
-    from rlhfkit.ratings import matches_from_comparisons, rating_table
-    from rlhfkit.rewards import load_reward
-
     c = config
     K = c.samples_per_prompt
     if K < 1:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from rlhfkit import dpo, label, log, sample
 from rlhfkit.config import from_dict
 from rlhfkit.data.io import write_jsonl
+from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.modeling import models
 
 
@@ -50,8 +51,6 @@ class IteratedDPOConfig:
 
 def run(config: IteratedDPOConfig) -> list[Path]:
     """Run every round; returns the model directory of each round."""
-    from rlhfkit.data.prompts import demo_data_path, load_prompts
-
     all_prompts = load_prompts(config.prompts or demo_data_path("prompts_train.jsonl"))
     out = Path(config.output_dir)
     policy, produced = config.model, []

@@ -52,6 +52,12 @@ from rlhfkit.data.io import (
 )
 from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
 from rlhfkit.data.records import Comparison
+from rlhfkit.feedback.scorers import load_scorer
+from rlhfkit.feedback.simulated import SimulatedAnnotator, score_spread
+from rlhfkit.feedback.terminal import annotate
+from rlhfkit.feedback.web.admin import comparisons, item_list, wait_for_labels
+from rlhfkit.feedback.web.pairs import read_pairs
+from rlhfkit.feedback.web.store import AnnotationStore
 
 
 @dataclass
@@ -310,8 +316,6 @@ def _simulated_scale(config: LabelConfig, scorer, items: list) -> float:
         raise ConfigError(f"label: temperature_scale must be 'absolute' or 'spread', got {config.temperature_scale!r}")
     if config.temperature_scale == "absolute" or not items:
         return 1.0
-    from rlhfkit.feedback.simulated import score_spread
-
     spread = score_spread(scorer, items)
     if spread == 0.0:
         count = sum(len(responses) for _, responses in items)
@@ -329,9 +333,6 @@ def _labeller(config: LabelConfig, items: list | None = None):
     ``temperature_scale`` is ``spread`` (every item of the samples file, so a resumed run
     uses the same temperature; None or empty: no scoring, the temperature as given)."""
     if config.source == "simulated":
-        from rlhfkit.feedback.scorers import load_scorer
-        from rlhfkit.feedback.simulated import SimulatedAnnotator
-
         scorer = load_scorer(config.scorer, config.scorer_args)
         scale = _simulated_scale(config, scorer, items or [])
         return SimulatedAnnotator(
@@ -343,7 +344,7 @@ def _labeller(config: LabelConfig, items: list | None = None):
             name=_scorer_name(config),
         )
     if config.source == "judge":
-        from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient
+        from rlhfkit.feedback.judge import DEFAULT_RUBRIC, AIJudge, HTTPChatClient, LocalChatClient  # optional: pydantic
 
         if config.judge_url:
             api_key = os.environ.get(config.judge_api_key_env) if config.judge_api_key_env else None
@@ -377,8 +378,6 @@ def run(config: LabelConfig) -> list[Comparison]:
     items = load_items(config.samples)
     output = Path(config.output)
     if config.source == "human":
-        from rlhfkit.feedback.terminal import annotate
-
         return annotate(items, output, annotator=config.annotator)
     if config.source == "human-web":
         return _label_from_web(config)
@@ -427,11 +426,8 @@ def _label_from_web(config: LabelConfig) -> list[Comparison]:
     to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
     skipped has no label; the summary printed at the end names such pairs.
     """
-    from rlhfkit.feedback.web.admin import comparisons, item_list, wait_for_labels
-    from rlhfkit.feedback.web.app import create_app
-    from rlhfkit.feedback.web.pairs import read_pairs
-    from rlhfkit.feedback.web.store import AnnotationStore
-    from rlhfkit.serve import ServerThread
+    from rlhfkit.feedback.web.app import create_app  # optional: pydantic (and fastapi when the app is built)
+    from rlhfkit.serve import ServerThread  # optional: pydantic
 
     items, empty = read_pairs(config.samples)
     store = AnnotationStore(config.web_db)

@@ -50,7 +50,7 @@ from rlhfkit import log
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.modeling import models
-from rlhfkit.run_layout import GATE_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
+from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
 Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
 
@@ -133,8 +133,6 @@ class GateConfig:
 
 def check_gate(config: GateConfig) -> dict:
     """The reward-model gate: raise a clear error when RL would train against a reward model at chance."""
-    from rlhfkit.run_layout import HELDOUT_FILE
-
     path = Path(config.reward_dir) / HELDOUT_FILE
     held = json.loads(path.read_text()) if path.is_file() else None
     result: dict[str, Any] = {"min_accuracy": config.min_accuracy}
@@ -180,7 +178,7 @@ class Stage:
 
 def build_stages(p: PipelineConfig) -> list[Stage]:
     """Every stage's typed config, wired to the outputs of the stages before it."""
-    from rlhfkit import dpo, evaluate, label, report, reward, rl, sample, sft
+    from rlhfkit import dpo, evaluate, label, report, reward, rl, sample, sft  # start-up: cli.main imports this module
 
     out = Path(p.output_dir)
     d = {name: out / name for name in STAGES}
@@ -322,7 +320,7 @@ def _input_fingerprints(value: Any, out: Path) -> dict[str, str]:
 def _hash(config: Any, upstream: str, out: Path) -> str:
     """A stage's identity: its config, the contents of the input files it names, rlhfkit's version and
     the upstream stage's hash. A data or prompts file edited in place, or a new rlhfkit, reruns it."""
-    from rlhfkit import __version__
+    from rlhfkit import __version__  # read per call: a changed __version__ reruns stages (tested)
 
     payload = json.dumps(
         {

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from rlhfkit import log
+from rlhfkit.data.io import append_jsonl, truncate_jsonl_by_step
+from rlhfkit.data.prompts import demo_data_path, load_prompts
 
 FRONTIER_FILE = "frontier.jsonl"
 """The probe points of a training run, in its output directory."""
@@ -95,8 +97,6 @@ class FrontierProbe:
         seed: int,
         precision: str,
     ):
-        from rlhfkit.data.prompts import demo_data_path, load_prompts
-
         self.options, self.tokenizer, self.reference = options, tokenizer, reference
         self.gold, self.proxy = gold, proxy
         prompts = load_prompts(options.probe_prompts or demo_data_path("prompts_eval.jsonl"))
@@ -108,9 +108,8 @@ class FrontierProbe:
     def __call__(self, policy, step: int, total_steps: int) -> dict | None:
         if step not in probe_steps(total_steps, self.options.probe_points):
             return None
-        from rlhfkit.data.io import append_jsonl, truncate_jsonl_by_step
-        from rlhfkit.evaluate import sequence_kl
-        from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout
+        from rlhfkit.evaluate import sequence_kl  # start-up: report imports probe; loads transformers
+        from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout  # start-up: loads transformers
 
         o = self.options
         t0 = time.perf_counter()

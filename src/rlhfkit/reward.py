@@ -35,8 +35,9 @@ import torch
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import atomic_write_text
+from rlhfkit.data.io import DataError, atomic_write_text, read_rows
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings
+from rlhfkit.data.preferences import load_comparisons, parse_prompt
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX
 from rlhfkit.losses import preference_loss
@@ -45,6 +46,7 @@ from rlhfkit.modeling.reward_model import RewardModel as RewardModel  # scoring 
 from rlhfkit.modeling.reward_model import fp32_score_head, load_reward_backbone, raw_scores, reward_tokenizer, sequence_scores
 from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.run_layout import PreferenceMetric as M
+from rlhfkit.stats import cluster_accuracy
 from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
 """Held-out accuracy of a trained reward model, in its output directory (see :func:`heldout_accuracy`)."""
@@ -148,8 +150,6 @@ def heldout_accuracy(
     Returns ``{"accuracy": float, "accuracy_ci": [lo, hi], "num_pairs": int, "num_prompts": int,
     "ties": int}``; with no strict pair, ``accuracy`` and ``accuracy_ci`` are None.
     """
-    from rlhfkit.stats import cluster_accuracy
-
     examples = list(comparisons_or_examples)
     if examples and isinstance(examples[0], Comparison):
         examples, _ = tokenize_rankings(tokenizer, examples, max_length=max_length, chat_template=chat_template, keep_ties=True)
@@ -254,16 +254,11 @@ def _norm_samples(config: RewardConfig) -> tuple[list, list[str]]:
     """The (prompts, responses) the trained model's scores are normalised on. Read (and validated: every problem
     a DataError naming file, line and field) before training starts, so a bad ``norm_data`` fails in seconds."""
     if config.norm_data:
-        from rlhfkit.data.io import DataError, read_rows
-        from rlhfkit.data.preferences import parse_prompt
-
         rows = read_rows(config.norm_data)
         if not rows:
             raise DataError(config.norm_data, None, None, "no records (an empty norm_data file)")
         prompts, responses = [parse_prompt(r, "prompt") for r in rows], [r.get_str("response") for r in rows]
     else:
-        from rlhfkit.data.preferences import load_comparisons
-
         prompts, responses = [], []
         for comp in load_comparisons(config.data):
             for response in comp.responses:

@@ -17,6 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from rlhfkit.config import ConfigError
+from rlhfkit.feedback.scorers import call_scorer, load_scorer
+from rlhfkit.feedback.simulated import prompt_text
+from rlhfkit.modeling.reward_model import RewardModel
+
 RewardFn = Callable[..., list[float]]
 
 
@@ -29,16 +34,9 @@ def load_reward(spec: str, *, precision: str = "bf16", args: dict | None = None,
     """
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
-        from rlhfkit.modeling.reward_model import RewardModel
-
         if args:
-            from rlhfkit.config import ConfigError
-
             raise ConfigError(f"{field}: {spec!r} is a reward-model directory, which takes no arguments (got {sorted(args)})")
         return RewardModel(path, precision=precision)
-    from rlhfkit.feedback.scorers import call_scorer, load_scorer
-    from rlhfkit.feedback.simulated import prompt_text
-
     scorer = load_scorer(spec, args, field=field)
 
     def reward(prompts, responses, **kwargs) -> list[float]:

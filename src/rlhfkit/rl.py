@@ -56,7 +56,10 @@ import torch
 from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
+from rlhfkit.data.prompts import demo_data_path, load_prompts
+from rlhfkit.data.sft import collate_sft, load_sft_file, tokenize_sft
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.generation.vllm_engine import VLLMEngine
 from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.losses import (
     approx_kl,
@@ -71,8 +74,10 @@ from rlhfkit.losses import (
     zero_variance_groups,
 )
 from rlhfkit.modeling import models
+from rlhfkit.modeling.forward import sft_loss_sum
 from rlhfkit.modeling.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
+from rlhfkit.rewards import load_reward
 from rlhfkit.run_layout import RLMetric as M
 from rlhfkit.training.loop import (
     Checkpointer,
@@ -356,9 +361,6 @@ class RLTrainer:
     """State of one RL run; :meth:`step` is steps 1-6 of the module docstring."""
 
     def __init__(self, config: RLConfig):
-        from rlhfkit.data.prompts import demo_data_path, load_prompts
-        from rlhfkit.rewards import load_reward
-
         c = self.config = config
         c.policy_loss_options()  # checks the loss options now, not after the first rollout
         if c.algorithm in ("grpo", "rloo") and c.samples_per_prompt < 2:
@@ -410,8 +412,6 @@ class RLTrainer:
     def _make_engine(self, precision: str):
         c, policy = self.config, self.acc.unwrap_model(self.model).policy
         if c.rollout_engine == "vllm":
-            from rlhfkit.generation.vllm_engine import VLLMEngine
-
             return VLLMEngine(
                 policy,
                 self.tokenizer,
@@ -427,8 +427,6 @@ class RLTrainer:
         return HFEngine(policy, self.tokenizer, precision=precision)
 
     def _load_ptx(self):
-        from rlhfkit.data.sft import load_sft_file, tokenize_sft
-
         examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data), max_length=self.config.ptx_max_length)
         return examples
 
@@ -677,9 +675,6 @@ class RLTrainer:
 
     def _ptx_loss(self, rows: list[int]) -> torch.Tensor:
         """PPO-ptx (Ouyang et al. 2022, eq. 2): mean NLL of a demonstration batch."""
-        from rlhfkit.data.sft import collate_sft
-        from rlhfkit.modeling.forward import sft_loss_sum
-
         g = torch.Generator().manual_seed(self.config.seed + self.step_count * 131 + rows[0])
         idx = torch.randint(len(self.ptx), (len(rows),), generator=g).tolist()
         batch = collate_sft([self.ptx[i] for i in idx], self.tokenizer.pad_token_id)

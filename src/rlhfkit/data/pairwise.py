@@ -20,6 +20,8 @@ import torch
 
 from rlhfkit import log
 from rlhfkit.data import packing
+from rlhfkit.data.io import DataError, split_holdout
+from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
 
@@ -242,9 +244,6 @@ def load_pair_splits(
     comparisons (:func:`tokenize_rankings`). Prints what was kept, truncated,
     dropped and skipped.
     """
-    from rlhfkit.data.io import DataError, split_holdout
-    from rlhfkit.data.preferences import load_comparisons
-
     comparisons = load_comparisons(data)
     if not comparisons:
         raise DataError(data, None, None, "no comparisons (an empty preference file)")

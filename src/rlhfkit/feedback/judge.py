@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from rlhfkit.data.records import Comparison, Message, Prompt
+from rlhfkit.generation.chat import LocalChatModel
 from rlhfkit.serve import message_text
 
 Verdict = str | None
@@ -254,8 +255,6 @@ class LocalChatClient:
     max_concurrency = 1
 
     def __init__(self, model_spec: str, precision: str = "bf16"):
-        from rlhfkit.generation.chat import LocalChatModel
-
         self.model = LocalChatModel(model_spec, precision=precision)
 
     def complete(self, messages: list[Message], temperature: float = 0.0, max_tokens: int = 16) -> str:

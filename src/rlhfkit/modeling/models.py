@@ -278,7 +278,7 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
 
 def set_attention(model, name: str = "auto") -> None:
     """Switch ``model`` to the attention kernel ``name`` (see :attr:`AdapterOptions.attn_implementation`)."""
-    from rlhfkit.modeling import attention  # registers the kernel with transformers
+    from rlhfkit.modeling import attention  # registers the kernel with transformers; start-up: loads transformers
 
     impl = attention.ATTENTION if name == "auto" else name
     if getattr(model.config, "_attn_implementation", None) != impl:

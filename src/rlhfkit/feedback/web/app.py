@@ -38,8 +38,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore, Annotator, Assignment, StoreError, to_shown
-from rlhfkit.serve import BodyLimit, reject
+from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host, uvicorn_server
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -214,8 +215,6 @@ class ServeConfig:
 
 def prepare(config: ServeConfig) -> AnnotationStore:
     """Open the database, store the settings and load the pairs; prints a summary to stderr."""
-    from rlhfkit.feedback.web.pairs import read_pairs
-
     items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
     store = AnnotationStore(config.db)
     store.configure(overlap=config.overlap, lease_seconds=config.lease_seconds)
@@ -237,8 +236,6 @@ def serve(config: ServeConfig) -> None:
     Prints ``rlhfkit annotate: listening on http://HOST:PORT/`` to stderr once
     the socket is bound; annotators open ``http://HOST:PORT/#token=TOKEN``.
     """
-    from rlhfkit.serve import bind_socket, url_host, uvicorn_server
-
     store = prepare(config)
     try:
         sock = bind_socket(config.host, config.port)
