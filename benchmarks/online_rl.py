@@ -461,6 +461,8 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
         **extra,
     )
     trainer = train(config)
+    from rlhfkit.run_layout import RLMetric
+
     metrics, times, cpu_times = common.rlhfkit_steps(s, stamps, "time_step")
     out = per_step(s, times, cpu_times, gens, rollouts)
     col = lambda key: window_mean([m[key] for m in metrics], s) if all(key in m for m in metrics) else None  # noqa: E731
@@ -469,13 +471,13 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
     out.update(
         {
             "step_prompts": step_prompts,
-            "losses": [m.get("policy_loss") for m in metrics],
-            "loss_name": "policy_loss",
+            "losses": [m.get(RLMetric.POLICY_LOSS) for m in metrics],
+            "loss_name": RLMetric.POLICY_LOSS,
             "params_n": common.matmul_params(policy),
             "attention": common.attention_of(policy),
             "algorithm": algorithm,
-            "mean_length": col("response_length"),
-            "reward": col("score"),
+            "mean_length": col(RLMetric.RESPONSE_LENGTH),
+            "reward": col(RLMetric.SCORE),
             "lib_timing": {
                 "time_generate": col("time_generate"),
                 "time_score_forward": col("time_score_forward"),
@@ -677,7 +679,7 @@ def main(argv=None) -> None:
         r = common.median_run(results[side], sps)
         print(f"  {side}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r["lib_timing"].items()))
     print()
-    loss_note = ": completions are sampled, so they differ between libraries; TRL logs `loss`, rlhfkit `policy_loss`"
+    loss_note = ": completions are sampled, so they differ between libraries; TRL logs `loss`, rlhfkit `update/policy_loss`"
     if force:
         common.check_equal_work(
             results,

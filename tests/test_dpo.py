@@ -22,7 +22,8 @@ from rlhfkit.dpo import DPOConfig, ref_cache_path, train
 from rlhfkit.losses import dpo_loss, simpo_loss
 from rlhfkit.modeling import models
 from rlhfkit.modeling.forward import sequence_logps
-from rlhfkit.run_layout import PreferenceMetric
+from rlhfkit.run_layout import EVAL_PREFIX, PreferenceMetric
+from rlhfkit.run_layout import PreferenceMetric as PM
 from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
 
 # ----------------------------------------------------------------------------- data
@@ -277,7 +278,7 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
 
     runs = [first_entries] + [train_entries(c.output_dir) for c in (second, uncached)]
     assert all(len(r) == 3 for r in runs)
-    for key in ("loss", "accuracy", "margin"):
+    for key in (PM.LOSS, PM.ACCURACY, PM.MARGIN):
         values = [[e[key] for e in run] for run in runs]
         assert values[1] == pytest.approx(values[0], rel=1e-6, abs=1e-7), key
         assert values[2] == pytest.approx(values[0], rel=1e-6, abs=1e-7), key
@@ -455,13 +456,13 @@ def test_dpo_learns_polite_over_rude(prefs_file, tmp_path):
     # Step 1: the policy is the reference, so h = 0: loss ln 2 and margin 0. (Accuracy
     # is left alone there: it compares rewards that differ only by rounding.)
     assert entries[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert entries[0]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert entries[0][PM.MARGIN] == pytest.approx(0.0, abs=1e-4)
     last = entries[-1]
-    assert last["accuracy"] == 1.0
-    assert last["margin"] > 0.5
+    assert last[PM.ACCURACY] == 1.0
+    assert last[PM.MARGIN] > 0.5
     assert last["loss"] < 0.5 * math.log(2)
     # The margin is the mean of rewards_chosen - rewards_rejected.
-    assert last["margin"] == pytest.approx(last["rewards_chosen"] - last["rewards_rejected"], rel=1e-5)
+    assert last[PM.MARGIN] == pytest.approx(last[PM.REWARDS_CHOSEN] - last[PM.REWARDS_REJECTED], rel=1e-5)
 
 
 # Held-out comparisons: questions and answers that appear nowhere in the training pairs, wrapped in
@@ -538,22 +539,25 @@ def test_held_out_margin_grows(loss_type, min_rise, prefs_file, tmp_path):
     dpo.attach_reference(config, start, tokenizer, train_pairs, held_pairs)  # SimPO: none, reference-free
     before = mean_pair_stats(config, start, held_pairs, tokenizer.pad_token_id)
     if loss_type != "simpo":  # the policy starts as the reference: every implicit reward is 0
-        assert before["margin"] == pytest.approx(0.0, abs=1e-5)
+        assert before[PM.MARGIN] == pytest.approx(0.0, abs=1e-5)
 
     result = train(config)
     after = result.eval_metrics
     # The stage's held-out evaluation, logged once at the end, is that of the saved model.
-    evals = [r for r in read_jsonl(Path(config.output_dir) / "metrics.jsonl") if "eval_margin" in r]
+    evals = [r for r in read_jsonl(Path(config.output_dir) / "metrics.jsonl") if EVAL_PREFIX + PM.MARGIN in r]
     assert [r["step"] for r in evals] == [20]
-    assert evals[0]["eval_margin"] == pytest.approx(after["eval_margin"], rel=1e-6)
+    assert evals[0][EVAL_PREFIX + PM.MARGIN] == pytest.approx(after[EVAL_PREFIX + PM.MARGIN], rel=1e-6)
     saved = models.load_causal_lm(config.output_dir)
     recomputed = mean_pair_stats(config, saved, held_pairs, tokenizer.pad_token_id)
-    assert after["eval_margin"] == pytest.approx(recomputed["margin"], rel=1e-4, abs=1e-5)
-    assert after["eval_accuracy"] == pytest.approx(recomputed["accuracy"])
+    assert after[EVAL_PREFIX + PM.MARGIN] == pytest.approx(recomputed[PM.MARGIN], rel=1e-4, abs=1e-5)
+    assert after[EVAL_PREFIX + PM.ACCURACY] == pytest.approx(recomputed[PM.ACCURACY])
 
-    trace = f"held-out margin {before['margin']:.3f} -> {after['eval_margin']:.3f}, accuracy {after['eval_accuracy']:.2f}"
-    assert after["eval_margin"] > before["margin"] + min_rise, trace
-    assert after["eval_accuracy"] >= 5 / 6, trace
+    trace = (
+        f"held-out margin {before[PM.MARGIN]:.3f} -> {after[EVAL_PREFIX + PM.MARGIN]:.3f}, "
+        f"accuracy {after[EVAL_PREFIX + PM.ACCURACY]:.2f}"
+    )
+    assert after[EVAL_PREFIX + PM.MARGIN] > before[PM.MARGIN] + min_rise, trace
+    assert after[EVAL_PREFIX + PM.ACCURACY] >= 5 / 6, trace
 
 
 @pytest.mark.parametrize(

@@ -475,6 +475,7 @@ def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_pa
 def test_demo_config_builds_for_every_algorithm(tmp_path, algorithm):
     """`rlhfkit demo algorithm=A` once failed at once (DPO's beta in the shared rl section)."""
     cfg = pipeline.demo_config(algorithm=algorithm, output_dir=str(tmp_path))
+    assert cfg.stage_processes  # each model stage in a fresh process (the eval's generation ran ~3x faster so)
     names = [s.name for s in pipeline.build_stages(cfg)]
     assert names[names.index("gate") + 1] == algorithm
     assert ("ppo" if algorithm == "dpo" else "dpo") in names
@@ -537,6 +538,7 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
         model="tiny",
         algorithm=algorithm,
         reward_gate=False,
+        stage_processes=False,  # the demo runs stages in child processes; equal to one process (tested above)
         sft={"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32"},
         sample={"max_prompts": 12, "max_new_tokens": 6, "batch_size": 12, "progress": False, "precision": "fp32"},
         reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "precision": "fp32"},

@@ -20,6 +20,7 @@ import torch
 from rlhfkit import rl
 from rlhfkit.config import ConfigError, field_docs, load_config
 from rlhfkit.losses import loss_token_weights, overlong_penalty, policy_loss, ppo_policy_loss, zero_variance_groups
+from rlhfkit.run_layout import RLMetric
 from tests.test_rl_train import COMMON_KEYS, assert_finite_entries, make_config, metrics, rl_dir  # noqa: F401
 
 T, F_ = True, False
@@ -421,9 +422,9 @@ def test_loss_options_train_with_finite_metrics(rl_dir, algorithm, fields):
     entries = metrics(out)
     keys = set(COMMON_KEYS)
     if fields.get("drop_zero_variance_groups"):
-        keys |= {"zero_variance_groups"}
+        keys |= {RLMetric.ZERO_VARIANCE_GROUPS}
     if fields.get("overlong_buffer"):
-        keys |= {"overlong_penalty"}
+        keys |= {RLMetric.OVERLONG_PENALTY}
     assert [e["step"] for e in entries] == [1, 2]
     assert_finite_entries(entries, keys)
 
@@ -447,13 +448,13 @@ def test_drop_zero_variance_groups_logs_the_fraction_and_drops_their_gradient(rl
     )
     out = rl_dir / "run"
     rl.train(make_config(out, max_steps=2, **fields))
-    assert [e["zero_variance_groups"] for e in metrics(out)] == [0.5, 0.5]
+    assert [e[RLMetric.ZERO_VARIANCE_GROUPS] for e in metrics(out)] == [0.5, 0.5]
 
     # The constant groups (rows 0-1 and 4-5) are out of the loss: give only them an advantage, and the
     # update leaves every weight as it was (no KL term, Adam's first step from zero gradients is zero).
     trainer = rl.RLTrainer(make_config(rl_dir / "direct", beta=0.0, **fields))
     scored, stats = trainer.rollout_and_score(trainer.prompts_for_step(0))
-    assert stats["zero_variance_groups"] == 0.5
+    assert stats[RLMetric.ZERO_VARIANCE_GROUPS] == 0.5
     assert scored.keep.tolist() == [F_, F_, T, T, F_, F_, T, T]
     mask = scored.rollout.response_mask
     scored.advantages = torch.where(mask & ~scored.keep[:, None], 1.0, 0.0)

@@ -14,6 +14,7 @@ import pytest
 
 from rlhfkit import stats
 from rlhfkit.report import ReportConfig, fit_curve, read_frontier, run
+from rlhfkit.run_layout import current_metric_names
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
 
 SCRIPT_PAYLOAD = "<script>alert(1)</script>"
@@ -35,6 +36,12 @@ BASE_GOLD, BON_ALPHA, BON_BETA = 0.10, 0.35, 0.06
 # Probe paths follow the RL form gold = gold_0 + d (alpha - beta log d), d = sqrt(KL).
 PPO_GOLD0, PPO_ALPHA, PPO_BETA = 0.12, 0.50, 0.40  # peak at d* = e^0.25 = 1.28 (KL 1.65): rises, then falls
 DPO_GOLD0, DPO_ALPHA, DPO_BETA = 0.12, 0.30, 0.05  # peak at d* = e^5 = 148: rises throughout
+
+
+def _current(entries: list[dict]) -> list[dict]:
+    """The fixtures below are written with the names of runs from before the metric names were namespaced (the
+    older-layout tests read them so); a current run writes today's names."""
+    return [current_metric_names(e) for e in entries]
 
 
 def _sft_metrics() -> list[dict]:
@@ -253,16 +260,16 @@ def make_run(root: Path, *, gate: str = "overridden", dpo_proxy: bool = True, co
     for stage in ("sft", "reward", "gate", "dpo", "ppo", "eval"):
         (root / stage).mkdir(exist_ok=True)
     write_jsonl(root / "sft" / "metrics.jsonl", _sft_metrics())
-    write_jsonl(root / "reward" / "metrics.jsonl", _reward_metrics())
+    write_jsonl(root / "reward" / "metrics.jsonl", _current(_reward_metrics()))
     (root / "reward" / "heldout.json").write_text(
         json.dumps({"accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "num_prompts": 80, "ties": 3})
     )
     (root / "gate" / "gate.json").write_text(
         json.dumps({"verdict": gate, "accuracy": 0.71, "accuracy_ci": [0.66, 0.76], "num_pairs": 480, "message": GATE_MESSAGE})
     )
-    write_jsonl(root / "dpo" / "metrics.jsonl", _dpo_metrics())
+    write_jsonl(root / "dpo" / "metrics.jsonl", _current(_dpo_metrics()))
     _write_frontier(root / "dpo" / "frontier.jsonl", _frontier(DPO_GOLD0, DPO_ALPHA, DPO_BETA, 0.5, proxy=dpo_proxy))
-    write_jsonl(root / "ppo" / "metrics.jsonl", _online_rl_metrics())
+    write_jsonl(root / "ppo" / "metrics.jsonl", _current(_online_rl_metrics()))
     _write_frontier(root / "ppo" / "frontier.jsonl", _frontier(PPO_GOLD0, PPO_ALPHA, PPO_BETA, 0.6))
     (root / "eval" / "eval.json").write_text(json.dumps(_eval_json()))
     (root / "eval.json").write_text(json.dumps(_eval_json()))
@@ -449,7 +456,7 @@ def test_overoptimisation_not_measured_without_proxy_or_frontier(tmp_path):
     run_dir = make_run(tmp_path / "run", gate="passed", dpo_proxy=False, compare=("ppo", "grpo"))
     # GRPO: directory and metrics, no frontier.jsonl.
     (run_dir / "grpo").mkdir()
-    write_jsonl(run_dir / "grpo" / "metrics.jsonl", _online_rl_metrics())
+    write_jsonl(run_dir / "grpo" / "metrics.jsonl", _current(_online_rl_metrics()))
     page = _report(run_dir)
     _, css, text = _element(page, "overoptimisation-dpo")
     assert css == "neutral" and "not measured" in text and "no proxy" in text and "DPO" in text
@@ -683,9 +690,24 @@ def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_p
 def test_a_policy_stage_kind_comes_from_its_algorithm_not_its_keys():
     from rlhfkit.report import PolicyStage
 
-    assert PolicyStage("ppo", "ppo", metrics=[{"step": 1, "margin": 0.1}]).kinds == (True, False)
-    assert PolicyStage("dpo", "dpo", metrics=[{"step": 1, "score": 0.1}]).kinds == (False, True)
+    assert PolicyStage("ppo", "ppo", metrics=[{"step": 1, "rewards/margin": 0.1}]).kinds == (True, False)
+    assert PolicyStage("dpo", "dpo", metrics=[{"step": 1, "rollout/score": 0.1}]).kinds == (False, True)
     assert PolicyStage("grpo", "grpo", metrics=None).kinds == (True, False)
     # Only the older layout's rl/ directory, whose algorithm has no record, is told by its keys.
-    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "score": 0.1}]).kinds == (True, False)
-    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "rewards_chosen": 0.1}]).kinds == (False, True)
+    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "rollout/score": 0.1}]).kinds == (True, False)
+    assert PolicyStage("rl", "rl", metrics=[{"step": 1, "rewards/chosen": 0.1}]).kinds == (False, True)
+
+
+def test_metric_names_of_older_runs_are_read_as_todays():
+    old = {"step": 3, "score": 0.5, "kl_update_seq": 1.5, "eval_accuracy": 0.7, "eval_loss": 0.6, "lr": 1e-4, "loss": 0.2}
+    assert current_metric_names(old) == {
+        "step": 3,
+        "rollout/score": 0.5,
+        "update/kl": 1.5,
+        "eval_rewards/accuracy": 0.7,
+        "eval_loss": 0.6,
+        "lr": 1e-4,
+        "loss": 0.2,
+    }
+    today = {"step": 3, "rollout/score": 0.5, "eval_rewards/margin": 0.1}
+    assert current_metric_names(today) == today

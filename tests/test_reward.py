@@ -29,6 +29,8 @@ from rlhfkit.losses import bradley_terry_loss, preference_loss
 from rlhfkit.modeling import models
 from rlhfkit.modeling.reward_model import RewardModel, load_reward_backbone, raw_scores, reward_tokenizer
 from rlhfkit.reward import RewardConfig, RewardTask, train
+from rlhfkit.run_layout import EVAL_PREFIX
+from rlhfkit.run_layout import PreferenceMetric as PM
 from tests.helpers import read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------- losses by hand
@@ -166,7 +168,7 @@ def test_grouped_rankings_hold_every_pair_and_give_the_same_loss(tokenizer):
         for packed in (False, True):
             got, got_stats = task.loss(model, collate_rankings(groups, tokenizer.pad_token_id, packed=packed))
             assert got.item() == pytest.approx(want.item(), rel=1e-5)
-            assert got_stats["accuracy"].item() == want_stats["accuracy"].item()
+            assert got_stats[PM.ACCURACY].item() == want_stats[PM.ACCURACY].item()
 
 
 def test_grouped_ranking_drops_responses_that_lose_every_token(tokenizer):
@@ -220,7 +222,7 @@ def test_reward_task_uses_tie_target_and_margins(tmp_path):
     expected = -(0.5 * log_sigmoid(d0) + 0.5 * log_sigmoid(-d0)) - log_sigmoid(d1)
     assert loss_sum.item() == pytest.approx(expected, rel=1e-5)
     # A tie counts as half right; the strict pair as right iff chosen scores higher.
-    assert stats["accuracy"].item() == 0.5 + float(chosen[1] > rejected[1])
+    assert stats[PM.ACCURACY].item() == 0.5 + float(chosen[1] > rejected[1])
 
 
 def test_zero_head_scores_zero_before_training():
@@ -343,18 +345,18 @@ def trained(tmp_path_factory) -> RewardConfig:
 def test_reward_model_learns_and_generalises(trained):
     entries = read_jsonl(Path(trained.output_dir) / "metrics.jsonl")
     steps = [e for e in entries if "loss" in e]
-    evals = [e for e in entries if "eval_accuracy" in e]
+    evals = [e for e in entries if EVAL_PREFIX + PM.ACCURACY in e]
     assert [e["step"] for e in steps] == list(range(1, 26))
     for entry in steps:
-        assert {"step", "loss", "accuracy"} <= entry.keys()
+        assert {"step", PM.LOSS, PM.ACCURACY} <= entry.keys()
     # The zero head scores everything 0 at step 1: loss ln 2, no pair ranked right.
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert steps[0]["accuracy"] == 0.0
+    assert steps[0][PM.ACCURACY] == 0.0
     assert steps[-1]["loss"] < 0.5 * math.log(2)
     assert [e["step"] for e in evals] == [10, 20, 25]
     for entry in evals:
-        assert {"step", "eval_loss", "eval_accuracy"} <= entry.keys()
-    assert evals[-1]["eval_accuracy"] >= 0.9, evals[-1]
+        assert {"step", "eval_loss", EVAL_PREFIX + PM.ACCURACY} <= entry.keys()
+    assert evals[-1][EVAL_PREFIX + PM.ACCURACY] >= 0.9, evals[-1]
     assert evals[-1]["eval_loss"] < math.log(2)
 
 

@@ -30,6 +30,7 @@ from rlhfkit.config import ConfigError, field_docs
 from rlhfkit.data.io import read_jsonl_records
 from rlhfkit.modeling import models
 from rlhfkit.modeling.policy import load_critic
+from rlhfkit.run_layout import RLMetric as M
 from rlhfkit.training import loop
 from tests.helpers import read_jsonl, saved_weights, write_jsonl
 
@@ -43,20 +44,20 @@ def shortness(prompts, responses, **kwargs):
 COMMON_KEYS = {
     "step",
     "time",
-    "score",
-    "kl",
-    "kl_k3",
+    M.SCORE,
+    M.KL,
+    M.KL_K3,
     "beta",
-    "reward",
-    "entropy",
-    "response_length",
-    "eos_rate",
-    "policy_loss",
-    "clipfrac",
-    "approx_kl",
+    M.REWARD,
+    M.ENTROPY,
+    M.RESPONSE_LENGTH,
+    M.EOS_RATE,
+    M.POLICY_LOSS,
+    M.CLIPFRAC,
+    M.APPROX_KL,
     "lr",
 }
-PPO_KEYS = {"value_loss", "value_clipfrac", "explained_variance"}
+PPO_KEYS = {M.VALUE_LOSS, M.VALUE_CLIPFRAC, M.EXPLAINED_VARIANCE}
 
 
 @pytest.fixture
@@ -97,8 +98,8 @@ def assert_finite_entries(entries: list[dict], keys: set[str]) -> None:
 
 
 def assert_reward_rises_with_bounded_kl(entries: list[dict], *, steps: int, margin: float, kl_bound: float) -> None:
-    scores = [e["score"] for e in entries]
-    kls = [e["kl"] for e in entries]
+    scores = [e[M.SCORE] for e in entries]
+    kls = [e[M.KL] for e in entries]
     assert [e["step"] for e in entries] == list(range(1, steps + 1))
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     trace = f"scores {[round(s, 1) for s in scores]}, kl {[round(k, 1) for k in kls]}"
@@ -137,7 +138,7 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     rl.train(config)
     entries = metrics(rl_dir / "ppo")
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
-    assert entries[0]["approx_kl"] > 0.01  # minibatches after the first are scored by an updated policy
+    assert entries[0][M.APPROX_KL] > 0.01  # minibatches after the first are scored by an updated policy
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
@@ -180,9 +181,9 @@ def test_rloo_and_reinforce_reward_rise_while_kl_stays_bounded(rl_dir, algorithm
     rl.train(config)
     entries = metrics(rl_dir / algorithm)
     assert_finite_entries(entries, COMMON_KEYS)
-    assert entries[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    assert entries[0][M.KL] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
     # Minibatches after the first are scored by an updated policy: approx-KL to the sampling policy is positive.
-    assert entries[0]["approx_kl"] > 0.01
+    assert entries[0][M.APPROX_KL] > 0.01
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
@@ -206,7 +207,7 @@ def test_algorithms_run_with_finite_metrics(rl_dir, algorithm, fields):
     assert_finite_entries(entries, COMMON_KEYS)
     assert not PPO_KEYS & entries[-1].keys()  # no value function outside PPO
     assert not (out / "value_head.safetensors").exists()
-    assert entries[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    assert entries[0][M.KL] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
 
 
 def test_the_metrics_contract_holds_every_key_the_report_plots(rl_dir):
@@ -217,7 +218,9 @@ def test_the_metrics_contract_holds_every_key_the_report_plots(rl_dir):
     out = rl_dir / "contract"
     rl.train(make_config(out, algorithm="ppo", batch_size=2, max_steps=1, gold="rl_test_rewards:shortness"))
     contract = {v for k, v in vars(RLMetric).items() if k.isupper()}
-    assert len(contract) == 11 and contract <= metrics(out)[-1].keys()
+    assert len(contract) == 22 and all(v.startswith(("rollout/", "update/")) for v in contract)
+    optional = {RLMetric.ZERO_VARIANCE_GROUPS, RLMetric.OVERLONG_PENALTY}  # with their options (test_policy_losses)
+    assert contract - optional <= metrics(out)[-1].keys()
 
 
 def test_kl_coef_is_the_deprecated_name_of_beta():
@@ -244,15 +247,15 @@ def test_beta_zero_loads_no_reference_and_trains_as_a_zero_kl_penalty_does(rl_di
     trainer = rl.RLTrainer(make_config(rl_dir / "direct", **fields))
     assert trainer.ref is None and not trainer.config.needs_reference
     scored, stats = trainer.rollout_and_score(trainer.prompts_for_step(0))
-    assert scored.ref_logps is None and "kl" not in stats
-    assert "kl_update_seq" not in trainer.update(scored)
+    assert scored.ref_logps is None and M.KL not in stats
+    assert M.UPDATE_KL not in trainer.update(scored)
 
     rl.train(make_config(rl_dir / "noref", **fields))
     entries = metrics(rl_dir / "noref")
-    assert [e["step"] for e in entries] == [1, 2] and not {"kl", "kl_k3"} & entries[-1].keys()
-    assert_finite_entries(entries, COMMON_KEYS - {"kl", "kl_k3"})
+    assert [e["step"] for e in entries] == [1, 2] and not {M.KL, M.KL_K3} & entries[-1].keys()
+    assert_finite_entries(entries, COMMON_KEYS - {M.KL, M.KL_K3})
     rl.train(make_config(rl_dir / "ref", adaptive_kl=True, **fields))
-    assert "kl" in metrics(rl_dir / "ref")[-1]
+    assert M.KL in metrics(rl_dir / "ref")[-1]
     noref, ref = saved_weights(rl_dir / "noref"), saved_weights(rl_dir / "ref")
     assert all(torch.allclose(noref[k], ref[k], atol=1e-6) for k in ref)
 
@@ -272,9 +275,9 @@ def test_ppo_outputs(rl_dir):
     # the sampling policy itself: every ratio is 1 and approx-KL is 0 at every step, and neither the ratio
     # nor the values (those the rollout recorded) are clipped. (With more minibatches or epochs approx-KL is
     # positive: see the learning tests.)
-    assert [e["approx_kl"] for e in entries] == pytest.approx([0.0, 0.0], abs=1e-6)
-    assert [e["clipfrac"] for e in entries] == [e["value_clipfrac"] for e in entries] == [0.0, 0.0]
-    assert entries[-1]["response_length"] <= 8
+    assert [e[M.APPROX_KL] for e in entries] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert [e[M.CLIPFRAC] for e in entries] == [e[M.VALUE_CLIPFRAC] for e in entries] == [0.0, 0.0]
+    assert entries[-1][M.RESPONSE_LENGTH] <= 8
 
     samples = read_jsonl(out / "samples.jsonl")
     assert [s["step"] for s in samples] == [1, 1, 2, 2]
@@ -297,7 +300,7 @@ def test_ppo_with_a_separate_critic(rl_dir):
     rl.train(make_config(out, algorithm="ppo", value="critic", batch_size=2, max_steps=2, temperature=1.0))
     entries = metrics(out)
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
-    assert entries[-1]["value_loss"] > 0.0
+    assert entries[-1][M.VALUE_LOSS] > 0.0
     assert not (out / "value_head.safetensors").exists()
     # The critic started as the tiny model (critic_init empty, reward not a directory) and was trained.
     critic = AutoModelForTokenClassification.from_pretrained(out / "critic")
@@ -362,7 +365,7 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
         assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
     # The logged rollouts agree too: the same responses were sampled after the resume.
     for x, y in zip(metrics(straight), metrics(resumed), strict=True):
-        assert (x["step"], x["score"], x["kl"]) == (y["step"], y["score"], y["kl"])
+        assert (x["step"], x[M.SCORE], x[M.KL]) == (y["step"], y[M.SCORE], y[M.KL])
     # samples.jsonl is cut back to the checkpoint's step too (steps 3 and 4 were once logged twice).
     samples = [read_jsonl_records(d / "samples.jsonl") for d in (straight, resumed)]
     assert [r["step"] for r in samples[1]] == [1, 2, 3, 4]

@@ -86,9 +86,10 @@ class PipelineConfig:
     """The gate passes when the lower end of the accuracy interval is above this."""
     stage_processes: bool = False
     """Run each model stage (all but label, gate and report) in a fresh child process (multiprocessing spawn),
-    so that no stage runs in a process an earlier one has worked in. Why: in one seed-2 demo run the eval's
-    generation ran at 3.4-3.5 responses/s at the end of the pipeline's process against 6.5-9.5 in a fresh one
-    (cause not found). Each child pays the imports (seconds). Off by default: not yet measured on a full run."""
+    so that no stage runs in a process an earlier one has worked in. Why: at the end of one long pipeline
+    process the eval's generation ran at 3.4-3.5 responses/s, in a child of its own at about 11 (cause not found;
+    see benchmarks/README.md). Each child pays the imports (seconds). On in the demo (:func:`demo_config`); off
+    here so that a pipeline run from Python can have its stages patched in-process (as the tests do)."""
     sft: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config sft` keys."""
     sample: dict[str, Any] = field(default_factory=dict)
@@ -548,6 +549,9 @@ def demo_config(**overrides: Any) -> PipelineConfig:
     }
     base: dict[str, Any] = {
         "output_dir": "runs/demo",
+        # Each model stage in a fresh process: the seed-0 demo's eval took 799 s this way, against 1,818 s
+        # (seed 2) with every stage in one process (generation 11 vs 3.4 responses/s).
+        "stage_processes": True,
         "model": models.SMOLLM2,
         "algorithm": algorithm,
         "compare": compare,

@@ -52,6 +52,7 @@ from rlhfkit.run_layout import (
     HELDOUT_FILE,
     OFFLINE_ALGORITHMS,
     ONLINE_ALGORITHMS,
+    current_metric_names,
 )
 from rlhfkit.run_layout import POLICY_ALGORITHMS as POLICY_STAGES
 from rlhfkit.run_layout import PreferenceMetric as PM
@@ -242,7 +243,7 @@ def _read_stage_metrics(root: Path, directory: str, what: str, missing: list[str
         missing.append(f"{what}: {relative} not found")
         return None
     try:
-        return read_metrics(root / directory)
+        return [current_metric_names(entry) for entry in read_metrics(root / directory)]  # an older run's names too
     except ValueError as e:  # a run killed mid-write can leave a truncated last line
         missing.append(f"{what}: {relative} unreadable ({e})")
         return None

@@ -501,9 +501,9 @@ class RLTrainer:
         if c.drop_zero_variance_groups:  # groups of equal scores: zero weight in the loss (DAPO's filter)
             flat = zero_variance_groups(scores, c.samples_per_prompt)
             keep = (~flat).repeat_interleave(c.samples_per_prompt)
-            loss_stats["zero_variance_groups"] = flat.float().mean().item()
+            loss_stats[M.ZERO_VARIANCE_GROUPS] = flat.float().mean().item()
         if c.overlong_buffer > 0:
-            loss_stats["overlong_penalty"] = overlong.mean().item()
+            loss_stats[M.OVERLONG_PENALTY] = overlong.mean().item()
 
         lengths = rollout.lengths.float()
         if self.gold_fn is not None:
@@ -515,9 +515,9 @@ class RLTrainer:
             **stats_gold,
             **loss_stats,
             M.SCORE: raw.mean().item(),
-            "score_used": scores.mean().item(),
+            M.SCORE_USED: scores.mean().item(),
             M.RESPONSE_LENGTH: lengths.mean().item(),
-            "eos_rate": rollout.has_eos.float().mean().item(),
+            M.EOS_RATE: rollout.has_eos.float().mean().item(),
             "beta": beta,
             "gen_tokens_per_s": lengths.sum().item() / max(gen_time, 1e-9),
             "time_generate": gen_time,
@@ -615,14 +615,14 @@ class RLTrainer:
                             M.POLICY_LOSS: float(torch.where(mask, pg_losses, 0.0).sum()),
                             M.CLIPFRAC: float((clipped & mask).sum()),
                             M.APPROX_KL: kl_old,
-                            "entropy_update": float(torch.where(mask, entropy, 0.0).sum()),
+                            M.UPDATE_ENTROPY: float(torch.where(mask, entropy, 0.0).sum()),
                         }
                         if ref is not None:
                             add["kl_k3_update"] = float(torch.where(mask, k3, 0.0).sum())
                             add["kl_k1_update"] = float(torch.where(mask, logps.detach() - ref, 0.0).sum())
                         if values is not None:
                             add[M.VALUE_LOSS] = float(torch.where(mask, v_losses, 0.0).sum())
-                            add["value_clipfrac"] = float((v_clipped & mask).sum())
+                            add[M.VALUE_CLIPFRAC] = float((v_clipped & mask).sum())
                         for k, v in add.items():
                             sums[k] = sums.get(k, 0.0) + v
                         counts["tokens"] += n_tok
@@ -644,15 +644,15 @@ class RLTrainer:
         # Per-sequence KL measured in the update, in the units of `kl` (sum over tokens).
         mean_len = float(rollout.response_mask.sum(-1).float().mean())
         if "kl_k1_update" in stats:  # measured only against a reference
-            stats["kl_update_seq"] = stats.pop("kl_k1_update") * mean_len
-            stats["kl_k3_update_seq"] = stats.pop("kl_k3_update") * mean_len
-        stats["epochs_done"] = epochs_done
-        stats["early_stopped"] = float(stopped_early)
+            stats[M.UPDATE_KL] = stats.pop("kl_k1_update") * mean_len
+            stats[M.UPDATE_KL_K3] = stats.pop("kl_k3_update") * mean_len
+        stats[M.EPOCHS_DONE] = epochs_done
+        stats[M.EARLY_STOPPED] = float(stopped_early)
         stats["train_tokens_per_s"] = train_tokens * self.P / max(time.perf_counter() - t0, 1e-9)
         stats["time_update"] = time.perf_counter() - t0
         stats["lr"] = self.scheduler.get_last_lr()[0]
         if scored.values is not None and scored.returns is not None:
-            stats["explained_variance"] = float(explained_variance(scored.values, scored.returns, rollout.response_mask))
+            stats[M.EXPLAINED_VARIANCE] = float(explained_variance(scored.values, scored.returns, rollout.response_mask))
         return stats
 
     # ---------------------------------------------------------------- 1-6: one step
@@ -664,11 +664,11 @@ class RLTrainer:
         scored, roll_stats = self.rollout_and_score(self.prompts_for_step(self.step_count))
         upd_stats = self.update(scored)
         self.step_count += 1
-        if M.KL not in roll_stats and "kl_update_seq" in upd_stats:  # grpo fast path: the sampling policy's KL,
-            roll_stats[M.KL] = upd_stats["kl_update_seq"]  # measured in the update
-            roll_stats[M.KL_K3] = upd_stats["kl_k3_update_seq"]
-        roll_stats.setdefault(M.REWARD, roll_stats["score_used"])
-        roll_stats.setdefault(M.ENTROPY, upd_stats["entropy_update"])
+        if M.KL not in roll_stats and M.UPDATE_KL in upd_stats:  # grpo fast path: the sampling policy's KL,
+            roll_stats[M.KL] = upd_stats[M.UPDATE_KL]  # measured in the update
+            roll_stats[M.KL_K3] = upd_stats[M.UPDATE_KL_K3]
+        roll_stats.setdefault(M.REWARD, roll_stats[M.SCORE_USED])
+        roll_stats.setdefault(M.ENTROPY, upd_stats[M.UPDATE_ENTROPY])
         if c.adaptive_kl:  # 6: Ziegler et al.'s controller, on the whole batch's KL
             self.kl_ctl.update(roll_stats[M.KL], len(scored.rollout.responses) * self.P)
         return scored, {**roll_stats, **upd_stats, "time_step": time.perf_counter() - t0}
@@ -758,7 +758,7 @@ def train(config: RLConfig) -> RLTrainer:
             trainer.run_probe(probe)
         bar.update(1)
         bar.set_postfix(
-            score=f"{metrics['score']:.3f}", kl=f"{metrics.get('kl', float('nan')):.3f}", s_step=f"{metrics['time_step']:.1f}"
+            score=f"{metrics[M.SCORE]:.3f}", kl=f"{metrics.get(M.KL, float('nan')):.3f}", s_step=f"{metrics['time_step']:.1f}"
         )
         if c.save_every > 0 and trainer.step_count % c.save_every == 0:
             checkpointer.save(

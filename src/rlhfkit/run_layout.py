@@ -21,38 +21,98 @@ HELDOUT_FILE = "heldout.json"
 
 
 class RLMetric:
-    """Keys of an online-RL stage's ``metrics.jsonl`` that :mod:`rlhfkit.rl` writes and the report plots."""
+    """Keys of an online-RL stage's ``metrics.jsonl`` (and TensorBoard scalars), which :mod:`rlhfkit.rl` writes and
+    the report plots. Namespaced as TRL does: ``rollout/`` for the step's samples, ``update/`` for the optimisation
+    on them; the run's generic numbers (``lr``, ``beta``, timings, throughput) stay bare."""
 
-    SCORE = "score"
+    SCORE = "rollout/score"
     """Mean reward (reward-model or scorer) of the step's rollout, before penalties."""
-    GOLD = "gold_score"
+    GOLD = "rollout/gold_score"
     """Mean gold score of the same responses (only with a gold scorer)."""
-    REWARD = "reward"
+    SCORE_USED = "rollout/score_used"
+    """Mean of the scores the advantages were computed from (after the overlong penalty, if any)."""
+    REWARD = "rollout/reward"
     """Mean score - beta * KL (the score itself when there is no reference)."""
-    KL = "kl"
+    KL = "rollout/kl"
     """Mean per-sequence k1 KL of the rollout to the reference (only with a reference)."""
-    KL_K3 = "kl_k3"
+    KL_K3 = "rollout/kl_k3"
     """The same with the k3 estimator."""
-    ENTROPY = "entropy"
-    RESPONSE_LENGTH = "response_length"
-    POLICY_LOSS = "policy_loss"
-    VALUE_LOSS = "value_loss"
+    ENTROPY = "rollout/entropy"
+    RESPONSE_LENGTH = "rollout/response_length"
+    EOS_RATE = "rollout/eos_rate"
+    ZERO_VARIANCE_GROUPS = "rollout/zero_variance_groups"
+    """Fraction of groups whose samples all scored the same (grpo/rloo: no learning signal)."""
+    OVERLONG_PENALTY = "rollout/overlong_penalty"
+    POLICY_LOSS = "update/policy_loss"
+    VALUE_LOSS = "update/value_loss"
     """ppo only."""
-    CLIPFRAC = "clipfrac"
-    APPROX_KL = "approx_kl"
+    CLIPFRAC = "update/clipfrac"
+    VALUE_CLIPFRAC = "update/value_clipfrac"
+    APPROX_KL = "update/approx_kl"
     """Approximate KL from the sampling policy to the updated one."""
+    UPDATE_ENTROPY = "update/entropy"
+    UPDATE_KL = "update/kl"
+    """Per-sequence k1 KL to the reference measured in the update's forward passes."""
+    UPDATE_KL_K3 = "update/kl_k3"
+    EXPLAINED_VARIANCE = "update/explained_variance"
+    EPOCHS_DONE = "update/epochs_done"
+    EARLY_STOPPED = "update/early_stopped"
 
 
 class PreferenceMetric:
     """Keys of a DPO or reward-model stage's ``metrics.jsonl`` that :mod:`rlhfkit.dpo` / :mod:`rlhfkit.reward` write
-    and the report plots; held-out values carry :data:`EVAL_PREFIX` (``eval_accuracy``)."""
+    and the report plots; held-out values carry :data:`EVAL_PREFIX` (``eval_rewards/accuracy``). Named as TRL's
+    DPO trainer names them (``rewards/...``); ``loss`` stays bare, as every trainer's."""
 
     LOSS = "loss"
-    ACCURACY = "accuracy"
-    MARGIN = "margin"
-    REWARDS_CHOSEN = "rewards_chosen"
+    ACCURACY = "rewards/accuracy"
+    """Pairs whose chosen response scores above the rejected one (a tie counts a half, for the reward model)."""
+    MARGIN = "rewards/margin"
+    REWARDS_CHOSEN = "rewards/chosen"
     """DPO's implicit reward beta * log(pi / ref) of the chosen response (mean)."""
-    REWARDS_REJECTED = "rewards_rejected"
+    REWARDS_REJECTED = "rewards/rejected"
+
+
+LEGACY_METRIC_NAMES = {
+    "score": RLMetric.SCORE,
+    "gold_score": RLMetric.GOLD,
+    "score_used": RLMetric.SCORE_USED,
+    "reward": RLMetric.REWARD,
+    "kl": RLMetric.KL,
+    "kl_k3": RLMetric.KL_K3,
+    "entropy": RLMetric.ENTROPY,
+    "response_length": RLMetric.RESPONSE_LENGTH,
+    "eos_rate": RLMetric.EOS_RATE,
+    "zero_variance_groups": RLMetric.ZERO_VARIANCE_GROUPS,
+    "overlong_penalty": RLMetric.OVERLONG_PENALTY,
+    "policy_loss": RLMetric.POLICY_LOSS,
+    "value_loss": RLMetric.VALUE_LOSS,
+    "clipfrac": RLMetric.CLIPFRAC,
+    "value_clipfrac": RLMetric.VALUE_CLIPFRAC,
+    "approx_kl": RLMetric.APPROX_KL,
+    "entropy_update": RLMetric.UPDATE_ENTROPY,
+    "kl_update_seq": RLMetric.UPDATE_KL,
+    "kl_k3_update_seq": RLMetric.UPDATE_KL_K3,
+    "explained_variance": RLMetric.EXPLAINED_VARIANCE,
+    "epochs_done": RLMetric.EPOCHS_DONE,
+    "early_stopped": RLMetric.EARLY_STOPPED,
+    "accuracy": PreferenceMetric.ACCURACY,
+    "margin": PreferenceMetric.MARGIN,
+    "rewards_chosen": PreferenceMetric.REWARDS_CHOSEN,
+    "rewards_rejected": PreferenceMetric.REWARDS_REJECTED,
+}
+"""Metric names of runs written before the names were namespaced -> today's (the report reads old runs through it;
+held-out values map the same way under :data:`EVAL_PREFIX`)."""
+
+
+def current_metric_names(entry: dict) -> dict:
+    """A ``metrics.jsonl`` entry with any name from before the namespacing (:data:`LEGACY_METRIC_NAMES`) renamed."""
+    out = {}
+    for key, value in entry.items():
+        bare = key[len(EVAL_PREFIX) :] if key.startswith(EVAL_PREFIX) else key
+        new = LEGACY_METRIC_NAMES.get(bare)
+        out[key if new is None else (EVAL_PREFIX + new if key.startswith(EVAL_PREFIX) else new)] = value
+    return out
 
 
 EVAL_PREFIX = "eval_"
