@@ -88,3 +88,62 @@ def characters(prompts: list, responses: list[str], **kwargs) -> list[float]:
     """Scorer (``tests.helpers:characters``): response length in characters. Random tiny-model
     responses rarely tie on it, unlike the word counts the built-in scorers use."""
     return [float(len(r)) for r in responses]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a launch's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_cpu_processes(
+    target: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 900
+):
+    """``accelerate launch`` of ``target`` (``["-m", "rlhfkit.cli", ...]`` or ``[script, ...]``) in two CPU processes.
+
+    ``--cpu`` would start one process (multi-CPU needs mpirun and a hostfile); ``--multi_gpu`` starts two through
+    torchrun, and ``ACCELERATE_USE_CPU=true`` makes each join a gloo process group. Returns the finished process
+    (stdout and stderr as text); fails the test if it runs past ``timeout`` seconds. On a timeout the launcher gets
+    SIGTERM, not ``subprocess.run``'s SIGKILL: torchrun's workers run in sessions of their own and its agent stops
+    them on SIGTERM, where a killed agent would leave them running.
+    """
+    import subprocess
+    import sys
+
+    import pytest
+
+    command = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *target,
+    ]
+    full_env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(command, env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=120)
+        pytest.fail(f"accelerate launch ran past {timeout} s; stderr: {stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)

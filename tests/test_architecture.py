@@ -84,6 +84,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.pipeline": 6,
     "rlhfkit.report": 6,
     "rlhfkit.cli": 6,
+    "rlhfkit.__main__": 6,
 }
 
 STAGES = {

@@ -11,9 +11,6 @@ to train then, see :func:`rlhfkit.training.loop.make_accelerator`).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +19,7 @@ import yaml
 from rlhfkit.config import to_dict
 from rlhfkit.sft import train
 from rlhfkit.training import loop
-from tests.helpers import assert_same_weights, saved_weights, train_entries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import assert_same_weights, launch_two_cpu_processes, saved_weights, train_entries
 
 
 @pytest.mark.slow
@@ -40,28 +31,7 @@ def test_two_processes_equal_one_with_the_joint_batch(varied_file, make_config):
 
     config_file = Path(two.output_dir).with_suffix(".yaml")
     config_file.write_text(yaml.safe_dump(to_dict(two)), encoding="utf-8")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "rlhfkit.cli",
-        "sft",
-        str(config_file),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+    proc = launch_two_cpu_processes(["-m", "rlhfkit.cli", "sft", str(config_file)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Library messages go through rlhfkit.log: the main process prints them, the other does not.
     assert proc.stdout.count("sft data: ") == 1, proc.stdout[-2000:]

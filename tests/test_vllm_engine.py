@@ -121,6 +121,7 @@ def test_requests_and_padded_responses(fake_vllm, tokenizer, keep_eos):
     engine = vllm_engine.VLLMEngine(policy, ids_only, "/models/policy", gpu_memory_utilization=0.25, seed=3)
     assert fake.llm_kwargs["model"] == "/models/policy" and fake.llm_kwargs["gpu_memory_utilization"] == 0.25
     assert fake.llm_kwargs["seed"] == 3 and fake.llm_kwargs["distributed_executor_backend"] == "external_launcher"
+    assert fake.llm_kwargs["max_num_batched_tokens"] == 4096
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and int(os.environ["MASTER_PORT"]) > 0
 
     ids, mask = encode_prompts(tokenizer, PROMPTS * 4)  # left-padded, as make_rollout passes them
@@ -134,6 +135,7 @@ def test_requests_and_padded_responses(fake_vllm, tokenizer, keep_eos):
     for p in params:
         assert (p["temperature"], p["top_p"], p["max_tokens"], p["n"]) == (0.7, 0.9, 6, 1)
         assert p["stop_token_ids"] == [tokenizer.eos_token_id] and p["ignore_eos"]  # the tokenizer's EOS only
+        assert p["detokenize"] is False
 
     # Expected rows, built from the fake's draws: EOS kept (or restored), pad to the right.
     want_rows = []
@@ -149,6 +151,22 @@ def test_requests_and_padded_responses(fake_vllm, tokenizer, keep_eos):
 
     torch.manual_seed(0)
     assert torch.equal(engine.generate(ids, mask, options), response)  # the torch RNG decides the samples
+
+
+def test_each_rank_samples_with_its_own_seeds_and_the_rngs_stay_in_step(fake_vllm, tokenizer):
+    fake = fake_vllm()
+    ids, mask = encode_prompts(tokenizer, PROMPTS * 2)
+    options = GenerationOptions(max_new_tokens=6, temperature=0.7, top_p=0.9)
+    seeds, states = [], []
+    for rank in (0, 1):
+        engine = vllm_engine.VLLMEngine(models.build_tiny(), tokenizer, "/m", seed=3, rank=rank, world_size=2)
+        assert fake.llm_kwargs["seed"] == 3 + rank
+        torch.manual_seed(0)
+        engine.generate(ids, mask, options)
+        seeds.append([p["seed"] for p in fake.requests[-1][1]])
+        states.append(torch.get_rng_state())
+    assert not set(seeds[0]) & set(seeds[1])  # different samples on different ranks
+    assert torch.equal(states[0], states[1])  # the global RNG advanced alike: later draws agree across ranks
 
 
 def test_pushed_weights_are_the_policys_with_lora_merged(fake_vllm, tokenizer):

@@ -15,6 +15,9 @@ rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
 rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
 rlhfkit demo [key=value ...] [--from STAGE] -> rlhfkit.pipeline.run(demo_config(...))
 rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
+
+``python -m rlhfkit ...`` is the same command, for launchers that start a module:
+``accelerate launch -m rlhfkit run PIPELINE.yaml``.
 """
 
 from __future__ import annotations

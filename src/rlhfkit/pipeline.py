@@ -33,18 +33,30 @@ it. A ``.STAGE.previous`` left by a killed run is settled on the next run (kept
 if the stage had not finished, deleted if it had). ``OUTPUT/pipeline.json`` (the
 pipeline config) is rewritten as stages finish, so a failed run leaves the one
 the outputs were made under.
+
+Under ``accelerate launch`` (or ``torchrun``) with several processes, ``accelerate
+launch -m rlhfkit run PIPELINE.yaml``: the training stages (sft, reward and the
+policy stages) run in every process, which train together; every other stage
+(sample, label, gate, eval, report) runs on the main process alone, and so does
+all the bookkeeping above (stage directories, markers, ``pipeline.json``), while
+the other processes wait for it. A stage starts only when every process has
+finished the one before, so each reads its inputs whole. ``output_dir`` must be
+one directory that every process sees (a shared filesystem across machines).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
@@ -53,6 +65,7 @@ from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
 Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
+T = TypeVar("T")
 
 
 class StageError(RuntimeError):
@@ -89,7 +102,9 @@ class PipelineConfig:
     so that no stage runs in a process an earlier one has worked in. Why: at the end of one long pipeline
     process the eval's generation ran at 3.4-3.5 responses/s, in a child of its own at about 11 (cause not found;
     see benchmarks/README.md). Each child pays the imports (seconds). On in the demo (:func:`demo_config`); off
-    here so that a pipeline run from Python can have its stages patched in-process (as the tests do)."""
+    here so that a pipeline run from Python can have its stages patched in-process (as the tests do). Under a
+    launch with several processes it applies to sample and eval (run by the main process alone) only: the training
+    stages run in the launched processes themselves, since a child could not join their process group."""
     sft: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config sft` keys."""
     sample: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +190,9 @@ class Stage:
     config: Any
     run: Callable[[Any], Any]
     directory: Path
+    every_process: bool
+    """Run in every process of a launch (a training stage, whose processes train together), not by the main
+    process alone."""
 
 
 def build_stages(p: PipelineConfig) -> list[Stage]:
@@ -201,6 +219,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             make(sft.SFTConfig, {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, ("sft", p.sft)),
             sft.train,
             d["sft"],
+            every_process=True,
         ),
         Stage(
             "sample",
@@ -211,6 +230,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             ),
             sample.run,
             d["sample"],
+            every_process=False,
         ),
         Stage(
             "label",
@@ -221,6 +241,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             ),
             label.run,
             d["label"],
+            every_process=False,
         ),
         Stage(
             "reward",
@@ -231,6 +252,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             ),
             reward.train,
             d["reward"],
+            every_process=True,
         ),
     ]
     label_config = next(s.config for s in stages if s.name == "label")
@@ -252,18 +274,18 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
         enforce=p.reward_gate,
         min_accuracy=p.gate_min_accuracy,
     )
-    stages.append(Stage("gate", gate, check_gate, d["gate"]))
+    stages.append(Stage("gate", gate, check_gate, d["gate"], every_process=False))
     for algorithm in algorithms:
         sections = [(algorithm, getattr(p, algorithm))] + ([("rl", p.rl)] if algorithm == p.algorithm else [])
         # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy.
         wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "gold": p.gold}
         if algorithm == "dpo":
             config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])}, *sections)
-            stages.append(Stage(algorithm, config, dpo.train, d[algorithm]))
+            stages.append(Stage(algorithm, config, dpo.train, d[algorithm], every_process=True))
         else:
             cls = {"ppo": rl.RLConfig, "grpo": rl.GRPOConfig, "rloo": rl.RLOOConfig}[algorithm]
             config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, *sections)
-            stages.append(Stage(algorithm, config, rl.train, d[algorithm]))
+            stages.append(Stage(algorithm, config, rl.train, d[algorithm], every_process=True))
     stages.append(
         Stage(
             "eval",
@@ -282,10 +304,17 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             ),
             evaluate.run,
             d["eval"],
+            every_process=False,
         )
     )
     stages.append(
-        Stage("report", report.ReportConfig(run_dir=str(out), output=str(out / "report.html")), report.run, d["report"])
+        Stage(
+            "report",
+            report.ReportConfig(run_dir=str(out), output=str(out / "report.html")),
+            report.run,
+            d["report"],
+            every_process=False,
+        )
     )
     return stages
 
@@ -345,6 +374,12 @@ def _marker(stage: Stage) -> Path:
     return stage.directory / MARKER
 
 
+def _hash_and_recorded(stage: Stage, upstream: str, out: Path) -> tuple[str, str | None]:
+    """The stage's hash now (:func:`_hash`) and the one its marker records (None: no finished output)."""
+    marker = _marker(stage)
+    return _hash(stage.config, upstream, out), json.loads(marker.read_text())["hash"] if marker.exists() else None
+
+
 def _publish_eval(stage: Stage, out: Path) -> None:
     """Copy the eval stage's ``eval.json`` next to ``report.html`` (where users look first)."""
     results = Path(stage.config.output)
@@ -377,6 +412,85 @@ def _recover(directory: Path) -> None:
     log.info(f"pipeline: {directory.name}: an interrupted run left it incomplete; restored the earlier output from {previous}")
 
 
+WAIT_TIMEOUT = datetime.timedelta(days=7)
+"""How long the other processes of a launch wait for the main one to finish a stage it runs alone. torch's default
+for a collective (30 minutes; NCCL's 10) is shorter than sampling or evaluating a large model, or a human labelling
+session; so the pipeline waits in a gloo group of its own with this timeout, and training keeps the launch's group
+and its timeout. A main process that fails tells the others (:meth:`Processes.on_main`); one that dies ends the
+wait too (torchrun stops the other processes)."""
+
+
+class MainProcessError(RuntimeError):
+    """What another process of a launch raises when the main process failed at something it did alone."""
+
+
+class Processes:
+    """The processes running one pipeline: this one alone, or every process of an ``accelerate launch`` /
+    ``torchrun`` run (``WORLD_SIZE`` > 1), which all call the pipeline's functions in the same order."""
+
+    def __init__(self, *, main: bool = True, count: int = 1, group: Any = None):
+        self.main = main
+        """Whether this is the main process (the only one, or rank 0), which does what one process must do alone."""
+        self.count = count
+        self.group = group
+        """The gloo process group the pipeline waits in (None: one process, nothing to wait for)."""
+
+    @classmethod
+    def join(cls) -> Processes:
+        """This process's view: alone, or joined with the launch's other processes (in the process group accelerate
+        sets up, as the first ``Accelerator`` of a stage would, and a gloo group for the pipeline's waits)."""
+        count = int(os.environ.get("WORLD_SIZE", "1"))
+        if count <= 1:
+            return cls()
+        import torch.distributed as dist
+        from accelerate import PartialState  # only under a launch: cli.main imports this module at start-up
+        from accelerate.utils import parse_flag_from_env
+
+        # As accelerate's AcceleratorState does, so a later Accelerator finds the state it would have made.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        if state.num_processes != count:
+            # Without a process group every process would run every stage into the same directories.
+            raise ConfigError(
+                f"launched as one of {count} processes, but accelerate set up a single-process run; on a machine "
+                "without GPUs set ACCELERATE_USE_CPU=true so the processes run the pipeline together (gloo)"
+            )
+        group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+        return cls(main=state.is_main_process, count=count, group=group)
+
+    def _from_main(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the main process alone, its result returned in every process once it is done. If it raises,
+        the main process raises that and every other process a :class:`MainProcessError` naming it, so no process
+        is left waiting for a main process that has stopped."""
+        if self.group is None:
+            return fn()
+        if not self.main:
+            failed, value = self._from_main(None)
+            if failed:
+                raise MainProcessError(f"on the main process: {value}")
+            return value
+        try:
+            result = fn()
+        except BaseException as e:
+            self._from_main((True, f"{type(e).__name__}: {e}"))
+            raise
+        self._from_main((False, result))
+        return result
+
+    def wait_for_everyone(self) -> None:
+        """Return when every process has got here."""
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+
 IN_PROCESS_STAGES = ("label", "gate", "report")
 """Stages that stay in the pipeline's process under ``stage_processes`` (no model, or only the report)."""
 
@@ -385,11 +499,20 @@ class ChildStageError(RuntimeError):
     """A stage that failed in its child process with an exception that cannot travel back as itself."""
 
 
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+"""What torchrun tells each launched process about its place in the launch; a stage's child process is not in it."""
+
+
 def _child_main(fn: Callable[[Any], Any], config: Any, conn) -> None:
     """A child's whole life: ``fn(config)``; sends None, or the exception (as itself when it pickles back)."""
     import pickle
     import traceback
 
+    # Under a launch only the main process starts children (for the stages it runs alone). A child that kept
+    # the launch's variables would take itself for rank 0 of it, and a stage asking accelerate for the process
+    # state would wait for the other ranks to join a process group they are already in.
+    for name in LAUNCH_VARIABLES:
+        os.environ.pop(name, None)
     try:
         fn(config)  # its return value (a trainer, models) stays here
         conn.send(None)
@@ -433,45 +556,77 @@ def _run_in_child(fn: Callable[[Any], Any], config: Any) -> None:
         raise error
 
 
-def _run_stage(stage: Stage, digest: str, start: float, *, fresh_process: bool = False) -> None:
-    """Run one stage into a clean directory; on success, record its hash in the marker.
-
-    The earlier output (if any) waits in ``.STAGE.previous`` meanwhile -- a stale or partial output must not
-    leak into the new run (trainers resume from checkpoints), and a failed run must not lose a finished one:
-    on success it is deleted; on any failure (Ctrl-C too) the partial new output is, and it is moved back.
-    Without an earlier output, a failed stage's partial output stays (no marker: the next run redoes it)."""
-    directory = stage.directory
+def _set_aside(directory: Path) -> bool:
+    """Move a stage's earlier output (if any) to ``.STAGE.previous`` and make its directory anew; whether there was one."""
     previous = _previous(directory)
     if previous.exists():  # settled by _recover before: a leftover here is not an earlier output
         shutil.rmtree(previous)
     kept = directory.exists()
     if kept:
         directory.rename(previous)
+    directory.mkdir(parents=True)
+    return kept
+
+
+def _put_back(stage: Stage) -> None:
+    """After a failure: the earlier output goes back in place of the partial one."""
+    directory = stage.directory
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.exists():  # ignore_errors left something: keep it apart rather than lose either
+        directory.rename(directory.with_name(f".{directory.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
+    _previous(directory).rename(directory)
+    log.warning(f"pipeline: {stage.name}: failed; its earlier output is restored in {directory}")
+
+
+def _run_alone(stage: Stage, *, fresh_process: bool) -> None:
+    """Run a stage in this process, or in a child of its own (``fresh_process``, a stage with a model); what it
+    returns (a trainer, a results dict) stays here."""
+    if fresh_process and stage.name not in IN_PROCESS_STAGES:
+        _run_in_child(stage.run, stage.config)
+    else:
+        stage.run(stage.config)
+
+
+def _run_stage(
+    stage: Stage, digest: str, start: float, *, fresh_process: bool = False, processes: Processes | None = None
+) -> None:
+    """Run one stage into a clean directory; on success, record its hash in the marker.
+
+    The earlier output (if any) waits in ``.STAGE.previous`` meanwhile -- a stale or partial output must not
+    leak into the new run (trainers resume from checkpoints), and a failed run must not lose a finished one:
+    on success it is deleted; on any failure (Ctrl-C too) the partial new output is, and it is moved back.
+    Without an earlier output, a failed stage's partial output stays (no marker: the next run redoes it).
+
+    Under a launch (``processes``), the main process alone moves directories and writes the marker; a training
+    stage runs in every process, any other on the main process alone."""
+    processes = processes or Processes()
+    together = stage.every_process and processes.group is not None
+    kept = processes.on_main(lambda: _set_aside(stage.directory))
     try:
-        directory.mkdir(parents=True)
         log.info(f"pipeline: {stage.name}: running ({time.time() - start:.0f}s elapsed)")
         t0 = time.time()
-        if fresh_process and stage.name not in IN_PROCESS_STAGES:
-            _run_in_child(stage.run, stage.config)
-        else:
+        if together:  # in this process, as one of the launch's: a child could not join their process group
             stage.run(stage.config)
-        atomic_write_text(
-            _marker(stage),
-            json.dumps({"hash": digest, "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}),
+            processes.wait_for_everyone()  # every process has finished its part before the marker says so
+        else:
+            processes.on_main(functools.partial(_run_alone, stage, fresh_process=fresh_process))
+        processes.on_main(
+            lambda: atomic_write_text(
+                _marker(stage),
+                json.dumps(
+                    {"hash": digest, "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                ),
+            )
         )
     except BaseException as e:
-        if kept:  # the earlier output goes back in place of the partial one
-            shutil.rmtree(directory, ignore_errors=True)
-            if directory.exists():  # ignore_errors left something: keep it apart rather than lose either
-                directory.rename(directory.with_name(f".{directory.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"))
-            previous.rename(directory)
-            log.warning(f"pipeline: {stage.name}: failed; its earlier output is restored in {directory}")
+        if kept and processes.main:
+            _put_back(stage)
         # else the partial output stays for a look (logs, gate.json); it has no marker, so it is redone
         if isinstance(e, Exception):  # re-raised with the stage name
             raise StageError(stage.name, e) from e
         raise
     if kept:
-        shutil.rmtree(previous)
+        processes.on_main(lambda: shutil.rmtree(_previous(stage.directory)))
 
 
 def _write_record(config: PipelineConfig, out: Path) -> None:
@@ -480,39 +635,50 @@ def _write_record(config: PipelineConfig, out: Path) -> None:
 
 
 def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, str]:
-    """Run (or resume) the pipeline. Returns ``{stage: "ran" | "skipped"}``."""
+    """Run (or resume) the pipeline. Returns ``{stage: "ran" | "skipped"}``.
+
+    Under ``accelerate launch`` every process calls this; see the module docstring for who does what."""
     stages = build_stages(config)  # all configs are checked before anything runs
     names = [stage.name for stage in stages]
     if from_stage == "rl":  # the first policy stage, whatever its algorithm
         from_stage = config.algorithms()[0]
     if from_stage is not None and from_stage not in names:
         raise ConfigError(f"--from: unknown stage '{from_stage}' (stages of this run: {', '.join(names)}, or rl)")
+    processes = Processes.join()
+    if config.stage_processes and processes.group is not None:
+        log.info(
+            f"pipeline: stage_processes: the training stages run in the {processes.count} launched processes (a child "
+            "process could not join their process group); sample and eval run in a child of the main process"
+        )
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in STAGES:  # an earlier run killed mid-stage: settle what it left
-        _recover(out / name)
+
+    def settle() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in STAGES:  # an earlier run killed mid-stage: settle what it left
+            _recover(out / name)
+
+    processes.on_main(settle)
     status: dict[str, str] = {}
     upstream = ""
     forced = False
     start = time.time()
     for stage in stages:
-        digest = _hash(stage.config, upstream, out)
+        # One process hashes and reads the marker, and so decides for all: they must all run a training stage, or none.
+        digest, recorded = processes.on_main(functools.partial(_hash_and_recorded, stage, upstream, out))
         upstream = digest
         forced = forced or stage.name == from_stage
-        marker = _marker(stage)
-        recorded = json.loads(marker.read_text())["hash"] if marker.exists() else None
         if not forced and recorded == digest and stage.name != "report":
             log.info(f"pipeline: {stage.name}: up to date, skipped")
             status[stage.name] = "skipped"
         else:
             if stage.name == "report":  # it reads pipeline.json; every stage before it is this config's now
-                _write_record(config, out)
-            _run_stage(stage, digest, start, fresh_process=config.stage_processes)
+                processes.on_main(lambda: _write_record(config, out))
+            _run_stage(stage, digest, start, fresh_process=config.stage_processes, processes=processes)
             status[stage.name] = "ran"
             # pipeline.json changes only with what is on disk: a stage that fails leaves the earlier record
-            _write_record(config, out)
+            processes.on_main(lambda: _write_record(config, out))
         if stage.name == "eval":  # the headline numbers also sit next to report.html
-            _publish_eval(stage, out)
+            processes.on_main(functools.partial(_publish_eval, stage, out))
     log.info(f"pipeline: done in {time.time() - start:.0f}s -> {out / 'report.html'}")
     return status
 

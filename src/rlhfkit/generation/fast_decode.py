@@ -16,10 +16,22 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import transformers
+from packaging.version import Version
 
 from rlhfkit.data.packing import shared_prefix_len
 from rlhfkit.modeling.attention import ATTENTION, decode_attention
 from rlhfkit.modeling.forward import position_ids_from_mask
+
+CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+"""The name of the KV cache, as an argument of ``forward``/``generate`` and a field of their output: transformers 5.24
+renamed ``past_key_values`` to ``cache``; vLLM's extra pins transformers below 5.21 (README, "GPU install")."""
+
+
+def output_cache(out):
+    """The KV cache a ``forward(..., use_cache=True)`` returned, under either name (:data:`CACHE_ARG`)."""
+    return getattr(out, CACHE_ARG)
+
 
 SIBLING_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Names of linears that a module calls one after another on the same input (Llama-style attention and MLP)."""
@@ -206,16 +218,14 @@ def _lean_decode_forward(layer, full_forward, step: dict):
         weight, eps = norms[which]
         return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
 
-    def forward(
-        hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
-    ):
+    def forward(hidden_states, attention_mask=None, position_ids=None, use_cache=False, position_embeddings=None, **kwargs):
+        cache = kwargs.get(CACHE_ARG)
         # Prefill, and a residual stream not in fp32 (transformers' norm computes in fp32 and casts back), take the full layer.
         if hidden_states.shape[1] != 1 or cache is None or position_embeddings is None or hidden_states.dtype != torch.float32:
             return full_forward(
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -343,10 +353,10 @@ def shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor
             input_ids=ids[:1, :start],
             position_ids=torch.arange(start, device=ids.device)[None],
             use_cache=True,
-            cache=cache,
             logits_to_keep=1,
+            **{CACHE_ARG: cache},
         )
-        cache = out.cache
+        cache = output_cache(out)
         cache.reorder_cache(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device))
     if width - 1 > start:
         out = model(
@@ -354,9 +364,9 @@ def shared_prefix_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask)[:, start:],
             use_cache=True,
-            cache=cache,
             logits_to_keep=1,
+            **{CACHE_ARG: cache},
         )
-        cache = out.cache
+        cache = output_cache(out)
     cache.reorder_cache(inverse.to(ids.device))
     return cache

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from rlhfkit.generation.fast_decode import (
+    CACHE_ARG,
     common_start_first,
     decoding_cache,
     lean_decode_steps,
@@ -199,7 +200,7 @@ class HFEngine:
         with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
             cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
             shared = shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
-            kwargs["cache"] = cache if shared is None else shared
+            kwargs[CACHE_ARG] = cache if shared is None else shared
             out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
         self.model.train(was_training)
         response = out[:, query_ids.shape[1] :]

@@ -65,9 +65,15 @@ class VLLMEngine:
     ``model`` is the policy being trained (an ``AutoModelForCausalLM``, or its peft
     wrapper); ``model_dir`` the directory it was loaded from, which vLLM loads
     once for the architecture and tokenizer; its weights are then replaced by
-    the policy's. ``seed`` seeds vLLM; each row also gets its own sampling seed
-    drawn from torch's global RNG, so a run (and a resumed run, which restores
-    that RNG) samples the same tokens, and the k copies of a prompt differ.
+    the policy's. ``seed + rank`` seeds vLLM (TRL seeds by process index,
+    ``trl/generation/vllm_generation.py``); each row also gets its own sampling
+    seed drawn from torch's global RNG, so a run (and a resumed run, which
+    restores that RNG) samples the same tokens, and the k copies of a prompt
+    differ. Every rank draws the same ``(world_size, rows)`` block and takes its
+    own row of it: different seeds on different ranks, and the ranks' RNGs stay
+    in step. ``max_model_len`` bounds vLLM's KV cache (prompt + response; left
+    ``None``, vLLM takes the model's own limit, 131,072 tokens for Llama-3.1, and
+    may refuse to start).
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class VLLMEngine:
             ) from None
         _require_cuda(model)
         self.tokenizer = tokenizer
+        self.rank, self.world_size = rank, world_size
         self._sampling_params = vllm.SamplingParams
         # vLLM's in-process ("external launcher") executor reads the torch.distributed variables; a
         # single process gets the one-process defaults, and a launched run already has them.
@@ -103,11 +110,17 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             distributed_executor_backend="external_launcher",
-            seed=seed,
+            seed=seed + rank,
             enable_prefix_caching=True,
+            # TRL passes 4096: "Latest vLLM v1 memory profiler is misled by the high default value"
+            # (trl/generation/vllm_generation.py); vLLM's default on H100/H200 is 16384.
+            max_num_batched_tokens=4096,
             dtype="bfloat16" if torch.cuda.is_bf16_supported() else "float16",
         )
         self.load_weights(model)
+        # TRL waits here too: each rank's engine loads on its own schedule (vllm_generation.py).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def load_weights(self, model) -> None:
         """Copy the policy's current weights into vLLM and drop its prefix cache (it was computed with the old ones)."""
@@ -132,7 +145,7 @@ class VLLMEngine:
         """
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(query_ids, query_mask)]
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (self.world_size, len(prompts)))[self.rank].tolist()
         # Stop at the tokenizer's EOS only, as the transformers engine does (not at other ids the model's
         # generation config may list as EOS).
         params = [
@@ -144,6 +157,7 @@ class VLLMEngine:
                 seed=seed,
                 ignore_eos=True,
                 stop_token_ids=[eos],
+                detokenize=False,  # token ids only; rlhfkit decodes
             )
             for seed in seeds
         ]

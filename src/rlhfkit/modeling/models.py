@@ -215,7 +215,15 @@ def resolve(spec: str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a directory but has no config.json (not a transformers model)")
         return path
-    raise ModelLoadError(f"unknown model '{spec}': expected '{SMOLLM2}', '{TINY}', a .gguf file or a model directory")
+    expected = f"expected '{SMOLLM2}', '{TINY}', a .gguf file or a model directory"
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec):  # looks like a Hub id (org/name), or a directory not made yet
+        local = f"models/{spec.rsplit('/', 1)[1]}"
+        raise ModelLoadError(
+            f"unknown model '{spec}': no such directory, and rlhfkit never downloads at run time ({expected}). "
+            f"If it is a Hugging Face Hub id, download it once, `hf download {spec} --local-dir {local}` "
+            f"(older huggingface_hub: `huggingface-cli download`), then pass model={local}"
+        )
+    raise ModelLoadError(f"unknown model '{spec}': {expected}")
 
 
 def load_tokenizer(spec: str, *, padding_side: str = "right"):

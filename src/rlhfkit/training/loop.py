@@ -23,6 +23,7 @@ but reuses the pieces here: :func:`make_accelerator`, :class:`Checkpointer` and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -128,7 +129,96 @@ class Task(Protocol):
         """``(sum of per-item losses, {name: sum of a per-item statistic})``."""
 
 
-def prepare(acc, model, optimizer):
+DEEPSPEED_AUTO = "auto"
+"""The value in a DeepSpeed config that asks whoever starts DeepSpeed (accelerate, here rlhfkit) to fill a key in."""
+
+
+def fill_deepspeed_config(
+    config: dict[str, Any], *, micro_batch_size: int, grad_accum: int, num_processes: int, max_grad_norm: float
+) -> dict[str, Any]:
+    """A copy of DeepSpeed config ``config`` with the keys this run decides filled in where they are ``"auto"`` or
+    missing, so that ``acc.prepare(model, optimizer)`` works without a DataLoader and trains as the run's config says.
+
+    What each key gets, and why rlhfkit fills it rather than leaving it to accelerate's
+    ``Accelerator._prepare_deepspeed`` (accelerate/accelerator.py):
+
+    - ``train_micro_batch_size_per_gpu`` = ``micro_batch_size`` (rows per process) and ``train_batch_size`` =
+      ``micro_batch_size x grad_accum x num_processes``: accelerate fills ``"auto"`` from the ``batch_size`` of a
+      DataLoader passed to ``prepare`` and raises without one; rlhfkit shards its data itself (:func:`shard_indices`)
+      and passes none.
+    - ``gradient_accumulation_steps`` = ``grad_accum``: an explicit value there replaces the Accelerator's (with only
+      a warning), but the loop takes ``grad_accum`` micro-batches per step and scales the loss by it
+      (:func:`global_mean_scale`). accelerate writes 1 into a DeepSpeed config file that lacks the key
+      (``DeepSpeedPlugin.__post_init__``, accelerate/utils/dataclasses.py), so only ``"auto"`` is safe for every
+      ``grad_accum``.
+    - ``gradient_clipping`` = ``max_grad_norm`` (0: DeepSpeed does not clip): accelerate fills ``"auto"`` with 1.0,
+      DeepSpeed's default for a missing key is 1.0 too (``GRADIENT_CLIPPING_DEFAULT``, deepspeed/runtime/constants.py),
+      and under DeepSpeed ``acc.clip_grad_norm_`` clips nothing (``Accelerator.clip_grad_norm_`` returns the engine's
+      norm): the engine is the only one that clips.
+    - under ZeRO stage 3, ``zero_optimization.stage3_gather_16bit_weights_on_model_save`` = True: accelerate fills
+      ``"auto"`` with False, and ``Accelerator.get_state_dict``, which :func:`fit` calls to save the final model, then
+      refuses to gather the partitioned weights, after the whole run.
+
+    ``config`` itself is not changed.
+
+    Raises:
+        ConfigError: naming every key that ``config`` sets to another value than the run's.
+    """
+    filled = copy.deepcopy(config)
+    zero = filled.get("zero_optimization", {})
+    # key -> (the run's value, where it comes from); a dotted key lives in the zero_optimization section
+    wanted: dict[str, tuple[Any, str]] = {
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "rows per process per micro-batch"),
+        "gradient_accumulation_steps": (grad_accum, "grad_accum"),
+        "train_batch_size": (
+            micro_batch_size * grad_accum * num_processes,
+            f"batch_size x grad_accum x processes = {micro_batch_size} x {grad_accum} x {num_processes}",
+        ),
+        "gradient_clipping": (float(max_grad_norm), "max_grad_norm"),
+    }
+    if zero.get("stage") == 3:
+        wanted["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = (True, "the final save gathers the weights")
+    conflicts = []
+    for full_key, (value, source) in wanted.items():
+        node, key = (zero, full_key.partition(".")[2]) if "." in full_key else (filled, full_key)
+        current = node.get(key, DEEPSPEED_AUTO)
+        if current == DEEPSPEED_AUTO:
+            node[key] = value
+        elif current != value:
+            conflicts.append(f"{full_key} is {current!r}, the run needs {value!r} ({source})")
+    if conflicts:
+        raise ConfigError(
+            "the DeepSpeed config disagrees with the run: "
+            + "; ".join(conflicts)
+            + '; set these keys to "auto" (rlhfkit fills them in) or to the values the run needs (with '
+            "`accelerate launch` and no DeepSpeed JSON, ZeRO-3's gather is --zero3_save_16bit_model true)"
+        )
+    return filled
+
+
+def _refuse_stale_optimizer(acc) -> None:
+    """Refuse FSDP version 1 with ``use_orig_params`` false, where the optimizer built before wrapping trains nothing.
+
+    rlhfkit builds the optimizer before ``acc.prepare`` wraps the model. FSDP1 without ``use_orig_params`` replaces
+    the parameters with flat ones; accelerate re-points the optimizer only for FSDP2, XLA, and FSDP1's meta
+    parameters (``Accelerator.prepare`` / ``_get_parameters_to_remap``, accelerate/accelerator.py), so the optimizer
+    would step parameters the model no longer uses. Building the optimizer after wrapping instead would not be right
+    either: the flat parameters are all 1-D, so :func:`~rlhfkit.training.optim.build_optimizer`'s no-decay rule
+    (biases and norms) would take every weight.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP or acc.is_fsdp2:
+        return
+    if not acc.state.fsdp_plugin.use_orig_params:
+        raise ConfigError(
+            "FSDP version 1 with use_orig_params false is not supported: it replaces the parameters the optimizer "
+            "holds, so training would not change the weights; set fsdp_use_orig_params: true in the accelerate config "
+            "(`accelerate launch --fsdp_use_orig_params true`, its default) or use FSDP2 (fsdp_version: 2)"
+        )
+
+
+def prepare(acc, model, optimizer, *, micro_batch_size: int | None = None, max_grad_norm: float | None = None):
     """``acc.prepare(model, optimizer)``, minus accelerate's fp32 cast of everything the model returns.
 
     Under mixed precision accelerate wraps the model's forward in autocast and casts
@@ -140,11 +230,32 @@ def prepare(acc, model, optimizer):
     unchanged: bf16 -> fp32 is exact, and the gradient is rounded to bf16 where it
     meets the bf16 matmul either way.
 
-    On CPU the optimizer state is then made up front (:func:`rlhfkit.training.optim.prime_state`).
+    Under DeepSpeed, ``micro_batch_size`` (rows per process per micro-batch) and ``max_grad_norm`` are required: they
+    complete the DeepSpeed config first (:func:`fill_deepspeed_config`). FSDP version 1 without ``use_orig_params``
+    is refused (:func:`_refuse_stale_optimizer`).
+
+    On CPU the optimizer state is then made up front (:func:`rlhfkit.training.optim.prime_state`), except under
+    DeepSpeed, whose ZeRO optimizer steps on the gradients it reduced into its own buffers: a step without a backward
+    fails there (``KeyError`` in ``DeepSpeedZeroOptimizer.scaled_global_norm``, ZeRO-2).
     """
+    _refuse_stale_optimizer(acc)
+    plugin = acc.state.deepspeed_plugin
+    if plugin is not None:
+        if micro_batch_size is None or max_grad_norm is None:
+            raise TypeError("under DeepSpeed, prepare() needs micro_batch_size and max_grad_norm (they fill its config)")
+        filled = fill_deepspeed_config(
+            plugin.deepspeed_config,
+            micro_batch_size=micro_batch_size,
+            grad_accum=acc.gradient_accumulation_steps,
+            num_processes=acc.num_processes,
+            max_grad_norm=max_grad_norm,
+        )
+        # In place: the plugin's HfDeepSpeedConfig holds this same dict, and accelerate reads it there.
+        plugin.deepspeed_config.clear()
+        plugin.deepspeed_config.update(filled)
     model, optimizer = acc.prepare(model, optimizer)
     acc.unwrap_model(model, keep_fp32_wrapper=False)  # removes the wrapper in place
-    if acc.device.type == "cpu":
+    if acc.device.type == "cpu" and plugin is None:
         prime_state(getattr(optimizer, "optimizer", optimizer))  # the torch optimizer inside accelerate's wrapper
     return model, optimizer
 
@@ -388,9 +499,12 @@ class Checkpointer:
                 self.root.mkdir(parents=True, exist_ok=True)
                 remove_stale_temps(self.root, CHECKPOINT_TEMP)  # tmp among them, if a killed save left it
                 tmp.mkdir()
-            acc.wait_for_everyone()
+            acc.wait_for_everyone()  # tmp exists before any process writes into it
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every process has written its RNG states
+            # Every process has written its files: accelerate's save_state ends without a barrier, each process
+            # writing its RNG states last (random_states_<rank>.pkl, save_accelerator_state in
+            # accelerate/checkpointing.py), and the rename below must not move tmp from under a process still writing.
+            acc.wait_for_everyone()
             if main:
                 (tmp / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
                 files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -562,7 +676,7 @@ def fit(
         )
     total_steps = options.max_steps if options.max_steps > 0 else max(1, math.ceil(options.num_epochs * steps_per_epoch))
     optimizer, scheduler = build_optimization(model, options, total_steps)
-    model, optimizer = prepare(acc, model, optimizer)
+    model, optimizer = prepare(acc, model, optimizer, micro_batch_size=B, max_grad_norm=options.max_grad_norm)
 
     state = TrainState(total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     checkpointer = Checkpointer(acc, out, keep=options.keep_checkpoints, scheduler=scheduler, config=options)
