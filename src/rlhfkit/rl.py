@@ -336,6 +336,36 @@ def _micro_batches(n: int, parts: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
 
 
+def _global_means(acc, parts: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """``{name: sum of totals / sum of weights}`` over all processes, for ``parts[name] = (total, weight)`` of this
+    one (one all-reduce): a mean over every process's rows (or tokens), 0 where no process has any.
+
+    A process's mean ``m`` enters as ``(m * n, n)``: with one process the result is ``m`` itself, bit for bit
+    (a float32 ``m`` times an integer count below 2**29 is exact in float64).
+    """
+    flat = reduce_sum(acc, {**{k: t for k, (t, _) in parts.items()}, **{f"{k}/weight": w for k, (_, w) in parts.items()}})
+    return {k: flat[k] / flat[f"{k}/weight"] if flat[f"{k}/weight"] > 0 else 0.0 for k in parts}
+
+
+def _whole_batch(acc, mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(*tensors, mask)`` of the whole batch, for a masked statistic over every process's tokens.
+
+    One process: the arguments as they are, (B, R) each. Several: each tensor's ``mask``-True entries from every
+    process, 1-D (in rank order), and an all-True mask.
+    """
+    if acc.num_processes == 1:
+        return (*tensors, mask)
+    counts = acc.gather(torch.tensor([int(mask.sum())], device=acc.device)).tolist()
+    width = max(counts)
+    out = []
+    for x in tensors:
+        flat = x[mask].to(acc.device, torch.float32)
+        padded = torch.cat([flat, flat.new_zeros(width - flat.numel())])  # gather needs equal sizes
+        per_process = acc.gather(padded).view(len(counts), width)
+        out.append(torch.cat([per_process[r, :n] for r, n in enumerate(counts)]).cpu())
+    return (*out, torch.ones(sum(counts), dtype=torch.bool))
+
+
 def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False, packed: bool = False):
     """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``."""
     sub = rollout.select(rows)
@@ -400,7 +430,9 @@ class RLTrainer:
         self.steps_per_epoch = max(1, len(self.prompts) // (c.batch_size * self.P))
         self.total_steps = c.max_steps if c.max_steps > 0 else max(1, math.ceil(c.num_epochs * self.steps_per_epoch))
         optimizer, self.scheduler = build_optimization(model, c, self.total_steps)
-        self.model, self.optimizer = prepare(self.acc, model, optimizer)
+        # Micro-batch rows per process (the largest of _micro_batches' parts): completes a DeepSpeed config.
+        micro = -(-rows_per_minibatch // c.grad_accum)
+        self.model, self.optimizer = prepare(self.acc, model, optimizer, micro_batch_size=micro, max_grad_norm=c.max_grad_norm)
         gen_precision = c.generation_precision
         if gen_precision == "auto":
             gen_precision = c.precision
@@ -497,40 +529,45 @@ class RLTrainer:
             group_size=c.samples_per_prompt,
             scale=c.scale_advantages,
         )
-        keep, loss_stats = None, {}
+        # Every metric is (this process's total, its weight): _global_means turns them into the whole batch's
+        # means over all processes, so every rank logs, and adapts beta from, the same numbers.
+        n_rows, n_tokens = float(B), float(mask.sum())
+        keep, parts = None, {}
         if c.drop_zero_variance_groups:  # groups of equal scores: zero weight in the loss (DAPO's filter)
             flat = zero_variance_groups(scores, c.samples_per_prompt)
             keep = (~flat).repeat_interleave(c.samples_per_prompt)
-            loss_stats[M.ZERO_VARIANCE_GROUPS] = flat.float().mean().item()
+            parts[M.ZERO_VARIANCE_GROUPS] = (flat.float().mean().item() * flat.numel(), float(flat.numel()))
         if c.overlong_buffer > 0:
-            loss_stats[M.OVERLONG_PENALTY] = overlong.mean().item()
+            parts[M.OVERLONG_PENALTY] = (overlong.mean().item() * n_rows, n_rows)
 
         lengths = rollout.lengths.float()
         if self.gold_fn is not None:
             gold = self.gold_fn(rollout.prompts, rollout.responses)
-            stats_gold = {M.GOLD: sum(gold) / len(gold)}
-        else:
-            stats_gold = {}
-        stats = {
-            **stats_gold,
-            **loss_stats,
-            M.SCORE: raw.mean().item(),
-            M.SCORE_USED: scores.mean().item(),
-            M.RESPONSE_LENGTH: lengths.mean().item(),
-            M.EOS_RATE: rollout.has_eos.float().mean().item(),
-            "beta": beta,
-            "gen_tokens_per_s": lengths.sum().item() / max(gen_time, 1e-9),
-            "time_generate": gen_time,
-            "time_score_forward": fwd_time,
-        }
+            parts[M.GOLD] = (sum(gold), float(len(gold)))
+        parts.update(
+            {
+                M.SCORE: (raw.mean().item() * n_rows, n_rows),
+                M.SCORE_USED: (scores.mean().item() * n_rows, n_rows),
+                M.RESPONSE_LENGTH: (lengths.mean().item() * n_rows, n_rows),
+                M.EOS_RATE: (rollout.has_eos.float().mean().item() * n_rows, n_rows),
+                # per process: the processes generate and score side by side
+                "_generated_tokens": (lengths.sum().item(), 1.0),
+                "time_generate": (gen_time, 1.0),
+                "time_score_forward": (fwd_time, 1.0),
+            }
+        )
         if kl_k1 is not None:
-            stats[M.KL] = kl_k1.sum(-1).mean().item()
-            stats[M.KL_K3] = kl_k3.sum(-1).mean().item()
-            stats[M.REWARD] = (scores - beta * kl.sum(-1)).mean().item()
+            parts[M.KL] = (kl_k1.sum(-1).mean().item() * n_rows, n_rows)
+            parts[M.KL_K3] = (kl_k3.sum(-1).mean().item() * n_rows, n_rows)
+            parts[M.REWARD] = ((scores - beta * kl.sum(-1)).mean().item() * n_rows, n_rows)
         elif ref_logps_t is None:
-            stats[M.REWARD] = scores.mean().item()
+            parts[M.REWARD] = (scores.mean().item() * n_rows, n_rows)
         if entropy:
-            stats[M.ENTROPY] = masked_mean(torch.cat(entropy), mask).item()
+            parts[M.ENTROPY] = (masked_mean(torch.cat(entropy), mask).item() * n_tokens, n_tokens)
+        stats = _global_means(self.acc, parts)
+        # All processes' tokens per second of (mean) generation time.
+        stats["gen_tokens_per_s"] = stats.pop("_generated_tokens") * self.P / max(stats["time_generate"], 1e-9)
+        stats["beta"] = beta  # the same on every process: the controller is fed the global KL
         scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl, keep)
         return scored, stats
 
@@ -637,12 +674,14 @@ class RLTrainer:
                     stopped_early = True
                     break
         self.scheduler.step()
-        sums = reduce_sum(acc, {**sums, **{f"_{k}": v for k, v in counts.items()}})
+        # The rollout's mean response length, over all processes, as _global_means forms it.
+        local_len = float(rollout.response_mask.sum(-1).float().mean())
+        sums = reduce_sum(acc, {**sums, **{f"_{k}": v for k, v in counts.items()}, "_len": local_len * B, "_rows": float(B)})
         tokens = max(1.0, sums.pop("_tokens"))
         sums.pop("_seqs")
+        mean_len = sums.pop("_len") / sums.pop("_rows")
         stats = {k: v / tokens for k, v in sums.items()}
         # Per-sequence KL measured in the update, in the units of `kl` (sum over tokens).
-        mean_len = float(rollout.response_mask.sum(-1).float().mean())
         if "kl_k1_update" in stats:  # measured only against a reference
             stats[M.UPDATE_KL] = stats.pop("kl_k1_update") * mean_len
             stats[M.UPDATE_KL_K3] = stats.pop("kl_k3_update") * mean_len
@@ -652,7 +691,9 @@ class RLTrainer:
         stats["time_update"] = time.perf_counter() - t0
         stats["lr"] = self.scheduler.get_last_lr()[0]
         if scored.values is not None and scored.returns is not None:
-            stats[M.EXPLAINED_VARIANCE] = float(explained_variance(scored.values, scored.returns, rollout.response_mask))
+            # Over the whole batch: every process's tokens.
+            whole = _whole_batch(acc, rollout.response_mask, scored.values, scored.returns)
+            stats[M.EXPLAINED_VARIANCE] = float(explained_variance(*whole))
         return stats
 
     # ---------------------------------------------------------------- 1-6: one step

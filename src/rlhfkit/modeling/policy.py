@@ -72,6 +72,12 @@ class ActorCritic(nn.Module):
             self.critic = critic
         elif value != "none":
             raise ValueError(f"value must be none, head or critic; got '{value}'")
+        # The blocks no device split may cut, as transformers names them on its models: accelerate's FSDP
+        # transformer auto-wrap reads this attribute of the model it prepares (this one) to find the decoder
+        # layers to shard one by one; without it the whole ActorCritic is one FSDP unit.
+        self._no_split_modules = set(_base(policy)._no_split_modules or ())
+        if critic is not None:
+            self._no_split_modules |= set(critic._no_split_modules or ())
 
     def forward(
         self,
