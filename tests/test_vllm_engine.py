@@ -225,6 +225,11 @@ def test_grpo_run_samples_from_the_current_policy(fake_vllm, tmp_path):
         trainer.update(scored)
         trainer.step_count += 1
     assert len(fake.requests) == 3 and len(fake.pushes) == 4  # at start-up, then before each rollout
+    _, mask = encode_prompts(trainer.tokenizer, trainer.prompts)
+    assert fake.llm_kwargs["max_model_len"] == int(mask.sum(1).max()) + 6  # the longest prompt + max_new_tokens
+    assert (
+        max(len(p["prompt_token_ids"]) for prompts, _ in fake.requests for p in prompts) + 6 <= fake.llm_kwargs["max_model_len"]
+    )
     assert any(not torch.equal(initial[n], p) for n, p in policy.named_parameters())  # the policy did move
 
 

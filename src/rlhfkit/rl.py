@@ -58,7 +58,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.sft import collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, encode_prompts, make_rollout
 from rlhfkit.generation.vllm_engine import VLLMEngine
 from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.losses import (
@@ -120,6 +120,10 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     fp16 where the GPU has no bf16, so `generation_precision` applies to hf only)."""
     vllm_gpu_memory_utilization: float = 0.3
     """rollout_engine=vllm: fraction of the GPU's memory vLLM takes for its weights and KV cache."""
+    vllm_max_model_len: int | None = None
+    """rollout_engine=vllm: the longest sequence (prompt + response) vLLM keeps a KV cache for. None: the longest
+    encoded training prompt plus `max_new_tokens` (left to vLLM, a model's own limit, 131,072 tokens for
+    Llama-3.1, can make it refuse to start)."""
     generation_precision: str = "auto"
     """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes about 2x faster than fp32 on
     CPUs with avx512-bf16 (see benchmarks/README.md, "Design measurements")."""
@@ -449,6 +453,7 @@ class RLTrainer:
                 self.tokenizer,
                 models.resolve(c.policy),
                 gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                max_model_len=c.vllm_max_model_len or self._longest_sequence(),
                 seed=c.seed,
                 rank=self.acc.process_index,
                 local_rank=self.acc.local_process_index,
@@ -457,6 +462,11 @@ class RLTrainer:
         if c.rollout_engine != "hf":
             raise ValueError(f"rollout_engine must be hf or vllm, not {c.rollout_engine!r}")
         return HFEngine(policy, self.tokenizer, precision=precision)
+
+    def _longest_sequence(self) -> int:
+        """The longest encoded training prompt plus ``max_new_tokens``: what a rollout can need a KV cache for."""
+        _, mask = encode_prompts(self.tokenizer, self.prompts)
+        return int(mask.sum(1).max()) + self.config.max_new_tokens
 
     def _load_ptx(self):
         examples, _ = tokenize_sft(self.tokenizer, load_sft_file(self.config.ptx_data), max_length=self.config.ptx_max_length)
