@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -44,8 +48,6 @@ def browser_required() -> bool:
 def require_chromium() -> None:
     """Skip the calling test unless Debian's chromium and Playwright are installed (fail under CI)."""
     import importlib.util
-
-    import pytest
 
     missing = []
     if not CHROMIUM.exists():
@@ -92,8 +94,6 @@ def characters(prompts: list, responses: list[str], **kwargs) -> list[float]:
 
 def free_port() -> int:
     """A TCP port nothing listens on now (for a launch's rendezvous)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -110,11 +110,6 @@ def launch_two_cpu_processes(
     SIGTERM, not ``subprocess.run``'s SIGKILL: torchrun's workers run in sessions of their own and its agent stops
     them on SIGTERM, where a killed agent would leave them running.
     """
-    import subprocess
-    import sys
-
-    import pytest
-
     command = [
         str(Path(sys.executable).with_name("accelerate")),
         "launch",

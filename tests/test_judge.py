@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,7 @@ from rlhfkit.label import run as run_label
 from rlhfkit.serve import start_in_thread
 from tests import judge_backends
 from tests.annotate_client import make_pairs
+from tests.helpers import free_port
 
 # Pairs where exactly one response says "please", in both positions.
 PLEASE_PAIRS = [
@@ -79,12 +79,6 @@ def scripted():
     yield start
     for server in servers:
         server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def client_for(base_url: str, **kwargs) -> HTTPChatClient:
