@@ -100,7 +100,12 @@ def free_port() -> int:
 
 
 def launch_two_cpu_processes(
-    target: list[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 900
+    target: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 900,
+    fsdp: bool = False,
 ):
     """``accelerate launch`` of ``target`` (``["-m", "rlhfkit.cli", ...]`` or ``[script, ...]``) in two CPU processes.
 
@@ -109,11 +114,29 @@ def launch_two_cpu_processes(
     (stdout and stderr as text); fails the test if it runs past ``timeout`` seconds. On a timeout the launcher gets
     SIGTERM, not ``subprocess.run``'s SIGKILL: torchrun's workers run in sessions of their own and its agent stops
     them on SIGTERM, where a killed agent would leave them running.
+
+    ``fsdp=True``: accelerate's FSDP2 plugin (transformer-layer auto-wrap, full state dicts, reshard after forward)
+    instead of DDP, through ``tests/fsdp_on_cpu.py`` (accelerate itself runs FSDP only on accelerator devices).
     """
+    if fsdp:
+        mode = [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+            "--fsdp_reshard_after_forward",
+            "true",
+        ]
+        target = [str(Path(__file__).with_name("fsdp_on_cpu.py")), *target]
+    else:
+        mode = ["--multi_gpu"]
     command = [
         str(Path(sys.executable).with_name("accelerate")),
         "launch",
-        "--multi_gpu",
+        *mode,
         "--num_processes",
         "2",
         "--num_machines",

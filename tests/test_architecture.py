@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.generation": 0,
     "rlhfkit.training": 0,
     "rlhfkit.training.optim": 0,
+    "rlhfkit.training.sharding": 0,
     "rlhfkit.feedback.agreement": 0,
     # 1: data/ (formats, prompts, the packed batch layout); feedback sources that are pure functions; metrics files
     "rlhfkit.data.sft": 1,
@@ -68,7 +69,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.feedback.web.admin": 4,
     "rlhfkit.feedback.web.app": 4,
     "rlhfkit.feedback.web.cli": 4,
-    # 5: stages (what a user runs), and the reward functions and probes they share
+    # 5: stages (what a user runs), and the reward functions and probes they share; the doctor reading their metrics
     "rlhfkit.sft": 5,
     "rlhfkit.sample": 5,
     "rlhfkit.label": 5,
@@ -77,6 +78,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.dpo": 5,
     "rlhfkit.rl": 5,
     "rlhfkit.probe": 5,
+    "rlhfkit.doctor": 5,
     "rlhfkit.evaluate": 5,
     "rlhfkit.elo": 5,
     # 6: orchestration of stages (the pipeline, iterated DPO's rounds), the report, the command line

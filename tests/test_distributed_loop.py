@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from transformers import AutoModelForCausalLM
 
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.sft import train
@@ -213,6 +214,22 @@ def test_fsdp_keeping_the_parameters_is_prepared(plugin):
     assert acc.calls == [("prepare",)]
 
 
+def test_lora_under_fsdp_is_refused_before_wrapping_and_under_ddp_is_prepared():
+    from peft import LoraConfig, get_peft_model
+
+    model, optimizer = tiny_model_and_optimizer()  # a Linear: peft adapts it by its name in the parent module
+    lora = get_peft_model(torch.nn.Sequential(model), LoraConfig(r=2, target_modules=["0"]))
+    acc = RecordingAccelerator(distributed_type=DistributedType.FSDP, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    with pytest.raises(ConfigError, match="LoRA"):
+        loop.prepare(acc, lora, optimizer)
+    with pytest.raises(ConfigError, match="LoRA"):  # an RL ActorCritic whose policy has adapters
+        loop.prepare(acc, SimpleNamespace(policy=lora, critic=None), optimizer)
+    assert acc.calls == []
+    ddp = RecordingAccelerator(distributed_type=DistributedType.MULTI_CPU)
+    loop.prepare(ddp, lora, optimizer)
+    assert ddp.calls == [("prepare",)]
+
+
 # ----------------------------------------------------------------------------- Checkpointer.save's barriers
 
 
@@ -240,27 +257,30 @@ def test_checkpoint_save_waits_for_every_process_around_save_state(tmp_path):
 # ----------------------------------------------------------------------------- two processes, a checkpoint, a resume
 
 
-def launch_two_processes(config, timeout: float = 900) -> subprocess.CompletedProcess:
+def launch_two_processes(config, timeout: float = 900, fsdp: bool = False) -> subprocess.CompletedProcess:
     """``rlhfkit sft`` on ``config`` in two gloo CPU processes (:func:`tests.helpers.launch_two_cpu_processes`)."""
     config_file = Path(config.output_dir).with_suffix(".yaml")
     config_file.write_text(yaml.safe_dump(to_dict(config)), encoding="utf-8")
-    proc = launch_two_cpu_processes(["-m", "rlhfkit.cli", "sft", str(config_file)], timeout=timeout)
+    proc = launch_two_cpu_processes(["-m", "rlhfkit.cli", "sft", str(config_file)], timeout=timeout, fsdp=fsdp)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 @pytest.mark.slow
-def test_two_processes_with_accumulation_checkpoint_and_resume_equal_one_process(varied_file, make_config):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_with_accumulation_checkpoint_and_resume_equal_one_process(varied_file, make_config, fsdp):
     # 16 examples; two processes x batch 2 x grad_accum 2 = a global batch of 8, two steps an epoch.
     common = dict(data=str(varied_file), max_steps=4, lr=1e-3, warmup_ratio=0.0, seed=7, grad_accum=2, save_every=2)
     two = make_config("two", batch_size=2, **common)
-    launch_two_processes(two)
+    launch_two_processes(two, fsdp=fsdp)
     checkpoint = Path(two.output_dir) / "checkpoints" / "step-0000002"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    if fsdp:  # accelerate's FSDP checkpoint: the model state apart from the optimizer's
+        assert (checkpoint / "pytorch_model_fsdp.bin").is_file()
 
     # The same run killed after its step-2 checkpoint: resumed from it, in another output_dir.
     resumed = make_config("resumed", batch_size=2, resume=str(checkpoint), **common)
-    proc = launch_two_processes(resumed)
+    proc = launch_two_processes(resumed, fsdp=fsdp)
     assert proc.stdout.count(f"resumed from {checkpoint} at step 2") == 1, proc.stdout[-2000:]
 
     one = make_config("one", batch_size=4, **common)
@@ -276,3 +296,9 @@ def test_two_processes_with_accumulation_checkpoint_and_resume_equal_one_process
     assert [r["tokens_seen"] for r in resumed_log] == [r["tokens_seen"] for r in two_log[2:]]
     assert_same_weights(saved_weights(two.output_dir), saved_weights(one.output_dir), atol=1e-5)
     assert_same_weights(saved_weights(resumed.output_dir), saved_weights(two.output_dir), atol=1e-6)
+    loaded = AutoModelForCausalLM.from_pretrained(two.output_dir)  # the gathered save is a whole model
+    assert_same_weights(
+        {k: v for k, v in loaded.state_dict().items() if k in saved_weights(one.output_dir)},
+        saved_weights(one.output_dir),
+        atol=1e-5,
+    )

@@ -348,10 +348,9 @@ def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, 
     def hash_model(model):
         raise AssertionError("the reference weights were hashed on a process other than the main one")
 
-    import accelerate
     import accelerate.utils
 
-    monkeypatch.setattr(accelerate, "PartialState", OtherProcess)
+    monkeypatch.setattr(dpo, "process_state", OtherProcess)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [path, True])
     monkeypatch.setattr(dpo, "_hash_model", hash_model)
     tokenizer = models.load_tokenizer(config.model)
@@ -635,3 +634,36 @@ def test_rankings_expand_and_ties_are_dropped_for_dpo(tokenizer, mixed_file):
     for pair, (better, worse) in zip(pairs[2:], expected):
         assert pair["chosen_input_ids"] == tokenize_response(tokenizer, RANKING["prompt"], better)[0]
         assert pair["rejected_input_ids"] == tokenize_response(tokenizer, RANKING["prompt"], worse)[0]
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def test_interleave_puts_each_process_rows_back_in_order():
+    # 5 rows over 2 processes: process 0 scored rows 0, 2, 4; process 1 rows 1, 3.
+    parts = [torch.tensor([[0.0, 0.5], [2.0, 2.5], [4.0, 4.5]]), torch.tensor([[1.0, 1.5], [3.0, 3.5]])]
+    assert dpo.interleave(parts, 5).tolist() == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5], [3.0, 3.5], [4.0, 4.5]]
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_with_the_reference_split_between_them_equals_one_process(prefs_file, tmp_path):
+    """``rlhfkit dpo`` alone under a 2-process CPU launch: each process computes half the reference log-probs
+    (every other pair), the halves are gathered, and training equals one process with the joint batch."""
+    import yaml
+
+    from rlhfkit.config import to_dict
+    from tests.helpers import assert_same_weights, launch_two_cpu_processes, saved_weights
+
+    common = dict(data=str(prefs_file), max_steps=3, ref_cache=False, seed=5)
+    two = dpo_config(tmp_path, "two", batch_size=2, **common)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(two)), encoding="utf-8")
+    proc = launch_two_cpu_processes(["-m", "rlhfkit.cli", "dpo", str(config_file)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = dpo_config(tmp_path, "one", batch_size=4, **common)
+    train(one)
+    two_log, one_log = train_entries(two.output_dir), train_entries(one.output_dir)
+    assert [r["step"] for r in two_log] == [1, 2, 3]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in two_log] == pytest.approx([r[key] for r in one_log], rel=1e-4), key
+    assert_same_weights(saved_weights(two.output_dir), saved_weights(one.output_dir), atol=1e-5)

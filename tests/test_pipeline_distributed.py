@@ -181,3 +181,30 @@ def test_a_pipeline_under_a_two_process_launch_runs_each_stage_once(tmp_path):
     assert "MainProcessError: on the main process" in proc.stderr, proc.stderr[-5000:]
     assert "pipeline: sft: up to date, skipped" in proc.stdout
     assert len(read_jsonl(run / "label" / "labels.jsonl")) == 8
+
+
+@pytest.mark.slow
+def test_iterated_dpo_under_a_two_process_launch_samples_and_labels_each_round_once(tmp_path):
+    config = {
+        "model": "tiny",
+        "rounds": 2,
+        "prompts_per_round": 6,
+        "output_dir": str(tmp_path / "it"),
+        "sample": {"max_new_tokens": 4, "batch_size": 6, "progress": False, "precision": "fp32"},
+        "label": {"scorer": "tests.test_pipeline_distributed:recording_characters", "temperature": 0.0},
+        "dpo": {"max_steps": 1, "batch_size": 2, "progress": False, "precision": "fp32", "tensorboard": False},
+    }
+    config_file = tmp_path / "iterated.yaml"
+    config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+    scorer_log = tmp_path / "scorer.log"
+    proc = launch_two_cpu_processes(
+        ["-m", "rlhfkit", "iterated-dpo", str(config_file)], env={SCORER_LOG: str(scorer_log)}, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for k in range(2):
+        round_dir = tmp_path / "it" / f"round-{k}"
+        # One record per prompt: sampled and labelled by the main process alone, not once per process.
+        assert len(read_jsonl(round_dir / "samples.jsonl")) == 6
+        assert len(read_jsonl(round_dir / "labels.jsonl")) == 6
+        assert models.is_complete_save(round_dir / "model")
+    assert set(scorer_log.read_text().split()) == {"0"}

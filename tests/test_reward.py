@@ -604,3 +604,17 @@ def test_no_heldout_accuracy_writes_no_heldout_file(tmp_path, capsys, held_out):
     assert not (Path(config.output_dir) / HELDOUT_FILE).exists()
     assert "held-out accuracy " not in printed
     assert ("reward: no held-out accuracy" in printed) == (held_out == "only ties")
+
+
+def test_a_reward_model_scores_on_the_device_load_reward_names(trained, monkeypatch):
+    """RL hands its process's device to the reward model (a GPU run scores there, not on the CPU); without a GPU
+    the weights stay fp32 under autocast, whatever the precision."""
+    from rlhfkit.rewards import load_reward
+
+    reward = load_reward(trained.output_dir, precision="bf16", device=torch.device("cpu"))
+    params = list(reward.model.parameters())
+    assert {p.device.type for p in params} == {"cpu"} and {p.dtype for p in params} == {torch.float32}
+    assert reward.raw(SAMPLE_PROMPTS, SAMPLE_RESPONSES).shape == (3,)
+    # The device goes to the model as given: "meta" has no data, so it proves where the weights went.
+    on_meta = load_reward(trained.output_dir, precision="fp32", device="meta")
+    assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}

@@ -405,6 +405,27 @@ def test_approx_kl_by_hand_and_reference():
     assert_close(approx_kl(as_tensor(new), as_tensor(old)), want, atol=1e-9)
 
 
+def test_truncated_is_weights_by_hand():
+    # w = min(exp(trainer - sampler), cap), cap = 2; 0 off the mask, 1 where the sampler gave no log-prob (NaN).
+    #   trainer - sampler =  ln 1.5: 1.5                  under the cap
+    #   trainer - sampler = -ln 2:   0.5                  the sampler found it likelier: no floor
+    #   trainer - sampler =  ln 3:   min(3, 2) = 2        truncated
+    #   trainer - sampler =  0:      1
+    #   trainer - sampler =  50:     exp(50) -> 2         truncated (no overflow past the cap)
+    #   masked out (padding):        0                    whatever the log-probs
+    #   sampler NaN:                 1                    uncorrected
+    sampler = as_tensor([[-1.0, -0.3, -2.0, -0.7, -60.0, 0.0, math.nan]])
+    trainer = sampler.nan_to_num(0.0) + as_tensor([[math.log(1.5), -LN2, math.log(3.0), 0.0, 50.0, 5.0, 0.0]])
+    mask = torch.tensor([[T, T, T, T, T, F_, T]])
+    trainer.requires_grad_(True)
+    got = losses.truncated_is_weights(trainer, sampler, mask, cap=2.0)
+    assert_close(got, [[1.5, 0.5, 2.0, 1.0, 2.0, 0.0, 1.0]], atol=1e-12)
+    assert not got.requires_grad  # a weight, not a path for the gradient
+    # Another cap truncates elsewhere: 1.2 leaves 0.5 and 1 alone and caps 1.5, 3 and exp(50).
+    got = losses.truncated_is_weights(trainer, sampler, mask, cap=1.2)
+    assert_close(got, [[1.2, 0.5, 1.2, 1.0, 1.2, 0.0, 1.0]], atol=1e-12)
+
+
 def test_explained_variance_by_hand():
     targets = as_tensor([1.0, 2.0, 3.0, 50.0])
     mask = torch.tensor([T, T, T, F_])  # the 50 is padding

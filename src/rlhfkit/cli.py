@@ -14,6 +14,7 @@ rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
 rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
 rlhfkit run PIPELINE.yaml [--from STAGE]    -> rlhfkit.pipeline.run(PipelineConfig)
 rlhfkit demo [key=value ...] [--from STAGE] -> rlhfkit.pipeline.run(demo_config(...))
+rlhfkit doctor RUN_DIR [--strict] [k=v ...] -> rlhfkit.doctor.run(DoctorConfig)
 rlhfkit config STAGE                        -> print a stage's keys, defaults and docs
 
 ``python -m rlhfkit ...`` is the same command, for launchers that start a module:
@@ -54,6 +55,7 @@ STAGES = {
     "report": ("report", "ReportConfig", "run"),
     "run": ("pipeline", "PipelineConfig", "run"),
     "demo": ("pipeline", "PipelineConfig", "run"),
+    "doctor": ("doctor", "DoctorConfig", "run"),
 }
 
 RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce"})
@@ -89,6 +91,18 @@ def _run_stage(name: str, args: list[str], from_stage: str | None = None) -> int
     else:
         fn(config)
     return 0
+
+
+def _doctor(ns: argparse.Namespace) -> int:
+    """``rlhfkit doctor RUN_DIR [--strict] [key=value ...]``: print the findings; exit 0, or 1 with ``--strict``
+    when one is a problem."""
+    from rlhfkit import doctor
+    from rlhfkit.config import load_config
+
+    config = load_config(doctor.DoctorConfig, None, ns.args)
+    config = dataclasses.replace(config, run_dir=ns.run_dir, strict=config.strict or ns.strict)
+    findings = doctor.run(config)
+    return 1 if config.strict and any(f.severity == "problem" for f in findings) else 0
 
 
 def _chat(ns: argparse.Namespace) -> int:
@@ -156,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml|key=value")
         if name in ("run", "demo"):
             p.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
+    help_text = "read a run's metrics.jsonl and name, in plain words, what went wrong and what to try"
+    p = sub.add_parser(
+        "doctor",
+        help=help_text,
+        description=f"{help_text}. RUN_DIR: a training run's output directory, or a pipeline run directory (each "
+        "policy stage's). Thresholds as key=value; `rlhfkit config doctor` lists them.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("args", nargs="*", metavar="key=value")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a finding is a problem")
     p = sub.add_parser("chat", help="generate from a model (smoke check)")
     p.add_argument("model", help="model spec: smollm2-135m, tiny, a .gguf file or a model directory")
     p.add_argument("--prompt", action="append", help="prompt (repeatable); otherwise read stdin")
@@ -221,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return _chat(ns)
         if ns.command == "config":
             return _show_config(ns.stage)
+        if ns.command == "doctor":
+            return _doctor(ns)
         return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
         _error(f"rlhfkit {ns.command}: error: {e}")

@@ -38,7 +38,7 @@ from rlhfkit.modeling import forward, models
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rewards import load_reward
 from rlhfkit.run_layout import PreferenceMetric as M
-from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
+from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, process_state, write_run_config
 
 
 @dataclass
@@ -208,10 +208,17 @@ def compute_ref_logps(
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
+def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Rows ``0..n-1`` from ``parts[r]`` = rows ``r, r + P, r + 2P, ...`` (``P = len(parts)``), back in order."""
+    out = torch.zeros(n, *parts[0].shape[1:], dtype=parts[0].dtype)
+    for r, part in enumerate(parts):
+        out[r :: len(parts)] = part
+    return out
+
+
 def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], held: list[dict]) -> None:
     """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair (from cache when valid)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
     from safetensors.torch import load_file, save_file
 
     if config.loss_type == "simpo":
@@ -220,7 +227,7 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
     if config.packing:  # the policy too: prepare_for_training, which also sets it, comes later
         models.set_attention(ref)
     examples = train + held
-    state = PartialState()
+    state = process_state()
     path, cached = None, False
     if config.ref_cache:
         # The key hashes every reference weight (minutes for a large model): once, on the main process.
@@ -233,15 +240,19 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         ref_logps = load_file(str(path))["ref_logps"]
         log.info(f"dpo: reference log-probs loaded from cache {path}")
     else:
-        ref_logps = compute_ref_logps(
+        # Each process scores every num_processes-th pair on its device; the parts are gathered (all processes).
+        rank, world = state.process_index, state.num_processes
+        ref.to(state.device)
+        part = compute_ref_logps(
             ref,
-            examples,
+            examples[rank::world],
             tokenizer.pad_token_id,
             precision=config.precision,
             batch_size=config.batch_size,
             packed=config.packing,
             progress=config.progress and state.is_main_process,
         )
+        ref_logps = interleave(gather_object([part]) if world > 1 else [part], len(examples))
         if path is not None and state.is_main_process:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"ref_logps": ref_logps}, str(tmp))

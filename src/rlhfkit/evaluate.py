@@ -118,7 +118,7 @@ def _sample(
     spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0
 ) -> tuple[Rollout, object, object]:
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_causal_lm(spec).eval()
+    model = models.load_causal_lm(spec).eval().to(models.inference_device())
     models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (generation.fast_decode.lean_decode_steps)
     engine = HFEngine(model, tokenizer, precision=config.generation_precision)
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
@@ -278,7 +278,7 @@ def run(config: EvalConfig) -> dict:
             **describe(base_roll, base_gold, base_proxy, K),
         }
     }
-    reference = base_model if not c.reference else models.load_causal_lm(c.reference).eval()
+    reference = base_model if not c.reference else models.load_causal_lm(c.reference).eval().to(models.inference_device())
     first_sample = {base_name: (base_roll.responses[::K], base_gold[::K])}  # for the Elo table
 
     # -- each policy: K samples per prompt, compared with the baseline's, and its KL

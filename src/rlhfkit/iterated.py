@@ -12,6 +12,7 @@ is not redone, and a round whose save was interrupted is redone whole.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from rlhfkit.config import from_dict
 from rlhfkit.data.io import write_jsonl
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.modeling import models
+from rlhfkit.pipeline import Processes
 
 
 @dataclass
@@ -50,49 +52,25 @@ class IteratedDPOConfig:
 
 
 def run(config: IteratedDPOConfig) -> list[Path]:
-    """Run every round; returns the model directory of each round."""
+    """Run every round; returns the model directory of each round.
+
+    Under ``accelerate launch`` (as :mod:`rlhfkit.pipeline`): DPO trains in every process; the round's
+    bookkeeping, sampling and labelling run on the main process alone, the others waiting for it.
+    """
+    procs = Processes.join()
     all_prompts = load_prompts(config.prompts or demo_data_path("prompts_train.jsonl"))
     out = Path(config.output_dir)
     policy, produced = config.model, []
     for k in range(config.rounds):
         round_dir = out / f"round-{k}"
         model_dir = round_dir / "model"
-        if models.is_complete_save(model_dir):
+        if procs.on_main(functools.partial(models.is_complete_save, model_dir)):
             log.info(f"iterated-dpo: round {k} done, skipped")
             policy = str(model_dir)
             produced.append(model_dir)
             continue
-        round_dir.mkdir(parents=True, exist_ok=True)
-        start = (k * config.prompts_per_round) % len(all_prompts)
-        chunk = [all_prompts[(start + i) % len(all_prompts)] for i in range(config.prompts_per_round)]
-        prompt_file = round_dir / "prompts.jsonl"
-        write_jsonl(prompt_file, [{"prompt": p} for p in chunk])
         seed = config.seed + k
-        sample.run(
-            from_dict(
-                sample.SampleConfig,
-                {
-                    "model": policy,
-                    "prompts": str(prompt_file),
-                    "output": str(round_dir / "samples.jsonl"),
-                    "seed": seed,
-                    **config.sample,
-                },
-                source=f"iterated-dpo round {k} sample",
-            )
-        )
-        label.run(
-            from_dict(
-                label.LabelConfig,
-                {
-                    "samples": str(round_dir / "samples.jsonl"),
-                    "output": str(round_dir / "labels.jsonl"),
-                    "seed": seed,
-                    **config.label,
-                },
-                source=f"iterated-dpo round {k} label",
-            )
-        )
+        procs.on_main(functools.partial(_sample_and_label, config, k, policy, all_prompts, round_dir, seed))
         reference = config.model if config.reference == "initial" else policy
         dpo.train(
             from_dict(
@@ -111,3 +89,37 @@ def run(config: IteratedDPOConfig) -> list[Path]:
         policy = str(model_dir)
         produced.append(model_dir)
     return produced
+
+
+def _sample_and_label(config: IteratedDPOConfig, k: int, policy: str, all_prompts: list, round_dir: Path, seed: int) -> None:
+    """Round ``k``'s prompts, responses from ``policy`` and their labels, in ``round_dir``."""
+    round_dir.mkdir(parents=True, exist_ok=True)
+    start = (k * config.prompts_per_round) % len(all_prompts)
+    chunk = [all_prompts[(start + i) % len(all_prompts)] for i in range(config.prompts_per_round)]
+    prompt_file = round_dir / "prompts.jsonl"
+    write_jsonl(prompt_file, [{"prompt": p} for p in chunk])
+    sample.run(
+        from_dict(
+            sample.SampleConfig,
+            {
+                "model": policy,
+                "prompts": str(prompt_file),
+                "output": str(round_dir / "samples.jsonl"),
+                "seed": seed,
+                **config.sample,
+            },
+            source=f"iterated-dpo round {k} sample",
+        )
+    )
+    label.run(
+        from_dict(
+            label.LabelConfig,
+            {
+                "samples": str(round_dir / "samples.jsonl"),
+                "output": str(round_dir / "labels.jsonl"),
+                "seed": seed,
+                **config.label,
+            },
+            source=f"iterated-dpo round {k} label",
+        )
+    )

@@ -348,6 +348,27 @@ def approx_kl(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
+def truncated_is_weights(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(trainer_logps - sampler_logps), cap)`` (B, T); detached, 0 where
+    ``mask`` is False.
+
+    When an inference engine (vLLM) samples the rollouts, its numerics (bf16 kernels, another attention) make it a
+    slightly different policy ``mu`` from the ``pi_old`` the trainer computes, so the samples are off-policy.
+    Weighting each token's policy-gradient loss by ``pi_old / mu``, truncated at ``cap`` to bound the variance,
+    corrects for it: truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"; TRL's GRPOTrainer, ``vllm_importance_sampling_correction`` with
+    ``vllm_importance_sampling_cap=2.0``). Only the top is truncated: a token the sampler found likelier than the
+    trainer keeps its weight below 1. A NaN in ``sampler_logps`` (a token the sampler gave no log-prob for)
+    gets weight 1, uncorrected.
+    """
+    with torch.no_grad():
+        ratio = torch.exp(trainer_logps.detach() - sampler_logps).clamp(max=cap)
+        ratio = torch.where(sampler_logps.isnan(), 1.0, ratio)
+        return torch.where(mask, ratio, 0.0)
+
+
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``1 - Var[targets - predictions] / Var[targets]`` over masked entries (nan if Var[targets] = 0)."""
     var_targets = masked_var(targets, mask)

@@ -20,6 +20,8 @@ nothing fetched when it is opened). Its sections, in order:
   (:func:`rlhfkit.stats.overoptimisation` on its probe points), with its
   proxy and gold over training;
 * **Policy optimisation**: each policy stage's training metrics;
+* **Training doctor**: each policy stage's findings of :func:`rlhfkit.doctor.diagnose` (what it sees in the
+  metrics, why it can happen, what to try);
 * the reward model's curves, loss curves per stage, the Elo table, the eval
   samples side by side, and a per-stage timing table.
 
@@ -43,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rlhfkit import log, stats
+from rlhfkit import doctor, log, stats
 from rlhfkit.data.io import atomic_write_text, jsonl_lines
 from rlhfkit.probe import FRONTIER_FILE
 from rlhfkit.run_layout import (
@@ -1143,6 +1145,39 @@ def _policy_section(data: RunData) -> str:
     )
 
 
+def _doctor_section(data: RunData) -> str:
+    if not data.policies:
+        return '<p class="na">No policy stage.</p>'
+    parts = [
+        '<p class="small">What <code>rlhfkit doctor</code> sees in each policy stage\'s metrics (and probe '
+        "points): rules on trends over windows of steps, each with why it can happen and what to try.</p>"
+    ]
+    for policy in data.policies:
+        ident = f"doctor-{policy.name}"
+        if policy.metrics is None:
+            parts.append(f'<p class="na" id="{esc(ident)}">{esc(policy.name)}: no {esc(METRICS_FILE)} to read.</p>')
+            continue
+        findings = doctor.diagnose(policy.metrics, policy.frontier)
+        steps = doctor.logged_steps(policy.metrics)
+        problems = sum(f.severity == "problem" for f in findings)
+        if not problems:
+            notes = f"; {len(findings)} note(s)" if findings else ""
+            parts.append(f'<p class="ok" id="{esc(ident)}">✓ {esc(policy.name)}: no problems found in {steps} steps{notes}.</p>')
+        else:
+            parts.append(
+                f'<div class="warning" id="{esc(ident)}"><strong>⚠ {esc(policy.name)}: {problems} problem(s) in '
+                f"{steps} steps.</strong></div>"
+            )
+        items = "".join(
+            f"<li><strong>{esc(f.severity)}: {esc(f.rule)}</strong> ({esc(doctor.steps_text(f.steps))}). {esc(f.seen)} "
+            f"{esc(f.why)} <em>Try:</em> {esc(f.advice)}</li>"
+            for f in findings
+        )
+        if items:
+            parts.append(f"<ul>{items}</ul>")
+    return "".join(parts)
+
+
 def _reward_section(data: RunData) -> str:
     reward = data.metrics.get(REWARD_STAGE)
     parts = []
@@ -1304,6 +1339,7 @@ def render(data: RunData) -> str:
     out.append('<h2 id="frontier">Reward–KL frontier</h2>' + _frontier_section(data, colours))
     out.append('<h2 id="overoptimisation">Over-optimisation check</h2>' + _overoptimisation_section(data))
     out.append('<h2 id="policy-optimisation">Policy optimisation</h2>' + _policy_section(data))
+    out.append('<h2 id="doctor">Training doctor</h2>' + _doctor_section(data))
     out.append('<h2 id="reward-model">Reward model</h2>' + _reward_section(data))
     out.append('<h2 id="losses">Loss curves</h2>' + _loss_section(data))
     out.append('<h2 id="elo">Elo ratings</h2>' + _elo(evaluation))

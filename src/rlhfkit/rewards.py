@@ -25,18 +25,21 @@ from rlhfkit.modeling.reward_model import RewardModel
 RewardFn = Callable[..., list[float]]
 
 
-def load_reward(spec: str, *, precision: str = "bf16", args: dict | None = None, field: str = "reward_args") -> RewardFn:
+def load_reward(
+    spec: str, *, precision: str = "bf16", args: dict | None = None, field: str = "reward_args", device=None
+) -> RewardFn:
     """The reward ``spec`` as ``fn(prompts, responses, **kwargs) -> list[float]``.
 
     ``args`` are keyword arguments bound to a scorer (``{target_words: 20}`` for
     ``length``; see :func:`rlhfkit.feedback.scorers.load_scorer`); a reward model
-    takes none, and giving it some is an error naming ``field``.
+    takes none, and giving it some is an error naming ``field``. ``device``: where a reward model scores
+    (:class:`rlhfkit.modeling.reward_model.RewardModel`; RL passes its process's device).
     """
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
         if args:
             raise ConfigError(f"{field}: {spec!r} is a reward-model directory, which takes no arguments (got {sorted(args)})")
-        return RewardModel(path, precision=precision)
+        return RewardModel(path, precision=precision, device=device)
     scorer = load_scorer(spec, args, field=field)
 
     def reward(prompts, responses, **kwargs) -> list[float]:

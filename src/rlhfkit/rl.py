@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import save_file
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError
@@ -70,11 +71,11 @@ from rlhfkit.losses import (
     overlong_penalty,
     policy_loss,
     ppo_value_loss,
+    truncated_is_weights,
     whiten,
     zero_variance_groups,
 )
 from rlhfkit.modeling import models
-from rlhfkit.modeling.forward import sft_loss_sum
 from rlhfkit.modeling.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rewards import load_reward
@@ -93,6 +94,7 @@ from rlhfkit.training.loop import (
     step_bar,
     write_run_config,
 )
+from rlhfkit.training.sharding import check_rl_sharding, is_sharded, whole_parameters
 from rlhfkit.training.tracking import MetricsLogger
 
 Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
@@ -124,6 +126,15 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """rollout_engine=vllm: the longest sequence (prompt + response) vLLM keeps a KV cache for. None: the longest
     encoded training prompt plus `max_new_tokens` (left to vLLM, a model's own limit, 131,072 tokens for
     Llama-3.1, can make it refuse to start)."""
+    vllm_importance_sampling: bool = True
+    """rollout_engine=vllm: weight each token's policy-gradient loss (not the value loss or grpo's KL term) by the
+    truncated importance ratio min(pi_old / pi_vllm, vllm_importance_sampling_cap) of the trainer's log-prob of the
+    sampled token to vLLM's sampler's, correcting for their numerical mismatch (truncated importance sampling, Yao
+    et al. 2025; TRL's vllm_importance_sampling_correction, on by default there too); `update/policy_loss` is then
+    the weighted loss. No effect with rollout_engine=hf, whose samples come from the trainer's own weights. The
+    mismatch is logged either way (`rollout/sampler_logp_diff`, `rollout/sampler_logp_diff_max`)."""
+    vllm_importance_sampling_cap: float = 2.0
+    """The cap of those weights (> 0; TRL's vllm_importance_sampling_cap, 2.0)."""
     generation_precision: str = "auto"
     """Decoding precision: auto (= `precision`), bf16, fp32. bf16 autocast decodes about 2x faster than fp32 on
     CPUs with avx512-bf16 (see benchmarks/README.md, "Design measurements")."""
@@ -258,6 +269,8 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
             raise ConfigError(f"dual_clip_c must be > 1 (got {self.dual_clip_c})")
         if self.log_ratio_clamp < 0:
             raise ConfigError(f"log_ratio_clamp must be >= 0 (got {self.log_ratio_clamp})")
+        if not self.vllm_importance_sampling_cap > 0:
+            raise ConfigError(f"vllm_importance_sampling_cap must be > 0 (got {self.vllm_importance_sampling_cap})")
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ConfigError(
                 f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}] (got {self.overlong_buffer})"
@@ -370,6 +383,28 @@ def _whole_batch(acc, mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch
     return (*out, torch.ones(sum(counts), dtype=torch.bool))
 
 
+def _sampler_mismatch(
+    acc, trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, cap: float | None
+) -> dict[str, float]:
+    """How far the sampler's (vLLM's) log-probs of the sampled tokens are from the trainer's old ones, over every
+    process's response tokens (``mask``): the mean and the largest absolute difference (tokens with a NaN sampler
+    log-prob left out; both left out of the stats when no process has another) and, where the correction is applied
+    (``cap`` given), the mean truncated importance weight."""
+    known = mask & ~sampler_logps.isnan()
+    diff = torch.where(known, (trainer_logps - sampler_logps).abs(), 0.0)
+    n_known, n_tokens = float(known.sum()), float(mask.sum())
+    parts = {M.SAMPLER_LOGP_DIFF: (float(diff.sum()), n_known), "_known": (n_known, 1.0)}
+    if cap is not None:
+        parts[M.IS_WEIGHT_MEAN] = (float(truncated_is_weights(trainer_logps, sampler_logps, mask, cap).sum()), n_tokens)
+    stats = _global_means(acc, parts)
+    whole_diff, whole_known = _whole_batch(acc, known, diff)
+    if stats.pop("_known") > 0:
+        stats[M.SAMPLER_LOGP_DIFF_MAX] = float(whole_diff[whole_known].max())
+    else:
+        del stats[M.SAMPLER_LOGP_DIFF]
+    return stats
+
+
 def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False, packed: bool = False):
     """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``."""
     sub = rollout.select(rows)
@@ -407,9 +442,8 @@ class RLTrainer:
             )
         self.prompts = load_prompts(c.prompts or demo_data_path("prompts_train.jsonl"))
         self.acc = start_accelerator(c.precision, c.grad_accum, c.seed)
+        check_rl_sharding(self.acc)
         self.tokenizer = models.load_tokenizer(c.policy)
-        self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args)
-        self.gold_fn = load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args") if c.gold else None
         policy = models.load_causal_lm(c.policy)
         # The frozen reference (none when nothing needs it: c.needs_reference): with LoRA, the base with adapters
         # disabled (no copy); otherwise a copy, in bf16 when training in bf16 on CUDA (see the module docstring).
@@ -417,7 +451,7 @@ class RLTrainer:
         if c.lora_r == 0 and c.needs_reference:
             bf16_copy = c.precision == "bf16" and self.acc.device.type == "cuda"
             ref_dtype = torch.bfloat16 if bf16_copy else torch.float32
-            self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False).to(self.acc.device)
+            self.ref = copy.deepcopy(policy).to(ref_dtype).eval().requires_grad_(False)  # to the device below
             if c.packing:
                 models.set_attention(self.ref)
         policy = models.prepare_for_training(policy, c)
@@ -429,6 +463,19 @@ class RLTrainer:
             if c.packing:
                 models.set_attention(critic)
         model = ActorCritic(policy, value=value, critic=critic)
+        # The rollout engine before anything goes to the GPU: vLLM's start-up check compares the free memory with its
+        # share (gpu_memory_utilization), so it must not see the reference, the reward models or the policy there yet
+        # (TRL builds its vLLM engine in the trainer's __init__ too, trl/trainer/grpo_trainer.py).
+        gen_precision = c.generation_precision if c.generation_precision != "auto" else c.precision
+        self.engine = self._make_engine(policy, gen_precision)
+        device = self.acc.device
+        if self.ref is not None:
+            self.ref.to(device)
+        # A reward model scores on this process's device (TRL moves its reward models there too: grpo_trainer.py).
+        self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args, device=device)
+        self.gold_fn = (
+            load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args", device=device) if c.gold else None
+        )
 
         self.P = self.acc.num_processes
         self.steps_per_epoch = max(1, len(self.prompts) // (c.batch_size * self.P))
@@ -437,16 +484,13 @@ class RLTrainer:
         # Micro-batch rows per process (the largest of _micro_batches' parts): completes a DeepSpeed config.
         micro = -(-rows_per_minibatch // c.grad_accum)
         self.model, self.optimizer = prepare(self.acc, model, optimizer, micro_batch_size=micro, max_grad_norm=c.max_grad_norm)
-        gen_precision = c.generation_precision
-        if gen_precision == "auto":
-            gen_precision = c.precision
-        self.engine = self._make_engine(gen_precision)
         self.kl_ctl = AdaptiveKLController(c.beta, c.target_kl, c.kl_horizon)
         self.ptx = self._load_ptx() if c.ptx_data and c.ptx_coef > 0 else None
         self.step_count = 0
 
-    def _make_engine(self, precision: str):
-        c, policy = self.config, self.acc.unwrap_model(self.model).policy
+    def _make_engine(self, policy, precision: str):
+        """The rollout engine for ``policy`` (the training model's, before ``prepare``: the same module after it)."""
+        c = self.config
         if c.rollout_engine == "vllm":
             return VLLMEngine(
                 policy,
@@ -478,8 +522,11 @@ class RLTrainer:
         c, device = self.config, self.acc.device
         t0 = time.perf_counter()
         options = GenerationOptions(c.max_new_tokens, c.temperature, c.top_p)
-        self.engine.load_weights(self.acc.unwrap_model(self.model).policy)  # the policy as the last update left it
-        rollout = make_rollout(self.engine, self.tokenizer, prompts, options, samples_per_prompt=c.samples_per_prompt)
+        # Generation runs forwards of its own (decode steps, shared prefixes), a number that differs by rank: with
+        # the parameters whole they run no collective (training.sharding).
+        with whole_parameters(self.acc, self.model) as unwrapped:
+            self.engine.load_weights(unwrapped.policy)  # the policy as the last update left it
+            rollout = make_rollout(self.engine, self.tokenizer, prompts, options, samples_per_prompt=c.samples_per_prompt)
         gen_time = time.perf_counter() - t0
         mask = rollout.response_mask
         B = mask.shape[0]
@@ -498,19 +545,21 @@ class RLTrainer:
         need_old = not (c.algorithm == "grpo" and c.ppo_epochs == 1 and c.num_minibatches == 1)
         old_logps, values, ref_logps, entropy = [], [], [], []
         self.model.eval()
-        for rows in _micro_batches(B, c.grad_accum * c.num_minibatches):
-            with self.acc.autocast():
-                if need_old:
-                    lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
-                    old_logps.append(lp.float().cpu())
-                    entropy.append(ent.cpu())
-                    if v is not None:
-                        values.append(v.cpu())
-                if c.needs_reference:
-                    ref_model = self.ref if self.ref is not None else self.acc.unwrap_model(self.model).policy
-                    with models.adapters_disabled(ref_model):
-                        lp_ref, _, _ = _forward(ref_model, rollout, rows, device, packed=c.packing)
-                    ref_logps.append(lp_ref.float().cpu())
+        # Whole parameters: the reference may be the unwrapped policy (LoRA, adapters off).
+        with whole_parameters(self.acc, self.model) as unwrapped:
+            for rows in _micro_batches(B, c.grad_accum * c.num_minibatches):
+                with self.acc.autocast():
+                    if need_old:
+                        lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
+                        old_logps.append(lp.float().cpu())
+                        entropy.append(ent.cpu())
+                        if v is not None:
+                            values.append(v.cpu())
+                    if c.needs_reference:
+                        ref_model = self.ref if self.ref is not None else unwrapped.policy
+                        with models.adapters_disabled(ref_model):
+                            lp_ref, _, _ = _forward(ref_model, rollout, rows, device, packed=c.packing)
+                        ref_logps.append(lp_ref.float().cpu())
         self.model.train()
         ref_logps_t = torch.cat(ref_logps) if ref_logps else None
         old_logps_t = torch.cat(old_logps) if old_logps else None
@@ -578,6 +627,9 @@ class RLTrainer:
         # All processes' tokens per second of (mean) generation time.
         stats["gen_tokens_per_s"] = stats.pop("_generated_tokens") * self.P / max(stats["time_generate"], 1e-9)
         stats["beta"] = beta  # the same on every process: the controller is fed the global KL
+        if rollout.sampler_logps is not None and old_logps_t is not None:  # vLLM's samples (grpo's fast path: update)
+            cap = c.vllm_importance_sampling_cap if c.vllm_importance_sampling else None
+            stats.update(_sampler_mismatch(self.acc, old_logps_t, rollout.sampler_logps, mask, cap))
         scored = Scored(rollout, old_logps_t, ref_logps_t, values_t, advantages, returns, scores, kl, keep)
         return scored, stats
 
@@ -594,6 +646,11 @@ class RLTrainer:
         epochs_done = 0
         loss_options = c.policy_loss_options()
         keep = scored.keep  # rows that count in the loss (None: all)
+        # vLLM's samples: truncated importance weights on the policy loss, from the old log-probs (grpo's fast path:
+        # the current ones, detached, which equal them in its single pass; there the mismatch is measured here).
+        sampler = rollout.sampler_logps
+        is_cap = c.vllm_importance_sampling_cap if c.vllm_importance_sampling and sampler is not None else None
+        seen = torch.zeros(rollout.response_mask.shape) if sampler is not None and scored.old_logps is None else None
         for _epoch in range(c.ppo_epochs):
             order = (
                 torch.randperm(B, generator=generator).tolist() if c.ppo_epochs > 1 or c.num_minibatches > 1 else list(range(B))
@@ -622,6 +679,10 @@ class RLTrainer:
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
                         adv = scored.advantages[rows].to(device)
                         pg_losses, clipped = policy_loss(logps, old, adv, mask, **loss_options)
+                        if is_cap is not None:
+                            pg_losses = pg_losses * truncated_is_weights(old, sampler[rows].to(device), mask, is_cap)
+                        if seen is not None:
+                            seen[rows] = old.cpu()
                         loss_tokens = pg_losses
                         ref = scored.ref_logps[rows].to(device) if scored.ref_logps is not None else None
                         k3 = kl_penalty(logps, ref, "k3") if ref is not None else None
@@ -704,6 +765,8 @@ class RLTrainer:
             # Over the whole batch: every process's tokens.
             whole = _whole_batch(acc, rollout.response_mask, scored.values, scored.returns)
             stats[M.EXPLAINED_VARIANCE] = float(explained_variance(*whole))
+        if seen is not None:
+            stats.update(_sampler_mismatch(acc, seen, sampler, rollout.response_mask, is_cap))
         return stats
 
     # ---------------------------------------------------------------- 1-6: one step
@@ -730,9 +793,8 @@ class RLTrainer:
         idx = torch.randint(len(self.ptx), (len(rows),), generator=g).tolist()
         batch = collate_sft([self.ptx[i] for i in idx], self.tokenizer.pad_token_id)
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-        policy = self.acc.unwrap_model(self.model).policy
-        with self.acc.autocast():
-            total = sft_loss_sum(policy, batch)
+        with self.acc.autocast():  # through the prepared model, whose hooks gather and reduce (FSDP, DDP)
+            total = self.model(sft_batch=batch)
         return total / max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
     def make_probe(self, output_dir: Path) -> FrontierProbe:
@@ -753,9 +815,10 @@ class RLTrainer:
         )
 
     def run_probe(self, probe: FrontierProbe) -> None:
-        """Probe on the main process only (the unwrapped policy; see :mod:`rlhfkit.probe` on sharded models)."""
-        if self.acc.is_main_process:
-            probe(self.acc.unwrap_model(self.model).policy, self.step_count, self.total_steps)
+        """Probe on the main process only, with the parameters whole (:mod:`rlhfkit.training.sharding`)."""
+        with whole_parameters(self.acc, self.model) as unwrapped:
+            if self.acc.is_main_process:
+                probe(unwrapped.policy, self.step_count, self.total_steps)
         self.acc.wait_for_everyone()
 
     def prompts_for_step(self, step: int) -> list:
@@ -763,6 +826,39 @@ class RLTrainer:
         epoch, within = divmod(step, self.steps_per_epoch)
         order = epoch_order(len(self.prompts), c.seed, epoch)
         return [self.prompts[i] for i in shard_indices(order, within, c.batch_size, self.P, self.acc.process_index)]
+
+
+def _save_outputs(unwrapped: ActorCritic, tokenizer, out: Path, state: dict | None = None) -> None:
+    """The trained policy (``from_pretrained`` loads it), and its value head or critic.
+
+    ``state``: the whole model's gathered state dict when it is sharded (``Accelerator.get_state_dict``), whose
+    ``policy.``, ``value_head.`` and ``critic.`` entries are saved in place of the local (sharded) parameters.
+    """
+
+    def part(prefix: str, module) -> dict:
+        if state is None:
+            return module.state_dict()
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+    if state is not None and hasattr(unwrapped.policy, "merge_and_unload"):
+        raise ConfigError("a LoRA policy cannot be saved from a sharded model (FSDP, DeepSpeed): train LoRA under DDP")
+    models.save_pretrained(unwrapped.policy, tokenizer, out, state_dict=None if state is None else part("policy.", None))
+    try:
+        if unwrapped.value_head is not None:
+            save_file(
+                {k: v.contiguous() for k, v in part("value_head.", unwrapped.value_head).items()},
+                str(out / "value_head.safetensors"),
+            )
+        if unwrapped.critic is not None:
+            critic_state = None if state is None else part("critic.", None)
+            unwrapped.critic.save_pretrained(out / "critic", state_dict=critic_state)
+    except Exception as e:  # a full disk: one line from the CLI, not safetensors' traceback
+        if not models.is_write_failure(e):
+            raise
+        raise CheckpointError(
+            f"cannot save the value model to {out}: {models.describe_write_failure(e)}; "
+            f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves again"
+        ) from e
 
 
 def train(config: RLConfig) -> RLTrainer:
@@ -818,26 +914,10 @@ def train(config: RLConfig) -> RLTrainer:
     bar.close()
     logger.close()
     acc.wait_for_everyone()
+    # Sharded (FSDP, DeepSpeed): every process takes part in gathering the state dict, as loop.fit does.
+    state = acc.get_state_dict(trainer.model) if is_sharded(acc) else None
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(trainer.model)
-        models.save_pretrained(unwrapped.policy, trainer.tokenizer, out)
-        try:
-            if unwrapped.value_head is not None:
-                from safetensors.torch import save_file
-
-                save_file(
-                    {k: v.contiguous() for k, v in unwrapped.value_head.state_dict().items()}, str(out / "value_head.safetensors")
-                )
-            if unwrapped.critic is not None:
-                unwrapped.critic.save_pretrained(out / "critic")
-        except Exception as e:  # a full disk: one line from the CLI, not safetensors' traceback
-            if not models.is_write_failure(e):
-                raise
-            raise CheckpointError(
-                f"cannot save the value model to {out}: {models.describe_write_failure(e)}; "
-                f"{models.free_space(out)}; a rerun resumes from the newest checkpoint (if any) and saves "
-                "again"
-            ) from e
+        _save_outputs(acc.unwrap_model(trainer.model), trainer.tokenizer, out, state)
         atomic_write_text(out / "rl_state.json", json.dumps({"steps": trainer.step_count, "beta": trainer.kl_ctl.value}))
     acc.wait_for_everyone()
     return trainer

@@ -43,6 +43,13 @@ class RLMetric:
     ZERO_VARIANCE_GROUPS = "rollout/zero_variance_groups"
     """Fraction of groups whose samples all scored the same (grpo/rloo: no learning signal)."""
     OVERLONG_PENALTY = "rollout/overlong_penalty"
+    SAMPLER_LOGP_DIFF = "rollout/sampler_logp_diff"
+    """rollout_engine=vllm: mean |trainer's log-prob - vLLM's| of the sampled response tokens (the training/inference
+    mismatch)."""
+    SAMPLER_LOGP_DIFF_MAX = "rollout/sampler_logp_diff_max"
+    """rollout_engine=vllm: the largest of those differences over the step's tokens."""
+    IS_WEIGHT_MEAN = "rollout/is_weight_mean"
+    """rollout_engine=vllm with vllm_importance_sampling: mean truncated importance weight on the response tokens."""
     POLICY_LOSS = "update/policy_loss"
     VALUE_LOSS = "update/value_loss"
     """ppo only."""

@@ -236,7 +236,7 @@ def run(config: SampleConfig) -> Path:
         log.info(f"sample: all {len(prompts)} prompts already in {output}")
         return output
     tokenizer = models.load_tokenizer(config.model)
-    model = models.load_causal_lm(config.model).eval()
+    model = models.load_causal_lm(config.model).eval().to(models.inference_device())
     generator = HFGenerator(model, tokenizer, precision=config.precision)
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - sum(map(len, todo)), unit="prompt", disable=not config.progress, desc="sample"

@@ -86,7 +86,14 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> tup
 
 
 class RolloutEngine(Protocol):
-    """What produces response tokens; HF ``generate`` here, vLLM on GPUs."""
+    """What produces response tokens; HF ``generate`` here, vLLM on GPUs.
+
+    Optionally, an engine whose sampler is not the trainer's own forward (vLLM) also keeps, after each
+    ``generate``, an attribute ``last_logprobs``: the log-probs its sampler gave the returned tokens, a (B, R)
+    float32 tensor aligned with the response ids (0.0 at padding, NaN at a token it gave none for). An engine
+    without the attribute (:class:`HFEngine`, whose samples come from the trainer's weights), or with it None,
+    has none; :func:`make_rollout` reads it into :attr:`Rollout.sampler_logps`.
+    """
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         """Response token ids (B, R), right-padded with EOS/pad after the first EOS."""
@@ -189,6 +196,10 @@ class HFEngine:
             temperature=None,
             top_p=None,
             top_k=None,
+            # transformers turns on synced_gpus (an all-reduce per decode step) when it sees an FSDP or ZeRO-3 module;
+            # rlhfkit generates only with whole parameters (training.sharding.whole_parameters), often on one process
+            # alone (the probe), where those all-reduces would wait for the others forever.
+            synced_gpus=False,
         )
         if options.temperature > 0:
             kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
@@ -248,6 +259,9 @@ class Rollout:
     """(B,) True if the response ended with EOS (False: truncated at max_new_tokens)."""
     temperature: float
     """Sampling temperature; log-probs are of softmax(logits / temperature)."""
+    sampler_logps: torch.Tensor | None = None
+    """(B, R) float32 log-probs the engine's own sampler gave the response tokens (vLLM: ``last_logprobs``, see
+    :class:`RolloutEngine`), 0.0 at padding, NaN where it gave none; None when the trainer's weights sampled them."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -277,6 +291,7 @@ class Rollout:
             response_mask=self.response_mask[rows],
             has_eos=self.has_eos[rows],
             temperature=self.temperature,
+            sampler_logps=None if self.sampler_logps is None else self.sampler_logps[rows],
         )
 
 
@@ -289,12 +304,19 @@ def make_rollout(
     samples_per_prompt: int = 1,
     chat_template: bool = True,
 ) -> Rollout:
-    """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt)."""
+    """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt); the engine's sampler log-probs,
+    if it keeps any (``last_logprobs``, :class:`RolloutEngine`), become :attr:`Rollout.sampler_logps`."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     query_ids, query_mask = encode_prompts(tokenizer, repeated, chat_template=chat_template)
     response_ids = engine.generate(query_ids, query_mask, options)
+    sampler_logps = getattr(engine, "last_logprobs", None)
+    if sampler_logps is not None:
+        if sampler_logps.shape != response_ids.shape:
+            raise ValueError(f"the engine's log-probs {tuple(sampler_logps.shape)} != its responses {tuple(response_ids.shape)}")
+        sampler_logps = sampler_logps.float().cpu()
     if response_ids.shape[1] == 0:  # nothing generated at all: keep one (masked) column
         response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, dtype=torch.long)
+        sampler_logps = None if sampler_logps is None else torch.zeros(response_ids.shape)
         response_mask, has_eos = torch.zeros_like(response_ids, dtype=torch.bool), torch.zeros(len(repeated), dtype=torch.bool)
     else:
         response_mask, has_eos = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
@@ -308,4 +330,5 @@ def make_rollout(
         response_mask=response_mask,
         has_eos=has_eos,
         temperature=options.temperature if options.temperature > 0 else 1.0,
+        sampler_logps=sampler_logps,
     )

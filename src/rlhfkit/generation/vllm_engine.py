@@ -9,9 +9,21 @@ for the push and unmerged after, HF parameter names, which vLLM's model
 ``load_weights`` maps onto its fused layers) and the prefix cache is reset, so a
 rollout always samples from the policy being trained.
 
-The engine returns token ids only. Log-probs are recomputed by the trainer's own
-forward (logits / temperature), as on the transformers path, so vLLM's sampler
-numerics never enter the loss.
+The engine returns token ids, and keeps the log-probs vLLM's sampler gave them
+(``logprobs=0``, the sampled token's; ``logprobs_mode="processed_logprobs"``, of
+the distribution it sampled from: after temperature and top-p, as TRL asks) in
+:attr:`VLLMEngine.last_logprobs`, which :func:`rlhfkit.generation.rollout.make_rollout`
+carries as ``Rollout.sampler_logps``. The trainer still recomputes the log-probs
+with its own forward (logits / temperature), as on the transformers path, and
+those are the loss's old log-probs. vLLM's numerics differ (bf16 kernels,
+another attention), so its samples are slightly off-policy: the trainer logs the
+gap (``rollout/sampler_logp_diff``, ``_max``) and, with
+``RLConfig.vllm_importance_sampling`` (the default), weights each token's
+policy-gradient loss by the truncated ratio ``min(pi_old / pi_vllm,
+vllm_importance_sampling_cap)`` (:func:`rlhfkit.losses.truncated_is_weights`,
+truncated importance sampling as in TRL). With ``top_p < 1`` vLLM's log-probs are
+of the renormalised nucleus while the trainer's are of the whole softmax, so the
+gap and the weights also carry that truncation (``-log`` of the nucleus mass).
 
 Import-guarded: ``import vllm`` happens in the constructor, and a missing
 package or a non-CUDA device is a clear error there. Not run in this
@@ -21,6 +33,7 @@ drive this class with a stand-in ``vllm`` module that records what it is given.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -53,10 +66,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _require_cuda(model) -> None:
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        raise ValueError(f"rollout_engine=vllm needs the policy on a CUDA device, not {device.type}; use rollout_engine=hf")
+def _require_cuda() -> None:
+    """The engine starts before the trainer moves its models to the GPU (V6 in the GPU review), so this checks the
+    machine, not where the policy is now."""
+    if not torch.cuda.is_available():
+        raise ValueError("rollout_engine=vllm needs a CUDA GPU, and none is available; use rollout_engine=hf")
 
 
 class VLLMEngine:
@@ -95,7 +109,7 @@ class VLLMEngine:
             raise ImportError(
                 "rollout_engine=vllm needs vLLM, which is not installed: `pip install vllm` (CUDA only; or use rollout_engine=hf)"
             ) from None
-        _require_cuda(model)
+        _require_cuda()
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
         self._sampling_params = vllm.SamplingParams
@@ -116,7 +130,15 @@ class VLLMEngine:
             # (trl/generation/vllm_generation.py); vLLM's default on H100/H200 is 16384.
             max_num_batched_tokens=4096,
             dtype="bfloat16" if torch.cuda.is_bf16_supported() else "float16",
+            # The sampled tokens' log-probs (last_logprobs) of the distribution sampled from, after temperature and
+            # top-p, not of the raw logits (vLLM's default); TRL asks the same for its importance sampling.
+            logprobs_mode="processed_logprobs",
         )
+        self.last_logprobs: torch.Tensor | None = None
+        """(B, R) float32: the log-probs vLLM's sampler gave the tokens the last :meth:`generate` returned, aligned
+        with them: 0.0 at padding, NaN where vLLM gave none (an EOS it left out and the engine appended, or a
+        response it returned no log-probs for: the trainer leaves those tokens uncorrected). None before the first
+        call."""
         self.load_weights(model)
         # TRL waits here too: each rank's engine loads on its own schedule (vllm_generation.py).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -158,19 +180,37 @@ class VLLMEngine:
                 ignore_eos=True,
                 stop_token_ids=[eos],
                 detokenize=False,  # token ids only; rlhfkit decodes
+                logprobs=0,  # the sampled token's log-prob only (last_logprobs)
             )
             for seed in seeds
         ]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        rows = []
+        rows, row_logprobs = [], []
         for out in outputs:
             completion = out.outputs[0]
             tokens = list(completion.token_ids)
+            logprobs = _sampled_logprobs(tokens, completion.logprobs)
             if completion.finish_reason == "stop" and (not tokens or tokens[-1] != eos) and len(tokens) < options.max_new_tokens:
                 tokens.append(eos)
+                if logprobs is not None:
+                    logprobs.append(float("nan"))  # vLLM gave none for the appended EOS
             rows.append(tokens)
+            row_logprobs.append(logprobs)
         width = max((len(r) for r in rows), default=0)
         response = torch.full((len(rows), width), pad, dtype=torch.long)
-        for i, tokens in enumerate(rows):
+        sampler = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (tokens, logprobs) in enumerate(zip(rows, row_logprobs)):
             response[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            # A response without log-probs is NaN (unknown), rather than the whole batch None: all ranks stay alike.
+            sampler[i, : len(tokens)] = math.nan if logprobs is None else torch.tensor(logprobs, dtype=torch.float32)
+        self.last_logprobs = sampler
         return response
+
+
+def _sampled_logprobs(token_ids: list[int], logprobs) -> list[float] | None:
+    """The log-probs of the sampled ``token_ids`` from a vLLM ``CompletionOutput.logprobs`` (asked for with
+    ``logprobs=0``): one ``{token id: Logprob}`` per generated token, the sampled one among them. None when vLLM
+    returned none, or not one per token."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        return None
+    return [float(position[token].logprob) for token, position in zip(token_ids, logprobs)]

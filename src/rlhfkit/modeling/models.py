@@ -275,6 +275,11 @@ def build_tiny(seed: int = 0):
     return model
 
 
+def inference_device() -> torch.device:
+    """Where a model that is not trained runs (sampling, evaluation, scoring): the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32):
     """Load a causal LM from a spec, in ``dtype`` (fp32 master weights by default)."""
     from transformers import AutoModelForCausalLM
@@ -460,6 +465,19 @@ def _save_failed(out: Path, error: BaseException, was_complete: bool) -> Excepti
     )
 
 
+def drop_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the second name of each tied weight (``lm_head.weight`` tied to the embeddings).
+
+    A state dict gathered from shards (FSDP, DeepSpeed ZeRO-3: ``Accelerator.get_state_dict``) holds a tied weight
+    as two equal tensors, which transformers' ``save_pretrained`` keeps (it finds ties by shared storage), so the
+    save would differ from an unsharded model's. Only a copy equal to the weight it is tied to is dropped.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {
+        k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict and torch.equal(v, state_dict[tied[k]]))
+    }
+
+
 def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
     """Save a loadable model directory; :func:`is_complete_save` tells whether the save finished.
 
@@ -493,7 +511,7 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
                 merged = copy.deepcopy(model).merge_and_unload()
                 merged.save_pretrained(tmp)
             else:
-                model.save_pretrained(tmp, state_dict=state_dict)
+                model.save_pretrained(tmp, state_dict=None if state_dict is None else drop_tied_copies(model, state_dict))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)

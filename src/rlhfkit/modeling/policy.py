@@ -18,7 +18,7 @@ from torch import nn
 
 from rlhfkit.data import packing
 from rlhfkit.modeling import attention, models
-from rlhfkit.modeling.forward import position_ids_from_mask
+from rlhfkit.modeling.forward import position_ids_from_mask, sft_loss_sum
 from rlhfkit.modeling.logps import gather_logps, gather_logps_and_entropy, linear_token_logps
 
 
@@ -79,9 +79,17 @@ class ActorCritic(nn.Module):
         if critic is not None:
             self._no_split_modules |= set(critic._no_split_modules or ())
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Re-tie the policy's (and critic's) tied weights, as transformers models do: accelerate's FSDP2 prepare calls
+        this after moving the model to the meta device (``fsdp2_prepare_model``, ``cpu_ram_efficient_loading``); without
+        it the LM head and the embeddings would load and train as two weights."""
+        for model in (self.policy, self.critic):
+            if model is not None and hasattr(model, "tie_weights"):
+                model.tie_weights(*args, **kwargs)
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         n_response: int = 0,
         *,
@@ -91,8 +99,13 @@ class ActorCritic(nn.Module):
         targets: torch.Tensor | None = None,
         temperature: float = 1.0,
         with_entropy: bool = False,
+        sft_batch: dict[str, torch.Tensor] | None = None,
     ):
         """Logits that predict each response token, and the value of the state before it.
+
+        With ``sft_batch`` (an SFT batch, :func:`rlhfkit.data.sft.collate_sft`): the policy's summed next-token loss
+        on it (:func:`rlhfkit.modeling.forward.sft_loss_sum`; PPO-ptx), so that this forward, too, goes through the
+        prepared model's hooks (FSDP gathers the root's parameters in them).
 
         Padded (``positions`` None): ``input_ids``/``attention_mask`` (B, P + R) ->
         ``(logits (B, R, V), values (B, R) or None)`` for the last ``R = n_response``
@@ -103,6 +116,8 @@ class ActorCritic(nn.Module):
         with ``targets`` (K,) the log-probs of those tokens instead of the logits
         (:func:`head_token_logps`): ``(logps (K,), values (K,) or None, entropy (K,) or None)``.
         """
+        if sft_batch is not None:
+            return sft_loss_sum(self.policy, sft_batch)
         if positions is None:
             position_ids = position_ids_from_mask(attention_mask)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)

@@ -53,6 +53,7 @@ from rlhfkit.modeling.models import (
 )
 from rlhfkit.run_layout import EVAL_PREFIX
 from rlhfkit.training.optim import build_optimizer, build_scheduler, prime_state
+from rlhfkit.training.sharding import is_sharded, whole_parameters
 from rlhfkit.training.tracking import MetricsLogger, is_eval_record
 
 
@@ -218,6 +219,18 @@ def _refuse_stale_optimizer(acc) -> None:
         )
 
 
+def _refuse_lora_under_fsdp(acc, model) -> None:
+    """Refuse a LoRA (peft) model under FSDP: its final save (peft's state dict, then the merge) fails on the
+    sharded model (``Attempted to access the data pointer on an invalid python storage``, seen under FSDP2 on 2 CPU
+    processes), and no gathered LoRA save has been built or tested."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return
+    if any(hasattr(m, "peft_config") for m in (model, getattr(model, "policy", None), getattr(model, "critic", None))):
+        raise ConfigError("LoRA (lora_r > 0) under FSDP is not supported: train LoRA under DDP (`accelerate launch --multi_gpu`)")
+
+
 def prepare(acc, model, optimizer, *, micro_batch_size: int | None = None, max_grad_norm: float | None = None):
     """``acc.prepare(model, optimizer)``, minus accelerate's fp32 cast of everything the model returns.
 
@@ -232,13 +245,14 @@ def prepare(acc, model, optimizer, *, micro_batch_size: int | None = None, max_g
 
     Under DeepSpeed, ``micro_batch_size`` (rows per process per micro-batch) and ``max_grad_norm`` are required: they
     complete the DeepSpeed config first (:func:`fill_deepspeed_config`). FSDP version 1 without ``use_orig_params``
-    is refused (:func:`_refuse_stale_optimizer`).
+    is refused (:func:`_refuse_stale_optimizer`), and so is LoRA under FSDP (:func:`_refuse_lora_under_fsdp`).
 
     On CPU the optimizer state is then made up front (:func:`rlhfkit.training.optim.prime_state`), except under
     DeepSpeed, whose ZeRO optimizer steps on the gradients it reduced into its own buffers: a step without a backward
     fails there (``KeyError`` in ``DeepSpeedZeroOptimizer.scaled_global_norm``, ZeRO-2).
     """
     _refuse_stale_optimizer(acc)
+    _refuse_lora_under_fsdp(acc, model)
     plugin = acc.state.deepspeed_plugin
     if plugin is not None:
         if micro_batch_size is None or max_grad_norm is None:
@@ -258,6 +272,19 @@ def prepare(acc, model, optimizer, *, micro_batch_size: int | None = None, max_g
     if acc.device.type == "cpu" and plugin is None:
         prime_state(getattr(optimizer, "optimizer", optimizer))  # the torch optimizer inside accelerate's wrapper
     return model, optimizer
+
+
+def process_state():
+    """accelerate's ``PartialState`` as this run's Accelerator will find it, for work before the Accelerator exists.
+
+    Under a CPU launch (``ACCELERATE_USE_CPU=true``) that is the joined gloo group: a plain ``PartialState()`` reads
+    no such flag (``AcceleratorState`` does, accelerate/state.py) and would set up a one-process state that the
+    Accelerator then cannot join.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def make_accelerator(precision: str, grad_accum: int = 1):
@@ -726,8 +753,9 @@ def fit(
 
     def after_step() -> None:
         if on_step is not None:
-            if acc.is_main_process:
-                on_step(acc.unwrap_model(model), state.step, total_steps)
+            with whole_parameters(acc, model) as unwrapped:  # every process gathers; the main one probes
+                if acc.is_main_process:
+                    on_step(unwrapped, state.step, total_steps)
             acc.wait_for_everyone()
             model.train()
 
@@ -806,11 +834,11 @@ def fit(
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(model)
     if save_model is not None:
-        from accelerate.utils import DistributedType
-
-        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        state_dict = acc.get_state_dict(model) if sharded else None  # collective: all processes
-        if acc.is_main_process:
-            save_model(unwrapped, out, state_dict)
+        state_dict = acc.get_state_dict(model) if is_sharded(acc) else None  # collective: all processes
+        # Whole parameters while the main process saves: a save may run forwards (the reward model's normalisation),
+        # which on FSDP shards would be collectives the other processes never join.
+        with whole_parameters(acc, model) as whole:
+            if acc.is_main_process:
+                save_model(whole, out, state_dict)
     acc.wait_for_everyone()
     return FitResult(model=unwrapped, state=state, last_metrics=last, eval_metrics=eval_metrics)
