@@ -5,6 +5,7 @@ rlhfkit sample CONFIG.yaml [key=value ...]  -> rlhfkit.sample.run(SampleConfig)
 rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
 rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
+rlhfkit kto CONFIG.yaml [key=value ...]     -> rlhfkit.kto.train(KTOConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
@@ -46,6 +47,7 @@ STAGES = {
     "label": ("label", "LabelConfig", "run"),
     "reward": ("reward", "RewardConfig", "train"),
     "dpo": ("dpo", "DPOConfig", "train"),
+    "kto": ("kto", "KTOConfig", "train"),
     "ppo": ("rl", "RLConfig", "train"),
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("label", "label samples: simulated annotator, AI judge, or a human at the terminal"),
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
+        ("kto", "KTO on unpaired thumbs-up/down data (paired data converted)"),
         ("ppo", "PPO with a KL penalty to the frozen reference (algorithm=reinforce for plain REINFORCE)"),
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),

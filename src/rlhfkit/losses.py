@@ -161,6 +161,65 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+KTOLossType = Literal["kto", "apo_zero_unpaired"]
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: KTOLossType = "kto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO on unpaired examples (Ethayarajh et al. 2024, eq. 7). Returns ``(losses, rewards)``, each (B,).
+
+    With ``r(x, y) = log pi(y|x) - log ref(y|x)`` and the reference point ``z0`` (``kl``; a scalar,
+    treated as a constant: no gradient flows through it), the per-example loss is
+    ``lambda_y - v(x, y)`` where the value is::
+
+        v(x, y) = lambda_D sigmoid(beta (r(x, y) - z0))   if y is desirable
+                  lambda_U sigmoid(beta (z0 - r(x, y)))   if y is undesirable
+
+    i.e. ``lambda_D (1 - sigmoid(beta (r - z0)))`` for a desirable example and
+    ``lambda_U (1 - sigmoid(beta (z0 - r)))`` for an undesirable one (``lambda_D`` =
+    ``desirable_weight``, ``lambda_U`` = ``undesirable_weight``). The paper's ``z0`` is
+    ``max(0, mean over mismatched pairs (x_i, y_j) of r)``, estimated per batch by the caller
+    (:func:`kto_reference_point`). ``loss_type="apo_zero_unpaired"`` is APO-zero's unpaired form
+    (D'Oosterlinck et al. 2024): ``1 - sigmoid(beta r)`` desirable, ``sigmoid(beta r)`` undesirable, no ``z0``.
+
+    This is TRL's definition (``KTOTrainer._compute_loss``, trl/trainer/kto_trainer.py, TRL 1.16): its batch loss
+    is the mean of these per-example losses. ``desirable``: (B,) bool. Implicit rewards are ``beta r``, detached.
+    Log-probs are sums over response tokens.
+    """
+    logratios = policy_logps - ref_logps
+    z0 = kl.detach() if torch.is_tensor(kl) else kl
+    desirable = desirable.to(torch.bool)
+    if loss_type == "kto":
+        chosen = 1 - torch.sigmoid(beta * (logratios - z0))
+        rejected = 1 - torch.sigmoid(beta * (z0 - logratios))
+    elif loss_type == "apo_zero_unpaired":
+        chosen = 1 - torch.sigmoid(beta * logratios)
+        rejected = torch.sigmoid(beta * logratios)
+    else:
+        raise ValueError(f"unknown KTO loss_type '{loss_type}' (kto, apo_zero_unpaired)")
+    losses = torch.where(desirable, desirable_weight * chosen, undesirable_weight * rejected)
+    return losses, beta * logratios.detach()
+
+
+def kto_reference_point(kl_logratio_sum: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """KTO's reference point ``z0 = max(0, kl_logratio_sum / count)``, detached (a scalar).
+
+    ``kl_logratio_sum`` sums ``log pi(y'|x) - log ref(y'|x)`` over mismatched pairs ``(x, y')``; with the
+    sum and count of every process's batch it is the mean over the global batch. (TRL: the mean of each
+    process's batch mean, ``gather_for_metrics(...).mean().clamp(min=0)``: the same for equal batches.)
+    """
+    count = count.clamp(min=1) if torch.is_tensor(count) else max(float(count), 1.0)
+    return (kl_logratio_sum.detach() / count).clamp(min=0)
+
+
 # ----------------------------------------------------------------------------- KL estimators
 
 KLEstimator = Literal["k1", "k2", "k3"]
