@@ -5,6 +5,7 @@ text full of markup shown as text, with no script run."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,174 @@ def test_markup_in_model_text_is_shown_as_text(browser, tmp_path):
         store.close()
     with sqlite3.connect(tmp_path / "labels.sqlite") as con:
         assert con.execute("SELECT COUNT(*) FROM labels").fetchone() == (2,)
+
+
+# ----------------------------------------------------------------------------- issue 25: RTL, scrolling, errors, tokens
+
+RTL_SCREENSHOT = Path("/tmp/s18/rtl.png")
+ARABIC_PROMPT = "ما هي عاصمة فرنسا؟"
+HEBREW_A = "פריז היא בירת צרפת."
+HEBREW_B = "אולי ליון?"
+PERSIAN_CHAT = [{"role": "user", "content": "آسمان در یک روز صاف چه رنگی است؟"}]
+PERSIAN_REASON = "پاسخ اول درست است."
+
+DIRECTION = "el => [getComputedStyle(el).direction, el.matches(':dir(rtl)')]"
+TEXT_EDGES = """el => {
+  const range = document.createRange();
+  range.selectNodeContents(el);
+  const text = range.getBoundingClientRect(), box = el.getBoundingClientRect();
+  return {gapLeft: text.left - box.left, gapRight: box.right - text.right};
+}"""
+
+
+def stored_labels(tmp_path: Path):
+    store = AnnotationStore(tmp_path / "labels.sqlite", create=False)
+    try:
+        return store.labels()
+    finally:
+        store.close()
+
+
+def direction(page, selector: str) -> str:
+    computed, matches_rtl = page.eval_on_selector(selector, DIRECTION)
+    assert matches_rtl == (computed == "rtl"), (selector, computed, matches_rtl)
+    return computed
+
+
+def test_right_to_left_text_is_laid_out_right_to_left(browser, tmp_path):
+    records = [
+        {"prompt": ARABIC_PROMPT, "responses": [HEBREW_A, HEBREW_B]},
+        {"prompt": "What is the capital of France?", "responses": ["Paris.", "Lyon?"]},
+        {"prompt": PERSIAN_CHAT, "responses": ["آبی.", "Blue."]},
+    ]
+    store, server, token = serve_pairs(tmp_path, records)
+    try:
+        page, problems = open_page(browser, f"http://127.0.0.1:{server.port}/#token={token}")
+        page.wait_for_selector("#task:not([hidden])")
+        assert current(page)[0] == ARABIC_PROMPT
+        for selector in ("#prompt", "#response-a", "#response-b"):
+            assert direction(page, selector) == "rtl", selector
+            # Laid out from the right: the text hugs the box's right edge, far from its left one.
+            edges = page.eval_on_selector(selector, TEXT_EDGES)
+            assert edges["gapRight"] < 20 < edges["gapLeft"], (selector, edges)
+        assert direction(page, "h2") == "ltr"  # the page's own (English) labels stay left to right
+        assert direction(page, "#reason") == "ltr"  # empty
+        page.keyboard.press("r")
+        page.keyboard.type(PERSIAN_REASON)
+        assert direction(page, "#reason") == "rtl"
+        page.keyboard.press("Enter")
+        RTL_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(RTL_SCREENSHOT))
+        page.keyboard.press("a")
+        wait_for_new_pair(page, ARABIC_PROMPT)
+
+        # An English pair stays left to right, and the reason box with it.
+        assert current(page)[0] == "What is the capital of France?"
+        for selector in ("#prompt", "#response-a", "#response-b", "#reason"):
+            assert direction(page, selector) == "ltr", selector
+        page.keyboard.press("b")
+        wait_for_new_pair(page, "What is the capital of France?")
+
+        # A chat turn takes its direction from its content, not from the English role label.
+        assert direction(page, "#prompt .turn") == "rtl"
+        assert page.inner_text("#prompt") == f"User: {PERSIAN_CHAT[0]['content']}"
+        shown_a = page.inner_text("#response-a")
+        assert direction(page, "#response-a") == ("rtl" if shown_a == "آبی." else "ltr")
+        assert direction(page, "#response-b") == ("ltr" if shown_a == "آبی." else "rtl")
+        assert problems == []
+        page.close()
+    finally:
+        server.stop()
+        store.close()
+    assert stored_labels(tmp_path)[0].reason == PERSIAN_REASON
+
+
+LONG = "\n".join(f"Line {i} of a long answer." for i in range(150))
+
+
+def test_next_pair_opens_at_its_top_and_a_failed_save_is_in_view(browser, tmp_path):
+    records = [{"prompt": f"Long question {i}?", "responses": [f"{LONG}\nA{i}", f"{LONG}\nB{i}"]} for i in range(3)]
+    store, server, token = serve_pairs(tmp_path, records)
+    try:
+        page, problems = open_page(browser, f"http://127.0.0.1:{server.port}/#token={token}")
+        page.wait_for_selector("#task:not([hidden])")
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # down to the buttons
+        assert page.evaluate("window.scrollY") > 1000
+        prompt = current(page)[0]
+        page.click("#choose-a")
+        wait_for_new_pair(page, prompt)
+        assert page.evaluate("window.scrollY") == 0  # the next pair opens at its top
+
+        # A save that fails (the token was revoked meanwhile) far down a long pair: the error is in view.
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        scrolled = page.evaluate("window.scrollY")
+        assert scrolled > 1000
+        store.add_annotator("alice", replace_token=True)
+        page.click("#choose-b")
+        page.wait_for_selector("#message.error:not([hidden])")
+        assert "Not saved: unknown token" in page.inner_text("#message")
+        box = page.eval_on_selector("#message", "el => el.getBoundingClientRect().toJSON()")
+        height = page.evaluate("window.innerHeight")
+        assert 0 <= box["top"] and box["bottom"] <= height and box["height"] > 10, (box, height)
+        assert abs(page.evaluate("window.scrollY") - scrolled) < 100  # the page did not jump away from the pair
+        assert page.eval_on_selector(
+            "#message",
+            "el => document.elementFromPoint(el.getBoundingClientRect().left + 5, el.getBoundingClientRect().top + 5) === el",
+        )  # on top, not covered
+        page.close()
+        assert [p for p in problems if "401" not in p] == []  # the browser logs the failed request itself
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_a_token_link_pasted_into_an_open_tab_takes_effect_without_a_reload(browser, tmp_path):
+    store, server, alice = serve_pairs(tmp_path, PAIRS)
+    bob = store.add_annotator("bob")
+    try:
+        page, problems = open_page(browser, f"http://127.0.0.1:{server.port}/#token={alice}")
+        page.wait_for_selector("#task:not([hidden])")
+        assert page.inner_text("#who") == "Annotator: alice"
+        alice_prompt = current(page)[0]
+        page.evaluate("() => { window.__sameDocument = true; }")
+        page.evaluate("t => { location.hash = 'token=' + t; }", bob)
+        page.wait_for_function("() => document.getElementById('who').textContent === 'Annotator: bob'")
+        assert page.evaluate("window.__sameDocument") is True  # no reload happened
+        assert bob not in page.url and "#token" not in page.url  # taken out of the address bar again
+        assert current(page)[0] != alice_prompt  # alice still holds her pair; bob gets the next one
+        bob_prompt = current(page)[0]
+        page.keyboard.press("a")
+        wait_for_new_pair(page, bob_prompt)
+        page.reload()  # the new token is the one kept for this tab
+        page.wait_for_selector("#task:not([hidden])")
+        assert page.inner_text("#who") == "Annotator: bob"
+        assert problems == []
+        page.close()
+    finally:
+        server.stop()
+        store.close()
+    assert [(label.annotator, label.item_index) for label in stored_labels(tmp_path)] == [("bob", 1)]
+
+
+def test_done_page_picks_up_a_pair_an_abandoned_tab_gave_back(browser, tmp_path):
+    from tests.annotate_client import Client
+
+    store, server, alice = serve_pairs(tmp_path, PAIRS[:1])
+    store.configure(lease_seconds=1.0)
+    bob = Client(f"http://127.0.0.1:{server.port}", store.add_annotator("bob"))
+    try:
+        assert bob.post("/api/next")[1]["assignment"] is not None  # bob's tab takes the only pair, then is left
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.clock.install()
+        page.goto(f"http://127.0.0.1:{server.port}/#token={alice}")
+        page.wait_for_selector("#done:not([hidden])")
+        assert "1 pair still needs a vote" in page.inner_text("#done-waiting")
+        time.sleep(1.2)  # bob's reservation runs out (the server's real clock)
+        page.clock.run_for(16_000)  # the page's own timer: it asks again
+        page.wait_for_selector("#task:not([hidden])")
+        assert current(page)[0] == PAIRS[0]["prompt"]
+        page.close()
+    finally:
+        bob.close()
+        server.stop()
+        store.close()

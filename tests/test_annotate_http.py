@@ -1,10 +1,14 @@
 """The annotation server over real HTTP on loopback: security (tokens, other annotators,
 cross-origin writes, body size, path traversal), a load test (50 annotators, 5,000 labels),
-and a crash test (SIGKILL mid-load, restart, every acknowledged label still there)."""
+a crash test (SIGKILL mid-load, restart, every acknowledged label still there), and SIGTERM
+(a clean exit leaving a self-contained .sqlite file)."""
 
 from __future__ import annotations
 
 import http.client
+import shutil
+import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -230,6 +234,57 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
         restarted.stop()
     final = audit(db, {**acked, **after.acked}, overlap)
     assert final.lost == [] and final.duplicates == 0 and final.over_overlap == 0
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_shuts_down_cleanly_leaving_a_self_contained_sqlite_file(tmp_path):
+    """SIGTERM (kill, systemd, Docker) closes the database as Ctrl+C does, its WAL checkpointed: a backup
+    of the .sqlite file alone, without -wal and -shm, holds every acknowledged label."""
+    overlap = 2
+    db = tmp_path / "labels.sqlite"
+    tokens = add_annotators(db, 3)
+    process = ServerProcess(db, make_pairs(tmp_path / "pairs.jsonl", 20), overlap=overlap)
+    acked: dict[tuple[str, int], str] = {}
+    # A second reader keeps the database open through the shutdown (`rlhfkit annotate status`, or the
+    # pipeline's label stage with web_serve: false): the server's connection is then not the last one,
+    # so SQLite would not checkpoint on close by itself.
+    watcher = sqlite3.connect(db)
+    clients = []
+    try:
+        for n, (name, token) in enumerate(tokens.items()):
+            client = Client(process.url, token)
+            clients.append(client)  # left open: keep-alive connections while the server shuts down
+            assignment = client.post("/api/next")[1]["assignment"]
+            for i in range(4 + n):
+                choice = ("a", "b", "tie", "skip")[(i + n) % 4]
+                status, data = client.post("/api/label", {"pair_id": assignment["pair_id"], "choice": choice, "reason": "r"})
+                assert status == 200 and not data["duplicate"]
+                acked[name, assignment["pair_id"]] = choice
+                assignment = data["assignment"]
+        assert watcher.execute("SELECT COUNT(*) FROM labels").fetchone() == (len(acked),)
+        assert (tmp_path / "labels.sqlite-wal").stat().st_size > 0  # the labels are in the WAL so far
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(timeout=30) == 0  # a clean exit, not death by signal (-15)
+    finally:
+        for client in clients:
+            client.close()
+        process.stop()
+    assert "stopped by SIGTERM" in process.log.read_text()
+    assert (tmp_path / "labels.sqlite-wal").stat().st_size == 0  # checkpointed into the .sqlite file, then truncated
+
+    backup = tmp_path / "backup" / "labels.sqlite"
+    backup.parent.mkdir()
+    shutil.copyfile(db, backup)  # the .sqlite file only
+    watcher.close()
+    report = audit(backup, acked, overlap)
+    assert report.integrity == "ok"
+    assert report.lost == [] and report.stored == len(acked) == 15
+    assert report.duplicates == 0 and report.unacknowledged == 0
+    with sqlite3.connect(backup) as con:
+        assert con.execute("SELECT COUNT(*) FROM annotators").fetchone() == (3,)
+        assert con.execute("SELECT COUNT(*) FROM pairs").fetchone() == (20,)
 
 
 # ----------------------------------------------------------------------------- the label stage serving the app

@@ -304,8 +304,20 @@ def test_majority_export_round_trips_in_every_format(tmp_path):
         {"a": 1, "b": 0, "tie": 2},
     ]
     assert labels[0].meta["agreement"] == pytest.approx(2 / 3) and labels[1].meta["agreement"] == 1.0
-    assert labels[0].reason == "z: z on 0" and labels[0].source == "human-web:x,y,z"
+    z_swapped = labels[0].meta["labels"][2]["shown"] == "ba"  # the A/B order is drawn at random
+    note = " (shown swapped: screen A = response_b)" if z_swapped else ""
+    assert labels[0].reason == f"z{note}: z on 0" and labels[0].source == "human-web:x,y,z"
     assert {entry["shown"] for c in labels for entry in c.meta["labels"]} <= {"ab", "ba"}
+    assert all(
+        entry["reason_sides"]
+        == (
+            "screen A = response_b, screen B = response_a"
+            if entry["shown"] == "ba"
+            else "screen A = response_a, screen B = response_b"
+        )
+        for c in labels
+        for entry in c.meta["labels"]
+    )
     store.close()
 
     db = str(tmp_path / "labels.sqlite")
@@ -324,6 +336,79 @@ def test_majority_export_round_trips_in_every_format(tmp_path):
     assert [c.chosen for c in load_comparisons(tmp_path / "trl.jsonl")] == ["first 0", "second 1"]
 
     assert export(ExportConfig(db=db, output=str(tmp_path / "none.jsonl"), min_votes=4)) == (0, 0)
+
+
+def test_export_refuses_an_extension_it_does_not_write(tmp_path, capsys):
+    voted_store(tmp_path, FakeClock()).close()
+    db = str(tmp_path / "labels.sqlite")
+    for name in ("labels.csv", "labels.txt", "labels", "labels.JSONL", "labels.jsonl.gz"):
+        output = tmp_path / name
+        with pytest.raises(ValueError, match=r"export writes \.jsonl .*\.json .*\.parquet") as caught:
+            export(ExportConfig(db=db, output=str(output)))
+        assert str(output) in str(caught.value)
+        assert not output.exists()
+        assert cli.main(["annotate", "export", "--db", db, "--format", "seed", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"rlhfkit annotate export: error: {output}: " in err and ".jsonl" in err and ".parquet" in err
+        assert not output.exists()
+    for name in ("ok.jsonl", "ok.json", "ok.parquet"):
+        assert export(ExportConfig(db=db, output=str(tmp_path / name))) == (4, 0)
+    assert load_comparisons(tmp_path / "ok.parquet") == load_comparisons(tmp_path / "ok.json")
+
+
+def test_a_reason_given_on_a_swapped_pair_says_which_side_it_meant(tmp_path, monkeypatch):
+    store = new_store(tmp_path, 3)
+    alice = annotator(store, "alice")
+    # The A/B order is drawn with secrets.randbelow(2) (1: swapped): pair 0 swapped, pairs 1 and 2 not.
+    draws = iter([1, 0, 0])
+    monkeypatch.setattr("rlhfkit.feedback.web.store.secrets.randbelow", lambda n: next(draws))
+    for reason in ("A is better", "A is better", ""):
+        assignment = store.next_assignment(alice)
+        store.submit(alice, assignment.pair_id, "a", reason)  # pressed "A is better": the left response
+    labels = comparisons(store)
+    store.close()
+    swapped, plain, no_reason = labels
+    # Pair 0 was shown swapped: the left response, screen A, was response_b ("second 0").
+    assert swapped.ranking == [1, 0] and swapped.chosen == "second 0"
+    assert swapped.reason == "alice (shown swapped: screen A = response_b): A is better"
+    [entry] = swapped.meta["labels"]
+    assert entry == {
+        "annotator": "alice",
+        "choice": "b",
+        "reason": "A is better",  # the annotator's words, verbatim
+        "shown": "ba",
+        "reason_sides": "screen A = response_b, screen B = response_a",
+    }
+    assert plain.ranking == [0, 1] and plain.reason == "alice: A is better"
+    assert plain.meta["labels"][0]["reason_sides"] == "screen A = response_a, screen B = response_b"
+    assert no_reason.reason == "" and no_reason.meta["labels"][0]["shown"] == "ab"
+
+    db = str(tmp_path / "labels.sqlite")
+    for fmt in ("jsonl", "seed"):
+        export(ExportConfig(db=db, output=str(tmp_path / f"{fmt}.jsonl"), format=fmt))
+        first = read_jsonl(tmp_path / f"{fmt}.jsonl")[0]
+        assert first["reason"] == "alice (shown swapped: screen A = response_b): A is better"
+        assert first["meta"]["labels"][0]["reason_sides"] == "screen A = response_b, screen B = response_a"
+    assert read_jsonl(tmp_path / "seed.jsonl")[0]["preferred"] == "b"
+
+
+def test_closing_the_store_checkpoints_the_wal_into_the_database_file(tmp_path):
+    store = new_store(tmp_path, 4)
+    other = sqlite3.connect(tmp_path / "labels.sqlite")  # another reader: SQLite would not checkpoint on close itself
+    other.execute("SELECT COUNT(*) FROM pairs").fetchone()
+    alice = annotator(store, "alice")
+    for _ in range(3):
+        vote(store, alice, "a")
+    assert (tmp_path / "labels.sqlite-wal").stat().st_size > 0
+    store.close()
+    store.close()  # twice is harmless
+    assert (tmp_path / "labels.sqlite-wal").stat().st_size == 0
+    other.close()
+    backup = tmp_path / "copy.sqlite"
+    backup.write_bytes((tmp_path / "labels.sqlite").read_bytes())
+    with sqlite3.connect(backup) as con:
+        assert con.execute("SELECT COUNT(*) FROM labels").fetchone() == (3,)
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 def test_status_agreement_and_throughput_by_hand(tmp_path):

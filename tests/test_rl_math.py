@@ -896,5 +896,14 @@ def test_advantages_rloo_and_grpo_by_hand():
     assert torch.allclose(adv, torch.tensor([[-a, -a, 0.0], [a, a, a]]))
     adv, _ = losses.advantages("grpo", ADV_SCORES, ADV_MASK, group_size=2, scale=False)
     assert torch.allclose(adv, torch.tensor([[-0.5, -0.5, 0.0], [0.5, 0.5, 0.5]]))
-    with pytest.raises(ValueError, match="unknown algorithm 'a2c'"):
-        losses.advantages("a2c", ADV_SCORES, ADV_MASK)
+    with pytest.raises(ValueError, match="unknown algorithm 'bogus'"):
+        losses.advantages("bogus", ADV_SCORES, ADV_MASK)
+
+
+def test_a2c_advantages_are_ppos():
+    values = torch.tensor([[0.5, -0.25, 0.0], [1.0, 0.0, 2.0]])
+    kwargs = dict(kl=ADV_KL, beta=0.1, values=values, gamma=0.9, lam=0.8)
+    for whiten_advantages in (True, False):
+        ppo = losses.advantages("ppo", ADV_SCORES, ADV_MASK, whiten_advantages=whiten_advantages, **kwargs)
+        a2c = losses.advantages("a2c", ADV_SCORES, ADV_MASK, whiten_advantages=whiten_advantages, **kwargs)
+        assert torch.equal(ppo[0], a2c[0]) and torch.equal(ppo[1], a2c[1])

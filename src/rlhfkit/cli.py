@@ -7,6 +7,7 @@ rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
 rlhfkit kto CONFIG.yaml [key=value ...]     -> rlhfkit.kto.train(KTOConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
+rlhfkit a2c|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / ReinforceConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
 rlhfkit annotate serve|add-annotator|status|export|terminal ...
@@ -51,6 +52,8 @@ STAGES = {
     "ppo": ("rl", "RLConfig", "train"),
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
+    "a2c": ("rl", "A2CConfig", "train"),
+    "reinforce": ("rl", "ReinforceConfig", "train"),
     "iterated-dpo": ("iterated", "IteratedDPOConfig", "run"),
     "eval": ("evaluate", "EvalConfig", "run"),
     "elo": ("elo", "EloConfig", "run"),
@@ -60,8 +63,9 @@ STAGES = {
     "doctor": ("doctor", "DoctorConfig", "run"),
 }
 
-RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce"})
-"""Stage names an RL run's config.yaml may carry (its ``algorithm``); ``rlhfkit ppo|grpo|rloo`` read any of them."""
+RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce", "a2c"})
+"""Stage names an RL run's config.yaml may carry (its ``algorithm``); ``rlhfkit ppo|grpo|rloo|a2c|reinforce`` read
+any of them."""
 
 
 def _stage(name: str):
@@ -155,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("kto", "KTO on unpaired thumbs-up/down data (paired data converted)"),
-        ("ppo", "PPO with a KL penalty to the frozen reference (algorithm=reinforce for plain REINFORCE)"),
+        ("ppo", "PPO with a KL penalty to the frozen reference"),
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),
+        ("a2c", "A2C: advantage actor-critic, one unclipped pass per rollout, value loss and entropy bonus"),
+        ("reinforce", "plain REINFORCE: discounted returns minus the batch mean, KL in the reward"),
         ("iterated-dpo", "rounds of sample -> label -> DPO (reference kept or refreshed)"),
         ("eval", "evaluate a policy against a baseline (win rate, gold score, KL, best-of-n, Elo)"),
         ("elo", "Elo / Bradley-Terry ratings of models from labelled comparisons"),

@@ -333,25 +333,26 @@ def advantages(
 
     * ``ppo``: token rewards ``r_t = -beta KL_t`` plus the score at the last response token (Ziegler et
       al. 2019, eq. 2), then GAE against ``values`` (:func:`gae`); returns ``(advantages, returns)``;
+    * ``a2c``: exactly ppo's (A2C differs in the loss, :func:`a2c_policy_loss`, not the advantages);
     * ``reinforce``: the same rewards, discounted reward-to-go minus its masked mean over the batch;
     * ``rloo``: the sequence reward ``score - beta sum_t KL_t``, leave-one-out baseline over each group
       of ``group_size`` (:func:`rloo_advantages`), the same for every token;
     * ``grpo``: group-normalised scores (:func:`grpo_advantages`, ``scale``), every token; the KL is
       not in the reward but in the loss (``beta k3`` per token, in the trainer).
 
-    ``whiten_advantages`` whitens ppo's and reinforce's over the batch. ``kl`` (B, R) is the per-token
+    ``whiten_advantages`` whitens ppo's, a2c's and reinforce's over the batch. ``kl`` (B, R) is the per-token
     KL estimate, None for none (no reference). Shapes: ``scores`` (B,), ``mask``/``values`` (B, R).
-    Advantages are 0 where ``mask`` is False; the second value is None except for ppo.
+    Advantages are 0 where ``mask`` is False; the second value is None except for ppo and a2c.
     """
     mask = mask.bool()
     kl = torch.zeros(mask.shape, dtype=scores.dtype) if kl is None else kl
     returns = None
-    if algorithm in ("ppo", "reinforce"):
+    if algorithm in ("ppo", "a2c", "reinforce"):
         last = (mask.long().cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # the last response token
         token_rewards = -beta * kl + last.to(scores.dtype) * scores[:, None]
-        if algorithm == "ppo":
+        if algorithm in ("ppo", "a2c"):
             if values is None:
-                raise ValueError("ppo's advantages need values (GAE)")
+                raise ValueError(f"{algorithm}'s advantages need values (GAE)")
             adv, returns = gae(token_rewards, values, mask, gamma, lam)
         else:
             adv = discounted_returns(token_rewards, mask, gamma)
@@ -363,7 +364,7 @@ def advantages(
     elif algorithm == "grpo":
         adv = grpo_advantages(scores, group_size, scale=scale)[:, None].expand_as(mask)
     else:
-        raise ValueError(f"unknown algorithm '{algorithm}' (ppo, reinforce, rloo, grpo)")
+        raise ValueError(f"unknown algorithm '{algorithm}' (ppo, a2c, reinforce, rloo, grpo)")
     return torch.where(mask, adv, 0.0), returns
 
 
@@ -385,6 +386,16 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def a2c_policy_loss(logps: torch.Tensor, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantage actor-critic's per-token policy loss, ``-A_t log pi(a_t | s_t)`` (Mnih et al. 2016; RL4LMs' A2C).
+
+    No importance ratio and no clip: one pass over fresh samples, so its gradient ``-A_t grad log pi`` is the
+    clipped surrogate's at ratio 1, but it never zeroes a token's gradient. Returns ``(losses, clipped)`` like
+    :func:`policy_loss`, ``clipped`` all False. Shapes: (B, T); reduce with a mask.
+    """
+    return -advantages * logps, torch.zeros_like(logps, dtype=torch.bool)
 
 
 def ppo_value_loss(

@@ -64,7 +64,7 @@ from rlhfkit.data.io import atomic_write_text
 from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
-Algorithm = Literal["dpo", "ppo", "grpo", "rloo"]
+Algorithm = Literal["dpo", "ppo", "grpo", "rloo", "a2c", "reinforce"]
 T = TypeVar("T")
 
 
@@ -123,6 +123,10 @@ class PipelineConfig:
     """Overrides of `rlhfkit config grpo` keys, when grpo is the algorithm or compared."""
     rloo: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config rloo` keys, when rloo is the algorithm or compared."""
+    a2c: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config a2c` keys, when a2c is the algorithm or compared."""
+    reinforce: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config reinforce` keys, when reinforce is the algorithm or compared."""
     eval: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config eval` keys."""
 
@@ -283,7 +287,13 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, dpo.train, d[algorithm], every_process=True))
         else:
-            cls = {"ppo": rl.RLConfig, "grpo": rl.GRPOConfig, "rloo": rl.RLOOConfig}[algorithm]
+            cls = {
+                "ppo": rl.RLConfig,
+                "grpo": rl.GRPOConfig,
+                "rloo": rl.RLOOConfig,
+                "a2c": rl.A2CConfig,
+                "reinforce": rl.ReinforceConfig,
+            }[algorithm]
             config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, rl.train, d[algorithm], every_process=True))
     stages.append(
@@ -763,6 +773,8 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "ppo": {**rl_common, "lr": 1e-5},
         "grpo": {**rl_common, "num_minibatches": 1, "beta": 0.04},
         "rloo": {**rl_common, "num_minibatches": 1},
+        "a2c": {**rl_common, "ppo_epochs": 1, "num_minibatches": 1},  # one pass per rollout (not tuned)
+        "reinforce": {**rl_common, "num_minibatches": 1},  # (not tuned)
         # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
         # the eval's generation.
         "eval": {

@@ -1,6 +1,6 @@
-"""Online RL against a reward: PPO, GRPO, RLOO and REINFORCE in one readable loop.
+"""Online RL against a reward: PPO, A2C, GRPO, RLOO and REINFORCE in one readable loop.
 
-``rlhfkit ppo|grpo|rloo CONFIG.yaml`` / :func:`train`. Each step:
+``rlhfkit ppo|grpo|rloo|a2c|reinforce CONFIG.yaml`` / :func:`train`. Each step:
 
 1. **Rollout.** Take ``batch_size`` prompts, sample ``samples_per_prompt``
    responses each (:func:`rlhfkit.generation.rollout.make_rollout`; KV cache, temperature,
@@ -14,6 +14,7 @@
 4. **Advantages** — the only place the algorithms differ:
    * ``ppo``: per-token rewards ``r_t = -beta KL_t`` plus the score at the last
      token (Ziegler et al. 2019, eq. 2), GAE (Schulman et al. 2016), whitened;
+   * ``a2c``: ppo's (A2C differs in step 5);
    * ``reinforce``: the same rewards, discounted reward-to-go minus the batch
      mean (Williams 1992; the seed's REINFORCE with discounting);
    * ``rloo``: sequence reward ``score - beta sum_t KL_t``, leave-one-out
@@ -25,8 +26,10 @@
    minibatches (each ``grad_accum`` micro-batches): clipped surrogate
    (Schulman et al. 2017; ``clip``/``ratio_level`` pick DAPO's clip-higher,
    CISPO, dual-clip or GSPO's sequence ratio, :func:`rlhfkit.losses.policy_loss`),
-   clipped value loss. The per-token losses are averaged per ``loss_type``
-   (:func:`rlhfkit.losses.loss_token_weights`); the default, ``dapo``, is the
+   clipped value loss; ``a2c`` (advantage actor-critic as RL4LMs runs it, Mnih et al. 2016) makes one pass
+   (``ppo_epochs=1``) with the unclipped ``-A log pi`` (:func:`rlhfkit.losses.a2c_policy_loss`) and an
+   unclipped value loss. ``entropy_coef`` adds ``-entropy_coef`` x the token-mean entropy (any algorithm).
+   The per-token losses are averaged per ``loss_type`` (:func:`rlhfkit.losses.loss_token_weights`); the default, ``dapo``, is the
    token mean over the global minibatch (DAPO's normalisation, not DeepSeekMath
    eq. 3's per-response mean, which is ``loss_type=grpo``). Stop the epochs early
    when approx-KL exceeds ``target_kl_stop``.
@@ -61,8 +64,8 @@ from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.sft import collate_sft, load_sft_file, tokenize_sft
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, encode_prompts, make_rollout
 from rlhfkit.generation.vllm_engine import VLLMEngine
-from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.losses import (
+    a2c_policy_loss,
     approx_kl,
     explained_variance,
     kl_penalty,
@@ -75,7 +78,9 @@ from rlhfkit.losses import (
     whiten,
     zero_variance_groups,
 )
+from rlhfkit.losses import advantages as compute_advantages
 from rlhfkit.modeling import models
+from rlhfkit.modeling.logps import entropy_from_logits
 from rlhfkit.modeling.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rewards import load_reward
@@ -97,7 +102,7 @@ from rlhfkit.training.loop import (
 from rlhfkit.training.sharding import check_rl_sharding, is_sharded, whole_parameters
 from rlhfkit.training.tracking import MetricsLogger
 
-Algorithm = Literal["ppo", "grpo", "rloo", "reinforce"]
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "a2c"]
 
 
 @dataclass
@@ -105,7 +110,8 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Config of the online RL stage. ``batch_size`` is prompts per step per process."""
 
     algorithm: Algorithm = "ppo"
-    """ppo (critic + GAE), grpo (group-normalised), rloo (leave-one-out) or reinforce (discounted returns)."""
+    """ppo (critic + GAE), a2c (critic + GAE, one unclipped pass), grpo (group-normalised), rloo (leave-one-out) or
+    reinforce (discounted returns)."""
     policy: str = models.TINY
     """Policy model spec (usually the SFT output directory). The reference is its frozen copy."""
     reward_model: str = "demo"
@@ -166,13 +172,13 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     kl_horizon: int = 10000
     """Horizon (in samples) of the adaptive controller."""
     gamma: float = 1.0
-    """Discount factor (ppo GAE, reinforce)."""
+    """Discount factor (ppo and a2c GAE, reinforce)."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch (ppo, reinforce)."""
+    """Whiten advantages over the batch (ppo, a2c, reinforce)."""
     ppo_epochs: int = 1
-    """Optimisation passes over each rollout batch."""
+    """Optimisation passes over each rollout batch (a2c: 1)."""
     num_minibatches: int = 1
     """Minibatches (optimizer steps) per pass."""
     clip_eps: float = 0.2
@@ -213,13 +219,17 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     overlong_penalty_coef: float = 1.0
     """Weight of the overlong penalty in the score (overlong_buffer > 0)."""
     value: Literal["head", "critic"] = "head"
-    """ppo's value function: a head on the policy trunk, or a separate critic model."""
+    """ppo's and a2c's value function: a head on the policy trunk, or a separate critic model."""
     critic_init: str = ""
     """Critic initialisation (value=critic): a spec or reward-model dir; empty: the reward model if it is a dir, else the policy."""
     vf_coef: float = 0.1
     """Value-loss coefficient."""
     value_clip_eps: float = 0.2
-    """Value clip epsilon."""
+    """Value clip epsilon (ppo; a2c's value loss is unclipped)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss gets -entropy_coef x the token-mean entropy of the policy on the responses (any
+    algorithm; a2c's default 0.01, as RL4LMs). Not 0: the update's forward is padded, not packed (the entropy's
+    gradient needs the logits, which the packed forward's fused kernels never hand out)."""
     target_kl_stop: float = 0.0
     """Stop the epoch loop when mean approx-KL exceeds this (0 disables)."""
     ptx_data: str = ""
@@ -275,6 +285,8 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
             raise ConfigError(
                 f"overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}] (got {self.overlong_buffer})"
             )
+        if self.algorithm == "a2c" and self.ppo_epochs != 1:
+            raise ConfigError(f"a2c makes one pass over each rollout: ppo_epochs must be 1 (got {self.ppo_epochs})")
         if self.drop_zero_variance_groups and self.algorithm not in ("grpo", "rloo"):
             raise ConfigError(f"drop_zero_variance_groups needs groups: algorithm grpo or rloo (got {self.algorithm})")
         low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
@@ -307,6 +319,25 @@ class RLOOConfig(RLConfig):
     algorithm: Algorithm = "rloo"
     samples_per_prompt: int = 4
     output_dir: str = "runs/rloo"
+
+
+@dataclass
+class A2CConfig(RLConfig):
+    """A2C defaults (RL4LMs): a value head and GAE as ppo, one pass per rollout, no clipping, an entropy bonus."""
+
+    algorithm: Algorithm = "a2c"
+    ppo_epochs: int = 1
+    value: Literal["head", "critic"] = "head"
+    entropy_coef: float = 0.01
+    output_dir: str = "runs/a2c"
+
+
+@dataclass
+class ReinforceConfig(RLConfig):
+    """Plain REINFORCE: discounted returns minus the batch mean, KL (k1) in the reward, no critic."""
+
+    algorithm: Algorithm = "reinforce"
+    output_dir: str = "runs/reinforce"
 
 
 class AdaptiveKLController:
@@ -405,10 +436,22 @@ def _sampler_mismatch(
     return stats
 
 
-def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: bool = False, packed: bool = False):
-    """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``."""
+def _forward(
+    model,
+    rollout: Rollout,
+    rows: list[int],
+    device,
+    *,
+    with_entropy: bool = False,
+    packed: bool = False,
+    entropy_grad: bool = False,
+):
+    """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``.
+
+    ``entropy_grad``: an entropy that carries a gradient (the entropy bonus), from the padded batch's logits (the
+    fused log-prob kernels, and so the packed forward, give the entropy none)."""
     sub = rollout.select(rows)
-    if packed:
+    if packed and not entropy_grad:
         return packed_response_logps(
             model,
             sub.query_ids,
@@ -422,6 +465,9 @@ def _forward(model, rollout: Rollout, rows: list[int], device, *, with_entropy: 
     input_ids, mask = sub.input_ids.to(device), sub.attention_mask.to(device)
     response_ids = sub.response_ids.to(device)
     logits, values = response_logits(model, input_ids, mask, response_ids.shape[1])
+    if entropy_grad:
+        logps, _ = logps_and_entropy(logits, response_ids, rollout.temperature)
+        return logps, values, entropy_from_logits(logits.float() / rollout.temperature)
     logps, entropy = logps_and_entropy(logits, response_ids, rollout.temperature, with_entropy=with_entropy)
     return logps, values, entropy
 
@@ -456,7 +502,7 @@ class RLTrainer:
                 models.set_attention(self.ref)
         policy = models.prepare_for_training(policy, c)
         critic = None
-        value = c.value if c.algorithm == "ppo" else "none"
+        value = c.value if c.algorithm in ("ppo", "a2c") else "none"
         if value == "critic":
             init = c.critic_init or (c.reward_model if Path(c.reward_model).is_dir() else c.policy)
             critic = load_critic(init, vocab_size=policy.config.vocab_size)
@@ -673,12 +719,21 @@ class RLTrainer:
                     with acc.accumulate(self.model):
                         with acc.autocast():
                             logps, values, entropy = _forward(
-                                self.model, rollout, rows, device, with_entropy=True, packed=c.packing
+                                self.model,
+                                rollout,
+                                rows,
+                                device,
+                                with_entropy=True,
+                                packed=c.packing,
+                                entropy_grad=c.entropy_coef != 0,
                             )
                         logps = logps.float()
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
                         adv = scored.advantages[rows].to(device)
-                        pg_losses, clipped = policy_loss(logps, old, adv, mask, **loss_options)
+                        if c.algorithm == "a2c":
+                            pg_losses, clipped = a2c_policy_loss(logps, adv)
+                        else:
+                            pg_losses, clipped = policy_loss(logps, old, adv, mask, **loss_options)
                         if is_cap is not None:
                             pg_losses = pg_losses * truncated_is_weights(old, sampler[rows].to(device), mask, is_cap)
                         if seen is not None:
@@ -688,14 +743,18 @@ class RLTrainer:
                         k3 = kl_penalty(logps, ref, "k3") if ref is not None else None
                         if c.algorithm == "grpo" and self.kl_ctl.value > 0 and k3 is not None:
                             loss_tokens = loss_tokens + self.kl_ctl.value * k3
+                        # Token-mean terms whatever the loss_type: the value loss (a2c's unclipped) and the entropy bonus.
+                        mean_tokens = torch.zeros_like(logps)
                         if values is not None:
+                            v_clip = math.inf if c.algorithm == "a2c" else c.value_clip_eps
                             v_losses, v_clipped = ppo_value_loss(
-                                values, scored.values[rows].to(device), scored.returns[rows].to(device), c.value_clip_eps
+                                values, scored.values[rows].to(device), scored.returns[rows].to(device), v_clip
                             )
+                            mean_tokens = mean_tokens + c.vf_coef * v_losses
+                        if c.entropy_coef:
+                            mean_tokens = mean_tokens - c.entropy_coef * entropy.float()
                         if c.loss_type == "dapo":  # the token mean over the minibatch (the default): one masked sum
-                            if values is not None:
-                                loss_tokens = loss_tokens + c.vf_coef * v_losses
-                            loss = torch.where(loss_mask, loss_tokens, 0.0).sum() * scale
+                            loss = torch.where(loss_mask, loss_tokens + mean_tokens, 0.0).sum() * scale
                         else:  # the policy (and grpo's KL) term per loss_type; the value loss stays the token mean
                             weights = loss_token_weights(
                                 loss_mask,
@@ -707,8 +766,7 @@ class RLTrainer:
                             # bnpo's weights give this micro-batch's mean, which accelerate and DDP average as they are.
                             times = 1 if c.loss_type == "bnpo" else c.grad_accum * self.P
                             loss = (weights * torch.where(loss_mask, loss_tokens, 0.0)).sum() * times
-                            if values is not None:
-                                loss = loss + torch.where(loss_mask, c.vf_coef * v_losses, 0.0).sum() * scale
+                            loss = loss + torch.where(loss_mask, mean_tokens, 0.0).sum() * scale
                         if self.ptx is not None:
                             loss = loss + c.ptx_coef * self._ptx_loss(rows)
                         acc.backward(loss)

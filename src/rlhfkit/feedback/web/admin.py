@@ -10,7 +10,18 @@
   ``meta.majority == "split"``, so a disagreement trains as P = 0.5 rather than
   a coin flip, and every pair carries its votes, each annotator's choice, reason
   and A/B order in ``meta``. TRL has no ties: ``--format trl`` leaves ties and
-  splits out and says how many.
+  splits out and says how many. It writes ``.jsonl``, ``.json`` or ``.parquet``
+  and refuses any other extension (a ValueError naming the path).
+
+  Reasons are the annotators' own words, kept verbatim, and "A" / "B" in them
+  mean the sides **as shown on screen**, which for a pair shown swapped are the
+  reverse of the exported ``response_a`` / ``response_b``. So each vote in
+  ``meta.labels`` carries ``reason_sides`` (``"screen A = response_b, screen B =
+  response_a"`` when swapped), and in the joined ``reason`` a reason given on a
+  swapped pair is prefixed ``(shown swapped: screen A = response_b)``; an
+  unprefixed reason was given with ``response_a`` on the left. The text itself
+  is not rewritten: "A" can be part of a word or a quote, and guessing wrong
+  would change what the annotator said.
 * :func:`wait_for_labels` and :func:`comparisons`: what the pipeline's ``label`` stage with
   ``source: human-web`` runs on (``rlhfkit.label``).
 """
@@ -37,7 +48,19 @@ SESSION_GAP_SECONDS = 600.0
 """Gaps between one annotator's labels longer than this are breaks, not labelling time."""
 
 
+SWAPPED_NOTE = " (shown swapped: screen A = response_b)"
+"""Added after the annotator's name in the joined ``reason`` when the pair was shown swapped."""
+EXPORT_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""The extensions :func:`export` writes (anything else would silently get JSONL)."""
+
+
 # ----------------------------------------------------------------------------- majority vote
+
+
+def reason_sides(*, flipped: bool) -> str:
+    """Which response each on-screen side was: ``"screen A = response_a, screen B = response_b"`` or, swapped, the reverse."""
+    left, right = ("response_b", "response_a") if flipped else ("response_a", "response_b")
+    return f"screen A = {left}, screen B = {right}"
 
 
 def majority(votes: Sequence[str]) -> str:
@@ -54,8 +77,14 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
     ``meta``: ``item_index``, ``votes`` (``{"a", "b", "tie"}`` counts), ``majority``
     (``a | b | tie | split``), ``agreement`` (share of votes for the majority; for a
     split, the shared top share), ``skips``, and ``labels``: each vote's
-    annotator, choice (canonical), reason and ``shown`` order (``"ab"``, or
-    ``"ba"`` when the annotator saw response B on the left).
+    annotator, choice (canonical), reason (verbatim: "A"/"B" in it are the sides
+    as shown), ``shown`` order (``"ab"``, or ``"ba"`` when the annotator saw
+    response B on the left) and ``reason_sides`` (the same in words:
+    ``"screen A = response_b, screen B = response_a"``).
+
+    ``reason`` joins the votes' reasons as ``annotator: reason``; a reason given
+    on a pair shown swapped reads ``annotator (shown swapped: screen A =
+    response_b): reason``, so "A is better" cannot be read against the wrong side.
     """
     by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
     for label in store.labels():
@@ -69,7 +98,7 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
         result = majority([v.choice for v in votes])
         counts = Counter(v.choice for v in votes)
         names = [v.annotator for v in votes]
-        reasons = [f"{v.annotator}: {v.reason}" for v in votes if v.reason]
+        reasons = [f"{v.annotator}{SWAPPED_NOTE if v.flipped else ''}: {v.reason}" for v in votes if v.reason]
         meta = {
             "item_index": pair.item_index,
             "votes": {choice: counts[choice] for choice in VOTES},
@@ -77,7 +106,13 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
             "agreement": max(counts.values()) / len(votes),
             "skips": len(labels) - len(votes),
             "labels": [
-                {"annotator": v.annotator, "choice": v.choice, "reason": v.reason, "shown": "ba" if v.flipped else "ab"}
+                {
+                    "annotator": v.annotator,
+                    "choice": v.choice,
+                    "reason": v.reason,
+                    "shown": "ba" if v.flipped else "ab",
+                    "reason_sides": reason_sides(flipped=v.flipped),
+                }
                 for v in votes
             ],
         }
@@ -102,7 +137,7 @@ class ExportConfig:
     db: str
     """The annotation database."""
     output: str
-    """Where to write (``.jsonl``, ``.json`` or ``.parquet``)."""
+    """Where to write: ``.jsonl``, ``.json`` or ``.parquet`` (another extension is a ValueError)."""
     format: Literal["jsonl", "trl", "seed"] = "jsonl"
     """``jsonl``: rlhfkit comparison records (every field; what the trainers read);
     ``seed``: prompt/response_a/response_b/preferred (a split is ``tie``);
@@ -112,7 +147,12 @@ class ExportConfig:
 
 
 def export(config: ExportConfig) -> tuple[int, int]:
-    """Write the majority labels; returns ``(records written, ties left out)`` (the latter only for TRL)."""
+    """Write the majority labels; returns ``(records written, ties left out)`` (the latter only for TRL).
+
+    The output's extension picks the file type: ``.jsonl``, ``.json`` (a JSON list)
+    or ``.parquet``; any other is a ValueError naming the path, before anything is read or written.
+    """
+    check_export_path(config.output)
     store = AnnotationStore(config.db, create=False)
     try:
         labels = comparisons(store, min_votes=config.min_votes)
@@ -122,6 +162,17 @@ def export(config: ExportConfig) -> tuple[int, int]:
     save_format = "rlhfkit" if config.format == "jsonl" else config.format
     save_comparisons(config.output, labels, save_format, skip_ties=config.format == "trl")
     return len(labels) - left_out, left_out
+
+
+def check_export_path(output: str | Path) -> None:
+    """A ValueError unless ``output`` ends in an extension :func:`export` writes."""
+    suffix = Path(output).suffix
+    if suffix not in EXPORT_SUFFIXES:
+        what = f"extension {suffix!r}" if suffix else "no extension"
+        raise ValueError(
+            f"{output}: {what}; export writes .jsonl (JSON lines), .json (a JSON list) or .parquet "
+            "(lower case), whatever the --format; name the output file with one of these"
+        )
 
 
 # ----------------------------------------------------------------------------- status

@@ -23,15 +23,20 @@ Security:
 * request bodies over ``max_body_bytes`` (64 KiB) are refused (413) before they
   reach the app, whether or not they declare a Content-Length;
 * the page is served with a Content-Security-Policy allowing only its own
-  script and style, and its script inserts model text with ``textContent`` only;
+  script and style, and its script inserts model text with ``textContent`` only
+  (in blocks with ``dir="auto"``, so right-to-left text reads right to left);
   ``Referrer-Policy: no-referrer`` keeps the token (in the page URL) from leaking.
 
-The server binds to 127.0.0.1 by default.
+The server binds to 127.0.0.1 by default. SIGTERM stops it as Ctrl+C does
+(requests in flight answered, the database closed with its WAL checkpointed);
+``rlhfkit annotate serve`` then exits 0.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -230,13 +235,34 @@ def prepare(config: ServeConfig) -> AnnotationStore:
     return store
 
 
+class Terminated(Exception):
+    """Raised in the main thread by SIGTERM while :func:`serve` runs, once the server has shut down."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def serve(config: ServeConfig) -> None:
     """Serve the annotation app until interrupted (``rlhfkit annotate serve``).
 
     Prints ``rlhfkit annotate: listening on http://HOST:PORT/`` to stderr once
     the socket is bound; annotators open ``http://HOST:PORT/#token=TOKEN``.
+
+    SIGTERM (``kill``, systemd, Docker) shuts down as Ctrl+C does: requests in
+    flight are answered (for up to 2 s), then the database is closed with its WAL
+    checkpointed into the ``.sqlite`` file, and the function returns normally
+    (``rlhfkit annotate serve`` exits 0; after Ctrl+C it exits 130).
     """
     store = prepare(config)
+    # uvicorn catches SIGTERM and SIGINT while it runs, shuts down gracefully, then
+    # restores the handlers it found and raises the signal again. SIGINT's default
+    # handler raises KeyboardInterrupt (the `finally` below runs); SIGTERM's default
+    # kills the process on the spot, which would skip `store.close()`. So SIGTERM
+    # gets a handler that raises Terminated instead (main thread only: signal handlers
+    # cannot be set elsewhere, and a server in a thread is stopped by its owner).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         sock = bind_socket(config.host, config.port)
         url = f"http://{url_host(config.host)}:{sock.getsockname()[1]}/"
@@ -247,5 +273,11 @@ def serve(config: ServeConfig) -> None:
             flush=True,
         )
         uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
+    except Terminated:
+        print("rlhfkit annotate: stopped by SIGTERM", file=sys.stderr, flush=True)
     finally:
-        store.close()
+        try:
+            store.close()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -3,7 +3,7 @@
     rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--host H --port P --overlap K --lease-seconds S]
     rlhfkit annotate add-annotator NAME [--db DB] [--new-token]   (prints the token)
     rlhfkit annotate status [--db DB]
-    rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT [--min-votes N]
+    rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT.jsonl|.json|.parquet [--min-votes N]
     rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME]
     rlhfkit annotate SAMPLES OUTPUT [--annotator NAME]                      (the same, older spelling)
 
@@ -50,7 +50,9 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
 
     p = sub.add_parser("export", help="write the majority label of each pair")
-    p.add_argument("output", help="output file (.jsonl, .json or .parquet)")
+    p.add_argument(
+        "output", help="output file: .jsonl, .json or .parquet (the extension picks the file type; others are refused)"
+    )
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "trl", "seed"])
     p.add_argument("--min-votes", type=int, default=1, help="only pairs with at least this many votes (default 1)")

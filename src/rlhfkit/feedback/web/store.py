@@ -10,6 +10,9 @@ its own, so it can be killed at any moment and restarted on the same file.
   waiting for labels) never block the server.
 * Every write is one ``BEGIN IMMEDIATE`` transaction under a lock; a submit also
   leases the annotator's next pair in the same transaction (one fsync per label).
+* :meth:`AnnotationStore.close` checkpoints the WAL into the ``.sqlite`` file
+  (``wal_checkpoint(TRUNCATE)``): after a clean shutdown (Ctrl+C or SIGTERM) the
+  ``.sqlite`` file alone holds everything, so a backup of just that file is complete.
 
 Tables (``choice`` values are always in the **canonical** order of the pairs
 file: ``a`` = its ``responses[0]`` / ``response_a``):
@@ -236,6 +239,7 @@ class AnnotationStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
+        self._closed = False
         # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -253,8 +257,26 @@ class AnnotationStore:
                 raise ValueError(f"{self.path}: annotation schema {version[0]}, this rlhfkit reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Checkpoint the WAL into the database file and close; closing twice is harmless.
+
+        ``wal_checkpoint(TRUNCATE)`` copies every committed transaction from the
+        ``-wal`` file into the ``.sqlite`` file and empties the WAL, so after a clean
+        shutdown the ``.sqlite`` file alone holds every label (a backup of just that
+        file is complete). The data is safe without it (the WAL is fsynced on every
+        commit), so a checkpoint that cannot finish (another process in the middle of
+        a read for longer than the 30 s busy timeout, a read-only file) is left to
+        SQLite: the WAL keeps those transactions and is replayed on the next open.
+        """
         with self._lock:
-            self._db.close()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # busy or read-only: the WAL still holds the data, and SQLite replays it on the next open
+            finally:
+                self._db.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

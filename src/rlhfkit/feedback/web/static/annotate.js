@@ -4,16 +4,25 @@
 // markup in it is shown as text and never runs. The token comes from the page
 // URL (#token=... or ?token=...), is kept in sessionStorage (a reload keeps
 // working), removed from the address bar, and sent as a header on every call.
+// A #token= link pasted into an open tab takes effect at once (hashchange).
+//
+// Text blocks (prompt, each chat turn, responses, reason) have dir="auto", so
+// Arabic, Hebrew or Persian text is laid out right to left.
 "use strict";
 
 (function () {
   const TOKEN_KEY = "rlhfkit-annotate-token";
   const KEYS = { "1": "a", "a": "a", "2": "b", "b": "b", "3": "tie", "t": "tie", "s": "skip" };
+  // The "done" page asks again this often while pairs it could get are open in other annotators'
+  // tabs: an abandoned tab's reservation runs out and the pair comes back without a reload.
+  const RECHECK_MS = 15000;
   const $ = (id) => document.getElementById(id);
 
   let token = null;
   let current = null; // the assignment on screen: {pair_id, prompt, a, b}
   let busy = false; // one request at a time: key repeat must not label two pairs
+  let reloadWanted = false; // a new token arrived while a request was in flight
+  let recheckTimer = null;
 
   function readToken() {
     const fromUrl = new URLSearchParams(location.hash.slice(1)).get("token") ||
@@ -61,11 +70,15 @@
     for (const message of prompt) {
       const turn = document.createElement("div");
       turn.className = "turn";
+      // dir="auto" takes the turn's direction from its content: the role label has its own
+      // dir, and the direction algorithm skips elements with one.
+      turn.dir = "auto";
       const role = document.createElement("strong");
-      role.textContent = message.role.charAt(0).toUpperCase() + message.role.slice(1) + ": ";
+      role.dir = "ltr";
+      role.textContent = message.role.charAt(0).toUpperCase() + message.role.slice(1) + ":";
       const content = document.createElement("span");
       content.textContent = message.content;
-      turn.append(role, content);
+      turn.append(role, " ", content); // the space outside the label: between label and text in either direction
       box.append(turn);
     }
   }
@@ -83,11 +96,24 @@
   function show(data) {
     $("who").textContent = "Annotator: " + data.annotator;
     renderProgress(data.progress);
+    const before = current === null ? null : current.pair_id;
     current = data.assignment;
     for (const button of document.querySelectorAll("button.previous")) button.classList.remove("previous");
     $("task").hidden = current === null;
     $("done").hidden = current !== null;
-    if (current === null) return;
+    if ((current === null ? null : current.pair_id) !== before) window.scrollTo(0, 0); // a new pair opens at its top
+    clearTimeout(recheckTimer);
+    recheckTimer = null;
+    if (current === null) {
+      const waiting = data.progress.remaining;
+      $("done-waiting").hidden = waiting === 0;
+      $("done-waiting").textContent = waiting === 0 ? "" :
+        waiting + (waiting === 1 ? " pair still needs a vote but is" : " pairs still need votes but are") +
+        " open in another annotator's tab. If that tab was left, its pair comes back to you when the " +
+        "reservation runs out; this page checks every " + RECHECK_MS / 1000 + " seconds.";
+      if (waiting > 0) recheckTimer = setTimeout(recheck, RECHECK_MS);
+      return;
+    }
     renderPrompt(current.prompt);
     $("response-a").textContent = current.a;
     $("response-b").textContent = current.b;
@@ -99,20 +125,48 @@
     }
   }
 
-  async function act(call, note) {
+  // note(data): the message to show after success (null: leave the message as it is).
+  // quiet: a background call; a failure is not shown, the recheck just tries again later.
+  async function act(call, note, quiet) {
     if (busy || token === null) return;
     busy = true;
     for (const button of document.querySelectorAll("button")) button.disabled = true;
     try {
       const data = await call();
       show(data);
-      say(note(data), false);
+      const text = note(data);
+      if (text !== null) say(text, false);
     } catch (error) {
-      say("Not saved: " + error.message, true);
+      if (quiet) recheckTimer = setTimeout(recheck, RECHECK_MS);
+      else say("Not saved: " + error.message, true); // #message.error is sticky: visible however far down
     } finally {
       busy = false;
       for (const button of document.querySelectorAll("button")) button.disabled = false;
+      if (reloadWanted) {
+        reloadWanted = false;
+        loadNext();
+      }
     }
+  }
+
+  function loadNext() {
+    act(() => api("/api/next"), () => "");
+  }
+
+  function recheck() {
+    recheckTimer = null;
+    if (current === null && !busy) act(() => api("/api/next"), () => null, true);
+  }
+
+  // A #token= link pasted into this tab: act as that annotator from now on, no reload needed.
+  function onHashChange() {
+    const fresh = readToken();
+    if (fresh === null || fresh === token) return;
+    token = fresh;
+    current = null;
+    say("", false);
+    if (busy) reloadWanted = true; // the reply in flight is the old annotator's; ask again after it
+    else loadNext();
   }
 
   const NAMES = { a: "A is better", b: "B is better", tie: "tie", skip: "skipped" };
@@ -165,11 +219,12 @@
     $("undo").addEventListener("click", undo);
     $("undo-done").addEventListener("click", undo);
     document.addEventListener("keydown", onKey);
+    window.addEventListener("hashchange", onHashChange);
     if (token === null) {
       say("No token: open the link you were given (it ends in #token=...).", true);
       return;
     }
-    act(() => api("/api/next"), () => "");
+    loadNext();
   }
 
   start();
