@@ -65,6 +65,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.serve": 3,
     # 4: training/'s loop; human and AI feedback front ends
     "rlhfkit.training.loop": 4,
+    "rlhfkit.training.reference": 4,
     "rlhfkit.feedback.judge": 4,
     "rlhfkit.feedback.terminal": 4,
     "rlhfkit.feedback.web.admin": 4,

@@ -24,6 +24,7 @@ from rlhfkit.modeling import models
 from rlhfkit.modeling.forward import sequence_logps
 from rlhfkit.run_layout import EVAL_PREFIX, PreferenceMetric
 from rlhfkit.run_layout import PreferenceMetric as PM
+from rlhfkit.training import reference
 from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
 
 # ----------------------------------------------------------------------------- data
@@ -254,7 +255,7 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
     train(first)
     first_entries = train_entries(first.output_dir)
     path = ref_cache_path(first, models.load_causal_lm(models.TINY), models.load_tokenizer(models.TINY))
-    assert path.is_file() and path.parent == Path(first.output_dir) / dpo.REF_CACHE_DIR
+    assert path.is_file() and path.parent == Path(first.output_dir) / reference.REF_CACHE_DIR
     assert f"reference log-probs cached at {path}" in capsys.readouterr().out
     mtime = path.stat().st_mtime_ns
 
@@ -274,7 +275,7 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
     train(uncached)
     assert "cache" not in capsys.readouterr().out
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nothing new written
-    assert not (Path(uncached.output_dir) / dpo.REF_CACHE_DIR).exists()
+    assert not (Path(uncached.output_dir) / reference.REF_CACHE_DIR).exists()
 
     runs = [first_entries] + [train_entries(c.output_dir) for c in (second, uncached)]
     assert all(len(r) == 3 for r in runs)
@@ -350,9 +351,9 @@ def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, 
 
     import accelerate.utils
 
-    monkeypatch.setattr(dpo, "process_state", OtherProcess)
+    monkeypatch.setattr(reference, "process_state", OtherProcess)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [path, True])
-    monkeypatch.setattr(dpo, "_hash_model", hash_model)
+    monkeypatch.setattr(reference, "hash_model", hash_model)
     tokenizer = models.load_tokenizer(config.model)
     train_set, held = load_pair_splits(
         tokenizer,
@@ -590,7 +591,7 @@ def test_loss_types_run_and_ties_are_skipped(loss_type, first_loss, mixed_file, 
     if loss_type == "simpo":
         # Reference-free: nothing computed, nothing cached.
         assert "reference log-probs" not in out
-        assert not (Path(config.output_dir) / dpo.REF_CACHE_DIR).exists()
+        assert not (Path(config.output_dir) / reference.REF_CACHE_DIR).exists()
 
 
 def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):
@@ -642,7 +643,7 @@ def test_rankings_expand_and_ties_are_dropped_for_dpo(tokenizer, mixed_file):
 def test_interleave_puts_each_process_rows_back_in_order():
     # 5 rows over 2 processes: process 0 scored rows 0, 2, 4; process 1 rows 1, 3.
     parts = [torch.tensor([[0.0, 0.5], [2.0, 2.5], [4.0, 4.5]]), torch.tensor([[1.0, 1.5], [3.0, 3.5]])]
-    assert dpo.interleave(parts, 5).tolist() == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5], [3.0, 3.5], [4.0, 4.5]]
+    assert reference.interleave(parts, 5).tolist() == [[0.0, 0.5], [1.0, 1.5], [2.0, 2.5], [3.0, 3.5], [4.0, 4.5]]
 
 
 @pytest.mark.slow

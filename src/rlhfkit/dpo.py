@@ -22,15 +22,12 @@ sums over response tokens (the paper's definition).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, load_pair_splits
 from rlhfkit.losses import dpo_loss, simpo_loss
@@ -38,7 +35,8 @@ from rlhfkit.modeling import forward, models
 from rlhfkit.probe import FrontierProbe, ProbeOptions
 from rlhfkit.rewards import load_reward
 from rlhfkit.run_layout import PreferenceMetric as M
-from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, process_state, write_run_config
+from rlhfkit.training import reference
+from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
 
 
 @dataclass
@@ -130,54 +128,11 @@ class DPOTask:
         return losses.sum(), stats
 
 
-def _hash_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_model(model) -> str:
-    """Content hash of a model's weights (names, dtypes and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _hash_tokenizer(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256((text + str(tokenizer.chat_template)).encode()).hexdigest()
-
-
-REF_CACHE_DIR = ".rlhfkit-cache"
-"""The reference-log-prob cache's directory, inside the output directory."""
-
-
 def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
     """Where the reference log-probs for this (data, reference, tokenizer, settings) live; hashes every weight."""
-    key = {
-        "data": _hash_file(config.data),
-        "eval_data": _hash_file(config.eval_data) if config.eval_data else "",
-        "model": _hash_model(ref_model),
-        "tokenizer": _hash_tokenizer(tokenizer),
-        "max_length": config.max_length,
-        "chat_template": config.chat_template,
-        "precision": config.precision,
-        "eval_fraction": config.eval_fraction,
-        "seed": config.seed,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    directory = Path(config.output_dir) / REF_CACHE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{Path(config.data).name}.ref-{digest}.safetensors"
+    return reference.cache_path(config, ref_model, tokenizer)
 
 
-@torch.no_grad()
 def compute_ref_logps(
     model,
     examples: list[dict],
@@ -189,78 +144,39 @@ def compute_ref_logps(
     progress: bool = False,
 ) -> torch.Tensor:
     """Summed reference log-probs, shape (N, 2): columns chosen, rejected."""
-    from tqdm.auto import tqdm
 
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    with models.adapters_disabled(model):
-        for start in tqdm(
-            range(0, len(examples), batch_size), unit="batch", desc="dpo: reference log-probs", disable=not progress
-        ):
-            chunk = examples[start : start + batch_size]
-            batch = collate_pairs(chunk, pad_token_id, packed=packed)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with models.autocast(device, precision):
-                logps, _ = forward.sequence_logps(model, batch)
-            out.append(torch.stack(chosen_rejected(batch, logps), dim=1).float().cpu())
-    model.train()
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    def score(model, chunk: list[dict], device) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_token_id, packed=packed).items()}
+        logps, _ = forward.sequence_logps(model, batch)
+        return torch.stack(chosen_rejected(batch, logps), dim=1)
 
-
-def interleave(parts: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Rows ``0..n-1`` from ``parts[r]`` = rows ``r, r + P, r + 2P, ...`` (``P = len(parts)``), back in order."""
-    out = torch.zeros(n, *parts[0].shape[1:], dtype=parts[0].dtype)
-    for r, part in enumerate(parts):
-        out[r :: len(parts)] = part
-    return out
+    return reference.score_batches(
+        model, examples, score, precision=precision, batch_size=batch_size, progress=progress, desc="dpo: reference log-probs"
+    )
 
 
 def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], held: list[dict]) -> None:
     """Fill ``ref_chosen_logps`` / ``ref_rejected_logps`` of every pair (from cache when valid)."""
-    from accelerate.utils import broadcast_object_list, gather_object
-    from safetensors.torch import load_file, save_file
-
     if config.loss_type == "simpo":
         return  # reference-free
     ref = policy if not config.ref_model else models.load_causal_lm(config.ref_model)
     if config.packing:  # the policy too: prepare_for_training, which also sets it, comes later
         models.set_attention(ref)
     examples = train + held
-    state = process_state()
-    path, cached = None, False
-    if config.ref_cache:
-        # The key hashes every reference weight (minutes for a large model): once, on the main process.
-        found = [None, False]
-        if state.is_main_process:
-            found[0] = ref_cache_path(config, ref, tokenizer)
-            found[1] = found[0].exists()
-        path, cached = broadcast_object_list(found)
-    if cached:
-        ref_logps = load_file(str(path))["ref_logps"]
-        log.info(f"dpo: reference log-probs loaded from cache {path}")
-    else:
-        # Each process scores every num_processes-th pair on its device; the parts are gathered (all processes).
-        rank, world = state.process_index, state.num_processes
-        ref.to(state.device)
-        part = compute_ref_logps(
-            ref,
-            examples[rank::world],
+
+    def compute(model, part: list[dict], main: bool) -> torch.Tensor:
+        return compute_ref_logps(
+            model,
+            part,
             tokenizer.pad_token_id,
             precision=config.precision,
             batch_size=config.batch_size,
             packed=config.packing,
-            progress=config.progress and state.is_main_process,
+            progress=config.progress and main,
         )
-        ref_logps = interleave(gather_object([part]) if world > 1 else [part], len(examples))
-        if path is not None and state.is_main_process:
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"ref_logps": ref_logps}, str(tmp))
-            tmp.replace(path)
-            log.info(f"dpo: reference log-probs cached at {path}")
-    state.wait_for_everyone()
-    if ref_logps.shape[0] != len(examples):
-        raise RuntimeError(f"reference cache {path} has {ref_logps.shape[0]} rows, expected {len(examples)}")
+
+    find_cache = (lambda: ref_cache_path(config, ref, tokenizer)) if config.ref_cache else None
+    ref_logps = reference.reference_logps(ref, examples, compute, find_cache=find_cache, stage="dpo")
     for example, (chosen, rejected) in zip(examples, ref_logps.tolist()):
         example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
     if ref is not policy:
