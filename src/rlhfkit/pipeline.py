@@ -453,11 +453,11 @@ class Processes:
         if count <= 1:
             return cls()
         import torch.distributed as dist
-        from accelerate import PartialState  # only under a launch: cli.main imports this module at start-up
-        from accelerate.utils import parse_flag_from_env
+
+        from rlhfkit.training.loop import process_state  # only under a launch: cli.main imports this module at start-up
 
         # As accelerate's AcceleratorState does, so a later Accelerator finds the state it would have made.
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        state = process_state()
         if state.num_processes != count:
             # Without a process group every process would run every stage into the same directories.
             raise ConfigError(
