@@ -6,6 +6,7 @@ rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
 rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
 rlhfkit kto CONFIG.yaml [key=value ...]     -> rlhfkit.kto.train(KTOConfig)
+rlhfkit cai CONFIG.yaml [key=value ...]     -> rlhfkit.cai.critique_revise(CAIConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
 rlhfkit a2c|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / ReinforceConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
@@ -49,6 +50,7 @@ STAGES = {
     "reward": ("reward", "RewardConfig", "train"),
     "dpo": ("dpo", "DPOConfig", "train"),
     "kto": ("kto", "KTOConfig", "train"),
+    "cai": ("cai", "CAIConfig", "critique_revise"),
     "ppo": ("rl", "RLConfig", "train"),
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("kto", "KTO on unpaired thumbs-up/down data (paired data converted)"),
+        ("cai", "Constitutional AI (SL-CAI): answer, critique and revise against a constitution -> SFT data"),
         ("ppo", "PPO with a KL penalty to the frozen reference"),
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),

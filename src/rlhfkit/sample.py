@@ -22,9 +22,7 @@ Output records: ``{"prompt_index", "prompt", "responses": [...], "temperatures":
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +34,10 @@ from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
     Row,
-    atomic_open,
+    append_whole,
     atomic_temp_pattern,
     compare_settings,
-    fsync_path,
+    drop_records,
     read_jsonl_log,
     remove_stale_temps,
     settings_path,
@@ -95,38 +93,13 @@ class SampleConfig:
 RESUME_MODES = ("auto", "force", "never")
 """The values of :attr:`SampleConfig.resume` (those of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path)."""
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-"""Files of a model directory that identify its weights by name, size and modification time (:func:`model_identity`)."""
-
-
-def model_identity(spec: str) -> str:
-    """A cheap identity of what model ``spec`` names, beyond the spec itself. A model directory: a hash of its
-    ``config.json`` and of the names, sizes and modification times of its weight files (hashing the weights costs
-    too much; the time tells a model retrained in place, whose sizes stay the same). A file (``.gguf``): its size
-    and modification time. A built-in name (``tiny``, ``smollm2-135m``): empty."""
-    path = Path(spec)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        config = path / "config.json"
-        digest.update(config.read_bytes() if config.is_file() else b"")
-        weights = sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-            for f in path.iterdir()
-            if f.is_file() and f.suffix in WEIGHT_SUFFIXES
-        )
-        digest.update(json.dumps(weights).encode())
-        return "sha256:" + digest.hexdigest()
-    if path.is_file():
-        return f"{path.stat().st_size} bytes, modified {path.stat().st_mtime_ns} ns"
-    return ""
-
 
 def sampling_settings(config: SampleConfig) -> dict[str, Any]:
     """What the records of ``config.output`` depend on, besides their prompts: recorded beside it, and compared
     on a re-run (:attr:`SampleConfig.resume`)."""
     return {
         "model": config.model,
-        "model_files": model_identity(config.model),
+        "model_files": models.model_identity(config.model),
         "temperatures": list(config.temperatures),
         "top_p": config.top_p,
         "max_new_tokens": config.max_new_tokens,
@@ -225,7 +198,7 @@ def run(config: SampleConfig) -> Path:
         # A batch cut by a kill, a power loss or a full disk: its records go, and it is sampled again whole
         # under its own seed, as an uninterrupted run samples it.
         drop = {i for batch in partial for i in batch}
-        removed = _drop_records(output, rows, drop)
+        removed = drop_records(output, rows, drop)
         done -= drop
         log.info(
             f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
@@ -260,7 +233,7 @@ def run(config: SampleConfig) -> Path:
                 + "\n"
                 for j, index in enumerate(batch)
             )
-            _append_whole(f, text.encode("utf-8"))
+            append_whole(f, text.encode("utf-8"))
             bar.update(len(batch))
     bar.close()
     return output
@@ -288,28 +261,3 @@ def batch_grid(n: int, batch_size: int) -> list[list[int]]:
     under the seed ``seed * 1_000_003 + k*B`` whatever is already on disk, so a resumed run samples each prompt
     as an uninterrupted run does."""
     return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
-
-
-def _append_whole(f, data: bytes) -> None:
-    """Append ``data`` to the unbuffered file ``f`` in one ``write()`` (more only if the OS writes it short, as on
-    a full disk) and fsync it: a batch reaches the file whole unless the write itself fails or is cut (a kill
-    inside a large write, a full disk), and a re-run drops a batch left partly written."""
-    view = memoryview(data)
-    while view:
-        written = f.write(view)
-        view = view[written:]
-    os.fsync(f.fileno())
-
-
-def _drop_records(output: Path, rows: list[Row], indices: set[int]) -> int:
-    """Rewrite ``output`` (atomically, fsynced) without the records whose prompt_index is in ``indices``; the other
-    lines are kept byte for byte. ``rows`` are its records as read (line numbers). Returns how many went."""
-    lines = {row.line for row in rows if row.data.get("prompt_index") in indices}
-    if not lines:
-        return 0
-    raw = output.read_bytes().split(b"\n")
-    kept = [line for number, line in enumerate(raw, start=1) if number not in lines]
-    with atomic_open(output, binary=True) as f:
-        f.write(b"\n".join(kept))
-    fsync_path(output.parent)
-    return len(lines)

@@ -441,3 +441,31 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     n_eval = max(1, int(round(fraction * len(items))))
     held = set(order[:n_eval])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+# ---------------------------------------------------------------- append-only logs of prompt-indexed records (sample, cai)
+
+
+def append_whole(f, data: bytes) -> None:
+    """Append ``data`` to the unbuffered file ``f`` in one ``write()`` (more only if the OS writes it short, as on
+    a full disk) and fsync it: a batch reaches the file whole unless the write itself fails or is cut (a kill
+    inside a large write, a full disk), and a re-run drops a batch left partly written."""
+    view = memoryview(data)
+    while view:
+        written = f.write(view)
+        view = view[written:]
+    os.fsync(f.fileno())
+
+
+def drop_records(output: Path, rows: list[Row], indices: set[int]) -> int:
+    """Rewrite ``output`` (atomically, fsynced) without the records whose prompt_index is in ``indices``; the other
+    lines are kept byte for byte. ``rows`` are its records as read (line numbers). Returns how many went."""
+    lines = {row.line for row in rows if row.data.get("prompt_index") in indices}
+    if not lines:
+        return 0
+    raw = output.read_bytes().split(b"\n")
+    kept = [line for number, line in enumerate(raw, start=1) if number not in lines]
+    with atomic_open(output, binary=True) as f:
+        f.write(b"\n".join(kept))
+    fsync_path(output.parent)
+    return len(lines)

@@ -18,6 +18,7 @@ mixed precision (bf16 autocast) is applied by the training loop, not here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -543,3 +544,29 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+"""Files of a model directory that identify its weights by name, size and modification time (:func:`model_identity`)."""
+
+
+def model_identity(spec: str) -> str:
+    """A cheap identity of what model ``spec`` names, beyond the spec itself. A model directory: a hash of its
+    ``config.json`` and of the names, sizes and modification times of its weight files (hashing the weights costs
+    too much; the time tells a model retrained in place, whose sizes stay the same). A file (``.gguf``): its size
+    and modification time. A built-in name (``tiny``, ``smollm2-135m``): empty."""
+    path = Path(spec)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        config = path / "config.json"
+        digest.update(config.read_bytes() if config.is_file() else b"")
+        weights = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in path.iterdir()
+            if f.is_file() and f.suffix in WEIGHT_SUFFIXES
+        )
+        digest.update(json.dumps(weights).encode())
+        return "sha256:" + digest.hexdigest()
+    if path.is_file():
+        return f"{path.stat().st_size} bytes, modified {path.stat().st_mtime_ns} ns"
+    return ""
