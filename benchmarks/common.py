@@ -39,6 +39,7 @@ from sides import (  # noqa: F401
     attention_of,
     check_no_checkpointing,
     dtype_name,
+    instrument_generate,
     matmul_params,
     measured,
     no_checkpointing_kwargs,
@@ -434,7 +435,7 @@ def trl_workers(base: str, worker: Callable[..., dict], **kwargs) -> dict[str, C
 
 def start(args, what: str, **settings) -> dict:
     """The driver's set-up: resolve ``args.model`` (printed), print ``what`` is run, warn if the machine is busy,
-    and measure the matmul peak (:func:`measure_peak`).
+    and measure the matmul peak (:func:`measure_peak`) and the memory bandwidth (:func:`measure_bandwidth`).
 
     Returns the settings every worker gets: ``settings`` plus the model
     directory, the step counts and the thread count (and ``peak_gflops``, which
@@ -444,12 +445,14 @@ def start(args, what: str, **settings) -> dict:
     print(what)
     check_load()
     peak = measure_peak(args.threads, "before the runs")
+    bandwidth = measure_bandwidth(args.threads, "before the runs")
     return {
         "model_dir": str(model_path),
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "threads": args.threads,
         "peak_gflops": peak,
+        "bandwidth_gbs": bandwidth,
         **settings,
     }
 
@@ -834,5 +837,104 @@ def check_equal_work(
     print(f"equal work: OK ({sum(len(r) for r in results.values())} runs)")
 
 
+# ---------------------------------------------------------------- memory bandwidth and the generation bound
+
+BANDWIDTH_BYTES = 1 << 30
+
+
+def bandwidth_probe(threads: int, passes: int = 8, nbytes: int = BANDWIDTH_BYTES) -> dict[str, float]:
+    """In this process: the best read rate (GB/s) of ``passes`` fp32 sums over a ``nbytes`` tensor, on ``threads`` threads.
+
+    A sum does one add per 4 bytes read, far below what the cores can add, so it
+    runs at the rate memory delivers data to them; 1 GiB is far beyond any cache.
+    The best pass counts (a busy spell only slows a pass). One untimed pass first
+    (page faults, thread start).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = 0.0
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return {"gbs": best / 1e9, "passes": passes, "gib": nbytes / (1 << 30), "threads": torch.get_num_threads()}
+
+
+def measure_bandwidth(threads: int, when: str) -> float:
+    """Run :func:`bandwidth_probe` in a fresh subprocess with the workers' environment; print and return its GB/s."""
+    env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--bandwidth-probe", str(threads)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        sys.stdout.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"the bandwidth probe failed (exit {proc.returncode})")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"memory bandwidth {when}: {r['gbs']:.1f} GB/s (fp32 sums over {r['gib']:.0f} GiB, {r['threads']} threads, "
+        f"best of {r['passes']} passes)",
+        flush=True,
+    )
+    return r["gbs"]
+
+
+def decode_shape(model) -> dict[str, int]:
+    """What a decode step reads: ``params_n`` (:func:`matmul_params`) and the KV cache's ``layers``, ``kv_heads``, ``head_dim``."""
+    c = model.config
+    heads = c.num_attention_heads
+    return {
+        "params_n": matmul_params(model),
+        "layers": int(c.num_hidden_layers),
+        "kv_heads": int(getattr(c, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+    }
+
+
+def generation_bound(
+    shape: dict[str, int],
+    *,
+    rows: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    bandwidth_gbs: float,
+    peak_gflops: float,
+    value_bytes: int = 2,
+) -> dict[str, float]:
+    """The least time a ``generate`` call of ``rows`` sequences (``prompt_tokens`` in all, ``new_tokens`` each) can take.
+
+    With N = ``shape["params_n"]`` and ``kv = 2 x layers x kv_heads x head_dim x value_bytes``
+    (the keys and values one token leaves in the cache; bf16 by default):
+
+    * the prefill does ``2 N prompt_tokens`` FLOPs at the matmul peak (compute-bound);
+    * decode step ``t`` (0-based; the rows hold ``P = prompt_tokens / rows`` prompt
+      tokens and ``t`` new ones on average) must read every weight once and every
+      row's cache: ``N value_bytes + rows (P + t) kv`` bytes at ``bandwidth_gbs``, and do
+      ``2 N rows`` FLOPs at ``peak_gflops``.
+
+    Returns ``memory_s`` (the decode steps' reads alone: what the memory
+    bandwidth allows, the issue's bound), ``compute_s`` (prefill and decode FLOPs
+    alone) and ``roofline_s`` (the prefill, plus each decode step's larger of its
+    two times). Attention's own FLOPs, the sampling over the vocabulary and the
+    writes are left out, so every bound is optimistic.
+    """
+    n = shape["params_n"]
+    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * value_bytes
+    p = prompt_tokens / rows
+    bw, peak = bandwidth_gbs * 1e9, peak_gflops * 1e9
+    prefill = 2 * n * prompt_tokens / peak
+    step_flop_s = 2 * n * rows / peak
+    step_read_s = [(n * value_bytes + rows * (p + t) * kv) / bw for t in range(new_tokens)]
+    return {
+        "memory_s": sum(step_read_s),
+        "compute_s": prefill + new_tokens * step_flop_s,
+        "roofline_s": prefill + sum(max(r, step_flop_s) for r in step_read_s),
+    }
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--matmul-probe":
     print(json.dumps(matmul_probe(int(sys.argv[2]))))
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--bandwidth-probe":
+    print(json.dumps(bandwidth_probe(int(sys.argv[2]))))

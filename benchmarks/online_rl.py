@@ -143,74 +143,6 @@ def load_prompts(s: dict) -> list:
     return rlhfkit_load_prompts(s["prompts"])
 
 
-def instrument_generate(records: list[dict], force_length: bool = False) -> None:
-    """Wrap ``GenerationMixin.generate``: per call, wall time, batch, decode steps, tokens, and the autocast in force.
-
-    ``prompt_tokens`` counts the input's attention mask; ``generated_tokens`` each
-    row's new tokens up to and including its first EOS (the EOS ids of the call:
-    ``eos_token_id`` or the generation config's). With ``force_length`` the call
-    gets ``min_new_tokens = max_new_tokens`` (transformers then masks EOS until
-    then), for a library that has no option of its own for it. The autocast is
-    read by a forward pre-hook on the first decoder layer, i.e. inside the model's
-    forward, where an accelerate-patched forward (TRL) or an outer
-    ``torch.autocast`` (rlhfkit) would be active.
-    """
-    import torch
-    from transformers.generation.utils import GenerationMixin
-
-    original = GenerationMixin.generate
-
-    def generate(self, *args, **kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        config = kwargs.get("generation_config") or self.generation_config
-        if force_length:
-            kwargs["min_new_tokens"] = kwargs.get("max_new_tokens") or config.max_new_tokens
-        device = self.device.type
-        seen: dict = {}
-
-        def hook(module, hook_args, hook_kwargs):
-            if "autocast" not in seen:
-                seen["autocast"] = (
-                    str(torch.get_autocast_dtype(device)).replace("torch.", "") if torch.is_autocast_enabled(device) else "none"
-                )
-                handle.remove()  # one look is enough; no hook on the remaining decode steps
-
-        layer = self.get_decoder().layers[0]
-        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-        t0 = time.perf_counter()
-        try:
-            out = original(self, *args, **kwargs)
-        finally:
-            handle.remove()
-        seconds = time.perf_counter() - t0
-        sequences = out if torch.is_tensor(out) else out.sequences
-        width = input_ids.shape[1] if input_ids is not None else 0
-        new = sequences[:, width:]
-        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if eos and new.shape[1]:
-            is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
-            lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
-        else:
-            lengths = torch.full((new.shape[0],), new.shape[1])
-        records.append(
-            {
-                "seconds": seconds,
-                "batch": int(sequences.shape[0]),
-                "decode_steps": int(new.shape[1]),
-                "prompt_tokens": int(mask.sum()) if mask is not None else int(sequences.shape[0] * width),
-                "generated_tokens": int(lengths.sum()),
-                "min_new_tokens": kwargs.get("min_new_tokens", getattr(config, "min_new_tokens", None)),
-                "autocast": seen.get("autocast", "?"),
-                "weights": common.dtype_name(next(self.parameters()).dtype),
-            }
-        )
-        return out
-
-    GenerationMixin.generate = generate
-
-
 def record_rollouts(owner, name: str, durations: list[float], step_prompts: list[list[str]], prompts_of) -> None:
     """Wrap the rollout method ``owner.name``: its wall time per call, and the prompt texts it was given.
 
@@ -250,10 +182,60 @@ def per_step(s: dict, times: list[float], cpu_times: list[float], gens: list[dic
         "score_fwd": statistics.fmean(r - g for r, g in zip(roll, gen)),
         "update": statistics.fmean(x - r for x, r in zip(walls, roll)),
         "decode_steps": statistics.fmean(gens[i]["decode_steps"] for i in range(w, n)),
+        "gen_prompt_tokens": statistics.fmean(gens[i]["prompt_tokens"] for i in range(w, n)),
+        "gen_tokens": statistics.fmean(gens[i]["generated_tokens"] for i in range(w, n)),
         "gen_batch": gens[-1]["batch"],
         "gen_autocast": sorted({g["autocast"] for g in gens}),
         "gen_weights": sorted({g["weights"] for g in gens}),
     }
+
+
+def print_generation_bounds(results: dict, sides: list[str], order, *, peak: float, bandwidth: float) -> None:
+    """Each side's generation rate beside what the machine allows (:func:`common.generation_bound`).
+
+    The rate is the generated tokens of a measured step over its whole generation
+    (TRL: ``generate``, prefill included; rlhfkit: ``HFEngine.generate``, its shared
+    prefill included); the bounds assume bf16 weights and cache, whatever a side reads.
+    """
+    rows = []
+    for side in sides:
+        r = common.median_run(results[side], order)
+        batch, gen = r["gen_batch"], r["gen_tokens"]
+        b = common.generation_bound(
+            r["decode_shape"],
+            rows=batch,
+            prompt_tokens=round(r["gen_prompt_tokens"]),
+            new_tokens=round(r["decode_steps"]),
+            bandwidth_gbs=bandwidth,
+            peak_gflops=peak,
+        )
+        rate = gen / r["generation_s"]
+        memory, roofline = gen / b["memory_s"], gen / b["roofline_s"]
+        rows.append(
+            [
+                side,
+                str(batch),
+                f"{r['generation_s']:.2f}",
+                f"{rate:.0f}",
+                f"{memory:.0f}",
+                f"{rate / memory:.1%}",
+                f"{gen / b['compute_s']:.0f}",
+                f"{roofline:.0f}",
+                f"{rate / roofline:.1%}",
+            ]
+        )
+    print(
+        f"generation against the machine's bounds (memory {bandwidth:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; "
+        "tokens/s of generated tokens):"
+    )
+    common.print_table(
+        ["side", "rows", "generation s", "tok/s", "memory bound", "of memory", "compute bound", "roofline", "of roofline"], rows
+    )
+    print(
+        "  memory bound: each decode step reads every bf16 weight and the rows' bf16 KV cache once (prefill free);\n"
+        "  compute bound: 2 N FLOPs per prompt and generated token at the matmul peak; roofline: the prefill at the\n"
+        "  peak plus, per decode step, the larger of its read and compute times (common.generation_bound)."
+    )
 
 
 def window_mean(values: list[float], s: dict) -> float:
@@ -317,7 +299,7 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
     rollouts: list[float] = []
     step_prompts: list[list[str]] = []
     prof: list[tuple[str, int, float]] = []
-    instrument_generate(gens)
+    common.instrument_generate(gens)
     # The generation batch holds each prompt num_generations times in a row.
     record_rollouts(
         Trainer,
@@ -347,6 +329,8 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
     trainer.train()
 
     out = per_step(s, times, cpu_times, gens, rollouts)
+    out["generation_s"] = out["generate"]  # generate does TRL's prefill and decoding
+    out["decode_shape"] = common.decode_shape(trainer.model)
     ref = getattr(trainer, "ref_model", None)
     if ref is not None and common.attention_of(ref) != attn:
         raise SystemExit(f"TRL's reference model runs {common.attention_of(ref)} attention, not {attn}")
@@ -426,15 +410,19 @@ def worker_trl(s: dict, algorithm: str, attn: str) -> dict:
 
 def worker_rlhfkit(s: dict, algorithm: str) -> dict:
     import rlhfkit
+    from rlhfkit.generation.rollout import HFEngine
     from rlhfkit.rl import GRPOConfig, RLConfig, RLOOConfig, RLTrainer, train
 
     P, G = s["prompts_per_step"], s["group_size"]
     gens: list[dict] = []
     rollouts: list[float] = []
     step_prompts: list[list[str]] = []
-    instrument_generate(gens, force_length=s["force_length"])  # rlhfkit has no min_new_tokens option
+    common.instrument_generate(gens, force_length=s["force_length"])  # rlhfkit has no min_new_tokens option
     record_rollouts(RLTrainer, "rollout_and_score", rollouts, step_prompts, lambda a, kw: a[0] if a else kw["prompts"])
     stamps = common.stamp_rlhfkit_steps("time_step")
+    # rlhfkit prefills (once per distinct prompt) before calling generate: its whole generation is HFEngine.generate.
+    engine_times: list[float] = []
+    common.timed(HFEngine, "generate", engine_times)
 
     cls = {"grpo": GRPOConfig, "ppo": RLConfig, "rloo": RLOOConfig}[algorithm]
     extra = {"value": "head", "algorithm": "ppo"} if algorithm == "ppo" else {}
@@ -465,6 +453,9 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
 
     metrics, times, cpu_times = common.rlhfkit_steps(s, stamps, "time_step")
     out = per_step(s, times, cpu_times, gens, rollouts)
+    if len(engine_times) != s["steps"]:
+        raise SystemExit(f"expected {s['steps']} HFEngine.generate calls, got {len(engine_times)}")
+    out["generation_s"] = window_mean(engine_times, s)
     col = lambda key: window_mean([m[key] for m in metrics], s) if all(key in m for m in metrics) else None  # noqa: E731
     policy = trainer.acc.unwrap_model(trainer.model).policy
     ref = trainer.ref
@@ -474,6 +465,7 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
             "losses": [m.get(RLMetric.POLICY_LOSS) for m in metrics],
             "loss_name": RLMetric.POLICY_LOSS,
             "params_n": common.matmul_params(policy),
+            "decode_shape": common.decode_shape(policy),
             "attention": common.attention_of(policy),
             "algorithm": algorithm,
             "mean_length": col(RLMetric.RESPONSE_LENGTH),
@@ -611,6 +603,7 @@ def main(argv=None) -> None:
             ),
         )
         peak = common.final_peak(settings, args)
+        bandwidth = max(settings["bandwidth_gbs"], common.measure_bandwidth(args.threads, "after the runs"))
 
     print()
     common.print_settings({side: results[side][0] for side in sides})
@@ -674,6 +667,7 @@ def main(argv=None) -> None:
         f"N = {results['rlhfkit-grpo'][0]['params_n'] / 1e6:.1f}M parameters; tokens = prompt + generated tokens of a "
         f"step; k = {flops_k('grpo', args.beta):g} for GRPO, {flops_k('rloo', args.beta):g} for RLOO/PPO; {common.FLOPS_NOTE}"
     )
+    print_generation_bounds(results, sides, sps, peak=peak, bandwidth=bandwidth)
     print("library-logged timings (mean over the measured steps, seconds):")
     for side in sides:
         r = common.median_run(results[side], sps)

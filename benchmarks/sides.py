@@ -348,3 +348,74 @@ def matmul_params(model) -> int:
 def trl_losses(trainer) -> list[float]:
     """The training loss TRL logged at each step (``logging_steps=1``), in step order."""
     return [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def instrument_generate(records: list[dict], force_length: bool = False) -> None:
+    """Wrap ``GenerationMixin.generate``: per call, wall time, batch, decode steps, tokens, and the autocast in force.
+
+    ``prompt_tokens`` counts the input's attention mask; ``generated_tokens`` each
+    row's new tokens up to and including its first EOS (the EOS ids of the call:
+    ``eos_token_id`` or the generation config's). With ``force_length`` the call
+    gets ``min_new_tokens = max_new_tokens`` (transformers then masks EOS until
+    then), for a library that has no option of its own for it. The autocast is
+    read by a forward pre-hook on the first decoder layer, i.e. inside the model's
+    forward, where an accelerate-patched forward (TRL) or an outer
+    ``torch.autocast`` (rlhfkit) would be active.
+    """
+    import torch
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        config = kwargs.get("generation_config") or self.generation_config
+        if force_length:
+            kwargs["min_new_tokens"] = kwargs.get("max_new_tokens") or config.max_new_tokens
+        device = self.device.type
+        seen: dict = {}
+
+        def hook(module, hook_args, hook_kwargs):
+            if "autocast" not in seen:
+                seen["autocast"] = (
+                    str(torch.get_autocast_dtype(device)).replace("torch.", "") if torch.is_autocast_enabled(device) else "none"
+                )
+                handle.remove()  # one look is enough; no hook on the remaining decode steps
+
+        layer = self.get_decoder().layers[0]
+        handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+        t0 = time.perf_counter()
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+        seconds = time.perf_counter() - t0
+        sequences = out if torch.is_tensor(out) else out.sequences
+        width = input_ids.shape[1] if input_ids is not None else 0
+        new = sequences[:, width:]
+        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if eos and new.shape[1]:
+            is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+            lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new.shape[1])
+        else:
+            lengths = torch.full((new.shape[0],), new.shape[1])
+        records.append(
+            {
+                "seconds": seconds,
+                "batch": int(sequences.shape[0]),
+                "decode_steps": int(new.shape[1]),
+                "prompt_tokens": int(mask.sum()) if mask is not None else int(sequences.shape[0] * width),
+                "generated_tokens": int(lengths.sum()),
+                "min_new_tokens": kwargs.get("min_new_tokens", getattr(config, "min_new_tokens", None)),
+                "autocast": seen.get("autocast", "?"),
+                "weights": dtype_name(next(self.parameters()).dtype),
+            }
+        )
+        return out
+
+    GenerationMixin.generate = generate

@@ -149,7 +149,9 @@ def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> 
     block is capped at the block's last token with positive probability). Returns (B, 1) int64.
     """
     rows, vocab = probs.shape
-    blocks = torch.nn.functional.pad(probs, (0, -vocab % block)).view(rows, -1, block)
+    # F.pad copies even when it adds nothing (SmolLM2: 49,152 = 192 x 256; 0.6 ms a decode step at 128 rows).
+    padded = probs if vocab % block == 0 else torch.nn.functional.pad(probs, (0, -vocab % block))
+    blocks = padded.reshape(rows, -1, block)
     mass = blocks.sum(-1, dtype=torch.float64)  # (B, nb)
     cdf = mass.cumsum(-1)
     target = u.to(torch.float64) * cdf[:, -1:]
