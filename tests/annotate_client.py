@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,21 @@ class Client:
 class ServerProcess:
     """``rlhfkit annotate serve`` in a subprocess on a free loopback port (stderr goes to a log file)."""
 
-    def __init__(self, db: Path, pairs: Path | None = None, *, overlap: int | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        db: Path,
+        pairs: Path | None = None,
+        *,
+        overlap: int | None = None,
+        log: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ):
         args = [sys.executable, "-m", "rlhfkit.feedback.web.cli", "serve", "--db", str(db), "--port", "0"]
         if pairs is not None:
             args += ["--pairs", str(pairs)]
         if overlap is not None:
             args += ["--overlap", str(overlap)]
+        args += list(extra_args)
         self.log = log or db.with_suffix(f".server-{time.monotonic_ns()}.log")
         self._log_file = open(self.log, "wb")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -133,6 +143,8 @@ class ServerProcess:
 class LoadResult:
     acked: dict[tuple[str, int], str] = field(default_factory=dict)
     """(annotator, pair_id) -> the choice as shown, for every label answered with a 2xx."""
+    graded: dict[tuple[str, int], tuple[str | None, bool]] = field(default_factory=dict)
+    """(annotator, pair_id) -> (grade, both_bad) sent with each acknowledged label (None: sent without a grade)."""
     latencies: list[float] = field(default_factory=list)
     """Seconds per POST /api/label."""
     errors: list[str] = field(default_factory=list)
@@ -160,7 +172,8 @@ def run_load(
     """``len(tokens)`` concurrent annotators submit ``total_labels`` labels in all.
 
     Each annotator thread asks for its next pair, labels it (a / b / tie, some
-    skips) and gets the next pair in the reply. With probability ``retry_rate`` it
+    skips; a / b with a random grade or none, as an older client sends; now and
+    then "both bad") and gets the next pair in the reply. With probability ``retry_rate`` it
     sends the same label again, as a client would after a lost response; the
     server must acknowledge it as a duplicate without storing a second row.
     Connection failures (a killed server) end that thread; ``stop`` ends all.
@@ -190,6 +203,12 @@ def run_load(
             while assignment is not None and not stop.is_set() and claim():
                 choice = "skip" if rng.random() < skip_rate else rng.choice(["a", "b", "tie"])
                 body = {"pair_id": assignment["pair_id"], "choice": choice, "reason": f"{name} {rng.random():.3f}"}
+                grade = rng.choice([None, "much_better", "better", "slightly_better"]) if choice in ("a", "b") else None
+                both_bad = choice != "skip" and rng.random() < 0.1
+                if grade is not None:
+                    body["grade"] = grade
+                if both_bad:
+                    body["both_bad"] = True
                 t0 = time.perf_counter()
                 status, data = client.post("/api/label", body)
                 elapsed = time.perf_counter() - t0
@@ -204,6 +223,7 @@ def run_load(
                     if key in result.acked:
                         result.double_acks += 1
                     result.acked[key] = choice
+                    result.graded[key] = (grade, both_bad)
                 if rng.random() < retry_rate:
                     status, again = client.post("/api/label", body)
                     with lock:
@@ -245,12 +265,19 @@ class Audit:
     over_overlap: int
     """Pairs with more votes than the overlap."""
     integrity: str
+    regraded: list[tuple[str, int]] = field(default_factory=list)
+    """Acknowledged labels stored with another grade or both-bad flag than was sent (with ``graded``)."""
 
 
-def audit(db: Path, acked: dict[tuple[str, int], str], overlap: int) -> Audit:
+def audit(
+    db: Path,
+    acked: dict[tuple[str, int], str],
+    overlap: int,
+    graded: dict[tuple[str, int], tuple[str | None, bool]] | None = None,
+) -> Audit:
     """Compare the acknowledgements with the database, read directly with sqlite3."""
     with sqlite3.connect(db) as con:
-        rows = con.execute("""SELECT a.name, l.pair_id, l.choice, l.flipped FROM labels l
+        rows = con.execute("""SELECT a.name, l.pair_id, l.choice, l.flipped, l.grade, l.both_bad FROM labels l
                               JOIN annotators a ON a.id = l.annotator_id""").fetchall()
         (integrity,) = con.execute("PRAGMA integrity_check").fetchone()
         over = con.execute(
@@ -259,14 +286,17 @@ def audit(db: Path, acked: dict[tuple[str, int], str], overlap: int) -> Audit:
             (overlap,),
         ).fetchone()[0]
     stored: dict[tuple[str, int], str] = {}
+    stored_grades: dict[tuple[str, int], tuple[str | None, bool]] = {}
     duplicates = 0
-    for name, pair_id, choice, flipped in rows:
+    for name, pair_id, choice, flipped, grade, both_bad in rows:
         if (name, pair_id) in stored:
             duplicates += 1
         swap = {"a": "b", "b": "a"}
         stored[name, pair_id] = swap.get(choice, choice) if flipped else choice  # back to the order shown
+        stored_grades[name, pair_id] = (grade, bool(both_bad))  # the grade is the same in either order
     lost = [key for key, shown in acked.items() if stored.get(key) != shown]
-    return Audit(len(rows), lost, duplicates, len(set(stored) - set(acked)), over, integrity)
+    regraded = [key for key, sent in (graded or {}).items() if key in acked and stored_grades.get(key) != sent]
+    return Audit(len(rows), lost, duplicates, len(set(stored) - set(acked)), over, integrity, regraded)
 
 
 def summary(result: LoadResult, report: Audit, clients: int) -> str:

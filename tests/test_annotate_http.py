@@ -76,7 +76,8 @@ def test_another_annotators_token_cannot_touch_your_labels(server):
     [label] = server.store.labels()
     assert (label.annotator, label.reason) == ("alice", "alice's")
     status, data = alice.post("/api/undo")
-    assert status == 200 and data["undone"] == {"pair_id": pair, "choice": "b", "reason": "alice's"}
+    undone = {"pair_id": pair, "choice": "b", "reason": "alice's", "grade": None, "both_bad": False}  # sent ungraded
+    assert status == 200 and data["undone"] == undone
 
 
 def test_cross_origin_writes_are_refused(server):
@@ -161,7 +162,8 @@ def test_page_and_static_files_with_security_headers(server):
         assert "http://" not in body and "https://" not in body  # no CDN
     conn.close()
     js = (Path(__file__).parents[1] / "src/rlhfkit/feedback/web/static/annotate.js").read_text()
-    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
+    for parser in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "DOMParser", "createContextualFragment"):
+        assert parser not in js, parser  # text is never parsed as HTML (the markdown renderer builds nodes)
 
 
 # ----------------------------------------------------------------------------- load
@@ -184,11 +186,13 @@ def test_fifty_annotators_submit_five_thousand_labels(tmp_path):
         result = run_load(process.url, tokens, labels)
     finally:
         process.stop()
-    report = audit(db, result.acked, overlap)
+    report = audit(db, result.acked, overlap, result.graded)
     print("\nload:", summary(result, report, clients))
     assert result.errors == []
     assert len(result.acked) == labels and report.stored == labels
     assert report.lost == [] and report.duplicates == 0 and result.double_acks == 0
+    assert report.regraded == [] and len(result.graded) == labels  # grades and both-bad flags stored as sent
+    assert {grade for grade, _ in result.graded.values()} == {None, "much_better", "better", "slightly_better"}
     assert report.unacknowledged == 0 and report.over_overlap == 0 and report.integrity == "ok"
     assert result.retries_acked_as_duplicate > 0  # retries happened and were absorbed
 

@@ -378,6 +378,8 @@ def test_a_reason_given_on_a_swapped_pair_says_which_side_it_meant(tmp_path, mon
         "reason": "A is better",  # the annotator's words, verbatim
         "shown": "ba",
         "reason_sides": "screen A = response_b, screen B = response_a",
+        "grade": None,  # sent without a strength: an ungraded vote
+        "both_bad": False,
     }
     assert plain.ranking == [0, 1] and plain.reason == "alice: A is better"
     assert plain.meta["labels"][0]["reason_sides"] == "screen A = response_a, screen B = response_b"

@@ -218,8 +218,9 @@ def test_the_metrics_contract_holds_every_key_the_report_plots(rl_dir):
     out = rl_dir / "contract"
     rl.train(make_config(out, algorithm="ppo", batch_size=2, max_steps=1, gold="rl_test_rewards:shortness"))
     contract = {v for k, v in vars(RLMetric).items() if k.isupper()}
-    assert len(contract) == 25 and all(v.startswith(("rollout/", "update/")) for v in contract)
+    assert len(contract) == 27 and all(v.startswith(("rollout/", "update/")) for v in contract)
     optional = {RLMetric.ZERO_VARIANCE_GROUPS, RLMetric.OVERLONG_PENALTY}  # with their options (test_policy_losses)
+    optional |= {RLMetric.ENSEMBLE_STD, RLMetric.ENSEMBLE_MEAN}  # an ensemble reward model (test_reward_ensemble)
     optional |= {RLMetric.SAMPLER_LOGP_DIFF, RLMetric.SAMPLER_LOGP_DIFF_MAX, RLMetric.IS_WEIGHT_MEAN}  # vLLM (test_vllm_engine)
     assert contract - optional <= metrics(out)[-1].keys()
 

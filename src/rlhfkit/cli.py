@@ -6,10 +6,13 @@ rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
 rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
 rlhfkit kto CONFIG.yaml [key=value ...]     -> rlhfkit.kto.train(KTOConfig)
+rlhfkit ilql CONFIG.yaml [key=value ...]    -> rlhfkit.ilql.train(ILQLConfig)
 rlhfkit cai CONFIG.yaml [key=value ...]     -> rlhfkit.cai.critique_revise(CAIConfig)
+rlhfkit cai-label CONFIG.yaml [k=v ...]     -> rlhfkit.cai.label_on_principles(CAILabelConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
 rlhfkit a2c|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / ReinforceConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
+                   [--ilql-beta B]          -> rlhfkit.ilql.ILQLGenerator (an ILQL output directory)
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
 rlhfkit annotate serve|add-annotator|status|export|terminal ...
                                             -> rlhfkit.feedback.web (browser) / feedback.terminal
@@ -50,7 +53,9 @@ STAGES = {
     "reward": ("reward", "RewardConfig", "train"),
     "dpo": ("dpo", "DPOConfig", "train"),
     "kto": ("kto", "KTOConfig", "train"),
+    "ilql": ("ilql", "ILQLConfig", "train"),
     "cai": ("cai", "CAIConfig", "critique_revise"),
+    "cai-label": ("cai", "CAILabelConfig", "label_on_principles"),
     "ppo": ("rl", "RLConfig", "train"),
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
@@ -117,10 +122,19 @@ def _chat(ns: argparse.Namespace) -> int:
     from rlhfkit.generation.rollout import GenerationOptions, HFGenerator
     from rlhfkit.modeling import models
 
-    tokenizer = models.load_tokenizer(ns.model)
-    model = models.load_causal_lm(ns.model)
-    generator = HFGenerator(model, tokenizer, precision=ns.precision)
-    options = GenerationOptions(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
+    if ns.ilql_beta is not None:
+        # An ILQL output directory, decoded with its heads: log pi + beta (min Q - V), top-k, the temperature.
+        from rlhfkit.ilql import ILQLDecodeOptions, ILQLGenerator
+
+        generator = ILQLGenerator.from_dir(ns.model)
+        options = ILQLDecodeOptions(
+            beta=ns.ilql_beta, top_k=ns.top_k, temperature=ns.temperature, max_new_tokens=ns.max_new_tokens
+        )
+    else:
+        tokenizer = models.load_tokenizer(ns.model)
+        model = models.load_causal_lm(ns.model)
+        generator = HFGenerator(model, tokenizer, precision=ns.precision)
+        options = GenerationOptions(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p)
     prompts = ns.prompt or []
     if not prompts:
         if sys.stdin.isatty():
@@ -161,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("kto", "KTO on unpaired thumbs-up/down data (paired data converted)"),
+        ("ilql", "ILQL: offline RL (Q, V and target-Q heads) from (prompt, response, reward) data"),
         ("cai", "Constitutional AI (SL-CAI): answer, critique and revise against a constitution -> SFT data"),
+        ("cai-label", "Constitutional AI (RL-CAI): an AI judge compares sampled responses on principles -> soft labels"),
         ("ppo", "PPO with a KL penalty to the frozen reference"),
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),
@@ -199,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument(
+        "--ilql-beta",
+        type=float,
+        default=None,
+        help="decode an `rlhfkit ilql` output directory with its heads: logits + beta (Q - V) (0: its plain LM)",
+    )
+    p.add_argument("--top-k", type=int, default=20, help="with --ilql-beta: keep the k best perturbed logits (0: all)")
     sub.add_parser(
         "annotate", help="label pairs by hand: web app (serve, add-annotator, status, export) or terminal", add_help=False
     )

@@ -95,6 +95,11 @@ class DPOTask:
         logps, n_tokens = forward.sequence_logps(model, batch)
         chosen_logps, rejected_logps = chosen_rejected(batch, logps)
         chosen_tokens, rejected_tokens = chosen_rejected(batch, n_tokens)
+        # A pair's soft label p (`target`: meta.target of graded human labels, else 1.0) is conservative DPO's
+        # P(chosen is preferred), combined with label_smoothing eps as p (1 - eps) + (1 - p) eps; with p = 1 this
+        # is eps, the old behaviour. (IPO and hinge have no label-noise form: they ignore it.)
+        target = batch["target"]
+        smoothing = 1 - (target * (1 - c.label_smoothing) + (1 - target) * c.label_smoothing)
         if c.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_loss(
                 chosen_logps,
@@ -103,7 +108,7 @@ class DPOTask:
                 rejected_tokens,
                 beta=c.beta,
                 gamma=c.simpo_gamma,
-                label_smoothing=c.label_smoothing,
+                label_smoothing=smoothing,
             )
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -113,7 +118,7 @@ class DPOTask:
                 batch["ref_rejected_logps"],
                 beta=c.beta,
                 loss_type=c.loss_type,
-                label_smoothing=c.label_smoothing,
+                label_smoothing=smoothing,
             )
         if c.rpo_alpha > 0:
             losses = losses + c.rpo_alpha * (-chosen_logps / chosen_tokens.clamp(min=1))

@@ -17,7 +17,11 @@ player against the baseline (the SFT model in the pipeline):
   samples (the k1 estimator), at the sampling temperature; its mean over
   prompts, with an interval;
 * the **proxy** score (the reward model) of the same samples, when a proxy is
-  given: the gap between proxy and gold is what over-optimisation looks like;
+  given: the gap between proxy and gold is what over-optimisation looks like. A
+  reward-model ensemble's heads are aggregated by ``reward_aggregation`` (mean,
+  wco, uwo; :func:`rlhfkit.losses.aggregate_rewards`), for the proxy score and for
+  best-of-n's ranking alike, and their disagreement is reported
+  (``proxy_ensemble_std``: the mean over samples of each one's std over the heads);
 * **best-of-n** for n = 1, 2, 4, ... up to ``best_of_n``: from one pool of
   ``best_of_n`` baseline samples per prompt (drawn apart from the baseline's
   own samples), the first n are ranked by the proxy (gold when none) and the
@@ -46,6 +50,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -55,10 +60,11 @@ from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.records import Comparison
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.losses import ensemble_std
 from rlhfkit.modeling import models
 from rlhfkit.modeling.policy import response_logps
 from rlhfkit.ratings import matches_from_comparisons, rating_table
-from rlhfkit.rewards import load_reward
+from rlhfkit.rewards import load_reward, scores_and_members
 from rlhfkit.run_layout import HELDOUT_FILE
 
 
@@ -78,6 +84,12 @@ class EvalConfig:
     """Gold scorer: built-in (sentiment, length, banned, demo), `module:function`, or a reward-model dir."""
     proxy: str = ""
     """Proxy reward that picks the best of n (e.g. the trained reward model); empty: gold."""
+    reward_aggregation: Literal["mean", "wco", "uwo"] = "mean"
+    """How a reward-model ensemble proxy's heads (`rlhfkit reward ensemble_size=K`) combine into the proxy score
+    that ranks best-of-n (Coste et al. 2024): mean; wco, the lowest head; uwo, the mean minus reward_uwo_coef x the
+    heads' variance. No effect on a single reward model or a scorer. A gold that is an ensemble is its heads' mean."""
+    reward_uwo_coef: float = 0.5
+    """reward_aggregation=uwo: lambda, the weight of the heads' variance (>= 0)."""
     best_of_n: int = 4
     """Largest n of the best-of-n baseline; every power of two up to it is reported (0 or 1 disables)."""
     best_of_n_prompts: int = -1
@@ -112,6 +124,14 @@ class EvalConfig:
     """Where the results go."""
     progress: bool = True
     """Show progress bars while sampling."""
+
+
+@dataclass
+class _ProxyScores:
+    """The proxy's scores of a rollout's samples, and an ensemble proxy's disagreement on each (else None)."""
+
+    scores: list[float]
+    std: list[float] | None
 
 
 def _sample(
@@ -245,7 +265,11 @@ def run(config: EvalConfig) -> dict:
     if c.max_prompts > 0:
         prompts = prompts[: c.max_prompts]
     gold = load_reward(c.gold, precision=c.precision)
-    proxy = load_reward(c.proxy, precision=c.precision) if c.proxy else None
+    proxy = (
+        load_reward(c.proxy, precision=c.precision, aggregation=c.reward_aggregation, uwo_coef=c.reward_uwo_coef)
+        if c.proxy
+        else None
+    )
     base_name = player_name(c.baseline)
     policies = [c.policy, *c.extra_policies]
     names: list[str] = []
@@ -255,13 +279,20 @@ def run(config: EvalConfig) -> dict:
             name, k = f"{player_name(spec)}_{k}", k + 1
         names.append(name)
 
-    def score(roll: Rollout) -> tuple[list[float], list[float] | None]:
-        return gold(roll.prompts, roll.responses), (proxy(roll.prompts, roll.responses) if proxy else None)
+    def score(roll: Rollout) -> tuple[list[float], _ProxyScores | None]:
+        if proxy is None:
+            return gold(roll.prompts, roll.responses), None
+        proxy_scores, members = scores_and_members(proxy, roll.prompts, roll.responses)
+        spread = ensemble_std(members).tolist() if members is not None else None
+        return gold(roll.prompts, roll.responses), _ProxyScores(proxy_scores, spread)
 
-    def describe(roll: Rollout, gold_scores: list[float], proxy_scores: list[float] | None, k: int) -> dict:
+    def describe(roll: Rollout, gold_scores: list[float], proxied: _ProxyScores | None, k: int) -> dict:
         out = {"response_length": float(roll.lengths.float().mean()), "eos_rate": float(roll.has_eos.float().mean())}
-        if proxy_scores is not None:
-            out["proxy_score"], out["proxy_score_ci"] = _mean_ci(_per_prompt(proxy_scores, k), seed=c.seed, resamples=c.resamples)
+        if proxied is not None:
+            per_prompt = _per_prompt(proxied.scores, k)
+            out["proxy_score"], out["proxy_score_ci"] = _mean_ci(per_prompt, seed=c.seed, resamples=c.resamples)
+            if proxied.std is not None:
+                out["proxy_ensemble_std"] = sum(proxied.std) / len(proxied.std)
         return out
 
     # -- the baseline: K samples per prompt; its model is the KL reference unless one is given
@@ -342,11 +373,13 @@ def run(config: EvalConfig) -> dict:
             n *= 2
 
     main = players[names[0]]
+    ensemble = proxy is not None and getattr(proxy, "num_members", 1) > 1
     results: dict = {
         "policy": c.policy,
         "baseline": c.baseline,
         "gold": c.gold,
         "proxy": c.proxy,
+        **({"proxy_ensemble_size": proxy.num_members, "reward_aggregation": c.reward_aggregation} if ensemble else {}),
         "num_prompts": len(prompts),
         "samples_per_prompt": K,
         "temperature": c.temperature,
@@ -376,6 +409,7 @@ def run(config: EvalConfig) -> dict:
             "gold_score": largest["gold_score"],
             "kl_analytic": largest["kl"],
             "win_rate_vs_baseline": largest["win_rate"],
+            **({"aggregation": c.reward_aggregation} if ensemble else {}),
         }
 
     # Elo / Bradley-Terry over every pair of players, one match per prompt (first sample each).

@@ -94,6 +94,65 @@ def preference_loss(
     return -(target * F.logsigmoid(diff) + (1 - target) * F.logsigmoid(-diff))
 
 
+# ----------------------------------------------------------------------------- reward-model ensembles
+
+RewardAggregation = Literal["mean", "wco", "uwo"]
+REWARD_AGGREGATIONS: tuple[str, ...] = ("mean", "wco", "uwo")
+"""How an ensemble's member scores become one reward (:func:`aggregate_rewards`)."""
+
+
+def aggregate_rewards(scores: torch.Tensor, how: str = "mean", uwo_coef: float = 0.5) -> torch.Tensor:
+    """One reward per sample from the scores of ``k`` ensemble members (Coste et al. 2024, "Reward Model Ensembles
+    Help Mitigate Overoptimization"). Shapes: (N, k) -> (N,).
+
+    * ``mean``: ``(1/k) sum_i R_i``;
+    * ``wco`` (worst-case optimisation): ``min_i R_i``;
+    * ``uwo`` (uncertainty-weighted optimisation): ``(1/k) sum_i R_i - lambda (1/k) sum_i (R_i - mean)^2``, the mean
+      minus ``uwo_coef`` (lambda) times the intra-ensemble variance -- the population variance (divided by ``k``),
+      as in the paper's formula.
+
+    With one member (k = 1) every aggregation returns its score unchanged (the variance is 0).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"aggregate_rewards: scores must be (N, k), got shape {tuple(scores.shape)}")
+    if how == "mean":
+        return scores.mean(-1)
+    if how == "wco":
+        return scores.min(-1).values
+    if how == "uwo":
+        return scores.mean(-1) - uwo_coef * scores.var(-1, correction=0)
+    raise ValueError(f"reward aggregation must be one of {', '.join(REWARD_AGGREGATIONS)}, not {how!r}")
+
+
+def ensemble_std(scores: torch.Tensor) -> torch.Tensor:
+    """Disagreement of an ensemble on each sample: the population std over its members, the square root of the
+    variance :func:`aggregate_rewards` ``uwo`` penalises (0 for one member). Shapes: (N, k) -> (N,)."""
+    return scores.std(-1, correction=0)
+
+
+def ensemble_preference_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    target: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pair loss of a ``k``-member reward ensemble: the mean over members of each member's
+    :func:`preference_loss` on the pair, times the member's weight for the pair (a bootstrap count: how often the
+    member's resample drew the pair; None: 1 for all). Shapes: scores (P, k), ``target`` and a tensor ``margin``
+    (P,), ``weights`` (P, k) -> (P,).
+
+    Summed over pairs this is ``(1/k) sum_h sum_p w_ph loss_ph``: member ``h``'s weighted Bradley-Terry loss, averaged
+    over members, so one member (k = 1, weight 1) gives :func:`preference_loss` exactly.
+    """
+    if isinstance(margin, torch.Tensor):
+        margin = margin[:, None]
+    per_member = preference_loss(chosen_rewards, rejected_rewards, target[:, None], margin)
+    if weights is not None:
+        per_member = per_member * weights
+    return per_member.mean(-1)
+
+
 # ----------------------------------------------------------------------------- direct preference optimisation
 
 DPOLossType = Literal["sigmoid", "ipo", "hinge"]

@@ -4,6 +4,15 @@ Stages, each reading the previous stages' output directories:
 
     sft -> sample -> label -> reward -> gate -> ALGORITHM [-> COMPARED ...] -> eval -> report
 
+With ``feedback: constitutional`` (Constitutional AI, Bai et al. 2022) the labels come from principles, not from
+the label stage's annotator: a ``cai`` stage runs first (SL-CAI, :func:`rlhfkit.cai.critique_revise`: the starting
+model answers the CAI prompts and critiques and revises its answers against the constitution), ``sft`` fine-tunes
+on the revisions (the SL-CAI model), ``sample`` samples it on the same prompts, and ``label`` is RL-CAI's AI
+preferences on principles (:func:`rlhfkit.cai.label_on_principles`, both orders, soft labels); the reward model,
+gate, policy stages, eval (on the held-out CAI prompts by default) and report follow unchanged::
+
+    cai -> sft -> sample -> label (on principles) -> reward -> gate -> ALGORITHM ... -> eval -> report
+
 ALGORITHM is the main policy-optimisation stage (``dpo``, ``ppo``, ``grpo`` or
 ``rloo``); ``compare`` names more of them, trained from the same SFT model on the
 same labels (DPO) or against the same reward model (RL), and evaluated beside it
@@ -65,7 +74,11 @@ from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
 Algorithm = Literal["dpo", "ppo", "grpo", "rloo", "a2c", "reinforce"]
+Feedback = Literal["label", "constitutional"]
 T = TypeVar("T")
+
+CAI_STAGE = "cai"
+"""The SL-CAI stage of a ``feedback: constitutional`` run, first, in OUTPUT/cai (the report does not read it)."""
 
 
 class StageError(RuntimeError):
@@ -93,6 +106,19 @@ class PipelineConfig:
     a built-in scorer or `module:function`."""
     seed: int = 0
     """Seed passed to every stage."""
+    feedback: Feedback = "label"
+    """Where the preference labels come from. `label`: the label stage, as its section sets it (simulated annotator,
+    AI judge, humans). `constitutional`: Constitutional AI: a `cai` stage first (SL-CAI, `rlhfkit config cai` keys
+    in the `cai` section: critique and revise the starting model's answers against a constitution), `sft` on its
+    revisions, `sample` on its prompts, and `label` as RL-CAI's AI preferences on principles (`rlhfkit config
+    cai-label` keys in the `label` section; the judge is the starting model unless the section names another,
+    e.g. `judge_url`); eval on the held-out CAI prompts unless its section says otherwise."""
+    reward_aggregation: Literal["mean", "wco", "uwo"] = "mean"
+    """How the online RL stages and eval (its proxy score and best-of-n ranking) combine the heads of a reward-model
+    ensemble (`reward: {ensemble_size: K}`): mean, wco or uwo (Coste et al. 2024). A stage's own section may set its
+    own. No effect on a single reward model."""
+    reward_uwo_coef: float = 0.5
+    """reward_aggregation=uwo: lambda, the weight of the heads' variance."""
     reward_gate: bool = True
     """Stop before RL when the reward model's held-out accuracy interval does not exclude chance."""
     gate_min_accuracy: float = 0.5
@@ -105,12 +131,14 @@ class PipelineConfig:
     here so that a pipeline run from Python can have its stages patched in-process (as the tests do). Under a
     launch with several processes it applies to sample and eval (run by the main process alone) only: the training
     stages run in the launched processes themselves, since a child could not join their process group."""
+    cai: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config cai` keys (feedback: constitutional only)."""
     sft: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config sft` keys."""
     sample: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config sample` keys."""
     label: dict[str, Any] = field(default_factory=dict)
-    """Overrides of `rlhfkit config label` keys."""
+    """Overrides of `rlhfkit config label` keys (with feedback: constitutional, of `rlhfkit config cai-label` keys)."""
     reward: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config reward` keys."""
     rl: dict[str, Any] = field(default_factory=dict)
@@ -201,52 +229,68 @@ class Stage:
 
 def build_stages(p: PipelineConfig) -> list[Stage]:
     """Every stage's typed config, wired to the outputs of the stages before it."""
-    from rlhfkit import dpo, evaluate, label, report, reward, rl, sample, sft  # start-up: cli.main imports this module
+    # start-up: cli.main imports this module
+    from rlhfkit import cai, dpo, evaluate, label, report, reward, rl, sample, sft
+    from rlhfkit.data.constitution import DEFAULT_PROMPTS, HELDOUT_PROMPTS
 
     out = Path(p.output_dir)
-    d = {name: out / name for name in STAGES}
+    d = {name: out / name for name in (CAI_STAGE, *STAGES)}
 
-    def make(cls, wired: dict[str, Any], *sections: tuple[str, dict[str, Any]]):
-        """``cls`` from the wiring and the named override sections (later sections win)."""
+    def make(cls, wired: dict[str, Any], *sections: tuple[str, dict[str, Any]], defaults: dict[str, Any] | None = None):
+        """``cls`` from the wiring and the named override sections (later sections win); ``defaults`` are wiring
+        that the sections may override."""
         for name, overrides in sections:
             clash = sorted(set(overrides) & set(wired) - {"seed"})
             if clash:
                 raise ConfigError(f"pipeline: section '{name}' may not set '{clash[0]}' (the pipeline wires it)")
         merged = {k: v for _, overrides in sections for k, v in overrides.items()}
         source = "pipeline section " + " + ".join(f"'{name}'" for name, _ in sections)
-        return from_dict(cls, {**wired, **merged}, source=source)
+        return from_dict(cls, {**(defaults or {}), **wired, **merged}, source=source)
 
+    if p.feedback not in ("label", "constitutional"):
+        raise ConfigError(f"pipeline: feedback must be 'label' or 'constitutional', got {p.feedback!r}")
+    constitutional = p.feedback == "constitutional"
+    if p.cai and not constitutional:
+        raise ConfigError("pipeline: section 'cai' is used only with feedback: constitutional")
     labels = str(d["label"] / "labels.jsonl")
-    stages = [
-        Stage(
-            "sft",
-            make(sft.SFTConfig, {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}, ("sft", p.sft)),
-            sft.train,
-            d["sft"],
-            every_process=True,
-        ),
+    samples = str(d["sample"] / "samples.jsonl")
+    stages: list[Stage] = []
+    sft_wired: dict[str, Any] = {"model": p.model, "output_dir": str(d["sft"]), "seed": p.seed}
+    sample_defaults: dict[str, Any] = {}
+    if constitutional:
+        cai_config = make(cai.CAIConfig, {"model": p.model, "output_dir": str(d[CAI_STAGE]), "seed": p.seed}, ("cai", p.cai))
+        stages.append(Stage(CAI_STAGE, cai_config, cai.critique_revise, d[CAI_STAGE], every_process=False))
+        sft_wired["data"] = str(d[CAI_STAGE] / cai.SFT_FILE)  # SL-CAI: fine-tune on the revisions
+        sample_defaults["prompts"] = cai_config.prompts or str(DEFAULT_PROMPTS)
+    stages.append(Stage("sft", make(sft.SFTConfig, sft_wired, ("sft", p.sft)), sft.train, d["sft"], every_process=True))
+    stages.append(
         Stage(
             "sample",
             make(
                 sample.SampleConfig,
-                {"model": str(d["sft"]), "output": str(d["sample"] / "samples.jsonl"), "seed": p.seed},
+                {"model": str(d["sft"]), "output": samples, "seed": p.seed},
                 ("sample", p.sample),
+                defaults=sample_defaults,
             ),
             sample.run,
             d["sample"],
             every_process=False,
-        ),
-        Stage(
-            "label",
-            make(
-                label.LabelConfig,
-                {"samples": str(d["sample"] / "samples.jsonl"), "output": labels, "scorer": p.gold, "seed": p.seed},
-                ("label", p.label),
-            ),
-            label.run,
-            d["label"],
-            every_process=False,
-        ),
+        )
+    )
+    if constitutional:  # RL-CAI: the starting model judges (the paper's feedback model) unless the section says
+        label_config = make(
+            cai.CAILabelConfig,
+            {"samples": samples, "output": labels, "seed": p.seed},
+            ("label", p.label),
+            defaults={"judge_model": p.model, "constitution": stages[0].config.constitution},
+        )
+        stages.append(Stage("label", label_config, cai.label_on_principles, d["label"], every_process=False))
+    else:
+        label_config = make(
+            label.LabelConfig, {"samples": samples, "output": labels, "scorer": p.gold, "seed": p.seed}, ("label", p.label)
+        )
+        stages.append(Stage("label", label_config, label.run, d["label"], every_process=False))
+    stages += [
         Stage(
             "reward",
             make(
@@ -257,11 +301,10 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
             reward.train,
             d["reward"],
             every_process=True,
-        ),
+        )
     ]
-    label_config = next(s.config for s in stages if s.name == "label")
-    web_db = Path(label_config.web_db)
-    if label_config.source == "human-web" and web_db.resolve().is_relative_to(d["label"].resolve()):
+    web_db = Path(getattr(label_config, "web_db", ""))
+    if getattr(label_config, "source", "") == "human-web" and web_db.resolve().is_relative_to(d["label"].resolve()):
         raise ConfigError(
             f"pipeline section 'label': web_db '{web_db}' is inside the label stage's directory "
             f"{d['label']}, which a rerun deletes with every human label in it; "
@@ -279,6 +322,8 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
         min_accuracy=p.gate_min_accuracy,
     )
     stages.append(Stage("gate", gate, check_gate, d["gate"], every_process=False))
+    # The ensemble aggregation for every stage that scores with the reward model, under the stage's own sections.
+    aggregation = ("pipeline", {"reward_aggregation": p.reward_aggregation, "reward_uwo_coef": p.reward_uwo_coef})
     for algorithm in algorithms:
         sections = [(algorithm, getattr(p, algorithm))] + ([("rl", p.rl)] if algorithm == p.algorithm else [])
         # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy.
@@ -294,7 +339,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
                 "a2c": rl.A2CConfig,
                 "reinforce": rl.ReinforceConfig,
             }[algorithm]
-            config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, *sections)
+            config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, aggregation, *sections)
             stages.append(Stage(algorithm, config, rl.train, d[algorithm], every_process=True))
     stages.append(
         Stage(
@@ -310,7 +355,9 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
                     "output": str(d["eval"] / "eval.json"),
                     "seed": p.seed,
                 },
+                aggregation,
                 ("eval", p.eval),
+                defaults={"prompts": str(HELDOUT_PROMPTS)} if constitutional else None,
             ),
             evaluate.run,
             d["eval"],
@@ -664,7 +711,7 @@ def run(config: PipelineConfig, *, from_stage: str | None = None) -> dict[str, s
 
     def settle() -> None:
         out.mkdir(parents=True, exist_ok=True)
-        for name in STAGES:  # an earlier run killed mid-stage: settle what it left
+        for name in (CAI_STAGE, *STAGES):  # an earlier run killed mid-stage: settle what it left
             _recover(out / name)
 
     processes.on_main(settle)

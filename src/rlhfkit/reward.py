@@ -21,6 +21,28 @@ loads the result and gives the same raw scores.
 
 The scalar head runs in fp32 even under a bf16 autocast (:func:`rlhfkit.modeling.reward_model.fp32_score_head`);
 the backbone runs at the training precision.
+
+**Ensembles** (``ensemble_size=K``, Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization"):
+K score heads on one shared backbone -- a ``score`` layer of shape (K, hidden) instead of (1, hidden), saved with
+``num_labels=K`` and ``rlhfkit_ensemble_size: K``, so ``from_pretrained`` still loads it (raw logits (N, K)).
+
+* Each head starts from its own row of the normal init and, with ``ensemble_bootstrap`` (the default), trains on
+  its own bootstrap resample of the training examples: example ``i`` counts ``w_ih`` times for head ``h``, the
+  number of times a draw of n examples with replacement picked it (a comparison when rankings are grouped, a pair
+  otherwise). The loss is :func:`rlhfkit.losses.ensemble_preference_loss`, ``(1/K) sum_h sum_p w_ph loss_ph``: each
+  head's weighted Bradley-Terry loss, averaged over heads (one head, weight 1: today's loss). Held-out loss and
+  accuracy use every pair for every head.
+* Coste et al. train K independent models on all the data with different seeds (init and data order; they cite
+  Lakshminarayanan et al. 2017 for training on all of it). A shared trunk is the cheap variant: one forward per
+  response whatever K, a model the size of one (K x hidden more parameters). The trade-off: the members share every
+  feature of the backbone, so they can disagree only through their heads, and their errors are more correlated than
+  those of independent models; disagreement and conservatism are smaller. With the trunk shared, a seed leaves the
+  heads only their init to differ by (they read the same features of the same batches in the same order); the
+  bootstraps add different data to fit. ``ensemble_bootstrap: false`` trains every head on every example (the
+  paper's all-data choice; the heads then differ by their init only).
+* Normalisation is per head: a gain and bias for each, fitted as in 3. (lists in ``config.json``), applied before
+  the heads are aggregated (:class:`~rlhfkit.modeling.reward_model.RewardModel`).
+* ``heldout.json`` holds the accuracy of the heads' mean normalised score, and each head's (``head_accuracy``).
 """
 
 from __future__ import annotations
@@ -40,10 +62,17 @@ from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankin
 from rlhfkit.data.preferences import load_comparisons, parse_prompt
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX
-from rlhfkit.losses import preference_loss
+from rlhfkit.losses import ensemble_preference_loss, preference_loss
 from rlhfkit.modeling import forward, models
 from rlhfkit.modeling.reward_model import RewardModel as RewardModel  # scoring lives in modeling/; kept importable here
-from rlhfkit.modeling.reward_model import fp32_score_head, load_reward_backbone, raw_scores, reward_tokenizer, sequence_scores
+from rlhfkit.modeling.reward_model import (
+    fp32_score_head,
+    head_normalisation,
+    load_reward_backbone,
+    raw_scores,
+    reward_tokenizer,
+    sequence_scores,
+)
 from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.run_layout import PreferenceMetric as M
 from rlhfkit.stats import cluster_accuracy
@@ -84,6 +113,12 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     norm_max_samples: int = 1024
     """Score at most this many normalisation samples, evenly spaced over them (-1: all); a mean and
     std need no more, and scoring every response of a large preference set takes minutes."""
+    ensemble_size: int = 1
+    """Score heads on one shared backbone: K > 1 trains a reward-model ensemble (Coste et al. 2024), which RL,
+    best-of-n and evaluation aggregate with `reward_aggregation` (mean, wco, uwo). 1: one reward model."""
+    ensemble_bootstrap: bool = True
+    """ensemble_size > 1: each head trains on its own bootstrap resample of the training examples (so the heads,
+    which share every backbone feature, disagree); false: every head on every example, differing by init only."""
     lr: float = 1e-5
     """Peak learning rate."""
     output_dir: str = "runs/reward"
@@ -103,13 +138,42 @@ class RewardTask:
         return forward.num_tokens(batch)
 
     def loss(self, model, batch):
+        """``(summed loss, stats)``. An ensemble's scores are (S, K): the loss is
+        :func:`~rlhfkit.losses.ensemble_preference_loss` with the batch's ``head_weights`` (P, K) (bootstrap counts;
+        absent: 1), and accuracy and margin are those of the heads' mean (raw) score."""
         chosen, rejected = chosen_rejected(batch, sequence_scores(model, batch))
         target = batch["target"]
-        losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
+        if chosen.dim() == 2:  # K heads
+            losses = ensemble_preference_loss(chosen, rejected, target, self.margin + batch["margin"], batch.get("head_weights"))
+            chosen, rejected = chosen.mean(-1), rejected.mean(-1)
+        else:
+            losses = preference_loss(chosen, rejected, target, self.margin + batch["margin"])
         # A tie counts as half right; a strict preference as right when chosen scores higher.
         correct = torch.where(target > 0.5, (chosen > rejected).float(), torch.full_like(target, 0.5))
         stats = {M.ACCURACY: correct.sum(), M.MARGIN: (chosen - rejected).detach().sum()}
         return losses.sum(), stats
+
+
+def bootstrap_counts(n: int, heads: int, seed: int) -> torch.Tensor:
+    """``(n, heads)`` bootstrap counts: column ``h`` counts how often each of ``n`` examples was drawn in ``n`` draws
+    with replacement (head ``h``'s resample; each column sums to ``n``, about 63% of its entries are non-zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    columns = [torch.bincount(torch.randint(n, (n,), generator=generator), minlength=n) for _ in range(heads)]
+    return torch.stack(columns, 1).float()
+
+
+def with_head_weights(collate, heads: int):
+    """``collate`` whose batches also hold ``head_weights`` (P, heads): each pair's example's ``head_weights`` (its
+    bootstrap counts, :func:`bootstrap_counts`), 1 for an example without (held-out ones). Pairs are in the order
+    both collates give them: example by example (a grouped example's pairs in its order)."""
+
+    def collate_weighted(examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(examples)
+        weights = [e.get("head_weights", [1.0] * heads) for e in examples for _ in range(len(e["pairs"]) if "pairs" in e else 1)]
+        batch["head_weights"] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+    return collate_weighted
 
 
 def _prompt_key(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[int, ...]:
@@ -129,6 +193,7 @@ def heldout_accuracy(
     precision: str = "bf16",
     seed: int = 0,
     resamples: int = 2000,
+    gains: Sequence[float] | None = None,
 ) -> dict:
     """Pairwise accuracy of a reward model on held-out comparisons, with a 95% prompt-clustered bootstrap interval.
 
@@ -149,6 +214,10 @@ def heldout_accuracy(
 
     Returns ``{"accuracy": float, "accuracy_ci": [lo, hi], "num_pairs": int, "num_prompts": int,
     "ties": int}``; with no strict pair, ``accuracy`` and ``accuracy_ci`` are None.
+
+    A K-head ensemble is judged by the mean of its heads' normalised scores (``gains``: each head's gain, which
+    is all the normalisation changes in a difference of two scores; None: 1); the result adds ``ensemble_size``
+    and ``head_accuracy``, each head's accuracy on the same pairs.
     """
     examples = list(comparisons_or_examples)
     if examples and isinstance(examples[0], Comparison):
@@ -175,7 +244,12 @@ def heldout_accuracy(
     model.eval()
     correct: list[float] = []
     clusters: list[tuple[int, ...]] = []
+    head_correct: list[list[float]] = []  # an ensemble's: per pair, per head
     ties = 0
+
+    def right(c: float, r: float) -> float:
+        return 1.0 if c > r else 0.5 if c == r else 0.0
+
     try:
         for chunk in batches:
             batch = collate(chunk, tokenizer.pad_token_id)
@@ -183,16 +257,25 @@ def heldout_accuracy(
             with torch.no_grad(), models.autocast(device, precision):
                 scores = sequence_scores(model, inputs).cpu()
             chosen, rejected = chosen_rejected(batch, scores)
+            heads: list = [None] * len(chosen)
+            if chosen.dim() == 2:  # an ensemble: each head's pairs, and the heads' mean normalised score
+                heads = list(zip(chosen.tolist(), rejected.tolist()))
+                g = torch.ones(chosen.shape[1]) if gains is None else torch.tensor(list(gains), dtype=torch.float32)
+                chosen, rejected = (g * chosen).mean(-1), (g * rejected).mean(-1)
             if grouped:  # pairs in collate_rankings order: example by example
                 keys = [_prompt_key(e["input_ids"][0], e["labels"][0]) for e in chunk for _ in e["pairs"]]
             else:
                 keys = [_prompt_key(e["chosen_input_ids"], e["chosen_labels"]) for e in chunk]
-            for c, r, target, key in zip(chosen.tolist(), rejected.tolist(), batch["target"].tolist(), keys):
-                if target != 1.0:  # a tie label (0.5)
+            for c, r, target, key, head in zip(chosen.tolist(), rejected.tolist(), batch["target"].tolist(), keys, heads):
+                if target == 0.5:  # a tie label (or soft labels that cancel out)
                     ties += 1
                     continue
-                correct.append(1.0 if c > r else 0.5 if c == r else 0.0)
+                # A soft label (graded human labels' meta.target) below 0.5 prefers the rejected response.
+                flip = target < 0.5
+                correct.append(right(r, c) if flip else right(c, r))
                 clusters.append(key)
+                if head is not None:
+                    head_correct.append([right(hr, hc) if flip else right(hc, hr) for hc, hr in zip(*head)])
     finally:
         model.train(was_training)
     result: dict = {
@@ -206,6 +289,9 @@ def heldout_accuracy(
         estimate = cluster_accuracy(correct, clusters, resamples=resamples, seed=seed)
         result["accuracy"] = float(estimate.value)
         result["accuracy_ci"] = [float(estimate.ci[0]), float(estimate.ci[1])]
+    if head_correct:
+        result["ensemble_size"] = len(head_correct[0])
+        result["head_accuracy"] = [sum(column) / len(column) for column in zip(*head_correct)]
     return result
 
 
@@ -225,8 +311,13 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
 
             model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).to(state.device)
             fp32_score_head(model)
+        gains = None
+        if config.ensemble_size > 1:  # the heads' gains, as saved (the mean of normalised scores is what RL sees)
+            from transformers import AutoConfig
+
+            gains, _ = head_normalisation(AutoConfig.from_pretrained(out))
         result = heldout_accuracy(
-            model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision, seed=config.seed
+            model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision, seed=config.seed, gains=gains
         )
         if result["accuracy"] is None:  # readers of HELDOUT_FILE expect an accuracy; write none
             log.warning(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
@@ -237,6 +328,8 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
                 f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
                 f"pairs ({result['num_prompts']} prompts)"
             )
+            if "head_accuracy" in result:
+                log.info(f"reward: held-out accuracy of each head: {', '.join(f'{a:.2f}' for a in result['head_accuracy'])}")
     state.wait_for_everyone()
 
 
@@ -276,6 +369,13 @@ def train(config: RewardConfig) -> FitResult:
     """
     if not config.data:
         raise ConfigError("reward: `data` (a preference file) is required")
+    if config.ensemble_size < 1:
+        raise ConfigError(f"reward: ensemble_size must be >= 1 (got {config.ensemble_size})")
+    if config.ensemble_size > 1 and not config.ensemble_bootstrap and config.head_init == "zero":
+        raise ConfigError(
+            "reward: ensemble_size > 1 with head_init=zero and ensemble_bootstrap=false: every head would start and "
+            "train the same (identical members); use head_init=normal or ensemble_bootstrap=true"
+        )
     # Before any model loads: a bad norm_data file must not surface at save time, after training.
     norm_samples = _norm_samples(config) if config.normalize else None
     tokenizer = reward_tokenizer(config.model)
@@ -294,7 +394,18 @@ def train(config: RewardConfig) -> FitResult:
     out = Path(config.output_dir)
     write_run_config(out, "reward", config)
 
-    model = load_reward_backbone(config.model, pad_token_id=tokenizer.pad_token_id, head_init=config.head_init, seed=config.seed)
+    K = config.ensemble_size
+    if K > 1 and config.ensemble_bootstrap:  # each head's resample of the training examples, the same on every process
+        counts = bootstrap_counts(len(train_set), K, seed=config.seed * 1_000_003 + 24)
+        for example, row in zip(train_set, counts.tolist()):
+            example["head_weights"] = row
+        log.info(
+            f"reward: {K} heads, each on a bootstrap resample of the {len(train_set)} training examples "
+            f"({float((counts > 0).float().mean()):.0%} of them drawn per head on average)"
+        )
+    model = load_reward_backbone(
+        config.model, pad_token_id=tokenizer.pad_token_id, head_init=config.head_init, seed=config.seed, ensemble_size=K
+    )
     model = models.prepare_for_training(model, config)
     if config.lora_r > 0:  # the fresh head must train too
         for name, param in model.named_parameters():
@@ -307,7 +418,7 @@ def train(config: RewardConfig) -> FitResult:
             import copy
 
             target = copy.deepcopy(target).merge_and_unload()
-        gain, bias = 1.0, 0.0
+        gains, biases = [1.0] * K, [0.0] * K
         if norm_samples is not None:
             prompts, responses = norm_samples
             scores = raw_scores(
@@ -319,25 +430,35 @@ def train(config: RewardConfig) -> FitResult:
                 max_length=config.max_length,
                 precision=config.precision,
                 progress="reward: normalisation" if config.progress else None,
-            )
-            std = float(scores.std()) if len(scores) > 1 else 1.0
-            gain = 1.0 / max(std, 1e-6)
-            bias = -float(scores.mean()) * gain
-            log.info(f"reward: normalisation on {len(scores)} samples: raw mean {float(scores.mean()):.4f}, std {std:.4f}")
-        target.config.rlhfkit_reward_gain = gain
-        target.config.rlhfkit_reward_bias = bias
+            ).reshape(len(responses), K)
+            for h in range(K):  # each head its own gain and bias
+                column = scores[:, h]
+                std = float(column.std()) if len(column) > 1 else 1.0
+                gains[h] = 1.0 / max(std, 1e-6)
+                biases[h] = -float(column.mean()) * gains[h]
+                head = f" head {h}" if K > 1 else ""
+                log.info(
+                    f"reward: normalisation{head} on {len(column)} samples: raw mean {float(column.mean()):.4f}, std {std:.4f}"
+                )
+        # One head: floats, as single reward models always stored them; an ensemble: a list, one per head.
+        target.config.rlhfkit_reward_gain = gains[0] if K == 1 else gains
+        target.config.rlhfkit_reward_bias = biases[0] if K == 1 else biases
         target.config.rlhfkit_chat_template = config.chat_template
         models.save_pretrained(target, tokenizer, out_dir, state_dict=None if target is not unwrapped else state_dict)
 
     pad_id = tokenizer.pad_token_id
     collate = collate_rankings if config.group_rankings else collate_pairs
+
+    def collate_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate(examples, pad_id, packed=config.packing)
+
     result = fit(
         config,
         model=model,
         task=RewardTask(config.margin),
         train_set=train_set,
         eval_set=eval_set,
-        collate=lambda examples: collate(examples, pad_id, packed=config.packing),
+        collate=with_head_weights(collate_batch, K) if K > 1 else collate_batch,
         precision=config.precision,
         save_model=save,
         run_info={"stage": "reward", "data": config.data},

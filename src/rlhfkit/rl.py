@@ -5,7 +5,8 @@
 1. **Rollout.** Take ``batch_size`` prompts, sample ``samples_per_prompt``
    responses each (:func:`rlhfkit.generation.rollout.make_rollout`; KV cache, temperature,
    top-p, stop at EOS).
-2. **Score.** ``score = reward(prompt, response)`` from a reward model, a
+2. **Score.** ``score = reward(prompt, response)`` from a reward model (an ensemble's
+   heads aggregated by ``reward_aggregation``: mean, wco or uwo), a
    ``module:function`` or a simulated-annotator scorer; minus
    ``missing_eos_penalty`` for truncated responses; optional batch
    normalisation and clipping.
@@ -67,6 +68,7 @@ from rlhfkit.generation.vllm_engine import VLLMEngine
 from rlhfkit.losses import (
     a2c_policy_loss,
     approx_kl,
+    ensemble_std,
     explained_variance,
     kl_penalty,
     loss_token_weights,
@@ -83,7 +85,7 @@ from rlhfkit.modeling import models
 from rlhfkit.modeling.logps import entropy_from_logits
 from rlhfkit.modeling.policy import ActorCritic, load_critic, logps_and_entropy, packed_response_logps, response_logits
 from rlhfkit.probe import FrontierProbe, ProbeOptions
-from rlhfkit.rewards import load_reward
+from rlhfkit.rewards import load_reward, scores_and_members
 from rlhfkit.run_layout import RLMetric as M
 from rlhfkit.training.loop import (
     Checkpointer,
@@ -118,6 +120,14 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Reward: a reward-model directory, `module:function`, or a built-in scorer (sentiment, length, banned, demo)."""
     reward_args: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments bound to a scorer reward, e.g. `{target_words: 20}` for `length`; an unknown name is an error."""
+    reward_aggregation: Literal["mean", "wco", "uwo"] = "mean"
+    """How a reward-model ensemble's heads (`rlhfkit reward ensemble_size=K`) combine into the score (Coste et al.
+    2024): mean; wco, worst-case optimisation, the lowest head; uwo, uncertainty-weighted optimisation, the mean minus
+    reward_uwo_coef x the heads' variance. The members' disagreement is logged (`rollout/ensemble_std`). No effect on a
+    single reward model or a scorer."""
+    reward_uwo_coef: float = 0.5
+    """reward_aggregation=uwo: lambda, the weight of the heads' variance (normalised units; >= 0; the default of
+    Coste et al.'s best-of-n code, tlc4418/llm_optimization)."""
     prompts: str = ""
     """JSONL/JSON with a `prompt` field (string or chat-message list). Empty: the shipped demo prompts."""
     precision: str = "bf16"
@@ -518,7 +528,14 @@ class RLTrainer:
         if self.ref is not None:
             self.ref.to(device)
         # A reward model scores on this process's device (TRL moves its reward models there too: grpo_trainer.py).
-        self.reward_fn = load_reward(c.reward_model, precision=c.precision, args=c.reward_args, device=device)
+        self.reward_fn = load_reward(
+            c.reward_model,
+            precision=c.precision,
+            args=c.reward_args,
+            device=device,
+            aggregation=c.reward_aggregation,
+            uwo_coef=c.reward_uwo_coef,
+        )
         self.gold_fn = (
             load_reward(c.gold, precision=c.precision, args=c.gold_args, field="gold_args", device=device) if c.gold else None
         )
@@ -577,7 +594,9 @@ class RLTrainer:
         mask = rollout.response_mask
         B = mask.shape[0]
 
-        raw = torch.tensor(self.reward_fn(rollout.prompts, rollout.responses), dtype=torch.float32)
+        # An ensemble's score is its members' aggregate (reward_aggregation); members: (B, K), else None.
+        reward_scores, members = scores_and_members(self.reward_fn, rollout.prompts, rollout.responses)
+        raw = torch.tensor(reward_scores, dtype=torch.float32)
         scores = raw - c.missing_eos_penalty * (~rollout.has_eos).float()
         if c.overlong_buffer > 0:  # DAPO's soft overlong punishment, part of the reward
             overlong = overlong_penalty(rollout.lengths, c.max_new_tokens, c.overlong_buffer)
@@ -644,6 +663,9 @@ class RLTrainer:
             parts[M.ZERO_VARIANCE_GROUPS] = (flat.float().mean().item() * flat.numel(), float(flat.numel()))
         if c.overlong_buffer > 0:
             parts[M.OVERLONG_PENALTY] = (overlong.mean().item() * n_rows, n_rows)
+        if members is not None:  # the ensemble's disagreement on each response, averaged
+            parts[M.ENSEMBLE_STD] = (ensemble_std(members).mean().item() * n_rows, n_rows)
+            parts[M.ENSEMBLE_MEAN] = (members.mean().item() * n_rows, n_rows)
 
         lengths = rollout.lengths.float()
         if self.gold_fn is not None:

@@ -43,6 +43,12 @@ class RLMetric:
     ZERO_VARIANCE_GROUPS = "rollout/zero_variance_groups"
     """Fraction of groups whose samples all scored the same (grpo/rloo: no learning signal)."""
     OVERLONG_PENALTY = "rollout/overlong_penalty"
+    ENSEMBLE_STD = "rollout/ensemble_std"
+    """A reward-model ensemble's disagreement: mean over the rollout of each response's std over the members'
+    normalised scores (only with an ensemble reward model; `rollout/score` is their aggregate)."""
+    ENSEMBLE_MEAN = "rollout/ensemble_mean"
+    """Mean over the rollout of the members' mean score (only with an ensemble; `rollout/score` with
+    reward_aggregation=mean)."""
     SAMPLER_LOGP_DIFF = "rollout/sampler_logp_diff"
     """rollout_engine=vllm: mean |trainer's log-prob - vLLM's| of the sampled response tokens (the training/inference
     mismatch)."""
@@ -78,6 +84,29 @@ class PreferenceMetric:
     REWARDS_CHOSEN = "rewards/chosen"
     """DPO's implicit reward beta * log(pi / ref) of the chosen response (mean)."""
     REWARDS_REJECTED = "rewards/rejected"
+
+
+class ILQLMetric:
+    """Keys of the ILQL stage's ``metrics.jsonl`` that :mod:`rlhfkit.ilql` writes: the mean over the batch's
+    response tokens of each loss term and value (held-out values carry :data:`EVAL_PREFIX`). Named as TRLX's ILQL
+    trainer names them (``losses/loss_q``, ...); ``loss`` stays bare, as every trainer's."""
+
+    LOSS = "loss"
+    """loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac."""
+    LOSS_Q = "losses/loss_q"
+    """Bellman loss, summed over the Q heads."""
+    LOSS_V = "losses/loss_v"
+    """Expectile loss of V toward the target Q heads' minimum."""
+    LOSS_CQL = "losses/loss_cql"
+    """CQL regulariser (cross-entropy of the Q values toward the taken token), summed over the Q heads."""
+    LOSS_AWAC = "losses/loss_awac"
+    """Language-model (behaviour-cloning / AWAC-weighted) cross-entropy."""
+    VALUE = "values/mean"
+    """Mean V of the states before response tokens."""
+    TARGET_Q = "qvalues/target_min_mean"
+    """Mean over tokens of the target Q heads' minimum at the taken token."""
+    AWAC_WEIGHT = "awac_weight/mean"
+    """Mean AWAC weight exp(awac_beta (min Qhat - V)) (1 with awac_beta 0)."""
 
 
 LEGACY_METRIC_NAMES = {

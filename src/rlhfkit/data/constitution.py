@@ -4,12 +4,16 @@ A **constitution** is a YAML or JSON file: a list of principles, or a mapping wi
 optionally ``name`` and ``description``). Each principle is the paper's Appendix C pair of requests::
 
     principles:
-      - id: no-hurtful-language          # recorded with every critique and revision made under it
+      - id: no-hurtful-language          # recorded with every critique, revision and comparison made under it
         category: harmlessness            # optional, informative only
         critique_request: Check your last response for insults ...
         revision_request: Rewrite your response so that it ...
+        choice_request: Which of these responses is more respectful ...   # optional (RL-CAI)
 
-``id``, ``critique_request`` and ``revision_request`` are non-empty strings, and ids are unique. Any other key
+``id``, ``critique_request`` and ``revision_request`` are non-empty strings, and ids are unique. ``choice_request``
+(optional) is the multiple-choice question an AI judge answers when it compares two responses under the principle
+(RL-CAI, :func:`rlhfkit.cai.label_on_principles`); without one, :meth:`Principle.choice_question` builds a generic
+question from the critique request, so constitutions written before the field existed still work. Any other key
 is an error (a misspelt ``critque_request`` must not be dropped silently), and so is a key given twice. Every
 problem is a :class:`~rlhfkit.data.io.DataError` naming the file, the line (YAML, and JSON that YAML reads) and
 the field, e.g. ``my.yaml:14: field 'principles[2].revision_request': missing``.
@@ -20,7 +24,7 @@ critique and revision chat: records with ``prompt`` (a string or chat messages e
 are used) or both ``critique_request`` and ``revision_request`` written out.
 
 rlhfkit ships a default constitution (:data:`DEFAULT_CONSTITUTION`, twelve principles on harmlessness, honesty and
-helpfulness, written for this project), two worked examples under it (:data:`DEFAULT_FEW_SHOT`), and red-team
+helpfulness, written for this project, each with a comparison question), two worked examples under it (:data:`DEFAULT_FEW_SHOT`), and red-team
 style and ordinary prompts (:data:`DEFAULT_PROMPTS`, :data:`HELDOUT_PROMPTS`; each record also says its ``kind``).
 """
 
@@ -50,8 +54,14 @@ HELDOUT_PROMPTS = ASSETS / "prompts_heldout.jsonl"
 
 REQUIRED_FIELDS = ("id", "critique_request", "revision_request")
 """What every principle must have."""
-OPTIONAL_FIELDS = ("category", "description")
-"""What a principle may also have (informative; not sent to the model)."""
+OPTIONAL_FIELDS = ("category", "description", "choice_request")
+"""What a principle may also have: ``category`` and ``description`` are informative (never sent to a model);
+``choice_request`` is RL-CAI's comparison question."""
+GENERIC_CHOICE_REQUEST = (
+    "Which of these assistant responses better satisfies the following request, asked of the assistant about "
+    'its own response? "{critique_request}"'
+)
+"""The comparison question of a principle without ``choice_request``: its critique request, quoted."""
 TOP_LEVEL_FIELDS = ("principles", "name", "description")
 """The keys of a constitution written as a mapping."""
 
@@ -65,6 +75,13 @@ class Principle:
     revision_request: str
     category: str = ""
     description: str = ""
+    choice_request: str = ""
+    """The question an AI judge answers when it compares two responses under this principle ("Which of these
+    responses is less harmful?"); empty: :data:`GENERIC_CHOICE_REQUEST`."""
+
+    def choice_question(self) -> str:
+        """The comparison question: ``choice_request``, or the generic one built from the critique request."""
+        return self.choice_request or GENERIC_CHOICE_REQUEST.format(critique_request=self.critique_request)
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,13 @@ class Constitution:
         """``sha256:...`` of the principles (ids, requests, order): what a run's records depend on. The name,
         descriptions, comments and layout of the file do not count."""
         payload = [[p.id, p.critique_request, p.revision_request] for p in self.principles]
+        return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+    def choice_digest(self) -> str:
+        """``sha256:...`` of the principles as an AI judge compares under them (ids and comparison questions, in
+        order): what RL-CAI labels depend on. Kept apart from :meth:`digest`, so adding choice requests to a
+        constitution does not invalidate the SL-CAI records made under it."""
+        payload = [[p.id, p.choice_question()] for p in self.principles]
         return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 

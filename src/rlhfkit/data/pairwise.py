@@ -63,6 +63,23 @@ def _margin(comp: Comparison) -> float:
     return float(comp.meta.get("margin", 0.0)) if isinstance(comp.meta, dict) else 0.0
 
 
+def soft_target(comp: Comparison) -> float | None:
+    """A pair's soft label ``meta["target"]`` (P(``chosen`` is preferred), a number in [0, 1]), or None.
+
+    Graded human labels carry one (:mod:`rlhfkit.feedback.grades`: "A slightly better"
+    is 0.7, a tie 0.5, the mean over several annotators); it replaces the pair's hard
+    target (1.0, or 0.5 for a tie). For a tie the ranking is arbitrary and the target is
+    P(``responses[ranking[0]]`` is preferred). Rankings of more than two responses keep
+    their hard targets. A ``target`` that is not a number in [0, 1] is a ValueError.
+    """
+    if len(comp.responses) != 2 or not isinstance(comp.meta, dict) or comp.meta.get("target") is None:
+        return None
+    value = comp.meta["target"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"meta.target must be a number in [0, 1] (P(chosen is preferred)), got {value!r}")
+    return float(value)
+
+
 def tokenize_pairs(
     tokenizer,
     comparisons: list[Comparison],
@@ -79,7 +96,8 @@ def tokenize_pairs(
 
     Each example holds ``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels``, ``target`` (P(chosen > rejected):
-    1.0, or 0.5 for a tie) and ``margin`` (from ``meta["margin"]`` when present, else 0).
+    1.0, or 0.5 for a tie; a pair's ``meta["target"]`` when present, :func:`soft_target`)
+    and ``margin`` (from ``meta["margin"]`` when present, else 0).
     """
     groups, stats = tokenize_rankings(
         tokenizer, comparisons, max_length=max_length, chat_template=chat_template, keep_ties=keep_ties
@@ -117,8 +135,8 @@ def tokenize_rankings(
     one batch element needs one forward per response instead of one per pair, and
     stops the overfitting that shuffled pairs (each response seen K-1 times per
     epoch) cause. Each example holds ``input_ids``/``labels`` (K lists), ``pairs``
-    (``(better, worse, target)`` indices into them, target 1.0 or 0.5 for a tie)
-    and ``margin`` (``meta["margin"]`` when present, else 0). Over-long sequences
+    (``(better, worse, target)`` indices into them, target 1.0 or 0.5 for a tie, or
+    a pair's soft label ``meta["target"]``, :func:`soft_target`) and ``margin`` (``meta["margin"]`` when present, else 0). Over-long sequences
     keep their first ``max_length`` tokens (the response is cut, never the prompt
     start; ``stats.truncated`` counts responses); a response that loses every
     token is dropped with its pairs (``stats.dropped`` counts pairs), and a
@@ -126,7 +144,7 @@ def tokenize_rankings(
     """
     stats = PairStats()
     out: list[dict] = []
-    for comp in comparisons:
+    for index, comp in enumerate(comparisons):
         if comp.tie and not keep_ties:
             stats.ties_skipped += 1
             continue
@@ -138,7 +156,12 @@ def tokenize_rankings(
         kept = list(tokens)
         slot = {i: k for k, i in enumerate(kept)}
         pairs = []
+        try:
+            soft = soft_target(comp)
+        except ValueError as e:
+            raise ValueError(f"comparison {index} ({comp.source or 'no source'}): {e}") from None
         for better, worse, target in comp.pairs():
+            target = target if soft is None else soft
             if better in slot and worse in slot:
                 pairs.append((slot[better], slot[worse], target))
             else:

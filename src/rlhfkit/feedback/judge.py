@@ -11,6 +11,12 @@ every pair is judged twice, with the responses swapped, and a preference is only
 recorded when both orders pick the same response; otherwise the label is a tie.
 A judge that always says "A" therefore produces only ties, never a fake signal.
 
+RL-CAI's multiple-choice comparisons (Bai et al. 2022, section 4.1) have their own
+prompt (:func:`build_choice_messages`) and judge (:class:`ChoiceJudge`), which reads
+P(A) from the letters' token probabilities where the backend gives them
+(:func:`letter_probability`) and from the reply's letter otherwise; the Constitutional
+AI stage asks both orders and combines them (:func:`rlhfkit.cai.label_on_principles`).
+
 Clients (anything with ``complete(messages, temperature=..., max_tokens=...) -> str``):
 
 * :class:`HTTPChatClient` - any OpenAI-compatible ``/v1/chat/completions`` server
@@ -24,6 +30,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import math
 import random
 import re
 import time
@@ -32,7 +39,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.generation.chat import LocalChatModel
@@ -174,9 +182,50 @@ class HTTPChatClient:
 
     def complete(self, messages: list[Message], temperature: float = 0.0, max_tokens: int = 16) -> str:
         """The assistant text of one completion; raises :class:`JudgeRequestError` on failure."""
-        body = json.dumps(
+        payload = self._post(
             {"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, "n": 1}
-        ).encode("utf-8")
+        )
+        return self._content(payload)
+
+    def complete_with_logprobs(
+        self, messages: list[Message], temperature: float = 0.0, max_tokens: int = 16, top_logprobs: int = 20
+    ) -> tuple[str, dict[str, float] | None]:
+        """The assistant text of one completion, and the next-token alternatives (``{token: logprob}``, the
+        ``top_logprobs`` most likely) at the first token of the reply that is a choice letter (``A``, `` A``,
+        ``(B``...; :func:`choice_letter`), or None when the server sent no such token or no ``logprobs`` at all
+        (``rlhfkit serve`` sends none). Asks for them as OpenAI's chat API does (``logprobs: true``,
+        ``top_logprobs``; vLLM and llama.cpp's server answer too)."""
+        payload = self._post(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+                "n": 1,
+                "logprobs": True,
+                "top_logprobs": top_logprobs,
+            }
+        )
+        text = self._content(payload)
+        try:
+            positions = json.loads(payload)["choices"][0]["logprobs"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return text, None
+        for position in positions if isinstance(positions, list) else []:
+            if not isinstance(position, dict) or choice_letter(str(position.get("token", ""))) is None:
+                continue
+            alternatives = {
+                str(alt["token"]): float(alt["logprob"])
+                for alt in position.get("top_logprobs") or []
+                if isinstance(alt, dict) and isinstance(alt.get("logprob"), (int, float))
+            }
+            alternatives.setdefault(str(position["token"]), float(position.get("logprob", 0.0)))
+            return text, alternatives
+        return text, None
+
+    def _post(self, request_body: dict) -> bytes:
+        """POST one chat-completions request (retries, backoff and the deadline as the class says); the reply body."""
+        body = json.dumps(request_body).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -191,8 +240,7 @@ class HTTPChatClient:
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=min(self.timeout, left)) as response:
-                    payload = self._read(response, give_up)
-                return self._content(payload)
+                    return self._read(response, give_up)
             except urllib.error.HTTPError as e:
                 message = _error_message(e.read())
                 if e.code != 429 and e.code < 500:
@@ -260,6 +308,28 @@ class LocalChatClient:
     def complete(self, messages: list[Message], temperature: float = 0.0, max_tokens: int = 16) -> str:
         return self.model.chat(messages, n=1, temperature=temperature, max_tokens=max_tokens).texts[0]
 
+    def letter_logprobs(self, messages: list[Message]) -> dict[str, float]:
+        """``{token: log-probability}`` of the choice-letter tokens (``A``, `` A``, ``B``, `` B``: those the
+        tokenizer writes as one token) as the model's first reply token after ``messages`` (chat template and
+        generation prompt), from one forward pass at temperature 1 (nothing is generated)."""
+        import torch
+
+        from rlhfkit.generation.rollout import render_prompt
+        from rlhfkit.modeling.models import autocast
+
+        tokenizer, engine = self.model.tokenizer, self.model.generator.engine
+        ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        device = next(engine.model.parameters()).device
+        with self.model._lock, torch.no_grad(), autocast(device, engine.precision):
+            logits = engine.model(input_ids=ids.to(device)).logits[0, -1].float()
+        logps = torch.log_softmax(logits, dim=-1)
+        letters = {}
+        for variant in ("A", " A", "B", " B"):
+            token = tokenizer.encode(variant, add_special_tokens=False)
+            if len(token) == 1:
+                letters[tokenizer.decode(token)] = float(logps[token[0]])
+        return letters
+
 
 # ----------------------------------------------------------------------------- the judge prompt
 
@@ -287,6 +357,71 @@ def build_judge_messages(prompt: Prompt, response_a: str, response_b: str, rubri
         f"{ANSWER_INSTRUCTION}"
     )
     return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+CHOICE_PROMPT = """\
+Consider the following conversation between a human and an assistant:
+
+{conversation}
+
+{question}
+Options:
+(A) {response_a}
+(B) {response_b}
+
+{instruction} The answer is:"""
+"""The multiple-choice comparison of Constitutional AI (Bai et al. 2022, section 4.1): the conversation, a
+principle's question, the two responses as options (A) and (B). It is one user turn, ending with
+:data:`ANSWER_INSTRUCTION` and the paper's "The answer is:", so the reply's first token is the letter."""
+
+
+def render_conversation(prompt: Prompt) -> str:
+    """A prompt as the paper's ``Human:`` / ``Assistant:`` transcript (a system turn is ``System:``); a string is
+    one human turn."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m.get('role', 'user'), 'Human')}: {m.get('content', '')}" for m in turns)
+
+
+def build_choice_messages(prompt: Prompt, response_a: str, response_b: str, question: str) -> list[Message]:
+    """The judge's chat for one multiple-choice comparison (:data:`CHOICE_PROMPT`): a single user turn."""
+    text = CHOICE_PROMPT.format(
+        conversation=render_conversation(prompt),
+        question=question.strip(),
+        response_a=response_a,
+        response_b=response_b,
+        instruction=ANSWER_INSTRUCTION,
+    )
+    return [{"role": "user", "content": text}]
+
+
+_LETTER_TOKEN = re.compile(r"[\s(\[*_\"']*([AB])[\s)\].:*_\"']*")
+
+
+def choice_letter(token: str) -> Verdict:
+    """``"A"`` or ``"B"`` when a token is the choice letter alone (``A``, `` B``, ``(A``, ``**B``, ``A)``); else
+    None. Capitals only: a lowercase ``a`` is usually the article."""
+    match = _LETTER_TOKEN.fullmatch(token)
+    return match.group(1) if match else None
+
+
+def letter_probability(logprobs: dict[str, float]) -> float | None:
+    """P(A) / (P(A) + P(B)) from next-token alternatives ``{token: log-probability}``: each letter's probability
+    is the sum over the tokens that are that letter (:func:`choice_letter`: ``A`` and `` A`` both count), and the
+    two are normalised over themselves, as the paper normalises the probabilities of "(A)" and "(B)". A letter
+    missing from the alternatives counts as probability 0 (a server lists only its top tokens); None when both are
+    missing."""
+    mass = {"A": 0.0, "B": 0.0}
+    found = False
+    for token, logprob in logprobs.items():
+        letter = choice_letter(token)
+        if letter is not None and math.isfinite(logprob):
+            mass[letter] += math.exp(logprob)
+            found = True
+    total = mass["A"] + mass["B"]
+    if not found or total == 0.0:
+        return None
+    return mass["A"] / total
 
 
 # ----------------------------------------------------------------------------- parsing verdicts
@@ -490,3 +625,103 @@ class AIJudge:
 def _short(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- multiple-choice judgements (RL-CAI)
+
+ChoiceMethod = Literal["auto", "logprobs", "verdict"]
+CHOICE_METHODS = ("auto", "logprobs", "verdict")
+"""How :class:`ChoiceJudge` reads a judgement: ``logprobs`` (the letters' token probabilities; an error where the
+backend gives none), ``verdict`` (the letter in the reply's text), or ``auto`` (probabilities where the backend
+gives them for a call, else the text)."""
+
+
+@dataclass
+class Choice:
+    """One multiple-choice judgement of a pair shown as (A, B)."""
+
+    text: str
+    """The judge's reply (with ``logprobs`` from a local model nothing is generated: empty)."""
+    letter: Verdict
+    """The letter chosen: parsed from ``text``, or the more probable one (None: unparseable, or a dead heat)."""
+    p_a: float
+    """P(A is preferred): the normalised letter probability, or 1, 0, or 0.5 (no verdict) from ``letter``."""
+    method: Literal["logprobs", "verdict"]
+    """Where ``p_a`` came from."""
+
+
+class ChoiceJudge:
+    """Answers multiple-choice comparisons (:func:`build_choice_messages`) with a chat client, reading each
+    answer's probability of "A" from the letters' token probabilities where the client exposes them (a local
+    model's next-token logits, :meth:`LocalChatClient.letter_logprobs`; an OpenAI-compatible server's
+    ``logprobs``, :meth:`HTTPChatClient.complete_with_logprobs`), else from the letter in its reply.
+
+    Args:
+        client: a :class:`ChatClient`; with ``letter_logprobs`` or ``complete_with_logprobs`` it can give
+            probabilities.
+        method: see :data:`CHOICE_METHODS`.
+        concurrency: judgements in flight at once (capped by the client's ``max_concurrency``).
+        max_tokens, temperature: of each completion.
+        repair_attempts: a reply without a letter is asked again this many times, with :data:`ANSWER_INSTRUCTION`
+            as a follow-up turn.
+    """
+
+    def __init__(
+        self,
+        client: ChatClient,
+        *,
+        method: ChoiceMethod = "auto",
+        concurrency: int = 4,
+        max_tokens: int = 16,
+        temperature: float = 0.0,
+        repair_attempts: int = 1,
+    ):
+        if method not in CHOICE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(CHOICE_METHODS)}, got {method!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.local_logprobs = hasattr(client, "letter_logprobs")
+        self.server_logprobs = hasattr(client, "complete_with_logprobs")
+        if method == "logprobs" and not (self.local_logprobs or self.server_logprobs):
+            raise ValueError(f"method 'logprobs': {type(client).__name__} gives no token probabilities")
+        self.client, self.method = client, method
+        self.concurrency = min(concurrency, getattr(client, "max_concurrency", concurrency))
+        self.max_tokens, self.temperature, self.repair_attempts = max_tokens, temperature, repair_attempts
+
+    def judge(self, chats: Sequence[list[Message]]) -> list[Choice]:
+        """One :class:`Choice` per chat, in order."""
+        if self.concurrency == 1 or len(chats) <= 1:
+            return [self._one(chat) for chat in chats]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chats))) as pool:
+            return list(pool.map(self._one, chats))
+
+    def _one(self, chat: list[Message]) -> Choice:
+        if self.method != "verdict" and self.local_logprobs:
+            p_a = letter_probability(self.client.letter_logprobs(chat))  # type: ignore[attr-defined]
+            if p_a is not None:
+                return Choice("", "A" if p_a > 0.5 else "B" if p_a < 0.5 else None, p_a, "logprobs")
+            text = None
+        elif self.method != "verdict" and self.server_logprobs:
+            text, alternatives = self.client.complete_with_logprobs(  # type: ignore[attr-defined]
+                chat, temperature=self.temperature, max_tokens=self.max_tokens
+            )
+            p_a = letter_probability(alternatives) if alternatives else None
+            if p_a is not None:
+                return Choice(text, parse_verdict(text), p_a, "logprobs")
+        else:
+            text = None
+        if self.method == "logprobs":
+            raise JudgeRequestError("the judge gave no token probabilities for the letters A and B (method 'logprobs')")
+        return self._verdict(chat, text)
+
+    def _verdict(self, chat: list[Message], text: str | None) -> Choice:
+        """The letter in the reply (``text``, or asked for now), asked again ``repair_attempts`` times if none."""
+        messages = list(chat)
+        for attempt in range(self.repair_attempts + 1):
+            if text is None or attempt > 0:
+                text = self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+            letter = parse_verdict(text)
+            if letter is not None:
+                return Choice(text, letter, 1.0 if letter == "A" else 0.0, "verdict")
+            messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": ANSWER_INSTRUCTION}]
+        return Choice(text or "", None, 0.5, "verdict")

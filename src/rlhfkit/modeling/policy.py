@@ -32,15 +32,30 @@ def load_critic(spec: str, *, vocab_size: int):
 
     A reward model saved by ``rlhfkit reward`` has a ``score`` head; the token
     classifier has one by the same name, so the value head starts as the reward head.
+    A reward-model ensemble's K heads (``rlhfkit_ensemble_size``) start it as their mean (raw scores, as a single
+    head's are).
     """
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
     if spec == models.TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             critic = AutoModelForTokenClassification.from_config(models.tiny_config(num_labels=1), dtype=torch.float32)
     else:
-        critic = AutoModelForTokenClassification.from_pretrained(models.resolve(spec), num_labels=1, dtype=torch.float32)
+        path = models.resolve(spec)
+        heads = int(getattr(AutoConfig.from_pretrained(path), "rlhfkit_ensemble_size", None) or 1)
+        critic = AutoModelForTokenClassification.from_pretrained(path, num_labels=heads, dtype=torch.float32)
+        if heads > 1:  # the mean of K linear heads is one linear head
+            ensemble = critic.score
+            critic.score = nn.Linear(ensemble.in_features, 1, bias=ensemble.bias is not None)
+            with torch.no_grad():
+                critic.score.weight.copy_(ensemble.weight.mean(0, keepdim=True))
+                if ensemble.bias is not None:
+                    critic.score.bias.copy_(ensemble.bias.mean(0, keepdim=True))
+            critic.config.num_labels = 1
+            for key in ("rlhfkit_ensemble_size", "rlhfkit_reward_gain", "rlhfkit_reward_bias"):
+                if hasattr(critic.config, key):
+                    delattr(critic.config, key)
     if critic.config.vocab_size != vocab_size:
         raise ValueError(
             f"critic '{spec}' has vocabulary size {critic.config.vocab_size}, the policy {vocab_size}: "

@@ -5,6 +5,12 @@ scalar ``score`` head read at the last non-padding token), so ``AutoModelForSequ
 loads what :func:`rlhfkit.reward.train` writes. :class:`RewardModel` applies the gain and bias that training fits
 (``config.json``: ``rlhfkit_reward_gain``, ``rlhfkit_reward_bias``). The head runs in fp32 under any autocast
 (:func:`fp32_score_head`).
+
+A **reward-model ensemble** (``rlhfkit reward ensemble_size=K``) is the same class with ``num_labels=K``: K score
+heads, the rows of one ``score`` layer of shape (K, hidden), on one shared backbone; ``config.json`` adds
+``rlhfkit_ensemble_size: K`` and holds the gain and bias as lists, one per head. ``from_pretrained`` loads it as it
+is (raw logits: (N, K)). :class:`RewardModel` normalises each head with its own gain and bias, then aggregates the K
+member scores into one reward (:func:`rlhfkit.losses.aggregate_rewards`: mean, wco or uwo).
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.config import ConfigError
 from rlhfkit.data import packing
 from rlhfkit.data.pairwise import tokenize_response
 from rlhfkit.data.sft import collate_sft
+from rlhfkit.losses import REWARD_AGGREGATIONS, aggregate_rewards
 from rlhfkit.modeling import attention, models
+
+ENSEMBLE_KEY = "rlhfkit_ensemble_size"
+"""``config.json`` key of a reward-model ensemble: its number of heads (absent: one head)."""
 
 
 def _score_head(model) -> torch.nn.Module:
@@ -56,7 +67,8 @@ def fp32_score_head(model):
 
 
 def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Scalar score of each sequence of a padded or packed batch, read at its last token. Shape: (N,).
+    """Score of each sequence of a padded or packed batch, read at its last token. Shape: (N,) for a one-head model,
+    (N, K) for a K-head ensemble.
 
     Packed: the model's own pooling expects one sequence per row, so the score head's
     per-position output is captured (a forward hook; the forward still runs through
@@ -66,9 +78,38 @@ def sequence_scores(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         attention.require_kernel(model)
         with attention.capture_output(_score_head(model)) as outputs:
             model(**packing.model_inputs(batch))
-        return outputs[-1][0, :, 0][packing.last_positions(batch)].float()
+        return outputs[-1][0][packing.last_positions(batch)].squeeze(-1).float()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return logits.squeeze(-1).float()
+
+
+def ensemble_size(config) -> int:
+    """The number of score heads of a reward model's transformers ``config``: ``rlhfkit_ensemble_size`` (1 when
+    absent, as in every single-head directory). Anything else with more than one output (a K-class classifier) is
+    not a reward model: a ValueError says so."""
+    size = int(getattr(config, ENSEMBLE_KEY, None) or 1)
+    labels = int(getattr(config, "num_labels", 1))
+    if labels != size:
+        what = f"an rlhfkit ensemble of {size} heads" if size > 1 else "a reward model"
+        raise ValueError(
+            f"{what} must have {size} output(s), this one has num_labels={labels} (a classifier, not a reward model?)"
+        )
+    return size
+
+
+def head_normalisation(config) -> tuple[list[float], list[float]]:
+    """``(gains, biases)``, one per head, stored by training (a float for one head, lists for an ensemble); absent:
+    gain 1, bias 0 (raw scores)."""
+    k = ensemble_size(config)
+
+    def per_head(name: str, default: float) -> list[float]:
+        value = getattr(config, name, default)
+        values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * k
+        if len(values) != k:
+            raise ValueError(f"reward model: {name} has {len(values)} values for {k} heads")
+        return values
+
+    return per_head("rlhfkit_reward_gain", 1.0), per_head("rlhfkit_reward_bias", 0.0)
 
 
 def reward_tokenizer(spec: str):
@@ -84,14 +125,20 @@ def reward_tokenizer(spec: str):
     return tokenizer
 
 
-def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero", seed: int = 0):
-    """A ``*ForSequenceClassification`` (num_labels=1) from a model spec, head initialised."""
+def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero", seed: int = 0, ensemble_size: int = 1):
+    """A ``*ForSequenceClassification`` from a model spec, head initialised: ``num_labels=1``, or for an ensemble
+    ``num_labels=ensemble_size`` heads (one ``score`` layer of shape (K, hidden); ``head_init="normal"`` draws each
+    row apart, so the heads start different)."""
     from transformers import AutoModelForSequenceClassification
 
+    if ensemble_size < 1:
+        raise ConfigError(f"ensemble_size must be >= 1 (got {ensemble_size})")
     if spec == models.TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = AutoModelForSequenceClassification.from_config(models.tiny_config(num_labels=1), dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_config(
+                models.tiny_config(num_labels=ensemble_size), dtype=torch.float32
+            )
     else:
         from transformers.utils import logging as hf_logging
 
@@ -99,10 +146,14 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(models.resolve(spec), num_labels=1, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                models.resolve(spec), num_labels=ensemble_size, dtype=torch.float32
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
+    if ensemble_size > 1:  # a single-head model's config.json stays as it always was
+        setattr(model.config, ENSEMBLE_KEY, ensemble_size)
     head = model.get_submodule("score")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -128,7 +179,8 @@ def raw_scores(
     precision: str = "bf16",
     progress: str | None = None,
 ) -> torch.Tensor:
-    """Raw scalar scores of (prompt, response) pairs. Shape: (N,). ``progress``: a progress-bar title."""
+    """Raw scores of (prompt, response) pairs. Shape: (N,), or (N, K) for a K-head ensemble. ``progress``: a
+    progress-bar title."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -156,14 +208,32 @@ class RewardModel:
 
     ``RewardModel(dir)(prompts, responses) -> list[float]`` — the same signature as a
     ``module:function`` reward, so PPO, evaluation and best-of-n take either.
+
+    An ensemble directory (``rlhfkit reward ensemble_size=K``) scores with all K heads in one forward:
+    :meth:`member_scores` gives each head's normalised score, (N, K); calling the model gives them aggregated by
+    ``aggregation`` (:func:`rlhfkit.losses.aggregate_rewards`: ``mean``, ``wco`` or ``uwo`` with ``uwo_coef``). For
+    a single-head directory every aggregation is its score.
     """
 
-    def __init__(self, path: str | Path, *, precision: str = "bf16", batch_size: int = 16, device=None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        precision: str = "bf16",
+        batch_size: int = 16,
+        device=None,
+        aggregation: str = "mean",
+        uwo_coef: float = 0.5,
+    ):
         """``device``: where it scores (default :func:`rlhfkit.modeling.models.inference_device`). On CUDA with
         ``precision`` bf16 its weights are bf16 (half the memory; the score head stays fp32); on the CPU they stay
         fp32 under bf16 autocast, which this project measured faster there than bf16 weights."""
         from transformers import AutoModelForSequenceClassification
 
+        if aggregation not in REWARD_AGGREGATIONS:
+            raise ConfigError(f"reward_aggregation must be one of {', '.join(REWARD_AGGREGATIONS)}, not {aggregation!r}")
+        if not uwo_coef >= 0:
+            raise ConfigError(f"reward_uwo_coef must be >= 0 (got {uwo_coef}): a negative one rewards disagreement")
         self.path = str(path)
         self.tokenizer = reward_tokenizer(self.path)
         device = torch.device(device) if device is not None else models.inference_device()
@@ -174,12 +244,16 @@ class RewardModel:
             head.float()
         self.model = fp32_score_head(model.to(device))
         self.tokenizer.pad_token_id = self.model.config.pad_token_id
-        self.gain = float(getattr(self.model.config, "rlhfkit_reward_gain", 1.0))
-        self.bias = float(getattr(self.model.config, "rlhfkit_reward_bias", 0.0))
+        self.num_members = ensemble_size(self.model.config)
+        gains, biases = head_normalisation(self.model.config)
+        self.gains, self.biases = torch.tensor(gains), torch.tensor(biases)
+        self.gain, self.bias = gains[0], biases[0]  # a single-head model's, as before ensembles
         self.chat_template = bool(getattr(self.model.config, "rlhfkit_chat_template", True))
         self.precision, self.batch_size = precision, batch_size
+        self.aggregation, self.uwo_coef = aggregation, uwo_coef
 
     def raw(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        """Raw (unnormalised) scores: (N,), or (N, K) for an ensemble."""
         return raw_scores(
             self.model,
             self.tokenizer,
@@ -190,5 +264,16 @@ class RewardModel:
             precision=self.precision,
         )
 
+    def member_scores(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        """Each head's normalised score ``gain_h * raw_h + bias_h``: (N, K) (K = 1 for a single-head model)."""
+        raw = self.raw(prompts, responses).reshape(len(responses), self.num_members)
+        return self.gains * raw + self.biases
+
+    def aggregate(self, members: torch.Tensor) -> torch.Tensor:
+        """:meth:`member_scores` as one reward per sample, by this model's ``aggregation``: (N, K) -> (N,)."""
+        return aggregate_rewards(members, self.aggregation, self.uwo_coef)
+
     def __call__(self, prompts: list, responses: list[str], **kwargs) -> list[float]:
-        return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
+        if self.num_members == 1:  # gain * raw + bias, bit for bit as before ensembles
+            return (self.gain * self.raw(prompts, responses) + self.bias).tolist()
+        return self.aggregate(self.member_scores(prompts, responses)).tolist()

@@ -11,5 +11,8 @@
 * :mod:`~rlhfkit.feedback.web.cli` - ``rlhfkit annotate serve | add-annotator | status | export | terminal``.
 
 Exported labels are :class:`~rlhfkit.data.records.Comparison` records like
-those of every other feedback source.
+those of every other feedback source. Votes are graded on InstructGPT's / HH's
+7-point scale (A much better ... tie ... B much better) with a "both bad" flag;
+:mod:`rlhfkit.feedback.grades` maps each grade to the Bradley-Terry margin and
+soft label the export writes to ``meta``.
 """

@@ -13,6 +13,14 @@
   splits out and says how many. It writes ``.jsonl``, ``.json`` or ``.parquet``
   and refuses any other extension (a ValueError naming the path).
 
+  Graded votes (:mod:`rlhfkit.feedback.grades`) reach every record's ``meta``:
+  ``grade`` (the pair's grade on the 7-point scale), ``both_bad``, ``target`` (the
+  soft label P(chosen preferred), the mean over the votes) and ``margin`` (the
+  Bradley-Terry margin); reward-model training reads ``target`` and ``margin``
+  (:func:`rlhfkit.data.pairwise.tokenize_pairs`). "Both bad" pairs are kept by
+  default, with their grade, and counted; ``drop_both_bad`` / ``--drop-both-bad``
+  leaves them out.
+
   Reasons are the annotators' own words, kept verbatim, and "A" / "B" in them
   mean the sides **as shown on screen**, which for a pair shown swapped are the
   reverse of the exported ``response_a`` / ``response_b``. So each vote in
@@ -41,6 +49,7 @@ from typing import Literal
 from rlhfkit.data.preferences import save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
+from rlhfkit.feedback.grades import pair_targets, scale_grade
 from rlhfkit.feedback.web.pairs import read_pairs as read_pairs  # moved to pairs.py; the old name still imports
 from rlhfkit.feedback.web.store import VOTES, AnnotationStore, Settlement, StoredLabel
 
@@ -79,8 +88,23 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
     split, the shared top share), ``skips``, and ``labels``: each vote's
     annotator, choice (canonical), reason (verbatim: "A"/"B" in it are the sides
     as shown), ``shown`` order (``"ab"``, or ``"ba"`` when the annotator saw
-    response B on the left) and ``reason_sides`` (the same in words:
-    ``"screen A = response_b, screen B = response_a"``).
+    response B on the left), ``reason_sides`` (the same in words:
+    ``"screen A = response_b, screen B = response_a"``), ``grade`` (canonical, on
+    the 7-point scale :data:`rlhfkit.feedback.grades.SCALE`: ``a_much_better`` ...
+    ``tie`` ... ``b_much_better``; None for an ungraded vote) and ``both_bad``.
+
+    Graded preferences (:mod:`rlhfkit.feedback.grades` holds the numbers):
+
+    * ``grade``: the votes' common grade on the 7-point scale, ``"mixed"`` when
+      they differ, None when every vote is ungraded (a choice without a strength);
+    * ``target``: P(``responses[ranking[0]]`` is preferred), the mean of the votes'
+      soft labels (much better 1.0, better 0.9, slightly better 0.7, tie 0.5,
+      ungraded 1.0); for a tie or split, P(``response_a`` is preferred);
+    * ``margin``: the Bradley-Terry margin, the mean of the votes' margins toward
+      the chosen side (much better 1.0, better 0.5, slightly better 0.25, ungraded
+      0) floored at 0; 0 for a tie or split;
+    * ``both_bad``: more than half of the votes marked both responses bad
+      (``both_bad_votes`` counts them).
 
     ``reason`` joins the votes' reasons as ``annotator: reason``; a reason given
     on a pair shown swapped reads ``annotator (shown swapped: screen A =
@@ -99,6 +123,12 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
         counts = Counter(v.choice for v in votes)
         names = [v.annotator for v in votes]
         reasons = [f"{v.annotator}{SWAPPED_NOTE if v.flipped else ''}: {v.reason}" for v in votes if v.reason]
+        grades = [scale_grade(v.choice, v.grade) for v in votes]
+        common = grades[0] if len(set(grades)) == 1 else "mixed"
+        target, margin = pair_targets(
+            [(v.choice, v.grade) for v in votes], chosen=1 if result == "b" else 0, tie=result in ("tie", "split")
+        )
+        both_bad = sum(v.both_bad for v in votes)
         meta = {
             "item_index": pair.item_index,
             "votes": {choice: counts[choice] for choice in VOTES},
@@ -112,9 +142,16 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
                     "reason": v.reason,
                     "shown": "ba" if v.flipped else "ab",
                     "reason_sides": reason_sides(flipped=v.flipped),
+                    "grade": grade,
+                    "both_bad": v.both_bad,
                 }
-                for v in votes
+                for v, grade in zip(votes, grades)
             ],
+            "grade": common,
+            "target": target,
+            "margin": margin,
+            "both_bad": both_bad * 2 > len(votes),
+            "both_bad_votes": both_bad,
         }
         out.append(
             Comparison(
@@ -144,10 +181,34 @@ class ExportConfig:
     ``trl``: prompt/chosen/rejected, ties and splits left out."""
     min_votes: int = 1
     """Export pairs with at least this many votes (set it to the overlap for complete pairs only)."""
+    drop_both_bad: bool = False
+    """Leave out pairs marked both bad (``meta.both_bad``). Default: keep them, with their grade; training then
+    learns the preference between two bad responses like any other (filter on ``meta.both_bad`` to do otherwise)."""
 
 
-def export(config: ExportConfig) -> tuple[int, int]:
-    """Write the majority labels; returns ``(records written, ties left out)`` (the latter only for TRL).
+class ExportResult(tuple):
+    """``(records written, ties left out)`` as :func:`export` has always returned, plus ``both_bad``:
+    how many both-bad pairs were kept (or, with ``drop_both_bad``, left out)."""
+
+    both_bad: int
+
+    def __new__(cls, written: int, left_out: int, both_bad: int = 0) -> ExportResult:
+        result = super().__new__(cls, (written, left_out))
+        result.both_bad = both_bad
+        return result
+
+    @property
+    def written(self) -> int:
+        return self[0]
+
+    @property
+    def left_out(self) -> int:
+        return self[1]
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Write the majority labels; returns ``(records written, ties left out)`` (the latter only for TRL), with
+    ``.both_bad``, the number of both-bad pairs kept or, with ``drop_both_bad``, left out.
 
     The output's extension picks the file type: ``.jsonl``, ``.json`` (a JSON list)
     or ``.parquet``; any other is a ValueError naming the path, before anything is read or written.
@@ -158,10 +219,13 @@ def export(config: ExportConfig) -> tuple[int, int]:
         labels = comparisons(store, min_votes=config.min_votes)
     finally:
         store.close()
+    both_bad = sum(bool(c.meta["both_bad"]) for c in labels)
+    if config.drop_both_bad:
+        labels = [c for c in labels if not c.meta["both_bad"]]
     left_out = sum(c.tie for c in labels) if config.format == "trl" else 0
     save_format = "rlhfkit" if config.format == "jsonl" else config.format
     save_comparisons(config.output, labels, save_format, skip_ties=config.format == "trl")
-    return len(labels) - left_out, left_out
+    return ExportResult(len(labels) - left_out, left_out, both_bad)
 
 
 def check_export_path(output: str | Path) -> None:

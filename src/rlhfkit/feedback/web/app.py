@@ -7,10 +7,16 @@ Routes:
   up in a fixed table, never joined to a filesystem path, so there is nothing
   to traverse.
 * ``POST /api/next`` - the caller's current pair (leased to them) and progress.
-* ``POST /api/label`` ``{"pair_id", "choice": "a"|"b"|"tie"|"skip", "reason"}`` -
+* ``POST /api/label`` ``{"pair_id", "choice": "a"|"b"|"tie"|"skip", "reason", "grade", "both_bad"}`` -
   store a label (``a`` = the response shown on the left) and get the next pair.
+  ``grade`` (optional, with ``a`` / ``b`` only): ``much_better | better | slightly_better``
+  (:mod:`rlhfkit.feedback.grades`); ``both_bad`` (optional, default false): both
+  responses are bad. A client that sends only the choice stores an ungraded vote.
   Answered only after the label's transaction is committed.
-* ``POST /api/undo`` - delete the caller's last label and get that pair back.
+* ``POST /api/undo`` - delete the caller's last label and get that pair back
+  (``undone``: its choice as shown, reason, grade and both_bad, to show again).
+* ``POST /api/task`` - the task's guidelines (markdown text, ``""`` if none) and
+  criteria (a list of short strings), as given to ``serve``.
 
 Security:
 
@@ -23,8 +29,11 @@ Security:
 * request bodies over ``max_body_bytes`` (64 KiB) are refused (413) before they
   reach the app, whether or not they declare a Content-Length;
 * the page is served with a Content-Security-Policy allowing only its own
-  script and style, and its script inserts model text with ``textContent`` only
-  (in blocks with ``dir="auto"``, so right-to-left text reads right to left);
+  script and style, and its script never parses text as HTML: model text and the
+  guidelines are rendered as markdown (headings, lists, emphasis, code, tables)
+  by a small renderer that builds elements from a fixed list of tags and puts
+  every piece of text in with ``textContent`` / text nodes, so markup in the text
+  is shown as text (blocks have ``dir="auto"``, so right-to-left text reads right to left);
   ``Referrer-Policy: no-referrer`` keeps the token (in the page URL) from leaking.
 
 The server binds to 127.0.0.1 by default. SIGTERM stops it as Ctrl+C does
@@ -37,8 +46,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -49,6 +60,7 @@ from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host, uvicorn_serv
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
+MAX_GUIDELINES_BYTES = 1024 * 1024
 
 # name -> (file in static/, content type). The only files the app serves.
 STATIC_FILES = {
@@ -76,6 +88,10 @@ class LabelRequest(BaseModel):
     choice: Literal["a", "b", "tie", "skip"]
     """As shown: ``a`` is the response on the left."""
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    grade: Literal["much_better", "better", "slightly_better"] | None = None
+    """How much better the chosen side is (``a`` / ``b`` only); None: an ungraded vote (older clients)."""
+    both_bad: bool = False
+    """Both responses are bad (with a vote, not a skip)."""
 
 
 # ----------------------------------------------------------------------------- request guard
@@ -137,14 +153,21 @@ def _assignment_json(assignment: Assignment | None) -> dict | None:
     return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "a": assignment.left, "b": assignment.right}
 
 
-def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app over ``store`` (wrapped in :class:`RequestGuard`)."""
+def create_app(
+    store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES, guidelines: str = "", criteria: Sequence[str] = ()
+):
+    """The FastAPI app over ``store`` (wrapped in :class:`RequestGuard`).
+
+    ``guidelines`` (markdown) and ``criteria`` (short strings, e.g. helpful /
+    harmless / honest) are shown to every annotator above the pair.
+    """
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.responses import JSONResponse, Response
 
     app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
     files = {name: (_static(file), kind) for name, (file, kind) in STATIC_FILES.items()}
     page = _static(PAGE[0])
+    task = {"guidelines": guidelines, "criteria": [c.strip() for c in criteria if c.strip()]}
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
@@ -185,14 +208,30 @@ def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
 
     @app.post("/api/label")
     def label(request: LabelRequest, who: Annotator = Depends(annotator)) -> dict:
-        label_id, duplicate, assignment = store.submit(who.id, request.pair_id, request.choice, request.reason.strip())
+        label_id, duplicate, assignment = store.submit(
+            who.id, request.pair_id, request.choice, request.reason.strip(), grade=request.grade, both_bad=request.both_bad
+        )
         return reply(who, assignment, label_id=label_id, duplicate=duplicate)
 
     @app.post("/api/undo")
     def undo(who: Annotator = Depends(annotator)) -> dict:
         undone, assignment = store.undo(who.id)
         shown = to_shown(undone.choice, flipped=undone.flipped)
-        return reply(who, assignment, undone={"pair_id": undone.pair_id, "choice": shown, "reason": undone.reason})
+        return reply(
+            who,
+            assignment,
+            undone={
+                "pair_id": undone.pair_id,
+                "choice": shown,
+                "reason": undone.reason,
+                "grade": undone.grade,
+                "both_bad": undone.both_bad,
+            },
+        )
+
+    @app.post("/api/task")
+    def task_brief(who: Annotator = Depends(annotator)) -> dict:
+        return task
 
     return RequestGuard(app, max_body_bytes=max_body_bytes)
 
@@ -202,7 +241,8 @@ def create_app(store: AnnotationStore, *, max_body_bytes: int = MAX_BODY_BYTES):
 
 @dataclass
 class ServeConfig:
-    """``rlhfkit annotate serve --db DB [--pairs PAIRS.jsonl] [--host --port --overlap --lease-seconds]``."""
+    """``rlhfkit annotate serve --db DB [--pairs PAIRS.jsonl] [--guidelines FILE.md] [--criterion TEXT ...]
+    [--host --port --overlap --lease-seconds]``."""
 
     db: str
     """The annotation database (SQLite; created if missing). The single source of truth."""
@@ -216,6 +256,30 @@ class ServeConfig:
     """Votes wanted per pair, from different annotators (k). None: keep the db's value (1 for a new db)."""
     lease_seconds: float | None = None
     """How long a shown pair stays reserved for its annotator. None: keep the db's value (600 for a new db)."""
+    guidelines: str | None = None
+    """A markdown file with the labelling guidelines, shown (collapsible) above every pair. Read once at start;
+    a missing or unreadable file is an error naming it. None: no guidelines."""
+    criteria: list[str] = field(default_factory=list)
+    """What to judge by, shown as a short list above the pair (e.g. ``["helpful", "harmless", "honest"]``)."""
+
+
+def read_guidelines(path: str | Path) -> str:
+    """The guidelines file's text; a ValueError naming the file when it is missing, unreadable, not UTF-8 or over 1 MiB."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"guidelines file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"guidelines file {path}: is a directory, not a markdown file") from None
+    except OSError as e:
+        raise ValueError(f"guidelines file {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > MAX_GUIDELINES_BYTES:
+        raise ValueError(f"guidelines file {path}: {len(data)} bytes; guidelines over 1 MiB are not shown in a page")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"guidelines file {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def prepare(config: ServeConfig) -> AnnotationStore:
@@ -254,7 +318,14 @@ def serve(config: ServeConfig) -> None:
     checkpointed into the ``.sqlite`` file, and the function returns normally
     (``rlhfkit annotate serve`` exits 0; after Ctrl+C it exits 130).
     """
+    guidelines = read_guidelines(config.guidelines) if config.guidelines else ""  # before the db: fail early
     store = prepare(config)
+    if config.guidelines or config.criteria:
+        print(
+            f"rlhfkit annotate: guidelines: {config.guidelines or 'none'}; criteria: {', '.join(config.criteria) or 'none'}",
+            file=sys.stderr,
+            flush=True,
+        )
     # uvicorn catches SIGTERM and SIGINT while it runs, shuts down gracefully, then
     # restores the handlers it found and raises the signal again. SIGINT's default
     # handler raises KeyboardInterrupt (the `finally` below runs); SIGTERM's default
@@ -272,7 +343,8 @@ def serve(config: ServeConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
-        uvicorn_server(create_app(store), log_level="warning").run(sockets=[sock])
+        app = create_app(store, guidelines=guidelines, criteria=config.criteria)
+        uvicorn_server(app, log_level="warning").run(sockets=[sock])
     except Terminated:
         print("rlhfkit annotate: stopped by SIGTERM", file=sys.stderr, flush=True)
     finally:

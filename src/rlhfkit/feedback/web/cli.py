@@ -1,9 +1,10 @@
 """``rlhfkit annotate``: label pairs by hand, in the browser or at the terminal.
 
-    rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--host H --port P --overlap K --lease-seconds S]
+    rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--guidelines FILE.md] [--criterion TEXT ...]
+                           [--host H --port P --overlap K --lease-seconds S]
     rlhfkit annotate add-annotator NAME [--db DB] [--new-token]   (prints the token)
     rlhfkit annotate status [--db DB]
-    rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT.jsonl|.json|.parquet [--min-votes N]
+    rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT.jsonl|.json|.parquet [--min-votes N] [--drop-both-bad]
     rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME]
     rlhfkit annotate SAMPLES OUTPUT [--annotator NAME]                      (the same, older spelling)
 
@@ -40,6 +41,17 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
         default=None,
         help="how long a shown pair stays reserved (default: the db's, 600 for a new db)",
     )
+    p.add_argument(
+        "--guidelines", default=None, metavar="FILE", help="markdown file of labelling guidelines, shown above every pair"
+    )
+    p.add_argument(
+        "--criterion",
+        dest="criteria",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="something to judge by, shown above the pair; repeat it (--criterion helpful --criterion harmless)",
+    )
 
     p = sub.add_parser("add-annotator", help="register an annotator and print their token")
     p.add_argument("name")
@@ -56,6 +68,11 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "trl", "seed"])
     p.add_argument("--min-votes", type=int, default=1, help="only pairs with at least this many votes (default 1)")
+    p.add_argument(
+        "--drop-both-bad",
+        action="store_true",
+        help="leave out pairs most annotators marked 'both bad' (default: kept, with their grade and meta.both_bad)",
+    )
 
     p = sub.add_parser("terminal", help="label samples by hand in the terminal (a/b/tie, undo, resume)")
     p.add_argument("samples", help="samples JSONL (from `rlhfkit sample`)")
@@ -91,7 +108,16 @@ def _run(ns: argparse.Namespace) -> int:
         from rlhfkit.feedback.web.app import ServeConfig, serve
 
         serve(
-            ServeConfig(db=ns.db, pairs=ns.pairs, host=ns.host, port=ns.port, overlap=ns.overlap, lease_seconds=ns.lease_seconds)
+            ServeConfig(
+                db=ns.db,
+                pairs=ns.pairs,
+                host=ns.host,
+                port=ns.port,
+                overlap=ns.overlap,
+                lease_seconds=ns.lease_seconds,
+                guidelines=ns.guidelines,
+                criteria=ns.criteria,
+            )
         )
         return 0
     if ns.command == "add-annotator":
@@ -116,8 +142,14 @@ def _run(ns: argparse.Namespace) -> int:
         return 0
     from rlhfkit.feedback.web.admin import ExportConfig, export
 
-    written, left_out = export(ExportConfig(db=ns.db, output=ns.output, format=ns.format, min_votes=ns.min_votes))
-    note = f"; {left_out} ties/splits left out (TRL has no ties)" if left_out else ""
+    config = ExportConfig(db=ns.db, output=ns.output, format=ns.format, min_votes=ns.min_votes, drop_both_bad=ns.drop_both_bad)
+    result = export(config)
+    written, left_out = result
+    notes = [f"{left_out} ties/splits left out (TRL has no ties)"] if left_out else []
+    if result.both_bad:
+        what = "left out (--drop-both-bad)" if ns.drop_both_bad else "kept, marked meta.both_bad"
+        notes.append(f"{result.both_bad} both-bad pair(s) {what}")
+    note = "; " + "; ".join(notes) if notes else ""
     print(f"rlhfkit annotate export: {written} records in {ns.output} ({ns.format}){note}", file=sys.stderr)
     return 0
 

@@ -25,7 +25,13 @@ file: ``a`` = its ``responses[0]`` / ``response_a``):
 * ``leases``: the pair an annotator is looking at, whether it is shown swapped
   (``flipped``: canonical B on the left) and when the lease expires;
 * ``labels``: one row per (pair, annotator): ``a | b | tie | skip``, the order it
-  was shown in, the reason and the time.
+  was shown in, the reason, the time, the ``grade`` (how much better, for ``a`` /
+  ``b``: one of :data:`rlhfkit.feedback.grades.STRENGTHS`, or NULL when the client
+  sent only the choice) and ``both_bad`` (the annotator found both responses bad).
+
+Schema versions (``settings.schema``): 1 had no ``grade`` / ``both_bad``; opening a
+version-1 file adds the two columns (existing labels: ungraded, not both bad) and
+marks it version 2, keeping every label. A file of a newer version is refused.
 
 Assignment rules (:meth:`next_assignment`):
 
@@ -62,13 +68,14 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.records import Prompt
+from rlhfkit.feedback.grades import STRENGTHS, check_vote
 
 CHOICES: tuple[str, ...] = ("a", "b", "tie", "skip")
 """What an annotator can answer; stored in canonical order (``a`` = the file's ``response_a``)."""
 VOTES: tuple[str, ...] = ("a", "b", "tie")
 """The choices that count as a vote on a pair (everything but skip)."""
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 DEFAULT_OVERLAP = 1
 DEFAULT_LEASE_SECONDS = 600.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -105,13 +112,26 @@ CREATE TABLE IF NOT EXISTS labels (
     flipped INTEGER NOT NULL,
     reason TEXT NOT NULL,
     created REAL NOT NULL,
+    grade TEXT CHECK (grade IS NULL OR (grade IN ('much_better', 'better', 'slightly_better') AND choice IN ('a', 'b'))),
+    both_bad INTEGER NOT NULL DEFAULT 0 CHECK (both_bad IN (0, 1)),
     UNIQUE (pair_id, annotator_id)
 );
 CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels(annotator_id, id);
 """
 
+_MIGRATIONS = {
+    # version -> the statements that take a file of that version to the next one
+    "1": (
+        "ALTER TABLE labels ADD COLUMN grade TEXT CHECK (grade IS NULL OR "
+        "(grade IN ('much_better', 'better', 'slightly_better') AND choice IN ('a', 'b')))",
+        "ALTER TABLE labels ADD COLUMN both_bad INTEGER NOT NULL DEFAULT 0 CHECK (both_bad IN (0, 1))",
+    )
+}
+assert set(STRENGTHS) == {"much_better", "better", "slightly_better"}  # the CHECK constraints above spell them out
 
-_LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created
+
+_LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created,
+                          l.grade, l.both_bad
                    FROM labels l JOIN pairs p ON p.id = l.pair_id JOIN annotators a ON a.id = l.annotator_id"""
 """Columns of :class:`StoredLabel`, in order."""
 
@@ -169,6 +189,10 @@ class StoredLabel:
     """The annotator saw ``response_b`` on the left."""
     reason: str
     created: float
+    grade: str | None = None
+    """How much better (``much_better | better | slightly_better``) for ``a`` / ``b``; None: ungraded, or a tie or skip."""
+    both_bad: bool = False
+    """The annotator marked both responses as bad."""
 
 
 @dataclass(frozen=True)
@@ -202,8 +226,8 @@ class Settlement:
 
 
 def _stored_label(row: tuple) -> StoredLabel:
-    label_id, pair_id, item_index, name, choice, flipped, reason, created = row
-    return StoredLabel(label_id, pair_id, item_index, name, choice, bool(flipped), reason, created)
+    label_id, pair_id, item_index, name, choice, flipped, reason, created, grade, both_bad = row
+    return StoredLabel(label_id, pair_id, item_index, name, choice, bool(flipped), reason, created, grade, bool(both_bad))
 
 
 def token_hash(token: str) -> str:
@@ -250,11 +274,21 @@ class AnnotationStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            version = db.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
-            if version is None:
+            row = db.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone()
+            if row is None:
                 db.execute("INSERT INTO settings VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            elif version[0] != SCHEMA_VERSION:
-                raise ValueError(f"{self.path}: annotation schema {version[0]}, this rlhfkit reads {SCHEMA_VERSION}")
+            else:
+                version = row[0]
+                while version in _MIGRATIONS:  # an older file: bring it up to date, labels kept
+                    for statement in _MIGRATIONS[version]:
+                        db.execute(statement)
+                    version = str(int(version) + 1)
+                    db.execute("UPDATE settings SET value = ? WHERE key = 'schema'", (version,))
+                if version != SCHEMA_VERSION:
+                    raise ValueError(
+                        f"{self.path}: annotation schema {row[0]}, this rlhfkit reads {SCHEMA_VERSION} "
+                        "(a newer rlhfkit wrote it; upgrade rlhfkit to open it)"
+                    )
 
     def close(self) -> None:
         """Checkpoint the WAL into the database file and close; closing twice is harmless.
@@ -393,10 +427,23 @@ class AnnotationStore:
         with self._write() as db:
             return self._next(db, annotator_id)
 
-    def submit(self, annotator_id: int, pair_id: int, shown_choice: str, reason: str = "") -> tuple[int, bool, Assignment | None]:
+    def submit(
+        self,
+        annotator_id: int,
+        pair_id: int,
+        shown_choice: str,
+        reason: str = "",
+        *,
+        grade: str | None = None,
+        both_bad: bool = False,
+    ) -> tuple[int, bool, Assignment | None]:
         """Record a label; returns ``(label id, was already recorded, next assignment)``.
 
         ``shown_choice`` is what the annotator pressed (``a`` = the left response).
+        ``grade`` says how much better the chosen side is (``much_better``,
+        ``better``, ``slightly_better``; only with ``a`` / ``b``; None: ungraded) and
+        is the same whichever side was shown first; ``both_bad`` marks both
+        responses as bad (not with a skip). Either given wrongly is a 422.
         Sending the same label again (a retry after a lost response) is
         acknowledged without a second row; a different label for a pair this
         annotator already labelled is a 409 (undo first). Labelling a pair not
@@ -404,14 +451,22 @@ class AnnotationStore:
         """
         if shown_choice not in CHOICES:
             raise StoreError(422, f"choice must be one of {', '.join(CHOICES)}, got {shown_choice!r}")
+        try:
+            check_vote(shown_choice, grade)
+        except ValueError as e:
+            raise StoreError(422, str(e)) from None
+        if both_bad and shown_choice == "skip":
+            raise StoreError(422, "both_bad marks a vote; a skip is not one")
         now = self._clock()
         with self._write() as db:
             done = db.execute(
-                "SELECT id, choice, flipped, reason FROM labels WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
+                "SELECT id, choice, flipped, reason, grade, both_bad FROM labels WHERE pair_id = ? AND annotator_id = ?",
+                (pair_id, annotator_id),
             ).fetchone()
             if done is not None:
-                label_id, choice, flipped, old_reason = done
-                if (choice, old_reason) == (to_canonical(shown_choice, flipped=bool(flipped)), reason):
+                label_id, choice, flipped, old_reason, old_grade, old_both_bad = done
+                resent = (to_canonical(shown_choice, flipped=bool(flipped)), reason, grade, int(both_bad))
+                if (choice, old_reason, old_grade, old_both_bad) == resent:
                     return label_id, True, self._next(db, annotator_id)
                 raise StoreError(409, f"pair {pair_id} already has your label; undo it first to change it")
             lease = db.execute(
@@ -421,8 +476,9 @@ class AnnotationStore:
                 raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
             choice = to_canonical(shown_choice, flipped=bool(lease[0]))
             cursor = db.execute(
-                "INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (pair_id, annotator_id, choice, lease[0], reason, now),
+                """INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (pair_id, annotator_id, choice, lease[0], reason, now, grade, int(both_bad)),
             )
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
             if choice != "skip":

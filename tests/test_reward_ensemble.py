@@ -1,0 +1,402 @@
+"""Reward-model ensembles (Coste et al. 2024): K score heads on one shared backbone.
+
+Aggregation (mean, wco, uwo) and the K-head Bradley-Terry loss by hand; bootstrap resamples make the heads differ;
+the saved directory loads with ``from_pretrained`` and scores as trained, a single-head directory as before; RL and
+best-of-n use the aggregate and report the disagreement. Runs are fp32 on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit import cli, evaluate, rl
+from rlhfkit.config import ConfigError
+from rlhfkit.data.pairwise import chosen_rejected, collate_rankings, tokenize_rankings
+from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.records import Comparison
+from rlhfkit.losses import aggregate_rewards, ensemble_preference_loss, ensemble_std, preference_loss
+from rlhfkit.modeling import models
+from rlhfkit.modeling.reward_model import (
+    RewardModel,
+    _score_head,
+    load_reward_backbone,
+    raw_scores,
+    reward_tokenizer,
+    sequence_scores,
+)
+from rlhfkit.reward import RewardConfig, RewardTask, bootstrap_counts, train, with_head_weights
+from rlhfkit.rewards import load_reward, scores_and_members
+from rlhfkit.run_layout import HELDOUT_FILE
+from rlhfkit.run_layout import RLMetric as M
+from tests.helpers import read_jsonl, write_jsonl
+from tests.test_reward import EVAL_QUESTIONS, TRAIN_QUESTIONS, polite_rude_records
+
+K = 3
+PROMPTS = ["Capital of Peru?", "Please write me a long poem about the moon and the sea.", "Hi.", "Two plus two?"]
+RESPONSES = ["Lima, happy to help!", "The moon rose over the quiet sea.", "Go away.", "Five, I think. Whatever."]
+
+# ----------------------------------------------------------------------------- aggregation by hand
+
+
+def test_aggregations_by_hand():
+    scores = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 0.0], [-1.0, 3.0, 1.0]], dtype=torch.float64)
+    # Row means 3, 0, 1; minima 1, 0, -1. Population variances: (4 + 1 + 9) / 3 = 14/3, 0, (4 + 4 + 0) / 3 = 8/3.
+    assert aggregate_rewards(scores, "mean").tolist() == pytest.approx([3.0, 0.0, 1.0], abs=1e-12)
+    assert aggregate_rewards(scores, "wco").tolist() == [1.0, 0.0, -1.0]
+    assert aggregate_rewards(scores, "uwo", 0.5).tolist() == pytest.approx([3 - 7 / 3, 0.0, 1 - 4 / 3], abs=1e-12)
+    assert aggregate_rewards(scores, "uwo", 0.0).tolist() == pytest.approx([3.0, 0.0, 1.0], abs=1e-12)
+    assert ensemble_std(scores).tolist() == pytest.approx([math.sqrt(14 / 3), 0.0, math.sqrt(8 / 3)], abs=1e-12)
+    # One member: every aggregation is its score, and it has no disagreement.
+    one = torch.tensor([[0.3], [-2.0]], dtype=torch.float64)
+    for how in ("mean", "wco", "uwo"):
+        assert aggregate_rewards(one, how, 3.0).tolist() == [0.3, -2.0]
+    assert ensemble_std(one).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="mean, wco, uwo"):
+        aggregate_rewards(scores, "max")
+    with pytest.raises(ValueError, match=r"\(N, k\)"):
+        aggregate_rewards(scores[0], "mean")
+
+
+# ----------------------------------------------------------------------------- the K-head loss
+
+
+def test_ensemble_loss_is_the_mean_of_each_heads_weighted_bradley_terry_loss():
+    """Against a slow loop over heads and pairs of single-head losses (strict pairs both ways, a tie, margins)."""
+    g = torch.Generator().manual_seed(0)
+    P = 5
+    chosen, rejected = torch.randn(P, K, generator=g, dtype=torch.float64), torch.randn(P, K, generator=g, dtype=torch.float64)
+    target = torch.tensor([1.0, 1.0, 0.5, 0.0, 1.0], dtype=torch.float64)
+    margin = torch.tensor([0.0, 0.5, 0.5, 0.25, 1.0], dtype=torch.float64)
+    weights = torch.tensor([[1, 0, 2], [0, 3, 1], [1, 1, 0], [2, 0, 0], [1, 1, 3]], dtype=torch.float64)
+
+    total = 0.0
+    for h in range(K):
+        for p in range(P):
+            single = preference_loss(chosen[p : p + 1, h], rejected[p : p + 1, h], target[p : p + 1], margin[p : p + 1])
+            total += float(weights[p, h]) * single.item()
+    got = ensemble_preference_loss(chosen, rejected, target, margin, weights)
+    assert got.shape == (P,)
+    assert got.sum().item() == pytest.approx(total / K, rel=1e-12)
+    # One head with weight 1 is preference_loss exactly.
+    one = ensemble_preference_loss(chosen[:, :1], rejected[:, :1], target, margin)
+    assert torch.equal(one, preference_loss(chosen[:, 0], rejected[:, 0], target, margin))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_k_head_task_loss_equals_k_single_head_models(packed):
+    """RewardTask on a K-head model equals the mean over heads of single-head models (the same backbone, one head
+    row each) scored pair by pair and weighted by the batch's bootstrap counts."""
+    rm_tokenizer = reward_tokenizer(models.TINY)
+    comps = [
+        Comparison("Greet me.", ["Go away.", "Hello, lovely to see you!", "Hi."], [1, 2, 0]),
+        Comparison("Say hi.", ["Hi!", "Hello!"], [0, 1], tie=True),
+        Comparison("Two plus two?", ["Four.", "Five."], [0, 1], meta={"margin": 2.0}),
+    ]
+    groups, _ = tokenize_rankings(rm_tokenizer, comps, max_length=64, keep_ties=True)
+    for group, counts in zip(groups, [[1, 0, 2], [0, 3, 1], [2, 1, 1]]):
+        group["head_weights"] = counts
+    pad = rm_tokenizer.pad_token_id
+    batch = with_head_weights(lambda ex: collate_rankings(ex, pad, packed=packed), K)(groups)
+    assert batch["head_weights"].tolist() == [[1, 0, 2]] * 3 + [[0, 3, 1]] + [[2, 1, 1]]  # per pair, by example
+
+    ensemble = load_reward_backbone(models.TINY, pad_token_id=pad, head_init="normal", seed=1, ensemble_size=K).eval()
+    models.set_attention(ensemble)
+    task = RewardTask(margin=0.1)
+    with torch.no_grad():
+        got, _ = task.loss(ensemble, batch)
+        total = 0.0
+        for h in range(K):
+            single = load_reward_backbone(models.TINY, pad_token_id=pad, head_init="normal").eval()
+            models.set_attention(single)
+            state = {k: v for k, v in ensemble.state_dict().items() if not k.startswith("score.")}
+            single.load_state_dict({**state, "score.weight": ensemble.score.weight[h : h + 1]}, strict=True)
+            c, r = chosen_rejected(batch, sequence_scores(single, batch))
+            assert c.shape == (5,)
+            for p in range(5):
+                loss = preference_loss(c[p : p + 1], r[p : p + 1], batch["target"][p : p + 1], 0.1 + batch["margin"][p : p + 1])
+                total += float(batch["head_weights"][p, h]) * loss.item()
+    assert got.item() == pytest.approx(total / K, rel=1e-5)
+
+
+def test_bootstrap_counts_are_resamples_and_differ_by_head():
+    counts = bootstrap_counts(50, K, seed=7)
+    assert counts.shape == (50, K)
+    assert counts.sum(0).tolist() == [50.0] * K  # n draws each
+    assert all(0.45 < float((counts[:, h] > 0).float().mean()) < 0.8 for h in range(K))  # about 1 - 1/e drawn
+    assert not torch.equal(counts[:, 0], counts[:, 1]) and not torch.equal(counts[:, 1], counts[:, 2])
+    assert torch.equal(counts, bootstrap_counts(50, K, seed=7))  # the same on every process and on resume
+
+
+# ----------------------------------------------------------------------------- training, saving, loading
+
+
+def _config(root: Path, **fields) -> RewardConfig:
+    defaults = dict(
+        model=models.TINY,
+        data=str(write_jsonl(root / "train.jsonl", polite_rude_records(TRAIN_QUESTIONS, 0))),
+        eval_data=str(write_jsonl(root / "eval.jsonl", polite_rude_records(EVAL_QUESTIONS, 1))),
+        output_dir=str(root / "out"),
+        max_length=64,
+        precision="fp32",
+        progress=False,
+        tensorboard=False,
+        lr=1e-3,
+        max_steps=12,
+        batch_size=8,
+        seed=0,
+    )
+    return RewardConfig(**{**defaults, **fields})
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory) -> Path:
+    """A 3-head ensemble trained through the CLI (``rlhfkit reward ... ensemble_size=3``) for 12 steps."""
+    root = tmp_path_factory.mktemp("ensemble")
+    config = _config(root)
+    args = [f"{k}={v}" for k, v in vars(config).items() if k in ("model", "data", "eval_data", "output_dir", "lr")]
+    args += ["max_length=64", "precision=fp32", "progress=false", "tensorboard=false", "max_steps=12", "batch_size=8"]
+    assert cli.main(["reward", *args, f"ensemble_size={K}"]) == 0
+    return Path(config.output_dir)
+
+
+def test_saved_ensemble_loads_with_from_pretrained_and_scores_as_trained(ensemble_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    saved = json.loads((ensemble_dir / "config.json").read_text())
+    assert len(saved["id2label"]) == K
+    assert saved["rlhfkit_ensemble_size"] == K
+    gains, biases = saved["rlhfkit_reward_gain"], saved["rlhfkit_reward_bias"]
+    assert len(gains) == len(biases) == K and len(set(gains)) == K  # one gain per head
+
+    hf = AutoModelForSequenceClassification.from_pretrained(ensemble_dir, dtype=torch.float32).eval()
+    assert hf.score.weight.shape == (K, hf.config.hidden_size)
+    reward = load_reward(str(ensemble_dir), precision="fp32")
+    assert isinstance(reward, RewardModel) and reward.num_members == K
+    raw = reward.raw(PROMPTS, RESPONSES)
+    assert raw.shape == (len(PROMPTS), K)
+    tok = reward_tokenizer(str(ensemble_dir))
+    tok.pad_token_id = hf.config.pad_token_id
+    by_hand = raw_scores(hf, tok, PROMPTS, RESPONSES, precision="fp32", batch_size=1)  # each alone, no padding
+    torch.testing.assert_close(raw, by_hand, rtol=0, atol=1e-5)
+    members = reward.member_scores(PROMPTS, RESPONSES)
+    torch.testing.assert_close(members, torch.tensor(gains) * raw + torch.tensor(biases))
+    assert reward(PROMPTS, RESPONSES) == pytest.approx(members.mean(-1).tolist(), abs=1e-6)
+
+    # Normalisation is per head: on its samples (every response of the training data) each head has mean 0, std 1.
+    prompts, responses = [], []
+    for comp in load_comparisons(str(ensemble_dir.parent / "train.jsonl")):
+        prompts += [comp.prompt] * len(comp.responses)
+        responses += comp.responses
+    normalised = reward.member_scores(prompts, responses)
+    for h in range(K):
+        assert statistics.fmean(normalised[:, h].tolist()) == pytest.approx(0.0, abs=1e-4)
+        assert statistics.stdev(normalised[:, h].tolist()) == pytest.approx(1.0, abs=1e-4)
+
+    # heldout.json: the heads' mean, and each head.
+    held = json.loads((ensemble_dir / HELDOUT_FILE).read_text())
+    assert held["ensemble_size"] == K and len(held["head_accuracy"]) == K
+    assert held["accuracy"] > 0.5 and held["num_pairs"] == len(EVAL_QUESTIONS)
+
+
+def test_the_saved_model_scores_as_the_trained_one_in_memory(tmp_path):
+    """train() -> save -> from_pretrained: the same raw scores as the model in memory at the end of training."""
+    result = train(_config(tmp_path, ensemble_size=2, max_steps=3, eval_data="", eval_fraction=0.0))
+    tok = reward_tokenizer(models.TINY)
+    in_memory = raw_scores(result.model, tok, PROMPTS, RESPONSES, precision="fp32")
+    loaded = RewardModel(tmp_path / "out", precision="fp32").raw(PROMPTS, RESPONSES)
+    assert in_memory.shape == (len(PROMPTS), 2)
+    torch.testing.assert_close(loaded, in_memory, rtol=0, atol=1e-6)
+
+
+def test_heads_trained_on_different_bootstraps_end_up_different(tmp_path):
+    """Heads that start identical (zero init) differ only through their resamples: after training they do (the
+    closest two rows 10-22% of the largest row's norm apart on seeds 0-5; 5% required)."""
+    result = train(_config(tmp_path, ensemble_size=K, head_init="zero", eval_data="", eval_fraction=0.0, normalize=False))
+    weight = _score_head(result.model).weight.detach()
+    norms = weight.norm(dim=1)
+    assert (norms > 0).all()
+    for a in range(K):
+        for b in range(a + 1, K):
+            assert (weight[a] - weight[b]).norm() > 0.05 * norms.max(), (a, b, weight.norm(dim=1))
+    reward = RewardModel(tmp_path / "out", precision="fp32")
+    spread = ensemble_std(reward.member_scores(PROMPTS, RESPONSES))
+    assert (spread > 1e-4).all(), spread  # small after 12 steps (raw units ~0.3): seeds 0-5 gave 0.0016 to 0.008
+
+    # The refusal: zero init and no bootstrap would give K identical members.
+    with pytest.raises(ConfigError, match="identical members"):
+        train(_config(tmp_path, ensemble_size=K, head_init="zero", ensemble_bootstrap=False, output_dir=str(tmp_path / "no")))
+
+
+def test_a_single_head_directory_loads_and_scores_as_before(tmp_path):
+    """A directory as rlhfkit always wrote it (num_labels 1, float gain and bias, no ensemble key) still loads:
+    one member, score gain * raw + bias, and every aggregation is a no-op; training with ensemble_size 1 writes
+    that same format."""
+    tok = reward_tokenizer(models.TINY)
+    model = load_reward_backbone(models.TINY, pad_token_id=tok.pad_token_id, head_init="normal", seed=2)
+    model.config.rlhfkit_reward_gain, model.config.rlhfkit_reward_bias = 0.5, -0.25
+    models.save_pretrained(model, tok, tmp_path / "old")
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "rlhfkit_ensemble_size" not in saved and saved["rlhfkit_reward_gain"] == 0.5
+    raw = raw_scores(model, tok, PROMPTS, RESPONSES, precision="fp32")
+    for how in ("mean", "wco", "uwo"):
+        reward = load_reward(str(tmp_path / "old"), precision="fp32", aggregation=how, uwo_coef=2.0)
+        assert reward.num_members == 1
+        assert reward(PROMPTS, RESPONSES) == pytest.approx((0.5 * raw - 0.25).tolist(), abs=1e-6)
+        scores, members = scores_and_members(reward, PROMPTS, RESPONSES)
+        assert members is None and scores == reward(PROMPTS, RESPONSES)
+
+    train(_config(tmp_path, max_steps=1, eval_data="", eval_fraction=0.0))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "rlhfkit_ensemble_size" not in written and isinstance(written["rlhfkit_reward_gain"], float)
+    assert len(written["id2label"]) == 1
+
+    # A classifier with several outputs and no ensemble key is not a reward model.
+    from transformers import AutoModelForSequenceClassification
+
+    two = AutoModelForSequenceClassification.from_config(models.tiny_config(num_labels=2))
+    models.save_pretrained(two, tok, tmp_path / "classifier")
+    with pytest.raises(ValueError, match="num_labels=2"):
+        RewardModel(tmp_path / "classifier", precision="fp32")
+    with pytest.raises(ConfigError, match="reward_uwo_coef"):
+        RewardModel(tmp_path / "old", precision="fp32", uwo_coef=-1.0)
+
+
+# ----------------------------------------------------------------------------- RL and best-of-n
+
+
+def test_grpo_with_an_ensemble_and_wco_scores_the_minimum_and_logs_disagreement(ensemble_dir, tmp_path):
+    config = rl.GRPOConfig(
+        policy=models.TINY,
+        reward_model=str(ensemble_dir),
+        reward_aggregation="wco",
+        output_dir=str(tmp_path / "grpo"),
+        precision="fp32",
+        max_new_tokens=8,
+        temperature=1.0,
+        batch_size=2,
+        samples_per_prompt=2,
+        max_steps=2,
+        progress=False,
+        tensorboard=False,
+        log_samples=0,
+    )
+    trainer = rl.RLTrainer(config)
+    scored, stats = trainer.rollout_and_score(trainer.prompts_for_step(0))
+    members = trainer.reward_fn.member_scores(scored.rollout.prompts, scored.rollout.responses)
+    assert members.shape == (4, K)
+    torch.testing.assert_close(scored.scores, members.min(-1).values)  # no penalties: the score is the worst head
+    assert stats[M.ENSEMBLE_STD] == pytest.approx(float(ensemble_std(members).mean()), rel=1e-5)
+    assert stats[M.ENSEMBLE_MEAN] == pytest.approx(float(members.mean()), rel=1e-5)
+    assert stats[M.SCORE] < stats[M.ENSEMBLE_MEAN]  # the minimum of disagreeing heads is below their mean
+
+    rl.train(config)
+    entries = read_jsonl(tmp_path / "grpo" / "metrics.jsonl")
+    assert [e["step"] for e in entries] == [1, 2]
+    for entry in entries:
+        assert math.isfinite(entry[M.ENSEMBLE_STD]) and entry[M.ENSEMBLE_STD] > 0
+        assert entry[M.SCORE] <= entry[M.ENSEMBLE_MEAN]
+
+
+def test_best_of_n_ranks_by_the_aggregate(ensemble_dir, tmp_path, monkeypatch):
+    """A constructed pool: in every prompt's pair of samples, the first has a higher mean over the heads, the
+    second a higher minimum. best_of_2 picks the first under mean, the second under wco."""
+    config = evaluate.EvalConfig(
+        policy="tiny",
+        baseline="tiny",
+        gold="length",
+        proxy=str(ensemble_dir),
+        max_prompts=4,
+        max_new_tokens=6,
+        batch_size=8,
+        best_of_n=2,
+        samples_per_prompt=1,
+        precision="fp32",
+        generation_precision="fp32",
+        bootstrap=10,
+        resamples=100,
+        progress=False,
+        output=str(tmp_path / "eval.json"),
+    )
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
+
+    prompts = load_prompts(demo_data_path("prompts_eval.jsonl"))[:4]
+    pool, _, _ = evaluate._sample(config.baseline, prompts, config, "pool", n=2, seed_offset=2)  # as run() draws it
+    assert len(set(pool.responses)) == len(pool.responses)
+    high_mean, high_min = [4.0, 4.0, -5.0], [0.5, 0.5, 0.5]  # mean 1 (min -5) against mean 0.5 (min 0.5)
+    table = {r: (high_mean if i % 2 == 0 else high_min) for i, r in enumerate(pool.responses)}
+
+    def members(self, prompts, responses):
+        return torch.tensor([table.get(r, [0.0, 0.0, 0.0]) for r in responses])
+
+    monkeypatch.setattr(RewardModel, "member_scores", members)
+    by_mean = evaluate.run(config)["players"]["best_of_2"]
+    by_wco = evaluate.run(evaluate.EvalConfig(**{**vars(config), "reward_aggregation": "wco"}))
+    assert by_mean["proxy_score"] == pytest.approx(1.0)  # every pick the high-mean sample, scored by the mean
+    assert by_mean["proxy_ensemble_std"] == pytest.approx(math.sqrt(18.0))  # deviations 3, 3, -6
+    best = by_wco["players"]["best_of_2"]
+    assert best["proxy_score"] == pytest.approx(0.5)  # the high-minimum sample (the other would score -5)
+    assert best["proxy_ensemble_std"] == pytest.approx(0.0)
+    assert by_wco["reward_aggregation"] == "wco" and by_wco["proxy_ensemble_size"] == K
+    assert by_wco["best_of_n"]["aggregation"] == "wco"
+
+
+def test_a_critic_starts_from_an_ensemble_as_the_mean_of_its_heads(ensemble_dir, tmp_path):
+    """value=critic with an ensemble reward model (critic_init empty): the critic's value head is the mean of the
+    K score heads, its trunk the reward model's; the PPO trainer builds and takes a step."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.modeling.policy import load_critic
+
+    hf = AutoModelForSequenceClassification.from_pretrained(ensemble_dir, dtype=torch.float32)
+    critic = load_critic(str(ensemble_dir), vocab_size=hf.config.vocab_size)
+    assert critic.score.weight.shape == (1, hf.config.hidden_size) and critic.config.num_labels == 1
+    torch.testing.assert_close(critic.score.weight, hf.score.weight.mean(0, keepdim=True))
+    torch.testing.assert_close(critic.model.embed_tokens.weight, hf.model.embed_tokens.weight)
+    assert not hasattr(critic.config, "rlhfkit_ensemble_size")
+    config = rl.RLConfig(
+        algorithm="ppo",
+        value="critic",
+        policy=models.TINY,
+        reward_model=str(ensemble_dir),
+        output_dir=str(tmp_path / "ppo"),
+        precision="fp32",
+        max_new_tokens=4,
+        batch_size=2,
+        max_steps=1,
+        progress=False,
+        tensorboard=False,
+    )
+    rl.train(config)
+    assert (tmp_path / "ppo" / "critic" / "config.json").is_file()
+
+
+def test_the_pipelines_reward_aggregation_reaches_rl_and_eval(tmp_path):
+    from rlhfkit.pipeline import PipelineConfig, build_stages
+
+    p = PipelineConfig(
+        output_dir=str(tmp_path),
+        model="tiny",
+        algorithm="grpo",
+        compare=["ppo", "dpo"],
+        reward={"ensemble_size": K},
+        reward_aggregation="uwo",
+        reward_uwo_coef=1.5,
+        ppo={"reward_aggregation": "wco"},  # a stage's own section wins
+    )
+    configs = {stage.name: stage.config for stage in build_stages(p)}
+    assert configs["reward"].ensemble_size == K
+    assert (configs["grpo"].reward_aggregation, configs["grpo"].reward_uwo_coef) == ("uwo", 1.5)
+    assert (configs["ppo"].reward_aggregation, configs["ppo"].reward_uwo_coef) == ("wco", 1.5)
+    assert (configs["eval"].reward_aggregation, configs["eval"].reward_uwo_coef) == ("uwo", 1.5)
+    assert not hasattr(configs["dpo"], "reward_aggregation")
+    default = {
+        stage.name: stage.config
+        for stage in build_stages(PipelineConfig(output_dir=str(tmp_path), model="tiny", algorithm="grpo"))
+    }
+    assert default["grpo"].reward_aggregation == default["eval"].reward_aggregation == "mean"
