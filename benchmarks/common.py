@@ -671,16 +671,22 @@ def matmul_probe(threads: int, seconds: float = PROBE_SECONDS, n: int = PROBE_N)
     return {"gflops": best / 1e9, "matmuls": count, "seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads()}
 
 
-def measure_peak(threads: int, when: str) -> float:
-    """Run :func:`matmul_probe` in a fresh subprocess with the workers' environment; print and return its GFLOP/s."""
+def run_probe(kind: str, threads: int) -> dict:
+    """Run this file's ``--matmul-probe`` or ``--bandwidth-probe`` (``kind``) in a fresh subprocess with the workers'
+    environment; its result dict."""
     env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--matmul-probe", str(threads)], env=env, capture_output=True, text=True
+        [sys.executable, os.path.abspath(__file__), f"--{kind}-probe", str(threads)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         sys.stdout.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"the matmul probe failed (exit {proc.returncode})")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the {kind} probe failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_peak(threads: int, when: str) -> float:
+    """Run :func:`matmul_probe` in a fresh subprocess (:func:`run_probe`); print and return its GFLOP/s."""
+    r = run_probe("matmul", threads)
     print(
         f"matmul peak {when}: {r['gflops']:.0f} GFLOP/s (bf16 {PROBE_N}x{PROBE_N} matmuls, {r['threads']} threads, "
         f"best 0.25 s of {r['seconds']:.1f} s, {r['matmuls']} matmuls)",
@@ -864,15 +870,8 @@ def bandwidth_probe(threads: int, passes: int = 8, nbytes: int = BANDWIDTH_BYTES
 
 
 def measure_bandwidth(threads: int, when: str) -> float:
-    """Run :func:`bandwidth_probe` in a fresh subprocess with the workers' environment; print and return its GB/s."""
-    env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--bandwidth-probe", str(threads)], env=env, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.stdout.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"the bandwidth probe failed (exit {proc.returncode})")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run :func:`bandwidth_probe` in a fresh subprocess (:func:`run_probe`); print and return its GB/s."""
+    r = run_probe("bandwidth", threads)
     print(
         f"memory bandwidth {when}: {r['gbs']:.1f} GB/s (fp32 sums over {r['gib']:.0f} GiB, {r['threads']} threads, "
         f"best of {r['passes']} passes)",
