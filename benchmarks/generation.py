@@ -70,11 +70,15 @@ def run_calls(s: dict, generate_batch) -> dict:
     if len(gens) != s["steps"]:
         raise SystemExit(f"expected {s['steps']} generate calls, got {len(gens)}")
     w, n = s["warmup_steps"], s["steps"]
+    call_seconds = common.step_durations(times)[w - 1 :]
     return {
         **common.measured(w, times, cpu_times),
-        "call_seconds": common.step_durations(times)[w - 1 :],
+        "call_seconds": call_seconds,
         "losses": [],
         "tokens": sum(g["generated_tokens"] for g in gens[w:]),
+        # a measured call's generated tokens and seconds (their means), as common.print_generation_bounds reads them
+        "gen_tokens": statistics.fmean(g["generated_tokens"] for g in gens[w:n]),
+        "generation_s": statistics.fmean(call_seconds),
         "step_tokens": [g["generated_tokens"] for g in gens],
         "gen_prompt_tokens": statistics.fmean(g["prompt_tokens"] for g in gens[w:n]),
         "decode_steps": statistics.fmean(g["decode_steps"] for g in gens[w:n]),
@@ -176,57 +180,19 @@ def main(argv=None) -> None:
         return r["tokens"] / r["seconds"]
 
     print()
-    rows = []
-    for side in sides:
-        r = common.median_run(results[side], rate)
-        b = common.generation_bound(
-            r["decode_shape"],
-            rows=r["gen_batch"],
-            prompt_tokens=round(r["gen_prompt_tokens"]),
-            new_tokens=round(r["decode_steps"]),
-            bandwidth_gbs=bandwidth,
-            peak_gflops=peak,
-        )
-        per_call = r["tokens"] / (args.steps - args.warmup_steps)
-        measured_rate = common.median_rate(results[side], rate)
-        memory, roofline = per_call / b["memory_s"], per_call / b["roofline_s"]
-        rows.append(
-            [
-                side,
-                str(r["gen_batch"]),
-                f"{statistics.fmean(r['call_seconds']):.2f}",
-                f"{measured_rate:.0f}",
-                f"{common.cpu_use(r, args.threads):.0%}",
-                f"{memory:.0f}",
-                f"{measured_rate / memory:.1%}",
-                f"{per_call / b['compute_s']:.0f}",
-                f"{roofline:.0f}",
-                f"{measured_rate / roofline:.1%}",
-                r["attention"],
-                "/".join(r["gen_autocast"]),
-                f"{r['peak_rss_mb']:.0f}",
-            ]
-        )
-    print(
-        f"bounds: memory {bandwidth:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s (common.generation_bound); tok/s of generated tokens"
-    )
-    common.print_table(
-        [
-            "side",
-            "rows",
-            "s/call",
-            "tok/s",
-            "cpu",
-            "memory bound",
-            "of memory",
-            "compute bound",
-            "roofline",
-            "of roofline",
-            "attention",
-            "autocast",
-            "peak RSS MB",
-        ],
-        rows,
+    common.print_generation_bounds(
+        results,
+        sides,
+        rate,
+        peak=peak,
+        bandwidth=bandwidth,
+        seconds_header="s/call",
+        extra={
+            "cpu": lambda r: f"{common.cpu_use(r, args.threads):.0%}",
+            "attention": lambda r: r["attention"],
+            "autocast": lambda r: "/".join(r["gen_autocast"]),
+            "peak RSS MB": lambda r: f"{r['peak_rss_mb']:.0f}",
+        },
     )
     for side in sides:
         print(f"  {side}: {results[side][0]['version']}; first completion: {results[side][0]['sample_text']!r}")

@@ -190,54 +190,6 @@ def per_step(s: dict, times: list[float], cpu_times: list[float], gens: list[dic
     }
 
 
-def print_generation_bounds(results: dict, sides: list[str], order, *, peak: float, bandwidth: float) -> None:
-    """Each side's generation rate beside what the machine allows (:func:`common.generation_bound`).
-
-    The rate is the generated tokens of a measured step over its whole generation
-    (TRL: ``generate``, prefill included; rlhfkit: ``HFEngine.generate``, its shared
-    prefill included); the bounds assume bf16 weights and cache, whatever a side reads.
-    """
-    rows = []
-    for side in sides:
-        r = common.median_run(results[side], order)
-        batch, gen = r["gen_batch"], r["gen_tokens"]
-        b = common.generation_bound(
-            r["decode_shape"],
-            rows=batch,
-            prompt_tokens=round(r["gen_prompt_tokens"]),
-            new_tokens=round(r["decode_steps"]),
-            bandwidth_gbs=bandwidth,
-            peak_gflops=peak,
-        )
-        rate = gen / r["generation_s"]
-        memory, roofline = gen / b["memory_s"], gen / b["roofline_s"]
-        rows.append(
-            [
-                side,
-                str(batch),
-                f"{r['generation_s']:.2f}",
-                f"{rate:.0f}",
-                f"{memory:.0f}",
-                f"{rate / memory:.1%}",
-                f"{gen / b['compute_s']:.0f}",
-                f"{roofline:.0f}",
-                f"{rate / roofline:.1%}",
-            ]
-        )
-    print(
-        f"generation against the machine's bounds (memory {bandwidth:.1f} GB/s, matmul peak {peak:.0f} GFLOP/s; "
-        "tokens/s of generated tokens):"
-    )
-    common.print_table(
-        ["side", "rows", "generation s", "tok/s", "memory bound", "of memory", "compute bound", "roofline", "of roofline"], rows
-    )
-    print(
-        "  memory bound: each decode step reads every bf16 weight and the rows' bf16 KV cache once (prefill free);\n"
-        "  compute bound: 2 N FLOPs per prompt and generated token at the matmul peak; roofline: the prefill at the\n"
-        "  peak plus, per decode step, the larger of its read and compute times (common.generation_bound)."
-    )
-
-
 def window_mean(values: list[float], s: dict) -> float:
     return statistics.fmean(values[s["warmup_steps"] :])
 
@@ -667,7 +619,9 @@ def main(argv=None) -> None:
         f"N = {results['rlhfkit-grpo'][0]['params_n'] / 1e6:.1f}M parameters; tokens = prompt + generated tokens of a "
         f"step; k = {flops_k('grpo', args.beta):g} for GRPO, {flops_k('rloo', args.beta):g} for RLOO/PPO; {common.FLOPS_NOTE}"
     )
-    print_generation_bounds(results, sides, sps, peak=peak, bandwidth=bandwidth)
+    # A step's generation: TRL's `generate` (its prefill included), rlhfkit's HFEngine.generate (its shared prefill
+    # included).
+    common.print_generation_bounds(results, sides, sps, peak=peak, bandwidth=bandwidth)
     print("library-logged timings (mean over the measured steps, seconds):")
     for side in sides:
         r = common.median_run(results[side], sps)

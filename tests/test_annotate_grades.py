@@ -205,7 +205,7 @@ def test_a_version_1_database_opens_keeps_its_labels_and_takes_grades(tmp_path):
     store.close()
 
     with sqlite3.connect(db) as con:
-        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,) == ("2",)
+        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,) == ("3",)
         columns = [row[1] for row in con.execute("PRAGMA table_info(labels)")]
         assert columns[-2:] == ["grade", "both_bad"]
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -226,8 +226,8 @@ def test_a_version_1_database_opens_keeps_its_labels_and_takes_grades(tmp_path):
 def test_a_database_from_a_newer_rlhfkit_is_refused(tmp_path):
     db = version_1_database(tmp_path / "new.sqlite")
     with sqlite3.connect(db) as con:
-        con.execute("UPDATE settings SET value = '3' WHERE key = 'schema'")
-    with pytest.raises(ValueError, match=r"new.sqlite: annotation schema 3, this rlhfkit reads 2"):
+        con.execute("UPDATE settings SET value = '4' WHERE key = 'schema'")
+    with pytest.raises(ValueError, match=r"new.sqlite: annotation schema 4, this rlhfkit reads 3"):
         AnnotationStore(db, create=False)
 
 
@@ -364,7 +364,7 @@ def test_task_endpoint_gives_guidelines_and_criteria_to_annotators_only(served):
     assert Client(url, None).post("/api/task")[0] == 401
     assert Client(url, "not-a-token").post("/api/task")[0] == 401
     status, data = Client(url, tokens["bob"]).post("/api/task")
-    assert status == 200 and data == {"guidelines": guidelines, "criteria": ["helpful", "harmless", "honest"]}
+    assert status == 200 and data == {"guidelines": guidelines, "criteria": ["helpful", "harmless", "honest"], "mode": "pairs"}
     assert Client(url, tokens["bob"]).post("/api/task", headers={"Origin": "http://evil.example"})[0] == 403
 
 

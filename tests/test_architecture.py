@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.data.packing": 1,
     "rlhfkit.data.prompts": 1,
     "rlhfkit.data.constitution": 1,
+    "rlhfkit.data.samples": 1,
     "rlhfkit.feedback": 1,
     "rlhfkit.feedback.scorers": 1,
     "rlhfkit.feedback.simulated": 1,
@@ -71,6 +72,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.training.loop": 4,
     "rlhfkit.training.reference": 4,
     "rlhfkit.feedback.judge": 4,
+    "rlhfkit.chat_clients": 4,
     "rlhfkit.feedback.terminal": 4,
     "rlhfkit.feedback.web.admin": 4,
     "rlhfkit.feedback.web.app": 4,
@@ -85,11 +87,13 @@ LAYERS: dict[str, int] = {
     "rlhfkit.kto": 5,
     "rlhfkit.ilql": 5,
     "rlhfkit.cai": 5,
+    "rlhfkit.cai_label": 5,
     "rlhfkit.rl": 5,
     "rlhfkit.probe": 5,
     "rlhfkit.doctor": 5,
     "rlhfkit.evaluate": 5,
     "rlhfkit.elo": 5,
+    "rlhfkit.active": 5,
     # 6: orchestration of stages (the pipeline, iterated DPO's rounds), the report, the command line
     "rlhfkit.iterated": 6,
     "rlhfkit.pipeline": 6,
@@ -107,9 +111,11 @@ STAGES = {
     "rlhfkit.kto",
     "rlhfkit.ilql",
     "rlhfkit.cai",
+    "rlhfkit.cai_label",
     "rlhfkit.rl",
     "rlhfkit.evaluate",
     "rlhfkit.elo",
+    "rlhfkit.active",
 }
 """A stage never imports another stage: what two stages share lives a layer below them."""
 

@@ -1,4 +1,4 @@
-"""Constitutional AI's RL stage: AI preferences on principles (rlhfkit.cai.label_on_principles, `rlhfkit cai-label`),
+"""Constitutional AI's RL stage: AI preferences on principles (rlhfkit.cai_label.label_on_principles, `rlhfkit cai-label`),
 the multiple-choice judge behind it (rlhfkit.feedback.judge.ChoiceJudge) and `feedback: constitutional` pipelines.
 
 The judges are scripted: :func:`always_a` (pure position bias), :func:`longer_judge` (prefers the longer option,
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit import cli
-from rlhfkit.cai import CAILabelConfig, draw_pair_principles, label_on_principles, order_swapped_target, response_pairs
+from rlhfkit.cai_label import CAILabelConfig, draw_pair_principles, label_on_principles, order_swapped_target, response_pairs
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.data.constitution import DEFAULT_CONSTITUTION, GENERIC_CHOICE_REQUEST, load_constitution
 from rlhfkit.data.io import DataError

@@ -1,6 +1,6 @@
 """Constitutional AI (Bai et al. 2022): the supervised stage, SL-CAI (``rlhfkit cai CONFIG.yaml`` /
-:func:`critique_revise`), and RL-CAI's AI preferences on principles (``rlhfkit cai-label CONFIG.yaml`` /
-:func:`label_on_principles`, at the end of this module; its labels train a reward model for PPO, or DPO).
+:func:`critique_revise`). RL-CAI's AI preferences on principles, which train the reward model for PPO (or DPO), are
+another stage: :mod:`rlhfkit.cai_label` (``rlhfkit cai-label CONFIG.yaml``).
 
 SL-CAI
 
@@ -51,21 +51,11 @@ only adds to records made under the same settings (``revisions.jsonl.meta.json``
 few-shot examples, rounds, seed, sampling), each still holding the prompt at its index and the principles drawn
 for it; otherwise it stops with an error naming what changed (``resume``). ``sft.jsonl`` and
 ``preferences.jsonl`` are rewritten, atomically, from ``revisions.jsonl`` at the end of every run.
-
-RL-CAI labels (:func:`label_on_principles`)
-    Responses sampled from the SL-CAI model (``rlhfkit sample``'s output, K per prompt) are compared in pairs by
-    an AI judge against one principle drawn at random per pair, with the principle's multiple-choice question
-    (``choice_request``), each pair in both orders so the judge's position bias cancels; the soft label is the
-    mean of the two orders' P(A), from the letters' token probabilities where the judge gives them, else from its
-    verdicts. A separate stage and config from SL-CAI (its own command, not a ``mode:`` of ``rlhfkit cai``): it
-    reads another input (samples, not prompts), uses another model role (a judge, not a critic) and writes another
-    output (labels), and the two share no keys but the constitution and the seed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +66,7 @@ from typing import Any, Literal, Protocol
 from tqdm.auto import tqdm
 
 from rlhfkit import log
+from rlhfkit.chat_clients import remote_client
 from rlhfkit.config import ConfigError
 from rlhfkit.data.constitution import (
     DEFAULT_FEW_SHOT,
@@ -88,14 +79,14 @@ from rlhfkit.data.constitution import (
     load_few_shot,
 )
 from rlhfkit.data.io import (
-    DataError,
+    RESUME_MODES,
     Row,
     append_whole,
     atomic_temp_pattern,
+    chunk_grid,
+    chunks_to_do,
     compare_settings,
-    drop_records,
     read_jsonl_log,
-    read_rows,
     remove_stale_temps,
     settings_path,
     short_repr,
@@ -119,7 +110,6 @@ PREFERENCES_FILE = "preferences.jsonl"
 """Revision-over-initial preference pairs, in ``output_dir``."""
 PREFERENCE_SOURCE = "cai-revision"
 """``Comparison.source`` of those pairs."""
-RESUME_MODES = ("auto", "force", "never")
 
 
 @dataclass
@@ -310,42 +300,6 @@ class ClientGenerator:
             return [one(chat) for chat in chats]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chats))) as pool:
             return list(pool.map(one, chats))
-
-
-class FunctionClient:
-    """A ``module:function`` backend (:class:`rlhfkit.generation.chat.FunctionBackend`) as a chat client."""
-
-    def __init__(self, spec: str):
-        from rlhfkit.generation.chat import FunctionBackend, load_function
-
-        self.backend = FunctionBackend(load_function(spec))
-
-    def complete(self, messages: Messages, temperature: float = 0.0, max_tokens: int = 16) -> str:
-        return self.backend.chat(messages, n=1, temperature=temperature, max_tokens=max_tokens).texts[0]
-
-
-def remote_client(
-    stage: str, role: str, *, backend: str, url: str, name: str, api_key_env: str, timeout: float, retries: int
-) -> Any:
-    """The chat client of a ``module:function`` ``backend`` (wins) or of the OpenAI-compatible server at ``url``
-    (:class:`rlhfkit.feedback.judge.HTTPChatClient`, its key read from ``$api_key_env``); None when neither is set
-    (a local model then). A bad one is a ConfigError naming ``stage`` and its ``role``'s key (``critic_url``)."""
-    if backend:
-        try:
-            return FunctionClient(backend)
-        except ValueError as e:
-            raise ConfigError(f"{stage}: {role}_backend: {e}") from None
-    if not url:
-        return None
-    from rlhfkit.feedback.judge import HTTPChatClient  # optional: pydantic (through rlhfkit.serve)
-
-    api_key = os.environ.get(api_key_env) if api_key_env else None
-    if api_key_env and not api_key:
-        raise ConfigError(f"{stage}: {role}_api_key_env names ${api_key_env}, which is not set")
-    try:
-        return HTTPChatClient(url, model=name, api_key=api_key, timeout=timeout, max_retries=retries)
-    except ValueError as e:
-        raise ConfigError(f"{stage}: {role}_url: {e}") from None
 
 
 def _critic(config: CAIConfig, local: Callable[[str], LocalGenerator]) -> Generator:
@@ -616,19 +570,7 @@ def critique_revise(config: CAIConfig) -> CAIResult:
     rows = read_jsonl_log(output, repair=True)  # a torn last line is cut off, so appends start on a whole line
     done = _resumable(config, output, rows, all_prompts, constitution, settings)
     write_run_config(out, "cai", config)
-    grid = [
-        list(range(start, min(start + config.chunk_size, len(prompts)))) for start in range(0, len(prompts), config.chunk_size)
-    ]
-    partial = [chunk for chunk in grid if done.intersection(chunk) and not done.issuperset(chunk)]
-    if partial:
-        drop = {i for chunk in partial for i in chunk}
-        removed = drop_records(output, rows, drop)
-        done -= drop
-        log.info(
-            f"cai: {output}: dropped the {removed} record(s) of {len(partial)} chunk(s) only partly written "
-            f"(prompt_index {', '.join(f'{c[0]}-{c[-1]}' for c in partial)}); doing them again whole"
-        )
-    todo = [chunk for chunk in grid if not done.issuperset(chunk)]
+    todo = chunks_to_do(output, rows, chunk_grid(len(prompts), config.chunk_size), done, stage="cai")
     if todo:
         _run_chunks(config, todo, prompts, output, settings, constitution, few_shot)
     else:
@@ -697,362 +639,3 @@ def _run_chunks(
             append_whole(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
             bar.update(len(chunk))
     bar.close()
-
-
-# ============================================================================= RL-CAI: AI preferences on principles
-
-LABEL_SOURCE = "cai-principles"
-"""``Comparison.source`` of the labels :func:`label_on_principles` writes."""
-
-
-@dataclass
-class CAILabelConfig:
-    """Config of RL-CAI's labelling stage (AI preferences on principles; ``rlhfkit cai-label``)."""
-
-    samples: str = "runs/samples.jsonl"
-    """Responses to compare: `rlhfkit sample`'s output (records with `prompt` and K >= 2 `responses`; sample the
-    SL-CAI model, e.g. `rlhfkit sample model=SFT_DIR prompts=...`). Every pair of an item's responses is compared."""
-    output: str = "runs/cai_labels.jsonl"
-    """Where the labels go: rlhfkit comparison records (`rlhfkit reward data=...`, `rlhfkit dpo data=...`) with the
-    soft label in meta.target."""
-    constitution: str = ""
-    """Constitution file whose principles' `choice_request` questions the judge answers (a principle without one
-    gets a question built from its critique request). Empty: the shipped one."""
-    seed: int = 0
-    """Seed of the principle draws (one principle per pair; with the item's index, it alone sets an item's draws)."""
-    judge_model: str = ""
-    """A local model as the judge (the paper's feedback model): P(A) from its next-token logits (used when
-    judge_backend and judge_url are empty)."""
-    judge_url: str = ""
-    """Base URL of an OpenAI-compatible endpoint as the judge, e.g. http://127.0.0.1:8000/v1 (wins over
-    judge_model). Asked for `logprobs` unless method is `verdict`."""
-    judge_backend: str = ""
-    """A Python function `module:function` that gets the judge's chat messages and returns its reply (wins over
-    judge_url and judge_model; a scripted or rule-based judge; letters only, no probabilities)."""
-    judge_name: str = "default"
-    """The `model` field sent to judge_url."""
-    judge_api_key_env: str = ""
-    """Name of the environment variable holding judge_url's API key (sent as `Authorization: Bearer`); empty: none.
-    A key never goes over plain http:// to a host other than a loopback address (an error instead)."""
-    judge_timeout: float = 60.0
-    """judge_url: seconds per socket operation of a request attempt."""
-    judge_retries: int = 4
-    """judge_url: retries on connection errors, timeouts, HTTP 429 and 5xx, with exponential backoff."""
-    concurrency: int = 4
-    """judge_url and judge_backend: judgements in flight at once (a local model judges one at a time)."""
-    method: Literal["auto", "logprobs", "verdict"] = "auto"
-    """How a judgement becomes P(A): `logprobs`, the normalised probabilities of the tokens "A" and "B" (a local
-    model always has them; a server must return `logprobs`, else an error); `verdict`, the letter in the reply (1,
-    0, or 0.5 when none is found); `auto`, the probabilities where the judge gives them, else the letter."""
-    judge_max_tokens: int = 16
-    """Completion budget of a judgement read from its reply."""
-    judge_temperature: float = 0.0
-    """Sampling temperature of a judgement read from its reply (0: deterministic)."""
-    precision: str = "bf16"
-    """Compute precision of a local judge."""
-    chunk_size: int = 16
-    """Items judged between atomic saves of the output."""
-    progress: bool = True
-    """Show a progress bar."""
-    resume: Literal["auto", "force", "never"] = "auto"
-    """What to do with labels already in `output`. `auto`: keep them and judge only the items missing, refused (an
-    error naming the changed keys) if they were made under other settings (the constitution's questions, seed,
-    judge, method, judge_max_tokens, judge_temperature, precision of a local judge; recorded in `output` +
-    `.meta.json`), or if a label's prompt, responses or principle are not those its item and seed give now;
-    chunk_size, concurrency, timeouts and progress may change. `force`: keep them even so, printing what differs
-    (a label no longer of its item's responses, or under another principle than the draw, is judged again).
-    `never`: delete `output` and its settings file, and start over."""
-
-
-def response_pairs(k: int) -> list[tuple[int, int]]:
-    """The pairs of ``k`` responses that are compared: every ``(i, j)`` with ``i < j``, in order."""
-    return [(i, j) for i in range(k) for j in range(i + 1, k)]
-
-
-def draw_pair_principles(constitution: Constitution, seed: int, item_index: int, pairs: int) -> list[Principle]:
-    """The principle of each of an item's ``pairs`` comparisons: draws with replacement, uniform over the
-    constitution, from ``random.Random(f"rl-cai {seed} {item_index}")`` (a string seed, so they are not the draws
-    :func:`draw_principles` gave the same prompt index in SL-CAI), depending on nothing else."""
-    rng = random.Random(f"rl-cai {seed} {item_index}")
-    return [rng.choice(constitution.principles) for _ in range(pairs)]
-
-
-def order_swapped_target(p_a_first: float, p_a_second: float) -> float:
-    """P(response x preferred) from the two orders of the pair (x, y): shown as (A=x, B=y) the judge gave
-    P(A) = ``p_a_first``, shown as (A=y, B=x) P(A) = ``p_a_second``; the mean of ``p_a_first`` and
-    ``1 - p_a_second``. A judge that always picks A (pure position bias) gives 0.5."""
-    return (p_a_first + (1.0 - p_a_second)) / 2.0
-
-
-def principle_comparison(
-    prompt: Prompt, x: str, y: str, principle: Principle, first: Any, second: Any, *, item_index: int, pair: tuple[int, int]
-) -> Comparison:
-    """The label of the pair (x, y) from the judge's two :class:`~rlhfkit.feedback.judge.Choice` s: ``first``
-    with A=x, ``second`` with A=y. ``ranking`` puts the response the mean prefers first (a tie at exactly 0.5),
-    and ``meta["target"]`` is P(that response is preferred), the soft Bradley-Terry target."""
-    # Rounded so that float noise cannot split an exact tie (identical responses, a judge without a preference).
-    p_x = round(order_swapped_target(first.p_a, second.p_a), 9)
-    if p_x >= 0.5:
-        ranking, target = [0, 1], p_x
-    else:
-        ranking, target = [1, 0], 1.0 - p_x
-    methods = [first.method, second.method]
-    method = methods[0] if methods[0] == methods[1] else "mixed"
-    return Comparison(
-        prompt=prompt,
-        responses=[x, y],
-        ranking=ranking,
-        tie=p_x == 0.5,
-        reason=(
-            f"principle {principle.id}: A=0,B=1 -> {first.letter or '?'} (P(A) {first.p_a:.3f}); "
-            f"A=1,B=0 -> {second.letter or '?'} (P(A) {second.p_a:.3f}); P(response 0) {p_x:.3f}"
-        ),
-        source=LABEL_SOURCE,
-        meta={
-            "item_index": item_index,
-            "pair": list(pair),
-            "principle": principle.id,
-            "method": method,
-            "target": target,
-            "p_first": [first.p_a, 1.0 - second.p_a],
-            "verdicts": [first.text, second.text],
-            "parsed": [first.letter, second.letter],
-            "methods": methods,
-        },
-    )
-
-
-def label_chunk(
-    items: Sequence[tuple[int, Prompt, list[str]]], *, judge: Any, constitution: Constitution, seed: int
-) -> list[Comparison]:
-    """The labels of ``(item_index, prompt, responses)`` items: every pair of each item's responses, under its
-    drawn principle, judged in both orders (all the chunk's judgements in one :meth:`ChoiceJudge.judge` call)."""
-    from rlhfkit.feedback.judge import build_choice_messages
-
-    jobs: list[tuple[int, Prompt, str, str, Principle, tuple[int, int]]] = []
-    for index, prompt, responses in items:
-        pairs = response_pairs(len(responses))
-        for pair, principle in zip(pairs, draw_pair_principles(constitution, seed, index, len(pairs))):
-            jobs.append((index, prompt, responses[pair[0]], responses[pair[1]], principle, pair))
-    chats = []
-    for _, prompt, x, y, principle, _ in jobs:
-        question = principle.choice_question()
-        chats += [build_choice_messages(prompt, x, y, question), build_choice_messages(prompt, y, x, question)]
-    choices = judge.judge(chats)
-    return [
-        principle_comparison(prompt, x, y, principle, choices[2 * k], choices[2 * k + 1], item_index=index, pair=pair)
-        for k, (index, prompt, x, y, principle, pair) in enumerate(jobs)
-    ]
-
-
-def _judge(config: CAILabelConfig) -> Any:
-    """The :class:`~rlhfkit.feedback.judge.ChoiceJudge` that ``config`` names (a local model is loaded here)."""
-    from rlhfkit.feedback.judge import ChoiceJudge, LocalChatClient  # optional: pydantic (through rlhfkit.serve)
-
-    client = remote_client(
-        "cai-label",
-        "judge",
-        backend=config.judge_backend,
-        url=config.judge_url,
-        name=config.judge_name,
-        api_key_env=config.judge_api_key_env,
-        timeout=config.judge_timeout,
-        retries=config.judge_retries,
-    )
-    if client is None:
-        client = LocalChatClient(config.judge_model, precision=config.precision)
-    try:
-        return ChoiceJudge(
-            client,
-            method=config.method,
-            concurrency=config.concurrency,
-            max_tokens=config.judge_max_tokens,
-            temperature=config.judge_temperature,
-        )
-    except ValueError as e:
-        raise ConfigError(f"cai-label: {e}") from None
-
-
-def label_settings(config: CAILabelConfig, constitution: Constitution) -> dict[str, Any]:
-    """What the labels of ``config.output`` depend on besides their items: recorded beside it and compared on a
-    re-run (:attr:`CAILabelConfig.resume`). Only the judge in use is recorded."""
-    settings: dict[str, Any] = {
-        "source": LABEL_SOURCE,
-        "constitution": constitution.choice_digest(),
-        "seed": config.seed,
-        "method": config.method,
-        "judge_max_tokens": config.judge_max_tokens,
-        "judge_temperature": config.judge_temperature,
-    }
-    if config.judge_backend:
-        settings["judge_backend"] = config.judge_backend
-    elif config.judge_url:
-        settings["judge_url"], settings["judge_name"] = config.judge_url, config.judge_name
-    else:
-        settings["judge_model"] = config.judge_model
-        settings["model_files"] = models.model_identity(config.judge_model)
-        settings["precision"] = config.precision
-    return settings
-
-
-def _check_label_config(config: CAILabelConfig) -> None:
-    from rlhfkit.feedback.judge import CHOICE_METHODS
-
-    if config.resume not in RESUME_MODES:
-        raise ConfigError(f"cai-label: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
-    if config.method not in CHOICE_METHODS:
-        raise ConfigError(f"cai-label: method must be one of {', '.join(CHOICE_METHODS)}, got {config.method!r}")
-    if config.chunk_size < 1:
-        raise ConfigError(f"cai-label: chunk_size must be at least 1, got {config.chunk_size}")
-    if config.judge_max_tokens < 1:
-        raise ConfigError(f"cai-label: judge_max_tokens must be at least 1, got {config.judge_max_tokens}")
-    if config.judge_temperature < 0:
-        raise ConfigError(f"cai-label: judge_temperature must be 0 (greedy) or more, got {config.judge_temperature}")
-    if config.concurrency < 1:
-        raise ConfigError(f"cai-label: concurrency must be at least 1, got {config.concurrency}")
-    if not (config.judge_backend or config.judge_url or config.judge_model):
-        raise ConfigError("cai-label: no judge: set judge_model (a local model), judge_url or judge_backend")
-
-
-def _resumable_labels(
-    config: CAILabelConfig,
-    labels: list[Comparison],
-    items: list[tuple[Prompt, list[str]]],
-    constitution: Constitution,
-    settings: dict[str, Any],
-) -> set[int]:
-    """The item indices whose every pair is labelled in ``labels`` (already in the output), after checking each
-    label against its item, its pair and this run's principle draw: a ConfigError naming each difference, or under
-    ``resume=force`` a printed note."""
-    output = Path(config.output)
-    saved, changes = compare_settings(output, settings)
-    wrong: list[str] = []
-    by_item: dict[int, set[tuple[int, int]]] = {}
-    for label in labels:
-        index, pair = label.meta.get("item_index"), label.meta.get("pair")
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(items):
-            wrong.append(f"item_index {index!r} is not an item of the {len(items)} in {config.samples}")
-            continue
-        prompt, responses = items[index]
-        pairs = response_pairs(len(responses))
-        if not isinstance(pair, list) or tuple(pair) not in pairs:
-            wrong.append(f"item_index {index}: pair {pair!r} is not a pair of its {len(responses)} responses")
-            continue
-        i, j = pair
-        # Both prompts come through parse_prompt (a chat as {role, content} turns), so they compare as they are.
-        if label.prompt != prompt or list(label.responses) != [responses[i], responses[j]]:
-            wrong.append(
-                f"item_index {index} pair {pair} labels {short_repr(label.responses)}, {config.samples} has "
-                f"{short_repr([responses[i], responses[j]])}"
-            )
-            continue
-        drawn = draw_pair_principles(constitution, config.seed, index, len(pairs))[pairs.index((i, j))].id
-        if label.meta.get("principle") != drawn:
-            wrong.append(f"item_index {index} pair {pair} is under {label.meta.get('principle')!r}, this run draws {drawn!r}")
-            continue
-        by_item.setdefault(index, set()).add((i, j))
-    if wrong:
-        changes["labels"] = f"{len(wrong)} of {len(labels)} do not match the samples and draws (first: {wrong[0]})"
-    if changes:
-        listing = "; ".join(f"{key}: {change}" for key, change in changes.items())
-        if config.resume != "force":
-            raise ConfigError(
-                f"cai-label: cannot resume {output}: its {len(labels)} labels were made under other settings "
-                f"({listing}); set resume=never to delete it (and {settings_path(output)}) and start over, write to "
-                "another output, or set resume=force to keep its labels anyway"
-            )
-        log.warning(f"cai-label: resume=force: keeping the {len(labels)} labels in {output} though they differ ({listing})")
-    elif saved is None:
-        log.info(
-            f"cai-label: warning: {output} has no settings file {settings_path(output)}: its labels match the "
-            "samples and draws, but the judge and the other settings could not be checked"
-        )
-    return {index for index, done in by_item.items() if done == set(response_pairs(len(items[index][1])))}
-
-
-@dataclass
-class CAILabelResult:
-    """What :func:`label_on_principles` wrote."""
-
-    labels: Path
-    comparisons: int
-    """Labels in the output (one per pair of responses)."""
-    ties: int
-    methods: dict[str, int]
-    """How many labels came from token probabilities (``logprobs``), letters (``verdict``) or both (``mixed``)."""
-
-
-def label_on_principles(config: CAILabelConfig) -> CAILabelResult:
-    """RL-CAI's preference labels (Bai et al. 2022, section 4.1): for every item of ``config.samples``, every pair
-    (x, y) of its responses is compared by an AI judge against one principle drawn at random
-    (:func:`draw_pair_principles`), with the principle's multiple-choice question
-    (:func:`rlhfkit.feedback.judge.build_choice_messages`), in both orders, (A=x, B=y) and (A=y, B=x), which cancels
-    the judge's position bias. The soft label P(x preferred) is the mean of the two orders' (:func:`order_swapped_target`),
-    each order's P(A) being the normalised probability of the tokens "A" and "B" where the judge gives them, else
-    its verdict (1, 0, or 0.5 when unparseable).
-
-    Writes rlhfkit comparison records to ``config.output``: ``responses: [x, y]``, ``ranking`` with the preferred
-    one first, ``tie`` when P(x) is exactly 0.5, ``source: "cai-principles"``, and ``meta``: ``item_index``,
-    ``pair`` (indices of x and y in the item's responses), ``principle`` (its id), ``method`` (``logprobs``,
-    ``verdict``, or ``mixed``), ``target`` (P(the first-ranked response is preferred): the soft Bradley-Terry
-    target), ``p_first`` (P(x) from each order), ``verdicts`` (each order's reply), ``parsed`` (each order's
-    letter) and ``methods`` (each order's). They feed ``rlhfkit reward`` (then PPO) or ``rlhfkit dpo``.
-
-    Resumable like ``rlhfkit label``: items are judged in chunks of ``chunk_size``, and the output is rewritten
-    atomically (with the settings beside it) after each, in item and pair order; a re-run keeps the items whose
-    labels are all there and judges the rest, or refuses labels made under other settings
-    (:attr:`CAILabelConfig.resume`). The draws depend on the seed and the item's index alone, so a resumed run with
-    a deterministic judge writes what an uninterrupted one does. The constitution and the samples are read and
-    checked before a judge is loaded."""
-    from rlhfkit.data.preferences import load_comparisons, parse_prompt
-
-    _check_label_config(config)
-    constitution = load_constitution(config.constitution or None)
-    items: list[tuple[Prompt, list[str]]] = []
-    for row in read_rows(config.samples):
-        responses = row.data.get("responses")
-        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-            raise row.error("responses", "expected a list of at least 2 strings")
-        items.append((parse_prompt(row, "prompt"), responses))
-    if not items:
-        raise DataError(config.samples, None, None, "no items (an empty samples file)")
-
-    output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output.parent, atomic_temp_pattern(output))
-    if config.resume == "never":
-        start_over(output, "cai-label")
-    settings = label_settings(config, constitution)
-    labels = load_comparisons(output) if output.exists() else []
-    done = _resumable_labels(config, labels, items, constitution, settings) if labels else set()
-    labels = [c for c in labels if c.meta.get("item_index") in done]  # an item only partly there is judged again
-
-    def order(comparison: Comparison) -> tuple[int, int, int]:
-        index, (i, j) = comparison.meta["item_index"], comparison.meta["pair"]
-        return index, i, j
-
-    todo = [i for i in range(len(items)) if i not in done]
-    if todo:
-        judge = _judge(config)
-        bar = tqdm(total=len(items), initial=len(done), unit="item", disable=not config.progress, desc="cai-label")
-        for start in range(0, len(todo), config.chunk_size):
-            chunk = todo[start : start + config.chunk_size]
-            labels += label_chunk([(i, *items[i]) for i in chunk], judge=judge, constitution=constitution, seed=config.seed)
-            if start == 0:  # before the first new label: what every label now matches
-                write_settings(output, settings)
-            save_comparisons(output, sorted(labels, key=order))
-            bar.update(len(chunk))
-        bar.close()
-    else:
-        log.info(f"cai-label: all {len(items)} items already in {output}")
-    labels.sort(key=order)
-    methods: dict[str, int] = {}
-    for label in labels:
-        methods[label.meta["method"]] = methods.get(label.meta["method"], 0) + 1
-    ties = sum(c.tie for c in labels)
-    log.info(
-        f"cai-label: {len(labels)} labels of {len(items)} items in {output} ({ties} ties; "
-        + ", ".join(f"{count} by {method}" for method, count in sorted(methods.items()))
-        + ")"
-    )
-    return CAILabelResult(output, len(labels), ties, methods)

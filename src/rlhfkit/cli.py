@@ -3,18 +3,19 @@
 rlhfkit sft CONFIG.yaml [key=value ...]     -> rlhfkit.sft.train(SFTConfig)
 rlhfkit sample CONFIG.yaml [key=value ...]  -> rlhfkit.sample.run(SampleConfig)
 rlhfkit label CONFIG.yaml [key=value ...]   -> rlhfkit.label.run(LabelConfig)
+rlhfkit query CONFIG.yaml [key=value ...]   -> rlhfkit.active.select(QueryConfig)
 rlhfkit reward CONFIG.yaml [key=value ...]  -> rlhfkit.reward.train(RewardConfig)
 rlhfkit dpo CONFIG.yaml [key=value ...]     -> rlhfkit.dpo.train(DPOConfig)
 rlhfkit kto CONFIG.yaml [key=value ...]     -> rlhfkit.kto.train(KTOConfig)
 rlhfkit ilql CONFIG.yaml [key=value ...]    -> rlhfkit.ilql.train(ILQLConfig)
 rlhfkit cai CONFIG.yaml [key=value ...]     -> rlhfkit.cai.critique_revise(CAIConfig)
-rlhfkit cai-label CONFIG.yaml [k=v ...]     -> rlhfkit.cai.label_on_principles(CAILabelConfig)
+rlhfkit cai-label CONFIG.yaml [k=v ...]     -> rlhfkit.cai_label.label_on_principles(CAILabelConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
 rlhfkit a2c|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / ReinforceConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
                    [--ilql-beta B]          -> rlhfkit.ilql.ILQLGenerator (an ILQL output directory)
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
-rlhfkit annotate serve|add-annotator|status|export|terminal ...
+rlhfkit annotate serve|add-annotator|annotator|lead-token|status|export|terminal ...
                                             -> rlhfkit.feedback.web (browser) / feedback.terminal
 rlhfkit eval CONFIG.yaml [key=value ...]    -> rlhfkit.evaluate.run(EvalConfig)
 rlhfkit elo CONFIG.yaml [key=value ...]     -> rlhfkit.elo.run(EloConfig)
@@ -50,12 +51,13 @@ STAGES = {
     "sft": ("sft", "SFTConfig", "train"),
     "sample": ("sample", "SampleConfig", "run"),
     "label": ("label", "LabelConfig", "run"),
+    "query": ("active", "QueryConfig", "select"),
     "reward": ("reward", "RewardConfig", "train"),
     "dpo": ("dpo", "DPOConfig", "train"),
     "kto": ("kto", "KTOConfig", "train"),
     "ilql": ("ilql", "ILQLConfig", "train"),
     "cai": ("cai", "CAIConfig", "critique_revise"),
-    "cai-label": ("cai", "CAILabelConfig", "label_on_principles"),
+    "cai-label": ("cai_label", "CAILabelConfig", "label_on_principles"),
     "ppo": ("rl", "RLConfig", "train"),
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning"),
         ("sample", "sample responses to label (two per prompt by default)"),
         ("label", "label samples: simulated annotator, AI judge, or a human at the terminal"),
+        ("query", "pick the pairs to label next: reward-ensemble disagreement, uncertainty, or random"),
         ("reward", "train a reward model on preference data"),
         ("dpo", "direct preference optimisation (DPO, IPO, SLiC hinge, SimPO)"),
         ("kto", "KTO on unpaired thumbs-up/down data (paired data converted)"),
@@ -223,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=20, help="with --ilql-beta: keep the k best perturbed logits (0: all)")
     sub.add_parser(
-        "annotate", help="label pairs by hand: web app (serve, add-annotator, status, export) or terminal", add_help=False
+        "annotate",
+        help="label by hand: web app (serve, add-annotator, annotator, lead-token, status, export) or terminal",
+        add_help=False,
     )
     sub.add_parser("serve", help="OpenAI-compatible chat server for a model (rlhfkit serve MODEL --port P)", add_help=False)
     p = sub.add_parser("config", help="list a stage's config keys with defaults and docs")
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         from rlhfkit.serve import main_serve
 
         return main_serve(argv[1:])
-    if argv[:1] == ["annotate"]:  # its own parser: rlhfkit annotate serve|add-annotator|status|export|terminal
+    if argv[:1] == ["annotate"]:  # its own parser: rlhfkit annotate serve|add-annotator|...|terminal
         from rlhfkit.feedback.web.cli import main as main_annotate
 
         return main_annotate(argv[1:])

@@ -40,18 +40,18 @@ from tqdm.auto import tqdm
 from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
-    DataError,
+    RESUME_MODES,
     atomic_temp_pattern,
     compare_settings,
-    read_rows,
     remove_stale_temps,
     settings_path,
     short_repr,
     start_over,
     write_settings,
 )
-from rlhfkit.data.preferences import load_comparisons, parse_prompt, save_comparisons
+from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
+from rlhfkit.data.samples import load_items
 from rlhfkit.feedback.scorers import load_scorer
 from rlhfkit.feedback.simulated import SimulatedAnnotator, score_spread
 from rlhfkit.feedback.terminal import annotate
@@ -146,27 +146,6 @@ class LabelConfig:
     what differs. `never`: delete `output` and its settings file, and start over. (human and human-web resume from
     their own records: the terminal's labels file, web_db.)"""
 
-
-def load_items(path: str | Path) -> list[tuple[object, list[str]]]:
-    """(prompt, responses) items from a samples file.
-
-    A prompt is what a comparison holds (:func:`rlhfkit.data.preferences.parse_prompt`): a non-empty string, or a
-    chat-message list ending with a user turn (as ``{role, content}`` dicts); anything else, or a file without
-    records, is a DataError."""
-    items = []
-    for row in read_rows(path):
-        prompt = parse_prompt(row, "prompt")
-        responses = row.data.get("responses")
-        if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-            raise row.error("responses", "expected a list of at least 2 strings")
-        items.append((prompt, responses))
-    if not items:
-        raise DataError(path, None, None, "no items (an empty samples file)")
-    return items
-
-
-RESUME_MODES = ("auto", "force", "never")
-"""The values of :attr:`LabelConfig.resume` (those of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path)."""
 
 LABELLER_KEYS: dict[str, tuple[str, ...]] = {
     "simulated": ("scorer", "scorer_args", "temperature", "flip_rate", "tie_threshold", "temperature_scale", "seed"),

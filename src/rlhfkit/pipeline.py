@@ -8,7 +8,7 @@ With ``feedback: constitutional`` (Constitutional AI, Bai et al. 2022) the label
 the label stage's annotator: a ``cai`` stage runs first (SL-CAI, :func:`rlhfkit.cai.critique_revise`: the starting
 model answers the CAI prompts and critiques and revises its answers against the constitution), ``sft`` fine-tunes
 on the revisions (the SL-CAI model), ``sample`` samples it on the same prompts, and ``label`` is RL-CAI's AI
-preferences on principles (:func:`rlhfkit.cai.label_on_principles`, both orders, soft labels); the reward model,
+preferences on principles (:func:`rlhfkit.cai_label.label_on_principles`, both orders, soft labels); the reward model,
 gate, policy stages, eval (on the held-out CAI prompts by default) and report follow unchanged::
 
     cai -> sft -> sample -> label (on principles) -> reward -> gate -> ALGORITHM ... -> eval -> report
@@ -230,7 +230,7 @@ class Stage:
 def build_stages(p: PipelineConfig) -> list[Stage]:
     """Every stage's typed config, wired to the outputs of the stages before it."""
     # start-up: cli.main imports this module
-    from rlhfkit import cai, dpo, evaluate, label, report, reward, rl, sample, sft
+    from rlhfkit import cai, cai_label, dpo, evaluate, label, report, reward, rl, sample, sft
     from rlhfkit.data.constitution import DEFAULT_PROMPTS, HELDOUT_PROMPTS
 
     out = Path(p.output_dir)
@@ -279,12 +279,12 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
     )
     if constitutional:  # RL-CAI: the starting model judges (the paper's feedback model) unless the section says
         label_config = make(
-            cai.CAILabelConfig,
+            cai_label.CAILabelConfig,
             {"samples": samples, "output": labels, "seed": p.seed},
             ("label", p.label),
             defaults={"judge_model": p.model, "constitution": stages[0].config.constitution},
         )
-        stages.append(Stage("label", label_config, cai.label_on_principles, d["label"], every_process=False))
+        stages.append(Stage("label", label_config, cai_label.label_on_principles, d["label"], every_process=False))
     else:
         label_config = make(
             label.LabelConfig, {"samples": samples, "output": labels, "scorer": p.gold, "seed": p.seed}, ("label", p.label)

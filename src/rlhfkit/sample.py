@@ -33,11 +33,13 @@ from tqdm.auto import tqdm
 from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
+    RESUME_MODES,
     Row,
     append_whole,
     atomic_temp_pattern,
+    chunk_grid,
+    chunks_to_do,
     compare_settings,
-    drop_records,
     read_jsonl_log,
     remove_stale_temps,
     settings_path,
@@ -88,10 +90,6 @@ class SampleConfig:
     is no longer the prompt at its prompt_index; batch_size, max_prompts, prompts (the path) and progress may
     change. `force`: keep them even so, printing what differs. `never`: delete `output` and its settings file, and
     start over."""
-
-
-RESUME_MODES = ("auto", "force", "never")
-"""The values of :attr:`SampleConfig.resume` (those of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path)."""
 
 
 def sampling_settings(config: SampleConfig) -> dict[str, Any]:
@@ -192,19 +190,9 @@ def run(config: SampleConfig) -> Path:
     done = _resumable(config, rows, prompts, settings)
     if config.max_prompts > 0:
         prompts = prompts[: config.max_prompts]
-    grid = batch_grid(len(prompts), config.batch_size)
-    partial = [batch for batch in grid if not done.issuperset(batch) and done.intersection(batch)]
-    if partial:
-        # A batch cut by a kill, a power loss or a full disk: its records go, and it is sampled again whole
-        # under its own seed, as an uninterrupted run samples it.
-        drop = {i for batch in partial for i in batch}
-        removed = drop_records(output, rows, drop)
-        done -= drop
-        log.info(
-            f"sample: {output}: dropped the {removed} record(s) of {len(partial)} batch(es) only partly written "
-            f"(prompt_index {', '.join(f'{b[0]}-{b[-1]}' for b in partial)}); sampling them again whole"
-        )
-    todo = [batch for batch in grid if not done.issuperset(batch)]
+    # Batch k is prompts [k*B, (k+1)*B), sampled under its own seed whatever is on disk (a batch only partly
+    # written is dropped and sampled again whole), so a resumed run samples each prompt as an uninterrupted one.
+    todo = chunks_to_do(output, rows, chunk_grid(len(prompts), config.batch_size), done, stage="sample", unit="batch(es)")
     if not todo:
         log.info(f"sample: all {len(prompts)} prompts already in {output}")
         return output
@@ -254,10 +242,3 @@ def _sample_batch(generator: HFGenerator, prompts: list, config: SampleConfig) -
         for k, j in enumerate(slots):
             out[j] = texts[k :: len(slots)]
     return out
-
-
-def batch_grid(n: int, batch_size: int) -> list[list[int]]:
-    """The batches of a run over ``n`` prompts: batch k is prompt indices ``[k*B, min((k+1)*B, n))``, sampled
-    under the seed ``seed * 1_000_003 + k*B`` whatever is already on disk, so a resumed run samples each prompt
-    as an uninterrupted run does."""
-    return [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]

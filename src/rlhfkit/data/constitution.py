@@ -12,7 +12,7 @@ optionally ``name`` and ``description``). Each principle is the paper's Appendix
 
 ``id``, ``critique_request`` and ``revision_request`` are non-empty strings, and ids are unique. ``choice_request``
 (optional) is the multiple-choice question an AI judge answers when it compares two responses under the principle
-(RL-CAI, :func:`rlhfkit.cai.label_on_principles`); without one, :meth:`Principle.choice_question` builds a generic
+(RL-CAI, :func:`rlhfkit.cai_label.label_on_principles`); without one, :meth:`Principle.choice_question` builds a generic
 question from the critique request, so constitutions written before the field existed still work. Any other key
 is an error (a misspelt ``critque_request`` must not be dropped silently), and so is a key given twice. Every
 problem is a :class:`~rlhfkit.data.io.DataError` naming the file, the line (YAML, and JSON that YAML reads) and

@@ -13,13 +13,15 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from rlhfkit import log
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -324,6 +326,11 @@ def atomic_temp_pattern(path: str | Path) -> re.Pattern[str]:
     return re.compile(re.escape(f".{name}.") + r"(meta\.json\.)?[a-z0-9_]{8}")
 
 
+RESUME_MODES = ("auto", "force", "never")
+"""The values of the ``resume`` key of a stage that resumes from its output (sample, label, cai, cai-label): those
+of :attr:`rlhfkit.training.loop.TrainOptions.resume`, less a path."""
+
+
 def compare_settings(output: str | Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """``(the settings recorded beside output or None, what differs from settings)``: the changes map each key to
     ``old -> new`` (:func:`changed_settings`); an unreadable settings file is the change ``settings``."""
@@ -443,6 +450,21 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
+def read_splits(
+    read: Callable[[str, Any], list[T]], data: str, stats: Any, *, eval_data: str, eval_fraction: float, seed: int, kind: str
+) -> tuple[list[T], list[T]]:
+    """The training and held-out records of a training file of ``kind`` (named in the error on an empty file).
+    ``read(path, stats)`` gives a file's records (each as its examples), counted in ``stats``; the held-out ones are
+    ``eval_data``'s (read with no ``stats``: only the training file is counted) or, without it, split off ``data``
+    by record (:func:`split_holdout`), so the examples of one record stay on one side."""
+    records = read(data, stats)
+    if not records:
+        raise DataError(data, None, None, f"no records (an empty {kind} file)")
+    if eval_data:
+        return records, read(eval_data, None)
+    return split_holdout(records, eval_fraction, seed)
+
+
 # ---------------------------------------------------------------- append-only logs of prompt-indexed records (sample, cai)
 
 
@@ -469,3 +491,29 @@ def drop_records(output: Path, rows: list[Row], indices: set[int]) -> int:
         f.write(b"\n".join(kept))
     fsync_path(output.parent)
     return len(lines)
+
+
+def chunk_grid(n: int, size: int) -> list[list[int]]:
+    """The chunks of a run over ``n`` prompts: chunk k is prompt indices ``[k*size, min((k+1)*size, n))``, generated
+    under the seed ``seed * 1_000_003 + k*size`` whatever is already on disk, so a resumed run generates each prompt
+    as an uninterrupted run does."""
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def chunks_to_do(
+    output: Path, rows: list[Row], grid: list[list[int]], done: set[int], *, stage: str, unit: str = "chunk(s)"
+) -> list[list[int]]:
+    """The chunks of ``grid`` (:func:`chunk_grid`) not all in ``output``, whose records ``rows`` hold the prompt
+    indices ``done``. A chunk only partly there (its write cut by a kill, a power loss or a full disk) has its
+    records dropped from ``output`` and is generated again whole under its own seed, as an uninterrupted run
+    generates it; the log line saying so names ``stage`` and the grid's ``unit``."""
+    partial = [chunk for chunk in grid if done.intersection(chunk) and not done.issuperset(chunk)]
+    if partial:
+        drop = {i for chunk in partial for i in chunk}
+        removed = drop_records(output, rows, drop)
+        done = done - drop
+        log.info(
+            f"{stage}: {output}: dropped the {removed} record(s) of {len(partial)} {unit} only partly written "
+            f"(prompt_index {', '.join(f'{c[0]}-{c[-1]}' for c in partial)}); generating them again whole"
+        )
+    return [chunk for chunk in grid if not done.issuperset(chunk)]

@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhfkit import log
-from rlhfkit.data.io import DataError, Row, read_rows, split_holdout
+from rlhfkit.data.io import DataError, Row, read_rows, read_splits
 from rlhfkit.data.pairwise import tokenize_response
 from rlhfkit.data.preferences import parse_comparison, parse_prompt
 from rlhfkit.data.records import IGNORE_INDEX, Prompt
@@ -208,13 +209,8 @@ def load_scored_splits(
     """Read a scored file (any format), split off a held-out set by record, tokenise both (:func:`tokenize_scored`).
     Prints what was kept, converted, truncated, dropped and skipped."""
     stats = OfflineStats()
-    records = load_scored_records(data, stats, chosen_reward=chosen_reward, rejected_reward=rejected_reward)
-    if not records:
-        raise DataError(data, None, None, "no records (an empty scored file)")
-    if eval_data:
-        train_r, eval_r = records, load_scored_records(eval_data, chosen_reward=chosen_reward, rejected_reward=rejected_reward)
-    else:
-        train_r, eval_r = split_holdout(records, eval_fraction, seed)
+    read = partial(load_scored_records, chosen_reward=chosen_reward, rejected_reward=rejected_reward)
+    train_r, eval_r = read_splits(read, data, stats, eval_data=eval_data, eval_fraction=eval_fraction, seed=seed, kind="scored")
     train = tokenize_scored(
         tokenizer, [e for r in train_r for e in r], max_length=max_length, chat_template=chat_template, stats=stats
     )

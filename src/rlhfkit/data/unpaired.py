@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from rlhfkit import log
-from rlhfkit.data.io import DataError, Row, read_rows, split_holdout
+from rlhfkit.data.io import DataError, Row, read_rows, read_splits
 from rlhfkit.data.pairwise import tokenize_response
 from rlhfkit.data.preferences import _parquet_rows, parse_comparison, parse_prompt
 from rlhfkit.data.records import Comparison, Prompt
@@ -272,13 +272,8 @@ def load_unpaired_splits(
     converted, truncated, dropped and skipped.
     """
     stats = UnpairedStats()
-    records = load_unpaired_records(data, stats)
-    if not records:
-        raise DataError(data, None, None, "no records (an empty KTO file)")
-    if eval_data:
-        train_r, eval_r = records, load_unpaired_records(eval_data)
-    else:
-        train_r, eval_r = split_holdout(records, eval_fraction, seed)
+    read = load_unpaired_records
+    train_r, eval_r = read_splits(read, data, stats, eval_data=eval_data, eval_fraction=eval_fraction, seed=seed, kind="KTO")
     train = tokenize_unpaired(
         tokenizer, [e for r in train_r for e in r], max_length=max_length, chat_template=chat_template, seed=seed, stats=stats
     )
@@ -295,7 +290,7 @@ def load_unpaired_splits(
     if not train:
         if not train_r:
             why = (
-                f"all {len(records)} record(s) went to the held-out split (eval_fraction={eval_fraction}); "
+                f"all {len(eval_r)} record(s) went to the held-out split (eval_fraction={eval_fraction}); "
                 "add records, set eval_fraction=0 or give eval_data"
             )
         else:
@@ -307,3 +302,16 @@ def load_unpaired_splits(
             why = f"of the {len(train_r)} training record(s), " + "; ".join(lost or ["none gave an example"])
         raise DataError(data, None, None, f"no training examples left: {why}")
     return train, held
+
+
+COMPLETION_FIELD, LABEL_FIELD = UNPAIRED_FIELDS
+"""The field names of an unpaired record, for writers (:func:`unpaired_record`)."""
+
+
+def unpaired_record(prompt: Prompt, completion: str, desirable: bool, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An unpaired KTO record as :func:`parse_unpaired` reads it: ``prompt``, ``completion``, ``label``, and
+    ``meta`` when given (what human thumbs-up/down annotation writes; the reader ignores ``meta``)."""
+    record: dict[str, Any] = {"prompt": prompt, COMPLETION_FIELD: completion, LABEL_FIELD: bool(desirable)}
+    if meta is not None:
+        record["meta"] = meta
+    return record

@@ -15,7 +15,7 @@ RL-CAI's multiple-choice comparisons (Bai et al. 2022, section 4.1) have their o
 prompt (:func:`build_choice_messages`) and judge (:class:`ChoiceJudge`), which reads
 P(A) from the letters' token probabilities where the backend gives them
 (:func:`letter_probability`) and from the reply's letter otherwise; the Constitutional
-AI stage asks both orders and combines them (:func:`rlhfkit.cai.label_on_principles`).
+AI stage asks both orders and combines them (:func:`rlhfkit.cai_label.label_on_principles`).
 
 Clients (anything with ``complete(messages, temperature=..., max_tokens=...) -> str``):
 

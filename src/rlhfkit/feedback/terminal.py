@@ -316,3 +316,157 @@ def _render_prompt(prompt: Prompt) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line if line else "" for line in text.splitlines()) or "  (empty)"
+
+
+# ---------------------------------------------------------------------------
+# Thumbs mode: one response at a time, up or down (KTO records)
+# ---------------------------------------------------------------------------
+
+ThumbsItem = tuple[Prompt, str]
+"""One response to rate: a prompt and the response."""
+
+THUMB_PROMPT = "Is this response good? [y/+ = thumbs up, n/- = thumbs down, u=undo, s=skip, q=quit] > "
+THUMB_HELP = "Type y or + (good), n or - (bad), u (undo the last answer), s (skip for now) or q (quit, saving)."
+_THUMB_KEYS = {"y": True, "+": True, "up": True, "n": False, "-": False, "down": False}
+
+
+def load_thumb_labels(output: str | Path) -> dict[int, dict[str, Any]]:
+    """The thumbs labels in ``output`` by item index, in file order; ``{}`` if the file does not exist.
+
+    Each record is read with the KTO reader's own rules (:func:`rlhfkit.data.unpaired.parse_unpaired`), so a
+    file that loads here trains as it is; a DataError (file, line, field) otherwise.
+    """
+    from rlhfkit.data.unpaired import parse_unpaired
+
+    path = Path(output)
+    if not path.exists():
+        return {}
+    labels: dict[int, dict[str, Any]] = {}
+    for row in read_rows(path):
+        index = row.data.get("item_index")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise row.error("item_index", f"expected a non-negative integer, got {index!r}")
+        if index in labels:
+            raise row.error("item_index", f"item {index} is labelled twice")
+        parse_unpaired(row)
+        labels[index] = row.data
+    return labels
+
+
+def annotate_thumbs(
+    items: Sequence[ThumbsItem | None],
+    output: str | Path,
+    *,
+    annotator: str = "human",
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> list[dict[str, Any]]:
+    """Ask a person for a thumbs up or down on every response in ``items`` not yet labelled in ``output``.
+
+    ``items[i]`` is ``(prompt, response)`` (None: nothing to rate, e.g. an empty response; its number is
+    kept). ``output`` is JSONL of KTO records, the format ``rlhfkit annotate export`` writes for a thumbs
+    database (:func:`rlhfkit.data.unpaired.unpaired_record`) with ``item_index`` added; saving, undo and
+    resume work as in pair mode (module docstring). Returns every record, ordered by item index.
+    """
+    output = Path(output)
+    if output.suffix == ".json":
+        raise ValueError(f"{output}: labels are written as JSONL; use a .jsonl file name")
+    labels = load_thumb_labels(output)
+    for index, record in labels.items():
+        if index >= len(items) or items[index] is None or items[index] != (record["prompt"], record["completion"]):
+            raise DataError(
+                output,
+                None,
+                "item_index",
+                f"the label of item {index} does not match item {index} of the {len(items)} responses being "
+                "rated; is this labels file from a different samples file?",
+            )
+    session = _ThumbSession(
+        list(items),
+        labels,
+        output,
+        source=f"human:{annotator}",
+        stdin=sys.stdin if stdin is None else stdin,
+        stdout=sys.stdout if stdout is None else stdout,
+    )
+    session.annotator = annotator
+    session.run()
+    return [labels[i] for i in sorted(labels)]
+
+
+def main_thumbs(samples_path: str | Path, output: str | Path, annotator: str = "human") -> list[dict[str, Any]]:
+    """``rlhfkit annotate terminal SAMPLES OUTPUT --mode thumbs``: rate every response of ``samples_path``.
+
+    Samples are read as the web app's thumbs mode reads them
+    (:func:`rlhfkit.feedback.web.pairs.read_thumb_items`: every response of every record, numbered in
+    file order), so item numbers match the web app's. Ctrl-C exits with status 130, every answer saved.
+    """
+    from rlhfkit.feedback.web.pairs import read_thumb_items
+
+    found, _ = read_thumb_items(samples_path)
+    items: list[ThumbsItem | None] = [None] * (found[-1].item_index + 1)
+    for item in found:
+        items[item.item_index] = (item.prompt, item.response)
+    try:
+        return annotate_thumbs(items, output, annotator=annotator)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Every answer so far is saved in {output}.", file=sys.stdout, flush=True)
+        raise SystemExit(130) from None
+
+
+class _ThumbSession(_Session):
+    """:class:`_Session` with one response per item and up / down answers; ``labels`` holds KTO records."""
+
+    annotator = "human"
+
+    def _label_one(self, index: int) -> bool:
+        self._show(index)
+        while True:
+            answer = self._ask(THUMB_PROMPT)
+            choice = "q" if answer is None else answer.strip().lower()
+            if choice == "q":
+                return False
+            if choice in _THUMB_KEYS:
+                reason = self._ask(REASON_PROMPT)
+                self._add_thumb(index, _THUMB_KEYS[choice], (reason or "").strip())
+                return reason is not None
+            if choice == "s":
+                self.skipped.add(index)
+                return True
+            if choice == "u":
+                if self._undo():
+                    return True
+                continue
+            self._say(THUMB_HELP)
+
+    def _add_thumb(self, index: int, up: bool, reason: str) -> None:
+        from rlhfkit.data.unpaired import unpaired_record
+
+        prompt, response = self.pairs[index]  # type: ignore[misc]  # only ratable items are shown
+        vote = "up" if up else "down"
+        meta = {
+            "item_index": index,
+            "votes": {"up": int(up), "down": int(not up)},
+            "annotators": [self.annotator],
+            "labels": [{"annotator": self.annotator, "choice": vote, "reason": reason}],
+            "source": self.source,
+        }
+        self.labels[index] = {"item_index": index, **unpaired_record(prompt, response, up, meta)}  # type: ignore[assignment]
+        self._save()
+
+    def _save(self) -> None:
+        write_jsonl(self.output, list(self.labels.values()))  # type: ignore[arg-type]
+
+    def _show(self, index: int) -> None:
+        prompt, response = self.pairs[index]  # type: ignore[misc]
+        lines = [
+            "",
+            self._strong(_RULE),
+            self._strong(f"[{index + 1}/{len(self.pairs)}]") + f"  ({len(self.labels)} rated)",
+            self._strong("Prompt"),
+            _indent(_render_prompt(prompt)),
+            self._strong("--- Response ---"),
+            _indent(response),
+            self._strong(_RULE),
+        ]
+        self._say("\n".join(lines))

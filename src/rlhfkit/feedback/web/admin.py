@@ -32,6 +32,12 @@
   would change what the annotator said.
 * :func:`wait_for_labels` and :func:`comparisons`: what the pipeline's ``label`` stage with
   ``source: human-web`` runs on (``rlhfkit.label``).
+* Thumbs mode (:data:`~rlhfkit.feedback.web.store.MODE_THUMBS`): :func:`thumbs_records` / ``export``
+  write KTO records (``prompt``, ``completion``, ``label``: the majority of up / down votes, and
+  ``meta``); an item with as many ups as downs is left out and counted, unless the lead settled it.
+* The lead (:func:`lead_overview`): progress, throughput, agreement per day, stuck and split pairs
+  with their skip reasons. A pair the lead settled exports the lead's choice as its label
+  (``meta.lead``), whatever the votes.
 """
 
 from __future__ import annotations
@@ -46,12 +52,21 @@ from itertools import combinations
 from pathlib import Path
 from typing import Literal
 
-from rlhfkit.data.preferences import save_comparisons
+from rlhfkit.data.preferences import _write_records, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
 from rlhfkit.feedback.grades import pair_targets, scale_grade
 from rlhfkit.feedback.web.pairs import read_pairs as read_pairs  # moved to pairs.py; the old name still imports
-from rlhfkit.feedback.web.store import VOTES, AnnotationStore, Settlement, StoredLabel
+from rlhfkit.feedback.web.store import (
+    MODE_THUMBS,
+    MODE_VOTES,
+    THUMB_UP,
+    VOTES,
+    AnnotationStore,
+    LeadDecision,
+    Settlement,
+    StoredLabel,
+)
 
 SESSION_GAP_SECONDS = 600.0
 """Gaps between one annotator's labels longer than this are breaks, not labelling time."""
@@ -72,12 +87,21 @@ def reason_sides(*, flipped: bool) -> str:
     return f"screen A = {left}, screen B = {right}"
 
 
-def majority(votes: Sequence[str]) -> str:
-    """``a``, ``b`` or ``tie`` when one has the most votes; ``split`` when the top count is shared."""
+def majority(votes: Sequence[str], categories: Sequence[str] = VOTES) -> str:
+    """``a``, ``b`` or ``tie`` (or, with thumbs' categories, ``up`` / ``down``) when one has the most votes;
+    ``split`` when the top count is shared."""
     counts = Counter(votes)
     top = max(counts.values())
-    winners = [choice for choice in VOTES if counts[choice] == top]
+    winners = [choice for choice in categories if counts[choice] == top]
     return winners[0] if len(winners) == 1 else "split"
+
+
+LEAD = "lead"
+"""The name the lead's decision carries in ``source`` and ``reason``."""
+
+
+def _lead_meta(decision: LeadDecision | None) -> dict | None:
+    return None if decision is None else {"choice": decision.choice, "reason": decision.reason, "created": decision.created}
 
 
 def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Comparison]:
@@ -113,27 +137,35 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
     by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
     for label in store.labels():
         by_pair[label.item_index].append(label)
+    decisions = store.decisions()
     out = []
     for pair in store.pairs():
         labels = by_pair.get(pair.item_index, [])
         votes = [label for label in labels if label.choice != "skip"]
-        if len(votes) < max(min_votes, 1):
+        decision = decisions.get(pair.item_index)
+        if decision is None and len(votes) < max(min_votes, 1):
             continue
-        result = majority([v.choice for v in votes])
+        voted = majority([v.choice for v in votes]) if votes else None
+        # The lead's decision is the final label; the votes stay in meta for the record.
+        result = decision.choice if decision is not None else voted
         counts = Counter(v.choice for v in votes)
-        names = [v.annotator for v in votes]
+        names = [v.annotator for v in votes] + ([LEAD] if decision is not None else [])
         reasons = [f"{v.annotator}{SWAPPED_NOTE if v.flipped else ''}: {v.reason}" for v in votes if v.reason]
+        if decision is not None and decision.reason:
+            reasons.append(f"{LEAD}: {decision.reason}")
         grades = [scale_grade(v.choice, v.grade) for v in votes]
-        common = grades[0] if len(set(grades)) == 1 else "mixed"
-        target, margin = pair_targets(
-            [(v.choice, v.grade) for v in votes], chosen=1 if result == "b" else 0, tie=result in ("tie", "split")
-        )
+        common = (grades[0] if len(set(grades)) == 1 else "mixed") if grades else None
+        scored = [(v.choice, v.grade) for v in votes] if decision is None else [(decision.choice, None)]
+        target, margin = pair_targets(scored, chosen=1 if result == "b" else 0, tie=result in ("tie", "split"))
         both_bad = sum(v.both_bad for v in votes)
         meta = {
             "item_index": pair.item_index,
             "votes": {choice: counts[choice] for choice in VOTES},
-            "majority": result,
-            "agreement": max(counts.values()) / len(votes),
+            "majority": voted,
+            "lead": _lead_meta(decision),
+            "agreement": counts[result] / len(votes)
+            if decision is not None and votes
+            else (max(counts.values()) / len(votes) if votes else None),
             "skips": len(labels) - len(votes),
             "labels": [
                 {
@@ -150,7 +182,7 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
             "grade": common,
             "target": target,
             "margin": margin,
-            "both_bad": both_bad * 2 > len(votes),
+            "both_bad": both_bad * 2 > len(votes) if votes else False,
             "both_bad_votes": both_bad,
         }
         out.append(
@@ -167,6 +199,51 @@ def comparisons(store: AnnotationStore, *, min_votes: int = 1) -> list[Compariso
     return out
 
 
+def thumbs_records(store: AnnotationStore, *, min_votes: int = 1) -> tuple[list[dict], int]:
+    """KTO records of a thumbs database, one per item with at least ``min_votes`` votes (or a lead's decision),
+    and how many items were left out for a tie (as many ups as downs, not settled by the lead).
+
+    Each record is ``{"prompt", "completion", "label", "meta"}`` (:func:`rlhfkit.data.unpaired.unpaired_record`;
+    ``rlhfkit kto data=FILE`` reads it as it is). ``label`` is the majority (``true``: more ups), or the lead's
+    decision. ``meta``: ``item_index``, ``votes`` (``{"up", "down"}``), ``agreement`` (share of votes for
+    the label), ``skips``, ``annotators`` (who voted), ``labels`` (each vote's annotator, choice and reason;
+    skips with their reasons under ``skipped``), ``source`` (``human-web:NAMES``) and ``lead`` (the lead's
+    choice and reason, or None).
+    """
+    from rlhfkit.data.unpaired import unpaired_record  # here: that module imports torch, the server must start fast
+
+    by_item: dict[int, list[StoredLabel]] = defaultdict(list)
+    for label in store.labels():
+        by_item[label.item_index].append(label)
+    decisions = store.decisions()
+    records, ties = [], 0
+    for item in store.thumbs():
+        labels = by_item.get(item.item_index, [])
+        votes = [label for label in labels if label.choice != "skip"]
+        decision = decisions.get(item.item_index)
+        if decision is None and len(votes) < max(min_votes, 1):
+            continue
+        counts = Counter(v.choice for v in votes)
+        result = decision.choice if decision is not None else majority([v.choice for v in votes], MODE_VOTES[MODE_THUMBS])
+        if result == "split":
+            ties += 1
+            continue
+        names = [v.annotator for v in votes] + ([LEAD] if decision is not None else [])
+        meta = {
+            "item_index": item.item_index,
+            "votes": {choice: counts[choice] for choice in MODE_VOTES[MODE_THUMBS]},
+            "agreement": counts[result] / len(votes) if votes else None,
+            "skips": len(labels) - len(votes),
+            "annotators": [v.annotator for v in votes],
+            "labels": [{"annotator": v.annotator, "choice": v.choice, "reason": v.reason} for v in votes],
+            "skipped": [{"annotator": v.annotator, "reason": v.reason} for v in labels if v.choice == "skip"],
+            "source": "human-web:" + ",".join(names),
+            "lead": _lead_meta(decision),
+        }
+        records.append(unpaired_record(item.prompt, item.response, result == THUMB_UP, meta))
+    return records, ties
+
+
 @dataclass
 class ExportConfig:
     """``rlhfkit annotate export --db DB --format F OUTPUT``."""
@@ -178,7 +255,8 @@ class ExportConfig:
     format: Literal["jsonl", "trl", "seed"] = "jsonl"
     """``jsonl``: rlhfkit comparison records (every field; what the trainers read);
     ``seed``: prompt/response_a/response_b/preferred (a split is ``tie``);
-    ``trl``: prompt/chosen/rejected, ties and splits left out."""
+    ``trl``: prompt/chosen/rejected, ties and splits left out. A thumbs database always writes KTO records
+    (:func:`thumbs_records`) and takes only ``jsonl`` (the default)."""
     min_votes: int = 1
     """Export pairs with at least this many votes (set it to the overlap for complete pairs only)."""
     drop_both_bad: bool = False
@@ -191,10 +269,13 @@ class ExportResult(tuple):
     how many both-bad pairs were kept (or, with ``drop_both_bad``, left out)."""
 
     both_bad: int
+    thumbs: bool
+    """A thumbs database: KTO records were written, and ``left_out`` counts the tied items."""
 
-    def __new__(cls, written: int, left_out: int, both_bad: int = 0) -> ExportResult:
+    def __new__(cls, written: int, left_out: int, both_bad: int = 0, *, thumbs: bool = False) -> ExportResult:
         result = super().__new__(cls, (written, left_out))
         result.both_bad = both_bad
+        result.thumbs = thumbs
         return result
 
     @property
@@ -216,6 +297,15 @@ def export(config: ExportConfig) -> ExportResult:
     check_export_path(config.output)
     store = AnnotationStore(config.db, create=False)
     try:
+        if store.mode == MODE_THUMBS:
+            if config.format != "jsonl":
+                raise ValueError(
+                    f"{config.db}: a thumbs database exports KTO records (prompt, completion, label); "
+                    f"--format {config.format} is for pairs: leave --format out"
+                )
+            records, ties = thumbs_records(store, min_votes=config.min_votes)
+            _write_records(Path(config.output), records)
+            return ExportResult(len(records), ties, thumbs=True)
         labels = comparisons(store, min_votes=config.min_votes)
     finally:
         store.close()
@@ -272,13 +362,18 @@ class Status:
 
 def status(db: str | Path, *, now: float | None = None) -> Status:
     """Progress, throughput and agreement of the annotation database ``db``."""
-    now = time.time() if now is None else now
     store = AnnotationStore(db, create=False)
     try:
-        overlap, labels, names = store.overlap, store.labels(), store.annotators()
-        pairs, complete = store.vote_counts()
+        return store_status(store, now=now)
     finally:
         store.close()
+
+
+def store_status(store: AnnotationStore, *, now: float | None = None) -> Status:
+    """:func:`status` of an open store (the lead's page)."""
+    now = time.time() if now is None else now
+    overlap, labels, names, categories = store.overlap, store.labels(), store.annotators(), MODE_VOTES[store.mode]
+    pairs, complete = store.vote_counts()
     votes_by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
     by_annotator: dict[str, list[StoredLabel]] = defaultdict(list)
     for label in labels:
@@ -301,7 +396,7 @@ def status(db: str | Path, *, now: float | None = None) -> Status:
         )
 
     full = [votes[:overlap] for votes in votes_by_pair.values() if overlap >= 2 and len(votes) >= overlap]
-    fleiss = fleiss_kappa(category_counts([[v.choice for v in votes] for votes in full], VOTES)) if full else math.nan
+    fleiss = fleiss_kappa(category_counts([[v.choice for v in votes] for votes in full], categories)) if full else math.nan
 
     cohen = []
     choice_of = {(label.annotator, label.item_index): label.choice for label in labels if label.choice != "skip"}
@@ -367,3 +462,92 @@ def wait_for_labels(store: AnnotationStore, *, timeout: float, poll_seconds: flo
     finally:
         bar.close()
     return state
+
+
+# ----------------------------------------------------------------------------- the lead's page
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def lead_overview(store: AnnotationStore, *, now: float | None = None) -> dict:
+    """What the lead's page (``/lead``) shows, as JSON-ready data.
+
+    * ``progress``: items, complete (``overlap`` votes or settled by the lead), waiting, stuck, settled_by_lead;
+    * ``annotators``: each one's state, votes, skips, labels in the last hour and median seconds per label;
+    * ``agreement``: Fleiss' kappa (pairs with ``overlap`` >= 2 votes), Cohen's kappa per two annotators,
+      and ``by_day``: for each UTC day, the items whose second vote came that day and the share of them whose
+      votes all agree (inter-annotator agreement over time);
+    * ``stuck``: items short of votes that every active annotator has voted on or skipped (nobody is left to
+      ask), with their votes and each skip's annotator and reason; ``split``: items whose votes tie at the top
+      (a split pair, or as many ups as downs). Neither lists an item the lead settled. Each entry carries the
+      prompt and the response(s) in canonical order (``a`` = ``responses[0]``), so the lead judges the same text.
+    """
+    now = time.time() if now is None else now
+    mode, overlap = store.mode, store.overlap
+    summary = store_status(store, now=now)
+    settlement = store.settlement()
+    decisions = store.decisions()
+    states = store.annotator_states()
+    by_item: dict[int, list[StoredLabel]] = defaultdict(list)
+    for label in store.labels():
+        by_item[label.item_index].append(label)
+    categories = MODE_VOTES[mode]
+
+    def entry(item_index: int, prompt, responses: list[str]) -> dict:
+        labels = by_item.get(item_index, [])
+        votes = [label for label in labels if label.choice != "skip"]
+        return {
+            "item_index": item_index,
+            "prompt": prompt,
+            "responses": responses,
+            "votes": {c: sum(v.choice == c for v in votes) for c in categories},
+            "voters": [{"annotator": v.annotator, "choice": v.choice, "reason": v.reason} for v in votes],
+            "skips": [{"annotator": v.annotator, "reason": v.reason} for v in labels if v.choice == "skip"],
+        }
+
+    texts = {p.item_index: (p.prompt, list(p.responses[:1] if mode == MODE_THUMBS else p.responses)) for p in store.pairs()}
+    stuck = [entry(i, *texts[i]) for i in settlement.exhausted]
+    split = []
+    by_day: dict[str, list[bool]] = defaultdict(list)
+    for index, labels in sorted(by_item.items()):
+        votes = [label for label in labels if label.choice != "skip"]
+        if len(votes) >= 2:
+            day = time.strftime("%Y-%m-%d", time.gmtime(votes[1].created))
+            by_day[day].append(len({v.choice for v in votes}) == 1)
+            if index not in decisions and majority([v.choice for v in votes], categories) == "split":
+                split.append(entry(index, *texts[index]))
+    return {
+        "mode": mode,
+        "overlap": overlap,
+        "choices": list(categories),
+        "progress": {
+            "items": settlement.pairs,
+            "complete": settlement.complete,
+            "waiting": len(settlement.waiting),
+            "stuck": len(settlement.exhausted),
+            "settled_by_lead": len(settlement.by_lead),
+            "votes": summary.votes,
+            "last_hour": sum(a.last_hour for a in summary.annotators),
+        },
+        "annotators": [
+            {
+                "name": a.name,
+                "state": states.get(a.name, "active"),
+                "votes": a.votes,
+                "skips": a.skips,
+                "last_hour": a.last_hour,
+                "seconds_per_label": _finite(a.seconds_per_label),
+            }
+            for a in summary.annotators
+        ],
+        "agreement": {
+            "fleiss": _finite(summary.fleiss),
+            "fleiss_items": summary.fleiss_pairs,
+            "cohen": [{"pair": [a, b], "kappa": _finite(k), "shared": n} for a, b, k, n in summary.cohen],
+            "by_day": [{"day": d, "items": len(v), "agree": sum(v) / len(v)} for d, v in sorted(by_day.items())],
+        },
+        "stuck": stuck,
+        "split": split,
+    }

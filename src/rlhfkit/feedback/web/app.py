@@ -16,7 +16,19 @@ Routes:
 * ``POST /api/undo`` - delete the caller's last label and get that pair back
   (``undone``: its choice as shown, reason, grade and both_bad, to show again).
 * ``POST /api/task`` - the task's guidelines (markdown text, ``""`` if none) and
-  criteria (a list of short strings), as given to ``serve``.
+  criteria (a list of short strings), as given to ``serve``, and the ``mode``.
+* Thumbs mode (``serve --mode thumbs``): the same routes; an assignment is
+  ``{"pair_id", "prompt", "response"}`` and ``choice`` is ``up | down | skip``.
+  Every reply says ``mode``; a paused annotator's ``/api/next`` has no assignment
+  and ``paused: true`` with a message.
+* ``GET /healthz`` - ``{"ok": true}`` when the database answers (503 otherwise);
+  no token, and nothing about the pairs or the annotators.
+* ``GET /lead`` - the lead's page (``static/lead.html`` + ``lead.js``, the same
+  safe renderer as the annotator page); its calls, ``POST /api/lead/overview``,
+  ``/api/lead/settle`` ``{"item_index", "choice", "reason"}``,
+  ``/api/lead/annotator`` ``{"name", "action": "pause"|"resume"|"revoke"}`` and
+  ``/api/lead/add-annotator`` ``{"name"}``, need the lead token
+  (``rlhfkit annotate lead-token``; stored hashed, like the annotators' tokens).
 
 Security:
 
@@ -36,7 +48,10 @@ Security:
   is shown as text (blocks have ``dir="auto"``, so right-to-left text reads right to left);
   ``Referrer-Policy: no-referrer`` keeps the token (in the page URL) from leaking.
 
-The server binds to 127.0.0.1 by default. SIGTERM stops it as Ctrl+C does
+The server binds to 127.0.0.1 by default. ``X-Forwarded-Proto`` / ``X-Forwarded-For``
+are believed only from the addresses in ``ServeConfig.trusted_proxies`` (none by
+default), so behind a TLS-terminating reverse proxy the page sees ``https`` and the
+origin check works, and nobody else can claim to be a proxy. SIGTERM stops it as Ctrl+C does
 (requests in flight answered, the database closed with its WAL checkpointed);
 ``rlhfkit annotate serve`` then exits 0.
 """
@@ -54,9 +69,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from rlhfkit.feedback.web.pairs import read_pairs
-from rlhfkit.feedback.web.store import AnnotationStore, Annotator, Assignment, StoreError, to_shown
-from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host, uvicorn_server
+from rlhfkit.feedback.web.admin import lead_overview
+from rlhfkit.feedback.web.pairs import read_pairs, read_thumb_items
+from rlhfkit.feedback.web.store import MODE_THUMBS, MODES, PAUSED, AnnotationStore, Annotator, Assignment, StoreError, to_shown
+from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -66,8 +82,11 @@ MAX_GUIDELINES_BYTES = 1024 * 1024
 STATIC_FILES = {
     "annotate.js": ("annotate.js", "text/javascript; charset=utf-8"),
     "annotate.css": ("annotate.css", "text/css; charset=utf-8"),
+    "lead.js": ("lead.js", "text/javascript; charset=utf-8"),
 }
 PAGE = ("annotate.html", "text/html; charset=utf-8")
+LEAD_PAGE = ("lead.html", "text/html; charset=utf-8")
+PAUSED_MESSAGE = "You are paused by the lead: no pairs for now. Your labels so far are kept."
 
 PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
@@ -85,13 +104,37 @@ class LabelRequest(BaseModel):
     """Body of ``POST /api/label`` (module level: FastAPI resolves annotations in module globals)."""
 
     pair_id: int
-    choice: Literal["a", "b", "tie", "skip"]
-    """As shown: ``a`` is the response on the left."""
+    choice: Literal["a", "b", "tie", "skip", "up", "down"]
+    """As shown: ``a`` is the response on the left; ``up`` / ``down`` in thumbs mode (the store checks the mode)."""
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
     grade: Literal["much_better", "better", "slightly_better"] | None = None
     """How much better the chosen side is (``a`` / ``b`` only); None: an ungraded vote (older clients)."""
     both_bad: bool = False
     """Both responses are bad (with a vote, not a skip)."""
+
+
+class SettleRequest(BaseModel):
+    """Body of ``POST /api/lead/settle``: the lead's final label, canonical (``a`` = ``responses[0]``)."""
+
+    item_index: int
+    choice: Literal["a", "b", "tie", "up", "down"]
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+
+class AnnotatorAction(BaseModel):
+    """Body of ``POST /api/lead/annotator``."""
+
+    name: str = Field(max_length=64)
+    action: Literal["pause", "resume", "revoke"]
+
+
+class NewAnnotator(BaseModel):
+    """Body of ``POST /api/lead/add-annotator``."""
+
+    name: str = Field(max_length=64)
+
+
+ACTION_STATES = {"pause": "paused", "resume": "active", "revoke": "revoked"}
 
 
 # ----------------------------------------------------------------------------- request guard
@@ -146,9 +189,11 @@ def _static(name: str) -> bytes:
     return resources.files("rlhfkit.feedback.web").joinpath("static", name).read_bytes()
 
 
-def _assignment_json(assignment: Assignment | None) -> dict | None:
+def _assignment_json(assignment: Assignment | None, mode: str) -> dict | None:
     if assignment is None:
         return None
+    if mode == MODE_THUMBS:
+        return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "response": assignment.left}
     # The A/B order stays server-side: the page sends what it showed, the store maps it back.
     return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "a": assignment.left, "b": assignment.right}
 
@@ -167,7 +212,9 @@ def create_app(
     app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
     files = {name: (_static(file), kind) for name, (file, kind) in STATIC_FILES.items()}
     page = _static(PAGE[0])
+    lead_page = _static(LEAD_PAGE[0])
     task = {"guidelines": guidelines, "criteria": [c.strip() for c in criteria if c.strip()]}
+    mode = store.mode  # fixed while serving: the mode changes only on an empty database
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
@@ -182,17 +229,35 @@ def create_app(
             raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
         return found
 
+    def lead(authorization: str | None = Header(default=None)) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip() or not store.is_lead_token(token.strip()):
+            raise HTTPException(401, "lead token needed: create one with `rlhfkit annotate lead-token --db DB`")
+
     def reply(who: Annotator, assignment: Assignment | None, **extra: Any) -> dict:
+        paused = assignment is None and store.annotator_states().get(who.name) == PAUSED
         return {
             "annotator": who.name,
-            "assignment": _assignment_json(assignment),
+            "mode": mode,
+            "assignment": _assignment_json(assignment, mode),
             "progress": asdict(store.progress(who.id)),
+            "paused": paused,
+            **({"message": PAUSED_MESSAGE} if paused else {}),
             **extra,
         }
 
     @app.get("/")
     def annotate_page() -> Response:
         return Response(page, media_type=PAGE[1], headers={"content-security-policy": PAGE_CSP})
+
+    @app.get("/lead")
+    def lead_page_route() -> Response:
+        return Response(lead_page, media_type=LEAD_PAGE[1], headers={"content-security-policy": PAGE_CSP})
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        ok = store.healthy()
+        return JSONResponse(status_code=200 if ok else 503, content={"ok": ok})
 
     @app.get("/static/{name}")
     def static_file(name: str) -> Response:
@@ -231,7 +296,32 @@ def create_app(
 
     @app.post("/api/task")
     def task_brief(who: Annotator = Depends(annotator)) -> dict:
-        return task
+        return {**task, "mode": mode}
+
+    @app.post("/api/lead/overview", dependencies=[Depends(lead)])
+    def overview() -> dict:
+        return lead_overview(store)
+
+    @app.post("/api/lead/settle", dependencies=[Depends(lead)])
+    def settle(request: SettleRequest) -> dict:
+        decision = store.settle(request.item_index, request.choice, request.reason.strip())
+        return {"settled": asdict(decision), "overview": lead_overview(store)}
+
+    @app.post("/api/lead/annotator", dependencies=[Depends(lead)])
+    def annotator_action(request: AnnotatorAction) -> dict:
+        try:
+            store.set_annotator_state(request.name, ACTION_STATES[request.action])
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return {"overview": lead_overview(store)}
+
+    @app.post("/api/lead/add-annotator", dependencies=[Depends(lead)])
+    def add_annotator(request: NewAnnotator) -> dict:
+        try:
+            token = store.add_annotator(request.name)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        return {"name": request.name, "token": token, "overview": lead_overview(store)}
 
     return RequestGuard(app, max_body_bytes=max_body_bytes)
 
@@ -261,6 +351,12 @@ class ServeConfig:
     a missing or unreadable file is an error naming it. None: no guidelines."""
     criteria: list[str] = field(default_factory=list)
     """What to judge by, shown as a short list above the pair (e.g. ``["helpful", "harmless", "honest"]``)."""
+    mode: str | None = None
+    """``pairs`` (compare two responses) or ``thumbs`` (thumbs up / down on each response of `pairs`, any number
+    per record; export writes KTO records). None: keep the db's mode (``pairs`` for a new db). One mode per db."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses of reverse proxies whose ``X-Forwarded-Proto`` / ``X-Forwarded-For`` are believed
+    (e.g. ``127.0.0.1`` for nginx or Caddy on this machine). Empty: no proxy headers are believed."""
 
 
 def read_guidelines(path: str | Path) -> str:
@@ -284,19 +380,50 @@ def read_guidelines(path: str | Path) -> str:
 
 def prepare(config: ServeConfig) -> AnnotationStore:
     """Open the database, store the settings and load the pairs; prints a summary to stderr."""
-    items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
+    if config.mode is not None and config.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     store = AnnotationStore(config.db)
-    store.configure(overlap=config.overlap, lease_seconds=config.lease_seconds)
-    added = store.add_pairs(items)
+    try:
+        store.configure(overlap=config.overlap, lease_seconds=config.lease_seconds, mode=config.mode)
+        if store.mode == MODE_THUMBS:
+            thumbs, empty = read_thumb_items(config.pairs) if config.pairs else ([], 0)
+            added = store.add_thumbs(thumbs)
+        else:
+            items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
+            added = store.add_pairs(items)
+    except BaseException:
+        store.close()
+        raise
     total, complete = store.vote_counts()
     note = f" ({empty} left out: empty response)" if empty else ""
     print(
-        f"rlhfkit annotate: {config.db}: {total} pairs ({added} new{note}), {complete} complete, "
+        f"rlhfkit annotate: {config.db}: {total} {'responses to rate' if store.mode == MODE_THUMBS else 'pairs'} "
+        f"({added} new{note}), {complete} complete, "
         f"{store.overlap} vote(s) each, annotators: {', '.join(store.annotators()) or 'none yet'}",
         file=sys.stderr,
         flush=True,
     )
     return store
+
+
+def web_server(app: Any, *, trusted_proxies: str = "", log_level: str = "warning"):
+    """A uvicorn server for ``app`` that believes proxy headers only from ``trusted_proxies`` (comma-separated).
+
+    uvicorn by default believes ``X-Forwarded-*`` from 127.0.0.1, so anything on this machine could claim
+    another scheme or client address; here nothing is believed unless configured.
+    """
+    import uvicorn
+
+    proxies = [p.strip() for p in trusted_proxies.split(",") if p.strip()]
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
+    )
+    return uvicorn.Server(config)
 
 
 class Terminated(Exception):
@@ -344,7 +471,7 @@ def serve(config: ServeConfig) -> None:
             flush=True,
         )
         app = create_app(store, guidelines=guidelines, criteria=config.criteria)
-        uvicorn_server(app, log_level="warning").run(sockets=[sock])
+        web_server(app, trusted_proxies=config.trusted_proxies).run(sockets=[sock])
     except Terminated:
         print("rlhfkit annotate: stopped by SIGTERM", file=sys.stderr, flush=True)
     finally:

@@ -1,11 +1,14 @@
 """``rlhfkit annotate``: label pairs by hand, in the browser or at the terminal.
 
-    rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--guidelines FILE.md] [--criterion TEXT ...]
-                           [--host H --port P --overlap K --lease-seconds S]
+    rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--mode pairs|thumbs] [--guidelines FILE.md] [--criterion TEXT ...]
+                           [--host H --port P --overlap K --lease-seconds S --trusted-proxies IPS]
     rlhfkit annotate add-annotator NAME [--db DB] [--new-token]   (prints the token)
+    rlhfkit annotate annotator NAME pause|resume|revoke [--db DB]
+    rlhfkit annotate lead-token [--db DB]                          (prints a new lead token for /lead)
     rlhfkit annotate status [--db DB]
     rlhfkit annotate export [--db DB] --format jsonl|trl|seed OUTPUT.jsonl|.json|.parquet [--min-votes N] [--drop-both-bad]
-    rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME]
+                                                                   (a thumbs db writes KTO records)
+    rlhfkit annotate terminal SAMPLES OUTPUT [--annotator NAME] [--mode pairs|thumbs]
     rlhfkit annotate SAMPLES OUTPUT [--annotator NAME]                      (the same, older spelling)
 
 DB defaults to ``runs/annotations.sqlite``, the label stage's ``web_db``.
@@ -17,8 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhfkit.feedback.web.store import MODE_PAIRS, MODE_THUMBS, MODES
+
 DEFAULT_DB = "runs/annotations.sqlite"  # the label stage's `web_db` default
-COMMANDS = ("serve", "add-annotator", "status", "export", "terminal")
+COMMANDS = ("serve", "add-annotator", "annotator", "lead-token", "status", "export", "terminal")
 
 
 def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
@@ -29,7 +34,23 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the annotation web app (FastAPI + SQLite)")
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (SQLite; created if missing; default {DEFAULT_DB})")
-    p.add_argument("--pairs", default="", help="pairs to add: `rlhfkit sample` output or seed pairs (JSON/JSONL)")
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="pairs to add: `rlhfkit sample` output or seed pairs (JSON/JSONL); with --mode thumbs every response is an item",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="pairs: compare two responses; thumbs: thumbs up/down on one response, exported for KTO (default: the db's)",
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        default="",
+        metavar="IPS",
+        help="comma-separated reverse-proxy addresses whose X-Forwarded-Proto/-For are believed (default: none)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0 picks a free one; the address is printed)")
     p.add_argument(
@@ -58,6 +79,14 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
     p.add_argument("--new-token", action="store_true", help="give an existing annotator a new token (the old one stops working)")
 
+    p = sub.add_parser("annotator", help="pause, resume or revoke an annotator (as the lead's page does)")
+    p.add_argument("name")
+    p.add_argument("action", choices=["pause", "resume", "revoke"])
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
+
+    p = sub.add_parser("lead-token", help="print a new token for the lead's page /lead (the old one stops working)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
+
     p = sub.add_parser("status", help="labels per annotator, throughput, agreement (Cohen's / Fleiss' kappa)")
     p.add_argument("--db", default=DEFAULT_DB, help=f"annotation database (default {DEFAULT_DB})")
 
@@ -78,6 +107,9 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
     p.add_argument("samples", help="samples JSONL (from `rlhfkit sample`)")
     p.add_argument("output", help="labels JSONL (saved after every answer; re-run to resume)")
     p.add_argument("--annotator", default="human")
+    p.add_argument(
+        "--mode", choices=MODES, default=MODE_PAIRS, help="pairs: a/b/tie; thumbs: up/down on each response (KTO records)"
+    )
     return parser
 
 
@@ -100,6 +132,11 @@ def main(argv: list[str] | None = None, *, prog: str = "rlhfkit annotate") -> in
 
 def _run(ns: argparse.Namespace) -> int:
     if ns.command == "terminal":
+        if ns.mode == MODE_THUMBS:
+            from rlhfkit.feedback.terminal import main_thumbs
+
+            main_thumbs(ns.samples, ns.output, ns.annotator)
+            return 0
         from rlhfkit.feedback.terminal import main_annotate
 
         main_annotate(ns.samples, ns.output, ns.annotator)
@@ -117,8 +154,27 @@ def _run(ns: argparse.Namespace) -> int:
                 lease_seconds=ns.lease_seconds,
                 guidelines=ns.guidelines,
                 criteria=ns.criteria,
+                mode=ns.mode,
+                trusted_proxies=ns.trusted_proxies,
             )
         )
+        return 0
+    if ns.command in ("annotator", "lead-token"):
+        from rlhfkit.feedback.web.store import AnnotationStore
+
+        store = AnnotationStore(ns.db, create=False)
+        try:
+            if ns.command == "lead-token":
+                token = store.new_lead_token()
+                print(token)
+                print(f"lead: open http://HOST:PORT/lead#token={token} (the token is shown only now)", file=sys.stderr)
+                return 0
+            from rlhfkit.feedback.web.app import ACTION_STATES
+
+            store.set_annotator_state(ns.name, ACTION_STATES[ns.action])
+        finally:
+            store.close()
+        print(f"{ns.name}: {ACTION_STATES[ns.action]}", file=sys.stderr)
         return 0
     if ns.command == "add-annotator":
         from rlhfkit.feedback.web.store import AnnotationStore
@@ -145,6 +201,10 @@ def _run(ns: argparse.Namespace) -> int:
     config = ExportConfig(db=ns.db, output=ns.output, format=ns.format, min_votes=ns.min_votes, drop_both_bad=ns.drop_both_bad)
     result = export(config)
     written, left_out = result
+    if result.thumbs:
+        tied = f"; {left_out} item(s) with as many ups as downs left out" if left_out else ""
+        print(f"rlhfkit annotate export: {written} KTO records in {ns.output}{tied}", file=sys.stderr)
+        return 0
     notes = [f"{left_out} ties/splits left out (TRL has no ties)"] if left_out else []
     if result.both_bad:
         what = "left out (--drop-both-bad)" if ns.drop_both_bad else "kept, marked meta.both_bad"

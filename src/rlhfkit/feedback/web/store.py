@@ -29,9 +29,24 @@ file: ``a`` = its ``responses[0]`` / ``response_a``):
   ``b``: one of :data:`rlhfkit.feedback.grades.STRENGTHS`, or NULL when the client
   sent only the choice) and ``both_bad`` (the annotator found both responses bad).
 
+Thumbs mode (``settings.mode`` = ``thumbs``; a database holds one mode, ``pairs`` unless set):
+each item is **one** response to a prompt, stored in ``pairs`` with the response in
+``response_a`` and ``response_b`` empty; its labels are ``up | down | skip``, never
+shown swapped, without grade or both_bad. Overlap, leases, skips and undo work as
+for pairs.
+
+The lead (``settings.lead_token_sha256``: one lead token, stored hashed like the
+annotators' tokens) can pause, resume or revoke an annotator (``annotators.state``:
+a paused annotator gets no pairs, a revoked one's token stops working; neither
+counts as someone left to ask) and settle a pair (``settled``: the lead's choice is
+the pair's final label; a settled pair is complete and is no longer handed out).
+
 Schema versions (``settings.schema``): 1 had no ``grade`` / ``both_bad``; opening a
 version-1 file adds the two columns (existing labels: ungraded, not both bad) and
-marks it version 2, keeping every label. A file of a newer version is refused.
+marks it version 2, keeping every label. Version 3 adds the thumbs choices (the
+``labels`` table is rebuilt with the wider CHECK, rows and ids kept),
+``annotators.state`` (existing annotators: active) and the ``settled`` table.
+A file of a newer version is refused.
 
 Assignment rules (:meth:`next_assignment`):
 
@@ -47,9 +62,10 @@ Assignment rules (:meth:`next_assignment`):
 * a skip does not count as a vote; the pair goes to someone else.
 
 A pair is **settled** (:meth:`settlement`, what the pipeline waits for) once it
-has ``overlap`` votes, or once every registered annotator has voted on or
-skipped it: nobody is left to ask, so waiting longer cannot help. A newly
-registered annotator reopens such a pair.
+has ``overlap`` votes, once the lead settled it, or once every active annotator
+has voted on or skipped it: nobody is left to ask, so waiting longer cannot help
+(the lead's page lists such pairs as stuck). A newly registered or resumed
+annotator reopens such a pair.
 """
 
 from __future__ import annotations
@@ -71,11 +87,25 @@ from rlhfkit.data.records import Prompt
 from rlhfkit.feedback.grades import STRENGTHS, check_vote
 
 CHOICES: tuple[str, ...] = ("a", "b", "tie", "skip")
-"""What an annotator can answer; stored in canonical order (``a`` = the file's ``response_a``)."""
+"""What an annotator can answer on a pair; stored in canonical order (``a`` = the file's ``response_a``)."""
 VOTES: tuple[str, ...] = ("a", "b", "tie")
 """The choices that count as a vote on a pair (everything but skip)."""
+MODE_PAIRS = "pairs"
+"""Compare two responses (the 7-point scale): the default mode."""
+MODE_THUMBS = "thumbs"
+"""Thumbs up / down on one response; exported as KTO records."""
+MODES: tuple[str, ...] = (MODE_PAIRS, MODE_THUMBS)
+THUMB_UP, THUMB_DOWN = "up", "down"
+THUMB_VOTES: tuple[str, ...] = (THUMB_UP, THUMB_DOWN)
+"""The votes of thumbs mode (``up``: desirable)."""
+THUMB_CHOICES: tuple[str, ...] = (*THUMB_VOTES, "skip")
+MODE_CHOICES = {MODE_PAIRS: CHOICES, MODE_THUMBS: THUMB_CHOICES}
+MODE_VOTES = {MODE_PAIRS: VOTES, MODE_THUMBS: THUMB_VOTES}
+ACTIVE, PAUSED, REVOKED = "active", "paused", "revoked"
+ANNOTATOR_STATES: tuple[str, ...] = (ACTIVE, PAUSED, REVOKED)
+"""``annotators.state``: paused gets no pairs (resumable), revoked has no working token."""
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 DEFAULT_OVERLAP = 1
 DEFAULT_LEASE_SECONDS = 600.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -94,7 +124,8 @@ CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     token_sha256 TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'revoked'))
 );
 CREATE TABLE IF NOT EXISTS leases (
     pair_id INTEGER NOT NULL REFERENCES pairs(id),
@@ -108,7 +139,7 @@ CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     pair_id INTEGER NOT NULL REFERENCES pairs(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip', 'up', 'down')),
     flipped INTEGER NOT NULL,
     reason TEXT NOT NULL,
     created REAL NOT NULL,
@@ -117,7 +148,14 @@ CREATE TABLE IF NOT EXISTS labels (
     UNIQUE (pair_id, annotator_id)
 );
 CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels(annotator_id, id);
+CREATE TABLE IF NOT EXISTS settled (
+    pair_id INTEGER PRIMARY KEY REFERENCES pairs(id),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'up', 'down')),
+    reason TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
+_ANNOTATOR_STATE_COLUMN = "state TEXT NOT NULL DEFAULT 'active' CHECK (state IN ('active', 'paused', 'revoked'))"
 
 _MIGRATIONS = {
     # version -> the statements that take a file of that version to the next one
@@ -125,10 +163,25 @@ _MIGRATIONS = {
         "ALTER TABLE labels ADD COLUMN grade TEXT CHECK (grade IS NULL OR "
         "(grade IN ('much_better', 'better', 'slightly_better') AND choice IN ('a', 'b')))",
         "ALTER TABLE labels ADD COLUMN both_bad INTEGER NOT NULL DEFAULT 0 CHECK (both_bad IN (0, 1))",
-    )
+    ),
+    # SQLite cannot widen a CHECK in place: the labels table is rebuilt (same columns, rows and ids)
+    # with the thumbs choices allowed. Nothing references labels, so dropping the old one is safe.
+    "2": (
+        _SCHEMA.split("CREATE TABLE IF NOT EXISTS labels")[1].split(";")[0].join(["CREATE TABLE labels_v3", ""]),
+        "INSERT INTO labels_v3 (id, pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad) "
+        "SELECT id, pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad FROM labels",
+        "DROP TABLE labels",
+        "ALTER TABLE labels_v3 RENAME TO labels",
+        "CREATE INDEX labels_by_annotator ON labels(annotator_id, id)",
+        f"ALTER TABLE annotators ADD COLUMN {_ANNOTATOR_STATE_COLUMN}",
+    ),
 }
 assert set(STRENGTHS) == {"much_better", "better", "slightly_better"}  # the CHECK constraints above spell them out
 
+
+_COMPLETE_SQL = """SELECT COUNT(*), COALESCE(SUM(n_votes >= ? OR EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = pairs.id)), 0)
+                   FROM pairs"""
+"""``(items, complete)``: complete = ``overlap`` votes, or settled by the lead."""
 
 _LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created,
                           l.grade, l.both_bad
@@ -156,9 +209,21 @@ class PairItem:
 
 
 @dataclass(frozen=True)
+class ThumbItem:
+    """One response to rate (thumbs mode)."""
+
+    item_index: int
+    """0-based position among every response of the samples file, record by record (``meta.item_index``)."""
+    prompt: Prompt
+    response: str
+
+
+@dataclass(frozen=True)
 class Annotator:
     id: int
     name: str
+    state: str = ACTIVE
+    """One of :data:`ANNOTATOR_STATES` (a revoked annotator's token finds nobody)."""
 
 
 @dataclass(frozen=True)
@@ -218,11 +283,24 @@ class Settlement:
     complete: int
     """Pairs with at least ``overlap`` votes."""
     exhausted: tuple[int, ...]
-    """Item indices of the pairs short of ``overlap`` votes that every registered annotator has voted on
-    or skipped: settled, as nobody is left to ask."""
+    """Item indices of the pairs short of ``overlap`` votes, not settled by the lead, that every active
+    annotator has voted on or skipped: settled, as nobody is left to ask (the lead's "stuck" pairs)."""
     waiting: tuple[int, ...]
-    """Item indices of the other pairs short of ``overlap`` votes: some annotator has not seen them yet
-    (all of them while no annotator is registered)."""
+    """Item indices of the other pairs short of ``overlap`` votes: some active annotator has not seen them yet
+    (all of them while no annotator is active)."""
+    by_lead: tuple[int, ...] = ()
+    """Item indices of the pairs the lead settled (counted in ``complete``)."""
+
+
+@dataclass(frozen=True)
+class LeadDecision:
+    """The lead's final label for a pair (:meth:`AnnotationStore.settle`)."""
+
+    item_index: int
+    choice: str
+    """Canonical, as in :class:`StoredLabel` (``a | b | tie``, or ``up | down`` in thumbs mode)."""
+    reason: str
+    created: float
 
 
 def _stored_label(row: tuple) -> StoredLabel:
@@ -334,16 +412,33 @@ class AnnotationStore:
 
     # -- settings ------------------------------------------------------------
 
-    def configure(self, *, overlap: int | None = None, lease_seconds: float | None = None) -> None:
-        """Store the overlap ``k`` and the lease length; the server, status and export all read them from here."""
+    def configure(self, *, overlap: int | None = None, lease_seconds: float | None = None, mode: str | None = None) -> None:
+        """Store the overlap ``k``, the lease length and the mode; the server, status and export all read them from here.
+
+        ``mode`` (:data:`MODES`) can change only while the database holds no items: pairs and single
+        responses do not mix in one database (a ValueError saying so).
+        """
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode is not None and mode != self.mode:
+            (items,) = self._read("SELECT COUNT(*) FROM pairs")[0]
+            if items:
+                raise ValueError(
+                    f"{self.path}: this database holds {items} item(s) in {self.mode} mode; "
+                    f"use a new --db for {mode} mode (one mode per database)"
+                )
         if overlap is not None and overlap < 1:
             raise ValueError(f"overlap must be at least 1, got {overlap}")
         if lease_seconds is not None and lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         with self._write() as db:
-            for key, value in (("overlap", overlap), ("lease_seconds", lease_seconds)):
+            for key, value in (("overlap", overlap), ("lease_seconds", lease_seconds), ("mode", mode)):
                 if value is not None:
                     db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
+
+    def _setting_text(self, db: sqlite3.Connection, key: str, default: str) -> str:
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
 
     def _setting(self, db: sqlite3.Connection, key: str, default: float) -> float:
         row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -354,6 +449,12 @@ class AnnotationStore:
         """How many different annotators should vote on each pair (``k``)."""
         with self._lock:
             return int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
+
+    @property
+    def mode(self) -> str:
+        """:data:`MODE_PAIRS` (the default) or :data:`MODE_THUMBS`."""
+        rows = self._read("SELECT value FROM settings WHERE key = 'mode'")
+        return rows[0][0] if rows else MODE_PAIRS
 
     @property
     def lease_seconds(self) -> float:
@@ -389,6 +490,19 @@ class AnnotationStore:
                     )
         return added
 
+    def add_thumbs(self, items: Sequence[ThumbItem]) -> int:
+        """Add thumbs items not in the database yet (by ``item_index``); returns how many were new.
+
+        Sets the database's mode to thumbs first (a ValueError if it holds pairs); the
+        response is stored as ``response_a`` with an empty ``response_b``.
+        """
+        self.configure(mode=MODE_THUMBS)
+        return self.add_pairs([PairItem(item.item_index, item.prompt, (item.response, "")) for item in items])
+
+    def thumbs(self) -> list[ThumbItem]:
+        """Every item of a thumbs database, as :class:`ThumbItem`."""
+        return [ThumbItem(item.item_index, item.prompt, item.responses[0]) for item in self.pairs()]
+
     def add_annotator(self, name: str, *, replace_token: bool = False) -> str:
         """Register ``name`` and return its new token (shown once; only its hash is stored).
 
@@ -404,8 +518,10 @@ class AnnotationStore:
             exists = db.execute("SELECT id FROM annotators WHERE name = ?", (name,)).fetchone()
             if exists and not replace_token:
                 raise ValueError(f"annotator {name!r} already exists (pass replace_token / --new-token for a new token)")
-            if exists:
-                db.execute("UPDATE annotators SET token_sha256 = ? WHERE id = ?", (token_hash(token), exists[0]))
+            if exists:  # a new token also lifts a revocation: the lead (or CLI) let them back in
+                db.execute(
+                    "UPDATE annotators SET token_sha256 = ?, state = ? WHERE id = ?", (token_hash(token), ACTIVE, exists[0])
+                )
             else:
                 db.execute(
                     "INSERT INTO annotators (name, token_sha256, created) VALUES (?, ?, ?)",
@@ -414,16 +530,81 @@ class AnnotationStore:
         return token
 
     def annotator_for_token(self, token: str) -> Annotator | None:
-        rows = self._read("SELECT id, name FROM annotators WHERE token_sha256 = ?", (token_hash(token),))
+        """The annotator holding ``token``; None for an unknown or revoked token."""
+        rows = self._read(
+            "SELECT id, name, state FROM annotators WHERE token_sha256 = ? AND state != ?", (token_hash(token), REVOKED)
+        )
         return Annotator(*rows[0]) if rows else None
 
     def annotators(self) -> list[str]:
         return [name for (name,) in self._read("SELECT name FROM annotators ORDER BY id")]
 
+    def annotator_states(self) -> dict[str, str]:
+        """Every annotator's name -> :data:`ANNOTATOR_STATES` value, in registration order."""
+        return dict(self._read("SELECT name, state FROM annotators ORDER BY id"))
+
+    def set_annotator_state(self, name: str, state: str) -> None:
+        """Pause, resume (``active``) or revoke ``name``; a ValueError for an unknown name or state.
+
+        Pausing or revoking gives the annotator's leased pair back to the pool at once. Revoking
+        also replaces the stored token hash with a random one, so the old token cannot come back
+        by a later resume; ``add_annotator(name, replace_token=True)`` issues a new token.
+        """
+        if state not in ANNOTATOR_STATES:
+            raise ValueError(f"state must be one of {', '.join(ANNOTATOR_STATES)}, got {state!r}")
+        with self._write() as db:
+            row = db.execute("SELECT id, state FROM annotators WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ValueError(f"no annotator named {name!r}")
+            if row[1] == REVOKED and state != REVOKED:
+                raise ValueError(f"annotator {name!r} is revoked; give them a new token (add-annotator --new-token)")
+            db.execute("UPDATE annotators SET state = ? WHERE id = ?", (state, row[0]))
+            if state != ACTIVE:
+                db.execute("DELETE FROM leases WHERE annotator_id = ?", (row[0],))
+            if state == REVOKED:
+                db.execute("UPDATE annotators SET token_sha256 = ? WHERE id = ?", (token_hash(secrets.token_urlsafe(24)), row[0]))
+
+    # -- the lead ----------------------------------------------------------------
+
+    def new_lead_token(self) -> str:
+        """A new lead token (returned once; only its SHA-256 is stored); the previous one stops working."""
+        token = secrets.token_urlsafe(24)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('lead_token_sha256', ?)", (token_hash(token),))
+        return token
+
+    def is_lead_token(self, token: str) -> bool:
+        rows = self._read("SELECT value FROM settings WHERE key = 'lead_token_sha256'")
+        return bool(rows) and secrets.compare_digest(rows[0][0], token_hash(token))
+
+    def settle(self, item_index: int, choice: str, reason: str = "") -> LeadDecision:
+        """The lead's final label for item ``item_index`` (canonical choice; replaces an earlier decision).
+
+        The pair counts as complete from now on and is no longer handed out (leases on it end).
+        A choice that is not a vote of the database's mode, or an unknown item, is a StoreError (422 / 404).
+        """
+        votes = MODE_VOTES[self.mode]
+        if choice not in votes:
+            raise StoreError(422, f"choice must be one of {', '.join(votes)}, got {choice!r}")
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT id FROM pairs WHERE item_index = ?", (item_index,)).fetchone()
+            if row is None:
+                raise StoreError(404, f"no item {item_index}")
+            db.execute("INSERT OR REPLACE INTO settled VALUES (?, ?, ?, ?)", (row[0], choice, reason, now))
+            db.execute("DELETE FROM leases WHERE pair_id = ?", (row[0],))
+        return LeadDecision(item_index, choice, reason, now)
+
+    def decisions(self) -> dict[int, LeadDecision]:
+        """The lead's decisions by item index."""
+        rows = self._read("SELECT p.item_index, s.choice, s.reason, s.created FROM settled s JOIN pairs p ON p.id = s.pair_id")
+        return {row[0]: LeadDecision(*row) for row in rows}
+
     # -- the annotator's loop: next, submit, undo ------------------------------
 
     def next_assignment(self, annotator_id: int) -> Assignment | None:
-        """The pair this annotator should label now (leased to them), or None when there is none left."""
+        """The pair this annotator should label now (leased to them), or None when there is none left
+        (or the annotator is paused)."""
         with self._write() as db:
             return self._next(db, annotator_id)
 
@@ -449,14 +630,18 @@ class AnnotationStore:
         annotator already labelled is a 409 (undo first). Labelling a pair not
         leased to this annotator is a 403.
         """
-        if shown_choice not in CHOICES:
-            raise StoreError(422, f"choice must be one of {', '.join(CHOICES)}, got {shown_choice!r}")
+        mode = self.mode
+        choices = MODE_CHOICES[mode]
+        if shown_choice not in choices:
+            raise StoreError(422, f"choice must be one of {', '.join(choices)} in {mode} mode, got {shown_choice!r}")
         try:
             check_vote(shown_choice, grade)
         except ValueError as e:
             raise StoreError(422, str(e)) from None
         if both_bad and shown_choice == "skip":
             raise StoreError(422, "both_bad marks a vote; a skip is not one")
+        if both_bad and mode == MODE_THUMBS:
+            raise StoreError(422, "both_bad compares two responses; thumbs mode rates one")
         now = self._clock()
         with self._write() as db:
             done = db.execute(
@@ -472,6 +657,8 @@ class AnnotationStore:
             lease = db.execute(
                 "SELECT flipped FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
             ).fetchone()
+            if self._state(db, annotator_id) != ACTIVE:
+                raise StoreError(403, "you are paused by the lead; your labels so far are kept")
             if lease is None:
                 raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
             choice = to_canonical(shown_choice, flipped=bool(lease[0]))
@@ -516,7 +703,13 @@ class AnnotationStore:
         assert assignment is not None and assignment.pair_id == label.pair_id
         return label, assignment
 
+    def _state(self, db: sqlite3.Connection, annotator_id: int) -> str:
+        row = db.execute("SELECT state FROM annotators WHERE id = ?", (annotator_id,)).fetchone()
+        return row[0] if row else REVOKED
+
     def _next(self, db: sqlite3.Connection, annotator_id: int) -> Assignment | None:
+        if self._state(db, annotator_id) != ACTIVE:
+            return None
         now = self._clock()
         overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
         expires = now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS)
@@ -525,25 +718,28 @@ class AnnotationStore:
         ).fetchone()
         if held is not None:
             pair_id, flipped, held_until = held
-            if held_until > now or self._free_slots(db, pair_id, now) > 0:
+            settled = db.execute("SELECT 1 FROM settled WHERE pair_id = ?", (pair_id,)).fetchone()
+            if not settled and (held_until > now or self._free_slots(db, pair_id, now) > 0):
                 db.execute(
                     "UPDATE leases SET expires = ? WHERE pair_id = ? AND annotator_id = ?", (expires, pair_id, annotator_id)
                 )
                 return self._assignment(db, pair_id, bool(flipped), expires)
-            # Expired, and the slot went to someone else meanwhile.
+            # Expired, and the slot went to someone else meanwhile (or the lead settled the pair).
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
         # Lowest id first, so pairs are completed (and usable) in file order.
         row = db.execute(
             """SELECT p.id FROM pairs p
                WHERE p.n_votes < :k
                  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
+                 AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)
                  AND p.n_votes + (SELECT COUNT(*) FROM leases s WHERE s.pair_id = p.id AND s.expires > :now) < :k
                ORDER BY p.id LIMIT 1""",
             {"k": overlap, "me": annotator_id, "now": now},
         ).fetchone()
         if row is None:
             return None
-        flipped = secrets.randbelow(2) == 1  # A/B order drawn per (annotator, pair), then fixed
+        # A/B order drawn per (annotator, pair), then fixed; a thumbs item has one response, never swapped.
+        flipped = self._setting_text(db, "mode", MODE_PAIRS) == MODE_PAIRS and secrets.randbelow(2) == 1
         db.execute(
             "INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
             (row[0], annotator_id, int(flipped), expires),
@@ -571,10 +767,11 @@ class AnnotationStore:
                 "SELECT COALESCE(SUM(choice != 'skip'), 0), COALESCE(SUM(choice = 'skip'), 0) FROM labels WHERE annotator_id = ?",
                 (annotator_id,),
             ).fetchone()
-            total, complete = db.execute("SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs", (overlap,)).fetchone()
+            total, complete = db.execute(_COMPLETE_SQL, (overlap,)).fetchone()
             (remaining,) = db.execute(
                 """SELECT COUNT(*) FROM pairs p WHERE p.n_votes < ?
-                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)""",
+                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)
+                   AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)""",
                 (overlap, annotator_id),
             ).fetchone()
         return Progress(labelled, skipped, remaining, total, complete, overlap)
@@ -593,22 +790,33 @@ class AnnotationStore:
         """Which pairs are complete, which are settled short of their votes, and which still wait."""
         with self._lock:
             overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
-            (annotators,) = self._db.execute("SELECT COUNT(*) FROM annotators").fetchone()
-            # labels has one row per (pair, annotator), so `seen` counts the annotators done with the pair.
+            (annotators,) = self._db.execute("SELECT COUNT(*) FROM annotators WHERE state = ?", (ACTIVE,)).fetchone()
+            # labels has one row per (pair, annotator), so `seen` counts the active annotators done with the pair.
             rows = self._db.execute(
-                """SELECT p.item_index, p.n_votes, (SELECT COUNT(*) FROM labels l WHERE l.pair_id = p.id)
-                   FROM pairs p ORDER BY p.item_index"""
+                """SELECT p.item_index, p.n_votes,
+                          (SELECT COUNT(*) FROM labels l JOIN annotators a ON a.id = l.annotator_id
+                           WHERE l.pair_id = p.id AND a.state = ?),
+                          EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)
+                   FROM pairs p ORDER BY p.item_index""",
+                (ACTIVE,),
             ).fetchall()
-        short = [(index, seen) for index, votes, seen in rows if votes < overlap]
+        by_lead = tuple(index for index, _, _, settled in rows if settled)
+        short = [(index, seen) for index, votes, seen, settled in rows if votes < overlap and not settled]
         exhausted = tuple(index for index, seen in short if annotators and seen >= annotators)
         waiting = tuple(index for index, seen in short if not annotators or seen < annotators)
-        return Settlement(len(rows), len(rows) - len(short), exhausted, waiting)
+        return Settlement(len(rows), len(rows) - len(short), exhausted, waiting, by_lead)
 
     def vote_counts(self) -> tuple[int, int]:
         """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
         with self._lock:
             overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
-            total, complete = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n_votes >= ?), 0) FROM pairs", (overlap,)
-            ).fetchone()
+            total, complete = self._db.execute(_COMPLETE_SQL, (overlap,)).fetchone()
         return total, complete
+
+    def healthy(self) -> bool:
+        """The database answers a query (``GET /healthz``)."""
+        try:
+            self._read("SELECT COUNT(*) FROM settings")
+        except sqlite3.Error:
+            return False
+        return True

@@ -16,6 +16,12 @@
 // Text blocks (prompt, each chat turn, responses, each rendered paragraph, list item,
 // heading and table, the reason) have dir="auto", so Arabic, Hebrew or Persian text is
 // laid out right to left; code blocks stay left to right.
+//
+// Thumbs mode (`serve --mode thumbs`, told by every reply's `mode`): one response per task,
+// 👍 (ArrowUp / y) or 👎 (ArrowDown / n); the pair's scale, "both bad" and its keys are off.
+//
+// The lead's page (/lead) loads this file too, for the renderer only (window.rlhfkitRender):
+// the annotator page starts only where its #task section exists.
 "use strict";
 
 (function () {
@@ -30,6 +36,10 @@
     "s": ["skip", null],
   };
   const SHIFTED = { "a": ["a", "much_better"], "b": ["b", "much_better"] }; // Shift+A, Shift+B
+  const THUMBS = "thumbs"; // the mode name the server sends (store.MODE_THUMBS)
+  // Thumbs mode: key -> choice. The pair keys (a, b, 1, 2, t...) mean nothing there.
+  const THUMB_KEYS = { "arrowup": "up", "y": "up", "+": "up", "arrowdown": "down", "n": "down", "-": "down", "s": "skip" };
+  const THUMB_WORDS = { up: "\u{1F44D} good", down: "\u{1F44E} bad" };
   const STRENGTH_WORDS = { much_better: "much better", better: "better", slightly_better: "slightly better" };
   // The "done" page asks again this often while pairs it could get are open in other annotators'
   // tabs: an abandoned tab's reservation runs out and the pair comes back without a reload.
@@ -44,6 +54,7 @@
   let bothBad = false; // the "Both are bad" toggle, sent with the next vote
   let plain = localStorage.getItem(PLAIN_KEY) === "1";
   let taskLoadedFor = null; // the token whose guidelines are on the page
+  let mode = "pairs";
 
   // ------------------------------------------------------------------ markdown, safely
 
@@ -515,8 +526,8 @@
 
   // ------------------------------------------------------------------ the page
 
-  function renderPrompt(prompt) {
-    const box = $("prompt");
+  function renderPrompt(prompt, into) {
+    const box = into || $("prompt");
     box.replaceChildren();
     if (typeof prompt === "string") {
       renderText(box, prompt);
@@ -546,8 +557,21 @@
   function renderResponses() {
     if (current === null) return;
     renderPrompt(current.prompt);
+    if (mode === THUMBS) {
+      renderText($("response-a"), current.response);
+      $("response-b").replaceChildren();
+      return;
+    }
     renderText($("response-a"), current.a);
     renderText($("response-b"), current.b);
+  }
+
+  function setMode(next) {
+    mode = next === THUMBS ? THUMBS : "pairs";
+    const thumbs = mode === THUMBS;
+    document.body.classList.toggle("mode-thumbs", thumbs);
+    $("title").textContent = thumbs ? "Is this response good?" : "Which response is better?";
+    $("card-a-title").textContent = thumbs ? "Response" : "Response A";
   }
 
   function renderTask(task) {
@@ -589,7 +613,7 @@
     const mine = p.labelled + p.skipped;
     $("progress-text").textContent =
       p.labelled + " labelled by you, " + p.remaining + " left for you \u00b7 " +
-      p.pairs_complete + "/" + p.pairs_total + " pairs complete (" + p.overlap + " vote" + (p.overlap === 1 ? "" : "s") + " each)";
+      p.pairs_complete + "/" + p.pairs_total + (mode === THUMBS ? " responses" : " pairs") + " complete (" + p.overlap + " vote" + (p.overlap === 1 ? "" : "s") + " each)";
     const bar = $("progress-bar");
     bar.max = Math.max(mine + p.remaining, 1);
     bar.value = mine;
@@ -601,6 +625,7 @@
   }
 
   function show(data) {
+    setMode(data.mode);
     $("who").textContent = "Annotator: " + data.annotator;
     renderProgress(data.progress);
     const before = current === null ? null : current.pair_id;
@@ -612,8 +637,9 @@
     clearTimeout(recheckTimer);
     recheckTimer = null;
     loadTask();
+    $("done-title").textContent = data.paused ? "You are paused by the lead." : "Nothing left for you to label. Thank you!";
     if (current === null) {
-      const waiting = data.progress.remaining;
+      const waiting = data.paused ? 0 : data.progress.remaining;
       $("done-waiting").hidden = waiting === 0;
       $("done-waiting").textContent = waiting === 0 ? "" :
         waiting + (waiting === 1 ? " pair still needs a vote but is" : " pairs still need votes but are") +
@@ -662,7 +688,7 @@
   }
 
   function loadNext() {
-    act(() => api("/api/next"), () => "");
+    act(() => api("/api/next"), (data) => (data.paused ? data.message : ""));
   }
 
   function recheck() {
@@ -684,6 +710,7 @@
   function describe(choice, grade, both) {
     let text;
     if (choice === "skip") text = "skipped";
+    else if (choice in THUMB_WORDS) return THUMB_WORDS[choice];
     else if (choice === "tie") text = "tie";
     else text = choice.toUpperCase() + " " + (STRENGTH_WORDS[grade] || "is better");
     return both && choice !== "skip" ? text + ", both bad" : text;
@@ -727,6 +754,19 @@
     }
     if (event.altKey || event.repeat) return;
     const key = event.key.toLowerCase();
+    if (mode === THUMBS) {
+      if (key === "u") {
+        event.preventDefault();
+        undo();
+      } else if (key === "r" && current !== null) {
+        event.preventDefault();
+        reason.focus();
+      } else if (key in THUMB_KEYS) {
+        event.preventDefault(); // the arrows would scroll the page
+        choose(THUMB_KEYS[key], null);
+      }
+      return;
+    }
     if (event.shiftKey && key in SHIFTED) {
       event.preventDefault();
       choose(SHIFTED[key][0], SHIFTED[key][1]);
@@ -767,5 +807,10 @@
     loadNext();
   }
 
-  start();
+  // For the lead's page: the same renderer, nothing else.
+  window.rlhfkitRender = Object.freeze({
+    markdown: renderMarkdown,
+    prompt: (box, prompt) => renderPrompt(prompt, box),
+  });
+  if ($("task")) start();
 })();

@@ -1,0 +1,253 @@
+"""Active preference querying vs random querying: held-out reward-model accuracy reached with N labels.
+
+    python benchmarks/active_querying.py --model SFT_DIR --samples SAMPLES.jsonl --labels POOL_LABELS.jsonl \\
+        --heldout HELDOUT_LABELS.jsonl [--budgets 256,512] [--initial 128] [--ensemble-size 5] [--seeds 0] \\
+        [--strategy disagreement] [--max-per-prompt 2] [--epochs 2] [--batch-size 16] [--lr 1e-5] \\
+        [--max-length 512] [--precision bf16] [--output-dir runs/active_querying]
+
+For each seed and each label budget N (``--budgets``), two arms train a one-head reward model (``rlhfkit.reward``)
+from ``--model`` on N labelled pairs and are scored on the held-out labels:
+
+* **random**: N pairs drawn at random from every candidate pair of ``--samples``
+  (:func:`rlhfkit.active.select`, ``strategy=random``);
+* **active**: the first ``--initial`` (N0) of those same random pairs train a reward-model *ensemble*
+  (``--ensemble-size`` heads on one backbone, bootstrap resamples; Coste et al. 2024), which then picks the other
+  N - N0 pairs from the rest of the pool by ``--strategy`` (``disagreement``: spread over heads of P(a > b); or
+  ``uncertainty``) with :func:`rlhfkit.active.select`; the reward model trains on the N0 + (N - N0). The ensemble is
+  trained once per seed and serves every budget (one round of querying, not N - N0 rounds of one).
+
+Both arms train with the same settings for the same number of epochs, so at equal N they train the same number of
+steps; they differ only in *which* pairs were labelled.
+
+**Labels.** The simulated annotator has labelled the whole pool already (``--labels``): the label of a selected pair
+is looked up there instead of asking the annotator again (same labels, as the simulated annotator draws each item's
+randomness from the seed and the item alone; and no labelling in the loop). A pair with no label there stops the
+script, naming it. To label every pair of a samples file::
+
+    rlhfkit query samples=SAMPLES.jsonl strategy=random num_queries=1000000 max_per_prompt=0 output=pool.jsonl
+    rlhfkit label samples=pool.jsonl output=POOL_LABELS.jsonl source=simulated ...
+
+(for samples with two responses a prompt, ``rlhfkit label samples=SAMPLES.jsonl`` labels every pair already; a K-way
+ranking's pairs are read as the ranking orders them). The held-out labels are of other prompts, labelled the same way.
+
+**Reported**: for each budget and arm, the held-out accuracy (``OUTPUT_DIR/.../heldout.json`` as ``rlhfkit reward``
+writes it: pairs right, ties in the held-out labels left out) with its 95% prompt-clustered bootstrap interval
+(:func:`rlhfkit.stats.cluster_accuracy`) and the pair count; the active - random difference, with several seeds its
+mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); and for each random budget the
+smallest active budget that reaches its accuracy. ``OUTPUT_DIR/results.json`` holds the same numbers. The command
+line is printed first and last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit import active, reward
+from rlhfkit.data.io import read_rows
+from rlhfkit.data.preferences import load_comparisons, save_comparisons
+from rlhfkit.data.records import Comparison
+from rlhfkit.run_layout import HELDOUT_FILE
+from rlhfkit.stats import paired_bootstrap
+
+ARMS = ("random", "active")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="SFT model directory (or spec) the reward models start from")
+    parser.add_argument("--samples", required=True, help="rlhfkit sample output: the pool of candidate pairs")
+    parser.add_argument("--labels", required=True, help="labels of every pair of --samples (simulated annotator)")
+    parser.add_argument("--heldout", required=True, help="held-out labels (other prompts) the accuracy is measured on")
+    parser.add_argument("--budgets", default="256,512", help="comma-separated label budgets N")
+    parser.add_argument("--initial", type=int, default=128, help="N0: random pairs the querying ensemble trains on")
+    parser.add_argument("--ensemble-size", type=int, default=5, help="heads of the querying ensemble")
+    parser.add_argument("--strategy", default="disagreement", choices=("disagreement", "uncertainty"))
+    parser.add_argument("--max-per-prompt", type=int, default=2, help="at most this many selected pairs a prompt (0: any)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (selection and training)")
+    parser.add_argument("--epochs", type=float, default=2.0, help="epochs over the N pairs (every reward model)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--output-dir", default="runs/active_querying")
+    args = parser.parse_args(argv)
+    args.budgets = sorted({int(b) for b in args.budgets.split(",")})
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if not 0 < args.initial < min(args.budgets):
+        parser.error(f"--initial must be in (0, smallest budget {min(args.budgets)}), got {args.initial}")
+    return args
+
+
+def pair_labels(path: str) -> dict[tuple[str, str, str], Comparison]:
+    """Each labelled pair of ``path`` by :func:`rlhfkit.active.pair_key`: a pair's label as it is, a K-way ranking's
+    pairs as two-response comparisons ordered as the ranking orders them (the first label of a pair wins)."""
+    found: dict[tuple[str, str, str], Comparison] = {}
+    for c in load_comparisons(path):
+        if len(c.responses) == 2:
+            found.setdefault(active.pair_key(c.prompt, *c.responses), c)
+            continue
+        position = {response_index: rank for rank, response_index in enumerate(c.ranking)}
+        for i in range(len(c.responses)):
+            for j in range(i + 1, len(c.responses)):
+                ranking = [0, 1] if position[i] < position[j] else [1, 0]
+                pair = Comparison(c.prompt, [c.responses[i], c.responses[j]], ranking, source=c.source)
+                found.setdefault(active.pair_key(c.prompt, c.responses[i], c.responses[j]), pair)
+    return found
+
+
+def labels_of(queries: Path, labels: dict, labels_path: str) -> list[Comparison]:
+    """The labels of the pairs in a query file (from :func:`rlhfkit.active.select`); a pair without one is an error."""
+    found = []
+    for row in read_rows(queries):
+        key = active.pair_key(row.data["prompt"], *row.data["responses"])
+        if key not in labels:
+            raise SystemExit(
+                f"{labels_path} has no label for the pair of sample {row.data['sample_index']} responses "
+                f"{row.data['response_indices']} (selected in {queries}, line {row.line}): --labels must label every "
+                "pair of --samples (see --help)"
+            )
+        found.append(labels[key])
+    return found
+
+
+@dataclass
+class Run:
+    """One arm at one budget and seed."""
+
+    arm: str
+    budget: int
+    seed: int
+    pairs: int
+    accuracy: float
+    accuracy_ci: list[float]
+    heldout_pairs: int
+
+
+def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, heldout: bool = True) -> dict:
+    """Train a reward model on ``data``; its held-out result (HELDOUT_FILE) when ``heldout``."""
+    config = reward.RewardConfig(
+        model=args.model,
+        data=str(data),
+        eval_data=args.heldout if heldout else "",
+        eval_fraction=0.0,
+        output_dir=str(out),
+        ensemble_size=heads,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_length=args.max_length,
+        precision=args.precision,
+        normalize=False,  # accuracy ignores it, and the querying ensemble's probabilities use raw scores
+        seed=seed,
+        resume="never",
+        progress=False,
+        tensorboard=False,
+    )
+    reward.train(config)
+    return json.loads((out / HELDOUT_FILE).read_text()) if heldout else {}
+
+
+def query(args: argparse.Namespace, out: Path, seed: int, num: int, **fields) -> Path:
+    config = active.QueryConfig(
+        samples=args.samples,
+        num_queries=num,
+        max_per_prompt=args.max_per_prompt,
+        output=str(out),
+        seed=seed,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        **fields,
+    )
+    return active.select(config)
+
+
+def run_seed(args: argparse.Namespace, seed: int, labels: dict) -> list[Run]:
+    root = Path(args.output_dir) / f"seed{seed}"
+    runs = []
+
+    def record(arm: str, budget: int, train: list[Comparison]) -> None:
+        data = root / f"{arm}_{budget}.jsonl"
+        save_comparisons(data, train)
+        result = train_reward(args, data, root / f"{arm}_{budget}", seed)
+        runs.append(Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"]))
+        lo, hi = result["accuracy_ci"]
+        print(f"seed {seed} N={budget} {arm}: accuracy {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {len(train)} pairs")
+
+    # The random order of the whole pool: budget N takes its first N (select's random picks nest).
+    largest = query(args, root / "random_queries.jsonl", seed, max(args.budgets), strategy="random")
+    random_labels = labels_of(largest, labels, args.labels)
+    initial = random_labels[: args.initial]
+    initial_file = root / "initial.jsonl"
+    save_comparisons(initial_file, initial)
+    ensemble_dir = root / "ensemble"
+    train_reward(args, initial_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
+    for budget in args.budgets:
+        record("random", budget, random_labels[:budget])
+        picked = query(
+            args,
+            root / f"active_queries_{budget}.jsonl",
+            seed,
+            budget - args.initial,
+            strategy=args.strategy,
+            reward_model=str(ensemble_dir),
+            exclude=str(initial_file),
+        )
+        record("active", budget, initial + labels_of(picked, labels, args.labels))
+    return runs
+
+
+def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
+    """Print the table and the comparisons; returns what results.json holds."""
+    print("\nbudget  arm      seed  pairs  held-out accuracy [95% CI]  (held-out pairs)")
+    for r in sorted(runs, key=lambda r: (r.budget, r.arm, r.seed)):
+        print(
+            f"{r.budget:6d}  {r.arm:7s}  {r.seed:4d}  {r.pairs:5d}  {r.accuracy:.3f} [{r.accuracy_ci[0]:.3f}, "
+            f"{r.accuracy_ci[1]:.3f}]        ({r.heldout_pairs})"
+        )
+    mean: dict[tuple[str, int], float] = {}
+    differences = {}
+    for budget in args.budgets:
+        for arm in ARMS:
+            values = [r.accuracy for r in runs if r.arm == arm and r.budget == budget]
+            mean[(arm, budget)] = sum(values) / len(values)
+        by_seed = {(r.arm, r.seed): r.accuracy for r in runs if r.budget == budget}
+        diffs = [by_seed[("active", s)] - by_seed[("random", s)] for s in args.seeds]
+        estimate = paired_bootstrap(diffs, seed=0)
+        differences[budget] = estimate.as_dict()
+        interval = f" [{estimate.ci[0]:+.3f}, {estimate.ci[1]:+.3f}] over {len(diffs)} seeds" if len(diffs) > 1 else ""
+        print(f"N={budget}: active - random accuracy {estimate.value:+.3f}{interval}")
+    reached = {}
+    for budget in args.budgets:
+        enough = [b for b in args.budgets if mean[("active", b)] >= mean[("random", budget)]]
+        reached[budget] = min(enough) if enough else None
+        what = f"active reaches it with N={reached[budget]}" if enough else "active does not reach it at any budget run"
+        print(f"random N={budget} (mean accuracy {mean[('random', budget)]:.3f}): {what}")
+    return {
+        "command": command,
+        "runs": [vars(r) for r in runs],
+        "mean_accuracy": {f"{arm}_{budget}": value for (arm, budget), value in mean.items()},
+        "active_minus_random": {str(b): d for b, d in differences.items()},
+        "active_budget_reaching_random": {str(b): n for b, n in reached.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}", flush=True)
+    labels = pair_labels(args.labels)
+    runs = [run for seed in args.seeds for run in run_seed(args, seed, labels)]
+    results = summarise(args, runs, command)
+    out = Path(args.output_dir) / "results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {out}\ncommand: {command}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

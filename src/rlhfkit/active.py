@@ -1,0 +1,272 @@
+"""Active preference querying: ``rlhfkit query CONFIG.yaml`` / :func:`select`.
+
+Which pairs should annotators (people, an AI judge, the simulated annotator) label next? Labelling every pair of
+every sample, or a random subset, spends much of the budget on pairs the reward model already orders confidently.
+:func:`select` scores every candidate pair -- every pair of responses of a prompt in ``rlhfkit sample``'s output --
+with the current reward model and writes the most informative ``num_queries`` of them, in the format ``rlhfkit
+label`` and ``rlhfkit annotate serve`` read (a samples file whose records hold exactly two responses).
+
+1. Candidates: for each record of ``samples``, each pair ``(i, j)``, ``i < j``, of its responses; a pair with an
+   empty response (no training pair; the annotation app leaves it out too) or two equal responses (nothing to
+   prefer) is no candidate, nor is a pair already labelled in ``exclude``.
+2. Acquisition score (the pure functions below), from each head's raw score of both responses:
+
+   * ``disagreement`` (a reward-model ensemble, ``rlhfkit reward ensemble_size=K``): the standard deviation over
+     heads of ``P_h(a > b) = sigmoid(r_h(a) - r_h(b))`` (:func:`preference_disagreement`);
+   * ``uncertainty`` (any reward model, one head included): how close the heads' mean ``P(a > b)`` is to 1/2
+     (:func:`preference_uncertainty`);
+   * ``random``: a seeded uniform draw per candidate, no reward model (the baseline).
+
+3. Greedy pick, best score first: a candidate is taken unless its prompt already has ``max_per_prompt`` pairs in
+   the selection, until ``num_queries`` are taken. The cap keeps the batch diverse: the pairs of one hard prompt
+   tend to score alike, and a batch of them teaches less than one pair from each of several prompts (the
+   redundancy that batch-mode active learning guards against). Equal scores are ordered by the seeded draw, so
+   every strategy is reproducible, and ``random``'s first N picks are the first N of any larger random budget.
+
+The output records are ``{"prompt", "responses": [a, b], "sample_index", "response_indices": [i, j],
+"acquisition"}``: the source record's position in ``samples`` (0-based), the two responses' positions in it, and
+the score the pair was chosen by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from rlhfkit import log
+from rlhfkit.config import ConfigError
+from rlhfkit.data.io import write_jsonl
+from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.records import Prompt
+from rlhfkit.data.samples import load_items  # the reader `rlhfkit label` uses: both accept the same files
+
+STRATEGIES: tuple[str, ...] = ("disagreement", "uncertainty", "random")
+"""The values of :attr:`QueryConfig.strategy`."""
+
+
+# ----------------------------------------------------------------------------- acquisition scores (pure)
+
+
+def preference_disagreement(scores_a: torch.Tensor, scores_b: torch.Tensor) -> torch.Tensor:
+    """Disagreement of a reward-model ensemble on a pair: the population std over the ``K`` heads of each head's
+    Bradley-Terry preference probability ``P_h(a > b) = sigmoid(r_h(a) - r_h(b))``. Shapes: (P, K), (P, K) -> (P,);
+    0 for one head.
+
+    The query rule of Christiano et al. 2017 ("Deep RL from Human Preferences", sec. 2.2.4: label the pairs "for
+    which the predictions have the highest variance across ensemble members"), used as "disagreement" sampling by
+    PEBBLE (Lee, Smith & Abbeel 2021, sec. 4.2), on the ensembles of Coste et al. 2024. Why the probability's spread
+    and not the reward difference's (:func:`rlhfkit.losses.ensemble_std` of ``r(a) - r(b)``): two heads that put a
+    pair 5 and 10 units apart disagree by 5 units yet agree on the label (P = 0.993 and 0.99995), and a label
+    there teaches nothing; sigmoid saturates exactly where the outcome is settled, so the spread of P is the
+    heads' disagreement about the label itself. It is a cheap stand-in for BALD's mutual information (Houlsby et
+    al. 2011), which also peaks where members disagree on the label, not where the scores merely differ.
+    """
+    if scores_a.shape != scores_b.shape or scores_a.dim() != 2:
+        raise ValueError(f"scores must both be (P, K); got {tuple(scores_a.shape)} and {tuple(scores_b.shape)}")
+    return torch.sigmoid(scores_a - scores_b).std(-1, correction=0)
+
+
+def preference_uncertainty(scores_a: torch.Tensor, scores_b: torch.Tensor) -> torch.Tensor:
+    """Uncertainty of a reward model about a pair: ``1 - |2 p - 1|`` with ``p`` the mean over the ``K`` heads of
+    ``sigmoid(r_h(a) - r_h(b))`` (the ensemble's predictive probability; one head: its own). 1 where ``p = 1/2``,
+    0 where the model is certain. Shapes: (P, K), (P, K) -> (P,).
+
+    Uncertainty sampling (Lewis & Gale 1994) on the Bradley-Terry probability; it needs no ensemble, but it cannot
+    tell a pair the model has not learnt from one that is a genuine coin flip (a near-tie), which disagreement can.
+    """
+    if scores_a.shape != scores_b.shape or scores_a.dim() != 2:
+        raise ValueError(f"scores must both be (P, K); got {tuple(scores_a.shape)} and {tuple(scores_b.shape)}")
+    p = torch.sigmoid(scores_a - scores_b).mean(-1)
+    return 1 - (2 * p - 1).abs()
+
+
+def pick(scores: list[float], tiebreak: list[float], groups: list[str], *, num: int, max_per_group: int) -> list[int]:
+    """Indices of the candidates to query, best first: highest ``scores`` first, equal scores by highest
+    ``tiebreak``, skipping a candidate whose group already has ``max_per_group`` picks (0: no cap), until ``num``
+    are picked (fewer when the candidates run out)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], -tiebreak[i], i))
+    chosen: list[int] = []
+    per_group: dict[str, int] = {}
+    for i in order:
+        if len(chosen) == num:
+            break
+        if max_per_group and per_group.get(groups[i], 0) >= max_per_group:
+            continue
+        per_group[groups[i]] = per_group.get(groups[i], 0) + 1
+        chosen.append(i)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class QueryConfig:
+    """Config of the query stage (``rlhfkit query``): which pairs to send to annotators."""
+
+    samples: str = "runs/samples.jsonl"
+    """Candidates: `rlhfkit sample` output (records with `prompt` and `responses`); every pair of a record's
+    responses is a candidate."""
+    reward_model: str = ""
+    """The reward model that scores the candidates: an ensemble directory (`rlhfkit reward ensemble_size=K`) for
+    `disagreement`, or any reward-model directory for `uncertainty`. Unused (may be empty) for `random`."""
+    strategy: Literal["disagreement", "uncertainty", "random"] = "disagreement"
+    """`disagreement`: highest spread over the ensemble's heads of P(a > b) (Christiano et al. 2017); needs an
+    ensemble. `uncertainty`: mean P(a > b) closest to 1/2. `random`: a seeded random choice (the baseline)."""
+    num_queries: int = 256
+    """Pairs to select (fewer if fewer candidates are left; a warning says so)."""
+    max_per_prompt: int = 2
+    """At most this many selected pairs share a prompt, for a diverse batch (0: no cap). Pairs of `exclude` do not
+    count against it."""
+    exclude: str = ""
+    """A labels file (any format `rlhfkit reward` reads): its pairs -- the same prompt and the same two responses, in
+    either order; a K-way ranking's every pair -- are already labelled and are not selected again. Empty: none."""
+    output: str = "runs/queries.jsonl"
+    """Where the selected pairs go: samples-format records with two responses each, which `rlhfkit label
+    samples=OUTPUT` and `rlhfkit annotate serve OUTPUT` read."""
+    seed: int = 0
+    """Seed of `random`'s draw and of the order of equal scores."""
+    batch_size: int = 16
+    """Responses scored per forward."""
+    precision: str = "bf16"
+    """Compute precision of the reward model."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A pair of responses of one samples record."""
+
+    sample_index: int
+    """Position of the record in the samples file (0-based)."""
+    prompt: Prompt
+    first: int
+    """Index of response a in the record's responses."""
+    second: int
+    """Index of response b (> first)."""
+
+
+def _prompt_key(prompt: Prompt) -> str:
+    """A prompt as one string: equal for the same text or the same chat (prompts are parsed alike everywhere)."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def pair_key(prompt: Prompt, a: str, b: str) -> tuple[str, str, str]:
+    """A pair's identity whatever the order of its responses: labels of it are found by this key."""
+    first, second = sorted((a, b))
+    return _prompt_key(prompt), first, second
+
+
+def labelled_pairs(path: str | Path) -> set[tuple[str, str, str]]:
+    """The :func:`pair_key` of every pair a labels file judges (a K-way ranking: each of its pairs)."""
+    keys = set()
+    for comparison in load_comparisons(path):
+        responses = comparison.responses
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                keys.add(pair_key(comparison.prompt, responses[i], responses[j]))
+    return keys
+
+
+def candidates(
+    items: list[tuple[Prompt, list[str]]], exclude: AbstractSet[tuple[str, str, str]] = frozenset()
+) -> list[Candidate]:
+    """Every pair of responses of each item that can be labelled and is not in ``exclude`` (see the module doc)."""
+    found = []
+    for index, (prompt, responses) in enumerate(items):
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                a, b = responses[i], responses[j]
+                if not a.strip() or not b.strip() or a == b or pair_key(prompt, a, b) in exclude:
+                    continue
+                found.append(Candidate(index, prompt, i, j))
+    return found
+
+
+def _head_scores(config: QueryConfig, items: list, pool: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's raw score of each candidate's two responses: (P, K), (P, K). Every response is scored once.
+
+    Raw, not normalised: the Bradley-Terry probability the heads were trained on is ``sigmoid`` of raw score
+    differences; the normalisation gain would rescale each head's probabilities (the bias cancels anyway)."""
+    from rlhfkit.modeling.reward_model import RewardModel
+
+    if not config.reward_model:
+        raise ConfigError(f"query: strategy={config.strategy} needs `reward_model` (a reward-model directory)")
+    path = Path(config.reward_model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"query: reward_model {config.reward_model!r} is not a reward-model directory (no config.json)")
+    model = RewardModel(path, precision=config.precision, batch_size=config.batch_size)
+    if config.strategy == "disagreement" and model.num_members < 2:
+        raise ConfigError(
+            f"query: strategy=disagreement needs a reward-model ensemble (rlhfkit reward ensemble_size=K); "
+            f"{config.reward_model} has one head: use strategy=uncertainty"
+        )
+    row: dict[tuple[int, int], int] = {}  # (sample_index, response index) -> row of the scores
+    for c in pool:
+        for r in (c.first, c.second):
+            row.setdefault((c.sample_index, r), len(row))
+    keys = list(row)
+    prompts = [items[s][0] for s, _ in keys]
+    responses = [items[s][1][r] for s, r in keys]
+    log.info(f"query: scoring {len(responses)} responses with {model.num_members} head(s) of {config.reward_model}")
+    raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
+    a = torch.tensor([row[(c.sample_index, c.first)] for c in pool], dtype=torch.long)
+    b = torch.tensor([row[(c.sample_index, c.second)] for c in pool], dtype=torch.long)
+    return raw[a].double(), raw[b].double()
+
+
+def select(config: QueryConfig) -> Path:
+    """Select ``config.num_queries`` pairs of ``config.samples`` to label and write them to ``config.output``;
+    returns its path. See the module docstring for the candidates, scores and pick."""
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(f"query: strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}")
+    if config.num_queries < 1:
+        raise ConfigError(f"query: num_queries must be >= 1 (got {config.num_queries})")
+    if config.max_per_prompt < 0:
+        raise ConfigError(f"query: max_per_prompt must be >= 0 (0: no cap), got {config.max_per_prompt}")
+    items = load_items(config.samples)
+    excluded = labelled_pairs(config.exclude) if config.exclude else set()
+    pool = candidates(items, excluded)
+    if not pool:
+        raise ConfigError(f"query: no pair of {config.samples} is left to label ({len(excluded)} pairs in exclude)")
+    tiebreak = np.random.default_rng(config.seed).random(len(pool)).tolist()
+    if config.strategy == "random":
+        scores = tiebreak
+    else:
+        scores_a, scores_b = _head_scores(config, items, pool)
+        rule = preference_disagreement if config.strategy == "disagreement" else preference_uncertainty
+        scores = rule(scores_a, scores_b).tolist()
+    groups = [_prompt_key(c.prompt) for c in pool]
+    chosen = pick(scores, tiebreak, groups, num=config.num_queries, max_per_group=config.max_per_prompt)
+    if len(chosen) < config.num_queries:
+        log.warning(
+            f"query: only {len(chosen)} of the {config.num_queries} pairs asked for could be selected ({len(pool)} "
+            f"candidates, {f'at most {config.max_per_prompt} per prompt' if config.max_per_prompt else 'no cap per prompt'})"
+        )
+    records = []
+    for i in chosen:
+        c = pool[i]
+        responses = items[c.sample_index][1]
+        records.append(
+            {
+                "prompt": c.prompt,
+                "responses": [responses[c.first], responses[c.second]],
+                "sample_index": c.sample_index,
+                "response_indices": [c.first, c.second],
+                "acquisition": scores[i] if math.isfinite(scores[i]) else None,
+            }
+        )
+    output = Path(config.output)
+    write_jsonl(output, records)
+    picked = [scores[i] for i in chosen]
+    log.info(
+        f"query: {len(records)} pairs by {config.strategy} from {len(pool)} candidates "
+        f"({len(excluded)} labelled pairs excluded) -> {output}; score {min(picked):.4g} to {max(picked):.4g}"
+    )
+    return output

@@ -1,0 +1,309 @@
+"""Active preference querying (rlhfkit.active): acquisition scores by hand, the pick, `select` end to end, the output
+read by the labelling stage and the annotation app, soft labels from votes into cDPO, and the benchmark on the tiny
+model."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit import active, cli, dpo
+from rlhfkit.config import ConfigError
+from rlhfkit.data.pairwise import collate_pairs, tokenize_pairs
+from rlhfkit.data.preferences import load_comparisons, save_comparisons
+from rlhfkit.data.records import Comparison
+from rlhfkit.feedback.grades import pair_targets
+from rlhfkit.feedback.web.pairs import read_pairs
+from rlhfkit.label import LabelConfig
+from rlhfkit.label import run as label_run
+from rlhfkit.modeling import models
+from rlhfkit.modeling.reward_model import RewardModel, load_reward_backbone, reward_tokenizer
+from tests.helpers import read_jsonl, write_jsonl
+
+LN3 = math.log(3)
+
+# ----------------------------------------------------------------------------- acquisition scores by hand
+
+
+def test_disagreement_and_uncertainty_by_hand():
+    # Rows: heads' score differences (ln 3, -ln 3); (ln 3, ln 3); (5, 10). Scores of b are not zero, so the
+    # functions must take differences.
+    b = torch.tensor([[1.0, 2.0], [0.5, 0.5], [-1.0, 3.0]], dtype=torch.float64)
+    a = b + torch.tensor([[LN3, -LN3], [LN3, LN3], [5.0, 10.0]], dtype=torch.float64)
+    # P = (3/4, 1/4): population std 1/4, mean 1/2. P = (3/4, 3/4): std 0, mean 3/4 -> 1 - |3/2 - 1| = 1/2.
+    # P = (sigmoid 5, sigmoid 10): the heads are 5 units apart but agree on the label.
+    s5, s10 = 1 / (1 + math.exp(-5)), 1 / (1 + math.exp(-10))
+    got = active.preference_disagreement(a, b).tolist()
+    assert got == pytest.approx([0.25, 0.0, (s10 - s5) / 2], abs=1e-12)
+    assert got[2] < 0.004  # while the std of the reward differences would be 2.5
+    assert active.preference_uncertainty(a, b).tolist() == pytest.approx([1.0, 0.5, 1 - abs(2 * (s5 + s10) / 2 - 1)], abs=1e-12)
+    # One head: no disagreement; uncertainty from its own P(a > b) = 3/4 -> 1/2, and symmetric in a and b.
+    one_a, one_b = torch.tensor([[LN3]]), torch.tensor([[0.0]])
+    assert active.preference_disagreement(one_a, one_b).tolist() == [0.0]
+    assert active.preference_uncertainty(one_a, one_b).tolist() == pytest.approx([0.5])
+    assert active.preference_uncertainty(one_b, one_a).tolist() == pytest.approx([0.5])
+    with pytest.raises(ValueError, match=r"\(P, K\)"):
+        active.preference_disagreement(a[0], b[0])
+
+
+def test_pick_takes_the_best_scores_under_the_per_prompt_cap():
+    scores = [0.9, 0.8, 0.7, 0.6, 0.6]
+    groups = ["p", "p", "p", "q", "r"]
+    tiebreak = [0.0, 0.0, 0.0, 0.1, 0.2]  # candidate 4 beats 3 on the tie-break
+    assert active.pick(scores, tiebreak, groups, num=3, max_per_group=2) == [0, 1, 4]
+    assert active.pick(scores, tiebreak, groups, num=3, max_per_group=0) == [0, 1, 2]  # no cap
+    assert active.pick(scores, tiebreak, groups, num=10, max_per_group=1) == [0, 4, 3]  # runs out
+
+
+# ----------------------------------------------------------------------------- select with a scripted ensemble
+
+# Each response's raw score under two heads. Pairs of P1: a1-a2 and a2-a3 have head differences (-ln 3, ln 3) and
+# (ln 3, -ln 3): P = (1/4, 3/4), disagreement 1/4; a1-a3 has none. b1-b2: P = (sigmoid 2, 1/2), disagreement
+# (sigmoid(2) - 1/2) / 2 = 0.1904. P3's pairs are no candidates: two equal responses, an empty one.
+HEAD_SCORES = {"a1": (0.0, 0.0), "a2": (LN3, -LN3), "a3": (0.0, 0.0), "b1": (2.0, 0.0), "b2": (0.0, 0.0)}
+B_DISAGREEMENT = (1 / (1 + math.exp(-2)) - 0.5) / 2
+
+
+class ScriptedEnsemble:
+    """Stands in for RewardModel: raw scores from HEAD_SCORES, and a record of what it was asked to score."""
+
+    scored: list[list[str]] = []
+
+    def __init__(self, path, *, precision="bf16", batch_size=16, **kwargs):
+        self.num_members = 2
+
+    def raw(self, prompts, responses):
+        ScriptedEnsemble.scored.append(list(responses))
+        return torch.tensor([HEAD_SCORES[r] for r in responses])
+
+
+@pytest.fixture
+def scripted(tmp_path, monkeypatch):
+    """(samples file, ensemble dir) with ScriptedEnsemble in place of the reward model."""
+    monkeypatch.setattr("rlhfkit.modeling.reward_model.RewardModel", ScriptedEnsemble)
+    ScriptedEnsemble.scored = []
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [
+            {"prompt_index": 0, "prompt": "P1?", "responses": ["a1", "a2", "a3"]},
+            {"prompt_index": 1, "prompt": "P2?", "responses": ["b1", "b2"]},
+            {"prompt_index": 2, "prompt": "P3?", "responses": ["c1", "c1", " "]},
+        ],
+    )
+    ensemble = tmp_path / "ensemble"
+    ensemble.mkdir()
+    (ensemble / "config.json").write_text("{}")
+    return samples, ensemble
+
+
+def query(tmp_path, samples, name="q.jsonl", **fields) -> list[dict]:
+    config = active.QueryConfig(samples=str(samples), output=str(tmp_path / name), **fields)
+    return read_jsonl(active.select(config))
+
+
+def test_select_picks_the_highest_disagreement(tmp_path, scripted):
+    samples, ensemble = scripted
+    picked = query(tmp_path, samples, reward_model=str(ensemble), num_queries=2, max_per_prompt=2)
+    assert sorted(tuple(r["responses"]) for r in picked) == [("a1", "a2"), ("a2", "a3")]
+    assert [r["acquisition"] for r in picked] == pytest.approx([0.25, 0.25])
+    assert {tuple(r["response_indices"]) for r in picked} == {(0, 1), (1, 2)} and {r["sample_index"] for r in picked} == {0}
+    # Each response of a candidate pair was scored once, in one call; P3's were not scored at all.
+    assert [sorted(s) for s in ScriptedEnsemble.scored] == [["a1", "a2", "a3", "b1", "b2"]]
+    # All 4 candidates in score order; the a1-a3 pair, on which the heads agree, comes last.
+    everything = query(tmp_path, samples, reward_model=str(ensemble), num_queries=10, max_per_prompt=0)
+    assert [r["acquisition"] for r in everything] == pytest.approx([0.25, 0.25, B_DISAGREEMENT, 0.0])
+    assert everything[-1]["responses"] == ["a1", "a3"]
+
+
+def test_select_respects_max_per_prompt_and_exclude(tmp_path, scripted):
+    samples, ensemble = scripted
+    one_each = query(tmp_path, samples, reward_model=str(ensemble), num_queries=2, max_per_prompt=1)
+    assert [r["prompt"] for r in one_each] == ["P1?", "P2?"]
+    assert one_each[0]["responses"] in (["a1", "a2"], ["a2", "a3"])
+    assert one_each[1]["acquisition"] == pytest.approx(B_DISAGREEMENT)
+    # a1-a2 is labelled already (responses in the other order): the next best after a2-a3 is b1-b2.
+    labelled = tmp_path / "labelled.jsonl"
+    save_comparisons(labelled, [Comparison("P1?", ["a2", "a1"], [1, 0], source="human:x")])
+    picked = query(tmp_path, samples, reward_model=str(ensemble), num_queries=2, max_per_prompt=2, exclude=str(labelled))
+    assert [r["responses"] for r in picked] == [["a2", "a3"], ["b1", "b2"]]
+    # A K-way ranking labels each of its pairs: only b1-b2 and nothing of P1 is left.
+    save_comparisons(labelled, [Comparison("P1?", ["a3", "a1", "a2"], [0, 1, 2])])
+    picked = query(tmp_path, samples, reward_model=str(ensemble), num_queries=5, exclude=str(labelled))
+    assert [r["responses"] for r in picked] == [["b1", "b2"]]
+
+
+def test_select_refuses_bad_configs(tmp_path, scripted, monkeypatch):
+    samples, ensemble = scripted
+    with pytest.raises(ConfigError, match="strategy must be one of disagreement, uncertainty, random"):
+        query(tmp_path, samples, reward_model=str(ensemble), strategy="max")
+    with pytest.raises(ConfigError, match="needs `reward_model`"):
+        query(tmp_path, samples)
+    with pytest.raises(ConfigError, match="not a reward-model directory"):
+        query(tmp_path, samples, reward_model=str(tmp_path))
+    monkeypatch.setattr(ScriptedEnsemble, "__init__", lambda self, path, **kw: setattr(self, "num_members", 1))
+    with pytest.raises(ConfigError, match="needs a reward-model ensemble.*use strategy=uncertainty"):
+        query(tmp_path, samples, reward_model=str(ensemble))
+
+
+def test_random_is_seeded_reproducible_and_nested(tmp_path):
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl", [{"prompt": f"Q{i}?", "responses": [f"x{i}", f"y{i}", f"z{i}"]} for i in range(10)]
+    )
+    first = query(tmp_path, samples, "r1.jsonl", strategy="random", num_queries=6, seed=3)
+    again = query(tmp_path, samples, "r2.jsonl", strategy="random", num_queries=6, seed=3)
+    other = query(tmp_path, samples, "r3.jsonl", strategy="random", num_queries=6, seed=4)
+    fewer = query(tmp_path, samples, "r4.jsonl", strategy="random", num_queries=4, seed=3)
+    assert first == again and first != other
+    assert fewer == first[:4]  # a smaller budget takes the first pairs of a larger one
+    # max_per_prompt=2 (the default) holds; 30 candidates, none repeated.
+    capped = query(tmp_path, samples, "r5.jsonl", strategy="random", num_queries=100, seed=3)
+    assert len(capped) == 20 and max(sum(r["prompt"] == f"Q{i}?" for r in capped) for i in range(10)) == 2
+    everything = query(tmp_path, samples, "r6.jsonl", strategy="random", num_queries=100, max_per_prompt=0)
+    assert len({(r["prompt"], *r["responses"]) for r in everything}) == 30
+
+
+# ----------------------------------------------------------------------------- the output flows into labelling
+
+
+def test_queries_are_labelled_by_the_label_stage_and_read_by_the_annotation_app(tmp_path, tokenizer):
+    """A real one-head tiny reward model picks pairs by uncertainty; the simulated annotator labels exactly them."""
+    rm_dir = tmp_path / "rm"
+    rm_tokenizer = reward_tokenizer(models.TINY)
+    model = load_reward_backbone(models.TINY, pad_token_id=rm_tokenizer.pad_token_id, head_init="normal", seed=1)
+    models.save_pretrained(model, rm_tokenizer, rm_dir)
+    responses = ["Hi.", "Hello there, friend!", "Greetings to you and yours, my good friend."]
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [{"prompt": [{"role": "user", "content": f"Greet person {i}."}], "responses": responses} for i in range(4)],
+    )
+    picked = query(tmp_path, samples, reward_model=str(rm_dir), strategy="uncertainty", num_queries=6, precision="fp32")
+    assert len(picked) == 6
+    # The scores it ranked by are 1 - |2 sigmoid(r_a - r_b) - 1| of the model's own raw scores.
+    rm = RewardModel(rm_dir, precision="fp32")
+    for r in picked:
+        score_a, score_b = rm.raw([r["prompt"]] * 2, r["responses"]).tolist()
+        p = 1 / (1 + math.exp(-(score_a - score_b)))
+        assert r["acquisition"] == pytest.approx(1 - abs(2 * p - 1), abs=1e-5)
+    assert [r["acquisition"] for r in picked] == sorted((r["acquisition"] for r in picked), reverse=True)
+
+    labels = label_run(
+        LabelConfig(samples=str(tmp_path / "q.jsonl"), output=str(tmp_path / "labels.jsonl"), scorer="length", temperature=0)
+    )
+    assert [(c.prompt, c.responses) for c in labels] == [(r["prompt"], r["responses"]) for r in picked]
+    assert all(c.chosen == max(c.responses, key=lambda r: len(r.split())) for c in labels)  # the longer one wins
+    pairs, empty = read_pairs(tmp_path / "q.jsonl")  # what `rlhfkit annotate serve` loads
+    assert empty == 0 and [p.responses for p in pairs] == [tuple(r["responses"]) for r in picked]
+    # Labelled pairs are excluded next time: the other 6 of the 4 x 3 candidates remain.
+    rest = query(tmp_path, samples, "next.jsonl", strategy="random", num_queries=12, exclude=str(tmp_path / "labels.jsonl"))
+    keys = {active.pair_key(r["prompt"], *r["responses"]) for r in rest}
+    assert len(keys) == 6 and not keys & {active.pair_key(c.prompt, *c.responses) for c in labels}
+
+
+def test_query_is_a_cli_stage(tmp_path):
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"Q{i}?", "responses": [f"x{i}", f"y{i}"]} for i in range(3)])
+    out = tmp_path / "q.jsonl"
+    assert cli.main(["query", f"samples={samples}", "strategy=random", "num_queries=2", f"output={out}"]) == 0
+    assert len(read_jsonl(out)) == 2
+
+
+# ----------------------------------------------------------------------------- votes -> soft label -> cDPO
+
+
+def test_multi_annotator_soft_label_reaches_conservative_dpo(tokenizer, monkeypatch):
+    """Two votes, "A slightly better" (P 0.7) and "A better" (P 0.9), give target 0.8 (grades.pair_targets, as the
+    annotation export writes it); DPO's loss mixes it with label_smoothing eps as cDPO's P = p (1 - eps) + (1 - p) eps.
+    (The same soft label in the Bradley-Terry reward loss: tests/test_annotate_grades.py.)"""
+    target, margin = pair_targets([("a", "slightly_better"), ("a", "better")], chosen=0, tie=False)
+    assert (target, margin) == (0.8, 0.375)
+    labelled = Comparison("Greet me.", ["Hello!", "Go away."], [0, 1], meta={"target": target, "margin": margin})
+    pairs, _ = tokenize_pairs(tokenizer, [labelled], max_length=64)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    assert batch["target"].tolist() == pytest.approx([0.8])
+    # Policy log-probs -1 (chosen), -3 (rejected); reference -2, -2: h = 1 - (-1) = 2, beta h = 1.
+    monkeypatch.setattr(
+        "rlhfkit.modeling.forward.sequence_logps", lambda model, batch: (torch.tensor([-1.0, -3.0]), torch.tensor([4, 4]))
+    )
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = torch.tensor([-2.0]), torch.tensor([-2.0])
+    loss, _ = dpo.DPOTask(dpo.DPOConfig(beta=0.5, label_smoothing=0.1)).loss(None, batch)
+    # P(chosen) = 0.8 x 0.9 + 0.2 x 0.1 = 0.74: -(0.74 ln sigmoid(1) + 0.26 ln sigmoid(-1)).
+    assert loss.item() == pytest.approx(0.74 * math.log(1 + math.exp(-1)) + 0.26 * math.log(1 + math.e), rel=1e-6)
+    # A hard label (target 1) with the same eps is plain cDPO: 0.9 ln(1 + e^-1) + 0.1 ln(1 + e).
+    batch["target"] = torch.tensor([1.0])
+    loss, _ = dpo.DPOTask(dpo.DPOConfig(beta=0.5, label_smoothing=0.1)).loss(None, batch)
+    assert loss.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.e), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the benchmark, on the tiny model
+
+POLITE = ["Sure, happy to help: {}", "Of course! {} Have a lovely day.", "Great question. {}"]
+RUDE = ["{} Obviously.", "Ugh. {}", "{} Stop asking."]
+
+
+def polite_rude_samples(path: Path, count: int, offset: int) -> Path:
+    """Samples of ``count`` prompts, each with two polite and one rude response (the demo rubric prefers polite)."""
+    rows = []
+    for i in range(offset, offset + count):
+        answer = f"The answer is {i}."
+        rows.append(
+            {
+                "prompt": f"Question number {i}?",
+                "responses": [POLITE[i % 3].format(answer), RUDE[i % 3].format(answer), POLITE[(i + 1) % 3].format(answer)],
+            }
+        )
+    return write_jsonl(path, rows)
+
+
+def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import active_querying
+    finally:
+        sys.path.pop(0)
+
+    samples = polite_rude_samples(tmp_path / "samples.jsonl", 8, 0)
+    heldout_samples = polite_rude_samples(tmp_path / "heldout_samples.jsonl", 3, 100)
+    # Every pair of the pool, labelled by the simulated annotator (as the script's docstring says to).
+    for source, name in ((samples, "pool"), (heldout_samples, "heldout")):
+        pool = active.select(
+            active.QueryConfig(
+                samples=str(source),
+                strategy="random",
+                num_queries=10**6,
+                max_per_prompt=0,
+                output=str(tmp_path / f"{name}.q.jsonl"),
+            )
+        )
+        label_run(LabelConfig(samples=str(pool), output=str(tmp_path / f"{name}.jsonl"), scorer="demo", temperature=0))
+    out = tmp_path / "bench"
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "8,6", "--initial", "4", "--ensemble-size", "2"),
+        *("--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--max-length", "48", "--precision", "fp32"),
+        *("--seeds", "0", "--output-dir", str(out)),
+    ]
+    capsys.readouterr()  # what labelling printed
+    results = active_querying.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.startswith("command: ") and "--budgets 8,6" in printed.splitlines()[0]
+    runs = results["runs"]
+    assert sorted((r["arm"], r["budget"], r["seed"]) for r in runs) == sorted(
+        (arm, n, s) for arm in ("random", "active") for n in (6, 8) for s in (0,)
+    )
+    strict = sum(not c.tie for c in load_comparisons(tmp_path / "heldout.jsonl"))  # held-out ties are left out
+    assert strict >= 6 and all(r["pairs"] == r["budget"] and r["heldout_pairs"] == strict for r in runs)
+    assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in runs)
+    assert json.loads((out / "results.json").read_text())["runs"] == runs
+    assert set(results["active_minus_random"]) == {"6", "8"} and "active - random accuracy" in printed
+    # The active arm trained on the 4 initial random pairs plus the ensemble's picks, none of them initial ones.
+    seed0 = out / "seed0"
+    initial = [c.responses for c in load_comparisons(seed0 / "initial.jsonl")]
+    assert initial == [c.responses for c in load_comparisons(seed0 / "random_8.jsonl")][:4]
+    active_train = [c.responses for c in load_comparisons(seed0 / "active_8.jsonl")]
+    assert active_train[:4] == initial and not {tuple(r) for r in active_train[4:]} & {tuple(r) for r in initial}
+    picks = read_jsonl(seed0 / "active_queries_8.jsonl")
+    assert len(picks) == 4 and all(r["acquisition"] >= 0 for r in picks)
