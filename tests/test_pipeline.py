@@ -471,7 +471,7 @@ def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_pa
         pipeline.build_stages(config(tmp_path, algorithm="ppo", compare=["dpo"], dpo={"kl_coef": 0.1}))
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce"])
 def test_demo_config_builds_for_every_algorithm(tmp_path, algorithm):
     """`rlhfkit demo algorithm=A` once failed at once (DPO's beta in the shared rl section)."""
     cfg = pipeline.demo_config(algorithm=algorithm, output_dir=str(tmp_path))

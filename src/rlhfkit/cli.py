@@ -11,7 +11,7 @@ rlhfkit ilql CONFIG.yaml [key=value ...]    -> rlhfkit.ilql.train(ILQLConfig)
 rlhfkit cai CONFIG.yaml [key=value ...]     -> rlhfkit.cai.critique_revise(CAIConfig)
 rlhfkit cai-label CONFIG.yaml [k=v ...]     -> rlhfkit.cai_label.label_on_principles(CAILabelConfig)
 rlhfkit ppo|grpo|rloo CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(RLConfig / GRPOConfig / RLOOConfig)
-rlhfkit a2c|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / ReinforceConfig)
+rlhfkit a2c|nlpo|reinforce CONFIG.yaml [k=v ...] -> rlhfkit.rl.train(A2CConfig / NLPOConfig / ReinforceConfig)
 rlhfkit chat MODEL [--prompt TEXT]          -> rlhfkit.generation.rollout.HFGenerator
                    [--ilql-beta B]          -> rlhfkit.ilql.ILQLGenerator (an ILQL output directory)
 rlhfkit serve MODEL [--port P]              -> rlhfkit.serve.serve (OpenAI-compatible)
@@ -62,6 +62,7 @@ STAGES = {
     "grpo": ("rl", "GRPOConfig", "train"),
     "rloo": ("rl", "RLOOConfig", "train"),
     "a2c": ("rl", "A2CConfig", "train"),
+    "nlpo": ("rl", "NLPOConfig", "train"),
     "reinforce": ("rl", "ReinforceConfig", "train"),
     "iterated-dpo": ("iterated", "IteratedDPOConfig", "run"),
     "eval": ("evaluate", "EvalConfig", "run"),
@@ -72,8 +73,8 @@ STAGES = {
     "doctor": ("doctor", "DoctorConfig", "run"),
 }
 
-RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce", "a2c"})
-"""Stage names an RL run's config.yaml may carry (its ``algorithm``); ``rlhfkit ppo|grpo|rloo|a2c|reinforce`` read
+RL_STAGES = frozenset({"ppo", "grpo", "rloo", "reinforce", "a2c", "nlpo"})
+"""Stage names an RL run's config.yaml may carry (its ``algorithm``); ``rlhfkit ppo|grpo|rloo|a2c|nlpo|reinforce`` read
 any of them."""
 
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("grpo", "GRPO: group-normalised advantages, KL in the loss"),
         ("rloo", "RLOO: leave-one-out baseline, KL in the reward"),
         ("a2c", "A2C: advantage actor-critic, one unclipped pass per rollout, value loss and entropy bonus"),
+        ("nlpo", "NLPO: PPO within the top-p tokens of a masking policy refreshed every few steps"),
         ("reinforce", "plain REINFORCE: discounted returns minus the batch mean, KL in the reward"),
         ("iterated-dpo", "rounds of sample -> label -> DPO (reference kept or refreshed)"),
         ("eval", "evaluate a policy against a baseline (win rate, gold score, KL, best-of-n, Elo)"),

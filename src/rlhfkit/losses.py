@@ -649,3 +649,61 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int) ->
     expected = max_new_tokens - buffer
     soft = (expected - lengths) / buffer
     return torch.where(lengths <= expected, torch.zeros_like(lengths), torch.where(lengths <= max_new_tokens, soft, -1.0))
+
+
+# ----------------------------------------------------------------------------- NLPO
+#
+# Natural Language Policy Optimization (Ramamurthy et al. 2022, "Is Reinforcement Learning (Not) for Natural
+# Language Processing?", §3.2 and Algorithm 1; RL4LMs): PPO with invalid-action masking. A masking policy, a
+# periodically refreshed copy of the policy, keeps the top-p tokens of each step; the policy samples among them,
+# and its log-probs (so PPO's ratio) are those of its distribution renormalised over the kept tokens.
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus of ``softmax(logits)`` (Holtzman et al. 2020), as NLPO's action mask: True on the smallest set of
+    most likely tokens whose probability reaches ``top_p``, i.e. on each token whose more likely tokens have mass
+    below ``top_p``. The most likely token is always kept (``top_p <= 0`` keeps it alone); ``top_p >= 1`` keeps every
+    token (exactly, whatever the rounding of the cumulative sum). Equal probabilities are ranked by token id (a stable
+    sort), so ties at the edge keep the lower ids.
+
+    Ramamurthy et al. 2022, §3.2 ("top-p sampling of the masking policy"); RL4LMs' ``learned_top_p`` mask keeps a
+    token when the mass before it is <= top_p, this the standard nucleus (< top_p, as
+    :class:`rlhfkit.generation.rollout.InverseCDFSampler`), and RL4LMs' ``min_tokens_to_keep`` and always-kept special
+    tokens are left out (the most likely token alone is kept unconditionally).
+
+    Shape: ``logits`` (..., V) -> (..., V) bool. Temperature: divide the logits before the call.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the more likely tokens
+    keep_sorted = before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def masked_token_logps(
+    logits: torch.Tensor, keep: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logps, entropy or None)`` of ``tokens`` under ``softmax(logits / temperature)`` restricted to ``keep``
+    (renormalised over the kept tokens): the logits are -inf outside ``keep``, then log-softmax and gather. NLPO's
+    masked log-probs (Ramamurthy et al. 2022, §3.2), from which PPO's ratio ``exp(logps - old_logps)`` is formed
+    with both under the same mask; the entropy is that of the masked distribution.
+
+    ``keep`` must hold at least one True per position; a token outside it gets -inf. Gradients reach the kept
+    logits only (the masked ones have probability 0).
+
+    Shape: ``logits`` (B, T, V), ``keep`` (B, T, V) bool (True: the token may be sampled), ``tokens`` (B, T) ->
+    ``logps`` (B, T) fp32, ``entropy`` (B, T) fp32 or None.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    logp = z.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    logps = logp.gather(-1, tokens[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logps, None
+    # 0 * log 0 = 0 outside the mask: fill the -inf log-probs there with 0 before the product (not after, or NaN).
+    entropy = -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
+    return logps, entropy

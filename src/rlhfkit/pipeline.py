@@ -73,7 +73,7 @@ from rlhfkit.data.io import atomic_write_text
 from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
-Algorithm = Literal["dpo", "ppo", "grpo", "rloo", "a2c", "reinforce"]
+Algorithm = Literal["dpo", "ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce"]
 Feedback = Literal["label", "constitutional"]
 T = TypeVar("T")
 
@@ -153,6 +153,8 @@ class PipelineConfig:
     """Overrides of `rlhfkit config rloo` keys, when rloo is the algorithm or compared."""
     a2c: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config a2c` keys, when a2c is the algorithm or compared."""
+    nlpo: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config nlpo` keys, when nlpo is the algorithm or compared."""
     reinforce: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config reinforce` keys, when reinforce is the algorithm or compared."""
     eval: dict[str, Any] = field(default_factory=dict)
@@ -337,6 +339,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
                 "grpo": rl.GRPOConfig,
                 "rloo": rl.RLOOConfig,
                 "a2c": rl.A2CConfig,
+                "nlpo": rl.NLPOConfig,
                 "reinforce": rl.ReinforceConfig,
             }[algorithm]
             config = make(cls, {**wired, "policy": str(d["sft"]), "reward_model": str(d["reward"])}, aggregation, *sections)
@@ -821,6 +824,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "grpo": {**rl_common, "num_minibatches": 1, "beta": 0.04},
         "rloo": {**rl_common, "num_minibatches": 1},
         "a2c": {**rl_common, "ppo_epochs": 1, "num_minibatches": 1},  # one pass per rollout (not tuned)
+        "nlpo": {**rl_common, "lr": 1e-5},  # ppo's (not tuned)
         "reinforce": {**rl_common, "num_minibatches": 1},  # (not tuned)
         # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
         # the eval's generation.

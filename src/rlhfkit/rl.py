@@ -1,10 +1,12 @@
-"""Online RL against a reward: PPO, A2C, GRPO, RLOO and REINFORCE in one readable loop.
+"""Online RL against a reward: PPO, NLPO, A2C, GRPO, RLOO and REINFORCE in one readable loop.
 
-``rlhfkit ppo|grpo|rloo|a2c|reinforce CONFIG.yaml`` / :func:`train`. Each step:
+``rlhfkit ppo|nlpo|grpo|rloo|a2c|reinforce CONFIG.yaml`` / :func:`train`. Each step:
 
 1. **Rollout.** Take ``batch_size`` prompts, sample ``samples_per_prompt``
    responses each (:func:`rlhfkit.generation.rollout.make_rollout`; KV cache, temperature,
-   top-p, stop at EOS).
+   top-p, stop at EOS). ``nlpo`` (Ramamurthy et al. 2022) samples only among the top-p tokens
+   (``nlpo_top_p``) of a masking policy, a frozen copy of the policy refreshed every
+   ``nlpo_update_every`` steps, and keeps each step's mask with the rollout.
 2. **Score.** ``score = reward(prompt, response)`` from a reward model (an ensemble's
    heads aggregated by ``reward_aggregation``: mean, wco or uwo), a
    ``module:function`` or a simulated-annotator scorer; minus
@@ -16,6 +18,7 @@
    * ``ppo``: per-token rewards ``r_t = -beta KL_t`` plus the score at the last
      token (Ziegler et al. 2019, eq. 2), GAE (Schulman et al. 2016), whitened;
    * ``a2c``: ppo's (A2C differs in step 5);
+   * ``nlpo``: ppo's (NLPO differs in steps 1, 3 and 5: its log-probs are the policy's within the mask);
    * ``reinforce``: the same rewards, discounted reward-to-go minus the batch
      mean (Williams 1992; the seed's REINFORCE with discounting);
    * ``rloo``: sequence reward ``score - beta sum_t KL_t``, leave-one-out
@@ -29,7 +32,9 @@
    CISPO, dual-clip or GSPO's sequence ratio, :func:`rlhfkit.losses.policy_loss`),
    clipped value loss; ``a2c`` (advantage actor-critic as RL4LMs runs it, Mnih et al. 2016) makes one pass
    (``ppo_epochs=1``) with the unclipped ``-A log pi`` (:func:`rlhfkit.losses.a2c_policy_loss`) and an
-   unclipped value loss. ``entropy_coef`` adds ``-entropy_coef`` x the token-mean entropy (any algorithm).
+   unclipped value loss; ``nlpo`` is ppo's update with the log-probs, so the ratio, of the policy renormalised
+   over the rollout's masks (:func:`rlhfkit.losses.masked_token_logps`). ``entropy_coef`` adds ``-entropy_coef`` x
+   the token-mean entropy (any algorithm).
    The per-token losses are averaged per ``loss_type`` (:func:`rlhfkit.losses.loss_token_weights`); the default, ``dapo``, is the
    token mean over the global minibatch (DAPO's normalisation, not DeepSeekMath
    eq. 3's per-response mean, which is ``loss_type=grpo``). Stop the epochs early
@@ -63,7 +68,15 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data.io import append_jsonl, atomic_write_text, truncate_jsonl_by_step
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.sft import collate_sft, load_sft_file, tokenize_sft
-from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, encode_prompts, make_rollout
+from rlhfkit.generation.rollout import (
+    GenerationOptions,
+    HFEngine,
+    Rollout,
+    TopPMasking,
+    encode_prompts,
+    make_rollout,
+    unpack_token_mask,
+)
 from rlhfkit.generation.vllm_engine import VLLMEngine
 from rlhfkit.losses import (
     a2c_policy_loss,
@@ -73,6 +86,7 @@ from rlhfkit.losses import (
     kl_penalty,
     loss_token_weights,
     masked_mean,
+    masked_token_logps,
     overlong_penalty,
     policy_loss,
     ppo_value_loss,
@@ -104,7 +118,9 @@ from rlhfkit.training.loop import (
 from rlhfkit.training.sharding import check_rl_sharding, is_sharded, whole_parameters
 from rlhfkit.training.tracking import MetricsLogger
 
-Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "a2c"]
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "a2c", "nlpo"]
+NLPO_MASKING_FILE = "nlpo_masking_policy.safetensors"
+"""The masking policy's weights in a checkpoint of an nlpo run (written and read through accelerate's state hooks)."""
 
 
 @dataclass
@@ -112,8 +128,9 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Config of the online RL stage. ``batch_size`` is prompts per step per process."""
 
     algorithm: Algorithm = "ppo"
-    """ppo (critic + GAE), a2c (critic + GAE, one unclipped pass), grpo (group-normalised), rloo (leave-one-out) or
-    reinforce (discounted returns)."""
+    """ppo (critic + GAE), a2c (critic + GAE, one unclipped pass), grpo (group-normalised), rloo (leave-one-out),
+    reinforce (discounted returns), or nlpo (ppo within a masking policy's top-p tokens; `rlhfkit nlpo`, whose
+    NLPOConfig holds its keys)."""
     policy: str = models.TINY
     """Policy model spec (usually the SFT output directory). The reference is its frozen copy."""
     reward_model: str = "demo"
@@ -229,7 +246,7 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     overlong_penalty_coef: float = 1.0
     """Weight of the overlong penalty in the score (overlong_buffer > 0)."""
     value: Literal["head", "critic"] = "head"
-    """ppo's and a2c's value function: a head on the policy trunk, or a separate critic model."""
+    """ppo's, nlpo's and a2c's value function: a head on the policy trunk, or a separate critic model."""
     critic_init: str = ""
     """Critic initialisation (value=critic): a spec or reward-model dir; empty: the reward model if it is a dir, else the policy."""
     vf_coef: float = 0.1
@@ -238,8 +255,9 @@ class RLConfig(models.AdapterOptions, TrainOptions, ProbeOptions):
     """Value clip epsilon (ppo; a2c's value loss is unclipped)."""
     entropy_coef: float = 0.0
     """Entropy bonus: the loss gets -entropy_coef x the token-mean entropy of the policy on the responses (any
-    algorithm; a2c's default 0.01, as RL4LMs). Not 0: the update's forward is padded, not packed (the entropy's
-    gradient needs the logits, which the packed forward's fused kernels never hand out)."""
+    algorithm; a2c's default 0.01, as RL4LMs; nlpo's is the entropy within the mask). Not 0: the update's forward is
+    padded, not packed (the entropy's gradient needs the logits, which the packed forward's fused kernels never hand
+    out)."""
     target_kl_stop: float = 0.0
     """Stop the epoch loop when mean approx-KL exceeds this (0 disables)."""
     ptx_data: str = ""
@@ -350,6 +368,41 @@ class ReinforceConfig(RLConfig):
     output_dir: str = "runs/reinforce"
 
 
+@dataclass
+class NLPOConfig(RLConfig):
+    """NLPO (Ramamurthy et al. 2022, RL4LMs): PPO with invalid-action masking. A masking policy, a frozen copy of the
+    policy refreshed every `nlpo_update_every` steps, keeps its top-p tokens at each step; the policy samples among
+    them, and its log-probs (PPO's ratio, the entropy, the KL to the reference) are those of its distribution
+    renormalised over them. Everything else is ppo's: value head, GAE, clipped surrogate. Needs rollout_engine=hf;
+    the update's forward is padded (the mask needs the logits), and the masking policy is one more copy of the
+    policy in memory, with one more decode step per generated token."""
+
+    algorithm: Algorithm = "nlpo"
+    nlpo_top_p: float = 0.9
+    """The masking policy's nucleus: at each step the policy may sample only the smallest set of the masking policy's
+    most likely tokens (at the sampling temperature) whose probability reaches nlpo_top_p; its most likely token is
+    always kept. In (0, 1]; 1 keeps every token, which is ppo. 0.9: the paper's and RL4LMs' top_mask."""
+    nlpo_update_every: int = 5
+    """mu: the masking policy is the policy as it was at the start of the last step whose number (from 0) is a multiple
+    of nlpo_update_every; it is copied at those steps, before their rollouts (>= 1; 1: every step, the mask then
+    the current policy's own nucleus). 5: RL4LMs' target_update_iterations for GPT-2 on IMDB (20 for its T5 tasks)."""
+    value: Literal["head", "critic"] = "critic"
+    """A separate critic model by default, as RL4LMs' actor-critic policies keep one. With a head on the policy trunk
+    the value loss moves the trunk, so the logits of tokens the mask leaves out drift without any policy gradient;
+    when the mask is refreshed they can take over (tiny model, shortness reward: with a head, seed 1 of the learning
+    test fell back from score 0 to -51 after a refresh; with a critic, 12 of 12 runs kept rising)."""
+    output_dir: str = "runs/nlpo"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.algorithm != "nlpo":
+            raise ConfigError(f"NLPOConfig (rlhfkit nlpo) is algorithm nlpo, not {self.algorithm!r}")
+        if not 0 < self.nlpo_top_p <= 1:
+            raise ConfigError(f"nlpo_top_p must be in (0, 1] (got {self.nlpo_top_p})")
+        if self.nlpo_update_every < 1:
+            raise ConfigError(f"nlpo_update_every must be >= 1 (got {self.nlpo_update_every})")
+
+
 class AdaptiveKLController:
     """beta_{t+1} = beta_t (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon) — Ziegler et al. 2019, eq. 3."""
 
@@ -455,12 +508,26 @@ def _forward(
     with_entropy: bool = False,
     packed: bool = False,
     entropy_grad: bool = False,
+    in_mask: bool = False,
 ):
     """``(logps (b, R), values (b, R) or None, entropy (b, R) or None)`` of the response tokens of ``rows``.
 
     ``entropy_grad``: an entropy that carries a gradient (the entropy bonus), from the padded batch's logits (the
-    fused log-prob kernels, and so the packed forward, give the entropy none)."""
+    fused log-prob kernels, and so the packed forward, give the entropy none). ``in_mask``: the log-probs and
+    entropy of the model's distribution renormalised over the rollout's action masks (NLPO's policy; the padded
+    forward, the masks need the logits), where the rollout has them (:attr:`Rollout.action_mask`)."""
     sub = rollout.select(rows)
+    if in_mask and sub.action_mask is not None:
+        input_ids, attention = sub.input_ids.to(device), sub.attention_mask.to(device)
+        response_ids, response_mask = sub.response_ids.to(device), sub.response_mask.to(device)
+        logits, values = response_logits(model, input_ids, attention, response_ids.shape[1])
+        # Positions past the response (padding) keep every token, so their pad token has a finite log-prob: -inf
+        # there, even masked out of the loss, would reach the gradient as NaN (through exp in the ratio).
+        keep = unpack_token_mask(sub.action_mask.to(device), logits.shape[-1]) | ~response_mask[..., None]
+        logps, entropy = masked_token_logps(
+            logits, keep, response_ids, rollout.temperature, with_entropy=with_entropy or entropy_grad
+        )
+        return logps, values, entropy if entropy_grad or entropy is None else entropy.detach()
     if packed and not entropy_grad:
         return packed_response_logps(
             model,
@@ -488,6 +555,10 @@ class RLTrainer:
     def __init__(self, config: RLConfig):
         c = self.config = config
         c.policy_loss_options()  # checks the loss options now, not after the first rollout
+        if c.algorithm == "nlpo" and not isinstance(c, NLPOConfig):
+            raise ConfigError("algorithm nlpo takes NLPOConfig's keys (nlpo_top_p, nlpo_update_every): run `rlhfkit nlpo`")
+        if c.algorithm == "nlpo" and c.rollout_engine != "hf":
+            raise ConfigError("nlpo needs rollout_engine=hf: its mask is applied by a logits processor at each decode step")
         if c.algorithm in ("grpo", "rloo") and c.samples_per_prompt < 2:
             raise ConfigError(f"{c.algorithm} needs samples_per_prompt >= 2 (got {c.samples_per_prompt})")
         rows_per_minibatch = c.batch_size * c.samples_per_prompt // c.num_minibatches
@@ -511,8 +582,13 @@ class RLTrainer:
             if c.packing:
                 models.set_attention(self.ref)
         policy = models.prepare_for_training(policy, c)
+        # NLPO's masking policy: a frozen copy of the policy as prepared (LoRA adapters included, so a refresh copies
+        # parameter for parameter), refreshed every nlpo_update_every steps (refresh_masking_policy) and saved with
+        # each checkpoint (_save_masking_policy), so a resumed run masks as the uninterrupted one. fp32 like the
+        # policy: it decodes under the generation autocast.
+        self.masking = copy.deepcopy(policy).eval().requires_grad_(False) if isinstance(c, NLPOConfig) else None
         critic = None
-        value = c.value if c.algorithm in ("ppo", "a2c") else "none"
+        value = c.value if c.algorithm in ("ppo", "a2c", "nlpo") else "none"
         if value == "critic":
             init = c.critic_init or (c.reward_model if Path(c.reward_model).is_dir() else c.policy)
             critic = load_critic(init, vocab_size=policy.config.vocab_size)
@@ -527,6 +603,10 @@ class RLTrainer:
         device = self.acc.device
         if self.ref is not None:
             self.ref.to(device)
+        if self.masking is not None:
+            self.masking.to(device)
+            self.acc.register_save_state_pre_hook(self._save_masking_policy)
+            self.acc.register_load_state_pre_hook(self._load_masking_policy)
         # A reward model scores on this process's device (TRL moves its reward models there too: grpo_trainer.py).
         self.reward_fn = load_reward(
             c.reward_model,
@@ -568,7 +648,34 @@ class RLTrainer:
             )
         if c.rollout_engine != "hf":
             raise ValueError(f"rollout_engine must be hf or vllm, not {c.rollout_engine!r}")
-        return HFEngine(policy, self.tokenizer, precision=precision)
+        masking = TopPMasking(self.masking, c.nlpo_top_p) if isinstance(c, NLPOConfig) and self.masking is not None else None
+        return HFEngine(policy, self.tokenizer, precision=precision, masking=masking)
+
+    # ---------------------------------------------------------------- NLPO's masking policy
+    def refresh_masking_policy(self) -> None:
+        """Copy the policy's parameters into the masking policy (NLPO, every ``nlpo_update_every`` steps).
+
+        Parameter by parameter, with the parameters whole (:mod:`rlhfkit.training.sharding`): a ``state_dict`` of a
+        sharded model holds shards. Buffers (rotary frequencies) are not trained and stay as copied at the start."""
+        with whole_parameters(self.acc, self.model) as unwrapped, torch.no_grad():
+            source = dict(unwrapped.policy.named_parameters())
+            for name, param in self.masking.named_parameters():
+                param.copy_(source[name])
+
+    def _save_masking_policy(self, models_, weights, output_dir: str) -> None:
+        """accelerate's save-state hook: the masking policy's weights into the checkpoint being written (main process;
+        every process holds the same copy), so the Checkpointer lists, fsyncs and renames them with the rest."""
+        from safetensors.torch import save_model
+
+        if self.acc.is_main_process:
+            save_model(self.masking, str(Path(output_dir) / NLPO_MASKING_FILE))
+
+    def _load_masking_policy(self, models_, input_dir: str) -> None:
+        """accelerate's load-state hook: the masking policy as the checkpoint saved it (a missing or damaged file makes
+        the checkpoint unloadable, as any of its files)."""
+        from safetensors.torch import load_model
+
+        load_model(self.masking, str(Path(input_dir) / NLPO_MASKING_FILE), device=str(self.acc.device))
 
     def _longest_sequence(self) -> int:
         """The longest encoded training prompt plus ``max_new_tokens``: what a rollout can need a KV cache for."""
@@ -615,7 +722,9 @@ class RLTrainer:
             for rows in _micro_batches(B, c.grad_accum * c.num_minibatches):
                 with self.acc.autocast():
                     if need_old:
-                        lp, v, ent = _forward(self.model, rollout, rows, device, with_entropy=True, packed=c.packing)
+                        lp, v, ent = _forward(
+                            self.model, rollout, rows, device, with_entropy=True, packed=c.packing, in_mask=True
+                        )
                         old_logps.append(lp.float().cpu())
                         entropy.append(ent.cpu())
                         if v is not None:
@@ -631,7 +740,9 @@ class RLTrainer:
         values_t = torch.cat(values) if values else None
         fwd_time = time.perf_counter() - t1
 
-        # KL to the reference, per token, on the sampled tokens.
+        # KL to the reference, per token, on the sampled tokens. NLPO: of the masked policy (the one that sampled them)
+        # to the unmasked reference. RL4LMs uses the unmasked policy's log-probs here (its raw_log_probs), which
+        # estimate no KL of the sampling policy; this is k1's unbiased estimate of KL(masked pi || ref).
         beta = self.kl_ctl.value
         if ref_logps_t is not None and old_logps_t is not None:
             kl = torch.where(mask, kl_penalty(old_logps_t, ref_logps_t, c.kl_estimator), 0.0)
@@ -641,7 +752,7 @@ class RLTrainer:
             kl = kl_k1 = kl_k3 = None  # compute_advantages takes None as a zero KL
 
         advantages, returns = compute_advantages(
-            c.algorithm,
+            "ppo" if c.algorithm == "nlpo" else c.algorithm,  # NLPO's advantages are PPO's
             scores,
             mask,
             kl=kl,
@@ -748,6 +859,7 @@ class RLTrainer:
                                 with_entropy=True,
                                 packed=c.packing,
                                 entropy_grad=c.entropy_coef != 0,
+                                in_mask=True,
                             )
                         logps = logps.float()
                         old = scored.old_logps[rows].to(device) if scored.old_logps is not None else logps.detach()
@@ -855,6 +967,8 @@ class RLTrainer:
         (:meth:`rollout_and_score`), optimise (:meth:`update`), then adapt beta. Returns the scored rollout
         and the step's metrics; ``step_count`` goes up by one."""
         c, t0 = self.config, time.perf_counter()
+        if isinstance(c, NLPOConfig) and self.step_count % c.nlpo_update_every == 0:
+            self.refresh_masking_policy()  # NLPO's mu: the masking policy follows the policy every few steps
         scored, roll_stats = self.rollout_and_score(self.prompts_for_step(self.step_count))
         upd_stats = self.update(scored)
         self.step_count += 1

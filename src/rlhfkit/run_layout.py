@@ -8,7 +8,7 @@ from __future__ import annotations
 
 OFFLINE_ALGORITHMS = ("dpo",)
 """Policy stages trained on fixed preference pairs (their metrics: :class:`PreferenceMetric`)."""
-ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "a2c", "reinforce")
+ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce")
 """Policy stages that sample and score as they train (their metrics: :class:`RLMetric`)."""
 POLICY_ALGORITHMS = OFFLINE_ALGORITHMS + ONLINE_ALGORITHMS
 """Policy-optimisation stages; each is named, and writes to a directory named, after its algorithm."""

@@ -28,9 +28,11 @@ from rlhfkit.generation.fast_decode import (
     common_start_first,
     decoding_cache,
     lean_decode_steps,
+    output_cache,
     prepacked_linears,
     shared_prefix_cache,
 )
+from rlhfkit.losses import top_p_mask
 from rlhfkit.modeling import models
 from rlhfkit.modeling.forward import position_ids_from_mask as position_ids_from_mask  # moved; still importable here
 
@@ -92,7 +94,9 @@ class RolloutEngine(Protocol):
     ``generate``, an attribute ``last_logprobs``: the log-probs its sampler gave the returned tokens, a (B, R)
     float32 tensor aligned with the response ids (0.0 at padding, NaN at a token it gave none for). An engine
     without the attribute (:class:`HFEngine`, whose samples come from the trainer's weights), or with it None,
-    has none; :func:`make_rollout` reads it into :attr:`Rollout.sampler_logps`.
+    has none; :func:`make_rollout` reads it into :attr:`Rollout.sampler_logps`. Likewise ``last_action_mask``: the
+    bit-packed (B, R, ceil(V / 8)) uint8 masks of the tokens its sampler could draw at each response position
+    (:class:`HFEngine` with a :class:`TopPMasking`, NLPO), read into :attr:`Rollout.action_mask`.
     """
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
@@ -163,6 +167,73 @@ def inverse_cdf_draw(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> 
     return b * block + torch.minimum(t, last)
 
 
+def pack_token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A vocabulary mask in one bit per token: (..., V) bool -> (..., ceil(V / 8)) uint8, token ``v`` in bit
+    ``v % 8`` of byte ``v // 8``. A rollout's NLPO masks (B, R, V) would take a byte per token; this an eighth."""
+    vocab = mask.shape[-1]
+    bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, -vocab % 8)).unflatten(-1, (-1, 8))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_token_mask(packed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The inverse of :func:`pack_token_mask`: (..., ceil(V / 8)) uint8 -> (..., V) bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> shifts) & 1).bool().flatten(-2)[..., :vocab]
+
+
+@dataclass
+class TopPMasking:
+    """NLPO's action mask for :class:`HFEngine` (Ramamurthy et al. 2022): at each step the policy samples only among
+    the top-p tokens of the masking policy, at the sampling temperature."""
+
+    model: torch.nn.Module
+    """The masking policy: a frozen causal LM with the policy's vocabulary (NLPO: a periodically refreshed copy)."""
+    top_p: float
+    """The nucleus each step keeps (:func:`rlhfkit.losses.top_p_mask`)."""
+
+
+class TopPMaskProcessor:
+    """A logits processor: -inf outside the masking policy's top-p set of the same step, and that set recorded.
+
+    Runs before the sampler, so :class:`InverseCDFSampler` (or greedy decoding) draws from the policy's distribution
+    renormalised over the kept tokens. The masking policy decodes alongside the policy with a KV cache of its own
+    (transformers makes a ``DynamicCache`` on the first call): the first call runs the whole query, each later
+    one only the token the last step appended, so it costs one decode step of the masking model per step, not a
+    forward over the whole sequence. Its inputs are the rows ``generate`` decodes (``query_mask`` is their query
+    mask, as :func:`common_start_first` left it, then 1 for every generated token, as ``generate`` extends its own)
+    with positions counting real tokens only, as every rlhfkit forward. ``masks`` holds each step's mask, packed
+    (:func:`pack_token_mask`), so the trainer computes its log-probs under the very masks that were sampled from
+    (stored as sb3-contrib's maskable PPO and RL4LMs store theirs in the rollout buffer), not under a recomputation
+    that rounding could move at the edge of the nucleus.
+    """
+
+    def __init__(self, model: torch.nn.Module, query_mask: torch.Tensor, *, top_p: float, temperature: float = 1.0):
+        self.model, self.top_p, self.temperature = model, top_p, temperature
+        self.attention = query_mask.long()
+        self.cache = None
+        self.seen = 0  # columns of the rows the masking model has run
+        self.masks: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        grown = input_ids.shape[1] - self.attention.shape[1]
+        if grown > 0:
+            self.attention = torch.cat([self.attention, self.attention.new_ones(self.attention.shape[0], grown)], dim=1)
+        positions = position_ids_from_mask(self.attention)
+        out = self.model(
+            input_ids=input_ids[:, self.seen :],
+            attention_mask=self.attention,
+            position_ids=positions[:, self.seen :],
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_ARG: self.cache},
+        )
+        self.cache, self.seen = output_cache(out), input_ids.shape[1]
+        keep = top_p_mask(out.logits[:, -1].float() / self.temperature, self.top_p)
+        self.masks.append(pack_token_mask(keep))
+        return scores.masked_fill(~keep, float("-inf"))
+
+
 class HFEngine:
     """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
 
@@ -174,11 +245,14 @@ class HFEngine:
     (:func:`common_start_first`, :func:`shared_prefix_cache`); the KV cache keeps its keys and
     values in the decoding dtype with room reserved for the new tokens
     (:func:`decoding_cache`: about 10% faster, same tokens). Sampling goes through
-    :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax.
+    :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax. With ``masking`` (NLPO) a
+    :class:`TopPMaskProcessor` restricts every step to the masking policy's top-p set first, and the steps' masks
+    are kept in ``last_action_mask`` (see :class:`RolloutEngine`).
     """
 
-    def __init__(self, model, tokenizer, *, precision: str = "fp32"):
-        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+    def __init__(self, model, tokenizer, *, precision: str = "fp32", masking: TopPMasking | None = None):
+        self.model, self.tokenizer, self.precision, self.masking = model, tokenizer, precision, masking
+        self.last_action_mask: torch.Tensor | None = None
 
     def load_weights(self, model) -> None:
         self.model = model
@@ -203,11 +277,18 @@ class HFEngine:
             # alone (the probe), where those all-reduces would wait for the others forever.
             synced_gpus=False,
         )
-        if options.temperature > 0:
-            kwargs["logits_processor"] = LogitsProcessorList([InverseCDFSampler(options.temperature, options.top_p)])
         was_training = self.model.training
         self.model.eval()
         query_ids, query_mask, start = common_start_first(query_ids.to(device), query_mask.long().to(device))
+        masker = None
+        if self.masking is not None:
+            temperature = options.temperature if options.temperature > 0 else 1.0
+            masker = TopPMaskProcessor(self.masking.model, query_mask, top_p=self.masking.top_p, temperature=temperature)
+        processors: list = [] if masker is None else [masker]
+        if options.temperature > 0:
+            processors.append(InverseCDFSampler(options.temperature, options.top_p))
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
         dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
         with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
@@ -217,6 +298,7 @@ class HFEngine:
             out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
         self.model.train(was_training)
         response = out[:, query_ids.shape[1] :]
+        self.last_action_mask = torch.stack(masker.masks, dim=1).cpu() if masker is not None and masker.masks else None
         # Anything after the first EOS becomes EOS/pad so masks are exact.
         mask, _ = response_mask_from_ids(response, tok.eos_token_id)
         return torch.where(mask, response, torch.full_like(response, tok.pad_token_id)).cpu()
@@ -264,6 +346,9 @@ class Rollout:
     sampler_logps: torch.Tensor | None = None
     """(B, R) float32 log-probs the engine's own sampler gave the response tokens (vLLM: ``last_logprobs``, see
     :class:`RolloutEngine`), 0.0 at padding, NaN where it gave none; None when the trainer's weights sampled them."""
+    action_mask: torch.Tensor | None = None
+    """(B, R, ceil(V / 8)) uint8, the tokens the sampler could draw at each response position, one bit per token
+    (:func:`pack_token_mask`; NLPO's masking-policy top-p sets, :class:`TopPMaskProcessor`); None: every token."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -294,6 +379,7 @@ class Rollout:
             has_eos=self.has_eos[rows],
             temperature=self.temperature,
             sampler_logps=None if self.sampler_logps is None else self.sampler_logps[rows],
+            action_mask=None if self.action_mask is None else self.action_mask[rows],
         )
 
 
@@ -307,7 +393,8 @@ def make_rollout(
     chat_template: bool = True,
 ) -> Rollout:
     """Sample ``samples_per_prompt`` responses per prompt (rows grouped by prompt); the engine's sampler log-probs,
-    if it keeps any (``last_logprobs``, :class:`RolloutEngine`), become :attr:`Rollout.sampler_logps`."""
+    if it keeps any (``last_logprobs``, :class:`RolloutEngine`), become :attr:`Rollout.sampler_logps`, and its
+    action masks (``last_action_mask``) :attr:`Rollout.action_mask`."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     query_ids, query_mask = encode_prompts(tokenizer, repeated, chat_template=chat_template)
     response_ids = engine.generate(query_ids, query_mask, options)
@@ -316,9 +403,14 @@ def make_rollout(
         if sampler_logps.shape != response_ids.shape:
             raise ValueError(f"the engine's log-probs {tuple(sampler_logps.shape)} != its responses {tuple(response_ids.shape)}")
         sampler_logps = sampler_logps.float().cpu()
+    action_mask = getattr(engine, "last_action_mask", None)
+    if action_mask is not None and action_mask.shape[:2] != response_ids.shape:
+        raise ValueError(f"the engine's action masks {tuple(action_mask.shape)} != its responses {tuple(response_ids.shape)}")
     if response_ids.shape[1] == 0:  # nothing generated at all: keep one (masked) column
         response_ids = torch.full((len(repeated), 1), tokenizer.pad_token_id, dtype=torch.long)
         sampler_logps = None if sampler_logps is None else torch.zeros(response_ids.shape)
+        if action_mask is not None:
+            action_mask = action_mask.new_zeros((*response_ids.shape, action_mask.shape[-1]))
         response_mask, has_eos = torch.zeros_like(response_ids, dtype=torch.bool), torch.zeros(len(repeated), dtype=torch.bool)
     else:
         response_mask, has_eos = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
@@ -333,4 +425,5 @@ def make_rollout(
         has_eos=has_eos,
         temperature=options.temperature if options.temperature > 0 else 1.0,
         sampler_logps=sampler_logps,
+        action_mask=action_mask,
     )
