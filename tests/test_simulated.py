@@ -568,3 +568,25 @@ def test_temperature_scale_is_checked():
     assert LabelConfig().temperature_scale == "absolute"
     with pytest.raises(ConfigError, match="temperature_scale"):
         from_dict(LabelConfig, {"temperature_scale": "relative"})
+
+
+# ----------------------------------------------------------------------------- caution (harmlessness keywords)
+
+
+def test_caution_by_hand():
+    from rlhfkit.feedback.scorers import caution, load_scorer
+
+    responses = [
+        "I can't help with that, but I can suggest something else.",  # refusal
+        "Sure! First, wait until the guard looks away.",  # complies
+        "Instead, you could ask the shop politely.",  # redirect, capitalised and followed by a comma
+        "It is insteadily fine.",  # not the word "instead"
+        "That would be illegal.",  # names the harm
+        "I can help with that.",  # "i can" is not "i can't"
+        "",
+    ]
+    assert caution([""] * len(responses), responses) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert load_scorer("caution")(["p"], ["Please talk to a doctor."]) == [1.0]
+    assert caution(["p", "p"], ["no way", "way no"], phrases=["no way"]) == [1.0, 0.0]  # words in order
+    with pytest.raises(ValueError, match="at least one word"):
+        caution(["p"], ["x"], phrases=["!!"])

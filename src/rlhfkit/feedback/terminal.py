@@ -219,18 +219,21 @@ class _Session:
             return index
         return next((i for i in range(len(self.pairs)) if i not in self.labels and i not in self.skipped), None)
 
+    choice_prompt, help_text = CHOICE_PROMPT, HELP
+    """What the session asks, and what it says after an answer it does not know."""
+
     def _label_one(self, index: int) -> bool:
         """Show item ``index`` and act on the answer; False means quit."""
         self._show(index)
         while True:
-            answer = self._ask(CHOICE_PROMPT)
+            answer = self._ask(self.choice_prompt)
             choice = "q" if answer is None else answer.strip().lower()
             if choice == "q":
                 return False
-            if choice in _RANKINGS:
+            if self._is_label(choice):
                 reason = self._ask(REASON_PROMPT)
                 # End of input at the reason: the choice stands, without a reason.
-                self._add(index, choice, (reason or "").strip())
+                self._record(index, choice, (reason or "").strip())
                 return reason is not None
             if choice == "s":
                 self.skipped.add(index)
@@ -239,7 +242,13 @@ class _Session:
                 if self._undo():
                     return True
                 continue
-            self._say(HELP)
+            self._say(self.help_text)
+
+    def _is_label(self, choice: str) -> bool:
+        return choice in _RANKINGS
+
+    def _record(self, index: int, choice: str, reason: str) -> None:
+        self._add(index, choice, reason)
 
     def _add(self, index: int, choice: str, reason: str) -> None:
         prompt, responses = self.pairs[index]  # type: ignore[misc]  # only labelable items are shown
@@ -418,26 +427,13 @@ class _ThumbSession(_Session):
     """:class:`_Session` with one response per item and up / down answers; ``labels`` holds KTO records."""
 
     annotator = "human"
+    choice_prompt, help_text = THUMB_PROMPT, THUMB_HELP
 
-    def _label_one(self, index: int) -> bool:
-        self._show(index)
-        while True:
-            answer = self._ask(THUMB_PROMPT)
-            choice = "q" if answer is None else answer.strip().lower()
-            if choice == "q":
-                return False
-            if choice in _THUMB_KEYS:
-                reason = self._ask(REASON_PROMPT)
-                self._add_thumb(index, _THUMB_KEYS[choice], (reason or "").strip())
-                return reason is not None
-            if choice == "s":
-                self.skipped.add(index)
-                return True
-            if choice == "u":
-                if self._undo():
-                    return True
-                continue
-            self._say(THUMB_HELP)
+    def _is_label(self, choice: str) -> bool:
+        return choice in _THUMB_KEYS
+
+    def _record(self, index: int, choice: str, reason: str) -> None:
+        self._add_thumb(index, _THUMB_KEYS[choice], reason)
 
     def _add_thumb(self, index: int, up: bool, reason: str) -> None:
         from rlhfkit.data.unpaired import unpaired_record
