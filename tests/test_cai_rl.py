@@ -19,11 +19,19 @@ from pathlib import Path
 import pytest
 
 from rlhfkit import cli
-from rlhfkit.cai_label import CAILabelConfig, draw_pair_principles, label_on_principles, order_swapped_target, response_pairs
+from rlhfkit.cai_label import (
+    CAILabelConfig,
+    draw_pair_principles,
+    label_on_principles,
+    order_consistency,
+    order_swapped_target,
+    response_pairs,
+)
 from rlhfkit.config import ConfigError, load_config
 from rlhfkit.data.constitution import DEFAULT_CONSTITUTION, GENERIC_CHOICE_REQUEST, load_constitution
 from rlhfkit.data.io import DataError
 from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.judge import ChoiceJudge, build_choice_messages, choice_letter, letter_probability
 from tests.helpers import write_jsonl
 
@@ -189,6 +197,8 @@ def test_both_orders_are_asked_and_a_position_biased_judge_gives_only_ties(tmp_p
     result = label_on_principles(config(tmp_path, samples_file, constitution_file, judge_backend=f"{__name__}:always_a"))
     labels = load_comparisons(result.labels)
     assert len(labels) == 1 + 3 + 1 + 1 == result.comparisons == result.ties  # all pairs of K = 2, 3, 2, 2
+    # Consistent on no pair, and always the first position.
+    assert result.consistency["consistent"]["value"] == 0.0 and result.consistency["first_position"] == 1.0
     for label in labels:
         assert label.tie and label.meta["target"] == 0.5 and label.ranking == [0, 1]
         assert label.meta["p_first"] == [1.0, 0.0]  # order 1 says x, order 2 says y
@@ -201,7 +211,11 @@ def test_both_orders_are_asked_and_a_position_biased_judge_gives_only_ties(tmp_p
 
 
 def test_a_judge_preferring_the_longer_response_gives_hard_labels_either_way_round(tmp_path, samples_file, constitution_file):
-    labels = load_comparisons(label_on_principles(config(tmp_path, samples_file, constitution_file)).labels)
+    result = label_on_principles(config(tmp_path, samples_file, constitution_file))
+    labels = load_comparisons(result.labels)
+    # Both orders agree on the 5 pairs of unequal lengths, not on the tie; no position bias.
+    assert result.consistency["consistent"]["value"] == pytest.approx(5 / 6) and result.consistency["pairs"] == 6
+    assert result.consistency["first_position"] == pytest.approx(0.5)
     by_key = {(c.meta["item_index"], tuple(c.meta["pair"])): c for c in labels}
     assert list(by_key) == [(0, (0, 1)), (1, (0, 1)), (1, (0, 2)), (1, (1, 2)), (2, (0, 1)), (3, (0, 1))]
     for (index, (i, j)), label in by_key.items():
@@ -576,3 +590,21 @@ def test_the_constitutional_pipelines_wiring_and_its_errors(tmp_path):
     with pytest.raises(ConfigError, match="section 'cai' is used only with feedback: constitutional"):
         pipeline.build_stages(pipeline.PipelineConfig(output_dir=str(out), cai={"rounds": 2}))
     assert [s.name for s in pipeline.build_stages(pipeline.PipelineConfig(output_dir=str(out)))][:3] == ["sft", "sample", "label"]
+
+
+def test_order_consistency_by_hand():
+    def label(item, p_x_as_a, p_x_as_b):
+        return Comparison(
+            prompt="q", responses=["x", "y"], ranking=[0, 1], meta={"item_index": item, "p_first": [p_x_as_a, p_x_as_b]}
+        )
+
+    labels = [label(0, 0.7, 0.6), label(0, 0.7, 0.4), label(1, 0.3, 0.2), label(2, 0.5, 0.9)]
+    got = order_consistency(labels)
+    assert got["pairs"] == 4
+    assert got["consistent"]["value"] == pytest.approx(2 / 4)  # both above 1/2, both below; not 0.7/0.4 nor 0.5/0.9
+    # P(A) in each order: 0.7, 0.4 | 0.7, 0.6 | 0.3, 0.8 | 0.5, 0.1
+    assert got["first_position"] == pytest.approx((0.7 + 0.4 + 0.7 + 0.6 + 0.3 + 0.8 + 0.5 + 0.1) / 8)
+    lo, hi = got["consistent"]["ci"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0 and lo < hi
+    with pytest.raises(ValueError, match="no labels"):
+        order_consistency([])

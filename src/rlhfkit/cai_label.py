@@ -42,6 +42,7 @@ from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison, Prompt
 from rlhfkit.data.samples import load_items
 from rlhfkit.modeling import models
+from rlhfkit.stats import cluster_accuracy
 
 LABEL_SOURCE = "cai-principles"
 """``Comparison.source`` of the labels :func:`label_on_principles` writes."""
@@ -322,6 +323,29 @@ class CAILabelResult:
     ties: int
     methods: dict[str, int]
     """How many labels came from token probabilities (``logprobs``), letters (``verdict``) or both (``mixed``)."""
+    consistency: dict | None = None
+    """:func:`order_consistency` of the labels (None when there are none)."""
+
+
+def order_consistency(labels: Sequence[Comparison], *, seed: int = 0) -> dict:
+    """How far the judge's two orders of each pair agree: the check that RL-CAI's labels mean something.
+
+    A pair is *order-consistent* when both of its judgements prefer the same response: P(x) above 1/2 with x shown
+    as A and with x shown as B (``meta["p_first"]``, both P(x); exactly 1/2 in either counts as not consistent).
+    A judge with no view but the position (always A) is consistent on none; one that reads the responses, on most.
+    Returns ``{"consistent": Estimate.as_dict() (the fraction, a 95% bootstrap interval clustered by item), "pairs": n,
+    "first_position": mean P(the response shown first) over all 2n judgements (1/2: no position bias)}``.
+    """
+    if not labels:
+        raise ValueError("no labels")
+    agree, items, first = [], [], []
+    for label in labels:
+        p_x_as_a, p_x_as_b = label.meta["p_first"]
+        agree.append(float((p_x_as_a > 0.5 and p_x_as_b > 0.5) or (p_x_as_a < 0.5 and p_x_as_b < 0.5)))
+        items.append(label.meta["item_index"])
+        first += [p_x_as_a, 1.0 - p_x_as_b]  # P(A) in each order
+    estimate = cluster_accuracy(agree, items, seed=seed)
+    return {"consistent": estimate.as_dict(), "pairs": len(labels), "first_position": sum(first) / len(first)}
 
 
 def label_on_principles(config: CAILabelConfig) -> CAILabelResult:
@@ -388,4 +412,12 @@ def label_on_principles(config: CAILabelConfig) -> CAILabelResult:
         + ", ".join(f"{count} by {method}" for method, count in sorted(methods.items()))
         + ")"
     )
-    return CAILabelResult(output, len(labels), ties, methods)
+    consistency = order_consistency(labels) if labels else None
+    if consistency is not None:
+        c = consistency["consistent"]
+        log.info(
+            f"cai-label: the judge preferred the same response in both orders on {c['value']:.3f} "
+            f"[{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] of {consistency['pairs']} pairs; mean P(first position) "
+            f"{consistency['first_position']:.3f} (0.5: no position bias)"
+        )
+    return CAILabelResult(output, len(labels), ties, methods, consistency)
