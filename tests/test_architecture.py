@@ -24,7 +24,6 @@ LAYERS: dict[str, int] = {
     "rlhfkit.log": 0,
     "rlhfkit.stats": 0,
     "rlhfkit.losses": 0,
-    "rlhfkit.ilql_math": 0,
     "rlhfkit.run_layout": 0,
     "rlhfkit.data": 0,
     "rlhfkit.data.io": 0,
@@ -62,11 +61,13 @@ LAYERS: dict[str, int] = {
     "rlhfkit.modeling.forward": 2,
     "rlhfkit.modeling.policy": 2,
     "rlhfkit.modeling.reward_model": 2,
+    "rlhfkit.modeling.ilql_heads": 2,
     # 3: generation/ (rollouts, the decoding fast path, chat backends, vLLM) and the server over it
     "rlhfkit.generation.rollout": 3,
     "rlhfkit.generation.fast_decode": 3,
     "rlhfkit.generation.vllm_engine": 3,
     "rlhfkit.generation.chat": 3,
+    "rlhfkit.generation.ilql_decode": 3,
     "rlhfkit.serve": 3,
     # 4: training/'s loop; human and AI feedback front ends
     "rlhfkit.training.loop": 4,

@@ -21,7 +21,7 @@ from rlhfkit.data.io import DataError
 from rlhfkit.data.offline import ScoredExample, collate_scored, load_scored_records, normalize_rewards, tokenize_scored
 from rlhfkit.data.records import IGNORE_INDEX
 from rlhfkit.generation.rollout import encode_prompts
-from rlhfkit.ilql_math import (
+from rlhfkit.losses import (
     awac_loss,
     awac_weights,
     bellman_targets,

@@ -597,3 +597,76 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
     assert 0.0 <= lo <= results["reward_model"]["accuracy"] <= hi <= 1.0
     assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] in ("passed", "overridden")
     assert (run / "report.html").is_file()
+
+
+def test_demo_config_builds_with_ilql(tmp_path):
+    """`algorithm: ilql` (compared with DPO, the demo's default for a main algorithm other than dpo): trained from
+    the SFT model on the labels, no reward model needed (the gate only records); `compare: [ilql]` beside PPO."""
+    from rlhfkit import ilql
+
+    cfg = pipeline.demo_config(algorithm="ilql", output_dir=str(tmp_path), ilql={"lr": 1e-5})
+    stages = {s.name: s for s in pipeline.build_stages(cfg)}
+    names = list(stages)
+    assert names[names.index("gate") + 1 :] == ["ilql", "dpo", "eval", "report"]
+    ilql_config = stages["ilql"].config
+    assert isinstance(ilql_config, ilql.ILQLConfig)
+    assert (ilql_config.model, ilql_config.data, ilql_config.output_dir) == (
+        str(tmp_path / "sft"),
+        str(tmp_path / "label" / "labels.jsonl"),
+        str(tmp_path / "ilql"),
+    )
+    assert ilql_config.lr == 1e-5 and stages["ilql"].run is ilql.train and stages["ilql"].every_process
+    assert not stages["gate"].config.needed
+    assert stages["eval"].config.policy == str(tmp_path / "ilql")
+    with pytest.raises(ConfigError, match="section 'ilql' may not set 'data'"):
+        pipeline.build_stages(pipeline.demo_config(algorithm="ilql", output_dir=str(tmp_path), ilql={"data": "x.jsonl"}))
+    with_ppo = {s.name: s for s in pipeline.build_stages(config(tmp_path, algorithm="ppo", compare=["ilql"]))}
+    assert with_ppo["gate"].config.needed and "ilql" in with_ppo
+    assert with_ppo["eval"].config.extra_policies == [str(tmp_path / "run" / "ilql")]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_ilql_on_the_tiny_model(tmp_path):
+    """sft -> sample -> label -> reward -> gate -> ilql -> eval (with ILQL decoding) -> report, on the tiny model;
+    the report reads the run (ILQL's metrics are not DPO's or RL's: it must not fail on them)."""
+    from rlhfkit.run_layout import ILQLMetric
+
+    cfg = pipeline.demo_config(
+        output_dir=str(tmp_path / "run"),
+        model="tiny",
+        algorithm="ilql",
+        compare=[],
+        stage_processes=False,
+        sft={"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32"},
+        sample={"max_prompts": 12, "max_new_tokens": 6, "batch_size": 12, "progress": False, "precision": "fp32"},
+        reward={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "precision": "fp32"},
+        ilql={"max_steps": 3, "batch_size": 4, "progress": False, "max_length": 64, "precision": "fp32"},
+        eval={
+            "max_prompts": 4,
+            "max_new_tokens": 6,
+            "best_of_n": 2,
+            "samples_per_prompt": 1,
+            "bootstrap": 20,
+            "resamples": 200,
+            "ilql_beta": 2.0,
+            "progress": False,
+            "precision": "fp32",
+            "generation_precision": "fp32",
+        },
+    )
+    status = pipeline.run(cfg)
+    assert all(v == "ran" for v in status.values()) and "ilql" in status
+    run = tmp_path / "run"
+    assert (run / "ilql" / "ilql_heads.safetensors").is_file()
+    entries = [json.loads(line) for line in (run / "ilql" / "metrics.jsonl").read_text().splitlines()]
+    assert any(ILQLMetric.LOSS_Q in e for e in entries)
+    results = json.loads((run / "eval.json").read_text())
+    assert results["main_player"] == "ilql"
+    assert results["players"]["ilql"]["decoding"] == {"method": "ilql", "beta": 2.0, "top_k": 20}
+    lo, hi = results["win_rate_ci"]
+    assert lo <= results["win_rate"] <= hi
+    assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] == "not needed"
+    assert status["report"] == "ran" and (run / "report.html").is_file()
+    page = (run / "report.html").read_text()
+    assert "ilql: ILQL metrics" in page  # its loss panels, not a "no metrics" note
+    assert "ilql probe points" not in page  # ILQL samples nothing while training: no probe points are missing

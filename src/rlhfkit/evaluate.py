@@ -37,6 +37,15 @@ player against the baseline (the SFT model in the pipeline):
 * an **Elo table** (Bradley-Terry ratings with bootstrap intervals) of all
   players from their pairwise gold comparisons on the first sample per prompt.
 
+A policy that is an ``rlhfkit ilql`` output directory (it holds
+``ilql_heads.safetensors``) is sampled with ILQL's decoding,
+``top_k(log pi + ilql_beta (min Q - V))`` at the same temperature
+(:class:`rlhfkit.generation.ilql_decode.ILQLEngine`), and its KL is that of the
+policy that sampled (the perturbed, top-k distribution) to the reference;
+``ilql_beta: 0`` samples its behaviour-cloned LM as any other policy. Each
+player's ``decoding`` in ``eval.json`` says which was used. The baseline and the
+best-of-n pool are always sampled plainly.
+
 Everything lands in ``eval.json`` (written atomically). The top-level
 ``win_rate``, ``win_rate_ci``, ``gold_score_policy``, ``gold_score_baseline``
 and ``kl`` are those of ``policy`` (the pipeline's main algorithm);
@@ -59,9 +68,11 @@ from rlhfkit import log, stats
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.records import Comparison
+from rlhfkit.generation.ilql_decode import ILQLDecodeOptions, ILQLEngine, ilql_response_logps
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
 from rlhfkit.losses import ensemble_std
 from rlhfkit.modeling import models
+from rlhfkit.modeling.ilql_heads import is_ilql_dir, load_ilql
 from rlhfkit.modeling.policy import response_logps
 from rlhfkit.ratings import matches_from_comparisons, rating_table
 from rlhfkit.rewards import load_reward, scores_and_members
@@ -112,6 +123,12 @@ class EvalConfig:
     """Responses generated together (prompts x samples per prompt)."""
     seed: int = 0
     """Sampling seed."""
+    ilql_beta: float = ILQLDecodeOptions.beta
+    """A policy that is an `rlhfkit ilql` output directory is sampled with ILQL's decoding, logits = log pi +
+    ilql_beta (min Q - V), top `ilql_top_k`, at `temperature` (`rlhfkit chat DIR --ilql-beta B`'s); 0: its
+    behaviour-cloned LM, sampled as any other policy."""
+    ilql_top_k: int = ILQLDecodeOptions.top_k
+    """ILQL decoding keeps the k best perturbed logits (0: all); `top_p` must then stay 1."""
     precision: str = "bf16"
     """Precision of the KL forward passes."""
     generation_precision: str = "bf16"
@@ -134,13 +151,38 @@ class _ProxyScores:
     std: list[float] | None
 
 
+def decoding(spec: str, config: EvalConfig) -> dict:
+    """How a policy is sampled (its ``decoding`` in eval.json): ``{"method": "ilql", "beta", "top_k"}`` for an
+    ``rlhfkit ilql`` output directory at ``ilql_beta > 0``, else ``{"method": "plain"}``."""
+    if config.ilql_beta > 0 and is_ilql_dir(spec):
+        return {"method": "ilql", "beta": config.ilql_beta, "top_k": config.ilql_top_k}
+    return {"method": "plain"}
+
+
 def _sample(
-    spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0
-) -> tuple[Rollout, object, object]:
+    spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0, ilql: bool = False
+) -> tuple[Rollout, object, HFEngine | ILQLEngine]:
+    """``n`` samples per prompt from ``spec``: ``(rollout, its model, the engine that sampled)``; ``ilql``: with
+    ILQL's decoding (``spec`` is an ILQL output directory)."""
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_causal_lm(spec).eval().to(models.inference_device())
-    models.set_attention(model)  # rlhfkit's kernel: decode steps take the lean forward (generation.fast_decode.lean_decode_steps)
-    engine = HFEngine(model, tokenizer, precision=config.generation_precision)
+    device = models.inference_device()
+    engine: HFEngine | ILQLEngine
+    if ilql:
+        model, heads = load_ilql(spec)
+        model = model.to(device)
+        engine = ILQLEngine(
+            model,
+            heads.to(device),
+            tokenizer,
+            beta=config.ilql_beta,
+            top_k=config.ilql_top_k,
+            precision=config.generation_precision,
+        )
+    else:
+        model = models.load_causal_lm(spec).eval().to(device)
+        # rlhfkit's kernel: decode steps take the lean forward (generation.fast_decode.lean_decode_steps)
+        models.set_attention(model)
+        engine = HFEngine(model, tokenizer, precision=config.generation_precision)
     options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []
     bar = tqdm(total=len(prompts) * n, unit="response", desc=f"eval: {desc}", disable=not config.progress)
@@ -150,7 +192,7 @@ def _sample(
         parts.append(make_rollout(engine, tokenizer, prompts[start : start + chunk], options, samples_per_prompt=n))
         bar.update(len(parts[-1].responses))
     bar.close()
-    return _concat(parts, tokenizer.pad_token_id), model, tokenizer
+    return _concat(parts, tokenizer.pad_token_id), model, engine
 
 
 def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -177,28 +219,48 @@ def _concat(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, rollout: Rollout, *, precision: str, batch_size: int = 16) -> torch.Tensor:
+def sequence_kl(
+    policy, reference, rollout: Rollout, *, precision: str, batch_size: int = 16, ilql: ILQLEngine | None = None
+) -> torch.Tensor:
     """Per-sequence k1 KL, ``sum_t log pi(y_t) - log ref(y_t)`` on the rollout's tokens. Shape (B,).
 
     ``reference`` may be ``policy`` itself when it is a LoRA model: the reference is then its base,
-    adapters disabled.
+    adapters disabled. ``ilql``: the rollout was sampled with ILQL's decoding; ``log pi`` is then that of the
+    policy that sampled (:func:`~rlhfkit.generation.ilql_decode.ilql_response_logps`: the perturbed, top-k
+    distribution), not the LM's.
     """
+
+    def lm_logps(model, sub: Rollout, *, as_base: bool) -> torch.Tensor:
+        device = next(model.parameters()).device
+        with models.autocast(device, precision), models.adapters_disabled(model) if as_base else contextlib.nullcontext():
+            lp, _, _ = response_logps(
+                model,
+                sub.input_ids.to(device),
+                sub.attention_mask.to(device),
+                sub.response_ids.to(device),
+                temperature=rollout.temperature,
+            )
+        return lp.float().cpu()
+
     out = []
     for start in range(0, len(rollout.responses), batch_size):
         sub = rollout.select(list(range(start, min(start + batch_size, len(rollout.responses)))))
-        logps = []
-        for model, as_base in ((policy, False), (reference, reference is policy)):
-            device = next(model.parameters()).device
-            with models.autocast(device, precision), models.adapters_disabled(model) if as_base else contextlib.nullcontext():
-                lp, _, _ = response_logps(
-                    model,
-                    sub.input_ids.to(device),
-                    sub.attention_mask.to(device),
-                    sub.response_ids.to(device),
+        if ilql is None:
+            policy_logps = lm_logps(policy, sub, as_base=False)
+        else:
+            with models.autocast(next(ilql.lm.parameters()).device, precision):
+                policy_logps = ilql_response_logps(
+                    ilql.lm,
+                    ilql.heads,
+                    sub.input_ids,
+                    sub.attention_mask,
+                    sub.response_ids,
+                    beta=ilql.beta,
+                    top_k=ilql.top_k,
                     temperature=rollout.temperature,
                 )
-            logps.append(lp.float().cpu())
-        out.append(torch.where(sub.response_mask, logps[0] - logps[1], 0.0).sum(-1))
+        reference_logps = lm_logps(reference, sub, as_base=reference is policy)
+        out.append(torch.where(sub.response_mask, policy_logps - reference_logps, 0.0).sum(-1))
     return torch.cat(out)
 
 
@@ -250,6 +312,12 @@ def reward_model_accuracy(proxy: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _decoding_note(entry: dict) -> str:
+    """`` (ILQL decoding, beta 4, top-k 20)`` for a player sampled with ILQL's decoding, else nothing."""
+    how = entry.get("decoding", {})
+    return f" (ILQL decoding, beta {how['beta']:g}, top-k {how['top_k']})" if how.get("method") == "ilql" else ""
+
+
 def player_name(spec: str) -> str:
     """A player's key in ``players``: the directory's name (``runs/demo/dpo`` -> ``dpo``), or the spec."""
     return Path(spec).name or spec
@@ -272,6 +340,12 @@ def run(config: EvalConfig) -> dict:
     )
     base_name = player_name(c.baseline)
     policies = [c.policy, *c.extra_policies]
+    decodings = [decoding(spec, c) for spec in policies]
+    if c.top_p < 1.0 and any(d["method"] == "ilql" for d in decodings):
+        raise ValueError(
+            f"eval: top_p={c.top_p} with an ILQL policy: ILQL decoding truncates by top-k (ilql_top_k), so leave top_p "
+            "at 1 (or set ilql_beta=0 to sample its behaviour-cloned LM plainly)"
+        )
     names: list[str] = []
     for spec in policies:  # directory names, made unique: two runs/x/dpo become dpo and dpo_2
         name, k = player_name(spec), 2
@@ -296,7 +370,7 @@ def run(config: EvalConfig) -> dict:
         return out
 
     # -- the baseline: K samples per prompt; its model is the KL reference unless one is given
-    base_roll, base_model, _ = _sample(c.baseline, prompts, c, "baseline", n=K)
+    base_roll, base_model, _ = _sample(c.baseline, prompts, c, "baseline", n=K)  # always plain (the reference)
     base_gold, base_proxy = score(base_roll)
     base_by_prompt = _per_prompt(base_gold, K)
     value, ci = _mean_ci(base_by_prompt, seed=c.seed, resamples=c.resamples)
@@ -304,6 +378,7 @@ def run(config: EvalConfig) -> dict:
         base_name: {
             "kind": "baseline",
             "spec": c.baseline,
+            "decoding": {"method": "plain"},
             "gold_score": value,
             "gold_score_ci": ci,
             **describe(base_roll, base_gold, base_proxy, K),
@@ -313,15 +388,16 @@ def run(config: EvalConfig) -> dict:
     first_sample = {base_name: (base_roll.responses[::K], base_gold[::K])}  # for the Elo table
 
     # -- each policy: K samples per prompt, compared with the baseline's, and its KL
-    for i, (spec, name) in enumerate(zip(policies, names)):
-        roll, model, _ = _sample(spec, prompts, c, name, n=K, seed_offset=1 + 10 * i)
+    for i, (spec, name, how) in enumerate(zip(policies, names, decodings)):
+        roll, model, engine = _sample(spec, prompts, c, name, n=K, seed_offset=1 + 10 * i, ilql=how["method"] == "ilql")
         pol_gold, pol_proxy = score(roll)
-        kl = sequence_kl(model, reference, roll, precision=c.precision)
-        del model
+        kl = sequence_kl(model, reference, roll, precision=c.precision, ilql=engine if isinstance(engine, ILQLEngine) else None)
+        del model, engine
         kl_mean, kl_ci = _mean_ci(_per_prompt(kl.tolist(), K), seed=c.seed, resamples=c.resamples)
         entry = {
             "kind": "policy",
             "spec": spec,
+            "decoding": how,
             **compare(_per_prompt(pol_gold, K), base_by_prompt, seed=c.seed, resamples=c.resamples),
             "kl": kl_mean,
             "kl_ci": kl_ci,
@@ -383,6 +459,7 @@ def run(config: EvalConfig) -> dict:
         "num_prompts": len(prompts),
         "samples_per_prompt": K,
         "temperature": c.temperature,
+        "decoding": main["decoding"],
         "main_player": names[0],
         "baseline_name": base_name,
         "win_rate": main["win_rate"],
@@ -435,7 +512,7 @@ def run(config: EvalConfig) -> dict:
     for name, entry in players.items():
         if entry["kind"] != "baseline":
             log.info(
-                f"eval: {name}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
+                f"eval: {name}{_decoding_note(entry)}: {entry['verdict']}; gold {entry['gold_score']:.3f} vs "
                 f"{players[base_name]['gold_score']:.3f}, p = {entry['p_value']:.3g}, KL {entry['kl']:.2f}"
             )
     log.info(f"eval: -> {c.output}")

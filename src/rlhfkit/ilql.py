@@ -9,14 +9,17 @@ final hidden state of every position, sit two Q heads (a value for every vocabul
    (``normalize_rewards``, as TRLX does).
 2. Train with the shared loop (:func:`rlhfkit.training.loop.fit`). Per response token (state = prompt and the
    tokens before it, action = the token; the sequence reward on the last token, ``V = 0`` after it), the loss
-   of :mod:`rlhfkit.ilql_math`: the Bellman loss of each Q head toward ``r + gamma V(s')``, the expectile loss
-   of V toward the target Q heads' minimum, ``cql_scale`` x the CQL regulariser of the Q heads, and
-   ``awac_scale`` x the language-model loss (weighted by ``exp(awac_beta (Qhat - V))``; ``awac_beta = 0`` is
+   of the ILQL section of :mod:`rlhfkit.losses`: the Bellman loss of each Q head toward ``r + gamma V(s')``, the
+   expectile loss of V toward the target Q heads' minimum, ``cql_scale`` x the CQL regulariser of the Q heads,
+   and ``awac_scale`` x the language-model loss (weighted by ``exp(awac_beta (Qhat - V))``; ``awac_beta = 0`` is
    behaviour cloning). Every ``target_sync_every`` optimizer steps, before the next step's forward, the target
    heads move ``alpha`` of the way to the trained ones (:meth:`ILQLTask.before_forward`).
 3. Save the LM where ``from_pretrained`` loads it (``rlhfkit chat DIR``: the behaviour-cloned policy, beta = 0)
-   and the heads beside it, :data:`HEADS_FILE`; :func:`load_ilql` reads both back and :func:`ilql_generate_ids`
-   / :class:`ILQLGenerator` decode with ``log pi_beta + beta (min Qhat - V)``, optionally top-k.
+   and the heads beside it, :data:`~rlhfkit.modeling.ilql_heads.HEADS_FILE`. Reading them back
+   (:func:`~rlhfkit.modeling.ilql_heads.load_ilql`) and decoding with ``log pi_beta + beta (min Qhat - V)``,
+   optionally top-k (:mod:`rlhfkit.generation.ilql_decode`: ``ilql_generate_ids``, ``ILQLGenerator``, and the
+   ``ILQLEngine`` with which ``rlhfkit eval`` samples an ILQL output) live below the stages, so eval can use them;
+   this module re-exports the names it used to define.
 
 Where this follows TRLX (``trlx/models/modeling_ilql.py``): the loss terms and their weights
 (``ILQLConfig.loss``), the heads (``ILQLHeads``: two-layer MLP heads, ``make_head``), the target update
@@ -31,8 +34,6 @@ definition, so TRLX's extra terminal state is never used).
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,31 +43,18 @@ from torch import nn
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import atomic_open, fsync_path
 from rlhfkit.data.offline import collate_scored, load_scored_splits, normalize_rewards
 from rlhfkit.data.records import IGNORE_INDEX
-from rlhfkit.generation.fast_decode import CACHE_ARG
-from rlhfkit.generation.rollout import Prompt, encode_prompts, inverse_cdf_draw
-from rlhfkit.ilql_math import (
-    awac_loss,
-    awac_weights,
-    bellman_targets,
-    cql_loss,
-    ilql_logits,
-    polyak_update_,
-    q_loss,
-    top_k_mask,
-    v_loss,
-)
+
+# re-exported (rlhfkit chat and older callers import them from here): ILQLDecodeOptions, ILQLGenerator,
+# ilql_generate_ids, load_ilql
+from rlhfkit.generation.ilql_decode import ILQLDecodeOptions, ILQLGenerator, base_model, ilql_generate_ids  # noqa: F401
+from rlhfkit.losses import awac_loss, awac_weights, bellman_targets, cql_loss, q_loss, v_loss
 from rlhfkit.modeling import models
 from rlhfkit.modeling.forward import position_ids_from_mask
+from rlhfkit.modeling.ilql_heads import HEADS_FILE, ILQLHeads, load_ilql, save_heads  # noqa: F401 (load_ilql re-exported)
 from rlhfkit.run_layout import ILQLMetric as M
 from rlhfkit.training.loop import EvalOptions, FitResult, TrainOptions, fit, write_run_config
-
-HEADS_FILE = "ilql_heads.safetensors"
-"""The ILQL heads (Q, target Q, V) beside the saved LM; :func:`load_ilql` reads them."""
-HEADS_FORMAT = "rlhfkit-ilql-heads/1"
-"""The ``format`` entry of :data:`HEADS_FILE`'s metadata."""
 
 
 @dataclass
@@ -117,69 +105,7 @@ class ILQLConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """Where the model, its ILQL heads, checkpoints and metrics go."""
 
 
-@dataclass
-class ILQLDecodeOptions:
-    """ILQL decoding settings (:func:`ilql_generate_ids`)."""
-
-    beta: float = 1.0
-    """Advantage weight: logits = log pi_beta + beta (min Qhat - V); 0 samples the behaviour-cloned LM."""
-    top_k: int = 20
-    """Keep the k best perturbed logits (TRLX's default 20); 0 keeps all."""
-    temperature: float = 1.0
-    """Softmax temperature after the perturbation; 0: greedy."""
-    max_new_tokens: int = 64
-    """Tokens to generate at most (generation also stops at EOS)."""
-
-
 # ----------------------------------------------------------------------------- the heads and the model
-
-
-def make_head(hidden_size: int, out_size: int) -> nn.Sequential:
-    """TRLX's ``make_head``: ``Linear(h, 2h) -> ReLU -> Linear(2h, out)`` (default PyTorch init)."""
-    return nn.Sequential(nn.Linear(hidden_size, 2 * hidden_size), nn.ReLU(), nn.Linear(2 * hidden_size, out_size))
-
-
-class ILQLHeads(nn.Module):
-    """V, Q and target-Q heads on the LM's final hidden states.
-
-    The target heads start as copies of the Q heads and never get a gradient (``requires_grad`` False);
-    :meth:`sync_targets` moves them. ``train_forwards`` (a saved buffer) counts the training forwards, so the
-    target-update schedule survives a resume from a checkpoint.
-    """
-
-    train_forwards: torch.Tensor
-
-    def __init__(self, hidden_size: int, vocab_size: int, *, two_qs: bool = True):
-        super().__init__()
-        self.hidden_size, self.vocab_size, self.two_qs = hidden_size, vocab_size, two_qs
-        self.v_head = make_head(hidden_size, 1)
-        self.q_heads = nn.ModuleList(make_head(hidden_size, vocab_size) for _ in range(2 if two_qs else 1))
-        self.target_q_heads = copy.deepcopy(self.q_heads)
-        self.target_q_heads.requires_grad_(False)
-        self.register_buffer("train_forwards", torch.zeros((), dtype=torch.long))
-
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(qs (H, K, V), target_qs (H, K, V), values (K,))`` for ``states`` (K, hidden), fp32 values."""
-        qs = torch.stack([head(states) for head in self.q_heads])
-        with torch.no_grad():
-            target_qs = torch.stack([head(states) for head in self.target_q_heads])
-        values = self.v_head(states).squeeze(-1).float()
-        return qs, target_qs, values
-
-    @torch.no_grad()
-    def decode_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(min over the target Q heads (K, V), V (K,))``: what decoding perturbs the logits by (TRLX's ``generate``)."""
-        target_q = torch.stack([head(states) for head in self.target_q_heads]).min(0).values
-        return target_q.float(), self.v_head(states).squeeze(-1).float()
-
-    def sync_targets(self, alpha: float) -> None:
-        """target <- (1 - alpha) target + alpha Q, every parameter (:func:`rlhfkit.ilql_math.polyak_update_`)."""
-        polyak_update_(self.target_q_heads.parameters(), self.q_heads.parameters(), alpha)
-
-
-def _base(lm):
-    """The underlying transformers model (unwraps peft)."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 @dataclass
@@ -210,7 +136,7 @@ class ILQLModel(nn.Module):
         super().__init__()
         self.lm, self.heads = lm, heads
         # accelerate's FSDP auto-wrap reads this to shard the decoder layers one by one (as ActorCritic does).
-        self._no_split_modules = set(_base(lm)._no_split_modules or ())
+        self._no_split_modules = set(base_model(lm)._no_split_modules or ())
 
     def tie_weights(self, *args, **kwargs) -> None:
         """Re-tie the LM's tied weights (accelerate's FSDP2 prepare calls this, as on ActorCritic)."""
@@ -220,7 +146,7 @@ class ILQLModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> ILQLTokens:
         """The per-token tensors of a right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (B, T),
         labels :data:`IGNORE_INDEX` off the response. Position ``t`` is the state whose action is ``labels[t + 1]``."""
-        base = _base(self.lm)
+        base = base_model(self.lm)
         states = base.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -268,7 +194,7 @@ class ILQLLosses:
 
 
 def token_losses(tokens: ILQLTokens, rewards: torch.Tensor, config: ILQLConfig) -> ILQLLosses:
-    """ILQL's per-token losses for one forward (:mod:`rlhfkit.ilql_math`); ``rewards`` (B,) per row.
+    """ILQL's per-token losses for one forward (the ILQL section of :mod:`rlhfkit.losses`); ``rewards`` (B,) per row.
 
     The next state's value of token k is the value of token k + 1 (the same row's next state: tokens are
     flattened row by row and a row's response tokens are contiguous); at a row's last token it is 0."""
@@ -342,22 +268,6 @@ def split_state_dict(state_dict: dict) -> tuple[dict, dict]:
     return lm, heads
 
 
-def save_heads(heads: ILQLHeads, path: str | Path, state_dict: dict | None = None) -> None:
-    """Write the heads as safetensors (atomically), their sizes in the metadata."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in (state_dict or heads.state_dict()).items()}
-    metadata = {
-        "format": HEADS_FORMAT,
-        "hidden_size": str(heads.hidden_size),
-        "vocab_size": str(heads.vocab_size),
-        "two_qs": json.dumps(heads.two_qs),
-    }
-    with atomic_open(path, binary=True) as f:
-        f.write(save(tensors, metadata=metadata))
-    fsync_path(Path(path).parent)
-
-
 def save_ilql(model: ILQLModel, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None) -> Path:
     """Save the LM with :func:`rlhfkit.modeling.models.save_pretrained` (``from_pretrained`` loads it) and the
     heads beside it (:data:`HEADS_FILE`). The heads are written first, after any earlier completion marker is
@@ -369,123 +279,6 @@ def save_ilql(model: ILQLModel, tokenizer, out_dir: str | Path, *, state_dict: d
     (out / models.COMPLETE_MARKER).unlink(missing_ok=True)
     save_heads(model.heads, out / HEADS_FILE, heads_state)
     return models.save_pretrained(model.lm, tokenizer, out, state_dict=lm_state)
-
-
-def load_heads(path: str | Path) -> ILQLHeads:
-    """The :class:`ILQLHeads` saved by :func:`save_heads`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get("format") != HEADS_FORMAT:
-        raise models.ModelLoadError(f"{path} is not an rlhfkit ILQL heads file (format {metadata.get('format')!r})")
-    heads = ILQLHeads(int(metadata["hidden_size"]), int(metadata["vocab_size"]), two_qs=bool(json.loads(metadata["two_qs"])))
-    heads.load_state_dict(load_file(str(path)))
-    return heads
-
-
-def load_ilql(path: str | Path):
-    """``(lm, heads)`` of a directory :func:`train` wrote: the LM through ``from_pretrained``, the heads from
-    :data:`HEADS_FILE`."""
-    path = Path(path)
-    if not (path / HEADS_FILE).is_file():
-        raise models.ModelLoadError(f"{path} has no {HEADS_FILE}: not an ILQL output directory")
-    lm = models.load_causal_lm(str(path))
-    heads = load_heads(path / HEADS_FILE)
-    lm.eval()
-    heads.eval()
-    return lm, heads
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-@torch.no_grad()
-def ilql_generate_ids(
-    lm,
-    heads: ILQLHeads,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    options: ILQLDecodeOptions,
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample responses with ILQL's perturbed policy: at each step ``top_k(log pi_beta + beta (min Qhat - V))``,
-    divided by the temperature, softmaxed and sampled (greedy at temperature 0); a KV cache carries the prefix.
-
-    Shapes: ``query_ids`` / ``query_mask`` (B, P), left-padded, mask True on real tokens -> response ids (B, R),
-    ``pad_token_id`` after each row's first EOS. ``generator`` (a CPU generator) seeds the draws (None: torch's
-    global CPU RNG), so a seed gives the same tokens on any device up to the models' numerics.
-    """
-    from transformers import DynamicCache
-
-    base = _base(lm)
-    decoder, head = base.get_decoder(), base.get_output_embeddings()
-    device = next(lm.parameters()).device
-    ids = query_ids.to(device)
-    mask = query_mask.long().to(device)
-    positions = position_ids_from_mask(mask)
-    cache = DynamicCache()
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    tokens = []
-    was_training = lm.training
-    lm.eval()  # no dropout while decoding; the mode is put back below
-    for _ in range(options.max_new_tokens):
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, CACHE_ARG: cache}
-        hidden = decoder(**inputs, use_cache=True).last_hidden_state[:, -1]
-        q, v = heads.decode_values(hidden.to(next(heads.parameters()).dtype))
-        scores = top_k_mask(ilql_logits(head(hidden), q, v, options.beta), options.top_k)
-        if options.temperature > 0:
-            # rlhfkit's inverse-CDF draw (one uniform per row, from a CPU generator whatever the device)
-            probs = torch.softmax(scores / options.temperature, dim=-1)
-            u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator).to(device)
-            token = inverse_cdf_draw(probs, u).squeeze(-1)
-        else:
-            token = scores.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        finished |= token == eos_token_id
-        if bool(finished.all()):
-            break
-        ids = token.unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        positions = positions[:, -1:] + 1
-    lm.train(was_training)
-    if not tokens:
-        return torch.zeros((ids.shape[0], 0), dtype=torch.long)
-    return torch.stack(tokens, dim=1).cpu()
-
-
-class ILQLGenerator:
-    """Text in, text out with ILQL decoding (as :class:`rlhfkit.generation.rollout.HFGenerator` for a plain LM)."""
-
-    def __init__(self, lm, heads: ILQLHeads, tokenizer, *, chat_template: bool = True):
-        self.lm, self.heads, self.tokenizer, self.chat_template = lm, heads, tokenizer, chat_template
-
-    @classmethod
-    def from_dir(cls, path: str | Path, *, chat_template: bool = True) -> ILQLGenerator:
-        lm, heads = load_ilql(path)
-        return cls(lm, heads, models.load_tokenizer(str(path)), chat_template=chat_template)
-
-    def generate(self, prompts: list[Prompt], options: ILQLDecodeOptions, *, seed: int | None = None) -> list[str]:
-        """One response per prompt (text after the prompt, special tokens removed)."""
-        ids, mask = encode_prompts(self.tokenizer, prompts, chat_template=self.chat_template)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        tok = self.tokenizer
-        response = ilql_generate_ids(
-            self.lm,
-            self.heads,
-            ids,
-            mask,
-            options,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            generator=generator,
-        )
-        return tok.batch_decode(response, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -512,7 +305,7 @@ def check_config(config: ILQLConfig) -> None:
 def build_model(config: ILQLConfig) -> ILQLModel:
     """The LM (prepared for training: attention, LoRA, checkpointing) and fresh heads seeded by ``config.seed``."""
     lm = models.prepare_for_training(models.load_causal_lm(config.model), config)
-    base = _base(lm)
+    base = base_model(lm)
     hidden = base.config.hidden_size
     vocab = base.get_output_embeddings().weight.shape[0]
     with torch.random.fork_rng(devices=[]):

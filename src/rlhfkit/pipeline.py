@@ -13,10 +13,13 @@ gate, policy stages, eval (on the held-out CAI prompts by default) and report fo
 
     cai -> sft -> sample -> label (on principles) -> reward -> gate -> ALGORITHM ... -> eval -> report
 
-ALGORITHM is the main policy-optimisation stage (``dpo``, ``ppo``, ``grpo`` or
-``rloo``); ``compare`` names more of them, trained from the same SFT model on the
-same labels (DPO) or against the same reward model (RL), and evaluated beside it
-on the same held-out prompts (the demo runs PPO and DPO). Each writes to
+ALGORITHM is the main policy-optimisation stage (``dpo``, ``ilql``, ``ppo``, ``grpo``,
+``rloo``, ...); ``compare`` names more of them, trained from the same SFT model on the
+same labels (DPO; ILQL, offline RL on the labels' preferences turned into rewards:
+the best response of each comparison +1, the worst -1) or against the same reward
+model (RL), and evaluated beside it on the same held-out prompts (the demo runs PPO
+and DPO; an ILQL policy is sampled with ILQL's decoding, the eval section's
+``ilql_beta``). Each writes to
 ``OUTPUT/ALGORITHM``. Every policy stage gets the gold scorer for its frontier
 probes (:mod:`rlhfkit.probe`), so the report can draw reward-KL curves and check
 for over-optimisation.
@@ -71,9 +74,9 @@ from rlhfkit import log
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.modeling import models
-from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
+from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, ONLINE_ALGORITHMS, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
-Algorithm = Literal["dpo", "ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce"]
+Algorithm = Literal["dpo", "ilql", "ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce"]
 Feedback = Literal["label", "constitutional"]
 T = TypeVar("T")
 
@@ -145,6 +148,9 @@ class PipelineConfig:
     """Overrides of the main algorithm's keys, applied after its own section."""
     dpo: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config dpo` keys, when dpo is the algorithm or compared."""
+    ilql: dict[str, Any] = field(default_factory=dict)
+    """Overrides of `rlhfkit config ilql` keys, when ilql is the algorithm or compared (it trains from the SFT model
+    on the labels, chosen_reward / rejected_reward for the best / worst response)."""
     ppo: dict[str, Any] = field(default_factory=dict)
     """Overrides of `rlhfkit config ppo` keys, when ppo is the algorithm or compared."""
     grpo: dict[str, Any] = field(default_factory=dict)
@@ -232,7 +238,7 @@ class Stage:
 def build_stages(p: PipelineConfig) -> list[Stage]:
     """Every stage's typed config, wired to the outputs of the stages before it."""
     # start-up: cli.main imports this module
-    from rlhfkit import cai, cai_label, dpo, evaluate, label, report, reward, rl, sample, sft
+    from rlhfkit import cai, cai_label, dpo, evaluate, ilql, label, report, reward, rl, sample, sft
     from rlhfkit.data.constitution import DEFAULT_PROMPTS, HELDOUT_PROMPTS
 
     out = Path(p.output_dir)
@@ -319,7 +325,7 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
     gate = GateConfig(
         reward_dir=str(d["reward"]),
         output=str(d["gate"] / GATE_FILE),
-        needed=any(a != "dpo" for a in algorithms),
+        needed=any(a in ONLINE_ALGORITHMS for a in algorithms),  # DPO and ILQL train on the labels alone
         enforce=p.reward_gate,
         min_accuracy=p.gate_min_accuracy,
     )
@@ -333,6 +339,10 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
         if algorithm == "dpo":
             config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, dpo.train, d[algorithm], every_process=True))
+        elif algorithm == "ilql":  # offline RL on the labels; no frontier probes (it has no gold key), no reward model
+            ilql_wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "model": str(d["sft"]), "data": labels}
+            config = make(ilql.ILQLConfig, ilql_wired, *sections)
+            stages.append(Stage(algorithm, config, ilql.train, d[algorithm], every_process=True))
         else:
             cls = {
                 "ppo": rl.RLConfig,
@@ -825,6 +835,9 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "rloo": {**rl_common, "num_minibatches": 1},
         "a2c": {**rl_common, "ppo_epochs": 1, "num_minibatches": 1},  # one pass per rollout (not tuned)
         "nlpo": {**rl_common, "lr": 1e-5},  # ppo's (not tuned)
+        # TRLX's defaults (lr 5e-5; the decoding beta is the eval section's ilql_beta); one epoch over the labels'
+        # best and worst responses (not tuned; run on the tiny model only)
+        "ilql": {"num_epochs": 1, "batch_size": 8, "eval_every": 0, "eval_fraction": 0.05, "precision": precision},
         "reinforce": {**rl_common, "num_minibatches": 1},  # (not tuned)
         # best-of-n traces the frontier on 120 of the 240 prompts: its pool (16 samples per prompt) was 70% of
         # the eval's generation.

@@ -53,10 +53,12 @@ from rlhfkit.run_layout import (
     GATE_FILE,  # the writers' names, so a rename cannot silently empty a section
     HELDOUT_FILE,
     OFFLINE_ALGORITHMS,
+    OFFLINE_RL_ALGORITHMS,
     ONLINE_ALGORITHMS,
     current_metric_names,
 )
 from rlhfkit.run_layout import POLICY_ALGORITHMS as POLICY_STAGES
+from rlhfkit.run_layout import ILQLMetric as IM
 from rlhfkit.run_layout import PreferenceMetric as PM
 from rlhfkit.run_layout import RLMetric as RM
 from rlhfkit.training.tracking import read_metrics
@@ -271,6 +273,8 @@ def load_run(run_dir: str | Path) -> RunData:
     for policy in data.policies:
         policy.metrics = _read_stage_metrics(root, policy.directory, f"{policy.name} training metrics", missing)
         relative = f"{policy.directory}/{FRONTIER_FILE}"
+        if policy.name in OFFLINE_RL_ALGORITHMS and not (root / relative).is_file():
+            continue  # ILQL trains without sampling: it logs no probe points, and none are missing
         if not (root / relative).is_file():
             missing.append(f"{policy.name} probe points (frontier, over-optimisation): {relative} not found")
             continue
@@ -1128,8 +1132,20 @@ def _policy_panels(policy: PolicyStage) -> str:
             ]
         )
         parts.append(_img(figure, f"{policy.name}: DPO metrics", "No DPO metrics logged."))
+    if policy.name in OFFLINE_RL_ALGORITHMS:
+        figure = panels_figure(
+            [
+                ("loss", [curve(entries, IM.LOSS, "train"), curve(entries, ev + IM.LOSS, "eval")]),
+                ("Bellman (Q) loss", [curve(entries, IM.LOSS_Q)]),
+                ("expectile (V) loss", [curve(entries, IM.LOSS_V)]),
+                ("CQL loss", [curve(entries, IM.LOSS_CQL)]),
+                ("language-model (AWAC) loss", [curve(entries, IM.LOSS_AWAC)]),
+                ("V and target min Q", [curve(entries, IM.VALUE, "V"), curve(entries, IM.TARGET_Q, "min Q target")]),
+            ]
+        )
+        parts.append(_img(figure, f"{policy.name}: ILQL metrics", "No ILQL metrics logged."))
     if not parts:
-        parts.append(f'<p class="na">{esc(policy.directory)}/{METRICS_FILE} has no online-RL or DPO metrics.</p>')
+        parts.append(f'<p class="na">{esc(policy.directory)}/{METRICS_FILE} has no online-RL, DPO or ILQL metrics.</p>')
     return "".join(parts)
 
 

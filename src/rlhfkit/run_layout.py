@@ -8,9 +8,12 @@ from __future__ import annotations
 
 OFFLINE_ALGORITHMS = ("dpo",)
 """Policy stages trained on fixed preference pairs (their metrics: :class:`PreferenceMetric`)."""
+OFFLINE_RL_ALGORITHMS = ("ilql",)
+"""Policy stages trained by offline RL on fixed responses and their rewards (the labels' preferences turned into
+rewards), no reward model and no sampling (their metrics: :class:`ILQLMetric`, not :class:`PreferenceMetric`)."""
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce")
 """Policy stages that sample and score as they train (their metrics: :class:`RLMetric`)."""
-POLICY_ALGORITHMS = OFFLINE_ALGORITHMS + ONLINE_ALGORITHMS
+POLICY_ALGORITHMS = OFFLINE_ALGORITHMS + OFFLINE_RL_ALGORITHMS + ONLINE_ALGORITHMS
 """Policy-optimisation stages; each is named, and writes to a directory named, after its algorithm."""
 STAGES = ("sft", "sample", "label", "reward", "gate", *POLICY_ALGORITHMS, "eval", "report")
 """Every stage a pipeline can have, in order (a run has the policy stages it asks for)."""
