@@ -205,9 +205,9 @@ def test_a_version_1_database_opens_keeps_its_labels_and_takes_grades(tmp_path):
     store.close()
 
     with sqlite3.connect(db) as con:
-        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,) == ("3",)
+        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,) == ("4",)
         columns = [row[1] for row in con.execute("PRAGMA table_info(labels)")]
-        assert columns[-2:] == ["grade", "both_bad"]
+        assert columns[-3:] == ["grade", "both_bad", "shown"]  # shown: schema 4
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # the migrated table has the new constraints
             con.execute("UPDATE labels SET grade = 'better' WHERE choice = 'tie'")
@@ -226,8 +226,8 @@ def test_a_version_1_database_opens_keeps_its_labels_and_takes_grades(tmp_path):
 def test_a_database_from_a_newer_rlhfkit_is_refused(tmp_path):
     db = version_1_database(tmp_path / "new.sqlite")
     with sqlite3.connect(db) as con:
-        con.execute("UPDATE settings SET value = '4' WHERE key = 'schema'")
-    with pytest.raises(ValueError, match=r"new.sqlite: annotation schema 4, this rlhfkit reads 3"):
+        con.execute("UPDATE settings SET value = '5' WHERE key = 'schema'")
+    with pytest.raises(ValueError, match=r"new.sqlite: annotation schema 5, this rlhfkit reads 4"):
         AnnotationStore(db, create=False)
 
 
@@ -385,7 +385,11 @@ def test_serve_with_guidelines_and_criteria(tmp_path):
     finally:
         process.stop()
     assert status == 200
-    assert data == {"guidelines": "# Guidelines\n\nBe *fair*.\n", "criteria": ["helpful", "harmless: no dangerous advice"]}
+    assert data == {
+        "guidelines": "# Guidelines\n\nBe *fair*.\n",
+        "criteria": ["helpful", "harmless: no dangerous advice"],
+        "mode": "pairs",
+    }
     assert f"guidelines: {guide}; criteria: helpful, harmless: no dangerous advice" in process.log.read_text()
 
 

@@ -63,7 +63,8 @@ def test_stuck_and_split_pairs_and_settling_them(tmp_path):
     ]
     assert overview["stuck"][0]["responses"] == ["Paris.", "Lyon."]  # canonical order, whatever was shown
     assert overview["progress"] == {
-        "items": 3, "complete": 2, "waiting": 0, "stuck": 1, "settled_by_lead": 0, "votes": 4, "last_hour": 6,
+        "items": 3, "complete": 2, "waiting": 0, "stuck": 1, "settled_by_lead": 0, "check_questions": 0, "votes": 4,
+        "last_hour": 6,
     }  # fmt: skip
     assert overview["agreement"]["by_day"][0]["items"] == 2 and overview["agreement"]["by_day"][0]["agree"] == 0.5
     assert [c.meta["item_index"] for c in comparisons(store)] == [1, 2]
@@ -168,7 +169,9 @@ def test_a_version_2_database_gains_the_lead_tables_and_keeps_its_labels(tmp_pat
         con.executescript(
             f"""DROP TABLE settled; ALTER TABLE labels RENAME TO new_labels;
             {sql.replace(", 'up', 'down'", "")}; INSERT INTO labels SELECT * FROM new_labels; DROP TABLE new_labels;
-            ALTER TABLE annotators DROP COLUMN state; UPDATE settings SET value = '2' WHERE key = 'schema';"""
+            ALTER TABLE annotators DROP COLUMN state; UPDATE settings SET value = '2' WHERE key = 'schema';
+            ALTER TABLE labels DROP COLUMN shown; ALTER TABLE leases DROP COLUMN shown;
+            ALTER TABLE pairs DROP COLUMN check_answer; ALTER TABLE pairs DROP COLUMN votes_wanted;"""
         )
     store = AnnotationStore(db)
     assert [(lab.item_index, lab.choice) for lab in store.labels()] == [(0, "a"), (1, "skip")]
@@ -176,7 +179,7 @@ def test_a_version_2_database_gains_the_lead_tables_and_keeps_its_labels(tmp_pat
     store.settle(1, "b")
     store.close()
     with sqlite3.connect(db) as con:
-        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == ("3",)
+        assert con.execute("SELECT value FROM settings WHERE key = 'schema'").fetchone() == ("4",)
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert "'up', 'down'" in con.execute("SELECT sql FROM sqlite_master WHERE name = 'labels'").fetchone()[0]
         assert con.execute("SELECT name FROM sqlite_master WHERE name = 'labels_by_annotator'").fetchone()

@@ -523,7 +523,10 @@ def test_run_without_pipeline_json_or_policy_stages(tmp_path):
     (run_dir / "sft").mkdir(parents=True)
     write_jsonl(run_dir / "sft" / "metrics.jsonl", _sft_metrics())
     page = _report(run_dir)
-    assert "pipeline.json not found" in page and "policy stages: no dpo, ilql, ppo, grpo, rloo, a2c, nlpo, reinforce directory" in page
+    assert (
+        "pipeline.json not found" in page
+        and "policy stages: no dpo, ilql, ppo, grpo, rloo, a2c, nlpo, reinforce directory" in page
+    )
 
 
 def test_eval_copy_at_the_top_level_is_used_when_eval_dir_is_missing(tmp_path):

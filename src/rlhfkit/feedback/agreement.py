@@ -7,6 +7,12 @@ agreement, 0 is chance level, negative is worse than chance. Where ``P_e == 1``
 (every rating is the same single category) kappa is 0/0 and we return ``nan``,
 as scikit-learn does, rather than pretend to know.
 
+Per-annotator quality (what the annotation lead watches): :func:`check_accuracy`
+(answers to questions with a known answer), :func:`majority_agreement` (each
+rater against the majority of the *other* raters of an item) and
+:func:`position_bias` (the share of decided votes that went to the response
+shown on the left; 0.5 is unbiased).
+
 Pure functions over plain Python sequences: no server or database involved, so
 any feedback source (humans, judges, simulated annotators) can be compared.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 
 def cohen_kappa(ratings_1: Sequence[Hashable], ratings_2: Sequence[Hashable]) -> float:
@@ -75,6 +81,52 @@ def category_counts(item_ratings: Sequence[Sequence[Hashable]], categories: Sequ
             row[index[rating]] += 1
         matrix.append(row)
     return matrix
+
+
+def check_accuracy(answers: Sequence[Hashable], expected: Sequence[Hashable]) -> tuple[float, int]:
+    """``(share of answers equal to the known answer, number of answers)``; ``(nan, 0)`` with no answers."""
+    if len(answers) != len(expected):
+        raise ValueError(f"check_accuracy: {len(answers)} answers vs {len(expected)} known answers")
+    if not answers:
+        return math.nan, 0
+    return sum(a == e for a, e in zip(answers, expected)) / len(answers), len(answers)
+
+
+def majority_agreement(votes_by_item: Mapping[Hashable, Mapping[str, Hashable]]) -> dict[str, tuple[float, int]]:
+    """Each rater's agreement with the majority of the other raters, over items with at least 2 votes.
+
+    ``votes_by_item[item][rater]`` is the rater's category for the item. For every item with at least two
+    raters and every rater of it, the majority is taken over the *other* raters' votes (leave-one-out: with
+    the rater's own vote counted, two raters could never disagree with "the majority", only split it); an
+    item where the others' top category is shared (a split) tells nothing and is not counted for that rater.
+    Returns ``{rater: (share of counted items where the rater voted the others' majority, counted items)}``
+    for every rater with at least one counted item.
+    """
+    agree: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
+    for votes in votes_by_item.values():
+        if len(votes) < 2:
+            continue
+        for rater, vote in votes.items():
+            others = Counter(v for r, v in votes.items() if r != rater)
+            (top, top_count), *rest = others.most_common()
+            if rest and rest[0][1] == top_count:
+                continue  # the others are split
+            counted[rater] += 1
+            agree[rater] += vote == top
+    return {rater: (agree[rater] / n, n) for rater, n in counted.items()}
+
+
+def position_bias(shown_choices: Sequence[Hashable], *, left: Hashable = "a", right: Hashable = "b") -> tuple[float, int]:
+    """``(share of decided votes for the response shown on the left, decided votes)``; ``(nan, 0)`` with none.
+
+    ``shown_choices`` are votes **as shown on screen** (``left`` = the left response); ties and anything
+    else are not decided and left out. With sides drawn at random, an unbiased rater is near 0.5.
+    """
+    decided = [c for c in shown_choices if c in (left, right)]
+    if not decided:
+        return math.nan, 0
+    return sum(c == left for c in decided) / len(decided), len(decided)
 
 
 def _kappa(observed: float, expected: float) -> float:

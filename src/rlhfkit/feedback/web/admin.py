@@ -36,7 +36,9 @@
   write KTO records (``prompt``, ``completion``, ``label``: the majority of up / down votes, and
   ``meta``); an item with as many ups as downs is left out and counted, unless the lead settled it.
 * The lead (:func:`lead_overview`): progress, throughput, agreement per day, stuck and split pairs
-  with their skip reasons. A pair the lead settled exports the lead's choice as its label
+  with their skip reasons, and per annotator the quality numbers of :func:`store_status`: accuracy on
+  check questions, agreement with the majority, position bias and median seconds per label. Answers to
+  check questions are never exported. A pair the lead settled exports the lead's choice as its label
   (``meta.lead``), whatever the votes.
 """
 
@@ -54,10 +56,18 @@ from typing import Literal
 
 from rlhfkit.data.preferences import _write_records, save_comparisons
 from rlhfkit.data.records import Comparison
-from rlhfkit.feedback.agreement import category_counts, cohen_kappa, fleiss_kappa
+from rlhfkit.feedback.agreement import (
+    category_counts,
+    check_accuracy,
+    cohen_kappa,
+    fleiss_kappa,
+    majority_agreement,
+    position_bias,
+)
 from rlhfkit.feedback.grades import pair_targets, scale_grade
 from rlhfkit.feedback.web.pairs import read_pairs as read_pairs  # moved to pairs.py; the old name still imports
 from rlhfkit.feedback.web.store import (
+    MODE_PAIRS,
     MODE_THUMBS,
     MODE_VOTES,
     THUMB_UP,
@@ -66,6 +76,7 @@ from rlhfkit.feedback.web.store import (
     LeadDecision,
     Settlement,
     StoredLabel,
+    to_shown,
 )
 
 SESSION_GAP_SECONDS = 600.0
@@ -340,7 +351,23 @@ class AnnotatorStatus:
     last_hour: int
     """Labels (votes and skips) in the last hour."""
     seconds_per_label: float
-    """Median time between consecutive labels, breaks over 10 minutes left out; nan with < 2 labels."""
+    """Median seconds from a pair being shown to its label (check questions and skips included). For a database
+    from before shown times were kept (schema < 4): the median gap between consecutive labels, breaks over
+    10 minutes left out, nan with < 2 labels."""
+    check_accuracy: float = math.nan
+    """Share of answered check questions (skips left out) answered with the known better side; nan with none."""
+    checks: int = 0
+    """Check questions answered (skips left out)."""
+    majority_agreement: float = math.nan
+    """Share of this annotator's votes on pairs with >= 2 votes that match the other voters' majority
+    (:func:`rlhfkit.feedback.agreement.majority_agreement`: leave-one-out, pairs where the others split left out)."""
+    majority_items: int = 0
+    """Pairs counted in ``majority_agreement``."""
+    left_share: float = math.nan
+    """Position bias: share of this annotator's non-tie votes (check questions included) for the response shown
+    on the left; near 0.5 is unbiased. nan in thumbs mode or without such votes."""
+    left_votes: int = 0
+    """Non-tie votes counted in ``left_share``."""
 
 
 @dataclass
@@ -358,6 +385,8 @@ class Status:
     fleiss_pairs: int
     cohen: list[tuple[str, str, float, int]] = field(default_factory=list)
     """``(annotator, annotator, kappa, shared pairs)`` for every two annotators who voted on the same pairs."""
+    check_questions: int = 0
+    """Check questions in the database (``serve --checks``); never exported."""
 
 
 def status(db: str | Path, *, now: float | None = None) -> Status:
@@ -372,26 +401,43 @@ def status(db: str | Path, *, now: float | None = None) -> Status:
 def store_status(store: AnnotationStore, *, now: float | None = None) -> Status:
     """:func:`status` of an open store (the lead's page)."""
     now = time.time() if now is None else now
-    overlap, labels, names, categories = store.overlap, store.labels(), store.annotators(), MODE_VOTES[store.mode]
+    overlap, labels, names, mode = store.overlap, store.labels(), store.annotators(), store.mode
+    categories = MODE_VOTES[mode]
+    checks = store.check_labels()
     pairs, complete = store.vote_counts()
     votes_by_pair: dict[int, list[StoredLabel]] = defaultdict(list)
     by_annotator: dict[str, list[StoredLabel]] = defaultdict(list)
+    checks_by_annotator: dict[str, list[StoredLabel]] = defaultdict(list)
     for label in labels:
         by_annotator[label.annotator].append(label)
         if label.choice != "skip":
             votes_by_pair[label.item_index].append(label)
+    for label in checks:
+        checks_by_annotator[label.annotator].append(label)
+    with_majority = majority_agreement({i: {v.annotator: v.choice for v in votes} for i, votes in votes_by_pair.items()})
 
     people = []
     for name in names:
-        mine = by_annotator.get(name, [])
-        gaps = [b.created - a.created for a, b in zip(mine, mine[1:]) if b.created - a.created <= SESSION_GAP_SECONDS]
+        mine, answered = by_annotator.get(name, []), checks_by_annotator.get(name, [])
+        check_votes = [label for label in answered if label.choice != "skip"]
+        accuracy, n_checks = check_accuracy([v.choice for v in check_votes], [v.check_answer for v in check_votes])
+        agreement, n_agree = with_majority.get(name, (math.nan, 0))
+        everything = sorted(mine + answered, key=lambda label: label.id)
+        shown = [to_shown(v.choice, flipped=v.flipped) for v in everything] if mode == MODE_PAIRS else []
+        left_share, left_votes = position_bias(shown)
         people.append(
             AnnotatorStatus(
                 name=name,
                 votes=sum(label.choice != "skip" for label in mine),
                 skips=sum(label.choice == "skip" for label in mine),
                 last_hour=sum(label.created > now - 3600 for label in mine),
-                seconds_per_label=statistics.median(gaps) if gaps else math.nan,
+                seconds_per_label=_seconds_per_label(everything),
+                check_accuracy=accuracy,
+                checks=n_checks,
+                majority_agreement=agreement,
+                majority_items=n_agree,
+                left_share=left_share,
+                left_votes=left_votes,
             )
         )
 
@@ -405,17 +451,40 @@ def store_status(store: AnnotationStore, *, now: float | None = None) -> Status:
         if shared:
             kappa = cohen_kappa([choice_of[first, i] for i in shared], [choice_of[second, i] for i in shared])
             cohen.append((first, second, kappa, len(shared)))
-    return Status(pairs, complete, overlap, sum(p.votes for p in people), people, fleiss, len(full), cohen)
+    n_checks = len(store.checks()) if mode == MODE_PAIRS else 0
+    return Status(pairs, complete, overlap, sum(p.votes for p in people), people, fleiss, len(full), cohen, n_checks)
+
+
+def _seconds_per_label(labels: Sequence[StoredLabel]) -> float:
+    """Median seconds from shown to labelled; without shown times (older labels), the median gap between labels."""
+    timed = [label.created - label.shown_at for label in labels if label.shown_at is not None]
+    if timed:
+        return statistics.median(timed)
+    gaps = [b.created - a.created for a, b in zip(labels, labels[1:]) if b.created - a.created <= SESSION_GAP_SECONDS]
+    return statistics.median(gaps) if gaps else math.nan
+
+
+def _share(x: float, n: int) -> str:
+    """``"75% (4)"``: a share with its count, or ``"n/a"``."""
+    return "n/a" if math.isnan(x) else f"{x:.0%} ({n})"
 
 
 def format_status(s: Status) -> str:
     def num(x: float, spec: str = ".3f") -> str:
         return "n/a" if math.isnan(x) else format(x, spec)
 
-    lines = [f"pairs: {s.complete}/{s.pairs} complete ({s.overlap} vote(s) each); {s.votes} votes in all"]
-    lines.append(f"{'annotator':<20} {'votes':>6} {'skips':>6} {'last hour':>10} {'s/label':>8}")
+    checks = f"; {s.check_questions} check question(s), not exported" if s.check_questions else ""
+    lines = [f"pairs: {s.complete}/{s.pairs} complete ({s.overlap} vote(s) each); {s.votes} votes in all{checks}"]
+    lines.append(
+        f"{'annotator':<20} {'votes':>6} {'skips':>6} {'last hour':>10} {'s/label':>8} "
+        f"{'checks right':>13} {'with majority':>14} {'left (bias)':>12}"
+    )
     for a in s.annotators:
-        lines.append(f"{a.name:<20} {a.votes:>6} {a.skips:>6} {a.last_hour:>10} {num(a.seconds_per_label, '.1f'):>8}")
+        lines.append(
+            f"{a.name:<20} {a.votes:>6} {a.skips:>6} {a.last_hour:>10} {num(a.seconds_per_label, '.1f'):>8} "
+            f"{_share(a.check_accuracy, a.checks):>13} {_share(a.majority_agreement, a.majority_items):>14} "
+            f"{_share(a.left_share, a.left_votes):>12}"
+        )
     lines.append(f"Fleiss' kappa: {num(s.fleiss)} over {s.fleiss_pairs} pair(s) with {s.overlap} votes")
     for first, second, kappa, shared in s.cohen:
         lines.append(f"Cohen's kappa {first} / {second}: {num(kappa)} over {shared} shared pair(s)")
@@ -475,14 +544,18 @@ def lead_overview(store: AnnotationStore, *, now: float | None = None) -> dict:
     """What the lead's page (``/lead``) shows, as JSON-ready data.
 
     * ``progress``: items, complete (``overlap`` votes or settled by the lead), waiting, stuck, settled_by_lead;
-    * ``annotators``: each one's state, votes, skips, labels in the last hour and median seconds per label;
+    * ``annotators``: each one's state, votes, skips, labels in the last hour, median seconds per label, and
+      the quality numbers of :class:`AnnotatorStatus`: ``check_accuracy`` / ``checks``, ``majority_agreement`` /
+      ``majority_items`` and ``left_share`` / ``left_votes`` (position bias); None where there is nothing to count;
     * ``agreement``: Fleiss' kappa (pairs with ``overlap`` >= 2 votes), Cohen's kappa per two annotators,
       and ``by_day``: for each UTC day, the items whose second vote came that day and the share of them whose
       votes all agree (inter-annotator agreement over time);
     * ``stuck``: items short of votes that every active annotator has voted on or skipped (nobody is left to
       ask), with their votes and each skip's annotator and reason; ``split``: items whose votes tie at the top
       (a split pair, or as many ups as downs). Neither lists an item the lead settled. Each entry carries the
-      prompt and the response(s) in canonical order (``a`` = ``responses[0]``), so the lead judges the same text.
+      prompt and the response(s) in canonical order (``a`` = ``responses[0]``), so the lead judges the same text,
+      and ``votes_wanted``, the votes it needs (``overlap``, or more after :meth:`AnnotationStore.ask_one_more`).
+      A split pair the lead asked one more vote for stays listed until the votes decide it.
     """
     now = time.time() if now is None else now
     mode, overlap = store.mode, store.overlap
@@ -494,12 +567,14 @@ def lead_overview(store: AnnotationStore, *, now: float | None = None) -> dict:
     for label in store.labels():
         by_item[label.item_index].append(label)
     categories = MODE_VOTES[mode]
+    wanted = store.votes_wanted()
 
     def entry(item_index: int, prompt, responses: list[str]) -> dict:
         labels = by_item.get(item_index, [])
         votes = [label for label in labels if label.choice != "skip"]
         return {
             "item_index": item_index,
+            "votes_wanted": wanted.get(item_index, overlap),
             "prompt": prompt,
             "responses": responses,
             "votes": {c: sum(v.choice == c for v in votes) for c in categories},
@@ -528,6 +603,7 @@ def lead_overview(store: AnnotationStore, *, now: float | None = None) -> dict:
             "waiting": len(settlement.waiting),
             "stuck": len(settlement.exhausted),
             "settled_by_lead": len(settlement.by_lead),
+            "check_questions": summary.check_questions,
             "votes": summary.votes,
             "last_hour": sum(a.last_hour for a in summary.annotators),
         },
@@ -539,6 +615,12 @@ def lead_overview(store: AnnotationStore, *, now: float | None = None) -> dict:
                 "skips": a.skips,
                 "last_hour": a.last_hour,
                 "seconds_per_label": _finite(a.seconds_per_label),
+                "check_accuracy": _finite(a.check_accuracy),
+                "checks": a.checks,
+                "majority_agreement": _finite(a.majority_agreement),
+                "majority_items": a.majority_items,
+                "left_share": _finite(a.left_share),
+                "left_votes": a.left_votes,
             }
             for a in summary.annotators
         ],

@@ -2,10 +2,10 @@
 
 Routes:
 
-* ``GET /`` - the annotator page (``static/annotate.html``); ``GET /static/annotate.js``
-  and ``/static/annotate.css``. Only these three files exist: names are looked
-  up in a fixed table, never joined to a filesystem path, so there is nothing
-  to traverse.
+* ``GET /`` - the annotator page (``static/annotate.html``); ``GET /static/common.js`` (what both
+  pages share: token, API call, status line), ``/static/annotate.js``, ``/static/annotate.css`` and
+  ``/static/lead.js``. Only these files exist: names are looked up in a fixed table, never joined to
+  a filesystem path, so there is nothing to traverse.
 * ``POST /api/next`` - the caller's current pair (leased to them) and progress.
 * ``POST /api/label`` ``{"pair_id", "choice": "a"|"b"|"tie"|"skip", "reason", "grade", "both_bad"}`` -
   store a label (``a`` = the response shown on the left) and get the next pair.
@@ -25,10 +25,15 @@ Routes:
   no token, and nothing about the pairs or the annotators.
 * ``GET /lead`` - the lead's page (``static/lead.html`` + ``lead.js``, the same
   safe renderer as the annotator page); its calls, ``POST /api/lead/overview``,
-  ``/api/lead/settle`` ``{"item_index", "choice", "reason"}``,
+  ``/api/lead/settle`` ``{"item_index", "choice", "reason"}``, ``/api/lead/ask-more`` ``{"item_index"}``
+  (one more vote on a pair: :meth:`~rlhfkit.feedback.web.store.AnnotationStore.ask_one_more`),
   ``/api/lead/annotator`` ``{"name", "action": "pause"|"resume"|"revoke"}`` and
   ``/api/lead/add-annotator`` ``{"name"}``, need the lead token
   (``rlhfkit annotate lead-token``; stored hashed, like the annotators' tokens).
+
+Check questions (``serve --checks FILE --check-rate R``) reach annotators through ``/api/next`` like any
+other pair (same fields, sides drawn as usual); only the lead's overview tells them apart, by their effect
+on each annotator's check accuracy.
 
 Security:
 
@@ -70,7 +75,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from rlhfkit.feedback.web.admin import lead_overview
-from rlhfkit.feedback.web.pairs import read_pairs, read_thumb_items
+from rlhfkit.feedback.web.pairs import read_checks, read_pairs, read_thumb_items
 from rlhfkit.feedback.web.store import MODE_THUMBS, MODES, PAUSED, AnnotationStore, Annotator, Assignment, StoreError, to_shown
 from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host
 
@@ -80,6 +85,7 @@ MAX_GUIDELINES_BYTES = 1024 * 1024
 
 # name -> (file in static/, content type). The only files the app serves.
 STATIC_FILES = {
+    "common.js": ("common.js", "text/javascript; charset=utf-8"),
     "annotate.js": ("annotate.js", "text/javascript; charset=utf-8"),
     "annotate.css": ("annotate.css", "text/css; charset=utf-8"),
     "lead.js": ("lead.js", "text/javascript; charset=utf-8"),
@@ -119,6 +125,12 @@ class SettleRequest(BaseModel):
     item_index: int
     choice: Literal["a", "b", "tie", "up", "down"]
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+
+
+class AskMoreRequest(BaseModel):
+    """Body of ``POST /api/lead/ask-more``: the pair that should get one more vote."""
+
+    item_index: int
 
 
 class AnnotatorAction(BaseModel):
@@ -307,6 +319,11 @@ def create_app(
         decision = store.settle(request.item_index, request.choice, request.reason.strip())
         return {"settled": asdict(decision), "overview": lead_overview(store)}
 
+    @app.post("/api/lead/ask-more", dependencies=[Depends(lead)])
+    def ask_more(request: AskMoreRequest) -> dict:
+        wanted = store.ask_one_more(request.item_index)
+        return {"item_index": request.item_index, "votes_wanted": wanted, "overview": lead_overview(store)}
+
     @app.post("/api/lead/annotator", dependencies=[Depends(lead)])
     def annotator_action(request: AnnotatorAction) -> dict:
         try:
@@ -357,6 +374,12 @@ class ServeConfig:
     trusted_proxies: str = ""
     """Comma-separated addresses of reverse proxies whose ``X-Forwarded-Proto`` / ``X-Forwarded-For`` are believed
     (e.g. ``127.0.0.1`` for nginx or Caddy on this machine). Empty: no proxy headers are believed."""
+    checks: str = ""
+    """Check questions to add (:func:`rlhfkit.feedback.web.pairs.read_checks`: pairs with ``"expected": "a" | "b"``),
+    mixed into every annotator's queue and scored on the lead's page, never exported. Pairs mode only."""
+    check_rate: float | None = None
+    """Share of new assignments that are check questions while an annotator has unanswered ones (0 to 1).
+    None: keep the db's value (0.1 for a new db)."""
 
 
 def read_guidelines(path: str | Path) -> str:
@@ -382,15 +405,20 @@ def prepare(config: ServeConfig) -> AnnotationStore:
     """Open the database, store the settings and load the pairs; prints a summary to stderr."""
     if config.mode is not None and config.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
+    checks = read_checks(config.checks) if config.checks else []  # before the db: a bad file changes nothing
     store = AnnotationStore(config.db)
     try:
-        store.configure(overlap=config.overlap, lease_seconds=config.lease_seconds, mode=config.mode)
+        store.configure(
+            overlap=config.overlap, lease_seconds=config.lease_seconds, mode=config.mode, check_rate=config.check_rate
+        )
         if store.mode == MODE_THUMBS:
             thumbs, empty = read_thumb_items(config.pairs) if config.pairs else ([], 0)
             added = store.add_thumbs(thumbs)
         else:
             items, empty = read_pairs(config.pairs) if config.pairs else ([], 0)
             added = store.add_pairs(items)
+        if config.checks:
+            new_checks = store.add_checks(checks)
     except BaseException:
         store.close()
         raise
@@ -403,6 +431,13 @@ def prepare(config: ServeConfig) -> AnnotationStore:
         file=sys.stderr,
         flush=True,
     )
+    if config.checks:
+        print(
+            f"rlhfkit annotate: {len(store.checks())} check question(s) from {config.checks} ({new_checks} new), "
+            f"{store.check_rate:.0%} of new assignments while an annotator has some left; not exported",
+            file=sys.stderr,
+            flush=True,
+        )
     return store
 
 

@@ -2,6 +2,7 @@
 
     rlhfkit annotate serve --pairs PAIRS.jsonl [--db DB] [--mode pairs|thumbs] [--guidelines FILE.md] [--criterion TEXT ...]
                            [--host H --port P --overlap K --lease-seconds S --trusted-proxies IPS]
+                           [--checks CHECKS.jsonl --check-rate R]
     rlhfkit annotate add-annotator NAME [--db DB] [--new-token]   (prints the token)
     rlhfkit annotate annotator NAME pause|resume|revoke [--db DB]
     rlhfkit annotate lead-token [--db DB]                          (prints a new lead token for /lead)
@@ -61,6 +62,19 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="how long a shown pair stays reserved (default: the db's, 600 for a new db)",
+    )
+    p.add_argument(
+        "--checks",
+        default="",
+        metavar="FILE",
+        help='check questions: pairs (same formats as --pairs) with "expected": "a" or "b"; mixed in, scored, not exported',
+    )
+    p.add_argument(
+        "--check-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="share of new assignments that are check questions, 0-1 (default: the db's, 0.1 for a new db)",
     )
     p.add_argument(
         "--guidelines", default=None, metavar="FILE", help="markdown file of labelling guidelines, shown above every pair"
@@ -156,6 +170,8 @@ def _run(ns: argparse.Namespace) -> int:
                 criteria=ns.criteria,
                 mode=ns.mode,
                 trusted_proxies=ns.trusted_proxies,
+                checks=ns.checks,
+                check_rate=ns.check_rate,
             )
         )
         return 0

@@ -3,7 +3,8 @@
 :func:`read_pairs` takes the output of ``rlhfkit sample`` (``prompt`` + ``responses`` with exactly two entries) or
 seed-format pairs (``prompt``, ``response_a``, ``response_b``; a ``preferred`` already there is ignored, the pair is
 labelled afresh). :func:`read_thumb_items` takes the same files (and single completions) for thumbs mode: every
-response is an item of its own.
+response is an item of its own. :func:`read_checks` takes check questions: pairs in the same formats with the
+known answer in ``expected``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from rlhfkit.data.io import DataError, Row, read_rows
 from rlhfkit.data.preferences import comparison_from_dict, parse_prompt
-from rlhfkit.feedback.web.store import PairItem, ThumbItem
+from rlhfkit.feedback.web.store import CHECK_ANSWERS, CheckItem, PairItem, ThumbItem
 
 
 def read_pairs(path: str | Path) -> tuple[list[PairItem], int]:
@@ -37,6 +38,41 @@ def read_pairs(path: str | Path) -> tuple[list[PairItem], int]:
     if not items:
         raise DataError(path, None, None, "no pairs to label")
     return items, empty
+
+
+CHECK_FIELD = "expected"
+"""The field of a checks-file record that names the better response."""
+
+
+def read_checks(path: str | Path) -> list[CheckItem]:
+    """The check questions in ``path``: pairs in :func:`read_pairs`' formats plus ``"expected": "a"`` or ``"b"``,
+    the better response in the file's order (``a`` = ``responses[0]`` / ``response_a``).
+
+    Every record must be a usable check (both responses non-empty, ``expected`` given and valid): a bad one is
+    a DataError naming file, line and field, since a check with a wrong or missing answer would mark annotators
+    wrong for being right.
+    """
+    checks = []
+    for index, row in enumerate(read_rows(path)):
+        responses = _pair_responses(row)
+        for side, response in zip(("a", "b"), responses):
+            if not response.strip():
+                raise row.error("responses", f"response {side} is empty; a check question needs two responses to compare")
+        if CHECK_FIELD not in row.data:
+            raise row.error(CHECK_FIELD, 'missing: a check question names its better response, "a" or "b"')
+        expected = row.data[CHECK_FIELD]
+        if expected not in CHECK_ANSWERS:
+            raise row.error(
+                CHECK_FIELD,
+                f'expected "a" (response_a / responses[0] is better) or "b", got {expected!r}; ties make no check question',
+            )
+        parsed = comparison_from_dict(
+            {"prompt": row.data.get("prompt"), "responses": responses, "ranking": [0, 1]}, path=row.path, line=row.line
+        )
+        checks.append(CheckItem(index, parsed.prompt, (parsed.responses[0], parsed.responses[1]), expected))
+    if not checks:
+        raise DataError(path, None, None, "no check questions")
+    return checks
 
 
 def _pair_responses(row: Row) -> list[str]:

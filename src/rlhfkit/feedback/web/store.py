@@ -46,7 +46,18 @@ version-1 file adds the two columns (existing labels: ungraded, not both bad) an
 marks it version 2, keeping every label. Version 3 adds the thumbs choices (the
 ``labels`` table is rebuilt with the wider CHECK, rows and ids kept),
 ``annotators.state`` (existing annotators: active) and the ``settled`` table.
-A file of a newer version is refused.
+Version 4 adds check questions (``pairs.check_answer``: the known better side, canonical ``a`` / ``b``;
+NULL for an ordinary pair), the lead's "ask one more" (``pairs.votes_wanted``: votes this pair needs, when
+the lead raised it above ``overlap``; NULL: ``overlap``) and when each pair was shown (``leases.shown``,
+copied to ``labels.shown`` on submit; NULL for labels from before version 4). Existing rows: ordinary pairs,
+no raised count, shown time unknown. A file of a newer version is refused.
+
+Check questions (:meth:`add_checks`) are pairs with a known answer, stored in ``pairs`` with a negative
+``item_index`` (check ``k`` of the checks file is ``-(k + 1)``), so they never collide with the pairs file's
+records. :meth:`next_assignment` hands an annotator an unseen check instead of their next pair with
+probability ``settings.check_rate``, shown swapped or not as usual, so it looks like any other pair. Every
+annotator may answer every check once. Checks are not pairs to label: :meth:`pairs`, :meth:`labels`,
+progress, :meth:`settlement` and the export leave them out; :meth:`check_labels` reads their answers.
 
 Assignment rules (:meth:`next_assignment`):
 
@@ -105,7 +116,11 @@ ACTIVE, PAUSED, REVOKED = "active", "paused", "revoked"
 ANNOTATOR_STATES: tuple[str, ...] = (ACTIVE, PAUSED, REVOKED)
 """``annotators.state``: paused gets no pairs (resumable), revoked has no working token."""
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
+DEFAULT_CHECK_RATE = 0.1
+"""Share of new assignments that are check questions, when the database has checks and no rate of its own."""
+CHECK_ANSWERS: tuple[str, ...] = ("a", "b")
+"""What a check question's known answer can be (canonical: ``a`` = the checks file's ``response_a``)."""
 DEFAULT_OVERLAP = 1
 DEFAULT_LEASE_SECONDS = 600.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -118,7 +133,9 @@ CREATE TABLE IF NOT EXISTS pairs (
     prompt TEXT NOT NULL,
     response_a TEXT NOT NULL,
     response_b TEXT NOT NULL,
-    n_votes INTEGER NOT NULL DEFAULT 0
+    n_votes INTEGER NOT NULL DEFAULT 0,
+    check_answer TEXT CHECK (check_answer IS NULL OR check_answer IN ('a', 'b')),
+    votes_wanted INTEGER
 );
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY,
@@ -132,6 +149,7 @@ CREATE TABLE IF NOT EXISTS leases (
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
     flipped INTEGER NOT NULL,
     expires REAL NOT NULL,
+    shown REAL,
     PRIMARY KEY (pair_id, annotator_id)
 );
 CREATE INDEX IF NOT EXISTS leases_by_annotator ON leases(annotator_id);
@@ -145,6 +163,7 @@ CREATE TABLE IF NOT EXISTS labels (
     created REAL NOT NULL,
     grade TEXT CHECK (grade IS NULL OR (grade IN ('much_better', 'better', 'slightly_better') AND choice IN ('a', 'b'))),
     both_bad INTEGER NOT NULL DEFAULT 0 CHECK (both_bad IN (0, 1)),
+    shown REAL,
     UNIQUE (pair_id, annotator_id)
 );
 CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels(annotator_id, id);
@@ -167,7 +186,11 @@ _MIGRATIONS = {
     # SQLite cannot widen a CHECK in place: the labels table is rebuilt (same columns, rows and ids)
     # with the thumbs choices allowed. Nothing references labels, so dropping the old one is safe.
     "2": (
-        _SCHEMA.split("CREATE TABLE IF NOT EXISTS labels")[1].split(";")[0].join(["CREATE TABLE labels_v3", ""]),
+        # The version-3 labels table, frozen here: version 4 adds `shown` to it by its own migration.
+        _SCHEMA.split("CREATE TABLE IF NOT EXISTS labels")[1]
+        .split(";")[0]
+        .replace("    shown REAL,\n", "")
+        .join(["CREATE TABLE labels_v3", ""]),
         "INSERT INTO labels_v3 (id, pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad) "
         "SELECT id, pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad FROM labels",
         "DROP TABLE labels",
@@ -175,16 +198,24 @@ _MIGRATIONS = {
         "CREATE INDEX labels_by_annotator ON labels(annotator_id, id)",
         f"ALTER TABLE annotators ADD COLUMN {_ANNOTATOR_STATE_COLUMN}",
     ),
+    "3": (
+        "ALTER TABLE pairs ADD COLUMN check_answer TEXT CHECK (check_answer IS NULL OR check_answer IN ('a', 'b'))",
+        "ALTER TABLE pairs ADD COLUMN votes_wanted INTEGER",
+        "ALTER TABLE leases ADD COLUMN shown REAL",
+        "ALTER TABLE labels ADD COLUMN shown REAL",
+    ),
 }
 assert set(STRENGTHS) == {"much_better", "better", "slightly_better"}  # the CHECK constraints above spell them out
 
 
-_COMPLETE_SQL = """SELECT COUNT(*), COALESCE(SUM(n_votes >= ? OR EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = pairs.id)), 0)
-                   FROM pairs"""
-"""``(items, complete)``: complete = ``overlap`` votes, or settled by the lead."""
+_WANTED = "MAX(:k, COALESCE(p.votes_wanted, 0))"
+"""The votes pair ``p`` needs: ``overlap`` (``:k``), or more where the lead asked for more."""
+_COMPLETE_SQL = f"""SELECT COUNT(*), COALESCE(SUM(p.n_votes >= {_WANTED} OR EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)), 0)
+                   FROM pairs p WHERE p.check_answer IS NULL"""
+"""``(items, complete)``: complete = the votes it needs, or settled by the lead; check questions left out."""
 
 _LABEL_SELECT = """SELECT l.id, l.pair_id, p.item_index, a.name, l.choice, l.flipped, l.reason, l.created,
-                          l.grade, l.both_bad
+                          l.grade, l.both_bad, l.shown, p.check_answer
                    FROM labels l JOIN pairs p ON p.id = l.pair_id JOIN annotators a ON a.id = l.annotator_id"""
 """Columns of :class:`StoredLabel`, in order."""
 
@@ -258,6 +289,29 @@ class StoredLabel:
     """How much better (``much_better | better | slightly_better``) for ``a`` / ``b``; None: ungraded, or a tie or skip."""
     both_bad: bool = False
     """The annotator marked both responses as bad."""
+    shown_at: float | None = None
+    """When the pair was put on the annotator's screen (None for labels from before schema 4); ``created - shown_at``
+    is the time the label took."""
+    check_answer: str | None = None
+    """For an answer to a check question: the known better side (canonical); None for an ordinary pair."""
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """A check question: a pair whose better response is known (:meth:`AnnotationStore.add_checks`)."""
+
+    check_index: int
+    """0-based record number in the checks file."""
+    prompt: Prompt
+    responses: tuple[str, str]
+    """``(response_a, response_b)``, as in the checks file."""
+    expected: str
+    """The better response, canonical: ``a`` (``response_a`` / ``responses[0]``) or ``b``."""
+
+
+def check_item_index(check_index: int) -> int:
+    """The ``item_index`` a check question is stored under: negative, so it never meets a pairs-file record."""
+    return -(check_index + 1)
 
 
 @dataclass(frozen=True)
@@ -304,8 +358,18 @@ class LeadDecision:
 
 
 def _stored_label(row: tuple) -> StoredLabel:
-    label_id, pair_id, item_index, name, choice, flipped, reason, created, grade, both_bad = row
-    return StoredLabel(label_id, pair_id, item_index, name, choice, bool(flipped), reason, created, grade, bool(both_bad))
+    label_id, pair_id, item_index, name, choice, flipped, reason, created, grade, both_bad, shown, check_answer = row
+    return StoredLabel(
+        label_id, pair_id, item_index, name, choice, bool(flipped), reason, created, grade, bool(both_bad), shown, check_answer
+    )
+
+
+_RANDOM = secrets.SystemRandom()
+
+
+def _draw() -> float:
+    """A uniform draw in [0, 1) for mixing in check questions (module level, so a test can make it certain)."""
+    return _RANDOM.random()
 
 
 def token_hash(token: str) -> str:
@@ -412,8 +476,16 @@ class AnnotationStore:
 
     # -- settings ------------------------------------------------------------
 
-    def configure(self, *, overlap: int | None = None, lease_seconds: float | None = None, mode: str | None = None) -> None:
-        """Store the overlap ``k``, the lease length and the mode; the server, status and export all read them from here.
+    def configure(
+        self,
+        *,
+        overlap: int | None = None,
+        lease_seconds: float | None = None,
+        mode: str | None = None,
+        check_rate: float | None = None,
+    ) -> None:
+        """Store the overlap ``k``, the lease length, the mode and the check rate (the share of new assignments that
+        are check questions, 0 to 1); the server, status and export all read them from here.
 
         ``mode`` (:data:`MODES`) can change only while the database holds no items: pairs and single
         responses do not mix in one database (a ValueError saying so).
@@ -431,8 +503,11 @@ class AnnotationStore:
             raise ValueError(f"overlap must be at least 1, got {overlap}")
         if lease_seconds is not None and lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        if check_rate is not None and not 0 <= check_rate <= 1:
+            raise ValueError(f"check rate must be between 0 and 1 (a share of the pairs shown), got {check_rate}")
+        settings = (("overlap", overlap), ("lease_seconds", lease_seconds), ("mode", mode), ("check_rate", check_rate))
         with self._write() as db:
-            for key, value in (("overlap", overlap), ("lease_seconds", lease_seconds), ("mode", mode)):
+            for key, value in settings:
                 if value is not None:
                     db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, str(value)))
 
@@ -457,6 +532,12 @@ class AnnotationStore:
         return rows[0][0] if rows else MODE_PAIRS
 
     @property
+    def check_rate(self) -> float:
+        """The share of new assignments that are check questions (when there are checks left to show)."""
+        with self._lock:
+            return self._setting(self._db, "check_rate", DEFAULT_CHECK_RATE)
+
+    @property
     def lease_seconds(self) -> float:
         with self._lock:
             return self._setting(self._db, "lease_seconds", DEFAULT_LEASE_SECONDS)
@@ -470,23 +551,42 @@ class AnnotationStore:
         records; an ``item_index`` already stored with other text is a ValueError
         (labels would silently refer to the wrong pair).
         """
+        return self._add_items([(item.item_index, item.prompt, item.responses, None) for item in items])
+
+    def add_checks(self, checks: Sequence[CheckItem]) -> int:
+        """Add check questions not in the database yet (by ``check_index``); returns how many were new.
+
+        Pairs mode only (a ValueError in a thumbs database). As for :meth:`add_pairs`, loading the same file
+        again is a no-op and a check already stored with another text or answer is a ValueError.
+        """
+        if self.mode != MODE_PAIRS:
+            raise ValueError(f"{self.path}: check questions compare two responses; this database is in {self.mode} mode")
+        for check in checks:
+            if check.expected not in CHECK_ANSWERS:
+                raise ValueError(f"check {check.check_index}: expected must be one of {', '.join(CHECK_ANSWERS)}")
+        rows = [(check_item_index(c.check_index), c.prompt, c.responses, c.expected) for c in checks]
+        return self._add_items(rows, what="check")
+
+    def _add_items(self, items: Sequence[tuple[int, Prompt, tuple[str, str], str | None]], what: str = "item") -> int:
         added = 0
         with self._write() as db:
-            for item in items:
-                prompt_json = json.dumps(item.prompt, ensure_ascii=False)
+            for item_index, prompt, responses, check_answer in items:
+                prompt_json = json.dumps(prompt, ensure_ascii=False)
                 row = db.execute(
-                    "SELECT prompt, response_a, response_b FROM pairs WHERE item_index = ?", (item.item_index,)
+                    "SELECT prompt, response_a, response_b, check_answer FROM pairs WHERE item_index = ?", (item_index,)
                 ).fetchone()
                 if row is None:
                     db.execute(
-                        "INSERT INTO pairs (item_index, prompt, response_a, response_b) VALUES (?, ?, ?, ?)",
-                        (item.item_index, prompt_json, *item.responses),
+                        "INSERT INTO pairs (item_index, prompt, response_a, response_b, check_answer) VALUES (?, ?, ?, ?, ?)",
+                        (item_index, prompt_json, *responses, check_answer),
                     )
                     added += 1
-                elif (json.loads(row[0]), (row[1], row[2])) != (item.prompt, tuple(item.responses)):
+                elif (json.loads(row[0]), (row[1], row[2]), row[3]) != (prompt, tuple(responses), check_answer):
+                    number = -item_index - 1 if check_answer is not None else item_index
                     raise ValueError(
-                        f"{self.path}: item {item.item_index} is already stored with a different prompt or responses; "
-                        "is this database from another pairs file? Use a new --db for new pairs."
+                        f"{self.path}: {what} {number} is already stored with a different prompt, responses or answer; "
+                        f"is this database from another {'checks' if check_answer is not None else 'pairs'} file? "
+                        "Use a new --db for new pairs."
                     )
         return added
 
@@ -588,12 +688,39 @@ class AnnotationStore:
             raise StoreError(422, f"choice must be one of {', '.join(votes)}, got {choice!r}")
         now = self._clock()
         with self._write() as db:
-            row = db.execute("SELECT id FROM pairs WHERE item_index = ?", (item_index,)).fetchone()
+            row = db.execute("SELECT id FROM pairs WHERE item_index = ? AND check_answer IS NULL", (item_index,)).fetchone()
             if row is None:
                 raise StoreError(404, f"no item {item_index}")
             db.execute("INSERT OR REPLACE INTO settled VALUES (?, ?, ?, ?)", (row[0], choice, reason, now))
             db.execute("DELETE FROM leases WHERE pair_id = ?", (row[0],))
         return LeadDecision(item_index, choice, reason, now)
+
+    def ask_one_more(self, item_index: int) -> int:
+        """The lead asks for one more vote on item ``item_index`` (a split pair, say); returns the votes it now needs.
+
+        The pair needs one vote more than it has (and never fewer than before), so an annotator who has not
+        voted on or skipped it gets it next; it counts as waiting until then. A settled pair, a check
+        question or an unknown item is a StoreError (409 / 404).
+        """
+        with self._write() as db:
+            row = db.execute(
+                "SELECT id, n_votes, votes_wanted FROM pairs WHERE item_index = ? AND check_answer IS NULL", (item_index,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(404, f"no item {item_index}")
+            pair_id, votes, wanted = row
+            if db.execute("SELECT 1 FROM settled WHERE pair_id = ?", (pair_id,)).fetchone():
+                raise StoreError(409, f"item {item_index} is settled by the lead; it needs no more votes")
+            overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
+            wanted = max(overlap, wanted or 0, votes) + 1
+            db.execute("UPDATE pairs SET votes_wanted = ? WHERE id = ?", (wanted, pair_id))
+        return wanted
+
+    def votes_wanted(self) -> dict[int, int]:
+        """Item index -> votes needed, for the pairs where the lead asked for more than ``overlap``."""
+        rows = self._read("SELECT item_index, votes_wanted FROM pairs WHERE votes_wanted IS NOT NULL AND check_answer IS NULL")
+        overlap = self.overlap
+        return {index: wanted for index, wanted in rows if wanted > overlap}
 
     def decisions(self) -> dict[int, LeadDecision]:
         """The lead's decisions by item index."""
@@ -655,7 +782,7 @@ class AnnotationStore:
                     return label_id, True, self._next(db, annotator_id)
                 raise StoreError(409, f"pair {pair_id} already has your label; undo it first to change it")
             lease = db.execute(
-                "SELECT flipped FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
+                "SELECT flipped, shown FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
             ).fetchone()
             if self._state(db, annotator_id) != ACTIVE:
                 raise StoreError(403, "you are paused by the lead; your labels so far are kept")
@@ -663,9 +790,9 @@ class AnnotationStore:
                 raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
             choice = to_canonical(shown_choice, flipped=bool(lease[0]))
             cursor = db.execute(
-                """INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (pair_id, annotator_id, choice, lease[0], reason, now, grade, int(both_bad)),
+                """INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad, shown)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (pair_id, annotator_id, choice, lease[0], reason, now, grade, int(both_bad), lease[1]),
             )
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
             if choice != "skip":
@@ -691,12 +818,13 @@ class AnnotationStore:
             if label.choice != "skip":
                 db.execute("UPDATE pairs SET n_votes = n_votes - 1 WHERE id = ?", (label.pair_id,))
             db.execute(
-                "INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
+                "INSERT INTO leases (pair_id, annotator_id, flipped, expires, shown) VALUES (?, ?, ?, ?, ?)",
                 (
                     label.pair_id,
                     annotator_id,
                     int(label.flipped),
                     now + self._setting(db, "lease_seconds", DEFAULT_LEASE_SECONDS),
+                    now,  # shown again now: the time to the new label starts here
                 ),
             )
             assignment = self._next(db, annotator_id)
@@ -719,7 +847,9 @@ class AnnotationStore:
         if held is not None:
             pair_id, flipped, held_until = held
             settled = db.execute("SELECT 1 FROM settled WHERE pair_id = ?", (pair_id,)).fetchone()
-            if not settled and (held_until > now or self._free_slots(db, pair_id, now) > 0):
+            # A check question has no vote limit: everyone may answer it, so its lease never lapses.
+            (is_check,) = db.execute("SELECT check_answer IS NOT NULL FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            if not settled and (held_until > now or is_check or self._free_slots(db, pair_id, now) > 0):
                 db.execute(
                     "UPDATE leases SET expires = ? WHERE pair_id = ? AND annotator_id = ?", (expires, pair_id, annotator_id)
                 )
@@ -728,29 +858,41 @@ class AnnotationStore:
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id))
         # Lowest id first, so pairs are completed (and usable) in file order.
         row = db.execute(
-            """SELECT p.id FROM pairs p
-               WHERE p.n_votes < :k
+            f"""SELECT p.id FROM pairs p
+               WHERE p.check_answer IS NULL AND p.n_votes < {_WANTED}
                  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
                  AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)
-                 AND p.n_votes + (SELECT COUNT(*) FROM leases s WHERE s.pair_id = p.id AND s.expires > :now) < :k
+                 AND p.n_votes + (SELECT COUNT(*) FROM leases s WHERE s.pair_id = p.id AND s.expires > :now) < {_WANTED}
                ORDER BY p.id LIMIT 1""",
             {"k": overlap, "me": annotator_id, "now": now},
         ).fetchone()
         if row is None:
-            return None
+            return None  # nothing left to label: no check questions either, they would only waste time
+        # A check question this annotator has not answered, drawn with probability check_rate in place of the
+        # pair (which stays in the pool). No draw at all without checks: the A/B draw below stays the first.
+        check = db.execute(
+            """SELECT p.id FROM pairs p WHERE p.check_answer IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)
+               ORDER BY RANDOM() LIMIT 1""",
+            (annotator_id,),
+        ).fetchone()
+        if check is not None and _draw() < self._setting(db, "check_rate", DEFAULT_CHECK_RATE):
+            row = check
         # A/B order drawn per (annotator, pair), then fixed; a thumbs item has one response, never swapped.
         flipped = self._setting_text(db, "mode", MODE_PAIRS) == MODE_PAIRS and secrets.randbelow(2) == 1
         db.execute(
-            "INSERT INTO leases (pair_id, annotator_id, flipped, expires) VALUES (?, ?, ?, ?)",
-            (row[0], annotator_id, int(flipped), expires),
+            "INSERT INTO leases (pair_id, annotator_id, flipped, expires, shown) VALUES (?, ?, ?, ?, ?)",
+            (row[0], annotator_id, int(flipped), expires, now),
         )
         return self._assignment(db, row[0], flipped, expires)
 
     def _free_slots(self, db: sqlite3.Connection, pair_id: int, now: float) -> int:
         overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
-        (votes,) = db.execute("SELECT n_votes FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+        (votes, wanted) = db.execute(
+            f"SELECT n_votes, {_WANTED} FROM pairs p WHERE id = :id", {"k": overlap, "id": pair_id}
+        ).fetchone()
         (leased,) = db.execute("SELECT COUNT(*) FROM leases WHERE pair_id = ? AND expires > ?", (pair_id, now)).fetchone()
-        return overlap - votes - leased
+        return wanted - votes - leased
 
     def _assignment(self, db: sqlite3.Connection, pair_id: int, flipped: bool, expires: float) -> Assignment:
         item_index, prompt, response_a, response_b = db.execute(
@@ -767,24 +909,39 @@ class AnnotationStore:
                 "SELECT COALESCE(SUM(choice != 'skip'), 0), COALESCE(SUM(choice = 'skip'), 0) FROM labels WHERE annotator_id = ?",
                 (annotator_id,),
             ).fetchone()
-            total, complete = db.execute(_COMPLETE_SQL, (overlap,)).fetchone()
+            total, complete = db.execute(_COMPLETE_SQL, {"k": overlap}).fetchone()
             (remaining,) = db.execute(
-                """SELECT COUNT(*) FROM pairs p WHERE p.n_votes < ?
-                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)
+                f"""SELECT COUNT(*) FROM pairs p WHERE p.check_answer IS NULL AND p.n_votes < {_WANTED}
+                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
                    AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)""",
-                (overlap, annotator_id),
+                {"k": overlap, "me": annotator_id},
             ).fetchone()
         return Progress(labelled, skipped, remaining, total, complete, overlap)
 
     # -- reading everything (status, export) -----------------------------------
 
     def pairs(self) -> list[PairItem]:
-        rows = self._read("SELECT item_index, prompt, response_a, response_b FROM pairs ORDER BY item_index")
+        """The pairs to label (check questions left out), in file order."""
+        rows = self._read(
+            "SELECT item_index, prompt, response_a, response_b FROM pairs WHERE check_answer IS NULL ORDER BY item_index"
+        )
         return [PairItem(index, json.loads(prompt), (a, b)) for index, prompt, a, b in rows]
 
+    def checks(self) -> list[CheckItem]:
+        """The check questions, in checks-file order."""
+        rows = self._read(
+            "SELECT item_index, prompt, response_a, response_b, check_answer FROM pairs "
+            "WHERE check_answer IS NOT NULL ORDER BY item_index DESC"
+        )
+        return [CheckItem(-index - 1, json.loads(prompt), (a, b), answer) for index, prompt, a, b, answer in rows]
+
     def labels(self) -> list[StoredLabel]:
-        """Every label (skips included), oldest first."""
-        return [_stored_label(row) for row in self._read(f"{_LABEL_SELECT} ORDER BY l.id")]
+        """Every label on a pair to label (skips included; answers to check questions left out), oldest first."""
+        return [_stored_label(row) for row in self._read(f"{_LABEL_SELECT} WHERE p.check_answer IS NULL ORDER BY l.id")]
+
+    def check_labels(self) -> list[StoredLabel]:
+        """Every answer to a check question (skips included), oldest first; ``check_answer`` holds the known answer."""
+        return [_stored_label(row) for row in self._read(f"{_LABEL_SELECT} WHERE p.check_answer IS NOT NULL ORDER BY l.id")]
 
     def settlement(self) -> Settlement:
         """Which pairs are complete, which are settled short of their votes, and which still wait."""
@@ -793,15 +950,15 @@ class AnnotationStore:
             (annotators,) = self._db.execute("SELECT COUNT(*) FROM annotators WHERE state = ?", (ACTIVE,)).fetchone()
             # labels has one row per (pair, annotator), so `seen` counts the active annotators done with the pair.
             rows = self._db.execute(
-                """SELECT p.item_index, p.n_votes,
+                f"""SELECT p.item_index, p.n_votes - {_WANTED},
                           (SELECT COUNT(*) FROM labels l JOIN annotators a ON a.id = l.annotator_id
-                           WHERE l.pair_id = p.id AND a.state = ?),
+                           WHERE l.pair_id = p.id AND a.state = :active),
                           EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)
-                   FROM pairs p ORDER BY p.item_index""",
-                (ACTIVE,),
+                   FROM pairs p WHERE p.check_answer IS NULL ORDER BY p.item_index""",
+                {"active": ACTIVE, "k": overlap},
             ).fetchall()
         by_lead = tuple(index for index, _, _, settled in rows if settled)
-        short = [(index, seen) for index, votes, seen, settled in rows if votes < overlap and not settled]
+        short = [(index, seen) for index, surplus, seen, settled in rows if surplus < 0 and not settled]
         exhausted = tuple(index for index, seen in short if annotators and seen >= annotators)
         waiting = tuple(index for index, seen in short if not annotators or seen < annotators)
         return Settlement(len(rows), len(rows) - len(short), exhausted, waiting, by_lead)
@@ -810,7 +967,7 @@ class AnnotationStore:
         """``(pairs, pairs with at least overlap votes)`` - what the pipeline polls."""
         with self._lock:
             overlap = int(self._setting(self._db, "overlap", DEFAULT_OVERLAP))
-            total, complete = self._db.execute(_COMPLETE_SQL, (overlap,)).fetchone()
+            total, complete = self._db.execute(_COMPLETE_SQL, {"k": overlap}).fetchone()
         return total, complete
 
     def healthy(self) -> bool:

@@ -10,7 +10,7 @@
 //
 // The token comes from the page URL (#token=... or ?token=...), is kept in
 // sessionStorage (a reload keeps working), removed from the address bar, and sent as a
-// header on every call. A #token= link pasted into an open tab takes effect at once
+// header on every call (common.js, shared with the lead's page). A #token= link pasted into an open tab takes effect at once
 // (hashchange).
 //
 // Text blocks (prompt, each chat turn, responses, each rendered paragraph, list item,
@@ -70,11 +70,9 @@
   const PUNCTUATION = /[!-\/:-@\[-`{-~]/;
   const WORD = /[\p{L}\p{N}]/u;
 
-  function el(tag, className) {
-    const node = document.createElement(tag); // tag: always one of this file's literals
-    if (className) node.className = className;
-    return node;
-  }
+  const common = window.rlhfkitCommon; // common.js: el, readToken, api, say
+  const el = common.el;
+  const say = common.say;
 
   function blank(line) { return /^[ \t]*$/.test(line); }
 
@@ -488,40 +486,10 @@
 
   // ------------------------------------------------------------------ talking to the server
 
-  function readToken() {
-    const fromUrl = new URLSearchParams(location.hash.slice(1)).get("token") ||
-      new URLSearchParams(location.search).get("token");
-    if (fromUrl) {
-      sessionStorage.setItem(TOKEN_KEY, fromUrl);
-      history.replaceState(null, "", location.pathname);
-    }
-    return sessionStorage.getItem(TOKEN_KEY);
-  }
+  function readToken() { return common.readToken(TOKEN_KEY, true); }
 
-  async function api(path, body) {
-    const response = await fetch(path, {
-      method: "POST",
-      headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json" },
-      body: JSON.stringify(body || {}),
-      cache: "no-store",
-      credentials: "omit",
-    });
-    let data = null;
-    try { data = await response.json(); } catch (e) { data = null; }
-    if (!response.ok) {
-      let detail = data && data.detail;
-      if (typeof detail !== "string") detail = response.status + " " + response.statusText;
-      if (response.status === 401) detail += ". Open the link you were given again, or ask for a new one.";
-      throw new Error(detail);
-    }
-    return data;
-  }
-
-  function say(text, isError) {
-    const box = $("message");
-    box.textContent = text;
-    box.classList.toggle("error", Boolean(isError));
-    box.hidden = !text;
+  function api(path, body) {
+    return common.api(token, path, body, ". Open the link you were given again, or ask for a new one.");
   }
 
   // ------------------------------------------------------------------ the page

@@ -5,6 +5,9 @@
 // which builds elements from a fixed list of tags, so markup in model text, names or reasons
 // is shown as text and never runs.
 //
+// Per annotator, besides counts and speed: accuracy on check questions (`serve --checks`), agreement
+// with the other voters' majority, and position bias (share of decided votes for the left response).
+//
 // The lead token comes from the page URL (#token=...), is kept in sessionStorage under its own
 // key (an annotator token in the same browser is not touched) and removed from the address bar.
 "use strict";
@@ -18,51 +21,19 @@
     pairs: [["a", "A (responses[0]) better"], ["tie", "Tie"], ["b", "B (responses[1]) better"]],
     thumbs: [["up", "\u{1F44D} Good"], ["down", "\u{1F44E} Bad"]],
   };
+  const common = window.rlhfkitCommon; // common.js: el, readToken, api, say
+  const el = common.el;
+  const say = common.say;
   let token = null;
   let busy = false;
 
-  function el(tag, className, text) {
-    const node = document.createElement(tag); // tag: always one of this file's literals
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
+  function readToken() { return common.readToken(TOKEN_KEY, false); }
 
-  function readToken() {
-    const fromUrl = new URLSearchParams(location.hash.slice(1)).get("token");
-    if (fromUrl) {
-      sessionStorage.setItem(TOKEN_KEY, fromUrl);
-      history.replaceState(null, "", location.pathname);
-    }
-    return sessionStorage.getItem(TOKEN_KEY);
-  }
-
-  async function api(path, body) {
-    const response = await fetch(path, {
-      method: "POST",
-      headers: { "Authorization": "Bearer " + token, "Content-Type": "application/json" },
-      body: JSON.stringify(body || {}),
-      cache: "no-store",
-      credentials: "omit",
-    });
-    let data = null;
-    try { data = await response.json(); } catch (e) { data = null; }
-    if (!response.ok) {
-      let detail = data && data.detail;
-      if (typeof detail !== "string") detail = response.status + " " + response.statusText;
-      throw new Error(detail);
-    }
-    return data;
-  }
-
-  function say(text, isError) {
-    const box = $("message");
-    box.textContent = text;
-    box.classList.toggle("error", Boolean(isError));
-    box.hidden = !text;
-  }
+  function api(path, body) { return common.api(token, path, body, ""); }
 
   function fmt(x, digits) { return x === null || x === undefined ? "n/a" : Number(x).toFixed(digits); }
+  // A share with its count: "75% (4)", or "n/a" when there is nothing to count.
+  function share(x, n) { return x === null || x === undefined ? "n/a" : Math.round(x * 100) + "% (" + n + ")"; }
 
   function renderAnnotators(list) {
     const body = $("annotators").tBodies[0];
@@ -71,7 +42,10 @@
       const tr = el("tr");
       tr.dataset.name = a.name;
       tr.append(el("td", "", a.name), el("td", "state-" + a.state, a.state), el("td", "", String(a.votes)),
-        el("td", "", String(a.skips)), el("td", "", String(a.last_hour)), el("td", "", fmt(a.seconds_per_label, 1)));
+        el("td", "", String(a.skips)), el("td", "", String(a.last_hour)), el("td", "", fmt(a.seconds_per_label, 1)),
+        el("td", "checks", share(a.check_accuracy, a.checks)),
+        el("td", "majority", share(a.majority_agreement, a.majority_items)),
+        el("td", "left", share(a.left_share, a.left_votes)));
       const manage = el("td");
       const actions = a.state === "active" ? ["pause", "revoke"] : a.state === "paused" ? ["resume", "revoke"] : [];
       for (const action of actions) {
@@ -130,7 +104,7 @@
     });
     card.append(responses);
     const counts = Object.entries(item.votes).map(([choice, n]) => choice + ": " + n).join(", ");
-    card.append(el("p", "votes", "Votes: " + counts));
+    card.append(el("p", "votes", "Votes: " + counts + " \u00b7 wants " + item.votes_wanted));
     if (item.voters.length) {
       const voters = el("ul", "skips");
       for (const v of item.voters) voters.append(el("li", "", v.annotator + " voted " + v.choice + (v.reason ? ": " + v.reason : "")));
@@ -155,6 +129,15 @@
           "Item " + item.item_index + " settled: " + choice + "."));
       settle.append(button);
     }
+    // One more annotator: the pair needs one vote more than it has, so someone who has not seen it gets it.
+    const more = el("button", "ask-more", "Ask one more");
+    more.type = "button";
+    more.dataset.askMore = String(item.item_index);
+    more.title = "Raise this item's votes wanted by one: an annotator who has not voted on or skipped it gets it";
+    more.addEventListener("click", () =>
+      act(() => api("/api/lead/ask-more", { item_index: item.item_index }),
+        "Item " + item.item_index + ": one more vote asked for."));
+    settle.append(more);
     card.append(settle);
     return card;
   }
@@ -170,7 +153,8 @@
     const p = data.progress;
     $("mode").textContent = "Mode: " + data.mode + " \u00b7 " + data.overlap + " vote" + (data.overlap === 1 ? "" : "s") + " each";
     $("progress-text").textContent = p.complete + "/" + p.items + " complete \u00b7 " + p.waiting + " waiting \u00b7 " +
-      p.stuck + " stuck \u00b7 " + p.settled_by_lead + " settled by you \u00b7 " + p.votes + " votes, " + p.last_hour + " labels in the last hour";
+      p.stuck + " stuck \u00b7 " + p.settled_by_lead + " settled by you \u00b7 " + p.votes + " votes, " + p.last_hour + " labels in the last hour" +
+      (p.check_questions ? " \u00b7 " + p.check_questions + " check questions (not exported)" : "");
     $("progress-bar").max = Math.max(p.items, 1);
     $("progress-bar").value = p.complete;
     renderAnnotators(data.annotators);
