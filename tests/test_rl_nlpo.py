@@ -23,16 +23,16 @@ from rlhfkit.losses import masked_token_logps, policy_loss, top_p_mask
 from rlhfkit.modeling import models
 from rlhfkit.modeling.policy import response_logits
 from rlhfkit.run_layout import RLMetric as M
-from rlhfkit.training import loop
-from tests.helpers import saved_weights
 from tests.test_rl_train import (  # noqa: F401 (rl_dir is a fixture)
     COMMON_KEYS,
     PPO_KEYS,
     assert_finite_entries,
     assert_reward_rises_with_bounded_kl,
+    assert_same_weights_and_rollouts,
     make_config,
     metrics,
     rl_dir,
+    straight_and_crashed_runs,
 )
 
 # ----------------------------------------------------------------------------- the mask and masked log-probs by hand
@@ -361,10 +361,6 @@ def test_nlpo_reward_rises_while_kl_stays_bounded(rl_dir, seed):
 # ----------------------------------------------------------------------------- resume
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_resumed_nlpo_run_equals_uninterrupted_run(rl_dir, monkeypatch):
     """mu = 3, checkpoints every 2 steps, a crash writing the step-6 one: the rerun resumes at step 4, whose masking
     policy is the policy as step 3 found it (refreshed at steps 0 and 3): neither the starting policy (a fresh
@@ -383,20 +379,7 @@ def test_resumed_nlpo_run_equals_uninterrupted_run(rl_dir, monkeypatch):
         nlpo_update_every=3,
         seed=3,
     )
-    straight, resumed = rl_dir / "straight", rl_dir / "resumed"
-    rl.train(make_config(straight, **fields))
-
-    save = loop.Checkpointer.save
-
-    def crash_at_step_6(self, step, state):
-        if step == 6:
-            raise _Crash("simulated crash while writing the step-6 checkpoint")
-        save(self, step, state)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.Checkpointer, "save", crash_at_step_6)
-        with pytest.raises(_Crash):
-            rl.train(make_config(resumed, **fields))
+    straight, resumed = straight_and_crashed_runs(rl_dir, monkeypatch, fields, crash_step=6)
     checkpoint = resumed / "checkpoints" / "step-0000004"
     masking = load_file(str(checkpoint / rl.NLPO_MASKING_FILE))
     policy = {k.removeprefix("policy."): v for k, v in load_file(str(checkpoint / "model.safetensors")).items()}
@@ -408,12 +391,7 @@ def test_resumed_nlpo_run_equals_uninterrupted_run(rl_dir, monkeypatch):
 
     rl.train(make_config(resumed, **fields))  # resume="auto" picks up checkpoints/step-0000004
 
-    a, b = saved_weights(straight), saved_weights(resumed)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ after resume: {different[:5]}"
-    for x, y in zip(metrics(straight), metrics(resumed), strict=True):
-        assert (x["step"], x[M.SCORE], x[M.KL]) == (y["step"], y[M.SCORE], y[M.KL])
+    assert_same_weights_and_rollouts(straight, resumed)
 
 
 # ----------------------------------------------------------------------------- config and command

@@ -318,6 +318,35 @@ class _Crash(Exception):
     pass
 
 
+def straight_and_crashed_runs(rl_dir: Path, monkeypatch, fields: dict, crash_step: int) -> tuple[Path, Path]:
+    """Train ``fields`` to the end in ``rl_dir/straight``, and in ``rl_dir/resumed`` until a crash while writing the
+    ``crash_step`` checkpoint. Returns both directories; the caller resumes the second."""
+    straight, resumed = rl_dir / "straight", rl_dir / "resumed"
+    rl.train(make_config(straight, **fields))
+    save = loop.Checkpointer.save
+
+    def crash(self, step, state):
+        if step == crash_step:
+            raise _Crash(f"simulated crash while writing the step-{crash_step} checkpoint")
+        save(self, step, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Checkpointer, "save", crash)
+        with pytest.raises(_Crash):
+            rl.train(make_config(resumed, **fields))
+    return straight, resumed
+
+
+def assert_same_weights_and_rollouts(straight: Path, resumed: Path) -> None:
+    """Bit-equal saved weights, and the same logged steps, scores and KLs."""
+    a, b = saved_weights(straight), saved_weights(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+    for x, y in zip(metrics(straight), metrics(resumed), strict=True):
+        assert (x["step"], x[M.SCORE], x[M.KL]) == (y["step"], y[M.SCORE], y[M.KL])
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
     """Crash at the step-4 checkpoint of a 4-step run (steps 3 and 4 logged, the last checkpoint at
@@ -337,37 +366,18 @@ def test_resumed_run_equals_uninterrupted_run(rl_dir, monkeypatch, algorithm):
         num_minibatches=2,
         seed=3,
     )
-    straight, resumed = rl_dir / "straight", rl_dir / "resumed"
-    rl.train(make_config(straight, **fields))
-
-    save = loop.Checkpointer.save
-
-    def crash_at_step_4(self, step, state):
-        if step == 4:
-            raise _Crash("simulated crash while writing the step-4 checkpoint")
-        save(self, step, state)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop.Checkpointer, "save", crash_at_step_4)
-        with pytest.raises(_Crash):
-            rl.train(make_config(resumed, **fields))
+    straight, resumed = straight_and_crashed_runs(rl_dir, monkeypatch, fields, crash_step=4)
     assert [e["step"] for e in metrics(resumed)] == [1, 2, 3, 4]
     assert not (resumed / "model.safetensors").exists()
 
     rl.train(make_config(resumed, **fields))  # resume="auto" picks up checkpoints/step-0000002
 
-    a, b = saved_weights(straight), saved_weights(resumed)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ after resume: {different[:5]}"
+    assert_same_weights_and_rollouts(straight, resumed)
     if algorithm == "ppo":
         from safetensors.torch import load_file
 
         head_a, head_b = (load_file(str(d / "value_head.safetensors")) for d in (straight, resumed))
         assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
-    # The logged rollouts agree too: the same responses were sampled after the resume.
-    for x, y in zip(metrics(straight), metrics(resumed), strict=True):
-        assert (x["step"], x[M.SCORE], x[M.KL]) == (y["step"], y[M.SCORE], y[M.KL])
     # samples.jsonl is cut back to the checkpoint's step too (steps 3 and 4 were once logged twice).
     samples = [read_jsonl_records(d / "samples.jsonl") for d in (straight, resumed)]
     assert [r["step"] for r in samples[1]] == [1, 2, 3, 4]
