@@ -67,6 +67,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rlhfkit.feedback.web.store import opaque_id  # noqa: E402
 from tests.annotate_client import Client, make_pairs  # noqa: E402
 
 SEED = 20240917
@@ -333,8 +334,10 @@ def audit(db: Path, load: Load, overlap: int, budget: int, export: Path | None) 
     problems: list[str] = []
     swap = {"a": "b", "b": "a"}
     with sqlite3.connect(db) as con:
-        rows = con.execute("""SELECT a.name, l.pair_id, l.choice, l.flipped, l.id FROM labels l
+        rows = con.execute("""SELECT a.name, a.id, l.pair_id, l.choice, l.flipped, l.id FROM labels l
                               JOIN annotators a ON a.id = l.annotator_id""").fetchall()
+        # The API names pairs by opaque per-annotator ids (store.opaque_id, keyed by the database's own key).
+        key_row = con.execute("SELECT value FROM settings WHERE key = 'public_id_key'").fetchone()
         (integrity,) = con.execute("PRAGMA integrity_check").fetchone()
         over = con.execute(
             """SELECT pair_id, COUNT(*) FROM labels WHERE choice != 'skip'
@@ -346,10 +349,11 @@ def audit(db: Path, load: Load, overlap: int, budget: int, export: Path | None) 
         leases = con.execute("SELECT annotator_id, COUNT(*) FROM leases GROUP BY annotator_id HAVING COUNT(*) > 1").fetchall()
         stale = con.execute("""SELECT COUNT(*) FROM leases s JOIN labels l
                                ON l.pair_id = s.pair_id AND l.annotator_id = s.annotator_id""").fetchone()[0]
-    stored: dict[tuple[str, int], list[tuple[str, int]]] = {}
-    for name, pair_id, choice, flipped, label_id in rows:
+    stored: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for name, annotator_id, pair_id, choice, flipped, label_id in rows:
         shown = swap.get(choice, choice) if flipped else choice  # back to the order the annotator saw
-        stored.setdefault((name, pair_id), []).append((shown, label_id))
+        public = opaque_id(key_row[0], annotator_id, pair_id) if key_row else str(pair_id)
+        stored.setdefault((name, public), []).append((shown, label_id))
     verified = 0
     lost, wrong, dup = [], [], []
     for key, shown in load.acked.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from rlhfkit.feedback.web import cli
 from rlhfkit.feedback.web.admin import ExportConfig, export, format_status, lead_overview, store_status
 from rlhfkit.feedback.web.app import ServeConfig, create_app, prepare
 from rlhfkit.feedback.web.pairs import read_checks, read_pairs
-from rlhfkit.feedback.web.store import AnnotationStore, StoreError, to_shown
+from rlhfkit.feedback.web.store import AnnotationStore, StoreError, checks_due, to_shown
 from rlhfkit.serve import ServerThread
 from tests.annotate_client import Client
 from tests.helpers import write_jsonl
@@ -196,22 +197,145 @@ def test_quality_numbers_by_hand_in_status_overview_and_cli(tmp_path, capsys):
     assert "checks right" in capsys.readouterr().out
 
 
-def test_a_check_looks_like_any_pair_over_http(tmp_path):
-    store, _ = checked_store(tmp_path, rate=1.0)
+def test_checks_due_by_hand():
+    # rate r: round(pairs * r / (1 - r)) checks in all, less those answered, at most those unanswered.
+    assert checks_due(0.1, pairs=20, answered=0, unanswered=5) == 2  # 20 / 9 = 2.2 -> 2
+    assert checks_due(0.1, pairs=20, answered=1, unanswered=4) == 1
+    assert checks_due(0.1, pairs=20, answered=3, unanswered=2) == 0  # never negative
+    assert checks_due(0.2, pairs=2, answered=0, unanswered=5) == 1  # 2 / 4 = 0.5 -> 1 (half rounds up)
+    assert checks_due(0.5, pairs=3, answered=0, unanswered=2) == 2  # 3 wanted, 2 left
+    assert checks_due(0.0, pairs=100, answered=0, unanswered=5) == 0
+    assert checks_due(1.0, pairs=1, answered=4, unanswered=3) == 3  # rate 1: every check
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_a_check_cannot_be_told_from_a_pair_over_http(tmp_path, rate):
+    """Every field an annotator gets: the assignment's keys, its id (opaque, the same format, no order), and
+    the progress, which falls by one after a check just as after a pair (and rises by one after an undo)."""
+    store, _ = checked_store(tmp_path, rate=rate, overlap=2)
     token = store.add_annotator("dave")
+    dave = store.annotator_for_token(token).id
     server = ServerThread(create_app(store), "127.0.0.1", 0).start()
     client = Client(f"http://127.0.0.1:{server.port}", token)
+    shown: list[tuple[bool, dict, dict]] = []  # (is a check, assignment, progress while it is on screen)
     try:
         status, body = client.post("/api/next")
-        assert status == 200 and sorted(body["assignment"]) == ["a", "b", "pair_id", "prompt"]
-        assert "(check)" in body["assignment"]["prompt"]  # it is a check (rate 1), and nothing says so
-        assert "check" not in json.dumps({k: v for k, v in body.items() if k != "assignment"})
-        status, body = client.post("/api/label", {"pair_id": body["assignment"]["pair_id"], "choice": "a"})
-        assert status == 200 and body["progress"]["remaining"] == 3
+        while body["assignment"] is not None:
+            assignment = body["assignment"]
+            shown.append(("(check)" in assignment["prompt"], assignment, body["progress"]))
+            status, body = client.post("/api/label", {"pair_id": assignment["pair_id"], "choice": "a"})
+            assert status == 200
+        assert [check for check, _, _ in shown].count(True) == 2 and len(shown) == 5  # rate 0.5: 3 wanted, 2 exist
+        assert shown[-1][0] is False  # the checks due come before the last pair, never after it
+        # The count on screen falls by one per answer, whichever kind it was: 5, 4, 3, 2, 1, then 0.
+        assert [progress["remaining"] for _, _, progress in shown] + [body["progress"]["remaining"]] == [5, 4, 3, 2, 1, 0]
+        assert [progress["labelled"] for _, _, progress in shown] == [0, 1, 2, 3, 4]
+        keys = {(check, tuple(sorted(assignment))) for check, assignment, _ in shown}
+        assert keys == {(True, ("a", "b", "pair_id", "prompt")), (False, ("a", "b", "pair_id", "prompt"))}
+        ids = [assignment["pair_id"] for _, assignment, _ in shown]
+        assert all(re.fullmatch(r"[0-9a-f]{20}", pair_id) for pair_id in ids) and len(set(ids)) == 5
+        rows = {store.pair_for_public_id(dave, pair_id) for pair_id in ids}
+        assert rows == {1, 2, 3, 4, 5} and not rows & {int(pair_id, 16) for pair_id in ids}  # not the row ids
+        # Undo: the count rises by one again, whichever kind comes back.
+        last_check = max(i for i, (check, _, _) in enumerate(shown) if check)
+        for _ in range(len(shown) - last_check):
+            before = body["progress"]["remaining"]
+            status, body = client.post("/api/undo")
+            assert status == 200 and body["progress"]["remaining"] == before + 1
+        assert "(check)" in body["assignment"]["prompt"] and body["undone"]["pair_id"] == shown[last_check][1]["pair_id"]
+        # Another annotator knows the same pairs by other ids.
+        alice = Client(f"http://127.0.0.1:{server.port}", store.add_annotator("erin"))
+        assert alice.post("/api/next")[1]["assignment"]["pair_id"] not in ids
+        alice.close()
     finally:
         client.close()
         server.stop()
         store.close()
+
+
+def test_label_stage_serves_guidelines_and_checks_and_writes_only_the_pairs(tmp_path):
+    """``source: human-web`` with the team options of ``serve``: the stage's app shows the guidelines and criteria,
+    mixes the checks in (rate 0.5: both of them, among the 3 pairs), and its labels file holds the 3 pairs only."""
+    import socket
+    import threading
+    import time
+
+    from rlhfkit.data.preferences import load_comparisons
+    from rlhfkit.label import LabelConfig
+    from rlhfkit.label import run as run_label
+
+    with socket.socket() as probe:  # a free port for the stage's server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    db = tmp_path / "web.sqlite"
+    (tmp_path / "guide.md").write_text("# Prefer the *correct* answer\n", encoding="utf-8")
+    store = AnnotationStore(db)
+    token = store.add_annotator("dave")
+    store.close()
+    config = LabelConfig(
+        samples=str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)),
+        output=str(tmp_path / "labels.jsonl"),
+        source="human-web",
+        web_db=str(db),
+        web_port=port,
+        web_guidelines=str(tmp_path / "guide.md"),
+        web_criteria=["correct", " "],
+        web_checks=str(write_jsonl(tmp_path / "checks.jsonl", CHECKS)),
+        web_check_rate=0.5,
+        poll_seconds=0.02,
+        wait_timeout=60,
+    )
+    stage = threading.Thread(target=run_label, args=(config,))
+    stage.start()
+    client = Client(f"http://127.0.0.1:{port}", token)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            status, task = client.post("/api/task")
+            break
+        except OSError:
+            assert stage.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+    try:
+        assert status == 200 and task == {
+            "guidelines": "# Prefer the *correct* answer\n",
+            "criteria": ["correct"],
+            "mode": "pairs",
+        }
+        status, data = client.post("/api/next")
+        prompts = []
+        while data["assignment"] is not None:
+            prompts.append(data["assignment"]["prompt"])
+            status, data = client.post("/api/label", {"pair_id": data["assignment"]["pair_id"], "choice": "a"})
+            assert status == 200
+    finally:
+        client.close()
+        stage.join(30)
+    assert not stage.is_alive()
+    assert sum("(check)" in prompt for prompt in prompts) == 2 and len(prompts) == 5
+    labels = load_comparisons(config.output)
+    assert sorted(c.meta["item_index"] for c in labels) == [0, 1, 2]
+    assert sorted(c.prompt for c in labels) == sorted(p["prompt"] for p in PAIRS)  # no check in the labels
+    store = AnnotationStore(db, create=False)
+    assert len(store.check_labels()) == 2 and store.check_rate == 0.5  # the check answers stay in the db
+    store.close()
+
+
+def test_label_stage_refuses_guidelines_it_would_not_show(tmp_path):
+    from rlhfkit.config import ConfigError
+    from rlhfkit.label import LabelConfig
+    from rlhfkit.label import run as run_label
+
+    config = LabelConfig(
+        samples=str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)),
+        source="human-web",
+        web_db=str(tmp_path / "web.sqlite"),
+        web_serve=False,
+        web_criteria=["correct"],
+    )
+    with pytest.raises(ConfigError, match="web_serve: false"):
+        run_label(config)
+    assert not (tmp_path / "web.sqlite").exists()
 
 
 # ----------------------------------------------------------------------------- ask one more

@@ -18,7 +18,7 @@ import pytest
 
 from rlhfkit.feedback.web.app import MAX_BODY_BYTES, create_app
 from rlhfkit.feedback.web.pairs import read_pairs
-from rlhfkit.feedback.web.store import AnnotationStore
+from rlhfkit.feedback.web.store import AnnotationStore, opaque_id
 from rlhfkit.serve import ServerThread
 from tests.annotate_client import Client, LoadResult, ServerProcess, audit, make_pairs, run_load, summary
 
@@ -52,7 +52,7 @@ def server(tmp_path):
 def test_every_api_call_needs_a_valid_token(server):
     for token in (None, "", "not-a-token", server.tokens["alice"] + "x"):
         client = Client(server.url, token)
-        for path, body in (("/api/next", {}), ("/api/label", {"pair_id": 1, "choice": "a"}), ("/api/undo", {})):
+        for path, body in (("/api/next", {}), ("/api/label", {"pair_id": "1", "choice": "a"}), ("/api/undo", {})):
             status, data = client.post(path, body)
             assert status == 401, (token, path, data)
     basic = Client(server.url, None)
@@ -60,7 +60,8 @@ def test_every_api_call_needs_a_valid_token(server):
     assert status == 401
     assert server.store.labels() == []
     status, data = Client(server.url, server.tokens["alice"]).post("/api/next")
-    assert status == 200 and data["annotator"] == "alice" and data["assignment"]["pair_id"] == 1
+    assert status == 200 and data["annotator"] == "alice"
+    assert data["assignment"]["pair_id"] == server.store.public_id(1, 1)  # alice's opaque id for row 1
 
 
 def test_another_annotators_token_cannot_touch_your_labels(server):
@@ -102,7 +103,7 @@ def test_cross_origin_writes_are_refused(server):
 def test_oversized_bodies_are_refused(server):
     alice = Client(server.url, server.tokens["alice"])
     pair = alice.post("/api/next")[1]["assignment"]["pair_id"]
-    big = b'{"pair_id": %d, "choice": "a", "reason": "%s"}' % (pair, b"x" * MAX_BODY_BYTES)
+    big = b'{"pair_id": "%s", "choice": "a", "reason": "%s"}' % (pair.encode(), b"x" * MAX_BODY_BYTES)
     assert alice.post("/api/label", raw=big)[0] == 413
     # No Content-Length: a chunked upload is counted as it arrives.
     conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
@@ -169,6 +170,17 @@ def test_page_and_static_files_with_security_headers(server):
 # ----------------------------------------------------------------------------- load
 
 
+def by_row_id(db: Path, acked: dict[tuple[str, str], object]) -> dict[tuple[str, int], object]:
+    """The acknowledgements keyed by (annotator, row id), as :func:`audit` reads the database: the API's pair ids
+    are opaque (:func:`rlhfkit.feedback.web.store.opaque_id`, keyed by the database's own key)."""
+    with sqlite3.connect(db) as con:
+        (key,) = con.execute("SELECT value FROM settings WHERE key = 'public_id_key'").fetchone()
+        annotators = con.execute("SELECT name, id FROM annotators").fetchall()
+        pairs = [pair_id for (pair_id,) in con.execute("SELECT id FROM pairs")]
+    rows = {(name, opaque_id(key, who, pair_id)): (name, pair_id) for name, who in annotators for pair_id in pairs}
+    return {rows[opaque]: value for opaque, value in acked.items()}
+
+
 def add_annotators(db: Path, n: int) -> dict[str, str]:
     store = AnnotationStore(db)
     try:
@@ -186,7 +198,7 @@ def test_fifty_annotators_submit_five_thousand_labels(tmp_path):
         result = run_load(process.url, tokens, labels)
     finally:
         process.stop()
-    report = audit(db, result.acked, overlap, result.graded)
+    report = audit(db, by_row_id(db, result.acked), overlap, by_row_id(db, result.graded))
     print("\nload:", summary(result, report, clients))
     assert result.errors == []
     assert len(result.acked) == labels and report.stored == labels
@@ -223,7 +235,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
 
     restarted = ServerProcess(db)  # same database, no --pairs
     try:
-        report = audit(db, acked, overlap)
+        report = audit(db, by_row_id(db, acked), overlap)
         print(
             f"\ncrash: acknowledged before the kill={len(acked)} stored={report.stored} lost={len(report.lost)} "
             f"duplicates={report.duplicates} stored-but-unacknowledged={report.unacknowledged} "
@@ -236,7 +248,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_label(tmp_path):
         assert after.errors == [] and len(after.acked) == 200
     finally:
         restarted.stop()
-    final = audit(db, {**acked, **after.acked}, overlap)
+    final = audit(db, by_row_id(db, {**acked, **after.acked}), overlap)
     assert final.lost == [] and final.duplicates == 0 and final.over_overlap == 0
 
 
@@ -250,7 +262,7 @@ def test_sigterm_shuts_down_cleanly_leaving_a_self_contained_sqlite_file(tmp_pat
     db = tmp_path / "labels.sqlite"
     tokens = add_annotators(db, 3)
     process = ServerProcess(db, make_pairs(tmp_path / "pairs.jsonl", 20), overlap=overlap)
-    acked: dict[tuple[str, int], str] = {}
+    acked: dict[tuple[str, str], str] = {}
     # A second reader keeps the database open through the shutdown (`rlhfkit annotate status`, or the
     # pipeline's label stage with web_serve: false): the server's connection is then not the last one,
     # so SQLite would not checkpoint on close by itself.
@@ -282,7 +294,7 @@ def test_sigterm_shuts_down_cleanly_leaving_a_self_contained_sqlite_file(tmp_pat
     backup.parent.mkdir()
     shutil.copyfile(db, backup)  # the .sqlite file only
     watcher.close()
-    report = audit(backup, acked, overlap)
+    report = audit(backup, by_row_id(backup, acked), overlap)
     assert report.integrity == "ok"
     assert report.lost == [] and report.stored == len(acked) == 15
     assert report.duplicates == 0 and report.unacknowledged == 0

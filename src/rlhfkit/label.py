@@ -56,7 +56,7 @@ from rlhfkit.feedback.scorers import load_scorer
 from rlhfkit.feedback.simulated import SimulatedAnnotator, score_spread
 from rlhfkit.feedback.terminal import annotate
 from rlhfkit.feedback.web.admin import comparisons, item_list, wait_for_labels
-from rlhfkit.feedback.web.pairs import read_pairs
+from rlhfkit.feedback.web.pairs import read_checks, read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore
 
 
@@ -126,6 +126,20 @@ class LabelConfig:
     """Human-web: interface the app binds to."""
     web_port: int = 8765
     """Human-web: port of the app (0: a free one, printed)."""
+    web_guidelines: str = ""
+    """Human-web: a markdown file of labelling guidelines, shown above every pair (as `rlhfkit annotate serve
+    --guidelines`); a missing or unreadable file stops the stage before web_db is touched. Needs web_serve: true (a
+    separate server takes its own --guidelines). Empty: none."""
+    web_criteria: list[str] = field(default_factory=list)
+    """Human-web: what to judge by, shown above the pair (as `serve --criterion`), e.g. `[helpful, harmless]`. Needs
+    web_serve: true."""
+    web_checks: str = ""
+    """Human-web: check questions to add to web_db (as `serve --checks`: pairs with `"expected": "a" | "b"`), mixed
+    into each annotator's queue, scored on the lead's page, never in `output`. Empty: add none (checks already in
+    web_db are still shown)."""
+    web_check_rate: float | None = None
+    """Human-web: share of each annotator's assignments that are check questions, 0 to 1 (as `serve --check-rate`).
+    None: keep web_db's value (0.1 for a new db)."""
     wait_timeout: float = 3600.0
     """Human-web: give up after this many seconds: the stage fails naming the pairs still waiting, and the labels
     stay in web_db (run the stage again to keep waiting); 0 waits forever."""
@@ -398,27 +412,44 @@ def run(config: LabelConfig) -> list[Comparison]:
 def _label_from_web(config: LabelConfig) -> list[Comparison]:
     """``source: human-web``: collect labels with the web app, then write them as the stage's output.
 
-    Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept),
-    stores ``config.overlap`` unless it is None (then the database keeps its own),
-    optionally serves the app in this process (``config.web_serve``), waits until
+    Loads ``config.samples`` into ``config.web_db`` (pairs already there are kept) with the check questions of
+    ``config.web_checks``, stores ``config.overlap`` and ``config.web_check_rate`` unless None (then the
+    database keeps its own), optionally serves the app in this process (``config.web_serve``, with the
+    guidelines and criteria), waits until
     every pair is settled (:func:`wait_for_labels`), and saves the majority labels
-    to ``config.output`` in rlhfkit's comparison JSONL. A pair that every annotator
+    to ``config.output`` in rlhfkit's comparison JSONL (answers to check questions are not labels: they stay in
+    the database for the lead's page and ``rlhfkit annotate status``). A pair that every annotator
     skipped has no label; the summary printed at the end names such pairs.
     """
-    from rlhfkit.feedback.web.app import create_app  # optional: pydantic (and fastapi when the app is built)
+    from rlhfkit.feedback.web.app import create_app, read_guidelines  # optional: pydantic (and fastapi for the app)
     from rlhfkit.serve import ServerThread  # optional: pydantic
 
+    if (config.web_guidelines or config.web_criteria) and not config.web_serve:
+        raise ConfigError(
+            "label: web_guidelines and web_criteria are shown by the app this stage serves; with web_serve: false "
+            "give them to `rlhfkit annotate serve` (--guidelines, --criterion) instead"
+        )
+    # Every file is read before the db is opened: a bad one changes nothing.
     items, empty = read_pairs(config.samples)
+    checks = read_checks(config.web_checks) if config.web_checks else []
+    guidelines = read_guidelines(config.web_guidelines) if config.web_guidelines else ""
     store = AnnotationStore(config.web_db)
     try:
-        store.configure(overlap=config.overlap)
+        store.configure(overlap=config.overlap, check_rate=config.web_check_rate)
         overlap = store.overlap
         added = store.add_pairs(items)
+        new_checks = store.add_checks(checks) if checks else 0
         note = f" ({empty} with an empty response left out)" if empty else ""
         log.info(f"label: {len(items)} pairs in {config.web_db}, {added} new{note}; {overlap} vote(s) each")
+        if checks:
+            log.info(
+                f"label: {len(checks)} check question(s) from {config.web_checks} ({new_checks} new), "
+                f"{store.check_rate:.0%} of each annotator's assignments; not in {config.output}"
+            )
         server = None
         if config.web_serve:
-            server = ServerThread(create_app(store), config.web_host, config.web_port).start()
+            app = create_app(store, guidelines=guidelines, criteria=config.web_criteria)
+            server = ServerThread(app, config.web_host, config.web_port).start()
             print(
                 f"label: annotation app on http://{config.web_host}:{server.port}/ ; give each annotator a link with "
                 f"`rlhfkit annotate add-annotator NAME --db {config.web_db}`",

@@ -33,7 +33,10 @@ Routes:
 
 Check questions (``serve --checks FILE --check-rate R``) reach annotators through ``/api/next`` like any
 other pair (same fields, sides drawn as usual); only the lead's overview tells them apart, by their effect
-on each annotator's check accuracy.
+on each annotator's check accuracy. The ``pair_id`` an annotator sees and sends back is opaque
+(:meth:`~rlhfkit.feedback.web.store.AnnotationStore.public_id`: 20 hex digits, different per annotator, no
+order), since row ids would give the checks away (they are added after the pairs); ``progress.remaining``
+counts the checks still due to the annotator, so it drops by one after a check as after a pair.
 
 Security:
 
@@ -109,7 +112,8 @@ COMMON_HEADERS = {
 class LabelRequest(BaseModel):
     """Body of ``POST /api/label`` (module level: FastAPI resolves annotations in module globals)."""
 
-    pair_id: int
+    pair_id: str = Field(max_length=64)
+    """The opaque id the assignment came with (not the database's row id)."""
     choice: Literal["a", "b", "tie", "skip", "up", "down"]
     """As shown: ``a`` is the response on the left; ``up`` / ``down`` in thumbs mode (the store checks the mode)."""
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
@@ -201,13 +205,11 @@ def _static(name: str) -> bytes:
     return resources.files("rlhfkit.feedback.web").joinpath("static", name).read_bytes()
 
 
-def _assignment_json(assignment: Assignment | None, mode: str) -> dict | None:
-    if assignment is None:
-        return None
+def _assignment_json(assignment: Assignment, mode: str, opaque_id: str) -> dict:
     if mode == MODE_THUMBS:
-        return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "response": assignment.left}
+        return {"pair_id": opaque_id, "prompt": assignment.prompt, "response": assignment.left}
     # The A/B order stays server-side: the page sends what it showed, the store maps it back.
-    return {"pair_id": assignment.pair_id, "prompt": assignment.prompt, "a": assignment.left, "b": assignment.right}
+    return {"pair_id": opaque_id, "prompt": assignment.prompt, "a": assignment.left, "b": assignment.right}
 
 
 def create_app(
@@ -251,7 +253,7 @@ def create_app(
         return {
             "annotator": who.name,
             "mode": mode,
-            "assignment": _assignment_json(assignment, mode),
+            "assignment": assignment and _assignment_json(assignment, mode, store.public_id(who.id, assignment.pair_id)),
             "progress": asdict(store.progress(who.id)),
             "paused": paused,
             **({"message": PAUSED_MESSAGE} if paused else {}),
@@ -285,8 +287,11 @@ def create_app(
 
     @app.post("/api/label")
     def label(request: LabelRequest, who: Annotator = Depends(annotator)) -> dict:
+        pair_id = store.pair_for_public_id(who.id, request.pair_id)
+        if pair_id is None:
+            raise StoreError(403, "this pair is not assigned to you; reload the page to get your next pair")
         label_id, duplicate, assignment = store.submit(
-            who.id, request.pair_id, request.choice, request.reason.strip(), grade=request.grade, both_bad=request.both_bad
+            who.id, pair_id, request.choice, request.reason.strip(), grade=request.grade, both_bad=request.both_bad
         )
         return reply(who, assignment, label_id=label_id, duplicate=duplicate)
 
@@ -298,7 +303,7 @@ def create_app(
             who,
             assignment,
             undone={
-                "pair_id": undone.pair_id,
+                "pair_id": store.public_id(who.id, undone.pair_id),
                 "choice": shown,
                 "reason": undone.reason,
                 "grade": undone.grade,
@@ -378,8 +383,8 @@ class ServeConfig:
     """Check questions to add (:func:`rlhfkit.feedback.web.pairs.read_checks`: pairs with ``"expected": "a" | "b"``),
     mixed into every annotator's queue and scored on the lead's page, never exported. Pairs mode only."""
     check_rate: float | None = None
-    """Share of new assignments that are check questions while an annotator has unanswered ones (0 to 1).
-    None: keep the db's value (0.1 for a new db)."""
+    """Share of each annotator's assignments that are check questions (0 to 1), while the checks last
+    (:func:`~rlhfkit.feedback.web.store.checks_due`). None: keep the db's value (0.1 for a new db)."""
 
 
 def read_guidelines(path: str | Path) -> str:

@@ -74,7 +74,7 @@ def build_parser(prog: str = "rlhfkit annotate") -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="R",
-        help="share of new assignments that are check questions, 0-1 (default: the db's, 0.1 for a new db)",
+        help="share of each annotator's assignments that are check questions, 0-1 (default: the db's, 0.1 for a new db)",
     )
     p.add_argument(
         "--guidelines", default=None, metavar="FILE", help="markdown file of labelling guidelines, shown above every pair"

@@ -54,9 +54,13 @@ no raised count, shown time unknown. A file of a newer version is refused.
 
 Check questions (:meth:`add_checks`) are pairs with a known answer, stored in ``pairs`` with a negative
 ``item_index`` (check ``k`` of the checks file is ``-(k + 1)``), so they never collide with the pairs file's
-records. :meth:`next_assignment` hands an annotator an unseen check instead of their next pair with
-probability ``settings.check_rate``, shown swapped or not as usual, so it looks like any other pair. Every
-annotator may answer every check once. Checks are not pairs to label: :meth:`pairs`, :meth:`labels`,
+records. :meth:`next_assignment` hands each annotator unseen checks in place of some of their pairs, about
+``settings.check_rate`` of their assignments (:func:`checks_due`) at random places before their last pair,
+shown swapped or not as usual, so it looks like any other pair. Every annotator may answer every check once.
+To annotators a pair is known only by an opaque id (:meth:`AnnotationStore.public_id`: a keyed hash of the
+annotator and the row id, the key kept in ``settings``), so a check's later row id does not show, and their
+"left for you" count (:attr:`Progress.remaining`) includes the checks still due to them, so it drops by one
+after a check as after a pair. Checks are not pairs to label: :meth:`pairs`, :meth:`labels`, the pairs'
 progress, :meth:`settlement` and the export leave them out; :meth:`check_labels` reads their answers.
 
 Assignment rules (:meth:`next_assignment`):
@@ -82,7 +86,9 @@ annotator reopens such a pair.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import math
 import re
 import secrets
 import sqlite3
@@ -322,7 +328,9 @@ class Progress:
     """Votes (a / b / tie) this annotator has given."""
     skipped: int
     remaining: int
-    """Pairs still short of ``overlap`` votes that this annotator has not labelled or skipped."""
+    """What this annotator will still be shown, the one on screen included: the pairs still short of their votes
+    that they have not labelled or skipped, plus the check questions still due to them (:func:`checks_due`), so
+    answering a check lowers it by one just as answering a pair does. 0 once no pair is left for them."""
     pairs_total: int
     pairs_complete: int
     """Pairs with at least ``overlap`` votes."""
@@ -372,6 +380,29 @@ def _draw() -> float:
     return _RANDOM.random()
 
 
+def checks_due(rate: float, *, pairs: int, answered: int, unanswered: int) -> int:
+    """How many more check questions an annotator is shown.
+
+    Checks are ``rate`` of an annotator's assignments: with ``pairs`` ordinary pairs for them (done and still
+    to do), ``round(pairs * rate / (1 - rate))`` checks in all (every check at rate 1), less the ``answered``
+    ones, at most the ``unanswered`` ones. A fixed number rather than an independent draw per assignment, so
+    the count the annotator sees is exact and falls by one per answer whichever kind it was.
+    """
+    if rate >= 1:
+        return unanswered
+    wanted = math.floor(pairs * rate / (1 - rate) + 0.5)
+    return max(0, min(unanswered, wanted - answered))
+
+
+def opaque_id(key: str, annotator_id: int, pair_id: int) -> str:
+    """The id annotator ``annotator_id`` knows pair ``pair_id`` by: 20 hex digits of an HMAC-SHA256 under ``key``.
+
+    Row ids are in insertion order, so check questions (added after the pairs) would have the highest; a keyed
+    hash has no order, and per annotator, so two annotators cannot compare ids either.
+    """
+    return hmac.new(key.encode(), f"{annotator_id}:{pair_id}".encode(), hashlib.sha256).hexdigest()[:20]
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -405,6 +436,7 @@ class AnnotationStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
+        self._public_key: str | None = None
         self._closed = False
         # isolation_level=None: no implicit transactions; every write says BEGIN IMMEDIATE itself.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -664,6 +696,29 @@ class AnnotationStore:
             if state == REVOKED:
                 db.execute("UPDATE annotators SET token_sha256 = ? WHERE id = ?", (token_hash(secrets.token_urlsafe(24)), row[0]))
 
+    def public_id(self, annotator_id: int, pair_id: int) -> str:
+        """The opaque id ``annotator_id`` sees for pair ``pair_id`` (:func:`opaque_id`); stable across restarts."""
+        if self._public_key is None:
+            with self._write() as db:  # made once per database; a settings row, so no schema change
+                db.execute("INSERT OR IGNORE INTO settings VALUES ('public_id_key', ?)", (secrets.token_hex(32),))
+                (self._public_key,) = db.execute("SELECT value FROM settings WHERE key = 'public_id_key'").fetchone()
+        return opaque_id(self._public_key, annotator_id, pair_id)
+
+    def pair_for_public_id(self, annotator_id: int, opaque: str) -> int | None:
+        """The row id of the pair ``annotator_id`` knows as ``opaque``: one leased to them or labelled by them
+        (a retried or undone label); None for any other id."""
+        # The pairs held first (a label's usual case: one lease), then the labelled ones newest first (a retry or
+        # an undo names a recent one): one hash per candidate, so an ordinary label costs one or two.
+        held = self._read("SELECT pair_id FROM leases WHERE annotator_id = ?", (annotator_id,))
+        for (pair_id,) in held:
+            if hmac.compare_digest(self.public_id(annotator_id, pair_id), opaque):
+                return pair_id
+        labelled = self._read("SELECT pair_id FROM labels WHERE annotator_id = ? ORDER BY id DESC", (annotator_id,))
+        for (pair_id,) in labelled:
+            if hmac.compare_digest(self.public_id(annotator_id, pair_id), opaque):
+                return pair_id
+        return None
+
     # -- the lead ----------------------------------------------------------------
 
     def new_lead_token(self) -> str:
@@ -780,14 +835,14 @@ class AnnotationStore:
                 resent = (to_canonical(shown_choice, flipped=bool(flipped)), reason, grade, int(both_bad))
                 if (choice, old_reason, old_grade, old_both_bad) == resent:
                     return label_id, True, self._next(db, annotator_id)
-                raise StoreError(409, f"pair {pair_id} already has your label; undo it first to change it")
+                raise StoreError(409, "this pair already has your label; undo it first to change it")
             lease = db.execute(
                 "SELECT flipped, shown FROM leases WHERE pair_id = ? AND annotator_id = ?", (pair_id, annotator_id)
             ).fetchone()
             if self._state(db, annotator_id) != ACTIVE:
                 raise StoreError(403, "you are paused by the lead; your labels so far are kept")
             if lease is None:
-                raise StoreError(403, f"pair {pair_id} is not assigned to you; reload the page to get your next pair")
+                raise StoreError(403, "this pair is not assigned to you; reload the page to get your next pair")
             choice = to_canonical(shown_choice, flipped=bool(lease[0]))
             cursor = db.execute(
                 """INSERT INTO labels (pair_id, annotator_id, choice, flipped, reason, created, grade, both_bad, shown)
@@ -868,16 +923,20 @@ class AnnotationStore:
         ).fetchone()
         if row is None:
             return None  # nothing left to label: no check questions either, they would only waste time
-        # A check question this annotator has not answered, drawn with probability check_rate in place of the
-        # pair (which stays in the pool). No draw at all without checks: the A/B draw below stays the first.
+        # A check question this annotator has not answered, in place of the pair (which stays in the pool). The
+        # checks still due go to random places among the pairs left but the last one (all first at rate 1), so
+        # the count the page shows is exact. No draw at all without checks: the A/B draw below stays the first.
         check = db.execute(
             """SELECT p.id FROM pairs p WHERE p.check_answer IS NOT NULL
                AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = ?)
                ORDER BY RANDOM() LIMIT 1""",
             (annotator_id,),
         ).fetchone()
-        if check is not None and _draw() < self._setting(db, "check_rate", DEFAULT_CHECK_RATE):
-            row = check
+        if check is not None:
+            left, due = self._queue(db, annotator_id)
+            every_time = left <= 1 or self._setting(db, "check_rate", DEFAULT_CHECK_RATE) >= 1
+            if due > 0 and (every_time or _draw() < due / (due + left - 1)):
+                row = check
         # A/B order drawn per (annotator, pair), then fixed; a thumbs item has one response, never swapped.
         flipped = self._setting_text(db, "mode", MODE_PAIRS) == MODE_PAIRS and secrets.randbelow(2) == 1
         db.execute(
@@ -901,6 +960,33 @@ class AnnotationStore:
         left, right = (response_b, response_a) if flipped else (response_a, response_b)
         return Assignment(pair_id, item_index, json.loads(prompt), left, right, flipped, expires)
 
+    def _queue(self, db: sqlite3.Connection, annotator_id: int) -> tuple[int, int]:
+        """``(pairs left, checks due)`` for this annotator: the pairs still short of their votes that they have
+        not labelled or skipped, and :func:`checks_due` (at least 1 while a check is leased to them)."""
+        overlap = int(self._setting(db, "overlap", DEFAULT_OVERLAP))
+        (left,) = db.execute(
+            f"""SELECT COUNT(*) FROM pairs p WHERE p.check_answer IS NULL AND p.n_votes < {_WANTED}
+               AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
+               AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)""",
+            {"k": overlap, "me": annotator_id},
+        ).fetchone()
+        done, answered, unanswered, held = db.execute(
+            """SELECT
+                 (SELECT COUNT(*) FROM labels l JOIN pairs p ON p.id = l.pair_id
+                  WHERE l.annotator_id = :me AND p.check_answer IS NULL),
+                 (SELECT COUNT(*) FROM labels l JOIN pairs p ON p.id = l.pair_id
+                  WHERE l.annotator_id = :me AND p.check_answer IS NOT NULL),
+                 (SELECT COUNT(*) FROM pairs p WHERE p.check_answer IS NOT NULL
+                  AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)),
+                 EXISTS (SELECT 1 FROM leases s JOIN pairs p ON p.id = s.pair_id
+                         WHERE s.annotator_id = :me AND p.check_answer IS NOT NULL)""",
+            {"me": annotator_id},
+        ).fetchone()
+        rate = self._setting(db, "check_rate", DEFAULT_CHECK_RATE)
+        # Checks are shown only while pairs are left for this annotator; a leased one stays until answered.
+        due = checks_due(rate, pairs=done + left, answered=answered, unanswered=unanswered) if left else 0
+        return left, max(due, int(held))
+
     def progress(self, annotator_id: int) -> Progress:
         with self._lock:
             db = self._db
@@ -910,13 +996,8 @@ class AnnotationStore:
                 (annotator_id,),
             ).fetchone()
             total, complete = db.execute(_COMPLETE_SQL, {"k": overlap}).fetchone()
-            (remaining,) = db.execute(
-                f"""SELECT COUNT(*) FROM pairs p WHERE p.check_answer IS NULL AND p.n_votes < {_WANTED}
-                   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.pair_id = p.id AND l.annotator_id = :me)
-                   AND NOT EXISTS (SELECT 1 FROM settled d WHERE d.pair_id = p.id)""",
-                {"k": overlap, "me": annotator_id},
-            ).fetchone()
-        return Progress(labelled, skipped, remaining, total, complete, overlap)
+            left, due = self._queue(db, annotator_id)
+        return Progress(labelled, skipped, left + due, total, complete, overlap)
 
     # -- reading everything (status, export) -----------------------------------
 
