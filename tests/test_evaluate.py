@@ -94,3 +94,46 @@ def test_policy_entry_matches_an_independent_recomputation(tmp_path):
     word = "better than" if lo > 0.5 else "worse than" if hi < 0.5 else "not distinguishable from"
     assert entry["verdict"] == f"{word} tiny: {entry['win_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
     assert entry["kl"] == pytest.approx(0.0, abs=1e-4)  # the same weights as the reference
+
+
+SCORED: dict[str, list[str]] = {"gold": [], "proxy": []}
+
+
+def counting_gold(prompts, responses, **_):
+    SCORED["gold"].extend(responses)
+    return [float(r.count("e")) for r in responses]
+
+
+def counting_proxy(prompts, responses, **_):
+    SCORED["proxy"].extend(responses)
+    return [float(len(r)) for r in responses]
+
+
+def test_best_of_n_scores_its_pool_once_and_gold_scores_only_the_picks(tmp_path):
+    """The proxy ranks the pool in one pass and each n reuses those scores (no re-scoring of the picks); the gold
+    scorer sees only responses some n picked. Each n's proxy score is the mean over prompts of the best proxy score
+    among its first n samples, and its gold score is the gold of exactly those picks."""
+    for calls in SCORED.values():
+        calls.clear()
+    P, K, N = 3, 2, 4
+    results = evaluate.run(
+        _config(
+            tmp_path,
+            gold="tests.test_evaluate:counting_gold",
+            proxy="tests.test_evaluate:counting_proxy",
+            max_prompts=P,
+            samples_per_prompt=K,
+            best_of_n=N,
+            max_new_tokens=8,
+        )
+    )
+    pool = SCORED["proxy"][2 * P * K :]  # after the baseline's and the policy's samples
+    assert len(SCORED["proxy"]) == 2 * P * K + P * N  # not one response more: the picks were not scored again
+    picks = {n: [max(pool[j * N : j * N + n], key=len) for j in range(P)] for n in (1, 2, 4)}
+    gold_bon = SCORED["gold"][2 * P * K :]
+    assert set(gold_bon) == {r for chosen in picks.values() for r in chosen}
+    assert len(gold_bon) <= P * 3
+    for n, chosen in picks.items():
+        player = results["players"][f"best_of_{n}"]
+        assert player["proxy_score"] == pytest.approx(sum(len(r) for r in chosen) / P)
+        assert player["gold_score"] == pytest.approx(sum(r.count("e") for r in chosen) / P)

@@ -618,3 +618,49 @@ def test_a_reward_model_scores_on_the_device_load_reward_names(trained, monkeypa
     # The device goes to the model as given: "meta" has no data, so it proves where the weights went.
     on_meta = load_reward(trained.output_dir, precision="fp32", device="meta")
     assert {p.device.type for p in on_meta.model.parameters()} == {"meta"}
+
+
+def test_a_truncated_reward_model_keeps_the_first_blocks_and_saves_loadable(tmp_path):
+    """`num_layers=1` of a 2-block checkpoint: block 0's weights are the checkpoint's, block 1 is gone, and the saved
+    directory loads with `from_pretrained` as a 1-block model that scores as the trained one did."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhfkit.config import ConfigError
+
+    source = tmp_path / "lm"
+    torch.manual_seed(3)
+    lm = AutoModelForCausalLM.from_config(models.tiny_config(), dtype=torch.float32)
+    lm.save_pretrained(source)
+    reward_tokenizer(models.TINY).save_pretrained(source)
+    cut = load_reward_backbone(str(source), pad_token_id=2, num_layers=1)
+    assert cut.config.num_hidden_layers == 1 and len(cut.model.layers) == 1
+    for name, param in lm.model.layers[0].state_dict().items():
+        assert torch.equal(cut.model.layers[0].state_dict()[name], param), name
+    assert torch.equal(cut.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(cut.model.norm.weight, lm.model.norm.weight)
+    with pytest.raises(ConfigError, match="between 1 and the model's 2 layers"):
+        load_reward_backbone(str(source), pad_token_id=2, num_layers=3)
+
+    records = polite_rude_records(TRAIN_QUESTIONS, 0)
+    config = RewardConfig(
+        model=str(source),
+        data=str(write_jsonl(tmp_path / "train.jsonl", records)),
+        output_dir=str(tmp_path / "out"),
+        num_layers=1,
+        max_length=64,
+        precision="fp32",
+        progress=False,
+        tensorboard=False,
+        lr=1e-3,
+        max_steps=3,
+        batch_size=4,
+        eval_fraction=0.0,
+    )
+    trained_model = train(config).model
+    out = Path(config.output_dir)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert len(hf.model.layers) == 1
+    for name, param in trained_model.state_dict().items():
+        assert torch.equal(hf.state_dict()[name], param.detach().float()), name
+    assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight)

@@ -264,6 +264,11 @@ def sequence_kl(
     return torch.cat(out)
 
 
+def _powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to ``n``: the best-of-n sizes evaluated from one pool of ``n``."""
+    return [1 << b for b in range(n.bit_length())]
+
+
 def _per_prompt(values: list[float], k: int) -> list[list[float]]:
     """Rows grouped by prompt (``k`` consecutive rows each) -> one list per prompt."""
     return [values[i : i + k] for i in range(0, len(values), k)]
@@ -425,13 +430,31 @@ def run(config: EvalConfig) -> dict:
     M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
     if N > 1 and M > 0:
         pool, _, _ = _sample(c.baseline, prompts[:M], c, f"best-of-{N} pool", n=N, seed_offset=2)
-        ranker = proxy or gold
-        ranks = torch.tensor(ranker(pool.prompts, pool.responses)).view(-1, N)
-        n = 1
-        while n <= N:
-            picks = [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))]
+        # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
+        # spread), and the gold scorer runs once on the responses some n picks.
+        if proxy is None:
+            pool_proxy, ranking = None, gold(pool.prompts, pool.responses)
+        else:
+            ranking, members = scores_and_members(proxy, pool.prompts, pool.responses)
+            pool_proxy = _ProxyScores(ranking, ensemble_std(members).tolist() if members is not None else None)
+        ranks = torch.tensor(ranking).view(-1, N)
+        every_pick = {n: [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))] for n in _powers_of_two(N)}
+        picked = sorted({i for picks in every_pick.values() for i in picks})
+        picked_gold = (
+            dict(zip(picked, gold([pool.prompts[i] for i in picked], [pool.responses[i] for i in picked])))
+            if proxy is not None
+            else dict(enumerate(ranking))
+        )
+        for n, picks in every_pick.items():
             sub = pool.select(picks)
-            bon_gold, bon_proxy = score(sub)
+            bon_gold = [picked_gold[i] for i in picks]
+            bon_proxy = (
+                None
+                if pool_proxy is None
+                else _ProxyScores(
+                    [pool_proxy.scores[i] for i in picks], None if pool_proxy.std is None else [pool_proxy.std[i] for i in picks]
+                )
+            )
             name = f"best_of_{n}"
             entry = {
                 "kind": "best_of_n",
@@ -446,7 +469,6 @@ def run(config: EvalConfig) -> dict:
             players[name] = entry
             if M == len(prompts):  # the Elo table needs every player on every prompt
                 first_sample[name] = (sub.responses, bon_gold)
-            n *= 2
 
     main = players[names[0]]
     ensemble = proxy is not None and getattr(proxy, "num_members", 1) > 1

@@ -807,7 +807,11 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # lr 1e-4: held-out accuracy 0.70 [0.64, 0.75] on 384 pairs vs 0.64 [0.58, 0.69] at 3e-5 (seed-0 labels;
         # training only the top 12 layers: 0.59 [0.53, 0.65]). 2 epochs: 0.72 [0.67, 0.77] vs 0.64 [0.58, 0.69] for 1
         # on seed-1 labels (the first epoch's train accuracy stays near 0.6: under-fitted).
+        # The first 15 of SmolLM2's 30 blocks (reward.num_layers): on seed-0 labels of 317 prompts, held-out accuracy
+        # 0.78 [0.71, 0.84] against 0.73 [0.67, 0.80] for all 30 on the same 210 pairs, in 232 s against 471 s; RL's and
+        # best-of-n's scoring halve too. Another model keeps every block.
         "reward": {
+            **({"num_layers": 15} if overrides.get("model", models.SMOLLM2) == models.SMOLLM2 else {}),
             "num_epochs": 2,
             "lr": 1e-4,
             "batch_size": 8,

@@ -119,6 +119,11 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     ensemble_bootstrap: bool = True
     """ensemble_size > 1: each head trains on its own bootstrap resample of the training examples (so the heads,
     which share every backbone feature, disagree); false: every head on every example, differing by init only."""
+    num_layers: int = -1
+    """Keep only the backbone's first `num_layers` transformer blocks (-1: all): a smaller, cheaper reward model
+    initialised from the same weights, as InstructGPT (sec. 3.5) trained a 6B reward model for its 175B policies.
+    Training, RL's scoring and best-of-n cost about num_layers / all of the full model's block compute. The saved
+    model's config.json says `num_hidden_layers: num_layers`, so `from_pretrained` loads it as it is."""
     lr: float = 1e-5
     """Peak learning rate."""
     output_dir: str = "runs/reward"
@@ -404,7 +409,12 @@ def train(config: RewardConfig) -> FitResult:
             f"({float((counts > 0).float().mean()):.0%} of them drawn per head on average)"
         )
     model = load_reward_backbone(
-        config.model, pad_token_id=tokenizer.pad_token_id, head_init=config.head_init, seed=config.seed, ensemble_size=K
+        config.model,
+        pad_token_id=tokenizer.pad_token_id,
+        head_init=config.head_init,
+        seed=config.seed,
+        ensemble_size=K,
+        num_layers=config.num_layers,
     )
     model = models.prepare_for_training(model, config)
     if config.lora_r > 0:  # the fresh head must train too

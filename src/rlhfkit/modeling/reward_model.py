@@ -125,11 +125,29 @@ def reward_tokenizer(spec: str):
     return tokenizer
 
 
-def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero", seed: int = 0, ensemble_size: int = 1):
+def truncated_config(config, num_layers: int):
+    """``config`` (a transformers config) cut to its first ``num_layers`` blocks; -1 leaves it as it is.
+
+    Per-layer lists (``layer_types``: sliding or full attention per block, in Qwen2/3, Gemma, ...) are cut with it."""
+    if num_layers == -1:
+        return config
+    total = config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ConfigError(f"num_layers must be -1 or between 1 and the model's {total} layers (got {num_layers})")
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
+def load_reward_backbone(
+    spec: str, *, pad_token_id: int, head_init: str = "zero", seed: int = 0, ensemble_size: int = 1, num_layers: int = -1
+):
     """A ``*ForSequenceClassification`` from a model spec, head initialised: ``num_labels=1``, or for an ensemble
     ``num_labels=ensemble_size`` heads (one ``score`` layer of shape (K, hidden); ``head_init="normal"`` draws each
-    row apart, so the heads start different)."""
-    from transformers import AutoModelForSequenceClassification
+    row apart, so the heads start different). ``num_layers`` keeps the first blocks only (:func:`truncated_config`);
+    the weights of the blocks kept are the checkpoint's."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if ensemble_size < 1:
         raise ConfigError(f"ensemble_size must be >= 1 (got {ensemble_size})")
@@ -137,7 +155,7 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForSequenceClassification.from_config(
-                models.tiny_config(num_labels=ensemble_size), dtype=torch.float32
+                truncated_config(models.tiny_config(num_labels=ensemble_size), num_layers), dtype=torch.float32
             )
     else:
         from transformers.utils import logging as hf_logging
@@ -146,9 +164,9 @@ def load_reward_backbone(spec: str, *, pad_token_id: int, head_init: str = "zero
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                models.resolve(spec), num_labels=ensemble_size, dtype=torch.float32
-            )
+            path = models.resolve(spec)
+            config = truncated_config(AutoConfig.from_pretrained(path, num_labels=ensemble_size), num_layers)
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
