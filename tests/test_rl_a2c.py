@@ -22,9 +22,11 @@ from tests.test_rl_train import (  # noqa: F401 (rl_dir is a fixture)
     PPO_KEYS,
     assert_finite_entries,
     assert_reward_rises_with_bounded_kl,
+    assert_same_loss_and_gradients,
     make_config,
     metrics,
     rl_dir,
+    update_beside_slow_loss,
 )
 
 # ----------------------------------------------------------------------------- the loss by hand
@@ -100,24 +102,9 @@ def test_a2c_update_backpropagates_the_unclipped_loss_with_the_entropy_bonus(rl_
     scored, _ = trainer.rollout_and_score(trainer.prompts_for_step(0))
     assert scored.rollout.response_mask.sum() > 3
     scored = dataclasses.replace(scored, old_logps=scored.old_logps - 1.0, values=scored.values + 1.0)
-    seen = []
-
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-
-    def backward(loss):  # before the optimizer steps: the slow loop sees the same weights
-        want = _slow_a2c_loss(trainer.model, scored, config)
-        grads = torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)
-        seen.append((loss.item(), want.item(), grads))
-        loss.backward()
-
-    monkeypatch.setattr(trainer.acc, "backward", backward)
-    stats = trainer.update(scored)
-    assert len(seen) == 1  # one pass, one micro-batch
-    got, want, (got_grads, want_grads) = seen[0]
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
-    # The gradients too (the entropy's among them: the fused kernels' entropy would carry none).
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert torch.allclose(g, w, rtol=1e-3, atol=1e-6 + 1e-3 * w.abs().max().item())
+    stats, seen = update_beside_slow_loss(trainer, scored, monkeypatch, lambda model, s: _slow_a2c_loss(model, s, config))
+    # One pass, one micro-batch; the gradients too (the entropy's among them: the fused kernels' entropy would carry none).
+    assert_same_loss_and_gradients(seen)
     assert stats[M.CLIPFRAC] == 0 and stats[M.VALUE_CLIPFRAC] == 0
 
 

@@ -26,13 +26,16 @@ from rlhfkit.run_layout import RLMetric as M
 from tests.test_rl_train import (  # noqa: F401 (rl_dir is a fixture)
     COMMON_KEYS,
     PPO_KEYS,
+    PPO_LEARNING,
     assert_finite_entries,
     assert_reward_rises_with_bounded_kl,
+    assert_same_loss_and_gradients,
     assert_same_weights_and_rollouts,
     make_config,
     metrics,
     rl_dir,
     straight_and_crashed_runs,
+    update_beside_slow_loss,
 )
 
 # ----------------------------------------------------------------------------- the mask and masked log-probs by hand
@@ -216,22 +219,8 @@ def test_nlpo_update_backpropagates_ppo_loss_inside_the_mask(rl_dir, monkeypatch
     assert 0.3 < kept < 0.7  # a real restriction
     shift = torch.tensor([0.3, -0.3, 0.05]).repeat(r.response_mask.numel())[: r.response_mask.numel()].view_as(r.response_mask)
     scored = dataclasses.replace(scored, old_logps=scored.old_logps + shift)
-    seen = []
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-
-    def backward(loss):  # before the optimizer steps: the slow loop sees the same weights
-        want = _slow_nlpo_loss(trainer.model, scored, config)
-        grads = torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)
-        seen.append((loss.item(), want.item(), grads))
-        loss.backward()
-
-    monkeypatch.setattr(trainer.acc, "backward", backward)
-    stats = trainer.update(scored)
-    assert len(seen) == 1
-    got, want, (got_grads, want_grads) = seen[0]
-    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
-    for g, w in zip(got_grads, want_grads, strict=True):
-        assert torch.allclose(g, w, rtol=1e-3, atol=1e-6 + 1e-3 * w.abs().max().item())
+    stats, seen = update_beside_slow_loss(trainer, scored, monkeypatch, lambda model, s: _slow_nlpo_loss(model, s, config))
+    assert_same_loss_and_gradients(seen)
     assert stats[M.CLIPFRAC] > 0  # the moved old log-probs put some ratios outside the clip
 
 
@@ -340,13 +329,7 @@ def test_nlpo_reward_rises_while_kl_stays_bounded(rl_dir, seed):
     config = make_config(
         rl_dir / "nlpo",
         config_class=rl.NLPOConfig,
-        batch_size=16,
-        max_steps=16,
-        score_norm=True,
-        lam=1.0,
-        ppo_epochs=2,
-        num_minibatches=2,
-        target_kl_stop=0.1,
+        **{**PPO_LEARNING, "value": "critic"},
         nlpo_top_p=0.9,
         nlpo_update_every=2,
         seed=seed,

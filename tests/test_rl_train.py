@@ -115,6 +115,39 @@ def assert_reward_rises_with_bounded_kl(entries: list[dict], *, steps: int, marg
 # 3e-3) the KL reached 22 to 48 within 16 steps, so a bound of 20 tells the two apart.
 
 
+PPO_LEARNING = dict(
+    value="head", batch_size=16, max_steps=16, score_norm=True, lam=1.0, ppo_epochs=2, num_minibatches=2, target_kl_stop=0.1
+)
+"""The PPO settings under which the tiny policy learns the shortness reward in 16 steps (see the test below); NLPO's
+learning test runs its masked PPO with the same."""
+
+
+def update_beside_slow_loss(trainer, scored, monkeypatch, slow_loss) -> tuple[dict, list]:
+    """``trainer.update(scored)`` with each backpropagated loss compared against ``slow_loss(model, scored)`` on the
+    same weights (before the optimizer steps); returns the update's stats and, per backward, (loss, slow loss,
+    (gradients, slow gradients))."""
+    seen: list = []
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def backward(loss):
+        want = slow_loss(trainer.model, scored)
+        grads = torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(want, params)
+        seen.append((loss.item(), want.item(), grads))
+        loss.backward()
+
+    monkeypatch.setattr(trainer.acc, "backward", backward)
+    return trainer.update(scored), seen
+
+
+def assert_same_loss_and_gradients(seen: list) -> None:
+    """One backward, whose loss and gradients equal the slow loop's."""
+    assert len(seen) == 1
+    got, want, (got_grads, want_grads) = seen[0]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(g, w, rtol=1e-3, atol=1e-6 + 1e-3 * w.abs().max().item())
+
+
 def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     # A value head on a random trunk starts out as noise, so PPO gets whitened scores
     # (the head's scale), lam = 1 (no bias from the untrained values) and two epochs
@@ -122,19 +155,7 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     # early past an approx-KL of 0.1: without that, once every response is empty (score 0,
     # by step ~8) the policy drifted away in some runs (KL 20-24 by steps 11-16, padded
     # and packed alike; which run does depends on float rounding).
-    config = make_config(
-        rl_dir / "ppo",
-        algorithm="ppo",
-        value="head",
-        batch_size=16,
-        max_steps=16,
-        score_norm=True,
-        lam=1.0,
-        ppo_epochs=2,
-        num_minibatches=2,
-        target_kl_stop=0.1,
-        seed=0,
-    )
+    config = make_config(rl_dir / "ppo", algorithm="ppo", seed=0, **PPO_LEARNING)
     rl.train(config)
     entries = metrics(rl_dir / "ppo")
     assert_finite_entries(entries, COMMON_KEYS | PPO_KEYS)
