@@ -25,7 +25,7 @@ from rlhfkit.modeling.forward import sequence_logps
 from rlhfkit.run_layout import EVAL_PREFIX, PreferenceMetric
 from rlhfkit.run_layout import PreferenceMetric as PM
 from rlhfkit.training import reference
-from tests.helpers import QA_PAIRS, read_jsonl, train_entries, write_jsonl
+from tests.helpers import ON_CUDA, QA_PAIRS, on_device_of, read_jsonl, train_entries, write_jsonl
 
 # ----------------------------------------------------------------------------- data
 
@@ -281,8 +281,15 @@ def test_ref_cache_reused_and_equal_to_uncached(prefs_file, tmp_path, monkeypatc
     assert all(len(r) == 3 for r in runs)
     for key in (PM.LOSS, PM.ACCURACY, PM.MARGIN):
         values = [[e[key] for e in run] for run in runs]
-        assert values[1] == pytest.approx(values[0], rel=1e-6, abs=1e-7), key
-        assert values[2] == pytest.approx(values[0], rel=1e-6, abs=1e-7), key
+        tolerance = dict(rel=1e-6, abs=1e-7)
+        if ON_CUDA:
+            # The uncached run's reference forward runs in other batch shapes than the cache's, which rounds
+            # differently on a GPU (about 1e-7). Step 1's margins are 0 in exact arithmetic (the policy is the
+            # reference), so which side of 0 each lands on, its accuracy, is that rounding: compared from step 2.
+            tolerance = dict(rel=1e-5, abs=1e-5)
+            values = [v[1:] for v in values] if key == PM.ACCURACY else values
+        assert values[1] == pytest.approx(values[0], **tolerance), key
+        assert values[2] == pytest.approx(values[0], **tolerance), key
     # The runs trained (so equal losses are not trivially equal constants).
     assert runs[0][-1]["loss"] < runs[0][0]["loss"]
 
@@ -494,7 +501,7 @@ def mean_pair_stats(config: DPOConfig, model, pairs: list[dict], pad_token_id: i
         models.set_attention(model)
     model.eval()
     with torch.no_grad():
-        _, stats = dpo.DPOTask(config).loss(model, collate_pairs(pairs, pad_token_id, packed=config.packing))
+        _, stats = dpo.DPOTask(config).loss(model, on_device_of(model, collate_pairs(pairs, pad_token_id, packed=config.packing)))
     return {k: float(v) / len(pairs) for k, v in stats.items()}
 
 
@@ -619,8 +626,9 @@ def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     result.model.eval()
     with torch.no_grad():
-        want, _ = sequence_logps(result.model, batch)
+        want, _ = sequence_logps(result.model, on_device_of(result.model, batch))
         got, _ = sequence_logps(loaded, batch)
+    want = want.cpu()
     assert torch.allclose(got, want, atol=1e-4)
 
 

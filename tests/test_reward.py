@@ -662,5 +662,5 @@ def test_a_truncated_reward_model_keeps_the_first_blocks_and_saves_loadable(tmp_
     hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
     assert len(hf.model.layers) == 1
     for name, param in trained_model.state_dict().items():
-        assert torch.equal(hf.state_dict()[name], param.detach().float()), name
+        assert torch.equal(hf.state_dict()[name], param.detach().float().cpu()), name
     assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight)

@@ -313,7 +313,7 @@ def test_ppo_outputs(rl_dir):
     loaded = AutoModelForCausalLM.from_pretrained(out)
     trained = trainer.acc.unwrap_model(trainer.model).policy.state_dict()
     for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, trained[name]), name
+        assert torch.equal(tensor, trained[name].cpu()), name
     initial = models.build_tiny().state_dict()
     assert any(not torch.equal(loaded.state_dict()[k], initial[k]) for k in initial)  # it did train
 

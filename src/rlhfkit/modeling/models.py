@@ -190,15 +190,21 @@ def smollm2_dir() -> Path:
 
 
 def _tokenizer_only_dir() -> Path:
-    """The SmolLM2 tokenizer alone, cached (for the tiny model; no weights are dequantised)."""
+    """The SmolLM2 tokenizer alone, cached (for the tiny model; no weights are dequantised).
+
+    Once cached, the GGUF package is no longer needed (a machine without it can run the tiny model from a copied
+    cache: ``RLHFKIT_CACHE``)."""
     from transformers import AutoTokenizer
 
+    final = cache_dir() / "smollm2-tokenizer"
+    if final.is_dir():
+        return final
     gguf = smollm2_gguf_path()
 
     def build(tmp: Path) -> None:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
-    return _atomic_dir(cache_dir() / "smollm2-tokenizer", build)
+    return _atomic_dir(final, build)
 
 
 def resolve(spec: str) -> Path:
