@@ -137,3 +137,45 @@ def test_best_of_n_scores_its_pool_once_and_gold_scores_only_the_picks(tmp_path)
         player = results["players"][f"best_of_{n}"]
         assert player["proxy_score"] == pytest.approx(sum(len(r) for r in chosen) / P)
         assert player["gold_score"] == pytest.approx(sum(r.count("e") for r in chosen) / P)
+
+
+def test_sequence_kl_packed_and_padded_equal_a_slow_loop_over_single_sequences():
+    """sequence_kl on rlhfkit's kernel (packed: a prompt's samples share it) and on eager attention (padded) both
+    equal sum_t log pi(y_t) - log ref(y_t) at the rollout's temperature, each sequence run alone."""
+    import torch
+
+    from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout
+    from rlhfkit.modeling import models
+
+    tokenizer = models.load_tokenizer(models.TINY, padding_side="left")
+    reference = models.build_tiny().eval()
+    policy = models.build_tiny().eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    models.set_attention(policy)
+    models.set_attention(reference)
+    prompts = ["Say hi.", "Name a colour, please.", "Count to three."]
+    torch.manual_seed(0)
+    engine = HFEngine(policy, tokenizer, precision="fp32")
+    rollout = make_rollout(engine, tokenizer, prompts, GenerationOptions(7, 0.8, 1.0), samples_per_prompt=3)
+    rollout.response_mask[::2, 3:] = False  # responses of 3, 5 and 7 tokens, as if EOS came early
+    rollout.response_mask[1::4, 5:] = False
+    assert rollout.response_mask.sum(-1).min() >= 1 and rollout.response_mask.sum(-1).unique().numel() > 1
+
+    def slow(model, b: int) -> torch.Tensor:
+        query = rollout.query_ids[b][rollout.query_mask[b]]
+        response = rollout.response_ids[b][rollout.response_mask[b]]
+        with torch.no_grad():
+            logits = model(torch.cat([query, response])[None]).logits[0].float() / rollout.temperature
+        logps = torch.log_softmax(logits, -1)[len(query) - 1 : -1]
+        return logps.gather(-1, response[:, None]).sum()
+
+    want = torch.stack([slow(policy, b) - slow(reference, b) for b in range(len(rollout.responses))])
+    packed = evaluate.sequence_kl(policy, reference, rollout, precision="fp32", batch_size=4)
+    for model in (policy, reference):
+        models.set_attention(model, "eager")
+    padded = evaluate.sequence_kl(policy, reference, rollout, precision="fp32", batch_size=4)
+    assert want.abs().min() > 1e-3  # the policy differs from the reference on every sample
+    assert torch.allclose(packed, want, atol=1e-4) and torch.allclose(padded, want, atol=1e-4)

@@ -664,3 +664,29 @@ def test_a_truncated_reward_model_keeps_the_first_blocks_and_saves_loadable(tmp_
     for name, param in trained_model.state_dict().items():
         assert torch.equal(hf.state_dict()[name], param.detach().float().cpu()), name
     assert not torch.equal(hf.model.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_packed_scoring_equals_each_sequence_alone_and_runs_a_shared_prompt_once(monkeypatch):
+    """On rlhfkit's kernel, raw_scores packs each batch: a run of rows with one prompt is one group (its prompt
+    runs once); the scores are those of each sequence scored alone, row for row, as with a padded batch."""
+    from rlhfkit.data import packing
+
+    tokenizer = reward_tokenizer(models.TINY)
+    model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal").eval()
+    prompts = ["Hi.", "Hi.", "Tell me about dragons.", "Hi.", "Tell me about dragons.", "Tell me about dragons."]
+    responses = ["Hello!", "Hey there, how are you?", "They fly.", "Good day.", "Dragons breathe fire and hoard gold.", "No."]
+
+    def score(**kw):
+        return raw_scores(model, tokenizer, prompts, responses, precision="fp32", **kw)
+
+    alone = torch.cat([raw_scores(model, tokenizer, [p], [r], precision="fp32") for p, r in zip(prompts, responses)])
+    assert len(set(alone.tolist())) == 6  # all different: a row out of order would show
+    padded = score(batch_size=4)
+    models.set_attention(model)
+    groups = []
+    pack = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda g, *a: groups.append([len(x) for x in g]) or pack(g, *a))
+    packed = score(batch_size=4)
+    assert groups == [[2, 1, 1], [2]]  # batch 1: rows 0-1 share "Hi."; batch 2: rows 4-5 share the dragon prompt
+    assert torch.allclose(packed, alone, atol=1e-5) and torch.allclose(padded, alone, atol=1e-5)
+    assert groups == [[2, 1, 1], [2]] and torch.allclose(score(batch_size=4, packed=False), alone, atol=1e-5)  # not packed

@@ -121,7 +121,8 @@ class FrontierProbe:
             rollout = make_rollout(
                 engine, self.tokenizer, self.prompts, GenerationOptions(o.probe_max_new_tokens, o.probe_temperature, 1.0)
             )
-        kl = sequence_kl(policy, self.reference, rollout, precision=self.precision).tolist()
+        # fp32, as rlhfkit eval's kl_precision: bf16 forwards put about 0.36 nats of error in each sequence's KL
+        kl = sequence_kl(policy, self.reference, rollout, precision="fp32").tolist()
         policy.train(was_training)
         gold = self.gold(rollout.prompts, rollout.responses)
         row: dict[str, Any] = {"step": step}

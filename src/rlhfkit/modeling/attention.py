@@ -32,6 +32,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _kernel_of(model) -> str | None:
+    inner = getattr(model, "module", model)
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None)
+
+
+def uses_kernel(model) -> bool:
+    """Whether ``model`` (possibly DDP- or peft-wrapped) attends with :data:`ATTENTION`, so takes packed batches."""
+    return _kernel_of(model) == ATTENTION
+
+
 def require_kernel(model) -> None:
     """Raise unless ``model`` (possibly DDP- or peft-wrapped) attends with :data:`ATTENTION`.
 
@@ -39,9 +49,7 @@ def require_kernel(model) -> None:
     a packed row into pieces where positions restart, so a response whose
     positions continue a shared prompt would silently not see that prompt.
     """
-    inner = getattr(model, "module", model)
-    config = getattr(inner, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
+    impl = _kernel_of(model)
     if impl != ATTENTION:
         raise ValueError(
             f"a packed batch needs attn_implementation={ATTENTION!r} (models.set_attention(model)), this model has {impl!r}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data import packing
 from rlhfkit.data.pairwise import tokenize_response
@@ -196,25 +197,46 @@ def raw_scores(
     max_length: int = 1024,
     precision: str = "bf16",
     progress: str | None = None,
+    packed: bool | None = None,
 ) -> torch.Tensor:
     """Raw scores of (prompt, response) pairs. Shape: (N,), or (N, K) for a K-head ensemble. ``progress``: a
-    progress-bar title."""
+    progress-bar title.
+
+    ``packed`` (default: whether ``model`` attends with rlhfkit's kernel): each batch is one packed row
+    (:mod:`rlhfkit.data.packing`) with no padding, in which consecutive rows with the same prompt share one run of it
+    (a best-of-n pool's n responses, an eval's samples per prompt) and the start every sequence shares (a chat
+    template's system prompt) runs once; the scores are read at each sequence's last token, as the reward stage
+    trains them. Otherwise a padded batch."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    packed = attention.uses_kernel(model) if packed is None else packed
     was_training = model.training
     model.eval()
     scores = []
     bar = tqdm(total=len(responses), unit="response", desc=progress, disable=progress is None)
     for start in range(0, len(responses), batch_size):
+        rows = list(zip(prompts[start : start + batch_size], responses[start : start + batch_size]))
         seqs = []
-        for prompt, response in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
+        for prompt, response in rows:
             ids, labels = tokenize_response(tokenizer, prompt, response, chat_template=chat_template)
             seqs.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
-        batch = collate_sft(seqs, tokenizer.pad_token_id)
-        with models.autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        scores.append(logits.squeeze(-1).float().cpu())
+        if packed:
+            groups: list[list[list[int]]] = []
+            for i, seq in enumerate(seqs):  # a run of rows with one prompt is a group: its prompt runs once
+                if i and rows[i][0] == rows[i - 1][0]:
+                    groups[-1].append(seq["input_ids"])
+                else:
+                    groups.append([seq["input_ids"]])
+            batch = {k: v.to(device) for k, v in packing.pack(groups).items()}
+            with models.autocast(device, precision):
+                scores.append(sequence_scores(model, batch).cpu())
+        else:
+            batch = collate_sft(seqs, tokenizer.pad_token_id)
+            with models.autocast(device, precision):
+                inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+                logits = model(**inputs).logits
+            scores.append(logits.squeeze(-1).float().cpu())
         bar.update(len(seqs))
     bar.close()
     model.train(was_training)
@@ -261,6 +283,10 @@ class RewardModel:
         if isinstance(head, torch.nn.Linear):
             head.float()
         self.model = fp32_score_head(model.to(device))
+        try:  # packed scoring (raw_scores): rlhfkit's kernel, as the reward stage trains with
+            models.set_attention(self.model)
+        except (ValueError, NotImplementedError) as e:  # an architecture transformers cannot give another kernel
+            log.info(f"reward model {self.path}: padded scoring ({e})")
         self.tokenizer.pad_token_id = self.model.config.pad_token_id
         self.num_members = ensemble_size(self.model.config)
         gains, biases = head_normalisation(self.model.config)
