@@ -108,7 +108,7 @@ class FrontierProbe:
     def __call__(self, policy, step: int, total_steps: int) -> dict | None:
         if step not in probe_steps(total_steps, self.options.probe_points):
             return None
-        from rlhfkit.evaluate import sequence_kl  # start-up: report imports probe; loads transformers
+        from rlhfkit.evaluate import KL_PRECISION, sequence_kl  # start-up: report imports probe; loads transformers
         from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout  # start-up: loads transformers
 
         o = self.options
@@ -121,8 +121,7 @@ class FrontierProbe:
             rollout = make_rollout(
                 engine, self.tokenizer, self.prompts, GenerationOptions(o.probe_max_new_tokens, o.probe_temperature, 1.0)
             )
-        # fp32, as rlhfkit eval's kl_precision: bf16 forwards put about 0.36 nats of error in each sequence's KL
-        kl = sequence_kl(policy, self.reference, rollout, precision="fp32").tolist()
+        kl = sequence_kl(policy, self.reference, rollout, precision=KL_PRECISION).tolist()
         policy.train(was_training)
         gold = self.gold(rollout.prompts, rollout.responses)
         row: dict[str, Any] = {"step": step}
