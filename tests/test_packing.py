@@ -13,6 +13,26 @@ from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.modeling import attention, models
 from rlhfkit.modeling.forward import sequence_logps, sft_loss_sum
 from rlhfkit.modeling.reward_model import load_reward_backbone, sequence_scores
+from tests.helpers import ON_CUDA
+
+
+def _use_kernel(monkeypatch, kernel: str) -> str:
+    monkeypatch.setattr(attention, "use_flex", lambda query, layout, dropout: kernel == "flex" and dropout == 0.0)
+    return kernel
+
+
+@pytest.fixture(params=["segments", "flex"])
+def packed_kernel(request, monkeypatch):
+    """Run a test with each packed-attention kernel: the segment kernel, and FlexAttention over the row ids
+    (compiled on CUDA, where it is the default; flex's eager reference on CPU)."""
+    return _use_kernel(monkeypatch, request.param)
+
+
+@pytest.fixture(params=["segments", "flex"] if ON_CUDA else ["segments"])
+def packed_kernel_with_grad(request, monkeypatch):
+    """:func:`packed_kernel` for tests that backpropagate: torch's FlexAttention has no CPU backward
+    ("FlexAttention does not support backward on CPU"), so its gradients are tested on CUDA only."""
+    return _use_kernel(monkeypatch, request.param)
 
 
 def test_layout_by_hand():
@@ -20,6 +40,8 @@ def test_layout_by_hand():
     b = packing.pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert b["row_group"].tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert b["row_seq"].tolist() == [-1, -1, 0, 0, 1, 2, 2]  # the prefix [1, 2] is no one sequence's
     assert b["seq_len"].tolist() == [4, 3, 2]
     assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [5, 6, 0, 0]]
     assert packing.last_positions(b).tolist() == [3, 4, 6]
@@ -51,6 +73,8 @@ def test_layout_by_hand_with_a_start_shared_by_every_group():
     b = packing.pack([[[1, 2, 3, 4], [1, 2, 5]], [[1, 7, 8]]])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2, 1, 2]]
+    assert b["row_group"].tolist() == [-1, 0, 0, 0, 0, 1, 1]  # the start [1] belongs to every group
+    assert b["row_seq"].tolist() == [-1, -1, 0, 0, 1, 2, 2]
     assert b["seq_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 5, 6, 0]]
     assert b["seg_index"].tolist() == [[0, 1, 2, 3], [0, 1, 4, 0], [0, 5, 6, 0]]
     assert b["query_index"].tolist() == [[0, 1, 2, 3], [4, 0, 0, 0], [5, 6, 0, 0]]
@@ -65,7 +89,78 @@ def test_layout_by_hand_with_a_start_shared_by_every_group():
     ]
 
 
-def test_packed_logits_and_gradients_with_a_start_shared_by_all_groups_equal_each_sequence_alone():
+def _mask_from_row_ids(batch) -> torch.Tensor:
+    """(L, L) visibility from the row ids, by a plain loop over pairs (FlexAttention's mask_mod, spelled out)."""
+    group, seq, pos = batch["row_group"].tolist(), batch["row_seq"].tolist(), batch["position_ids"][0].tolist()
+    n = len(pos)
+    return torch.tensor(
+        [[pos[k] <= pos[q] and group[k] in (-1, group[q]) and seq[k] in (-1, seq[q]) for k in range(n)] for q in range(n)]
+    )
+
+
+def _mask_from_segments(batch) -> torch.Tensor:
+    """(L, L) visibility from the segment layout: query row i, in slot q of segment s, sees the key rows of s allowed to q."""
+    n = batch["input_ids"].shape[1]
+    width = batch["query_index"].shape[1]
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        s, q = divmod(int(batch["unpack"][i]), width)
+        for m, allowed in enumerate(batch["seg_mask"][s, 0, q].tolist()):
+            if allowed:
+                out[i, int(batch["seg_index"][s, m])] = True
+    return out
+
+
+@pytest.mark.parametrize("start", [[], [11, 12, 13]])
+def test_row_ids_give_the_segment_layouts_mask(start):
+    groups = [[start + s for s in group] for group in _random_groups(3)] + [[start + [5, 6]]]
+    batch = packing.pack(groups)
+    assert torch.equal(_mask_from_row_ids(batch), _mask_from_segments(batch))
+    if start:
+        assert int((batch["row_group"] == -1).sum()) == len(start)
+
+
+def test_a_packed_forward_builds_no_full_length_mask(monkeypatch):
+    # transformers would build an (L, L) mask for the packed row (gigabytes at real lengths); the layout is the mask.
+    from transformers.masking_utils import AttentionMaskInterface
+
+    calls = []
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, packing.ATTENTION, lambda *a, **k: calls.append(k))
+    model = models.build_tiny(seed=2).eval()
+    models.set_attention(model)
+    with torch.no_grad():
+        model(**packing.model_inputs(packing.pack(_random_groups(0))))
+        assert calls == []
+        model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert len(calls) == 1  # a padded forward still asks for one
+
+
+def test_padded_batches_get_sdpas_boolean_mask_on_cuda_and_eagers_additive_mask_elsewhere():
+    import transformers.masking_utils as mu
+
+    kwargs = dict(batch_size=2, q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]).bool())
+    cpu = attention.attention_mask(**kwargs, dtype=torch.float32, device=torch.device("cpu"))
+    assert cpu.dtype == torch.float32 and torch.equal(cpu, mu.eager_mask(**kwargs, dtype=torch.float32, device="cpu"))
+    seen = {}
+
+    def fake_sdpa_mask(**k):
+        seen.update(k)
+        return "sdpa"
+
+    original = mu.sdpa_mask
+    mu.sdpa_mask = fake_sdpa_mask
+    try:
+        assert attention.attention_mask(**kwargs, dtype=torch.float32, device="cuda", allow_is_causal_skip=True) == "sdpa"
+    finally:
+        mu.sdpa_mask = original
+    assert "dtype" not in seen and seen["allow_is_causal_skip"] is True
+    # sdpa's own mask, where it can be built here: boolean, True where attention is allowed, None with nothing padded.
+    boolean = mu.sdpa_mask(**kwargs, allow_is_causal_skip=True, device="cpu")
+    assert boolean.dtype == torch.bool and torch.equal(boolean, cpu == 0)
+    assert mu.sdpa_mask(**{**kwargs, "attention_mask": None}, allow_is_causal_skip=True, device="cpu") is None
+
+
+def test_packed_logits_and_gradients_with_a_start_shared_by_all_groups_equal_each_sequence_alone(packed_kernel_with_grad):
     model = models.build_tiny(seed=2)
     alone = models.build_tiny(seed=2)
     models.set_attention(model)
@@ -118,7 +213,7 @@ def _random_groups(seed: int) -> list[list[list[int]]]:
     return [[prompt + tokens(5), prompt + tokens(9)], [tokens(11)], [tokens(3) + [9, 9], tokens(3)]]
 
 
-def test_packed_logits_equal_each_sequence_alone():
+def test_packed_logits_equal_each_sequence_alone(packed_kernel):
     model = models.build_tiny(seed=2).eval()
     alone = models.build_tiny(seed=2).eval()  # transformers' default kernel
     models.set_attention(model)
@@ -132,7 +227,7 @@ def test_packed_logits_equal_each_sequence_alone():
             assert torch.allclose(got, want, atol=1e-5), (n, (got - want).abs().max())
 
 
-def test_packed_logits_under_bf16_autocast_match_each_sequence_alone():
+def test_packed_logits_under_bf16_autocast_match_each_sequence_alone(packed_kernel):
     # The bf16 path: the mask as a bf16 additive bias shared by all layers, the softmax in bf16 out.
     model = models.build_tiny(seed=2).eval()
     alone = models.build_tiny(seed=2).eval()
@@ -142,7 +237,8 @@ def test_packed_logits_under_bf16_autocast_match_each_sequence_alone():
     inputs = packing.model_inputs(batch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(**inputs).logits[0].float()
-        assert [key[1] for key in inputs["rlhfkit_layout"].cache] == [torch.bfloat16]  # made once, for every layer
+        # made once, for every layer
+        assert list(inputs["rlhfkit_layout"].cache) == (["block_mask"] if packed_kernel == "flex" else [(4, torch.bfloat16)])
         for n, seq in enumerate(s for group in groups for s in group):
             want = alone(input_ids=torch.tensor([seq])).logits[0].float()
             got = logits[batch["seq_index"][n, : len(seq)]]
@@ -239,7 +335,7 @@ def test_packed_pair_logps_and_scores_equal_padded(tokenizer):
                 assert w.shape == (3,) and torch.allclose(g, w, atol=1e-4), (g, w)
 
 
-def test_packed_sft_loss_and_gradients_equal_padded(tokenizer):
+def test_packed_sft_loss_and_gradients_equal_padded(tokenizer, packed_kernel_with_grad):
     seqs = []
     for prompt, response in [
         ("Hi.", "Hello!"),

@@ -39,6 +39,10 @@ Batch tensors (built by :func:`pack`; the loop moves them to the device):
 * ``query_index``: (S, Q) row position of each query slot of each segment (0 on unused slots).
 * ``seg_mask``: (S, 1, Q, M) bool, True where query slot ``i`` may attend to key slot ``j``.
 * ``unpack``: (L,) flat query slot ``s * Q + q`` of each row position.
+* ``row_group``, ``row_seq``: (L,) the group and the sequence (numbered over the batch) of each row position;
+  -1 for the batch's shared start (group) and for prefixes (sequence). With ``position_ids`` they give the
+  same mask per token pair (what the FlexAttention path reads on CUDA): row ``j`` is visible to row ``i``
+  when ``pos[j] <= pos[i]``, ``group[j]`` is -1 or ``group[i]``, and ``seq[j]`` is -1 or ``seq[i]``.
 * ``seq_index``: (N, T) row position of token ``t`` of sequence ``n`` (0 past its end);
   sequences are numbered group by group, in the order given.
 * ``seq_len``: (N,) tokens in each sequence.
@@ -55,7 +59,7 @@ import torch
 from rlhfkit.data.records import IGNORE_INDEX
 
 ATTENTION = "rlhfkit"
-LAYOUT_KEYS = ("seg_index", "query_index", "seg_mask", "unpack")
+LAYOUT_KEYS = ("seg_index", "query_index", "seg_mask", "unpack", "row_group", "row_seq")
 
 
 class Layout(NamedTuple):
@@ -66,6 +70,9 @@ class Layout(NamedTuple):
     seg_mask: torch.Tensor  # (S, 1, Q, M) bool
     unpack: torch.Tensor  # (L,)
     cache: dict | None = None  # what the layers of one forward share (the additive mask), filled by the first
+    row_group: torch.Tensor | None = None  # (L,) group of each row position, -1 for the shared start
+    row_seq: torch.Tensor | None = None  # (L,) sequence of each row position, -1 for prefixes
+    row_pos: torch.Tensor | None = None  # (L,) position id of each row position
 
 
 def shared_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
@@ -97,6 +104,8 @@ def pack(
     root = shared_prefix_len([seq for group in groups for seq in group]) if len(groups) > 1 else 0
     row: list[int] = list(groups[0][0][:root])
     positions: list[int] = list(range(root))
+    row_group: list[int] = [-1] * root
+    row_seq: list[int] = [-1] * root
     seq_rows: list[list[int]] = []  # row position of each token of each sequence: its segment's keys
     # One attention segment per sequence: its keys are the prefix and its own tokens, its queries its
     # own tokens, and the prefix too for the group's first sequence. Every row is the query of exactly
@@ -107,6 +116,8 @@ def pack(
         start = len(row)
         row.extend(group[0][root:p])
         positions.extend(range(root, p))
+        row_group.extend([g] * (p - root))
+        row_seq.extend([-1] * (p - root))
         prefix_rows = list(range(root)) + list(range(start, start + p - root))
         first = 0 if g == 0 else root  # the shared start's queries: in the first group only
         for j, seq in enumerate(group):
@@ -114,6 +125,8 @@ def pack(
             own_rows = list(range(own_start, own_start + len(seq) - p))
             row.extend(seq[p:])
             positions.extend(range(p, len(seq)))
+            row_group.extend([g] * (len(seq) - p))
+            row_seq.extend([len(seq_rows)] * (len(seq) - p))
             seq_rows.append(prefix_rows + own_rows)
             seg_queries.append((prefix_rows[first:] if j == 0 else []) + own_rows)
 
@@ -152,6 +165,8 @@ def pack(
         "unpack": unpack,
         "seq_index": seq_index,
         "seq_len": seq_len,
+        "row_group": torch.tensor(row_group, dtype=torch.long),
+        "row_seq": torch.tensor(row_seq, dtype=torch.long),
     }
     if labels is not None:
         label_rows = torch.full((n_seq, longest), IGNORE_INDEX, dtype=torch.long)
@@ -168,10 +183,31 @@ def is_packed(batch: dict) -> bool:
     return "seg_index" in batch
 
 
+NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+"""The attention mask handed to transformers with a packed batch. transformers takes a 4-D mask as it is
+(``masking_utils._preprocess_mask_arguments``), so it builds no (L, L) causal mask for the row, which at real
+lengths is gigabytes; the kernel reads the layout instead and never looks at this placeholder."""
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """Keyword arguments for a transformers model whose attention is :data:`ATTENTION`."""
-    layout = Layout(batch["seg_index"], batch["query_index"], batch["seg_mask"], batch["unpack"], cache={})
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "rlhfkit_layout": layout, "use_cache": False}
+    layout = Layout(
+        batch["seg_index"],
+        batch["query_index"],
+        batch["seg_mask"],
+        batch["unpack"],
+        cache={},
+        row_group=batch.get("row_group"),
+        row_seq=batch.get("row_seq"),
+        row_pos=batch["position_ids"][0],
+    )
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "attention_mask": NO_MASK,
+        "rlhfkit_layout": layout,
+        "use_cache": False,
+    }
 
 
 def num_tokens(batch: dict[str, torch.Tensor]) -> int:

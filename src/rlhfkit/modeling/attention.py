@@ -14,6 +14,12 @@ batch of SmolLM2 (16 prompts x 2 responses) has 32 x 105 x 113 scores per head
 instead of 16 x 177 x 177. Without a packed layout (generation, padded eval
 batches) the kernel is plain eager attention on CPU (one-token decode steps:
 :func:`decode_attention`) and sdpa on CUDA.
+
+On CUDA a packed batch runs FlexAttention instead (:func:`flex_packed_attention`): the same mask,
+written per token pair from the layout's ``row_group``/``row_seq``/``row_pos``, so it keeps the
+shared prompts' saving without materialising the (heads x segments, Q, M) scores, which grow to
+gigabytes per layer at real lengths. Padded batches on CUDA get sdpa's boolean mask (or none when
+nothing is padded, so sdpa can take its flash kernel), on CPU eager's additive one (:func:`attention_mask`).
 """
 
 from __future__ import annotations
@@ -140,6 +146,8 @@ def packed_attention(
         if query.shape[2] == 1:
             return decode_attention(query, key, value, attention_mask, scaling), None
         return eager_attention(module, query, key, value, attention_mask, scaling, dropout)
+    if use_flex(query, rlhfkit_layout, dropout if module.training else 0.0):
+        return flex_packed_attention(query, key, value, rlhfkit_layout, scaling), None
     n_seg = rlhfkit_layout.seg_index.shape[0]
     heads, dim = query.shape[1], query.shape[-1]
     dtype = compute_dtype(query)
@@ -163,6 +171,78 @@ def packed_attention(
     return out.index_select(0, rlhfkit_layout.unpack).unsqueeze(0), None
 
 
+def use_flex(query: torch.Tensor, layout: Layout, dropout: float) -> bool:
+    """Whether a packed forward runs :func:`flex_packed_attention`: on CUDA, for layouts that carry row ids, without dropout."""
+    return query.is_cuda and layout.row_group is not None and dropout == 0.0
+
+
+_compiled: dict = {}
+
+
+def _flex():
+    """``flex_attention``, compiled once (a singleton, as transformers' ``integrations/flex_attention.py`` keeps it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if "flex" not in _compiled:
+        _compiled["flex"] = torch.compile(flex_attention)
+    return _compiled["flex"]
+
+
+def flex_block_mask(layout: Layout, length: int, device: torch.device):
+    """The layout's mask as a FlexAttention ``BlockMask`` over the ``length`` row positions, made once per forward.
+
+    Row ``k`` is visible to row ``q`` when ``pos[k] <= pos[q]``, ``k`` is in the shared start or ``q``'s group,
+    and ``k`` is in a prefix or ``q``'s own sequence: the segments' mask of :func:`packed_attention`, per pair.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cache = layout.cache if layout.cache is not None else {}
+    if "block_mask" not in cache:
+        group, seq, pos = layout.row_group, layout.row_seq, layout.row_pos
+        assert group is not None and seq is not None and pos is not None, "flex_block_mask: the layout has no row ids"
+
+        def mask_mod(batch, head, q, k):
+            same_group = (group[k] < 0) | (group[k] == group[q])
+            same_seq = (seq[k] < 0) | (seq[k] == seq[q])
+            return same_group & same_seq & (pos[k] <= pos[q])
+
+        # Compiled on CUDA (what transformers' make_flex_block_causal_mask does); the eager path serves CPU tests.
+        cache["block_mask"] = create_block_mask(
+            mask_mod, None, None, length, length, device=device, _compile=device.type == "cuda"
+        )
+    return cache["block_mask"]
+
+
+def flex_packed_attention(query, key, value, layout: Layout, scaling: float) -> torch.Tensor:
+    """Packed attention with FlexAttention: (1, H, L, D) queries, (1, H_kv, L, D) keys/values -> (1, L, H, D).
+
+    The same values as :func:`packed_attention`'s segment kernel (tested against it), in the compute dtype.
+    Compiled on CUDA; elsewhere flex's eager reference (which materialises the scores, for tests only).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dtype = compute_dtype(query)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    mask = flex_block_mask(layout, q.shape[2], q.device)
+    fn = _flex() if q.is_cuda else flex_attention
+    out = fn(q, k, v, block_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def attention_mask(*args, **kwargs):
+    """The mask transformers builds for padded batches: sdpa's on CUDA, eager's elsewhere.
+
+    sdpa's is boolean and may be None (nothing padded, plain causal), so sdpa can take its flash kernel on a
+    GPU; eager's is the additive float mask that :func:`eager_attention` and :func:`decode_attention` add.
+    """
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    if torch.device(kwargs.get("device", "cpu")).type == "cuda":
+        kwargs.pop("dtype", None)
+        return sdpa_mask(*args, **kwargs)
+    return eager_mask(*args, **kwargs)
+
+
 def _segment_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """(H * S, Q, M) additive mask of ``layout`` (0 where a query slot may attend to a key slot, the dtype's minimum elsewhere).
 
@@ -180,11 +260,11 @@ def _segment_bias(layout: Layout, heads: int, dtype: torch.dtype) -> torch.Tenso
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, packed_attention)
     # Padded batches (generation, eval) still need transformers' causal + padding mask.
-    AttentionMaskInterface.register(ATTENTION, eager_mask)
+    AttentionMaskInterface.register(ATTENTION, attention_mask)
 
 
 _register()

@@ -138,6 +138,7 @@ class ActorCritic(nn.Module):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if rlhfkit_layout is not None:
             inputs["rlhfkit_layout"] = rlhfkit_layout
+            inputs["attention_mask"] = packing.NO_MASK
 
         def keep(x: torch.Tensor) -> torch.Tensor:
             return x[:, -(n_response + 1) : -1] if positions is None else x[0, positions]
