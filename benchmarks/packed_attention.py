@@ -6,7 +6,7 @@ state, so the LM head does not dominate) over a packed batch of ``groups`` promp
 * ``segments``: :func:`rlhfkit.modeling.attention.packed_attention`'s gather + baddbmm + softmax + bmm, which
   materialises (heads x sequences, Q, M) scores per layer (what CUDA ran before FlexAttention);
 * ``flex``: :func:`rlhfkit.modeling.attention.flex_packed_attention`, compiled FlexAttention with the layout's
-  mask per token pair (the CUDA default now);
+  mask per token pair (opt-in on CUDA, ``RLHFKIT_FLEX_ATTENTION=1``);
 * ``sdpa-padded``: transformers' sdpa on the same sequences as a padded batch (every response repeats its
   prompt; the lengths are equal, so no mask and sdpa may take its flash kernel): not the same work, a reference.
 
@@ -21,6 +21,7 @@ only (torch's FlexAttention has no CPU backward) at the small size, as a dry run
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -138,7 +139,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
     models.set_attention(model)
-    padded_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    # A copy of the config: from_config(attn_implementation=...) sets it on the config it is given, which would
+    # switch the packed model to sdpa too.
+    padded_config = copy.deepcopy(config)
+    padded_model = AutoModelForCausalLM.from_config(padded_config, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    assert attention.uses_kernel(model) and not attention.uses_kernel(padded_model)
     padded_model.load_state_dict(model.state_dict())
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
     print(f"model: SmolLM2-135M shape, {args.layers} layers, random weights, bf16 autocast; backward: {backward}")

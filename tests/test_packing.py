@@ -120,6 +120,20 @@ def test_row_ids_give_the_segment_layouts_mask(start):
         assert int((batch["row_group"] == -1).sum()) == len(start)
 
 
+def test_flex_attention_is_opt_in_on_cuda_only(monkeypatch):
+    from types import SimpleNamespace
+
+    layout = packing.model_inputs(packing.pack(_random_groups(0)))["rlhfkit_layout"]
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    monkeypatch.delenv(attention.FLEX_ENV, raising=False)
+    assert not attention.use_flex(cuda, layout, 0.0)
+    monkeypatch.setenv(attention.FLEX_ENV, "1")
+    assert attention.use_flex(cuda, layout, 0.0)
+    assert not attention.use_flex(cpu, layout, 0.0)  # no compiled flex (nor any backward) on CPU
+    assert not attention.use_flex(cuda, layout, 0.1)  # flex has no dropout
+    assert not attention.use_flex(cuda, layout._replace(row_group=None), 0.0)  # a layout without row ids
+
+
 def test_a_packed_forward_builds_no_full_length_mask(monkeypatch):
     # transformers would build an (L, L) mask for the packed row (gigabytes at real lengths); the layout is the mask.
     from transformers.masking_utils import AttentionMaskInterface

@@ -15,16 +15,17 @@ instead of 16 x 177 x 177. Without a packed layout (generation, padded eval
 batches) the kernel is plain eager attention on CPU (one-token decode steps:
 :func:`decode_attention`) and sdpa on CUDA.
 
-On CUDA a packed batch runs FlexAttention instead (:func:`flex_packed_attention`): the same mask,
-written per token pair from the layout's ``row_group``/``row_seq``/``row_pos``, so it keeps the
-shared prompts' saving without materialising the (heads x segments, Q, M) scores, which grow to
-gigabytes per layer at real lengths. Padded batches on CUDA get sdpa's boolean mask (or none when
+On CUDA a packed batch can run FlexAttention instead (:func:`flex_packed_attention`, opt-in with
+:data:`FLEX_ENV` while it is experimental): the same mask, written per token pair from the layout's
+``row_group``/``row_seq``/``row_pos``, so it keeps the shared prompts' saving without materialising
+the (heads x segments, Q, M) scores, which grow to gigabytes per layer at real lengths. Padded batches on CUDA get sdpa's boolean mask (or none when
 nothing is padded, so sdpa can take its flash kernel), on CPU eager's additive one (:func:`attention_mask`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -171,9 +172,16 @@ def packed_attention(
     return out.index_select(0, rlhfkit_layout.unpack).unsqueeze(0), None
 
 
+FLEX_ENV = "RLHFKIT_FLEX_ATTENTION"
+"""Set to 1 to run packed batches on CUDA with :func:`flex_packed_attention`. Off by default: on an H200
+(2026-12-04, torch 2.11) its forward matched the segment kernel, but two gradient tests failed and GRPO slowed
+down (benchmarks/gpu_runs/2026-12-04-h200-s24/README.md), so it is experimental until that is understood."""
+
+
 def use_flex(query: torch.Tensor, layout: Layout, dropout: float) -> bool:
-    """Whether a packed forward runs :func:`flex_packed_attention`: on CUDA, for layouts that carry row ids, without dropout."""
-    return query.is_cuda and layout.row_group is not None and dropout == 0.0
+    """Whether a packed forward runs :func:`flex_packed_attention`: on CUDA with :data:`FLEX_ENV` set, for layouts
+    that carry row ids, without dropout."""
+    return query.is_cuda and os.environ.get(FLEX_ENV) == "1" and layout.row_group is not None and dropout == 0.0
 
 
 _compiled: dict = {}
