@@ -115,9 +115,16 @@ def _mask_from_segments(batch) -> torch.Tensor:
 def test_row_ids_give_the_segment_layouts_mask(start):
     groups = [[start + s for s in group] for group in _random_groups(3)] + [[start + [5, 6]]]
     batch = packing.pack(groups)
-    assert torch.equal(_mask_from_row_ids(batch), _mask_from_segments(batch))
+    want = _mask_from_segments(batch)
+    assert torch.equal(_mask_from_row_ids(batch), want)
     if start:
         assert int((batch["row_group"] == -1).sum()) == len(start)
+    # The padded ids flex's mask_mod reads: the same mask on the real rows, and no real row sees a padded one.
+    n = want.shape[0]
+    group, seq, pos = attention.flex_row_ids(batch["row_group"], batch["row_seq"], batch["position_ids"][0])
+    assert group.shape[0] % attention.FLEX_BLOCK == 0 and group.shape[0] >= n + attention.FLEX_BLOCK
+    padded = _mask_from_row_ids({"row_group": group, "row_seq": seq, "position_ids": pos[None]})
+    assert torch.equal(padded[:n, :n], want) and not padded[:n, n:].any()
 
 
 def test_flex_attention_is_opt_in_on_cuda_only(monkeypatch):

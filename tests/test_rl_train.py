@@ -182,6 +182,39 @@ def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir):
 
 
 @pytest.mark.parametrize(
+    "fields",
+    [
+        dict(loss_type="grpo"),  # DeepSeekMath eq. 3: mean per response, then over responses
+        dict(loss_type="dr_grpo", scale_advantages=False),  # Dr.GRPO: constant normaliser, no std scaling
+        dict(loss_type="bnpo"),
+        dict(clip="asymmetric", clip_eps_high=0.28),  # DAPO's clip-higher
+        dict(ratio_level="sequence"),  # GSPO: the length-normalised sequence ratio
+        dict(clip="cispo", clip_eps_high=2.0),  # CISPO: clipped, stop-gradient importance weights
+        dict(clip="dual", dual_clip_c=3.0),
+    ],
+    ids=["grpo", "dr_grpo", "bnpo", "clip_higher", "gspo", "cispo", "dual_clip"],
+)
+def test_every_grpo_loss_variant_raises_the_reward_at_bounded_kl(rl_dir, fields):
+    """Issue 24's acceptance: each loss variant learns the shortness reward, with the GRPO test's settings and bounds."""
+    out = rl_dir / "grpo"
+    config = make_config(
+        out,
+        config_class=rl.GRPOConfig,
+        batch_size=4,
+        samples_per_prompt=4,
+        max_steps=16,
+        ppo_epochs=2,
+        num_minibatches=2,
+        seed=0,
+        **fields,
+    )
+    rl.train(config)
+    entries = metrics(out)
+    assert_finite_entries(entries, COMMON_KEYS)
+    assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
+
+
+@pytest.mark.parametrize(
     "algorithm,fields",
     [
         # GRPO's settings: groups of 4 (the leave-one-out baseline needs >= 2), the KL (k1, beta 0.05) in the

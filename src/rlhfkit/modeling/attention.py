@@ -206,12 +206,14 @@ def flex_block_mask(layout: Layout, length: int, device: torch.device):
 
     cache = layout.cache if layout.cache is not None else {}
     if "block_mask" not in cache:
-        group, seq, pos = layout.row_group, layout.row_seq, layout.row_pos
-        assert group is not None and seq is not None and pos is not None, "flex_block_mask: the layout has no row ids"
+        assert layout.row_group is not None and layout.row_seq is not None and layout.row_pos is not None, (
+            "flex_block_mask: the layout has no row ids"
+        )
+        group, seq, pos = flex_row_ids(layout.row_group, layout.row_seq, layout.row_pos)
 
         def mask_mod(batch, head, q, k):
-            same_group = (group[k] < 0) | (group[k] == group[q])
-            same_seq = (seq[k] < 0) | (seq[k] == seq[q])
+            same_group = (group[k] == -1) | (group[k] == group[q])
+            same_seq = (seq[k] == -1) | (seq[k] == seq[q])
             return same_group & same_seq & (pos[k] <= pos[q])
 
         # Compiled on CUDA (what transformers' make_flex_block_causal_mask does); the eager path serves CPU tests.
@@ -219,6 +221,24 @@ def flex_block_mask(layout: Layout, length: int, device: torch.device):
             mask_mod, None, None, length, length, device=device, _compile=device.type == "cuda"
         )
     return cache["block_mask"]
+
+
+FLEX_BLOCK = 128
+"""FlexAttention's default block size; the row ids are padded to a multiple of it."""
+
+
+def flex_row_ids(group: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The row ids padded to a whole number of FlexAttention blocks plus one, so a mask_mod evaluated on a padded
+    block's positions indexes inside them (out-of-range indexing in compiled flex kernels is suspected in pytorch
+    issue 158212, wrong gradients). No real row sees a padded one: group -2, sequence -2, position above all."""
+    n = group.shape[0]
+    padded = (n // FLEX_BLOCK + 2) * FLEX_BLOCK
+    extra = padded - n
+    return (
+        torch.cat([group, group.new_full((extra,), -2)]),
+        torch.cat([seq, seq.new_full((extra,), -2)]),
+        torch.cat([pos, pos.new_full((extra,), int(pos.max()) + 1 if n else 0)]),
+    )
 
 
 def flex_packed_attention(query, key, value, layout: Layout, scaling: float) -> torch.Tensor:
