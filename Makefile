@@ -29,8 +29,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rlhfkit demo
 
+# Two pytest workers (pytest-xdist): tests run torch on one thread each (tests/conftest.py), so one process
+# leaves a core of this 2-core machine idle; 13.9 min in one process, 9.5 in two (2026-12-04). worksteal evens
+# out the long multi-process tests at the end. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 
 # ruff (lint and format) over the tree, mypy over the modules pyproject.toml names; .ci/run runs it.
 lint: $(STAMP)
