@@ -18,8 +18,9 @@ batches) the kernel is plain eager attention on CPU (one-token decode steps:
 On CUDA a packed batch can run FlexAttention instead (:func:`flex_packed_attention`, opt-in with
 :data:`FLEX_ENV` while it is experimental): the same mask, written per token pair from the layout's
 ``row_group``/``row_seq``/``row_pos``, so it keeps the shared prompts' saving without materialising
-the (heads x segments, Q, M) scores, which grow to gigabytes per layer at real lengths. Padded batches on CUDA get sdpa's boolean mask (or none when
-nothing is padded, so sdpa can take its flash kernel), on CPU eager's additive one (:func:`attention_mask`).
+the (heads x segments, Q, M) scores, which grow to gigabytes per layer at real lengths. Padded batches
+on CUDA get sdpa's boolean mask (or none when nothing is padded, so sdpa can take its flash kernel), on
+CPU eager's additive one (:func:`attention_mask`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def flex_block_mask(layout: Layout, length: int, device: torch.device):
 
 FLEX_BLOCK = 128
 """FlexAttention's default block size; the row ids are padded to a multiple of it."""
+_PAST_EVERY_POSITION = 1 << 30  # a padded row's position: after every real one (no device sync to find the maximum)
 
 
 def flex_row_ids(group: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -237,7 +239,7 @@ def flex_row_ids(group: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> t
     return (
         torch.cat([group, group.new_full((extra,), -2)]),
         torch.cat([seq, seq.new_full((extra,), -2)]),
-        torch.cat([pos, pos.new_full((extra,), int(pos.max()) + 1 if n else 0)]),
+        torch.cat([pos, pos.new_full((extra,), _PAST_EVERY_POSITION)]),
     )
 
 
