@@ -10,8 +10,9 @@ state, so the LM head does not dominate) over a packed batch of ``groups`` promp
 * ``sdpa-padded``: transformers' sdpa on the same sequences as a padded batch (every response repeats its
   prompt; the lengths are equal, so no mask and sdpa may take its flash kernel): not the same work, a reference.
 
-It prints milliseconds per step (median of ``--repeats`` after ``--warmup``), peak GPU memory, and the largest
-difference of the packed kernels' hidden states from each other. On CPU (``--device cpu``) it runs the forward
+It prints milliseconds per step (median of ``--repeats`` after ``--warmup``), peak GPU memory, the largest
+difference of the packed kernels' hidden states from each other and, with a backward, the relative difference of
+two attention projections' gradients (flex's gradients failed a test on an H200; this shows by how much). On CPU (``--device cpu``) it runs the forward
 only (torch's FlexAttention has no CPU backward) at the small size, as a dry run.
 
     python benchmarks/packed_attention.py                  # on a GPU
@@ -80,7 +81,10 @@ def bench_size(text: str, model, padded_model, device: torch.device, backward: b
     groups = make_groups(size, model.config.vocab_size)
     batch = {k: v.to(device) for k, v in packing.pack(groups).items()}
     length = batch["input_ids"].shape[1]
-    states = {}
+    states: dict = {}
+    grads: dict = {}
+    last = model.config.num_hidden_layers - 1
+    watched = {"model.layers.0.self_attn.q_proj.weight", f"model.layers.{last}.self_attn.o_proj.weight"}
 
     def packed_step(kernel: str):
         def step():
@@ -91,6 +95,8 @@ def bench_size(text: str, model, padded_model, device: torch.device, backward: b
                 loss = h.float().pow(2).mean()
             if backward:
                 loss.backward()
+                # The gradients of the first and last attention projections: where flex's backward would go wrong.
+                grads[kernel] = {n: p.grad.float().clone() for n, p in model.named_parameters() if n in watched}
             states[kernel] = h.detach().float()
 
         return step
@@ -116,7 +122,11 @@ def bench_size(text: str, model, padded_model, device: torch.device, backward: b
                     torch.cuda.empty_cache()
             if kernel == "flex" and "segments" in states and "flex" in states:
                 diff = (states["segments"] - states["flex"]).abs().max().item()
-                note = f"max abs difference from segments: {diff:.3g}"
+                note = f"hidden states: max abs difference from segments {diff:.3g}"
+                if "segments" in grads and "flex" in grads:
+                    for name, want in grads["segments"].items():
+                        rel = (grads["flex"][name] - want).norm() / want.norm().clamp_min(1e-30)
+                        note += f"; grad {name.removeprefix('model.')} relative difference {rel.item():.3g}"
             tokens = f"{length:,}" if kernel != "sdpa-padded" else f"{rows.numel():,} (padded)"
             print(f"| {text} | {tokens} | {kernel} | {ms:,.1f} | {peak:.2f} | {note} |", flush=True)
     finally:
