@@ -24,7 +24,7 @@ def _use_kernel(monkeypatch, kernel: str) -> str:
 @pytest.fixture(params=["segments", "flex"])
 def packed_kernel(request, monkeypatch):
     """Run a test with each packed-attention kernel: the segment kernel, and FlexAttention over the row ids
-    (compiled on CUDA, where it is the default; flex's eager reference on CPU)."""
+    (compiled on CUDA, where it is opt-in; flex's eager reference on CPU)."""
     return _use_kernel(monkeypatch, request.param)
 
 
@@ -156,7 +156,7 @@ def test_a_packed_forward_builds_no_full_length_mask(monkeypatch):
     assert len(calls) == 1  # a padded forward still asks for one
 
 
-def test_padded_batches_get_sdpas_boolean_mask_on_cuda_and_eagers_additive_mask_elsewhere():
+def test_padded_batches_get_sdpas_boolean_mask_on_cuda_and_eagers_additive_mask_elsewhere(monkeypatch):
     import transformers.masking_utils as mu
 
     kwargs = dict(batch_size=2, q_length=4, kv_length=4, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]).bool())
@@ -168,12 +168,9 @@ def test_padded_batches_get_sdpas_boolean_mask_on_cuda_and_eagers_additive_mask_
         seen.update(k)
         return "sdpa"
 
-    original = mu.sdpa_mask
-    mu.sdpa_mask = fake_sdpa_mask
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(mu, "sdpa_mask", fake_sdpa_mask)
         assert attention.attention_mask(**kwargs, dtype=torch.float32, device="cuda", allow_is_causal_skip=True) == "sdpa"
-    finally:
-        mu.sdpa_mask = original
     assert "dtype" not in seen and seen["allow_is_causal_skip"] is True
     # sdpa's own mask, where it can be built here: boolean, True where attention is allowed, None with nothing padded.
     boolean = mu.sdpa_mask(**kwargs, allow_is_causal_skip=True, device="cpu")

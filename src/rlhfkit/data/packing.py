@@ -59,7 +59,6 @@ import torch
 from rlhfkit.data.records import IGNORE_INDEX
 
 ATTENTION = "rlhfkit"
-LAYOUT_KEYS = ("seg_index", "query_index", "seg_mask", "unpack", "row_group", "row_seq")
 
 
 class Layout(NamedTuple):
