@@ -96,6 +96,38 @@ def test_policy_entry_matches_an_independent_recomputation(tmp_path):
     assert entry["kl"] == pytest.approx(0.0, abs=1e-4)  # the same weights as the reference
 
 
+def test_kl_on_the_first_samples_of_each_prompt_equals_sequence_kl_on_those_samples(tmp_path):
+    """kl_samples_per_prompt=1 with 3 samples per prompt: the policy's KL is the mean of sequence_kl over the first
+    sample of each prompt (re-drawn here with the run's seeds), not over all three; 0 takes all of them."""
+    import torch
+
+    from rlhfkit.data.prompts import demo_data_path, load_prompts
+    from rlhfkit.modeling import models
+
+    model, tok = models.load_causal_lm("tiny"), models.load_tokenizer("tiny")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    models.save_pretrained(model, tok, tmp_path / "pol")
+    policy = str(tmp_path / "pol")
+    cfg = _config(tmp_path, policy=policy, best_of_n=0, samples_per_prompt=3, kl_samples_per_prompt=1)
+    results = evaluate.run(cfg)
+    assert results["kl_samples_per_prompt"] == 1
+    prompts = load_prompts(demo_data_path("prompts_eval.jsonl"))[:6]
+    pol, pol_model, _ = evaluate._sample(policy, prompts, cfg, "p", n=3, seed_offset=1)
+    reference = models.load_causal_lm("tiny").eval()
+    every = evaluate.sequence_kl(pol_model, reference, pol, precision="fp32")
+    first = every[0::3]
+    assert results["kl"] == pytest.approx(float(first.mean()), rel=1e-5)
+    assert abs(float(first.mean()) - float(every.mean())) > 1e-3  # the test tells the two apart
+    everything = evaluate.run(_config(tmp_path / "all", policy=policy, best_of_n=0, samples_per_prompt=3))
+    assert everything["kl_samples_per_prompt"] == 3
+    assert everything["kl"] == pytest.approx(float(every.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="kl_samples_per_prompt"):
+        evaluate.run(_config(tmp_path, kl_samples_per_prompt=-1))
+
+
 SCORED: dict[str, list[str]] = {"gold": [], "proxy": []}
 
 
