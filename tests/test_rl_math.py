@@ -45,6 +45,7 @@ from rlhfkit.modeling.forward import position_ids_from_mask
 from rlhfkit.modeling.logps import entropy_from_logits, gather_logps, gather_logps_and_entropy
 from rlhfkit.modeling.policy import ActorCritic, load_critic, packed_response_logps, packed_rollout, response_logps
 from rlhfkit.rl import AdaptiveKLController
+from tests.helpers import ON_CUDA
 
 T, F_ = True, False  # short names keep hand-written masks readable
 LN2 = math.log(2.0)
@@ -794,24 +795,27 @@ def test_chunked_logps_values_and_gradients_equal_the_full_log_softmax(monkeypat
     torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if ON_CUDA else ["cpu"])  # cuda: the recompute path
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_head_token_logps_in_row_blocks_equal_the_linear_then_log_softmax(monkeypatch, autocast, bias, temperature):
+def test_head_token_logps_in_row_blocks_equal_the_linear_then_log_softmax(monkeypatch, device, autocast, bias, temperature):
     from rlhfkit.modeling import policy as policy_mod
 
     monkeypatch.setattr(policy_mod, "HEAD_BLOCK_ROWS", 3)  # 10 rows: blocks of 3, 3, 3 and 1
+    monkeypatch.setattr(policy_mod, "CUDA_HEAD_BLOCK_VALUES", 3 * 17)  # the same blocks on CUDA
     monkeypatch.setattr(logps_mod, "_CHUNK_VALUES", 2 * 17)  # and inside a block, chunks of 2 rows
+    monkeypatch.setattr(logps_mod, "_CUDA_CHUNK_VALUES", 2 * 17)
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 17, bias=bias)
-    states = (2 * torch.randn(10, 8)).requires_grad_(True)
-    tokens = torch.randint(0, 17, (10,))
-    upstream = torch.randn(10)  # a non-uniform upstream gradient
+    head = torch.nn.Linear(8, 17, bias=bias).to(device)
+    states = (2 * torch.randn(10, 8)).to(device).requires_grad_(True)
+    tokens = torch.randint(0, 17, (10,)).to(device)
+    upstream = torch.randn(10).to(device)  # a non-uniform upstream gradient
 
     def run(fn):
         head.zero_grad()
         states.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             logps, entropy = fn(states)
         (logps * upstream).sum().backward()
         grads = [states.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
@@ -833,6 +837,52 @@ def test_head_token_logps_in_row_blocks_equal_the_linear_then_log_softmax(monkey
     with torch.no_grad():  # without a gradient only a block-sized logits buffer: the same values
         logps, _ = policy_mod.head_token_logps(head, states, tokens, temperature)
     torch.testing.assert_close(logps, got.detach(), atol=0, rtol=0) if not autocast else None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if ON_CUDA else ["cpu"])
+def test_recomputed_head_gradients_equal_the_kept_logits_and_keep_no_full_logits(monkeypatch, device, autocast, bias):
+    """linear_token_logps(recompute=True), the CUDA path: the same log-probs and gradients (input, weight, bias) as
+    keeping the (N, V) logits for the backward, while nothing of N x V values is saved between the passes."""
+    monkeypatch.setattr(logps_mod, "_CHUNK_VALUES", 2 * 23)  # chunks of 2 rows inside each block
+    monkeypatch.setattr(logps_mod, "_CUDA_CHUNK_VALUES", 2 * 23)
+    g = torch.Generator().manual_seed(3)
+    n, hidden, vocab = 11, 8, 23
+    x0 = (2 * torch.randn(n, hidden, generator=g)).to(device)
+    w0 = torch.randn(vocab, hidden, generator=g).to(device)
+    b0 = torch.randn(vocab, generator=g).to(device) if bias else None
+    tokens = torch.randint(0, vocab, (n,), generator=g).to(device)
+    upstream = torch.randn(n, generator=g).to(device)
+
+    def run(recompute):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True) if bias else None
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        dtype = torch.bfloat16 if autocast else torch.float32
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps = logps_mod.linear_token_logps(
+                x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), tokens, 0.8, block_rows=4, recompute=recompute
+            )
+        (logps * upstream).sum().backward()
+        return logps.detach(), [t.grad for t in (x, w, b) if t is not None], saved
+
+    want, want_grads, kept_shapes = run(False)
+    got, got_grads, saved_shapes = run(True)
+    assert (n, vocab) in kept_shapes and all(s[0] * (s[1] if len(s) > 1 else 1) < n * vocab for s in saved_shapes)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)  # the forward computes the same blocks either way
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=0.02 if autocast else 1e-5, rtol=0.02 if autocast else 1e-5)
+
+
+def test_chunk_sizes_are_cache_sized_on_cpu_and_larger_on_gpus():
+    assert logps_mod.chunk_values(torch.device("cpu")) == logps_mod._CHUNK_VALUES == 1 << 22
+    assert logps_mod.chunk_values(torch.device("cuda")) == 1 << 26
 
 
 def test_logps_backward_leaves_fp32_logits_as_they_were():

@@ -16,6 +16,14 @@ import torch.nn.functional as F
 # gradients) cost page faults and memory traffic, chunks reuse one small buffer: about a
 # quarter less time than unchunked on CPU (see benchmarks/README.md, "Design measurements").
 _CHUNK_VALUES = 1 << 22
+# On CUDA each chunk is a few kernel launches, not a cache-sized working set: 2**26 values (256 MB in fp32) per chunk,
+# so a 65k-token x 128k-vocabulary pass takes ~130 iterations, not ~2,000 (issue 21, item 11; not yet timed on a GPU).
+_CUDA_CHUNK_VALUES = 1 << 26
+
+
+def chunk_values(device: torch.device) -> int:
+    """Logit values per chunk of the log-prob passes on ``device``: cache-sized on CPU, launch-amortising on GPUs."""
+    return _CHUNK_VALUES if device.type == "cpu" else _CUDA_CHUNK_VALUES
 
 
 def _chunk_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
@@ -105,11 +113,18 @@ class _LinearTokenLogps(torch.autograd.Function):
     still warm in cache. Backward: the softmax gradient overwrites that buffer in
     place, then the two products of the linear's backward read it; no second
     (N, V) tensor is allocated.
+
+    ``recompute``: the forward keeps no logits even when a gradient follows; the backward computes each block's
+    logits again, turns them into their gradient in place and adds that block's share to the input's, weight's and
+    bias's gradients (the weight's and bias's summed in fp32). Memory is one block of logits instead of (N, V), for one
+    more head product: the trade for GPUs, where (N, V) at long sequences and large vocabularies is gigabytes
+    (as Liger-Kernel's fused linear cross-entropy makes it; here the upstream gradient is any loss's).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows, keep):
+    def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows, keep, recompute=False):
         n, vocab = x.shape[0], weight.shape[0]
+        keep = keep and not recompute
         logits = x.new_empty(n if keep else min(n, block_rows), vocab)
         logps = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(logps)
@@ -121,18 +136,52 @@ class _LinearTokenLogps(torch.autograd.Function):
             if bias is not None:
                 out += bias
             _logps_in_chunks(out, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset=start)
-        ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None)
+        ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None, bias if recompute else None)
         ctx.temperature, ctx.chunk_rows, ctx.has_bias = temperature, chunk_rows, bias is not None
+        ctx.recompute, ctx.block_rows = recompute, block_rows
         return _logps_outputs(ctx, logps, entropy)
 
     @staticmethod
     def backward(ctx, grad_logps, grad_entropy=None):
-        x, weight, tokens, lse, grad = ctx.saved_tensors  # grad: the logits, overwritten below
+        x, weight, tokens, lse, grad, bias = ctx.saved_tensors  # grad: the logits, overwritten below
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        needs_b = needs_b and ctx.has_bias
+        if ctx.recompute:
+            return (*_recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, needs_x, needs_w, needs_b),)
         _logps_grad_in_chunks(grad, grad, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        grad_x = grad @ weight if needs_x else None
+        grad_w = grad.t() @ x if needs_w else None
+        grad_b = grad.sum(0) if needs_b else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, needs_x, needs_w, needs_b) -> tuple:
+    """The gradients of :class:`_LinearTokenLogps` with ``recompute``: a block of rows at a time, the logits again,
+    their gradient in place, then that block's products."""
+    n = x.shape[0]
+    buffer = x.new_empty(min(n, ctx.block_rows), weight.shape[0])
+    grad_x = torch.empty_like(x) if needs_x else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs_b else None
+    for start in range(0, n, ctx.block_rows):
+        rows = slice(start, start + ctx.block_rows)
+        block = buffer[: x[rows].shape[0]]
+        torch.mm(x[rows], weight.t(), out=block)
+        if bias is not None:
+            block += bias
+        _logps_grad_in_chunks(block, block, lse[rows], tokens[rows], grad_logps[rows], ctx.temperature, ctx.chunk_rows)
+        if grad_x is not None:
+            torch.mm(block, weight, out=grad_x[rows])
+        if grad_w is not None:
+            grad_w += block.t() @ x[rows]
+        if grad_b is not None:
+            grad_b += block.sum(0, dtype=torch.float32)
+    return (
+        grad_x,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+        None, None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 def linear_token_logps(
@@ -144,6 +193,7 @@ def linear_token_logps(
     *,
     with_entropy: bool = False,
     block_rows: int = 256,
+    recompute: bool = False,
 ):
     """:func:`gather_logps` (and, with ``with_entropy``, the entropy) of ``logits = x @ weight.T + bias``.
 
@@ -153,20 +203,34 @@ def linear_token_logps(
     log-softmax fused: the product runs ``block_rows`` rows at a time (on CPU
     about 30% less time than one product; see benchmarks/README.md, "Design measurements")
     and the backward writes the logits' gradient over the logits. Matmuls
-    run in the dtype of ``x``/``weight`` (cast them first for reduced precision).
+    run in the dtype of ``x``/``weight`` (cast them first for reduced precision). ``recompute``: no (N, V) logits are
+    kept for the backward, which computes them again block by block (one more product; memory of one block).
     """
     # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
     # (inside the Function, grad mode is always off; a policy's log-probs under no_grad need none).
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _LinearTokenLogps.apply(
-        x, weight, bias, tokens, float(temperature), with_entropy, block_rows, max(1, _CHUNK_VALUES // weight.shape[0]), keep
+        x,
+        weight,
+        bias,
+        tokens,
+        float(temperature),
+        with_entropy,
+        block_rows,
+        max(1, chunk_values(x.device) // weight.shape[0]),
+        keep,
+        recompute,
     )
 
 
 def _token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
     shape, vocab = tokens.shape, logits.shape[-1]
     out = _TokenLogps.apply(
-        logits.reshape(-1, vocab), tokens.reshape(-1), float(temperature), with_entropy, max(1, _CHUNK_VALUES // vocab)
+        logits.reshape(-1, vocab),
+        tokens.reshape(-1),
+        float(temperature),
+        with_entropy,
+        max(1, chunk_values(logits.device) // vocab),
     )
     if with_entropy:
         return out[0].view(shape), out[1].view(shape)

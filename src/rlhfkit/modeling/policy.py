@@ -158,6 +158,9 @@ class ActorCritic(nn.Module):
 
 
 HEAD_BLOCK_ROWS = 256
+"""Rows per block of the fused head on CPU: a block's logits stay in cache while they become log-probs."""
+CUDA_HEAD_BLOCK_VALUES = 1 << 27
+"""Logit values per block of the fused head on CUDA (256 MB in bf16): rows = this // vocabulary size."""
 
 
 def head_token_logps(
@@ -165,22 +168,23 @@ def head_token_logps(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(logps, entropy or None)`` of ``tokens`` under the LM head's ``head(states) / temperature``.
 
-    Shapes: ``states`` (K, H), ``tokens`` (K,) -> (K,), fp32. On CPU a plain
-    ``nn.Linear`` head is fused with the log-softmax (:func:`rlhfkit.modeling.logps.linear_token_logps`,
-    in :data:`HEAD_BLOCK_ROWS`-row blocks, in the autocast dtype if one is on): the
-    (K, V) logits are never handed out, and their gradient overwrites them. Anything
-    else (CUDA, a head with hooks or adapters) computes ``head(states)`` and then
-    :func:`logps_and_entropy`.
+    Shapes: ``states`` (K, H), ``tokens`` (K,) -> (K,), fp32. A plain ``nn.Linear`` head is fused with the
+    log-softmax (:func:`rlhfkit.modeling.logps.linear_token_logps`, in the autocast dtype if one is on), so the
+    (K, V) logits are never handed out. On CPU in :data:`HEAD_BLOCK_ROWS`-row blocks, the logits kept for the
+    backward and overwritten by their gradient; on CUDA in blocks of :data:`CUDA_HEAD_BLOCK_VALUES` logits, none
+    kept (the backward recomputes them: (K, V) at 64k tokens and a 128k vocabulary would be 17 GB). Anything else
+    (another device, a head with hooks or adapters) computes ``head(states)`` and then :func:`logps_and_entropy`.
     """
     if (
         type(head) is not nn.Linear
-        or states.device.type != "cpu"
+        or states.device.type not in ("cpu", "cuda")
         or states.dim() != 2
         or head._forward_hooks
         or head._forward_pre_hooks
     ):
         return logps_and_entropy(head(states), tokens, temperature, with_entropy=with_entropy)
     dtype = attention.compute_dtype(states)
+    cuda = states.device.type == "cuda"
     with torch.autocast(states.device.type, enabled=False):
         bias = head.bias.to(dtype) if head.bias is not None else None
         out = linear_token_logps(
@@ -190,7 +194,8 @@ def head_token_logps(
             tokens,
             temperature,
             with_entropy=with_entropy,
-            block_rows=HEAD_BLOCK_ROWS,
+            block_rows=max(1, CUDA_HEAD_BLOCK_VALUES // head.out_features) if cuda else HEAD_BLOCK_ROWS,
+            recompute=cuda,
         )
     return out if with_entropy else (out, None)
 
