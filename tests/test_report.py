@@ -195,6 +195,7 @@ def _eval_json() -> dict:
         "gold": "demo",
         "num_prompts": 240,
         "samples_per_prompt": 2,
+        "kl_samples_per_prompt": 1,
         "temperature": 0.7,
         "main_player": "dpo",
         "baseline_name": "sft",
@@ -395,6 +396,7 @@ def test_full_report_headline_intervals_gate_and_escaping(tmp_path):
         assert cells[7] == (_est(p["proxy_score"], p["proxy_score_ci"]) if "proxy_score" in p else "–"), name
         assert cells[8] == p["verdict"]
 
+    assert "samples per prompt: 2 · temperature: 0.7 · KL on the first 1 sample(s) of each prompt" in page
     # Reward model (from reward/heldout.json, not eval.json's copy) and the overridden gate as a warning.
     assert "0.710 [0.660, 0.760] on 480 pairs (80 prompts), 3 ties" in page
     tag, css, gate = _element(page, "gate-verdict")

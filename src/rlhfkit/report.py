@@ -963,6 +963,8 @@ def _headline(data: RunData) -> str:
         for k in ("gold", "num_prompts", "samples_per_prompt", "temperature")
         if isinstance(evaluation, dict) and k in evaluation
     ]
+    if isinstance(evaluation, dict) and evaluation.get("kl_samples_per_prompt") not in (None, evaluation.get("samples_per_prompt")):
+        facts.append(f"KL on the first {esc(evaluation['kl_samples_per_prompt'])} sample(s) of each prompt")
     if facts:
         parts.append(f'<p class="small">{" · ".join(facts)}</p>')
     parts.append(f'<div class="cards">{_reward_model_card(data)}</div>')
