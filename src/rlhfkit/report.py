@@ -963,7 +963,8 @@ def _headline(data: RunData) -> str:
         for k in ("gold", "num_prompts", "samples_per_prompt", "temperature")
         if isinstance(evaluation, dict) and k in evaluation
     ]
-    if isinstance(evaluation, dict) and evaluation.get("kl_samples_per_prompt") not in (None, evaluation.get("samples_per_prompt")):
+    kl_samples = evaluation.get("kl_samples_per_prompt") if isinstance(evaluation, dict) else None
+    if kl_samples is not None and kl_samples != evaluation.get("samples_per_prompt"):
         facts.append(f"KL on the first {esc(evaluation['kl_samples_per_prompt'])} sample(s) of each prompt")
     if facts:
         parts.append(f'<p class="small">{" · ".join(facts)}</p>')
