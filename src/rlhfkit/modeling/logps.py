@@ -124,7 +124,6 @@ class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tokens, temperature, with_entropy, block_rows, chunk_rows, keep, recompute=False):
         n, vocab = x.shape[0], weight.shape[0]
-        keep = keep and not recompute
         logits = x.new_empty(n if keep else min(n, block_rows), vocab)
         logps = torch.empty(n, dtype=torch.float32, device=x.device)
         lse = torch.empty_like(logps)
@@ -132,9 +131,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         for start in range(0, n, block_rows):
             rows = slice(start, start + block_rows)
             out = logits[rows] if keep else logits[: x[rows].shape[0]]
-            torch.mm(x[rows], weight.t(), out=out)
-            if bias is not None:
-                out += bias
+            _block_logits(x[rows], weight, bias, out)
             _logps_in_chunks(out, tokens, temperature, with_entropy, chunk_rows, logps, lse, entropy, offset=start)
         ctx.save_for_backward(x, weight, tokens, lse, logits if keep else None, bias if recompute else None)
         ctx.temperature, ctx.chunk_rows, ctx.has_bias = temperature, chunk_rows, bias is not None
@@ -147,12 +144,19 @@ class _LinearTokenLogps(torch.autograd.Function):
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         needs_b = needs_b and ctx.has_bias
         if ctx.recompute:
-            return (*_recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, needs_x, needs_w, needs_b),)
+            return _recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, needs_x, needs_w, needs_b)
         _logps_grad_in_chunks(grad, grad, lse, tokens, grad_logps, ctx.temperature, ctx.chunk_rows)
         grad_x = grad @ weight if needs_x else None
         grad_w = grad.t() @ x if needs_w else None
         grad_b = grad.sum(0) if needs_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def _block_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = x @ weight.T (+ bias)``, written into a block of the logits buffer."""
+    torch.mm(x, weight.t(), out=out)
+    if bias is not None:
+        out += bias
 
 
 def _recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, needs_x, needs_w, needs_b) -> tuple:
@@ -166,9 +170,7 @@ def _recomputed_linear_grads(x, weight, bias, tokens, lse, grad_logps, ctx, need
     for start in range(0, n, ctx.block_rows):
         rows = slice(start, start + ctx.block_rows)
         block = buffer[: x[rows].shape[0]]
-        torch.mm(x[rows], weight.t(), out=block)
-        if bias is not None:
-            block += bias
+        _block_logits(x[rows], weight, bias, block)
         _logps_grad_in_chunks(block, block, lse[rows], tokens[rows], grad_logps[rows], ctx.temperature, ctx.chunk_rows)
         if grad_x is not None:
             torch.mm(block, weight, out=grad_x[rows])
@@ -208,7 +210,7 @@ def linear_token_logps(
     """
     # Keep the (N, V) logits for a backward only when one can follow: grad mode on and an input that needs it
     # (inside the Function, grad mode is always off; a policy's log-probs under no_grad need none).
-    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    keep = not recompute and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _LinearTokenLogps.apply(
         x,
         weight,
