@@ -632,6 +632,34 @@ def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_bf16_lora_run_with_a_probe_keeps_its_base_in_bf16_and_saves_fp32(prefs_file, tmp_path):
+    """frozen_precision=auto end to end: a bf16 LoRA run stores its base in bf16, probes (the fp32 KL against the
+    base with adapters off) and saves a merged fp32 model whose projections moved from the rounded base."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.probe import FRONTIER_FILE
+
+    config = dpo_config(
+        tmp_path, "lora16", data=str(prefs_file), lora_r=4, max_steps=2, ref_cache=False, precision="bf16",
+        probe_points=1, probe_max_prompts=2, probe_max_new_tokens=4, gold="length",
+    )  # fmt: skip
+    result = train(config)
+    frozen = [m for m in result.model.modules() if type(m) is models.FrozenLinear]
+    assert frozen and all(m.weight.dtype == torch.bfloat16 for m in frozen)
+    rows = read_jsonl(Path(config.output_dir) / FRONTIER_FILE)
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[0]["kl"] == 0.0 and math.isfinite(rows[1]["kl"])
+    out = Path(config.output_dir)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    base = models.build_tiny().state_dict()
+    for k, v in base.items():
+        rounded = v.to(torch.bfloat16).float() if "proj" in k else v
+        assert torch.equal(loaded[k], rounded) != ("proj" in k), k  # only the adapted projections moved
+
+
 def test_rankings_expand_and_ties_are_dropped_for_dpo(tokenizer, mixed_file):
     comparisons = load_comparisons(mixed_file)
     pairs, stats = tokenize_pairs(tokenizer, comparisons, max_length=64, keep_ties=False)

@@ -425,9 +425,7 @@ def train(config: RewardConfig) -> FitResult:
     def save(unwrapped, out_dir: Path, state_dict) -> None:
         target = unwrapped
         if hasattr(target, "merge_and_unload"):
-            import copy
-
-            target = copy.deepcopy(target).merge_and_unload()
+            target = models.merged_copy(target)
         gains, biases = [1.0] * K, [0.0] * K
         if norm_samples is not None:
             prompts, responses = norm_samples

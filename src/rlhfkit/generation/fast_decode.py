@@ -22,6 +22,7 @@ from packaging.version import Version
 from rlhfkit.data.packing import shared_prefix_len
 from rlhfkit.modeling.attention import ATTENTION, decode_attention
 from rlhfkit.modeling.forward import position_ids_from_mask
+from rlhfkit.modeling.models import FrozenLinear
 
 CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 """The name of the KV cache, as an argument of ``forward``/``generate`` and a field of their output: transformers 5.24
@@ -32,6 +33,9 @@ def output_cache(out):
     """The KV cache a ``forward(..., use_cache=True)`` returned, under either name (:data:`CACHE_ARG`)."""
     return getattr(out, CACHE_ARG)
 
+
+PACKABLE_LINEARS = (torch.nn.Linear, FrozenLinear)
+"""Linear classes :func:`prepacked_linears` packs."""
 
 SIBLING_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Names of linears that a module calls one after another on the same input (Llama-style attention and MLP)."""
@@ -58,8 +62,9 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
     anything else it multiplies by its own packed weight (packed the first time it
     is needed), so results never depend on the call order.
     """
-    # Exactly nn.Linear with float weights: not quantized subclasses (int8 weights are not bf16 values).
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype.is_floating_point]
+    # Exactly nn.Linear (or a frozen low-precision one) with float weights: not quantized subclasses (int8 weights are
+    # not bf16 values).
+    linears = [m for m in model.modules() if type(m) in PACKABLE_LINEARS and m.weight.dtype.is_floating_point]
     usable = (
         linears
         and linears[0].weight.device.type == "cpu"
@@ -112,7 +117,7 @@ def prepacked_linears(model, rows: int, *, fuse: bool = True):
             for parent in model.modules():
                 for names in SIBLING_LINEARS:
                     group = [getattr(parent, n, None) for n in names]
-                    if not all(type(m) is torch.nn.Linear and m in linears and m not in done for m in group):
+                    if not all(type(m) in PACKABLE_LINEARS and m in linears and m not in done for m in group):
                         continue
                     if len({m.in_features for m in group}) > 1 or len({m.bias is None for m in group}) > 1:
                         continue

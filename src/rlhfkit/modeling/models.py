@@ -105,6 +105,13 @@ class AdapterOptions:
     packing: bool = True
     """Packed batches (`rlhfkit.data.packing`): no padding, and a prompt shared by several sequences (chosen and
     rejected; an RL group's samples) runs once. Needs `attn_implementation: auto`. false: padded batches."""
+    frozen_precision: str = "auto"
+    """How frozen linear weights are stored (a LoRA model's base, the bottom that `trainable_layers` freezes): `auto`
+    stores them in the compute precision when `precision` is bf16 or fp16 (half the memory, and no cast of every
+    frozen weight at every forward, as TRL's LoRA recipes get by loading the base in bf16); `fp32` keeps fp32.
+    Mixed-precision forwards are unchanged (autocast rounds the weights to the same values); fp32 forwards use the
+    rounded weights, and a save holds them (in fp32 files). Not under FSDP or DeepSpeed (they cast parameters
+    themselves)."""
     attn_implementation: str = "auto"
     """Attention kernel: `auto` is rlhfkit's (`rlhfkit.data.packing`): packed batches (no padding, shared prompts run
     once) and, on padded batches, eager attention on CPU (faster than sdpa's fused kernel there for training up to
@@ -333,8 +340,88 @@ def prepare_for_training(model, options: AdapterOptions):
         )
         if options.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora)
+        # peft draws the A matrices from torch's global RNG, which most stages seed only later (training.loop's
+        # start_accelerator, inside fit): draw them from the run's seed, in a fork that leaves the global stream
+        # as it was, so one seed gives one run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(getattr(options, "seed", 0))
+            model = get_peft_model(model, lora)
+    frozen = getattr(options, "frozen_precision", "auto")
+    if frozen not in ("auto", "fp32"):
+        raise ValueError(f"frozen_precision must be auto or fp32, got {frozen!r}")
+    # FSDP and DeepSpeed shard and cast parameters themselves (FSDP2 wants one dtype per unit): accelerate tells
+    # them apart by these variables before any Accelerator exists (accelerate/state.py, PartialState.__init__).
+    sharded = any(os.environ.get(v, "false").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    # vLLM's weight push merges the adapters into the base in place and unmerges them after
+    # (generation/vllm_engine.py, load_weights): in bf16 that round trip would not give the base back.
+    pushed = options.lora_r > 0 and getattr(options, "rollout_engine", "hf") == "vllm"
+    if frozen == "auto" and not (sharded or pushed) and getattr(options, "precision", "fp32") in PRECISION_DTYPES:
+        store_frozen_linears(model, PRECISION_DTYPES[options.precision])
     return model
+
+
+class FrozenLinear(torch.nn.Linear):
+    """An ``nn.Linear`` with frozen weights stored in a low precision (see :func:`store_frozen_linears`).
+
+    Under autocast it is an ordinary linear (autocast would round an fp32 weight to the same values); outside
+    autocast an input of another dtype (an fp32 forward, such as the fp32 KL) multiplies the weight cast to the
+    input's dtype, so the forward keeps the input's precision instead of failing on mixed dtypes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def store_frozen_linears(model, dtype: torch.dtype) -> int:
+    """Store every frozen ``nn.Linear`` of ``model`` (no parameter requiring grad) in ``dtype`` as a
+    :class:`FrozenLinear`; return how many. Embeddings and the output head are left alone (the residual stream
+    starts from the embeddings, and the fused log-prob kernels read the head's weight directly), and so are
+    trainable linears (fp32 master weights). The parameters stay the same objects (only their data changes).
+    :func:`restore_frozen_linears` undoes it."""
+    heads = [model.get_input_embeddings(), model.get_output_embeddings()]
+    skip = {id(p) for head in heads if head is not None for p in head.parameters()}
+    count = 0
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if type(module) is not torch.nn.Linear or any(p.requires_grad or id(p) in skip for p in params):
+            continue
+        for p in params:
+            p.data = p.data.to(dtype)
+        module.__class__ = FrozenLinear
+        count += 1
+    return count
+
+
+def restore_frozen_linears(model, dtype: torch.dtype = torch.float32) -> None:
+    """Turn :func:`store_frozen_linears`'s layers back into ``nn.Linear`` in ``dtype`` (on a copy about to be saved)."""
+    for module in model.modules():
+        if type(module) is FrozenLinear:
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+            module.__class__ = torch.nn.Linear
+
+
+def merged_copy(model):
+    """A copy of the peft model ``model`` with its adapters merged into an fp32 base (the frozen layers restored to
+    fp32 first, so the adapters' update is not rounded to the base's storage): a plain transformers model."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    restore_frozen_linears(copied)
+    return copied.merge_and_unload()
+
+
+def frozen_linear_keys(model) -> set[str]:
+    """State-dict keys of the parameters of ``model``'s :class:`FrozenLinear` layers."""
+    return {
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if type(module) is FrozenLinear
+        for param, _ in module.named_parameters(recurse=False)
+    }
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
@@ -513,11 +600,11 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, state_dict: dict |
         try:
             if hasattr(model, "merge_and_unload"):
                 model.save_pretrained(tmp / "adapter")
-                import copy
-
-                merged = copy.deepcopy(model).merge_and_unload()
-                merged.save_pretrained(tmp)
+                merged_copy(model).save_pretrained(tmp)
             else:
+                frozen = frozen_linear_keys(model)
+                if frozen:  # fp32 files, whatever the frozen layers' storage
+                    state_dict = {k: v.float() if k in frozen else v for k, v in (state_dict or model.state_dict()).items()}
                 model.save_pretrained(tmp, state_dict=None if state_dict is None else drop_tied_copies(model, state_dict))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
