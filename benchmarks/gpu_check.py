@@ -6,7 +6,9 @@
 What it runs, in one process, each stage by its Python function (``rlhfkit.sft.train``, ``rlhfkit.reward.train``,
 ``rlhfkit.dpo.train``, ``rlhfkit.rl.train``), chained as the pipeline chains them:
 
-1. SFT on the shipped demo set (``sft.jsonl``);
+1. SFT on the shipped demo set (``sft.jsonl``), then the same SFT with rank-16 LoRA adapters (``sft_lora``: under
+   bf16/fp16 it fails unless the frozen base is stored in that precision, ``frozen_precision=auto``; model FLOPs
+   4 x N per token, no weight gradients for the base);
 2. a reward model on preference pairs built from the same set (chosen = the demo completion, rejected = a curt
    rewrite of it or another prompt's completion);
 3. DPO from the SFT model on those pairs (reference log-probs precomputed once, before the loop);
@@ -93,7 +95,7 @@ SMOLLM2_SHAPE = dict(
 """SmolLM2-135M-Instruct's config (checked against the config.json of rlhfkit's GGUF conversion, transformers
 5.24: 134.5M parameters)."""
 
-STAGES = ("sft", "reward", "dpo", "grpo")
+STAGES = ("sft", "sft_lora", "reward", "dpo", "grpo")
 DEFAULT_PEAK_TFLOPS = 989.0
 _NONFINITE_STRINGS = {"nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
@@ -368,7 +370,7 @@ def summary_table(results: list[dict]) -> str:
 
 
 def verdict(results: list[dict], extra_problems: list[str] | None = None) -> tuple[bool, list[str]]:
-    """``(ok, reasons)``: every stage ok, all four stages present, and no extra problem (vLLM required but not run,
+    """``(ok, reasons)``: every stage ok, every stage of :data:`STAGES` present, and no extra problem (vLLM required but not run,
     over the time budget)."""
     reasons = [f"{r['stage']}: {p}" for r in results if not r.get("ok") for p in (r.get("problems") or ["failed"])]
     present = {r["stage"] for r in results}
@@ -620,6 +622,52 @@ def stage_sft(env: Env, model: str, sft_data: Path, work: Path) -> dict:
         loss_key="loss",
         planned=s.steps,
     )
+
+
+LOW_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def stage_sft_lora(env: Env, model: str, sft_data: Path, work: Path) -> dict:
+    """SFT with rank-16 LoRA adapters: under bf16/fp16 the frozen base must be stored in that precision
+    (``frozen_precision=auto``, issue 21 item 11); the stage fails if it is not."""
+    from rlhfkit import sft
+    from rlhfkit.modeling import models
+
+    s, out = env.sizes, work / "sft_lora"
+    config = sft.SFTConfig(
+        **env.common(out),
+        model=model,
+        data=str(sft_data),
+        eval_fraction=0.0,
+        max_steps=s.steps,
+        batch_size=s.batch_size,
+        max_length=s.max_length,
+        lora_r=16,
+    )
+    seen: dict[str, list[str]] = {}
+
+    def train() -> None:
+        trained = sft.train(config).model
+        frozen = {str(m.weight.dtype).removeprefix("torch.") for m in trained.modules() if type(m) is models.FrozenLinear}
+        seen["frozen"] = sorted(frozen)
+
+    result = run_stage(
+        "sft_lora",
+        out,
+        train,
+        env,
+        kind="loop",
+        flops_per_token=4 * env.n_policy,
+        formula=f"4N per token (frozen base: no weight gradients), N={_m(env.n_policy)}",
+        loss_key="loss",
+        planned=s.steps,
+    )
+    result["frozen_dtypes"] = seen.get("frozen")
+    want = LOW_PRECISION.get(env.args.precision)
+    if want and "error" not in result and seen.get("frozen") != [want]:
+        result["problems"].append(f"LoRA base not stored in {want} (frozen linears: {seen.get('frozen')})")
+        result["ok"] = False
+    return result
 
 
 def stage_reward(env: Env, model: str, pairs: Path, work: Path) -> dict:
@@ -889,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
         policy = str(work / "sft") if results[-1]["ok"] else model
         if policy == model:
             print("(SFT failed: DPO and GRPO start from the base model)")
+
+        results.append(stage_sft_lora(env, model, sft_data, work))
+        print(stage_line(results[-1]))
 
         results.append(stage_reward(env, model, pairs, work))
         print(stage_line(results[-1]))

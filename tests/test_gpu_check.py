@@ -121,10 +121,30 @@ def test_check_losses_reports(tmp_path, lines, problem):
 def test_finite_losses_pass_and_a_missing_stage_fails(tmp_path, capsys):
     path = write_metrics(tmp_path, ['{"step": 1, "loss": 0.5, "update/policy_loss": -0.1, "rollout/score": "nan"}'])
     assert gpu_check.check_losses(gpu_check.read_metrics(path)) == []  # only losses are checked
-    ok, reasons = gpu_check.verdict([{"stage": s, "ok": True} for s in ("sft", "reward", "dpo")])
+    ok, reasons = gpu_check.verdict([{"stage": s, "ok": True} for s in ("sft", "sft_lora", "reward", "dpo")])
     assert not ok and reasons == ["grpo: did not run"]
     assert gpu_check.finish({}, [{"stage": s, "ok": True} for s in gpu_check.STAGES], ["vllm: not run"], None) == 1
     assert capsys.readouterr().out.strip().endswith("gpu_check: FAILED vllm: not run")
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_lora_stage_fails_unless_the_frozen_base_is_stored_in_bf16(tmp_path, monkeypatch, stored):
+    from types import SimpleNamespace
+
+    from rlhfkit.data.prompts import demo_data_path
+    from rlhfkit.modeling import models
+
+    if not stored:
+        monkeypatch.setattr(models, "store_frozen_linears", lambda model, dtype: 0)
+    args = SimpleNamespace(precision="bf16", peak_tflops=1.0)
+    env = gpu_check.Env(args, gpu_check.Sizes(**gpu_check.TINY.__dict__), n_policy=1_000_000, n_reward=1_000_000)
+    result = gpu_check.stage_sft_lora(env, models.TINY, demo_data_path("sft.jsonl"), tmp_path)
+    assert result["steps"] == gpu_check.TINY.steps
+    if stored:
+        assert result["ok"] and result["frozen_dtypes"] == ["bfloat16"], result
+    else:
+        assert not result["ok"] and result["frozen_dtypes"] == [], result
+        assert any("LoRA base not stored in bfloat16" in p for p in result["problems"])
 
 
 def test_sampler_check():
