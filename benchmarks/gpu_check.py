@@ -598,11 +598,11 @@ def _m(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def stage_sft(env: Env, model: str, sft_data: Path, work: Path) -> dict:
+def _sft_config(env: Env, model: str, sft_data: Path, out: Path, **extra):
     from rlhfkit import sft
 
-    s, out = env.sizes, work / "sft"
-    config = sft.SFTConfig(
+    s = env.sizes
+    return sft.SFTConfig(
         **env.common(out),
         model=model,
         data=str(sft_data),
@@ -610,17 +610,30 @@ def stage_sft(env: Env, model: str, sft_data: Path, work: Path) -> dict:
         max_steps=s.steps,
         batch_size=s.batch_size,
         max_length=s.max_length,
+        **extra,
     )
+
+
+def stage_sft(env: Env, model: str, sft_data: Path, work: Path) -> dict:
+    from rlhfkit import sft
+
+    out = work / "sft"
+    config = _sft_config(env, model, sft_data, out)
+    return _run_sft(env, "sft", out, lambda: sft.train(config), 6, "6N per token")
+
+
+def _run_sft(env: Env, name: str, out: Path, train, k: int, formula: str) -> dict:
+    """:func:`run_stage` for an SFT stage of ``k`` x N model FLOPs per token."""
     return run_stage(
-        "sft",
+        name,
         out,
-        lambda: sft.train(config),
+        train,
         env,
         kind="loop",
-        flops_per_token=6 * env.n_policy,
-        formula=f"6N per token, N={_m(env.n_policy)}",
+        flops_per_token=k * env.n_policy,
+        formula=f"{formula}, N={_m(env.n_policy)}",
         loss_key="loss",
-        planned=s.steps,
+        planned=env.sizes.steps,
     )
 
 
@@ -633,17 +646,8 @@ def stage_sft_lora(env: Env, model: str, sft_data: Path, work: Path) -> dict:
     from rlhfkit import sft
     from rlhfkit.modeling import models
 
-    s, out = env.sizes, work / "sft_lora"
-    config = sft.SFTConfig(
-        **env.common(out),
-        model=model,
-        data=str(sft_data),
-        eval_fraction=0.0,
-        max_steps=s.steps,
-        batch_size=s.batch_size,
-        max_length=s.max_length,
-        lora_r=16,
-    )
+    out = work / "sft_lora"
+    config = _sft_config(env, model, sft_data, out, lora_r=16)
     seen: dict[str, list[str]] = {}
 
     def train() -> None:
@@ -651,17 +655,7 @@ def stage_sft_lora(env: Env, model: str, sft_data: Path, work: Path) -> dict:
         frozen = {str(m.weight.dtype).removeprefix("torch.") for m in trained.modules() if type(m) is models.FrozenLinear}
         seen["frozen"] = sorted(frozen)
 
-    result = run_stage(
-        "sft_lora",
-        out,
-        train,
-        env,
-        kind="loop",
-        flops_per_token=4 * env.n_policy,
-        formula=f"4N per token (frozen base: no weight gradients), N={_m(env.n_policy)}",
-        loss_key="loss",
-        planned=s.steps,
-    )
+    result = _run_sft(env, "sft_lora", out, train, 4, "4N per token (frozen base: no weight gradients)")
     result["frozen_dtypes"] = seen.get("frozen")
     want = LOW_PRECISION.get(env.args.precision)
     if want and "error" not in result and seen.get("frozen") != [want]:
