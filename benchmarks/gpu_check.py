@@ -637,9 +637,6 @@ def _run_sft(env: Env, name: str, out: Path, train, k: int, formula: str) -> dic
     )
 
 
-LOW_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
-
-
 def stage_sft_lora(env: Env, model: str, sft_data: Path, work: Path) -> dict:
     """SFT with rank-16 LoRA adapters: under bf16/fp16 the frozen base must be stored in that precision
     (``frozen_precision=auto``, issue 21 item 11); the stage fails if it is not."""
@@ -652,13 +649,12 @@ def stage_sft_lora(env: Env, model: str, sft_data: Path, work: Path) -> dict:
 
     def train() -> None:
         trained = sft.train(config).model
-        frozen = {str(m.weight.dtype).removeprefix("torch.") for m in trained.modules() if type(m) is models.FrozenLinear}
-        seen["frozen"] = sorted(frozen)
+        seen["frozen"] = sorted({str(m.weight.dtype) for m in trained.modules() if type(m) is models.FrozenLinear})
 
     result = _run_sft(env, "sft_lora", out, train, 4, "4N per token (frozen base: no weight gradients)")
     result["frozen_dtypes"] = seen.get("frozen")
-    want = LOW_PRECISION.get(env.args.precision)
-    if want and "error" not in result and seen.get("frozen") != [want]:
+    want = models.PRECISION_DTYPES.get(env.args.precision)
+    if want and "error" not in result and seen.get("frozen") != [str(want)]:
         result["problems"].append(f"LoRA base not stored in {want} (frozen linears: {seen.get('frozen')})")
         result["ok"] = False
     return result

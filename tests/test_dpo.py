@@ -25,7 +25,7 @@ from rlhfkit.modeling.forward import sequence_logps
 from rlhfkit.run_layout import EVAL_PREFIX, PreferenceMetric
 from rlhfkit.run_layout import PreferenceMetric as PM
 from rlhfkit.training import reference
-from tests.helpers import ON_CUDA, QA_PAIRS, on_device_of, read_jsonl, train_entries, write_jsonl
+from tests.helpers import ON_CUDA, QA_PAIRS, on_device_of, read_jsonl, saved_weights, train_entries, write_jsonl
 
 # ----------------------------------------------------------------------------- data
 
@@ -635,7 +635,6 @@ def test_lora_run_saves_a_loadable_model(prefs_file, tmp_path, tokenizer):
 def test_bf16_lora_run_with_a_probe_keeps_its_base_in_bf16_and_saves_fp32(prefs_file, tmp_path):
     """frozen_precision=auto end to end: a bf16 LoRA run stores its base in bf16, probes (the fp32 KL against the
     base with adapters off) and saves a merged fp32 model whose projections moved from the rounded base."""
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.probe import FRONTIER_FILE
@@ -651,8 +650,7 @@ def test_bf16_lora_run_with_a_probe_keeps_its_base_in_bf16_and_saves_fp32(prefs_
     assert [r["step"] for r in rows] == [0, 2]
     assert rows[0]["kl"] == 0.0 and math.isfinite(rows[1]["kl"])
     out = Path(config.output_dir)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert {v.dtype for v in saved_weights(out).values()} == {torch.float32}
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     base = models.build_tiny().state_dict()
     for k, v in base.items():

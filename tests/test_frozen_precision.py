@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from rlhfkit.generation.fast_decode import prepacked_linears
 from rlhfkit.modeling import models
+from tests.helpers import saved_weights
 
 
 def _options(**kw):
@@ -97,8 +97,7 @@ def test_fp32_forward_runs_on_the_rounded_weights():
 
 
 def _file_dtypes(directory):
-    with safe_open(str(directory / "model.safetensors"), "pt") as f:
-        return {f.get_slice(k).get_dtype() for k in f.keys()}
+    return {v.dtype for v in saved_weights(directory).values()}
 
 
 def test_merged_lora_save_is_fp32_of_the_rounded_base_plus_the_adapters(tmp_path):
@@ -106,7 +105,7 @@ def test_merged_lora_save_is_fp32_of_the_rounded_base_plus_the_adapters(tmp_path
 
     low, full = _lora_pair()
     models.save_pretrained(low, None, tmp_path / "low")
-    assert _file_dtypes(tmp_path / "low") == {"F32"}
+    assert _file_dtypes(tmp_path / "low") == {torch.float32}
     assert any(type(m) is models.FrozenLinear for m in low.modules())  # the model in memory keeps its storage
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "low", dtype=torch.float32).state_dict()
     want = copy.deepcopy(_rounded(full)).merge_and_unload().state_dict()
@@ -124,7 +123,7 @@ def test_trainable_layers_store_the_frozen_bottom_in_bf16_and_save_fp32(tmp_path
     assert not any(type(m) is models.FrozenLinear for m in layers[1].modules())
     assert model.get_output_embeddings().weight.dtype == torch.float32  # tied to the embeddings: left alone
     models.save_pretrained(model, None, tmp_path / "m")
-    assert _file_dtypes(tmp_path / "m") == {"F32"}
+    assert _file_dtypes(tmp_path / "m") == {torch.float32}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(loaded[k], v.float()), k

@@ -135,16 +135,16 @@ def test_the_lora_stage_fails_unless_the_frozen_base_is_stored_in_bf16(tmp_path,
     from rlhfkit.modeling import models
 
     if not stored:
-        monkeypatch.setattr(models, "store_frozen_linears", lambda model, dtype: 0)
+        monkeypatch.setattr(models, "store_frozen_linears", lambda model, dtype: None)
     args = SimpleNamespace(precision="bf16", peak_tflops=1.0)
     env = gpu_check.Env(args, gpu_check.Sizes(**gpu_check.TINY.__dict__), n_policy=1_000_000, n_reward=1_000_000)
     result = gpu_check.stage_sft_lora(env, models.TINY, demo_data_path("sft.jsonl"), tmp_path)
     assert result["steps"] == gpu_check.TINY.steps
     if stored:
-        assert result["ok"] and result["frozen_dtypes"] == ["bfloat16"], result
+        assert result["ok"] and result["frozen_dtypes"] == ["torch.bfloat16"], result
     else:
         assert not result["ok"] and result["frozen_dtypes"] == [], result
-        assert any("LoRA base not stored in bfloat16" in p for p in result["problems"])
+        assert any("LoRA base not stored in torch.bfloat16" in p for p in result["problems"])
 
 
 def test_sampler_check():

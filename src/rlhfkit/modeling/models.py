@@ -375,15 +375,14 @@ class FrozenLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, weight, bias)
 
 
-def store_frozen_linears(model, dtype: torch.dtype) -> int:
+def store_frozen_linears(model, dtype: torch.dtype) -> None:
     """Store every frozen ``nn.Linear`` of ``model`` (no parameter requiring grad) in ``dtype`` as a
-    :class:`FrozenLinear`; return how many. Embeddings and the output head are left alone (the residual stream
+    :class:`FrozenLinear`. Embeddings and the output head are left alone (the residual stream
     starts from the embeddings, and the fused log-prob kernels read the head's weight directly), and so are
     trainable linears (fp32 master weights). The parameters stay the same objects (only their data changes).
     :func:`restore_frozen_linears` undoes it."""
     heads = [model.get_input_embeddings(), model.get_output_embeddings()]
     skip = {id(p) for head in heads if head is not None for p in head.parameters()}
-    count = 0
     for module in model.modules():
         params = list(module.parameters(recurse=False))
         if type(module) is not torch.nn.Linear or any(p.requires_grad or id(p) in skip for p in params):
@@ -391,16 +390,14 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
         for p in params:
             p.data = p.data.to(dtype)
         module.__class__ = FrozenLinear
-        count += 1
-    return count
 
 
-def restore_frozen_linears(model, dtype: torch.dtype = torch.float32) -> None:
-    """Turn :func:`store_frozen_linears`'s layers back into ``nn.Linear`` in ``dtype`` (on a copy about to be saved)."""
+def restore_frozen_linears(model) -> None:
+    """Turn :func:`store_frozen_linears`'s layers back into fp32 ``nn.Linear`` (on a copy about to be saved)."""
     for module in model.modules():
         if type(module) is FrozenLinear:
             for p in module.parameters(recurse=False):
-                p.data = p.data.to(dtype)
+                p.data = p.data.float()
             module.__class__ = torch.nn.Linear
 
 
