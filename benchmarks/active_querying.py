@@ -2,8 +2,9 @@
 
     python benchmarks/active_querying.py --model SFT_DIR --samples SAMPLES.jsonl --labels POOL_LABELS.jsonl \\
         --heldout HELDOUT_LABELS.jsonl [--budgets 256,512] [--initial 128] [--ensemble-size 5] [--seeds 0] \\
-        [--strategy disagreement] [--max-per-prompt 2] [--epochs 2] [--batch-size 16] [--lr 1e-5] \\
-        [--max-length 512] [--precision bf16] [--output-dir runs/active_querying]
+        [--strategy disagreement] [--ensemble-backbones shared] [--sequential] [--max-per-prompt 2] [--epochs 2] \\
+        [--batch-size 16] [--lr 1e-5] [--num-layers -1] [--max-length 512] [--precision bf16] \\
+        [--output-dir runs/active_querying]
 
 For each seed and each label budget N (``--budgets``), two arms train a one-head reward model (``rlhfkit.reward``)
 from ``--model`` on N labelled pairs and are scored on the held-out labels:
@@ -15,6 +16,11 @@ from ``--model`` on N labelled pairs and are scored on the held-out labels:
   N - N0 pairs from the rest of the pool by ``--strategy`` (``disagreement``: spread over heads of P(a > b); or
   ``uncertainty``) with :func:`rlhfkit.active.select`; the reward model trains on the N0 + (N - N0). The ensemble is
   trained once per seed and serves every budget (one round of querying, not N - N0 rounds of one).
+  ``--ensemble-backbones separate``: the ensemble is K whole reward models (Coste et al.'s and Christiano et al.'s
+  independent members; K times the cost) instead of K heads on one backbone.
+  ``--sequential``: one round per budget instead: budget N's new pairs are picked by an ensemble trained on all the
+  active arm's pairs of the budget before it (N0 for the first), so each round's queries use every label so far
+  (Christiano et al. 2017 query in rounds this way), at one ensemble per budget.
 
 Both arms train with the same settings for the same number of epochs, so at equal N they train the same number of
 steps; they differ only in *which* pairs were labelled.
@@ -67,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--initial", type=int, default=128, help="N0: random pairs the querying ensemble trains on")
     parser.add_argument("--ensemble-size", type=int, default=5, help="heads of the querying ensemble")
     parser.add_argument("--strategy", default="disagreement", choices=("disagreement", "uncertainty"))
+    parser.add_argument("--ensemble-backbones", default="shared", choices=("shared", "separate"))
+    parser.add_argument("--sequential", action="store_true", help="one querying round per budget (see above)")
+    parser.add_argument("--num-layers", type=int, default=-1, help="reward models keep the first N blocks (-1: all)")
     parser.add_argument("--max-per-prompt", type=int, default=2, help="at most this many selected pairs a prompt (0: any)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (selection and training)")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs over the N pairs (every reward model)")
@@ -137,6 +146,9 @@ def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, 
         eval_fraction=0.0,
         output_dir=str(out),
         ensemble_size=heads,
+        ensemble_backbones=args.ensemble_backbones,
+        ensemble_bootstrap=args.ensemble_backbones == "shared",  # separate members differ by seed (Coste et al.)
+        num_layers=args.num_layers,
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -182,22 +194,30 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict) -> list[Run]:
     largest = query(args, root / "random_queries.jsonl", seed, max(args.budgets), strategy="random")
     random_labels = labels_of(largest, labels, args.labels)
     initial = random_labels[: args.initial]
-    initial_file = root / "initial.jsonl"
-    save_comparisons(initial_file, initial)
+    labelled, labelled_file = initial, root / "initial.jsonl"  # the active arm's pairs so far, and their file
+    save_comparisons(labelled_file, labelled)
     ensemble_dir = root / "ensemble"
-    train_reward(args, initial_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
+    train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
     for budget in args.budgets:
         record("random", budget, random_labels[:budget])
+        # One round (default): every budget adds to the initial pairs, picked by the ensemble of the initial pairs.
+        # --sequential: each budget adds to the previous budget's pairs, picked by an ensemble trained on them.
+        base = labelled if args.sequential else initial
         picked = query(
             args,
             root / f"active_queries_{budget}.jsonl",
             seed,
-            budget - args.initial,
+            budget - len(base),
             strategy=args.strategy,
             reward_model=str(ensemble_dir),
-            exclude=str(initial_file),
+            exclude=str(labelled_file if args.sequential else root / "initial.jsonl"),
         )
-        record("active", budget, initial + labels_of(picked, labels, args.labels))
+        chosen = base + labels_of(picked, labels, args.labels)
+        record("active", budget, chosen)
+        if args.sequential and budget != args.budgets[-1]:
+            labelled, labelled_file = chosen, root / f"active_{budget}.jsonl"  # record() wrote this file
+            ensemble_dir = root / f"ensemble_{budget}"
+            train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
     return runs
 
 

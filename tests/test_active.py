@@ -258,13 +258,18 @@ def polite_rude_samples(path: Path, count: int, offset: int) -> Path:
     return write_jsonl(path, rows)
 
 
-def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+def _benchmark_module():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
         import active_querying
     finally:
         sys.path.pop(0)
+    return active_querying
 
+
+def _labelled_pool(tmp_path: Path) -> Path:
+    """8 pool prompts and 3 held-out ones of 3 responses each, every pair labelled by the simulated annotator (as
+    the script's docstring says to): ``pool.jsonl`` and ``heldout.jsonl``; returns the pool's samples file."""
     samples = polite_rude_samples(tmp_path / "samples.jsonl", 8, 0)
     heldout_samples = polite_rude_samples(tmp_path / "heldout_samples.jsonl", 3, 100)
     # Every pair of the pool, labelled by the simulated annotator (as the script's docstring says to).
@@ -279,6 +284,12 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
             )
         )
         label_run(LabelConfig(samples=str(pool), output=str(tmp_path / f"{name}.jsonl"), scorer="demo", temperature=0))
+    return samples
+
+
+def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    active_querying = _benchmark_module()
+    samples = _labelled_pool(tmp_path)
     out = tmp_path / "bench"
     argv = [
         *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
@@ -307,3 +318,34 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert active_train[:4] == initial and not {tuple(r) for r in active_train[4:]} & {tuple(r) for r in initial}
     picks = read_jsonl(seed0 / "active_queries_8.jsonl")
     assert len(picks) == 4 and all(r["acquisition"] >= 0 for r in picks)
+
+
+def test_benchmark_sequential_rounds_with_separate_members(tmp_path, capsys):
+    """``--sequential --ensemble-backbones separate``: budget 8's new pairs add to budget 6's active pairs (none
+    picked twice), chosen by an ensemble of 2 separate reward models trained on those 6."""
+    active_querying = _benchmark_module()
+    samples = _labelled_pool(tmp_path)
+    out = tmp_path / "bench"
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,8", "--initial", "4", "--ensemble-size", "2"),
+        *("--ensemble-backbones", "separate", "--sequential", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"),
+        *("--max-length", "48", "--precision", "fp32", "--seeds", "0", "--output-dir", str(out)),
+    ]
+    results = active_querying.main(argv)
+    capsys.readouterr()
+    assert sorted((r["arm"], r["budget"]) for r in results["runs"]) == [
+        ("active", 6),
+        ("active", 8),
+        ("random", 6),
+        ("random", 8),
+    ]
+    seed0 = out / "seed0"
+    first = [c.responses for c in load_comparisons(seed0 / "active_6.jsonl")]
+    second = [c.responses for c in load_comparisons(seed0 / "active_8.jsonl")]
+    assert len(first) == 6 and len(second) == 8 and second[:6] == first
+    assert not {tuple(r) for r in second[6:]} & {tuple(r) for r in first}
+    assert len(read_jsonl(seed0 / "active_queries_8.jsonl")) == 2
+    for ensemble in (seed0 / "ensemble", seed0 / "ensemble_6"):  # round 1's and round 2's queriers: 2 models each
+        assert json.loads((ensemble / "config.json").read_text())["rlhfkit_ensemble_members"] == ["members/1"]
+    assert not (seed0 / "ensemble_8").exists()  # no round after the last budget

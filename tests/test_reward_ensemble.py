@@ -400,3 +400,147 @@ def test_the_pipelines_reward_aggregation_reaches_rl_and_eval(tmp_path):
         for stage in build_stages(PipelineConfig(output_dir=str(tmp_path), model="tiny", algorithm="grpo"))
     }
     assert default["grpo"].reward_aggregation == default["eval"].reward_aggregation == "mean"
+
+
+# ----------------------------------------------------------------------------- separate members
+
+
+def test_separate_members_are_the_single_runs_of_seeds_seed_to_seed_plus_k(tmp_path):
+    """``ensemble_backbones=separate``: member k is exactly the single reward model a run with seed ``seed + k``
+    trains on the same split (no bootstrap); the directory lists the members, loads with ``from_pretrained`` as
+    member 0, and :class:`RewardModel` scores each member as that member's own directory does; heldout.json judges
+    the members' mean normalised score and each member apart."""
+    from transformers import AutoModelForSequenceClassification
+
+    fields = dict(max_steps=4)
+    keys = ("model", "data", "eval_data", "output_dir", "lr")
+    args = [f"{k}={v}" for k, v in vars(_config(tmp_path, **fields)).items() if k in keys]
+    args += ["max_length=64", "precision=fp32", "progress=false", "tensorboard=false", "max_steps=4", "batch_size=8"]
+    args += [f"ensemble_size={K}", "ensemble_backbones=separate", "ensemble_bootstrap=false"]
+    assert cli.main(["reward", *args]) == 0
+    out = tmp_path / "out"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["rlhfkit_ensemble_members"] == [f"members/{k}" for k in range(1, K)]
+    assert "rlhfkit_ensemble_size" not in saved  # member 0 is a single reward model
+    hf = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    assert hf.config.num_labels == 1
+
+    # Member 1 against a single run from seed 1 on its own: the same weights.
+    alone = train(_config(tmp_path, **fields, seed=1, output_dir=str(tmp_path / "alone")))
+    member = AutoModelForSequenceClassification.from_pretrained(out / "members" / "1", dtype=torch.float32)
+    for (name, a), b in zip(alone.model.state_dict().items(), member.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    zero = hf.state_dict()["score.weight"]
+    assert not torch.equal(zero, member.state_dict()["score.weight"])
+
+    ensemble = RewardModel(out, precision="fp32", aggregation="wco")
+    assert ensemble.num_members == K
+    members = ensemble.member_scores(PROMPTS, RESPONSES)
+    singles = [RewardModel(d, precision="fp32") for d in [out, out / "members" / "1", out / "members" / "2"]]
+    singles[0].members = singles[0].members[:1]  # member 0's directory alone, as a single model
+    singles[0].num_members = 1
+    for k, single in enumerate(singles):
+        torch.testing.assert_close(members[:, k], torch.tensor(single(PROMPTS, RESPONSES)), rtol=0, atol=1e-6)
+    assert ensemble(PROMPTS, RESPONSES) == pytest.approx(members.min(-1).values.tolist(), abs=1e-6)
+
+    held = json.loads((out / HELDOUT_FILE).read_text())
+    own = [json.loads((out / "members" / str(k) / HELDOUT_FILE).read_text()) for k in range(1, K)]
+    assert held["ensemble_size"] == K and held["num_pairs"] == own[0]["num_pairs"] == own[1]["num_pairs"] > 0
+    assert held["head_accuracy"][1:] == [o["accuracy"] for o in own]
+
+
+def test_separate_members_with_bootstrap_each_train_on_their_own_resample(tmp_path, monkeypatch):
+    """With ``ensemble_bootstrap``, member k's training examples are the examples repeated as column k of
+    :func:`bootstrap_counts` says (the resample the k-th shared head would get), and its seed is seed + k; every
+    member holds out the same examples (one split, by the run's seed)."""
+    from rlhfkit import reward as reward_module
+
+    seen = []
+    real = reward_module._train_one
+
+    def recording(config, tokenizer, train_set, eval_set, norm_samples):
+        seen.append((config.seed, config.ensemble_size, [id(e) for e in train_set], [id(e) for e in eval_set]))
+        return real(config, tokenizer, train_set, eval_set, norm_samples)
+
+    monkeypatch.setattr(reward_module, "_train_one", recording)
+    config = _config(tmp_path, max_steps=1, eval_data="", eval_fraction=0.25, seed=3, ensemble_size=2)
+    config.ensemble_backbones = "separate"
+    train(config)
+    assert [(seed, size) for seed, size, _, _ in seen] == [(3, 1), (4, 1)]
+    assert seen[0][3] == seen[1][3] and len(seen[0][3]) > 0  # the same held-out examples, the very objects
+    first = seen[0][2]
+    n = len(load_comparisons(config.data)) - len(seen[0][3])
+    counts = bootstrap_counts(n, 2, seed=3 * 1_000_003 + 24)
+    assert len(first) == len(seen[1][2]) == n  # a resample is as large as the training set
+    assert first != seen[1][2]
+    assert sorted(first.count(i) for i in set(first)) == sorted(int(c) for c in counts[:, 0].tolist() if c > 0)
+    assert sorted(seen[1][2].count(i) for i in set(seen[1][2])) == sorted(int(c) for c in counts[:, 1].tolist() if c > 0)
+
+
+def test_a_member_list_that_names_no_model_is_an_error_naming_it(tmp_path):
+    train(_config(tmp_path, max_steps=1, eval_data="", eval_fraction=0.0))
+    path = tmp_path / "out" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["rlhfkit_ensemble_members"] = ["members/9"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"members/9.*no config.json"):
+        RewardModel(tmp_path / "out", precision="fp32")
+
+
+def _ensemble_bon_module():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import ensemble_best_of_n
+    finally:
+        sys.path.pop(0)
+    return ensemble_best_of_n
+
+
+def test_best_of_n_gold_picks_the_highest_ranked_of_the_first_n():
+    bench = _ensemble_bon_module()
+    ranking = torch.tensor([[0.1, 0.9, 0.5, 2.0], [3.0, 1.0, 3.0, 0.0]], dtype=torch.float64)
+    gold = torch.tensor([[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]], dtype=torch.float64)
+    assert bench.best_of_n_gold(ranking, gold, 1).tolist() == [10.0, 20.0]
+    assert bench.best_of_n_gold(ranking, gold, 2).tolist() == [11.0, 20.0]
+    assert bench.best_of_n_gold(ranking, gold, 4).tolist() == [13.0, 20.0]  # a tie: the first one
+
+
+def test_ensemble_best_of_n_script_on_the_tiny_model(tmp_path, capsys):
+    """The script end to end on the tiny model (numbers meaningless): its WCO row is the gold of the samples the
+    lowest member ranks highest, recomputed here from the pool file and the members' own directories."""
+    bench = _ensemble_bon_module()
+    fields = dict(max_steps=2, eval_data="", eval_fraction=0.0)
+    train(_config(tmp_path, **fields, output_dir=str(tmp_path / "single")))
+    config = _config(tmp_path, **fields, output_dir=str(tmp_path / "ens"), ensemble_size=2, ensemble_bootstrap=False)
+    config.ensemble_backbones = "separate"
+    train(config)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q, _ in EVAL_QUESTIONS[:3]])
+    capsys.readouterr()  # what training printed
+    argv = [
+        *("--policy", models.TINY, "--prompts", str(prompts), "--single", str(tmp_path / "single")),
+        *("--ensemble", str(tmp_path / "ens"), "--gold", "length", "--n", "4", "--max-new-tokens", "6"),
+        *("--precision", "fp32", "--output-dir", str(tmp_path / "bench")),
+    ]
+    results = bench.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.startswith("command: ") and "wco - single at n=4:" in printed.splitlines()[-1]
+    assert set(results["best_of_n"]) == {"1", "2", "4"} and results["ensemble_size"] == 2
+
+    pool = read_jsonl(tmp_path / "bench" / "pool.jsonl")
+    assert len(pool) == 3 and all(len(r["responses"]) == 4 for r in pool)
+    ps = [r["prompt"] for r in pool for _ in r["responses"]]
+    rs = [x for r in pool for x in r["responses"]]
+    gold = torch.tensor(load_reward("length")(ps, rs), dtype=torch.float64).view(3, 4)
+    members = [RewardModel(d, precision="fp32") for d in (tmp_path / "ens", tmp_path / "ens" / "members" / "1")]
+    members[0].members, members[0].num_members = members[0].members[:1], 1  # member 0 alone
+    lowest = torch.stack([torch.tensor(m(ps, rs)) for m in members], -1).min(-1).values.view(3, 4)
+    expected = gold.gather(1, lowest.argmax(-1, keepdim=True)).mean()
+    assert results["best_of_n"]["4"]["wco"]["gold"]["value"] == pytest.approx(float(expected), abs=1e-9)
+    single = torch.tensor(RewardModel(tmp_path / "single", precision="fp32")(ps, rs)).view(3, 4)
+    by_single = gold.gather(1, single.argmax(-1, keepdim=True)).mean()
+    assert results["best_of_n"]["4"]["wco"]["minus_single"]["value"] == pytest.approx(float(expected - by_single), abs=1e-9)
+    # n = 1: every ranker takes the first sample.
+    firsts = [entry["gold"]["value"] for entry in results["best_of_n"]["1"].values()]
+    assert firsts == [pytest.approx(float(gold[:, 0].mean()), abs=1e-9)] * 4

@@ -40,6 +40,12 @@ K score heads on one shared backbone -- a ``score`` layer of shape (K, hidden) i
   heads only their init to differ by (they read the same features of the same batches in the same order); the
   bootstraps add different data to fit. ``ensemble_bootstrap: false`` trains every head on every example (the
   paper's all-data choice; the heads then differ by their init only).
+* ``ensemble_backbones: separate`` trains K whole reward models instead, one after another, on the same
+  train/held-out split, member k from seed ``seed + k`` (with ``ensemble_bootstrap``, on its own resample of the
+  training examples, drawn as the heads' are): Coste et al.'s recipe, at K times the cost. Member 0 is
+  ``output_dir`` (a single reward model that ``from_pretrained`` loads); members 1..K-1 are
+  ``output_dir/members/k``, and ``output_dir/config.json`` lists them (``rlhfkit_ensemble_members``), so
+  :class:`~rlhfkit.modeling.reward_model.RewardModel` loads all K and every ``reward_model=`` takes the directory.
 * Normalisation is per head: a gain and bias for each, fitted as in 3. (lists in ``config.json``), applied before
   the heads are aggregated (:class:`~rlhfkit.modeling.reward_model.RewardModel`).
 * ``heldout.json`` holds the accuracy of the heads' mean normalised score, and each head's (``head_accuracy``).
@@ -49,7 +55,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -64,8 +70,9 @@ from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX
 from rlhfkit.losses import ensemble_preference_loss, preference_loss
 from rlhfkit.modeling import forward, models
-from rlhfkit.modeling.reward_model import RewardModel as RewardModel  # scoring lives in modeling/; kept importable here
 from rlhfkit.modeling.reward_model import (
+    MEMBERS_DIR,
+    MEMBERS_KEY,
     fp32_score_head,
     head_normalisation,
     load_reward_backbone,
@@ -73,6 +80,7 @@ from rlhfkit.modeling.reward_model import (
     reward_tokenizer,
     sequence_scores,
 )
+from rlhfkit.modeling.reward_model import RewardModel as RewardModel  # scoring lives in modeling/; kept importable here
 from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.run_layout import PreferenceMetric as M
 from rlhfkit.stats import cluster_accuracy
@@ -117,8 +125,13 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """Score heads on one shared backbone: K > 1 trains a reward-model ensemble (Coste et al. 2024), which RL,
     best-of-n and evaluation aggregate with `reward_aggregation` (mean, wco, uwo). 1: one reward model."""
     ensemble_bootstrap: bool = True
-    """ensemble_size > 1: each head trains on its own bootstrap resample of the training examples (so the heads,
-    which share every backbone feature, disagree); false: every head on every example, differing by init only."""
+    """ensemble_size > 1: each member trains on its own bootstrap resample of the training examples (so the heads,
+    which share every backbone feature, disagree); false: every member on every example, differing by seed only."""
+    ensemble_backbones: Literal["shared", "separate"] = "shared"
+    """ensemble_size > 1: `shared`: K score heads on one backbone (one forward whatever K); `separate`: K whole reward
+    models trained one after another from seeds seed, seed+1, ... (head init and data order), as Coste et al. 2024
+    did: K times the training and scoring cost, and members that share no feature. Member 1 is `output_dir` itself
+    (a single reward model `from_pretrained` loads), the others `output_dir/members/K`, listed in its config.json."""
     num_layers: int = -1
     """Keep only the backbone's first `num_layers` transformer blocks (-1: all): a smaller, cheaper reward model
     initialised from the same weights, as InstructGPT (sec. 3.5) trained a 6B reward model for its 175B policies.
@@ -208,7 +221,8 @@ def heldout_accuracy(
     (:func:`~rlhfkit.data.pairwise.tokenize_rankings`) or single pairs
     (:func:`~rlhfkit.data.pairwise.tokenize_pairs`); ``max_length`` and ``chat_template`` then do nothing.
     ``model``: a ``*ForSequenceClassification`` (unwrapped; peft is fine); its raw scores are used
-    (normalisation is monotone, it changes no order). ``tokenizer`` gives the padding id.
+    (normalisation is monotone, it changes no order). A list of them is an ensemble of separate single-head
+    models (``ensemble_backbones: separate``), one member each. ``tokenizer`` gives the padding id.
 
     Every strict pair (chosen ranked above rejected) counts: a K-way ranking gives K(K-1)/2. A
     pair scores 1.0 when the model scores chosen above rejected, 0.5 when the two scores are
@@ -220,7 +234,7 @@ def heldout_accuracy(
     Returns ``{"accuracy": float, "accuracy_ci": [lo, hi], "num_pairs": int, "num_prompts": int,
     "ties": int}``; with no strict pair, ``accuracy`` and ``accuracy_ci`` are None.
 
-    A K-head ensemble is judged by the mean of its heads' normalised scores (``gains``: each head's gain, which
+    A K-head ensemble (or K separate models) is judged by the mean of its heads' normalised scores (``gains``: each head's gain, which
     is all the normalisation changes in a difference of two scores; None: 1); the result adds ``ensemble_size``
     and ``head_accuracy``, each head's accuracy on the same pairs.
     """
@@ -244,9 +258,11 @@ def heldout_accuracy(
     if current:
         batches.append(current)
 
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    members = list(model) if isinstance(model, (list, tuple)) else [model]
+    device = next(members[0].parameters()).device
+    was_training = [m.training for m in members]
+    for m in members:
+        m.eval()
     correct: list[float] = []
     clusters: list[tuple[int, ...]] = []
     head_correct: list[list[float]] = []  # an ensemble's: per pair, per head
@@ -260,7 +276,10 @@ def heldout_accuracy(
             batch = collate(chunk, tokenizer.pad_token_id)
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
             with torch.no_grad(), models.autocast(device, precision):
-                scores = sequence_scores(model, inputs).cpu()
+                if len(members) == 1:
+                    scores = sequence_scores(members[0], inputs).cpu()
+                else:
+                    scores = torch.stack([sequence_scores(m, inputs).cpu() for m in members], -1)
             chosen, rejected = chosen_rejected(batch, scores)
             heads: list = [None] * len(chosen)
             if chosen.dim() == 2:  # an ensemble: each head's pairs, and the heads' mean normalised score
@@ -282,7 +301,8 @@ def heldout_accuracy(
                 if head is not None:
                     head_correct.append([right(hr, hc) if flip else right(hc, hr) for hc, hr in zip(*head)])
     finally:
-        model.train(was_training)
+        for m, mode in zip(members, was_training):
+            m.train(mode)
     result: dict = {
         "accuracy": None,
         "accuracy_ci": None,
@@ -324,18 +344,24 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
         result = heldout_accuracy(
             model, tokenizer, eval_set, batch_size=config.batch_size, precision=config.precision, seed=config.seed, gains=gains
         )
-        if result["accuracy"] is None:  # readers of HELDOUT_FILE expect an accuracy; write none
-            log.warning(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
-        else:
-            atomic_write_text(out / HELDOUT_FILE, json.dumps(result, indent=2) + "\n")
-            lo, hi = result["accuracy_ci"]
-            log.info(
-                f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
-                f"pairs ({result['num_prompts']} prompts)"
-            )
-            if "head_accuracy" in result:
-                log.info(f"reward: held-out accuracy of each head: {', '.join(f'{a:.2f}' for a in result['head_accuracy'])}")
+        _report_heldout(out, result)
     state.wait_for_everyone()
+
+
+def _report_heldout(out: Path, result: dict) -> None:
+    """Write a :func:`heldout_accuracy` result to ``out/HELDOUT_FILE`` and print it (nothing written without an
+    accuracy: readers of HELDOUT_FILE expect one)."""
+    if result["accuracy"] is None:
+        log.warning(f"reward: no held-out accuracy: the held-out comparisons hold no strict pair ({result['ties']} ties)")
+        return
+    atomic_write_text(out / HELDOUT_FILE, json.dumps(result, indent=2) + "\n")
+    lo, hi = result["accuracy_ci"]
+    log.info(
+        f"reward: held-out accuracy {result['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] on {result['num_pairs']} "
+        f"pairs ({result['num_prompts']} prompts)"
+    )
+    if "head_accuracy" in result:
+        log.info(f"reward: held-out accuracy of each member: {', '.join(f'{a:.2f}' for a in result['head_accuracy'])}")
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -376,7 +402,8 @@ def train(config: RewardConfig) -> FitResult:
         raise ConfigError("reward: `data` (a preference file) is required")
     if config.ensemble_size < 1:
         raise ConfigError(f"reward: ensemble_size must be >= 1 (got {config.ensemble_size})")
-    if config.ensemble_size > 1 and not config.ensemble_bootstrap and config.head_init == "zero":
+    shared = config.ensemble_backbones == "shared"
+    if config.ensemble_size > 1 and shared and not config.ensemble_bootstrap and config.head_init == "zero":
         raise ConfigError(
             "reward: ensemble_size > 1 with head_init=zero and ensemble_bootstrap=false: every head would start and "
             "train the same (identical members); use head_init=normal or ensemble_bootstrap=true"
@@ -396,6 +423,58 @@ def train(config: RewardConfig) -> FitResult:
         stage="reward",
         grouped=config.group_rankings,
     )
+    if config.ensemble_size > 1 and config.ensemble_backbones == "separate":
+        return _train_separate(config, tokenizer, train_set, eval_set, norm_samples)
+    return _train_one(config, tokenizer, train_set, eval_set, norm_samples)
+
+
+def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval_set: list[dict], norm_samples) -> FitResult:
+    """``ensemble_backbones: separate``: K single reward models on one split (see the module docstring), then the
+    members' list in member 0's config.json and the ensemble's held-out accuracy in ``heldout.json``."""
+    from accelerate import PartialState
+
+    K, out = config.ensemble_size, Path(config.output_dir)
+    counts = bootstrap_counts(len(train_set), K, seed=config.seed * 1_000_003 + 24) if config.ensemble_bootstrap else None
+    member_dirs = [out] + [out / MEMBERS_DIR / str(k) for k in range(1, K)]
+    results = []
+    for k, member_out in enumerate(member_dirs):
+        log.info(f"reward: ensemble member {k + 1} of {K} (seed {config.seed + k}) -> {member_out}")
+        data = train_set
+        if counts is not None:  # the member's bootstrap resample: example i repeated counts[i, k] times
+            data = [example for example, n in zip(train_set, counts[:, k].tolist()) for _ in range(int(n))]
+        member = replace(config, ensemble_size=1, seed=config.seed + k, output_dir=str(member_out))
+        results.append(_train_one(member, tokenizer, data, eval_set, norm_samples))
+    state = PartialState()
+    if state.is_main_process:
+        saved = json.loads((out / "config.json").read_text())
+        saved[MEMBERS_KEY] = [str(d.relative_to(out)) for d in member_dirs[1:]]
+        atomic_write_text(out / "config.json", json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        write_run_config(out, "reward", config)
+        if eval_set:
+            from transformers import AutoModelForSequenceClassification
+
+            members = [
+                fp32_score_head(AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)).to(state.device)
+                for d in member_dirs
+            ]
+            gains = [head_normalisation(m.config)[0][0] for m in members]
+            result = heldout_accuracy(
+                members,
+                tokenizer,
+                eval_set,
+                batch_size=config.batch_size,
+                precision=config.precision,
+                seed=config.seed,
+                gains=gains,
+            )
+            _report_heldout(out, result)
+    state.wait_for_everyone()
+    return results[0]
+
+
+def _train_one(config: RewardConfig, tokenizer, train_set: list[dict], eval_set: list[dict], norm_samples) -> FitResult:
+    """Train one reward model (one head, or ``ensemble_size`` heads on its backbone) on the split; save it, and
+    write its held-out accuracy when there is a held-out set."""
     out = Path(config.output_dir)
     write_run_config(out, "reward", config)
 

@@ -11,6 +11,10 @@ heads, the rows of one ``score`` layer of shape (K, hidden), on one shared backb
 ``rlhfkit_ensemble_size: K`` and holds the gain and bias as lists, one per head. ``from_pretrained`` loads it as it
 is (raw logits: (N, K)). :class:`RewardModel` normalises each head with its own gain and bias, then aggregates the K
 member scores into one reward (:func:`rlhfkit.losses.aggregate_rewards`: mean, wco or uwo).
+
+An ensemble of **separate** reward models (``ensemble_backbones: separate``) is member 0's directory, a single reward
+model as above, whose ``config.json`` lists the other members' directories (``rlhfkit_ensemble_members``, relative
+to it). :class:`RewardModel` loads every member and scores with each; ``from_pretrained`` loads member 0.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from rlhfkit.modeling import attention, models
 
 ENSEMBLE_KEY = "rlhfkit_ensemble_size"
 """``config.json`` key of a reward-model ensemble: its number of heads (absent: one head)."""
+MEMBERS_KEY = "rlhfkit_ensemble_members"
+"""``config.json`` key of an ensemble of separate reward models (``ensemble_backbones: separate``), in member 0's
+directory: the other members' directories, relative to it (absent: no other member)."""
+MEMBERS_DIR = "members"
+"""Where ``rlhfkit reward ensemble_backbones=separate`` puts members 1..K-1 in its output directory."""
 
 
 def _score_head(model) -> torch.nn.Module:
@@ -243,13 +252,35 @@ def raw_scores(
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
+def member_dirs(path: str | Path, config=None) -> list[Path]:
+    """The directories of a reward model's members: ``path`` itself, then the separate members its ``config.json``
+    lists (``rlhfkit_ensemble_members``; ``config``: its transformers config, if loaded). A listed directory that is
+    not a model is a ConfigError naming it."""
+    path = Path(path)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    listed = getattr(config, MEMBERS_KEY, None) or []
+    if not isinstance(listed, list) or not all(isinstance(d, str) for d in listed):
+        raise ConfigError(f"{path / 'config.json'}: {MEMBERS_KEY} must be a list of directories, got {listed!r}")
+    dirs = [path] + [path / d for d in listed]
+    for d in dirs[1:]:
+        if not (d / "config.json").is_file():
+            raise ConfigError(
+                f"{path / 'config.json'}: {MEMBERS_KEY} lists {d}, which is not a reward-model directory (no config.json)"
+            )
+    return dirs
+
+
 class RewardModel:
     """Scores text with a trained reward-model directory (its own tokenizer), normalised.
 
     ``RewardModel(dir)(prompts, responses) -> list[float]`` — the same signature as a
     ``module:function`` reward, so PPO, evaluation and best-of-n take either.
 
-    An ensemble directory (``rlhfkit reward ensemble_size=K``) scores with all K heads in one forward:
+    An ensemble directory (``rlhfkit reward ensemble_size=K``) scores with all K heads in one forward (separate
+    members, ``ensemble_backbones=separate``: one forward each):
     :meth:`member_scores` gives each head's normalised score, (N, K); calling the model gives them aggregated by
     ``aggregation`` (:func:`rlhfkit.losses.aggregate_rewards`: ``mean``, ``wco`` or ``uwo`` with ``uwo_coef``). For
     a single-head directory every aggregation is its score.
@@ -278,18 +309,35 @@ class RewardModel:
         self.tokenizer = reward_tokenizer(self.path)
         device = torch.device(device) if device is not None else models.inference_device()
         dtype = torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=dtype).eval()
-        head = _score_head(model)
-        if isinstance(head, torch.nn.Linear):
-            head.float()
-        self.model = fp32_score_head(model.to(device))
-        try:  # packed scoring (raw_scores): rlhfkit's kernel, as the reward stage trains with
-            models.set_attention(self.model)
-        except (ValueError, NotImplementedError) as e:  # an architecture transformers cannot give another kernel
-            log.info(f"reward model {self.path}: padded scoring ({e})")
+
+        def load(member: Path):
+            model = AutoModelForSequenceClassification.from_pretrained(member, dtype=dtype).eval()
+            head = _score_head(model)
+            if isinstance(head, torch.nn.Linear):
+                head.float()
+            model = fp32_score_head(model.to(device))
+            try:  # packed scoring (raw_scores): rlhfkit's kernel, as the reward stage trains with
+                models.set_attention(model)
+            except (ValueError, NotImplementedError) as e:  # an architecture transformers cannot give another kernel
+                log.info(f"reward model {member}: padded scoring ({e})")
+            return model
+
+        self.model = load(Path(self.path))
+        # Separate members (ensemble_backbones: separate): single-head models beside this one, scored one by one.
+        self.members = [self.model] + [load(d) for d in member_dirs(self.path, self.model.config)[1:]]
+        for member in self.members[1:]:
+            if ensemble_size(member.config) != 1 or ensemble_size(self.model.config) != 1:
+                raise ConfigError(f"{self.path}: an ensemble of separate members must have single-head members")
+            if member.config.pad_token_id != self.model.config.pad_token_id:
+                raise ConfigError(f"{self.path}: its members pad with different tokens (not one tokenizer)")
         self.tokenizer.pad_token_id = self.model.config.pad_token_id
-        self.num_members = ensemble_size(self.model.config)
-        gains, biases = head_normalisation(self.model.config)
+        if len(self.members) > 1:
+            self.num_members = len(self.members)
+            gains = [head_normalisation(m.config)[0][0] for m in self.members]
+            biases = [head_normalisation(m.config)[1][0] for m in self.members]
+        else:
+            self.num_members = ensemble_size(self.model.config)
+            gains, biases = head_normalisation(self.model.config)
         self.gains, self.biases = torch.tensor(gains), torch.tensor(biases)
         self.gain, self.bias = gains[0], biases[0]  # a single-head model's, as before ensembles
         self.chat_template = bool(getattr(self.model.config, "rlhfkit_chat_template", True))
@@ -298,15 +346,19 @@ class RewardModel:
 
     def raw(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Raw (unnormalised) scores: (N,), or (N, K) for an ensemble."""
-        return raw_scores(
-            self.model,
-            self.tokenizer,
-            prompts,
-            responses,
-            batch_size=self.batch_size,
-            chat_template=self.chat_template,
-            precision=self.precision,
-        )
+        scores = [
+            raw_scores(
+                member,
+                self.tokenizer,
+                prompts,
+                responses,
+                batch_size=self.batch_size,
+                chat_template=self.chat_template,
+                precision=self.precision,
+            )
+            for member in self.members
+        ]
+        return scores[0] if len(scores) == 1 else torch.stack(scores, -1)
 
     def member_scores(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Each head's normalised score ``gain_h * raw_h + bias_h``: (N, K) (K = 1 for a single-head model)."""
