@@ -19,6 +19,9 @@ reward model, at the largest n?
    prompt's first n samples (the nested pools of ``rlhfkit eval``'s best-of-n); the picked sample's gold score is
    that prompt's outcome.
 
+Besides ``single``, ``members`` is each ensemble member ranking alone, its picks' gold averaged per prompt over the
+K members (a single reward model of the ensemble's own recipe, without the luck of one seed).
+
 **Printed** for each n and ranker: the mean gold score of its picks with a 95% bootstrap interval over prompts
 (:func:`rlhfkit.stats.paired_bootstrap`) and, for each ensemble aggregation, its per-prompt difference from the single
 reward model's pick: mean, 95% paired-bootstrap interval and a sign-flip p-value
@@ -138,7 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     spread = float(ensemble_std(members).mean())
 
     ns = [1 << i for i in range(N.bit_length()) if 1 << i <= N]
-    table = {n: compare({name: best_of_n_gold(r, gold, n) for name, r in rankers.items()}, args.seed) for n in ns}
+    K = ensemble.num_members
+
+    def outcomes(n: int) -> dict[str, torch.Tensor]:
+        picked = {name: best_of_n_gold(r, gold, n) for name, r in rankers.items()}
+        # Each member alone as the ranker, averaged per prompt over the K members: the single reward model of the
+        # ensemble's recipe without the luck of which seed is "the" single one.
+        picked["members"] = torch.stack([best_of_n_gold(members[:, k].view(P, N), gold, n) for k in range(K)]).mean(0)
+        return picked
+
+    table = {n: compare(outcomes(n), args.seed) for n in ns}
     print(
         f"\npool: {P} prompts x {N} samples of {args.policy}; gold {args.gold}; ensemble of {ensemble.num_members} "
         f"members, mean disagreement {spread:.3f} (normalised units)"
@@ -171,8 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
         "best_of_n": {str(n): rows for n, rows in table.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    d = table[ns[-1]]["wco"]["minus_single"]
+    last = table[ns[-1]]
+    wco_vs_members = (
+        best_of_n_gold(rankers["wco"], gold, ns[-1]) - outcomes(ns[-1])["members"]
+    ).tolist()  # the same per-prompt values compare() used
+    m = {
+        **paired_bootstrap(wco_vs_members, seed=args.seed).as_dict(),
+        "p_value": sign_flip_p_value(wco_vs_members, seed=args.seed),
+    }
+    results["wco_minus_members"] = m
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    d = last["wco"]["minus_single"]
     print(f"results: {out / 'results.json'}\ncommand: {command}")
+    print(f"wco - members at n={ns[-1]}: {m['value']:+.4f} [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}] (p = {m['p_value']:.3f})")
     print(f"wco - single at n={ns[-1]}: {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] (p = {d['p_value']:.3f})")
     return results
 

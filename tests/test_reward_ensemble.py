@@ -535,12 +535,16 @@ def test_ensemble_best_of_n_script_on_the_tiny_model(tmp_path, capsys):
     gold = torch.tensor(load_reward("length")(ps, rs), dtype=torch.float64).view(3, 4)
     members = [RewardModel(d, precision="fp32") for d in (tmp_path / "ens", tmp_path / "ens" / "members" / "1")]
     members[0].members, members[0].num_members = members[0].members[:1], 1  # member 0 alone
-    lowest = torch.stack([torch.tensor(m(ps, rs)) for m in members], -1).min(-1).values.view(3, 4)
+    each = torch.stack([torch.tensor(m(ps, rs)) for m in members], -1)
+    lowest = each.min(-1).values.view(3, 4)
     expected = gold.gather(1, lowest.argmax(-1, keepdim=True)).mean()
+    alone = torch.stack([gold.gather(1, each[:, k].view(3, 4).argmax(-1, keepdim=True)) for k in range(2)]).mean(0).mean()
+    assert results["best_of_n"]["4"]["members"]["gold"]["value"] == pytest.approx(float(alone), abs=1e-9)
+    assert results["wco_minus_members"]["value"] == pytest.approx(float(expected - alone), abs=1e-9)
     assert results["best_of_n"]["4"]["wco"]["gold"]["value"] == pytest.approx(float(expected), abs=1e-9)
     single = torch.tensor(RewardModel(tmp_path / "single", precision="fp32")(ps, rs)).view(3, 4)
     by_single = gold.gather(1, single.argmax(-1, keepdim=True)).mean()
     assert results["best_of_n"]["4"]["wco"]["minus_single"]["value"] == pytest.approx(float(expected - by_single), abs=1e-9)
     # n = 1: every ranker takes the first sample.
     firsts = [entry["gold"]["value"] for entry in results["best_of_n"]["1"].values()]
-    assert firsts == [pytest.approx(float(gold[:, 0].mean()), abs=1e-9)] * 4
+    assert firsts == [pytest.approx(float(gold[:, 0].mean()), abs=1e-9)] * 5  # single, mean, wco, uwo, members
