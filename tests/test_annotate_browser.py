@@ -15,6 +15,7 @@ from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.feedback.web.store import AnnotationStore
 from rlhfkit.serve import ServerThread
 from tests.helpers import CHROMIUM, CHROMIUM_ARGS, require_chromium, write_jsonl
+from tests.test_annotate_store import FakeClock
 
 SCREENSHOT = Path("/tmp/annotate_screenshot.png")
 CHAT = [
@@ -47,8 +48,8 @@ def browser():
             chromium.close()
 
 
-def serve_pairs(tmp_path: Path, records: list[dict], **app_options):
-    store = AnnotationStore(tmp_path / "labels.sqlite")
+def serve_pairs(tmp_path: Path, records: list[dict], clock=time.time, **app_options):
+    store = AnnotationStore(tmp_path / "labels.sqlite", clock=clock)
     store.configure(overlap=1)
     store.add_pairs(read_pairs(write_jsonl(tmp_path / "pairs.jsonl", records))[0])
     token = store.add_annotator("alice")
@@ -352,8 +353,11 @@ def test_a_token_link_pasted_into_an_open_tab_takes_effect_without_a_reload(brow
 def test_done_page_picks_up_a_pair_an_abandoned_tab_gave_back(browser, tmp_path):
     from tests.annotate_client import Client
 
-    store, server, alice = serve_pairs(tmp_path, PAIRS[:1])
-    store.configure(lease_seconds=1.0)
+    # The store's clock is a fake one: on a slow machine a real 1-second lease ran out before the page had loaded
+    # (the page then got the pair at once, and never showed the done page).
+    clock = FakeClock()
+    store, server, alice = serve_pairs(tmp_path, PAIRS[:1], clock=clock)
+    store.configure(lease_seconds=60.0)
     bob = Client(f"http://127.0.0.1:{server.port}", store.add_annotator("bob"))
     try:
         assert bob.post("/api/next")[1]["assignment"] is not None  # bob's tab takes the only pair, then is left
@@ -362,7 +366,7 @@ def test_done_page_picks_up_a_pair_an_abandoned_tab_gave_back(browser, tmp_path)
         page.goto(f"http://127.0.0.1:{server.port}/#token={alice}")
         page.wait_for_selector("#done:not([hidden])")
         assert "1 pair still needs a vote" in page.inner_text("#done-waiting")
-        time.sleep(1.2)  # bob's reservation runs out (the server's real clock)
+        clock.now += 61.0  # bob's reservation runs out (the server's clock)
         page.clock.run_for(16_000)  # the page's own timer: it asks again
         page.wait_for_selector("#task:not([hidden])")
         assert current(page)[0] == PAIRS[0]["prompt"]
