@@ -130,8 +130,9 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     ensemble_backbones: Literal["shared", "separate"] = "shared"
     """ensemble_size > 1: `shared`: K score heads on one backbone (one forward whatever K); `separate`: K whole reward
     models trained one after another from seeds seed, seed+1, ... (head init and data order), as Coste et al. 2024
-    did: K times the training and scoring cost, and members that share no feature. Member 1 is `output_dir` itself
-    (a single reward model `from_pretrained` loads), the others `output_dir/members/K`, listed in its config.json."""
+    did: K times the training and scoring cost, and members that share no feature. Member 0 is `output_dir` itself
+    (a single reward model `from_pretrained` loads), members 1..K-1 `output_dir/members/k`, listed in its
+    config.json."""
     num_layers: int = -1
     """Keep only the backbone's first `num_layers` transformer blocks (-1: all): a smaller, cheaper reward model
     initialised from the same weights, as InstructGPT (sec. 3.5) trained a 6B reward model for its 175B policies.
@@ -234,9 +235,9 @@ def heldout_accuracy(
     Returns ``{"accuracy": float, "accuracy_ci": [lo, hi], "num_pairs": int, "num_prompts": int,
     "ties": int}``; with no strict pair, ``accuracy`` and ``accuracy_ci`` are None.
 
-    A K-head ensemble (or K separate models) is judged by the mean of its heads' normalised scores (``gains``: each head's gain, which
-    is all the normalisation changes in a difference of two scores; None: 1); the result adds ``ensemble_size``
-    and ``head_accuracy``, each head's accuracy on the same pairs.
+    A K-head ensemble (or K separate models) is judged by the mean of its heads' normalised scores (``gains``: each
+    head's gain, which is all the normalisation changes in a difference of two scores; None: 1); the result adds
+    ``ensemble_size`` and ``head_accuracy``, each head's accuracy on the same pairs.
     """
     examples = list(comparisons_or_examples)
     if examples and isinstance(examples[0], Comparison):
