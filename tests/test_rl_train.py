@@ -176,20 +176,16 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     ],
     ids=["dapo", "grpo", "dr_grpo", "bnpo", "clip_higher", "gspo", "dual_clip"],
 )
+def grpo_learning_config(out: Path, **fields) -> rl.GRPOConfig:
+    """The GRPO loss variants' learning run: 4 prompts x 4 samples, 16 steps of 2 epochs of 2 minibatches."""
+    settings = dict(batch_size=4, samples_per_prompt=4, max_steps=16, ppo_epochs=2, num_minibatches=2, seed=0)
+    return make_config(out, config_class=rl.GRPOConfig, **{**settings, **fields})
+
+
 def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir, fields):
     """Every GRPO loss variant (issue 24) learns the shortness reward within the same bounds."""
     out = rl_dir / "grpo"
-    config = make_config(
-        out,
-        config_class=rl.GRPOConfig,
-        batch_size=4,
-        samples_per_prompt=4,
-        max_steps=16,
-        ppo_epochs=2,
-        num_minibatches=2,
-        seed=0,
-        **fields,
-    )
+    config = grpo_learning_config(out, **fields)
     assert config.algorithm == "grpo" and config.beta == 0.04
     rl.train(config)
     entries = metrics(out)
@@ -210,20 +206,7 @@ def test_cispo_reward_rises_while_kl_stays_bounded_in_two_of_three_seeds(rl_dir)
     failures = []
     for seed in range(3):
         out = rl_dir / f"cispo{seed}"
-        config = make_config(
-            out,
-            config_class=rl.GRPOConfig,
-            batch_size=4,
-            samples_per_prompt=4,
-            max_steps=16,
-            ppo_epochs=2,
-            num_minibatches=2,
-            seed=seed,
-            clip="cispo",
-            clip_eps_high=2.0,
-            target_kl_stop=0.1,
-        )
-        rl.train(config)
+        rl.train(grpo_learning_config(out, seed=seed, clip="cispo", clip_eps_high=2.0, target_kl_stop=0.1))
         entries = metrics(out)
         assert_finite_entries(entries, COMMON_KEYS)
         try:
