@@ -163,6 +163,12 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     assert_reward_rises_with_bounded_kl(entries, steps=16, margin=15.0, kl_bound=20.0)
 
 
+def grpo_learning_config(out: Path, **fields) -> rl.GRPOConfig:
+    """The GRPO loss variants' learning run: 4 prompts x 4 samples, 16 steps of 2 epochs of 2 minibatches."""
+    settings = dict(batch_size=4, samples_per_prompt=4, max_steps=16, ppo_epochs=2, num_minibatches=2, seed=0)
+    return make_config(out, config_class=rl.GRPOConfig, **{**settings, **fields})
+
+
 @pytest.mark.parametrize(
     "fields",
     [
@@ -176,12 +182,6 @@ def test_ppo_reward_rises_while_kl_stays_bounded(rl_dir):
     ],
     ids=["dapo", "grpo", "dr_grpo", "bnpo", "clip_higher", "gspo", "dual_clip"],
 )
-def grpo_learning_config(out: Path, **fields) -> rl.GRPOConfig:
-    """The GRPO loss variants' learning run: 4 prompts x 4 samples, 16 steps of 2 epochs of 2 minibatches."""
-    settings = dict(batch_size=4, samples_per_prompt=4, max_steps=16, ppo_epochs=2, num_minibatches=2, seed=0)
-    return make_config(out, config_class=rl.GRPOConfig, **{**settings, **fields})
-
-
 def test_grpo_reward_rises_while_kl_stays_bounded(rl_dir, fields):
     """Every GRPO loss variant (issue 24) learns the shortness reward within the same bounds."""
     out = rl_dir / "grpo"
