@@ -193,26 +193,25 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict) -> list[Run]:
     # The random order of the whole pool: budget N takes its first N (select's random picks nest).
     largest = query(args, root / "random_queries.jsonl", seed, max(args.budgets), strategy="random")
     random_labels = labels_of(largest, labels, args.labels)
-    initial = random_labels[: args.initial]
-    labelled, labelled_file = initial, root / "initial.jsonl"  # the active arm's pairs so far, and their file
+    labelled, labelled_file = random_labels[: args.initial], root / "initial.jsonl"  # the active arm's pairs so far
     save_comparisons(labelled_file, labelled)
     ensemble_dir = root / "ensemble"
     train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
     for budget in args.budgets:
         record("random", budget, random_labels[:budget])
-        # One round (default): every budget adds to the initial pairs, picked by the ensemble of the initial pairs.
-        # --sequential: each budget adds to the previous budget's pairs, picked by an ensemble trained on them.
-        base = labelled if args.sequential else initial
+        # One round (default): labelled stays the initial pairs, and every budget adds to them, picked by the
+        # ensemble of the initial pairs. --sequential: each budget adds to the previous budget's pairs, picked by an
+        # ensemble trained on them (labelled, labelled_file and ensemble_dir move on below).
         picked = query(
             args,
             root / f"active_queries_{budget}.jsonl",
             seed,
-            budget - len(base),
+            budget - len(labelled),
             strategy=args.strategy,
             reward_model=str(ensemble_dir),
-            exclude=str(labelled_file if args.sequential else root / "initial.jsonl"),
+            exclude=str(labelled_file),
         )
-        chosen = base + labels_of(picked, labels, args.labels)
+        chosen = labelled + labels_of(picked, labels, args.labels)
         record("active", budget, chosen)
         if args.sequential and budget != args.budgets[-1]:
             labelled, labelled_file = chosen, root / f"active_{budget}.jsonl"  # record() wrote this file

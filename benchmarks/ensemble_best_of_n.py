@@ -173,6 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
                 d = entry["minus_single"]
                 line += f"   {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]   {d['p_value']:.3f}"
             print(line)
+    last = table[ns[-1]]
+    # WCO against each member alone at the largest n, from the same per-prompt values compare() used.
+    wco_vs_members = (best_of_n_gold(rankers["wco"], gold, ns[-1]) - outcomes(ns[-1])["members"]).tolist()
+    m = {
+        **paired_bootstrap(wco_vs_members, seed=args.seed).as_dict(),
+        "p_value": sign_flip_p_value(wco_vs_members, seed=args.seed),
+    }
     results = {
         "command": command,
         "num_prompts": P,
@@ -181,17 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_disagreement": spread,
         "heldout": {"single": None if args.single == "member0" else heldout(args.single), "ensemble": heldout(args.ensemble)},
         "best_of_n": {str(n): rows for n, rows in table.items()},
+        "wco_minus_members": m,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    last = table[ns[-1]]
-    wco_vs_members = (
-        best_of_n_gold(rankers["wco"], gold, ns[-1]) - outcomes(ns[-1])["members"]
-    ).tolist()  # the same per-prompt values compare() used
-    m = {
-        **paired_bootstrap(wco_vs_members, seed=args.seed).as_dict(),
-        "p_value": sign_flip_p_value(wco_vs_members, seed=args.seed),
-    }
-    results["wco_minus_members"] = m
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     d = last["wco"]["minus_single"]
     print(f"results: {out / 'results.json'}\ncommand: {command}")

@@ -437,14 +437,15 @@ def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval
     K, out = config.ensemble_size, Path(config.output_dir)
     counts = bootstrap_counts(len(train_set), K, seed=config.seed * 1_000_003 + 24) if config.ensemble_bootstrap else None
     member_dirs = [out] + [out / MEMBERS_DIR / str(k) for k in range(1, K)]
-    results = []
+    first: FitResult | None = None  # member 0's, returned; the others' models are not kept in memory
     for k, member_out in enumerate(member_dirs):
         log.info(f"reward: ensemble member {k + 1} of {K} (seed {config.seed + k}) -> {member_out}")
         data = train_set
         if counts is not None:  # the member's bootstrap resample: example i repeated counts[i, k] times
             data = [example for example, n in zip(train_set, counts[:, k].tolist()) for _ in range(int(n))]
         member = replace(config, ensemble_size=1, seed=config.seed + k, output_dir=str(member_out))
-        results.append(_train_one(member, tokenizer, data, eval_set, norm_samples))
+        result = _train_one(member, tokenizer, data, eval_set, norm_samples)
+        first = first or result
     state = PartialState()
     if state.is_main_process:
         saved = json.loads((out / "config.json").read_text())
@@ -459,7 +460,7 @@ def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval
                 for d in member_dirs
             ]
             gains = [head_normalisation(m.config)[0][0] for m in members]
-            result = heldout_accuracy(
+            ensemble_result = heldout_accuracy(
                 members,
                 tokenizer,
                 eval_set,
@@ -468,9 +469,10 @@ def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval
                 seed=config.seed,
                 gains=gains,
             )
-            _report_heldout(out, result)
+            _report_heldout(out, ensemble_result)
     state.wait_for_everyone()
-    return results[0]
+    assert first is not None  # K >= 2 members trained
+    return first
 
 
 def _train_one(config: RewardConfig, tokenizer, train_set: list[dict], eval_set: list[dict], norm_samples) -> FitResult:

@@ -333,8 +333,8 @@ class RewardModel:
         self.tokenizer.pad_token_id = self.model.config.pad_token_id
         if len(self.members) > 1:
             self.num_members = len(self.members)
-            gains = [head_normalisation(m.config)[0][0] for m in self.members]
-            biases = [head_normalisation(m.config)[1][0] for m in self.members]
+            each = [head_normalisation(m.config) for m in self.members]  # one head each: ([gain], [bias])
+            gains, biases = [g[0] for g, _ in each], [b[0] for _, b in each]
         else:
             self.num_members = ensemble_size(self.model.config)
             gains, biases = head_normalisation(self.model.config)
