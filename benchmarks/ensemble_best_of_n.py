@@ -43,6 +43,7 @@ import torch
 
 from rlhfkit import sample
 from rlhfkit.data.samples import load_items
+from rlhfkit.evaluate import best_of_n_gold
 from rlhfkit.losses import REWARD_AGGREGATIONS, aggregate_rewards, ensemble_std
 from rlhfkit.modeling.reward_model import RewardModel
 from rlhfkit.rewards import load_reward
@@ -72,13 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.n < 2:
         parser.error(f"--n must be at least 2, got {args.n}")
     return args
-
-
-def best_of_n_gold(ranking: torch.Tensor, gold: torch.Tensor, n: int) -> torch.Tensor:
-    """Per prompt, the gold score of the sample ``ranking`` scores highest among the prompt's first ``n``.
-    ``ranking`` and ``gold``: (prompts, N) with N >= n; the first of equal scores wins. Returns (prompts,)."""
-    picks = ranking[:, :n].argmax(-1)
-    return gold.gather(1, picks[:, None]).squeeze(1)
 
 
 def compare(per_ranker: dict[str, torch.Tensor], seed: int) -> dict:

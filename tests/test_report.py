@@ -716,3 +716,60 @@ def test_metric_names_of_older_runs_are_read_as_todays():
     }
     today = {"step": 3, "rollout/score": 0.5, "eval_rewards/margin": 0.1}
     assert current_metric_names(today) == today
+
+
+# ---------------------------------------------------------------- an ensemble proxy's best-of-n curves
+
+
+def _ensemble_block(golds: dict[str, list[float]], wco_minus: tuple[float, list[float], float]) -> dict:
+    """eval.json's ``best_of_n_ensemble`` for n = 1, 2, 4, 8, 16 from each ranker's gold per n (intervals ±0.02);
+    WCO's difference from member 0 at n = 16 is ``wco_minus`` (value, interval, p), 0 elsewhere."""
+    by_n = {}
+    for i, n in enumerate((1, 2, 4, 8, 16)):
+        rows = {name: {"gold_score": g[i], "gold_score_ci": [g[i] - 0.02, g[i] + 0.02]} for name, g in golds.items()}
+        d, ci, p = wco_minus if n == 16 else (0.0, [-0.01, 0.01], 1.0)
+        rows["wco"].update(
+            {"minus_member_0": d, "minus_member_0_ci": ci, "minus_member_0_p": p}
+            | {"minus_members": d / 2, "minus_members_ci": [c / 2 for c in ci], "minus_members_p": p}
+        )
+        by_n[str(n)] = rows
+    return {"single": "member_0", "ensemble_size": 4, "uwo_coef": 0.5, "num_prompts": 120, "by_n": by_n}
+
+
+def test_the_ensembles_best_of_n_curves_table_and_verdict(tmp_path):
+    """Member 0 alone peaks at n = 4 and falls (over-optimised); WCO still rises at n = 16 and beats it there with an
+    interval above 0: the report draws the curves, tabulates them and says WCO delayed over-optimisation."""
+    run_dir = make_run(tmp_path / "run")
+    golds = {
+        "member_0": [0.10, 0.16, 0.20, 0.18, 0.15],
+        "members": [0.10, 0.16, 0.18, 0.19, 0.17],
+        "mean": [0.10, 0.17, 0.21, 0.22, 0.21],
+        "wco": [0.10, 0.15, 0.19, 0.21, 0.23],
+        "uwo": [0.10, 0.16, 0.20, 0.22, 0.22],
+    }
+    evaluation = _eval_json() | {"best_of_n_ensemble": _ensemble_block(golds, (0.08, [0.03, 0.13], 0.004))}
+    (run_dir / "eval" / "eval.json").write_text(json.dumps(evaluation))
+    plain = _png_uris(_report(make_run(tmp_path / "plain")))
+    page = _report(run_dir)
+    assert 'id="ensemble-frontier"' in page and "ensemble of 4 reward models" in page and "120 prompts" in page
+    _, _, verdict = _element(page, "ensemble-verdict")
+    assert "At n = 16" in verdict and "higher than one member alone: difference +0.080 [+0.030, +0.130], p = 0.004" in verdict
+    assert "one member alone (member 0) at n = 4" in verdict and "each member alone (mean over members) at n = 8" in verdict
+    assert "ensemble WCO (worst member) at n = 16" in verdict and "delayed over-optimisation" in verdict
+    table = page[page.index('id="ensemble-frontier"') :]
+    assert "<td>16</td><td>0.150 [0.130, 0.170]</td><td>0.170 [0.150, 0.190]</td>" in table
+    assert "<td>+0.080 [+0.030, +0.130], p = 0.004</td><td>+0.040 [+0.015, +0.065], p = 0.004</td>" in table
+    assert len(_png_uris(page)) == len(plain) and _png_uris(page)[0] != plain[0]  # the same figures, curves added
+    assert 'id="ensemble-frontier"' not in _report(make_run(tmp_path / "plain"))  # a single reward model: no section
+
+
+def test_the_ensemble_verdict_without_over_optimisation_and_with_an_earlier_wco_peak():
+    from rlhfkit.report import ensemble_verdict
+
+    rising = {name: [0.1, 0.2, 0.3, 0.4, 0.5] for name in ("member_0", "members", "wco")}
+    text = ensemble_verdict(_ensemble_block(rising, (0.0, [-0.02, 0.02], 1.0)))
+    assert "not distinguishable from one member alone" in text and "No ranker's gold peaked before n = 16" in text
+    earlier = {"member_0": [0.1, 0.2, 0.3, 0.2, 0.1], "members": [0.1, 0.2, 0.3, 0.3, 0.2], "wco": [0.1, 0.3, 0.2, 0.1, 0.0]}
+    text = ensemble_verdict(_ensemble_block(earlier, (-0.1, [-0.15, -0.05], 0.001)))
+    assert "lower than one member alone" in text and "WCO peaked earlier than one member alone: no delay seen" in text
+    assert ensemble_verdict(None) is None and ensemble_verdict({"by_n": {"2": {"wco": {"gold_score": 0.1}}}}) is None

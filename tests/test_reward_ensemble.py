@@ -345,6 +345,33 @@ def test_best_of_n_ranks_by_the_aggregate(ensemble_dir, tmp_path, monkeypatch):
     assert by_wco["reward_aggregation"] == "wco" and by_wco["proxy_ensemble_size"] == K
     assert by_wco["best_of_n"]["aggregation"] == "wco"
 
+    # The ensemble's curves, whatever the configured aggregation: each ranker's picks' gold, by hand. Per prompt,
+    # member 0 alone, member 1 alone and the mean pick the first sample; member 2 alone (-5 < 0.5), wco and uwo
+    # (1 - 0.5 x 18 = -8 < 0.5) the second; "members" averages the three members' picks.
+    g = load_reward("length")(pool.prompts, pool.responses)
+    first, second = g[0::2], g[1::2]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    want = {
+        "member_0": mean(first),
+        "members": mean([(2 * a + b) / 3 for a, b in zip(first, second)]),
+        "mean": mean(first),
+        "wco": mean(second),
+        "uwo": mean(second),
+    }
+    for results in (by_wco, evaluate.run(config)):
+        block = results["best_of_n_ensemble"]
+        assert (block["single"], block["ensemble_size"], block["num_prompts"]) == ("member_0", K, 4)
+        assert set(block["by_n"]) == {"1", "2"}
+        for name, entry in block["by_n"]["1"].items():  # best-of-1: everybody takes the first sample
+            assert entry["gold_score"] == pytest.approx(mean(first)), name
+        two = block["by_n"]["2"]
+        assert {name: two[name]["gold_score"] for name in want} == pytest.approx(want)
+        assert two["wco"]["minus_member_0"] == pytest.approx(mean(second) - mean(first))
+        assert two["wco"]["minus_members"] == pytest.approx(want["wco"] - want["members"])
+        lo, hi = two["wco"]["minus_member_0_ci"]
+        assert lo <= two["wco"]["minus_member_0"] <= hi and 0.0 <= two["wco"]["minus_member_0_p"] <= 1.0
+        assert "minus_member_0" not in two["member_0"] and "minus_member_0" not in two["members"]
+
 
 def test_a_critic_starts_from_an_ensemble_as_the_mean_of_its_heads(ensemble_dir, tmp_path):
     """value=critic with an ensemble reward model (critic_init empty): the critic's value head is the mean of the
@@ -500,11 +527,34 @@ def _ensemble_bon_module():
 
 def test_best_of_n_gold_picks_the_highest_ranked_of_the_first_n():
     bench = _ensemble_bon_module()
+    assert bench.best_of_n_gold is evaluate.best_of_n_gold  # the script ranks as rlhfkit eval does
     ranking = torch.tensor([[0.1, 0.9, 0.5, 2.0], [3.0, 1.0, 3.0, 0.0]], dtype=torch.float64)
     gold = torch.tensor([[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]], dtype=torch.float64)
     assert bench.best_of_n_gold(ranking, gold, 1).tolist() == [10.0, 20.0]
     assert bench.best_of_n_gold(ranking, gold, 2).tolist() == [11.0, 20.0]
     assert bench.best_of_n_gold(ranking, gold, 4).tolist() == [13.0, 20.0]  # a tie: the first one
+
+
+def test_ensemble_rankers_and_their_outcomes_by_hand():
+    # 1 prompt, 3 samples, 2 members. member 0 prefers sample 2, member 1 sample 0; mean: (1, 1.5, 2) -> sample 2;
+    # wco: (0, 1, -1) -> sample 1; uwo (coef 1): mean - var = (1 - 1, 1.5 - 0.25, 2 - 9) -> sample 1.
+    members = torch.tensor([[[0.0, 2.0], [1.0, 2.0], [5.0, -1.0]]], dtype=torch.float64)
+    gold = torch.tensor([[10.0, 20.0, 30.0]], dtype=torch.float64)
+    rankers = evaluate.ensemble_rankers(members, uwo_coef=1.0)
+    assert list(rankers) == ["member_0", "members", "mean", "wco", "uwo"]
+    got = {name: evaluate.ranker_outcome(r, gold, 3).item() for name, r in rankers.items()}
+    assert got == {"member_0": 30.0, "members": (30.0 + 10.0) / 2, "mean": 30.0, "wco": 20.0, "uwo": 20.0}
+    first_two = {name: evaluate.ranker_outcome(r, gold, 2).item() for name, r in rankers.items()}
+    assert first_two == {"member_0": 20.0, "members": 15.0, "mean": 20.0, "wco": 20.0, "uwo": 20.0}
+    with pytest.raises(ValueError, match="K >= 2"):
+        evaluate.ensemble_rankers(members[..., :1])
+    table = evaluate.compare_rankers(
+        {"member_0": torch.tensor([1.0, 3.0]), "members": torch.tensor([2.0, 2.0]), "wco": torch.tensor([2.0, 5.0])},
+        single="member_0",
+        seed=0,
+    )
+    assert table["wco"]["minus_member_0"] == pytest.approx(1.5) and table["wco"]["minus_members"] == pytest.approx(1.5)
+    assert table["member_0"]["gold_score"] == pytest.approx(2.0) and set(table["members"]) == {"gold_score", "gold_score_ci"}
 
 
 def test_ensemble_best_of_n_script_on_the_tiny_model(tmp_path, capsys):

@@ -28,7 +28,13 @@ player against the baseline (the SFT model in the pipeline):
   best one is scored by gold; KL is analytic, ``log n - (n - 1) / n``
   (Stiennon et al. 2020, appendix; an upper bound, Beirami et al. 2024). The
   pool is nested, so every n costs nothing beyond the largest; best-of-1 is an
-  independent draw of the baseline and should tie with it (a check);
+  independent draw of the baseline and should tie with it (a check). With an
+  ensemble proxy the same pool is also ranked by its first member alone
+  (``member_0``), by each member alone (``members``, averaged per prompt) and
+  by each aggregation (mean, wco, uwo): ``best_of_n_ensemble`` holds each
+  ranker's gold per n and each aggregation's paired difference from
+  ``member_0`` and ``members``, whether the ensemble delays over-optimisation
+  (Coste et al. 2024; the report draws these curves on its frontier);
 * a plain **verdict** per player: "better than sft: 0.66 [0.60, 0.72]" when the
   win-rate interval lies above 0.5, "worse than ..." below, else "not
   distinguishable from ...";
@@ -70,7 +76,7 @@ from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.records import Comparison
 from rlhfkit.generation.ilql_decode import ILQLDecodeOptions, ILQLEngine, ilql_response_logps
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
-from rlhfkit.losses import ensemble_std
+from rlhfkit.losses import aggregate_rewards, ensemble_std
 from rlhfkit.modeling import attention, models
 from rlhfkit.modeling.ilql_heads import is_ilql_dir, load_ilql
 from rlhfkit.modeling.policy import packed_response_logps, response_logps
@@ -297,6 +303,67 @@ def _powers_of_two(n: int) -> list[int]:
     return [1 << b for b in range(n.bit_length())]
 
 
+ENSEMBLE_SINGLE = "member_0"
+"""The single reward model the ensemble's best-of-n curves are compared with: the ensemble's first member alone."""
+
+
+def best_of_n_gold(ranking: torch.Tensor, gold: torch.Tensor, n: int) -> torch.Tensor:
+    """Per prompt, the gold score of the sample ``ranking`` scores highest among the prompt's first ``n``.
+    ``ranking`` and ``gold``: (prompts, N) with N >= n; the first of equal scores wins. Returns (prompts,)."""
+    picks = ranking[:, :n].argmax(-1)
+    return gold.gather(1, picks[:, None]).squeeze(1)
+
+
+def ensemble_rankers(members: torch.Tensor, uwo_coef: float = 0.5) -> dict[str, torch.Tensor]:
+    """The rankers an ensemble's best-of-n is compared by, from its members' scores (prompts, N, K), K >= 2.
+
+    Each ranker is (prompts, N, R): R columns each rank the pool alone and the ranker's outcome is the mean of their
+    picks' gold (:func:`ranker_outcome`). ``member_0`` (:data:`ENSEMBLE_SINGLE`): the first member alone, one reward
+    model; ``members``: each member alone (K columns), a single reward model of the ensemble's recipe without the luck
+    of which seed is "the" single one; ``mean``, ``wco``, ``uwo``: the aggregations of
+    :func:`rlhfkit.losses.aggregate_rewards` (Coste et al. 2024)."""
+    if members.dim() != 3 or members.shape[-1] < 2:
+        raise ValueError(f"ensemble_rankers: members must be (prompts, N, K) with K >= 2, got {tuple(members.shape)}")
+    P, N, K = members.shape
+    flat = members.reshape(P * N, K)
+    rankers = {ENSEMBLE_SINGLE: members[..., :1], "members": members}
+    for how in ("mean", "wco", "uwo"):
+        rankers[how] = aggregate_rewards(flat, how, uwo_coef).view(P, N, 1)
+    return rankers
+
+
+def ranker_picks(ranker: torch.Tensor, n: int) -> torch.Tensor:
+    """Index (within the prompt's N) of each column's best of the first ``n`` samples: (prompts, N, R) -> (prompts, R)."""
+    return ranker[:, :n].argmax(1)
+
+
+def ranker_outcome(ranker: torch.Tensor, gold: torch.Tensor, n: int) -> torch.Tensor:
+    """Per prompt, the mean over the ranker's R columns of the gold score of each column's best-of-``n`` pick.
+    ``ranker`` (prompts, N, R), ``gold`` (prompts, N) -> (prompts,)."""
+    return gold.gather(1, ranker_picks(ranker, n)).mean(1)
+
+
+def compare_rankers(outcomes: dict[str, torch.Tensor], *, single: str, seed: int, resamples: int = 2000) -> dict:
+    """Each ranker's per-prompt best-of-n gold: its mean with a 95% bootstrap interval over prompts, and, for each
+    ranker but ``single`` and ``members``, its paired difference from ``single`` and from ``members`` (when present):
+    mean, 95% paired-bootstrap interval and sign-flip p-value (:mod:`rlhfkit.stats`)."""
+    out: dict = {}
+    for name, values in outcomes.items():
+        est = stats.paired_bootstrap(values.tolist(), resamples=resamples, seed=seed)
+        entry: dict = {"gold_score": est.value, "gold_score_ci": list(est.ci)}
+        if name not in (single, "members"):
+            for other in (single, "members"):
+                if other not in outcomes:
+                    continue
+                diff = (values - outcomes[other]).tolist()
+                d = stats.paired_bootstrap(diff, resamples=resamples, seed=seed)
+                entry[f"minus_{other}"] = d.value
+                entry[f"minus_{other}_ci"] = list(d.ci)
+                entry[f"minus_{other}_p"] = stats.sign_flip_p_value(diff, seed=seed)
+        out[name] = entry
+    return out
+
+
 def _per_prompt(values: list[float], k: int) -> list[list[float]]:
     """Rows grouped by prompt (``k`` consecutive rows each) -> one list per prompt."""
     return [values[i : i + k] for i in range(0, len(values), k)]
@@ -466,10 +533,12 @@ def run(config: EvalConfig) -> dict:
     # -- best-of-n from one nested pool of N baseline samples per prompt
     N = c.best_of_n
     M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
+    ensemble_bon: dict | None = None  # an ensemble proxy's rankers, for the report's frontier
     if N > 1 and M > 0:
         pool, _, _ = _sample(c.baseline, prompts[:M], c, f"best-of-{N} pool", n=N, seed_offset=2)
         # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
         # spread), and the gold scorer runs once on the responses some n picks.
+        members = None
         if proxy is None:
             pool_proxy, ranking = None, gold(pool.prompts, pool.responses)
         else:
@@ -477,7 +546,15 @@ def run(config: EvalConfig) -> dict:
             pool_proxy = _ProxyScores(ranking, ensemble_std(members).tolist() if members is not None else None)
         ranks = torch.tensor(ranking).view(-1, N)
         every_pick = {n: [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))] for n in _powers_of_two(N)}
-        picked = sorted({i for picks in every_pick.values() for i in picks})
+        picked = {i for picks in every_pick.values() for i in picks}
+        # An ensemble proxy: its members alone and each aggregation rank the same pool too (the report's ensemble
+        # curves); gold scores every sample any of them picks, once.
+        rankers = ensemble_rankers(members.double().view(M, N, -1), c.reward_uwo_coef) if members is not None else {}
+        offsets = torch.arange(M)[:, None] * N
+        for r in rankers.values():
+            for n in _powers_of_two(N):
+                picked.update((ranker_picks(r, n) + offsets).flatten().tolist())
+        picked = sorted(picked)
         picked_gold = (
             dict(zip(picked, gold([pool.prompts[i] for i in picked], [pool.responses[i] for i in picked])))
             if proxy is not None
@@ -507,6 +584,25 @@ def run(config: EvalConfig) -> dict:
             players[name] = entry
             if M == len(prompts):  # the Elo table needs every player on every prompt
                 first_sample[name] = (sub.responses, bon_gold)
+        if rankers:
+            gold_pool = torch.full((M * N,), math.nan, dtype=torch.float64)
+            gold_pool[picked] = torch.tensor([picked_gold[i] for i in picked], dtype=torch.float64)
+            gold_pool = gold_pool.view(M, N)  # NaN where nobody picked: never gathered
+            ensemble_bon = {
+                "single": ENSEMBLE_SINGLE,
+                "ensemble_size": members.shape[-1],
+                "uwo_coef": c.reward_uwo_coef,
+                "num_prompts": M,
+                "by_n": {
+                    str(n): compare_rankers(
+                        {name: ranker_outcome(r, gold_pool, n) for name, r in rankers.items()},
+                        single=ENSEMBLE_SINGLE,
+                        seed=c.seed,
+                        resamples=c.resamples,
+                    )
+                    for n in _powers_of_two(N)
+                },
+            }
 
     main = players[names[0]]
     ensemble = proxy is not None and getattr(proxy, "num_members", 1) > 1
@@ -549,6 +645,8 @@ def run(config: EvalConfig) -> dict:
             "win_rate_vs_baseline": largest["win_rate"],
             **({"aggregation": c.reward_aggregation} if ensemble else {}),
         }
+    if ensemble_bon is not None:
+        results["best_of_n_ensemble"] = ensemble_bon
 
     # Elo / Bradley-Terry over every pair of players, one match per prompt (first sample each).
     order = list(first_sample)

@@ -16,6 +16,10 @@ nothing fetched when it is opened). Its sections, in order:
   points (``<alg>/frontier.jsonl``), best-of-n at its analytic KL and each
   policy's final eval point, with the Gao et al. forms fitted by
   :func:`rlhfkit.stats.fit_gao_bon` / :func:`rlhfkit.stats.fit_gao_rl`;
+  with an ensemble reward model, best-of-n ranked by one member, by each member
+  alone and by each aggregation (``eval.json``'s ``best_of_n_ensemble``), with a
+  table and a plain verdict on whether the ensemble delayed over-optimisation
+  (Coste et al. 2024);
 * **Over-optimisation check**: one noise-aware verdict per policy stage
   (:func:`rlhfkit.stats.overoptimisation` on its probe points), with its
   proxy and gold over training;
@@ -507,6 +511,9 @@ class Frontier:
     finals: list[tuple[str, float, float, tuple[float, float] | None, tuple[float, float] | None]] = field(default_factory=list)
     """(policy, KL, gold, KL interval, gold interval) of each policy's eval."""
     fits: list[Fit] = field(default_factory=list)
+    rankers: list[tuple[str, list[tuple[int, float, float, tuple[float, float] | None]]]] = field(default_factory=list)
+    """An ensemble proxy's best-of-n by ranker (``member_0``, ``members``, ``mean``, ``wco``, ``uwo``): (ranker,
+    [(n, analytic KL, gold, gold interval)]), from eval.json's ``best_of_n_ensemble``."""
 
     @property
     def empty(self) -> bool:
@@ -539,6 +546,8 @@ def build_frontier(data: RunData) -> Frontier:
         frontier.fits.append(
             fit_curve("best-of-n", "bon", [b[1] for b in frontier.best_of_n], [b[2] for b in frontier.best_of_n], origin)
         )
+    for name, curve_points in ensemble_curves((data.evaluation or {}).get("best_of_n_ensemble")).items():
+        frontier.rankers.append((name, curve_points))
     for policy in data.policies:
         points = [pt for pt in policy.frontier or [] if pt["kl"] is not None and pt["gold"] is not None]
         if not points:
@@ -550,6 +559,102 @@ def build_frontier(data: RunData) -> Frontier:
             fit.skipped = "no step-0 probe point (the starting policy) to measure the gain from"
         frontier.fits.append(fit)
     return frontier
+
+
+RANKER_LABELS = {
+    "member_0": "one member alone (member 0)",
+    "members": "each member alone (mean over members)",
+    "mean": "ensemble mean",
+    "wco": "ensemble WCO (worst member)",
+    "uwo": "ensemble UWO (mean - λ var)",
+}
+_RANKER_STYLE = {  # (colour, line style)
+    "member_0": ("black", ":"),
+    "members": ("dimgray", "-."),
+    "mean": ("C1", "--"),
+    "wco": ("darkred", "-"),
+    "uwo": ("purple", "--"),
+}
+
+
+def ensemble_curves(block: Any) -> dict[str, list[tuple[int, float, float, tuple[float, float] | None]]]:
+    """eval.json's ``best_of_n_ensemble`` -> ranker -> [(n, analytic KL, gold, gold interval)] in n order; {} when
+    the block is missing or malformed (an older eval.json, a single reward model)."""
+    if not isinstance(block, dict) or not isinstance(block.get("by_n"), dict):
+        return {}
+    curves: dict[str, list[tuple[int, float, float, tuple[float, float] | None]]] = {}
+    for key in sorted(block["by_n"], key=lambda k: int(k) if str(k).isdigit() else 0):
+        if not str(key).isdigit() or not isinstance(block["by_n"][key], dict):
+            continue
+        n = int(key)
+        for name, entry in block["by_n"][key].items():
+            gold = _num(entry.get("gold_score")) if isinstance(entry, dict) else None
+            if gold is not None and n >= 1:
+                curves.setdefault(name, []).append((n, stats.analytic_bon_kl(n), gold, _ci(entry.get("gold_score_ci"))))
+    return curves
+
+
+def ensemble_verdict(block: Any) -> str | None:
+    """A plain sentence on the ensemble's best-of-n against one member alone: WCO's gold at the largest n minus
+    member 0's (the paired interval decides higher / lower / not distinguishable), and the n at which each ranker's
+    gold peaked: a peak before the largest n is over-optimisation (gold fell as n grew), and WCO peaking later than
+    the single member is the delay Coste et al. 2024 report. None without the block."""
+    curves = ensemble_curves(block)
+    single, wco = curves.get("member_0"), curves.get("wco")
+    if not single or not wco:
+        return None
+    n_max = max(n for n, *_ in wco)
+    last = block["by_n"][str(n_max)]["wco"]
+    d, ci, p = _num(last.get("minus_member_0")), _ci(last.get("minus_member_0_ci")), _num(last.get("minus_member_0_p"))
+    parts = []
+    if d is not None and ci is not None:
+        how = "higher than" if ci[0] > 0 else "lower than" if ci[1] < 0 else "not distinguishable from"
+        p_text = f", p = {fmt_p(p)}" if p is not None else ""
+        parts.append(
+            f"At n = {n_max}, best-of-n ranked by the ensemble's worst member (WCO) reached a gold score {how} "
+            f"one member alone: difference {d:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]{p_text}."
+        )
+    peaks = {name: max(points, key=lambda q: q[2])[0] for name, points in curves.items()}
+    fell = [name for name in ("member_0", "members", "wco") if name in peaks and peaks[name] < n_max]
+    if not fell:
+        parts.append(
+            f"No ranker's gold peaked before n = {n_max} (point estimates): no over-optimisation for the ensemble to "
+            "delay at these n; a larger best_of_n would show whether it comes later."
+        )
+    else:
+        peak_text = ", ".join(
+            f"{RANKER_LABELS.get(name, name)} at n = {peaks[name]}" for name in ("member_0", "members", "wco") if name in peaks
+        )
+        if peaks["wco"] > peaks["member_0"]:
+            tail = "WCO peaked later than one member alone: on these prompts it delayed over-optimisation"
+        elif peaks["wco"] == peaks["member_0"]:
+            tail = "WCO peaked at the same n as one member alone: no delay seen"
+        else:
+            tail = "WCO peaked earlier than one member alone: no delay seen"
+        parts.append(f"Gold peaked for {peak_text} (point estimates; see the intervals). {tail}.")
+    return " ".join(parts)
+
+
+def _ensemble_table(block: Any) -> str:
+    curves = ensemble_curves(block)
+    names = [name for name in RANKER_LABELS if name in curves] + [name for name in curves if name not in RANKER_LABELS]
+    if not names:
+        return ""
+    header = ["n", *[RANKER_LABELS.get(name, name) for name in names], "WCO − member 0", "WCO − members"]
+    rows = []
+    for n in sorted({n for points in curves.values() for n, *_ in points}):
+        by_name = block["by_n"][str(n)]
+        row = [str(n)]
+        for name in names:
+            entry = by_name.get(name) or {}
+            row.append(fmt_est(entry.get("gold_score"), entry.get("gold_score_ci")))
+        wco = by_name.get("wco") or {}
+        for other in ("member_0", "members"):
+            d, ci, p = _num(wco.get(f"minus_{other}")), _ci(wco.get(f"minus_{other}_ci")), wco.get(f"minus_{other}_p")
+            value = "–" if d is None else f"{d:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else " [no CI]")
+            row.append(value + (f", p = {fmt_p(p)}" if d is not None and p is not None else ""))
+        rows.append([esc(cell) for cell in row])
+    return _table(header, rows, "narrow")
 
 
 # ---------------------------------------------------------------- plots
@@ -680,6 +785,26 @@ def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
             if panel == 1:
                 for n, kl, gold, _ in bon:
                     ax.annotate(f"n={n}", (x(kl), gold), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        for name, points in frontier.rankers:
+            colour, style = _RANKER_STYLE.get(name, ("C7", ":"))
+            ax.errorbar(
+                [x(kl) for _, kl, _, _ in points],
+                [g for _, _, g, _ in points],
+                yerr=[
+                    [max(g - ci[0], 0.0) if ci else 0.0 for _, _, g, ci in points],
+                    [max(ci[1] - g, 0.0) if ci else 0.0 for _, _, g, ci in points],
+                ],
+                fmt=".",
+                linestyle=style,
+                color=colour,
+                markersize=5,
+                linewidth=1.1,
+                elinewidth=0.6,
+                capsize=2,
+                alpha=0.85,
+                label=f"best-of-n by {RANKER_LABELS.get(name, name)}",
+                zorder=2,
+            )
         for name, kl, gold, kl_ci, gold_ci in frontier.finals:
             xerr = None
             if kl_ci is not None:
@@ -1024,6 +1149,22 @@ def _frontier_section(data: RunData, colours: dict[str, str]) -> str:
     ]
     parts.append("".join(f'<p class="small">{n}</p>' for n in notes))
     parts.append("<h3>Fitted coefficients</h3>" + _fit_table(frontier.fits))
+    block = (data.evaluation or {}).get("best_of_n_ensemble")
+    if frontier.rankers:
+        size = block.get("ensemble_size", "?")
+        parts.append(
+            f'<h3 id="ensemble-frontier">Reward-model ensemble against over-optimisation</h3><p class="small">The proxy '
+            f"is an ensemble of {esc(size)} reward models. One pool of best-of-n samples per prompt "
+            f"({esc(block.get('num_prompts', '?'))} prompts) ranked by each: its first member alone, each member alone "
+            "(averaged per prompt: a single reward model of the same recipe without the luck of one seed), and the "
+            "ensemble's mean, worst-case (WCO) and uncertainty-weighted (UWO) scores (Coste et al. 2024); gold mean "
+            "with its 95% interval over prompts, and WCO's paired difference from one member with its interval and "
+            "sign-flip p. The same curves are on the frontier above (dotted and dashed lines).</p>"
+        )
+        verdict_text = ensemble_verdict(block)
+        if verdict_text:
+            parts.append(f'<p class="neutral" id="ensemble-verdict">{esc(verdict_text)}</p>')
+        parts.append(_ensemble_table(block))
     skipped = [f for f in frontier.fits if f.skipped]
     if skipped:
         parts.append(
