@@ -39,8 +39,10 @@ ranking's pairs are read as the ranking orders them). The held-out labels are of
 **Reported**: for each budget and arm, the held-out accuracy (``OUTPUT_DIR/.../heldout.json`` as ``rlhfkit reward``
 writes it: pairs right, ties in the held-out labels left out) with its 95% prompt-clustered bootstrap interval
 (:func:`rlhfkit.stats.cluster_accuracy`) and the pair count; the active - random difference, with several seeds its
-mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); and for each random budget the
-smallest active budget that reaches its accuracy. ``OUTPUT_DIR/results.json`` holds the same numbers. The command
+mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed,
+each active budget minus each random budget at least as large, on the same held-out pairs with a prompt-clustered
+interval (:func:`rlhfkit.stats.cluster_accuracy_difference`: far tighter than the two arms' own intervals, as both
+face the same pairs); and for each random budget the smallest active budget that reaches its accuracy. ``OUTPUT_DIR/results.json`` holds the same numbers. The command
 line is printed first and last.
 """
 
@@ -58,7 +60,7 @@ from rlhfkit.data.io import read_rows
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.run_layout import HELDOUT_FILE
-from rlhfkit.stats import paired_bootstrap
+from rlhfkit.stats import cluster_accuracy_difference, paired_bootstrap
 
 ARMS = ("random", "active")
 
@@ -135,6 +137,9 @@ class Run:
     accuracy: float
     accuracy_ci: list[float]
     heldout_pairs: int
+    outcomes: dict
+    """Per held-out pair: ``correct`` (1, 0.5, 0) and ``prompt`` (:func:`rlhfkit.reward.heldout_accuracy`'s
+    ``per_pair``), aligned across runs, for the paired comparisons."""
 
 
 def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, heldout: bool = True) -> dict:
@@ -164,6 +169,31 @@ def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, 
     return json.loads((out / HELDOUT_FILE).read_text()) if heldout else {}
 
 
+def pair_outcomes(args: argparse.Namespace, model_dir: Path, heldout: list[Comparison]) -> dict:
+    """Each held-out pair's score under the reward model in ``model_dir`` (the pairs and order are the same for every
+    model: same comparisons, same settings), for paired active - random differences."""
+    from rlhfkit.modeling.reward_model import RewardModel
+
+    rm = RewardModel(model_dir, precision=args.precision)
+    result = reward.heldout_accuracy(
+        rm.model,
+        rm.tokenizer,
+        heldout,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        precision=args.precision,
+        per_pair=True,
+    )
+    return result["pairs"]
+
+
+def paired(a: Run, b: Run) -> dict:
+    """Accuracy of run ``a`` minus run ``b`` on the same held-out pairs: mean and 95% prompt-clustered interval."""
+    if a.outcomes["prompt"] != b.outcomes["prompt"]:
+        raise SystemExit("the two runs' held-out pairs differ; they cannot be compared pair by pair")
+    return cluster_accuracy_difference(a.outcomes["correct"], b.outcomes["correct"], a.outcomes["prompt"]).as_dict()
+
+
 def query(args: argparse.Namespace, out: Path, seed: int, num: int, **fields) -> Path:
     config = active.QueryConfig(
         samples=args.samples,
@@ -178,7 +208,7 @@ def query(args: argparse.Namespace, out: Path, seed: int, num: int, **fields) ->
     return active.select(config)
 
 
-def run_seed(args: argparse.Namespace, seed: int, labels: dict) -> list[Run]:
+def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Comparison]) -> list[Run]:
     root = Path(args.output_dir) / f"seed{seed}"
     runs = []
 
@@ -186,7 +216,11 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict) -> list[Run]:
         data = root / f"{arm}_{budget}.jsonl"
         save_comparisons(data, train)
         result = train_reward(args, data, root / f"{arm}_{budget}", seed)
-        runs.append(Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"]))
+        outcomes = pair_outcomes(args, root / f"{arm}_{budget}", heldout)
+        run = Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"], outcomes)
+        if abs(sum(outcomes["correct"]) / len(outcomes["correct"]) - result["accuracy"]) > 1e-9:
+            raise SystemExit(f"{root / f'{arm}_{budget}'}: rescored held-out accuracy differs from heldout.json")
+        runs.append(run)
         lo, hi = result["accuracy_ci"]
         print(f"seed {seed} N={budget} {arm}: accuracy {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {len(train)} pairs")
 
@@ -240,6 +274,18 @@ def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
         differences[budget] = estimate.as_dict()
         interval = f" [{estimate.ci[0]:+.3f}, {estimate.ci[1]:+.3f}] over {len(diffs)} seeds" if len(diffs) > 1 else ""
         print(f"N={budget}: active - random accuracy {estimate.value:+.3f}{interval}")
+    # Pair by pair: each seed's active run against random runs of the same seed, on the same held-out pairs.
+    by_key = {(r.arm, r.budget, r.seed): r for r in runs}
+    pairwise = {}
+    for seed in args.seeds:
+        for small in args.budgets:
+            for large in (b for b in args.budgets if b >= small):
+                d = paired(by_key[("active", small, seed)], by_key[("random", large, seed)])
+                pairwise[f"active_{small}_minus_random_{large}_seed{seed}"] = d
+                print(
+                    f"seed {seed}: active N={small} - random N={large}: {d['value']:+.3f} [{d['ci'][0]:+.3f}, "
+                    f"{d['ci'][1]:+.3f}] (paired over {d['n']} held-out pairs, prompt-clustered)"
+                )
     reached = {}
     for budget in args.budgets:
         enough = [b for b in args.budgets if mean[("active", b)] >= mean[("random", budget)]]
@@ -248,9 +294,10 @@ def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
         print(f"random N={budget} (mean accuracy {mean[('random', budget)]:.3f}): {what}")
     return {
         "command": command,
-        "runs": [vars(r) for r in runs],
+        "runs": [{k: v for k, v in vars(r).items() if k != "outcomes"} for r in runs],
         "mean_accuracy": {f"{arm}_{budget}": value for (arm, budget), value in mean.items()},
         "active_minus_random": {str(b): d for b, d in differences.items()},
+        "paired": pairwise,
         "active_budget_reaching_random": {str(b): n for b, n in reached.items()},
     }
 
@@ -260,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}", flush=True)
     labels = pair_labels(args.labels)
-    runs = [run for seed in args.seeds for run in run_seed(args, seed, labels)]
+    heldout = load_comparisons(args.heldout)
+    runs = [run for seed in args.seeds for run in run_seed(args, seed, labels, heldout)]
     results = summarise(args, runs, command)
     out = Path(args.output_dir) / "results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -310,6 +310,15 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in runs)
     assert json.loads((out / "results.json").read_text())["runs"] == runs
     assert set(results["active_minus_random"]) == {"6", "8"} and "active - random accuracy" in printed
+    # Pair by pair on the same held-out pairs: the mean difference is the two accuracies' difference, exactly.
+    accuracy = {(r["arm"], r["budget"]): r["accuracy"] for r in runs}
+    assert set(results["paired"]) == {f"active_{a}_minus_random_{b}_seed0" for a, b in ((6, 6), (6, 8), (8, 8))}
+    for (a, b), d in zip(
+        ((6, 6), (6, 8), (8, 8)), (results["paired"][f"active_{a}_minus_random_{b}_seed0"] for a, b in ((6, 6), (6, 8), (8, 8)))
+    ):
+        assert d["value"] == pytest.approx(accuracy[("active", a)] - accuracy[("random", b)], abs=1e-12)
+        assert d["n"] == strict and d["ci"][0] <= d["value"] <= d["ci"][1]
+    assert "seed 0: active N=6 - random N=8: " in printed
     # The active arm trained on the 4 initial random pairs plus the ensemble's picks, none of them initial ones.
     seed0 = out / "seed0"
     initial = [c.responses for c in load_comparisons(seed0 / "initial.jsonl")]

@@ -567,6 +567,11 @@ def test_heldout_accuracy_is_the_same_for_rankings_pairs_and_comparisons(heldout
     clusters = [c.prompt for c in comps for _, _, t in c.pairs() if t == 1.0]
     assert sorted(clusters.count(p) for p in set(clusters)) == [1, 4, 6]
     assert written["accuracy_ci"] == pytest.approx(list(cluster_accuracy(correct, clusters, seed=config.seed).ci), abs=1e-12)
+    # per_pair: the same pairs' scores and prompt numbers (the order is the function's own), nothing else changed.
+    listed = heldout_accuracy(reward.model, reward.tokenizer, comps, per_pair=True, **kwargs)
+    assert {k: v for k, v in listed.items() if k != "pairs"} == written
+    assert sorted(listed["pairs"]["correct"]) == sorted(correct)
+    assert sorted(listed["pairs"]["prompt"].count(i) for i in range(3)) == [1, 4, 6]
     # Another seed, another bootstrap; same accuracy.
     other = heldout_accuracy(reward.model, reward.tokenizer, comps, max_length=64, precision="fp32", seed=config.seed + 1)
     assert other["accuracy"] == written["accuracy"]
@@ -584,6 +589,8 @@ def test_heldout_accuracy_ties_and_equal_scores(tokenizer):
     # A zero head scores everything 0: every strict pair is an exact tie of scores, worth 0.5.
     result = heldout_accuracy(zero, rm_tokenizer, comps, precision="fp32")
     assert result == {"accuracy": 0.5, "accuracy_ci": [0.5, 0.5], "num_pairs": 3, "num_prompts": 1, "ties": 1}
+    listed = heldout_accuracy(zero, rm_tokenizer, comps, precision="fp32", per_pair=True)
+    assert listed["pairs"] == {"correct": [0.5, 0.5, 0.5], "prompt": [0, 0, 0]}  # the tie label is no pair
     only_ties = heldout_accuracy(zero, rm_tokenizer, comps[1:], precision="fp32")
     assert only_ties == {"accuracy": None, "accuracy_ci": None, "num_pairs": 0, "num_prompts": 0, "ties": 1}
 

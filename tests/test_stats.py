@@ -19,6 +19,7 @@ from rlhfkit.stats import (
     Estimate,
     analytic_bon_kl,
     cluster_accuracy,
+    cluster_accuracy_difference,
     fit_gao_bon,
     fit_gao_rl,
     overoptimisation,
@@ -351,6 +352,23 @@ def test_cluster_accuracy_value_and_width():
     assert width_c > 1.6 * width_i, (width_c, width_i)
     # Singleton clusters are exactly the paired bootstrap of the pairs.
     assert independent == paired_bootstrap(correct, seed=0)
+
+
+def test_cluster_accuracy_difference_by_hand_and_against_an_independent_bootstrap():
+    # Prompt "a": A right on 3 pairs, B on 1 (d = 0, 1, 1); prompt "b": A wrong, B right (d = -1). mean(d) = 1/4.
+    a, b, clusters = [1, 1, 1, 0], [1, 0, 0, 1], ["a", "a", "a", "b"]
+    est = cluster_accuracy_difference(a, b, clusters, resamples=500, seed=0)
+    assert est.value == pytest.approx(0.25) and est.n == 4
+    # Whole clusters only: a replicate is 2/3 (all "a"), -1 (all "b") or a mix, so the interval lies in [-1, 2/3].
+    assert -1.0 - 1e-12 <= est.ci[0] <= est.value <= est.ci[1] <= 2 / 3 + 1e-12
+    # Singleton clusters: the percentile bootstrap of the per-pair differences, computed here independently.
+    rng = np.random.default_rng(5)
+    a, b = (rng.random(80) < 0.7).astype(float), (rng.random(80) < 0.6).astype(float)
+    est = cluster_accuracy_difference(a, b, np.arange(80), resamples=2000, seed=3)
+    ref = paired_bootstrap(a - b, resamples=2000, seed=3)
+    assert est.value == pytest.approx(ref.value) and est.ci == pytest.approx(ref.ci, abs=1e-12)
+    with pytest.raises(ValueError, match="pairs"):
+        cluster_accuracy_difference([1, 0], [1], ["a", "b"])
 
 
 def test_cluster_accuracy_hand_case_and_errors():

@@ -213,6 +213,7 @@ def heldout_accuracy(
     seed: int = 0,
     resamples: int = 2000,
     gains: Sequence[float] | None = None,
+    per_pair: bool = False,
 ) -> dict:
     """Pairwise accuracy of a reward model on held-out comparisons, with a 95% prompt-clustered bootstrap interval.
 
@@ -238,6 +239,11 @@ def heldout_accuracy(
     A K-head ensemble (or K separate models) is judged by the mean of its heads' normalised scores (``gains``: each
     head's gain, which is all the normalisation changes in a difference of two scores; None: 1); the result adds
     ``ensemble_size`` and ``head_accuracy``, each head's accuracy on the same pairs.
+
+    ``per_pair``: the result adds ``pairs``, ``{"correct": [...], "prompt": [...]}``, each strict pair's score (1, 0.5
+    or 0) and its prompt's number (0, 1, ... in order of first appearance), in an order fixed by the examples and
+    ``batch_size``: two models judged on the same comparisons with the same settings give aligned lists, for a
+    paired comparison (:func:`rlhfkit.stats.cluster_accuracy` of their per-pair differences).
     """
     examples = list(comparisons_or_examples)
     if examples and isinstance(examples[0], Comparison):
@@ -315,6 +321,9 @@ def heldout_accuracy(
         estimate = cluster_accuracy(correct, clusters, resamples=resamples, seed=seed)
         result["accuracy"] = float(estimate.value)
         result["accuracy_ci"] = [float(estimate.ci[0]), float(estimate.ci[1])]
+    if per_pair:
+        numbers: dict = {}
+        result["pairs"] = {"correct": correct, "prompt": [numbers.setdefault(k, len(numbers)) for k in clusters]}
     if head_correct:
         result["ensemble_size"] = len(head_correct[0])
         result["head_accuracy"] = [sum(column) / len(column) for column in zip(*head_correct)]

@@ -183,6 +183,31 @@ def cluster_accuracy(
     return Estimate(value=float(c.mean()), ci=_percentile_interval(replicates, level), n=int(c.size))
 
 
+def cluster_accuracy_difference(
+    correct_a: Sequence[float],
+    correct_b: Sequence[float],
+    clusters: Sequence[Hashable],
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Accuracy of model A minus model B on the same pairs, with a cluster bootstrap interval (pairs of a prompt
+    resampled together): the paired comparison of two reward models judged on one held-out set, far tighter than
+    comparing their two intervals, since both face the same hard and easy pairs.
+
+    correct_a, correct_b: shape (n_pairs,), each in [0, 1], aligned (pair i is the same pair in both); clusters:
+    shape (n_pairs,). Each pair's difference ``d = a - b`` lies in [-1, 1]; this is :func:`cluster_accuracy` of
+    ``(d + 1) / 2`` mapped back by ``2 x - 1`` (a linear map: the pair-weighted mean and the percentile interval map
+    exactly). Returns ``Estimate(value=mean(d), ci, n=number of pairs)``.
+    """
+    a, b = _finite_vector(correct_a, "correct_a"), _finite_vector(correct_b, "correct_b")
+    if a.size != b.size:
+        raise ValueError(f"correct_a has {a.size} pairs but correct_b has {b.size}")
+    half = cluster_accuracy((a - b + 1.0) / 2.0, clusters, resamples=resamples, level=level, seed=seed)
+    return Estimate(value=2 * half.value - 1, ci=(2 * half.ci[0] - 1, 2 * half.ci[1] - 1), n=half.n)
+
+
 # --------------------------------------------------------------------------- win fractions
 
 
