@@ -41,10 +41,9 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit import sample
+from rlhfkit import evaluate, sample
 from rlhfkit.data.samples import load_items
-from rlhfkit.evaluate import best_of_n_gold
-from rlhfkit.losses import REWARD_AGGREGATIONS, aggregate_rewards, ensemble_std
+from rlhfkit.losses import REWARD_AGGREGATIONS, ensemble_std
 from rlhfkit.modeling.reward_model import RewardModel
 from rlhfkit.rewards import load_reward
 from rlhfkit.run_layout import HELDOUT_FILE
@@ -124,25 +123,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--ensemble {args.ensemble} is a single reward model, not an ensemble")
     members = ensemble.member_scores(prompts, responses).double()  # (P * N, K)
     if args.single == "member0":  # the ensemble's first member alone (its own gain and bias)
-        rankers = {"single": members[:, 0].view(P, N)}
+        single_scores = members[:, 0]
     else:
         single = RewardModel(args.single, precision=args.precision)
         if single.num_members != 1:
             raise SystemExit(f"--single {args.single} is an ensemble of {single.num_members}; give one reward model")
-        rankers = {"single": torch.tensor(single(prompts, responses), dtype=torch.float64).view(P, N)}
-    for how in REWARD_AGGREGATIONS:
-        rankers[how] = aggregate_rewards(members, how, args.uwo_coef).view(P, N)
+        single_scores = torch.tensor(single(prompts, responses), dtype=torch.float64)
+    # Each ranker (prompts, N, R): mean, wco, uwo, and each member alone ("members": the single reward model of the
+    # ensemble's recipe without the luck of which seed is "the" single one), as rlhfkit eval ranks an ensemble pool.
+    ranked = evaluate.ensemble_rankers(members.view(P, N, -1), args.uwo_coef)
+    rankers = {"single": single_scores.view(P, N, 1), **{how: ranked[how] for how in REWARD_AGGREGATIONS}}
+    rankers["members"] = ranked["members"]
     spread = float(ensemble_std(members).mean())
 
     ns = [1 << i for i in range(N.bit_length()) if 1 << i <= N]
-    K = ensemble.num_members
 
     def outcomes(n: int) -> dict[str, torch.Tensor]:
-        picked = {name: best_of_n_gold(r, gold, n) for name, r in rankers.items()}
-        # Each member alone as the ranker, averaged per prompt over the K members: the single reward model of the
-        # ensemble's recipe without the luck of which seed is "the" single one.
-        picked["members"] = torch.stack([best_of_n_gold(members[:, k].view(P, N), gold, n) for k in range(K)]).mean(0)
-        return picked
+        return {name: evaluate.ranker_outcome(r, gold, n) for name, r in rankers.items()}
 
     table = {n: compare(outcomes(n), args.seed) for n in ns}
     print(
@@ -169,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(line)
     last = table[ns[-1]]
     # WCO against each member alone at the largest n, from the same per-prompt values compare() used.
-    wco_vs_members = (best_of_n_gold(rankers["wco"], gold, ns[-1]) - outcomes(ns[-1])["members"]).tolist()
+    last_outcomes = outcomes(ns[-1])
+    wco_vs_members = (last_outcomes["wco"] - last_outcomes["members"]).tolist()
     m = {
         **paired_bootstrap(wco_vs_members, seed=args.seed).as_dict(),
         "p_value": sign_flip_p_value(wco_vs_members, seed=args.seed),

@@ -310,8 +310,7 @@ ENSEMBLE_SINGLE = "member_0"
 def best_of_n_gold(ranking: torch.Tensor, gold: torch.Tensor, n: int) -> torch.Tensor:
     """Per prompt, the gold score of the sample ``ranking`` scores highest among the prompt's first ``n``.
     ``ranking`` and ``gold``: (prompts, N) with N >= n; the first of equal scores wins. Returns (prompts,)."""
-    picks = ranking[:, :n].argmax(-1)
-    return gold.gather(1, picks[:, None]).squeeze(1)
+    return ranker_outcome(ranking[..., None], gold, n)
 
 
 def ensemble_rankers(members: torch.Tensor, uwo_coef: float = 0.5) -> dict[str, torch.Tensor]:
