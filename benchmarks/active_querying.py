@@ -4,7 +4,7 @@
         --heldout HELDOUT_LABELS.jsonl [--budgets 256,512] [--initial 128] [--ensemble-size 5] [--seeds 0] \\
         [--strategy disagreement] [--ensemble-backbones shared] [--sequential] [--max-per-prompt 2] [--epochs 2] \\
         [--batch-size 16] [--lr 1e-5] [--num-layers -1] [--max-length 512] [--precision bf16] \\
-        [--output-dir runs/active_querying]
+        [--random-budgets 160,192] [--reuse] [--output-dir runs/active_querying]
 
 For each seed and each label budget N (``--budgets``), two arms train a one-head reward model (``rlhfkit.reward``)
 from ``--model`` on N labelled pairs and are scored on the held-out labels:
@@ -21,6 +21,11 @@ from ``--model`` on N labelled pairs and are scored on the held-out labels:
   ``--sequential``: one round per budget instead: budget N's new pairs are picked by an ensemble trained on all the
   active arm's pairs of the budget before it (N0 for the first), so each round's queries use every label so far
   (Christiano et al. 2017 query in rounds this way), at one ensemble per budget.
+
+``--random-budgets``: more budgets for the random arm alone, its learning curve between ``--budgets``, to find how
+many random labels an active budget's accuracy is worth (the first N of the same random order, so they nest).
+``--reuse``: a model whose directory is finished and whose training pairs are byte for byte the ones it would train
+on now is not trained again (rerun the same command with more random budgets or seeds; every arm is still rescored).
 
 Both arms train with the same settings for the same number of epochs, so at equal N they train the same number of
 steps; they differ only in *which* pairs were labelled.
@@ -59,6 +64,7 @@ from rlhfkit import active, reward
 from rlhfkit.data.io import read_rows
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
+from rlhfkit.modeling.reward_model import MEMBERS_KEY
 from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.stats import cluster_accuracy_difference, paired_bootstrap
 
@@ -72,6 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", required=True, help="labels of every pair of --samples (simulated annotator)")
     parser.add_argument("--heldout", required=True, help="held-out labels (other prompts) the accuracy is measured on")
     parser.add_argument("--budgets", default="256,512", help="comma-separated label budgets N")
+    parser.add_argument(
+        "--random-budgets",
+        default="",
+        help="more budgets for the random arm alone (its learning curve between --budgets: with how many random labels "
+        "does random reach what active reached?)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="do not train again a model whose directory is finished and whose training pairs are the same (rerun the "
+        "same command with more --random-budgets or --seeds and only the new models train)",
+    )
     parser.add_argument("--initial", type=int, default=128, help="N0: random pairs the querying ensemble trains on")
     parser.add_argument("--ensemble-size", type=int, default=5, help="heads of the querying ensemble")
     parser.add_argument("--strategy", default="disagreement", choices=("disagreement", "uncertainty"))
@@ -88,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/active_querying")
     args = parser.parse_args(argv)
     args.budgets = sorted({int(b) for b in args.budgets.split(",")})
+    args.random_budgets = sorted(set(args.budgets) | {int(b) for b in args.random_budgets.split(",") if b.strip()})
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if not 0 < args.initial < min(args.budgets):
         parser.error(f"--initial must be in (0, smallest budget {min(args.budgets)}), got {args.initial}")
@@ -142,8 +161,35 @@ class Run:
     ``per_pair``), aligned across runs, for the paired comparisons."""
 
 
-def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, heldout: bool = True) -> dict:
-    """Train a reward model on ``data``; its held-out result (HELDOUT_FILE) when ``heldout``."""
+def finished(out: Path, heads: int, heldout: bool) -> bool:
+    """Whether ``out`` holds a finished reward model of ``heads`` members (its held-out result too when ``heldout``)."""
+    config = out / "config.json"
+    if not config.is_file() or (heldout and not (out / HELDOUT_FILE).is_file()):
+        return False
+    saved = json.loads(config.read_text())
+    if heads == 1:
+        return True
+    members = saved.get(MEMBERS_KEY)
+    if members is not None:  # separate members, listed once all are trained
+        return len(members) == heads - 1 and all((out / m / "config.json").is_file() for m in members)
+    return saved.get("rlhfkit_ensemble_size") == heads
+
+
+def save_pairs(path: Path, pairs: list[Comparison]) -> bool:
+    """Write ``pairs`` to ``path``; whether the file held exactly these pairs already (what --reuse checks)."""
+    before = path.read_bytes() if path.is_file() else None
+    save_comparisons(path, pairs)
+    return before == path.read_bytes()
+
+
+def train_reward(
+    args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, heldout: bool = True, same_data: bool = False
+) -> dict:
+    """Train a reward model on ``data``; its held-out result (HELDOUT_FILE) when ``heldout``. With ``--reuse``, a
+    finished model in ``out`` trained on the same pairs (``same_data``) is kept instead."""
+    if args.reuse and same_data and finished(out, heads, heldout):
+        print(f"reuse: {out} (finished, trained on the same pairs)", flush=True)
+        return json.loads((out / HELDOUT_FILE).read_text()) if heldout else {}
     config = reward.RewardConfig(
         model=args.model,
         data=str(data),
@@ -212,10 +258,11 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
     root = Path(args.output_dir) / f"seed{seed}"
     runs = []
 
-    def record(arm: str, budget: int, train: list[Comparison]) -> None:
+    def record(arm: str, budget: int, train: list[Comparison]) -> bool:
+        """Train and score one arm; whether its training pairs were the same as those its file held before."""
         data = root / f"{arm}_{budget}.jsonl"
-        save_comparisons(data, train)
-        result = train_reward(args, data, root / f"{arm}_{budget}", seed)
+        same = save_pairs(data, train)
+        result = train_reward(args, data, root / f"{arm}_{budget}", seed, same_data=same)
         outcomes = pair_outcomes(args, root / f"{arm}_{budget}", heldout)
         run = Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"], outcomes)
         if abs(sum(outcomes["correct"]) / len(outcomes["correct"]) - result["accuracy"]) > 1e-9:
@@ -223,14 +270,17 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
         runs.append(run)
         lo, hi = result["accuracy_ci"]
         print(f"seed {seed} N={budget} {arm}: accuracy {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {len(train)} pairs")
+        return same
 
     # The random order of the whole pool: budget N takes its first N (select's random picks nest).
-    largest = query(args, root / "random_queries.jsonl", seed, max(args.budgets), strategy="random")
+    largest = query(args, root / "random_queries.jsonl", seed, max(args.random_budgets), strategy="random")
     random_labels = labels_of(largest, labels, args.labels)
     labelled, labelled_file = random_labels[: args.initial], root / "initial.jsonl"  # the active arm's pairs so far
-    save_comparisons(labelled_file, labelled)
+    same = save_pairs(labelled_file, labelled)
     ensemble_dir = root / "ensemble"
-    train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
+    train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False, same_data=same)
+    for budget in (b for b in args.random_budgets if b not in args.budgets):  # the random arm's curve between
+        record("random", budget, random_labels[:budget])
     for budget in args.budgets:
         record("random", budget, random_labels[:budget])
         # One round (default): labelled stays the initial pairs, and every budget adds to them, picked by the
@@ -246,11 +296,12 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
             exclude=str(labelled_file),
         )
         chosen = labelled + labels_of(picked, labels, args.labels)
-        record("active", budget, chosen)
+        same = record("active", budget, chosen)
         if args.sequential and budget != args.budgets[-1]:
             labelled, labelled_file = chosen, root / f"active_{budget}.jsonl"  # record() wrote this file
             ensemble_dir = root / f"ensemble_{budget}"
-            train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False)
+            # Its pairs are the active arm's of this budget: unchanged when record() found them unchanged.
+            train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False, same_data=same)
     return runs
 
 
@@ -264,10 +315,11 @@ def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
         )
     mean: dict[tuple[str, int], float] = {}
     differences = {}
-    for budget in args.budgets:
-        for arm in ARMS:
+    for arm, budgets in (("random", args.random_budgets), ("active", args.budgets)):
+        for budget in budgets:
             values = [r.accuracy for r in runs if r.arm == arm and r.budget == budget]
             mean[(arm, budget)] = sum(values) / len(values)
+    for budget in args.budgets:
         by_seed = {(r.arm, r.seed): r.accuracy for r in runs if r.budget == budget}
         diffs = [by_seed[("active", s)] - by_seed[("random", s)] for s in args.seeds]
         estimate = paired_bootstrap(diffs, seed=0)
@@ -279,7 +331,7 @@ def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
     pairwise = {}
     for seed in args.seeds:
         for small in args.budgets:
-            for large in (b for b in args.budgets if b >= small):
+            for large in (b for b in args.random_budgets if b >= small):
                 d = paired(by_key[("active", small, seed)], by_key[("random", large, seed)])
                 pairwise[f"active_{small}_minus_random_{large}_seed{seed}"] = d
                 print(
@@ -287,7 +339,7 @@ def summarise(args: argparse.Namespace, runs: list[Run], command: str) -> dict:
                     f"{d['ci'][1]:+.3f}] (paired over {d['n']} held-out pairs, prompt-clustered)"
                 )
     reached = {}
-    for budget in args.budgets:
+    for budget in args.random_budgets:
         enough = [b for b in args.budgets if mean[("active", b)] >= mean[("random", budget)]]
         reached[budget] = min(enough) if enough else None
         what = f"active reaches it with N={reached[budget]}" if enough else "active does not reach it at any budget run"

@@ -23,6 +23,7 @@ from rlhfkit.label import LabelConfig
 from rlhfkit.label import run as label_run
 from rlhfkit.modeling import models
 from rlhfkit.modeling.reward_model import RewardModel, load_reward_backbone, reward_tokenizer
+from rlhfkit.run_layout import HELDOUT_FILE
 from tests.helpers import read_jsonl, write_jsonl
 
 LN3 = math.log(3)
@@ -358,3 +359,37 @@ def test_benchmark_sequential_rounds_with_separate_members(tmp_path, capsys):
     for ensemble in (seed0 / "ensemble", seed0 / "ensemble_6"):  # round 1's and round 2's queriers: 2 models each
         assert json.loads((ensemble / "config.json").read_text())["rlhfkit_ensemble_members"] == ["members/1"]
     assert not (seed0 / "ensemble_8").exists()  # no round after the last budget
+
+
+def test_benchmark_reuse_trains_only_the_new_random_budget(tmp_path, capsys):
+    """Rerun with ``--random-budgets 7 --reuse``: every finished model trained on the same pairs is kept (its
+    accuracy unchanged), only the random arm at N = 7 trains, on the first 7 pairs of the same random order, and the
+    paired comparisons now include active N = 6 against random N = 7. A model whose held-out file is gone trains
+    again."""
+    active_querying = _benchmark_module()
+    samples = _labelled_pool(tmp_path)
+    out = tmp_path / "bench"
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,8", "--initial", "4", "--ensemble-size", "2"),
+        *("--ensemble-backbones", "separate", "--sequential", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"),
+        *("--max-length", "48", "--precision", "fp32", "--seeds", "0", "--output-dir", str(out)),
+    ]
+    first = active_querying.main(argv)
+    capsys.readouterr()
+    (out / "seed0" / "random_8" / HELDOUT_FILE).unlink()
+    second = active_querying.main([*argv, "--random-budgets", "7", "--reuse"])
+    printed = capsys.readouterr().out
+    reused = {line.split()[1] for line in printed.splitlines() if line.startswith("reuse: ")}
+    seed0 = out / "seed0"
+    assert reused == {str(seed0 / d) for d in ("ensemble", "ensemble_6", "random_6", "active_6", "active_8")}
+    accuracy = {(r["arm"], r["budget"]): r["accuracy"] for r in second["runs"]}
+    assert {(r["arm"], r["budget"]): r["accuracy"] for r in first["runs"]} == {
+        k: v for k, v in accuracy.items() if k != ("random", 7)
+    }
+    random_7 = [c.responses for c in load_comparisons(seed0 / "random_7.jsonl")]
+    assert random_7 == [c.responses for c in load_comparisons(seed0 / "random_8.jsonl")][:7]
+    assert ("random", 7) in accuracy and ("active", 7) not in accuracy
+    d = second["paired"]["active_6_minus_random_7_seed0"]
+    assert d["value"] == pytest.approx(accuracy[("active", 6)] - accuracy[("random", 7)], abs=1e-12)
+    assert "random N=7 (mean accuracy" in printed
