@@ -330,18 +330,23 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert len(picks) == 4 and all(r["acquisition"] >= 0 for r in picks)
 
 
+def _sequential_argv(tmp_path: Path, samples: Path, out: Path) -> list[str]:
+    """The benchmark on the tiny model: budgets 6 and 8 from 4 initial pairs, sequential rounds, 2 separate members."""
+    return [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,8", "--initial", "4", "--ensemble-size", "2"),
+        *("--ensemble-backbones", "separate", "--sequential", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"),
+        *("--max-length", "48", "--precision", "fp32", "--seeds", "0", "--output-dir", str(out)),
+    ]
+
+
 def test_benchmark_sequential_rounds_with_separate_members(tmp_path, capsys):
     """``--sequential --ensemble-backbones separate``: budget 8's new pairs add to budget 6's active pairs (none
     picked twice), chosen by an ensemble of 2 separate reward models trained on those 6."""
     active_querying = _benchmark_module()
     samples = _labelled_pool(tmp_path)
     out = tmp_path / "bench"
-    argv = [
-        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
-        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,8", "--initial", "4", "--ensemble-size", "2"),
-        *("--ensemble-backbones", "separate", "--sequential", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"),
-        *("--max-length", "48", "--precision", "fp32", "--seeds", "0", "--output-dir", str(out)),
-    ]
+    argv = _sequential_argv(tmp_path, samples, out)
     results = active_querying.main(argv)
     capsys.readouterr()
     assert sorted((r["arm"], r["budget"]) for r in results["runs"]) == [
@@ -369,12 +374,7 @@ def test_benchmark_reuse_trains_only_the_new_random_budget(tmp_path, capsys):
     active_querying = _benchmark_module()
     samples = _labelled_pool(tmp_path)
     out = tmp_path / "bench"
-    argv = [
-        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
-        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,8", "--initial", "4", "--ensemble-size", "2"),
-        *("--ensemble-backbones", "separate", "--sequential", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"),
-        *("--max-length", "48", "--precision", "fp32", "--seeds", "0", "--output-dir", str(out)),
-    ]
+    argv = _sequential_argv(tmp_path, samples, out)
     first = active_querying.main(argv)
     capsys.readouterr()
     (out / "seed0" / "random_8" / HELDOUT_FILE).unlink()

@@ -729,6 +729,14 @@ def _yerr(value: float, ci: tuple[float, float] | None) -> list[list[float]] | N
     return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]]
 
 
+def _bon_yerr(points: list[tuple[int, float, float, tuple[float, float] | None]]) -> list[list[float]]:
+    """Error bars (below, above) of best-of-n points (n, KL, gold, gold interval); 0 where there is no interval."""
+    return [
+        [max(g - ci[0], 0.0) if ci else 0.0 for _, _, g, ci in points],
+        [max(ci[1] - g, 0.0) if ci else 0.0 for _, _, g, ci in points],
+    ]
+
+
 def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
     """Gold score against KL (left) and sqrt(KL) (right): probe paths, best-of-n, final eval points, fits."""
     from matplotlib.figure import Figure
@@ -769,12 +777,10 @@ def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
             )
         if frontier.best_of_n:
             bon = frontier.best_of_n
-            lows = [g - ci[0] if ci else 0.0 for _, _, g, ci in bon]
-            highs = [ci[1] - g if ci else 0.0 for _, _, g, ci in bon]
             ax.errorbar(
                 [x(kl) for _, kl, _, _ in bon],
                 [g for _, _, g, _ in bon],
-                yerr=[[max(v, 0.0) for v in lows], [max(v, 0.0) for v in highs]],
+                yerr=_bon_yerr(bon),
                 fmt="^",
                 color="C1",
                 markersize=6,
@@ -790,10 +796,7 @@ def frontier_figure(frontier: Frontier, colours: dict[str, str]) -> str | None:
             ax.errorbar(
                 [x(kl) for _, kl, _, _ in points],
                 [g for _, _, g, _ in points],
-                yerr=[
-                    [max(g - ci[0], 0.0) if ci else 0.0 for _, _, g, ci in points],
-                    [max(ci[1] - g, 0.0) if ci else 0.0 for _, _, g, ci in points],
-                ],
+                yerr=_bon_yerr(points),
                 fmt=".",
                 linestyle=style,
                 color=colour,
