@@ -64,7 +64,8 @@ from rlhfkit import active, reward
 from rlhfkit.data.io import read_rows
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
-from rlhfkit.modeling.reward_model import MEMBERS_KEY
+from rlhfkit.modeling.models import is_complete_save
+from rlhfkit.modeling.reward_model import ENSEMBLE_KEY, MEMBERS_KEY
 from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.stats import cluster_accuracy_difference, paired_bootstrap
 
@@ -162,17 +163,17 @@ class Run:
 
 
 def finished(out: Path, heads: int, heldout: bool) -> bool:
-    """Whether ``out`` holds a finished reward model of ``heads`` members (its held-out result too when ``heldout``)."""
-    config = out / "config.json"
-    if not config.is_file() or (heldout and not (out / HELDOUT_FILE).is_file()):
+    """Whether ``out`` holds a finished reward model of ``heads`` members (every save complete by
+    :func:`rlhfkit.modeling.models.is_complete_save`, and its held-out result when ``heldout``)."""
+    if not is_complete_save(out) or (heldout and not (out / HELDOUT_FILE).is_file()):
         return False
-    saved = json.loads(config.read_text())
+    saved = json.loads((out / "config.json").read_text())
     if heads == 1:
         return True
     members = saved.get(MEMBERS_KEY)
     if members is not None:  # separate members, listed once all are trained
-        return len(members) == heads - 1 and all((out / m / "config.json").is_file() for m in members)
-    return saved.get("rlhfkit_ensemble_size") == heads
+        return len(members) == heads - 1 and all(is_complete_save(out / m) for m in members)
+    return saved.get(ENSEMBLE_KEY) == heads
 
 
 def save_pairs(path: Path, pairs: list[Comparison]) -> bool:
