@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -393,3 +395,143 @@ def test_benchmark_reuse_trains_only_the_new_random_budget(tmp_path, capsys):
     d = second["paired"]["active_6_minus_random_7_seed0"]
     assert d["value"] == pytest.approx(accuracy[("active", 6)] - accuracy[("random", 7)], abs=1e-12)
     assert "random N=7 (mean accuracy" in printed
+
+
+# ----------------------------------------------------------------------------- the linear-head benchmark
+
+
+def _linear_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import active_querying_linear
+    finally:
+        sys.path.pop(0)
+    return active_querying_linear
+
+
+def test_linear_fit_is_the_penalised_bradley_terry_minimum():
+    """One pair, one feature, difference 1, target 1, l2 = 0.5: the minimum of ln(1 + e^-w) + w^2 / 4 solves
+    sigmoid(-w) = w / 2 (found here by bisection). Two heads with bootstrap counts (1, 0) and (0, 1) on two pairs fit
+    each pair alone; a tie (target 1/2) has its minimum at w = 0."""
+    linear = _linear_module()
+    low, high = 0.0, 2.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if 1 / (1 + math.exp(mid)) > mid / 2 else (low, mid)
+    w = linear.fit_heads(
+        torch.tensor([[1.0]], dtype=torch.float64),
+        torch.tensor([1.0], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+        0.5,
+    )
+    assert w.item() == pytest.approx(low, abs=1e-7)
+    diffs = torch.tensor([[1.0], [-2.0]], dtype=torch.float64)
+    two = linear.fit_heads(diffs, torch.tensor([1.0, 1.0], dtype=torch.float64), torch.eye(2, dtype=torch.float64), 0.5)
+    alone = [
+        linear.fit_heads(diffs[i : i + 1], torch.ones(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64), 0.5)
+        for i in (0, 1)
+    ]
+    assert two[0, 0].item() == pytest.approx(alone[0].item(), abs=1e-6) and two[0, 1].item() == pytest.approx(
+        alone[1].item(), abs=1e-6
+    )
+    assert two.shape == (1, 2)  # one feature, two heads
+    tie = linear.fit_heads(
+        torch.tensor([[3.0]], dtype=torch.float64),
+        torch.tensor([0.5], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+        0.1,
+    )
+    assert tie.item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_linear_features_are_what_the_reward_head_reads():
+    """features @ w equals the raw score of the library's reward model whose (one) head has weights w."""
+    linear = _linear_module()
+    from rlhfkit.modeling.reward_model import load_reward_backbone, raw_scores, reward_tokenizer
+
+    prompts = ["What is 2 + 2?", "What is 2 + 2?", "Name a colour."]
+    responses = ["It is 4.", "Four, of course!", "Blue."]
+    x = linear.features(models.TINY, prompts, responses, num_layers=-1, max_length=64, batch_size=2, precision="fp32")
+    tokenizer = reward_tokenizer(models.TINY)
+    model = load_reward_backbone(models.TINY, pad_token_id=tokenizer.pad_token_id, head_init="normal", seed=3)
+    expected = raw_scores(model, tokenizer, prompts, responses, batch_size=2, max_length=64, precision="fp32")
+    weight = model.get_submodule("score").weight.detach().double()[0]
+    assert x.shape == (3, model.config.hidden_size)
+    assert torch.allclose(x @ weight, expected.double(), atol=1e-5)
+
+
+def test_linear_random_budget_reaching_by_hand():
+    linear = _linear_module()
+    curve, budgets = np.array([0.60, 0.64, 0.70]), [100, 200, 400]
+    assert linear.random_budget_reaching(curve, budgets, 0.62) == pytest.approx(150.0)  # halfway from 0.60 to 0.64
+    assert linear.random_budget_reaching(curve, budgets, 0.67) == pytest.approx(300.0)
+    assert linear.random_budget_reaching(curve, budgets, 0.55) == 100.0  # reached at the first budget (a bound)
+    assert linear.random_budget_reaching(curve, budgets, 0.71) == math.inf
+
+
+def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
+    linear = _linear_module()
+    samples = _labelled_pool(tmp_path)
+    out = tmp_path / "linear"
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,10", "--initial", "4", "--round-size", "2"),
+        *("--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48", "--output-dir", str(out)),
+    ]
+    capsys.readouterr()
+    results = linear.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.startswith("command: ") and results["seeds"] == [0, 1, 2]
+    strict = sum(not c.tie for c in load_comparisons(tmp_path / "heldout.jsonl"))
+    assert results["heldout_pairs"] == strict >= 6
+    assert set(results["accuracy"]) == {f"{arm}_{n}" for arm in ("random", "disagreement", "uncertainty") for n in (6, 10)}
+    for arm in ("disagreement", "uncertainty"):
+        for n in (6, 10):
+            a, r, d = results["accuracy"][f"{arm}_{n}"], results["accuracy"][f"random_{n}"], results["minus_random"][f"{arm}_{n}"]
+            assert d["value"] == pytest.approx(a["value"] - r["value"], abs=1e-12) and d["n"] == 3
+            assert a["ci"][0] <= a["value"] <= a["ci"][1] and d["ci"][0] <= d["value"] <= d["ci"][1]
+        assert [s["budget"] for s in results["labels_saved"][arm]] == [6, 10]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    # The features were computed once: a rerun reads them all from the cache.
+    linear.main(argv)
+    first_run = re.search(r"features: (\d+) of (\d+) from", printed)
+    assert first_run and first_run.group(1) == "0"  # nothing cached at first
+    rerun = re.search(r"features: (\d+) of (\d+) from", capsys.readouterr().out)
+    assert rerun and rerun.group(1) == rerun.group(2) == first_run.group(2)  # every text read from the cache
+
+
+def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
+    """The ensemble best-of-n script: at n = 1 every ranker picks each prompt's first sample, so every ranker's gold
+    is the gold scorer's mean over the first samples and every difference is exactly 0; at n = 2 each difference is
+    the two rankers' gold difference."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import ensemble_best_of_n_linear
+    finally:
+        sys.path.pop(0)
+    from rlhfkit.rewards import load_reward
+
+    samples = _labelled_pool(tmp_path)
+    bon = polite_rude_samples(tmp_path / "bon.jsonl", 4, 200)
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl"), "--bon", str(bon)),
+        *("--train-pairs", "6,10", "--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48"),
+        *("--output-dir", str(tmp_path / "bon_out")),
+    ]
+    capsys.readouterr()
+    results = ensemble_best_of_n_linear.main(argv)
+    printed = capsys.readouterr().out
+    assert results["n"] == [1, 2] and results["prompts"] == 4
+    rows = read_jsonl(bon)
+    first_gold = load_reward("demo")([r["prompt"] for r in rows], [r["responses"][0] for r in rows])
+    for size in ("6", "10"):
+        at1, at2 = results["by_train_pairs"][size]["1"], results["by_train_pairs"][size]["2"]
+        for name in ("member_0", "members", "all_pairs", "mean", "wco", "uwo"):
+            assert at1[name]["gold"]["value"] == pytest.approx(sum(first_gold) / 4, abs=1e-12)
+        for name in ("mean", "wco", "uwo"):
+            assert at1[name]["minus_member_0"]["value"] == 0.0 and at1[name]["minus_member_0"]["ci"] == [0.0, 0.0]
+            for other in ("member_0", "members", "all_pairs"):
+                d = at2[name][f"minus_{other}"]
+                assert d["value"] == pytest.approx(at2[name]["gold"]["value"] - at2[other]["gold"]["value"], abs=1e-12)
+                assert d["ci"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci"][1] + 1e-12 and d["n"] == 3
+    assert printed.strip().splitlines()[-1].startswith("wco - member_0 at n=2 (10 pairs): ")

@@ -24,6 +24,7 @@ from rlhfkit.stats import (
     fit_gao_rl,
     overoptimisation,
     paired_bootstrap,
+    seed_cluster_bootstrap,
     sign_flip_p_value,
     win_fractions,
 )
@@ -386,3 +387,44 @@ def test_cluster_accuracy_hand_case_and_errors():
         cluster_accuracy([1, 2], ["a", "b"])
     with pytest.raises(ValueError):
         cluster_accuracy([], [])
+
+
+# --------------------------------------------------------------------------- the seeds-and-prompts bootstrap
+
+
+def test_seed_cluster_bootstrap_replicates_are_resampled_means():
+    """Two seeds, two prompts of one pair each, values [[1, 0], [0, 0]]: a replicate draws 2 seeds and 2 prompts
+    with replacement, so its mean is (drawn seeds' count of seed 0) / 2 * (drawn prompts' count of prompt 0) / 2, one
+    of 0, 1/4, 1/2, 1: both ends of the interval must be among them, the point estimate is 1/4, and n counts seeds."""
+    est = seed_cluster_bootstrap([[1.0, 0.0], [0.0, 0.0]], ["p", "q"], resamples=4000, seed=3)
+    assert est.value == 0.25 and est.n == 2
+    assert est.ci[0] == 0.0 and est.ci[1] == 1.0  # P(replicate = 1) = 1/16 > 2.5%, and P(0) = 1 - 9/16 > 2.5%
+    # Pairs of one prompt move together: one prompt of two pairs ([1, 1] and [0, 0] under the two seeds) leaves only
+    # the seed draw, so replicates are 0, 1/2 or 1 and the interval spans [0, 1].
+    one_prompt = seed_cluster_bootstrap([[1.0, 1.0], [0.0, 0.0]], ["p", "p"], resamples=4000, seed=3)
+    assert one_prompt.value == 0.5 and one_prompt.ci == (0.0, 1.0)
+    # Every seed alike and every prompt alike: no spread at all.
+    flat = seed_cluster_bootstrap(np.full((5, 6), 0.3), list("aabbcc"))
+    assert flat.value == pytest.approx(0.3) and flat.ci == pytest.approx((0.3, 0.3))
+
+
+def test_seed_cluster_bootstrap_covers_a_crossed_design():
+    """value[s, p] = 0.1 + seed effect + prompt effect + noise (normal); the 95% interval covers the true mean
+    0.1 in most of 300 repeats: Owen's two-way bootstrap is conservative, so at least 93%."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for repeat in range(300):
+        seeds, prompts = 30, 40
+        table = 0.1 + rng.normal(0, 0.05, (seeds, 1)) + rng.normal(0, 0.05, (1, prompts)) + rng.normal(0, 0.05, (seeds, prompts))
+        est = seed_cluster_bootstrap(table, list(range(prompts)), resamples=500, seed=repeat)
+        covered += est.ci[0] <= 0.1 <= est.ci[1]
+    assert covered / 300 >= 0.93
+
+
+def test_seed_cluster_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="clusters has 1"):
+        seed_cluster_bootstrap([[1.0, 0.0]], ["p"])
+    with pytest.raises(ValueError, match="finite"):
+        seed_cluster_bootstrap([[float("nan")]], ["p"])
+    with pytest.raises(ValueError, match="non-empty"):
+        seed_cluster_bootstrap([[]], [])

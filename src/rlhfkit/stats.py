@@ -16,6 +16,8 @@ the eval stage and notebooks alike.
 * :func:`cluster_accuracy` -- accuracy over preference pairs with a cluster
   bootstrap: pairs from one prompt are resampled together (Efron & Tibshirani
   1993; the cluster / block bootstrap of Davison & Hinkley 1997, sec. 3.8).
+* :func:`seed_cluster_bootstrap` -- the mean of a (repeats x pairs) table with an
+  interval that resamples repeats and prompt clusters together (Owen 2007).
 * :func:`fit_gao_bon`, :func:`fit_gao_rl` -- the functional forms of Gao,
   Schulman & Hilton 2022, "Scaling Laws for Reward Model Overoptimization",
   fitted by least squares.
@@ -206,6 +208,46 @@ def cluster_accuracy_difference(
         raise ValueError(f"correct_a has {a.size} pairs but correct_b has {b.size}")
     half = cluster_accuracy((a - b + 1.0) / 2.0, clusters, resamples=resamples, level=level, seed=seed)
     return Estimate(value=2 * half.value - 1, ci=(2 * half.ci[0] - 1, 2 * half.ci[1] - 1), n=half.n)
+
+
+def seed_cluster_bootstrap(
+    values: Sequence[Sequence[float]], clusters: Sequence[Hashable], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> Estimate:
+    """Mean of a (seeds x pairs) table with an interval that resamples seeds and prompt clusters at once.
+
+    values: shape (S, n_pairs): row s holds each held-out pair's value under repeat (seed) s of an experiment -- for
+    example a pair's correctness under an actively chosen reward model minus under a randomly chosen one, in [-1, 1].
+    clusters: shape (n_pairs,), the prompt of each pair (pairs of one prompt are resampled together, as in
+    :func:`cluster_accuracy`).
+
+    Two sources of chance are in such a number: which pairs the repeats happened to draw (the seed), and which
+    prompts happened to be held out. Each bootstrap replicate draws S seeds with replacement *and*, independently,
+    the clusters with replacement, and takes the pair-weighted mean over the drawn seeds and clusters: the two-way
+    ("pigeonhole") bootstrap of Owen 2007 (Annals of Applied Statistics 1(2)), which for a crossed design is
+    somewhat conservative (its variance counts the seed-by-pair interaction twice) but never ignores either
+    source. Returns ``Estimate(value=mean over every entry, ci, n=S)``; with S = 1 it is the cluster bootstrap of
+    the one row.
+    """
+    _check_bootstrap_args(resamples, level)
+    table = np.asarray(values, dtype=np.float64)
+    if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] == 0:
+        raise ValueError(f"values must be a non-empty (seeds, pairs) table, got shape {table.shape}")
+    if not np.all(np.isfinite(table)):
+        raise ValueError("values must be finite (no NaN or inf)")
+    if len(clusters) != table.shape[1]:
+        raise ValueError(f"values has {table.shape[1]} pairs a row but clusters has {len(clusters)}")
+    ids: dict[Hashable, int] = {}
+    cluster_index = np.fromiter((ids.setdefault(k, len(ids)) for k in clusters), dtype=np.int64, count=table.shape[1])
+    seeds, groups = table.shape[0], len(ids)
+    sums = np.zeros((seeds, groups))
+    np.add.at(sums, (slice(None), cluster_index), table)  # (S, C): each seed's sum over each cluster's pairs
+    sizes = np.bincount(cluster_index, minlength=groups).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    seed_counts = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=resamples).astype(np.float64)  # (R, S)
+    cluster_counts = rng.multinomial(groups, np.full(groups, 1.0 / groups), size=resamples).astype(np.float64)  # (R, C)
+    numerators = ((seed_counts @ sums) * cluster_counts).sum(axis=1)
+    replicates = numerators / (seeds * (cluster_counts @ sizes))
+    return Estimate(value=float(table.mean()), ci=_percentile_interval(replicates, level), n=seeds)
 
 
 # --------------------------------------------------------------------------- win fractions

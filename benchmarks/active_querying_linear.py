@@ -1,0 +1,447 @@
+"""Active vs random preference querying, many repeats: a linear score head on a frozen reward-model backbone.
+
+    python benchmarks/active_querying_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
+        --labels POOL_LABELS.jsonl --heldout HELDOUT_LABELS.jsonl [--budgets 64,96,...,512] [--initial 32] \\
+        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty] [--seeds 0-49] \\
+        [--max-per-prompt 3] [--l2 0.01] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
+
+``active_querying.py`` fine-tunes a whole reward model per arm, budget and seed (minutes each on a CPU), so its few
+seeds cannot separate the querying rule from one training run's noise: there the random arm's own curve was not
+monotone. This script asks the same question of a reward model whose training is exact and takes milliseconds, so
+that it can repeat the experiment over many seeds and budgets:
+
+* **The reward model** is rlhfkit's reward model (``rlhfkit.modeling.reward_model``: the backbone's final hidden
+  state at the last token, then a linear ``score`` head) with the backbone frozen and only the head trained: the
+  features of every response are computed once (:func:`features`: the library's own scorer,
+  :func:`~rlhfkit.modeling.reward_model.raw_scores`, with the head set to the identity), standardised over the
+  pool, and the head is fitted by the library's Bradley-Terry loss (:func:`rlhfkit.losses.preference_loss`) plus an
+  L2 penalty ``l2 / 2 * |w|^2``, to convergence with L-BFGS (:func:`fit_heads`). The objective is convex, so a set
+  of labelled pairs determines its reward model: no training noise, the arms differ only by *which* pairs they
+  labelled. (A linear probe: weaker than fine-tuning the backbone; the accuracies here are that model's.)
+* **random**: the pool's pairs in the seeded order :func:`rlhfkit.active.select` draws with ``strategy=random``
+  (at most ``--max-per-prompt`` a prompt); budget N takes the first N.
+* **active** (one arm per ``--strategies`` entry): the first ``--initial`` of the same random pairs, then rounds of
+  ``--round-size`` pairs, each picked from the unlabelled rest by :func:`rlhfkit.active.pick` (at most
+  ``--max-per-prompt`` a prompt a round) on the acquisition score of an ensemble of ``--ensemble-size`` heads, each
+  fitted to its own bootstrap resample of every pair labelled so far (:func:`rlhfkit.reward.bootstrap_counts`;
+  Coste et al. 2024's ensembles, Christiano et al. 2017's rounds): ``disagreement``
+  (:func:`rlhfkit.active.preference_disagreement`) or ``uncertainty`` (:func:`~rlhfkit.active.preference_uncertainty`).
+  Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
+  --help`` gives the commands); a selected pair without a label stops the script, naming it.
+
+**Reported**, for each budget and arm: the held-out accuracy (pairs of ``--heldout`` right; ties in the labels left
+out; equal scores half right) as the mean over seeds with a 95% interval that resamples both the seeds and the
+held-out prompts (:func:`rlhfkit.stats.seed_cluster_bootstrap`); each active arm minus random at the same budget,
+paired pair by pair and seed by seed, with the same two-way interval; and the **labels saved**: for each active
+budget, the random budget (linear between the budgets run) at which random's mean accuracy first reaches the active
+arm's, with a 95% interval from the same resampling, and the ratio of the two budgets. ``OUTPUT_DIR/results.json``
+holds the numbers; the command line is printed first and last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhfkit import active
+from rlhfkit.data.samples import load_items
+from rlhfkit.losses import preference_loss
+from rlhfkit.reward import bootstrap_counts
+from rlhfkit.stats import seed_cluster_bootstrap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from active_querying import pair_labels  # noqa: E402  (the same pair lookup as the fine-tuning benchmark)
+
+RANDOM = "random"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,3,5`` or ``0-49`` (inclusive), or both comma-separated."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            low, high = part.split("-", 1)
+            seeds.extend(range(int(low), int(high) + 1))
+        elif part.strip():
+            seeds.append(int(part))
+    return sorted(set(seeds))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="reward-model backbone (model spec or directory)")
+    parser.add_argument("--samples", required=True, help="rlhfkit sample output: the pool of candidate pairs")
+    parser.add_argument("--labels", required=True, help="labels of every pair of --samples (simulated annotator)")
+    parser.add_argument("--heldout", required=True, help="held-out labels (other prompts) the accuracy is measured on")
+    parser.add_argument("--budgets", default="64,96,128,192,256,384,512", help="comma-separated label budgets")
+    parser.add_argument("--initial", type=int, default=32, help="random pairs before the first active round")
+    parser.add_argument("--round-size", type=int, default=16, help="pairs picked per active round")
+    parser.add_argument("--ensemble-size", type=int, default=8, help="bootstrap heads of the querying ensemble")
+    parser.add_argument("--strategies", default="disagreement,uncertainty", help="active arms (comma-separated)")
+    parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2' (selection order and bootstraps)")
+    parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many pairs a prompt (0: any)")
+    parser.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the head (standardised features)")
+    parser.add_argument("--num-layers", type=int, default=-1, help="the backbone keeps its first N blocks (-1: all)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16, help="responses per forward when computing features")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--output-dir", default="runs/active_querying_linear")
+    args = parser.parse_args(argv)
+    args.budgets = sorted({int(b) for b in args.budgets.split(",")})
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    args.seeds = parse_seeds(args.seeds)
+    for strategy in args.strategies:
+        if strategy not in ("disagreement", "uncertainty"):
+            parser.error(f"--strategies: {strategy!r} is not disagreement or uncertainty")
+    if not 0 < args.initial <= min(args.budgets):
+        parser.error(f"--initial must be in (0, smallest budget {min(args.budgets)}], got {args.initial}")
+    if args.round_size < 1 or args.ensemble_size < 2:
+        parser.error("--round-size must be >= 1 and --ensemble-size >= 2")
+    return args
+
+
+# ----------------------------------------------------------------------------- features of the frozen backbone
+
+
+@torch.no_grad()
+def features(
+    spec: str, prompts: list, responses: list[str], *, num_layers: int, max_length: int, batch_size: int, precision: str
+) -> torch.Tensor:
+    """(n, hidden) float64: what the score head of rlhfkit's reward model reads for each (prompt, response): the
+    final hidden state at the response's last token. Computed by the library's scorer with a head of ``hidden``
+    outputs set to the identity, so tokenisation, chat template, packing and truncation are the reward stage's."""
+    from rlhfkit.modeling.reward_model import load_reward_backbone, raw_scores, reward_tokenizer
+
+    tokenizer = reward_tokenizer(spec)
+    probe = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
+    hidden = probe.config.hidden_size
+    del probe
+    model = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, ensemble_size=hidden, num_layers=num_layers)
+    model.get_submodule("score").weight.copy_(torch.eye(hidden))
+    out = raw_scores(
+        model,
+        tokenizer,
+        prompts,
+        responses,
+        batch_size=batch_size,
+        max_length=max_length,
+        precision=precision,
+        progress="features",
+    )
+    return out.reshape(len(responses), hidden).double()
+
+
+def cached_features(args: argparse.Namespace, texts: list[tuple]) -> torch.Tensor:
+    """:func:`features` of ``texts`` ((prompt, response) pairs), in their order. Cached in OUTPUT_DIR, one file per
+    backbone setting (model, blocks, length, precision), keyed by each text: only texts not in it are computed (so
+    the two linear benchmarks, and reruns, share one computation)."""
+    setting = hashlib.sha256(json.dumps([args.model, args.num_layers, args.max_length, args.precision]).encode()).hexdigest()[:16]
+    path = Path(args.output_dir) / f"features_{setting}.pt"
+    cache = torch.load(path) if path.is_file() else {"keys": [], "x": None}
+    row = {key: i for i, key in enumerate(cache["keys"])}
+    keys = [json.dumps(list(t), sort_keys=True) for t in texts]
+    missing = [i for i, key in enumerate(dict.fromkeys(keys)) if key not in row]
+    unique = list(dict.fromkeys(keys))
+    if missing:
+        new = features(
+            args.model,
+            [json.loads(unique[i])[0] for i in missing],
+            [json.loads(unique[i])[1] for i in missing],
+            num_layers=args.num_layers,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            precision=args.precision,
+        )
+        cache = {
+            "keys": cache["keys"] + [unique[i] for i in missing],
+            "x": new if cache["x"] is None else torch.cat([cache["x"], new]),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(cache, tmp)
+        tmp.replace(path)  # a killed run leaves the old cache whole
+        row = {key: i for i, key in enumerate(cache["keys"])}
+    print(f"features: {len(keys) - len(missing)} of {len(keys)} from {path}", flush=True)
+    return cache["x"][[row[key] for key in keys]]
+
+
+# ----------------------------------------------------------------------------- the linear head
+
+
+def fit_heads(diffs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, l2: float) -> torch.Tensor:
+    """Heads ``W`` (d, K) minimising, for each head k independently,
+    ``sum_i weights[i, k] * preference_loss(diffs[i] @ W[:, k], 0, targets[i]) / sum_i weights[i, k] + l2 / 2 * |W[:, k]|^2``.
+
+    diffs: (n, d) feature of the first response minus the second's; targets: (n,) P(first preferred) (1, 0, 0.5);
+    weights: (n, K) (bootstrap counts; ones for one plain fit). Strictly convex for l2 > 0: L-BFGS finds the one
+    minimum (the sum over heads is separable, so one solve fits them all)."""
+    n, d = diffs.shape
+    heads = weights.shape[1]
+    w = torch.zeros(d, heads, dtype=torch.float64, requires_grad=True)
+    norm = weights.sum(0).clamp_min(1e-12)
+    optimizer = torch.optim.LBFGS(
+        [w], lr=1, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-16, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        scores = diffs @ w  # (n, K): r(first) - r(second) for each head
+        losses = preference_loss(scores, torch.zeros_like(scores), targets[:, None].expand_as(scores))
+        loss = ((weights * losses).sum(0) / norm).sum() + l2 / 2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach()
+
+
+def accuracy_per_pair(w: torch.Tensor, heldout_diffs: torch.Tensor) -> np.ndarray:
+    """Each held-out pair right (1), wrong (0) or scored equal (1/2); diffs are preferred minus other."""
+    margin = heldout_diffs @ w
+    return ((margin > 0).double() + 0.5 * (margin == 0).double()).numpy()
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def run_seed(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor) -> dict[str, dict[int, np.ndarray]]:
+    """Per arm, per budget: each held-out pair's correctness (1, 0.5, 0) for this seed."""
+    diffs, targets, groups = pool["diffs"], pool["targets"], pool["groups"]
+    plain = torch.ones(len(targets), 1, dtype=torch.float64)
+
+    def evaluate(chosen: list[int]) -> np.ndarray:
+        index = torch.tensor(chosen)
+        return accuracy_per_pair(fit_heads(diffs[index], targets[index], plain[index], args.l2)[:, 0], heldout_diffs)
+
+    tiebreak = np.random.default_rng(seed).random(len(targets)).tolist()  # select()'s random draw
+    order = active.pick(tiebreak, tiebreak, groups, num=max(args.budgets), max_per_group=args.max_per_prompt)
+    if len(order) < max(args.budgets):
+        raise SystemExit(f"the pool gives only {len(order)} pairs at --max-per-prompt {args.max_per_prompt}; lower --budgets")
+    results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
+    for strategy in args.strategies:
+        rule = active.preference_disagreement if strategy == "disagreement" else active.preference_uncertainty
+        chosen, by_budget, round_number = list(order[: args.initial]), {}, 0
+        for budget in args.budgets:
+            while len(chosen) < budget:
+                index = torch.tensor(chosen)
+                counts = bootstrap_counts(len(chosen), args.ensemble_size, seed * 100_003 + round_number)
+                heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
+                rest = sorted(set(range(len(targets))) - set(chosen))
+                margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shared shift
+                score = rule(margins, torch.zeros_like(margins)).tolist()
+                picked = active.pick(
+                    score,
+                    [tiebreak[i] for i in rest],
+                    [groups[i] for i in rest],
+                    num=min(args.round_size, budget - len(chosen)),
+                    max_per_group=args.max_per_prompt,
+                )
+                if not picked:
+                    raise SystemExit(f"seed {seed}: the pool has no pair left to pick for budget {budget} ({len(chosen)} picked)")
+                chosen.extend(rest[i] for i in picked)
+                round_number += 1
+            by_budget[budget] = evaluate(chosen)
+        results[strategy] = by_budget
+    return results
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def random_budget_reaching(curve: np.ndarray, budgets: list[int], target: float) -> float:
+    """The budget at which ``curve`` (random's mean accuracy at each of ``budgets``, linear in between) first
+    reaches ``target``: ``budgets[0]`` when it starts there already (a bound: random may need fewer), inf when it
+    never does within the budgets run."""
+    if curve[0] >= target:
+        return float(budgets[0])
+    for i in range(1, len(curve)):
+        if curve[i] >= target:
+            low, high = curve[i - 1], curve[i]
+            return budgets[i - 1] + (budgets[i] - budgets[i - 1]) * (target - low) / (high - low)
+    return float("inf")
+
+
+def labels_saved(
+    random: list[np.ndarray], arm: list[np.ndarray], budgets: list[int], clusters: list, *, resamples: int = 1000, seed: int = 0
+) -> list[dict]:
+    """For each budget, the random budget whose mean accuracy equals ``arm``'s mean accuracy there
+    (:func:`random_budget_reaching`), with a 95% percentile interval from resampling the seeds and the held-out
+    prompts together (as :func:`rlhfkit.stats.seed_cluster_bootstrap`). ``random``, ``arm``: per budget, the
+    (seeds, pairs) correctness table."""
+    ids: dict = {}
+    cluster_index = np.array([ids.setdefault(c, len(ids)) for c in clusters])
+    sizes = np.bincount(cluster_index, minlength=len(ids)).astype(np.float64)
+
+    def cluster_sums(values: np.ndarray) -> np.ndarray:  # (S, pairs) -> (S, C)
+        out = np.zeros((values.shape[0], len(ids)))
+        np.add.at(out, (slice(None), cluster_index), values)
+        return out
+
+    random_sums = np.stack([cluster_sums(v) for v in random])  # (B, S, C)
+    arm_sums = np.stack([cluster_sums(v) for v in arm])
+    seeds = random_sums.shape[1]
+
+    def estimate(seed_w: np.ndarray, cluster_w: np.ndarray) -> list[float]:
+        denominator = seed_w.sum() * (cluster_w @ sizes)
+        random_curve = np.einsum("s,bsc,c->b", seed_w, random_sums, cluster_w) / denominator
+        arm_curve = np.einsum("s,bsc,c->b", seed_w, arm_sums, cluster_w) / denominator
+        return [random_budget_reaching(random_curve, budgets, a) for a in arm_curve]
+
+    rng = np.random.default_rng(seed)
+    point = estimate(np.ones(seeds), np.ones(len(ids)))
+    replicates = np.array(
+        [
+            estimate(
+                rng.multinomial(seeds, np.full(seeds, 1 / seeds)).astype(np.float64),
+                rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids))).astype(np.float64),
+            )
+            for _ in range(resamples)
+        ]
+    )  # (R, B); inf where random does not reach the arm within the budgets run
+    return [
+        {
+            "budget": budget,
+            "random_budget": point[j],
+            "random_budget_ci": [float(q) for q in np.quantile(replicates[:, j], [0.025, 0.975])],
+            "ratio": point[j] / budget,
+        }
+        for j, budget in enumerate(budgets)
+    ]
+
+
+def summarise(args: argparse.Namespace, table: dict, clusters: list, command: str) -> dict:
+    arms = [RANDOM, *args.strategies]
+    accuracy, difference = {}, {}
+    print(f"\nheld-out accuracy, mean over {len(args.seeds)} seeds [95% CI over seeds and held-out prompts]")
+    print("budget  " + "  ".join(f"{arm:>24s}" for arm in arms))
+    for budget in args.budgets:
+        cells = []
+        for arm in arms:
+            est = seed_cluster_bootstrap(np.stack(table[arm][budget]), clusters).as_dict()
+            accuracy[f"{arm}_{budget}"] = est
+            cells.append(f"{est['value']:.3f} [{est['ci'][0]:.3f}, {est['ci'][1]:.3f}]")
+        print(f"{budget:6d}  " + "  ".join(f"{c:>24s}" for c in cells))
+    for arm in args.strategies:
+        for budget in args.budgets:
+            values = np.stack(table[arm][budget]) - np.stack(table[RANDOM][budget])
+            est = seed_cluster_bootstrap(values, clusters).as_dict()
+            difference[f"{arm}_{budget}"] = est
+            print(f"{arm} - random at N={budget}: {est['value']:+.4f} [{est['ci'][0]:+.4f}, {est['ci'][1]:+.4f}] (paired)")
+    saved = {}
+    for arm in args.strategies:
+        saved[arm] = labels_saved(
+            [np.stack(table[RANDOM][b]) for b in args.budgets],
+            [np.stack(table[arm][b]) for b in args.budgets],
+            args.budgets,
+            clusters,
+        )
+        for s in saved[arm]:
+            lo, hi = s["random_budget_ci"]
+            print(
+                f"{arm} at N={s['budget']} reaches random's accuracy at N={s['random_budget']:.0f} (x{s['ratio']:.2f} "
+                f"the labels), 95% CI [{lo:.0f}, {hi:.0f}]"
+            )
+    return {
+        "command": command,
+        "seeds": args.seeds,
+        "heldout_pairs": len(clusters),
+        "accuracy": accuracy,
+        "minus_random": difference,
+        "labels_saved": saved,
+    }
+
+
+class TextIndex:
+    """Distinct (prompt, response) pairs in order of first appearance: the rows of the feature matrix."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple] = []
+        self._row: dict[str, int] = {}
+
+    def __call__(self, prompt, response: str) -> int:
+        """The row of (prompt, response), added if new."""
+        key = json.dumps([prompt, response], sort_keys=True)
+        if key not in self._row:
+            self._row[key] = len(self.texts)
+            self.texts.append((prompt, response))
+        return self._row[key]
+
+
+def labelled_pool(samples: str, labels_path: str, texts: TextIndex) -> dict:
+    """Every candidate pair of ``samples`` (:func:`rlhfkit.active.candidates`) with its label from ``labels_path``:
+    ``first``, ``second`` (rows of ``texts``), ``targets`` (P(first preferred): 1, 0 or 1/2 for a tie) and ``groups``
+    (the prompt); a pair without a label stops the script, naming it."""
+    items = load_items(samples)
+    labels = pair_labels(labels_path)
+    first, second, targets, groups = [], [], [], []
+    for c in active.candidates(items):
+        a, b = items[c.sample_index][1][c.first], items[c.sample_index][1][c.second]
+        label = labels.get(active.pair_key(c.prompt, a, b))
+        if label is None:
+            raise SystemExit(
+                f"{labels_path} has no label for sample {c.sample_index}'s responses {c.first} and {c.second} "
+                f"(in {samples}): --labels must label every pair of --samples"
+            )
+        first.append(texts(c.prompt, a))
+        second.append(texts(c.prompt, b))
+        targets.append(0.5 if label.tie else float(label.responses[label.ranking[0]] == a))
+        groups.append(json.dumps(c.prompt, sort_keys=True))
+    return {
+        "first": torch.tensor(first),
+        "second": torch.tensor(second),
+        "targets": torch.tensor(targets, dtype=torch.float64),
+        "groups": groups,
+    }
+
+
+def standardised(x: torch.Tensor, pool: dict) -> torch.Tensor:
+    """``x`` standardised by the mean and std of the pool's responses (so the L2 penalty treats every feature alike)."""
+    rows = torch.unique(torch.cat([pool["first"], pool["second"]]))
+    return (x - x[rows].mean(0)) / x[rows].std(0).clamp_min(1e-8)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+    print(f"command: {command}", flush=True)
+    texts = TextIndex()
+    labelled = labelled_pool(args.samples, args.labels, texts)
+    heldout = [c for c in pair_labels(args.heldout).values() if not c.tie]
+    better = torch.tensor([texts(h.prompt, h.responses[h.ranking[0]]) for h in heldout])
+    worse = torch.tensor([texts(h.prompt, h.responses[h.ranking[1]]) for h in heldout])
+    z = standardised(cached_features(args, texts.texts), labelled)
+    pool = {"diffs": z[labelled["first"]] - z[labelled["second"]], "targets": labelled["targets"], "groups": labelled["groups"]}
+    heldout_diffs = z[better] - z[worse]
+    clusters = [json.dumps(h.prompt, sort_keys=True) for h in heldout]
+    print(
+        f"pool: {len(pool['targets'])} candidate pairs of {len(set(pool['groups']))} prompts; "
+        f"held out: {len(heldout)} pairs of {len(set(clusters))} prompts",
+        flush=True,
+    )
+
+    table: dict[str, dict[int, list[np.ndarray]]] = {arm: {b: [] for b in args.budgets} for arm in [RANDOM, *args.strategies]}
+    for seed in args.seeds:
+        for arm, by_budget in run_seed(seed, args, pool, heldout_diffs).items():
+            for budget, correct in by_budget.items():
+                table[arm][budget].append(correct)
+        last = {arm: float(table[arm][max(args.budgets)][-1].mean()) for arm in table}
+        print(
+            f"seed {seed}: accuracy at N={max(args.budgets)}: " + ", ".join(f"{a} {v:.3f}" for a, v in last.items()), flush=True
+        )
+    results = summarise(args, table, clusters, command)
+    out = Path(args.output_dir) / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {out}\ncommand: {command}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
