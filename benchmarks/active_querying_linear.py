@@ -3,7 +3,7 @@
     python benchmarks/active_querying_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
         --labels POOL_LABELS.jsonl --heldout HELDOUT_LABELS.jsonl [--budgets 64,96,...,512] [--initial 32] \\
         [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty] [--seeds 0-49] \\
-        [--max-per-prompt 3] [--l2 0.01] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
+        [--max-per-prompt 3] [--l2 1.0] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
 
 ``active_querying.py`` fine-tunes a whole reward model per arm, budget and seed (minutes each on a CPU), so its few
 seeds cannot separate the querying rule from one training run's noise: there the random arm's own curve was not
@@ -35,7 +35,9 @@ held-out prompts (:func:`rlhfkit.stats.seed_cluster_bootstrap`); each active arm
 paired pair by pair and seed by seed, with the same two-way interval; and the **labels saved**: for each active
 budget, the random budget (linear between the budgets run) at which random's mean accuracy first reaches the active
 arm's, with a 95% interval from the same resampling, and the ratio of the two budgets. ``OUTPUT_DIR/results.json``
-holds the numbers; the command line is printed first and last.
+holds the numbers and, per seed and arm, the pool pairs labelled in the order picked (``picks``: numbers of
+:func:`rlhfkit.active.candidates` of ``--samples``; budget N's are the first N), to audit what each rule chose; the
+command line is printed first and last.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategies", default="disagreement,uncertainty", help="active arms (comma-separated)")
     parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2' (selection order and bootstraps)")
     parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many pairs a prompt (0: any)")
-    parser.add_argument("--l2", type=float, default=0.01, help="L2 penalty on the head (standardised features)")
+    parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty on the head (standardised features)")
     parser.add_argument("--num-layers", type=int, default=-1, help="the backbone keeps its first N blocks (-1: all)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16, help="responses per forward when computing features")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--output-dir", default="runs/active_querying_linear")
+    add_features_dir(parser)
     args = parser.parse_args(argv)
     args.budgets = sorted({int(b) for b in args.budgets.split(",")})
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -108,6 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- features of the frozen backbone
+
+
+def add_features_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--features-dir",
+        default="",
+        help="where the features are cached (default: --output-dir); give both linear benchmarks the same one to "
+        "compute each response's features once",
+    )
 
 
 @torch.no_grad()
@@ -143,7 +155,7 @@ def cached_features(args: argparse.Namespace, texts: list[tuple]) -> torch.Tenso
     backbone setting (model, blocks, length, precision), keyed by each text: only texts not in it are computed (so
     the two linear benchmarks, and reruns, share one computation)."""
     setting = hashlib.sha256(json.dumps([args.model, args.num_layers, args.max_length, args.precision]).encode()).hexdigest()[:16]
-    path = Path(args.output_dir) / f"features_{setting}.pt"
+    path = Path(args.features_dir or args.output_dir) / f"features_{setting}.pt"
     cache = torch.load(path) if path.is_file() else {"keys": [], "x": None}
     row = {key: i for i, key in enumerate(cache["keys"])}
     keys = [json.dumps(list(t), sort_keys=True) for t in texts]
@@ -211,8 +223,11 @@ def accuracy_per_pair(w: torch.Tensor, heldout_diffs: torch.Tensor) -> np.ndarra
 # ----------------------------------------------------------------------------- one seed
 
 
-def run_seed(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor) -> dict[str, dict[int, np.ndarray]]:
-    """Per arm, per budget: each held-out pair's correctness (1, 0.5, 0) for this seed."""
+def run_seed(
+    seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor
+) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, list[int]]]:
+    """Per arm, per budget: each held-out pair's correctness (1, 0.5, 0) for this seed; and per arm the pool pairs
+    (candidate numbers) it labelled, in the order it picked them (budget N's pairs are the first N)."""
     diffs, targets, groups = pool["diffs"], pool["targets"], pool["groups"]
     plain = torch.ones(len(targets), 1, dtype=torch.float64)
 
@@ -225,6 +240,7 @@ def run_seed(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: tor
     if len(order) < max(args.budgets):
         raise SystemExit(f"the pool gives only {len(order)} pairs at --max-per-prompt {args.max_per_prompt}; lower --budgets")
     results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
+    picks = {RANDOM: order[: max(args.budgets)]}
     for strategy in args.strategies:
         rule = active.preference_disagreement if strategy == "disagreement" else active.preference_uncertainty
         chosen, by_budget, round_number = list(order[: args.initial]), {}, 0
@@ -249,7 +265,8 @@ def run_seed(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: tor
                 round_number += 1
             by_budget[budget] = evaluate(chosen)
         results[strategy] = by_budget
-    return results
+        picks[strategy] = chosen
+    return results, picks
 
 
 # ----------------------------------------------------------------------------- summary
@@ -309,7 +326,8 @@ def labels_saved(
         {
             "budget": budget,
             "random_budget": point[j],
-            "random_budget_ci": [float(q) for q in np.quantile(replicates[:, j], [0.025, 0.975])],
+            # No interpolation between order statistics: a replicate may be inf (random never reaches the arm).
+            "random_budget_ci": [float(q) for q in np.quantile(replicates[:, j], [0.025, 0.975], method="inverted_cdf")],
             "ratio": point[j] / budget,
         }
         for j, budget in enumerate(budgets)
@@ -345,8 +363,8 @@ def summarise(args: argparse.Namespace, table: dict, clusters: list, command: st
         for s in saved[arm]:
             lo, hi = s["random_budget_ci"]
             print(
-                f"{arm} at N={s['budget']} reaches random's accuracy at N={s['random_budget']:.0f} (x{s['ratio']:.2f} "
-                f"the labels), 95% CI [{lo:.0f}, {hi:.0f}]"
+                f"{arm} with N={s['budget']} labels = random with N={s['random_budget']:.0f} [95% CI {lo:.0f}, {hi:.0f}]: "
+                f"random needs x{s['ratio']:.2f} the labels (above 1: active saves labels)"
             )
     return {
         "command": command,
@@ -427,8 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     table: dict[str, dict[int, list[np.ndarray]]] = {arm: {b: [] for b in args.budgets} for arm in [RANDOM, *args.strategies]}
+    picks: dict[int, dict[str, list[int]]] = {}
     for seed in args.seeds:
-        for arm, by_budget in run_seed(seed, args, pool, heldout_diffs).items():
+        outcomes, picks[seed] = run_seed(seed, args, pool, heldout_diffs)
+        for arm, by_budget in outcomes.items():
             for budget, correct in by_budget.items():
                 table[arm][budget].append(correct)
         last = {arm: float(table[arm][max(args.budgets)][-1].mean()) for arm in table}
@@ -436,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"seed {seed}: accuracy at N={max(args.budgets)}: " + ", ".join(f"{a} {v:.3f}" for a, v in last.items()), flush=True
         )
     results = summarise(args, table, clusters, command)
+    results["picks"] = {str(seed): arms for seed, arms in picks.items()}
     out = Path(args.output_dir) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
     python benchmarks/ensemble_best_of_n_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
         --labels POOL_LABELS.jsonl --bon BON_SAMPLES.jsonl [--gold demo] [--train-pairs 128,512] \\
-        [--ensemble-size 4] [--seeds 0-49] [--l2 0.01] [--uwo-coef 0.5] [--output-dir runs/ensemble_bon_linear]
+        [--ensemble-size 4] [--seeds 0-49] [--l2 1.0] [--uwo-coef 0.5] [--output-dir runs/ensemble_bon_linear] \\
+        [--features-dir DIR]
 
 Issue 24's check of Coste et al. 2024 ("Reward Model Ensembles Help Mitigate Overoptimization"), asked of the reward
 model of ``active_querying_linear.py`` (rlhfkit's reward model with its backbone frozen: a linear score head on the
@@ -46,7 +47,15 @@ from rlhfkit.rewards import load_reward
 from rlhfkit.stats import seed_cluster_bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from active_querying_linear import TextIndex, cached_features, fit_heads, labelled_pool, parse_seeds, standardised  # noqa: E402
+from active_querying_linear import (
+    TextIndex,
+    add_features_dir,
+    cached_features,
+    fit_heads,
+    labelled_pool,
+    parse_seeds,
+    standardised,
+)  # noqa: E402
 
 AGGREGATIONS = ("mean", "wco", "uwo")
 SINGLES = (evaluate.ENSEMBLE_SINGLE, "members", "all_pairs")
@@ -63,13 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ensemble-size", type=int, default=4)
     parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2'")
     parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many training pairs a prompt (0: any)")
-    parser.add_argument("--l2", type=float, default=0.01)
+    parser.add_argument("--l2", type=float, default=1.0)
     parser.add_argument("--uwo-coef", type=float, default=0.5)
     parser.add_argument("--num-layers", type=int, default=-1)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--output-dir", default="runs/ensemble_bon_linear")
+    add_features_dir(parser)
     args = parser.parse_args(argv)
     args.train_pairs = sorted({int(n) for n in args.train_pairs.split(",")})
     args.seeds = parse_seeds(args.seeds)

@@ -19,6 +19,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data.pairwise import collate_pairs, tokenize_pairs
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
+from rlhfkit.data.samples import load_items
 from rlhfkit.feedback.grades import pair_targets
 from rlhfkit.feedback.web.pairs import read_pairs
 from rlhfkit.label import LabelConfig
@@ -492,6 +493,27 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
             assert a["ci"][0] <= a["value"] <= a["ci"][1] and d["ci"][0] <= d["value"] <= d["ci"][1]
         assert [s["budget"] for s in results["labels_saved"][arm]] == [6, 10]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    # Each arm's picks: 10 distinct pool pairs a seed; every arm starts from the same 4 random pairs; random's are the
+    # first 10 of select()'s random draw (seed 1, no cap), in the same order.
+    drawn = read_jsonl(
+        active.select(
+            active.QueryConfig(
+                samples=str(samples),
+                strategy="random",
+                num_queries=10,
+                max_per_prompt=0,
+                seed=1,
+                output=str(tmp_path / "q1.jsonl"),
+            )
+        )
+    )
+    pool = active.candidates(load_items(samples))
+    for arms in results["picks"].values():
+        assert all(len(set(p)) == len(p) == 10 for p in arms.values())
+        assert arms["disagreement"][:4] == arms["uncertainty"][:4] == arms["random"][:4]
+    assert [[pool[i].sample_index, [pool[i].first, pool[i].second]] for i in results["picks"]["1"]["random"]] == [
+        [r["sample_index"], r["response_indices"]] for r in drawn
+    ]
     # The features were computed once: a rerun reads them all from the cache.
     linear.main(argv)
     first_run = re.search(r"features: (\d+) of (\d+) from", printed)
@@ -516,7 +538,7 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
     argv = [
         *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl"), "--bon", str(bon)),
         *("--train-pairs", "6,10", "--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48"),
-        *("--output-dir", str(tmp_path / "bon_out")),
+        *("--output-dir", str(tmp_path / "bon_out"), "--features-dir", str(tmp_path / "features")),
     ]
     capsys.readouterr()
     results = ensemble_best_of_n_linear.main(argv)
@@ -535,3 +557,4 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
                 assert d["value"] == pytest.approx(at2[name]["gold"]["value"] - at2[other]["gold"]["value"], abs=1e-12)
                 assert d["ci"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci"][1] + 1e-12 and d["n"] == 3
     assert printed.strip().splitlines()[-1].startswith("wco - member_0 at n=2 (10 pairs): ")
+    assert len(list((tmp_path / "features").glob("features_*.pt"))) == 1 and not list((tmp_path / "bon_out").glob("features_*"))
