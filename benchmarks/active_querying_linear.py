@@ -27,7 +27,9 @@ that it can repeat the experiment over many seeds and budgets:
   Coste et al. 2024's ensembles, Christiano et al. 2017's rounds): ``disagreement``
   (:func:`rlhfkit.active.preference_disagreement`) or ``uncertainty`` (:func:`~rlhfkit.active.preference_uncertainty`).
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
-  --help`` gives the commands); a selected pair without a label stops the script, naming it.
+  --help`` gives the commands); a selected pair without a label stops the script, naming it. Label the held-out
+  pairs one by one too when the gold scorer has exact ties (``examples/active_querying_linear.sh`` does): a K-way
+  ranking orders tied responses arbitrarily, which adds coin flips to the held-out accuracy.
 
 **Reported**, for each budget and arm: the held-out accuracy (pairs of ``--heldout`` right; ties in the labels left
 out; equal scores half right) as the mean over seeds with a 95% interval that resamples both the seeds and the
@@ -431,7 +433,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"command: {command}", flush=True)
     texts = TextIndex()
     labelled = labelled_pool(args.samples, args.labels, texts)
-    heldout = [c for c in pair_labels(args.heldout).values() if not c.tie]
+    judged = pair_labels(args.heldout)
+    heldout = [c for c in judged.values() if not c.tie]
+    if not heldout:
+        raise SystemExit(f"{args.heldout}: no held-out pair with a preference (all {len(judged)} are ties)")
     better = torch.tensor([texts(h.prompt, h.responses[h.ranking[0]]) for h in heldout])
     worse = torch.tensor([texts(h.prompt, h.responses[h.ranking[1]]) for h in heldout])
     z = standardised(cached_features(args, texts.texts), labelled)

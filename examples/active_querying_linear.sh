@@ -6,8 +6,8 @@
 #
 # POLICY (default smollm2-135m) samples 6 responses for each of the first $POOL_PROMPTS shipped training prompts (the
 # pool) and $N for each of the first $HELD_PROMPTS shipped eval prompts (held out, and the best-of-n pools); the
-# simulated annotator labels every pool pair and ranks each held-out prompt's responses by GOLD (default: the demo
-# rubric; any built-in scorer or module:function) with Bradley-Terry noise at temperature 0.1 of the scores' spread.
+# simulated annotator labels every pair of both by GOLD (default: the demo rubric; any built-in scorer or
+# module:function) with Bradley-Terry noise at temperature 0.1 of the scores' spread.
 # Both benchmarks then read the same cached features (the first $NUM_LAYERS blocks of POLICY).
 set -euo pipefail
 POLICY=${1:-smollm2-135m}
@@ -38,7 +38,11 @@ mkdir -p "$OUT"
   output="$OUT/pool_pairs.jsonl"
 "$RLHFKIT" label samples="$OUT/pool_pairs.jsonl" output="$OUT/pool_labels.jsonl" scorer="$GOLD" temperature=0.1 \
   temperature_scale=spread
-"$RLHFKIT" label samples="$OUT/held_samples.jsonl" output="$OUT/held_labels.jsonl" scorer="$GOLD" temperature=0.1 \
+# Held-out pairs are labelled one by one, as the pool's are, so that a gold scorer's exact ties are marked as ties
+# (and left out of the accuracy); a K-way ranking would order tied responses arbitrarily.
+"$RLHFKIT" query samples="$OUT/held_samples.jsonl" strategy=random num_queries=1000000 max_per_prompt=0 \
+  output="$OUT/held_pairs.jsonl"
+"$RLHFKIT" label samples="$OUT/held_pairs.jsonl" output="$OUT/held_labels.jsonl" scorer="$GOLD" temperature=0.1 \
   temperature_scale=spread
 COMMON=(--model "$POLICY" --num-layers "$NUM_LAYERS" --precision "$PRECISION" --samples "$OUT/pool_samples.jsonl"
   --labels "$OUT/pool_labels.jsonl" --features-dir "$OUT/features")

@@ -558,3 +558,17 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
                 assert d["ci"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci"][1] + 1e-12 and d["n"] == 3
     assert printed.strip().splitlines()[-1].startswith("wco - member_0 at n=2 (10 pairs): ")
     assert len(list((tmp_path / "features").glob("features_*.pt"))) == 1 and not list((tmp_path / "bon_out").glob("features_*"))
+
+
+def test_linear_benchmark_stops_when_every_heldout_pair_is_a_tie(tmp_path):
+    linear = _linear_module()
+    samples = _labelled_pool(tmp_path)
+    ties = tmp_path / "ties.jsonl"
+    save_comparisons(ties, [Comparison("Q?", ["a", "b"], [0, 1], tie=True), Comparison("R?", ["c", "d"], [0, 1], tie=True)])
+    argv = [
+        *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
+        *("--heldout", str(ties), "--budgets", "6", "--initial", "4", "--output-dir", str(tmp_path / "out")),
+    ]
+    with pytest.raises(SystemExit, match=r"ties.jsonl: no held-out pair with a preference \(all 2 are ties\)"):
+        linear.main(argv)
+    assert not (tmp_path / "out").exists()  # stopped before computing anything
