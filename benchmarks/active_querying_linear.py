@@ -58,7 +58,7 @@ from rlhfkit import active
 from rlhfkit.data.samples import load_items
 from rlhfkit.losses import preference_loss
 from rlhfkit.reward import bootstrap_counts
-from rlhfkit.stats import seed_cluster_bootstrap
+from rlhfkit.stats import cluster_sums, seed_cluster_bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from active_querying import pair_labels  # noqa: E402  (the same pair lookup as the fine-tuning benchmark)
@@ -131,14 +131,14 @@ def features(
     """(n, hidden) float64: what the score head of rlhfkit's reward model reads for each (prompt, response): the
     final hidden state at the response's last token. Computed by the library's scorer with a head of ``hidden``
     outputs set to the identity, so tokenisation, chat template, packing and truncation are the reward stage's."""
-    from rlhfkit.modeling.reward_model import load_reward_backbone, raw_scores, reward_tokenizer
+    from rlhfkit.modeling.reward_model import fp32_score_head, load_reward_backbone, raw_scores, reward_tokenizer
 
     tokenizer = reward_tokenizer(spec)
-    probe = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
-    hidden = probe.config.hidden_size
-    del probe
-    model = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, ensemble_size=hidden, num_layers=num_layers)
-    model.get_submodule("score").weight.copy_(torch.eye(hidden))
+    model = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
+    hidden = model.config.hidden_size
+    model.score = torch.nn.Linear(hidden, hidden, bias=False, dtype=torch.float32)  # the identity: the head's input
+    model.score.weight.copy_(torch.eye(hidden))
+    fp32_score_head(model)  # in fp32 under any autocast, as the one-output head it replaces
     out = raw_scores(
         model,
         tokenizer,
@@ -161,22 +161,18 @@ def cached_features(args: argparse.Namespace, texts: list[tuple]) -> torch.Tenso
     cache = torch.load(path) if path.is_file() else {"keys": [], "x": None}
     row = {key: i for i, key in enumerate(cache["keys"])}
     keys = [json.dumps(list(t), sort_keys=True) for t in texts]
-    missing = [i for i, key in enumerate(dict.fromkeys(keys)) if key not in row]
-    unique = list(dict.fromkeys(keys))
+    missing = [key for key in dict.fromkeys(keys) if key not in row]
     if missing:
         new = features(
             args.model,
-            [json.loads(unique[i])[0] for i in missing],
-            [json.loads(unique[i])[1] for i in missing],
+            [json.loads(key)[0] for key in missing],
+            [json.loads(key)[1] for key in missing],
             num_layers=args.num_layers,
             max_length=args.max_length,
             batch_size=args.batch_size,
             precision=args.precision,
         )
-        cache = {
-            "keys": cache["keys"] + [unique[i] for i in missing],
-            "x": new if cache["x"] is None else torch.cat([cache["x"], new]),
-        }
+        cache = {"keys": cache["keys"] + missing, "x": new if cache["x"] is None else torch.cat([cache["x"], new])}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(cache, tmp)
@@ -225,6 +221,17 @@ def accuracy_per_pair(w: torch.Tensor, heldout_diffs: torch.Tensor) -> np.ndarra
 # ----------------------------------------------------------------------------- one seed
 
 
+def random_order(seed: int, groups: list[str], num: int, max_per_prompt: int) -> tuple[list[float], list[int]]:
+    """:func:`rlhfkit.active.select`'s random draw for ``seed`` over the pool (one number per candidate, also the
+    tie-break of every later pick) and the first ``num`` candidates in that order, at most ``max_per_prompt`` a
+    prompt; a pool too small for ``num`` stops the script."""
+    tiebreak = np.random.default_rng(seed).random(len(groups)).tolist()
+    order = active.pick(tiebreak, tiebreak, groups, num=num, max_per_group=max_per_prompt)
+    if len(order) < num:
+        raise SystemExit(f"the pool gives only {len(order)} pairs at --max-per-prompt {max_per_prompt}, {num} needed")
+    return tiebreak, order
+
+
 def run_seed(
     seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor
 ) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, list[int]]]:
@@ -237,10 +244,7 @@ def run_seed(
         index = torch.tensor(chosen)
         return accuracy_per_pair(fit_heads(diffs[index], targets[index], plain[index], args.l2)[:, 0], heldout_diffs)
 
-    tiebreak = np.random.default_rng(seed).random(len(targets)).tolist()  # select()'s random draw
-    order = active.pick(tiebreak, tiebreak, groups, num=max(args.budgets), max_per_group=args.max_per_prompt)
-    if len(order) < max(args.budgets):
-        raise SystemExit(f"the pool gives only {len(order)} pairs at --max-per-prompt {args.max_per_prompt}; lower --budgets")
+    tiebreak, order = random_order(seed, groups, max(args.budgets), args.max_per_prompt)
     results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
     picks = {RANDOM: order[: max(args.budgets)]}
     for strategy in args.strategies:
@@ -294,18 +298,10 @@ def labels_saved(
     (:func:`random_budget_reaching`), with a 95% percentile interval from resampling the seeds and the held-out
     prompts together (as :func:`rlhfkit.stats.seed_cluster_bootstrap`). ``random``, ``arm``: per budget, the
     (seeds, pairs) correctness table."""
-    ids: dict = {}
-    cluster_index = np.array([ids.setdefault(c, len(ids)) for c in clusters])
-    sizes = np.bincount(cluster_index, minlength=len(ids)).astype(np.float64)
-
-    def cluster_sums(values: np.ndarray) -> np.ndarray:  # (S, pairs) -> (S, C)
-        out = np.zeros((values.shape[0], len(ids)))
-        np.add.at(out, (slice(None), cluster_index), values)
-        return out
-
-    random_sums = np.stack([cluster_sums(v) for v in random])  # (B, S, C)
-    arm_sums = np.stack([cluster_sums(v) for v in arm])
-    seeds = random_sums.shape[1]
+    random_sums = np.stack([cluster_sums(v, clusters)[0] for v in random])  # (B, S, C)
+    arm_sums = np.stack([cluster_sums(v, clusters)[0] for v in arm])
+    sizes = cluster_sums(random[0], clusters)[1]
+    seeds, groups = random_sums.shape[1:]
 
     def estimate(seed_w: np.ndarray, cluster_w: np.ndarray) -> list[float]:
         denominator = seed_w.sum() * (cluster_w @ sizes)
@@ -314,12 +310,12 @@ def labels_saved(
         return [random_budget_reaching(random_curve, budgets, a) for a in arm_curve]
 
     rng = np.random.default_rng(seed)
-    point = estimate(np.ones(seeds), np.ones(len(ids)))
+    point = estimate(np.ones(seeds), np.ones(groups))
     replicates = np.array(
         [
             estimate(
                 rng.multinomial(seeds, np.full(seeds, 1 / seeds)).astype(np.float64),
-                rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids))).astype(np.float64),
+                rng.multinomial(groups, np.full(groups, 1 / groups)).astype(np.float64),
             )
             for _ in range(resamples)
         ]

@@ -40,22 +40,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhfkit import active, evaluate
+from rlhfkit import evaluate
 from rlhfkit.data.samples import load_items
 from rlhfkit.reward import bootstrap_counts
 from rlhfkit.rewards import load_reward
 from rlhfkit.stats import seed_cluster_bootstrap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from active_querying_linear import (
+from active_querying_linear import (  # noqa: E402
     TextIndex,
     add_features_dir,
     cached_features,
     fit_heads,
     labelled_pool,
     parse_seeds,
+    random_order,
     standardised,
-)  # noqa: E402
+)
 
 AGGREGATIONS = ("mean", "wco", "uwo")
 SINGLES = (evaluate.ENSEMBLE_SINGLE, "members", "all_pairs")
@@ -109,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     # outcome[(N, n, ranker)]: one (prompts,) row of picked gold per seed
     outcome: dict[tuple[int, int, str], list[np.ndarray]] = {}
     for seed in args.seeds:
-        tiebreak = np.random.default_rng(seed).random(len(targets)).tolist()
-        order = active.pick(tiebreak, tiebreak, pool["groups"], num=max(args.train_pairs), max_per_group=args.max_per_prompt)
-        if len(order) < max(args.train_pairs):
-            raise SystemExit(f"the pool gives only {len(order)} pairs at --max-per-prompt {args.max_per_prompt}")
+        _, order = random_order(seed, pool["groups"], max(args.train_pairs), args.max_per_prompt)
         for size in args.train_pairs:
             chosen = torch.tensor(order[:size])
             counts = bootstrap_counts(size, args.ensemble_size, seed).double()

@@ -4,6 +4,7 @@ model."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -262,13 +263,13 @@ def polite_rude_samples(path: Path, count: int, offset: int) -> Path:
     return write_jsonl(path, rows)
 
 
-def _benchmark_module():
+def _benchmark_module(name: str = "active_querying"):
+    """A script of benchmarks/ as a module (they import each other by name, so the folder is on the path meanwhile)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        import active_querying
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return active_querying
 
 
 def _labelled_pool(tmp_path: Path) -> Path:
@@ -402,12 +403,7 @@ def test_benchmark_reuse_trains_only_the_new_random_budget(tmp_path, capsys):
 
 
 def _linear_module():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import active_querying_linear
-    finally:
-        sys.path.pop(0)
-    return active_querying_linear
+    return _benchmark_module("active_querying_linear")
 
 
 def test_linear_fit_is_the_penalised_bradley_terry_minimum():
@@ -526,11 +522,7 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
     """The ensemble best-of-n script: at n = 1 every ranker picks each prompt's first sample, so every ranker's gold
     is the gold scorer's mean over the first samples and every difference is exactly 0; at n = 2 each difference is
     the two rankers' gold difference."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import ensemble_best_of_n_linear
-    finally:
-        sys.path.pop(0)
+    ensemble_best_of_n_linear = _benchmark_module("ensemble_best_of_n_linear")
     from rlhfkit.rewards import load_reward
 
     samples = _labelled_pool(tmp_path)

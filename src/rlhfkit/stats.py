@@ -210,6 +210,17 @@ def cluster_accuracy_difference(
     return Estimate(value=2 * half.value - 1, ci=(2 * half.ci[0] - 1, 2 * half.ci[1] - 1), n=half.n)
 
 
+def cluster_sums(table: np.ndarray, clusters: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    """A (rows, pairs) table summed over each cluster's pairs: ``(sums (rows, C), sizes (C,))``, the clusters in order
+    of first appearance in ``clusters`` (shape (pairs,)) and ``sizes`` their pair counts. What a bootstrap that
+    resamples whole clusters needs (:func:`seed_cluster_bootstrap`)."""
+    ids: dict[Hashable, int] = {}
+    cluster_index = np.fromiter((ids.setdefault(k, len(ids)) for k in clusters), dtype=np.int64, count=table.shape[1])
+    sums = np.zeros((table.shape[0], len(ids)))
+    np.add.at(sums, (slice(None), cluster_index), table)
+    return sums, np.bincount(cluster_index, minlength=len(ids)).astype(np.float64)
+
+
 def seed_cluster_bootstrap(
     values: Sequence[Sequence[float]], clusters: Sequence[Hashable], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> Estimate:
@@ -236,12 +247,8 @@ def seed_cluster_bootstrap(
         raise ValueError("values must be finite (no NaN or inf)")
     if len(clusters) != table.shape[1]:
         raise ValueError(f"values has {table.shape[1]} pairs a row but clusters has {len(clusters)}")
-    ids: dict[Hashable, int] = {}
-    cluster_index = np.fromiter((ids.setdefault(k, len(ids)) for k in clusters), dtype=np.int64, count=table.shape[1])
-    seeds, groups = table.shape[0], len(ids)
-    sums = np.zeros((seeds, groups))
-    np.add.at(sums, (slice(None), cluster_index), table)  # (S, C): each seed's sum over each cluster's pairs
-    sizes = np.bincount(cluster_index, minlength=groups).astype(np.float64)
+    sums, sizes = cluster_sums(table, clusters)
+    seeds, groups = sums.shape
     rng = np.random.default_rng(seed)
     seed_counts = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=resamples).astype(np.float64)  # (R, S)
     cluster_counts = rng.multinomial(groups, np.full(groups, 1.0 / groups), size=resamples).astype(np.float64)  # (R, C)
