@@ -17,9 +17,10 @@ import pytest
 
 from rlhfkit import cli, label, sample
 from rlhfkit.config import ConfigError, field_docs, from_dict, load_config
-from rlhfkit.data.io import read_jsonl_log, read_settings, settings_path
+from rlhfkit.data.io import ThrottledSave, read_jsonl_log, read_settings, settings_path
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
+from rlhfkit.feedback.simulated import SimulatedAnnotator
 from rlhfkit.label import LabelConfig
 from rlhfkit.modeling import models
 from rlhfkit.sample import SampleConfig
@@ -243,12 +244,102 @@ def test_simulated_labels_of_a_resumed_run_equal_an_uninterrupted_run(samples, t
 
     monkeypatch.setattr(label, "save_comparisons", save_then_crash)
     with pytest.raises(RuntimeError, match="killed"):
-        label.run(label_config(samples, out))
+        label.run(label_config(samples, out, save_seconds=0))
     monkeypatch.setattr(label, "save_comparisons", real_save)
-    assert saves == [4] and len(load_comparisons(out)) == 4
+    assert saves == [4] and len(load_comparisons(out)) == 4  # a save that fails is not tried again
     resumed = label.run(label_config(samples, out))
     assert resumed == straight == load_comparisons(out)
     assert len({tuple(c.ranking) for c in straight}) == 2 and any(c.meta["flipped"] for c in straight)  # random
+
+
+def counting_saves(monkeypatch) -> list[int]:
+    """Record how many labels each save of `label.run` wrote."""
+    saves: list[int] = []
+    real_save = label.save_comparisons
+
+    def save(path, labels):
+        real_save(path, labels)
+        saves.append(len(labels))
+
+    monkeypatch.setattr(label, "save_comparisons", save)
+    return saves
+
+
+def test_throttled_save_writes_every_interval_and_at_most_a_fifth_of_the_time():
+    """A fake clock: work takes 1 s a piece; each write takes `cost` s. Writes come once `seconds` have passed since
+    the last write and 4x the last write's cost; flush writes only what is pending."""
+    now = [0.0]
+    cost = [0.0]
+    written = []
+
+    def write():
+        now[0] += cost[0]
+        written.append(now[0])
+
+    saver = ThrottledSave(write, seconds=3, clock=lambda: now[0])
+    for _ in range(7):
+        now[0] += 1
+        saver.changed()
+    assert written == [3.0, 6.0] and saver.pending  # work ended at 7 s: the 7th piece waits
+    saver.flush()
+    assert written == [3.0, 6.0, 7.0] and not saver.pending
+    saver.flush()
+    assert len(written) == 3  # nothing pending, nothing written
+    cost[0] = 2.0  # a write of 2 s: the next waits 8 s after the write ends
+    for _ in range(20):
+        now[0] += 1
+        saver.changed()
+    # 10 (+2 = 12), then 4x2 = 8 s after: 20 (+2 = 22), 30 (+2 = 32); the last work ends at 7 + 6 + 20 = 33
+    assert written[3:] == [12.0, 22.0, 32.0]
+    every = ThrottledSave(write, seconds=0, clock=lambda: now[0])  # writes of 2 s, after every piece of work
+    every.changed()
+    every.changed()
+    assert written[-2:] == [35.0, 37.0]
+    with pytest.raises(ValueError, match="at least 0"):
+        ThrottledSave(write, seconds=float("nan"))
+
+
+def test_label_rewrites_its_output_now_and_then_not_after_every_chunk(samples, tmp_path, monkeypatch):
+    """Rewriting every label after every chunk made labelling quadratic (14,400 pairs: 63 s); now the file is
+    rewritten every save_seconds and at the end, with the same labels."""
+    every = label.run(label_config(samples, tmp_path / "every.jsonl", save_seconds=0))
+    saves = counting_saves(monkeypatch)
+    label.run(label_config(samples, tmp_path / "every2.jsonl", save_seconds=0))
+    assert saves == [4, 8, 12, 16]
+    saves.clear()
+    rare = label.run(label_config(samples, tmp_path / "rare.jsonl", save_seconds=3600))
+    assert saves == [16] and rare == every == load_comparisons(tmp_path / "rare.jsonl")
+
+
+def test_label_keeps_the_labels_made_before_a_failure(samples, tmp_path, monkeypatch):
+    """A labeller that fails on the third chunk: the first two chunks' labels are saved though no save was due,
+    and a re-run gives the uninterrupted labels."""
+    straight = label.run(label_config(samples, tmp_path / "straight.jsonl"))
+    out = tmp_path / "failed.jsonl"
+    real = SimulatedAnnotator.label_many
+    calls = []
+
+    def fail_third(self, items, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 3:
+            raise RuntimeError("judge went away")
+        return real(self, items, **kwargs)
+
+    monkeypatch.setattr(SimulatedAnnotator, "label_many", fail_third)
+    saves = counting_saves(monkeypatch)
+    with pytest.raises(RuntimeError, match="went away"):
+        label.run(label_config(samples, out, save_seconds=3600))
+    assert saves == [8] and load_comparisons(out) == straight[:8]
+    monkeypatch.setattr(SimulatedAnnotator, "label_many", real)
+    assert label.run(label_config(samples, out)) == straight == load_comparisons(out)
+
+
+def test_label_refuses_a_bad_chunk_size_or_save_interval(samples, tmp_path):
+    with pytest.raises(ConfigError, match="chunk_size must be at least 1"):
+        label.run(label_config(samples, tmp_path / "a.jsonl", chunk_size=0))
+    with pytest.raises(ConfigError, match="save_seconds must be at least 0"):
+        label.run(label_config(samples, tmp_path / "a.jsonl", save_seconds=-1))
+    assert not (tmp_path / "a.jsonl").exists()
 
 
 @pytest.mark.parametrize(

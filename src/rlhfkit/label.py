@@ -16,8 +16,11 @@ One interface, four feedback sources, one output record
 
 Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
 ``responses``). Labelling is resumable: items already in the output (by
-``meta.item_index``) are skipped, and the output is rewritten atomically after
-every chunk, so a crash loses at most one chunk. A re-run only adds to labels
+``meta.item_index``) are skipped, and the output is rewritten atomically every
+``save_seconds`` (:class:`~rlhfkit.data.io.ThrottledSave`: never more than about a
+fifth of the time, so labelling stays linear in the number of labels), at the end,
+and when labelling fails part way, so a crash loses at most the last
+``save_seconds`` of labels, and an error none. A re-run only adds to labels
 made under the same labeller settings (``resume``; recorded beside the output in
 ``labels.jsonl.meta.json``, see :func:`labeller_settings`) of the same items (each
 label's prompt and responses must be those of the item at its ``item_index``);
@@ -41,6 +44,7 @@ from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import (
     RESUME_MODES,
+    ThrottledSave,
     atomic_temp_pattern,
     compare_settings,
     remove_stale_temps,
@@ -147,7 +151,11 @@ class LabelConfig:
     """Human-web: how often to check whether every pair is settled: it has its `overlap` votes, or every
     registered annotator has voted on or skipped it."""
     chunk_size: int = 64
-    """Items labelled between atomic saves."""
+    """Items labelled by one call of the labeller (a judge's concurrency works within a chunk)."""
+    save_seconds: float = 10.0
+    """Rewrite `output` (atomically, every label so far) at most this often, and at the end; also after a failure
+    part way. Never more than a fifth of the time goes to rewriting, however many labels there are. 0: after every
+    chunk."""
     seed: int = 0
     """Seed of the simulated annotator (with an item's index, it alone sets that item's random draws)."""
     resume: Literal["auto", "force", "never"] = "auto"
@@ -377,6 +385,10 @@ def run(config: LabelConfig) -> list[Comparison]:
 
     if config.resume not in RESUME_MODES:
         raise ConfigError(f"label: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
+    if config.chunk_size < 1:
+        raise ConfigError(f"label: chunk_size must be at least 1, got {config.chunk_size}")
+    if not config.save_seconds >= 0:
+        raise ConfigError(f"label: save_seconds must be at least 0, got {config.save_seconds}")
     # Temp files of an atomic rewrite of the labels or their settings that a kill left (one writer per output).
     remove_stale_temps(output.parent, atomic_temp_pattern(output))
     if config.resume == "never":
@@ -391,19 +403,23 @@ def run(config: LabelConfig) -> list[Comparison]:
     if todo and config.source == "simulated" and labels and matching:
         _check_temperature(config, labels, labeller.temperature)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="pair", desc=f"label ({config.source})")
-    for start in range(0, len(todo), config.chunk_size):
-        chunk = todo[start : start + config.chunk_size]
-        # The simulated annotator draws each item's randomness from (seed, item index): resuming changes nothing.
-        by_index = {"indices": chunk} if config.source == "simulated" else {}
-        new = labeller.label_many([items[i] for i in chunk], **by_index)
-        for index, comparison in zip(chunk, new):
-            comparison.meta["item_index"] = index
-        labels.extend(new)
-        if start == 0:  # before the first new label (not before a failed one): what every label now matches
-            write_settings(output, labeller_settings(config))
-        save_comparisons(output, labels)
-        bar.update(len(chunk))
-    bar.close()
+    saver = ThrottledSave(lambda: save_comparisons(output, labels), config.save_seconds)
+    try:
+        for start in range(0, len(todo), config.chunk_size):
+            chunk = todo[start : start + config.chunk_size]
+            # The simulated annotator draws each item's randomness from (seed, item index): resuming changes nothing.
+            by_index = {"indices": chunk} if config.source == "simulated" else {}
+            new = labeller.label_many([items[i] for i in chunk], **by_index)
+            for index, comparison in zip(chunk, new):
+                comparison.meta["item_index"] = index
+            labels.extend(new)
+            if start == 0:  # before the first new label (not before a failed one): what every label now matches
+                write_settings(output, labeller_settings(config))
+            saver.changed()
+            bar.update(len(chunk))
+    finally:  # the labels made before a failure (or Ctrl-C) are kept
+        saver.flush()
+        bar.close()
     ties = sum(c.tie for c in labels)
     log.info(f"label: {len(labels)} labels in {output} ({ties} ties)")
     return labels

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -383,6 +384,45 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write records as JSONL, atomically."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class ThrottledSave:
+    """Rewrite a growing output now and then rather than after every piece of work.
+
+    Call :meth:`changed` after each piece of work (a chunk of labels): it runs ``write`` (an atomic rewrite of the
+    whole output) once at least ``seconds`` have passed since the last write *and* at least four times as long as
+    that write took, so that rewriting a file that grows with the work takes at most about a fifth of the time,
+    however large it gets (a rewrite after every chunk is quadratic in the output's size). :meth:`flush` writes
+    what is still pending: call it at the end and when the work fails part way, so that a crash loses at most the
+    last ``seconds`` of work, and an exception none. ``seconds=0`` writes after every piece of work, whatever the
+    writes cost.
+    """
+
+    def __init__(self, write: Callable[[], None], seconds: float, clock: Callable[[], float] = time.monotonic):
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be at least 0, got {seconds}")
+        self._write, self.seconds, self._clock = write, seconds, clock
+        self._last = clock()
+        self._cost = 0.0
+        self.pending = False
+        self.writes = 0
+
+    def changed(self) -> None:
+        """Note new work; write it if the last write is old enough."""
+        self.pending = True
+        if self.seconds == 0 or self._clock() - self._last >= max(self.seconds, 4 * self._cost):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write now if anything is pending (a write that raises is not tried again)."""
+        if not self.pending:
+            return
+        self.pending = False
+        start = self._clock()
+        self._write()
+        self._last = self._clock()
+        self._cost = self._last - start
+        self.writes += 1
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
