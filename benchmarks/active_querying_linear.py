@@ -2,7 +2,8 @@
 
     python benchmarks/active_querying_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
         --labels POOL_LABELS.jsonl --heldout HELDOUT_LABELS.jsonl [--budgets 64,96,...,512] [--initial 32] \\
-        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty] [--seeds 0-49] \\
+        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty,d_optimal,variance_reduction] \\
+        [--targets 1024] [--seeds 0-49] \\
         [--max-per-prompt 3] [--l2 1.0] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
 
 ``active_querying.py`` fine-tunes a whole reward model per arm, budget and seed (minutes each on a CPU), so its few
@@ -26,6 +27,10 @@ that it can repeat the experiment over many seeds and budgets:
   fitted to its own bootstrap resample of every pair labelled so far (:func:`rlhfkit.reward.bootstrap_counts`;
   Coste et al. 2024's ensembles, Christiano et al. 2017's rounds): ``disagreement``
   (:func:`rlhfkit.active.preference_disagreement`) or ``uncertainty`` (:func:`~rlhfkit.active.preference_uncertainty`).
+  Two more arms score pairs by the head's Laplace posterior instead of an ensemble (:func:`greedy_laplace_picks`,
+  each round on the head fitted to every label so far): ``d_optimal`` (the expected information gain about the
+  head) and ``variance_reduction`` (the expected drop in the predictive variance on ``--targets`` pool pairs, which
+  discounts outliers), each batch picked greedily with the posterior updated after every pick.
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
   --help`` gives the commands); a selected pair without a label stops the script, naming it. Label the held-out
   pairs one by one too when the gold scorer has exact ties (``examples/active_querying_linear.sh`` does): a K-way
@@ -64,6 +69,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from active_querying import pair_labels  # noqa: E402  (the same pair lookup as the fine-tuning benchmark)
 
 RANDOM = "random"
+ENSEMBLE_RULES = {"disagreement": active.preference_disagreement, "uncertainty": active.preference_uncertainty}
+"""Arms scored by an ensemble of bootstrap heads (the library's rules)."""
+LAPLACE_RULES = ("d_optimal", "variance_reduction")
+"""Arms scored by the head's Laplace posterior (:func:`greedy_laplace_picks`)."""
+STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -88,7 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--initial", type=int, default=32, help="random pairs before the first active round")
     parser.add_argument("--round-size", type=int, default=16, help="pairs picked per active round")
     parser.add_argument("--ensemble-size", type=int, default=8, help="bootstrap heads of the querying ensemble")
-    parser.add_argument("--strategies", default="disagreement,uncertainty", help="active arms (comma-separated)")
+    parser.add_argument(
+        "--strategies", default="disagreement,uncertainty", help=f"active arms (comma-separated): {', '.join(STRATEGIES)}"
+    )
+    parser.add_argument(
+        "--targets", type=int, default=1024, help="variance_reduction: pool pairs (a seeded sample) whose variance it reduces"
+    )
     parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2' (selection order and bootstraps)")
     parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many pairs a prompt (0: any)")
     parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty on the head (standardised features)")
@@ -103,8 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     args.seeds = parse_seeds(args.seeds)
     for strategy in args.strategies:
-        if strategy not in ("disagreement", "uncertainty"):
-            parser.error(f"--strategies: {strategy!r} is not disagreement or uncertainty")
+        if strategy not in STRATEGIES:
+            parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if args.targets < 1:
+        parser.error("--targets must be >= 1")
     if not 0 < args.initial <= min(args.budgets):
         parser.error(f"--initial must be in (0, smallest budget {min(args.budgets)}], got {args.initial}")
     if args.round_size < 1 or args.ensemble_size < 2:
@@ -218,6 +235,93 @@ def accuracy_per_pair(w: torch.Tensor, heldout_diffs: torch.Tensor) -> np.ndarra
     return ((margin > 0).double() + 0.5 * (margin == 0).double()).numpy()
 
 
+# ----------------------------------------------------------------------------- the head's Laplace posterior
+
+
+def posterior_covariance(diffs: torch.Tensor, w: torch.Tensor, l2: float) -> torch.Tensor:
+    """The Laplace posterior covariance of the head fitted by :func:`fit_heads` (one head ``w``, plain weights) to
+    the labelled pairs' ``diffs`` (n, d): the inverse Hessian of ``n`` times its objective,
+    ``(sum_i s_i d_i d_i^T + n l2 I)^-1``, with ``s_i = p_i (1 - p_i)`` the Fisher weight of pair i at ``w``
+    (``p_i = sigmoid(d_i @ w)``; MacKay 1992, "The evidence framework applied to classification networks")."""
+    p = torch.sigmoid(diffs @ w)
+    precision = (diffs.T * (p * (1 - p))) @ diffs + len(diffs) * l2 * torch.eye(diffs.shape[1], dtype=diffs.dtype)
+    cov = torch.linalg.inv(precision)
+    return (cov + cov.T) / 2
+
+
+def greedy_laplace_picks(
+    candidates: torch.Tensor,
+    w: torch.Tensor,
+    cov: torch.Tensor,
+    targets: torch.Tensor,
+    rule: str,
+    *,
+    num: int,
+    tiebreak: list[float],
+    groups: list[str],
+    max_per_group: int,
+) -> list[int]:
+    """A batch of ``num`` candidates (rows of ``candidates``, pair feature differences (C, d)), picked greedily under
+    the head's Laplace posterior N(``w``, ``cov``): each pick is the candidate of highest score, and the posterior is
+    then updated as if it were labelled (the rank-one update of ``cov`` by its predicted Fisher weight), so a batch
+    does not spend labels on one direction twice (batch-mode experimental design). Scores, with ``s_x = p_x (1 -
+    p_x)`` at ``w``:
+
+    * ``d_optimal``: ``log(1 + s_x x^T cov x)``, the expected information gain about the head (the log-determinant
+      growth of the posterior precision; D-optimal design, MacKay 1992 "Information-based objective functions for
+      active data selection"; BALD for this posterior, Houlsby et al. 2011). It favours pairs far out along poorly
+      known directions -- the outliers that disagreement sampling picked here;
+    * ``variance_reduction``: ``sum_t s_t^2 (t^T cov x)^2 s_x / (1 + s_x x^T cov x)`` over the rows ``t`` of
+      ``targets`` (pairs like those the model will be asked about: a sample of the pool): the drop in the summed
+      predictive variance of ``P(t)`` (delta method: ``s_t^2`` times the margin's variance) that labelling ``x``
+      brings. Prediction-oriented rather than parameter-oriented acquisition (Cohn, Ghahramani & Jordan 1996's
+      variance reduction; EPIG, Bickford Smith et al. 2023), which discounts outliers that inform no typical pair.
+
+    Equal scores go to the higher ``tiebreak``; a candidate whose group already has ``max_per_group`` picks in this
+    batch (0: no cap) is skipped, as :func:`rlhfkit.active.pick` does. Fewer than ``num`` when the candidates run
+    out."""
+    if rule not in LAPLACE_RULES:
+        raise ValueError(f"rule must be one of {LAPLACE_RULES}, got {rule!r}")
+    fisher = torch.sigmoid(candidates @ w)
+    fisher = fisher * (1 - fisher)
+    projected = candidates @ cov  # (C, d)
+    q = (projected * candidates).sum(1)  # x^T cov x
+    if rule == "variance_reduction":
+        target_fisher = torch.sigmoid(targets @ w)
+        target_weight = (target_fisher * (1 - target_fisher)) ** 2
+        g = targets @ projected.T  # (T, C): t^T cov x
+    per_group: dict[str, int] = {}
+    free = torch.ones(len(candidates), dtype=torch.bool)
+    order_key = torch.tensor(tiebreak, dtype=torch.float64)
+    chosen: list[int] = []
+    while len(chosen) < num:
+        if rule == "d_optimal":
+            score = torch.log1p(fisher * q)
+        else:
+            score = (target_weight[:, None] * g * g).sum(0) * fisher / (1 + fisher * q)
+        allowed = free.clone()
+        if max_per_group:
+            allowed &= torch.tensor([per_group.get(group, 0) < max_per_group for group in groups])
+        if not allowed.any():
+            break
+        best = score.masked_fill(~allowed, -torch.inf).max()
+        ties = allowed & (score == best)
+        k = int(torch.where(ties, order_key, -torch.inf).argmax())
+        chosen.append(k)
+        free[k] = False
+        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
+        # cov <- (cov^-1 + s x x^T)^-1 (Sherman-Morrison), and every quantity above with it
+        x, s = candidates[k], fisher[k]
+        u = cov @ x
+        c = s / (1 + s * (x @ u))
+        cov = cov - c * torch.outer(u, u)
+        along = candidates @ u  # (C,)
+        q = q - c * along * along
+        if rule == "variance_reduction":
+            g = g - c * torch.outer(targets @ u, along)
+    return chosen
+
+
 # ----------------------------------------------------------------------------- one seed
 
 
@@ -247,24 +351,35 @@ def run_seed(
     tiebreak, order = random_order(seed, groups, max(args.budgets), args.max_per_prompt)
     results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
     picks = {RANDOM: order[: max(args.budgets)]}
+    target_rows = np.random.default_rng(10_000 + seed).permutation(len(targets))[: args.targets]
     for strategy in args.strategies:
-        rule = active.preference_disagreement if strategy == "disagreement" else active.preference_uncertainty
         chosen, by_budget, round_number = list(order[: args.initial]), {}, 0
         for budget in args.budgets:
             while len(chosen) < budget:
                 index = torch.tensor(chosen)
-                counts = bootstrap_counts(len(chosen), args.ensemble_size, seed * 100_003 + round_number)
-                heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
                 rest = sorted(set(range(len(targets))) - set(chosen))
-                margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shared shift
-                score = rule(margins, torch.zeros_like(margins)).tolist()
-                picked = active.pick(
-                    score,
-                    [tiebreak[i] for i in rest],
-                    [groups[i] for i in rest],
-                    num=min(args.round_size, budget - len(chosen)),
-                    max_per_group=args.max_per_prompt,
-                )
+                num = min(args.round_size, budget - len(chosen))
+                if strategy in ENSEMBLE_RULES:
+                    counts = bootstrap_counts(len(chosen), args.ensemble_size, seed * 100_003 + round_number)
+                    heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
+                    margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shift
+                    score = ENSEMBLE_RULES[strategy](margins, torch.zeros_like(margins)).tolist()
+                    picked = active.pick(
+                        score, [tiebreak[i] for i in rest], [groups[i] for i in rest], num=num, max_per_group=args.max_per_prompt
+                    )
+                else:
+                    w = fit_heads(diffs[index], targets[index], plain[index], args.l2)[:, 0]
+                    picked = greedy_laplace_picks(
+                        diffs[rest],
+                        w,
+                        posterior_covariance(diffs[index], w, args.l2),
+                        diffs[target_rows],
+                        strategy,
+                        num=num,
+                        tiebreak=[tiebreak[i] for i in rest],
+                        groups=[groups[i] for i in rest],
+                        max_per_group=args.max_per_prompt,
+                    )
                 if not picked:
                     raise SystemExit(f"seed {seed}: the pool has no pair left to pick for budget {budget} ({len(chosen)} picked)")
                 chosen.extend(rest[i] for i in picked)

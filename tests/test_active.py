@@ -457,6 +457,97 @@ def test_linear_features_are_what_the_reward_head_reads():
     assert torch.allclose(x @ weight, expected.double(), atol=1e-5)
 
 
+def test_linear_posterior_covariance_is_the_inverse_hessian_of_the_fit():
+    """posterior_covariance = the inverse of n times the Hessian of fit_heads' objective at its minimum (autograd)."""
+    linear = _linear_module()
+    gen = torch.Generator().manual_seed(0)
+    diffs = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([1, 0, 1, 1, 0.5, 0, 1], dtype=torch.float64)
+    w = linear.fit_heads(diffs, targets, torch.ones(7, 1, dtype=torch.float64), 0.3)[:, 0]
+
+    def objective(v):
+        margin = diffs @ v
+        return (
+            -(targets * torch.nn.functional.logsigmoid(margin) + (1 - targets) * torch.nn.functional.logsigmoid(-margin))
+        ).mean() + 0.15 * (v @ v)
+
+    hessian = torch.autograd.functional.hessian(objective, w)
+    assert torch.allclose(linear.posterior_covariance(diffs, w, 0.3), torch.linalg.inv(7 * hessian), atol=1e-10)
+
+
+def _laplace_reference(candidates, w, precision, targets, rule, num, tiebreak, groups, cap):
+    """greedy_laplace_picks the slow way: each step inverts the precision with the picks so far added, and scores
+    every candidate by its definition (the log-determinant growth; the summed drop in the targets' variance of P)."""
+    p = torch.sigmoid(candidates @ w)
+    fisher = p * (1 - p)
+    pt = torch.sigmoid(targets @ w)
+    chosen, per_group = [], {}
+    while len(chosen) < num:
+        best = None
+        cov = torch.linalg.inv(precision)
+        before = torch.einsum("td,de,te->t", targets, cov, targets)
+        for k in range(len(candidates)):
+            if k in chosen or (cap and per_group.get(groups[k], 0) >= cap):
+                continue
+            added = precision + fisher[k] * torch.outer(candidates[k], candidates[k])
+            if rule == "d_optimal":
+                score = float(torch.logdet(added) - torch.logdet(precision))
+            else:
+                after = torch.einsum("td,de,te->t", targets, torch.linalg.inv(added), targets)
+                score = float(((pt * (1 - pt)) ** 2 * (before - after)).sum())
+            if best is None or score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and tiebreak[k] > tiebreak[best[1]]):
+                best = (score, k)
+        if best is None:
+            break
+        k = best[1]
+        chosen.append(k)
+        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
+        precision = precision + fisher[k] * torch.outer(candidates[k], candidates[k])
+    return chosen
+
+
+@pytest.mark.parametrize("rule", ["d_optimal", "variance_reduction"])
+def test_linear_laplace_picks_match_a_slow_reference(rule):
+    """Greedy batches with rank-one updates equal the picks of the slow reference, with and without a per-prompt cap;
+    the candidates running out gives a shorter batch."""
+    linear = _linear_module()
+    gen = torch.Generator().manual_seed(1)
+    candidates = torch.randn(12, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    targets = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    w = torch.tensor([0.5, -0.3, 1.0], dtype=torch.float64)
+    precision = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.5, 0.2], [0.0, 0.2, 1.0]], dtype=torch.float64)
+    tiebreak = torch.rand(12, generator=gen).tolist()
+    groups = [f"p{i % 4}" for i in range(12)]
+    for cap, num in ((0, 6), (1, 4), (2, 8)):
+        fast = linear.greedy_laplace_picks(
+            candidates,
+            w,
+            torch.linalg.inv(precision),
+            targets,
+            rule,
+            num=num,
+            tiebreak=tiebreak,
+            groups=groups,
+            max_per_group=cap,
+        )
+        assert fast == _laplace_reference(candidates, w, precision, targets, rule, num, tiebreak, groups, cap)
+        assert len(set(fast)) == len(fast) == num
+    few = linear.greedy_laplace_picks(
+        candidates, w, torch.linalg.inv(precision), targets, rule, num=6, tiebreak=tiebreak, groups=groups, max_per_group=1
+    )
+    assert len(few) == 4 and len({groups[k] for k in few}) == 4  # one a prompt, 4 prompts
+    # Two copies of one candidate: the first is picked by its tiebreak, and the copy scores less after the update.
+    twice = torch.cat([candidates[:1], candidates[:1]])
+    first = linear.greedy_laplace_picks(
+        twice, w, torch.linalg.inv(precision), targets, rule, num=1, tiebreak=[0.2, 0.9], groups=["a", "b"], max_per_group=0
+    )
+    assert first == [1]
+    with pytest.raises(ValueError, match="rule must be"):
+        linear.greedy_laplace_picks(
+            candidates, w, precision, targets, "bald", num=1, tiebreak=tiebreak, groups=groups, max_per_group=0
+        )
+
+
 def test_linear_random_budget_reaching_by_hand():
     linear = _linear_module()
     curve, budgets = np.array([0.60, 0.64, 0.70]), [100, 200, 400]
@@ -474,6 +565,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
         *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
         *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,10", "--initial", "4", "--round-size", "2"),
         *("--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48", "--output-dir", str(out)),
+        *("--strategies", "disagreement,uncertainty,d_optimal,variance_reduction", "--targets", "5"),
     ]
     capsys.readouterr()
     results = linear.main(argv)
@@ -481,8 +573,9 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert printed.startswith("command: ") and results["seeds"] == [0, 1, 2]
     strict = sum(not c.tie for c in load_comparisons(tmp_path / "heldout.jsonl"))
     assert results["heldout_pairs"] == strict >= 6
-    assert set(results["accuracy"]) == {f"{arm}_{n}" for arm in ("random", "disagreement", "uncertainty") for n in (6, 10)}
-    for arm in ("disagreement", "uncertainty"):
+    arms = ("disagreement", "uncertainty", "d_optimal", "variance_reduction")
+    assert set(results["accuracy"]) == {f"{arm}_{n}" for arm in ("random", *arms) for n in (6, 10)}
+    for arm in arms:
         for n in (6, 10):
             a, r, d = results["accuracy"][f"{arm}_{n}"], results["accuracy"][f"random_{n}"], results["minus_random"][f"{arm}_{n}"]
             assert d["value"] == pytest.approx(a["value"] - r["value"], abs=1e-12) and d["n"] == 3
@@ -504,9 +597,9 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
         )
     )
     pool = active.candidates(load_items(samples))
-    for arms in results["picks"].values():
-        assert all(len(set(p)) == len(p) == 10 for p in arms.values())
-        assert arms["disagreement"][:4] == arms["uncertainty"][:4] == arms["random"][:4]
+    for by_arm in results["picks"].values():
+        assert all(len(set(p)) == len(p) == 10 for p in by_arm.values())
+        assert all(picked[:4] == by_arm["random"][:4] for picked in by_arm.values()) and len(by_arm) == 5
     assert [[pool[i].sample_index, [pool[i].first, pool[i].second]] for i in results["picks"]["1"]["random"]] == [
         [r["sample_index"], r["response_indices"]] for r in drawn
     ]
