@@ -20,6 +20,7 @@ NUM_LAYERS=${NUM_LAYERS:-8}
 SEEDS=${SEEDS:-0-29}
 BUDGETS=${BUDGETS:-64,96,128,192,256,384,512}
 TRAIN_PAIRS=${TRAIN_PAIRS:-128,512}
+STRATEGIES=${STRATEGIES:-disagreement,uncertainty}  # also: d_optimal, variance_reduction
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
@@ -47,6 +48,6 @@ mkdir -p "$OUT"
 COMMON=(--model "$POLICY" --num-layers "$NUM_LAYERS" --precision "$PRECISION" --samples "$OUT/pool_samples.jsonl"
   --labels "$OUT/pool_labels.jsonl" --features-dir "$OUT/features")
 "$PYTHON" benchmarks/active_querying_linear.py "${COMMON[@]}" --heldout "$OUT/held_labels.jsonl" --seeds "$SEEDS" \
-  --budgets "$BUDGETS" --initial "${INITIAL:-32}" --output-dir "$OUT/active"
+  --budgets "$BUDGETS" --initial "${INITIAL:-32}" --strategies "$STRATEGIES" --output-dir "$OUT/active"
 "$PYTHON" benchmarks/ensemble_best_of_n_linear.py "${COMMON[@]}" --bon "$OUT/held_samples.jsonl" --gold "$GOLD" \
   --train-pairs "$TRAIN_PAIRS" --seeds "$SEEDS" --output-dir "$OUT/bon"
