@@ -19,8 +19,8 @@ Input is the output of ``rlhfkit sample`` (records with ``prompt`` and
 ``meta.item_index``) are skipped, and the output is rewritten atomically every
 ``save_seconds`` (:class:`~rlhfkit.data.io.ThrottledSave`: never more than about a
 fifth of the time, so labelling stays linear in the number of labels), at the end,
-and when labelling fails part way, so a crash loses at most the last
-``save_seconds`` of labels, and an error none. A re-run only adds to labels
+and when labelling fails part way, so an error loses no label and a kill at
+most those since the last save. A re-run only adds to labels
 made under the same labeller settings (``resume``; recorded beside the output in
 ``labels.jsonl.meta.json``, see :func:`labeller_settings`) of the same items (each
 label's prompt and responses must be those of the item at its ``item_index``);

@@ -393,9 +393,9 @@ class ThrottledSave:
     whole output) once at least ``seconds`` have passed since the last write *and* at least four times as long as
     that write took, so that rewriting a file that grows with the work takes at most about a fifth of the time,
     however large it gets (a rewrite after every chunk is quadratic in the output's size). :meth:`flush` writes
-    what is still pending: call it at the end and when the work fails part way, so that a crash loses at most the
-    last ``seconds`` of work, and an exception none. ``seconds=0`` writes after every piece of work, whatever the
-    writes cost.
+    what is still pending: call it at the end and when the work fails part way, so that an exception loses no work
+    and a kill at most the work since the last write (``seconds``, or four times the last write's duration when that
+    is longer). ``seconds=0`` writes after every piece of work, whatever the writes cost.
     """
 
     def __init__(self, write: Callable[[], None], seconds: float, clock: Callable[[], float] = time.monotonic):
@@ -405,7 +405,6 @@ class ThrottledSave:
         self._last = clock()
         self._cost = 0.0
         self.pending = False
-        self.writes = 0
 
     def changed(self) -> None:
         """Note new work; write it if the last write is old enough."""
@@ -422,7 +421,6 @@ class ThrottledSave:
         self._write()
         self._last = self._clock()
         self._cost = self._last - start
-        self.writes += 1
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
