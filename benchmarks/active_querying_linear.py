@@ -291,7 +291,9 @@ def greedy_laplace_picks(
         target_weight = (target_fisher * (1 - target_fisher)) ** 2
         g = targets @ projected.T  # (T, C): t^T cov x
     per_group: dict[str, int] = {}
-    free = torch.ones(len(candidates), dtype=torch.bool)
+    group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
+    group_ids = torch.tensor([group_of[group] for group in groups])
+    free = torch.ones(len(candidates), dtype=torch.bool)  # not picked, and its group not full
     order_key = torch.tensor(tiebreak, dtype=torch.float64)
     chosen: list[int] = []
     while len(chosen) < num:
@@ -299,17 +301,16 @@ def greedy_laplace_picks(
             score = torch.log1p(fisher * q)
         else:
             score = (target_weight[:, None] * g * g).sum(0) * fisher / (1 + fisher * q)
-        allowed = free.clone()
-        if max_per_group:
-            allowed &= torch.tensor([per_group.get(group, 0) < max_per_group for group in groups])
-        if not allowed.any():
+        if not free.any():
             break
-        best = score.masked_fill(~allowed, -torch.inf).max()
-        ties = allowed & (score == best)
+        best = score.masked_fill(~free, -torch.inf).max()
+        ties = free & (score == best)
         k = int(torch.where(ties, order_key, -torch.inf).argmax())
         chosen.append(k)
         free[k] = False
         per_group[groups[k]] = per_group.get(groups[k], 0) + 1
+        if max_per_group and per_group[groups[k]] >= max_per_group:
+            free &= group_ids != group_ids[k]
         # cov <- (cov^-1 + s x x^T)^-1 (Sherman-Morrison), and every quantity above with it
         x, s = candidates[k], fisher[k]
         u = cov @ x

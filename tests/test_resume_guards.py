@@ -302,9 +302,8 @@ def test_throttled_save_writes_every_interval_and_at_most_a_fifth_of_the_time():
 def test_label_rewrites_its_output_now_and_then_not_after_every_chunk(samples, tmp_path, monkeypatch):
     """Rewriting every label after every chunk made labelling quadratic (14,400 pairs: 63 s); now the file is
     rewritten every save_seconds and at the end, with the same labels."""
-    every = label.run(label_config(samples, tmp_path / "every.jsonl", save_seconds=0))
     saves = counting_saves(monkeypatch)
-    label.run(label_config(samples, tmp_path / "every2.jsonl", save_seconds=0))
+    every = label.run(label_config(samples, tmp_path / "every.jsonl", save_seconds=0))
     assert saves == [4, 8, 12, 16]
     saves.clear()
     rare = label.run(label_config(samples, tmp_path / "rare.jsonl", save_seconds=3600))
