@@ -2,8 +2,8 @@
 
     python benchmarks/active_querying_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
         --labels POOL_LABELS.jsonl --heldout HELDOUT_LABELS.jsonl [--budgets 64,96,...,512] [--initial 32] \\
-        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty,d_optimal,variance_reduction] \\
-        [--targets 1024] [--seeds 0-49] \\
+        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty,d_optimal,variance_reduction,importance] \\
+        [--targets 1024] [--mix 0.5] [--seeds 0-49] \\
         [--max-per-prompt 3] [--l2 1.0] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
 
 ``active_querying.py`` fine-tunes a whole reward model per arm, budget and seed (minutes each on a CPU), so its few
@@ -30,7 +30,11 @@ that it can repeat the experiment over many seeds and budgets:
   Two more arms score pairs by the head's Laplace posterior instead of an ensemble (:func:`greedy_laplace_picks`,
   each round on the head fitted to every label so far): ``d_optimal`` (the expected information gain about the
   head) and ``variance_reduction`` (the expected drop in the predictive variance on ``--targets`` pool pairs, which
-  discounts outliers), each batch picked greedily with the posterior updated after every pick.
+  discounts outliers), each batch picked greedily with the posterior updated after every pick. ``importance``
+  draws each round's pairs at random instead, from a proposal that favours pairs of large posterior logit spread
+  (mixed with the uniform draw by ``--mix``; :func:`importance_picks`), and fits every head of the arm to the
+  pairs weighted by Farquhar et al. 2021's LURE weights (:func:`lure_weights`), which make the weighted loss an
+  unbiased estimate of the whole pool's: active selection without its selection bias.
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
   --help`` gives the commands); a selected pair without a label stops the script, naming it. Label the held-out
   pairs one by one too when the gold scorer has exact ties (``examples/active_querying_linear.sh`` does): a K-way
@@ -73,7 +77,10 @@ ENSEMBLE_RULES = {"disagreement": active.preference_disagreement, "uncertainty":
 """Arms scored by an ensemble of bootstrap heads (the library's rules)."""
 LAPLACE_RULES = ("d_optimal", "variance_reduction")
 """Arms scored by the head's Laplace posterior (:func:`greedy_laplace_picks`)."""
-STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES)
+IMPORTANCE = "importance"
+"""The arm that draws pairs at random with a posterior-informed proposal and weights them back
+(:func:`importance_picks`, :func:`lure_weights`)."""
+STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES, IMPORTANCE)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -104,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--targets", type=int, default=1024, help="variance_reduction: pool pairs (a seeded sample) whose variance it reduces"
     )
+    parser.add_argument(
+        "--mix", type=float, default=0.5, help="importance: the uniform share of its proposal (defensive mixture; 1: random)"
+    )
     parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2' (selection order and bootstraps)")
     parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many pairs a prompt (0: any)")
     parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty on the head (standardised features)")
@@ -122,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--strategies: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     if args.targets < 1:
         parser.error("--targets must be >= 1")
+    if not 0 < args.mix <= 1:
+        parser.error(f"--mix must be in (0, 1] (the proposal must reach every pair), got {args.mix}")
     if not 0 < args.initial <= min(args.budgets):
         parser.error(f"--initial must be in (0, smallest budget {min(args.budgets)}], got {args.initial}")
     if args.round_size < 1 or args.ensemble_size < 2:
@@ -323,6 +335,117 @@ def greedy_laplace_picks(
     return chosen
 
 
+def importance_picks(
+    candidates: torch.Tensor,
+    w: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    num: int,
+    rng: np.random.Generator,
+    mix: float,
+    groups: list[str],
+    max_per_group: int,
+) -> tuple[list[int], list[float]]:
+    """A batch of ``num`` candidates (rows of ``candidates``, (C, d)) drawn at random without replacement, and the
+    probability each had when it was drawn. The proposal mixes a score with the uniform draw (a defensive mixture,
+    Hesterberg 1995, so every candidate keeps a probability of at least ``mix`` / its number):
+    ``q(x) = (1 - mix) * a(x) / sum(a) + mix / n`` over the ``n`` candidates still open, with
+    ``a(x) = sqrt(s_x x^T cov x)`` (``s_x = p_x (1 - p_x)`` at ``w``): the standard deviation of the pair's logit
+    under the head's Laplace posterior N(``w``, ``cov``), times the Fisher weight's square root -- the expected size
+    of the gradient the pair's label would bring, in the posterior's metric (expected gradient length, Settles,
+    Craven & Ray 2008). Drawn, not taken greedily: the picks then come with their probabilities, which
+    :func:`lure_weights` turns into weights that undo the selection bias (the rules above pick by score and lost
+    labels here, fitting a misspecified head to pairs unlike the held-out ones). A candidate whose group already
+    has ``max_per_group`` draws in this batch (0: no cap) leaves the open set, as :func:`rlhfkit.active.pick` skips
+    it; its pairs then have probability 0 for the rest of the batch, which the weights do not undo (a small
+    departure from unbiasedness, as random's order is capped too). Fewer than ``num`` when the candidates run out."""
+    fisher = torch.sigmoid(candidates @ w)
+    fisher = fisher * (1 - fisher)
+    score = torch.sqrt((fisher * ((candidates @ cov) * candidates).sum(1)).clamp_min(0)).numpy()
+    open_ = np.ones(len(candidates), dtype=bool)
+    group_ids = np.unique(np.asarray(groups), return_inverse=True)[1]
+    per_group: dict[int, int] = {}
+    picked, probabilities = [], []
+    while len(picked) < num and open_.any():
+        a = np.where(open_, score, 0.0)
+        total = a.sum()
+        q = (1 - mix) * (a / total if total > 0 else open_ / open_.sum()) + mix * open_ / open_.sum()
+        q = q / q.sum()
+        k = int(rng.choice(len(candidates), p=q))
+        picked.append(k)
+        probabilities.append(float(q[k]))
+        open_[k] = False
+        group = int(group_ids[k])
+        per_group[group] = per_group.get(group, 0) + 1
+        if max_per_group and per_group[group] >= max_per_group:
+            open_ &= group_ids != group
+    return picked, probabilities
+
+
+def lure_weights(probabilities: list[float], pool_size: int) -> np.ndarray:
+    """The weights of Farquhar, Gal & Rainforth (2021, "On statistical bias in active learning: how and when to fix
+    it", eq. 3, the R_LURE estimator) for ``M`` pairs drawn one after another without replacement from a pool of
+    ``N`` = ``pool_size``, the m-th with probability ``q_m`` (given the draws before it):
+    ``v_m = 1 + (N - M) / (N - m) * (1 / ((N - m + 1) q_m) - 1)``. Then ``sum_m v_m L_m / M`` is an unbiased estimate
+    of the pool's mean loss ``sum_i L_i / N`` whatever the proposal (one that can reach every pair), so a head
+    fitted to the weighted pairs aims at the fit to the whole pool, as random's does. A uniform draw
+    (``q_m = 1 / (N - m + 1)``) has weight 1, and no weight is negative ((N - M) / (N - m) <= 1)."""
+    q = np.asarray(probabilities, dtype=np.float64)
+    size = len(q)
+    if size > pool_size:
+        raise ValueError(f"{size} draws from a pool of {pool_size}")
+    m = np.arange(1, size + 1)
+    # m = M = N: the last draw has no undrawn rest, (N - M) / (N - m) = 0 / 0; its q is 1 and its weight 1
+    share = np.divide(pool_size - size, pool_size - m, out=np.ones(size), where=pool_size - m > 0)
+    return 1 + share * (1 / ((pool_size - m + 1) * q) - 1)
+
+
+def unbiased_variance_ratio(
+    diffs: torch.Tensor,
+    w: torch.Tensor,
+    cov: torch.Tensor,
+    heldout_diffs: torch.Tensor,
+    label_probability: torch.Tensor | None = None,
+) -> float:
+    """How much any unbiased (importance-weighted) selection could save, to first order: the least variance a
+    proposal can give the pool's mean gradient, relative to the uniform draw's.
+
+    Near the head ``w`` the fit moves by ``cov`` times the error of the labelled pairs' mean gradient, an estimate of
+    the pool's ``m = sum_i u_i / N`` with ``u_i = (y_i - p_i) d_i`` (``p_i = sigmoid(d_i @ w)``; ``y_i`` the label);
+    the held-out predictions move by the margin change weighted by ``s_t = p_t (1 - p_t)``, so the error is measured
+    in ``A = cov (mean_t s_t^2 t t^T) cov`` over the held-out pairs ``t``. Drawing ``n`` pairs from a proposal ``q``
+    (with replacement: n << N) and weighting each by ``1 / (N q_i)`` gives ``E|m_hat - m|_A^2 = (sum_i E|u_i|_A^2 /
+    (N^2 q_i) - |m|_A^2) / n``, least at ``q_i ∝ g_i = sqrt(E|u_i|_A^2)`` (the standard optimal importance sampling);
+    the ratio to the uniform draw is ``((mean g)^2 - |m|_A^2) / (mean g^2 - |m|_A^2)``, and one minus it is about the
+    share of labels the best such proposal saves. ``E`` is over the label: ``y_i = 1`` with probability
+    ``label_probability`` (the annotator's own, for an oracle that no querying rule can beat), else the head's
+    ``p_i`` (then ``m = 0``: what a rule knowing only the head could reach)."""
+    p = torch.sigmoid(diffs @ w)
+    truth = p if label_probability is None else label_probability
+    held = torch.sigmoid(heldout_diffs @ w)
+    metric = cov @ ((heldout_diffs.T * (held * (1 - held)) ** 2) @ heldout_diffs / len(heldout_diffs)) @ cov
+    squared = (truth * (1 - p) ** 2 + (1 - truth) * p**2) * ((diffs @ metric) * diffs).sum(1)  # E|u_i|_A^2
+    mean_gradient = ((truth - p)[:, None] * diffs).mean(0)
+    bias = float(mean_gradient @ metric @ mean_gradient)
+    return (float(squared.sqrt().mean()) ** 2 - bias) / (float(squared.mean()) - bias)
+
+
+def variance_ratios(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor) -> dict[int, dict]:
+    """:func:`unbiased_variance_ratio` at random's head for each budget (its first N pairs for ``seed``): ``model``
+    (labels as the head predicts them) and, when every pool label records the annotator's probability, ``oracle``."""
+    diffs, targets = pool["diffs"], pool["targets"]
+    _, order = random_order(seed, pool["groups"], max(args.budgets), args.max_per_prompt)
+    out = {}
+    for budget in args.budgets:
+        index = torch.tensor(order[:budget])
+        w = fit_heads(diffs[index], targets[index], torch.ones(budget, 1, dtype=torch.float64), args.l2)[:, 0]
+        cov = posterior_covariance(diffs[index], w, args.l2)
+        out[budget] = {"model": unbiased_variance_ratio(diffs, w, cov, heldout_diffs)}
+        if pool.get("label_probability") is not None:
+            out[budget]["oracle"] = unbiased_variance_ratio(diffs, w, cov, heldout_diffs, pool["label_probability"])
+    return out
+
+
 # ----------------------------------------------------------------------------- one seed
 
 
@@ -345,9 +468,14 @@ def run_seed(
     diffs, targets, groups = pool["diffs"], pool["targets"], pool["groups"]
     plain = torch.ones(len(targets), 1, dtype=torch.float64)
 
-    def evaluate(chosen: list[int]) -> np.ndarray:
+    def fit(chosen: list[int], probabilities: list[float] | None = None) -> torch.Tensor:
+        """The head fitted to ``chosen``; weighted by :func:`lure_weights` when their draw ``probabilities`` are given."""
         index = torch.tensor(chosen)
-        return accuracy_per_pair(fit_heads(diffs[index], targets[index], plain[index], args.l2)[:, 0], heldout_diffs)
+        weights = plain[index] if probabilities is None else torch.from_numpy(lure_weights(probabilities, len(targets)))[:, None]
+        return fit_heads(diffs[index], targets[index], weights, args.l2)[:, 0]
+
+    def evaluate(chosen: list[int], probabilities: list[float] | None = None) -> np.ndarray:
+        return accuracy_per_pair(fit(chosen, probabilities), heldout_diffs)
 
     tiebreak, order = random_order(seed, groups, max(args.budgets), args.max_per_prompt)
     results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
@@ -355,12 +483,28 @@ def run_seed(
     target_rows = np.random.default_rng(10_000 + seed).permutation(len(targets))[: args.targets]
     for strategy in args.strategies:
         chosen, by_budget, round_number = list(order[: args.initial]), {}, 0
+        # importance: each pick's draw probability (the first are random's: uniform over the pairs not yet drawn)
+        probabilities = [1 / (len(targets) - j) for j in range(args.initial)] if strategy == IMPORTANCE else None
+        draws = np.random.default_rng(777_000 + seed)
         for budget in args.budgets:
             while len(chosen) < budget:
                 index = torch.tensor(chosen)
                 rest = sorted(set(range(len(targets))) - set(chosen))
                 num = min(args.round_size, budget - len(chosen))
-                if strategy in ENSEMBLE_RULES:
+                if strategy == IMPORTANCE:
+                    w = fit(chosen, probabilities)
+                    picked, drawn = importance_picks(
+                        diffs[rest],
+                        w,
+                        posterior_covariance(diffs[index], w, args.l2),
+                        num=num,
+                        rng=draws,
+                        mix=args.mix,
+                        groups=[groups[i] for i in rest],
+                        max_per_group=args.max_per_prompt,
+                    )
+                    probabilities.extend(drawn)
+                elif strategy in ENSEMBLE_RULES:
                     counts = bootstrap_counts(len(chosen), args.ensemble_size, seed * 100_003 + round_number)
                     heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
                     margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shift
@@ -385,7 +529,7 @@ def run_seed(
                     raise SystemExit(f"seed {seed}: the pool has no pair left to pick for budget {budget} ({len(chosen)} picked)")
                 chosen.extend(rest[i] for i in picked)
                 round_number += 1
-            by_budget[budget] = evaluate(chosen)
+            by_budget[budget] = evaluate(chosen, probabilities)
         results[strategy] = by_budget
         picks[strategy] = chosen
     return results, picks
@@ -490,6 +634,23 @@ def summarise(args: argparse.Namespace, table: dict, clusters: list, command: st
     }
 
 
+def summarise_ratios(budgets: list[int], ratios: dict[int, dict[int, dict]]) -> dict:
+    """Per budget and kind (``model``, ``oracle``): the mean, min and max over seeds of :func:`variance_ratios`."""
+    out: dict = {}
+    print("\nthe least variance of an unbiased selection relative to random's, at random's head (first order; 1 - it")
+    print("is about the share of labels such a rule could save): mean [min, max] over seeds")
+    for budget in budgets:
+        out[str(budget)] = {}
+        for kind in ratios[next(iter(ratios))][budget]:
+            values = [ratios[seed][budget][kind] for seed in ratios]
+            out[str(budget)][kind] = {"mean": float(np.mean(values)), "min": min(values), "max": max(values)}
+        print(
+            f"N={budget}: "
+            + ", ".join(f"{kind} {v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" for kind, v in out[str(budget)].items())
+        )
+    return out
+
+
 class TextIndex:
     """Distinct (prompt, response) pairs in order of first appearance: the rows of the feature matrix."""
 
@@ -508,11 +669,13 @@ class TextIndex:
 
 def labelled_pool(samples: str, labels_path: str, texts: TextIndex) -> dict:
     """Every candidate pair of ``samples`` (:func:`rlhfkit.active.candidates`) with its label from ``labels_path``:
-    ``first``, ``second`` (rows of ``texts``), ``targets`` (P(first preferred): 1, 0 or 1/2 for a tie) and ``groups``
-    (the prompt); a pair without a label stops the script, naming it."""
+    ``first``, ``second`` (rows of ``texts``), ``targets`` (P(first preferred): 1, 0 or 1/2 for a tie), ``groups``
+    (the prompt) and ``label_probability``: the probability with which the annotator preferred the first (the
+    simulated annotator's ``p_first``, before flip noise), None unless every label records it. A pair without a
+    label stops the script, naming it."""
     items = load_items(samples)
     labels = pair_labels(labels_path)
-    first, second, targets, groups = [], [], [], []
+    first, second, targets, groups, probability = [], [], [], [], []
     for c in active.candidates(items):
         a, b = items[c.sample_index][1][c.first], items[c.sample_index][1][c.second]
         label = labels.get(active.pair_key(c.prompt, a, b))
@@ -525,11 +688,14 @@ def labelled_pool(samples: str, labels_path: str, texts: TextIndex) -> dict:
         second.append(texts(c.prompt, b))
         targets.append(0.5 if label.tie else float(label.responses[label.ranking[0]] == a))
         groups.append(json.dumps(c.prompt, sort_keys=True))
+        p_first = label.meta.get("p_first") if len(label.responses) == 2 else None  # the simulated annotator's
+        probability.append(None if p_first is None else (p_first if label.responses[0] == a else 1 - p_first))
     return {
         "first": torch.tensor(first),
         "second": torch.tensor(second),
         "targets": torch.tensor(targets, dtype=torch.float64),
         "groups": groups,
+        "label_probability": None if None in probability else torch.tensor(probability, dtype=torch.float64),
     }
 
 
@@ -552,7 +718,12 @@ def main(argv: list[str] | None = None) -> dict:
     better = torch.tensor([texts(h.prompt, h.responses[h.ranking[0]]) for h in heldout])
     worse = torch.tensor([texts(h.prompt, h.responses[h.ranking[1]]) for h in heldout])
     z = standardised(cached_features(args, texts.texts), labelled)
-    pool = {"diffs": z[labelled["first"]] - z[labelled["second"]], "targets": labelled["targets"], "groups": labelled["groups"]}
+    pool = {
+        "diffs": z[labelled["first"]] - z[labelled["second"]],
+        "targets": labelled["targets"],
+        "groups": labelled["groups"],
+        "label_probability": labelled["label_probability"],
+    }
     heldout_diffs = z[better] - z[worse]
     clusters = [json.dumps(h.prompt, sort_keys=True) for h in heldout]
     print(
@@ -563,8 +734,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     table: dict[str, dict[int, list[np.ndarray]]] = {arm: {b: [] for b in args.budgets} for arm in [RANDOM, *args.strategies]}
     picks: dict[int, dict[str, list[int]]] = {}
+    ratios: dict[int, dict[int, dict]] = {}
     for seed in args.seeds:
         outcomes, picks[seed] = run_seed(seed, args, pool, heldout_diffs)
+        if IMPORTANCE in args.strategies:
+            ratios[seed] = variance_ratios(seed, args, pool, heldout_diffs)
         for arm, by_budget in outcomes.items():
             for budget, correct in by_budget.items():
                 table[arm][budget].append(correct)
@@ -573,6 +747,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"seed {seed}: accuracy at N={max(args.budgets)}: " + ", ".join(f"{a} {v:.3f}" for a, v in last.items()), flush=True
         )
     results = summarise(args, table, clusters, command)
+    if ratios:
+        results["unbiased_variance_ratio"] = summarise_ratios(args.budgets, ratios)
     results["picks"] = {str(seed): arms for seed, arms in picks.items()}
     out = Path(args.output_dir) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -548,6 +548,146 @@ def test_linear_laplace_picks_match_a_slow_reference(rule):
         )
 
 
+def test_linear_lure_weights_by_hand():
+    linear = _linear_module()
+    # N = 4, M = 2, each drawn with probability 1/2: v_1 = 1 + (2/3)(1/(4 * 1/2) - 1) = 2/3, v_2 = 1 + (2/2)(1/(3 * 1/2) - 1) = 2/3
+    assert linear.lure_weights([0.5, 0.5], 4) == pytest.approx([2 / 3, 2 / 3], abs=1e-15)
+    # drawn uniformly (1/4, then 1/3 of the rest): weight 1, whatever M
+    assert linear.lure_weights([1 / 4, 1 / 3, 1 / 2], 4) == pytest.approx([1.0, 1.0, 1.0], abs=1e-15)
+    # a rare draw counts more, a likely one less: N = 3, M = 1, q = 1/6 -> 1 + (2/2)(2 - 1) = 2; q = 2/3 -> 1/2
+    assert linear.lure_weights([1 / 6], 3) == pytest.approx([2.0]) and linear.lure_weights([2 / 3], 3) == pytest.approx([0.5])
+    # the whole pool drawn: the last draw's q is 1 and (N - M) / (N - m) = 0/0 -> weight 1, not NaN
+    assert linear.lure_weights([0.9, 1.0], 2) == pytest.approx([1 + 0 * (1 / (2 * 0.9) - 1), 1.0])
+    with pytest.raises(ValueError, match="3 draws from a pool of 2"):
+        linear.lure_weights([0.5, 0.5, 1.0], 2)
+
+
+def test_linear_lure_weights_make_an_adaptive_draw_unbiased():
+    """Every ordered draw of M = 3 from N = 5 pairs, each draw's proposal depending on the draws before it (and
+    mixing in the uniform): the LURE-weighted mean loss averages, over the draws' probabilities, to the pool's mean
+    loss exactly, while the plain mean of the drawn losses does not."""
+    linear = _linear_module()
+    losses = np.array([0.3, 2.0, 0.1, 1.2, 0.7])
+    size, draws = len(losses), 3
+
+    def proposal(drawn: tuple[int, ...]) -> np.ndarray:
+        score = np.array([1.0, 4.0, 0.5, 2.0, 3.0]) * (1 + np.arange(size) * len(drawn))  # changes with the draws
+        score[list(drawn)] = 0.0
+        q = 0.7 * score / score.sum() + 0.3 * (score > 0) / (size - len(drawn))
+        return q / q.sum()
+
+    expected_weighted = expected_plain = total = 0.0
+    for first in range(size):
+        for second in range(size):
+            for third in range(size):
+                sequence = (first, second, third)
+                if len(set(sequence)) < draws:
+                    continue
+                qs = [proposal(sequence[:m])[sequence[m]] for m in range(draws)]
+                probability = float(np.prod(qs))
+                weights = linear.lure_weights(qs, size)
+                expected_weighted += probability * float(weights @ losses[list(sequence)]) / draws
+                expected_plain += probability * float(losses[list(sequence)].mean())
+                total += probability
+    assert total == pytest.approx(1.0, abs=1e-12)
+    assert expected_weighted == pytest.approx(losses.mean(), abs=1e-12)
+    assert abs(expected_plain - losses.mean()) > 0.05  # the draw favours high scores: unweighted, it is biased
+
+
+def test_linear_importance_picks_draw_from_the_stated_proposal():
+    linear = _linear_module()
+    gen = torch.Generator().manual_seed(5)
+    candidates = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    w = torch.tensor([0.4, -0.2, 0.1], dtype=torch.float64)
+    a = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(3, dtype=torch.float64)
+    groups = ["p0", "p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]
+    p = torch.sigmoid(candidates @ w)
+    score = torch.sqrt(p * (1 - p) * torch.einsum("cd,de,ce->c", candidates, cov, candidates)).numpy()
+
+    def reference_q(open_: np.ndarray, mix: float) -> np.ndarray:
+        a = np.where(open_, score, 0.0)
+        return (1 - mix) * a / a.sum() + mix * open_ / open_.sum()
+
+    for mix, cap in [(0.5, 0), (0.3, 2), (1.0, 0)]:
+        picked, probabilities = linear.importance_picks(
+            candidates, w, cov, num=5, rng=np.random.default_rng(11), mix=mix, groups=groups, max_per_group=cap
+        )
+        assert len(set(picked)) == len(picked) == 5
+        if cap:
+            assert max(sum(groups[k] == g for k in picked) for g in set(groups)) <= cap
+        open_ = np.ones(9, dtype=bool)  # replay: each probability is the proposal over the pairs still open
+        for k, q in zip(picked, probabilities, strict=True):
+            assert open_[k] and q == pytest.approx(reference_q(open_, mix)[k], rel=1e-12)
+            open_[k] = False
+            if cap and sum(groups[j] == groups[k] for j in picked[: picked.index(k) + 1]) >= cap:
+                open_ &= np.array([g != groups[k] for g in groups])
+        if mix == 1.0:  # all uniform
+            assert probabilities == pytest.approx([1 / 9, 1 / 8, 1 / 7, 1 / 6, 1 / 5])
+    # The first draw's frequencies follow the proposal (4,000 draws; 5 standard errors)
+    first = (
+        np.bincount(
+            [
+                linear.importance_picks(
+                    candidates, w, cov, num=1, rng=np.random.default_rng(s), mix=0.5, groups=groups, max_per_group=0
+                )[0][0]
+                for s in range(4000)
+            ],
+            minlength=9,
+        )
+        / 4000
+    )
+    q = reference_q(np.ones(9, dtype=bool), 0.5)
+    assert np.all(np.abs(first - q) < 5 * np.sqrt(q * (1 - q) / 4000))
+    # Fewer than asked when the candidates run out under the cap
+    few, _ = linear.importance_picks(
+        candidates, w, cov, num=8, rng=np.random.default_rng(0), mix=0.5, groups=groups, max_per_group=1
+    )
+    assert len(few) == 4 and len({groups[k] for k in few}) == 4
+
+
+def test_linear_unbiased_variance_ratio_by_hand_and_by_simulation():
+    linear = _linear_module()
+    one = torch.ones(1, 1, dtype=torch.float64)
+    diffs, w, held = torch.tensor([[1.0], [3.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), one
+    # w = 0: p = 1/2, every E(y - p)^2 = 1/4, so g_i ∝ |d_i| and the ratio is (mean |d|)^2 / mean d^2 = 2^2 / 5
+    assert linear.unbiased_variance_ratio(diffs, w, 2 * one, held) == pytest.approx(0.8, abs=1e-12)
+    # labels known to be 1 and 0: E(y - p)^2 still 1/4, so mean g = sqrt(A) and mean g^2 = 5A/4 (A the metric);
+    # m = ((1/2) 1 - (1/2) 3) / 2 = -1/2, |m|_A^2 = A/4: ((mean g)^2 - A/4) / (mean g^2 - A/4) = (3A/4) / A = 3/4
+    oracle = linear.unbiased_variance_ratio(diffs, w, 2 * one, held, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert oracle == pytest.approx(0.75, abs=1e-12)
+    # Simulated: n draws with replacement, labels y ~ Bernoulli(P), the importance-weighted mean gradient's squared
+    # A-error with the best proposal over that with the uniform draw (20,000 repeats each) matches the formula.
+    gen = torch.Generator().manual_seed(3)
+    size, dim, n, repeats = 40, 3, 10, 20_000
+    diffs = (
+        torch.randn(size, dim, generator=gen, dtype=torch.float64) * torch.rand(size, 1, generator=gen, dtype=torch.float64) * 3
+    )
+    w = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
+    truth = torch.rand(size, generator=gen, dtype=torch.float64)
+    held = torch.randn(25, dim, generator=gen, dtype=torch.float64)
+    a = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + 0.2 * torch.eye(dim, dtype=torch.float64)
+    expected = linear.unbiased_variance_ratio(diffs, w, cov, held, truth)
+    p = torch.sigmoid(diffs @ w).numpy()
+    s_t = torch.sigmoid(held @ w).numpy()
+    metric = cov.numpy() @ ((held.numpy().T * (s_t * (1 - s_t)) ** 2) @ held.numpy() / 25) @ cov.numpy()
+    x, P = diffs.numpy(), truth.numpy()
+    m = ((P - p)[:, None] * x).mean(0)
+    g = np.sqrt((P * (1 - p) ** 2 + (1 - P) * p**2) * np.einsum("id,de,ie->i", x, metric, x))
+    rng = np.random.default_rng(0)
+
+    def mse(q: np.ndarray) -> float:
+        rows = rng.choice(size, size=(repeats, n), p=q)
+        y = rng.random((repeats, n)) < P[rows]
+        u = (y - p[rows])[..., None] * x[rows] / (size * q[rows])[..., None]
+        error = u.mean(1) - m
+        return float(np.einsum("rd,de,re->r", error, metric, error).mean())
+
+    simulated = mse(g / g.sum()) / mse(np.full(size, 1 / size))
+    assert expected < 0.9 and simulated == pytest.approx(expected, rel=0.05)
+
+
 def test_linear_random_budget_reaching_by_hand():
     linear = _linear_module()
     curve, budgets = np.array([0.60, 0.64, 0.70]), [100, 200, 400]
@@ -565,7 +705,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
         *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
         *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,10", "--initial", "4", "--round-size", "2"),
         *("--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48", "--output-dir", str(out)),
-        *("--strategies", "disagreement,uncertainty,d_optimal,variance_reduction", "--targets", "5"),
+        *("--strategies", "disagreement,uncertainty,d_optimal,variance_reduction,importance", "--targets", "5"),
     ]
     capsys.readouterr()
     results = linear.main(argv)
@@ -573,7 +713,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert printed.startswith("command: ") and results["seeds"] == [0, 1, 2]
     strict = sum(not c.tie for c in load_comparisons(tmp_path / "heldout.jsonl"))
     assert results["heldout_pairs"] == strict >= 6
-    arms = ("disagreement", "uncertainty", "d_optimal", "variance_reduction")
+    arms = ("disagreement", "uncertainty", "d_optimal", "variance_reduction", "importance")
     assert set(results["accuracy"]) == {f"{arm}_{n}" for arm in ("random", *arms) for n in (6, 10)}
     for arm in arms:
         for n in (6, 10):
@@ -582,6 +722,11 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
             assert a["ci"][0] <= a["value"] <= a["ci"][1] and d["ci"][0] <= d["value"] <= d["ci"][1]
         assert [s["budget"] for s in results["labels_saved"][arm]] == [6, 10]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    # The importance arm reports what the best unbiased proposal could save: the pool's labels are the simulated
+    # annotator's (each records its probability), so the oracle's ratio is there too; both lie in (0, 1]
+    ratios = results["unbiased_variance_ratio"]
+    assert set(ratios) == {"6", "10"} and all(set(r) == {"model", "oracle"} for r in ratios.values())
+    assert all(0 < v["min"] <= v["mean"] <= v["max"] <= 1 + 1e-12 for r in ratios.values() for v in r.values())
     # Each arm's picks: 10 distinct pool pairs a seed; every arm starts from the same 4 random pairs; random's are the
     # first 10 of select()'s random draw (seed 1, no cap), in the same order.
     drawn = read_jsonl(
@@ -599,7 +744,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     pool = active.candidates(load_items(samples))
     for by_arm in results["picks"].values():
         assert all(len(set(p)) == len(p) == 10 for p in by_arm.values())
-        assert all(picked[:4] == by_arm["random"][:4] for picked in by_arm.values()) and len(by_arm) == 5
+        assert all(picked[:4] == by_arm["random"][:4] for picked in by_arm.values()) and len(by_arm) == 6
     assert [[pool[i].sample_index, [pool[i].first, pool[i].second]] for i in results["picks"]["1"]["random"]] == [
         [r["sample_index"], r["response_indices"]] for r in drawn
     ]
