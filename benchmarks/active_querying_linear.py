@@ -410,7 +410,8 @@ def unbiased_variance_ratio(
     """How much any unbiased (importance-weighted) selection could save, to first order: the least variance a
     proposal can give the pool's mean gradient, relative to the uniform draw's.
 
-    Near the head ``w`` the fit moves by ``cov`` times the error of the labelled pairs' mean gradient, an estimate of
+    Near the head ``w`` the fit moves by ``n cov`` times the error of the labelled pairs' mean gradient (the scale
+    ``n`` cancels in the ratio), an estimate of
     the pool's ``m = sum_i u_i / N`` with ``u_i = (y_i - p_i) d_i`` (``p_i = sigmoid(d_i @ w)``; ``y_i`` the label);
     the held-out predictions move by the margin change weighted by ``s_t = p_t (1 - p_t)``, so the error is measured
     in ``A = cov (mean_t s_t^2 t t^T) cov`` over the held-out pairs ``t``. Drawing ``n`` pairs from a proposal ``q``
