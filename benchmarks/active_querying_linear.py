@@ -431,16 +431,16 @@ def unbiased_variance_ratio(
     return (float(squared.sqrt().mean()) ** 2 - bias) / (float(squared.mean()) - bias)
 
 
-def variance_ratios(seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor) -> dict[int, dict]:
-    """:func:`unbiased_variance_ratio` at random's head for each budget (its first N pairs for ``seed``): ``model``
-    (labels as the head predicts them) and, when every pool label records the annotator's probability, ``oracle``."""
-    diffs, targets = pool["diffs"], pool["targets"]
-    _, order = random_order(seed, pool["groups"], max(args.budgets), args.max_per_prompt)
+def variance_ratios(
+    heads: dict[int, torch.Tensor], order: list[int], pool: dict, heldout_diffs: torch.Tensor, l2: float
+) -> dict[int, dict]:
+    """:func:`unbiased_variance_ratio` at random's head for each budget (``heads[N]``, fitted to the first N pairs of
+    ``order``): ``model`` (labels as the head predicts them) and, when every pool label records the annotator's
+    probability, ``oracle``."""
+    diffs = pool["diffs"]
     out = {}
-    for budget in args.budgets:
-        index = torch.tensor(order[:budget])
-        w = fit_heads(diffs[index], targets[index], torch.ones(budget, 1, dtype=torch.float64), args.l2)[:, 0]
-        cov = posterior_covariance(diffs[index], w, args.l2)
+    for budget, w in heads.items():
+        cov = posterior_covariance(diffs[torch.tensor(order[:budget])], w, l2)
         out[budget] = {"model": unbiased_variance_ratio(diffs, w, cov, heldout_diffs)}
         if pool.get("label_probability") is not None:
             out[budget]["oracle"] = unbiased_variance_ratio(diffs, w, cov, heldout_diffs, pool["label_probability"])
@@ -463,9 +463,10 @@ def random_order(seed: int, groups: list[str], num: int, max_per_prompt: int) ->
 
 def run_seed(
     seed: int, args: argparse.Namespace, pool: dict, heldout_diffs: torch.Tensor
-) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, list[int]]]:
-    """Per arm, per budget: each held-out pair's correctness (1, 0.5, 0) for this seed; and per arm the pool pairs
-    (candidate numbers) it labelled, in the order it picked them (budget N's pairs are the first N)."""
+) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, list[int]], dict[int, dict]]:
+    """Per arm, per budget: each held-out pair's correctness (1, 0.5, 0) for this seed; per arm the pool pairs
+    (candidate numbers) it labelled, in the order it picked them (budget N's pairs are the first N); and, when the
+    ``importance`` arm runs, :func:`variance_ratios` at random's heads (else empty)."""
     diffs, targets, groups = pool["diffs"], pool["targets"], pool["groups"]
     plain = torch.ones(len(targets), 1, dtype=torch.float64)
 
@@ -479,7 +480,9 @@ def run_seed(
         return accuracy_per_pair(fit(chosen, probabilities), heldout_diffs)
 
     tiebreak, order = random_order(seed, groups, max(args.budgets), args.max_per_prompt)
-    results = {RANDOM: {b: evaluate(order[:b]) for b in args.budgets}}
+    random_heads = {b: fit(order[:b]) for b in args.budgets}
+    results = {RANDOM: {b: accuracy_per_pair(w, heldout_diffs) for b, w in random_heads.items()}}
+    ratios = variance_ratios(random_heads, order, pool, heldout_diffs, args.l2) if IMPORTANCE in args.strategies else {}
     picks = {RANDOM: order[: max(args.budgets)]}
     target_rows = np.random.default_rng(10_000 + seed).permutation(len(targets))[: args.targets]
     for strategy in args.strategies:
@@ -533,7 +536,7 @@ def run_seed(
             by_budget[budget] = evaluate(chosen, probabilities)
         results[strategy] = by_budget
         picks[strategy] = chosen
-    return results, picks
+    return results, picks, ratios
 
 
 # ----------------------------------------------------------------------------- summary
@@ -737,9 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
     picks: dict[int, dict[str, list[int]]] = {}
     ratios: dict[int, dict[int, dict]] = {}
     for seed in args.seeds:
-        outcomes, picks[seed] = run_seed(seed, args, pool, heldout_diffs)
-        if IMPORTANCE in args.strategies:
-            ratios[seed] = variance_ratios(seed, args, pool, heldout_diffs)
+        outcomes, picks[seed], ratios[seed] = run_seed(seed, args, pool, heldout_diffs)
         for arm, by_budget in outcomes.items():
             for budget, correct in by_budget.items():
                 table[arm][budget].append(correct)
@@ -748,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"seed {seed}: accuracy at N={max(args.budgets)}: " + ", ".join(f"{a} {v:.3f}" for a, v in last.items()), flush=True
         )
     results = summarise(args, table, clusters, command)
-    if ratios:
+    if IMPORTANCE in args.strategies:
         results["unbiased_variance_ratio"] = summarise_ratios(args.budgets, ratios)
     results["picks"] = {str(seed): arms for seed, arms in picks.items()}
     out = Path(args.output_dir) / "results.json"
