@@ -6,8 +6,11 @@ a crash test (SIGKILL mid-load, restart, every acknowledged label still there), 
 from __future__ import annotations
 
 import http.client
+import json
+import select
 import shutil
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -98,6 +101,22 @@ def test_cross_origin_writes_are_refused(server):
     pair = alice.post("/api/next", headers={"Origin": own, "Sec-Fetch-Site": "same-origin"})[1]["assignment"]["pair_id"]
     status, _ = alice.post("/api/label", {"pair_id": pair, "choice": "a"}, headers={"Origin": "http://evil.example"})
     assert status == 403 and server.store.labels() == []
+    # The refusal waits for the body: http.client sends headers and body in two writes, and a server that
+    # answers and closes before the body arrives makes the kernel reset the connection, which can reach the
+    # client before the 403 (a CI run failed so, with ConnectionResetError).
+    body = json.dumps({"pair_id": pair, "choice": "a"}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        head = (
+            f"POST /api/label HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {server.tokens['alice']}\r\n"
+            f"Origin: http://evil.example\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode())
+        assert select.select([sock], [], [], 0.5)[0] == [], "answered before reading the body"
+        sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 403") and b"cross-origin" in reply and server.store.labels() == []
 
 
 def test_oversized_bodies_are_refused(server):

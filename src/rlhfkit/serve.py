@@ -233,7 +233,7 @@ def _max_tokens(room: int | None, asked: int | None, limit: int) -> int:
 # ----------------------------------------------------------------------------- request bodies
 
 
-async def _drain(receive: Any, limit: int) -> None:
+async def drain_body(receive: Any, limit: int) -> None:
     """Read and drop up to ``limit`` bytes of a refused request body.
 
     Closing a socket with unread data in its receive buffer makes the kernel send
@@ -285,7 +285,7 @@ class BodyLimit:
         refusal = self.error(f"request body over {self.max_body_bytes} bytes")
         declared = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-length"), None)
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _drain(receive, 4 * self.max_body_bytes)
+            await drain_body(receive, 4 * self.max_body_bytes)
             await reject(send, 413, refusal)
             return
         # Read the whole (bounded) body first, counting, so a chunked upload cannot exceed the limit either.
@@ -298,7 +298,7 @@ class BodyLimit:
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
                 if more:
-                    await _drain(receive, 4 * self.max_body_bytes)
+                    await drain_body(receive, 4 * self.max_body_bytes)
                 await reject(send, 413, refusal)
                 return
         replayed = False

@@ -80,7 +80,7 @@ from pydantic import BaseModel, Field
 from rlhfkit.feedback.web.admin import lead_overview
 from rlhfkit.feedback.web.pairs import read_checks, read_pairs, read_thumb_items
 from rlhfkit.feedback.web.store import MODE_THUMBS, MODES, PAUSED, AnnotationStore, Annotator, Assignment, StoreError, to_shown
-from rlhfkit.serve import BodyLimit, bind_socket, reject, url_host
+from rlhfkit.serve import BodyLimit, bind_socket, drain_body, reject, url_host
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REASON_CHARS = 2000
@@ -193,6 +193,8 @@ class RequestGuard:
             return
         problem = cross_origin_problem(headers, scope.get("scheme", "http"))
         if problem:
+            # Read the (bounded) body first: closing with it unread resets the connection before the 403 arrives.
+            await drain_body(receive, 4 * self._limited.max_body_bytes)
             await reject(send_with_headers, 403, {"detail": problem})
             return
         await self._limited(scope, receive, send_with_headers)
