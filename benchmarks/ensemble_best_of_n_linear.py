@@ -24,7 +24,9 @@ whole experiment repeats over many training sets instead of resting on one train
 
 **Printed**, for each N, n and ranker: the mean gold over seeds and prompts with a 95% interval resampling both
 (:func:`rlhfkit.stats.seed_cluster_bootstrap`); for each aggregation its paired difference from ``member_0``, from
-``members`` and from ``all_pairs`` with the same interval. The last line, ``wco - member_0 at n=N_max (N pairs): D
+``members`` and from ``all_pairs`` with the same interval; and the over-optimisation check (Gao et al. 2022's
+best-of-n curve turning down): for each ranker, the paired difference between the gold of its pick from the first n
+responses and from the first n/2 (``minus_half``), with "falls at n" where the whole interval lies below 0. The last line, ``wco - member_0 at n=N_max (N pairs): D
 [lo, hi]``, is the acceptance number. ``OUTPUT_DIR/results.json`` holds everything; the command is printed first and
 last.
 """
@@ -60,6 +62,14 @@ from active_querying_linear import (  # noqa: E402
 
 AGGREGATIONS = ("mean", "wco", "uwo")
 SINGLES = (evaluate.ENSEMBLE_SINGLE, "members", "all_pairs")
+
+
+def overoptimisation_line(steps: list[tuple[int, dict]]) -> str:
+    """``steps``: (n, the estimate of gold at n minus gold at n/2). Each step with its interval, then the verdict: the
+    n at which the gold fell beyond noise (the whole interval below 0), or none."""
+    cells = ", ".join(f"{n}: {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" for n, d in steps)
+    falls = [n for n, d in steps if d["ci"][1] < 0]
+    return f"{cells} -> " + (f"falls at n = {', '.join(map(str, falls))}" if falls else "no fall beyond noise")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,12 +149,19 @@ def main(argv: list[str] | None = None) -> dict:
                     for other in SINGLES:
                         diff = np.stack(outcome[(size, n, name)]) - np.stack(outcome[(size, n, other)])
                         row[name][f"minus_{other}"] = seed_cluster_bootstrap(diff, clusters).as_dict()
+            if n > 1:  # over-optimisation: the gold of a pick from twice the pool, against half of it
+                for name in (*SINGLES, *AGGREGATIONS):
+                    diff = np.stack(outcome[(size, n, name)]) - np.stack(outcome[(size, n // 2, name)])
+                    row[name]["minus_half"] = seed_cluster_bootstrap(diff, clusters).as_dict()
             block[str(n)] = row
             cells = ", ".join(f"{name} {row[name]['gold']['value']:.4f}" for name in (*SINGLES, *AGGREGATIONS))
             print(f"  n={n:3d}: {cells}")
             for name in AGGREGATIONS:
                 d = row[name][f"minus_{evaluate.ENSEMBLE_SINGLE}"]
                 print(f"         {name} - member_0 {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+        print("  over-optimisation (gold at n minus gold at n/2; 'falls' where the whole interval is below 0):")
+        for name in (*SINGLES, *AGGREGATIONS):
+            print(f"    {name}: {overoptimisation_line([(n, block[str(n)][name]['minus_half']) for n in ns if n > 1])}")
         results["by_train_pairs"][str(size)] = block
     out = Path(args.output_dir) / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)

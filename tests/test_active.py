@@ -786,8 +786,25 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
                 d = at2[name][f"minus_{other}"]
                 assert d["value"] == pytest.approx(at2[name]["gold"]["value"] - at2[other]["gold"]["value"], abs=1e-12)
                 assert d["ci"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci"][1] + 1e-12 and d["n"] == 3
+        for name in ("member_0", "members", "all_pairs", "mean", "wco", "uwo"):  # the over-optimisation check
+            d = at2[name]["minus_half"]
+            assert d["value"] == pytest.approx(at2[name]["gold"]["value"] - at1[name]["gold"]["value"], abs=1e-12)
+            assert d["ci"][0] <= d["value"] + 1e-12 and d["value"] <= d["ci"][1] + 1e-12 and "minus_half" not in at1[name]
+    assert printed.count("    wco: 2: ") == 2 and "over-optimisation (gold at n minus gold at n/2" in printed
     assert printed.strip().splitlines()[-1].startswith("wco - member_0 at n=2 (10 pairs): ")
     assert len(list((tmp_path / "features").glob("features_*.pt"))) == 1 and not list((tmp_path / "bon_out").glob("features_*"))
+
+
+def test_overoptimisation_verdict_needs_the_whole_interval_below_zero():
+    line = _benchmark_module("ensemble_best_of_n_linear").overoptimisation_line
+    rising = {"value": 0.02, "ci": [0.01, 0.03]}
+    noisy_dip = {"value": -0.01, "ci": [-0.03, 0.001]}
+    fall = {"value": -0.02, "ci": [-0.03, -0.005]}
+    assert (
+        line([(2, rising), (4, noisy_dip)])
+        == "2: +0.0200 [+0.0100, +0.0300], 4: -0.0100 [-0.0300, +0.0010] -> no fall beyond noise"
+    )
+    assert line([(2, rising), (4, fall), (8, noisy_dip), (16, fall)]).endswith("-> falls at n = 4, 16")
 
 
 def test_linear_benchmark_stops_when_every_heldout_pair_is_a_tie(tmp_path):
