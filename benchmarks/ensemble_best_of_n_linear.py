@@ -26,9 +26,9 @@ whole experiment repeats over many training sets instead of resting on one train
 (:func:`rlhfkit.stats.seed_cluster_bootstrap`); for each aggregation its paired difference from ``member_0``, from
 ``members`` and from ``all_pairs`` with the same interval; and the over-optimisation check (Gao et al. 2022's
 best-of-n curve turning down): for each ranker, the paired difference between the gold of its pick from the first n
-responses and from the first n/2 (``minus_half``), with "falls at n" where the whole interval lies below 0. The last line, ``wco - member_0 at n=N_max (N pairs): D
-[lo, hi]``, is the acceptance number. ``OUTPUT_DIR/results.json`` holds everything; the command is printed first and
-last.
+responses and from the first n/2 (``minus_half``), with "falls at n" where the whole interval lies below 0. The last
+line, ``wco - member_0 at n=N_max (N pairs): D [lo, hi]``, is the acceptance number. ``OUTPUT_DIR/results.json``
+holds everything; the command is printed first and last.
 """
 
 from __future__ import annotations
