@@ -143,15 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
         for n in ns:
             row: dict = {}
             for name in (*SINGLES, *AGGREGATIONS):
-                est = seed_cluster_bootstrap(np.stack(outcome[(size, n, name)]), clusters).as_dict()
-                row[name] = {"gold": est}
+                picked = np.stack(outcome[(size, n, name)])  # (seeds, prompts): the gold of each pick
+                row[name] = {"gold": seed_cluster_bootstrap(picked, clusters).as_dict()}
                 if name in AGGREGATIONS:
                     for other in SINGLES:
-                        diff = np.stack(outcome[(size, n, name)]) - np.stack(outcome[(size, n, other)])
+                        diff = picked - np.stack(outcome[(size, n, other)])
                         row[name][f"minus_{other}"] = seed_cluster_bootstrap(diff, clusters).as_dict()
-            if n > 1:  # over-optimisation: the gold of a pick from twice the pool, against half of it
-                for name in (*SINGLES, *AGGREGATIONS):
-                    diff = np.stack(outcome[(size, n, name)]) - np.stack(outcome[(size, n // 2, name)])
+                if n > 1:  # over-optimisation: the gold of a pick from twice the pool, against half of it
+                    diff = picked - np.stack(outcome[(size, n // 2, name)])
                     row[name]["minus_half"] = seed_cluster_bootstrap(diff, clusters).as_dict()
             block[str(n)] = row
             cells = ", ".join(f"{name} {row[name]['gold']['value']:.4f}" for name in (*SINGLES, *AGGREGATIONS))
