@@ -19,8 +19,10 @@ whole experiment repeats over many training sets instead of resting on one train
    single reward model), ``members`` (each member alone, averaged), ``mean``, ``wco``, ``uwo``; and ``all_pairs``,
    one head fitted on the N pairs themselves (the single reward model that saw every pair once).
 3. **Best-of-n** on ``--bon``: a samples file of held-out prompts with N_max responses each (the first n of a
-   prompt's responses are its best-of-n pool, for n = 1, 2, 4, ... N_max). Each ranker picks the highest-scored
-   (:func:`rlhfkit.evaluate.ranker_outcome`) and the pick's ``--gold`` score is the outcome.
+   prompt's responses are its best-of-n pool, for n = 1, 2, 4, ... N_max), or several, comma-separated, whose
+   responses to a prompt are joined in that order (:func:`joined_items`: a larger pool from another sampling seed).
+   Each ranker picks the highest-scored (:func:`rlhfkit.evaluate.ranker_outcome`) and the pick's ``--gold`` score is
+   the outcome.
 
 **Printed**, for each N, n and ranker: the mean gold over seeds and prompts with a 95% interval resampling both
 (:func:`rlhfkit.stats.seed_cluster_bootstrap`); for each aggregation its paired difference from ``member_0``, from
@@ -72,12 +74,34 @@ def overoptimisation_line(steps: list[tuple[int, dict]]) -> str:
     return f"{cells} -> " + (f"falls at n = {', '.join(map(str, falls))}" if falls else "no fall beyond noise")
 
 
+def joined_items(paths: list[str]) -> list[tuple]:
+    """The (prompt, responses) items of the first samples file, each prompt's responses followed by its responses in
+    every other file, in the order given (a prompt is matched by its text); prompts missing from any file are left
+    out, with a line saying how many."""
+    items = load_items(paths[0])
+    for path in paths[1:]:
+        more: dict[str, list[str]] = {}
+        for prompt, responses in load_items(path):
+            more.setdefault(json.dumps(prompt, sort_keys=True), []).extend(responses)
+        joined = [(p, r + more[k]) for p, r in items if (k := json.dumps(p, sort_keys=True)) in more]
+        if len(joined) < len(items):
+            print(f"--bon: {len(items) - len(joined)} of {len(items)} prompts are not in {path}: left out", flush=True)
+        items = joined
+    if not items:
+        raise SystemExit(f"--bon: no prompt is in every one of {', '.join(paths)}")
+    return items
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="reward-model backbone (model spec or directory)")
     parser.add_argument("--samples", required=True, help="rlhfkit sample output: the pool the training pairs come from")
     parser.add_argument("--labels", required=True, help="labels of every pair of --samples (simulated annotator)")
-    parser.add_argument("--bon", required=True, help="samples of held-out prompts, N_max responses each: the best-of-n pools")
+    parser.add_argument(
+        "--bon",
+        required=True,
+        help="samples of held-out prompts, N_max responses each: the best-of-n pools (A,B,...: each prompt's responses joined)",
+    )
     parser.add_argument("--gold", default="demo", help="gold scorer (built-in or module:function)")
     parser.add_argument("--train-pairs", default="128,512", help="comma-separated training-set sizes N")
     parser.add_argument("--ensemble-size", type=int, default=4)
@@ -103,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}", flush=True)
-    bon_items = load_items(args.bon)
+    bon_items = joined_items(args.bon.split(","))
     n_max = min(len(responses) for _, responses in bon_items)
     bon_texts = [(prompt, responses[i]) for prompt, responses in bon_items for i in range(n_max)]
     texts = TextIndex()

@@ -795,6 +795,36 @@ def test_linear_ensemble_best_of_n_on_the_tiny_model(tmp_path, capsys):
     assert len(list((tmp_path / "features").glob("features_*.pt"))) == 1 and not list((tmp_path / "bon_out").glob("features_*"))
 
 
+def test_best_of_n_pools_join_files_prompt_by_prompt(tmp_path, capsys):
+    """``--bon A,B``: each prompt of A keeps its responses and gains B's for the same prompt (matched by text, chat
+    prompts too, whatever B's order); a prompt of A missing from B is left out, with a line saying so."""
+    joined_items = _benchmark_module("ensemble_best_of_n_linear").joined_items
+    chat = [{"role": "user", "content": "Hi?"}]
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"prompt": "P0", "responses": ["a0", "a1"]},
+            {"prompt": chat, "responses": ["c0", "c1"]},
+            {"prompt": "P2", "responses": ["x", "y"]},
+        ],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {"prompt": chat, "responses": ["c2", "c3", "c4"]},
+            {"prompt": "P9", "responses": ["z", "w"]},
+            {"prompt": "P0", "responses": ["a2", "a3"]},
+        ],
+    )
+    capsys.readouterr()
+    assert joined_items([str(a), str(b)]) == [("P0", ["a0", "a1", "a2", "a3"]), (chat, ["c0", "c1", "c2", "c3", "c4"])]
+    assert "--bon: 1 of 3 prompts are not in" in capsys.readouterr().out
+    assert joined_items([str(a)]) == [("P0", ["a0", "a1"]), (chat, ["c0", "c1"]), ("P2", ["x", "y"])]
+    only = write_jsonl(tmp_path / "only.jsonl", [{"prompt": "P9", "responses": ["z", "w"]}])
+    with pytest.raises(SystemExit, match="no prompt is in every one of"):
+        joined_items([str(a), str(only)])
+
+
 def test_overoptimisation_verdict_needs_the_whole_interval_below_zero():
     line = _benchmark_module("ensemble_best_of_n_linear").overoptimisation_line
     rising = {"value": 0.02, "ci": [0.01, 0.03]}
