@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from rlhfkit import evaluate
+from rlhfkit.data.preferences import prompt_key
 from rlhfkit.data.samples import load_items
 from rlhfkit.reward import bootstrap_counts
 from rlhfkit.rewards import load_reward
@@ -66,10 +67,15 @@ AGGREGATIONS = ("mean", "wco", "uwo")
 SINGLES = (evaluate.ENSEMBLE_SINGLE, "members", "all_pairs")
 
 
+def interval(d: dict) -> str:
+    """An estimate and its 95% interval, as printed: ``+0.0123 [-0.0045, +0.0291]``."""
+    return f"{d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+
+
 def overoptimisation_line(steps: list[tuple[int, dict]]) -> str:
     """``steps``: (n, the estimate of gold at n minus gold at n/2). Each step with its interval, then the verdict: the
     n at which the gold fell beyond noise (the whole interval below 0), or none."""
-    cells = ", ".join(f"{n}: {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" for n, d in steps)
+    cells = ", ".join(f"{n}: {interval(d)}" for n, d in steps)
     falls = [n for n, d in steps if d["ci"][1] < 0]
     return f"{cells} -> " + (f"falls at n = {', '.join(map(str, falls))}" if falls else "no fall beyond noise")
 
@@ -82,8 +88,8 @@ def joined_items(paths: list[str]) -> list[tuple]:
     for path in paths[1:]:
         more: dict[str, list[str]] = {}
         for prompt, responses in load_items(path):
-            more.setdefault(json.dumps(prompt, sort_keys=True), []).extend(responses)
-        joined = [(p, r + more[k]) for p, r in items if (k := json.dumps(p, sort_keys=True)) in more]
+            more.setdefault(prompt_key(prompt), []).extend(responses)
+        joined = [(p, r + more[k]) for p, r in items if (k := prompt_key(p)) in more]
         if len(joined) < len(items):
             print(f"--bon: {len(items) - len(joined)} of {len(items)} prompts are not in {path}: left out", flush=True)
         items = joined
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  n={n:3d}: {cells}")
             for name in AGGREGATIONS:
                 d = row[name][f"minus_{evaluate.ENSEMBLE_SINGLE}"]
-                print(f"         {name} - member_0 {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+                print(f"         {name} - member_0 {interval(d)}")
         print("  over-optimisation (gold at n minus gold at n/2; 'falls' where the whole interval is below 0):")
         for name in (*SINGLES, *AGGREGATIONS):
             print(f"    {name}: {overoptimisation_line([(n, block[str(n)][name]['minus_half']) for n in ns if n > 1])}")
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"results: {out}\ncommand: {command}")
     for size in args.train_pairs:
         d = results["by_train_pairs"][str(size)][str(ns[-1])]["wco"][f"minus_{evaluate.ENSEMBLE_SINGLE}"]
-        print(f"wco - member_0 at n={ns[-1]} ({size} pairs): {d['value']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]")
+        print(f"wco - member_0 at n={ns[-1]} ({size} pairs): {interval(d)}")
     return results
 
 

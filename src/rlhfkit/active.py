@@ -30,7 +30,6 @@ the score the pair was chosen by.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import torch
 from rlhfkit import log
 from rlhfkit.config import ConfigError
 from rlhfkit.data.io import write_jsonl
-from rlhfkit.data.preferences import load_comparisons
+from rlhfkit.data.preferences import load_comparisons, prompt_key
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.samples import load_items  # the reader `rlhfkit label` uses: both accept the same files
 
@@ -155,15 +154,10 @@ class Candidate:
     """Index of response b (> first)."""
 
 
-def _prompt_key(prompt: Prompt) -> str:
-    """A prompt as one string: equal for the same text or the same chat (prompts are parsed alike everywhere)."""
-    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
 def pair_key(prompt: Prompt, a: str, b: str) -> tuple[str, str, str]:
     """A pair's identity whatever the order of its responses: labels of it are found by this key."""
     first, second = sorted((a, b))
-    return _prompt_key(prompt), first, second
+    return prompt_key(prompt), first, second
 
 
 def labelled_pairs(path: str | Path) -> set[tuple[str, str, str]]:
@@ -245,7 +239,7 @@ def select(config: QueryConfig) -> Path:
         scores_a, scores_b = _head_scores(config, items, pool)
         rule = preference_disagreement if config.strategy == "disagreement" else preference_uncertainty
         scores = rule(scores_a, scores_b).tolist()
-    groups = [_prompt_key(c.prompt) for c in pool]
+    groups = [prompt_key(c.prompt) for c in pool]
     chosen = pick(scores, tiebreak, groups, num=config.num_queries, max_per_group=config.max_per_prompt)
     if len(chosen) < config.num_queries:
         log.warning(

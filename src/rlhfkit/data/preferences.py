@@ -163,6 +163,12 @@ def parse_prompt(row: Row, field: str = "prompt") -> Prompt:
     return row.get_str(field)
 
 
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt as one string: equal for the same text or the same chat (prompts are parsed alike everywhere), so
+    records of one prompt can be grouped or matched across files."""
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 def _prompt(row: Row) -> Prompt:
     return parse_prompt(row, "prompt")
 

@@ -36,7 +36,7 @@ import torch
 from rlhfkit import log
 from rlhfkit.data.io import DataError, Row, read_rows, read_splits
 from rlhfkit.data.pairwise import tokenize_response
-from rlhfkit.data.preferences import _parquet_rows, parse_comparison, parse_prompt
+from rlhfkit.data.preferences import _parquet_rows, parse_comparison, parse_prompt, prompt_key
 from rlhfkit.data.records import Comparison, Prompt
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft, parse_messages
 
@@ -143,10 +143,6 @@ def load_unpaired(path: str | Path) -> list[UnpairedExample]:
     return [e for record in load_unpaired_records(path) for e in record]
 
 
-def _prompt_key(prompt: Prompt) -> str:
-    return json.dumps(prompt, sort_keys=True)
-
-
 def kl_partners(prompts: Sequence[Prompt], seed: int) -> list[int]:
     """For each example, the index of the example whose completion makes its KL pair: a permutation in which no
     example gets a completion of its own prompt whenever that can be done (no prompt has more than half the
@@ -163,7 +159,7 @@ def kl_partners(prompts: Sequence[Prompt], seed: int) -> list[int]:
     rng = random.Random(seed)
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
-        groups.setdefault(_prompt_key(prompt), []).append(i)
+        groups.setdefault(prompt_key(prompt), []).append(i)
     ordered = list(groups.values())
     rng.shuffle(ordered)
     for group in ordered:
