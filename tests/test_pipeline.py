@@ -597,6 +597,23 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
     assert 0.0 <= lo <= results["reward_model"]["accuracy"] <= hi <= 1.0
     assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] in ("passed", "overridden")
     assert (run / "report.html").is_file()
+    if algorithm == "dpo":  # once: benchmarks/best_of_n_rankers.py draws this run's best-of-n pool again
+        _check_best_of_n_rankers(run, results)
+
+
+def _check_best_of_n_rankers(run: Path, results: dict) -> None:
+    """The run's own reward model ranks the re-drawn pool to eval.json's best-of-n gold exactly (the same pool),
+    and the gold scorer as a ranker (an oracle: the best gold of the same n samples) is never below it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import best_of_n_rankers
+
+    out = best_of_n_rankers.main([str(run), "--ranker", f"own={run / 'reward'}", "--ranker", "oracle=demo"])
+    assert out["eval_check"] == {"own": True}
+    for n, entry in out["by_n"].items():
+        assert entry["own"]["gold_score"] == pytest.approx(results["players"][f"best_of_{n}"]["gold_score"], abs=1e-12)
+        assert entry["oracle"]["minus_own"] >= 0.0 if n != "1" else entry["oracle"]["minus_own"] == 0.0
 
 
 def test_demo_config_builds_with_ilql(tmp_path):

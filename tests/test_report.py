@@ -531,6 +531,21 @@ def test_run_without_pipeline_json_or_policy_stages(tmp_path):
     )
 
 
+def test_policy_directory_an_earlier_run_left_is_named_not_reported(tmp_path):
+    # pipeline.json names dpo alone (compare=[]): the ppo/ beside it is an earlier run's, trained against that
+    # run's reward model, so it gets no section, no frontier path and no over-optimisation verdict; the page says so.
+    run_dir = make_run(tmp_path / "run", compare=())
+    page = _report(run_dir)
+    assert 'id="policy-dpo"' in page and 'id="overoptimisation-dpo"' in page
+    assert 'id="policy-ppo"' not in page and 'id="overoptimisation-ppo"' not in page
+    _, _, text = _element(page, "left-out")
+    assert "ppo/" in text and "earlier run" in text
+    # Without pipeline.json every policy directory present is the run's own, and none is left out.
+    (run_dir / "pipeline.json").unlink()
+    page = _report(run_dir)
+    assert 'id="policy-ppo"' in page and 'id="policy-dpo"' in page and 'id="left-out"' not in page
+
+
 def test_eval_copy_at_the_top_level_is_used_when_eval_dir_is_missing(tmp_path):
     run_dir = make_run(tmp_path / "run")
     (run_dir / "eval" / "eval.json").unlink()

@@ -298,6 +298,13 @@ def sequence_kl(
     return torch.cat(out)
 
 
+def best_of_n_pool(config: EvalConfig, prompts: list) -> Rollout:
+    """The best-of-n pool: ``config.best_of_n`` samples per prompt from ``config.baseline``, seeded as :func:`run`
+    draws it, so the same config and prompts give the same pool again (to rank it by other reward models)."""
+    pool, _, _ = _sample(config.baseline, prompts, config, f"best-of-{config.best_of_n} pool", n=config.best_of_n, seed_offset=2)
+    return pool
+
+
 def _powers_of_two(n: int) -> list[int]:
     """1, 2, 4, ... up to ``n``: the best-of-n sizes evaluated from one pool of ``n``."""
     return [1 << b for b in range(n.bit_length())]
@@ -534,7 +541,7 @@ def run(config: EvalConfig) -> dict:
     M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
     ensemble_bon: dict | None = None  # an ensemble proxy's rankers, for the report's frontier
     if N > 1 and M > 0:
-        pool, _, _ = _sample(c.baseline, prompts[:M], c, f"best-of-{N} pool", n=N, seed_offset=2)
+        pool = best_of_n_pool(c, prompts[:M])
         # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
         # spread), and the gold scorer runs once on the responses some n picks.
         members = None

@@ -151,6 +151,8 @@ class RunData:
     """Stage -> its ``.stage.json`` marker, for finished stages."""
     missing: list[str] = field(default_factory=list)
     """One line per missing or unreadable part, for the report's notice."""
+    left_out: list[str] = field(default_factory=list)
+    """Policy directories present but not named in pipeline.json (an earlier run's), not reported."""
 
     @property
     def algorithm(self) -> str:
@@ -227,22 +229,28 @@ def read_frontier(path: Path) -> tuple[list[dict[str, Any]], int]:
     return [by_step[s] for s in sorted(by_step)], bad
 
 
-def _policy_stages(root: Path, pipeline: dict[str, Any] | None) -> list[PolicyStage]:
-    """The policy stages: pipeline.json's [algorithm] + compare, then any other policy directory present."""
+def _policy_stages(root: Path, pipeline: dict[str, Any] | None) -> tuple[list[PolicyStage], list[str]]:
+    """The policy stages, and the policy directories left out.
+
+    pipeline.json's [algorithm] + compare when it names any: another policy directory present was left by an
+    earlier run in the same directory (``algorithm`` or ``compare`` changed since), trained against that run's
+    reward model, so it is left out and named. Without pipeline.json, every policy directory present."""
     names: list[str] = []
     if isinstance(pipeline, dict):
         compare = pipeline.get("compare")
         for name in [pipeline.get("algorithm"), *(compare if isinstance(compare, list) else [])]:
             if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and name not in names:
                 names.append(name)
-    names += [s for s in POLICY_STAGES if s not in names and (root / s).is_dir()]
+    present = [s for s in POLICY_STAGES if s not in names and (root / s).is_dir()]
+    left_out = present if names else []
+    names += [] if names else present
     stages = [PolicyStage(name, name) for name in names]
     if (root / LEGACY_POLICY_STAGE).is_dir():  # older layout: rl/ holds the main algorithm's run
         if stages and not (root / stages[0].directory).is_dir():
             stages[0].directory = LEGACY_POLICY_STAGE
         elif not any(s.name == LEGACY_POLICY_STAGE for s in stages):
             stages.insert(0, PolicyStage(LEGACY_POLICY_STAGE, LEGACY_POLICY_STAGE))
-    return stages
+    return stages, left_out
 
 
 def _read_stage_metrics(root: Path, directory: str, what: str, missing: list[str]) -> list[dict[str, Any]] | None:
@@ -268,7 +276,7 @@ def load_run(run_dir: str | Path) -> RunData:
         if entries is not None:
             data.metrics[stage] = entries
     data.heldout = _read_dict(root, f"{REWARD_STAGE}/{HELDOUT_FILE}", "reward-model held-out accuracy", missing)
-    data.policies = _policy_stages(root, data.pipeline)
+    data.policies, data.left_out = _policy_stages(root, data.pipeline)
     legacy = any(p.directory == LEGACY_POLICY_STAGE for p in data.policies)
     if not legacy:  # the older layout had no gate
         data.gate = _read_dict(root, f"{GATE_STAGE}/{GATE_FILE}", "reward-model gate", missing)
@@ -1498,6 +1506,13 @@ def render(data: RunData) -> str:
         items = "".join(f"<li>{esc(m)}</li>" for m in data.missing)
         out.append(f'<div class="missing" id="missing-parts"><strong>Partial run — missing parts:</strong><ul>{items}</ul></div>')
 
+    if data.left_out:
+        dirs = ", ".join(f"{d}/" for d in data.left_out)
+        out.append(
+            f'<div class="missing" id="left-out"><strong>Not part of this run:</strong> {esc(dirs)} '
+            f"(not among the algorithms {PIPELINE_FILE} names: left by an earlier run in this directory, against "
+            "that run's reward model), so not shown.</div>"
+        )
     out.append('<h2 id="headline">Headline</h2>' + _headline(data))
     out.append('<h2 id="frontier">Reward–KL frontier</h2>' + _frontier_section(data, colours))
     out.append('<h2 id="overoptimisation">Over-optimisation check</h2>' + _overoptimisation_section(data))
