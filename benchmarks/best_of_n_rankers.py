@@ -32,7 +32,6 @@ import torch
 
 from rlhfkit import evaluate, pipeline
 from rlhfkit.config import from_dict
-from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.rewards import load_reward
 
 
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     c = eval_config(args.run_dir)
     N = c.best_of_n
-    prompts = load_prompts(c.prompts or demo_data_path("prompts_eval.jsonl"))
-    prompts = prompts[: c.max_prompts] if c.max_prompts > 0 else prompts
+    prompts = evaluate.eval_prompts(c)
     M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
     pool = evaluate.best_of_n_pool(c, prompts[:M])
     gold = torch.tensor(list(load_reward(c.gold, precision=c.precision)(pool.prompts, pool.responses)), dtype=torch.float64)
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         del fn
 
     reference = rankers[0][0]
-    sizes = [1 << b for b in range(N.bit_length())]  # 1, 2, 4, ... N: every n from the one pool, as the eval does
+    sizes = evaluate.best_of_n_sizes(N)
     by_n = {}
     for n in sizes:
         outcomes = {name: evaluate.ranker_outcome(s, gold, n) for name, s in scores.items()}

@@ -298,6 +298,13 @@ def sequence_kl(
     return torch.cat(out)
 
 
+def eval_prompts(config: EvalConfig) -> list:
+    """The held-out prompts the eval uses: ``config.prompts`` (the shipped demo eval prompts when empty), the first
+    ``max_prompts`` of them."""
+    prompts = load_prompts(config.prompts or demo_data_path("prompts_eval.jsonl"))
+    return prompts[: config.max_prompts] if config.max_prompts > 0 else prompts
+
+
 def best_of_n_pool(config: EvalConfig, prompts: list) -> Rollout:
     """The best-of-n pool: ``config.best_of_n`` samples per prompt from ``config.baseline``, seeded as :func:`run`
     draws it, so the same config and prompts give the same pool again (to rank it by other reward models)."""
@@ -305,7 +312,7 @@ def best_of_n_pool(config: EvalConfig, prompts: list) -> Rollout:
     return pool
 
 
-def _powers_of_two(n: int) -> list[int]:
+def best_of_n_sizes(n: int) -> list[int]:
     """1, 2, 4, ... up to ``n``: the best-of-n sizes evaluated from one pool of ``n``."""
     return [1 << b for b in range(n.bit_length())]
 
@@ -438,9 +445,7 @@ def run(config: EvalConfig) -> dict:
     if c.kl_samples_per_prompt < 0:
         raise ValueError(f"eval: kl_samples_per_prompt must be >= 0 (0: all samples), got {c.kl_samples_per_prompt}")
     K_kl = min(K, c.kl_samples_per_prompt) if c.kl_samples_per_prompt else K
-    prompts = load_prompts(c.prompts or demo_data_path("prompts_eval.jsonl"))
-    if c.max_prompts > 0:
-        prompts = prompts[: c.max_prompts]
+    prompts = eval_prompts(c)
     gold = load_reward(c.gold, precision=c.precision)
     proxy = (
         load_reward(c.proxy, precision=c.precision, aggregation=c.reward_aggregation, uwo_coef=c.reward_uwo_coef)
@@ -551,14 +556,14 @@ def run(config: EvalConfig) -> dict:
             ranking, members = scores_and_members(proxy, pool.prompts, pool.responses)
             pool_proxy = _ProxyScores(ranking, ensemble_std(members).tolist() if members is not None else None)
         ranks = torch.tensor(ranking).view(-1, N)
-        every_pick = {n: [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))] for n in _powers_of_two(N)}
+        every_pick = {n: [j * N + int(b) for j, b in enumerate(ranks[:, :n].argmax(-1))] for n in best_of_n_sizes(N)}
         picked = {i for picks in every_pick.values() for i in picks}
         # An ensemble proxy: its members alone and each aggregation rank the same pool too (the report's ensemble
         # curves); gold scores every sample any of them picks, once.
         rankers = ensemble_rankers(members.double().view(M, N, -1), c.reward_uwo_coef) if members is not None else {}
         offsets = torch.arange(M)[:, None] * N
         for r in rankers.values():
-            for n in _powers_of_two(N):
+            for n in best_of_n_sizes(N):
                 picked.update((ranker_picks(r, n) + offsets).flatten().tolist())
         picked = sorted(picked)
         picked_gold = (
@@ -606,7 +611,7 @@ def run(config: EvalConfig) -> dict:
                         seed=c.seed,
                         resamples=c.resamples,
                     )
-                    for n in _powers_of_two(N)
+                    for n in best_of_n_sizes(N)
                 },
             }
 
