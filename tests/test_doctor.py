@@ -231,6 +231,27 @@ def test_modest_length_growth_with_eos_holding_is_no_finding(tmp_path):
     assert not {"length_exploitation", "length_growth"} & rules(diagnose_file(tmp_path, rows))
 
 
+# ---------------------------------------------------------------- the policy far from its reference
+
+
+def test_a_kl_per_token_above_the_limit_is_a_note_naming_beta_zero(tmp_path):
+    rows = with_series(healthy(), M.KL, lambda s: 2.0 * s)  # 40 tokens: 0.05 nats per token a step
+    rows = with_series(rows, "beta", lambda s: 0.0)
+    f = only(diagnose_file(tmp_path, rows), "kl_far")
+    assert f.severity == "note"
+    kl_last = window_mean([2.0 * s for s in range(1, 21)], 16, 20)  # 36 nats
+    length = window_mean([40.0 + wiggle(s, 1.0) for s in range(1, 21)], 16, 20)
+    assert f"averaged {g(kl_last)} nats per response over steps 16–20" in f.seen
+    assert f"{g(kl_last / length)} nats per token" in f.seen and "beta was 0" in f.seen
+    assert f.steps == (16, 20) and "adaptive_kl" in f.advice
+
+
+def test_a_kl_per_token_just_below_the_limit_is_no_finding(tmp_path):
+    rows = with_series(healthy(), M.KL, lambda s: 0.5 * 40.0 * 0.95 * s / 18)  # last window 0.475 nats per token
+    assert "kl_far" not in rules(diagnose_file(tmp_path, rows))
+    assert "kl_far" in rules(diagnose_file(tmp_path, rows, kl_per_token_high=0.4))
+
+
 # ---------------------------------------------------------------- GRPO zero-variance groups
 
 

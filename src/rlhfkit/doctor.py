@@ -23,6 +23,8 @@ rule                       severity  when
 ``length_exploitation``    problem   the EOS rate falls by ``eos_rate_drop`` while the length grows by
                                      ``length_growth``, or while it ends below ``eos_rate_floor``
 ``length_growth``          note      the length grows by ``length_growth`` with the EOS rate holding
+``kl_far``                 note      the last window's mean k1 KL per response token is above
+                                     ``kl_per_token_high`` (the policy far from its reference)
 ``zero_variance_groups``   problem   over ``zero_variance_share`` of the groups are all-equal and the
                                      policy loss is near 0 (a note when the loss is not near 0)
 ``overoptimisation``       problem   the proxy reward rises while the gold score falls by more than its
@@ -93,6 +95,10 @@ class DoctorConfig:
     than this (absolute, first window to last)..."""
     eos_rate_floor: float = 0.5
     """...and the length grew, or the EOS rate ended below this."""
+    kl_per_token_high: float = 0.5
+    """kl_far: the last window's mean k1 KL (`rollout/kl`, nats per sequence) over its mean response length above
+    this many nats per token. The SmolLM2 demo's PPO ends near 0.035; its PPO with beta=0 averaged 0.91 over its last
+    five steps, with repetitive, degraded text."""
     zero_variance_share: float = 0.5
     """zero_variance_groups: the last window's mean share of groups whose samples all scored the same above this."""
     policy_loss_near_zero: float = 0.01
@@ -445,6 +451,45 @@ def length_exploitation(records: list[dict[str, Any]], frontier: list[dict[str, 
     return []
 
 
+def kl_far(records: list[dict[str, Any]], frontier: list[dict[str, Any]] | None, o: DoctorConfig) -> list[Finding]:
+    """The policy far from its reference: the last window's KL per response token above ``kl_per_token_high``."""
+    ends = _ends(series(records, M.KL), o)
+    length = series(records, M.RESPONSE_LENGTH)
+    if ends is None or not length:
+        return []
+    last = ends[1]
+    span = _span(last)
+    lengths = [v for s, v in length if span[0] <= s <= span[1]]
+    if not lengths or _mean(lengths) <= 0:
+        return []
+    kl, tokens = _mean(_vals(last)), _mean(lengths)
+    per_token = kl / tokens
+    if per_token <= o.kl_per_token_high:
+        return []
+    betas = [v for s, v in series(records, "beta") if span[0] <= s <= span[1]]
+    beta_text = ""
+    if betas and max(betas) == 0:
+        beta_text = " beta was 0 over those steps: no KL penalty held the policy near the reference."
+    elif betas:
+        beta_text = f" beta averaged {_g(_mean(betas))} over those steps."
+    return [
+        Finding(
+            "kl_far",
+            "note",
+            span,
+            f"The k1 KL to the reference ({M.KL}) averaged {_g(kl)} nats per response over {steps_text(span)}, "
+            f"{_g(per_token)} nats per token on responses of {_g(tokens)} tokens (above {_g(o.kl_per_token_high)}; "
+            f"it started at {_g(_mean(_vals(ends[0])))} over {steps_text(_span(ends[0]))}).{beta_text}",
+            "So far from the reference, the policy writes text the reward model never saw in training, where its "
+            "scores are least reliable: the regime where a proxy reward is over-optimised (Gao et al. 2022) and "
+            "text turns repetitive or degenerate. A gold score that still rises does not rule it out when the gold "
+            "scorer is itself a program that can be gamed.",
+            "read samples.jsonl; probe_points > 0 with a gold scorer to draw the reward-KL frontier; a larger beta, "
+            "or adaptive_kl with a target_kl; a lower lr or fewer steps; keep the checkpoint from before the drift.",
+        )
+    ]
+
+
 def zero_variance_groups(records: list[dict[str, Any]], frontier: list[dict[str, Any]] | None, o: DoctorConfig) -> list[Finding]:
     """GRPO/RLOO groups whose samples all scored the same (no advantage, no gradient), with the loss near 0."""
     share = series(records, M.ZERO_VARIANCE_GROUPS)
@@ -626,6 +671,7 @@ RULES: list[Rule] = [
     clip_fraction,
     value_loss_explosion,
     length_exploitation,
+    kl_far,
     zero_variance_groups,
     overoptimisation,
     sampler_mismatch,
