@@ -596,3 +596,30 @@ def test_ensemble_best_of_n_script_on_the_tiny_model(tmp_path, capsys):
     # n = 1: every ranker takes the first sample.
     firsts = [entry["gold"]["value"] for entry in results["best_of_n"]["1"].values()]
     assert firsts == [pytest.approx(float(gold[:, 0].mean()), abs=1e-9)] * 5  # single, mean, wco, uwo, members
+
+
+def test_separate_members_held_out_accuracy_uses_the_kernel_each_member_trained_with(tmp_path, monkeypatch):
+    """Each member's own held-out accuracy is measured in memory with the attention kernel it trained with; the
+    ensemble's per-member accuracy, on the reloaded members, uses the same kernel, so the two agree. (With
+    transformers' default kernel instead, near-tied pairs flip under bf16: on SmolLM2 member 0 read 0.768 against
+    the 0.773 it reported as a single model.)"""
+    import rlhfkit.reward as reward_module
+
+    kernels: list[list[str]] = []
+    measure = reward_module.heldout_accuracy
+
+    def spy(model, *args, **kwargs):
+        members = list(model) if isinstance(model, (list, tuple)) else [model]
+        kernels.append([m.config._attn_implementation for m in members])
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(reward_module, "heldout_accuracy", spy)
+    config = _config(tmp_path, max_steps=2, ensemble_size=K)
+    config.ensemble_backbones, config.ensemble_bootstrap = "separate", False
+    train(config)
+    assert len(kernels) == K + 1 and len(kernels[-1]) == K  # each member's own run, then the ensemble
+    trained_with = {k for call in kernels[:-1] for k in call}
+    assert len(trained_with) == 1 and kernels[-1] == [trained_with.pop()] * K
+    held = json.loads((tmp_path / "out" / HELDOUT_FILE).read_text())
+    own = [json.loads((tmp_path / "out" / "members" / str(k) / HELDOUT_FILE).read_text()) for k in range(1, K)]
+    assert held["head_accuracy"][1:] == [o["accuracy"] for o in own]

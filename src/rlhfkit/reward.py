@@ -468,6 +468,11 @@ def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval
                 fp32_score_head(AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)).to(state.device)
                 for d in member_dirs
             ]
+            # Each member's own held-out accuracy was measured in memory with the attention kernel it trained with;
+            # the reloaded members use it too, or under bf16 near-tied pairs flip (SmolLM2, 8 blocks: member 0 at
+            # 0.768 with transformers' sdpa against 0.773 as the single model it is).
+            for m in members:
+                models.set_attention(m, config.attn_implementation)
             gains = [head_normalisation(m.config)[0][0] for m in members]
             ensemble_result = heldout_accuracy(
                 members,
