@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     c = eval_config(args.run_dir)
     N = c.best_of_n
-    prompts = evaluate.eval_prompts(c)
-    M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
-    pool = evaluate.best_of_n_pool(c, prompts[:M])
+    prompts = evaluate.pool_prompts(c, evaluate.eval_prompts(c))
+    M = len(prompts)
+    pool = evaluate.best_of_n_pool(c, prompts)
     gold = torch.tensor(list(load_reward(c.gold, precision=c.precision)(pool.prompts, pool.responses)), dtype=torch.float64)
     gold = gold.view(M, N)
     scores = {}

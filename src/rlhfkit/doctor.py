@@ -460,9 +460,10 @@ def kl_far(records: list[dict[str, Any]], frontier: list[dict[str, Any]] | None,
     last = ends[1]
     span = _span(last)
     lengths = [v for s, v in length if span[0] <= s <= span[1]]
-    if not lengths or _mean(lengths) <= 0:
+    tokens = _mean(lengths) if lengths else 0.0
+    if tokens <= 0:
         return []
-    kl, tokens = _mean(_vals(last)), _mean(lengths)
+    kl = _mean(_vals(last))
     per_token = kl / tokens
     if per_token <= o.kl_per_token_high:
         return []

@@ -305,6 +305,11 @@ def eval_prompts(config: EvalConfig) -> list:
     return prompts[: config.max_prompts] if config.max_prompts > 0 else prompts
 
 
+def pool_prompts(config: EvalConfig, prompts: list) -> list:
+    """The prompts of the best-of-n pool: the first ``config.best_of_n_prompts`` of the eval's (all when < 0)."""
+    return prompts if config.best_of_n_prompts < 0 else prompts[: config.best_of_n_prompts]
+
+
 def best_of_n_pool(config: EvalConfig, prompts: list) -> Rollout:
     """The best-of-n pool: ``config.best_of_n`` samples per prompt from ``config.baseline``, seeded as :func:`run`
     draws it, so the same config and prompts give the same pool again (to rank it by other reward models)."""
@@ -543,10 +548,10 @@ def run(config: EvalConfig) -> dict:
 
     # -- best-of-n from one nested pool of N baseline samples per prompt
     N = c.best_of_n
-    M = len(prompts) if c.best_of_n_prompts < 0 else min(c.best_of_n_prompts, len(prompts))
+    M = len(pool_prompts(c, prompts))
     ensemble_bon: dict | None = None  # an ensemble proxy's rankers, for the report's frontier
     if N > 1 and M > 0:
-        pool = best_of_n_pool(c, prompts[:M])
+        pool = best_of_n_pool(c, pool_prompts(c, prompts))
         # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
         # spread), and the gold scorer runs once on the responses some n picks.
         members = None

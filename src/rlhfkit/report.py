@@ -242,8 +242,11 @@ def _policy_stages(root: Path, pipeline: dict[str, Any] | None) -> tuple[list[Po
             if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and name not in names:
                 names.append(name)
     present = [s for s in POLICY_STAGES if s not in names and (root / s).is_dir()]
-    left_out = present if names else []
-    names += [] if names else present
+    left_out: list[str] = []
+    if names:
+        left_out = present
+    else:
+        names = present
     stages = [PolicyStage(name, name) for name in names]
     if (root / LEGACY_POLICY_STAGE).is_dir():  # older layout: rl/ holds the main algorithm's run
         if stages and not (root / stages[0].directory).is_dir():
