@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -599,6 +600,8 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
     assert (run / "report.html").is_file()
     if algorithm == "dpo":  # once: benchmarks/best_of_n_rankers.py draws this run's best-of-n pool again
         _check_best_of_n_rankers(run, results)
+        _check_reward_accuracy_on_labels(run, rc)
+        _check_ensemble_label_noise_example(run, tmp_path / "noise")
 
 
 def _check_best_of_n_rankers(run: Path, results: dict) -> None:
@@ -614,6 +617,104 @@ def _check_best_of_n_rankers(run: Path, results: dict) -> None:
     for n, entry in out["by_n"].items():
         assert entry["own"]["gold_score"] == pytest.approx(results["players"][f"best_of_{n}"]["gold_score"], abs=1e-12)
         assert entry["oracle"]["minus_own"] >= 0.0 if n != "1" else entry["oracle"]["minus_own"] == 0.0
+
+
+def _check_reward_accuracy_on_labels(run: Path, rc) -> None:
+    """benchmarks/reward_accuracy_on_labels.py finds the reward stage's own held-out split: the run's reward model
+    scores its heldout.json accuracy there, on as many pairs; a second ranker's paired difference is the difference of
+    the two accuracies."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reward_accuracy_on_labels as bench
+
+    own = json.loads((run / "reward" / "heldout.json").read_text())
+    argv = [
+        rc.data,
+        "--seed",
+        str(rc.seed),
+        "--eval-fraction",
+        str(rc.eval_fraction),
+        "--precision",
+        "fp32",
+        "--resamples",
+        "200",
+    ]
+    out = bench.main([*argv, "--model", f"own={run / 'reward'}", "--model", "oracle=demo"])
+    assert out["own_heldout_check"] == {"own": True}
+    assert out["num_pairs"] == own["num_pairs"]
+    assert out["by_model"]["own"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-12)
+    oracle = out["by_model"]["oracle"]
+    assert oracle["minus_own"] == pytest.approx(oracle["accuracy"] - own["accuracy"], abs=1e-12)
+    # Another seed holds out other comparisons: no longer the model's own split, so no check.
+    other = bench.main(
+        [
+            rc.data,
+            "--seed",
+            str(rc.seed + 1),
+            "--eval-fraction",
+            str(rc.eval_fraction),
+            "--precision",
+            "fp32",
+            "--resamples",
+            "200",
+            "--model",
+            f"own={run / 'reward'}",
+        ]
+    )
+    assert other["own_heldout_check"] == {}
+
+
+def _check_ensemble_label_noise_example(run: Path, out: Path) -> None:
+    """examples/ensemble_label_noise.sh end to end on the tiny run: with flip_rate 1 every noisy ranking is the run's
+    own ranking reversed (so the run's annotator, scorer, temperature and seed, was carried over), both benchmarks
+    find the run's own pool and split, and the ensemble has K members."""
+    import subprocess
+    import sys
+
+    from rlhfkit.data.preferences import load_comparisons
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RLHFKIT": str(Path(sys.executable).parent / "rlhfkit"), "PYTHON": sys.executable, "K": "2"}
+    done = subprocess.run(
+        ["bash", str(root / "examples" / "ensemble_label_noise.sh"), str(run), str(out), "1.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    clean, noisy = load_comparisons(run / "label" / "labels.jsonl"), load_comparisons(out / "labels.jsonl")
+    assert [c.prompt for c in noisy] == [c.prompt for c in clean]
+    assert all(n.ranking == (c.ranking if c.tie else c.ranking[::-1]) for n, c in zip(noisy, clean))
+    assert json.loads((out / "rankers.json").read_text())["eval_check"] == {"clean": True}
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["own_heldout_check"] == {"clean": True}
+    assert set(accuracy["by_model"]) == {"single", "wco", "mean", "clean"}
+    assert len(json.loads((out / "sep" / "config.json").read_text())["rlhfkit_ensemble_members"]) == 1
+
+
+def test_reward_accuracy_on_labels_counts_every_strict_pair_in_ranking_order():
+    """Hand-worked: a 3-way ranking [2, 0, 1] gives pairs (2, 0), (2, 1), (0, 1); a tie label gives none; equal
+    scores count 0.5."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import reward_accuracy_on_labels as bench
+
+    from rlhfkit.data.records import Comparison
+
+    held = [
+        Comparison(prompt="p", responses=["a", "b", "c"], ranking=[2, 0, 1]),
+        Comparison(prompt="q", responses=["x", "y"], ranking=[0, 1], tie=True),
+        Comparison(prompt="r", responses=["u", "v"], ranking=[1, 0]),
+    ]
+    pairs, clusters = bench.strict_pairs(held)
+    assert pairs == [(0, 2, 0), (0, 2, 1), (0, 0, 1), (2, 1, 0)]
+    assert clusters == ['"p"', '"p"', '"p"', '"r"']
+    # scores: comparison 0 orders c > a > b except a = b; comparison 2 prefers u, wrongly
+    scores = [[0.5, 0.5, 0.9], [0.0, 0.0], [1.0, -1.0]]
+    assert bench.pair_scores(pairs, scores) == [1.0, 1.0, 0.5, 0.0]
 
 
 def test_demo_config_builds_with_ilql(tmp_path):
