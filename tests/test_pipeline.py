@@ -641,7 +641,7 @@ def _check_reward_accuracy_on_labels(run: Path, rc) -> None:
         "200",
     ]
     out = bench.main([*argv, "--model", f"own={run / 'reward'}", "--model", "oracle=demo"])
-    assert out["own_heldout_check"] == {"own": True}
+    assert out["own_heldout_check"] == {"own": {"ok": True, "pairs_apart": 0.0}}  # fp32: exactly its own
     assert out["num_pairs"] == own["num_pairs"]
     assert out["by_model"]["own"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-12)
     oracle = out["by_model"]["oracle"]
@@ -689,7 +689,7 @@ def _check_ensemble_label_noise_example(run: Path, out: Path) -> None:
     assert all(n.ranking == (c.ranking if c.tie else c.ranking[::-1]) for n, c in zip(noisy, clean))
     assert json.loads((out / "rankers.json").read_text())["eval_check"] == {"clean": True}
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert accuracy["own_heldout_check"] == {"clean": True}
+    assert accuracy["own_heldout_check"]["clean"]["ok"]
     assert set(accuracy["by_model"]) == {"single", "wco", "mean", "clean"}
     assert len(json.loads((out / "sep" / "config.json").read_text())["rlhfkit_ensemble_members"]) == 1
 
