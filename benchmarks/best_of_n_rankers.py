@@ -35,15 +35,24 @@ from rlhfkit.config import from_dict
 from rlhfkit.rewards import load_reward
 
 
-def parse_ranker(text: str) -> tuple[str, str, str]:
-    """``NAME=DIR[:aggregation]`` -> (name, directory, aggregation); aggregation mean when not given."""
+def parse_ranker(text: str, flag: str = "--ranker") -> tuple[str, str, str]:
+    """``NAME=DIR[:aggregation]`` -> (name, directory, aggregation); aggregation mean when not given. ``flag``: the
+    option named in the error."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise SystemExit(f"--ranker {text!r}: expected NAME=REWARD_DIR[:mean|wco|uwo]")
+        raise SystemExit(f"{flag} {text!r}: expected NAME=REWARD_DIR[:mean|wco|uwo]")
     directory, colon, aggregation = rest.rpartition(":")
     if colon and aggregation in ("mean", "wco", "uwo"):
         return name, directory, aggregation
     return name, rest, "mean"
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """``results`` as indented JSON at ``path`` (its folder made), and say where; nothing when ``path`` is None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        print(f"-> {path}")
 
 
 def eval_config(run_dir: Path) -> evaluate.EvalConfig:
@@ -124,10 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "by_n": by_n,
         "eval_check": checks,
     }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
-        print(f"-> {args.output}")
+    write_results(args.output, results)
     print(command, flush=True)
     return results
 

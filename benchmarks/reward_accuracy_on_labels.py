@@ -32,23 +32,13 @@ import sys
 from pathlib import Path
 
 import yaml
+from best_of_n_rankers import parse_ranker, write_results
 
 from rlhfkit import stats
 from rlhfkit.data.io import split_holdout
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.modeling.reward_model import MEMBERS_KEY
 from rlhfkit.rewards import load_reward
-
-
-def parse_model(text: str) -> tuple[str, str, str]:
-    """``NAME=DIR[:aggregation]`` -> (name, directory, aggregation); aggregation mean when not given."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise SystemExit(f"--model {text!r}: expected NAME=REWARD_DIR[:mean|wco|uwo]")
-    directory, colon, aggregation = rest.rpartition(":")
-    if colon and aggregation in ("mean", "wco", "uwo"):
-        return name, directory, aggregation
-    return name, rest, "mean"
 
 
 def strict_pairs(comparisons: list) -> tuple[list[tuple[int, int, int]], list[str]]:
@@ -101,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     command = shlex.join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     print(command, flush=True)
-    models = [parse_model(m) for m in args.model]
+    models = [parse_ranker(m, "--model") for m in args.model]
     if len({name for name, _, _ in models}) != len(models):
         raise SystemExit("--model: names must differ")
 
@@ -155,10 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "by_model": results_by_model,
         "own_heldout_check": checks,
     }
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
-        print(f"-> {args.output}")
+    write_results(args.output, results)
     return results
 
 

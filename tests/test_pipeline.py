@@ -629,39 +629,19 @@ def _check_reward_accuracy_on_labels(run: Path, rc) -> None:
     import reward_accuracy_on_labels as bench
 
     own = json.loads((run / "reward" / "heldout.json").read_text())
-    argv = [
-        rc.data,
-        "--seed",
-        str(rc.seed),
-        "--eval-fraction",
-        str(rc.eval_fraction),
-        "--precision",
-        "fp32",
-        "--resamples",
-        "200",
-    ]
-    out = bench.main([*argv, "--model", f"own={run / 'reward'}", "--model", "oracle=demo"])
+
+    def judge(seed: int, *models: str) -> dict:
+        split = [rc.data, "--seed", str(seed), "--eval-fraction", str(rc.eval_fraction)]
+        return bench.main([*split, "--precision", "fp32", "--resamples", "200", *(a for m in models for a in ("--model", m))])
+
+    out = judge(rc.seed, f"own={run / 'reward'}", "oracle=demo")
     assert out["own_heldout_check"] == {"own": {"ok": True, "pairs_apart": 0.0}}  # fp32: exactly its own
     assert out["num_pairs"] == own["num_pairs"]
     assert out["by_model"]["own"]["accuracy"] == pytest.approx(own["accuracy"], abs=1e-12)
     oracle = out["by_model"]["oracle"]
     assert oracle["minus_own"] == pytest.approx(oracle["accuracy"] - own["accuracy"], abs=1e-12)
     # Another seed holds out other comparisons: no longer the model's own split, so no check.
-    other = bench.main(
-        [
-            rc.data,
-            "--seed",
-            str(rc.seed + 1),
-            "--eval-fraction",
-            str(rc.eval_fraction),
-            "--precision",
-            "fp32",
-            "--resamples",
-            "200",
-            "--model",
-            f"own={run / 'reward'}",
-        ]
-    )
+    other = judge(rc.seed + 1, f"own={run / 'reward'}")
     assert other["own_heldout_check"] == {}
 
 
