@@ -548,10 +548,11 @@ def run(config: EvalConfig) -> dict:
 
     # -- best-of-n from one nested pool of N baseline samples per prompt
     N = c.best_of_n
-    M = len(pool_prompts(c, prompts))
+    pool_at = pool_prompts(c, prompts)
+    M = len(pool_at)
     ensemble_bon: dict | None = None  # an ensemble proxy's rankers, for the report's frontier
     if N > 1 and M > 0:
-        pool = best_of_n_pool(c, pool_prompts(c, prompts))
+        pool = best_of_n_pool(c, pool_at)
         # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
         # spread), and the gold scorer runs once on the responses some n picks.
         members = None
