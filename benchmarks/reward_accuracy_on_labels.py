@@ -31,13 +31,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
 from best_of_n_rankers import parse_ranker, write_results
 
 from rlhfkit import stats
+from rlhfkit.config import load_config
 from rlhfkit.data.io import split_holdout
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.modeling.reward_model import MEMBERS_KEY
+from rlhfkit.reward import RewardConfig
 from rlhfkit.rewards import load_reward
 
 
@@ -64,14 +65,14 @@ def _own_heldout(directory: str, labels: Path, seed: int, fraction: float) -> di
     root = Path(directory)
     if not all((root / f).is_file() for f in ("config.yaml", "config.json", "heldout.json")):
         return None
-    config = yaml.safe_load((root / "config.yaml").read_text()) or {}
-    single = int(config.get("ensemble_size", 1)) == 1 and not json.loads((root / "config.json").read_text()).get(MEMBERS_KEY)
+    config = load_config(RewardConfig, root / "config.yaml", stages={"reward"})
+    single = config.ensemble_size == 1 and not json.loads((root / "config.json").read_text()).get(MEMBERS_KEY)
     same_split = (
-        bool(config.get("data"))
-        and Path(str(config["data"])).resolve() == labels.resolve()
-        and not config.get("eval_data")
-        and config.get("seed") == seed
-        and math.isclose(float(config.get("eval_fraction", -1.0)), fraction)
+        bool(config.data)
+        and Path(config.data).resolve() == labels.resolve()
+        and not config.eval_data
+        and config.seed == seed
+        and math.isclose(config.eval_fraction, fraction)
     )
     return json.loads((root / "heldout.json").read_text()) if single and same_split else None
 
