@@ -697,3 +697,56 @@ def test_packed_scoring_equals_each_sequence_alone_and_runs_a_shared_prompt_once
     assert groups == [[2, 1, 1], [2]]  # batch 1: rows 0-1 share "Hi."; batch 2: rows 4-5 share the dragon prompt
     assert torch.allclose(packed, alone, atol=1e-5) and torch.allclose(padded, alone, atol=1e-5)
     assert groups == [[2, 1, 1], [2]] and torch.allclose(score(batch_size=4, packed=False), alone, atol=1e-5)  # not packed
+
+
+def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kernel_it_trained_with(heldout_run, monkeypatch):
+    """Under FSDP or DeepSpeed the in-memory model is sharded, so the held-out accuracy is measured on the saved
+    model, reloaded (`reward.reload_trained`) with the attention kernel training used. Simulated here on one CPU
+    process (accelerate's state says FSDP; no FSDP runs): the reload reproduces the accuracy measured in memory."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    import rlhfkit.reward as reward_module
+    from rlhfkit.data.pairwise import load_pair_splits
+    from rlhfkit.reward import HELDOUT_FILE
+
+    config, _ = heldout_run
+    out = Path(config.output_dir)
+    written = json.loads((out / HELDOUT_FILE).read_text())
+
+    class ShardedState:
+        is_main_process = True
+        distributed_type = DistributedType.FSDP
+        device = torch.device("cpu")
+
+        def wait_for_everyone(self):
+            pass
+
+    kernels = []
+    measure = reward_module.heldout_accuracy
+
+    def spy(model, *args, **kwargs):
+        kernels.append(model.config._attn_implementation)
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate, "PartialState", ShardedState)
+    monkeypatch.setattr(reward_module, "heldout_accuracy", spy)
+    tokenizer = reward_module.reward_tokenizer(config.model)
+    _, eval_set = load_pair_splits(  # as `train` splits it
+        tokenizer,
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=True,
+        stage="reward",
+        grouped=config.group_rankings,
+    )
+    (out / HELDOUT_FILE).unlink()
+    reward_module._write_heldout(config, None, tokenizer, eval_set)  # None: the in-memory model must not be used
+    from rlhfkit.modeling import attention
+
+    assert kernels == [attention.ATTENTION]  # config.attn_implementation "auto": rlhfkit's kernel, as in training
+    assert json.loads((out / HELDOUT_FILE).read_text()) == written

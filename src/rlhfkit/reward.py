@@ -330,6 +330,18 @@ def heldout_accuracy(
     return result
 
 
+def reload_trained(directory: Path, config: RewardConfig, device) -> torch.nn.Module:
+    """A reward model this stage saved in ``directory``, loaded for scoring as it was trained: fp32 weights, the fp32
+    score head, and the attention kernel it trained with (``config.attn_implementation``). Its held-out accuracy
+    was measured in memory with that kernel; reloaded with another, near-tied pairs flip under bf16 (SmolLM2, 8
+    blocks: member 0 of an ensemble at 0.768 with transformers' sdpa against 0.773 as the single model it is)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = fp32_score_head(AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)).to(device)
+    models.set_attention(model, config.attn_implementation)
+    return model
+
+
 def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict]) -> None:
     """Score the held-out examples with the trained model on the main process; write HELDOUT_FILE.
 
@@ -341,11 +353,7 @@ def _write_heldout(config: RewardConfig, model, tokenizer, eval_set: list[dict])
     if state.is_main_process:
         out = Path(config.output_dir)
         if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # The in-memory model is sharded; the saved one is whole.
-            from transformers import AutoModelForSequenceClassification
-
-            model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).to(state.device)
-            fp32_score_head(model)
+            model = reload_trained(out, config, state.device)  # the in-memory model is sharded; the saved one is whole
         gains = None
         if config.ensemble_size > 1:  # the heads' gains, as saved (the mean of normalised scores is what RL sees)
             from transformers import AutoConfig
@@ -462,17 +470,7 @@ def _train_separate(config: RewardConfig, tokenizer, train_set: list[dict], eval
         atomic_write_text(out / "config.json", json.dumps(saved, indent=2, sort_keys=True) + "\n")
         write_run_config(out, "reward", config)
         if eval_set:
-            from transformers import AutoModelForSequenceClassification
-
-            members = [
-                fp32_score_head(AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)).to(state.device)
-                for d in member_dirs
-            ]
-            # Each member's own held-out accuracy was measured in memory with the attention kernel it trained with;
-            # the reloaded members use it too, or under bf16 near-tied pairs flip (SmolLM2, 8 blocks: member 0 at
-            # 0.768 with transformers' sdpa against 0.773 as the single model it is).
-            for m in members:
-                models.set_attention(m, config.attn_implementation)
+            members = [reload_trained(d, config, state.device) for d in member_dirs]
             gains = [head_normalisation(m.config)[0][0] for m in members]
             ensemble_result = heldout_accuracy(
                 members,
