@@ -36,15 +36,19 @@ def _words(t: str) -> list[str]:
     return re.findall(r"[a-z]+", t.lower())
 
 
+def _coverage(prompt: Any, response: str) -> tuple[float, int]:
+    """(the share of the prompt's content words the response uses, stems by 5-letter prefix; its word count)."""
+    asked = {w[:5] for w in _words(_text(prompt)) if w not in STOP and len(w) > 2}
+    used = {w[:5] for w in _words(response)}
+    return len(asked & used) / max(1, len(asked)), len(_words(response))
+
+
 def relevance(prompts: Sequence[Any], responses: Sequence[str], **kwargs: Any) -> list[float]:
     """0-100: share of the prompt's content words the response uses (stems by 5-letter prefix),
     minus 1 point per word beyond 70."""
     out = []
     for p, r in zip(prompts, responses):
-        pw = {w[:5] for w in _words(_text(p)) if w not in STOP and len(w) > 2}
-        rw = {w[:5] for w in _words(r)}
-        cover = len(pw & rw) / max(1, len(pw))
-        n = len(_words(r))
+        cover, n = _coverage(p, r)
         out.append(100.0 * cover - max(0, n - 70))
     return out
 
@@ -68,10 +72,7 @@ def rating10(prompts: Sequence[Any], responses: Sequence[str], **kwargs: Any) ->
     20-60 words, no repeated sentences, some concrete detail (digits, lists, examples)."""
     out = []
     for p, r in zip(prompts, responses):
-        pw = {w[:5] for w in _words(_text(p)) if w not in STOP and len(w) > 2}
-        rw = {w[:5] for w in _words(r)}
-        cover = len(pw & rw) / max(1, len(pw))
-        n = len(_words(r))
+        cover, n = _coverage(p, r)
         sents = [s.strip().lower() for s in re.split(r"[.!?]+", r) if s.strip()]
         score = 1 + round(4 * cover)
         score += 2 if 20 <= n <= 60 else (1 if 10 <= n <= 80 else 0)

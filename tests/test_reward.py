@@ -707,7 +707,6 @@ def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kerne
     from accelerate.utils import DistributedType
 
     import rlhfkit.reward as reward_module
-    from rlhfkit.data.pairwise import load_pair_splits
     from rlhfkit.reward import HELDOUT_FILE
 
     config, _ = heldout_run
@@ -732,18 +731,7 @@ def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kerne
     monkeypatch.setattr(accelerate, "PartialState", ShardedState)
     monkeypatch.setattr(reward_module, "heldout_accuracy", spy)
     tokenizer = reward_module.reward_tokenizer(config.model)
-    _, eval_set = load_pair_splits(  # as `train` splits it
-        tokenizer,
-        config.data,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        keep_ties=True,
-        stage="reward",
-        grouped=config.group_rankings,
-    )
+    _, eval_set = reward_module.load_splits(config, tokenizer)  # as `train` splits it
     (out / HELDOUT_FILE).unlink()
     reward_module._write_heldout(config, None, tokenizer, eval_set)  # None: the in-memory model must not be used
     from rlhfkit.modeling import attention

@@ -330,6 +330,23 @@ def heldout_accuracy(
     return result
 
 
+def load_splits(config: RewardConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The stage's tokenised (train, held-out) examples: held out are ``config.eval_data``'s comparisons, else
+    ``config.eval_fraction`` of ``config.data``'s, drawn with ``config.seed``; ties kept."""
+    return load_pair_splits(
+        tokenizer,
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+        max_length=config.max_length,
+        chat_template=config.chat_template,
+        keep_ties=True,
+        stage="reward",
+        grouped=config.group_rankings,
+    )
+
+
 def reload_trained(directory: Path, config: RewardConfig, device) -> torch.nn.Module:
     """A reward model this stage saved in ``directory``, loaded for scoring as it was trained: fp32 weights, the fp32
     score head, and the attention kernel it trained with (``config.attn_implementation``). Its held-out accuracy
@@ -429,18 +446,7 @@ def train(config: RewardConfig) -> FitResult:
     # Before any model loads: a bad norm_data file must not surface at save time, after training.
     norm_samples = _norm_samples(config) if config.normalize else None
     tokenizer = reward_tokenizer(config.model)
-    train_set, eval_set = load_pair_splits(
-        tokenizer,
-        config.data,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        keep_ties=True,
-        stage="reward",
-        grouped=config.group_rankings,
-    )
+    train_set, eval_set = load_splits(config, tokenizer)
     if config.ensemble_size > 1 and config.ensemble_backbones == "separate":
         return _train_separate(config, tokenizer, train_set, eval_set, norm_samples)
     return _train_one(config, tokenizer, train_set, eval_set, norm_samples)
