@@ -1,6 +1,6 @@
 """Gold scorers that are not the demo's rubric: checks that the demo's recipe is not fitted to it.
 
-Each is ``fn(prompts, responses, **kwargs) -> list[float]`` (a prompt: a string or a chat-message list), the
+Each is ``fn(prompts, responses, **kwargs) -> list[float]`` (a prompt: a string or a chat-message list, scored by its last user turn), the
 interface of ``rlhfkit demo gold=module:function``. From the repository root::
 
     rlhfkit demo output_dir=runs/demo_relevance gold=benchmarks.other_golds:relevance
@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rlhfkit.feedback.simulated import prompt_text
+
 STOP = set(
     """a an the and or but if then so to of in on at by for with from as is are was were be been being
 i you he she it we they me my your our their this that these those what which who whom how why when where
@@ -26,21 +28,15 @@ make write explain describe list some any about into over than more most very ju
 )
 
 
-def _text(p: Any) -> str:
-    if isinstance(p, str):
-        return p
-    return p[-1]["content"]
-
-
 def _words(t: str) -> list[str]:
     return re.findall(r"[a-z]+", t.lower())
 
 
 def _coverage(prompt: Any, response: str) -> tuple[float, int]:
     """(the share of the prompt's content words the response uses, stems by 5-letter prefix; its word count)."""
-    asked = {w[:5] for w in _words(_text(prompt)) if w not in STOP and len(w) > 2}
-    used = {w[:5] for w in _words(response)}
-    return len(asked & used) / max(1, len(asked)), len(_words(response))
+    asked = {w[:5] for w in _words(prompt_text(prompt)) if w not in STOP and len(w) > 2}
+    words = _words(response)
+    return len(asked & {w[:5] for w in words}) / max(1, len(asked)), len(words)
 
 
 def relevance(prompts: Sequence[Any], responses: Sequence[str], **kwargs: Any) -> list[float]:

@@ -699,18 +699,26 @@ def test_packed_scoring_equals_each_sequence_alone_and_runs_a_shared_prompt_once
     assert groups == [[2, 1, 1], [2]] and torch.allclose(score(batch_size=4, packed=False), alone, atol=1e-5)  # not packed
 
 
-def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kernel_it_trained_with(heldout_run, monkeypatch):
+def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kernel_it_trained_with(
+    heldout_run, monkeypatch, tmp_path
+):
     """Under FSDP or DeepSpeed the in-memory model is sharded, so the held-out accuracy is measured on the saved
     model, reloaded (`reward.reload_trained`) with the attention kernel training used. Simulated here on one CPU
     process (accelerate's state says FSDP; no FSDP runs): the reload reproduces the accuracy measured in memory."""
+    import dataclasses
+    import shutil
+
     import accelerate
     from accelerate.utils import DistributedType
 
     import rlhfkit.reward as reward_module
+    from rlhfkit.modeling import attention
     from rlhfkit.reward import HELDOUT_FILE
 
-    config, _ = heldout_run
-    out = Path(config.output_dir)
+    trained, _ = heldout_run
+    out = tmp_path / "out"  # a copy: the module's other tests read the run's own heldout.json
+    shutil.copytree(trained.output_dir, out)
+    config = dataclasses.replace(trained, output_dir=str(out))
     written = json.loads((out / HELDOUT_FILE).read_text())
 
     class ShardedState:
@@ -734,7 +742,5 @@ def test_sharded_run_scores_its_held_out_pairs_with_the_saved_model_on_the_kerne
     _, eval_set = reward_module.load_splits(config, tokenizer)  # as `train` splits it
     (out / HELDOUT_FILE).unlink()
     reward_module._write_heldout(config, None, tokenizer, eval_set)  # None: the in-memory model must not be used
-    from rlhfkit.modeling import attention
-
     assert kernels == [attention.ATTENTION]  # config.attn_implementation "auto": rlhfkit's kernel, as in training
     assert json.loads((out / HELDOUT_FILE).read_text()) == written
