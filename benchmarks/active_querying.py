@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def pair_labels(path: str) -> dict[tuple[str, str, str], Comparison]:
     """Each labelled pair of ``path`` by :func:`rlhfkit.active.pair_key`: a pair's label as it is, a K-way ranking's
-    pairs as two-response comparisons ordered as the ranking orders them (the first label of a pair wins)."""
+    pairs as two-response comparisons ordered as the ranking orders them, its tied pairs as ties (the first label
+    of a pair wins)."""
     found: dict[tuple[str, str, str], Comparison] = {}
     for c in load_comparisons(path):
         if len(c.responses) == 2:
@@ -125,8 +126,9 @@ def pair_labels(path: str) -> dict[tuple[str, str, str], Comparison]:
         position = {response_index: rank for rank, response_index in enumerate(c.ranking)}
         for i in range(len(c.responses)):
             for j in range(i + 1, len(c.responses)):
-                ranking = [0, 1] if position[i] < position[j] else [1, 0]
-                pair = Comparison(c.prompt, [c.responses[i], c.responses[j]], ranking, source=c.source)
+                tie = (i, j) in c.ties
+                ranking = [0, 1] if tie or position[i] < position[j] else [1, 0]
+                pair = Comparison(c.prompt, [c.responses[i], c.responses[j]], ranking, tie=tie, source=c.source)
                 found.setdefault(active.pair_key(c.prompt, c.responses[i], c.responses[j]), pair)
     return found
 

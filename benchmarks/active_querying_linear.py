@@ -36,9 +36,10 @@ that it can repeat the experiment over many seeds and budgets:
   pairs weighted by Farquhar et al. 2021's LURE weights (:func:`lure_weights`), which make the weighted loss an
   unbiased estimate of the whole pool's: active selection without its selection bias.
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
-  --help`` gives the commands); a selected pair without a label stops the script, naming it. Label the held-out
-  pairs one by one too when the gold scorer has exact ties (``examples/active_querying_linear.sh`` does): a K-way
-  ranking orders tied responses arbitrarily, which adds coin flips to the held-out accuracy.
+  --help`` gives the commands); a selected pair without a label stops the script, naming it. A K-way ranking's tied
+  pairs (``Comparison.ties``) are ties here; labels written before the annotator recorded them order tied responses
+  arbitrarily, which adds coin flips to the held-out accuracy: label the held-out pairs one by one then
+  (``examples/active_querying_linear.sh`` does).
 
 **Reported**, for each budget and arm: the held-out accuracy (pairs of ``--heldout`` right; ties in the labels left
 out; equal scores half right) as the mean over seeds with a 95% interval that resamples both the seeds and the

@@ -5,7 +5,7 @@
 
 The held-out comparisons are those ``rlhfkit reward data=LABELS seed=S eval_fraction=F`` holds out
 (:func:`rlhfkit.data.io.split_holdout` over the file's records). Every strict pair of each one counts (a K-way ranking
-gives K(K-1)/2; tie labels none): 1 when a model scores the better response higher, 0.5 on equal scores, else 0.
+gives K(K-1)/2 less its tied pairs; tie labels none): 1 when a model scores the better response higher, 0.5 on equal scores, else 0.
 Each model's accuracy has a 95% prompt-clustered bootstrap interval (:func:`rlhfkit.stats.cluster_accuracy`), and each
 model minus the first is paired on the same pairs (:func:`rlhfkit.stats.cluster_accuracy_difference`). An ensemble
 directory ranks by its aggregation (the suffix; mean when none), as RL and best-of-n use it.
@@ -44,12 +44,14 @@ from rlhfkit.rewards import load_reward
 
 def strict_pairs(comparisons: list) -> tuple[list[tuple[int, int, int]], list[str]]:
     """Every strict pair of the comparisons as ``(comparison, better, worse)`` response indices (ranking order, best
-    first; tie labels give none), and each pair's cluster (its prompt, as JSON)."""
+    first; tie labels and a ranking's tied pairs give none), and each pair's cluster (its prompt, as JSON)."""
     pairs, clusters = [], []
     for i, c in enumerate(comparisons):
         if c.tie:
             continue
         for a, b in itertools.combinations(c.ranking, 2):
+            if (min(a, b), max(a, b)) in c.ties:
+                continue
             pairs.append((i, a, b))
             clusters.append(json.dumps(c.prompt, sort_keys=True))
     return pairs, clusters

@@ -671,6 +671,35 @@ def test_rankings_expand_and_ties_are_dropped_for_dpo(tokenizer, mixed_file):
         assert pair["rejected_input_ids"] == tokenize_response(tokenizer, RANKING["prompt"], worse)[0]
 
 
+def test_a_rankings_tied_pairs_are_left_out_of_dpo_and_kept_at_one_half_for_the_reward_model(tokenizer):
+    from rlhfkit.data.records import Comparison
+    from rlhfkit.data.unpaired import unpair
+
+    prompt, responses = RANKING["prompt"], RANKING["responses"]
+    middle_tied = Comparison(prompt, responses, [1, 2, 0], ties=[(0, 2)])  # the last two tied
+    ends_tied = Comparison(prompt, responses, [1, 2, 0], ties=[(0, 1)])  # the first and the last tied
+
+    def chosen_rejected(pairs):
+        def text(ids):
+            return next(r for r in responses if tokenize_response(tokenizer, prompt, r)[0] == ids)
+
+        return [(text(p["chosen_input_ids"]), text(p["rejected_input_ids"]), p["target"]) for p in pairs]
+
+    pairs, stats = tokenize_pairs(tokenizer, [middle_tied], max_length=64, keep_ties=False)
+    assert chosen_rejected(pairs) == [(responses[1], responses[2], 1.0), (responses[1], responses[0], 1.0)]
+    assert stats.ties_skipped == 1
+    kept, stats = tokenize_pairs(tokenizer, [middle_tied], max_length=64, keep_ties=True)
+    assert [p[2] for p in chosen_rejected(kept)] == [1.0, 1.0, 0.5] and stats.ties_skipped == 0
+    # best_worst: the first against the last, none when those two are tied.
+    best, _ = tokenize_pairs(tokenizer, [middle_tied], max_length=64, keep_ties=False, ranking_pairs="best_worst")
+    assert chosen_rejected(best) == [(responses[1], responses[0], 1.0)]
+    none, stats = tokenize_pairs(tokenizer, [ends_tied], max_length=64, keep_ties=False, ranking_pairs="best_worst")
+    assert none == [] and stats.ties_skipped == 1
+    # As KTO data: a ranking gives its first and its last, none when they are tied.
+    assert [(e.completion, e.desirable) for e in unpair(middle_tied)] == [(responses[1], True), (responses[0], False)]
+    assert unpair(ends_tied) == []
+
+
 # ----------------------------------------------------------------------------- two processes
 
 

@@ -584,7 +584,7 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
         assert abs(frontier[0]["kl"]) < 1e-4  # the starting policy is the reference
     assert results["win_rate"] == results["players"][algorithm]["win_rate"]
     # The reward model's held-out accuracy is reward/heldout.json's, counted on the comparisons the reward
-    # stage held out of the labels: every strict pair of each ranking (K(K-1)/2), ties apart.
+    # stage held out of the labels: every strict pair of each ranking (K(K-1)/2 less its tied pairs), ties apart.
     from rlhfkit.data.io import split_holdout
     from rlhfkit.data.preferences import load_comparisons
 
@@ -592,8 +592,9 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
     rc = next(s for s in pipeline.build_stages(cfg) if s.name == "reward").config
     _, held = split_holdout(load_comparisons(rc.data), rc.eval_fraction, rc.seed)
     strict = [c for c in held if not c.tie]
-    assert results["reward_model"]["num_pairs"] == sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in strict)
-    assert results["reward_model"]["ties"] == len(held) - len(strict)
+    tied = sum(len(c.ties) for c in strict)
+    assert results["reward_model"]["num_pairs"] == sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in strict) - tied
+    assert results["reward_model"]["ties"] == len(held) - len(strict) + tied
     lo, hi = results["reward_model"]["accuracy_ci"]
     assert 0.0 <= lo <= results["reward_model"]["accuracy"] <= hi <= 1.0
     assert json.loads((run / "gate" / "gate.json").read_text())["verdict"] in ("passed", "overridden")

@@ -575,3 +575,52 @@ def test_empty_preference_file_is_a_data_error_naming_it(tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", [GOOD])
     with pytest.raises(DataError, match="1 are ties, which dpo skips"):
         load_pair_splits(tok, str(path), **dict(kwargs, eval_data=str(held), keep_ties=False))
+
+
+# ---------------------------------------------------------------------------
+# Tied pairs inside a ranking (K > 2)
+# ---------------------------------------------------------------------------
+
+
+def test_a_rankings_tied_pairs_get_one_half_and_round_trip(tmp_path):
+    # "b" and "c" tied (their order in the ranking means nothing), "a" best.
+    tied = Comparison("q", ["a", "b", "c", "d"], [0, 2, 1, 3], ties=[(2, 1)])
+    assert tied.ties == [(1, 2)]  # stored sorted
+    assert tied.pairs() == [(0, 2, 1.0), (0, 1, 1.0), (0, 3, 1.0), (2, 1, 0.5), (2, 3, 1.0), (1, 3, 1.0)]
+    assert not tied.extremes_tied
+    assert Comparison("q", ["a", "b", "c"], [2, 0, 1], ties=[(1, 2)]).extremes_tied
+    record = comparison_to_dict(tied)
+    assert record["ties"] == [[1, 2]]
+    assert "ties" not in comparison_to_dict(Comparison("q", ["a", "b", "c"], [0, 1, 2]))  # old files keep their bytes
+    path = tmp_path / "out.jsonl"
+    save_comparisons(path, [tied])
+    assert load_comparisons(path) == [tied]
+
+
+@pytest.mark.parametrize(
+    "ties, k, message",
+    [
+        ("no", 3, "field 'ties': expected a list of \\[i, j\\] index pairs, got str"),
+        ([[0, 3]], 3, "field 'ties\\[0\\]': expected two different indices into 'responses' \\(0..2\\), got \\[0, 3\\]"),
+        ([[1, 1]], 3, "field 'ties\\[0\\]': expected two different indices"),
+        ([[0, True]], 3, "field 'ties\\[0\\]': expected two different indices"),
+        ([[0, 1], [1, 0]], 3, "field 'ties\\[1\\]': names the pair \\[0, 1\\] twice"),
+        ([[0, 1]], 2, "field 'ties': ties is for rankings of more than 2 responses; a pair uses 'tie': true"),
+    ],
+)
+def test_bad_ties_name_the_file_line_and_field(tmp_path, ties, k, message):
+    good = {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]}
+    bad = {"prompt": "q", "responses": ["a", "b", "c"][:k], "ranking": list(range(k)), "ties": ties}
+    path = write_jsonl(tmp_path / "r.jsonl", [good, bad])
+    with pytest.raises(DataError, match=f"r.jsonl:2: {message}"):
+        load_comparisons(path)
+
+
+def test_trl_save_leaves_out_a_rankings_tied_pairs_only_when_asked(tmp_path):
+    tied = Comparison("q", ["a", "b", "c"], [0, 1, 2], ties=[(1, 2)])
+    path = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match=r"comparison 0 ranks tied responses \[\[1, 2\]\]"):
+        save_comparisons(path, [tied], "trl")
+    assert not path.exists()
+    save_comparisons(path, [tied], "trl", skip_ties=True)
+    assert [(c.chosen, c.rejected) for c in load_comparisons(path)] == [("a", "b"), ("a", "c")]

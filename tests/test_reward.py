@@ -593,6 +593,10 @@ def test_heldout_accuracy_ties_and_equal_scores(tokenizer):
     assert listed["pairs"] == {"correct": [0.5, 0.5, 0.5], "prompt": [0, 0, 0]}  # the tie label is no pair
     only_ties = heldout_accuracy(zero, rm_tokenizer, comps[1:], precision="fp32")
     assert only_ties == {"accuracy": None, "accuracy_ci": None, "num_pairs": 0, "num_prompts": 0, "ties": 1}
+    # A ranking's tied pair is a tie too: "Hello!" and "Hi." judged equal leave two strict pairs of three.
+    tied = Comparison("Greet me.", ["Hello!", "Go away.", "Hi."], [0, 2, 1], ties=[(0, 2)])
+    result = heldout_accuracy(zero, rm_tokenizer, [tied], precision="fp32")
+    assert (result["num_pairs"], result["ties"]) == (2, 1)
 
 
 @pytest.mark.parametrize("held_out", ["none", "only ties"])

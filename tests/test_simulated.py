@@ -206,6 +206,27 @@ def test_ties():
 # ----------------------------------------------------------------------------- annotator: K > 2
 
 
+def test_a_rankings_equal_scores_are_tied_pairs_and_the_draws_are_unchanged():
+    """Plackett-Luce orders equal scores at random; the annotator marks those pairs as ties (target 0.5), so a coarse
+    scorer's many equal scores are not turned into coin-flip preferences. The ranking itself is the same draw."""
+    scorer = table_scorer({"a": 3.0, "b": 3.0, "c": 1.0, "d": 3.0, "e": 1.5})
+    items = [("q", ["a", "b", "c", "d"])] * 200
+    labels = SimulatedAnnotator(scorer, temperature=1.0, seed=5).label_many(items)
+    assert all(label.ties == [(0, 1), (0, 3), (1, 3)] for label in labels)
+    # Every pair of a, b, d is a tie, whatever order the draw put them in; the pairs with c keep the draw's order.
+    expected = {frozenset(p): 0.5 if 2 not in p else 1.0 for p in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]}
+    assert all({frozenset((i, j)): t for i, j, t in label.pairs()} == expected for label in labels)
+    assert 0 < sum(label.ranking[0] == 2 for label in labels) < 40  # c (2 below the others, T = 1) rarely first
+    # A threshold adds ties and changes nothing else: the same rankings, seed for seed.
+    wider = SimulatedAnnotator(scorer, temperature=1.0, seed=5, tie_threshold=0.5).label_many([("q", ["a", "c", "e"])] * 50)
+    plain = SimulatedAnnotator(scorer, temperature=1.0, seed=5).label_many([("q", ["a", "c", "e"])] * 50)
+    assert [w.ranking for w in wider] == [p.ranking for p in plain]
+    assert all(w.ties == [(1, 2)] for w in wider) and all(p.ties == [] for p in plain)
+    # Zero temperature: a stable sort, the tied ones in index order, still marked tied.
+    sorted_label = SimulatedAnnotator(scorer, temperature=0.0).label("q", ["c", "b", "a"])
+    assert sorted_label.ranking == [1, 2, 0] and sorted_label.ties == [(1, 2)]
+
+
 def test_zero_temperature_ranking_sorts_by_score():
     assert SimulatedAnnotator(table_scorer({"x": 0.1, "y": 2.0, "z": -1.0}), temperature=0.0).label(
         "q", ["x", "y", "z"]

@@ -420,8 +420,8 @@ def run(config: LabelConfig) -> list[Comparison]:
     finally:  # the labels made before a failure (or Ctrl-C) are kept
         saver.flush()
         bar.close()
-    ties = sum(c.tie for c in labels)
-    log.info(f"label: {len(labels)} labels in {output} ({ties} ties)")
+    ties = sum(c.tie + len(c.ties) for c in labels)
+    log.info(f"label: {len(labels)} labels in {output} ({ties} tied pairs)")
     return labels
 
 

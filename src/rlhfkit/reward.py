@@ -7,7 +7,7 @@ non-padding token: transformers' ``*ForSequenceClassification`` with
 loads the result and gives the same raw scores.
 
 1. Comparisons (any supported format) expand to pairs: a K-way ranking gives all
-   K(K-1)/2 pairs, a tie gives target 0.5.
+   K(K-1)/2 pairs, a tie (or a ranking's tied pair) gives target 0.5.
 2. Loss: Bradley-Terry with soft targets and an optional margin
    (:func:`rlhfkit.losses.preference_loss`); one forward over chosen + rejected.
 3. After training, a gain and bias are fitted so the normalisation samples (by
@@ -226,9 +226,10 @@ def heldout_accuracy(
     (normalisation is monotone, it changes no order). A list of them is an ensemble of separate single-head
     models (``ensemble_backbones: separate``), one member each. ``tokenizer`` gives the padding id.
 
-    Every strict pair (chosen ranked above rejected) counts: a K-way ranking gives K(K-1)/2. A
+    Every strict pair (chosen ranked above rejected) counts: a K-way ranking gives K(K-1)/2, less its tied pairs. A
     pair scores 1.0 when the model scores chosen above rejected, 0.5 when the two scores are
-    exactly equal, else 0.0. Tie labels are not pairs: they are counted in ``ties`` and left out.
+    exactly equal, else 0.0. Ties (a tie label, a ranking's tied pair) are not strict pairs: they are counted in
+    ``ties`` and left out.
     Pairs are clustered by prompt (the tokens before the response, so comparisons that share a
     prompt share a cluster) and the interval is :func:`rlhfkit.stats.cluster_accuracy` with
     ``seed`` and ``resamples``.

@@ -121,7 +121,7 @@ def parse_scored_record(
     if "responses" in row.data or any(f in row.data for f in PREFERENCE_FIELDS):
         comparison = parse_comparison(row)
         stats.from_preferences += 1
-        if comparison.tie:
+        if comparison.extremes_tied:  # a tie, or a ranking whose best and worst are tied
             stats.ties_skipped += 1
             return []
         source = f"{row.path}:{row.line}"

@@ -92,7 +92,8 @@ def tokenize_pairs(
     """Expand comparisons to pairs and tokenise them (:func:`tokenize_rankings`, one example per pair).
 
     ``ranking_pairs="best_worst"`` keeps one pair per K-way ranking, its first against its last (the
-    largest preference gap, as UltraFeedback-style binarisation does); ``"all"`` keeps all K(K-1)/2.
+    largest preference gap, as UltraFeedback-style binarisation does; with ties left out, the first and last of
+    the pairs that remain, none when those two were tied); ``"all"`` keeps all K(K-1)/2.
 
     Each example holds ``chosen_input_ids``, ``chosen_labels``,
     ``rejected_input_ids``, ``rejected_labels``, ``target`` (P(chosen > rejected):
@@ -135,12 +136,13 @@ def tokenize_rankings(
     one batch element needs one forward per response instead of one per pair, and
     stops the overfitting that shuffled pairs (each response seen K-1 times per
     epoch) cause. Each example holds ``input_ids``/``labels`` (K lists), ``pairs``
-    (``(better, worse, target)`` indices into them, target 1.0 or 0.5 for a tie, or
-    a pair's soft label ``meta["target"]``, :func:`soft_target`) and ``margin`` (``meta["margin"]`` when present, else 0). Over-long sequences
+    (``(better, worse, target)`` indices into them, target 1.0 or 0.5 for a tie (a ranking's tied pairs too:
+    ``Comparison.ties``), or a pair's soft label ``meta["target"]``, :func:`soft_target`) and ``margin`` (``meta["margin"]`` when present, else 0). Over-long sequences
     keep their first ``max_length`` tokens (the response is cut, never the prompt
     start; ``stats.truncated`` counts responses); a response that loses every
     token is dropped with its pairs (``stats.dropped`` counts pairs), and a
-    comparison left without pairs is dropped.
+    comparison left without pairs is dropped. Without ``keep_ties``, tied pairs are left out (a tie, or a
+    ranking's tied pair; ``stats.ties_skipped`` counts them).
     """
     stats = PairStats()
     out: list[dict] = []
@@ -161,6 +163,9 @@ def tokenize_rankings(
         except ValueError as e:
             raise ValueError(f"comparison {index} ({comp.source or 'no source'}): {e}") from None
         for better, worse, target in comp.pairs():
+            if comp.ties and target == 0.5 and not keep_ties:  # a ranking's tied pair
+                stats.ties_skipped += 1
+                continue
             target = target if soft is None else soft
             if better in slot and worse in slot:
                 pairs.append((slot[better], slot[worse], target))

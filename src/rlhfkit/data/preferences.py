@@ -5,8 +5,9 @@ Files are JSON (a list of objects), JSONL, or Parquet (``.parquet``; a row's
 its fields, so a file may mix formats:
 
 * **rlhfkit / rankings** (``responses``): ``prompt``, ``responses`` (K >= 2
-  strings), ``ranking`` (indices into ``responses``, best first) and optional
-  ``tie`` (pairs only). This is what :func:`save_comparisons` writes by default
+  strings), ``ranking`` (indices into ``responses``, best first), optional
+  ``tie`` (pairs only) and optional ``ties`` (K > 2 only: ``[[i, j], ...]``, the
+  pairs of responses judged equally good). This is what :func:`save_comparisons` writes by default
   and it round-trips exactly.
 * **ranked list** (``ranked``): ``prompt``, ``ranked`` (K >= 2 strings, best first).
 * **seed** (``response_a``/``response_b``/``preferred``): ``prompt``,
@@ -53,7 +54,7 @@ SaveFormat = Literal["rlhfkit", "seed", "trl"]
 # The fields that identify each format. A record must use exactly one family;
 # prompt/reason/source/meta are shared by all of them.
 _FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "rlhfkit": ("responses", "ranking", "tie"),
+    "rlhfkit": ("responses", "ranking", "tie", "ties"),
     "ranked": ("ranked",),
     "seed": ("response_a", "response_b", "preferred"),
     "pair": ("chosen", "rejected"),
@@ -88,12 +89,13 @@ def comparison_from_dict(data: dict[str, Any], *, path: str = "<dict>", line: in
 def parse_comparison(row: Row) -> Comparison:
     """Detect the format of one raw record and turn it into a :class:`Comparison`."""
     family = _detect(row)
-    tie = False
+    tie, ties = False, []
     if family == "rlhfkit":
         prompt = _prompt(row)
         responses = _response_list(row, "responses")
         ranking = _ranking(row, len(responses))
         tie = _tie(row, len(responses))
+        ties = _ties(row, len(responses))
     elif family == "ranked":
         prompt = _prompt(row)
         responses = _response_list(row, "ranked")
@@ -112,7 +114,7 @@ def parse_comparison(row: Row) -> Comparison:
     else:
         prompt, responses = _pair(row)
         ranking = [0, 1]
-    return Comparison(prompt, responses, ranking, tie=tie, **_optional_fields(row))
+    return Comparison(prompt, responses, ranking, tie=tie, ties=ties, **_optional_fields(row))
 
 
 def _detect(row: Row) -> str:
@@ -213,6 +215,30 @@ def _tie(row: Row, k: int) -> bool:
     if value and k != 2:
         raise row.error("tie", f"a tie is only defined for 2 responses, got {k}")
     return value
+
+
+def _ties(row: Row, k: int) -> list[tuple[int, int]]:
+    if "ties" not in row.data:
+        return []
+    value = row.data["ties"]
+    if not isinstance(value, list):
+        raise row.error("ties", f"expected a list of [i, j] index pairs, got {type(value).__name__}")
+    if value and k == 2:
+        raise row.error("ties", "ties is for rankings of more than 2 responses; a pair uses 'tie': true")
+    seen = set()
+    for n, entry in enumerate(value):
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in entry)
+            or entry[0] == entry[1]
+        ):
+            raise row.error(f"ties[{n}]", f"expected two different indices into 'responses' (0..{k - 1}), got {entry!r}")
+        key = (min(entry), max(entry))
+        if key in seen:
+            raise row.error(f"ties[{n}]", f"names the pair {list(key)} twice")
+        seen.add(key)
+    return sorted(seen)
 
 
 def _pair(row: Row) -> tuple[Prompt, list[str]]:
@@ -352,7 +378,7 @@ def _parquet_rows(path: Path) -> list[Row]:
 def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
     """The rlhfkit record: every Comparison field; :func:`comparison_from_dict` inverts it."""
     prompt = comparison.prompt
-    return {
+    record = {
         "prompt": [dict(m) for m in prompt] if isinstance(prompt, list) else prompt,
         "responses": list(comparison.responses),
         "ranking": list(comparison.ranking),
@@ -361,6 +387,9 @@ def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
         "source": comparison.source,
         "meta": dict(comparison.meta),
     }
+    if comparison.ties:  # only when there are some: files without tied rankings keep their bytes
+        record["ties"] = [list(pair) for pair in comparison.ties]
+    return record
 
 
 def save_comparisons(
@@ -376,7 +405,8 @@ def save_comparisons(
     * ``"trl"``: ``prompt, chosen, rejected`` (+ ``reason, source, meta``). A
       K-way ranking becomes its K(K-1)/2 pairs. With a chat prompt, chosen and
       rejected are one-message assistant lists (TRL's conversational format).
-      TRL has no ties: a tie raises ValueError, or is left out with ``skip_ties=True``.
+      TRL has no ties: a tie (or a ranking's tied pair, ``ties``) raises ValueError, or is left out with
+      ``skip_ties=True``.
     """
     if format == "rlhfkit":
         records = [comparison_to_dict(c) for c in comparisons]
@@ -419,7 +449,14 @@ def _trl_records(index: int, comparison: Comparison, *, skip_ties: bool) -> list
     prompt = comparison_to_dict(comparison)["prompt"]
     chat = isinstance(prompt, list)
     records = []
-    for better, worse, _ in comparison.pairs():
+    if comparison.ties and not skip_ties:
+        raise ValueError(
+            f"comparison {index} ranks tied responses {[list(p) for p in comparison.ties]}, which the TRL format cannot "
+            "represent; pass skip_ties=True to leave tied pairs out"
+        )
+    for better, worse, target in comparison.pairs():
+        if target == 0.5:  # a tied pair of a ranking (skip_ties)
+            continue
         chosen: str | list[dict[str, str]] = comparison.responses[better]
         rejected: str | list[dict[str, str]] = comparison.responses[worse]
         if chat:

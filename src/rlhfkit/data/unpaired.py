@@ -102,8 +102,9 @@ def parse_unpaired(row: Row) -> UnpairedExample:
 
 
 def unpair(comparison: Comparison, source: str = "") -> list[UnpairedExample]:
-    """A comparison as KTO examples: its best response desirable, its worst undesirable; a tie gives none."""
-    if comparison.tie:
+    """A comparison as KTO examples: its best response desirable, its worst undesirable; a tie (or a ranking whose
+    best and worst are tied) gives none."""
+    if comparison.extremes_tied:
         return []
     return [
         UnpairedExample(comparison.prompt, comparison.chosen, True, source),
@@ -125,7 +126,7 @@ def parse_record(row: Row, stats: UnpairedStats | None = None) -> list[UnpairedE
         )
     comparison = parse_comparison(row)
     stats.from_pairs += 1
-    if comparison.tie:
+    if comparison.extremes_tied:
         stats.ties_skipped += 1
     return unpair(comparison, f"{row.path}:{row.line}")
 

@@ -16,8 +16,12 @@ reward models assume humans behave:
   items not yet placed. We sample it with the Gumbel-max trick, which is exactly
   equivalent (Yellott 1977): sort ``s_i / temperature + g_i``, ``g_i ~ Gumbel(0, 1)``,
   in descending order. For K = 2 this reduces to the Bradley-Terry formula.
-* **Ties** (pairs only): ``|s_a - s_b| <= tie_threshold`` gives ``tie=True``
-  whatever the temperature, before any sampling.
+* **Ties**: ``|s_a - s_b| <= tie_threshold`` gives ``tie=True`` for a pair
+  whatever the temperature, before any sampling; in a ranking of K > 2 the pair
+  is listed in ``Comparison.ties`` (target 0.5: neither preferred) and the sampled
+  order between the two means nothing. Equal scores are ties by default
+  (``tie_threshold = 0``): a scorer on a coarse scale (an integer rating) ties
+  often, and a coin flip recorded as a preference would be label noise.
 * **Label noise**: after sampling, with probability ``flip_rate`` the judgement
   is reversed (pair: the other response wins; K > 2: the ranking is reversed).
   Ties are never flipped. This models careless clicks, separately from the
@@ -118,8 +122,8 @@ class SimulatedAnnotator:
         seed: a non-negative integer; with an item's index it sets the item's random
             draws (see the module docstring), so the same seed gives the same label
             to the same item at the same index, whatever else is labelled.
-        tie_threshold: pairs whose scores differ by at most this are ties (so
-            equal scores are ties by default).
+        tie_threshold: two responses whose scores differ by at most this are tied (so
+            equal scores are ties by default): a pair's ``tie``, a ranking's ``ties``.
         name: recorded as ``source=f"simulated:{name}"``.
 
     Each label's ``meta`` holds the scores, ``p_first`` (the probability that response
@@ -193,16 +197,24 @@ class SimulatedAnnotator:
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(index,)))
 
     def _judge(self, prompt: Prompt, responses: list[str], scores: list[float], rng: np.random.Generator) -> Comparison:
+        ties: list[tuple[int, int]] = []
         if len(responses) == 2:
             ranking, tie, p_first, flipped = self._judge_pair(scores, rng)
         else:
             ranking, p_first, flipped = self._judge_ranking(scores, rng)
             tie = False
+            ties = [
+                (i, j)
+                for i in range(len(scores))
+                for j in range(i + 1, len(scores))
+                if abs(scores[i] - scores[j]) <= self.tie_threshold
+            ]
         return Comparison(
             prompt=prompt,
             responses=responses,
             ranking=ranking,
             tie=tie,
+            ties=ties,
             source=f"simulated:{self.name}",
             meta={"scores": scores, "p_first": p_first, "flipped": flipped, "temperature": self.temperature},
         )
