@@ -378,7 +378,7 @@ def _parquet_rows(path: Path) -> list[Row]:
 def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
     """The rlhfkit record: every Comparison field; :func:`comparison_from_dict` inverts it."""
     prompt = comparison.prompt
-    record = {
+    record: dict[str, Any] = {
         "prompt": [dict(m) for m in prompt] if isinstance(prompt, list) else prompt,
         "responses": list(comparison.responses),
         "ranking": list(comparison.ranking),
