@@ -17,7 +17,7 @@ import pytest
 
 from rlhfkit import cli, label, sample
 from rlhfkit.config import ConfigError, field_docs, from_dict, load_config
-from rlhfkit.data.io import ThrottledSave, read_jsonl_log, read_settings, settings_path
+from rlhfkit.data.io import ThrottledSave, read_jsonl_log, read_settings, settings_path, write_settings
 from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.feedback.simulated import SimulatedAnnotator
@@ -440,6 +440,16 @@ def test_label_resume_never_starts_over(samples, tmp_path, capsys):
     assert [c.meta["item_index"] for c in again] == list(range(16))
     assert all(c.meta["temperature"] == 0.5 for c in again)
     assert again == label.run(label_config(samples, tmp_path / "fresh.jsonl", temperature=0.5))
+
+
+def test_simulated_labels_made_before_ranking_ties_were_recorded_are_not_resumed(samples, tmp_path):
+    """Their rankings order equal scores at random without saying so; new labels would record those ties."""
+    out = tmp_path / "labels.jsonl"
+    label.run(label_config(samples, out))
+    old = {k: v for k, v in read_settings(out).items() if k != "ranking_ties"}
+    write_settings(out, old)
+    with pytest.raises(ConfigError, match=r"ranking_ties: \(unset\) -> 'recorded'"):
+        label.run(label_config(samples, out))
 
 
 def test_label_file_of_an_older_rlhfkit_is_checked_by_its_labels(samples, tmp_path, capsys):

@@ -182,7 +182,10 @@ def labeller_settings(config: LabelConfig) -> dict[str, object]:
     keys = list(LABELLER_KEYS.get(config.source, ()))
     if config.source == "judge":
         keys.remove("judge_model" if config.judge_url else "judge_url")
-    return {"source": config.source, **{key: getattr(config, key) for key in keys}}
+    settings: dict[str, object] = {"source": config.source, **{key: getattr(config, key) for key in keys}}
+    if config.source == "simulated":  # labels written before the annotator recorded a ranking's ties lack this
+        settings["ranking_ties"] = "recorded"
+    return settings
 
 
 def _expected_source(config: LabelConfig) -> str:
