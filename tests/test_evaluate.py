@@ -211,3 +211,14 @@ def test_sequence_kl_packed_and_padded_equal_a_slow_loop_over_single_sequences()
     padded = evaluate.sequence_kl(policy, reference, rollout, precision="fp32", batch_size=4)
     assert want.abs().min() > 1e-3  # the policy differs from the reference on every sample
     assert torch.allclose(packed, want, atol=1e-4) and torch.allclose(padded, want, atol=1e-4)
+
+
+def test_two_sampling_workers_give_the_eval_of_one(tmp_path):
+    """Each chunk draws from its own seed: sampled in two worker processes, every player's samples, scores,
+    KL and best-of-n equal those sampled here, chunk for chunk."""
+    one = evaluate.run(_config(tmp_path / "one", max_prompts=10))
+    two = evaluate.run(_config(tmp_path / "two", max_prompts=10, workers=2))
+    assert json.dumps(two, sort_keys=True) == json.dumps(one, sort_keys=True)
+    assert len({s["policy"] for s in one["samples"]}) > 1  # the samples differ between prompts: a real comparison
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        evaluate.run(_config(tmp_path, workers=0))

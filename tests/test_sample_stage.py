@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rlhfkit import sample
+from rlhfkit.config import ConfigError
 from rlhfkit.data.io import DataError
 from rlhfkit.modeling import models
 from rlhfkit.sample import SampleConfig, cut_at_stop
@@ -196,3 +197,14 @@ def test_a_full_disk_mid_batch_then_a_rerun_gives_the_uninterrupted_file(tmp_pat
     assert out.read_bytes()[:first_batch] == full.read_bytes()[:first_batch]
     sample.run(_config(prompts_file, out))  # space freed
     assert out.read_bytes() == full.read_bytes()
+
+
+def test_two_worker_processes_write_the_samples_of_one(tmp_path, prompts_file):
+    one = tmp_path / "one.jsonl"
+    sample.run(_config(prompts_file, one))
+    two = tmp_path / "two.jsonl"
+    sample.run(_config(prompts_file, two, workers=2, max_prompts=3))  # batches [0, 1] and [2], then resumed
+    sample.run(_config(prompts_file, two, workers=2))
+    assert two.read_bytes() == one.read_bytes()
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        sample.run(_config(prompts_file, tmp_path / "none.jsonl", workers=0))

@@ -76,6 +76,7 @@ from rlhfkit.data.prompts import demo_data_path, load_prompts
 from rlhfkit.data.records import Comparison
 from rlhfkit.generation.ilql_decode import ILQLDecodeOptions, ILQLEngine, ilql_response_logps
 from rlhfkit.generation.rollout import GenerationOptions, HFEngine, Rollout, make_rollout
+from rlhfkit.generation.workers import Workers, cached
 from rlhfkit.losses import aggregate_rewards, ensemble_std
 from rlhfkit.modeling import attention, models
 from rlhfkit.modeling.ilql_heads import is_ilql_dir, load_ilql
@@ -152,6 +153,10 @@ class EvalConfig:
     the win rate and gold score."""
     generation_precision: str = "bf16"
     """Decoding precision: bf16 (autocast) or fp32."""
+    workers: int = 1
+    """Processes that sample side by side (:mod:`rlhfkit.generation.workers`), sharing this process's threads: on
+    a CPU, 2 on 2 cores sample about 23% faster than 1 on both. The samples are the same (each chunk has its own
+    seed); ILQL decoding samples here. 1 (the default, and for a GPU): sample here."""
     bootstrap: int = 200
     """Bootstrap resamples for the Elo intervals."""
     resamples: int = 2000
@@ -178,12 +183,59 @@ def decoding(spec: str, config: EvalConfig) -> dict:
     return {"method": "plain"}
 
 
+def _plain_model(spec: str):
+    """A policy to sample plainly or score: loaded for inference, attending with rlhfkit's kernel (decode steps take
+    the lean forward, :func:`rlhfkit.generation.fast_decode.lean_decode_steps`)."""
+    model = models.load_causal_lm(spec).eval().to(models.inference_device())
+    models.set_attention(model)
+    return model
+
+
+def _chunk_job(spec: str, prompts: list, options: GenerationOptions, n: int, seed: int, precision: str) -> Rollout:
+    """One chunk of :func:`_sample` in a worker process (:class:`~rlhfkit.generation.workers.Workers`): the model
+    loaded once per process, the draws seeded from ``seed`` alone, as :func:`_sample` draws the chunk here."""
+
+    def build():
+        return HFEngine(_plain_model(spec), models.load_tokenizer(spec), precision=precision)
+
+    engine = cached(("eval", spec, precision), build)
+    torch.manual_seed(seed)
+    return make_rollout(engine, engine.tokenizer, prompts, options, samples_per_prompt=n)
+
+
 def _sample(
-    spec: str, prompts: list, config: EvalConfig, desc: str, *, n: int = 1, seed_offset: int = 0, ilql: bool = False
-) -> tuple[Rollout, object, HFEngine | ILQLEngine]:
+    spec: str,
+    prompts: list,
+    config: EvalConfig,
+    desc: str,
+    *,
+    n: int = 1,
+    seed_offset: int = 0,
+    ilql: bool = False,
+    pool: Workers | None = None,
+    keep_model: bool = True,
+) -> tuple[Rollout, object, HFEngine | ILQLEngine | None]:
     """``n`` samples per prompt from ``spec``: ``(rollout, its model, the engine that sampled)``; ``ilql``: with
-    ILQL's decoding (``spec`` is an ILQL output directory)."""
+    ILQL's decoding (``spec`` is an ILQL output directory). ``pool`` of more than one worker: plain decoding's
+    chunks are sampled there (the same samples), and the model is loaded here afterwards only if ``keep_model``
+    (else None), the engine None."""
     tokenizer = models.load_tokenizer(spec)
+    options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
+    chunk = max(1, config.batch_size // n)  # about batch_size rows per generate call, whatever n
+    starts = range(0, len(prompts), chunk)
+
+    def seed(start: int) -> int:
+        return config.seed * 1_000_003 + start * 64 + seed_offset
+
+    if pool is not None and pool.count > 1 and not ilql:
+        jobs = [(spec, prompts[s : s + chunk], options, n, seed(s), config.generation_precision) for s in starts]
+        bar = tqdm(total=len(prompts) * n, unit="response", desc=f"eval: {desc}", disable=not config.progress)
+        parts = []
+        for part in pool.imap(_chunk_job, jobs):
+            parts.append(part)
+            bar.update(len(part.responses))
+        bar.close()
+        return _concat(parts, tokenizer.pad_token_id), _plain_model(spec) if keep_model else None, None
     device = models.inference_device()
     engine: HFEngine | ILQLEngine
     if ilql:
@@ -198,16 +250,12 @@ def _sample(
             precision=config.generation_precision,
         )
     else:
-        model = models.load_causal_lm(spec).eval().to(device)
-        # rlhfkit's kernel: decode steps take the lean forward (generation.fast_decode.lean_decode_steps)
-        models.set_attention(model)
+        model = _plain_model(spec)
         engine = HFEngine(model, tokenizer, precision=config.generation_precision)
-    options = GenerationOptions(config.max_new_tokens, config.temperature, config.top_p)
     parts = []
     bar = tqdm(total=len(prompts) * n, unit="response", desc=f"eval: {desc}", disable=not config.progress)
-    chunk = max(1, config.batch_size // n)  # about batch_size rows per generate call, whatever n
-    for start in range(0, len(prompts), chunk):
-        torch.manual_seed(config.seed * 1_000_003 + start * 64 + seed_offset)
+    for start in starts:
+        torch.manual_seed(seed(start))
         parts.append(make_rollout(engine, tokenizer, prompts[start : start + chunk], options, samples_per_prompt=n))
         bar.update(len(parts[-1].responses))
     bar.close()
@@ -310,10 +358,13 @@ def pool_prompts(config: EvalConfig, prompts: list) -> list:
     return prompts if config.best_of_n_prompts < 0 else prompts[: config.best_of_n_prompts]
 
 
-def best_of_n_pool(config: EvalConfig, prompts: list) -> Rollout:
+def best_of_n_pool(config: EvalConfig, prompts: list, workers: Workers | None = None) -> Rollout:
     """The best-of-n pool: ``config.best_of_n`` samples per prompt from ``config.baseline``, seeded as :func:`run`
     draws it, so the same config and prompts give the same pool again (to rank it by other reward models)."""
-    pool, _, _ = _sample(config.baseline, prompts, config, f"best-of-{config.best_of_n} pool", n=config.best_of_n, seed_offset=2)
+    desc = f"best-of-{config.best_of_n} pool"
+    pool, _, _ = _sample(
+        config.baseline, prompts, config, desc, n=config.best_of_n, seed_offset=2, pool=workers, keep_model=False
+    )
     return pool
 
 
@@ -443,6 +494,13 @@ def player_name(spec: str) -> str:
 
 def run(config: EvalConfig) -> dict:
     """Evaluate; returns the results dict (also written to ``config.output``)."""
+    if config.workers < 1:
+        raise ValueError(f"eval: workers must be >= 1, got {config.workers}")
+    with Workers(config.workers) as workers:
+        return _run(config, workers)
+
+
+def _run(config: EvalConfig, workers: Workers) -> dict:
     c = config
     K = c.samples_per_prompt
     if K < 1:
@@ -489,7 +547,7 @@ def run(config: EvalConfig) -> dict:
         return out
 
     # -- the baseline: K samples per prompt; its model is the KL reference unless one is given
-    base_roll, base_model, _ = _sample(c.baseline, prompts, c, "baseline", n=K)  # always plain (the reference)
+    base_roll, base_model, _ = _sample(c.baseline, prompts, c, "baseline", n=K, pool=workers)  # always plain (the reference)
     base_gold, base_proxy = score(base_roll)
     base_by_prompt = _per_prompt(base_gold, K)
     value, ci = _mean_ci(base_by_prompt, seed=c.seed, resamples=c.resamples)
@@ -512,7 +570,9 @@ def run(config: EvalConfig) -> dict:
 
     # -- each policy: K samples per prompt, compared with the baseline's, and its KL
     for i, (spec, name, how) in enumerate(zip(policies, names, decodings)):
-        roll, model, engine = _sample(spec, prompts, c, name, n=K, seed_offset=1 + 10 * i, ilql=how["method"] == "ilql")
+        roll, model, engine = _sample(
+            spec, prompts, c, name, n=K, seed_offset=1 + 10 * i, ilql=how["method"] == "ilql", pool=workers
+        )
         pol_gold, pol_proxy = score(roll)
         kl_roll = roll if K_kl == K else roll.select([j for j in range(len(roll.responses)) if j % K < K_kl])
         kl = sequence_kl(
@@ -552,7 +612,7 @@ def run(config: EvalConfig) -> dict:
     M = len(pool_at)
     ensemble_bon: dict | None = None  # an ensemble proxy's rankers, for the report's frontier
     if N > 1 and M > 0:
-        pool = best_of_n_pool(c, pool_at)
+        pool = best_of_n_pool(c, pool_at, workers)
         # The ranker scores the pool once; each n's picks reuse those scores (the proxy's, with an ensemble's
         # spread), and the gold scorer runs once on the responses some n picks.
         members = None
