@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlhfkit import dpo
-from rlhfkit.data.pairwise import collate_pairs, load_pair_splits, tokenize_pairs, tokenize_response
+from rlhfkit.data.pairwise import collate_pairs, tokenize_pairs, tokenize_response
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.sft import IGNORE_INDEX, collate_sft
 from rlhfkit.dpo import DPOConfig, ref_cache_path, train
@@ -314,17 +314,7 @@ def attach_reference(config: DPOConfig) -> tuple[Path, list[dict], int]:
     """What ``train`` does before training: returns the cache path, the pairs, and
     how many times the reference log-probs were computed (0 if read from the cache)."""
     tokenizer = models.load_tokenizer(config.model)
-    train_set, held = load_pair_splits(
-        tokenizer,
-        config.data,
-        eval_data="",
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        keep_ties=False,
-        stage="dpo",
-    )
+    train_set, held = dpo.load_splits(config, tokenizer)
     policy = models.load_causal_lm(config.model)
     ref = models.load_causal_lm(config.ref_model) if config.ref_model else policy
     path = ref_cache_path(config, ref, tokenizer)
@@ -362,17 +352,7 @@ def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, 
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: [path, True])
     monkeypatch.setattr(reference, "hash_model", hash_model)
     tokenizer = models.load_tokenizer(config.model)
-    train_set, held = load_pair_splits(
-        tokenizer,
-        config.data,
-        eval_data="",
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        keep_ties=False,
-        stage="dpo",
-    )
+    train_set, held = dpo.load_splits(config, tokenizer)
     dpo.attach_reference(config, models.load_causal_lm(config.model), tokenizer, train_set, held)
     assert [p["ref_chosen_logps"] for p in train_set + held] == [p["ref_chosen_logps"] for p in pairs]
 
@@ -530,17 +510,7 @@ def test_held_out_margin_grows(loss_type, min_rise, prefs_file, tmp_path):
         tmp_path, loss_type, data=str(prefs_file), eval_data=str(held_file), loss_type=loss_type, max_steps=20, ref_cache=False
     )
     tokenizer = models.load_tokenizer(config.model)
-    train_pairs, held_pairs = load_pair_splits(
-        tokenizer,
-        config.data,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-        max_length=config.max_length,
-        chat_template=config.chat_template,
-        keep_ties=False,
-        stage="dpo",
-    )
+    train_pairs, held_pairs = dpo.load_splits(config, tokenizer)
     assert (len(train_pairs), len(held_pairs)) == (8, 6)
     start = models.load_causal_lm(config.model)
     dpo.attach_reference(config, start, tokenizer, train_pairs, held_pairs)  # SimPO: none, reference-free

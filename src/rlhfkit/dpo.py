@@ -188,12 +188,11 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
         del ref
 
 
-def train(config: DPOConfig) -> FitResult:
-    """Train ``config.model`` with DPO (or IPO / SLiC / SimPO) on ``config.data``."""
-    if not config.data:
-        raise ConfigError("dpo: `data` (a preference file) is required")
-    tokenizer = models.load_tokenizer(config.model)
-    train_set, eval_set = load_pair_splits(
+def load_splits(config: DPOConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The stage's tokenised (train, held-out) pairs: held out are ``config.eval_data``'s comparisons, else
+    ``config.eval_fraction`` of ``config.data``'s, drawn with ``config.seed``; ties left out (DPO has no tie target),
+    rankings expanded as ``config.ranking_pairs`` says."""
+    return load_pair_splits(
         tokenizer,
         config.data,
         eval_data=config.eval_data,
@@ -205,6 +204,14 @@ def train(config: DPOConfig) -> FitResult:
         stage="dpo",
         ranking_pairs=config.ranking_pairs,
     )
+
+
+def train(config: DPOConfig) -> FitResult:
+    """Train ``config.model`` with DPO (or IPO / SLiC / SimPO) on ``config.data``."""
+    if not config.data:
+        raise ConfigError("dpo: `data` (a preference file) is required")
+    tokenizer = models.load_tokenizer(config.model)
+    train_set, eval_set = load_splits(config, tokenizer)
     out = Path(config.output_dir)
     write_run_config(out, "dpo", config)
 
