@@ -260,6 +260,19 @@ def _close_progress_bars() -> None:
             pass
 
 
+def _leave_process_group() -> None:
+    """After a command that succeeded under a launch (``accelerate launch``, ``torchrun``): every process waits
+    for the others, then destroys the process groups while the interpreter is still whole. Left to the
+    interpreter's exit, gloo's threads can abort a process that has finished its work ("terminate called without
+    an active exception", SIGABRT; pytorch/pytorch#190489 and #179291): seen twice in CI on the two-process
+    pipeline test. Not after a failure: a process that stopped early would leave the others waiting here
+    (torchtitan#1342 destroys only on success for that reason)."""
+    dist = sys.modules.get("torch.distributed")  # a launch imported it; a command alone need not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _error(message: str) -> None:
     _close_progress_bars()
     print(message, file=sys.stderr)
@@ -289,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             return _show_config(ns.stage)
         if ns.command == "doctor":
             return _doctor(ns)
-        return _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
+        code = _run_stage(ns.command, ns.args, getattr(ns, "from_stage", None))
+        if code == 0:
+            _leave_process_group()
+        return code
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
         _error(f"rlhfkit {ns.command}: error: {e}")
         return 2

@@ -768,7 +768,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
     SFT samples to mean 0, std 1, whatever the gold scorer's scale.
     """
     precision = models.default_precision()
-    workers = cpu_sampling_workers()  # 2 sampling processes of 1 thread on 2 cores: 23% faster than 1 of 2
+    workers = cpu_sampling_workers()  # 2 sampling processes of 1 thread each on 2 cores (generation.workers)
     algorithm = overrides.get("algorithm", "dpo")
     compare = overrides.pop("compare", ["ppo"] if algorithm == "dpo" else ["dpo"])
     probe = {"probe_points": 4, "probe_max_prompts": 32, "probe_max_new_tokens": 64, "probe_temperature": 0.7}

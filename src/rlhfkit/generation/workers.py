@@ -2,10 +2,13 @@
 
 Decoding a 135M model at batch 64-128 keeps a CPU's matmul units busy only part of the time (one token per row
 per step, the sampler's work on the vocabulary, Python between steps), so on 2 cores two processes on one
-thread each sample more per second than one process on both: the sample stage's 128 prompts x 2 responses
-(SmolLM2-135M, bf16) took 72 s on 2 threads and 109 s on 1, and two 1-thread processes finished 2 x 128 in
-111 s instead of 144 s, 23% less (this VM, 2026-12-06). Training's large matmuls do not gain this way, so only
-the stages that sample from a fixed model use it (``sample``, ``eval``: their ``workers``).
+thread each sample more per second than one process on both. Measured on a 2-core AVX2-only VM in fp32
+(SmolLM2-135M-Instruct, 2026-12-06; ``python benchmarks/sampling_workers.py --repeats 2``, 2 pairs each, the
+1-process time over the 2-worker time, model loads included): the demo's sample stage on 128 prompts x 4
+temperatures 1.087 [1.029, 1.144] (112 s vs 104 s; min and max over the pairs), a scaled-down demo eval
+(64 prompts x 2 samples, best-of-16 on 16, KL in this process) 1.213 [1.201, 1.224] (166 s vs 137 s). Not
+measured with bf16 decoding (an avx512_bf16 CPU) or on more cores. Training's large matmuls would not gain this
+way, so only the stages that sample from a fixed model use it (``sample``, ``eval``: their ``workers``).
 
 A job is a top-level function and its arguments (pickled to a worker); every job must draw its own random
 numbers from its own seed (as each sampling batch does), so which worker runs it changes nothing: the
@@ -74,7 +77,7 @@ def threads_per_worker(workers: int) -> int:
 
 def cpu_sampling_workers() -> int:
     """The demo's ``workers`` for its sampling stages: 2 on a CPU with at least 2 threads, else 1 (a GPU, or one
-    thread). Measured on 2 cores only (see the module docstring); on more cores each of the 2 gets half."""
+    thread). Measured on 2 cores in fp32 only (see the module docstring); on more cores each of the 2 gets half."""
     import torch
 
     from rlhfkit.modeling import models
