@@ -130,3 +130,37 @@ def test_an_error_is_printed_on_its_own_line_after_an_open_progress_bar(monkeypa
     assert cli.main(["sample", "model=tiny"]) == 1
     err = capsys.readouterr().err
     assert err.endswith("\nrlhfkit sample: error: No space left on device\n"), repr(err)  # not glued to the bar
+
+
+class _Dist:
+    """A stand-in for ``torch.distributed`` under a launch: records what the CLI asks of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return "destroy_process_group" not in self.calls
+
+    def barrier(self):
+        self.calls.append("barrier")
+
+    def destroy_process_group(self):
+        self.calls.append("destroy_process_group")
+
+
+def test_a_command_that_succeeds_under_a_launch_destroys_the_process_groups_and_one_that_fails_does_not(monkeypatch):
+    # Left to the interpreter's exit, gloo's threads aborted a finished rank (SIGABRT) in CI; after a failure the
+    # other processes may never reach a barrier, so nothing is waited for then.
+    dist = _Dist()
+    monkeypatch.setitem(sys.modules, "torch.distributed", dist)
+    monkeypatch.setattr(cli, "_run_stage", lambda *a: 0)
+    assert cli.main(["sft", "max_steps=1"]) == 0
+    assert dist.calls == ["barrier", "destroy_process_group"]
+    failed = _Dist()
+    monkeypatch.setitem(sys.modules, "torch.distributed", failed)
+    monkeypatch.setattr(cli, "_run_stage", lambda *a: 1)
+    assert cli.main(["sft", "max_steps=1"]) == 1
+    assert failed.calls == []
