@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     "rlhfkit.generation.vllm_engine": 3,
     "rlhfkit.generation.chat": 3,
     "rlhfkit.generation.ilql_decode": 3,
+    "rlhfkit.generation.workers": 3,
     "rlhfkit.serve": 3,
     # 4: training/'s loop; human and AI feedback front ends
     "rlhfkit.training.loop": 4,

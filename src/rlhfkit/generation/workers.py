@@ -24,7 +24,6 @@ Under a launch or with a GPU, use one worker (the default): a GPU is shared by n
 from __future__ import annotations
 
 import multiprocessing
-import os
 import pickle
 import queue
 import traceback
@@ -50,8 +49,6 @@ def _worker_main(threads: int, jobs, results) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):  # not a member of any launch
-        os.environ.pop(name, None)
     while True:
         task = jobs.get()
         if task is None:
