@@ -10,7 +10,7 @@ What is run. Each run is a fresh subprocess (the Makefile's environment, this ma
   ``--prompts`` training prompts;
 * ``eval``: :func:`rlhfkit.evaluate.run` with the demo eval's settings scaled down (the model as baseline and
   policy, gold ``demo``, 2 samples per prompt on ``--prompts // 2`` prompts in chunks of 32, KL on the first,
-  best-of-16 on ``--prompts // 8`` prompts).
+  best-of-16 on ``--prompts // 8`` prompts; with workers the KL is measured there too).
 
 Timed: the whole call, model loads included (each worker loads its own copy). Every ``workers=2`` output is
 checked to equal the ``workers=1`` output (the samples file's bytes; eval.json). Printed: each run's seconds,

@@ -213,12 +213,19 @@ def test_sequence_kl_packed_and_padded_equal_a_slow_loop_over_single_sequences()
     assert torch.allclose(packed, want, atol=1e-4) and torch.allclose(padded, want, atol=1e-4)
 
 
-def test_two_sampling_workers_give_the_eval_of_one(tmp_path):
-    """Each chunk draws from its own seed: sampled in two worker processes, every player's samples, scores,
-    KL and best-of-n equal those sampled here, chunk for chunk."""
-    one = evaluate.run(_config(tmp_path / "one", max_prompts=10))
-    two = evaluate.run(_config(tmp_path / "two", max_prompts=10, workers=2))
+def test_two_sampling_workers_give_the_eval_of_one(tmp_path, monkeypatch):
+    """Each chunk draws from its own seed and each KL job scores the batches this process would: with the sampling
+    and a plain policy's KL in two worker processes, every player's samples, scores, KL and best-of-n equal those
+    of one process."""
+    from rlhfkit.modeling import models
+
+    policy = tmp_path / "pol"  # other weights than the baseline: a KL that is not 0
+    models.save_pretrained(models.build_tiny(seed=1), models.load_tokenizer("tiny"), policy)
+    monkeypatch.setattr(evaluate, "KL_JOB_ROWS", 16)  # 20 responses: two KL jobs
+    one = evaluate.run(_config(tmp_path / "one", policy=str(policy), max_prompts=10))
+    two = evaluate.run(_config(tmp_path / "two", policy=str(policy), max_prompts=10, workers=2))
     assert json.dumps(two, sort_keys=True) == json.dumps(one, sort_keys=True)
+    assert abs(one["players"]["pol"]["kl"]) > 0.05  # k1 may be negative on a sample
     assert len({s["policy"] for s in one["samples"]}) > 1  # the samples differ between prompts: a real comparison
     with pytest.raises(ValueError, match="workers must be >= 1"):
         evaluate.run(_config(tmp_path, workers=0))
