@@ -346,7 +346,7 @@ def sequence_kl(
     return torch.cat(out)
 
 
-KL_JOB_ROWS = 64
+KL_JOB_ROWS = 32
 """Responses per KL job in the workers: a multiple of :func:`sequence_kl`'s batch of 16, so each job scores exactly
 the batches this process would (the same numbers)."""
 
