@@ -36,39 +36,30 @@ def child(stage: str, workers: int, prompts: int, out: Path) -> None:
     from rlhfkit.modeling import models
 
     precision = models.default_precision()
+    common = dict(max_new_tokens=64, precision=precision, workers=workers, progress=False, output=str(out))
     t0 = time.perf_counter()
     if stage == "sample":
-        config = sample.SampleConfig(
-            model=models.SMOLLM2,
-            output=str(out),
-            temperatures=[0.7, 1.0, 0.7, 1.0],
-            max_new_tokens=64,
-            batch_size=64,
-            max_prompts=prompts,
-            precision=precision,
-            workers=workers,
-            progress=False,
+        sample.run(
+            sample.SampleConfig(
+                model=models.SMOLLM2, temperatures=[0.7, 1.0, 0.7, 1.0], batch_size=64, max_prompts=prompts, **common
+            )
         )
-        sample.run(config)
     else:
-        config = evaluate.EvalConfig(
-            policy=models.SMOLLM2,
-            baseline=models.SMOLLM2,
-            gold="demo",
-            max_prompts=prompts // 2,
-            samples_per_prompt=2,
-            kl_samples_per_prompt=1,
-            best_of_n=16,
-            best_of_n_prompts=prompts // 8,
-            batch_size=64,
-            max_new_tokens=64,
-            precision=precision,
-            generation_precision=precision,
-            workers=workers,
-            progress=False,
-            output=str(out),
+        evaluate.run(
+            evaluate.EvalConfig(
+                policy=models.SMOLLM2,
+                baseline=models.SMOLLM2,
+                gold="demo",
+                max_prompts=prompts // 2,
+                samples_per_prompt=2,
+                kl_samples_per_prompt=1,
+                best_of_n=16,
+                best_of_n_prompts=prompts // 8,
+                batch_size=64,
+                generation_precision=precision,
+                **common,
+            )
         )
-        evaluate.run(config)
     print(json.dumps({"seconds": time.perf_counter() - t0, "precision": precision}))
 
 

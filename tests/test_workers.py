@@ -56,3 +56,18 @@ def test_one_worker_keeps_its_model_until_closed():
     assert not workers._CACHE
     with pytest.raises(ValueError, match="at least 1"):
         Workers(0)
+
+
+def test_the_cache_keeps_the_two_values_used_last():
+    built = []
+
+    def build(key):
+        built.append(key)
+        return key
+
+    pool = Workers(1)
+    for key in ["policy", "reference", "policy", "other", "policy", "reference"]:
+        assert workers.cached(key, lambda k=key: build(k)) == key
+    # "other" pushed out "reference" (used before the last "policy"); "policy" stayed throughout
+    assert built == ["policy", "reference", "other", "reference"]
+    pool.close()

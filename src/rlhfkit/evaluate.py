@@ -191,16 +191,18 @@ def _plain_model(spec: str):
     return model
 
 
+def _worker_model(spec: str) -> tuple[object, object]:
+    """In a worker: ``spec``'s model for inference and its tokenizer, loaded once while in use
+    (:func:`~rlhfkit.generation.workers.cached` keeps two: a policy and its reference)."""
+    return cached(("eval", spec), lambda: (_plain_model(spec), models.load_tokenizer(spec)))
+
+
 def _chunk_job(spec: str, prompts: list, options: GenerationOptions, n: int, seed: int, precision: str) -> Rollout:
-    """One chunk of :func:`_sample` in a worker process (:class:`~rlhfkit.generation.workers.Workers`): the model
-    loaded once per process, the draws seeded from ``seed`` alone, as :func:`_sample` draws the chunk here."""
-
-    def build():
-        return HFEngine(_plain_model(spec), models.load_tokenizer(spec), precision=precision)
-
-    engine = cached(("eval", spec, precision), build)
+    """One chunk of :func:`_sample` in a worker process (:class:`~rlhfkit.generation.workers.Workers`), its draws
+    seeded from ``seed`` alone, as :func:`_sample` draws the chunk here."""
+    model, tokenizer = _worker_model(spec)
     torch.manual_seed(seed)
-    return make_rollout(engine, engine.tokenizer, prompts, options, samples_per_prompt=n)
+    return make_rollout(HFEngine(model, tokenizer, precision=precision), tokenizer, prompts, options, samples_per_prompt=n)
 
 
 def _sample(
@@ -352,9 +354,11 @@ the batches this process would (the same numbers)."""
 
 
 def _kl_job(spec: str, reference: str, rollout: Rollout, precision: str) -> torch.Tensor:
-    """:func:`sequence_kl` of one slice of a rollout in a worker: the policy and the reference loaded once per process."""
-    policy, ref = cached(("kl", spec, reference), lambda: (_plain_model(spec), _plain_model(reference)))
-    return sequence_kl(policy, ref, rollout, precision=precision)
+    """:func:`sequence_kl` of one slice of a rollout in a worker. A policy that is its reference's spec has the same
+    weights (this process would load them twice): its KL is 0."""
+    if spec == reference:
+        return torch.zeros(len(rollout.responses))
+    return sequence_kl(_worker_model(spec)[0], _worker_model(reference)[0], rollout, precision=precision)
 
 
 def _workers_kl(workers: Workers, spec: str, reference: str, rollout: Rollout, precision: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ results come back in job order, the same as running the jobs one after another h
 depend on the number of threads on this machine (the sample stage wrote byte-identical files on 1 and 2
 threads); a test checks that ``workers=2`` writes the same samples as ``workers=1``.
 
-A worker keeps the last model it loaded (:func:`cached`), so the jobs of one model load it once per worker
+A worker keeps the last two models it used (:func:`cached`), so the jobs of one model load it once per worker
 (``Workers(1)`` keeps it in this process until :meth:`Workers.close`).
 Under a launch or with a GPU, use one worker (the default): a GPU is shared by nothing here.
 """
@@ -27,18 +27,24 @@ import multiprocessing
 import pickle
 import queue
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-_CACHE: dict[Any, Any] = {}
+_CACHE: OrderedDict[Any, Any] = OrderedDict()
+KEEP = 2
+"""Values :func:`cached` keeps per process: a policy and its reference (the eval's KL jobs need both)."""
 
 
 def cached(key: Any, build: Callable[[], Any]) -> Any:
-    """In a worker: ``build()`` once per ``key``, keeping only the latest key's value (one model at a time)."""
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = build()
-    return _CACHE[key]
+    """In a worker: ``build()`` once per ``key``, keeping the :data:`KEEP` values used last (models, mostly)."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    while len(_CACHE) >= KEEP:
+        _CACHE.popitem(last=False)
+    _CACHE[key] = value = build()
+    return value
 
 
 class WorkerError(RuntimeError):
