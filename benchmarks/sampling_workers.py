@@ -8,8 +8,8 @@ What is run. Each run is a fresh subprocess (the Makefile's environment, this ma
 * ``sample``: :func:`rlhfkit.sample.run` as the demo's sample stage runs it (SmolLM2-135M-Instruct standing in
   for the SFT model, temperatures [0.7, 1.0, 0.7, 1.0], 64 new tokens, batches of 64 prompts) on the first
   ``--prompts`` training prompts;
-* ``eval``: :func:`rlhfkit.evaluate.run` with the demo eval's settings scaled down (the model as baseline and
-  policy, gold ``demo``, 2 samples per prompt on ``--prompts // 2`` prompts in chunks of 32, KL on the first,
+* ``eval``: :func:`rlhfkit.evaluate.run` with the demo eval's settings scaled down (the model as baseline, and as
+  policy a copy with every weight perturbed by Gaussian noise of 2% of that tensor's std, so its KL is measured, gold ``demo``, 2 samples per prompt on ``--prompts // 2`` prompts in chunks of 32, KL on the first,
   best-of-16 on ``--prompts // 8`` prompts; with workers the KL is measured there too).
 
 Timed: the whole call, model loads included (each worker loads its own copy). Every ``workers=2`` output is
@@ -31,7 +31,22 @@ import time
 from pathlib import Path
 
 
-def child(stage: str, workers: int, prompts: int, out: Path) -> None:
+def perturbed_copy(out: Path) -> str:
+    """SmolLM2 with every weight moved by N(0, (0.02 std)^2) (seeded): a policy whose KL to the model is not 0."""
+    import torch
+
+    from rlhfkit.modeling import models
+
+    torch.manual_seed(0)
+    model, tokenizer = models.load_causal_lm(models.SMOLLM2), models.load_tokenizer(models.SMOLLM2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02 * p.std())
+    models.save_pretrained(model, tokenizer, out)
+    return str(out)
+
+
+def child(stage: str, workers: int, prompts: int, out: Path, policy: str) -> None:
     from rlhfkit import evaluate, sample
     from rlhfkit.modeling import models
 
@@ -47,7 +62,7 @@ def child(stage: str, workers: int, prompts: int, out: Path) -> None:
     else:
         evaluate.run(
             evaluate.EvalConfig(
-                policy=models.SMOLLM2,
+                policy=policy,
                 baseline=models.SMOLLM2,
                 gold="demo",
                 max_prompts=prompts // 2,
@@ -68,22 +83,33 @@ def main() -> None:
     p.add_argument("--stage", choices=["sample", "eval", "both"], default="both")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompts", type=int, default=128)
-    p.add_argument("--child", nargs=3, metavar=("STAGE", "WORKERS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("STAGE", "WORKERS", "OUT", "POLICY"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        stage, workers, out = args.child
-        return child(stage, int(workers), args.prompts, Path(out))
+        stage, workers, out, policy = args.child
+        return child(stage, int(workers), args.prompts, Path(out), policy)
     import torch
 
     print(f"torch threads {torch.get_num_threads()}, cpu_count {os.cpu_count()}")
     for stage in ["sample", "eval"] if args.stage == "both" else [args.stage]:
         seconds: dict[int, list[float]] = {1: [], 2: []}
         with tempfile.TemporaryDirectory() as tmp:
+            policy = perturbed_copy(Path(tmp) / "policy") if stage == "eval" else "-"
             for r in range(args.repeats):
                 outputs = {}
                 for workers in (1, 2) if r % 2 == 0 else (2, 1):
                     out = Path(tmp) / f"{stage}_{r}_{workers}.json{'l' if stage == 'sample' else ''}"
-                    cmd = [sys.executable, __file__, "--prompts", str(args.prompts), "--child", stage, str(workers), str(out)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--prompts",
+                        str(args.prompts),
+                        "--child",
+                        stage,
+                        str(workers),
+                        str(out),
+                        policy,
+                    ]
                     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
                     if done.returncode != 0:
                         sys.exit(f"{stage} workers={workers} failed:\n{done.stderr[-3000:]}")
