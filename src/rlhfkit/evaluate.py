@@ -154,9 +154,10 @@ class EvalConfig:
     generation_precision: str = "bf16"
     """Decoding precision: bf16 (autocast) or fp32."""
     workers: int = 1
-    """Processes that sample side by side (:mod:`rlhfkit.generation.workers`), sharing this process's threads: on
-    2 CPU cores (fp32) an eval with 2 took 18% less time than with 1. The samples are the same (each chunk has its
-    own seed); ILQL decoding samples here. 1 (the default, and for a GPU): sample here."""
+    """Processes that sample side by side, and measure each plain policy's KL (:mod:`rlhfkit.generation.workers`),
+    sharing this process's threads: on 2 CPU cores (fp32) an eval with 2 took 16% less time than with 1 (a tiny one
+    took longer: each worker loads the models). The results are the same (each chunk has its own seed, each KL slice
+    the same batches); ILQL decoding samples here. 1 (the default, and for a GPU): everything here."""
     bootstrap: int = 200
     """Bootstrap resamples for the Elo intervals."""
     resamples: int = 2000

@@ -182,6 +182,8 @@ def run(config: SampleConfig) -> Path:
         raise ConfigError(f"sample: resume must be one of {', '.join(RESUME_MODES)}, got {config.resume!r}")
     if config.batch_size < 1:
         raise ConfigError(f"sample: batch_size must be at least 1, got {config.batch_size}")
+    if config.workers < 1:
+        raise ConfigError(f"sample: workers must be at least 1, got {config.workers}")
     prompts = load_prompts(config.prompts or demo_data_path("prompts_train.jsonl"))
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +203,6 @@ def run(config: SampleConfig) -> Path:
     if not todo:
         log.info(f"sample: all {len(prompts)} prompts already in {output}")
         return output
-    if config.workers < 1:
-        raise ConfigError(f"sample: workers must be at least 1, got {config.workers}")
     bar = tqdm(
         total=len(prompts), initial=len(prompts) - sum(map(len, todo)), unit="prompt", disable=not config.progress, desc="sample"
     )
