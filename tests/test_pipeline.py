@@ -366,7 +366,8 @@ def assert_headline_numbers_recompute(cfg: pipeline.PipelineConfig, results: dic
 
 
 def tiny_real_config(output_dir, **fields) -> pipeline.PipelineConfig:
-    return pipeline.PipelineConfig(
+    """A tiny-model pipeline; ``fields`` replace its settings (a section whole)."""
+    settings = dict(
         output_dir=str(output_dir),
         model="tiny",
         algorithm="dpo",
@@ -376,20 +377,35 @@ def tiny_real_config(output_dir, **fields) -> pipeline.PipelineConfig:
         # lr: DPO's default 5e-6 leaves the tiny policy within ~0.01 nats of the SFT model, too close to check the KL.
         rl={"max_steps": 2, "batch_size": 2, "progress": False, "eval_fraction": 0.25, "lr": 1e-3},
         eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False},
-        **fields,
     )
+    return pipeline.PipelineConfig(**{**settings, **fields})
 
 
 @pytest.mark.slow
 def test_stage_processes_give_the_same_run_as_one_process(tmp_path):
-    """stage_processes: each model stage in a spawned child; the outputs equal an in-process run's."""
-    one = tiny_real_config(tmp_path / "one")
-    many = tiny_real_config(tmp_path / "many", stage_processes=True)
+    """stage_processes: each model stage in a spawned child, and there (as in the demo on a CPU) sample and eval
+    sampling in 2 worker processes; the outputs equal an in-process run's."""
+    sample = {"max_prompts": 8, "max_new_tokens": 8, "batch_size": 4, "progress": False}  # two batches
+    one = tiny_real_config(tmp_path / "one", sample=sample)
+    many = tiny_real_config(
+        tmp_path / "many",
+        stage_processes=True,
+        sample={**sample, "workers": 2},
+        eval={"max_prompts": 4, "max_new_tokens": 8, "best_of_n": 2, "bootstrap": 20, "progress": False, "workers": 2},
+    )
     pipeline.run(one)
     assert all(v == "ran" for v in pipeline.run(many).values())
     a, b = (json.loads((Path(c.output_dir) / "eval.json").read_text()) for c in (one, many))
     keys = ("win_rate", "win_rate_ci", "gold_score_policy", "gold_score_baseline", "kl")
     assert [a[k] for k in keys] == [b[k] for k in keys]
+
+    def numbers(players: dict) -> dict:  # every player's entry but its spec (a path in the run's own directory)
+        return {name: {k: v for k, v in entry.items() if k != "spec"} for name, entry in players.items()}
+
+    assert numbers(a["players"]) == numbers(b["players"])
+    assert (Path(many.output_dir) / "sample" / "samples.jsonl").read_bytes() == (
+        Path(one.output_dir) / "sample" / "samples.jsonl"
+    ).read_bytes()
     assert (Path(many.output_dir) / "dpo" / "model.safetensors").is_file()
     # A stage's error comes back from its child, named, and the run stops there.
     broken = dataclasses.replace(many, output_dir=str(tmp_path / "broken"), sft={"max_steps": 2, "data": "/no/such.jsonl"})
