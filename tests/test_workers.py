@@ -71,3 +71,16 @@ def test_the_cache_keeps_the_two_values_used_last():
     # "other" pushed out "reference" (used before the last "policy"); "policy" stayed throughout
     assert built == ["policy", "reference", "other", "reference"]
     pool.close()
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = __import__("threading").Lock()  # a lock does not pickle
+
+
+def test_an_error_travels_back_as_itself_or_named_in_the_wrapper():
+    plain = ValueError("bad value")
+    assert workers.sendable(plain, WorkerError) is plain
+    wrapped = workers.sendable(_Unpicklable("no way back"), WorkerError)
+    assert isinstance(wrapped, WorkerError) and str(wrapped) == "_Unpicklable: no way back"

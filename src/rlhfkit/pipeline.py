@@ -73,7 +73,7 @@ from typing import Any, Literal, TypeVar
 from rlhfkit import log
 from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
 from rlhfkit.data.io import atomic_write_text
-from rlhfkit.generation.workers import cpu_sampling_workers
+from rlhfkit.generation.workers import cpu_sampling_workers, sendable
 from rlhfkit.modeling import models
 from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, ONLINE_ALGORITHMS, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
 
@@ -576,7 +576,6 @@ LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GRO
 
 def _child_main(fn: Callable[[Any], Any], config: Any, conn) -> None:
     """A child's whole life: ``fn(config)``; sends None, or the exception (as itself when it pickles back)."""
-    import pickle
     import traceback
 
     # Under a launch only the main process starts children (for the stages it runs alone). A child that kept
@@ -588,12 +587,7 @@ def _child_main(fn: Callable[[Any], Any], config: Any, conn) -> None:
         fn(config)  # its return value (a trainer, models) stays here
         conn.send(None)
     except BaseException as e:
-        trace = traceback.format_exc()
-        try:
-            pickle.loads(pickle.dumps(e))
-            conn.send((e, trace))
-        except Exception:
-            conn.send((ChildStageError(f"{type(e).__name__}: {e}"), trace))
+        conn.send((sendable(e, ChildStageError), traceback.format_exc()))
     finally:
         conn.close()
 

@@ -6,7 +6,8 @@ thread each sample more per second than one process on both. Measured on a 2-cor
 (SmolLM2-135M-Instruct, 2026-12-06; ``python benchmarks/sampling_workers.py --repeats 2``, 2 pairs each, the
 1-process time over the 2-worker time, model loads included): the demo's sample stage on 128 prompts x 4
 temperatures 1.087 [1.029, 1.144] (112 s vs 104 s; min and max over the pairs), a scaled-down demo eval
-(64 prompts x 2 samples, best-of-16 on 16, KL in this process) 1.213 [1.201, 1.224] (166 s vs 137 s). Not
+(64 prompts x 2 samples, best-of-16 on 16, the KL in the workers too) 1.190 [1.183, 1.198] (168 s vs 141 s);
+a tiny eval (16 prompts) took longer with the workers, 56 s vs 36 s (spawning them, loading the models). Not
 measured with bf16 decoding (an avx512_bf16 CPU) or on more cores. Training's large matmuls would not gain this
 way, so only the stages that sample from a fixed model use it (``sample``, ``eval``: their ``workers``).
 
@@ -51,6 +52,15 @@ class WorkerError(RuntimeError):
     """A job that failed in a worker with an exception that cannot travel back as itself, or a worker that died."""
 
 
+def sendable(error: BaseException, wrap: Callable[[str], BaseException]) -> BaseException:
+    """``error`` itself when it pickles (to be raised again in the parent process), else ``wrap("Type: message")``."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return wrap(f"{type(error).__name__}: {error}")
+
+
 def _worker_main(threads: int, jobs, results) -> None:
     import torch
 
@@ -63,12 +73,7 @@ def _worker_main(threads: int, jobs, results) -> None:
         try:
             results.put((index, True, fn(*args)))
         except BaseException as e:
-            trace = traceback.format_exc()
-            try:
-                pickle.loads(pickle.dumps(e))
-            except Exception:
-                e = WorkerError(f"{type(e).__name__}: {e}")
-            results.put((index, False, (e, trace)))
+            results.put((index, False, (sendable(e, WorkerError), traceback.format_exc())))
 
 
 def threads_per_worker(workers: int) -> int:
