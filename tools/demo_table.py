@@ -26,7 +26,7 @@ from pathlib import Path
 
 BUDGET_S = 20 * 60
 POLICIES = ("ppo", "dpo")
-STAGE_ORDER = ("sft", "sample", "label", "reward", "dpo", "ppo", "grpo", "rloo", "eval", "report")
+STAGE_ORDER = ("cai", "sft", "sample", "label", "reward", "gate", "dpo", "ppo", "grpo", "rloo", "eval", "report")
 
 
 class RunError(Exception):
