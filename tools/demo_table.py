@@ -58,8 +58,8 @@ def frontier_points(run: Path, stage: str) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
-def summarise(run: Path) -> tuple[str, list[tuple[str, bool]]]:
-    """One table row for ``run`` and its checks ``[(what, passed)]``."""
+def summarise(run: Path) -> tuple[str, str, list[tuple[str, bool]]]:
+    """``run``'s table row, its stage seconds (one line) and its checks ``[(what, passed)]``."""
     config = _load(run / "pipeline.json")
     results = _load(run / "eval.json")
     players = results.get("players", {})
@@ -91,7 +91,7 @@ def summarise(run: Path) -> tuple[str, list[tuple[str, bool]]]:
     cells.append(f"{total:,.0f} s")
     checks.append((f"stages: {total:.0f} s <= {BUDGET_S} s (without set-up and start-up)", total <= BUDGET_S))
     row = "| " + " | ".join(cells) + " |"
-    return row + "\n  stage seconds: " + " / ".join(f"{s} {v:.0f}" for s, v in seconds.items()), checks
+    return row, " / ".join(f"{s} {v:.0f}" for s, v in seconds.items()), checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     for run in args.runs:
         try:
-            row, checks = summarise(run)
+            row, stages, checks = summarise(run)
         except RunError as e:
             print(f"demo_table: {e}", file=sys.stderr)
             return 2
-        print(row.split("\n")[0])
-        notes.append(f"{run}:{row.split(chr(10), 1)[1]}")
+        print(row)
+        notes.append(f"{run}: stage seconds {stages}")
         notes += [f"  {'pass' if ok else 'FAIL'}: {what}" for what, ok in checks]
         failed = failed or not all(ok for _, ok in checks)
     print("\n".join(["", *notes]))
