@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise finished demo runs as README's table rows, and check them against the demo's acceptance bar.
 
-    python3 tools/demo_table.py runs/demo_s0 runs/demo_s1 runs/demo_s2
+    .venv/bin/python tools/demo_table.py runs/demo_s0 runs/demo_s1 runs/demo_s2
 
 For each run directory (a pipeline's ``output_dir``) it reads ``pipeline.json`` (seed, algorithms),
 ``eval.json`` (the players, the reward model's held-out accuracy) and each stage's marker (``STAGE/.stage.json``,
@@ -14,7 +14,8 @@ row per run, the stage seconds, and a line per check:
 * the stages' seconds add up to 20 minutes or less (``make``'s set-up and each stage's process start-up are not
   in the markers: time ``make demo`` itself for the wall clock).
 
-Exit status 1 when a check fails, 2 when a run directory lacks a file it needs. Reads only the standard library.
+It reads a run as the report does (:func:`rlhfkit.report.load_run`), so it needs rlhfkit installed. Exit status 1
+when a check fails, 2 when a run directory lacks a file it needs.
 """
 
 from __future__ import annotations
@@ -24,22 +25,14 @@ import json
 import sys
 from pathlib import Path
 
+from rlhfkit.report import EVAL_FILE, PIPELINE_FILE, REPORT_STAGE, STAGE_MARKER, RunData, load_run
+
 BUDGET_S = 20 * 60
 POLICIES = ("ppo", "dpo")
-STAGE_ORDER = ("cai", "sft", "sample", "label", "reward", "gate", "dpo", "ppo", "grpo", "rloo", "eval", "report")
 
 
 class RunError(Exception):
     """A run directory without a file the summary needs, or with one that is not JSON."""
-
-
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing (is this a finished demo run directory?)") from None
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: line {e.lineno}: not JSON ({e.msg})") from None
 
 
 def _ci(entry: dict, key: str) -> str:
@@ -47,23 +40,32 @@ def _ci(entry: dict, key: str) -> str:
     return f"{entry[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def stage_seconds(run: Path) -> dict[str, float]:
-    """``{stage: seconds}`` from the markers of the stages that finished, in pipeline order."""
-    found = {m.parent.name: float(_load(m)["seconds"]) for m in run.glob("*/.stage.json")}
-    return {s: found.pop(s) for s in STAGE_ORDER if s in found} | found
-
-
-def frontier_points(run: Path, stage: str) -> int:
-    path = run / stage / "frontier.jsonl"
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+def read_run(run: Path) -> RunData:
+    """The run as the report reads it (:func:`rlhfkit.report.load_run`), with the report stage's own marker, which
+    the report cannot see; a RunError when the config, the eval or a stage marker is missing or unreadable."""
+    data = load_run(run)
+    for name, value in ((PIPELINE_FILE, data.pipeline), (EVAL_FILE, data.evaluation)):
+        if value is None:
+            raise RunError(f"{run / name}: missing or unreadable (is this a finished demo run directory?)")
+    for marker in sorted(run.glob(f"*/{STAGE_MARKER}")):
+        stage = marker.parent.name
+        if stage == REPORT_STAGE:
+            try:
+                data.timings[stage] = json.loads(marker.read_text())
+            except json.JSONDecodeError as e:
+                raise RunError(f"{marker}: line {e.lineno}: not JSON ({e.msg})") from None
+        elif stage not in data.timings:
+            raise RunError(f"{marker}: unreadable")
+    return data
 
 
 def summarise(run: Path) -> tuple[str, str, list[tuple[str, bool]]]:
     """``run``'s table row, its stage seconds (one line) and its checks ``[(what, passed)]``."""
-    config = _load(run / "pipeline.json")
-    results = _load(run / "eval.json")
+    data = read_run(run)
+    config, results = data.pipeline or {}, data.evaluation or {}
     players = results.get("players", {})
-    seconds = stage_seconds(run)
+    seconds = {stage: float(marker["seconds"]) for stage, marker in data.timings.items()}
+    frontier = {policy.name: len(policy.frontier or []) for policy in data.policies}
     total = sum(seconds.values())
     checks: list[tuple[str, bool]] = []
     cells = [str(config.get("seed", "?"))]
@@ -84,7 +86,7 @@ def summarise(run: Path) -> tuple[str, str, list[tuple[str, bool]]]:
             continue
         cells.append(f"{_ci(entry, 'win_rate')}, KL {entry['kl']:.2f}, p = {entry['p_value']:.2g}")
         checks.append((f"{name}: win rate lower end {entry['win_rate_ci'][0]:.3f} > 0.5", entry["win_rate_ci"][0] > 0.5))
-        points = frontier_points(run, name)
+        points = frontier.get(name, 0)
         checks.append((f"{name}: {points} frontier points >= 4", points >= 4))
     best = max((p for p in players.values() if p.get("kind") == "best_of_n"), key=lambda p: p["n"], default=None)
     cells.append(_ci(best, "win_rate") if best else "-")
