@@ -331,6 +331,26 @@ def attach_reference(config: DPOConfig) -> tuple[Path, list[dict], int]:
     return path, train_set + held, len(calls)
 
 
+def test_max_comparisons_reads_the_first_comparisons_before_the_split(prefs_file, tmp_path):
+    records = polite_rude_records()
+    tokenizer = models.load_tokenizer(models.TINY)
+    first, none_held = dpo.load_splits(dpo_config(tmp_path, "run", data=str(prefs_file), max_comparisons=3), tokenizer)
+    assert none_held == [] and len(first) == 3
+    chosen = [tokenizer.decode(p["chosen_input_ids"]) for p in first]
+    for text, record in zip(chosen, records[:3]):
+        assert record["prompt"] in text
+    # The held-out split is drawn from the first 4 only: 3 trained on, 1 held out, all 4 prompts among them.
+    train_set, held = dpo.load_splits(
+        dpo_config(tmp_path, "run", data=str(prefs_file), max_comparisons=4, eval_fraction=0.25), tokenizer
+    )
+    assert (len(train_set), len(held)) == (3, 1)
+    texts = [tokenizer.decode(p["chosen_input_ids"]) for p in train_set + held]
+    assert sorted(next(i for i, r in enumerate(records) if r["prompt"] in t) for t in texts) == [0, 1, 2, 3]
+    # 0 or less: every comparison.
+    everything, _ = dpo.load_splits(dpo_config(tmp_path, "run", data=str(prefs_file), max_comparisons=0), tokenizer)
+    assert len(everything) == len(records) > 4
+
+
 def test_ref_cache_key_is_hashed_on_the_main_process_only(prefs_file, tmp_path, monkeypatch):
     config = dpo_config(tmp_path, "run", data=str(prefs_file))
     path, pairs, computed = attach_reference(config)  # as the main process: hashed, computed, cached
@@ -402,6 +422,9 @@ def test_ref_cache_invalidated_by_data_model_and_tokenizer(prefs_file, tmp_path)
         "starting weights": dict(data=str(prefs_file), model=str(start_dir)),
         "chat template": dict(data=str(prefs_file), model=str(template_dir)),
         "added token": dict(data=str(prefs_file), model=str(added_token_dir)),
+        # The pairs themselves: fewer comparisons (the same count of pairs would not be caught by the row check).
+        "max_comparisons": dict(data=str(prefs_file), max_comparisons=3),
+        "ranking_pairs": dict(data=str(prefs_file), ranking_pairs="best_worst"),
     }
     seen = {base_path}
     for what, fields in variants.items():

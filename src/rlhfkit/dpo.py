@@ -51,6 +51,8 @@ class DPOConfig(models.ModelOptions, TrainOptions, EvalOptions, ProbeOptions):
     """Fraction of comparisons held out when `eval_data` is empty (0 disables eval)."""
     ranking_pairs: Literal["all", "best_worst"] = "all"
     """A K-way ranking gives all its K(K-1)/2 pairs, or only its best against its worst (one pair per prompt)."""
+    max_comparisons: int = -1
+    """Read only the first this many comparisons of `data` (before the held-out split); 0 or less: all of them."""
     ref_model: str = ""
     """Reference model spec; empty: the starting `model` (with LoRA: the base, adapters off)."""
     beta: float = 0.1
@@ -134,8 +136,10 @@ class DPOTask:
 
 
 def ref_cache_path(config: DPOConfig, ref_model, tokenizer) -> Path:
-    """Where the reference log-probs for this (data, reference, tokenizer, settings) live; hashes every weight."""
-    return reference.cache_path(config, ref_model, tokenizer)
+    """Where the reference log-probs for this (data, reference, tokenizer, settings) live; hashes every weight.
+    The pair-forming settings are in the key too: another ``ranking_pairs`` or ``max_comparisons`` gives other pairs."""
+    extra = {"ranking_pairs": config.ranking_pairs, "max_comparisons": max(config.max_comparisons, 0)}
+    return reference.cache_path(config, ref_model, tokenizer, extra=extra)
 
 
 def compute_ref_logps(
@@ -190,8 +194,8 @@ def attach_reference(config: DPOConfig, policy, tokenizer, train: list[dict], he
 
 def load_splits(config: DPOConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """The stage's tokenised (train, held-out) pairs: held out are ``config.eval_data``'s comparisons, else
-    ``config.eval_fraction`` of ``config.data``'s, drawn with ``config.seed``; ties left out (DPO has no tie target),
-    rankings expanded as ``config.ranking_pairs`` says."""
+    ``config.eval_fraction`` of ``config.data``'s (its first ``config.max_comparisons``), drawn with ``config.seed``;
+    ties left out (DPO has no tie target), rankings expanded as ``config.ranking_pairs`` says."""
     return load_pair_splits(
         tokenizer,
         config.data,
@@ -203,6 +207,7 @@ def load_splits(config: DPOConfig, tokenizer) -> tuple[list[dict], list[dict]]:
         keep_ties=False,
         stage="dpo",
         ranking_pairs=config.ranking_pairs,
+        max_comparisons=config.max_comparisons,
     )
 
 

@@ -264,10 +264,12 @@ def load_pair_splits(
     stage: str,
     grouped: bool = False,
     ranking_pairs: str = "all",
+    max_comparisons: int = -1,
 ) -> tuple[list[dict], list[dict]]:
     """Read comparisons (any supported format), split off a held-out set, tokenise both.
 
-    The split is by comparison (all pairs of a K-way ranking stay on one side).
+    With ``max_comparisons`` > 0 only the file's first that many comparisons are read, before the split (as
+    ``head -N`` of a JSONL file would). The split is by comparison (all pairs of a K-way ranking stay on one side).
     Examples are pairs (:func:`tokenize_pairs`), or with ``grouped`` whole
     comparisons (:func:`tokenize_rankings`). Prints what was kept, truncated,
     dropped and skipped.
@@ -275,6 +277,8 @@ def load_pair_splits(
     comparisons = load_comparisons(data)
     if not comparisons:
         raise DataError(data, None, None, "no comparisons (an empty preference file)")
+    if max_comparisons > 0:
+        comparisons = comparisons[:max_comparisons]
     if eval_data:
         train_c, eval_c = comparisons, load_comparisons(eval_data)
     else:
