@@ -355,10 +355,7 @@ the batches this process would (the same numbers)."""
 
 
 def _kl_job(spec: str, reference: str, rollout: Rollout, precision: str) -> torch.Tensor:
-    """:func:`sequence_kl` of one slice of a rollout in a worker. A policy that is its reference's spec has the same
-    weights (this process would load them twice): its KL is 0."""
-    if spec == reference:
-        return torch.zeros(len(rollout.responses))
+    """:func:`sequence_kl` of one slice of a rollout in a worker."""
     return sequence_kl(_worker_model(spec)[0], _worker_model(reference)[0], rollout, precision=precision)
 
 
@@ -604,7 +601,9 @@ def _run(config: EvalConfig, workers: Workers) -> dict:
         )
         pol_gold, pol_proxy = score(roll)
         kl_roll = roll if K_kl == K else roll.select([j for j in range(len(roll.responses)) if j % K < K_kl])
-        if kl_in_workers:
+        if not ilql and spec == (c.reference or c.baseline):
+            kl = torch.zeros(len(kl_roll.responses))  # the reference's own weights: KL 0, without two forwards each
+        elif kl_in_workers:
             kl = _workers_kl(workers, spec, c.reference or c.baseline, kl_roll, c.kl_precision)
         else:
             kl = sequence_kl(

@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rlhfkit import log
-from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
+from rlhfkit.config import ConfigError, from_dict, merge_sections, nest_dotted, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.generation.workers import cpu_sampling_workers, sendable
 from rlhfkit.modeling import models
@@ -819,12 +819,12 @@ def demo_config(**overrides: Any) -> PipelineConfig:
             "precision": precision,
         },
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x. The first
-        # 320 of the 640 labelled prompts at lr 1e-5 (38 steps): against all 640 at 5e-6 (76 steps), on the same SFT
-        # model, labels and eval (fp32, 240 prompts x 2 samples), win rate vs SFT 0.576 [0.535, 0.615] vs 0.584
-        # [0.542, 0.624] (seed 0) and 0.599 [0.561, 0.636] vs 0.562 [0.523, 0.601] (seed 1), in half the time.
+        # half of the labelled prompts (max_comparisons, set below): 320 of 640 at lr 1e-5 (38 steps) against all
+        # 640 at 5e-6 (76 steps), on the same SFT model, labels and eval (fp32, 240 prompts x 2 samples), won vs
+        # SFT 0.576 [0.535, 0.615] vs 0.584 [0.542, 0.624] (seed 0) and 0.599 [0.561, 0.636] vs 0.562 [0.523, 0.601]
+        # (seed 1), in half the time.
         "dpo": {
             **probe,
-            "max_comparisons": 320,
             "num_epochs": 1,
             "lr": 1e-5,
             "beta": 0.1,
@@ -862,4 +862,12 @@ def demo_config(**overrides: Any) -> PipelineConfig:
             "workers": workers,
         },
     }
-    return from_dict(PipelineConfig, merge_sections(base, overrides), source="demo")
+    merged = merge_sections(base, overrides)
+    # DPO on the first half of the labelled prompts, however many the sample stage draws (all of them when it
+    # draws every prompt of the file, a count not known here), unless dpo.max_comparisons is given.
+    given = nest_dotted(overrides).get("dpo")
+    labelled = merged["sample"].get("max_prompts", -1) if isinstance(merged.get("sample"), dict) else -1
+    if isinstance(merged.get("dpo"), dict) and not (isinstance(given, dict) and "max_comparisons" in given):
+        half = labelled // 2 if isinstance(labelled, int) and labelled > 1 else -1
+        merged["dpo"] = {**merged["dpo"], "max_comparisons": half}
+    return from_dict(PipelineConfig, merged, source="demo")
