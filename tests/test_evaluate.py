@@ -227,6 +227,7 @@ def test_two_sampling_workers_give_the_eval_of_one(tmp_path, monkeypatch):
     assert json.dumps(two, sort_keys=True) == json.dumps(one, sort_keys=True)
     assert abs(one["players"]["pol"]["kl"]) > 0.05  # k1 may be negative on a sample
     assert len({s["policy"] for s in one["samples"]}) > 1  # the samples differ between prompts: a real comparison
+
     # A policy that is the baseline's spec: KL 0 in the workers, as here, and no KL forward in either
     def no_forward(*args, **kwargs):
         raise AssertionError("the KL of the reference's own weights was computed")
