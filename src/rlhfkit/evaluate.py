@@ -591,6 +591,7 @@ def _run(config: EvalConfig, workers: Workers) -> dict:
     }
     reference = (_plain_model(c.reference) if c.reference else base_model) if reference_here else None
     first_sample = {base_name: (base_roll.responses[::K], base_gold[::K])}  # for the Elo table
+    reference_spec = c.reference or c.baseline
 
     # -- each policy: K samples per prompt, compared with the baseline's, and its KL
     for i, (spec, name, how) in enumerate(zip(policies, names, decodings)):
@@ -601,10 +602,10 @@ def _run(config: EvalConfig, workers: Workers) -> dict:
         )
         pol_gold, pol_proxy = score(roll)
         kl_roll = roll if K_kl == K else roll.select([j for j in range(len(roll.responses)) if j % K < K_kl])
-        if not ilql and spec == (c.reference or c.baseline):
+        if not ilql and spec == reference_spec:
             kl = torch.zeros(len(kl_roll.responses))  # the reference's own weights: KL 0, without two forwards each
         elif kl_in_workers:
-            kl = _workers_kl(workers, spec, c.reference or c.baseline, kl_roll, c.kl_precision)
+            kl = _workers_kl(workers, spec, reference_spec, kl_roll, c.kl_precision)
         else:
             kl = sequence_kl(
                 model, reference, kl_roll, precision=c.kl_precision, ilql=engine if isinstance(engine, ILQLEngine) else None
