@@ -495,7 +495,7 @@ def test_demo_dpo_trains_on_the_first_half_of_the_labelled_prompts(tmp_path):
         cfg = pipeline.demo_config(output_dir=str(tmp_path), **overrides)
         return next(s for s in pipeline.build_stages(cfg) if s.name == "dpo").config
 
-    assert pipeline.demo_config().sample["max_prompts"] == 640 and dpo_stage().max_comparisons == 320
+    assert pipeline.demo_config().sample["max_prompts"] == 512 and dpo_stage().max_comparisons == 256
     assert dpo_stage(**{"sample.max_prompts": 101}).max_comparisons == 50
     assert dpo_stage(sample={"max_prompts": -1}).max_comparisons == -1  # every prompt of the file: all its labels
     assert dpo_stage(**{"sample.max_prompts": 100, "dpo.max_comparisons": 80}).max_comparisons == 80
