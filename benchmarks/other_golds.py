@@ -9,7 +9,7 @@ interface of ``rlhfkit demo gold=module:function``. From the repository root::
 They differ from ``rlhfkit.feedback.scorers.DEMO_RUBRIC`` (sentiment words, a 40-word length target, banned
 words) in what they reward, in scale (0-100, an integer 1-10, about -3..+3) and in how often two responses tie
 exactly (39% and 33% of the demo's sample-stage pairs for ``relevance`` and ``rating10``, 2% for the rubric).
-``relevance`` and ``rating10`` depend on the prompt, which the rubric does not. Results: README, "Other gold scorers".
+``relevance`` and ``rating10`` depend on the prompt, which the rubric does not. Results: benchmarks/demo_runs.md, "Other gold scorers".
 """
 
 from __future__ import annotations
