@@ -765,7 +765,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
     workers = cpu_sampling_workers()  # 2 sampling processes of 1 thread each on 2 cores (generation.workers)
     algorithm = overrides.get("algorithm", "dpo")
     compare = overrides.pop("compare", ["ppo"] if algorithm == "dpo" else ["dpo"])
-    # 3 probes after step 0: the 4 frontier points the issue asks for; a fourth probe cost 22 s per policy (fp32).
+    # 3 probes after step 0: the 4 frontier points issue 19 asks for, and no more (each costs a sampling pass).
     probe = {"probe_points": 3, "probe_max_prompts": 32, "probe_max_new_tokens": 64, "probe_temperature": 0.7}
     rl_common = {
         **probe,
@@ -790,9 +790,8 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "compare": compare,
         "gold": "demo",
         "sft": {"num_epochs": 2, "lr": 5e-5, "batch_size": 8, "eval_every": 20, "save_every": 40, "precision": precision},
-        # 4 responses per prompt, ranked: 6 pairs per prompt for the reward model. 512 prompts (640 before 2026-12-06,
-        # session 42): about 300 held-out pairs for the reward model's accuracy, and a fifth less time in sample,
-        # reward and DPO.
+        # 4 responses per prompt, ranked: 6 pairs per prompt for the reward model. 512 prompts leave about 300
+        # held-out pairs for its accuracy (runs: benchmarks/demo_runs.md).
         "sample": {
             "max_prompts": 512,
             "max_new_tokens": 64,
@@ -822,7 +821,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
             "precision": precision,
         },
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x. The first
-        # half of the labelled prompts (max_comparisons, set below; 256 of 512): 320 of 640 at lr 1e-5 (38 steps) against all
+        # half of the labelled prompts (max_comparisons, set below): 320 of 640 at lr 1e-5 (38 steps) against all
         # 640 at 5e-6 (76 steps), on the same SFT model, labels and eval (fp32, 240 prompts x 2 samples), won vs
         # SFT 0.576 [0.535, 0.615] vs 0.584 [0.542, 0.624] (seed 0) and 0.599 [0.561, 0.636] vs 0.562 [0.523, 0.601]
         # (seed 1), in half the time.
@@ -849,7 +848,7 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "ilql": {"num_epochs": 1, "batch_size": 8, "eval_every": 0, "eval_fraction": 0.05, "precision": precision},
         "reinforce": {**rl_common, "num_minibatches": 1},  # (not tuned)
         # best-of-n traces the frontier on 48 of the 240 prompts: on 120, its pool (16 samples per prompt) was 57% of
-        # the eval's generation (376 of 717 s, fp32), and best-of-16 won 0.890 [0.852, 0.925]; on 64, 181 s (fp32).
+        # the eval's generation (376 of 717 s, fp32), and best-of-16 won 0.890 [0.852, 0.925].
         "eval": {
             "max_new_tokens": 64,
             "samples_per_prompt": 2,
