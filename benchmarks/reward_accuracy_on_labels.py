@@ -1,9 +1,9 @@
 """Reward models judged on one labels file's held-out comparisons, paired: which one orders them better?
 
-    python benchmarks/reward_accuracy_on_labels.py LABELS --seed S [--eval-fraction 0.1] \\
+    python benchmarks/reward_accuracy_on_labels.py LABELS --seed S [--eval-fraction 0.1] [--eval-min-pairs 0] \\
         --model NAME=REWARD_DIR[:mean|wco|uwo] --model ... [--output results.json]
 
-The held-out comparisons are those ``rlhfkit reward data=LABELS seed=S eval_fraction=F`` holds out
+The held-out comparisons are those ``rlhfkit reward data=LABELS seed=S eval_fraction=F eval_min_pairs=M`` holds out
 (:func:`rlhfkit.data.io.split_holdout` over the file's records). Every strict pair of each one counts (a K-way ranking
 gives K(K-1)/2 less its tied pairs; tie labels none): 1 when a model scores the better response higher, 0.5 on equal scores, else 0.
 Each model's accuracy has a 95% prompt-clustered bootstrap interval (:func:`rlhfkit.stats.cluster_accuracy`), and each
@@ -15,7 +15,7 @@ flip_rate=0.25``, Coste et al. 2024's setting) judged on the *clean* labels of t
 file: same records, same seed, so the same split), or several reward models judged on one set.
 
 **Check.** Where a model is a single reward model trained on LABELS with this seed and fraction (its
-``config.yaml``), the pairs here must be its own held-out pairs: as many as its ``heldout.json`` counts, and the same
+``config.yaml``; with the same --eval-min-pairs), the pairs here must be its own held-out pairs: as many as its ``heldout.json`` counts, and the same
 accuracy, exactly in fp32; in bf16 within ``--bf16-slack`` pairs (2), since the reward stage measured it on the model in
 memory in training's batches and here it is scored as RL and best-of-n score it (:func:`rlhfkit.rewards.load_reward`),
 in other batches, which moves bf16 near-ties (on a SmolLM2 demo run one pair of 384). The script prints the gap.
@@ -36,6 +36,7 @@ from best_of_n_rankers import parse_ranker, write_results
 from rlhfkit import stats
 from rlhfkit.config import load_config
 from rlhfkit.data.io import split_holdout
+from rlhfkit.data.pairwise import strict_pair_count
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.modeling.reward_model import MEMBERS_KEY
 from rlhfkit.reward import RewardConfig
@@ -62,7 +63,7 @@ def pair_scores(pairs: list[tuple[int, int, int]], scores: list[list[float]]) ->
     return [1.0 if scores[i][a] > scores[i][b] else 0.5 if scores[i][a] == scores[i][b] else 0.0 for i, a, b in pairs]
 
 
-def _own_heldout(directory: str, labels: Path, seed: int, fraction: float) -> dict | None:
+def _own_heldout(directory: str, labels: Path, seed: int, fraction: float, min_pairs: int) -> dict | None:
     """``heldout.json`` of a single reward model trained on ``labels`` with this split, else None."""
     root = Path(directory)
     if not all((root / f).is_file() for f in ("config.yaml", "config.json", "heldout.json")):
@@ -75,6 +76,7 @@ def _own_heldout(directory: str, labels: Path, seed: int, fraction: float) -> di
         and not config.eval_data
         and config.seed == seed
         and math.isclose(config.eval_fraction, fraction)
+        and config.eval_min_pairs == min_pairs
     )
     return json.loads((root / "heldout.json").read_text()) if single and same_split else None
 
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("labels", type=Path, help="a comparisons file (rlhfkit label's output)")
     parser.add_argument("--seed", type=int, required=True, help="the reward stage's seed (sets the split)")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="the reward stage's eval_fraction")
+    parser.add_argument("--eval-min-pairs", type=int, default=0, help="the reward stage's eval_min_pairs")
     parser.add_argument(
         "--model", action="append", required=True, help="NAME=REWARD_DIR[:mean|wco|uwo]; the first is the reference"
     )
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len({name for name, _, _ in models}) != len(models):
         raise SystemExit("--model: names must differ")
 
-    _, held = split_holdout(load_comparisons(args.labels), args.eval_fraction, args.seed)
+    _, held = split_holdout(
+        load_comparisons(args.labels), args.eval_fraction, args.seed, min_held=args.eval_min_pairs, weight=strict_pair_count
+    )
     pairs, clusters = strict_pairs(held)
     if not pairs:
         raise SystemExit(f"{args.labels}: no strict pair among the {len(held)} held-out comparisons")
@@ -111,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
         flat = list(fn(prompts, responses))
         del fn
         correct[name] = pair_scores(pairs, [flat[offsets[i] : offsets[i + 1]] for i in range(len(held))])
-        own = _own_heldout(directory, args.labels, args.seed, args.eval_fraction) if aggregation == "mean" else None
+        own = (
+            _own_heldout(directory, args.labels, args.seed, args.eval_fraction, args.eval_min_pairs)
+            if aggregation == "mean"
+            else None
+        )
         if own is not None:
             apart = round(abs(own["accuracy"] * len(pairs) - sum(correct[name])), 6)  # net pairs scored otherwise
             slack = args.bf16_slack if args.precision == "bf16" else 0
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         "labels": str(args.labels),
         "seed": args.seed,
         "eval_fraction": args.eval_fraction,
+        "eval_min_pairs": args.eval_min_pairs,
         "num_pairs": len(pairs),
         "num_prompts": len(set(clusters)),
         "models": [{"name": n, "reward_model": d, "aggregation": a} for n, d, a in models],

@@ -47,6 +47,7 @@ SEED=$(grep '^seed: ' "$RUN/reward/config.yaml" | cut -d' ' -f2)
   --ranker mean="$OUT/sep:mean" --ranker uwo="$OUT/sep:uwo" --ranker clean="$RUN/reward" --output "$OUT/rankers.json"
 PRECISION=$(grep '^precision: ' "$RUN/reward/config.yaml" | cut -d' ' -f2)
 "$PYTHON" "$HERE/benchmarks/reward_accuracy_on_labels.py" "$RUN/label/labels.jsonl" --seed "$SEED" \
-  --eval-fraction "$(grep '^eval_fraction: ' "$RUN/reward/config.yaml" | cut -d' ' -f2)" --precision "$PRECISION" \
+  --eval-fraction "$(grep '^eval_fraction: ' "$RUN/reward/config.yaml" | cut -d' ' -f2)" \
+  --eval-min-pairs "$(grep '^eval_min_pairs: ' "$RUN/reward/config.yaml" | cut -d' ' -f2)" --precision "$PRECISION" \
   --model single="$OUT/single" --model wco="$OUT/sep:wco" --model mean="$OUT/sep:mean" --model clean="$RUN/reward" \
   --output "$OUT/accuracy.json"

@@ -616,11 +616,15 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
     # The reward model's held-out accuracy is reward/heldout.json's, counted on the comparisons the reward
     # stage held out of the labels: every strict pair of each ranking (K(K-1)/2 less its tied pairs), ties apart.
     from rlhfkit.data.io import split_holdout
+    from rlhfkit.data.pairwise import strict_pair_count
     from rlhfkit.data.preferences import load_comparisons
 
     assert results["reward_model"] == json.loads((run / "reward" / "heldout.json").read_text())
     rc = next(s for s in pipeline.build_stages(cfg) if s.name == "reward").config
-    _, held = split_holdout(load_comparisons(rc.data), rc.eval_fraction, rc.seed)
+    assert rc.eval_min_pairs == 240  # the demo's: more than 12 prompts' labels hold, so a quarter of them is held out
+    comparisons = load_comparisons(rc.data)
+    _, held = split_holdout(comparisons, rc.eval_fraction, rc.seed, min_held=rc.eval_min_pairs, weight=strict_pair_count)
+    assert len(held) == len(comparisons) // 4
     strict = [c for c in held if not c.tie]
     tied = sum(len(c.ties) for c in strict)
     assert results["reward_model"]["num_pairs"] == sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in strict) - tied
@@ -662,7 +666,15 @@ def _check_reward_accuracy_on_labels(run: Path, rc) -> None:
     own = json.loads((run / "reward" / "heldout.json").read_text())
 
     def judge(seed: int, *models: str) -> dict:
-        split = [rc.data, "--seed", str(seed), "--eval-fraction", str(rc.eval_fraction)]
+        split = [
+            rc.data,
+            "--seed",
+            str(seed),
+            "--eval-fraction",
+            str(rc.eval_fraction),
+            "--eval-min-pairs",
+            str(rc.eval_min_pairs),
+        ]
         return bench.main([*split, "--precision", "fp32", "--resamples", "200", *(a for m in models for a in ("--model", m))])
 
     out = judge(rc.seed, f"own={run / 'reward'}", "oracle=demo")

@@ -624,3 +624,74 @@ def test_trl_save_leaves_out_a_rankings_tied_pairs_only_when_asked(tmp_path):
     assert not path.exists()
     save_comparisons(path, [tied], "trl", skip_ties=True)
     assert [(c.chosen, c.rejected) for c in load_comparisons(path)] == [("a", "b"), ("a", "c")]
+
+
+def test_split_holdout_grows_to_min_held_in_the_same_order_up_to_its_cap():
+    from rlhfkit.data.io import split_holdout
+
+    items = list(range(40))
+    weight = {i: (0 if i % 2 else 3) for i in items}.__getitem__  # odd items weigh nothing (all ties)
+    train, held = split_holdout(items, 0.1, seed=3)
+    assert len(held) == 4 and sorted(train + held) == items
+    assert split_holdout(items, 0.1, seed=3, min_held=0, weight=weight) == (train, held)
+    grown_train, grown = split_holdout(items, 0.1, seed=3, min_held=15, weight=weight, max_fraction=0.5)
+    assert set(held) <= set(grown) and sorted(grown_train + grown) == items  # extends the 10% split
+    assert sum(map(weight, grown)) >= 15 and len(grown) < 20
+    # The smallest extension: without its last-added item (in the shuffled order) the weight falls short.
+    import random
+
+    order = list(range(40))
+    random.Random(3).shuffle(order)
+    assert set(grown) == set(order[: len(grown)]) and sum(weight(i) for i in order[: len(grown) - 1]) < 15
+    # Capped at max_fraction (a quarter by default) when min_held cannot be met.
+    _, capped = split_holdout(items, 0.1, seed=3, min_held=10_000, weight=weight)
+    assert len(capped) == 10 and set(capped) == set(order[:10])
+    _, half = split_holdout(items, 0.1, seed=3, min_held=10_000, weight=weight, max_fraction=0.5)
+    assert len(half) == 20
+    assert split_holdout(items, 0.0, seed=3, min_held=15, weight=weight) == (items, [])  # 0: no held-out split at all
+
+
+def test_strict_pair_count_leaves_ties_out():
+    from rlhfkit.data.pairwise import strict_pair_count
+
+    four = Comparison(prompt="p", responses=["a", "b", "c", "d"], ranking=[2, 0, 3, 1], ties=[(0, 2), (1, 3)])
+    assert strict_pair_count(four) == 6 - 2
+    assert strict_pair_count(Comparison(prompt="p", responses=["a", "b"], ranking=[1, 0])) == 1
+    assert strict_pair_count(Comparison(prompt="p", responses=["a", "b"], ranking=[0, 1], tie=True)) == 0
+
+
+def test_reward_splits_hold_out_enough_strict_pairs_when_labels_tie(tmp_path, caplog):
+    """A ranking file whose every other comparison is all ties: eval_min_pairs grows the held-out split past
+    eval_fraction until it has that many strict pairs; the log says so."""
+    import logging
+
+    from rlhfkit.modeling import models
+    from rlhfkit.reward import RewardConfig, load_splits, reward_tokenizer
+
+    rows = []
+    for i in range(40):
+        responses = [f"answer {i} {k}" for k in range(4)]
+        ties = [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]] if i % 2 else []
+        rows.append({"prompt": f"question {i}?", "responses": responses, "ranking": [0, 1, 2, 3], "ties": ties})
+    data = tmp_path / "ranked.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = reward_tokenizer(models.TINY)
+
+    def held_pairs(**fields) -> tuple[int, int]:
+        config = RewardConfig(model=models.TINY, data=str(data), eval_fraction=0.1, seed=1, max_length=64, **fields)
+        _, held = load_splits(config, tokenizer)
+        return len(held), sum(1 for ex in held for *_, target in ex["pairs"] if target == 1.0)
+
+    n, strict = held_pairs()
+    assert n == 4 and strict < 12
+    with caplog.at_level(logging.INFO, logger="rlhfkit"):
+        n, strict = held_pairs(eval_min_pairs=12)
+    assert 4 < n < 10 and 12 <= strict < 18  # the first comparison that reaches 12 ends it (6 strict pairs each)
+    assert f"{n} comparisons held out" in caplog.text and "min_heldout_pairs=12" in caplog.text
+    assert held_pairs(eval_min_pairs=1000)[0] == 10  # a quarter of the 40 comparisons at most
+    from rlhfkit.config import ConfigError
+    from rlhfkit.reward import train
+
+    with pytest.raises(ConfigError, match="eval_min_pairs must be >= 0"):
+        train(RewardConfig(model=models.TINY, data=str(data), output_dir=str(tmp_path / "out"), eval_min_pairs=-1))
+    assert not (tmp_path / "out").exists()

@@ -99,6 +99,10 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """Optional held-out preference file; if empty, `eval_fraction` of `data` is held out."""
     eval_fraction: float = 0.1
     """Fraction of comparisons held out when `eval_data` is empty (0 disables eval)."""
+    eval_min_pairs: int = 0
+    """With `eval_fraction` > 0 and no `eval_data`: hold out more comparisons than `eval_fraction` (up to a quarter)
+    until the held-out split has this many strict pairs (ties do not count), so that the held-out accuracy is
+    measured on enough pairs whatever share of the labels are ties. 0: `eval_fraction` alone."""
     max_length: int = 512
     """Maximum tokens of prompt + response; longer responses are cut."""
     chat_template: bool = True
@@ -333,7 +337,8 @@ def heldout_accuracy(
 
 def load_splits(config: RewardConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """The stage's tokenised (train, held-out) examples: held out are ``config.eval_data``'s comparisons, else
-    ``config.eval_fraction`` of ``config.data``'s, drawn with ``config.seed``; ties kept."""
+    ``config.eval_fraction`` of ``config.data``'s (more where ``config.eval_min_pairs`` needs), drawn with
+    ``config.seed``; ties kept."""
     return load_pair_splits(
         tokenizer,
         config.data,
@@ -345,6 +350,7 @@ def load_splits(config: RewardConfig, tokenizer) -> tuple[list[dict], list[dict]
         keep_ties=True,
         stage="reward",
         grouped=config.group_rankings,
+        min_heldout_pairs=config.eval_min_pairs,
     )
 
 
@@ -438,6 +444,8 @@ def train(config: RewardConfig) -> FitResult:
         raise ConfigError("reward: `data` (a preference file) is required")
     if config.ensemble_size < 1:
         raise ConfigError(f"reward: ensemble_size must be >= 1 (got {config.ensemble_size})")
+    if config.eval_min_pairs < 0:
+        raise ConfigError(f"reward: eval_min_pairs must be >= 0 (got {config.eval_min_pairs})")
     shared = config.ensemble_backbones == "shared"
     if config.ensemble_size > 1 and shared and not config.ensemble_bootstrap and config.head_init == "zero":
         raise ConfigError(

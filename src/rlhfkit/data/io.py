@@ -475,8 +475,20 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
     return changes
 
 
-def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic train / held-out split (at least one held-out item if fraction > 0)."""
+def split_holdout(
+    items: list[T],
+    fraction: float,
+    seed: int,
+    *,
+    min_held: int = 0,
+    weight: Callable[[T], int] | None = None,
+    max_fraction: float = 0.25,
+) -> tuple[list[T], list[T]]:
+    """Deterministic train / held-out split (at least one held-out item if fraction > 0).
+
+    With ``min_held`` > 0 the held-out split grows past ``fraction``, item by item in the same shuffled order (so it
+    extends the split ``fraction`` alone gives), until the ``weight`` of its items (1 each without ``weight``) adds
+    up to ``min_held`` or it holds ``max_fraction`` of the items, whichever comes first."""
     if fraction <= 0:
         return items, []
     import random
@@ -484,6 +496,13 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(fraction * len(items))))
+    if min_held > 0:
+        weigh = weight or (lambda _: 1)
+        cap = max(n_eval, int(max_fraction * len(items)))
+        held_weight = sum(weigh(items[i]) for i in order[:n_eval])
+        while held_weight < min_held and n_eval < cap:
+            held_weight += weigh(items[order[n_eval]])
+            n_eval += 1
     held = set(order[:n_eval])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 

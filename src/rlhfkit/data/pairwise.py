@@ -251,6 +251,12 @@ def collate_rankings(examples: list[dict], pad_token_id: int, *, packed: bool = 
     return batch
 
 
+def strict_pair_count(comparison: Comparison) -> int:
+    """The pairs of ``comparison`` that prefer one response (its K(K-1)/2 pairs less its ties): the pairs a held-out
+    accuracy counts."""
+    return sum(1 for *_, p in comparison.pairs() if p != 0.5)
+
+
 def load_pair_splits(
     tokenizer,
     data: str,
@@ -265,11 +271,15 @@ def load_pair_splits(
     grouped: bool = False,
     ranking_pairs: str = "all",
     max_comparisons: int = -1,
+    min_heldout_pairs: int = 0,
 ) -> tuple[list[dict], list[dict]]:
     """Read comparisons (any supported format), split off a held-out set, tokenise both.
 
     With ``max_comparisons`` > 0 only the file's first that many comparisons are read, before the split (as
     ``head -N`` of a JSONL file would). The split is by comparison (all pairs of a K-way ranking stay on one side).
+    With ``min_heldout_pairs`` > 0 (and no ``eval_data``) the held-out split grows past ``eval_fraction`` until it
+    holds that many strict pairs (:func:`strict_pair_count`; ties do not count), up to a quarter of the
+    comparisons (:func:`~rlhfkit.data.io.split_holdout`).
     Examples are pairs (:func:`tokenize_pairs`), or with ``grouped`` whole
     comparisons (:func:`tokenize_rankings`). Prints what was kept, truncated,
     dropped and skipped.
@@ -282,7 +292,14 @@ def load_pair_splits(
     if eval_data:
         train_c, eval_c = comparisons, load_comparisons(eval_data)
     else:
-        train_c, eval_c = split_holdout(comparisons, eval_fraction, seed)
+        train_c, eval_c = split_holdout(comparisons, eval_fraction, seed, min_held=min_heldout_pairs, weight=strict_pair_count)
+        grown = len(eval_c) - max(1, int(round(eval_fraction * len(comparisons)))) if eval_fraction > 0 else 0
+        if grown > 0:
+            log.info(
+                f"{stage} data: {len(eval_c)} comparisons held out ({len(eval_c) / len(comparisons):.1%}, not "
+                f"eval_fraction={eval_fraction}) for {sum(map(strict_pair_count, eval_c))} strict held-out pairs "
+                f"(min_heldout_pairs={min_heldout_pairs})"
+            )
     kwargs: dict[str, Any] = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
     if not grouped:
         kwargs["ranking_pairs"] = ranking_pairs
