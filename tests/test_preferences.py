@@ -688,7 +688,10 @@ def test_reward_splits_hold_out_enough_strict_pairs_when_labels_tie(tmp_path, ca
         n, strict = held_pairs(eval_min_pairs=12)
     assert 4 < n < 10 and 12 <= strict < 18  # the first comparison that reaches 12 ends it (6 strict pairs each)
     assert f"{n} comparisons held out" in caplog.text and "min_heldout_pairs=12" in caplog.text
-    assert held_pairs(eval_min_pairs=1000)[0] == 10  # a quarter of the 40 comparisons at most
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rlhfkit"):
+        assert held_pairs(eval_min_pairs=1000)[0] == 10  # a quarter of the 40 comparisons at most
+    assert "fewer than min_heldout_pairs=1000" in caplog.text
     from rlhfkit.config import ConfigError
     from rlhfkit.reward import train
 

@@ -294,11 +294,15 @@ def load_pair_splits(
     else:
         train_c, eval_c = split_holdout(comparisons, eval_fraction, seed, min_held=min_heldout_pairs, weight=strict_pair_count)
         grown = len(eval_c) - max(1, int(round(eval_fraction * len(comparisons)))) if eval_fraction > 0 else 0
-        if grown > 0:
+        strict = sum(map(strict_pair_count, eval_c)) if min_heldout_pairs > 0 else 0
+        if grown > 0 or strict < min_heldout_pairs:
+            short = f"; fewer than min_heldout_pairs={min_heldout_pairs}: no more than a quarter is held out" * (
+                strict < min_heldout_pairs
+            )
             log.info(
-                f"{stage} data: {len(eval_c)} comparisons held out ({len(eval_c) / len(comparisons):.1%}, not "
-                f"eval_fraction={eval_fraction}) for {sum(map(strict_pair_count, eval_c))} strict held-out pairs "
-                f"(min_heldout_pairs={min_heldout_pairs})"
+                f"{stage} data: {len(eval_c)} comparisons held out ({len(eval_c) / len(comparisons):.1%}; "
+                f"eval_fraction={eval_fraction}) for {strict} strict held-out pairs (min_heldout_pairs="
+                f"{min_heldout_pairs}){short}"
             )
     kwargs: dict[str, Any] = dict(max_length=max_length, chat_template=chat_template, keep_ties=keep_ties)
     if not grouped:
