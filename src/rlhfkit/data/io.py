@@ -475,6 +475,12 @@ def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
     return changes
 
 
+def holdout_size(count: int, fraction: float) -> int:
+    """How many of ``count`` items ``fraction`` holds out in :func:`split_holdout` before ``min_held`` grows it: at least
+    one if ``fraction`` > 0."""
+    return max(1, int(round(fraction * count))) if fraction > 0 else 0
+
+
 def split_holdout(
     items: list[T],
     fraction: float,
@@ -495,7 +501,7 @@ def split_holdout(
 
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(fraction * len(items))))
+    n_eval = holdout_size(len(items), fraction)
     if min_held > 0:
         weigh = weight or (lambda _: 1)
         cap = max(n_eval, int(max_fraction * len(items)))

@@ -20,7 +20,7 @@ import torch
 
 from rlhfkit import log
 from rlhfkit.data import packing
-from rlhfkit.data.io import DataError, split_holdout
+from rlhfkit.data.io import DataError, holdout_size, split_holdout
 from rlhfkit.data.preferences import load_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.data.sft import IGNORE_INDEX, Conversation, collate_sft, tokenize_conversation
@@ -293,11 +293,12 @@ def load_pair_splits(
         train_c, eval_c = comparisons, load_comparisons(eval_data)
     else:
         train_c, eval_c = split_holdout(comparisons, eval_fraction, seed, min_held=min_heldout_pairs, weight=strict_pair_count)
-        grown = len(eval_c) - max(1, int(round(eval_fraction * len(comparisons)))) if eval_fraction > 0 else 0
         strict = sum(map(strict_pair_count, eval_c)) if min_heldout_pairs > 0 else 0
-        if grown > 0 or strict < min_heldout_pairs:
-            short = f"; fewer than min_heldout_pairs={min_heldout_pairs}: no more than a quarter is held out" * (
-                strict < min_heldout_pairs
+        if len(eval_c) > holdout_size(len(comparisons), eval_fraction) or strict < min_heldout_pairs:
+            short = (
+                f"; fewer than min_heldout_pairs={min_heldout_pairs}: no more than a quarter is held out"
+                if strict < min_heldout_pairs
+                else ""
             )
             log.info(
                 f"{stage} data: {len(eval_c)} comparisons held out ({len(eval_c) / len(comparisons):.1%}; "
