@@ -167,6 +167,85 @@ def test_decoding_cache_layers_hold_what_concatenation_would_in_reserved_room():
     assert layer.get_seq_length() == 11
 
 
+def _eos_prone_engine(tokenizer, precision="fp32", compact_every=rollout.COMPACT_EVERY):
+    """The tiny engine with EOS's logit raised by 8 (about 1 in 16 per token sampled at temperature 1 from the near-uniform rest), so rows
+    end at different steps."""
+    engine = _tiny_engine(tokenizer, precision)
+    bias = torch.zeros(engine.model.lm_head.out_features)
+    bias[tokenizer.eos_token_id] = 8.0
+    engine.model.lm_head.bias = torch.nn.Parameter(bias)
+    engine.compact_every = compact_every
+    return engine
+
+
+def _record_batch_sizes(monkeypatch, model) -> list[int]:
+    sizes: list[int] = []
+    real = model.generate
+    monkeypatch.setattr(
+        model, "generate", lambda input_ids, **k: sizes.append(input_ids.shape[0]) or real(input_ids=input_ids, **k)
+    )
+    return sizes
+
+
+@pytest.mark.parametrize("precision,top_p", [("fp32", 1.0), ("fp32", 0.9), ("bf16", 1.0)])
+def test_finished_rows_leave_the_batch_and_every_row_keeps_its_tokens(monkeypatch, precision, top_p):
+    tok = _left_tokenizer()
+    engine = _eos_prone_engine(tok, precision, compact_every=3)
+    prompts = [p for p in ["Hello there, how are you?", "Write a poem", "x", "Tell me a joke"] for _ in range(4)]
+    ids, mask = encode_prompts(tok, prompts)
+    options = GenerationOptions(max_new_tokens=24, temperature=0.9, top_p=top_p)
+    sizes = _record_batch_sizes(monkeypatch, engine.model)
+    torch.manual_seed(0)
+    compacted = engine.generate(ids, mask, options)
+    engine.compact_every = 0
+    torch.manual_seed(0)
+    whole = engine.generate(ids, mask, options)
+    lengths = (whole != tok.eos_token_id).sum(-1)  # tokens before EOS (pad is EOS here)
+    assert len(set(lengths.tolist())) > 5 and int(lengths.min()) < 6 and int(lengths.max()) > 12
+    # Chunks of 3 tokens, each on the rows with no EOS yet; then one call for the whole batch.
+    steps = whole.shape[1]
+    want = [int((lengths >= 3 * c).sum()) for c in range(-(-steps // 3))]
+    assert sizes == [16] + want[1:] + [16] and want[-1] < 16
+    assert compacted.shape == whole.shape and torch.equal(compacted, whole)
+
+
+def test_greedy_decoding_drops_finished_rows_with_the_same_tokens(monkeypatch):
+    tok = _left_tokenizer()
+    engine = _eos_prone_engine(tok, compact_every=2)
+    engine.model.lm_head.bias.data[tok.eos_token_id] = 1.05  # greedy: EOS wins only where its plain logit is near the top
+    ids, mask = encode_prompts(tok, ["Hello there, how are you?", "Write a poem", "x", "Tell me a joke", "Why?", "Name a bird"])
+    options = GenerationOptions(max_new_tokens=16, temperature=0.0)
+    sizes = _record_batch_sizes(monkeypatch, engine.model)
+    compacted = engine.generate(ids, mask, options)
+    engine.compact_every = 0
+    whole = engine.generate(ids, mask, options)
+    lengths = (whole != tok.eos_token_id).sum(-1)
+    assert int(lengths.min()) < int(lengths.max()) and min(sizes) < 6
+    assert torch.equal(compacted, whole)
+
+
+def test_decoding_cache_keeps_selected_rows_in_one_copy_with_room_to_grow():
+    from transformers.cache_utils import DynamicLayer
+
+    model = models.build_tiny(seed=5)
+    layer = fast_decode.decoding_cache(model, torch.float32, reserve=4).layers[0]
+    reference = DynamicLayer()
+    torch.manual_seed(0)
+    for k in (torch.randn(3, 1, 5, 4), torch.randn(3, 1, 1, 4)):
+        layer.update(k, -k)
+        reference.update(k, -k)
+    keep = torch.tensor([0, 2])
+    layer.batch_select_indices(keep)
+    reference.batch_select_indices(keep)
+    assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    storage = layer.keys.untyped_storage().data_ptr()
+    k = torch.randn(2, 1, 1, 4)
+    keys, values = layer.update(k, -k)
+    ref_keys, ref_values = reference.update(k, -k)
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values) and layer.get_seq_length() == 7
+    assert keys.untyped_storage().data_ptr() == storage  # written into the selected buffer's reserve
+
+
 def test_decoding_cache_samples_the_same_tokens_as_transformers_cache(monkeypatch):
     from transformers.cache_utils import DynamicCache
 

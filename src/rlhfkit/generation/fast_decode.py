@@ -288,6 +288,16 @@ class _ReservedLayer:
         self._views = self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (the decoding rows that have not finished), room reserved included: one copy,
+        where the base method's selection would be copied again into a fresh buffer at the next update."""
+        buffers = getattr(self, "_buffers", None)
+        if buffers is None or self.keys is not self._views[0]:
+            return super().batch_select_indices(indices)
+        end = self.get_seq_length()
+        self._buffers = buffers = tuple(b.index_select(0, indices.to(b.device)) for b in buffers)
+        self._views = self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+
 
 def decoding_cache(model, dtype: torch.dtype, reserve: int):
     """A ``DynamicCache`` for ``model`` whose full-attention layers store ``dtype`` with room for ``reserve`` more tokens.

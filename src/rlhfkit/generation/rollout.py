@@ -124,6 +124,12 @@ class InverseCDFSampler:
         if temperature <= 0:
             raise ValueError("InverseCDFSampler needs temperature > 0 (use greedy decoding for 0)")
         self.temperature, self.top_p = temperature, top_p
+        self.batch: int | None = None
+        """Rows of the whole batch, when ``rows`` is set."""
+        self.rows: torch.Tensor | None = None
+        """Which rows of a batch of ``batch`` the scores' rows are (:meth:`HFEngine.generate` drops finished rows):
+        each step still draws one uniform per row of the whole batch and uses those of ``rows``, so the random
+        stream, and with it every row's tokens, is the one decoding the whole batch would use."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
@@ -134,7 +140,11 @@ class InverseCDFSampler:
             probs, order = probs.sort(dim=-1, descending=True)
             before = probs.cumsum(-1) - probs  # mass of the more likely tokens
             probs = torch.where(before < self.top_p, probs, 0.0)
-        token = inverse_cdf_draw(probs, torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device))
+        if self.rows is None:
+            u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+        else:
+            u = torch.rand(self.batch, 1, dtype=torch.float64, device=probs.device)[self.rows]
+        token = inverse_cdf_draw(probs, u)
         if order is not None:
             token = order.gather(1, token)
         out = torch.full_like(scores, float("-inf"))
@@ -234,6 +244,11 @@ class TopPMaskProcessor:
         return scores.masked_fill(~keep, float("-inf"))
 
 
+COMPACT_EVERY = 8
+"""Tokens :class:`HFEngine` decodes between drops of the rows that finished (``HFEngine._decode``); 0 keeps every row
+to the end, as plain ``generate`` does."""
+
+
 class HFEngine:
     """transformers ``generate`` on the live policy (no copy, so ``load_weights`` is a no-op).
 
@@ -245,13 +260,17 @@ class HFEngine:
     (:func:`common_start_first`, :func:`shared_prefix_cache`); the KV cache keeps its keys and
     values in the decoding dtype with room reserved for the new tokens
     (:func:`decoding_cache`: about 10% faster, same tokens). Sampling goes through
-    :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax. With ``masking`` (NLPO) a
+    :class:`InverseCDFSampler`, greedy decoding through ``generate``'s argmax. Every ``compact_every`` tokens the
+    rows that finished leave the batch (``_decode``; 0 keeps them to the end). With ``masking`` (NLPO) a
     :class:`TopPMaskProcessor` restricts every step to the masking policy's top-p set first, and the steps' masks
-    are kept in ``last_action_mask`` (see :class:`RolloutEngine`).
+    are kept in ``last_action_mask`` (see :class:`RolloutEngine`); its rows are never dropped.
     """
 
-    def __init__(self, model, tokenizer, *, precision: str = "fp32", masking: TopPMasking | None = None):
+    def __init__(
+        self, model, tokenizer, *, precision: str = "fp32", masking: TopPMasking | None = None, compact_every: int = COMPACT_EVERY
+    ):
         self.model, self.tokenizer, self.precision, self.masking = model, tokenizer, precision, masking
+        self.compact_every = compact_every
         self.last_action_mask: torch.Tensor | None = None
 
     def load_weights(self, model) -> None:
@@ -285,23 +304,58 @@ class HFEngine:
             temperature = options.temperature if options.temperature > 0 else 1.0
             masker = TopPMaskProcessor(self.masking.model, query_mask, top_p=self.masking.top_p, temperature=temperature)
         processors: list = [] if masker is None else [masker]
-        if options.temperature > 0:
-            processors.append(InverseCDFSampler(options.temperature, options.top_p))
+        sampler = InverseCDFSampler(options.temperature, options.top_p) if options.temperature > 0 else None
+        if sampler is not None:
+            processors.append(sampler)
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
         dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
+        # NLPO's masker keeps each step's masks for the whole batch: its rows are never dropped.
+        chunk = self.compact_every if self.compact_every > 0 and masker is None else options.max_new_tokens
         with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
             cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
             shared = shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
-            kwargs[CACHE_ARG] = cache if shared is None else shared
-            out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
+            response = self._decode(query_ids, query_mask, cache if shared is None else shared, kwargs, chunk, sampler)
         self.model.train(was_training)
-        response = out[:, query_ids.shape[1] :]
         self.last_action_mask = torch.stack(masker.masks, dim=1).cpu() if masker is not None and masker.masks else None
         # Anything after the first EOS becomes EOS/pad so masks are exact.
         mask, _ = response_mask_from_ids(response, tok.eos_token_id)
         return torch.where(mask, response, torch.full_like(response, tok.pad_token_id)).cpu()
+
+    def _decode(self, ids, mask, cache, kwargs: dict, chunk: int, sampler: InverseCDFSampler | None) -> torch.Tensor:
+        """Response ids (B, steps): ``generate`` ``chunk`` tokens at a time, dropping the rows that finished.
+
+        ``generate`` steps every row until the last one ends, so a row that stopped early still costs a full
+        row of every matmul: with SmolLM2's demo samples (64 tokens at most, 52 on average) about a fifth of
+        decoding. Between chunks the rows that produced EOS leave the batch and its KV cache
+        (``batch_select_indices``), and the next ``generate`` continues the others from the cache (it runs only
+        their last token). The sampler draws the whole batch's uniforms each step (:attr:`InverseCDFSampler.rows`),
+        so each row gets the tokens decoding the whole batch would give it, up to the matmuls' rounding on
+        fewer rows.
+        """
+        tok, max_new = self.tokenizer, kwargs["max_new_tokens"]
+        rows = torch.arange(ids.shape[0], device=ids.device)  # the original rows still decoding
+        response = torch.full((ids.shape[0], max_new), tok.pad_token_id, dtype=ids.dtype, device=ids.device)
+        if sampler is not None:
+            sampler.batch, sampler.rows = ids.shape[0], None
+        done = 0
+        while True:
+            step_kwargs = {**kwargs, "max_new_tokens": min(chunk, max_new - done), CACHE_ARG: cache}
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **step_kwargs)
+            new = out[:, ids.shape[1] :]
+            response[rows, done : done + new.shape[1]] = new
+            done += new.shape[1]
+            finished = (new == tok.eos_token_id).any(-1)
+            if done >= max_new or bool(finished.all()):
+                return response[:, :done]
+            ids, mask = out, torch.cat([mask, mask.new_ones(new.shape)], dim=1)
+            if bool(finished.any()):
+                keep = (~finished).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                ids, mask, rows = ids[keep], mask[keep], rows[keep]
+                if sampler is not None:
+                    sampler.rows = rows
 
 
 class HFGenerator:
