@@ -1,12 +1,13 @@
 """Dropping finished rows while decoding (``HFEngine.compact_every``) against keeping every row to the end, on this machine.
 
-    python benchmarks/decode_compaction.py [--model smollm2-135m] [--every 8] [--rows 64] [--batches 2]
-                                           [--repeats 3] [--threads 1] [--precision auto]
+    python benchmarks/decode_compaction.py [--model smollm2-135m] [--every 8] [--rows 64] [--copies 1]
+                                           [--batches 2] [--repeats 3] [--threads 1] [--precision auto]
 
 What is run. One process, ``--threads`` torch threads (1: what each of the demo's two sampling workers has). The
 model (``--model``: a spec or a model directory; the demo's SFT model, ``runs/demo/sft``, gives the demo's
-response lengths) samples one completion for each of ``--rows`` prompts of the shipped training set, 64 new tokens
-at most, temperature 0.7 then 1.0 (the sample stage's temperatures), ``--batches`` batches, with
+response lengths) samples ``--rows`` completions, ``--copies`` of each of ``rows / copies`` prompts of the shipped
+training set (the demo's sample stage: 2 copies, 128 rows, sharing their prompt's prefill), 64 new tokens at most,
+temperature 0.7 then 1.0 (the sample stage's temperatures), ``--batches`` batches of each, with
 :class:`rlhfkit.generation.rollout.HFGenerator` as ``rlhfkit sample`` and ``rlhfkit eval`` run it. Each repeat times
 every batch under ``compact_every = 0`` (every row decoded until the last one ends, as plain ``generate`` does) and
 under each value of ``--every``, in alternating order, seeded alike, after one untimed warm-up call.
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m", help="model spec or directory (default smollm2-135m)")
     p.add_argument("--every", default="8", help="comma-separated compact_every values to compare with 0 (default 8)")
     p.add_argument("--rows", type=int, default=64, help="prompts per batch (default 64, a sampling worker's batch)")
+    p.add_argument("--copies", type=int, default=1, help="rows per prompt (default 1; the sample stage: 2)")
     p.add_argument("--batches", type=int, default=2, help="batches per temperature (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as each sampling worker)")
@@ -49,8 +51,9 @@ def main() -> None:
     tokenizer = models.load_tokenizer(args.model, padding_side="left")
     generator = HFGenerator(model, tokenizer, precision=precision)
     prompts = load_prompts(demo_data_path("prompts_train.jsonl"))
+    n = args.rows // args.copies
     jobs = [
-        (prompts[(2 * b + t) * args.rows : (2 * b + t + 1) * args.rows], temperature)
+        ([q for q in prompts[(2 * b + t) * n : (2 * b + t + 1) * n] for _ in range(args.copies)], temperature)
         for b in range(args.batches)
         for t, temperature in enumerate((0.7, 1.0))
     ]
@@ -66,7 +69,10 @@ def main() -> None:
             texts.append(tokenizer.batch_decode(ids[-1], skip_special_tokens=True))
         return time.perf_counter() - start, texts, ids
 
-    print(f"model {args.model}, {precision}, {args.threads} thread(s), {len(jobs)} batches of {args.rows} rows, 64 tokens")
+    print(
+        f"model {args.model}, {precision}, {args.threads} thread(s), {len(jobs)} batches of {n} prompts x {args.copies}, "
+        "64 tokens at most"
+    )
     run(0)  # warm-up
     seconds: dict[int, list[float]] = {s: [] for s in settings}
     outputs: dict[int, list] = {}
