@@ -95,6 +95,8 @@ def worker_rlhfkit(s: dict) -> dict:
     model = models.load_causal_lm(s["model_dir"])
     tok = models.load_tokenizer(s["model_dir"], padding_side="left")
     generator = HFGenerator(model, tok, precision="bf16")
+    # Lengths are forced (no row ends early, nothing to drop): one generate call per batch, as run_calls counts.
+    generator.engine.compact_every = 0
     options = GenerationOptions(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=1.0)
     out = run_calls(s, lambda batch: generator.generate(batch, options))
     out.update(

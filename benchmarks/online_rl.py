@@ -375,6 +375,9 @@ def worker_rlhfkit(s: dict, algorithm: str) -> dict:
     # rlhfkit prefills (once per distinct prompt) before calling generate: its whole generation is HFEngine.generate.
     engine_times: list[float] = []
     common.timed(HFEngine, "generate", engine_times)
+    # One generate call per rollout, as the per-call records expect: no dropping of finished rows (with forced
+    # lengths no row ends early anyway; without, rlhfkit does the same row-steps as TRL's generate).
+    HFEngine.compact_every = 0
 
     cls = {"grpo": GRPOConfig, "ppo": RLConfig, "rloo": RLOOConfig}[algorithm]
     extra = {"value": "head", "algorithm": "ppo"} if algorithm == "ppo" else {}

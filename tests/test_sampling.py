@@ -227,6 +227,18 @@ def test_greedy_decoding_drops_finished_rows_with_the_same_tokens(monkeypatch):
     assert torch.equal(compacted, whole)
 
 
+def test_a_minimum_length_in_the_generation_config_keeps_every_row(monkeypatch):
+    tok = _left_tokenizer()
+    engine = _eos_prone_engine(tok, compact_every=2)
+    engine.model.generation_config.min_new_tokens = 4  # generate would apply it to every 2-token call anew
+    ids, mask = encode_prompts(tok, ["Hello there, how are you?", "Write a poem", "x", "Tell me a joke"] * 2)
+    sizes = _record_batch_sizes(monkeypatch, engine.model)
+    torch.manual_seed(0)
+    out = engine.generate(ids, mask, GenerationOptions(max_new_tokens=16, temperature=0.9))
+    lengths = (out != tok.eos_token_id).sum(-1)
+    assert sizes == [8] and int(lengths.min()) >= 4 and int(lengths.min()) < 16
+
+
 def test_decoding_cache_keeps_selected_rows_in_one_copy_with_room_to_grow():
     from transformers.cache_utils import DynamicLayer
 

@@ -266,11 +266,16 @@ class HFEngine:
     are kept in ``last_action_mask`` (see :class:`RolloutEngine`); its rows are never dropped.
     """
 
+    compact_every: int = COMPACT_EVERY
+    """Tokens decoded between drops of the finished rows (0: none). A class default, so that a caller that counts
+    ``generate`` calls (the benchmarks against TRL, one call per rollout) can set it for every engine a trainer makes."""
+
     def __init__(
-        self, model, tokenizer, *, precision: str = "fp32", masking: TopPMasking | None = None, compact_every: int = COMPACT_EVERY
+        self, model, tokenizer, *, precision: str = "fp32", masking: TopPMasking | None = None, compact_every: int | None = None
     ):
         self.model, self.tokenizer, self.precision, self.masking = model, tokenizer, precision, masking
-        self.compact_every = compact_every
+        if compact_every is not None:
+            self.compact_every = compact_every
         self.last_action_mask: torch.Tensor | None = None
 
     def load_weights(self, model) -> None:
@@ -311,8 +316,11 @@ class HFEngine:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         packed = prepacked_linears(self.model, query_ids.shape[0]) if self.precision == "bf16" else contextlib.nullcontext()
         dtype = models.PRECISION_DTYPES.get(self.precision, next(self.model.parameters()).dtype)
-        # NLPO's masker keeps each step's masks for the whole batch: its rows are never dropped.
-        chunk = self.compact_every if self.compact_every > 0 and masker is None else options.max_new_tokens
+        # NLPO's masker keeps each step's masks for the whole batch, and a generation config's minimum length would
+        # apply to each call anew: then no row is dropped.
+        config = getattr(self.model, "generation_config", None)
+        minimum = getattr(config, "min_new_tokens", None) or getattr(config, "min_length", 0)
+        chunk = self.compact_every if self.compact_every > 0 and masker is None and not minimum else options.max_new_tokens
         with models.autocast(device, self.precision), packed, lean_decode_steps(self.model):
             cache = decoding_cache(self.model, dtype, reserve=options.max_new_tokens)
             shared = shared_prefix_cache(self.model, query_ids, query_mask, cache, start)
