@@ -285,8 +285,13 @@ class _ReservedLayer:
                     buffer[..., :start, :].copy_(old)
         buffers[0][..., start:end, :].copy_(key_states)
         buffers[1][..., start:end, :].copy_(value_states)
-        self._views = self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+        self._show(end)
         return self.keys, self.values
+
+    def _show(self, end: int) -> None:
+        """``keys``/``values``: views of the buffers' first ``end`` positions (remembered, to tell when another method
+        replaced them)."""
+        self._views = self.keys, self.values = self._buffers[0][..., :end, :], self._buffers[1][..., :end, :]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices`` (the decoding rows that have not finished), room reserved included: one copy,
@@ -295,8 +300,8 @@ class _ReservedLayer:
         if buffers is None or self.keys is not self._views[0]:
             return super().batch_select_indices(indices)
         end = self.get_seq_length()
-        self._buffers = buffers = tuple(b.index_select(0, indices.to(b.device)) for b in buffers)
-        self._views = self.keys, self.values = buffers[0][..., :end, :], buffers[1][..., :end, :]
+        self._buffers = tuple(b.index_select(0, indices.to(b.device)) for b in buffers)
+        self._show(end)
 
 
 def decoding_cache(model, dtype: torch.dtype, reserve: int):
