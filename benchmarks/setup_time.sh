@@ -23,7 +23,8 @@ for rep in $(seq "$repeats"); do
     # pip's default: compile everything it installs (the old Makefile's commands).
     [ "$way" = compile ] && extra=("PIP_INSTALL=$d/.venv/bin/python -m pip install -q")
     t=$(now)
-    make -s -C "$d" install "${extra[@]}" >/dev/null
+    # (pip's warnings about this machine's pip.conf locations filtered out; its errors kept)
+    make -s -C "$d" install "${extra[@]}" 2>&1 >/dev/null | { grep -v '^WARNING: Location' || true; } >&2
     line="$rep $way $(since "$t")"
     for k in 1 2 3; do
       t=$(now)
