@@ -13,11 +13,12 @@ export MALLOC_TOP_PAD_ = 1073741824
 export THP_MEM_ALLOC_ENABLE = 1
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
-# pip compiles every .py file it installs to bytecode, most of which no run imports: set-up took 168 s that way and
-# 59 s with --no-compile (2026-12-07, benchmarks/README.md, "Set-up"). Python then compiles what a run imports, on
-# first import, and keeps it in the venv's __pycache__ for every later process, unless the environment forbids
-# writing bytecode (some machines set PYTHONDONTWRITEBYTECODE): then every process would compile torch's imports
-# again (10.7 s an import instead of 4.1), so make's commands write it.
+# pip compiles every .py file it installs to bytecode, most of which no run imports: `make install` took 99-142 s
+# that way and 58-72 s with --no-compile, 25-61 s less with the first imports' compiling counted (2026-12-07,
+# benchmarks/setup_time.sh). Python then compiles what a run imports, on first import, and keeps it in the venv's
+# __pycache__ for every later process, unless the environment forbids writing bytecode (this machine sets
+# PYTHONDONTWRITEBYTECODE): then every process would compile torch's imports again (10.7 s an import instead of
+# 4.1-4.9), so make's commands write it.
 unexport PYTHONDONTWRITEBYTECODE
 PIP_INSTALL := $(PY) -m pip install -q --no-compile
 

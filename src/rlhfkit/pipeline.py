@@ -790,10 +790,10 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         "compare": compare,
         "gold": "demo",
         # 1 epoch (33 steps): the second epoch's held-out loss stayed flat (2.718 at step 20, 2.679 at 66) while its
-        # train loss fell (memorising 268 examples). Seed 0, fp32: SFT 213 s against 390 s, and the policies beat
-        # the less trained SFT model by more (PPO 0.658 [0.618, 0.696] against 0.589 [0.548, 0.628]; DPO 0.585
-        # [0.544, 0.622] against 0.584 [0.543, 0.623]; reward model 0.740 [0.688, 0.793] against 0.784 [0.730,
-        # 0.837]; benchmarks/demo_runs.md, session 45).
+        # train loss fell (memorising 268 examples). Seed 0, fp32: SFT 213 s against 390 s; PPO beat the less trained
+        # SFT model by more (0.658 [0.618, 0.696] against 0.589 [0.548, 0.628]), DPO by as much (0.585 [0.544, 0.622]
+        # against 0.584 [0.543, 0.623]); reward model 0.740 [0.688, 0.793] against 0.784 [0.730, 0.837]
+        # (benchmarks/demo_runs.md, session 45).
         "sft": {"num_epochs": 1, "lr": 5e-5, "batch_size": 8, "eval_every": 20, "save_every": 40, "precision": precision},
         # 4 responses per prompt, ranked: 6 pairs per prompt for the reward model. 512 prompts leave about 300
         # held-out pairs for its accuracy (runs: benchmarks/demo_runs.md).
