@@ -6,7 +6,7 @@ not by its last point alone: a method that keeps raising the proxy (the reward
 model) while the gold score falls is over-optimising. So PPO, GRPO, RLOO and
 DPO can each, at ``probe_points`` evenly spaced steps (and at step 0, the
 starting policy), sample one response per prompt for a fixed held-out prompt
-subset and record, in ``OUTPUT_DIR/frontier.jsonl``::
+subset (spread over the prompt file: :func:`probe_subset`) and record, in ``OUTPUT_DIR/frontier.jsonl``::
 
     {"step", "kl", "kl_se", "gold", "gold_se", "proxy", "proxy_se", "num_prompts", "response_length"}
 
@@ -51,7 +51,7 @@ class ProbeOptions:
     probe_prompts: str = ""
     """Held-out prompts (JSONL with `prompt`); empty: the shipped demo eval prompts."""
     probe_max_prompts: int = 32
-    """Use the first N probe prompts, one response each."""
+    """Use N of the probe prompts, one response each, spread evenly over the file (:func:`probe_subset`); 0: all."""
     probe_max_new_tokens: int = 64
     """Response length limit of probe samples."""
     probe_temperature: float = 0.7
@@ -68,6 +68,21 @@ def probe_steps(total_steps: int, points: int) -> list[int]:
     if points <= 0:
         return []
     return sorted({0, *(max(1, round(k * total_steps / points)) for k in range(1, points + 1))})
+
+
+def probe_subset(prompts: list, n: int) -> list:
+    """``n`` prompts spread evenly over ``prompts`` (every ``len / n``-th, from the first), or all of them when ``n``
+    is 0 or at least their number.
+
+    Not the first ``n``: a prompt file written topic by topic (the demo's eval prompts: how-to questions first,
+    thank-you notes and rude questions later) would probe one kind of request and draw a frontier that the eval,
+    on every kind, does not share (the seed-0 DPO policy's first eval sample per prompt scored a gold 0.014 on the
+    first 32 prompts against 0.138 on all 240, the SFT model's 0.051 against 0.074; benchmarks/demo_runs.md,
+    session 45).
+    """
+    if n <= 0 or n >= len(prompts):
+        return list(prompts)
+    return [prompts[i * len(prompts) // n] for i in range(n)]
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -100,7 +115,7 @@ class FrontierProbe:
         self.options, self.tokenizer, self.reference = options, tokenizer, reference
         self.gold, self.proxy = gold, proxy
         prompts = load_prompts(options.probe_prompts or demo_data_path("prompts_eval.jsonl"))
-        self.prompts = prompts[: options.probe_max_prompts] if options.probe_max_prompts > 0 else prompts
+        self.prompts = probe_subset(prompts, options.probe_max_prompts)
         self.path = Path(output_dir) / FRONTIER_FILE
         self.seed, self.precision = seed, precision
 
