@@ -337,9 +337,9 @@ class HFEngine:
         ``generate`` steps every row until the last one ends, so a row that stopped early still costs a full
         row of every matmul: in the demo's batches of SmolLM2 samples (64 tokens at most) 10-17% of the row-steps.
         Between chunks the rows that produced EOS leave the batch and its KV cache (``batch_select_indices``), and
-        the next ``generate`` continues the others from the cache (it runs only their last token). The sampler draws the whole batch's uniforms each step (:attr:`InverseCDFSampler.rows`),
-        so each row gets the tokens decoding the whole batch would give it, up to the matmuls' rounding on
-        fewer rows.
+        the next ``generate`` continues the others from the cache (it runs only their last token). The sampler
+        draws the whole batch's uniforms each step (:attr:`InverseCDFSampler.rows`), so each row gets the tokens
+        decoding the whole batch would give it, up to the matmuls' rounding on fewer rows.
         """
         tok, max_new = self.tokenizer, kwargs["max_new_tokens"]
         rows = torch.arange(ids.shape[0], device=ids.device)  # the original rows still decoding
