@@ -25,7 +25,7 @@ from rlhfkit.modeling.forward import sequence_logps
 from rlhfkit.run_layout import EVAL_PREFIX, PreferenceMetric
 from rlhfkit.run_layout import PreferenceMetric as PM
 from rlhfkit.training import reference
-from tests.helpers import ON_CUDA, QA_PAIRS, on_device_of, read_jsonl, saved_weights, train_entries, write_jsonl
+from tests.helpers import ON_CUDA, QA_PAIRS, RESUME_ATOL, on_device_of, read_jsonl, saved_weights, train_entries, write_jsonl
 
 # ----------------------------------------------------------------------------- data
 
@@ -724,3 +724,26 @@ def test_dpo_on_two_processes_with_the_reference_split_between_them_equals_one_p
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in two_log] == pytest.approx([r[key] for r in one_log], rel=1e-4), key
     assert_same_weights(saved_weights(two.output_dir), saved_weights(one.output_dir), atol=1e-5)
+
+
+def test_a_step0_probe_read_from_the_cache_leaves_training_as_it_was(prefs_file, tmp_path):
+    """Two DPO runs from one model with one probe_cache: the second reads the step-0 probe, and trains and probes
+    its last step exactly as the first, which measured it."""
+    from rlhfkit.probe import FRONTIER_FILE
+
+    common = dict(
+        data=str(prefs_file), max_steps=2, ref_cache=False, probe_points=1, probe_max_prompts=2, probe_max_new_tokens=4,
+        gold="length", probe_cache=str(tmp_path / "cache"),
+    )  # fmt: skip
+    first, second = (dpo_config(tmp_path, name, **common) for name in ("first", "second"))
+    train(first)
+    train(second)
+    rows = [read_jsonl(Path(c.output_dir) / FRONTIER_FILE) for c in (first, second)]
+    assert "cached" not in rows[0][0] and rows[1][0]["cached"].startswith("probe0-")
+    assert all("cached" not in r for r in rows[0][1:] + rows[1][1:])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "cached")}  # noqa: E731
+    assert [strip(r) for r in rows[1]] == [strip(r) for r in rows[0]]
+    losses = [[e["loss"] for e in train_entries(c.output_dir)] for c in (first, second)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=RESUME_ATOL)
+    a, b = saved_weights(Path(first.output_dir)), saved_weights(Path(second.output_dir))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=RESUME_ATOL) for k in a)

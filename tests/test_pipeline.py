@@ -612,6 +612,12 @@ def test_demo_stages_run_for_every_algorithm_on_the_tiny_model(tmp_path, algorit
         frontier = [json.loads(line) for line in (run / name / "frontier.jsonl").read_text().splitlines()]
         assert [p["step"] for p in frontier] == [0, 1, 2]
         assert abs(frontier[0]["kl"]) < 1e-4  # the starting policy is the reference
+    # Both start from the SFT model: the second stage reads the first's step-0 probe from OUTPUT/probe_cache.
+    first, second = (
+        [json.loads(x) for x in (run / n / "frontier.jsonl").read_text().splitlines()][0] for n in (algorithm, other)
+    )
+    assert "cached" not in first and second.pop("cached") in {f.name for f in (run / pipeline.PROBE_CACHE).iterdir()}
+    assert {k: v for k, v in second.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     assert results["win_rate"] == results["players"][algorithm]["win_rate"]
     # The reward model's held-out accuracy is reward/heldout.json's, counted on the comparisons the reward
     # stage held out of the labels: every strict pair of each ranking (K(K-1)/2 less its tied pairs), ties apart.

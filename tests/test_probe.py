@@ -1,4 +1,5 @@
-"""Which prompts the frontier probes sample (rlhfkit.probe): spread over the file, not its first few."""
+"""The frontier probes (rlhfkit.probe): which prompts they sample (spread over the file, not its first few), and
+the step-0 probe that stages starting from one policy share."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 from rlhfkit.probe import FrontierProbe, ProbeOptions, probe_steps, probe_subset
 
 
-def test_probe_subset_takes_every_len_over_n_th_prompt():
+def test_probe_subset_is_spread_from_the_first_prompt_to_the_last():
     prompts = [f"p{i}" for i in range(10)]
-    # i * 10 // 4 for i = 0..3: 0, 2, 5, 7 (worked by hand)
-    assert probe_subset(prompts, 4) == ["p0", "p2", "p5", "p7"]
-    assert probe_subset(prompts, 5) == ["p0", "p2", "p4", "p6", "p8"]
+    # round(i * 9 / 3) for i = 0..3: 0, 3, 6, 9; round(i * 9 / 4): 0, 2.25, 4.5, 6.75, 9 -> 0, 2, 4 (half to even), 7, 9
+    assert probe_subset(prompts, 4) == ["p0", "p3", "p6", "p9"]
+    assert probe_subset(prompts, 5) == ["p0", "p2", "p4", "p7", "p9"]
     assert probe_subset(prompts, 1) == ["p0"]
     assert probe_subset(prompts, 0) == prompts  # 0: all of them
     assert probe_subset(prompts, 10) == prompts
@@ -26,7 +27,7 @@ def test_probe_subset_is_spread_over_the_demo_eval_file():
     chosen = probe_subset(prompts, 32)
     index = [prompts.index(p) for p in chosen]
     assert len(set(index)) == 32 and index == sorted(index)
-    assert index[0] == 0 and index[1] == 325 // 32 and index[-1] == 31 * 325 // 32 == 314
+    assert index[0] == 0 and index[1] == round(324 / 31) == 10 and index[-1] == 324
 
 
 def test_frontier_probe_samples_the_spread_subset(tmp_path):
@@ -42,5 +43,81 @@ def test_frontier_probe_samples_the_spread_subset(tmp_path):
         seed=0,
         precision="fp32",
     )
-    assert probe.prompts == ["question 0?", "question 3?", "question 6?"]
+    assert probe.prompts == ["question 0?", "question 4?", "question 8?"]  # round(i * 8 / 2)
     assert probe_steps(10, 1) == [0, 10]
+
+
+def _tiny_probe(tmp_path, model, *, proxy=None, cache="", prompts_file=None, out="run"):
+    from rlhfkit.modeling import models
+
+    path = prompts_file or tmp_path / "probe.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(4)))
+    (tmp_path / out).mkdir(exist_ok=True)
+    return FrontierProbe(
+        ProbeOptions(probe_points=1, probe_prompts=str(path), probe_max_new_tokens=5, probe_cache=cache),
+        tokenizer=models.load_tokenizer(models.TINY),
+        reference=model,
+        gold=lambda p, r: [float(len(x)) for x in r],
+        proxy=proxy,
+        output_dir=tmp_path / out,
+        seed=0,
+        precision="fp32",
+    )
+
+
+def test_step0_probe_is_read_from_the_cache_only_when_everything_it_depends_on_is_the_same(tmp_path):
+    """Two stages starting from one policy share the step-0 probe (the pipeline's DPO and PPO); another weight,
+    proxy (a rescaled one too) or later step is measured afresh."""
+    import torch
+
+    from rlhfkit.modeling import models
+
+    torch.manual_seed(0)
+    model = models.load_causal_lm(models.TINY)
+    cache = str(tmp_path / "cache")
+    proxy = lambda p, r: [0.1 * len(x) for x in r]  # noqa: E731
+    first = _tiny_probe(tmp_path, model, proxy=proxy, cache=cache, out="a")(model, 0, 10)
+    assert "cached" not in first and len(list((tmp_path / "cache").iterdir())) == 1
+    second = _tiny_probe(tmp_path, model, proxy=proxy, cache=cache, out="b")(model, 0, 10)
+    assert second["cached"] == next((tmp_path / "cache").iterdir()).name
+    same = ("kl", "kl_se", "gold", "gold_se", "proxy", "proxy_se", "num_prompts", "response_length")
+    assert {k: second[k] for k in same} == {k: first[k] for k in same}
+    assert json.loads((tmp_path / "b" / "frontier.jsonl").read_text())["cached"] == second["cached"]
+    # Measured afresh, and equal to the cached row: the cache holds what a measurement gives.
+    fresh = _tiny_probe(tmp_path, model, proxy=proxy, out="c")(model, 0, 10)
+    assert {k: fresh[k] for k in same} == {k: first[k] for k in same} and "cached" not in fresh
+
+    rescaled = lambda p, r: [0.2 * len(x) for x in r]  # noqa: E731
+    assert "cached" not in _tiny_probe(tmp_path, model, proxy=rescaled, cache=cache, out="d")(model, 0, 10)
+    assert "cached" not in _tiny_probe(tmp_path, model, proxy=proxy, cache=cache, out="e")(model, 10, 10)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert "cached" not in _tiny_probe(tmp_path, model, proxy=proxy, cache=cache, out="f")(model, 0, 10)
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # the first, the rescaled proxy's, the changed weight's
+
+
+def test_fingerprint_changes_with_prompts_options_and_gold(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from rlhfkit.modeling import models
+
+    torch.manual_seed(0)
+    model = models.load_causal_lm(models.TINY)
+    base = _tiny_probe(tmp_path, model)
+    digest = base.fingerprint(model)
+    assert _tiny_probe(tmp_path, model).fingerprint(model) == digest
+    other_prompts = tmp_path / "other.jsonl"
+    other_prompts.write_text(json.dumps({"prompt": "another question?"}) + "\n")
+    assert _tiny_probe(tmp_path, model, prompts_file=other_prompts).fingerprint(model) != digest
+    longer = _tiny_probe(tmp_path, model)
+    longer.options = dataclasses.replace(longer.options, probe_max_new_tokens=6)
+    assert longer.fingerprint(model) != digest
+    other_gold = _tiny_probe(tmp_path, model)
+    other_gold.gold = lambda p, r: [-float(len(x)) for x in r]
+    assert other_gold.fingerprint(model) != digest
+    reseeded = _tiny_probe(tmp_path, model)
+    reseeded.seed = 1
+    assert reseeded.fingerprint(model) != digest

@@ -414,12 +414,12 @@ def test_normalised_scores_have_mean_zero_std_one(trained):
 
 
 def test_normalisation_samples_are_evenly_spaced_and_capped():
-    from rlhfkit.reward import evenly_spaced
+    from rlhfkit.data.io import evenly_spaced
 
     assert evenly_spaced(10, 4) == [0, 3, 6, 9]
     assert evenly_spaced(5, 2) == [0, 4]
     assert evenly_spaced(5, 1) == [0]
-    assert evenly_spaced(5, 5) == evenly_spaced(5, 9) == evenly_spaced(5, -1) == [0, 1, 2, 3, 4]
+    assert evenly_spaced(5, 5) == evenly_spaced(5, 9) == evenly_spaced(5, -1) == evenly_spaced(5, 0) == [0, 1, 2, 3, 4]
     picked = evenly_spaced(2652, 1024)
     assert len(set(picked)) == 1024 and picked == sorted(picked) and picked[-1] == 2651
 

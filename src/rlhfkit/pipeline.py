@@ -22,7 +22,8 @@ and DPO; an ILQL policy is sampled with ILQL's decoding, the eval section's
 ``ilql_beta``). Each writes to
 ``OUTPUT/ALGORITHM``. Every policy stage gets the gold scorer for its frontier
 probes (:mod:`rlhfkit.probe`), so the report can draw reward-KL curves and check
-for over-optimisation.
+for over-optimisation; they start from the same SFT model, so the first one's
+step-0 probe is kept in ``OUTPUT/probe_cache`` and the others read it.
 
 The **gate** checks the reward model before RL trains against it: its held-out
 accuracy interval (``reward/heldout.json``) must exclude chance
@@ -75,7 +76,7 @@ from rlhfkit.config import ConfigError, from_dict, merge_sections, nest_dotted, 
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.generation.workers import cpu_sampling_workers, sendable
 from rlhfkit.modeling import models
-from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, ONLINE_ALGORITHMS, POLICY_ALGORITHMS, STAGES  # noqa: F401 (re-exported)
+from rlhfkit.run_layout import GATE_FILE, HELDOUT_FILE, ONLINE_ALGORITHMS, POLICY_ALGORITHMS, PROBE_CACHE, STAGES  # noqa: F401 (re-exported)
 
 Algorithm = Literal["dpo", "ilql", "ppo", "grpo", "rloo", "a2c", "nlpo", "reinforce"]
 Feedback = Literal["label", "constitutional"]
@@ -335,8 +336,10 @@ def build_stages(p: PipelineConfig) -> list[Stage]:
     aggregation = ("pipeline", {"reward_aggregation": p.reward_aggregation, "reward_uwo_coef": p.reward_uwo_coef})
     for algorithm in algorithms:
         sections = [(algorithm, getattr(p, algorithm))] + ([("rl", p.rl)] if algorithm == p.algorithm else [])
-        # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy.
-        wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "gold": p.gold}
+        # Every policy stage probes its frontier with the gold scorer; the reward model is DPO's proxy. They all start
+        # from the SFT model, so their step-0 probes are one measurement: the first stage's is kept in probe_cache
+        # (under a fingerprint of the weights, prompts, options and scorers) and the others read it (37 s each, fp32).
+        wired = {"output_dir": str(d[algorithm]), "seed": p.seed, "gold": p.gold, "probe_cache": str(out / PROBE_CACHE)}
         if algorithm == "dpo":
             config = make(dpo.DPOConfig, {**wired, "model": str(d["sft"]), "data": labels, "proxy": str(d["reward"])}, *sections)
             stages.append(Stage(algorithm, config, dpo.train, d[algorithm], every_process=True))

@@ -18,6 +18,10 @@ draw) inside a forked RNG, so probing never changes what training samples and
 a resumed run stays exact. The report draws the frontier and runs the
 over-optimisation check (:func:`rlhfkit.stats.overoptimisation`) from this file.
 
+Stages that start from the same policy (the pipeline's DPO and PPO, both from the SFT model) make the same
+step-0 probe: with ``probe_cache`` set, the first keeps its row under a fingerprint of everything the probe depends
+on (:meth:`FrontierProbe.fingerprint`) and the others read it (``"cached"``: the file's name, in their row).
+
 Multi-process runs: the probe runs on the main process with the unwrapped
 model, which is right for DDP; under FSDP or ZeRO-3 the parameters are sharded
 and this has not been made to work (nor run).
@@ -25,6 +29,8 @@ and this has not been made to work (nor run).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 
 from rlhfkit import log
-from rlhfkit.data.io import append_jsonl, truncate_jsonl_by_step
+from rlhfkit.data.io import append_jsonl, atomic_write_text, evenly_spaced, truncate_jsonl_by_step
 from rlhfkit.data.prompts import demo_data_path, load_prompts
 
 FRONTIER_FILE = "frontier.jsonl"
@@ -56,6 +62,10 @@ class ProbeOptions:
     """Response length limit of probe samples."""
     probe_temperature: float = 0.7
     """Sampling temperature of probe samples (and of their KL)."""
+    probe_cache: str = ""
+    """A directory keeping the step-0 probe (of the starting policy) under a fingerprint of everything it depends on
+    (:meth:`FrontierProbe.fingerprint`); a run that starts from the same point reads its row instead of sampling
+    again. The pipeline's DPO and PPO stages share one. Empty: off."""
     gold: str = ""
     """Gold scorer (built-in, `module:function` or reward-model dir) for the probes (and, in RL, logged as
     `gold_score` on each step's samples); it never affects training. Empty: no probes, no gold_score."""
@@ -71,8 +81,8 @@ def probe_steps(total_steps: int, points: int) -> list[int]:
 
 
 def probe_subset(prompts: list, n: int) -> list:
-    """``n`` prompts spread evenly over ``prompts`` (every ``len / n``-th, from the first), or all of them when ``n``
-    is 0 or at least their number.
+    """``n`` prompts spread evenly over ``prompts``, the first and the last included (:func:`evenly_spaced`), or all
+    of them when ``n`` is 0 or at least their number.
 
     Not the first ``n``: a prompt file written topic by topic (the demo's eval prompts: how-to questions first,
     thank-you notes and rude questions later) would probe one kind of request and draw a frontier that the eval,
@@ -80,9 +90,11 @@ def probe_subset(prompts: list, n: int) -> list:
     first 32 prompts against 0.138 on all 240, the SFT model's 0.051 against 0.074; benchmarks/demo_runs.md,
     session 45).
     """
-    if n <= 0 or n >= len(prompts):
-        return list(prompts)
-    return [prompts[i * len(prompts) // n] for i in range(n)]
+    return [prompts[i] for i in evenly_spaced(len(prompts), n)]
+
+
+FINGERPRINT_RESPONSE = "Thank you for asking. Here is a short answer."
+"""The fixed response the gold and proxy scorers score, with every probe prompt, for :meth:`FrontierProbe.fingerprint`."""
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -123,11 +135,33 @@ class FrontierProbe:
     def __call__(self, policy, step: int, total_steps: int) -> dict | None:
         if step not in probe_steps(total_steps, self.options.probe_points):
             return None
+        t0 = time.perf_counter()
+        cached = self._cache_file(policy) if step == 0 and self.options.probe_cache else None
+        if cached is not None and cached.exists():
+            row = {**json.loads(cached.read_text()), "step": step, "cached": cached.name}
+        else:
+            row = self._measure(policy, step)
+            if cached is not None:
+                atomic_write_text(cached, json.dumps(row))
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        # A resumed run probes its resumed step again: rows at this step or later (from the run before the
+        # restart) go, so the file holds each step once, as an uninterrupted run's would.
+        truncate_jsonl_by_step(self.path, step - 1)
+        append_jsonl(self.path, row)
+        proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
+        reused = f", read from {cached}" if "cached" in row else ""
+        log.info(
+            f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
+            f"({row['seconds']:.0f}s{reused})"
+        )
+        return row
+
+    def _measure(self, policy, step: int) -> dict[str, Any]:
+        """Sample one response per probe prompt (reseeded, in a forked RNG), score it, and measure its KL."""
         from rlhfkit.evaluate import KL_PRECISION, sequence_kl  # start-up: report imports probe; loads transformers
         from rlhfkit.generation.rollout import GenerationOptions, HFEngine, make_rollout  # start-up: loads transformers
 
         o = self.options
-        t0 = time.perf_counter()
         was_training = policy.training
         policy.eval()
         with torch.random.fork_rng(devices=[]):
@@ -147,14 +181,32 @@ class FrontierProbe:
             row["proxy"], row["proxy_se"] = _mean_se(list(self.proxy(rollout.prompts, rollout.responses)))
         row["num_prompts"] = len(self.prompts)
         row["response_length"] = float(rollout.lengths.float().mean())
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        # A resumed run probes its resumed step again: rows at this step or later (from the run before the
-        # restart) go, so the file holds each step once, as an uninterrupted run's would.
-        truncate_jsonl_by_step(self.path, step - 1)
-        append_jsonl(self.path, row)
-        proxy = "" if row["proxy"] is None else f", proxy {row['proxy']:.3f}"
-        log.info(
-            f"probe: step {step}: gold {row['gold']:.3f} ± {row['gold_se']:.3f}{proxy}, KL {row['kl']:.2f} "
-            f"({row['seconds']:.0f}s)"
-        )
         return row
+
+    def fingerprint(self, policy) -> str:
+        """A digest of everything the starting policy's probe depends on: the policy's and the reference's weights
+        (names, dtypes, bytes; :func:`rlhfkit.training.reference.hash_model`) and the policy's attention, the
+        tokenizer, the prompts, the sampling options, the seed and the precision, and the gold and proxy scorers,
+        these by their scores of one fixed response to every probe prompt (so another scorer, scale, normalisation
+        or ensemble aggregation gives another digest without the caller describing its scorers). About 1 s for
+        two 135M-parameter models; only a step-0 probe with ``probe_cache`` set takes it."""
+        from rlhfkit.training.reference import hash_model, hash_tokenizer  # start-up: loads transformers
+
+        fixed = [FINGERPRINT_RESPONSE] * len(self.prompts)
+        proxy = None if self.proxy is None else [float(x) for x in self.proxy(self.prompts, fixed)]
+        key = {
+            "policy": hash_model(policy),
+            "reference": "the policy's base" if self.reference is policy else hash_model(self.reference),
+            "attention": str(getattr(getattr(policy, "config", None), "_attn_implementation", "")),
+            "tokenizer": hash_tokenizer(self.tokenizer),
+            "prompts": self.prompts,
+            "sampling": [self.options.probe_max_new_tokens, self.options.probe_temperature, self.seed, self.precision],
+            "gold": [float(x) for x in self.gold(self.prompts, fixed)],
+            "proxy": proxy,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _cache_file(self, policy) -> Path:
+        directory = Path(self.options.probe_cache)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"probe0-{self.fingerprint(policy)}.json"

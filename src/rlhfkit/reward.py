@@ -63,7 +63,7 @@ import torch
 
 from rlhfkit import log
 from rlhfkit.config import ConfigError
-from rlhfkit.data.io import DataError, atomic_write_text, read_rows
+from rlhfkit.data.io import DataError, atomic_write_text, evenly_spaced, read_rows
 from rlhfkit.data.pairwise import chosen_rejected, collate_pairs, collate_rankings, load_pair_splits, tokenize_rankings
 from rlhfkit.data.preferences import load_comparisons, parse_prompt
 from rlhfkit.data.records import Comparison
@@ -123,7 +123,7 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     """JSONL of {prompt, response} samples for normalisation; empty: every response in `data`
     (held-out comparisons included; in the pipeline these are all samples of the SFT model)."""
     norm_max_samples: int = 1024
-    """Score at most this many normalisation samples, evenly spaced over them (-1: all); a mean and
+    """Score at most this many normalisation samples, evenly spaced over them (0 or less: all); a mean and
     std need no more, and scoring every response of a large preference set takes minutes."""
     ensemble_size: int = 1
     """Score heads on one shared backbone: K > 1 trains a reward-model ensemble (Coste et al. 2024), which RL,
@@ -404,16 +404,6 @@ def _report_heldout(out: Path, result: dict) -> None:
     )
     if "head_accuracy" in result:
         log.info(f"reward: held-out accuracy of each member: {', '.join(f'{a:.2f}' for a in result['head_accuracy'])}")
-
-
-def evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)``, first and last included (all of them if ``k`` is
-    -1 or at least ``n``)."""
-    if k < 0 or k >= n:
-        return list(range(n))
-    if k == 1:
-        return [0]
-    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
 def _norm_samples(config: RewardConfig) -> tuple[list, list[str]]:

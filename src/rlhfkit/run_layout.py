@@ -21,6 +21,8 @@ GATE_FILE = "gate.json"
 """The gate's verdict, in OUTPUT/gate."""
 HELDOUT_FILE = "heldout.json"
 """The reward model's held-out accuracy with its interval, in the reward stage's output directory."""
+PROBE_CACHE = "probe_cache"
+"""OUTPUT/probe_cache: the policy stages' shared step-0 frontier probe (:attr:`rlhfkit.probe.ProbeOptions.probe_cache`)."""
 
 
 class RLMetric:

@@ -481,6 +481,17 @@ def holdout_size(count: int, fraction: float) -> int:
     return max(1, int(round(fraction * count))) if fraction > 0 else 0
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``, first and last included (all of them if ``k`` is 0 or less,
+    or at least ``n``). The reward model's normalisation samples and the frontier probes' prompts: spread over a
+    file written topic by topic, not its first ``k`` records."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    if k == 1:
+        return [0]
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
 def split_holdout(
     items: list[T],
     fraction: float,

@@ -439,6 +439,7 @@ RESUME_FREE_KEYS = frozenset(
         "probe_max_prompts",
         "probe_max_new_tokens",
         "probe_temperature",
+        "probe_cache",
         "gold",
         "gold_args",
         "proxy",
