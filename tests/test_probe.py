@@ -118,6 +118,9 @@ def test_fingerprint_changes_with_prompts_options_and_gold(tmp_path):
     other_gold = _tiny_probe(tmp_path, model)
     other_gold.gold = lambda p, r: [-float(len(x)) for x in r]
     assert other_gold.fingerprint(model) != digest
+    other_name = _tiny_probe(tmp_path, model)  # another scorer that scores the fixed response alike
+    other_name.options = dataclasses.replace(other_name.options, gold="length", gold_args={"target": 3})
+    assert other_name.fingerprint(model) != digest
     reseeded = _tiny_probe(tmp_path, model)
     reseeded.seed = 1
     assert reseeded.fingerprint(model) != digest

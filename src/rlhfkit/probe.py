@@ -186,9 +186,10 @@ class FrontierProbe:
     def fingerprint(self, policy) -> str:
         """A digest of everything the starting policy's probe depends on: the policy's and the reference's weights
         (names, dtypes, bytes; :func:`rlhfkit.training.reference.hash_model`) and the policy's attention, the
-        tokenizer, the prompts, the sampling options, the seed and the precision, and the gold and proxy scorers,
-        these by their scores of one fixed response to every probe prompt (so another scorer, scale, normalisation
-        or ensemble aggregation gives another digest without the caller describing its scorers). About 3 s for
+        tokenizer, the prompts, the sampling options, the seed and the precision, the gold scorer's name and arguments,
+        and the gold and proxy scorers' scores of one fixed response to every probe prompt (so another reward model,
+        scale, normalisation or ensemble aggregation gives another digest, though RL and DPO describe their proxies
+        differently). About 3 s for
         two 135M-parameter models and a reward model scoring 32 responses (fp32, 2 cores), against 26-29 s for the probe
         it saves; only a step-0 probe with ``probe_cache`` set takes it."""
         from rlhfkit.training.reference import hash_model, hash_tokenizer  # start-up: loads transformers
@@ -202,7 +203,7 @@ class FrontierProbe:
             "tokenizer": hash_tokenizer(self.tokenizer),
             "prompts": self.prompts,
             "sampling": [self.options.probe_max_new_tokens, self.options.probe_temperature, self.seed, self.precision],
-            "gold": [float(x) for x in self.gold(self.prompts, fixed)],
+            "gold": [self.options.gold, self.options.gold_args, [float(x) for x in self.gold(self.prompts, fixed)]],
             "proxy": proxy,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
