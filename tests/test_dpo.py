@@ -742,7 +742,9 @@ def test_a_step0_probe_read_from_the_cache_leaves_training_as_it_was(prefs_file,
     assert "cached" not in rows[0][0] and rows[1][0]["cached"].startswith("probe0-")
     assert all("cached" not in r for r in rows[0][1:] + rows[1][1:])
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "cached")}  # noqa: E731
-    assert [strip(r) for r in rows[1]] == [strip(r) for r in rows[0]]
+    assert strip(rows[1][0]) == strip(rows[0][0])
+    if not ON_CUDA:  # CUDA's embedding backward adds with atomics: a later probe may sample another token there
+        assert [strip(r) for r in rows[1]] == [strip(r) for r in rows[0]]
     losses = [[e["loss"] for e in train_entries(c.output_dir)] for c in (first, second)]
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=RESUME_ATOL)
     a, b = saved_weights(Path(first.output_dir)), saved_weights(Path(second.output_dir))
