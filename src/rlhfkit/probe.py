@@ -189,9 +189,8 @@ class FrontierProbe:
         tokenizer, the prompts, the sampling options, the seed and the precision, the gold scorer's name and arguments,
         and the gold and proxy scorers' scores of one fixed response to every probe prompt (so another reward model,
         scale, normalisation or ensemble aggregation gives another digest, though RL and DPO describe their proxies
-        differently). About 3 s for
-        two 135M-parameter models and a reward model scoring 32 responses (fp32, 2 cores), against 26-29 s for the probe
-        it saves; only a step-0 probe with ``probe_cache`` set takes it."""
+        differently). About 3 s for two 135M-parameter models and a reward model scoring 32 responses (fp32, 2 cores),
+        against 26-33 s for the probe it saves; only a step-0 probe with ``probe_cache`` set takes it."""
         from rlhfkit.training.reference import hash_model, hash_tokenizer  # start-up: loads transformers
 
         fixed = [FINGERPRINT_RESPONSE] * len(self.prompts)
