@@ -488,15 +488,16 @@ def test_algorithm_sections_reach_their_stage_and_rl_reaches_the_main_one(tmp_pa
         pipeline.build_stages(config(tmp_path, algorithm="ppo", compare=["dpo"], dpo={"kl_coef": 0.1}))
 
 
-def test_demo_dpo_trains_on_every_labelled_prompt(tmp_path):
-    """The demo's DPO reads every comparison the label stage writes (one per sampled prompt); a given value stays."""
+def test_demo_dpo_trains_on_the_first_half_of_the_labelled_prompts(tmp_path):
+    """The demo's DPO reads half of what the sample stage labels, whatever its size; a given value stays."""
 
     def dpo_stage(**overrides):
         cfg = pipeline.demo_config(output_dir=str(tmp_path), **overrides)
         return next(s for s in pipeline.build_stages(cfg) if s.name == "dpo").config
 
-    assert pipeline.demo_config().sample["max_prompts"] == 512 and dpo_stage().max_comparisons == -1
-    assert dpo_stage(**{"sample.max_prompts": 101}).max_comparisons == -1
+    assert pipeline.demo_config().sample["max_prompts"] == 512 and dpo_stage().max_comparisons == 256
+    assert dpo_stage(**{"sample.max_prompts": 101}).max_comparisons == 50
+    assert dpo_stage(sample={"max_prompts": -1}).max_comparisons == -1  # every prompt of the file: all its labels
     assert dpo_stage(**{"sample.max_prompts": 100, "dpo.max_comparisons": 80}).max_comparisons == 80
     assert dpo_stage(dpo={"max_comparisons": 0}).max_comparisons == 0
 

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rlhfkit import log
-from rlhfkit.config import ConfigError, from_dict, merge_sections, to_dict
+from rlhfkit.config import ConfigError, from_dict, merge_sections, nest_dotted, to_dict
 from rlhfkit.data.io import atomic_write_text
 from rlhfkit.generation.workers import cpu_sampling_workers, sendable
 from rlhfkit.modeling import models
@@ -831,12 +831,14 @@ def demo_config(**overrides: Any) -> PipelineConfig:
             "norm_max_samples": 256,
             "precision": precision,
         },
-        # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x. Every
-        # labelled prompt: on the demo's seeds 0-2 (bf16, the same SFT models, labels and eval: 240 prompts x 2
-        # samples), all 512 prompts (61 steps) against the first 256 (30 steps), both at lr 1e-5, won vs SFT
-        # 0.623 [0.582, 0.661] vs 0.582 [0.543, 0.618] (KL 2.29 vs 0.69), 0.657 [0.621, 0.694] vs 0.545 [0.504,
-        # 0.583] (KL 2.81 vs 0.88) and 0.669 [0.632, 0.709] vs 0.569 [0.532, 0.605] (KL 2.77 vs 0.53), for 179-210 s
-        # of training instead of about 100 (benchmarks/demo_runs.md, session 47).
+        # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x. The first
+        # half of the labelled prompts (max_comparisons, set below): 320 of 640 at lr 1e-5 (38 steps) against all
+        # 640 at 5e-6 (76 steps), on the same SFT model, labels and eval (fp32, 240 prompts x 2 samples), won vs
+        # SFT 0.576 [0.535, 0.615] vs 0.584 [0.542, 0.624] (seed 0) and 0.599 [0.561, 0.636] vs 0.562 [0.523, 0.601]
+        # (seed 1), in half the time. In bf16 (seeds 0-2, 512 labelled prompts) all 512 at lr 1e-5 (61 steps) did win
+        # more, 0.623-0.669 against 0.545-0.582 at KL 2.3-2.8 against 0.5-0.9, but `make demo` on a fresh clone
+        # took 19.9 min with it against 16.5 (its DPO stage 276 s against 151): `dpo.max_comparisons=-1` gives it
+        # (benchmarks/demo_runs.md, session 47).
         "dpo": {
             **probe,
             "num_epochs": 1,
@@ -877,4 +879,11 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         },
     }
     merged = merge_sections(base, overrides)
+    # DPO on the first half of the labelled prompts, however many the sample stage draws (all of them when it
+    # draws every prompt of the file, a count not known here), unless dpo.max_comparisons is given.
+    given = nest_dotted(overrides).get("dpo")
+    labelled = merged["sample"].get("max_prompts", -1) if isinstance(merged.get("sample"), dict) else -1
+    if isinstance(merged.get("dpo"), dict) and not (isinstance(given, dict) and "max_comparisons" in given):
+        half = labelled // 2 if isinstance(labelled, int) and labelled > 1 else -1
+        merged["dpo"] = {**merged["dpo"], "max_comparisons": half}
     return from_dict(PipelineConfig, merged, source="demo")
