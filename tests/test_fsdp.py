@@ -100,7 +100,9 @@ def assert_same_metrics(outs: dict[str, Path], *, rel: float) -> list[dict]:
         assert a.keys() == b.keys()
         for key in (k for k in a if not is_timing(k)):
             if isinstance(a[key], float):
-                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-7), f"step {a['step']}: {key}"
+                # abs: a DPO reward is beta x (a difference of two ~-100 log-probs), so its reduction-order rounding
+                # is absolute, not relative (FSDP2 against DDP on an avx512 CPU: 0.0191927 against 0.0191921)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=2e-6), f"step {a['step']}: {key}"
     return fsdp
 
 

@@ -563,4 +563,5 @@ def test_kto_on_two_processes_equals_one_process(tmp_path):
     assert max(r[kto.KL] for r in one_log) > 0.01  # z0 is in play
     for key in ("loss", "grad_norm", kto.KL):
         assert [r[key] for r in two_log] == pytest.approx([r[key] for r in one_log], rel=1e-4, abs=1e-6), key
-    assert_same_weights(saved_weights(two.output_dir), saved_weights(one.output_dir), atol=1e-5)
+    # 5e-5: the two processes' all-reduce adds in another order (1.7e-5 apart on an avx512_bf16 CPU, 3 steps at lr 1e-3)
+    assert_same_weights(saved_weights(two.output_dir), saved_weights(one.output_dir), atol=5e-5)
