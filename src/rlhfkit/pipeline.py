@@ -832,17 +832,17 @@ def demo_config(**overrides: Any) -> PipelineConfig:
             "precision": precision,
         },
         # One pair per prompt for DPO, its best response against its worst: all 6 pairs would cost 6x. The first
-        # half of the labelled prompts (max_comparisons, set below): 320 of 640 at lr 1e-5 (38 steps) against all
-        # 640 at 5e-6 (76 steps), on the same SFT model, labels and eval (fp32, 240 prompts x 2 samples), won vs
-        # SFT 0.576 [0.535, 0.615] vs 0.584 [0.542, 0.624] (seed 0) and 0.599 [0.561, 0.636] vs 0.562 [0.523, 0.601]
-        # (seed 1), in half the time. In bf16 (seeds 0-2, 512 labelled prompts) all 512 at lr 1e-5 (61 steps) did win
-        # more, 0.623-0.669 against 0.545-0.582 at KL 2.3-2.8 against 0.5-0.9, but `make demo` on a fresh clone
-        # took 19.9 min with it against 16.5 (its DPO stage 276 s against 151): `dpo.max_comparisons=-1` gives it
-        # (benchmarks/demo_runs.md, session 47).
+        # half of the labelled prompts (max_comparisons, set below) at lr 3e-5 (30 steps for 512 labelled prompts).
+        # On the same SFT models, labels and eval (bf16, seeds 0-2, 240 prompts x 2 samples; benchmarks/demo_runs.md,
+        # session 48) DPO won vs SFT 0.633 / 0.675 / 0.710 at lr 3e-5 (KL 2.9-4.3), 0.592 / 0.653 / 0.633 at 2e-5
+        # and 0.582 / 0.545 / 0.569 at 1e-5 (KL 0.5-0.9, the demo's before), and all 512 prompts at 1e-5 (61 steps)
+        # 0.623 / 0.657 / 0.669 at twice the DPO time (make demo 19.9 min on a fresh clone against 16.5):
+        # `dpo.max_comparisons=-1` gives that. Two other gold scorers (benchmarks/other_golds.py, seed 0): relevance
+        # 0.742 at 3e-5 (KL 6.1) against 0.594 at 1e-5, rating10 0.656 (KL 4.6) against 0.559.
         "dpo": {
             **probe,
             "num_epochs": 1,
-            "lr": 1e-5,
+            "lr": 3e-5,
             "beta": 0.1,
             "batch_size": 8,
             "eval_every": 0,
