@@ -837,8 +837,8 @@ def demo_config(**overrides: Any) -> PipelineConfig:
         # session 48) DPO won vs SFT 0.633 / 0.675 / 0.710 at lr 3e-5 (KL 2.9-4.3), 0.592 / 0.653 / 0.633 at 2e-5
         # and 0.582 / 0.545 / 0.569 at 1e-5 (KL 0.5-0.9, the demo's before), and all 512 prompts at 1e-5 (61 steps)
         # 0.623 / 0.657 / 0.669 at twice the DPO time (make demo 19.9 min on a fresh clone against 16.5):
-        # `dpo.max_comparisons=-1` gives that. Two other gold scorers (benchmarks/other_golds.py, seed 0): relevance
-        # 0.742 at 3e-5 (KL 6.1) against 0.594 at 1e-5, rating10 0.656 (KL 4.6) against 0.559.
+        # `dpo.max_comparisons=-1 dpo.lr=1e-5` gives that. Two other gold scorers (benchmarks/other_golds.py,
+        # seed 0): relevance 0.742 at 3e-5 (KL 6.1) against 0.594 at 1e-5, rating10 0.656 (KL 4.6) against 0.559.
         "dpo": {
             **probe,
             "num_epochs": 1,
