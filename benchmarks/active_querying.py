@@ -41,8 +41,8 @@ script, naming it. To label every pair of a samples file::
 (for samples with two responses a prompt, ``rlhfkit label samples=SAMPLES.jsonl`` labels every pair already; a K-way
 ranking's pairs are read as the ranking orders them). The held-out labels are of other prompts, labelled the same way.
 
-**Reported**: for each budget and arm, the held-out accuracy (``OUTPUT_DIR/.../heldout.json`` as ``rlhfkit reward``
-writes it: pairs right, ties in the held-out labels left out) with its 95% prompt-clustered bootstrap interval
+**Reported**: for each budget and arm, the held-out accuracy (:func:`rlhfkit.reward.heldout_accuracy`, as
+``rlhfkit reward`` computes it: pairs right, ties in the held-out labels left out; run once per model, after training) with its 95% prompt-clustered bootstrap interval
 (:func:`rlhfkit.stats.cluster_accuracy`) and the pair count; the active - random difference, with several seeds its
 mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed,
 each active budget minus each random budget at least as large, on the same held-out pairs with a prompt-clustered
@@ -66,7 +66,6 @@ from rlhfkit.data.preferences import load_comparisons, save_comparisons
 from rlhfkit.data.records import Comparison
 from rlhfkit.modeling.models import is_complete_save
 from rlhfkit.modeling.reward_model import ENSEMBLE_KEY, MEMBERS_KEY
-from rlhfkit.run_layout import HELDOUT_FILE
 from rlhfkit.stats import cluster_accuracy_difference, paired_bootstrap
 
 ARMS = ("random", "active")
@@ -164,10 +163,10 @@ class Run:
     ``per_pair``), aligned across runs, for the paired comparisons."""
 
 
-def finished(out: Path, heads: int, heldout: bool) -> bool:
+def finished(out: Path, heads: int) -> bool:
     """Whether ``out`` holds a finished reward model of ``heads`` members (every save complete by
-    :func:`rlhfkit.modeling.models.is_complete_save`, and its held-out result when ``heldout``)."""
-    if not is_complete_save(out) or (heldout and not (out / HELDOUT_FILE).is_file()):
+    :func:`rlhfkit.modeling.models.is_complete_save`)."""
+    if not is_complete_save(out):
         return False
     saved = json.loads((out / "config.json").read_text())
     if heads == 1:
@@ -185,18 +184,16 @@ def save_pairs(path: Path, pairs: list[Comparison]) -> bool:
     return before == path.read_bytes()
 
 
-def train_reward(
-    args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, heldout: bool = True, same_data: bool = False
-) -> dict:
-    """Train a reward model on ``data``; its held-out result (HELDOUT_FILE) when ``heldout``. With ``--reuse``, a
-    finished model in ``out`` trained on the same pairs (``same_data``) is kept instead."""
-    if args.reuse and same_data and finished(out, heads, heldout):
+def train_reward(args: argparse.Namespace, data: Path, out: Path, seed: int, *, heads: int = 1, same_data: bool = False) -> None:
+    """Train a reward model on ``data`` (no held-out evaluation: :func:`heldout_result` runs the one). With
+    ``--reuse``, a finished model in ``out`` trained on the same pairs (``same_data``) is kept instead."""
+    if args.reuse and same_data and finished(out, heads):
         print(f"reuse: {out} (finished, trained on the same pairs)", flush=True)
-        return json.loads((out / HELDOUT_FILE).read_text()) if heldout else {}
+        return
     config = reward.RewardConfig(
         model=args.model,
         data=str(data),
-        eval_data=args.heldout if heldout else "",
+        eval_data="",
         eval_fraction=0.0,
         output_dir=str(out),
         ensemble_size=heads,
@@ -215,12 +212,12 @@ def train_reward(
         tensorboard=False,
     )
     reward.train(config)
-    return json.loads((out / HELDOUT_FILE).read_text()) if heldout else {}
 
 
-def pair_outcomes(args: argparse.Namespace, model_dir: Path, heldout: list[Comparison]) -> dict:
-    """Each held-out pair's score under the reward model in ``model_dir`` (the pairs and order are the same for every
-    model: same comparisons, same settings), for paired active - random differences."""
+def heldout_result(args: argparse.Namespace, model_dir: Path, heldout: list[Comparison]) -> dict:
+    """:func:`rlhfkit.reward.heldout_accuracy` of the reward model in ``model_dir`` on the held-out pairs, with each
+    pair's score (``pairs``: the pairs and order are the same for every model, same comparisons and settings), for
+    paired active - random differences. The only held-out evaluation of the model (training runs none)."""
     from rlhfkit.modeling.reward_model import RewardModel
 
     rm = RewardModel(model_dir, precision=args.precision)
@@ -233,7 +230,7 @@ def pair_outcomes(args: argparse.Namespace, model_dir: Path, heldout: list[Compa
         precision=args.precision,
         per_pair=True,
     )
-    return result["pairs"]
+    return result
 
 
 def paired(a: Run, b: Run) -> dict:
@@ -265,11 +262,9 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
         """Train and score one arm; whether its training pairs were the same as those its file held before."""
         data = root / f"{arm}_{budget}.jsonl"
         same = save_pairs(data, train)
-        result = train_reward(args, data, root / f"{arm}_{budget}", seed, same_data=same)
-        outcomes = pair_outcomes(args, root / f"{arm}_{budget}", heldout)
-        run = Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"], outcomes)
-        if abs(sum(outcomes["correct"]) / len(outcomes["correct"]) - result["accuracy"]) > 1e-9:
-            raise SystemExit(f"{root / f'{arm}_{budget}'}: rescored held-out accuracy differs from heldout.json")
+        train_reward(args, data, root / f"{arm}_{budget}", seed, same_data=same)
+        result = heldout_result(args, root / f"{arm}_{budget}", heldout)
+        run = Run(arm, budget, seed, len(train), result["accuracy"], result["accuracy_ci"], result["num_pairs"], result["pairs"])
         runs.append(run)
         lo, hi = result["accuracy_ci"]
         print(f"seed {seed} N={budget} {arm}: accuracy {result['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {len(train)} pairs")
@@ -281,7 +276,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
     labelled, labelled_file = random_labels[: args.initial], root / "initial.jsonl"  # the active arm's pairs so far
     same = save_pairs(labelled_file, labelled)
     ensemble_dir = root / "ensemble"
-    train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False, same_data=same)
+    train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, same_data=same)
     for budget in (b for b in args.random_budgets if b not in args.budgets):  # the random arm's curve between
         record("random", budget, random_labels[:budget])
     for budget in args.budgets:
@@ -304,7 +299,7 @@ def run_seed(args: argparse.Namespace, seed: int, labels: dict, heldout: list[Co
             labelled, labelled_file = chosen, root / f"active_{budget}.jsonl"  # record() wrote this file
             ensemble_dir = root / f"ensemble_{budget}"
             # Its pairs are the active arm's of this budget: unchanged when record() found them unchanged.
-            train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, heldout=False, same_data=same)
+            train_reward(args, labelled_file, ensemble_dir, seed, heads=args.ensemble_size, same_data=same)
     return runs
 
 

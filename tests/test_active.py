@@ -27,7 +27,6 @@ from rlhfkit.label import LabelConfig
 from rlhfkit.label import run as label_run
 from rlhfkit.modeling import models
 from rlhfkit.modeling.reward_model import RewardModel, load_reward_backbone, reward_tokenizer
-from rlhfkit.run_layout import HELDOUT_FILE
 from tests.helpers import read_jsonl, write_jsonl
 
 LN3 = math.log(3)
@@ -373,15 +372,15 @@ def test_benchmark_sequential_rounds_with_separate_members(tmp_path, capsys):
 def test_benchmark_reuse_trains_only_the_new_random_budget(tmp_path, capsys):
     """Rerun with ``--random-budgets 7 --reuse``: every finished model trained on the same pairs is kept (its
     accuracy unchanged), only the random arm at N = 7 trains, on the first 7 pairs of the same random order, and the
-    paired comparisons now include active N = 6 against random N = 7. A model whose held-out file is gone trains
-    again."""
+    paired comparisons now include active N = 6 against random N = 7. A model whose save is unfinished (a file its
+    completion marker lists is gone) trains again."""
     active_querying = _benchmark_module()
     samples = _labelled_pool(tmp_path)
     out = tmp_path / "bench"
     argv = _sequential_argv(tmp_path, samples, out)
     first = active_querying.main(argv)
     capsys.readouterr()
-    (out / "seed0" / "random_8" / HELDOUT_FILE).unlink()
+    (out / "seed0" / "random_8" / "model.safetensors").unlink()
     second = active_querying.main([*argv, "--random-budgets", "7", "--reuse"])
     printed = capsys.readouterr().out
     reused = {line.split()[1] for line in printed.splitlines() if line.startswith("reuse: ")}
