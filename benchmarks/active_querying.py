@@ -42,9 +42,9 @@ script, naming it. To label every pair of a samples file::
 ranking's pairs are read as the ranking orders them). The held-out labels are of other prompts, labelled the same way.
 
 **Reported**: for each budget and arm, the held-out accuracy (:func:`rlhfkit.reward.heldout_accuracy`, as
-``rlhfkit reward`` computes it: pairs right, ties in the held-out labels left out; run once per model, after training) with its 95% prompt-clustered bootstrap interval
-(:func:`rlhfkit.stats.cluster_accuracy`) and the pair count; the active - random difference, with several seeds its
-mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed,
+``rlhfkit reward`` computes it: pairs right, ties in the held-out labels left out; run once per model, after
+training) with its 95% prompt-clustered bootstrap interval (:func:`rlhfkit.stats.cluster_accuracy`) and the pair
+count; the active - random difference, with several seeds its mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed,
 each active budget minus each random budget at least as large, on the same held-out pairs with a prompt-clustered
 interval (:func:`rlhfkit.stats.cluster_accuracy_difference`: far tighter than the two arms' own intervals, as both
 face the same pairs); and for each random budget the smallest active budget that reaches its accuracy. ``OUTPUT_DIR/results.json`` holds the same numbers. The command
