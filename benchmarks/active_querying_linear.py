@@ -81,7 +81,10 @@ LAPLACE_RULES = ("d_optimal", "variance_reduction")
 IMPORTANCE = "importance"
 """The arm that draws pairs at random with a posterior-informed proposal and weights them back
 (:func:`importance_picks`, :func:`lure_weights`)."""
-STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES, IMPORTANCE)
+BAL_PM = "bal_pm"
+"""The arm that adds to the ensemble's epistemic uncertainty the novelty of the pair's prompt among those labelled
+(:func:`bald`, :func:`diverse_picks`; Melo et al. 2024)."""
+STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES, IMPORTANCE, BAL_PM)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -114,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mix", type=float, default=0.5, help="importance: the uniform share of its proposal (defensive mixture; 1: random)"
+    )
+    parser.add_argument(
+        "--beta", type=float, default=1.0, help="bal_pm: the weight of the prompt-novelty term (both terms standardised)"
     )
     parser.add_argument("--seeds", default="0-49", help="seeds: '0-49' or '0,1,2' (selection order and bootstraps)")
     parser.add_argument("--max-per-prompt", type=int, default=3, help="at most this many pairs a prompt (0: any)")
@@ -336,6 +342,65 @@ def greedy_laplace_picks(
     return chosen
 
 
+def bald(margins: torch.Tensor) -> torch.Tensor:
+    """BALD (Houlsby et al. 2011) of each pair under an ensemble: the mutual information between its label and the
+    head, ``H(mean_k p_k) - mean_k H(p_k)`` with ``p_k = sigmoid(margins[:, k])``, in nats. (P, K) -> (P,)."""
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(1e-12, 1 - 1e-12)
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    p = torch.sigmoid(margins)
+    return entropy(p.mean(1)) - entropy(p).mean(1)
+
+
+def diverse_picks(
+    uncertainty: torch.Tensor,
+    prompt_features: torch.Tensor,
+    labelled_features: torch.Tensor,
+    *,
+    num: int,
+    beta: float,
+    tiebreak: list[float],
+    groups: list[str],
+    max_per_group: int,
+) -> list[int]:
+    """BAL-PM's batch (Melo, Tigas, Abate & Gal 2024, "Deep Bayesian Active Learning for Preference Modeling in Large
+    Language Models"): ``num`` candidates picked greedily by ``z(uncertainty) + beta * z(log d)``, where ``d`` is the
+    distance of the candidate's prompt feature (``prompt_features`` (C, f)) to the nearest prompt already labelled
+    (``labelled_features`` (m, f), and each pick of this batch once made): the log nearest-neighbour distance is
+    what a new point adds to a Kozachenko-Leonenko estimate of the labelled prompts' entropy, so the second term
+    favours prompts unlike any labelled yet, and the first pairs the model is unsure of (``z``: standardised over
+    the candidates still free, so ``beta`` weighs two unitless terms). The paper's point is that epistemic
+    uncertainty alone picks redundant pairs (the same few prompts); the entropy term spreads the labels over the
+    prompt distribution. Equal scores go to the higher ``tiebreak``; at most ``max_per_group`` a group (0: no cap),
+    as :func:`rlhfkit.active.pick`."""
+
+    def z(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        values = x[mask]
+        return (x - values.mean()) / values.std(correction=0).clamp_min(1e-12)
+
+    distance = torch.cdist(prompt_features, labelled_features).min(1).values
+    group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
+    group_ids = torch.tensor([group_of[group] for group in groups])
+    free = torch.ones(len(uncertainty), dtype=torch.bool)
+    order_key = torch.tensor(tiebreak, dtype=torch.float64)
+    per_group: dict[str, int] = {}
+    chosen: list[int] = []
+    while len(chosen) < num and free.any():
+        novelty = torch.log(distance.clamp_min(1e-6))
+        score = z(uncertainty, free) + beta * z(novelty, free)
+        best = score.masked_fill(~free, -torch.inf).max()
+        k = int(torch.where(free & (score == best), order_key, -torch.inf).argmax())
+        chosen.append(k)
+        free[k] = False
+        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
+        if max_per_group and per_group[groups[k]] >= max_per_group:
+            free &= group_ids != group_ids[k]
+        distance = torch.minimum(distance, (prompt_features - prompt_features[k]).norm(dim=1))
+    return chosen
+
+
 def importance_picks(
     candidates: torch.Tensor,
     w: torch.Tensor,
@@ -509,14 +574,30 @@ def run_seed(
                         max_per_group=args.max_per_prompt,
                     )
                     probabilities.extend(drawn)
-                elif strategy in ENSEMBLE_RULES:
+                elif strategy in ENSEMBLE_RULES or strategy == BAL_PM:
                     counts = bootstrap_counts(len(chosen), args.ensemble_size, seed * 100_003 + round_number)
                     heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
                     margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shift
-                    score = ENSEMBLE_RULES[strategy](margins, torch.zeros_like(margins)).tolist()
-                    picked = active.pick(
-                        score, [tiebreak[i] for i in rest], [groups[i] for i in rest], num=num, max_per_group=args.max_per_prompt
-                    )
+                    if strategy == BAL_PM:
+                        picked = diverse_picks(
+                            bald(margins),
+                            pool["prompt_features"][rest],
+                            pool["prompt_features"][index],
+                            num=num,
+                            beta=args.beta,
+                            tiebreak=[tiebreak[i] for i in rest],
+                            groups=[groups[i] for i in rest],
+                            max_per_group=args.max_per_prompt,
+                        )
+                    else:
+                        score = ENSEMBLE_RULES[strategy](margins, torch.zeros_like(margins)).tolist()
+                        picked = active.pick(
+                            score,
+                            [tiebreak[i] for i in rest],
+                            [groups[i] for i in rest],
+                            num=num,
+                            max_per_group=args.max_per_prompt,
+                        )
                 else:
                     w = fit_heads(diffs[index], targets[index], plain[index], args.l2)[:, 0]
                     picked = greedy_laplace_picks(
@@ -710,6 +791,17 @@ def standardised(x: torch.Tensor, pool: dict) -> torch.Tensor:
     return (x - x[rows].mean(0)) / x[rows].std(0).clamp_min(1e-8)
 
 
+def prompt_features(z: torch.Tensor, pool: dict) -> torch.Tensor:
+    """Each pool pair's prompt feature (P, f): the mean of the (standardised) features of its prompt's responses in the
+    pool -- the backbone's final hidden state after prompt and response, averaged over the responses, so what they
+    share (the prompt) remains. ``bal_pm``'s measure of how alike two prompts are."""
+    rows_of: dict[str, set[int]] = {}
+    for group, a, b in zip(pool["groups"], pool["first"].tolist(), pool["second"].tolist(), strict=True):
+        rows_of.setdefault(group, set()).update((a, b))
+    mean = {group: z[sorted(rows)].mean(0) for group, rows in rows_of.items()}
+    return torch.stack([mean[group] for group in pool["groups"]])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = shlex.join([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
@@ -728,6 +820,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": labelled["targets"],
         "groups": labelled["groups"],
         "label_probability": labelled["label_probability"],
+        "prompt_features": prompt_features(z, labelled),
     }
     heldout_diffs = z[better] - z[worse]
     clusters = [json.dumps(h.prompt, sort_keys=True) for h in heldout]

@@ -687,6 +687,62 @@ def test_linear_unbiased_variance_ratio_by_hand_and_by_simulation():
     assert expected < 0.9 and simulated == pytest.approx(expected, rel=0.05)
 
 
+def test_linear_bald_by_hand():
+    linear = _linear_module()
+    # Two heads with P = 0.5 and 0.5: no disagreement, BALD 0; P = sigmoid(+-log 3) = 0.75 and 0.25: mean 0.5, so
+    # H(0.5) - H(0.75) = log 2 - (log 4 - 0.75 log 3) = 0.75 log 3 - log 2.
+    margins = torch.tensor([[0.0, 0.0], [math.log(3), -math.log(3)]], dtype=torch.float64)
+    assert linear.bald(margins).tolist() == pytest.approx([0.0, 0.75 * math.log(3) - math.log(2)], abs=1e-12)
+
+
+def test_linear_diverse_picks_by_hand():
+    """BAL-PM's greedy batch: standardised uncertainty plus beta times standardised log distance to the nearest
+    labelled prompt, each pick counting as labelled for the next."""
+    linear = _linear_module()
+    features = torch.tensor([[0.0], [1.0], [4.0], [4.0]], dtype=torch.float64)  # candidates' prompt features
+    labelled = torch.tensor([[0.0]], dtype=torch.float64)
+    uncertainty = torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    common = dict(tiebreak=[0.1, 0.2, 0.3, 0.4], groups=["a", "b", "c", "d"], max_per_group=0)
+    # beta 0: uncertainty alone, best first.
+    assert linear.diverse_picks(uncertainty, features, labelled, num=4, beta=0.0, **common) == [0, 1, 2, 3]
+    # beta 0 with equal uncertainties: the higher tiebreak first (3 before 2).
+    equal = torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    assert linear.diverse_picks(equal, features, labelled, num=4, beta=0.0, **common) == [0, 1, 3, 2]
+
+    def slow(beta: float) -> list[int]:
+        chosen, known = [], [0.0]
+        for _ in range(4):
+            free = [i for i in range(4) if i not in chosen]
+            u = [uncertainty[i].item() for i in free]
+            h = [math.log(max(min(abs(features[i, 0].item() - k) for k in known), 1e-6)) for i in free]
+            zu = (np.array(u) - np.mean(u)) / max(np.std(u), 1e-12)  # one candidate left: 0
+            zh = (np.array(h) - np.mean(h)) / max(np.std(h), 1e-12)
+            score = list(zu + beta * zh)
+            best = max(score)
+            k = max((j for j in range(len(free)) if score[j] == best), key=lambda j: common["tiebreak"][free[j]])
+            chosen.append(free[k])
+            known.append(features[free[k], 0].item())
+        return chosen
+
+    # beta 1, first pick by hand: log distances log 1e-6, 0, log 4, log 4 standardise to -1.73, 0.43, 0.65, 0.65 and
+    # the uncertainties to 1.52, 0.17, -0.51, -1.18; the sums -0.21, 0.60, 0.14, -0.53 make candidate 1 first
+    # (candidate 0 sits on a labelled prompt: its uncertainty no longer wins).
+    picked = linear.diverse_picks(uncertainty, features, labelled, num=4, beta=1.0, **common)
+    assert picked[0] == 1 and picked == slow(1.0) and sorted(picked) == [0, 1, 2, 3]
+    # the per-prompt cap, as active.pick: two candidates of one group, cap 1 -> only one of them
+    capped = linear.diverse_picks(
+        uncertainty,
+        features,
+        labelled,
+        num=4,
+        beta=1.0,
+        tiebreak=common["tiebreak"],
+        groups=["a", "b", "c", "c"],
+        max_per_group=1,
+    )
+    assert len(capped) == 3 and len({2, 3} & set(capped)) == 1
+
+
 def test_linear_random_budget_reaching_by_hand():
     linear = _linear_module()
     curve, budgets = np.array([0.60, 0.64, 0.70]), [100, 200, 400]
@@ -704,7 +760,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
         *("--model", models.TINY, "--samples", str(samples), "--labels", str(tmp_path / "pool.jsonl")),
         *("--heldout", str(tmp_path / "heldout.jsonl"), "--budgets", "6,10", "--initial", "4", "--round-size", "2"),
         *("--ensemble-size", "3", "--seeds", "0-2", "--max-per-prompt", "0", "--max-length", "48", "--output-dir", str(out)),
-        *("--strategies", "disagreement,uncertainty,d_optimal,variance_reduction,importance", "--targets", "5"),
+        *("--strategies", "disagreement,uncertainty,d_optimal,variance_reduction,importance,bal_pm", "--targets", "5"),
     ]
     capsys.readouterr()
     results = linear.main(argv)
@@ -712,7 +768,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     assert printed.startswith("command: ") and results["seeds"] == [0, 1, 2]
     strict = sum(not c.tie for c in load_comparisons(tmp_path / "heldout.jsonl"))
     assert results["heldout_pairs"] == strict >= 6
-    arms = ("disagreement", "uncertainty", "d_optimal", "variance_reduction", "importance")
+    arms = ("disagreement", "uncertainty", "d_optimal", "variance_reduction", "importance", "bal_pm")
     assert set(results["accuracy"]) == {f"{arm}_{n}" for arm in ("random", *arms) for n in (6, 10)}
     for arm in arms:
         for n in (6, 10):
@@ -743,7 +799,7 @@ def test_linear_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
     pool = active.candidates(load_items(samples))
     for by_arm in results["picks"].values():
         assert all(len(set(p)) == len(p) == 10 for p in by_arm.values())
-        assert all(picked[:4] == by_arm["random"][:4] for picked in by_arm.values()) and len(by_arm) == 6
+        assert all(picked[:4] == by_arm["random"][:4] for picked in by_arm.values()) and len(by_arm) == 7
     assert [[pool[i].sample_index, [pool[i].first, pool[i].second]] for i in results["picks"]["1"]["random"]] == [
         [r["sample_index"], r["response_indices"]] for r in drawn
     ]
