@@ -2,8 +2,9 @@
 
     python benchmarks/active_querying_linear.py --model smollm2-135m --samples POOL_SAMPLES.jsonl \\
         --labels POOL_LABELS.jsonl --heldout HELDOUT_LABELS.jsonl [--budgets 64,96,...,512] [--initial 32] \\
-        [--round-size 16] [--ensemble-size 8] [--strategies disagreement,uncertainty,d_optimal,variance_reduction,importance] \\
-        [--targets 1024] [--mix 0.5] [--seeds 0-49] \\
+        [--round-size 16] [--ensemble-size 8] \\
+        [--strategies disagreement,uncertainty,d_optimal,variance_reduction,importance,bal_pm] \\
+        [--targets 1024] [--mix 0.5] [--beta 1.0] [--seeds 0-49] \\
         [--max-per-prompt 3] [--l2 1.0] [--num-layers -1] [--precision fp32] [--output-dir runs/aq_linear]
 
 ``active_querying.py`` fine-tunes a whole reward model per arm, budget and seed (minutes each on a CPU), so its few
@@ -34,7 +35,9 @@ that it can repeat the experiment over many seeds and budgets:
   draws each round's pairs at random instead, from a proposal that favours pairs of large posterior logit spread
   (mixed with the uniform draw by ``--mix``; :func:`importance_picks`), and fits every head of the arm to the
   pairs weighted by Farquhar et al. 2021's LURE weights (:func:`lure_weights`), which make the weighted loss an
-  unbiased estimate of the whole pool's: active selection without its selection bias.
+  unbiased estimate of the whole pool's: active selection without its selection bias. ``bal_pm`` (Melo et al.
+  2024's BAL-PM) scores by the ensemble's BALD plus ``--beta`` times the novelty of the pair's prompt among the
+  prompts labelled so far (:func:`diverse_picks`), which should keep uncertainty sampling off redundant prompts.
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
   --help`` gives the commands); a selected pair without a label stops the script, naming it. A K-way ranking's tied
   pairs (``Comparison.ties``) are ties here; labels written before the annotator recorded them order tied responses
