@@ -37,7 +37,8 @@ that it can repeat the experiment over many seeds and budgets:
   pairs weighted by Farquhar et al. 2021's LURE weights (:func:`lure_weights`), which make the weighted loss an
   unbiased estimate of the whole pool's: active selection without its selection bias. ``bal_pm`` (Melo et al.
   2024's BAL-PM) scores by the ensemble's BALD plus ``--beta`` times the novelty of the pair's prompt among the
-  prompts labelled so far (:func:`diverse_picks`), which should keep uncertainty sampling off redundant prompts.
+  prompts labelled so far (:func:`rlhfkit.active.diverse_pick`, as ``rlhfkit query strategy=bal_pm``), which
+  should keep uncertainty sampling off redundant prompts.
   Labels come from ``--labels`` (the simulated annotator labelled the whole pool beforehand; ``active_querying.py
   --help`` gives the commands); a selected pair without a label stops the script, naming it. A K-way ranking's tied
   pairs (``Comparison.ties``) are ties here; labels written before the annotator recorded them order tied responses
@@ -85,8 +86,9 @@ IMPORTANCE = "importance"
 """The arm that draws pairs at random with a posterior-informed proposal and weights them back
 (:func:`importance_picks`, :func:`lure_weights`)."""
 BAL_PM = "bal_pm"
-"""The arm that adds to the ensemble's epistemic uncertainty the novelty of the pair's prompt among those labelled
-(:func:`bald`, :func:`diverse_picks`; Melo et al. 2024)."""
+"""The arm that adds to the ensemble's BALD the novelty of the pair's prompt among those labelled (the library's
+``rlhfkit query strategy=bal_pm``: :func:`rlhfkit.active.preference_bald`, :func:`rlhfkit.active.diverse_pick`;
+Melo et al. 2024)."""
 STRATEGIES = (*ENSEMBLE_RULES, *LAPLACE_RULES, IMPORTANCE, BAL_PM)
 
 
@@ -168,17 +170,13 @@ def features(
     spec: str, prompts: list, responses: list[str], *, num_layers: int, max_length: int, batch_size: int, precision: str
 ) -> torch.Tensor:
     """(n, hidden) float64: what the score head of rlhfkit's reward model reads for each (prompt, response): the
-    final hidden state at the response's last token. Computed by the library's scorer with a head of ``hidden``
-    outputs set to the identity, so tokenisation, chat template, packing and truncation are the reward stage's."""
-    from rlhfkit.modeling.reward_model import fp32_score_head, load_reward_backbone, raw_scores, reward_tokenizer
+    final hidden state at the response's last token (the library's :func:`~rlhfkit.modeling.reward_model.head_inputs`,
+    so tokenisation, chat template, packing and truncation are the reward stage's)."""
+    from rlhfkit.modeling.reward_model import head_inputs, load_reward_backbone, reward_tokenizer
 
     tokenizer = reward_tokenizer(spec)
     model = load_reward_backbone(spec, pad_token_id=tokenizer.pad_token_id, num_layers=num_layers)
-    hidden = model.config.hidden_size
-    model.score = torch.nn.Linear(hidden, hidden, bias=False, dtype=torch.float32)  # the identity: the head's input
-    model.score.weight.copy_(torch.eye(hidden))
-    fp32_score_head(model)  # in fp32 under any autocast, as the one-output head it replaces
-    out = raw_scores(
+    out = head_inputs(
         model,
         tokenizer,
         prompts,
@@ -188,7 +186,7 @@ def features(
         precision=precision,
         progress="features",
     )
-    return out.reshape(len(responses), hidden).double()
+    return out.reshape(len(responses), model.config.hidden_size).double()
 
 
 def cached_features(args: argparse.Namespace, texts: list[tuple]) -> torch.Tensor:
@@ -342,65 +340,6 @@ def greedy_laplace_picks(
         q = q - c * along * along
         if rule == "variance_reduction":
             g = g - c * torch.outer(targets @ u, along)
-    return chosen
-
-
-def bald(margins: torch.Tensor) -> torch.Tensor:
-    """BALD (Houlsby et al. 2011) of each pair under an ensemble: the mutual information between its label and the
-    head, ``H(mean_k p_k) - mean_k H(p_k)`` with ``p_k = sigmoid(margins[:, k])``, in nats. (P, K) -> (P,)."""
-
-    def entropy(p: torch.Tensor) -> torch.Tensor:
-        p = p.clamp(1e-12, 1 - 1e-12)
-        return -(p * p.log() + (1 - p) * (1 - p).log())
-
-    p = torch.sigmoid(margins)
-    return entropy(p.mean(1)) - entropy(p).mean(1)
-
-
-def diverse_picks(
-    uncertainty: torch.Tensor,
-    prompt_features: torch.Tensor,
-    labelled_features: torch.Tensor,
-    *,
-    num: int,
-    beta: float,
-    tiebreak: list[float],
-    groups: list[str],
-    max_per_group: int,
-) -> list[int]:
-    """BAL-PM's batch (Melo, Tigas, Abate & Gal 2024, "Deep Bayesian Active Learning for Preference Modeling in Large
-    Language Models"): ``num`` candidates picked greedily by ``z(uncertainty) + beta * z(log d)``, where ``d`` is the
-    distance of the candidate's prompt feature (``prompt_features`` (C, f)) to the nearest prompt already labelled
-    (``labelled_features`` (m, f), and each pick of this batch once made): the log nearest-neighbour distance is
-    what a new point adds to a Kozachenko-Leonenko estimate of the labelled prompts' entropy, so the second term
-    favours prompts unlike any labelled yet, and the first pairs the model is unsure of (``z``: standardised over
-    the candidates still free, so ``beta`` weighs two unitless terms). The paper's point is that epistemic
-    uncertainty alone picks redundant pairs (the same few prompts); the entropy term spreads the labels over the
-    prompt distribution. Equal scores go to the higher ``tiebreak``; at most ``max_per_group`` a group (0: no cap),
-    as :func:`rlhfkit.active.pick`."""
-
-    def z(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        values = x[mask]
-        return (x - values.mean()) / values.std(correction=0).clamp_min(1e-12)
-
-    distance = torch.cdist(prompt_features, labelled_features).min(1).values
-    group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
-    group_ids = torch.tensor([group_of[group] for group in groups])
-    free = torch.ones(len(uncertainty), dtype=torch.bool)
-    order_key = torch.tensor(tiebreak, dtype=torch.float64)
-    per_group: dict[str, int] = {}
-    chosen: list[int] = []
-    while len(chosen) < num and free.any():
-        novelty = torch.log(distance.clamp_min(1e-6))
-        score = z(uncertainty, free) + beta * z(novelty, free)
-        best = score.masked_fill(~free, -torch.inf).max()
-        k = int(torch.where(free & (score == best), order_key, -torch.inf).argmax())
-        chosen.append(k)
-        free[k] = False
-        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
-        if max_per_group and per_group[groups[k]] >= max_per_group:
-            free &= group_ids != group_ids[k]
-        distance = torch.minimum(distance, (prompt_features - prompt_features[k]).norm(dim=1))
     return chosen
 
 
@@ -582,8 +521,8 @@ def run_seed(
                     heads = fit_heads(diffs[index], targets[index], counts.double(), args.l2)
                     margins = diffs[rest] @ heads  # (P, K): r_k(a) - r_k(b) = acquisition's inputs up to a shift
                     if strategy == BAL_PM:
-                        picked = diverse_picks(
-                            bald(margins),
+                        picked = active.diverse_pick(
+                            active.preference_bald(margins, torch.zeros_like(margins)),
                             pool["prompt_features"][rest],
                             pool["prompt_features"][index],
                             num=num,

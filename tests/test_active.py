@@ -64,6 +64,68 @@ def test_pick_takes_the_best_scores_under_the_per_prompt_cap():
     assert active.pick(scores, tiebreak, groups, num=10, max_per_group=1) == [0, 4, 3]  # runs out
 
 
+def test_bald_by_hand():
+    # Two heads with P = 0.5 and 0.5: no disagreement, BALD 0; P = sigmoid(+-log 3) = 0.75 and 0.25: mean 0.5, so
+    # H(0.5) - H(0.75) = log 2 - (log 4 - 0.75 log 3) = 0.75 log 3 - log 2.
+    margins = torch.tensor([[0.0, 0.0], [math.log(3), -math.log(3)]], dtype=torch.float64)
+    assert active.preference_bald(margins, torch.zeros_like(margins)).tolist() == pytest.approx([0.0, 0.75 * math.log(3) - math.log(2)], abs=1e-12)
+
+
+def test_diverse_pick_by_hand():
+    """BAL-PM's greedy batch: standardised uncertainty plus beta times standardised log distance to the nearest
+    labelled prompt, each pick counting as labelled for the next."""
+    features = torch.tensor([[0.0], [1.0], [4.0], [4.0]], dtype=torch.float64)  # candidates' prompt features
+    labelled = torch.tensor([[0.0]], dtype=torch.float64)
+    uncertainty = torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    common = dict(tiebreak=[0.1, 0.2, 0.3, 0.4], groups=["a", "b", "c", "d"], max_per_group=0)
+    # beta 0: uncertainty alone, best first.
+    assert active.diverse_pick(uncertainty, features, labelled, num=4, beta=0.0, **common) == [0, 1, 2, 3]
+    # beta 0 with equal uncertainties: the higher tiebreak first (3 before 2).
+    equal = torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    assert active.diverse_pick(equal, features, labelled, num=4, beta=0.0, **common) == [0, 1, 3, 2]
+
+    def slow(beta: float) -> list[int]:
+        chosen, known = [], [0.0]
+        for _ in range(4):
+            free = [i for i in range(4) if i not in chosen]
+            u = [uncertainty[i].item() for i in free]
+            h = [math.log(max(min(abs(features[i, 0].item() - k) for k in known), 1e-6)) for i in free]
+            zu = (np.array(u) - np.mean(u)) / max(np.std(u), 1e-12)  # one candidate left: 0
+            zh = (np.array(h) - np.mean(h)) / max(np.std(h), 1e-12)
+            score = list(zu + beta * zh)
+            best = max(score)
+            k = max((j for j in range(len(free)) if score[j] == best), key=lambda j: common["tiebreak"][free[j]])
+            chosen.append(free[k])
+            known.append(features[free[k], 0].item())
+        return chosen
+
+    # beta 1, first pick by hand: log distances log 1e-6, 0, log 4, log 4 standardise to -1.73, 0.43, 0.65, 0.65 and
+    # the uncertainties to 1.52, 0.17, -0.51, -1.18; the sums -0.21, 0.60, 0.14, -0.53 make candidate 1 first
+    # (candidate 0 sits on a labelled prompt: its uncertainty no longer wins).
+    picked = active.diverse_pick(uncertainty, features, labelled, num=4, beta=1.0, **common)
+    assert picked[0] == 1 and picked == slow(1.0) and sorted(picked) == [0, 1, 2, 3]
+    # the per-prompt cap, as active.pick: two candidates of one group, cap 1 -> only one of them
+    capped = active.diverse_pick(
+        uncertainty,
+        features,
+        labelled,
+        num=4,
+        beta=1.0,
+        tiebreak=common["tiebreak"],
+        groups=["a", "b", "c", "c"],
+        max_per_group=1,
+    )
+    assert len(capped) == 3 and len({2, 3} & set(capped)) == 1
+    # Nothing labelled yet: every distance is infinite, the novelty term counts 0 for the first pick (uncertainty
+    # decides: candidate 0); the rest are picked as among candidates 1-3 with 0's prompt labelled.
+    none = torch.zeros(0, 1, dtype=torch.float64)
+    first = active.diverse_pick(uncertainty, features, none, num=4, beta=1.0, **common)
+    rest = active.diverse_pick(
+        uncertainty[1:], features[1:], features[:1], num=3, beta=1.0, tiebreak=[0.2, 0.3, 0.4], groups=["b", "c", "d"], max_per_group=0
+    )
+    assert first == [0, *(i + 1 for i in rest)]
+
+
 # ----------------------------------------------------------------------------- select with a scripted ensemble
 
 # Each response's raw score under two heads. Pairs of P1: a1-a2 and a2-a3 have head differences (-ln 3, ln 3) and
@@ -141,9 +203,43 @@ def test_select_respects_max_per_prompt_and_exclude(tmp_path, scripted):
     assert [r["responses"] for r in picked] == [["b1", "b2"]]
 
 
+def test_select_bal_pm_weighs_bald_against_prompt_novelty(tmp_path, scripted, monkeypatch):
+    """strategy=bal_pm: BALD of each pair, then diverse_pick with each prompt's mean response feature."""
+    samples, ensemble = scripted
+    features = {"a1": (0.0, 0.0), "a2": (2.0, 0.0), "a3": (1.0, 0.0), "b1": (0.0, 5.0), "b2": (0.0, 7.0), "x": (9.0, 9.0)}
+    monkeypatch.setattr(
+        ScriptedEnsemble, "features", lambda self, prompts, responses: torch.tensor([features[r] for r in responses]), raising=False
+    )
+    # BALD by hand: a1-a2 and a2-a3 have P = (1/4, 3/4): H(1/2) - H(3/4) = 0.75 ln 3 - ln 2 = 0.1308; b1-b2 has
+    # P = (sigmoid 2, 1/2); a1-a3 0.
+    s2 = 1 / (1 + math.exp(-2))
+
+    def entropy(p):
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    b_bald = entropy((s2 + 0.5) / 2) - (entropy(s2) + entropy(0.5)) / 2
+    alone = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", beta=0.0, num_queries=10, max_per_prompt=0)
+    assert [r["acquisition"] for r in alone] == pytest.approx([0.75 * LN3 - math.log(2)] * 2 + [b_bald, 0.0], abs=1e-6)  # fp32 scores
+    assert b_bald < 0.75 * LN3 - math.log(2)
+    # P1 labelled already (its prompt feature, the mean of a1..a3, is (1, 0)): with beta 1 P2's pair, of lower
+    # BALD, comes first; then P1's (distance 0 to a labelled prompt) -- only a2-a3 is left of them.
+    labelled = tmp_path / "labelled.jsonl"
+    save_comparisons(labelled, [Comparison("P1?", ["a2", "a1"], [1, 0])])
+    picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", num_queries=2, exclude=str(labelled))
+    assert [r["responses"] for r in picked] == [["b1", "b2"], ["a2", "a3"]]
+    # beta 0 with the same exclude: BALD alone, a2-a3 first
+    picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", beta=0.0, num_queries=2, exclude=str(labelled))
+    assert [r["responses"] for r in picked] == [["a2", "a3"], ["b1", "b2"]]
+    # A labelled prompt not among the samples is scored for its feature: here it sits at P2's prompt feature
+    # (b1, b2: mean (0, 6)), so P1 is the novel one.
+    save_comparisons(labelled, [Comparison("P9?", ["b1", "b2"], [0, 1])])
+    picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", num_queries=1, exclude=str(labelled))
+    assert picked[0]["prompt"] == "P1?"
+
+
 def test_select_refuses_bad_configs(tmp_path, scripted, monkeypatch):
     samples, ensemble = scripted
-    with pytest.raises(ConfigError, match="strategy must be one of disagreement, uncertainty, random"):
+    with pytest.raises(ConfigError, match="strategy must be one of disagreement, uncertainty, bal_pm, random"):
         query(tmp_path, samples, reward_model=str(ensemble), strategy="max")
     with pytest.raises(ConfigError, match="needs `reward_model`"):
         query(tmp_path, samples)
@@ -152,6 +248,8 @@ def test_select_refuses_bad_configs(tmp_path, scripted, monkeypatch):
     monkeypatch.setattr(ScriptedEnsemble, "__init__", lambda self, path, **kw: setattr(self, "num_members", 1))
     with pytest.raises(ConfigError, match="needs a reward-model ensemble.*use strategy=uncertainty"):
         query(tmp_path, samples, reward_model=str(ensemble))
+    with pytest.raises(ConfigError, match="strategy=bal_pm needs a reward-model ensemble"):
+        query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm")
 
 
 def test_random_is_seeded_reproducible_and_nested(tmp_path):
@@ -685,62 +783,6 @@ def test_linear_unbiased_variance_ratio_by_hand_and_by_simulation():
 
     simulated = mse(g / g.sum()) / mse(np.full(size, 1 / size))
     assert expected < 0.9 and simulated == pytest.approx(expected, rel=0.05)
-
-
-def test_linear_bald_by_hand():
-    linear = _linear_module()
-    # Two heads with P = 0.5 and 0.5: no disagreement, BALD 0; P = sigmoid(+-log 3) = 0.75 and 0.25: mean 0.5, so
-    # H(0.5) - H(0.75) = log 2 - (log 4 - 0.75 log 3) = 0.75 log 3 - log 2.
-    margins = torch.tensor([[0.0, 0.0], [math.log(3), -math.log(3)]], dtype=torch.float64)
-    assert linear.bald(margins).tolist() == pytest.approx([0.0, 0.75 * math.log(3) - math.log(2)], abs=1e-12)
-
-
-def test_linear_diverse_picks_by_hand():
-    """BAL-PM's greedy batch: standardised uncertainty plus beta times standardised log distance to the nearest
-    labelled prompt, each pick counting as labelled for the next."""
-    linear = _linear_module()
-    features = torch.tensor([[0.0], [1.0], [4.0], [4.0]], dtype=torch.float64)  # candidates' prompt features
-    labelled = torch.tensor([[0.0]], dtype=torch.float64)
-    uncertainty = torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
-    common = dict(tiebreak=[0.1, 0.2, 0.3, 0.4], groups=["a", "b", "c", "d"], max_per_group=0)
-    # beta 0: uncertainty alone, best first.
-    assert linear.diverse_picks(uncertainty, features, labelled, num=4, beta=0.0, **common) == [0, 1, 2, 3]
-    # beta 0 with equal uncertainties: the higher tiebreak first (3 before 2).
-    equal = torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=torch.float64)
-    assert linear.diverse_picks(equal, features, labelled, num=4, beta=0.0, **common) == [0, 1, 3, 2]
-
-    def slow(beta: float) -> list[int]:
-        chosen, known = [], [0.0]
-        for _ in range(4):
-            free = [i for i in range(4) if i not in chosen]
-            u = [uncertainty[i].item() for i in free]
-            h = [math.log(max(min(abs(features[i, 0].item() - k) for k in known), 1e-6)) for i in free]
-            zu = (np.array(u) - np.mean(u)) / max(np.std(u), 1e-12)  # one candidate left: 0
-            zh = (np.array(h) - np.mean(h)) / max(np.std(h), 1e-12)
-            score = list(zu + beta * zh)
-            best = max(score)
-            k = max((j for j in range(len(free)) if score[j] == best), key=lambda j: common["tiebreak"][free[j]])
-            chosen.append(free[k])
-            known.append(features[free[k], 0].item())
-        return chosen
-
-    # beta 1, first pick by hand: log distances log 1e-6, 0, log 4, log 4 standardise to -1.73, 0.43, 0.65, 0.65 and
-    # the uncertainties to 1.52, 0.17, -0.51, -1.18; the sums -0.21, 0.60, 0.14, -0.53 make candidate 1 first
-    # (candidate 0 sits on a labelled prompt: its uncertainty no longer wins).
-    picked = linear.diverse_picks(uncertainty, features, labelled, num=4, beta=1.0, **common)
-    assert picked[0] == 1 and picked == slow(1.0) and sorted(picked) == [0, 1, 2, 3]
-    # the per-prompt cap, as active.pick: two candidates of one group, cap 1 -> only one of them
-    capped = linear.diverse_picks(
-        uncertainty,
-        features,
-        labelled,
-        num=4,
-        beta=1.0,
-        tiebreak=common["tiebreak"],
-        groups=["a", "b", "c", "c"],
-        max_per_group=1,
-    )
-    assert len(capped) == 3 and len({2, 3} & set(capped)) == 1
 
 
 def test_linear_random_budget_reaching_by_hand():

@@ -204,6 +204,22 @@ def test_saved_ensemble_loads_with_from_pretrained_and_scores_as_trained(ensembl
     assert held["accuracy"] > 0.5 and held["num_pairs"] == len(EVAL_QUESTIONS)
 
 
+def test_features_are_what_every_head_reads(ensemble_dir):
+    """RewardModel.features: the score head's input, so each head's raw score is its linear map of it; the same
+    packed (the reward model's kernel) and padded (batch_size 1 and 3 rows of unequal length)."""
+    from rlhfkit.modeling.reward_model import head_inputs
+
+    reward = load_reward(str(ensemble_dir), precision="fp32")
+    x = reward.features(PROMPTS, RESPONSES)
+    head = reward.model.get_submodule("score")
+    assert x.shape == (len(PROMPTS), reward.model.config.hidden_size) and x.dtype == torch.float32
+    torch.testing.assert_close(x @ head.weight.float().T, reward.raw(PROMPTS, RESPONSES), rtol=0, atol=1e-5)
+    padded = head_inputs(reward.model, reward.tokenizer, PROMPTS, RESPONSES, precision="fp32", batch_size=3, packed=False)
+    torch.testing.assert_close(padded, x, rtol=0, atol=1e-5)
+    # the hook is gone afterwards: the model scores again
+    assert reward.raw(PROMPTS, RESPONSES).shape == (len(PROMPTS), K)
+
+
 def test_the_saved_model_scores_as_the_trained_one_in_memory(tmp_path):
     """train() -> save -> from_pretrained: the same raw scores as the model in memory at the end of training."""
     result = train(_config(tmp_path, ensemble_size=2, max_steps=3, eval_data="", eval_fraction=0.0))

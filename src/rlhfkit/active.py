@@ -15,9 +15,12 @@ label`` and ``rlhfkit annotate serve`` read (a samples file whose records hold e
      heads of ``P_h(a > b) = sigmoid(r_h(a) - r_h(b))`` (:func:`preference_disagreement`);
    * ``uncertainty`` (any reward model, one head included): how close the heads' mean ``P(a > b)`` is to 1/2
      (:func:`preference_uncertainty`);
+   * ``bal_pm`` (an ensemble): BALD, the mutual information between the pair's label and the heads
+     (:func:`preference_bald`), plus ``beta`` times the novelty of the pair's prompt among the prompts labelled so
+     far (``exclude``) and picked before it (:func:`diverse_pick`; Melo et al. 2024's BAL-PM);
    * ``random``: a seeded uniform draw per candidate, no reward model (the baseline).
 
-3. Greedy pick, best score first: a candidate is taken unless its prompt already has ``max_per_prompt`` pairs in
+3. Greedy pick, best score first (``bal_pm``: :func:`diverse_pick`, whose scores change with each pick): a candidate is taken unless its prompt already has ``max_per_prompt`` pairs in
    the selection, until ``num_queries`` are taken. The cap keeps the batch diverse: the pairs of one hard prompt
    tend to score alike, and a batch of them teaches less than one pair from each of several prompts (the
    redundancy that batch-mode active learning guards against). Equal scores are ordered by the seeded draw, so
@@ -46,7 +49,7 @@ from rlhfkit.data.preferences import load_comparisons, prompt_key
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.samples import load_items  # the reader `rlhfkit label` uses: both accept the same files
 
-STRATEGIES: tuple[str, ...] = ("disagreement", "uncertainty", "random")
+STRATEGIES: tuple[str, ...] = ("disagreement", "uncertainty", "bal_pm", "random")
 """The values of :attr:`QueryConfig.strategy`."""
 
 
@@ -86,6 +89,77 @@ def preference_uncertainty(scores_a: torch.Tensor, scores_b: torch.Tensor) -> to
     return 1 - (2 * p - 1).abs()
 
 
+def preference_bald(scores_a: torch.Tensor, scores_b: torch.Tensor) -> torch.Tensor:
+    """BALD (Houlsby et al. 2011, "Bayesian Active Learning for Classification and Preference Learning") of a pair
+    under a reward-model ensemble: the mutual information between its label and the head, ``H(mean_h p_h) - mean_h
+    H(p_h)`` with ``p_h = sigmoid(r_h(a) - r_h(b))``, in nats. Shapes: (P, K), (P, K) -> (P,); 0 for one head.
+
+    High where the heads are each confident but disagree (the label would settle which head is right), low where
+    they agree or where every head finds the pair a coin flip (a near-tie teaches nothing about the head)."""
+    if scores_a.shape != scores_b.shape or scores_a.dim() != 2:
+        raise ValueError(f"scores must both be (P, K); got {tuple(scores_a.shape)} and {tuple(scores_b.shape)}")
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(1e-12, 1 - 1e-12)
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    p = torch.sigmoid(scores_a - scores_b)
+    return entropy(p.mean(-1)) - entropy(p).mean(-1)
+
+
+def diverse_pick(
+    uncertainty: torch.Tensor,
+    prompt_features: torch.Tensor,
+    labelled_features: torch.Tensor,
+    *,
+    num: int,
+    beta: float,
+    tiebreak: list[float],
+    groups: list[str],
+    max_per_group: int,
+) -> list[int]:
+    """BAL-PM's batch (Melo, Tigas, Abate & Gal 2024, "Deep Bayesian Active Learning for Preference Modeling in Large
+    Language Models"): ``num`` candidates picked greedily by ``z(uncertainty) + beta * z(log d)``, where ``d`` is the
+    distance of the candidate's prompt feature (``prompt_features``, (C, f)) to the nearest prompt labelled already
+    (``labelled_features``, (m, f); m may be 0) or picked earlier in this batch. The log nearest-neighbour distance
+    is what a new point adds to a Kozachenko-Leonenko estimate of the labelled prompts' entropy, so the second term
+    favours prompts unlike any labelled yet and the first the pairs the model is unsure of; ``z`` standardises each
+    over the candidates still free, so ``beta`` weighs two unitless terms (a term that is constant there counts 0).
+    The paper's finding, which this project's benchmark repeated on SmolLM2 reward models, is that epistemic
+    uncertainty alone spends labels on redundant pairs; the entropy term spreads them over the prompts.
+
+    Equal scores go to the higher ``tiebreak``; a candidate whose group already has ``max_per_group`` picks (0: no
+    cap) is skipped, as :func:`pick`. Fewer than ``num`` when the candidates run out."""
+
+    def z(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        values = x[mask]
+        if not torch.isfinite(values).all():  # no prompt labelled yet: every distance is infinite, no preference
+            return torch.zeros_like(x)
+        return (x - values.mean()) / values.std(correction=0).clamp_min(1e-12)
+
+    if len(labelled_features):
+        distance = torch.cdist(prompt_features, labelled_features).min(1).values
+    else:
+        distance = torch.full((len(prompt_features),), torch.inf, dtype=prompt_features.dtype)
+    group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
+    group_ids = torch.tensor([group_of[group] for group in groups], dtype=torch.long)
+    free = torch.ones(len(uncertainty), dtype=torch.bool)
+    order_key = torch.tensor(tiebreak, dtype=torch.float64)
+    per_group: dict[str, int] = {}
+    chosen: list[int] = []
+    while len(chosen) < num and free.any():
+        score = z(uncertainty, free) + beta * z(torch.log(distance.clamp_min(1e-6)), free)
+        best = score.masked_fill(~free, -torch.inf).max()
+        k = int(torch.where(free & (score == best), order_key, -torch.inf).argmax())
+        chosen.append(k)
+        free[k] = False
+        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
+        if max_per_group and per_group[groups[k]] >= max_per_group:
+            free &= group_ids != group_ids[k]
+        distance = torch.minimum(distance, (prompt_features - prompt_features[k]).norm(dim=1))
+    return chosen
+
+
 def pick(scores: list[float], tiebreak: list[float], groups: list[str], *, num: int, max_per_group: int) -> list[int]:
     """Indices of the candidates to query, best first: highest ``scores`` first, equal scores by highest
     ``tiebreak``, skipping a candidate whose group already has ``max_per_group`` picks (0: no cap), until ``num``
@@ -116,7 +190,7 @@ class QueryConfig:
     reward_model: str = ""
     """The reward model that scores the candidates: an ensemble directory (`rlhfkit reward ensemble_size=K`) for
     `disagreement`, or any reward-model directory for `uncertainty`. Unused (may be empty) for `random`."""
-    strategy: Literal["disagreement", "uncertainty", "random"] = "disagreement"
+    strategy: Literal["disagreement", "uncertainty", "bal_pm", "random"] = "disagreement"
     """`disagreement`: highest spread over the ensemble's heads of P(a > b) (Christiano et al. 2017); needs an
     ensemble. `uncertainty`: mean P(a > b) closest to 1/2. `random`: a seeded random choice (the baseline).
     Measured against `random` on SmolLM2-135M with the simulated annotator (benchmarks/README.md, 30 seeds, two gold
@@ -133,6 +207,8 @@ class QueryConfig:
     output: str = "runs/queries.jsonl"
     """Where the selected pairs go: samples-format records with two responses each, which `rlhfkit label
     samples=OUTPUT` and `rlhfkit annotate serve OUTPUT` read."""
+    beta: float = 1.0
+    """`bal_pm`: the weight of the prompt-novelty term against BALD (both standardised over the candidates)."""
     seed: int = 0
     """Seed of `random`'s draw and of the order of equal scores."""
     batch_size: int = 16
@@ -186,11 +262,8 @@ def candidates(
     return found
 
 
-def _head_scores(config: QueryConfig, items: list, pool: list[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each head's raw score of each candidate's two responses: (P, K), (P, K). Every response is scored once.
-
-    Raw, not normalised: the Bradley-Terry probability the heads were trained on is ``sigmoid`` of raw score
-    differences; the normalisation gain would rescale each head's probabilities (the bias cancels anyway)."""
+def _reward_model(config: QueryConfig):
+    """The reward model of ``config``, checked for its strategy (an ensemble for disagreement and bal_pm)."""
     from rlhfkit.modeling.reward_model import RewardModel
 
     if not config.reward_model:
@@ -199,11 +272,24 @@ def _head_scores(config: QueryConfig, items: list, pool: list[Candidate]) -> tup
     if not (path / "config.json").is_file():
         raise ConfigError(f"query: reward_model {config.reward_model!r} is not a reward-model directory (no config.json)")
     model = RewardModel(path, precision=config.precision, batch_size=config.batch_size)
-    if config.strategy == "disagreement" and model.num_members < 2:
+    if config.strategy in ("disagreement", "bal_pm") and model.num_members < 2:
         raise ConfigError(
-            f"query: strategy=disagreement needs a reward-model ensemble (rlhfkit reward ensemble_size=K); "
+            f"query: strategy={config.strategy} needs a reward-model ensemble (rlhfkit reward ensemble_size=K); "
             f"{config.reward_model} has one head: use strategy=uncertainty"
         )
+    return model
+
+
+def _scores_and_features(
+    config: QueryConfig, items: list, pool: list[Candidate], features: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None, object]:
+    """Each head's raw score of each candidate's two responses, (P, K) and (P, K), every response scored once;
+    with ``features``, also each sample record's prompt feature (by :func:`prompt_key`): the mean over its
+    candidates' responses of what the score head reads (:meth:`RewardModel.features`). And the model.
+
+    Raw, not normalised: the Bradley-Terry probability the heads were trained on is ``sigmoid`` of raw score
+    differences; the normalisation gain would rescale each head's probabilities (the bias cancels anyway)."""
+    model = _reward_model(config)
     row: dict[tuple[int, int], int] = {}  # (sample_index, response index) -> row of the scores
     for c in pool:
         for r in (c.first, c.second):
@@ -215,7 +301,33 @@ def _head_scores(config: QueryConfig, items: list, pool: list[Candidate]) -> tup
     raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
     a = torch.tensor([row[(c.sample_index, c.first)] for c in pool], dtype=torch.long)
     b = torch.tensor([row[(c.sample_index, c.second)] for c in pool], dtype=torch.long)
-    return raw[a].double(), raw[b].double()
+    by_prompt = _mean_by_prompt(prompts, model.features(prompts, responses)) if features else None
+    return raw[a].double(), raw[b].double(), by_prompt, model
+
+
+def _mean_by_prompt(prompts: list, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean feature of each prompt's rows (by :func:`prompt_key`), float64."""
+    rows: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        rows.setdefault(prompt_key(prompt), []).append(i)
+    return {key: features[index].double().mean(0) for key, index in rows.items()}
+
+
+def _labelled_prompt_features(path: str, known: dict[str, torch.Tensor], model) -> torch.Tensor:
+    """The prompt feature of every prompt the labels file ``path`` judges, (m, f) (none without a file): a prompt of
+    the samples its mean there (``known``), any other the mean over its labelled responses (scored here)."""
+    prompts, responses = [], []
+    wanted: dict[str, None] = {}
+    for comparison in load_comparisons(path) if path else []:
+        key = prompt_key(comparison.prompt)
+        wanted.setdefault(key, None)
+        if key not in known:
+            for response in dict.fromkeys(comparison.responses):
+                prompts.append(comparison.prompt)
+                responses.append(response)
+    extra = _mean_by_prompt(prompts, model.features(prompts, responses)) if responses else {}
+    rows = [known[key] if key in known else extra[key] for key in wanted]
+    return torch.stack(rows) if rows else torch.zeros(0, next(iter(known.values())).shape[0], dtype=torch.float64)
 
 
 def select(config: QueryConfig) -> Path:
@@ -233,14 +345,27 @@ def select(config: QueryConfig) -> Path:
     if not pool:
         raise ConfigError(f"query: no pair of {config.samples} is left to label ({len(excluded)} pairs in exclude)")
     tiebreak = np.random.default_rng(config.seed).random(len(pool)).tolist()
+    groups = [prompt_key(c.prompt) for c in pool]
     if config.strategy == "random":
         scores = tiebreak
     else:
-        scores_a, scores_b = _head_scores(config, items, pool)
-        rule = preference_disagreement if config.strategy == "disagreement" else preference_uncertainty
-        scores = rule(scores_a, scores_b).tolist()
-    groups = [prompt_key(c.prompt) for c in pool]
-    chosen = pick(scores, tiebreak, groups, num=config.num_queries, max_per_group=config.max_per_prompt)
+        scores_a, scores_b, by_prompt, model = _scores_and_features(config, items, pool, config.strategy == "bal_pm")
+        rule = {"disagreement": preference_disagreement, "uncertainty": preference_uncertainty, "bal_pm": preference_bald}
+        scores = rule[config.strategy](scores_a, scores_b).tolist()
+    if config.strategy == "bal_pm":
+        assert by_prompt is not None
+        chosen = diverse_pick(
+            torch.tensor(scores, dtype=torch.float64),
+            torch.stack([by_prompt[g] for g in groups]),
+            _labelled_prompt_features(config.exclude, by_prompt, model),
+            num=config.num_queries,
+            beta=config.beta,
+            tiebreak=tiebreak,
+            groups=groups,
+            max_per_group=config.max_per_prompt,
+        )
+    else:
+        chosen = pick(scores, tiebreak, groups, num=config.num_queries, max_per_group=config.max_per_prompt)
     if len(chosen) < config.num_queries:
         log.warning(
             f"query: only {len(chosen)} of the {config.num_queries} pairs asked for could be selected ({len(pool)} "

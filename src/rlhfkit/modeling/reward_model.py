@@ -252,6 +252,19 @@ def raw_scores(
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
+def head_inputs(model, tokenizer, prompts: list, responses: list[str], **kwargs) -> torch.Tensor:
+    """What the score head of ``model`` reads for each (prompt, response): the final hidden state at the response's
+    last token, (N, hidden) in fp32. :func:`raw_scores` (``kwargs`` are its options) with the head's output
+    replaced by its input for the call (a forward hook), so tokenisation, chat template, packing and truncation are
+    the scores' own: ``head(head_inputs(...))`` is :func:`raw_scores`. Features for querying rules that compare
+    responses or prompts (:func:`rlhfkit.active.diverse_pick`)."""
+    handle = _score_head(model).register_forward_hook(lambda module, args, output: args[0].float())
+    try:
+        return raw_scores(model, tokenizer, prompts, responses, **kwargs)
+    finally:
+        handle.remove()
+
+
 def member_dirs(path: str | Path, config=None) -> list[Path]:
     """The directories of a reward model's members: ``path`` itself, then the separate members its ``config.json``
     lists (``rlhfkit_ensemble_members``; ``config``: its transformers config, if loaded). A listed directory that is
@@ -359,6 +372,18 @@ class RewardModel:
             for member in self.members
         ]
         return scores[0] if len(scores) == 1 else torch.stack(scores, -1)
+
+    def features(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        """What the (first member's) score head reads for each pair: (N, hidden), fp32 (:func:`head_inputs`)."""
+        return head_inputs(
+            self.model,
+            self.tokenizer,
+            prompts,
+            responses,
+            batch_size=self.batch_size,
+            chat_template=self.chat_template,
+            precision=self.precision,
+        )
 
     def member_scores(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Each head's normalised score ``gain_h * raw_h + bias_h``: (N, K) (K = 1 for a single-head model)."""
