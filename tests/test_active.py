@@ -68,7 +68,9 @@ def test_bald_by_hand():
     # Two heads with P = 0.5 and 0.5: no disagreement, BALD 0; P = sigmoid(+-log 3) = 0.75 and 0.25: mean 0.5, so
     # H(0.5) - H(0.75) = log 2 - (log 4 - 0.75 log 3) = 0.75 log 3 - log 2.
     margins = torch.tensor([[0.0, 0.0], [math.log(3), -math.log(3)]], dtype=torch.float64)
-    assert active.preference_bald(margins, torch.zeros_like(margins)).tolist() == pytest.approx([0.0, 0.75 * math.log(3) - math.log(2)], abs=1e-12)
+    assert active.preference_bald(margins, torch.zeros_like(margins)).tolist() == pytest.approx(
+        [0.0, 0.75 * math.log(3) - math.log(2)], abs=1e-12
+    )
 
 
 def test_diverse_pick_by_hand():
@@ -121,7 +123,14 @@ def test_diverse_pick_by_hand():
     none = torch.zeros(0, 1, dtype=torch.float64)
     first = active.diverse_pick(uncertainty, features, none, num=4, beta=1.0, **common)
     rest = active.diverse_pick(
-        uncertainty[1:], features[1:], features[:1], num=3, beta=1.0, tiebreak=[0.2, 0.3, 0.4], groups=["b", "c", "d"], max_per_group=0
+        uncertainty[1:],
+        features[1:],
+        features[:1],
+        num=3,
+        beta=1.0,
+        tiebreak=[0.2, 0.3, 0.4],
+        groups=["b", "c", "d"],
+        max_per_group=0,
     )
     assert first == [0, *(i + 1 for i in rest)]
 
@@ -208,7 +217,10 @@ def test_select_bal_pm_weighs_bald_against_prompt_novelty(tmp_path, scripted, mo
     samples, ensemble = scripted
     features = {"a1": (0.0, 0.0), "a2": (2.0, 0.0), "a3": (1.0, 0.0), "b1": (0.0, 5.0), "b2": (0.0, 7.0), "x": (9.0, 9.0)}
     monkeypatch.setattr(
-        ScriptedEnsemble, "features", lambda self, prompts, responses: torch.tensor([features[r] for r in responses]), raising=False
+        ScriptedEnsemble,
+        "features",
+        lambda self, prompts, responses: torch.tensor([features[r] for r in responses]),
+        raising=False,
     )
     # BALD by hand: a1-a2 and a2-a3 have P = (1/4, 3/4): H(1/2) - H(3/4) = 0.75 ln 3 - ln 2 = 0.1308; b1-b2 has
     # P = (sigmoid 2, 1/2); a1-a3 0.
@@ -219,7 +231,9 @@ def test_select_bal_pm_weighs_bald_against_prompt_novelty(tmp_path, scripted, mo
 
     b_bald = entropy((s2 + 0.5) / 2) - (entropy(s2) + entropy(0.5)) / 2
     alone = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", beta=0.0, num_queries=10, max_per_prompt=0)
-    assert [r["acquisition"] for r in alone] == pytest.approx([0.75 * LN3 - math.log(2)] * 2 + [b_bald, 0.0], abs=1e-6)  # fp32 scores
+    assert [r["acquisition"] for r in alone] == pytest.approx(
+        [0.75 * LN3 - math.log(2)] * 2 + [b_bald, 0.0], abs=1e-6
+    )  # fp32 scores
     assert b_bald < 0.75 * LN3 - math.log(2)
     # P1 labelled already (its prompt feature, the mean of a1..a3, is (1, 0)): with beta 1 P2's pair, of lower
     # BALD, comes first; then P1's (distance 0 to a labelled prompt) -- only a2-a3 is left of them.
@@ -228,7 +242,9 @@ def test_select_bal_pm_weighs_bald_against_prompt_novelty(tmp_path, scripted, mo
     picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", num_queries=2, exclude=str(labelled))
     assert [r["responses"] for r in picked] == [["b1", "b2"], ["a2", "a3"]]
     # beta 0 with the same exclude: BALD alone, a2-a3 first
-    picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", beta=0.0, num_queries=2, exclude=str(labelled))
+    picked = query(
+        tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", beta=0.0, num_queries=2, exclude=str(labelled)
+    )
     assert [r["responses"] for r in picked] == [["a2", "a3"], ["b1", "b2"]]
     # A labelled prompt not among the samples is scored for its feature: here it sits at P2's prompt feature
     # (b1, b2: mean (0, 6)), so P1 is the novel one.
