@@ -13,8 +13,8 @@ from ``--model`` on N labelled pairs and are scored on the held-out labels:
   (:func:`rlhfkit.active.select`, ``strategy=random``);
 * **active**: the first ``--initial`` (N0) of those same random pairs train a reward-model *ensemble*
   (``--ensemble-size`` heads on one backbone, bootstrap resamples; Coste et al. 2024), which then picks the other
-  N - N0 pairs from the rest of the pool by ``--strategy`` (``disagreement``: spread over heads of P(a > b); or
-  ``uncertainty``) with :func:`rlhfkit.active.select`; the reward model trains on the N0 + (N - N0). The ensemble is
+  N - N0 pairs from the rest of the pool by ``--strategy`` (``disagreement``: spread over heads of P(a > b);
+  ``uncertainty``; or ``bal_pm``: BALD plus the novelty of the pair's prompt) with :func:`rlhfkit.active.select`; the reward model trains on the N0 + (N - N0). The ensemble is
   trained once per seed and serves every budget (one round of querying, not N - N0 rounds of one).
   ``--ensemble-backbones separate``: the ensemble is K whole reward models (Coste et al.'s and Christiano et al.'s
   independent members; K times the cost) instead of K heads on one backbone.
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--initial", type=int, default=128, help="N0: random pairs the querying ensemble trains on")
     parser.add_argument("--ensemble-size", type=int, default=5, help="heads of the querying ensemble")
-    parser.add_argument("--strategy", default="disagreement", choices=("disagreement", "uncertainty"))
+    parser.add_argument("--strategy", default="disagreement", choices=("disagreement", "uncertainty", "bal_pm"))
     parser.add_argument("--ensemble-backbones", default="shared", choices=("shared", "separate"))
     parser.add_argument("--sequential", action="store_true", help="one querying round per budget (see above)")
     parser.add_argument("--num-layers", type=int, default=-1, help="reward models keep the first N blocks (-1: all)")
