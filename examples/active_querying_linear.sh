@@ -8,7 +8,9 @@
 # pool) and $N for each of the first $HELD_PROMPTS shipped eval prompts (held out, and the best-of-n pools); the
 # simulated annotator labels every pair of both by GOLD (default: the demo rubric; any built-in scorer or
 # module:function) with Bradley-Terry noise at temperature 0.1 of the scores' spread.
-# Both benchmarks then read the same cached features (the first $NUM_LAYERS blocks of POLICY).
+# Both benchmarks then read the same cached features (the first $NUM_LAYERS blocks of $BACKBONE, by default POLICY;
+# a trained reward-model directory with NUM_LAYERS=-1 queries a second round on a first round's features, where
+# benchmarks/README.md found uncertainty and bal_pm saving labels with the demo rubric).
 set -euo pipefail
 POLICY=${1:-smollm2-135m}
 OUT=${2:-runs/active_querying_linear}
@@ -16,11 +18,12 @@ GOLD=${3:-demo}
 POOL_PROMPTS=${POOL_PROMPTS:-256}
 HELD_PROMPTS=${HELD_PROMPTS:-120}
 N=${N:-16}
+BACKBONE=${BACKBONE:-$POLICY}
 NUM_LAYERS=${NUM_LAYERS:-8}
 SEEDS=${SEEDS:-0-29}
 BUDGETS=${BUDGETS:-64,96,128,192,256,384,512}
 TRAIN_PAIRS=${TRAIN_PAIRS:-128,512}
-STRATEGIES=${STRATEGIES:-disagreement,uncertainty}  # also: d_optimal, variance_reduction, importance
+STRATEGIES=${STRATEGIES:-disagreement,uncertainty}  # also: d_optimal, variance_reduction, importance, bal_pm
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
 RLHFKIT=${RLHFKIT:-rlhfkit}
 PYTHON=${PYTHON:-python}  # the interpreter rlhfkit is installed in
@@ -45,7 +48,7 @@ mkdir -p "$OUT"
   output="$OUT/held_pairs.jsonl"
 "$RLHFKIT" label samples="$OUT/held_pairs.jsonl" output="$OUT/held_labels.jsonl" scorer="$GOLD" temperature=0.1 \
   temperature_scale=spread
-COMMON=(--model "$POLICY" --num-layers "$NUM_LAYERS" --precision "$PRECISION" --samples "$OUT/pool_samples.jsonl"
+COMMON=(--model "$BACKBONE" --num-layers "$NUM_LAYERS" --precision "$PRECISION" --samples "$OUT/pool_samples.jsonl"
   --labels "$OUT/pool_labels.jsonl" --features-dir "$OUT/features")
 "$PYTHON" benchmarks/active_querying_linear.py "${COMMON[@]}" --heldout "$OUT/held_labels.jsonl" --seeds "$SEEDS" \
   --budgets "$BUDGETS" --initial "${INITIAL:-32}" --strategies "$STRATEGIES" --output-dir "$OUT/active"

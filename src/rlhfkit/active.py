@@ -192,10 +192,15 @@ class QueryConfig:
     `disagreement`, or any reward-model directory for `uncertainty`. Unused (may be empty) for `random`."""
     strategy: Literal["disagreement", "uncertainty", "bal_pm", "random"] = "disagreement"
     """`disagreement`: highest spread over the ensemble's heads of P(a > b) (Christiano et al. 2017); needs an
-    ensemble. `uncertainty`: mean P(a > b) closest to 1/2. `random`: a seeded random choice (the baseline).
-    Measured against `random` on SmolLM2-135M with the simulated annotator (benchmarks/README.md, 30 seeds, two gold
-    scorers): neither rule saved labels, and `disagreement` cost some (-0.011 [-0.020, -0.002] held-out accuracy at
-    512 labels, rubric scorer). Check a rule on your own data before trusting it to save labels."""
+    ensemble. `uncertainty`: mean P(a > b) closest to 1/2. `bal_pm`: BALD over the ensemble's heads plus `beta`
+    times the novelty of the pair's prompt among those labelled (`exclude`) and picked before it (Melo et al. 2024);
+    needs an ensemble. `random`: a seeded random choice (the baseline).
+    Measured against `random` on SmolLM2-135M with the simulated annotator (benchmarks/README.md; linear heads, 30
+    seeds a run): on the base model's features no rule saved labels (`disagreement` cost some, -0.011 [-0.020,
+    -0.002] held-out accuracy at 512 labels); on a fine-tuned reward model's features with the demo rubric, `bal_pm`
+    saved labels in two of three runs (its 64 labels worth random's 112 [93, 144] at best) and `uncertainty` in two
+    of three, but neither with another gold scorer (`relevance`, many ties), where `uncertainty` cost some. Check a
+    rule on your own data before trusting it to save labels."""
     num_queries: int = 256
     """Pairs to select (fewer if fewer candidates are left; a warning says so)."""
     max_per_prompt: int = 2
