@@ -150,7 +150,7 @@ class ScriptedEnsemble:
     scored: list[list[str]] = []
 
     def __init__(self, path, *, precision="bf16", batch_size=16, **kwargs):
-        self.num_members = 2
+        self.num_members, self.path = 2, str(path)
 
     def raw(self, prompts, responses):
         ScriptedEnsemble.scored.append(list(responses))

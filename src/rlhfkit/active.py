@@ -20,7 +20,8 @@ label`` and ``rlhfkit annotate serve`` read (a samples file whose records hold e
      far (``exclude``) and picked before it (:func:`diverse_pick`; Melo et al. 2024's BAL-PM);
    * ``random``: a seeded uniform draw per candidate, no reward model (the baseline).
 
-3. Greedy pick, best score first (``bal_pm``: :func:`diverse_pick`, whose scores change with each pick): a candidate is taken unless its prompt already has ``max_per_prompt`` pairs in
+3. Greedy pick, best score first (``bal_pm``: :func:`diverse_pick`, whose scores change with each pick): a
+   candidate is taken unless its prompt already has ``max_per_prompt`` pairs in
    the selection, until ``num_queries`` are taken. The cap keeps the batch diverse: the pairs of one hard prompt
    tend to score alike, and a batch of them teaches less than one pair from each of several prompts (the
    redundancy that batch-mode active learning guards against). Equal scores are ordered by the seeded draw, so
@@ -125,8 +126,8 @@ def diverse_pick(
     is what a new point adds to a Kozachenko-Leonenko estimate of the labelled prompts' entropy, so the second term
     favours prompts unlike any labelled yet and the first the pairs the model is unsure of; ``z`` standardises each
     over the candidates still free, so ``beta`` weighs two unitless terms (a term that is constant there counts 0).
-    The paper's finding, which this project's benchmark repeated on SmolLM2 reward models, is that epistemic
-    uncertainty alone spends labels on redundant pairs; the entropy term spreads them over the prompts.
+    The paper's finding is that epistemic uncertainty alone spends labels on redundant pairs, and that the entropy
+    term, spreading them over the prompts, saves labels; what it saved on SmolLM2: :attr:`QueryConfig.strategy`.
 
     Equal scores go to the higher ``tiebreak``; a candidate whose group already has ``max_per_group`` picks (0: no
     cap) is skipped, as :func:`pick`. Fewer than ``num`` when the candidates run out."""
@@ -285,16 +286,15 @@ def _reward_model(config: QueryConfig):
     return model
 
 
-def _scores_and_features(
-    config: QueryConfig, items: list, pool: list[Candidate], features: bool
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None, object]:
-    """Each head's raw score of each candidate's two responses, (P, K) and (P, K), every response scored once;
-    with ``features``, also each sample record's prompt feature (by :func:`prompt_key`): the mean over its
-    candidates' responses of what the score head reads (:meth:`RewardModel.features`). And the model.
+def _head_scores(
+    model, items: list, pool: list[Candidate], *, features: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Each head of ``model``'s raw score of each candidate's two responses, (P, K) and (P, K), every response
+    scored once; with ``features``, also each sample record's prompt feature (by :func:`prompt_key`): the mean over
+    its candidates' responses of what the score head reads (:meth:`RewardModel.features`; else empty).
 
     Raw, not normalised: the Bradley-Terry probability the heads were trained on is ``sigmoid`` of raw score
     differences; the normalisation gain would rescale each head's probabilities (the bias cancels anyway)."""
-    model = _reward_model(config)
     row: dict[tuple[int, int], int] = {}  # (sample_index, response index) -> row of the scores
     for c in pool:
         for r in (c.first, c.second):
@@ -302,12 +302,12 @@ def _scores_and_features(
     keys = list(row)
     prompts = [items[s][0] for s, _ in keys]
     responses = [items[s][1][r] for s, r in keys]
-    log.info(f"query: scoring {len(responses)} responses with {model.num_members} head(s) of {config.reward_model}")
+    log.info(f"query: scoring {len(responses)} responses with {model.num_members} head(s) of {model.path}")
     raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
     a = torch.tensor([row[(c.sample_index, c.first)] for c in pool], dtype=torch.long)
     b = torch.tensor([row[(c.sample_index, c.second)] for c in pool], dtype=torch.long)
-    by_prompt = _mean_by_prompt(prompts, model.features(prompts, responses)) if features else None
-    return raw[a].double(), raw[b].double(), by_prompt, model
+    by_prompt = _mean_by_prompt(prompts, model.features(prompts, responses)) if features else {}
+    return raw[a].double(), raw[b].double(), by_prompt
 
 
 def _mean_by_prompt(prompts: list, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -354,11 +354,11 @@ def select(config: QueryConfig) -> Path:
     if config.strategy == "random":
         scores = tiebreak
     else:
-        scores_a, scores_b, by_prompt, model = _scores_and_features(config, items, pool, config.strategy == "bal_pm")
+        model = _reward_model(config)
+        scores_a, scores_b, by_prompt = _head_scores(model, items, pool, features=config.strategy == "bal_pm")
         rule = {"disagreement": preference_disagreement, "uncertainty": preference_uncertainty, "bal_pm": preference_bald}
         scores = rule[config.strategy](scores_a, scores_b).tolist()
     if config.strategy == "bal_pm":
-        assert by_prompt is not None
         chosen = diverse_pick(
             torch.tensor(scores, dtype=torch.float64),
             torch.stack([by_prompt[g] for g in groups]),
