@@ -359,31 +359,16 @@ class RewardModel:
 
     def raw(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Raw (unnormalised) scores: (N,), or (N, K) for an ensemble."""
-        scores = [
-            raw_scores(
-                member,
-                self.tokenizer,
-                prompts,
-                responses,
-                batch_size=self.batch_size,
-                chat_template=self.chat_template,
-                precision=self.precision,
-            )
-            for member in self.members
-        ]
+        scores = [raw_scores(member, self.tokenizer, prompts, responses, **self._options()) for member in self.members]
         return scores[0] if len(scores) == 1 else torch.stack(scores, -1)
 
     def features(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """What the (first member's) score head reads for each pair: (N, hidden), fp32 (:func:`head_inputs`)."""
-        return head_inputs(
-            self.model,
-            self.tokenizer,
-            prompts,
-            responses,
-            batch_size=self.batch_size,
-            chat_template=self.chat_template,
-            precision=self.precision,
-        )
+        return head_inputs(self.model, self.tokenizer, prompts, responses, **self._options())
+
+    def _options(self) -> dict:
+        """How this model scores: :func:`raw_scores`'s options."""
+        return dict(batch_size=self.batch_size, chat_template=self.chat_template, precision=self.precision)
 
     def member_scores(self, prompts: list, responses: list[str]) -> torch.Tensor:
         """Each head's normalised score ``gain_h * raw_h + bias_h``: (N, K) (K = 1 for a single-head model)."""
