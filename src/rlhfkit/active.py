@@ -200,8 +200,9 @@ class QueryConfig:
     seeds a run): on the base model's features no rule saved labels (`disagreement` cost some, -0.011 [-0.020,
     -0.002] held-out accuracy at 512 labels); on a fine-tuned reward model's features with the demo rubric, `bal_pm`
     saved labels in two of three runs (its 64 labels worth random's 112 [93, 144] at best) and `uncertainty` in two
-    of three, but neither with another gold scorer (`relevance`, many ties), where `uncertainty` cost some. Check a
-    rule on your own data before trusting it to save labels."""
+    of three, but neither with another gold scorer (`relevance`, many ties), where `uncertainty` cost some; whole
+    reward models fine-tuned from the SFT model saved none with `bal_pm` (8 seeds). Check a rule on your own data
+    before trusting it to save labels."""
     num_queries: int = 256
     """Pairs to select (fewer if fewer candidates are left; a warning says so)."""
     max_per_prompt: int = 2
