@@ -249,8 +249,26 @@ def test_select_bal_pm_weighs_bald_against_prompt_novelty(tmp_path, scripted, mo
     # A labelled prompt not among the samples is scored for its feature: here it sits at P2's prompt feature
     # (b1, b2: mean (0, 6)), so P1 is the novel one.
     save_comparisons(labelled, [Comparison("P9?", ["b1", "b2"], [0, 1])])
+    seen = {}
+    real = active.diverse_pick
+
+    def spy(uncertainty, prompt_features, labelled_features, **kw):
+        seen.update(prompts=prompt_features, labelled=labelled_features)
+        return real(uncertainty, prompt_features, labelled_features, **kw)
+
+    monkeypatch.setattr(active, "diverse_pick", spy)
     picked = query(tmp_path, samples, reward_model=str(ensemble), strategy="bal_pm", num_queries=1, exclude=str(labelled))
     assert picked[0]["prompt"] == "P1?"
+    # Prompt features are standardised by the samples' five responses (mean (0.6, 2.4), sample std (sqrt(3.2 / 4),
+    # sqrt(45.2 / 4)), as the linear benchmark), and the outside prompt by the same: P9's equals P2's exactly.
+    std = torch.tensor([math.sqrt(3.2 / 4), math.sqrt(45.2 / 4)], dtype=torch.float64)
+    p1, p2 = (
+        (torch.tensor([1.0, 0.0]) - torch.tensor([0.6, 2.4])) / std,
+        (torch.tensor([0.0, 6.0]) - torch.tensor([0.6, 2.4])) / std,
+    )
+    rows = {tuple(r) for r in seen["prompts"].tolist()}
+    assert len(rows) == 2 and all(any(torch.allclose(torch.tensor(r, dtype=torch.float64), p) for r in rows) for p in (p1, p2))
+    assert seen["labelled"].shape == (1, 2) and torch.allclose(seen["labelled"][0], p2)
 
 
 def test_select_refuses_bad_configs(tmp_path, scripted, monkeypatch):

@@ -35,6 +35,7 @@ the score the pair was chosen by.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,10 +290,12 @@ def _reward_model(config: QueryConfig):
 
 def _head_scores(
     model, items: list, pool: list[Candidate], *, features: bool
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
     """Each head of ``model``'s raw score of each candidate's two responses, (P, K) and (P, K), every response
-    scored once; with ``features``, also each sample record's prompt feature (by :func:`prompt_key`): the mean over
-    its candidates' responses of what the score head reads (:meth:`RewardModel.features`; else empty).
+    scored once; with ``features``, also each sample record's prompt feature (by :func:`prompt_key`; else none): the
+    mean over its candidates' responses of what the score head reads (:meth:`RewardModel.features`), standardised
+    by those responses' mean and std per dimension (as ``benchmarks/active_querying_linear.py`` measured it), and
+    that standardisation, for other prompts' means.
 
     Raw, not normalised: the Bradley-Terry probability the heads were trained on is ``sigmoid`` of raw score
     differences; the normalisation gain would rescale each head's probabilities (the bias cancels anyway)."""
@@ -307,8 +310,16 @@ def _head_scores(
     raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
     a = torch.tensor([row[(c.sample_index, c.first)] for c in pool], dtype=torch.long)
     b = torch.tensor([row[(c.sample_index, c.second)] for c in pool], dtype=torch.long)
-    by_prompt = _mean_by_prompt(prompts, model.features(prompts, responses)) if features else {}
-    return raw[a].double(), raw[b].double(), by_prompt
+    if not features:
+        return raw[a].double(), raw[b].double(), {}, lambda x: x
+    x = model.features(prompts, responses).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+
+    def standardise(v: torch.Tensor) -> torch.Tensor:
+        return (v - mean) / std
+
+    by_prompt = {key: standardise(v) for key, v in _mean_by_prompt(prompts, x).items()}
+    return raw[a].double(), raw[b].double(), by_prompt, standardise
 
 
 def _mean_by_prompt(prompts: list, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -319,9 +330,12 @@ def _mean_by_prompt(prompts: list, features: torch.Tensor) -> dict[str, torch.Te
     return {key: features[index].double().mean(0) for key, index in rows.items()}
 
 
-def _labelled_prompt_features(path: str, known: dict[str, torch.Tensor], model) -> torch.Tensor:
+def _labelled_prompt_features(
+    path: str, known: dict[str, torch.Tensor], model, standardise: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """The prompt feature of every prompt the labels file ``path`` judges, (m, f) (none without a file): a prompt of
-    the samples its mean there (``known``), any other the mean over its labelled responses (scored here)."""
+    the samples its feature there (``known``), any other the mean over its labelled responses (scored here), by
+    ``standardise``."""
     prompts, responses = [], []
     wanted: dict[str, None] = {}
     for comparison in load_comparisons(path) if path else []:
@@ -331,8 +345,8 @@ def _labelled_prompt_features(path: str, known: dict[str, torch.Tensor], model) 
             for response in dict.fromkeys(comparison.responses):
                 prompts.append(comparison.prompt)
                 responses.append(response)
-    extra = _mean_by_prompt(prompts, model.features(prompts, responses)) if responses else {}
-    rows = [known[key] if key in known else extra[key] for key in wanted]
+    extra = _mean_by_prompt(prompts, model.features(prompts, responses).double()) if responses else {}
+    rows = [known[key] if key in known else standardise(extra[key]) for key in wanted]
     return torch.stack(rows) if rows else torch.zeros(0, next(iter(known.values())).shape[0], dtype=torch.float64)
 
 
@@ -356,14 +370,14 @@ def select(config: QueryConfig) -> Path:
         scores = tiebreak
     else:
         model = _reward_model(config)
-        scores_a, scores_b, by_prompt = _head_scores(model, items, pool, features=config.strategy == "bal_pm")
+        scores_a, scores_b, by_prompt, standardise = _head_scores(model, items, pool, features=config.strategy == "bal_pm")
         rule = {"disagreement": preference_disagreement, "uncertainty": preference_uncertainty, "bal_pm": preference_bald}
         scores = rule[config.strategy](scores_a, scores_b).tolist()
     if config.strategy == "bal_pm":
         chosen = diverse_pick(
             torch.tensor(scores, dtype=torch.float64),
             torch.stack([by_prompt[g] for g in groups]),
-            _labelled_prompt_features(config.exclude, by_prompt, model),
+            _labelled_prompt_features(config.exclude, by_prompt, model, standardise),
             num=config.num_queries,
             beta=config.beta,
             tiebreak=tiebreak,
