@@ -14,8 +14,9 @@ from ``--model`` on N labelled pairs and are scored on the held-out labels:
 * **active**: the first ``--initial`` (N0) of those same random pairs train a reward-model *ensemble*
   (``--ensemble-size`` heads on one backbone, bootstrap resamples; Coste et al. 2024), which then picks the other
   N - N0 pairs from the rest of the pool by ``--strategy`` (``disagreement``: spread over heads of P(a > b);
-  ``uncertainty``; or ``bal_pm``: BALD plus the novelty of the pair's prompt) with :func:`rlhfkit.active.select`; the reward model trains on the N0 + (N - N0). The ensemble is
-  trained once per seed and serves every budget (one round of querying, not N - N0 rounds of one).
+  ``uncertainty``; or ``bal_pm``: BALD plus the novelty of the pair's prompt) with :func:`rlhfkit.active.select`;
+  the reward model trains on the N0 + (N - N0). The ensemble is trained once per seed and serves every budget (one
+  round of querying, not N - N0 rounds of one).
   ``--ensemble-backbones separate``: the ensemble is K whole reward models (Coste et al.'s and Christiano et al.'s
   independent members; K times the cost) instead of K heads on one backbone.
   ``--sequential``: one round per budget instead: budget N's new pairs are picked by an ensemble trained on all the
@@ -44,10 +45,12 @@ ranking's pairs are read as the ranking orders them). The held-out labels are of
 **Reported**: for each budget and arm, the held-out accuracy (:func:`rlhfkit.reward.heldout_accuracy`, as
 ``rlhfkit reward`` computes it: pairs right, ties in the held-out labels left out; run once per model, after
 training) with its 95% prompt-clustered bootstrap interval (:func:`rlhfkit.stats.cluster_accuracy`) and the pair
-count; the active - random difference, with several seeds its mean and a 95% bootstrap interval over seeds (:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed,
-each active budget minus each random budget at least as large, on the same held-out pairs with a prompt-clustered
-interval (:func:`rlhfkit.stats.cluster_accuracy_difference`: far tighter than the two arms' own intervals, as both
-face the same pairs); and for each random budget the smallest active budget that reaches its accuracy. ``OUTPUT_DIR/results.json`` holds the same numbers. The command
+count; the active - random difference, with several seeds its mean and a 95% bootstrap interval over seeds
+(:func:`rlhfkit.stats.paired_bootstrap`); pair by pair, for each seed, each active budget minus each random budget at
+least as large, on the same held-out pairs with a prompt-clustered interval
+(:func:`rlhfkit.stats.cluster_accuracy_difference`: far tighter than the two arms' own intervals, as both face the
+same pairs); and for each random budget the smallest active budget that reaches its accuracy.
+``OUTPUT_DIR/results.json`` holds the same numbers. The command
 line is printed first and last.
 """
 
