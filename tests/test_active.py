@@ -156,6 +156,9 @@ class ScriptedEnsemble:
         ScriptedEnsemble.scored.append(list(responses))
         return torch.tensor([HEAD_SCORES[r] for r in responses])
 
+    def raw_and_features(self, prompts, responses):
+        return self.raw(prompts, responses), self.features(prompts, responses)
+
 
 @pytest.fixture
 def scripted(tmp_path, monkeypatch):

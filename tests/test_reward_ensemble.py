@@ -218,6 +218,10 @@ def test_features_are_what_every_head_reads(ensemble_dir):
     torch.testing.assert_close(padded, x, rtol=0, atol=1e-5)
     # the hook is gone afterwards: the model scores again
     assert reward.raw(PROMPTS, RESPONSES).shape == (len(PROMPTS), K)
+    # raw_and_features: one forward, the same two tensors
+    both = reward.raw_and_features(PROMPTS, RESPONSES)
+    torch.testing.assert_close(both[0], reward.raw(PROMPTS, RESPONSES), rtol=0, atol=1e-5)
+    torch.testing.assert_close(both[1], x, rtol=0, atol=0)
 
 
 def test_the_saved_model_scores_as_the_trained_one_in_memory(tmp_path):
@@ -264,6 +268,7 @@ def test_a_single_head_directory_loads_and_scores_as_before(tmp_path):
         reward = load_reward(str(tmp_path / "old"), precision="fp32", aggregation=how, uwo_coef=2.0)
         assert reward.num_members == 1
         assert reward(PROMPTS, RESPONSES) == pytest.approx((0.5 * raw - 0.25).tolist(), abs=1e-6)
+        torch.testing.assert_close(reward.raw_and_features(PROMPTS, RESPONSES)[0], raw, rtol=0, atol=1e-5)  # (N,)
         scores, members = scores_and_members(reward, PROMPTS, RESPONSES)
         assert members is None and scores == reward(PROMPTS, RESPONSES)
 

@@ -307,12 +307,13 @@ def _head_scores(
     prompts = [items[s][0] for s, _ in keys]
     responses = [items[s][1][r] for s, r in keys]
     log.info(f"query: scoring {len(responses)} responses with {model.num_members} head(s) of {model.path}")
-    raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
     a = torch.tensor([row[(c.sample_index, c.first)] for c in pool], dtype=torch.long)
     b = torch.tensor([row[(c.sample_index, c.second)] for c in pool], dtype=torch.long)
     if not features:
+        raw = model.raw(prompts, responses).reshape(len(responses), model.num_members)
         return raw[a].double(), raw[b].double(), {}, lambda x: x
-    x = model.features(prompts, responses).double()
+    raw, x = model.raw_and_features(prompts, responses)  # one forward for a shared-trunk ensemble
+    raw, x = raw.reshape(len(responses), model.num_members), x.double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
 
     def standardise(v: torch.Tensor) -> torch.Tensor:

@@ -366,6 +366,18 @@ class RewardModel:
         """What the (first member's) score head reads for each pair: (N, hidden), fp32 (:func:`head_inputs`)."""
         return head_inputs(self.model, self.tokenizer, prompts, responses, **self._options())
 
+    def raw_and_features(self, prompts: list, responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`raw` and :meth:`features` together. One forward when the heads share one trunk: the score head is
+        linear on the features, computed in fp32 as :func:`fp32_score_head` does, so its map of them is :meth:`raw`.
+        Separate members (or a head that is not ``nn.Linear``) score with a forward of their own."""
+        x = self.features(prompts, responses)
+        head = _score_head(self.model)
+        if len(self.members) > 1 or not isinstance(head, torch.nn.Linear):
+            return self.raw(prompts, responses), x
+        bias = None if head.bias is None else head.bias.float()
+        raw = F.linear(x, head.weight.float(), bias)
+        return (raw.squeeze(-1) if raw.shape[-1] == 1 else raw), x
+
     def _options(self) -> dict:
         """How this model scores: :func:`raw_scores`'s options."""
         return dict(batch_size=self.batch_size, chat_template=self.chat_template, precision=self.precision)
