@@ -224,6 +224,25 @@ def test_features_are_what_every_head_reads(ensemble_dir):
     torch.testing.assert_close(both[1], x, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("heads", [1, K])
+def test_a_reward_model_directory_starts_another_with_its_blocks_and_any_number_of_heads(ensemble_dir, heads):
+    """Round two: ``model=`` a trained reward model (here the 3-head ensemble) starts a reward model of 1 or K heads
+    (transformers refuses a checkpoint whose head has another size unless told): every block is the checkpoint's
+    own, and the head is drawn again as from an SFT model (seeded, not the checkpoint's)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ensemble_dir / "model.safetensors"))
+    tok = reward_tokenizer(str(ensemble_dir))
+    model = load_reward_backbone(str(ensemble_dir), pad_token_id=tok.pad_token_id, head_init="normal", ensemble_size=heads)
+    weights = model.state_dict()
+    assert weights["score.weight"].shape == (heads, saved["score.weight"].shape[1])
+    assert not torch.equal(weights["score.weight"], saved["score.weight"][:heads].float())
+    blocks = [name for name in saved if name != "score.weight"]
+    assert blocks and all(torch.equal(weights[name], saved[name].to(weights[name].dtype)) for name in blocks)
+    again = load_reward_backbone(str(ensemble_dir), pad_token_id=tok.pad_token_id, head_init="normal", ensemble_size=heads)
+    assert torch.equal(again.state_dict()["score.weight"], weights["score.weight"])
+
+
 def test_the_saved_model_scores_as_the_trained_one_in_memory(tmp_path):
     """train() -> save -> from_pretrained: the same raw scores as the model in memory at the end of training."""
     result = train(_config(tmp_path, ensemble_size=2, max_steps=3, eval_data="", eval_fraction=0.0))

@@ -156,7 +156,9 @@ def load_reward_backbone(
     """A ``*ForSequenceClassification`` from a model spec, head initialised: ``num_labels=1``, or for an ensemble
     ``num_labels=ensemble_size`` heads (one ``score`` layer of shape (K, hidden); ``head_init="normal"`` draws each
     row apart, so the heads start different). ``num_layers`` keeps the first blocks only (:func:`truncated_config`);
-    the weights of the blocks kept are the checkpoint's."""
+    the weights of the blocks kept are the checkpoint's. ``spec`` may be a reward model's directory (training a
+    round-one reward model again on new labels): its blocks are kept and its head is drawn again, with any number
+    of heads."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if ensemble_size < 1:
@@ -175,8 +177,14 @@ def load_reward_backbone(
         hf_logging.set_verbosity_error()
         try:
             path = models.resolve(spec)
+            # A reward-model directory (a round-one reward model to train again) holds a `score` head of its own
+            # number of heads: it is drawn again below whatever its size, so a size other than ensemble_size is
+            # no error. Every other weight's shape comes from the same config.json, so nothing else can differ.
+            saved_heads = AutoConfig.from_pretrained(path).num_labels
             config = truncated_config(AutoConfig.from_pretrained(path, num_labels=ensemble_size), num_layers)
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=torch.float32, ignore_mismatched_sizes=saved_heads != ensemble_size
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
