@@ -23,6 +23,8 @@ from rlhfkit.data.records import Comparison
 from rlhfkit.losses import aggregate_rewards, ensemble_preference_loss, ensemble_std, preference_loss
 from rlhfkit.modeling import models
 from rlhfkit.modeling.reward_model import (
+    ENSEMBLE_KEY,
+    MEMBERS_KEY,
     RewardModel,
     _score_head,
     load_reward_backbone,
@@ -241,6 +243,40 @@ def test_a_reward_model_directory_starts_another_with_its_blocks_and_any_number_
     assert blocks and all(torch.equal(weights[name], saved[name].to(weights[name].dtype)) for name in blocks)
     again = load_reward_backbone(str(ensemble_dir), pad_token_id=tok.pad_token_id, head_init="normal", ensemble_size=heads)
     assert torch.equal(again.state_dict()["score.weight"], weights["score.weight"])
+    # The checkpoint's ensemble size does not carry over to a one-head model (its saved config.json would say K).
+    assert getattr(model.config, ENSEMBLE_KEY, 1) == heads
+
+
+def test_head_init_keep_trains_a_reward_models_own_head_on(ensemble_dir, tmp_path):
+    """``head_init=keep``: the checkpoint's head as trained, which needs as many heads; a separate ensemble's member
+    list does not carry over into the model trained from member 0; an SFT model or another head count is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tok = reward_tokenizer(str(ensemble_dir))
+    kept = load_reward_backbone(str(ensemble_dir), pad_token_id=tok.pad_token_id, head_init="keep", ensemble_size=K)
+    saved = load_file(str(ensemble_dir / "model.safetensors"))["score.weight"]
+    assert torch.equal(kept.state_dict()["score.weight"], saved.float())
+    member0 = tmp_path / "member0"
+    shutil.copytree(ensemble_dir, member0)
+    written = json.loads((member0 / "config.json").read_text())
+    (member0 / "config.json").write_text(json.dumps({**written, MEMBERS_KEY: ["members/1"]}))
+    again = load_reward_backbone(str(member0), pad_token_id=tok.pad_token_id, head_init="keep", ensemble_size=K)
+    assert not hasattr(again.config, MEMBERS_KEY) and getattr(again.config, ENSEMBLE_KEY) == K
+    with pytest.raises(ConfigError, match=r"head_init=keep: .* not a reward model with 1 head"):
+        load_reward_backbone(str(ensemble_dir), pad_token_id=tok.pad_token_id, head_init="keep", ensemble_size=1)
+    with pytest.raises(ConfigError, match="no trained head"):
+        load_reward_backbone(models.TINY, pad_token_id=tok.pad_token_id, head_init="keep")
+
+
+def test_a_one_head_reward_model_trained_from_an_ensemble_is_saved_as_one_head(ensemble_dir, tmp_path):
+    """``rlhfkit reward model=ENSEMBLE_DIR`` (ensemble_size 1): the saved model is a one-head reward model, not one
+    whose config.json still names the checkpoint's K heads."""
+    train(_config(tmp_path, model=str(ensemble_dir), max_steps=1, eval_data="", eval_fraction=0.0))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert ENSEMBLE_KEY not in written and MEMBERS_KEY not in written
+    assert RewardModel(tmp_path / "out", precision="fp32").raw(PROMPTS, RESPONSES).shape == (len(PROMPTS),)
 
 
 def test_the_saved_model_scores_as_the_trained_one_in_memory(tmp_path):

@@ -114,9 +114,11 @@ class RewardConfig(models.ModelOptions, TrainOptions, EvalOptions):
     margin: float = 0.0
     """Constant margin in the Bradley-Terry loss (Llama 2's margin ranking loss); a record's
     `meta.margin` is added to it."""
-    head_init: Literal["zero", "normal"] = "normal"
+    head_init: Literal["zero", "normal", "keep"] = "normal"
     """Score-head initialisation: N(0, 1/(hidden+1)) or zeros (the seed design). With zeros the
-    backbone gets no gradient until the head has moved, which at small learning rates is slow."""
+    backbone gets no gradient until the head has moved, which at small learning rates is slow. `keep`: `model` is a
+    reward model (a round-one reward model trained on new labels) whose head, of `ensemble_size` heads, trains on
+    as it is; with `zero` or `normal` a reward model's blocks are kept and its head drawn again."""
     normalize: bool = True
     """Fit a gain and bias so the normalisation samples score mean 0, std 1."""
     norm_data: str = ""

@@ -156,14 +156,19 @@ def load_reward_backbone(
     """A ``*ForSequenceClassification`` from a model spec, head initialised: ``num_labels=1``, or for an ensemble
     ``num_labels=ensemble_size`` heads (one ``score`` layer of shape (K, hidden); ``head_init="normal"`` draws each
     row apart, so the heads start different). ``num_layers`` keeps the first blocks only (:func:`truncated_config`);
-    the weights of the blocks kept are the checkpoint's. ``spec`` may be a reward model's directory (training a
-    round-one reward model again on new labels): its blocks are kept and its head is drawn again, with any number
-    of heads."""
+    the weights of the blocks kept are the checkpoint's.
+
+    ``spec`` may be a reward model's directory (a round-one reward model trained again on new labels): its blocks
+    start this one; its head is drawn again (``zero``, ``normal``: any number of heads), or with
+    ``head_init="keep"`` kept as trained (the same number of heads). Its rlhfkit keys (ensemble size, members) do
+    not carry over: they describe the model being loaded, not the one being trained."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if ensemble_size < 1:
         raise ConfigError(f"ensemble_size must be >= 1 (got {ensemble_size})")
     if spec == models.TINY:
+        if head_init == "keep":
+            raise ConfigError("head_init=keep: the tiny model has no trained head to keep; use head_init=normal or zero")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForSequenceClassification.from_config(
@@ -172,24 +177,39 @@ def load_reward_backbone(
     else:
         from transformers.utils import logging as hf_logging
 
-        # The score head is new by design; transformers' load report would flag it as missing.
+        path = models.resolve(spec)
+        saved = AutoConfig.from_pretrained(path)
+        is_reward_model = any(a.endswith("ForSequenceClassification") for a in saved.architectures or [])
+        if head_init == "keep" and not (is_reward_model and saved.num_labels == ensemble_size):
+            raise ConfigError(
+                f"head_init=keep: {spec} is not a reward model with {ensemble_size} head(s) (its config.json: "
+                f"architectures {saved.architectures}, {saved.num_labels} labels); head_init=normal draws a new head"
+            )
+        if is_reward_model and head_init != "keep":
+            log.info(
+                f"reward: {spec} is a reward model: its blocks start this one, its head is drawn again "
+                f"(head_init={head_init}; head_init=keep trains its head on)"
+            )
+        # A head that is drawn anew is missing from an SFT checkpoint, and transformers' load report would flag it.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            path = models.resolve(spec)
-            # A reward-model directory (a round-one reward model to train again) holds a `score` head of its own
-            # number of heads: it is drawn again below whatever its size, so a size other than ensemble_size is
-            # no error. Every other weight's shape comes from the same config.json, so nothing else can differ.
-            saved_heads = AutoConfig.from_pretrained(path).num_labels
             config = truncated_config(AutoConfig.from_pretrained(path, num_labels=ensemble_size), num_layers)
+            # A reward model's head of another size is drawn again below, so its size is no error; every other
+            # weight's shape comes from the same config.json, so nothing else can differ.
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, dtype=torch.float32, ignore_mismatched_sizes=saved_heads != ensemble_size
+                path, config=config, dtype=torch.float32, ignore_mismatched_sizes=saved.num_labels != ensemble_size
             )
         finally:
             hf_logging.set_verbosity(verbosity)
+        for key in (ENSEMBLE_KEY, MEMBERS_KEY):
+            if hasattr(model.config, key):
+                delattr(model.config, key)
     model.config.pad_token_id = pad_token_id
     if ensemble_size > 1:  # a single-head model's config.json stays as it always was
         setattr(model.config, ENSEMBLE_KEY, ensemble_size)
+    if head_init == "keep":
+        return fp32_score_head(model)
     head = model.get_submodule("score")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
