@@ -310,28 +310,15 @@ def greedy_laplace_picks(
         target_fisher = torch.sigmoid(targets @ w)
         target_weight = (target_fisher * (1 - target_fisher)) ** 2
         g = targets @ projected.T  # (T, C): t^T cov x
-    per_group: dict[str, int] = {}
-    group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
-    group_ids = torch.tensor([group_of[group] for group in groups])
-    free = torch.ones(len(candidates), dtype=torch.bool)  # not picked, and its group not full
-    order_key = torch.tensor(tiebreak, dtype=torch.float64)
-    chosen: list[int] = []
-    while len(chosen) < num:
+
+    def score(free: torch.Tensor) -> torch.Tensor:
         if rule == "d_optimal":
-            score = torch.log1p(fisher * q)
-        else:
-            score = (target_weight[:, None] * g * g).sum(0) * fisher / (1 + fisher * q)
-        if not free.any():
-            break
-        best = score.masked_fill(~free, -torch.inf).max()
-        ties = free & (score == best)
-        k = int(torch.where(ties, order_key, -torch.inf).argmax())
-        chosen.append(k)
-        free[k] = False
-        per_group[groups[k]] = per_group.get(groups[k], 0) + 1
-        if max_per_group and per_group[groups[k]] >= max_per_group:
-            free &= group_ids != group_ids[k]
+            return torch.log1p(fisher * q)
+        return (target_weight[:, None] * g * g).sum(0) * fisher / (1 + fisher * q)
+
+    def picked(k: int) -> None:
         # cov <- (cov^-1 + s x x^T)^-1 (Sherman-Morrison), and every quantity above with it
+        nonlocal cov, q, g
         x, s = candidates[k], fisher[k]
         u = cov @ x
         c = s / (1 + s * (x @ u))
@@ -340,7 +327,8 @@ def greedy_laplace_picks(
         q = q - c * along * along
         if rule == "variance_reduction":
             g = g - c * torch.outer(targets @ u, along)
-    return chosen
+
+    return active.greedy_pick(score, picked, num=num, tiebreak=tiebreak, groups=groups, max_per_group=max_per_group)
 
 
 def importance_picks(

@@ -143,22 +143,47 @@ def diverse_pick(
         distance = torch.cdist(prompt_features, labelled_features).min(1).values
     else:
         distance = torch.full((len(prompt_features),), torch.inf, dtype=prompt_features.dtype)
+
+    def score(free: torch.Tensor) -> torch.Tensor:
+        return z(uncertainty, free) + beta * z(torch.log(distance.clamp_min(1e-6)), free)
+
+    def picked(k: int) -> None:
+        nonlocal distance
+        distance = torch.minimum(distance, (prompt_features - prompt_features[k]).norm(dim=1))
+
+    return greedy_pick(score, picked, num=num, tiebreak=tiebreak, groups=groups, max_per_group=max_per_group)
+
+
+def greedy_pick(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    picked: Callable[[int], None],
+    *,
+    num: int,
+    tiebreak: list[float],
+    groups: list[str],
+    max_per_group: int,
+) -> list[int]:
+    """A batch picked one candidate at a time, for scores that change with every pick (:func:`diverse_pick`; the
+    linear benchmark's posterior-updating rules): ``score(free)`` scores every candidate (``free``: the mask of those
+    still free), the free candidate of highest score is picked (equal scores: the higher ``tiebreak``), and
+    ``picked(k)`` is told, to update what ``score`` reads. A candidate whose group already has ``max_per_group``
+    picks (0: no cap) is no longer free, as :func:`pick`. Fewer than ``num`` when the candidates run out."""
     group_of = {group: i for i, group in enumerate(dict.fromkeys(groups))}
     group_ids = torch.tensor([group_of[group] for group in groups], dtype=torch.long)
-    free = torch.ones(len(uncertainty), dtype=torch.bool)
+    free = torch.ones(len(groups), dtype=torch.bool)
     order_key = torch.tensor(tiebreak, dtype=torch.float64)
     per_group: dict[str, int] = {}
     chosen: list[int] = []
     while len(chosen) < num and free.any():
-        score = z(uncertainty, free) + beta * z(torch.log(distance.clamp_min(1e-6)), free)
-        best = score.masked_fill(~free, -torch.inf).max()
-        k = int(torch.where(free & (score == best), order_key, -torch.inf).argmax())
+        scores = score(free)
+        best = scores.masked_fill(~free, -torch.inf).max()
+        k = int(torch.where(free & (scores == best), order_key, -torch.inf).argmax())
         chosen.append(k)
         free[k] = False
         per_group[groups[k]] = per_group.get(groups[k], 0) + 1
         if max_per_group and per_group[groups[k]] >= max_per_group:
             free &= group_ids != group_ids[k]
-        distance = torch.minimum(distance, (prompt_features - prompt_features[k]).norm(dim=1))
+        picked(k)
     return chosen
 
 
